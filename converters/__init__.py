@@ -1,0 +1,1 @@
+"""The keras-bn converter: fold BatchNormalization, export to ONNX, validate."""

@@ -1,0 +1,52 @@
+"""Atomic output files: write to a temporary file beside the target, then rename."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from keras_bn.converters.errors import UserInputError
+
+
+def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
+    """Validate an output path before any work is done; return it as a Path."""
+    path = Path(path)
+    if path.exists() and path.is_dir():
+        raise UserInputError(f"Output path {str(path)!r} is a directory; give a file name.")
+    if path.exists() and not force:
+        raise UserInputError(
+            f"Output file {str(path)!r} already exists; pass --force to replace it."
+        )
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserInputError(f"Output directory {str(parent)!r} does not exist.")
+    if not os.access(parent, os.W_OK):
+        raise UserInputError(f"Output directory {str(parent)!r} is not writable.")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path in the target's directory; rename it onto ``path`` on success.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    ``suffix`` defaults to the target's suffix (Keras insists on ``.keras``).
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=suffix if suffix is not None else path.suffix,
+        dir=parent,
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise

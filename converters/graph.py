@@ -1,0 +1,293 @@
+"""Every access to Keras's private graph internals lives in this module.
+
+Keras 3 Functional models keep their layer graph in private attributes
+(``_nodes_by_depth``, ``Node.arguments``, ``KerasTensor._keras_history``). The
+converter needs that graph twice: folding rebuilds it with some layers changed or
+removed, export walks it to emit ONNX nodes. Both go through :func:`flatten`,
+which turns any built Sequential/Functional model - nested models inlined - into a
+flat, topologically ordered list of :class:`Node` objects over :class:`Tensor`
+handles. A Keras upgrade that moves these internals should break this file only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import keras
+from keras import tree
+
+__all__ = [
+    "Graph",
+    "Node",
+    "Tensor",
+    "flatten",
+    "rebuild",
+    "clone_layer",
+    "is_model",
+]
+
+
+@dataclasses.dataclass(eq=False)
+class Tensor:
+    """A symbolic tensor of the flattened graph (compared by identity)."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: str
+    producer: Node | None = None  # None for graph inputs
+    consumers: list[Node] = dataclasses.field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def __repr__(self) -> str:
+        return f"Tensor({self.name!r}, shape={self.shape}, dtype={self.dtype})"
+
+
+@dataclasses.dataclass(eq=False)
+class Node:
+    """One call of a layer (or a ``keras.ops`` operation) in the flattened graph.
+
+    ``args``/``kwargs`` are the call's arguments with every symbolic tensor replaced
+    by its :class:`Tensor`; ``inputs`` lists those tensors in order, ``outputs`` the
+    tensors the call produced (flattened).
+    """
+
+    layer: Any  # keras.Layer or keras.Operation
+    args: tuple
+    kwargs: dict
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    output_structure: Any  # the call's output with Tensors in place of KerasTensors
+    scope: str = ""  # "outer/inner" names of the nested models this call sits in
+
+    @property
+    def name(self) -> str:
+        return f"{self.scope}/{self.layer.name}" if self.scope else self.layer.name
+
+    def __repr__(self) -> str:
+        return f"Node({type(self.layer).__name__} {self.name!r})"
+
+
+@dataclasses.dataclass(eq=False)
+class Graph:
+    """A flattened model: inputs, outputs and nodes in topological order."""
+
+    name: str
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    nodes: list[Node]
+    input_names: list[str]
+    output_names: list[str]
+    output_structure: Any  # the model's output structure with Tensors as leaves
+
+    def call_sites(self, layer: Any) -> list[Node]:
+        """All nodes that call ``layer`` (more than one for a shared layer)."""
+        return [node for node in self.nodes if node.layer is layer]
+
+    def layers(self) -> Iterator[Any]:
+        """Distinct layers/operations in call order."""
+        seen: set[int] = set()
+        for node in self.nodes:
+            if id(node.layer) not in seen:
+                seen.add(id(node.layer))
+                yield node.layer
+
+
+def is_model(layer: Any) -> bool:
+    return isinstance(layer, keras.Model)
+
+
+def _functional_of(model: keras.Model):
+    """The Functional graph behind a model, or raise a clear ValueError."""
+    if isinstance(model, keras.Sequential):
+        functional = getattr(model, "_functional", None)
+        if functional is None:
+            raise ValueError(
+                f"Sequential model {model.name!r} has no known input shape, so it has "
+                "no graph to convert. Build it with an `keras.Input(shape=...)` first "
+                "layer or call `model.build(input_shape)`."
+            )
+        return functional
+    if hasattr(model, "_nodes_by_depth") and getattr(model, "_is_graph_network", True):
+        if getattr(model, "inputs", None) is not None and hasattr(model, "_run_through_graph"):
+            return model
+    raise ValueError(
+        f"Model {model.name!r} of class {type(model).__name__} is a subclassed model "
+        "with no layer graph. Only Sequential and Functional models (which may nest "
+        "each other) can be converted: rebuild it with the Functional API."
+    )
+
+
+def _ordered_nodes(functional) -> list:
+    """Nodes of a Functional model in execution order (as Functional runs them)."""
+    ordered = []
+    for depth in sorted(functional._nodes_by_depth.keys(), reverse=True):
+        for node in functional._nodes_by_depth[depth]:
+            if node.operation is None or node.is_input:
+                continue
+            ordered.append(node)
+    return ordered
+
+
+def _output_names(model: keras.Model) -> list[str]:
+    names = getattr(model, "output_names", None)
+    if names:
+        return list(names)
+    return [t._keras_history.operation.name for t in model.outputs]
+
+
+def flatten(model: keras.Model) -> Graph:
+    """Flatten a built Sequential or Functional model into a :class:`Graph`.
+
+    Nested models are inlined: their calls are replaced by the calls they contain,
+    in the scope of the nested model's name.
+    """
+    functional = _functional_of(model)
+    counter = itertools.count()
+    nodes: list[Node] = []
+
+    def new_tensor(keras_tensor, producer, prefix: str) -> Tensor:
+        shape = tuple(None if d is None else int(d) for d in keras_tensor.shape)
+        return Tensor(
+            name=f"{prefix}:{next(counter)}",
+            shape=shape,
+            dtype=str(keras_tensor.dtype),
+            producer=producer,
+        )
+
+    def walk(functional, tensor_map: dict[int, Tensor], scope: str) -> None:
+        for knode in _ordered_nodes(functional):
+            operation = knode.operation
+            if not all(id(x) in tensor_map for x in knode.input_tensors):
+                continue  # a branch that does not feed this model's outputs
+            args = tree.map_structure(
+                lambda x: tensor_map[id(x)] if _is_keras_tensor(x) else x,
+                knode.arguments.args,
+            )
+            kwargs = tree.map_structure(
+                lambda x: tensor_map[id(x)] if _is_keras_tensor(x) else x,
+                knode.arguments.kwargs,
+            )
+            inputs = [tensor_map[id(x)] for x in knode.input_tensors]
+            if is_model(operation):
+                inner = _functional_of(operation)
+                inner_map: dict[int, Tensor] = {}
+                inner_inputs = tree.flatten(inner._inputs_struct)
+                if len(inner_inputs) != len(inputs):
+                    raise ValueError(
+                        f"Nested model {operation.name!r} is called with "
+                        f"{len(inputs)} tensors but has {len(inner_inputs)} inputs."
+                    )
+                for inner_input, outer in zip(inner_inputs, inputs, strict=True):
+                    inner_map[id(inner_input)] = outer
+                inner_scope = f"{scope}/{operation.name}" if scope else operation.name
+                walk(inner, inner_map, inner_scope)
+                inner_outputs = tree.flatten(inner._outputs_struct)
+                for kt, inner_kt in zip(knode.outputs, inner_outputs, strict=True):
+                    tensor_map[id(kt)] = inner_map[id(inner_kt)]
+                continue
+            node = Node(
+                layer=operation,
+                args=args,
+                kwargs=kwargs,
+                inputs=inputs,
+                outputs=[],
+                output_structure=None,
+                scope=scope,
+            )
+            for kt in knode.outputs:
+                tensor = new_tensor(kt, node, operation.name)
+                tensor_map[id(kt)] = tensor
+                node.outputs.append(tensor)
+            for tensor in inputs:
+                tensor.consumers.append(node)
+            nodes.append(node)
+
+    tensor_map: dict[int, Tensor] = {}
+    inputs: list[Tensor] = []
+    input_names: list[str] = []
+    for kt in tree.flatten(functional._inputs_struct):
+        input_layer = kt._keras_history.operation
+        tensor = new_tensor(kt, None, input_layer.name)
+        tensor_map[id(kt)] = tensor
+        inputs.append(tensor)
+        input_names.append(input_layer.name)
+    walk(functional, tensor_map, "")
+    output_structure = tree.map_structure(
+        lambda x: tensor_map[id(x)], functional._outputs_struct
+    )
+    outputs = [tensor_map[id(x)] for x in tree.flatten(functional._outputs_struct)]
+    return Graph(
+        name=model.name,
+        inputs=inputs,
+        outputs=outputs,
+        nodes=nodes,
+        input_names=input_names,
+        output_names=_output_names(model),
+        output_structure=output_structure,
+    )
+
+
+def _is_keras_tensor(x: Any) -> bool:
+    return isinstance(x, keras.KerasTensor)
+
+
+def clone_layer(layer: Any, config_updates: dict | None = None) -> Any:
+    """A fresh, unbuilt copy of ``layer`` from its config (plus ``config_updates``)."""
+    config = layer.get_config()
+    if config_updates:
+        config = {**config, **config_updates}
+    return type(layer).from_config(config)
+
+
+def copy_weights(source: Any, target: Any) -> None:
+    """Copy every variable of ``source`` into the built ``target`` (same class/config)."""
+    target.set_weights(source.get_weights())
+
+
+def rebuild(
+    graph: Graph,
+    call: Callable[[Node, tuple, dict], Any],
+    name: str | None = None,
+) -> keras.Model:
+    """Build a new Functional model by replaying ``graph``.
+
+    ``call(node, args, kwargs)`` receives each node with its arguments already mapped
+    to the new symbolic tensors and returns the node's new output (the same
+    structure as the original call's output). Returning the first input unchanged
+    removes the node from the new model.
+    """
+    tensor_map: dict[int, Any] = {}
+    new_inputs = []
+    for tensor, input_name in zip(graph.inputs, graph.input_names, strict=True):
+        new_input = keras.Input(
+            batch_shape=tensor.shape, dtype=tensor.dtype, name=input_name
+        )
+        tensor_map[id(tensor)] = new_input
+        new_inputs.append(new_input)
+    for node in graph.nodes:
+        args = tree.map_structure(
+            lambda x: tensor_map[id(x)] if isinstance(x, Tensor) else x, node.args
+        )
+        kwargs = tree.map_structure(
+            lambda x: tensor_map[id(x)] if isinstance(x, Tensor) else x, node.kwargs
+        )
+        result = call(node, args, kwargs)
+        flat = tree.flatten(result)
+        if len(flat) != len(node.outputs):
+            raise RuntimeError(
+                f"Rebuilding {node.name!r} produced {len(flat)} outputs, "
+                f"expected {len(node.outputs)}."
+            )
+        for tensor, new in zip(node.outputs, flat, strict=True):
+            tensor_map[id(tensor)] = new
+    new_outputs = tree.map_structure(lambda x: tensor_map[id(x)], graph.output_structure)
+    if isinstance(new_outputs, list | tuple) and len(new_outputs) == 1:
+        new_outputs = new_outputs[0]
+    return keras.Model(new_inputs if len(new_inputs) > 1 else new_inputs[0],
+                       new_outputs, name=name or graph.name)
