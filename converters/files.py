@@ -38,7 +38,8 @@ def atomic_output(path: str | os.PathLike, suffix: str | None = None) -> Iterato
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=suffix if suffix is not None else path.suffix,
+        prefix=f".{path.name}.",
+        suffix=suffix if suffix is not None else path.suffix,
         dir=parent,
     )
     os.close(fd)

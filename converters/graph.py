@@ -218,9 +218,7 @@ def flatten(model: keras.Model) -> Graph:
         inputs.append(tensor)
         input_names.append(input_layer.name)
     walk(functional, tensor_map, "")
-    output_structure = tree.map_structure(
-        lambda x: tensor_map[id(x)], functional._outputs_struct
-    )
+    output_structure = tree.map_structure(lambda x: tensor_map[id(x)], functional._outputs_struct)
     outputs = [tensor_map[id(x)] for x in tree.flatten(functional._outputs_struct)]
     return Graph(
         name=model.name,
@@ -265,9 +263,7 @@ def rebuild(
     tensor_map: dict[int, Any] = {}
     new_inputs = []
     for tensor, input_name in zip(graph.inputs, graph.input_names, strict=True):
-        new_input = keras.Input(
-            batch_shape=tensor.shape, dtype=tensor.dtype, name=input_name
-        )
+        new_input = keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, name=input_name)
         tensor_map[id(tensor)] = new_input
         new_inputs.append(new_input)
     for node in graph.nodes:
@@ -289,5 +285,6 @@ def rebuild(
     new_outputs = tree.map_structure(lambda x: tensor_map[id(x)], graph.output_structure)
     if isinstance(new_outputs, list | tuple) and len(new_outputs) == 1:
         new_outputs = new_outputs[0]
-    return keras.Model(new_inputs if len(new_inputs) > 1 else new_inputs[0],
-                       new_outputs, name=name or graph.name)
+    return keras.Model(
+        new_inputs if len(new_inputs) > 1 else new_inputs[0], new_outputs, name=name or graph.name
+    )
