@@ -1,0 +1,515 @@
+"""Edge precision: float16 conversion and int8 static quantization of ONNX models.
+
+Both passes use the maintained tools rather than hand-written graph surgery:
+``onnxconverter_common.float16`` for float16 and ``onnxruntime.quantization`` for
+int8. This module adds what they leave out: a range check before float16 conversion
+and a comparison of the converted model against the float model.
+
+Float16. The converter clamps every initializer into ``[-1e4, 1e4]`` by default
+and lifts tiny values to ``1e-7``, with only a Python warning. We pass float16's
+real limits instead (``65504`` and the smallest subnormal ``2**-24``), so values
+are changed only where a plain cast would have turned them into ``inf`` or ``0``,
+and :func:`check_float16_range` lists every initializer where that happens, with
+counts, before converting. Folding makes this check matter: the folded kernel is
+``kernel * gamma / sqrt(moving_variance + epsilon)``, so a channel with a tiny
+moving variance gets a large scale that may not fit in float16.
+
+Int8. Static quantization with QDQ nodes, per-channel symmetric int8 weights and
+activation ranges calibrated on user data (MinMax). Fold BatchNormalization
+*before* quantizing, for three reasons:
+
+* Per-channel weight quantization then sees the effective kernel ``kernel * scale``.
+  The BN scale differs per output channel, often by orders of magnitude; quantizing
+  the unfolded kernel and applying the scale afterwards in a separate operator
+  multiplies each channel's rounding error by that scale.
+* Without folding, the activation between Conv and BN gets its own quantize/
+  dequantize pair, calibrated on pre-normalization values whose per-channel ranges
+  differ widely: one per-tensor int8 scale leaves the small channels a few levels.
+  After folding that tensor no longer exists, so there is one rounding step less.
+* Integer kernels (QLinearConv / ConvInteger) have no BatchNormalization
+  counterpart; an unfolded BN stays in float between them, costing two extra
+  conversions per layer on the device.
+
+Every function writes its output atomically and never modifies its input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from keras_bn.converters.errors import UserInputError
+from keras_bn.converters.files import atomic_output
+
+__all__ = [
+    "FLOAT16_MAX",
+    "FLOAT16_SMALLEST_SUBNORMAL",
+    "PRECISIONS",
+    "Precision",
+    "Float16RangeIssue",
+    "OutputComparison",
+    "PrecisionReport",
+    "check_float16_range",
+    "compare_onnx_models",
+    "convert_float16",
+    "quantize_int8",
+]
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504.0
+FLOAT16_SMALLEST_SUBNORMAL = float(2.0**-24)  # ~5.96e-8; below half of it a cast gives 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """A target precision: the default validation tolerances for its exported model.
+
+    ``atol``/``rtol`` of ``None`` mean the validator's own defaults (float32).
+    """
+
+    name: str
+    atol: float | None
+    rtol: float | None
+    description: str
+
+
+# The CLI's --precision choices come from this table.
+PRECISIONS: dict[str, Precision] = {
+    "float32": Precision("float32", None, None, "float32 weights and compute (no conversion)"),
+    "float16": Precision("float16", 1e-2, 1e-2, "float16 weights and compute"),
+    "int8": Precision("int8", 1e-1, 1e-1, "int8 QDQ static quantization, per-channel weights"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Float16RangeIssue:
+    """An initializer with values that float16 cannot hold."""
+
+    initializer: str
+    overflow: int  # |x| > 65504: clamped to +-65504 (a cast would give inf)
+    underflow: int  # 0 < |x| < 2**-24: set to +-2**-24 (a cast would give 0)
+    max_abs: float
+    min_abs_nonzero: float
+
+    def __str__(self) -> str:
+        parts = []
+        if self.overflow:
+            parts.append(
+                f"{self.overflow} value(s) above {FLOAT16_MAX:g} (max |x| = {self.max_abs:.6g}) "
+                f"clamped to {FLOAT16_MAX:g}"
+            )
+        if self.underflow:
+            parts.append(
+                f"{self.underflow} nonzero value(s) below {FLOAT16_SMALLEST_SUBNORMAL:.3g} "
+                f"(min |x| = {self.min_abs_nonzero:.3g}) raised to "
+                f"{FLOAT16_SMALLEST_SUBNORMAL:.3g}"
+            )
+        return f"{self.initializer}: " + "; ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputComparison:
+    """How far a converted model's outputs are from the float model's on some data."""
+
+    samples: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float | None  # fraction of samples with the same argmax (classifiers)
+
+    def __str__(self) -> str:
+        text = (
+            f"on {self.samples} sample(s): max |diff| {self.max_abs_diff:.3g}, "
+            f"mean |diff| {self.mean_abs_diff:.3g}"
+        )
+        if self.top1_agreement is not None:
+            text += f", top-1 agreement {self.top1_agreement:.1%}"
+        return text
+
+
+@dataclasses.dataclass
+class PrecisionReport:
+    """What a precision conversion did."""
+
+    precision: str
+    path: str
+    seconds: float
+    range_issues: list[Float16RangeIssue] = dataclasses.field(default_factory=list)
+    comparison: OutputComparison | None = None
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def clamped_count(self) -> int:
+        return sum(issue.overflow + issue.underflow for issue in self.range_issues)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision,
+            "path": self.path,
+            "seconds": round(self.seconds, 4),
+            "clamped_count": self.clamped_count,
+            "range_issues": [dataclasses.asdict(issue) for issue in self.range_issues],
+            "comparison": None if self.comparison is None else dataclasses.asdict(self.comparison),
+            **self.details,
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{self.precision} model written to {self.path} in {self.seconds:.2f} s"]
+        for issue in self.range_issues:
+            lines.append(f"  out of float16 range: {issue}")
+        if self.comparison is not None:
+            lines.append(f"  vs the float32 model {self.comparison}")
+        return "\n".join(lines)
+
+
+def _onnx():
+    try:
+        import onnx
+    except ModuleNotFoundError as error:  # pragma: no cover - a declared dependency
+        raise ModuleNotFoundError(
+            "keras-bn's precision conversion needs onnx: pip install 'keras-bn' "
+            "(onnx, onnxruntime and onnxconverter-common are its dependencies)."
+        ) from error
+    return onnx
+
+
+def _load_onnx(path: str | os.PathLike):
+    onnx = _onnx()
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"ONNX model {str(path)!r} does not exist; expected an .onnx file.")
+    try:
+        return onnx.load(str(path))
+    except Exception as error:  # protobuf's DecodeError and friends: a bad file
+        raise UserInputError(
+            f"ONNX model {str(path)!r} cannot be parsed ({type(error).__name__}); "
+            "expected an .onnx file written by keras-bn export."
+        ) from None
+
+
+def _float_tensors(model) -> Iterator[tuple[str, Any]]:
+    """Every float32 tensor stored in the graph: initializers and Constant attributes."""
+    onnx = _onnx()
+    from onnx import numpy_helper
+
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for initializer in graph.initializer:
+            if initializer.data_type == onnx.TensorProto.FLOAT:
+                yield initializer.name, numpy_helper.to_array(initializer)
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.TENSOR:
+                    if attribute.t.data_type == onnx.TensorProto.FLOAT:
+                        yield (
+                            f"{node.name or node.op_type}.{attribute.name}",
+                            (numpy_helper.to_array(attribute.t)),
+                        )
+                elif attribute.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(attribute.g)
+                elif attribute.type == onnx.AttributeProto.GRAPHS:
+                    graphs.extend(attribute.graphs)
+
+
+def check_float16_range(model_or_path) -> list[Float16RangeIssue]:
+    """List the float32 initializers with values outside float16's range.
+
+    ``overflow`` counts finite values with magnitude above 65504 (a cast gives inf),
+    ``underflow`` nonzero values below 2**-24 (a cast gives 0). Values in the
+    subnormal range in between lose relative precision but keep their magnitude.
+    """
+    model = (
+        _load_onnx(model_or_path) if isinstance(model_or_path, str | os.PathLike) else model_or_path
+    )
+    issues = []
+    for name, values in _float_tensors(model):
+        magnitude = np.abs(values.astype(np.float64)).ravel()
+        finite = magnitude[np.isfinite(magnitude)]
+        overflow = int(np.count_nonzero(finite > FLOAT16_MAX))
+        underflow = int(np.count_nonzero((finite > 0) & (finite < FLOAT16_SMALLEST_SUBNORMAL)))
+        if overflow or underflow:
+            nonzero = finite[finite > 0]
+            issues.append(
+                Float16RangeIssue(
+                    initializer=name,
+                    overflow=overflow,
+                    underflow=underflow,
+                    max_abs=float(finite.max()),
+                    min_abs_nonzero=float(nonzero.min()),
+                )
+            )
+    return issues
+
+
+def convert_float16(
+    onnx_in: str | os.PathLike,
+    onnx_out: str | os.PathLike,
+    keep_io_types: bool = True,
+    *,
+    sample_inputs: Mapping[str, np.ndarray] | None = None,
+) -> PrecisionReport:
+    """Convert an ONNX model's weights and compute to float16.
+
+    Args:
+        onnx_in: the float32 model (not modified).
+        onnx_out: where to write the float16 model (atomically).
+        keep_io_types: keep float32 graph inputs and outputs (Cast nodes are added
+            inside the graph), so callers feed and read float32 as before.
+        sample_inputs: optional inputs (keyed by ONNX input name, float32) on which
+            to compare the float16 model with the float32 one.
+
+    Returns:
+        A :class:`PrecisionReport` whose ``range_issues`` list every initializer
+        with values float16 cannot hold (clamped to the float16 limits; nothing
+        else is changed) and, with ``sample_inputs``, the output comparison.
+    """
+    from onnxconverter_common import float16
+
+    start = time.perf_counter()
+    model = _load_onnx(onnx_in)
+    issues = check_float16_range(model)
+    with warnings.catch_warnings():
+        # The converter warns once per clamped tensor; check_float16_range reports them.
+        warnings.filterwarnings("ignore", message="the float32 number", category=UserWarning)
+        converted = float16.convert_float_to_float16(
+            model,
+            min_positive_val=FLOAT16_SMALLEST_SUBNORMAL,
+            max_finite_val=FLOAT16_MAX,
+            keep_io_types=keep_io_types,
+        )
+    _save_onnx(converted, onnx_out)
+    report = PrecisionReport(
+        precision="float16",
+        path=str(onnx_out),
+        seconds=0.0,
+        range_issues=issues,
+        details={"keep_io_types": keep_io_types},
+    )
+    if sample_inputs is not None:
+        report.comparison = compare_onnx_models(onnx_in, onnx_out, sample_inputs)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _save_onnx(model, path: str | os.PathLike) -> None:
+    onnx = _onnx()
+    with atomic_output(path, suffix=".onnx") as tmp:
+        onnx.save(model, str(tmp))
+
+
+def onnx_input_specs(path: str | os.PathLike) -> list[tuple[str, tuple[int | None, ...], str]]:
+    """``(name, shape, numpy dtype)`` of each graph input, ``None`` for dynamic sizes."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    specs = []
+    for node_arg in session.get_inputs():
+        shape = tuple(d if isinstance(d, int) else None for d in node_arg.shape)
+        specs.append((node_arg.name, shape, _ORT_TYPES.get(node_arg.type, "float32")))
+    return specs
+
+
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
+
+
+def _match_inputs(
+    path: str | os.PathLike, inputs: Mapping[str, np.ndarray], what: str
+) -> dict[str, np.ndarray]:
+    """Key ``inputs`` by the ONNX model's input names and cast them to its dtypes."""
+    specs = onnx_input_specs(path)
+    names = [name for name, _, _ in specs]
+    if len(specs) == 1 and len(inputs) == 1:
+        inputs = {names[0]: next(iter(inputs.values()))}
+    if set(inputs) != set(names):
+        raise UserInputError(
+            f"{what} has arrays {sorted(inputs)!r}; expected the ONNX model inputs {names!r}."
+        )
+    matched = {}
+    batch_sizes = set()
+    for name, shape, dtype in specs:
+        array = np.asarray(inputs[name])
+        if array.ndim != len(shape) or any(
+            want is not None and got != want
+            for got, want in zip(array.shape[1:], shape[1:], strict=False)
+        ):
+            raise UserInputError(
+                f"{what}: array {name!r} has shape {array.shape}; the ONNX model expects "
+                f"{tuple('N' if d is None else d for d in shape)} (batch first)."
+            )
+        if array.shape[0] == 0:
+            raise UserInputError(f"{what}: array {name!r} is empty; give at least one sample.")
+        batch_sizes.add(array.shape[0])
+        matched[name] = array.astype(dtype)
+    if len(batch_sizes) != 1:
+        raise UserInputError(
+            f"{what}: arrays have different batch sizes {sorted(batch_sizes)}; "
+            "give every input the same number of samples."
+        )
+    return matched
+
+
+def _batches(
+    inputs: Mapping[str, np.ndarray], fixed_batch: int | None, batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Split ``inputs`` into batches the model accepts (its fixed batch size, if any)."""
+    total = len(next(iter(inputs.values())))
+    step = fixed_batch or batch_size
+    if fixed_batch is not None and total % fixed_batch:
+        raise UserInputError(
+            f"The ONNX model has a fixed batch size of {fixed_batch} but the data has "
+            f"{total} sample(s); give a multiple of {fixed_batch} or export with a "
+            "dynamic batch size."
+        )
+    for start in range(0, total, step):
+        yield {name: array[start : start + step] for name, array in inputs.items()}
+
+
+def _fixed_batch(path: str | os.PathLike) -> int | None:
+    sizes = {shape[0] for _, shape, _ in onnx_input_specs(path) if shape}
+    sizes.discard(None)
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _run(path: str | os.PathLike, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    matched = _match_inputs(path, inputs, "Inputs")
+    outputs: list[list[np.ndarray]] = []
+    for batch in _batches(matched, _fixed_batch(path), batch_size=64):
+        results = session.run(None, batch)
+        if not outputs:
+            outputs = [[] for _ in results]
+        for collected, result in zip(outputs, results, strict=True):
+            collected.append(np.asarray(result))
+    return [np.concatenate(parts).astype(np.float64) for parts in outputs]
+
+
+def compare_onnx_models(
+    reference: str | os.PathLike,
+    candidate: str | os.PathLike,
+    inputs: Mapping[str, np.ndarray],
+) -> OutputComparison:
+    """Run two ONNX models on ``inputs`` and measure how far the candidate is.
+
+    Top-1 agreement is given when the (first) output looks like class scores: rank 2
+    with at least two classes.
+    """
+    expected = _run(reference, inputs)
+    received = _run(candidate, inputs)
+    diffs = [np.abs(e - r) for e, r in zip(expected, received, strict=True)]
+    top1 = None
+    first_expected, first_received = expected[0], received[0]
+    if first_expected.ndim == 2 and first_expected.shape[1] >= 2:
+        top1 = float(
+            np.mean(np.argmax(first_expected, axis=1) == np.argmax(first_received, axis=1))
+        )
+    return OutputComparison(
+        samples=int(first_expected.shape[0]),
+        max_abs_diff=float(max(d.max() for d in diffs)),
+        mean_abs_diff=float(np.mean(np.concatenate([d.ravel() for d in diffs]))),
+        top1_agreement=top1,
+    )
+
+
+def quantize_int8(
+    onnx_in: str | os.PathLike,
+    onnx_out: str | os.PathLike,
+    calibration_inputs: Mapping[str, np.ndarray],
+    *,
+    per_channel: bool = True,
+    calibration_batch_size: int = 16,
+) -> PrecisionReport:
+    """Quantize an ONNX model to int8 (static, QDQ, per-channel weights).
+
+    Args:
+        onnx_in: the float32 model (not modified). Fold BatchNormalization first.
+        onnx_out: where to write the quantized model (atomically).
+        calibration_inputs: representative inputs keyed by ONNX input name (a single
+            array for a single-input model may use any key), batch first, in the
+            ONNX model's layout. Activation ranges are calibrated on them (MinMax),
+            so they should look like deployment data.
+        per_channel: one weight scale per output channel (recommended).
+        calibration_batch_size: samples per calibration run (for dynamic batches).
+
+    Returns:
+        A :class:`PrecisionReport` whose ``comparison`` holds the output difference
+        against the float model on the calibration data and, for classifiers, the
+        top-1 agreement.
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    start = time.perf_counter()
+    _load_onnx(onnx_in)  # a clear error for a missing or unparsable file
+    matched = _match_inputs(onnx_in, calibration_inputs, "Calibration data")
+    batches = list(_batches(matched, _fixed_batch(onnx_in), calibration_batch_size))
+
+    class ArrayCalibrationReader(CalibrationDataReader):
+        """Feeds the calibration arrays to onnxruntime's calibrator, batch by batch."""
+
+        def __init__(self) -> None:
+            self._iterator = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._iterator, None)
+
+    reader = ArrayCalibrationReader()
+
+    onnx_out = Path(onnx_out)
+    with atomic_output(onnx_out, suffix=".onnx") as tmp:
+        preprocessed = tmp.with_name(tmp.stem + ".pre.onnx")
+        try:
+            # Shape inference and graph clean-up, as onnxruntime recommends before
+            # quantizing; the optimizer step is ours to skip (folding already ran).
+            quant_pre_process(str(onnx_in), str(preprocessed), skip_optimization=True)
+            quantize_static(
+                str(preprocessed),
+                str(tmp),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            )
+        finally:
+            for leftover in (preprocessed, Path(str(preprocessed) + ".data")):
+                if leftover.exists():
+                    leftover.unlink()
+    report = PrecisionReport(
+        precision="int8",
+        path=str(onnx_out),
+        seconds=0.0,
+        comparison=compare_onnx_models(onnx_in, onnx_out, matched),
+        details={
+            "quant_format": "QDQ",
+            "per_channel": per_channel,
+            "calibration_samples": int(len(next(iter(matched.values())))),
+            "calibration_method": "MinMax",
+        },
+    )
+    report.seconds = time.perf_counter() - start
+    return report
