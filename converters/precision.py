@@ -327,7 +327,7 @@ _ORT_TYPES = {
 }
 
 
-def _match_inputs(
+def match_onnx_inputs(
     path: str | os.PathLike, inputs: Mapping[str, np.ndarray], what: str
 ) -> dict[str, np.ndarray]:
     """Key ``inputs`` by the ONNX model's input names and cast them to its dtypes."""
@@ -389,7 +389,7 @@ def _run(path: str | os.PathLike, inputs: Mapping[str, np.ndarray]) -> list[np.n
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    matched = _match_inputs(path, inputs, "Inputs")
+    matched = match_onnx_inputs(path, inputs, "Inputs")
     outputs: list[list[np.ndarray]] = []
     for batch in _batches(matched, _fixed_batch(path), batch_size=64):
         results = session.run(None, batch)
@@ -463,7 +463,7 @@ def quantize_int8(
 
     start = time.perf_counter()
     _load_onnx(onnx_in)  # a clear error for a missing or unparsable file
-    matched = _match_inputs(onnx_in, calibration_inputs, "Calibration data")
+    matched = match_onnx_inputs(onnx_in, calibration_inputs, "Calibration data")
     batches = list(_batches(matched, _fixed_batch(onnx_in), calibration_batch_size))
 
     class ArrayCalibrationReader(CalibrationDataReader):
