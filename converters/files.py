@@ -44,6 +44,7 @@ def atomic_output(path: str | os.PathLike, suffix: str | None = None) -> Iterato
     )
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
     try:
         yield tmp
         os.replace(tmp, path)
@@ -51,3 +52,9 @@ def atomic_output(path: str | os.PathLike, suffix: str | None = None) -> Iterato
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
