@@ -1,0 +1,12 @@
+"""``python -m keras_bn``: the keras-bn command line (same as the ``keras-bn`` script).
+
+The converter is imported only here, when run as a program, so ``import keras_bn``
+never imports the converter, onnx or onnxruntime.
+"""
+
+import sys
+
+if __name__ == "__main__":
+    from keras_bn.converters.cli import main
+
+    sys.exit(main())
