@@ -179,13 +179,13 @@ def onnx_node_count(path: Path) -> int:
 
 
 def time_keras(model, image: np.ndarray, runs: int) -> float:
-    """Median seconds of one eager inference-mode call on one image (after warm-up)."""
+    """Median seconds of ``model.predict_on_batch`` (Keras's compiled inference) on one image."""
     for _ in range(10):
-        model(image, training=False)
+        model.predict_on_batch(image)
     times = []
     for _ in range(runs):
         started = time.perf_counter()
-        np.asarray(model(image, training=False))
+        model.predict_on_batch(image)
         times.append(time.perf_counter() - started)
     return float(np.median(times))
 
@@ -370,7 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     write_json(summary, output_dir / "summary.json")
 
     print()
-    print(f"Summary ({len(y_held)} held-out images, latency = median of one image):")
+    print(
+        f"Summary on {len(y_held)} held-out images. latency: median ms for one image "
+        "(Keras: predict_on_batch; ONNX: onnxruntime, 1 thread, graph optimizations off = "
+        "the graph as exported); ORT-opt: the same with onnxruntime's optimizations on; "
+        "max |diff| and top-1 agree: logits vs the recalibrated Keras model."
+    )
     print(format_summary(rows))
     print()
     print(f"artifacts: {output_dir.resolve()}")
