@@ -64,13 +64,10 @@ model-loading error.
 """
 
 
-def _input_layouts() -> tuple[str, ...]:
-    """The --input-layout choices, from the exporter's registry."""
-    try:
-        from keras_bn.converters.onnx_export import INPUT_LAYOUTS  # type: ignore[attr-defined]
-    except ImportError:
-        return ("channels_last", "channels_first")
-    return tuple(INPUT_LAYOUTS)
+# The exporter's input layouts. Importing the exporter here would import keras and
+# make --help slow, so the table is repeated; tests/test_cli.py checks that
+# export_onnx accepts exactly these.
+INPUT_LAYOUTS: tuple[str, ...] = ("channels_last", "channels_first")
 
 
 # --------------------------------------------------------------------------------------
@@ -285,8 +282,8 @@ def _validate(
     return passed
 
 
-def _detect_precision(onnx_path: Path) -> str:
-    """The precision an ONNX model was converted to (for default tolerances)."""
+def _onnx_facts(onnx_path: Path) -> tuple[str, str | None]:
+    """The precision an ONNX model was converted to, and the input layout it records."""
     import onnx
 
     try:
@@ -296,11 +293,14 @@ def _detect_precision(onnx_path: Path) -> str:
             f"ONNX model {str(onnx_path)!r} cannot be parsed ({type(error).__name__}); "
             "expected an .onnx file written by keras-bn export."
         ) from None
+    precision = "float32"
     if any(node.op_type in ("QuantizeLinear", "QLinearConv") for node in model.graph.node):
-        return "int8"
-    if any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer):
-        return "float16"
-    return "float32"
+        precision = "int8"
+    elif any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer):
+        precision = "float16"
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    layout = metadata.get("keras_bn.input_layout")
+    return precision, layout if layout in INPUT_LAYOUTS else None
 
 
 def _validation_failed(run: Run, what: str) -> int:
@@ -591,8 +591,12 @@ def validate_command(args: argparse.Namespace, run: Run) -> int:
     _preflight(model, run, check_statistics=False)
     inputs = _load_inputs(args.inputs, model, "Inputs file")
     run.report["onnx"] = str(onnx_path)
-    precision = PRECISIONS[_detect_precision(onnx_path)]
+    detected, recorded_layout = _onnx_facts(onnx_path)
+    if args.input_layout is None:
+        args.input_layout = recorded_layout or "channels_last"
+    precision = PRECISIONS[detected]
     run.report["precision"] = precision.name
+    run.report["input_layout"] = args.input_layout
     atol = args.atol if args.atol is not None else precision.atol
     rtol = args.rtol if args.rtol is not None else precision.rtol
     passed = _validate(model, onnx_path, args, run, inputs=inputs, atol=atol, rtol=rtol)
@@ -725,13 +729,8 @@ def build_parser() -> argparse.ArgumentParser:
         "default: generated standard-normal inputs",
     )
 
-    layout = argparse.ArgumentParser(add_help=False)
-    layout.add_argument(
-        "--input-layout",
-        choices=_input_layouts(),
-        default="channels_last",
-        help="layout of the ONNX model's image inputs (default: channels_last, as in Keras)",
-    )
+    def add_input_layout(sub: argparse.ArgumentParser, default: str | None, text: str) -> None:
+        sub.add_argument("--input-layout", choices=INPUT_LAYOUTS, default=default, help=text)
 
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -760,10 +759,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add(
         "export",
         export_command,
-        [loading, comparing, layout],
+        [loading, comparing],
         "fold, export to ONNX, convert precision, validate, write",
     )
     sub.add_argument("model", metavar="MODEL.keras")
+    add_input_layout(
+        sub,
+        "channels_last",
+        "layout of the ONNX model's inputs of rank >= 3: channels_last keeps the Keras "
+        "shapes, channels_first moves the channel axis to 1 (NHWC -> NCHW); default "
+        "channels_last",
+    )
     sub.add_argument("-o", "--output", metavar="OUT.onnx", required=True)
     sub.add_argument("--opset", type=_positive_int, help="ONNX opset (default: the exporter's)")
     sub.add_argument(
@@ -801,10 +807,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add(
         "validate",
         validate_command,
-        [loading, comparing, layout],
+        [loading, comparing],
         "compare an ONNX model with its Keras model",
     )
     sub.add_argument("model", metavar="MODEL.keras")
+    add_input_layout(
+        sub,
+        None,
+        "layout of the ONNX model's inputs (default: the one recorded at export, else "
+        "channels_last)",
+    )
     sub.add_argument("onnx", metavar="MODEL.onnx", nargs=1)
 
     sub = add("bench", bench_command, [], "onnxruntime latency of one or two ONNX models")
