@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504.0
-FLOAT16_SMALLEST_SUBNORMAL = float(2.0**-24)  # ~5.96e-8; below half of it a cast gives 0
+FLOAT16_SMALLEST_SUBNORMAL = float(2.0**-24)  # ~5.96e-8; a cast gives 0 below 2**-25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +93,7 @@ class Float16RangeIssue:
 
     initializer: str
     overflow: int  # |x| > 65504: clamped to +-65504 (a cast would give inf)
-    underflow: int  # 0 < |x| < 2**-24: set to +-2**-24 (a cast would give 0)
+    underflow: int  # 0 < |x| < 2**-24: set to +-2**-24 (a cast rounds to 0 below 2**-25)
     max_abs: float
     min_abs_nonzero: float
 
@@ -221,8 +221,9 @@ def check_float16_range(model_or_path) -> list[Float16RangeIssue]:
     """List the float32 initializers with values outside float16's range.
 
     ``overflow`` counts finite values with magnitude above 65504 (a cast gives inf),
-    ``underflow`` nonzero values below 2**-24 (a cast gives 0). Values in the
-    subnormal range in between lose relative precision but keep their magnitude.
+    ``underflow`` nonzero values below the smallest subnormal 2**-24 (a cast gives 0
+    below 2**-25). Values in the subnormal range above it lose relative precision
+    but keep their magnitude.
     """
     model = (
         _load_onnx(model_or_path) if isinstance(model_or_path, str | os.PathLike) else model_or_path
