@@ -174,12 +174,12 @@ def bench_onnx(
         if not Path(path).is_file():
             raise UserInputError(f"ONNX model {path!r} does not exist; expected an .onnx file.")
     results = []
-    shared = dict(inputs) if inputs is not None else None
     for path in paths:
         _session(path, "off", threads)  # a clear error for a file onnxruntime rejects
-        if shared is None:
-            shared = random_inputs(onnx_input_specs(path), batch_size, seed)
-        feed = match_onnx_inputs(path, shared, "Benchmark inputs")
+        if inputs is None:  # the same seed for every model: equal data where shapes match
+            feed = random_inputs(onnx_input_specs(path), batch_size, seed)
+        else:
+            feed = match_onnx_inputs(path, inputs, "Benchmark inputs")
         actual_batch = len(next(iter(feed.values())))
         for level in OPTIMIZATION_LEVELS:
             session = _session(path, level, threads)
