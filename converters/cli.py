@@ -164,8 +164,11 @@ def _check_report_path(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace, run: Run):
-    from keras_bn.converters.model_io import load_model
+    from keras_bn.converters.model_io import check_model_file, load_model
 
+    check_model_file(args.model)  # fails fast on a bad file, before importing Keras
+    with run.progress.step("Importing Keras"):
+        import keras  # noqa: F401
     with run.progress.step("Loading model"):
         model = load_model(args.model, unsafe=args.unsafe, custom_objects=args.custom_objects)
     run.report["model"] = {"path": str(args.model), "name": model.name}
@@ -522,6 +525,8 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
                 batch_size=args.batch_size,
                 fallback=args.fallback,
             )
+        if dataclasses.is_dataclass(result) and hasattr(result, "path"):
+            result = dataclasses.replace(result, path=str(output))  # not the temporary path
         run.report["export"] = _as_dict(result)
         run.text.append(str(result))
         final = exported

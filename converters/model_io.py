@@ -32,6 +32,7 @@ __all__ = [
     "model_input_specs",
     "resolve_custom_objects",
     "check_input_file",
+    "check_model_file",
 ]
 
 _WEIGHT_MEMBERS = ("model.weights.h5", "model.weights.npz")
@@ -55,6 +56,13 @@ def check_input_file(path: str | os.PathLike, what: str, suffixes: Sequence[str]
         raise UserInputError(
             f"{what} {str(path)!r} has suffix {path.suffix!r}; expected a {expected} file.{hint}"
         )
+    return path
+
+
+def check_model_file(path: str | os.PathLike) -> Path:
+    """Check a ``.keras`` file without Keras: path, zip container, CRCs, config.json."""
+    path = check_input_file(path, "Model file", (".keras",))
+    _check_keras_archive(path)
     return path
 
 
@@ -247,8 +255,7 @@ def load_model(
     Returns:
         The loaded ``keras.Model``.
     """
-    path = check_input_file(path, "Model file", (".keras",))
-    _check_keras_archive(path)
+    path = check_model_file(path)
     objects = resolve_custom_objects(custom_objects)
     import keras
 
