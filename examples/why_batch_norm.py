@@ -43,6 +43,9 @@ CALIBRATION_SIZE = 200
 TARGET_ACCURACY = 0.9
 # A run that ends at or below this held-out accuracy has not learned (chance is 0.1).
 NO_LEARNING_ACCURACY = 0.2
+# An epoch's mean training loss above this "blew up": ten times the loss of a uniform
+# guess over the 10 classes (ln 10 = 2.30).
+BLOW_UP_LOSS = 10 * math.log(NUM_CLASSES)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -235,15 +238,25 @@ def train_one(
 
 
 def summarize(train_loss: list[float], held_out_accuracy: list[float]) -> dict:
-    """Final/best accuracy, first epoch reaching TARGET_ACCURACY, and the outcome."""
+    """Final/best accuracy, first epoch reaching TARGET_ACCURACY, and the outcome.
+
+    Outcomes: "diverged" (a NaN/inf training loss), "stuck at chance" (final held-out
+    accuracy <= NO_LEARNING_ACCURACY), "trained"; a mean epoch loss above BLOW_UP_LOSS
+    is noted as the loss blowing up.
+    """
     finite_accuracy = [a for a in held_out_accuracy if math.isfinite(a)]
     first_bad = next((i for i, v in enumerate(train_loss) if not math.isfinite(v)), None)
     reached = next((i + 1 for i, a in enumerate(held_out_accuracy) if a >= TARGET_ACCURACY), None)
+    blew_up = next((i for i, v in enumerate(train_loss) if v > BLOW_UP_LOSS), None)
     final_accuracy = held_out_accuracy[-1]
     if first_bad is not None:
         outcome = f"diverged (NaN loss, epoch {first_bad + 1})"
     elif final_accuracy <= NO_LEARNING_ACCURACY:
-        outcome = "did not learn"
+        outcome = "stuck at chance"
+        if blew_up is not None:
+            outcome += f" after loss blew up (epoch {blew_up + 1})"
+    elif blew_up is not None:
+        outcome = f"trained, loss blew up (epoch {blew_up + 1})"
     else:
         outcome = "trained"
     return {
@@ -338,13 +351,14 @@ def draw_figure(runs: list[dict], args: argparse.Namespace, path: Path) -> None:
             plot_style = dict(
                 color=colors[run["batch_norm"]], linestyle=style, marker="o", markersize=3
             )
-            # Losses span orders of magnitude and can blow up: log scale, clipped.
+            # Losses span orders of magnitude and can blow up: log scale, clipped to
+            # [1e-4, 1e4] (results.json has the exact values).
             loss = np.clip(np.asarray(run["train_loss"], dtype=float), 1e-4, 1e4)
             loss_axis.plot(epochs, loss, label=label, **plot_style)
             accuracy_axis.plot(epochs, run["held_out_accuracy"], label=label, **plot_style)
         loss_axis.set_yscale("log")
         loss_axis.set_title(f"SGD lr={learning_rate:g}")
-        loss_axis.set_ylabel("training loss (log)")
+        loss_axis.set_ylabel("training loss (log, clipped at 1e4)")
         accuracy_axis.set_ylim(0.0, 1.02)
         accuracy_axis.axhline(TARGET_ACCURACY, color="grey", linewidth=0.8, linestyle=":")
         accuracy_axis.set_ylabel("held-out accuracy")
@@ -430,6 +444,15 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"Held-out accuracy after {args.epochs} epochs ({len(data['held_out'][0])} images):")
     print(format_table(runs, args.epochs))
+    for batch_norm in (True, False):
+        group = [run for run in runs if run["batch_norm"] == batch_norm]
+        trained = sum(run["outcome"].startswith("trained") for run in group)
+        reached = sum(run["epochs_to_target"] is not None for run in group)
+        print(
+            f"{'with BN:   ' if batch_norm else 'without BN:'} {trained}/{len(group)} "
+            f"configurations trained, {reached}/{len(group)} reached "
+            f"{TARGET_ACCURACY:.0%} held-out accuracy"
+        )
     if args.markdown:
         print()
         print(format_markdown_table(runs, args.epochs))
