@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from keras_bn.layers import BatchNormalization  # noqa: E402, F401 (re-export)
 from keras_bn.training import (  # noqa: E402, F401 (re-exports)
     BatchNormMonitor,
     load_torch_batch_norm,
