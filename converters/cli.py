@@ -229,6 +229,7 @@ def _validate(
     inputs: dict[str, Any] | None,
     atol: float | None,
     rtol: float | None,
+    shown_path: Path | None = None,
 ) -> bool:
     from keras_bn.converters.validation import validate_onnx
 
@@ -248,6 +249,8 @@ def _validate(
             passed = bool(report)
         except ValidationFailed as failure:
             report, passed = failure, False
+    if shown_path is not None and dataclasses.is_dataclass(report) and hasattr(report, "path"):
+        report = dataclasses.replace(report, path=str(shown_path))  # not the temporary path
     run.report["validation"] = _as_dict(report)
     run.text.append(str(report))
     run.summary.append(["validation", "passed" if passed else "FAILED"])
@@ -546,6 +549,7 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
                     exported, final, _to_onnx_layout(calibration, args.input_layout)
                 )
         if args.precision != "float32":
+            precision_report.path = str(output)  # not the temporary path
             run.report["precision"] = precision_report.to_dict()
             run.text.append(str(precision_report))
             if precision_report.comparison is not None:
@@ -561,7 +565,14 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
             atol = args.atol if args.atol is not None else precision.atol
             rtol = args.rtol if args.rtol is not None else precision.rtol
             if not _validate(
-                model, final, args, run, inputs=validation_inputs, atol=atol, rtol=rtol
+                model,
+                final,
+                args,
+                run,
+                inputs=validation_inputs,
+                atol=atol,
+                rtol=rtol,
+                shown_path=output,
             ):
                 return _validation_failed(
                     run, f"the {args.precision} ONNX model's outputs differ from the Keras model's"
