@@ -154,10 +154,7 @@ def build_model(*, batch_norm: bool, init_scale: float, bn_momentum: float):
     """
     import keras
 
-    try:  # TODO(E): stand-in until keras_bn.BatchNormalization lands; remove.
-        from keras_bn import BatchNormalization
-    except ImportError:
-        BatchNormalization = keras.layers.BatchNormalization
+    from keras_bn import BatchNormalization
 
     initializer = keras.initializers.VarianceScaling(
         scale=2.0 * init_scale**2, mode="fan_in", distribution="truncated_normal"
