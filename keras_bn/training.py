@@ -131,8 +131,9 @@ def _batch_norm_layers(model) -> list:
     """Every BatchNormalization layer inside ``model`` (nested ones too), once each.
 
     Uses ``Layer._flatten_layers``, Keras's own recursive walk over tracked
-    sublayers: the one private Keras attribute this module reads (``keras_bn``
-    must not import the converter's graph module).
+    sublayers. With the ``Functional`` class in :func:`_is_cloneable`, the only
+    Keras internals this module touches (``keras_bn`` must not import the
+    converter's graph module).
     """
     return [
         layer
@@ -364,9 +365,13 @@ def recalibrate_batch_norm(
       forward pass would change (moving statistics, renorm statistics, random seed
       state) are restored before the new statistics are written.
 
-    The layers are called eagerly (no compilation), so ``data`` may be any size the
-    model accepts. A BN layer that never receives data keeps its statistics (a
-    warning names it). With ``renorm=True`` the layer's ``moving_stddev`` is set to
+    Every BN layer is recalibrated, frozen ones (``trainable=False``,
+    ``freeze_statistics=True``) included. The model is called eagerly (layer by
+    layer, no compilation), which costs a fixed overhead per call: in
+    ``"inference"`` mode the statistics do not depend on the batching, so use the
+    largest ``batch_size`` memory allows; in ``"training"`` mode the batch size is
+    part of the definition (upstream batch statistics), so use the training one. A
+    BN layer that never receives data keeps its statistics (a warning names it). With ``renorm=True`` the layer's ``moving_stddev`` is set to
     ``sqrt(moving_variance + epsilon)`` to stay consistent; for our layer with
     ``momentum=None`` the batch count becomes the number of batches used. On any
     error, every BN layer is left as it was.
@@ -823,12 +828,15 @@ def replace_batch_norm(model, **layer_kwargs):
 
 
 def _is_cloneable(model) -> bool:
-    """A Sequential or Functional model (what ``keras.models.clone_model`` rebuilds)."""
-    if isinstance(model, keras.Sequential):
-        return True
-    # keras.Model(inputs, outputs) returns an instance of the private Functional
-    # class; its graph-based call is what clone_model replays.
-    return isinstance(model, keras.Model) and type(model).__name__ == "Functional"
+    """A Sequential or Functional model (what ``keras.models.clone_model`` rebuilds).
+
+    ``keras.Model(inputs, outputs)`` returns an instance of Keras's private
+    ``Functional`` class (subclasses included); no public name tells it apart
+    from a subclassed model.
+    """
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, keras.Sequential | Functional)
 
 
 def _copy_weights(old, new) -> None:
