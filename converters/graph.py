@@ -27,6 +27,7 @@ __all__ = [
     "rebuild",
     "clone_layer",
     "is_model",
+    "call_model",
 ]
 
 
@@ -288,3 +289,14 @@ def rebuild(
     return keras.Model(
         new_inputs if len(new_inputs) > 1 else new_inputs[0], new_outputs, name=name or graph.name
     )
+
+
+def call_model(model: keras.Model, arrays: list) -> list:
+    """Run ``model`` in inference mode on ``arrays`` (one per graph input, in
+    ``flatten(model).inputs`` order); return its outputs as NumPy arrays, flattened
+    in ``flatten(model).outputs`` order.
+    """
+    functional = _functional_of(model)
+    structure = tree.pack_sequence_as(functional._inputs_struct, list(arrays))
+    outputs = model(structure, training=False)
+    return [keras.ops.convert_to_numpy(output) for output in tree.flatten(outputs)]

@@ -1,0 +1,640 @@
+"""Validate an exported ONNX model against the original Keras model in onnxruntime.
+
+:func:`validate_onnx` runs the Keras model in inference mode and the ONNX file in
+onnxruntime on the same inputs, at batch size 1 and a larger one (which proves the
+batch dimension is dynamic), and compares every output elementwise the way
+Polygraphy does::
+
+    |onnx - keras| <= atol + rtol * |keras|
+
+When an output fails and ``localize`` is on, it compares intermediate tensors
+layer by layer: Keras layer outputs (running the flattened graph eagerly) against
+the matching ONNX values (exposed as extra graph outputs of an in-memory copy; the
+exporter records which ONNX value computes which Keras layer in the file's
+metadata) and names the first layer whose output diverges - so the user knows
+whether folding or export broke the model. A BatchNormalization folded away is
+recognized: the layer it was folded into must match the BN's output instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from keras import tree
+
+from keras_bn.converters import graph as graph_lib
+from keras_bn.converters.errors import UserInputError
+
+__all__ = [
+    "DEFAULT_ATOL",
+    "DEFAULT_RTOL",
+    "OutputComparison",
+    "LayerComparison",
+    "ValidationReport",
+    "validate_onnx",
+    "make_sample_inputs",
+    "compare_arrays",
+    "call_model",
+]
+
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-3
+UNKNOWN_DIMENSION_SIZE = 32  # generated inputs use this size for unknown non-batch axes
+_IMAGE_SCALE_LIMIT = 0.1  # a leading Rescaling(scale <= this) means pixels in [0, 255]
+
+
+# --------------------------------------------------------------------------------------
+# Comparing arrays.
+
+
+@dataclasses.dataclass
+class OutputComparison:
+    """One model output at one batch size.
+
+    ``max_rel_error`` is the largest ``|a - b| / |b|`` (``inf`` where ``b`` is 0
+    and ``a`` is not); ``relative_to_max`` is ``max |a - b| / max |b|``, the
+    error relative to the output's range, which stays meaningful near zeros.
+    ``required_atol`` is the smallest atol that passes at the given rtol,
+    ``required_rtol`` the smallest rtol that passes at the given atol.
+    """
+
+    name: str
+    batch_size: int
+    shape: tuple[int, ...]
+    max_abs_error: float
+    max_rel_error: float
+    mean_abs_error: float
+    max_abs_reference: float
+    relative_to_max: float
+    required_atol: float
+    required_rtol: float
+    passed: bool
+    note: str = ""
+
+
+def compare_arrays(
+    actual: np.ndarray,
+    reference: np.ndarray,
+    *,
+    atol: float,
+    rtol: float,
+    name: str = "output",
+    batch_size: int = 0,
+) -> OutputComparison:
+    """Compare ``actual`` (ONNX) with ``reference`` (Keras) elementwise."""
+    actual = np.asarray(actual)
+    reference = np.asarray(reference)
+    if actual.shape != reference.shape:
+        return OutputComparison(
+            name,
+            batch_size,
+            tuple(reference.shape),
+            math.inf,
+            math.inf,
+            math.inf,
+            math.inf,
+            math.inf,
+            math.inf,
+            math.inf,
+            False,
+            note=f"shape {tuple(actual.shape)} != Keras shape {tuple(reference.shape)}",
+        )
+    a = actual.astype(np.float64)
+    b = reference.astype(np.float64)
+    if a.size == 0:
+        return OutputComparison(
+            name, batch_size, tuple(b.shape), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, True
+        )
+    difference = np.abs(a - b)
+    magnitude = np.abs(b)
+    finite = np.isfinite(difference)
+    same_nonfinite = (~finite) & ((a == b) | (np.isnan(a) & np.isnan(b)))
+    difference = np.where(same_nonfinite, 0.0, difference)
+    difference = np.where(np.isnan(difference), np.inf, difference)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.where(difference == 0, 0.0, difference / magnitude)
+        max_abs = float(difference.max())
+        max_reference = float(np.where(np.isfinite(magnitude), magnitude, 0).max())
+        required_atol = float(np.maximum(difference - rtol * magnitude, 0).max())
+        required_rtol = float(
+            np.where(difference <= atol, 0.0, (difference - atol) / magnitude).max()
+        )
+    passed = bool(np.all(difference <= atol + rtol * magnitude))
+    return OutputComparison(
+        name=name,
+        batch_size=batch_size,
+        shape=tuple(int(d) for d in b.shape),
+        max_abs_error=max_abs,
+        max_rel_error=float(np.nanmax(relative)),
+        mean_abs_error=float(difference.mean()),
+        max_abs_reference=max_reference,
+        relative_to_max=max_abs / max_reference
+        if max_reference > 0
+        else (0.0 if max_abs == 0 else math.inf),
+        required_atol=required_atol,
+        required_rtol=required_rtol,
+        passed=passed,
+    )
+
+
+@dataclasses.dataclass
+class LayerComparison:
+    """A Keras layer's output against the ONNX value that computes it."""
+
+    layer: str
+    onnx_value: str
+    max_abs_error: float
+    max_abs_reference: float
+    relative_to_max: float
+    passed: bool
+    note: str = ""
+
+
+@dataclasses.dataclass
+class ValidationReport:
+    """Result of :func:`validate_onnx`; truthy iff every output passed."""
+
+    path: str
+    atol: float
+    rtol: float
+    comparisons: list[OutputComparison]
+    first_divergent_layer: str | None = None
+    layers: list[LayerComparison] = dataclasses.field(default_factory=list)
+    localization: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.comparisons) and all(c.passed for c in self.comparisons)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def required_atol(self) -> float:
+        return max((c.required_atol for c in self.comparisons), default=0.0)
+
+    @property
+    def required_rtol(self) -> float:
+        return max((c.required_rtol for c in self.comparisons), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["passed"] = self.passed
+        data["required_atol"] = self.required_atol
+        data["required_rtol"] = self.required_rtol
+        return _json_safe(data)
+
+    def __str__(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines = [
+            f"Validation {verdict}: {self.path} vs Keras (atol={self.atol:g}, rtol={self.rtol:g})"
+        ]
+        header = (
+            f"  {'output':<24} {'batch':>5} {'max abs':>10} {'max rel':>10} "
+            f"{'mean abs':>10} {'rel to max':>10}  result"
+        )
+        lines.append(header)
+        for c in self.comparisons:
+            lines.append(
+                f"  {c.name[:24]:<24} {c.batch_size:>5} {c.max_abs_error:>10.3g} "
+                f"{c.max_rel_error:>10.3g} {c.mean_abs_error:>10.3g} "
+                f"{c.relative_to_max:>10.3g}  {'pass' if c.passed else 'FAIL'}"
+                + (f" ({c.note})" if c.note else "")
+            )
+        lines.append(
+            f"  would pass with atol >= {self.required_atol:.3g} (at rtol={self.rtol:g}) "
+            f"or rtol >= {self.required_rtol:.3g} (at atol={self.atol:g})"
+        )
+        if not self.passed:
+            if self.first_divergent_layer:
+                lines.append(f"  first divergent layer: {self.first_divergent_layer}")
+            if self.localization:
+                lines.append(f"  {self.localization}")
+        return "\n".join(lines)
+
+
+def _json_safe(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _json_safe(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_json_safe(v) for v in data]
+    if isinstance(data, float) and not math.isfinite(data):
+        return str(data)
+    return data
+
+
+# --------------------------------------------------------------------------------------
+# Inputs.
+
+
+def call_model(model: keras.Model, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """The Keras model's outputs (inference mode) on named inputs, flattened."""
+    graph = graph_lib.flatten(model)
+    return graph_lib.call_model(model, [inputs[name] for name in graph.input_names])
+
+
+def _is_pixel_input(tensor: graph_lib.Tensor) -> bool:
+    for consumer in tensor.consumers:
+        layer = consumer.layer
+        if isinstance(layer, keras.layers.Rescaling):
+            scale = np.asarray(
+                keras.ops.convert_to_numpy(layer.scale)
+                if not np.isscalar(layer.scale)
+                else layer.scale
+            )
+            if scale.size and float(np.max(np.abs(scale))) <= _IMAGE_SCALE_LIMIT:
+                return True
+    return False
+
+
+def make_sample_inputs(
+    model: keras.Model, batch_size: int = 1, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Random inputs for every model input, keyed by input name.
+
+    Float inputs read by a Rescaling layer that scales by 0.1 or less (Keras
+    Applications' ``1/255``, ``1/127.5``) are pixels: uniform in [0, 255]. Other
+    float inputs are standard normal. Integer inputs feeding an Embedding are
+    uniform in ``[0, input_dim)``, other integer inputs in ``[0, 10)``; boolean
+    inputs are fair coin flips. Unknown non-batch dimensions get size
+    ``UNKNOWN_DIMENSION_SIZE`` (32).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserInputError(f"batch_size must be a positive integer; received {batch_size!r}.")
+    graph = graph_lib.flatten(model)
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for tensor, name in zip(graph.inputs, graph.input_names, strict=True):
+        shape = (batch_size,) + tuple(
+            UNKNOWN_DIMENSION_SIZE if size is None else size for size in tensor.shape[1:]
+        )
+        dtype = np.dtype(tensor.dtype)
+        if dtype.kind == "f":
+            if _is_pixel_input(tensor):
+                array = rng.uniform(0.0, 255.0, size=shape)
+            else:
+                array = rng.standard_normal(size=shape)
+        elif dtype.kind in "iu":
+            high = 10
+            for consumer in tensor.consumers:
+                if isinstance(consumer.layer, keras.layers.Embedding):
+                    high = int(consumer.layer.input_dim)
+            array = rng.integers(0, high, size=shape)
+        elif dtype.kind == "b":
+            array = rng.random(size=shape) < 0.5
+        else:
+            raise UserInputError(
+                f"Cannot generate values for input {name!r} of dtype {dtype}; pass inputs."
+            )
+        inputs[name] = np.asarray(array).astype(dtype)
+    return inputs
+
+
+def _normalize_inputs(model: keras.Model, inputs: Any) -> dict[str, np.ndarray]:
+    graph = graph_lib.flatten(model)
+    names = graph.input_names
+    if isinstance(inputs, Mapping):
+        missing = [name for name in names if name not in inputs]
+        extra = [name for name in inputs if name not in names]
+        if missing or extra:
+            raise UserInputError(
+                f"inputs have keys {sorted(inputs)}; expected exactly the model's inputs "
+                f"{names}. Rename the arrays after the model's input names."
+            )
+        arrays = [inputs[name] for name in names]
+    elif isinstance(inputs, list | tuple):
+        arrays = list(inputs)
+    else:
+        arrays = [inputs]
+    if len(arrays) != len(names):
+        raise UserInputError(
+            f"received {len(arrays)} input arrays; expected {len(names)} ({names})."
+        )
+    result = {}
+    for tensor, name, array in zip(graph.inputs, names, arrays, strict=True):
+        array = np.asarray(array)
+        expected = tensor.shape
+        if array.ndim != len(expected) or any(
+            size is not None and size != actual
+            for size, actual in zip(expected[1:], array.shape[1:], strict=True)
+        ):
+            raise UserInputError(
+                f"input {name!r} has shape {array.shape}; expected {expected} (None: any size)."
+            )
+        if array.shape[0] < 1:
+            raise UserInputError(f"input {name!r} is empty; pass at least one sample.")
+        result[name] = array.astype(np.dtype(tensor.dtype), copy=False)
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# Running ONNX.
+
+
+def _onnx_feed(
+    session: Any, inputs: Mapping[str, np.ndarray], input_layout: str
+) -> dict[str, np.ndarray]:
+    from keras_bn.converters.onnx_export import channels_first_perm
+
+    feed = {}
+    for name, array in inputs.items():
+        if input_layout == "channels_first" and array.ndim >= 3:
+            array = np.transpose(array, channels_first_perm(array.ndim))
+        feed[name] = np.ascontiguousarray(array)
+    names = [i.name for i in session.get_inputs()]
+    if sorted(names) != sorted(feed):
+        raise UserInputError(
+            f"ONNX model inputs are {names}; expected the Keras model's inputs "
+            f"{list(feed)}. Was the file exported from this model?"
+        )
+    return feed
+
+
+def _session(model_or_path: Any) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_or_path, options, providers=["CPUExecutionProvider"])
+
+
+# --------------------------------------------------------------------------------------
+# Localization.
+
+
+def _run_layers(graph: graph_lib.Graph, inputs: Mapping[str, np.ndarray]) -> dict[int, Any]:
+    """Every tensor of the flattened graph, computed eagerly in inference mode."""
+    values: dict[int, Any] = {
+        id(t): inputs[name] for t, name in zip(graph.inputs, graph.input_names, strict=True)
+    }
+
+    def resolve(x):
+        return values[id(x)] if isinstance(x, graph_lib.Tensor) else x
+
+    for node in graph.nodes:
+        args = tree.map_structure(resolve, node.args)
+        kwargs = dict(tree.map_structure(resolve, node.kwargs))
+        call = getattr(node.layer, "call", None)
+        if call is not None and "training" in inspect.signature(call).parameters:
+            kwargs.setdefault("training", False)
+        result = node.layer(*args, **kwargs)
+        for tensor, value in zip(node.outputs, tree.flatten(result), strict=True):
+            values[id(tensor)] = value
+    return values
+
+
+def _is_batch_norm(layer: Any) -> bool:
+    return isinstance(layer, keras.layers.BatchNormalization)
+
+
+def _localize(
+    model: keras.Model,
+    onnx_model: Any,
+    inputs: Mapping[str, np.ndarray],
+    feed: Mapping[str, np.ndarray],
+    atol: float,
+    rtol: float,
+) -> tuple[str | None, list[LayerComparison], str]:
+    from onnx import helper
+
+    from keras_bn.converters.onnx_export import METADATA_LAYER_OUTPUTS, _node_keys
+
+    metadata = {p.key: p.value for p in onnx_model.metadata_props}
+    if METADATA_LAYER_OUTPUTS not in metadata:
+        return (
+            None,
+            [],
+            (
+                "cannot localize: the ONNX file has no keras-bn layer map "
+                "(it was not exported by keras-bn)"
+            ),
+        )
+    layer_map = json.loads(metadata[METADATA_LAYER_OUTPUTS])
+    graph = graph_lib.flatten(model)
+    produced = {name for node in onnx_model.graph.node for name in node.output}
+    existing_outputs = {o.name for o in onnx_model.graph.output}
+
+    def lookup(key: str, node: graph_lib.Node) -> list | None:
+        for candidate in (
+            key,
+            node.layer.name,
+            f"{node.scope.replace('/', '_')}_{node.layer.name}",
+        ):
+            if candidate in layer_map:
+                return layer_map[candidate]
+        return None
+
+    keys = _node_keys(graph)
+    wanted: dict[str, int] = {}  # onnx value -> elem type
+    matched = []
+    for key, node in zip(keys, graph.nodes, strict=True):
+        entries = lookup(key, node)
+        if not entries:
+            continue
+        for tensor, entry in zip(node.outputs, entries, strict=False):
+            if entry is None or entry[0] not in produced:
+                continue
+            matched.append((key, node, tensor, entry[0], tuple(entry[1])))
+            wanted[entry[0]] = helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype))
+    if not matched:
+        return None, [], "cannot localize: no layer of this model appears in the ONNX layer map"
+
+    copy = type(onnx_model)()
+    copy.CopyFrom(onnx_model)
+    for name, elem_type in wanted.items():
+        if name not in existing_outputs:
+            copy.graph.output.append(helper.make_tensor_value_info(name, elem_type, None))
+    session = _session(copy.SerializeToString())
+    names = [o.name for o in session.get_outputs()]
+    onnx_values = dict(zip(names, session.run(None, dict(feed)), strict=True))
+    keras_values = _run_layers(graph, inputs)
+
+    in_export = {key for key, *_ in matched}
+    comparisons: list[LayerComparison] = []
+    first = None
+    for key, _node, tensor, name, perm in matched:
+        actual = np.transpose(onnx_values[name], np.argsort(perm))
+        reference = keras.ops.convert_to_numpy(keras_values[id(tensor)])
+        result = _layer_comparison(key, name, actual, reference, atol, rtol)
+        if not result.passed:
+            # Folded BN: the layer it was folded into computes the BN's output instead.
+            after = tensor.consumers
+            if len(after) == 1 and _is_batch_norm(after[0].layer):
+                bn_key = keys[graph.nodes.index(after[0])]
+                if bn_key not in in_export and lookup(bn_key, after[0]) is None:
+                    bn_reference = keras.ops.convert_to_numpy(keras_values[id(after[0].outputs[0])])
+                    folded = _layer_comparison(key, name, actual, bn_reference, atol, rtol)
+                    if folded.passed:
+                        folded.note = f"matches {bn_key!r} folded into it"
+                        result = folded
+        comparisons.append(result)
+        if not result.passed and first is None:
+            first = key
+    if first is None:
+        note = (
+            "no intermediate tensor diverges; the outputs differ only after the last compared layer"
+        )
+    else:
+        note = f"first divergent layer {first!r}: " + next(
+            f"max abs error {c.max_abs_error:.3g} vs max |Keras| {c.max_abs_reference:.3g}"
+            + (f" ({c.note})" if c.note else "")
+            for c in comparisons
+            if c.layer == first
+        )
+    return first, comparisons, note
+
+
+def _layer_comparison(
+    key: str, name: str, actual: np.ndarray, reference: np.ndarray, atol: float, rtol: float
+) -> LayerComparison:
+    """Scale-aware: diverges when max |a - b| > atol + rtol * max |b|."""
+    if actual.shape != reference.shape:
+        return LayerComparison(
+            key,
+            name,
+            math.inf,
+            math.inf,
+            math.inf,
+            False,
+            note=f"shape {actual.shape} != Keras shape {reference.shape}",
+        )
+    difference = np.abs(actual.astype(np.float64) - reference.astype(np.float64))
+    max_abs = float(np.nan_to_num(difference, nan=np.inf).max()) if difference.size else 0.0
+    max_reference = float(np.abs(reference).max()) if reference.size else 0.0
+    passed = max_abs <= atol + rtol * max_reference
+    return LayerComparison(
+        key,
+        name,
+        max_abs,
+        max_reference,
+        max_abs / max_reference if max_reference else (0.0 if max_abs == 0 else math.inf),
+        passed,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The entry point.
+
+
+def validate_onnx(
+    model: keras.Model,
+    path: str | os.PathLike,
+    *,
+    inputs: Any = None,
+    batch_sizes: Sequence[int] = (1, 4),
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    localize: bool = True,
+    input_layout: str | None = None,
+    seed: int = 0,
+) -> ValidationReport:
+    """Compare the ONNX model at ``path`` with the Keras ``model`` in onnxruntime.
+
+    Args:
+        model: the original Keras model (before folding), run in inference mode.
+        path: the exported ``.onnx`` file.
+        inputs: arrays to compare on (a dict by input name, a list in input order,
+            or one array); they are used as given and, when their batch is larger
+            than 1, also their first sample alone. By default, generated with
+            :func:`make_sample_inputs` at each of ``batch_sizes``.
+        batch_sizes: batch sizes of generated inputs; a size above 1 proves the
+            batch dimension is dynamic.
+        atol, rtol: an element passes when ``|onnx - keras| <= atol + rtol * |keras|``.
+        localize: when an output fails, name the first layer whose output diverges.
+        input_layout: how the ONNX inputs are ordered; by default what the exporter
+            recorded in the file (``"channels_last"`` for other files).
+        seed: seed of the generated inputs.
+
+    Returns:
+        A :class:`ValidationReport` (truthy iff every output passed).
+    """
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"ONNX file {str(path)!r} does not exist; export the model first.")
+    for label, tolerance in (("atol", atol), ("rtol", rtol)):
+        if not isinstance(tolerance, int | float) or not tolerance >= 0:
+            raise UserInputError(f"{label} must be a non-negative number; received {tolerance!r}.")
+    try:
+        onnx_model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError and friends
+        raise UserInputError(f"{str(path)!r} is not a readable ONNX file: {error}") from error
+    metadata = {p.key: p.value for p in onnx_model.metadata_props}
+    if input_layout is None:
+        input_layout = metadata.get("keras_bn.input_layout", "channels_last")
+    if input_layout not in ("channels_last", "channels_first"):
+        raise UserInputError(
+            f"input_layout must be 'channels_last' or 'channels_first'; received {input_layout!r}."
+        )
+
+    if inputs is None:
+        if not batch_sizes or any(
+            isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes
+        ):
+            raise UserInputError(
+                f"batch_sizes must be positive integers, e.g. (1, 4); received {batch_sizes!r}."
+            )
+        full = make_sample_inputs(model, max(batch_sizes), seed=seed)
+        sizes = list(dict.fromkeys(batch_sizes))
+    else:
+        full = _normalize_inputs(model, inputs)
+        count = int(next(iter(full.values())).shape[0])
+        sizes = [1, count] if count > 1 else [count]
+    # Keras runs once on the largest batch; smaller batches are its first samples.
+    largest = int(next(iter(full.values())).shape[0])
+    full_expected = call_model(model, full)
+    per_sample = all(np.ndim(o) >= 1 and np.shape(o)[0] == largest for o in full_expected)
+
+    session = _session(str(path))
+    output_names = [o.name for o in session.get_outputs()]
+    comparisons: list[OutputComparison] = []
+    failing_batch = None
+    for size in sizes:
+        batch = {name: array[:size] for name, array in full.items()}
+        batch_size = size
+        feed = _onnx_feed(session, batch, input_layout)
+        if size == largest:
+            expected = full_expected
+        elif per_sample:
+            expected = [o[:size] for o in full_expected]
+        else:
+            expected = call_model(model, batch)
+        actual = session.run(None, feed)
+        if len(actual) != len(expected):
+            raise UserInputError(
+                f"the ONNX model has {len(actual)} outputs, the Keras model {len(expected)}; "
+                "was the file exported from this model?"
+            )
+        for name, a, b in zip(output_names, actual, expected, strict=True):
+            comparison = compare_arrays(
+                a, b, atol=atol, rtol=rtol, name=name, batch_size=batch_size
+            )
+            comparisons.append(comparison)
+            if not comparison.passed and failing_batch is None:
+                failing_batch = (batch, feed)
+
+    report = ValidationReport(str(path), float(atol), float(rtol), comparisons)
+    if failing_batch is not None and localize:
+        if not any(
+            t.data_location == onnx.TensorProto.EXTERNAL for t in onnx_model.graph.initializer
+        ):
+            full_model = onnx_model
+        else:
+            full_model = onnx.load(str(path))
+        first, layers, note = _localize(
+            model, full_model, failing_batch[0], failing_batch[1], atol, rtol
+        )
+        report.first_divergent_layer = first
+        report.layers = layers
+        report.localization = note
+    return report
