@@ -220,15 +220,36 @@ def test_recalibrate_multi_axis_statistics():
     _assert_stats(layer, reference.mean(axis=(0, 2)), reference.var(axis=(0, 2)))
 
 
-@pytest.mark.parametrize("layer_class", [StockBN, BatchNormalization], ids=["stock", "ours"])
-def test_recalibrate_uses_only_unmasked_positions(layer_class):
+class _ChannelsFirst(keras.layers.Layer):
+    """(B, T, C) -> (B, C, T), passing the (B, T) mask on."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def call(self, x):
+        return keras.ops.transpose(x, (0, 2, 1))
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+
+@pytest.mark.parametrize("layout", ["stock", "ours", "ours_channels_first"])
+def test_recalibrate_uses_only_unmasked_positions(layout):
     rng = _rng(8)
     tokens = rng.integers(1, 20, size=(30, 7))
     lengths = rng.integers(1, 8, size=30)
     tokens[np.arange(7) >= lengths[:, None]] = 0  # padding, masked by Embedding
     embedding = keras.layers.Embedding(20, 4, mask_zero=True, name="embedding")
-    bn = layer_class(name="bn")
-    model = keras.Sequential([keras.Input((7,), dtype="int32"), embedding, bn])
+    layers = [keras.Input((7,), dtype="int32"), embedding]
+    if layout == "stock":
+        bn = StockBN(name="bn")
+    elif layout == "ours":
+        bn = BatchNormalization(name="bn")
+    else:  # (B, C, T) with the (B, T) mask: ours accepts masks for any axis
+        layers.append(_ChannelsFirst())
+        bn = BatchNormalization(axis=1, name="bn")
+    model = keras.Sequential([*layers, bn])
     embedding.embeddings.assign(rng.normal(2.0, 3.0, (20, 4)).astype("float32"))
     recalibrate_batch_norm(model, tokens, batch_size=8)
     values = _np(embedding.embeddings)[tokens[tokens != 0]]
