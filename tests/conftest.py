@@ -1,0 +1,45 @@
+"""Shared test helpers (keep small: fixtures used by several test modules)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def run_python():
+    """Run Python code or a module in a fresh interpreter; fail with its output.
+
+    Usage: `run_python(["-c", code], env={"KERAS_BACKEND": "jax"}, timeout=300)`.
+    For settings that must precede TensorFlow/JAX initialization (logical
+    devices, XLA_FLAGS, the Keras backend). Returns the CompletedProcess.
+    """
+
+    def run(args, env=None, timeout=300):
+        full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+        result = subprocess.run(
+            [sys.executable, *args],
+            cwd=REPO_ROOT,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if result.returncode != 0:
+            pytest.fail(
+                f"subprocess {args[:2]} exited with {result.returncode}\n"
+                f"--- stdout ---\n{result.stdout[-6000:]}\n--- stderr ---\n{result.stderr[-6000:]}"
+            )
+        return result
+
+    return run
+
+
+def pytest_report_header(config):
+    import keras
+
+    return f"keras {keras.__version__}, backend {keras.backend.backend()}"
