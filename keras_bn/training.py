@@ -356,7 +356,9 @@ def recalibrate_batch_norm(
       folding BN into neighbouring layers) assumes. Noise from Dropout and from
       batch statistics never enters. Cost: one partial pass over ``data`` per BN
       layer (each pass stops right after the measured layer), so roughly
-      ``number_of_bn_layers / 2`` full forward passes.
+      ``number_of_bn_layers / 2`` full forward passes. A shared BN layer is
+      measured over all its calls; where a later call sits downstream of a BN
+      layer not yet recalibrated, that layer still uses its old statistics.
     - ``"training"``: one pass in training mode, as fvcore and PyTorch do: every BN
       layer normalizes with the batch statistics (so an upstream BN's output, hence
       a downstream BN's input, depends on the batch composition) and Dropout is
