@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -506,7 +507,8 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
     with tempfile.TemporaryDirectory(prefix="keras-bn-") as work_dir:
         work = Path(work_dir)
         exported = work / "model.onnx"
-        with run.progress.step("Exporting to ONNX"):
+        with run.progress.step("Exporting to ONNX"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             result = export_onnx(
                 to_export,
                 exported,
@@ -515,6 +517,9 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
                 batch_size=args.batch_size,
                 fallback=args.fallback,
             )
+        for message in dict.fromkeys(str(w.message) for w in caught):
+            if "__array__" not in message:  # a NumPy 2 notice from inside Keras
+                run.warn(message)
         if dataclasses.is_dataclass(result) and hasattr(result, "path"):
             result = dataclasses.replace(result, path=str(output))  # not the temporary path
         run.report["export"] = _as_dict(result)

@@ -1,0 +1,713 @@
+"""Tests of the keras-bn command line, as a user runs it.
+
+The console script ``keras-bn`` runs in a subprocess once per command and once per
+bad-input case (those runs are started two at a time by module fixtures, since each
+pays for importing TensorFlow); the finer behaviour is tested in-process through
+``main([...])``, which is the same code without the interpreter start-up.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from keras_bn.converters import cli
+from keras_bn.converters.model_io import load_model
+
+KERAS_BN = Path(sys.executable).with_name("keras-bn")
+if not KERAS_BN.exists():  # a virtualenv whose python is a symlink elsewhere
+    KERAS_BN = Path(shutil.which("keras-bn") or "keras-bn")
+
+CUSTOM_LAYERS = '''
+import keras
+
+
+class Doubling(keras.layers.Layer):
+    """An unregistered custom layer: loading needs --custom-objects."""
+
+    def call(self, x):
+        return x * 2.0
+'''
+
+
+# ------------------------------------------------------------------------------------
+# Models and files.
+
+
+def _randomize_batch_norms(model: keras.Model, seed: int = 0) -> None:
+    """Non-trivial statistics: mean != 0, variance over orders of magnitude, gamma != 1."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            channels = layer.moving_mean.shape[0]
+            layer.gamma.assign(rng.uniform(0.5, 2.0, channels))
+            layer.beta.assign(rng.normal(size=channels))
+            layer.moving_mean.assign(rng.normal(size=channels))
+            layer.moving_variance.assign(10.0 ** rng.uniform(-3, 2, channels))
+
+
+def conv_bn_classifier(seed: int = 0) -> keras.Model:
+    """Conv-BN-ReLU-Conv-BN-ReLU-GlobalAveragePooling-Dense(softmax), input (8, 8, 3)."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(6, 3, padding="same", use_bias=False)(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(3, activation="softmax")(x)
+    model = keras.Model(inputs, outputs, name="classifier")
+    _randomize_batch_norms(model, seed)
+    return model
+
+
+def _set_statistic(model: keras.Model, name: str, value: float) -> None:
+    layer = next(x for x in model.layers if isinstance(x, keras.layers.BatchNormalization))
+    values = keras.ops.convert_to_numpy(getattr(layer, name)).copy()
+    values[1] = value
+    getattr(layer, name).assign(values)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """Every input file the tests need, in one read-only-by-convention directory."""
+    directory = tmp_path_factory.mktemp("cli_inputs")
+    paths: dict[str, Path] = {}
+
+    def save(name: str, model: keras.Model) -> None:
+        paths[name] = directory / f"{name}.keras"
+        model.save(paths[name])
+
+    save("model", conv_bn_classifier())
+    save("other", conv_bn_classifier(seed=7))  # same architecture, other weights
+    nan_model = conv_bn_classifier()
+    _set_statistic(nan_model, "moving_mean", float("nan"))
+    save("nan", nan_model)
+    negative = conv_bn_classifier()
+    _set_statistic(negative, "moving_variance", -0.5)
+    save("negative", negative)
+    huge = conv_bn_classifier()
+    dense = huge.layers[-1]  # no BN folds into it, so the value reaches the ONNX file
+    kernel = keras.ops.convert_to_numpy(dense.kernel).copy()
+    kernel[0, 0] = 1e5  # beyond float16's 65504
+    dense.kernel.assign(kernel)
+    save("huge", huge)
+    inputs = keras.Input((3,))
+    save("lambda", keras.Model(inputs, keras.layers.Lambda(lambda t: t * 3.0 + 1.0)(inputs)))
+    (directory / "custom_layers.py").write_text(CUSTOM_LAYERS)
+    sys.path.insert(0, str(directory))
+    try:
+        import custom_layers  # the file written just above
+
+        inputs = keras.Input((3,))
+        save("custom", keras.Model(inputs, custom_layers.Doubling()(inputs)))
+    finally:
+        sys.path.remove(str(directory))
+        sys.modules.pop("custom_layers", None)
+    paths["custom_layers"] = directory / "custom_layers.py"
+
+    rng = np.random.default_rng(42)
+    paths["inputs"] = directory / "inputs.npz"
+    np.savez(paths["inputs"], image=rng.normal(size=(6, 8, 8, 3)).astype("float32"))
+    paths["calibration"] = directory / "calibration.npz"
+    np.savez(paths["calibration"], image=rng.normal(size=(64, 8, 8, 3)).astype("float32"))
+    data = paths["model"].read_bytes()
+    paths["truncated"] = directory / "truncated.keras"
+    paths["truncated"].write_bytes(data[: len(data) * 2 // 3])
+    paths["corrupted"] = directory / "corrupted.keras"
+    corrupted = bytearray(data)
+    corrupted[len(data) // 2] ^= 0x5A  # inside model.weights.h5 (stored, not compressed)
+    paths["corrupted"].write_bytes(bytes(corrupted))
+    paths["not_keras"] = directory / "notes.keras"
+    paths["not_keras"].write_text("just some text, not a zip archive\n")
+    return paths
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _keras_outputs(model: keras.Model, x: np.ndarray) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(model(x, training=False)))
+
+
+def _onnx_outputs(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _op_counts(path: Path) -> collections.Counter:
+    return collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
+def _batch_norm_layers(model: keras.Model) -> int:
+    return sum(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+
+
+def _sample(n: int = 5) -> np.ndarray:
+    return np.random.default_rng(3).normal(size=(n, 8, 8, 3)).astype("float32")
+
+
+# ------------------------------------------------------------------------------------
+# Running the CLI.
+
+
+def run_script(args, cwd: Path) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    command = [str(a) for a in args]
+    if command[0] not in ("python",):
+        command = [str(KERAS_BN), *command]
+    else:
+        command = [sys.executable, *command[1:]]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def run_many(jobs: dict[str, tuple[list, Path]]) -> dict[str, subprocess.CompletedProcess]:
+    """Run console-script jobs two at a time (two cores, each pays a TensorFlow import)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run_script, args, cwd) for name, (args, cwd) in jobs.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def run_main(args, capsys) -> tuple[int, str, str]:
+    """``main([...])`` in-process; returns (exit status, stdout, stderr)."""
+    code = cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_rejected(code: int, stderr: str, fragment: str, output_dir: Path | None = None):
+    """Exit 2, exactly one line on stderr naming the problem, no traceback, no output."""
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("keras-bn ") and ": error: " in lines[0], lines[0]
+    assert fragment in lines[0], lines[0]
+    if output_dir is not None:
+        assert sorted(p.name for p in output_dir.iterdir()) == [], "output left behind"
+
+
+# ------------------------------------------------------------------------------------
+# The console script: every command once.
+
+
+@pytest.fixture(scope="module")
+def script_runs(files, tmp_path_factory):
+    work = tmp_path_factory.mktemp("cli_script")
+    hashes = {name: _sha256(path) for name, path in files.items()}
+    first = run_many(
+        {
+            "help": (["--help"], work),
+            "inspect": (["python", "-m", "keras_bn", "inspect", files["model"], "--json"], work),
+            "fold": (["fold", files["model"], "-o", work / "folded.keras"], work),
+            "export": (
+                ["export", files["model"], "-o", work / "model.onnx", "--report", "export.json"],
+                work,
+            ),
+        }
+    )
+    second = run_many(
+        {
+            "validate": (["validate", files["model"], work / "model.onnx", "--json"], work),
+            "bench": (
+                ["bench", work / "model.onnx", work / "model.onnx", "--runs", "3", "--json"],
+                work,
+            ),
+        }
+    )
+    assert {name: _sha256(path) for name, path in files.items()} == hashes, "inputs modified"
+    return {**first, **second}, work
+
+
+def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def test_script_help_lists_commands_and_examples(script_runs):
+    result = _ok(script_runs[0]["help"])
+    for command in ("inspect", "fold", "export", "validate", "bench"):
+        assert command in result.stdout
+    assert "examples:" in result.stdout and "keras-bn export model.keras" in result.stdout
+    assert "exit status: 0 success, 1 validation failed, 2 bad input" in result.stdout
+
+
+def test_script_inspect_json(script_runs):
+    report = json.loads(_ok(script_runs[0]["inspect"]).stdout)
+    assert report["command"] == "inspect" and report["status"] == "ok"
+    assert [bn["channels"] for bn in report["batch_norms"]] == [4, 6]
+    assert report["fold_plan"]["folded_count"] == 2
+    assert report["parameters"] == conv_bn_classifier().count_params()
+    assert report["layer_counts"]["BatchNormalization"] == 2
+
+
+def test_script_fold_writes_an_equivalent_model_without_batch_norm(script_runs, files):
+    _ok(script_runs[0]["fold"])
+    folded = load_model(script_runs[1] / "folded.keras")
+    original = load_model(files["model"])
+    assert _batch_norm_layers(original) == 2 and _batch_norm_layers(folded) == 0
+    x = _sample()
+    np.testing.assert_allclose(
+        _keras_outputs(folded, x), _keras_outputs(original, x), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_script_export_writes_a_validated_onnx_model_and_report(script_runs, files):
+    result = _ok(script_runs[0]["export"])
+    work = script_runs[1]
+    path = work / "model.onnx"
+    assert "Validation PASSED" in result.stdout
+    ops = _op_counts(path)
+    assert "BatchNormalization" not in ops and ops["Conv"] == 2
+    x = _sample()
+    np.testing.assert_allclose(
+        _onnx_outputs(path, x), _keras_outputs(load_model(files["model"]), x), atol=1e-5
+    )
+    report = json.loads((work / "export.json").read_text())
+    assert report["status"] == "ok" and report["exit_code"] == 0
+    assert report["fold"]["folded_count"] == 2
+    assert report["validation"]["passed"] is True
+    assert report["output"]["path"] == str(path)
+    leftovers = sorted(p.name for p in work.iterdir() if p.name.startswith("."))
+    assert leftovers == []
+
+
+def test_script_validate_json(script_runs):
+    report = json.loads(_ok(script_runs[0]["validate"]).stdout)
+    assert report["status"] == "ok" and report["validation"]["passed"] is True
+    assert {c["batch_size"] for c in report["validation"]["comparisons"]} == {1, 4}
+
+
+def test_script_bench_json(script_runs):
+    report = json.loads(_ok(script_runs[0]["bench"]).stdout)
+    results = report["bench"]["results"]
+    assert [(r["optimization"], r["runs"]) for r in results] == [("off", 3), ("on", 3)] * 2
+    assert all(0 < r["median_ms"] <= r["p90_ms"] for r in results)
+
+
+# ------------------------------------------------------------------------------------
+# The console script: every bad input.
+
+BAD_INPUTS = {
+    # name: (arguments with {placeholders}, fragment of the message)
+    "missing-file": (["inspect", "{dir}/missing.keras"], "does not exist"),
+    "not-a-keras-model": (["fold", "{not_keras}", "-o", "{out}/x.keras"], "not a readable"),
+    "truncated-archive": (["export", "{truncated}", "-o", "{out}/x.onnx"], "truncated or"),
+    "corrupted-archive": (["fold", "{corrupted}", "-o", "{out}/x.keras"], "fails its CRC"),
+    "unknown-custom-layer": (
+        ["export", "{custom}", "-o", "{out}/x.onnx"],
+        "--custom-objects MODULE:Doubling",
+    ),
+    "lambda-in-safe-mode": (["fold", "{lambda}", "-o", "{out}/x.keras"], "--unsafe"),
+    "nan-statistics": (["export", "{nan}", "-o", "{out}/x.onnx"], "moving_mean=nan"),
+    "negative-variance": (
+        ["fold", "{negative}", "-o", "{out}/x.keras"],
+        "moving_variance=-0.5",
+    ),
+    "unwritable-output": (
+        ["export", "{model}", "-o", "{out}/no/such/dir/x.onnx"],
+        "does not exist",
+    ),
+    "existing-output": (["fold", "{model}", "-o", "{existing}"], "--force"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(files, tmp_path_factory):
+    jobs, out_dirs = {}, {}
+    existing = tmp_path_factory.mktemp("existing") / "folded.keras"
+    existing.write_bytes(b"an older output")
+    for name, (template, _) in BAD_INPUTS.items():
+        out = tmp_path_factory.mktemp(name)
+        out_dirs[name] = out
+        values = {key: str(path) for key, path in files.items()}
+        values.update(dir=str(out), out=str(out), existing=str(existing))
+        jobs[name] = ([arg.format(**values) for arg in template], out)
+    hashes = {name: _sha256(path) for name, path in files.items()}
+    results = run_many(jobs)
+    assert {name: _sha256(path) for name, path in files.items()} == hashes, "inputs modified"
+    assert existing.read_bytes() == b"an older output"
+    return results, out_dirs
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_script_rejects_bad_input(bad_input_runs, case):
+    results, out_dirs = bad_input_runs
+    result = results[case]
+    assert_rejected(result.returncode, result.stderr, BAD_INPUTS[case][1], out_dirs[case])
+    assert result.stdout == ""
+
+
+# ------------------------------------------------------------------------------------
+# In-process: options and reports.
+
+
+def test_help_imports_no_heavy_package(run_python):
+    """The CLI module and its parser add no heavy import to ``import keras_bn``."""
+    code = (
+        "import sys, keras_bn\n"
+        "before = set(sys.modules)\n"
+        "from keras_bn.converters import cli\n"
+        "assert cli.main(['--help']) == 0\n"
+        "heavy = {'keras', 'tensorflow', 'jax', 'onnx', 'onnxruntime', 'onnxconverter_common'}\n"
+        "added = {m.split('.')[0] for m in set(sys.modules) - before} & heavy\n"
+        "assert not added, added\n"
+    )
+    run_python(["-c", code])
+
+
+def test_parser_choices_come_from_the_registries():
+    from keras_bn.converters.precision import PRECISIONS
+
+    parser = cli.build_parser()
+    export = parser._subparsers._group_actions[0].choices["export"]  # argparse's own API
+    choices = {action.dest: action.choices for action in export._actions if action.choices}
+    assert list(choices["precision"]) == list(PRECISIONS)
+    assert tuple(choices["input_layout"]) == cli.INPUT_LAYOUTS
+
+
+@pytest.mark.parametrize("layout", cli.INPUT_LAYOUTS)
+def test_exporter_accepts_every_cli_input_layout(tmp_path, layout, capsys, files):
+    code, _, err = run_main(
+        ["export", files["model"], "-o", tmp_path / "m.onnx", "--input-layout", layout], capsys
+    )
+    assert code == 0, err
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    shape = session.get_inputs()[0].shape
+    assert shape[1:] == ([3, 8, 8] if layout == "channels_first" else [8, 8, 3])
+    x = _sample()
+    feed = np.transpose(x, (0, 3, 1, 2)) if layout == "channels_first" else x
+    np.testing.assert_allclose(
+        _onnx_outputs(tmp_path / "m.onnx", np.ascontiguousarray(feed)),
+        _keras_outputs(load_model(files["model"]), x),
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["export"],
+        ["export", "m.keras"],  # -o is required
+        ["export", "m.keras", "-o", "x.onnx", "--precision", "int4"],
+        ["export", "m.keras", "-o", "x.onnx", "--input-layout", "nhwc"],
+        ["export", "m.keras", "-o", "x.onnx", "--atol", "-1"],
+        ["export", "m.keras", "-o", "x.onnx", "--batch-size", "0"],
+        ["bench", "m.onnx", "--runs", "many"],
+        ["fold", "m.keras", "-o", "x.keras", "--no-such-flag"],
+        ["frobnicate"],
+        [],
+    ],
+    ids=lambda argv: " ".join(argv) or "no-command",
+)
+def test_usage_errors_exit_2(argv, capsys):
+    code, out, err = run_main(argv, capsys)
+    assert code == 2
+    assert "usage:" in err and "Traceback" not in err
+
+
+def test_version(capsys):
+    code, out, _ = run_main(["--version"], capsys)
+    assert code == 0 and out.strip() == "keras-bn 0.1.0"
+
+
+def test_success_is_quiet_on_stderr_and_json_is_pure(tmp_path, capsys, files):
+    code, out, err = run_main(
+        ["fold", files["model"], "-o", tmp_path / "f.keras", "--json", "--inputs", files["inputs"]],
+        capsys,
+    )
+    assert code == 0 and err == ""  # no progress display when not on a terminal
+    report = json.loads(out)
+    assert report["status"] == "ok"
+    assert report["validation"]["passed"] is True
+    assert report["validation"]["outputs"][0]["batch_size"] == 6  # the given inputs
+    assert [step["step"] for step in report["steps"]][-1].startswith("Writing")
+
+
+def test_human_output_ends_with_a_summary_table(tmp_path, capsys, files):
+    code, out, _ = run_main(["inspect", files["model"]], capsys)
+    assert code == 0
+    assert "batch_normalization" in out
+    tail = out.strip().splitlines()
+    summary_at = max(i for i, line in enumerate(tail) if line.startswith("summary"))
+    assert any(
+        line.startswith("would fold") and line.split()[-1] == "2" for line in tail[summary_at:]
+    )
+
+
+def test_force_replaces_and_output_cannot_be_the_input(tmp_path, capsys, files):
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"old")
+    code, _, err = run_main(["export", files["model"], "-o", target], capsys)
+    assert_rejected(code, err, "already exists; pass --force")
+    assert target.read_bytes() == b"old"
+    code, _, err = run_main(["export", files["model"], "-o", target, "--force"], capsys)
+    assert code == 0, err
+    assert onnx.load(str(target)).graph.node  # replaced by a real model
+
+    copy = tmp_path / "copy.keras"
+    shutil.copyfile(files["model"], copy)
+    before = _sha256(copy)
+    code, _, err = run_main(["fold", copy, "-o", copy, "--force"], capsys)
+    assert_rejected(code, err, "is also an input")
+    assert _sha256(copy) == before
+
+
+def test_output_suffix_is_checked_before_any_work(tmp_path, capsys, files):
+    code, _, err = run_main(["export", files["nan"], "-o", tmp_path / "m.keras"], capsys)
+    assert_rejected(code, err, "expected a .onnx file name", tmp_path)  # not the NaN error
+
+
+def test_json_error_report_and_no_report_file_on_bad_input(tmp_path, capsys, files):
+    report = tmp_path / "report.json"
+    code, out, err = run_main(
+        ["fold", files["lambda"], "-o", tmp_path / "f.keras", "--json", "--report", report],
+        capsys,
+    )
+    assert_rejected(code, err, "Lambda layer", tmp_path)
+    data = json.loads(out)
+    assert data["status"] == "error" and data["exit_code"] == 2 and "Lambda" in data["error"]
+
+
+def test_unsafe_and_custom_objects(tmp_path, capsys, files):
+    code, out, err = run_main(["inspect", files["lambda"], "--unsafe", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["batch_norms"] == []
+    spec = f"{files['custom_layers']}:Doubling"
+    code, out, err = run_main(["inspect", files["custom"], "--custom-objects", spec], capsys)
+    assert code == 0, err
+    assert "Doubling x1" in out
+    code, _, err = run_main(["inspect", files["custom"], "--custom-objects", "nope:X"], capsys)
+    assert_rejected(code, err, "cannot import module 'nope'")
+
+
+def test_export_float16_reports_clamped_weights(tmp_path, capsys, files):
+    report_path = tmp_path / "r.json"
+    code, out, err = run_main(
+        [
+            "export",
+            files["huge"],
+            "-o",
+            tmp_path / "h.onnx",
+            "--precision",
+            "float16",
+            "--report",
+            report_path,
+            "--no-validate",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "outside the float16 range were clamped" in err  # a warning, not an error
+    report = json.loads(report_path.read_text())
+    assert report["precision"]["clamped_count"] == 1
+    assert report["precision"]["range_issues"][0]["max_abs"] == pytest.approx(1e5)
+    assert report["warnings"] and "validation" not in report
+    initializers = onnx.load(str(tmp_path / "h.onnx")).graph.initializer
+    assert {t.data_type for t in initializers} == {onnx.TensorProto.FLOAT16}
+
+
+def test_export_float16_validates_against_keras(tmp_path, capsys, files):
+    code, out, err = run_main(
+        ["export", files["model"], "-o", tmp_path / "h.onnx", "--precision", "float16", "--json"],
+        capsys,
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["validation"]["passed"] and report["validation"]["atol"] == 1e-2
+    x = _sample()
+    expected = _keras_outputs(load_model(files["model"]), x)
+    np.testing.assert_allclose(_onnx_outputs(tmp_path / "h.onnx", x), expected, atol=1e-2)
+
+
+def test_export_int8_with_calibration(tmp_path, capsys, files):
+    code, out, err = run_main(
+        [
+            "export",
+            files["model"],
+            "-o",
+            tmp_path / "q.onnx",
+            "--precision",
+            "int8",
+            "--calibration",
+            files["calibration"],
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    comparison = report["precision"]["comparison"]
+    assert comparison["samples"] == 64 and comparison["top1_agreement"] >= 0.9
+    assert report["validation"]["passed"]
+    ops = _op_counts(tmp_path / "q.onnx")
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    # The report's numbers are what we measure: int8 model vs float Keras model.
+    x = np.load(files["calibration"])["image"]
+    difference = np.abs(
+        _onnx_outputs(tmp_path / "q.onnx", x) - _keras_outputs(load_model(files["model"]), x)
+    )
+    assert difference.max() == pytest.approx(comparison["max_abs_diff"], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--precision", "int8"], "needs calibration data"),
+        (["--calibration", "{calibration}"], "only used with --precision int8"),
+        (["--precision", "int8", "--calibration", "{dir}/missing.npz"], "does not exist"),
+        (["--inputs", "{model}"], "expected a .npz file"),
+    ],
+    ids=["int8-without-calibration", "calibration-without-int8", "missing-calibration", "inputs"],
+)
+def test_export_option_errors(tmp_path, capsys, files, extra, fragment):
+    values = {key: str(path) for key, path in files.items()}
+    values["dir"] = str(tmp_path)
+    extra = [arg.format(**values) for arg in extra]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code, _, err = run_main(["export", files["model"], "-o", out_dir / "m.onnx", *extra], capsys)
+    assert_rejected(code, err, fragment, out_dir)
+
+
+def test_export_with_bad_inputs_file(tmp_path, capsys, files):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, image=np.ones((2, 8, 8, 4), "float32"))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code, _, err = run_main(
+        ["export", files["model"], "-o", out_dir / "m.onnx", "--inputs", bad], capsys
+    )
+    assert_rejected(code, err, "has shape (2, 8, 8, 4)", out_dir)
+
+
+def test_export_no_fold_and_no_validate(tmp_path, capsys, files):
+    code, out, err = run_main(
+        ["export", files["model"], "-o", tmp_path / "u.onnx", "--no-fold", "--json"], capsys
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert "fold" not in report and report["validation"]["passed"]
+    code, out, err = run_main(
+        ["export", files["model"], "-o", tmp_path / "f.onnx", "--no-validate", "--json"], capsys
+    )
+    assert code == 0, err
+    assert "validation" not in json.loads(out)
+    # The unfolded export computes BN separately: more nodes than the folded one.
+    assert sum(_op_counts(tmp_path / "u.onnx").values()) > sum(
+        _op_counts(tmp_path / "f.onnx").values()
+    )
+
+
+def test_export_fixed_batch_size(tmp_path, capsys, files):
+    code, _, err = run_main(
+        ["export", files["model"], "-o", tmp_path / "b.onnx", "--batch-size", "2"], capsys
+    )
+    assert code == 0, err
+    session = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == 2
+
+
+def test_validation_failure_exits_1_writes_report_not_model(tmp_path, capsys, files):
+    report = tmp_path / "r.json"
+    code, out, err = run_main(
+        [
+            "export",
+            files["model"],
+            "-o",
+            tmp_path / "q.onnx",
+            "--precision",
+            "int8",
+            "--calibration",
+            files["calibration"],
+            "--atol",
+            "1e-9",
+            "--rtol",
+            "0",
+            "--report",
+            report,
+        ],
+        capsys,
+    )
+    assert code == 1
+    assert "validation failed" in err and "nothing was written" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "q.onnx").exists()
+    data = json.loads(report.read_text())
+    assert data["status"] == "validation_failed" and data["exit_code"] == 1
+    assert data["validation"]["passed"] is False
+
+
+def test_validate_another_models_export_fails(tmp_path, capsys, files):
+    code, _, err = run_main(["export", files["other"], "-o", tmp_path / "other.onnx"], capsys)
+    assert code == 0, err
+    code, out, err = run_main(
+        ["validate", files["model"], tmp_path / "other.onnx", "--json"], capsys
+    )
+    assert code == 1
+    assert json.loads(out)["validation"]["passed"] is False
+    assert "validation failed" in err and "Traceback" not in err
+
+
+def test_validate_rejects_a_non_onnx_file(tmp_path, capsys, files):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00\x01 not a protobuf \xff" * 10)
+    code, _, err = run_main(["validate", files["model"], garbage], capsys)
+    assert_rejected(code, err, "cannot be parsed")
+    code, _, err = run_main(["validate", files["model"], tmp_path / "none.onnx"], capsys)
+    assert_rejected(code, err, "does not exist")
+
+
+def test_bench_errors(tmp_path, capsys):
+    code, _, err = run_main(["bench", "a.onnx", "b.onnx", "c.onnx"], capsys)
+    assert_rejected(code, err, "one or two ONNX models")
+    code, _, err = run_main(["bench", tmp_path / "missing.onnx"], capsys)
+    assert_rejected(code, err, "does not exist")
+
+
+def test_report_path_is_checked_up_front(tmp_path, capsys, files):
+    existing = tmp_path / "r.json"
+    existing.write_text("{}")
+    code, _, err = run_main(
+        ["fold", files["model"], "-o", tmp_path / "f.keras", "--report", existing], capsys
+    )
+    assert_rejected(code, err, "already exists")
+    assert not (tmp_path / "f.keras").exists() and existing.read_text() == "{}"
+
+
+def test_progress_draws_on_a_terminal_only():
+    import io
+
+    from keras_bn.converters.progress import Progress
+
+    stream = io.StringIO()
+    progress = Progress(enabled=True, stream=stream)
+    with progress.step("Folding"):
+        pass
+    with pytest.raises(ValueError), progress.step("Exporting"):
+        raise ValueError("boom")
+    text = stream.getvalue()
+    assert "ok  Folding" in text and "FAILED  Exporting" in text
+    assert [(s.label, s.status) for s in progress.steps] == [
+        ("Folding", "ok"),
+        ("Exporting", "failed"),
+    ]
+    assert Progress.for_terminal(quiet=False).enabled is False  # pytest captures: no TTY
