@@ -304,6 +304,7 @@ def _file_size(path: Path) -> str:
 
 def inspect_command(args: argparse.Namespace, run: Run) -> int:
     """The model's BN layers, their statistics and the fold plan."""
+    import keras
     import numpy as np
 
     from keras_bn.converters.folding import plan_folds
@@ -315,10 +316,10 @@ def inspect_command(args: argparse.Namespace, run: Run) -> int:
     batch_norms = []
     for node in flat.nodes:
         layer = node.layer
-        if not hasattr(layer, "moving_variance") or not hasattr(layer, "moving_mean"):
+        if not isinstance(layer, keras.layers.BatchNormalization):  # keras_bn's included
             continue
-        variance = np.asarray(layer.moving_variance, np.float64)
-        mean = np.asarray(layer.moving_mean, np.float64)
+        variance = np.asarray(keras.ops.convert_to_numpy(layer.moving_variance), np.float64)
+        mean = np.asarray(keras.ops.convert_to_numpy(layer.moving_mean), np.float64)
         batch_norms.append(
             {
                 "name": node.name,
@@ -393,6 +394,10 @@ def fold_command(args: argparse.Namespace, run: Run) -> int:
     model = _load(args, run)
     _preflight(model, run)
     inputs = _load_inputs(args.inputs, model, "Inputs file")
+    if inputs is None and not args.no_validate:
+        from keras_bn.converters.validation import make_sample_inputs
+
+        inputs = make_sample_inputs(model, 4, seed=0)
     with run.progress.step("Folding BatchNormalization"):
         feed = None if inputs is None else _keras_feed(model, inputs)
         folded, report = fold_batch_norms(model, sample_inputs=feed)
@@ -421,13 +426,10 @@ def _compare_folded(model, folded, inputs, args: argparse.Namespace, run: Run) -
         DEFAULT_RTOL,
         call_model,
         compare_arrays,
-        make_sample_inputs,
     )
 
     atol = args.atol if args.atol is not None else DEFAULT_ATOL
     rtol = args.rtol if args.rtol is not None else DEFAULT_RTOL
-    if inputs is None:
-        inputs = make_sample_inputs(model, 4, seed=0)
     batch_size = int(len(next(iter(inputs.values()))))
     with run.progress.step("Comparing folded and original models"):
         expected = call_model(model, inputs)
