@@ -49,6 +49,7 @@ __all__ = [
     "ExportWarning",
     "Builder",
     "Unsupported",
+    "UnsupportedLayersError",
     "Value",
     "export_onnx",
     "check_structure",
@@ -73,6 +74,14 @@ class ExportWarning(UserWarning):
 
 class Unsupported(Exception):
     """Raised by a rule for a layer (or configuration) it cannot export."""
+
+
+class UnsupportedLayersError(UserInputError):
+    """Some layers have no native ONNX rule; ``layers`` lists them (name, reason)."""
+
+    def __init__(self, message: str, layers: list[str]):
+        super().__init__(message)
+        self.layers = layers
 
 
 # --------------------------------------------------------------------------------------
@@ -570,14 +579,16 @@ def build_onnx_model(
     opset: int = DEFAULT_OPSET,
     input_layout: str = "channels_last",
     batch_size: int | None = None,
+    graph: graph_lib.Graph | None = None,
 ) -> onnx.ModelProto:
     """Build the ONNX ModelProto for ``model`` in memory (no checks, no file).
 
-    Raises UserInputError naming every layer that has no rule.
+    Raises UnsupportedLayersError naming every layer that has no rule.
     """
     from keras_bn.converters import onnx_rules  # the rules import this module
 
-    graph = graph_lib.flatten(model)
+    if graph is None:
+        graph = graph_lib.flatten(model)
     input_names = list(graph.input_names)
     output_names = _unique_names(graph.output_names, set(input_names))
     builder = Builder(opset, reserved_names=[*input_names, *output_names])
@@ -621,11 +632,12 @@ def build_onnx_model(
             entries.append(None if value.pads else [value.name, list(value.perm)])
         layer_outputs[key] = entries
     if failures:
-        raise UserInputError(
+        raise UnsupportedLayersError(
             f"Cannot export {len(failures)} layer(s) natively to ONNX: {'; '.join(failures)}. "
             "Expected layers with a rule in keras_bn.converters.onnx_rules.RULES; replace "
             "them, or pass fallback=True (CLI: --fallback) to use Keras's own exporter "
-            "(needs tf2onnx)."
+            "(needs tf2onnx).",
+            failures,
         )
 
     # Outputs in Keras layout, renamed after the model's outputs.
@@ -804,13 +816,17 @@ def export_onnx(
     opset = _check_opset(opset)
     _check_arguments(input_layout, batch_size)
     path = Path(path)
-    graph_input_names = graph_lib.flatten(model).input_names
+    try:
+        graph = graph_lib.flatten(model)
+    except ValueError as error:  # a subclassed model, an unbuilt Sequential
+        raise UserInputError(str(error)) from error
+    graph_input_names = graph.input_names
     try:
         onnx_model = build_onnx_model(
-            model, opset=opset, input_layout=input_layout, batch_size=batch_size
+            model, opset=opset, input_layout=input_layout, batch_size=batch_size, graph=graph
         )
-    except UserInputError as error:
-        if not fallback or "natively" not in str(error):
+    except UnsupportedLayersError as error:
+        if not fallback:
             raise
         warnings.warn(f"{error} Falling back to Keras's exporter.", ExportWarning, stacklevel=2)
         return _export_with_keras(model, path, opset, graph_input_names, start)
@@ -870,10 +886,9 @@ def _export_with_keras(
             "fallback=True needs tf2onnx for Keras's ONNX exporter, which is not installed; "
             "run `pip install tf2onnx` (or `pip install keras-bn[bench]`)."
         )
-    if not getattr(model, "_called", True):
-        from keras_bn.converters.validation import call_model, make_sample_inputs
+    from keras_bn.converters.validation import call_model, make_sample_inputs
 
-        call_model(model, make_sample_inputs(model, 1, seed=0))
+    call_model(model, make_sample_inputs(model, 1, seed=0))  # Keras refuses never-called models
     with atomic_output(path) as temporary:
         model.export(str(temporary), format="onnx", verbose=False, opset_version=opset)
         onnx_model = onnx.load(str(temporary), load_external_data=False)

@@ -785,7 +785,7 @@ def binary_op(b: Builder, node: Node) -> None:
         if id(arg) in by_tensor:
             operands.append(by_tensor[id(arg)])
         else:
-            array = np.asarray(arg)
+            array = np.asarray(arg, dtype=np.float64)  # Python ints too: float tensors
             if array.ndim > rank:
                 raise Unsupported(f"a constant of shape {array.shape} widens the tensor")
             operands.append(b.broadcast_const(array, rank, perm, "constant"))
@@ -969,8 +969,8 @@ def rescaling(b: Builder, node: Node) -> None:
     layer = node.layer
     tensor = node.inputs[0]
     value = b.value(tensor)
-    scale = np.asarray(_numpy(layer.scale) if not np.isscalar(layer.scale) else layer.scale)
-    offset = np.asarray(_numpy(layer.offset) if not np.isscalar(layer.offset) else layer.offset)
+    scale = np.asarray(layer.scale if np.isscalar(layer.scale) else _numpy(layer.scale), float)
+    offset = np.asarray(layer.offset if np.isscalar(layer.offset) else _numpy(layer.offset), float)
     if keras.config.image_data_format() == "channels_first":
         scale = scale.reshape(scale.shape + (1,) * (3 - scale.ndim)) if scale.ndim else scale
         offset = offset.reshape(offset.shape + (1,) * (3 - offset.ndim)) if offset.ndim else offset

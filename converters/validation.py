@@ -94,19 +94,11 @@ def compare_arrays(
     actual = np.asarray(actual)
     reference = np.asarray(reference)
     if actual.shape != reference.shape:
-        return OutputComparison(
+        return _failed(
             name,
             batch_size,
-            tuple(reference.shape),
-            math.inf,
-            math.inf,
-            math.inf,
-            math.inf,
-            math.inf,
-            math.inf,
-            math.inf,
-            False,
-            note=f"shape {tuple(actual.shape)} != Keras shape {tuple(reference.shape)}",
+            reference.shape,
+            f"shape {tuple(actual.shape)} != Keras shape {tuple(reference.shape)}",
         )
     a = actual.astype(np.float64)
     b = reference.astype(np.float64)
@@ -144,6 +136,12 @@ def compare_arrays(
         required_rtol=required_rtol,
         passed=passed,
     )
+
+
+def _failed(name: str, batch_size: int, shape: Sequence[int], note: str) -> OutputComparison:
+    """A comparison that could not be made (shape mismatch, onnxruntime error)."""
+    metrics = [math.inf] * 7
+    return OutputComparison(name, batch_size, tuple(map(int, shape)), *metrics, False, note=note)
 
 
 @dataclasses.dataclass
@@ -609,7 +607,15 @@ def validate_onnx(
             expected = [o[:size] for o in full_expected]
         else:
             expected = call_model(model, batch)
-        actual = session.run(None, feed)
+        try:
+            actual = session.run(None, feed)
+        except Exception as error:  # onnxruntime's Fail/InvalidArgument: e.g. a fixed batch
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            for name, b in zip(output_names, expected, strict=False):
+                comparisons.append(
+                    _failed(name, batch_size, np.shape(b), f"onnxruntime error: {message[:300]}")
+                )
+            continue
         if len(actual) != len(expected):
             raise UserInputError(
                 f"the ONNX model has {len(actual)} outputs, the Keras model {len(expected)}; "
