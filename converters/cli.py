@@ -18,6 +18,7 @@ Outputs are checked before any work and written atomically; inputs are only read
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,7 +26,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -289,6 +290,19 @@ def _validation_failed(run: Run, what: str) -> int:
     return EXIT_VALIDATION_FAILED
 
 
+@contextlib.contextmanager
+def _writing(path: str | os.PathLike) -> Iterator[Path]:
+    """``atomic_output`` with file-system errors (disk full, permissions) as one line."""
+    try:
+        with atomic_output(path) as tmp:
+            yield tmp
+    except OSError as error:
+        raise UserInputError(
+            f"Cannot write {str(path)!r}: {error.strerror or error}; check the disk space "
+            "and permissions of its directory."
+        ) from None
+
+
 def _file_size(path: Path) -> str:
     size = path.stat().st_size
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -411,9 +425,8 @@ def fold_command(args: argparse.Namespace, run: Run) -> int:
         passed = _compare_folded(model, folded, inputs, args, run)
         if not passed:
             return _validation_failed(run, "the folded model's outputs differ from the original's")
-    with run.progress.step(f"Writing {output}"):
-        with atomic_output(output) as tmp:
-            folded.save(tmp)
+    with run.progress.step(f"Writing {output}"), _writing(output) as tmp:
+        folded.save(tmp)
     run.report["output"] = {"path": str(output), "bytes": output.stat().st_size}
     run.summary.append(["output", f"{output} ({_file_size(output)})"])
     return EXIT_OK
@@ -584,9 +597,8 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
                 return _validation_failed(
                     run, f"the {args.precision} ONNX model's outputs differ from the Keras model's"
                 )
-        with run.progress.step(f"Writing {output}"):
-            with atomic_output(output) as tmp:
-                shutil.copyfile(final, tmp)
+        with run.progress.step(f"Writing {output}"), _writing(output) as tmp:
+            shutil.copyfile(final, tmp)
     run.report["output"] = {"path": str(output), "bytes": output.stat().st_size}
     run.summary.append(["output", f"{output} ({_file_size(output)})"])
     return EXIT_OK
@@ -899,8 +911,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for step in run.progress.steps
     ]
     if args.report:
-        with atomic_output(args.report) as tmp:
-            tmp.write_text(_to_json(run.report) + "\n")
+        try:
+            with _writing(args.report) as tmp:
+                tmp.write_text(_to_json(run.report) + "\n")
+        except UserInputError as error:
+            print(f"keras-bn {args.command}: error: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     if args.json:
         print(_to_json(run.report))
     else:

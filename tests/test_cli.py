@@ -711,3 +711,19 @@ def test_progress_draws_on_a_terminal_only():
         ("Exporting", "failed"),
     ]
     assert Progress.for_terminal(quiet=False).enabled is False  # pytest captures: no TTY
+
+
+def test_disk_full_while_writing_is_one_line_and_leaves_nothing(
+    tmp_path, capsys, files, monkeypatch
+):
+    import errno
+
+    def full_disk(source, target):
+        Path(target).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cli.shutil, "copyfile", full_disk)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code, _, err = run_main(["export", files["model"], "-o", out_dir / "m.onnx"], capsys)
+    assert_rejected(code, err, "No space left on device", out_dir)
