@@ -727,3 +727,14 @@ def test_disk_full_while_writing_is_one_line_and_leaves_nothing(
     out_dir.mkdir()
     code, _, err = run_main(["export", files["model"], "-o", out_dir / "m.onnx"], capsys)
     assert_rejected(code, err, "No space left on device", out_dir)
+
+
+def test_export_names_unsupported_layers(tmp_path, capsys, files):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    spec = f"{files['custom_layers']}:Doubling"
+    code, _, err = run_main(
+        ["export", files["custom"], "--custom-objects", spec, "-o", out_dir / "m.onnx"], capsys
+    )
+    assert_rejected(code, err, "Doubling", out_dir)
+    assert "--fallback" in err or "fallback" in err
