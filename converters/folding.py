@@ -619,7 +619,7 @@ def _rebuild(plan: _Plan) -> keras.Model:
             clones[id(node.layer)] = fresh_copy(node, {})
         layer = clones[id(node.layer)]
         outputs = layer(*args, **kwargs)
-        if first_call and layer is not node.layer and node.layer.weights:
+        if first_call and layer is not node.layer and getattr(node.layer, "weights", None):
             graph_lib.copy_weights(node.layer, layer)
         return outputs
 
