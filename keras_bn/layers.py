@@ -330,6 +330,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def get_config(self):
         config = {
+            "axis": self.axis if isinstance(self.axis, int) else list(self.axis),
             "unbiased_moving_variance": self.unbiased_moving_variance,
             "virtual_batch_size": self.virtual_batch_size,
             "freeze_statistics": self.freeze_statistics,
@@ -410,8 +411,24 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return outputs
 
     def _normalize(self, x, mean, variance, gamma, beta):
+        """gamma * (x - mean) / sqrt(variance + epsilon) + beta, all broadcastable."""
+        if len(self._axes) == 1 and len(x.shape) == len(self._broadcast_shape):
+            # One axis, no ghost batches: the backend's own kernel, as the
+            # stock layer (on TensorFlow without XLA, fewer ops than below).
+            def flat(value):
+                return None if value is None else ops.reshape(value, (-1,))
+
+            return ops.batch_normalization(
+                x,
+                flat(mean),
+                flat(variance),
+                axis=self._axes[0],
+                offset=flat(beta),
+                scale=flat(gamma),
+                epsilon=self.epsilon,
+            )
         # (x - mean) * inv rather than x * inv - mean * inv: the latter loses
-        # the low digits when |mean| >> std.
+        # low digits when |mean| >> std.
         inv = ops.rsqrt(variance + self.epsilon)
         if gamma is not None:
             inv = inv * gamma
