@@ -449,12 +449,6 @@ def _forward_target(
     producer = tensor.producer
     if producer is None:
         raise _Blocked("producer-missing", f"input {tensor.name!r} is a model input")
-    if tensor.consumers != [bn_node] or tensor in plan.graph.outputs:
-        raise _Blocked(
-            "producer-fanout",
-            f"the output of {producer.name!r} feeds {len(tensor.consumers)} layers"
-            + (" and is a model output" if tensor in plan.graph.outputs else ""),
-        )
     # A BN folded into its producer hands that producer on (Conv -> BN -> BN).
     producer = folded_into.get(id(producer), producer)
     _check_layer(producer, plan.graph, "producer")
@@ -463,6 +457,12 @@ def _forward_target(
         raise _Blocked(
             "producer-activation",
             f"{producer.name!r} has activation {getattr(activation, '__name__', activation)!r}",
+        )
+    if tensor.consumers != [bn_node] or tensor in plan.graph.outputs:
+        raise _Blocked(
+            "producer-fanout",
+            f"the output of {tensor.producer.name!r} feeds {len(tensor.consumers)} layers"
+            + (" and is a model output" if tensor in plan.graph.outputs else ""),
         )
     _check_axis(bn_node, producer, tensor.rank)
     return producer
