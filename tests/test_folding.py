@@ -156,7 +156,9 @@ def layer_cases(draw, data_formats=("channels_last",), transpose_dilation=False)
         config.update(filters=draw(st.integers(1, 4)), depth_multiplier=draw(st.integers(1, 3)))
     else:
         config["filters"] = draw(st.integers(1, 4))
-        if max(strides) > 1 and draw(st.booleans()):
+        # Keras miscomputes some padding="same" output_padding shapes (kernel 2,
+        # stride 2, output_padding 0 fails in TensorFlow): vary it with "valid".
+        if max(strides) > 1 and config["padding"] == "valid" and draw(st.booleans()):
             config["output_padding"] = tuple(draw(st.integers(0, s - 1)) for s in strides)
     spatial = tuple(
         draw(st.integers((k - 1) * d + 1, (k - 1) * d + 4))

@@ -1,0 +1,140 @@
+"""Numerics and cost of BatchNormalization folding (numbers for RESULTS_folding.md).
+
+    python benchmarks/bench_folding.py            # 20-block stacks, seeds 0-3
+    python benchmarks/bench_folding.py --apps     # also the Keras Applications
+
+Relative error = max |y - y64| / max |y64| where y64 is a float64 run of the
+unfolded model with the same weights.
+"""
+
+import argparse
+import time
+
+import keras
+import numpy as np
+
+from keras_bn.converters.folding import fold_batch_norms
+
+L = keras.layers
+
+
+def conv_bn_stack(blocks, channels, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = keras.Input((12, 12, channels), dtype=dtype)
+    y = x
+    for i in range(blocks):
+        conv = L.Conv2D(channels, 3, padding="same", dtype=dtype, name=f"conv_{i}")
+        y = conv(y)
+        kernel = rng.normal(0, 1 / np.sqrt(9 * channels), (3, 3, channels, channels))
+        conv.kernel.assign(kernel * 10.0 ** rng.uniform(-4, 4, channels))
+        conv.bias.assign(rng.normal(0, 0.1, channels))
+        y = L.BatchNormalization(epsilon=1e-10, dtype=dtype, name=f"bn_{i}")(y)
+        y = L.ReLU(dtype=dtype)(y)
+    return keras.Model(x, y)
+
+
+def batch_norms(model):
+    return [layer for layer in model.layers if isinstance(layer, L.BatchNormalization)]
+
+
+def float64_twin(model):
+    def clone(layer):
+        config = layer.get_config()
+        config["dtype"] = "float64"
+        return type(layer).from_config(config)
+
+    twin = keras.models.clone_model(
+        model,
+        clone_function=clone,
+        input_tensors=keras.Input(model.input_shape[1:], dtype="float64"),
+    )
+    twin.set_weights([w.astype(np.float64) for w in model.get_weights()])
+    return twin
+
+
+def errors(model, data):
+    reference = np.asarray(float64_twin(model)(data.astype(np.float64), training=False))
+    start = time.perf_counter()
+    folded, report = fold_batch_norms(model, sample_inputs=data.astype("float32"))
+    seconds = time.perf_counter() - start
+    magnitude = np.max(np.abs(reference))
+    original = np.asarray(model(data.astype("float32"), training=False))
+    received = np.asarray(folded(data.astype("float32"), training=False))
+    return {
+        "original": np.max(np.abs(original - reference)) / magnitude,
+        "folded": np.max(np.abs(received - reference)) / magnitude,
+        "folded_vs_original": np.max(np.abs(received - original)) / magnitude,
+        "folded_count": report.folded_count,
+        "not_folded": report.not_folded_count,
+        "fp16_risks": len(report.fp16_risks),
+        "seconds": seconds,
+    }
+
+
+def stacks():
+    print(
+        "| seed | moving_variance range | original vs float64 | folded vs float64 | folded vs original |"
+    )
+    print("|---:|---|---:|---:|---:|")
+    for seed in range(4):
+        data = np.random.default_rng(3 + seed).normal(size=(4, 12, 12, 8))
+        model = conv_bn_stack(20, 8, "float32", seed)
+        for layer in batch_norms(model):
+            layer.momentum = 0.0
+        model(data.astype("float32"), training=True)
+        rng = np.random.default_rng(1 + seed)
+        for layer in batch_norms(model):
+            shape = tuple(layer.moving_mean.shape)
+            variance = keras.ops.convert_to_numpy(layer.moving_variance)
+            layer.moving_variance.assign(variance * 10.0 ** rng.uniform(-0.5, 0.5, shape))
+            layer.gamma.assign(rng.uniform(0.5, 2.0, shape))
+            layer.beta.assign(rng.normal(0.0, 0.5, shape))
+        variances = np.concatenate(
+            [keras.ops.convert_to_numpy(bn.moving_variance) for bn in batch_norms(model)]
+        )
+        e = errors(model, data)
+        print(
+            f"| {seed} | {variances.min():.1e} .. {variances.max():.1e} | {e['original']:.2g} "
+            f"| {e['folded']:.2g} | {e['folded_vs_original']:.2g} |"
+        )
+
+
+def applications():
+    print(
+        "| model | input | BN folded / kept | fold time (s) | original vs float64 | folded vs float64 |"
+    )
+    print("|---|---|---|---:|---:|---:|")
+    for constructor, size in [
+        (keras.applications.ResNet50, 64),
+        (keras.applications.MobileNetV2, 64),
+        (keras.applications.DenseNet121, 64),
+        (keras.applications.Xception, 71),
+    ]:
+        model = constructor(
+            weights=None, include_top=False, input_shape=(size, size, 3), pooling="avg"
+        )
+        rng = np.random.default_rng(1)
+        for layer in batch_norms(model):
+            shape = tuple(layer.gamma.shape)
+            layer.gamma.assign(rng.uniform(0.5, 1.5, shape) * rng.choice([-1.0, 1.0], shape))
+            layer.beta.assign(rng.normal(0.0, 0.5, shape))
+            layer.momentum = 0.0
+        model(
+            np.random.default_rng(0).normal(size=(4, size, size, 3)).astype("float32"),
+            training=True,
+        )
+        data = np.random.default_rng(5).normal(size=(2, size, size, 3))
+        e = errors(model, data)
+        print(
+            f"| {constructor.__name__} | {size}x{size} | {e['folded_count']} / {e['not_folded']} "
+            f"| {e['seconds']:.1f} | {e['original']:.2g} | {e['folded']:.2g} |"
+        )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--apps", action="store_true", help="also fold Keras Applications")
+    args = parser.parse_args()
+    stacks()
+    if args.apps:
+        applications()
