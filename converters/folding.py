@@ -597,9 +597,12 @@ def _rebuild(plan: _Plan) -> keras.Model:
         try:
             return graph_lib.clone_layer(layer, {**updates, "name": name})
         except (TypeError, ValueError, NotImplementedError):
-            if isinstance(layer, keras.layers.Layer) or name != layer.name:
+            # A stateless layer that will not rebuild from its config (a Lambda of a
+            # Python lambda, a keras.ops operation without one): share it with the
+            # input model, which it cannot change.
+            if updates or getattr(layer, "weights", None) or name != layer.name:
                 raise
-            return layer  # a keras.ops operation without a usable config: reuse it
+            return layer
 
     def call(node: graph_lib.Node, args: tuple, kwargs: dict) -> Any:
         if id(node) in plan.removed:

@@ -478,6 +478,17 @@ def test_nested_models_are_inlined_and_names_stay_unique():
     assert not any(isinstance(layer, keras.Model) for layer in folded.layers)
 
 
+def test_lambda_layers_and_keras_ops_calls_are_kept():
+    x = keras.Input((4, 5))
+    y = L.Lambda(lambda t: t * 2.0, name="double")(x)  # cannot be rebuilt in safe mode
+    y = L.BatchNormalization(name="bn")(L.Dense(3, name="dense")(y))
+    y = keras.ops.transpose(keras.ops.add(y, 1.0), (0, 2, 1))
+    model = keras.Model(x, y)
+    folded, report = fold_and_check(model)
+    assert entry(report, "bn").target == "dense"
+    assert [layer.name for layer in folded.layers][1:] == ["double", "dense"]
+
+
 def test_shared_producer_blocks_but_shared_batch_norm_folds_at_each_call():
     x1, x2 = keras.Input((5,)), keras.Input((5,))
     shared_dense = L.Dense(4, name="shared_dense")
