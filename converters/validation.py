@@ -349,12 +349,18 @@ def _onnx_feed(
             array = np.transpose(array, channels_first_perm(array.ndim))
         feed[name] = np.ascontiguousarray(array)
     names = [i.name for i in session.get_inputs()]
-    if sorted(names) != sorted(feed):
-        raise UserInputError(
-            f"ONNX model inputs are {names}; expected the Keras model's inputs "
-            f"{list(feed)}. Was the file exported from this model?"
-        )
-    return feed
+    if sorted(names) == sorted(feed):
+        return feed
+    shapes_match = len(names) == len(feed) and all(
+        len(i.shape) == array.ndim
+        for i, array in zip(session.get_inputs(), feed.values(), strict=True)
+    )
+    if shapes_match:  # other exporters name inputs their own way (tf2onnx: keras_tensor)
+        return dict(zip(names, feed.values(), strict=True))
+    raise UserInputError(
+        f"ONNX model inputs are {names}; expected the Keras model's inputs "
+        f"{list(feed)}. Was the file exported from this model?"
+    )
 
 
 def _session(model_or_path: Any) -> Any:
