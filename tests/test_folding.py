@@ -533,6 +533,13 @@ def _model_output_fanout():
     return keras.Model(x, [y, L.BatchNormalization(name="bn")(y)])
 
 
+def _shared_producer():
+    x1, x2 = keras.Input((5,)), keras.Input((5,))
+    dense = L.Dense(4, name="dense")
+    y = L.ReLU()(L.BatchNormalization(name="bn")(dense(x1)))
+    return keras.Model([x1, x2], [y, dense(x2)])
+
+
 def _lora_dense():
     dense = L.Dense(3, name="dense")
     x = keras.Input((4,))
@@ -613,6 +620,12 @@ _PRECONDITIONS = [
         _lora_dense,
         ("producer-weights", "consumer-missing"),
         "lora_kernel_a",
+    ),
+    (
+        "producer-shared",
+        _shared_producer,
+        ("producer-shared", "consumer-rule"),
+        "'dense' is called at 2 places",
     ),
     (
         "producer-fanout",
