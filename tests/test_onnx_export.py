@@ -407,6 +407,20 @@ def test_external_data(tmp_path):
     )
 
 
+def test_external_data_is_automatic_above_the_threshold(tmp_path, monkeypatch):
+    from keras_bn.converters import onnx_export
+
+    model = _small_cnn()
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1000)  # stands for 2 GB
+    assert export_onnx(model, tmp_path / "big.onnx").external_data == "big.onnx.data"
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 10**9)
+    assert export_onnx(model, tmp_path / "small.onnx").external_data is None
+    x = _images(1)
+    np.testing.assert_allclose(
+        _run(tmp_path / "big.onnx", {"image": x})[0], _keras(model, x)[0], atol=1e-5, rtol=1e-4
+    )
+
+
 # --------------------------------------------------------------------------------------
 # Channels-first layers. TensorFlow cannot run channels-first convolutions on CPU, but
 # Keras stores kernels the same way for both data formats: a channels-first model equals
