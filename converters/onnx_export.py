@@ -168,11 +168,11 @@ class Builder:
         self.initializers: dict[str, np.ndarray] = {}
         self.node: graph_lib.Node | None = None
         self._values: dict[int, Value] = {}
-        self._transposed: dict[tuple[str, Perm], str] = {}
+        self._transposed: dict[tuple[str, Perm, Perm], str] = {}
         self._names: set[str] = set(reserved_names)
         self._small_constants: dict[tuple, str] = {}
         self._keyed_constants: dict[Any, str] = {}
-        self._ops_for_node = 0
+        self._first_op_named = False
 
     # Naming.
     def unique(self, base: str) -> str:
@@ -185,7 +185,7 @@ class Builder:
 
     def begin(self, node: graph_lib.Node | None) -> None:
         self.node = node
-        self._ops_for_node = 0
+        self._first_op_named = False
 
     @property
     def scope_name(self) -> str:
@@ -231,7 +231,7 @@ class Builder:
         perm = tuple(perm)
         if value.perm == perm:
             return value.name
-        key = (value.name, perm)
+        key = (value.name, value.perm, perm)  # Permute re-labels a name's layout
         if key not in self._transposed:
             inverse = inverse_perm(value.perm)
             order = [inverse[keras_axis] for keras_axis in perm]
@@ -283,9 +283,9 @@ class Builder:
         """Append a node; return its output name (a list when ``outputs`` > 1)."""
         if name is not None:
             base = name
-        elif self._ops_for_node == 0:  # the node's first op carries the layer's name
+        elif not self._first_op_named:  # the node's first op carries the layer's name
             base = self.scope_name
-            self._ops_for_node += 1
+            self._first_op_named = True
         else:
             base = f"{self.scope_name}/{op_type}"
         node_name = self.unique(base)

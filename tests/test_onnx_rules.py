@@ -447,6 +447,14 @@ def test_squeeze_excite_reshape_needs_no_transpose(tmp_path):
     assert result.op_counts["Transpose"] == 2  # input, and before the final Flatten
 
 
+def test_permuted_and_original_tensor_get_their_own_transposes(tmp_path):
+    x = keras.Input((4, 6, 3))
+    a = layers.Flatten()(layers.Conv2D(2, 3, name="a")(x))
+    b = layers.Flatten()(layers.Conv2D(2, 3, name="b")(layers.Permute((2, 1, 3))(x)))
+    model = keras.Model(x, layers.Concatenate()([a, b]), name="permuted")
+    export_and_compare(model, tmp_path)
+
+
 def test_permute_costs_no_node(tmp_path):
     model = sequential((4, 5, 3), layers.Permute((2, 1, 3)), layers.Conv2D(2, 3))
     result, _ = export_and_compare(model, tmp_path)
