@@ -70,6 +70,15 @@ class BatchNormalization(keras.layers.BatchNormalization):
     channels with the moving statistics, as in inference, and leaves their
     moving statistics (and the `momentum=None` batch count) unchanged.
 
+    Numerics: batch moments are two-pass (mean, then squared deviations from
+    it, which also correct the mean's rounding) on every backend and path,
+    including `synchronized=True` and masks. The stock layer's one-pass
+    E[x^2] - E[x]^2 (torch and numpy backends, TensorFlow `synchronized=True`)
+    returns negative or zero variances, hence NaN outputs, for float32 inputs
+    with mean 1e3 and std 1e-2; its TensorFlow float32 mean drifts by whole
+    standard deviations over ~1e5 values per channel. Inputs in float16 or
+    bfloat16 are normalized in float32, as in the stock layer.
+
     Correspondence with PyTorch's `torch.nn.BatchNorm*d`:
     - `torch momentum = 1 - keras momentum` (torch's default 0.1 is Keras's
       0.9; Keras's default is 0.99); torch's `momentum=None` is ours.

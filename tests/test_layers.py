@@ -452,8 +452,15 @@ def test_mixed_precision_computes_in_float32_and_returns_float16():
 
 
 def test_synchronized_is_tensorflow_only_as_in_stock():
-    if BACKEND == "tensorflow":
-        assert BatchNormalization(synchronized=True).synchronized
+    if BACKEND == "tensorflow":  # without a tf.distribute strategy: local statistics
+        rng = np.random.default_rng(18)
+        layer = make_layer((6, 3), rng, synchronized=True, momentum=0.5)
+        x = random_inputs(rng, (6, 3), -1)
+        y_reference, state = reference_call(x, layer_state(layer), training=True, momentum=0.5)
+        np.testing.assert_allclose(
+            numpy(layer(x, training=True)), y_reference, rtol=1e-4, atol=1e-4
+        )
+        assert_state_close(layer, state)
     else:
         with pytest.raises(ValueError, match="synchronized=True"):
             BatchNormalization(synchronized=True)
