@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 import warnings
@@ -90,20 +91,64 @@ def session(path: Path, level: str) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def error_against_keras(path: Path, model: keras.Model, x: np.ndarray) -> float:
+def extra_inputs(path: Path, model: keras.Model) -> dict[str, np.ndarray] | None:
+    """Values for the graph inputs Keras's exporter adds beyond the model's own.
+
+    tf2onnx turns a Normalization layer's mean and variance into required inputs
+    (``.../normalization_1/Sub/y:0`` and ``.../Sqrt/x:0``); feeding them their
+    values from the Keras layer makes the graph runnable for the latency
+    comparison. None when an extra input is something else.
+    """
+    values = {}
+    for spec in session(path, "off").get_inputs()[1:]:
+        parts = spec.name.split("/")
+        if len(parts) < 3:
+            return None
+        layer = None
+        for candidate in (parts[-3], re.sub(r"_\d+$", "", parts[-3])):
+            try:
+                layer = model.get_layer(candidate)
+                break
+            except ValueError:
+                continue
+        operation = "/".join(parts[-2:])
+        if layer is None or not isinstance(layer, keras.layers.Normalization):
+            return None
+        if operation.startswith("Sub/y"):
+            value = layer.mean
+        elif operation.startswith("Sqrt/x"):
+            value = layer.variance
+        else:
+            return None
+        shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+        values[spec.name] = np.asarray(keras.ops.convert_to_numpy(value), np.float32).reshape(shape)
+    return values
+
+
+def error_against_keras(
+    path: Path, model: keras.Model, x: np.ndarray, extra: dict | None = None
+) -> float:
     """max |onnx - keras| / max |keras| at batch 1 (feeding the first graph input)."""
     s = session(path, "on")
-    actual = s.run(None, {s.get_inputs()[0].name: x})[0]
+    actual = s.run(None, {s.get_inputs()[0].name: x, **(extra or {})})[0]
     expected = keras.ops.convert_to_numpy(model(x, training=False))
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
-def interleaved_latency(paths: dict[str, Path], x: np.ndarray, runs: int, warmup: int) -> dict:
-    """Median and p90 milliseconds per (graph, optimization level), interleaved rounds."""
+def interleaved_latency(
+    paths: dict[str, Path], x: np.ndarray, runs: int, warmup: int, extra: dict | None = None
+) -> dict:
+    """Median and p90 milliseconds per (graph, optimization level), interleaved rounds.
+
+    ``extra`` maps a graph's name to values for its additional inputs.
+    """
+    extra = extra or {}
     results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in paths}
     for level in LEVELS:
         sessions = {name: session(path, level) for name, path in paths.items()}
-        feeds = {name: {s.get_inputs()[0].name: x} for name, s in sessions.items()}
+        feeds = {
+            name: {s.get_inputs()[0].name: x, **extra.get(name, {})} for name, s in sessions.items()
+        }
         for name, s in sessions.items():
             for _ in range(warmup):
                 s.run(None, feeds[name])
@@ -130,7 +175,7 @@ def bench_model(name: str, size: int, runs: int, warmup: int, directory: Path) -
     model(x, training=False)  # Keras's exporter refuses a never-called model; warms TF up
 
     ours = directory / f"{name}_keras_bn.onnx"
-    start = time.perf_counter()
+    ours_start = time.perf_counter()
     folded, report = fold_batch_norms(model)
     folded_at = time.perf_counter()
     with warnings.catch_warnings():
@@ -138,20 +183,37 @@ def bench_model(name: str, size: int, runs: int, warmup: int, directory: Path) -
         result = export_onnx(folded, ours)
     exported_at = time.perf_counter()
     validation = validate_onnx(model, ours)
-    ours_seconds = time.perf_counter() - start
+    ours_seconds = time.perf_counter() - ours_start
     timings = {
-        "fold_s": round(folded_at - start, 2),
+        "fold_s": round(folded_at - ours_start, 2),
         "export_s": round(exported_at - folded_at, 2),
-        "validate_s": round(start + ours_seconds - exported_at, 2),
+        "validate_s": round(ours_start + ours_seconds - exported_at, 2),
         "total_s": round(ours_seconds, 2),
     }
 
     theirs = directory / f"{name}_keras_export.onnx"
-    start = time.perf_counter()
-    model.export(str(theirs), format="onnx", verbose=False)
-    keras_seconds = time.perf_counter() - start
+    keras_start = time.perf_counter()
+    try:
+        model.export(str(theirs), format="onnx", verbose=False)
+        failure = None
+    except Exception as error:  # tf2onnx fails on some models (ConvNeXt: Erfc)
+        failure = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+    keras_seconds = time.perf_counter() - keras_start
 
     input_names = result.input_names
+    if failure is not None:
+        return {
+            "model": name,
+            "input": [size, size, 3],
+            "parameters": int(model.count_params()),
+            "keras_bn": {
+                **timings,
+                "validated": bool(validation),
+                "graph": graph_summary(ours, input_names),
+                "latency": interleaved_latency({"keras_bn": ours}, x, runs, warmup)["keras_bn"],
+            },
+            "keras_export": {"total_s": round(keras_seconds, 2), "failed": failure},
+        }
     entry = {
         "model": name,
         "input": [size, size, 3],
@@ -169,14 +231,17 @@ def bench_model(name: str, size: int, runs: int, warmup: int, directory: Path) -
             "graph": graph_summary(theirs, input_names),
         },
         "speedup": round(keras_seconds / ours_seconds, 1),
-        "speedup_fold_and_export": round(keras_seconds / (exported_at - start), 1),
+        "speedup_fold_and_export": round(keras_seconds / (exported_at - ours_start), 1),
         "speedup_export_only": round(keras_seconds / (exported_at - folded_at), 1),
     }
     entry["keras_bn"]["error_vs_keras"] = error_against_keras(ours, model, x)
-    usable = len(entry["keras_export"]["graph"]["graph_inputs"]) == len(model.inputs)
-    if usable:
-        entry["keras_export"]["error_vs_keras"] = error_against_keras(theirs, model, x)
-        latency = interleaved_latency({"keras_bn": ours, "keras_export": theirs}, x, runs, warmup)
+    extra = extra_inputs(theirs, model)
+    entry["keras_export"]["extra_inputs_fed"] = sorted(extra or {})
+    if extra is not None:
+        entry["keras_export"]["error_vs_keras"] = error_against_keras(theirs, model, x, extra)
+        latency = interleaved_latency(
+            {"keras_bn": ours, "keras_export": theirs}, x, runs, warmup, {"keras_export": extra}
+        )
         entry["keras_bn"]["latency"] = latency["keras_bn"]
         entry["keras_export"]["latency"] = latency["keras_export"]
     else:
@@ -184,7 +249,7 @@ def bench_model(name: str, size: int, runs: int, warmup: int, directory: Path) -
         entry["keras_bn"]["latency"] = interleaved_latency({"keras_bn": ours}, x, runs, warmup)[
             "keras_bn"
         ]
-        entry["keras_export"]["latency"] = None  # needs inputs the Keras model does not have
+        entry["keras_export"]["latency"] = None  # needs inputs we cannot supply
     return entry
 
 
@@ -197,13 +262,24 @@ def table(entries: list[dict]) -> str:
     ]
     for e in entries:
         ours, theirs = e["keras_bn"], e["keras_export"]
+        if "failed" in theirs:
+            lines.append(
+                f"| {e['model']} {e['input'][0]}px | {ours['total_s']} "
+                f"({ours['fold_s']} + {ours['export_s']} + {ours['validate_s']}) "
+                f"| failed after {theirs['total_s']} s: {theirs['failed'][:80]} | | "
+                f"| {ours['graph']['nodes']} / - | {ours['graph']['transposes']} / - | | "
+                f"{ours['latency']['off']['median_ms']} / - "
+                f"| {ours['latency']['on']['median_ms']} / - |"
+            )
+            continue
         og, tg = ours["graph"], theirs["graph"]
 
         def latency(level, ours=ours, theirs=theirs):
             mine = ours["latency"][level]["median_ms"]
             if theirs["latency"] is None:
                 return f"{mine} / n.a. (extra inputs)"
-            return f"{mine} / {theirs['latency'][level]['median_ms']}"
+            note = "*" if theirs["extra_inputs_fed"] else ""
+            return f"{mine} / {theirs['latency'][level]['median_ms']}{note}"
 
         lines.append(
             f"| {e['model']} {e['input'][0]}px | {ours['total_s']} "
