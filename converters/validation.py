@@ -343,10 +343,13 @@ def _onnx_feed(
 ) -> dict[str, np.ndarray]:
     from keras_bn.converters.onnx_export import channels_first_perm
 
+    float16_inputs = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}
     feed = {}
     for name, array in inputs.items():
         if input_layout == "channels_first" and array.ndim >= 3:
             array = np.transpose(array, channels_first_perm(array.ndim))
+        if name in float16_inputs:  # a float16 model converted without keep_io_types
+            array = array.astype(np.float16)
         feed[name] = np.ascontiguousarray(array)
     names = [i.name for i in session.get_inputs()]
     if sorted(names) == sorted(feed):

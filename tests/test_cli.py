@@ -738,3 +738,22 @@ def test_export_names_unsupported_layers(tmp_path, capsys, files):
     )
     assert_rejected(code, err, "Doubling", out_dir)
     assert "--fallback" in err or "fallback" in err
+
+
+def test_export_float16_without_io_types_validates(tmp_path, capsys, files):
+    path = tmp_path / "h.onnx"
+    code, out, err = run_main(
+        [
+            "export", files["model"], "-o", path, "--precision", "float16",
+            "--no-keep-io-types", "--json",
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["validation"]["passed"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(float16)"
+    x = _sample()
+    received = session.run(None, {session.get_inputs()[0].name: x.astype(np.float16)})[0]
+    assert received.dtype == np.float16
+    np.testing.assert_allclose(received, _keras_outputs(load_model(files["model"]), x), atol=1e-2)
