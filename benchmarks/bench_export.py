@@ -196,9 +196,14 @@ def bench_model(name: str, size: int, runs: int, warmup: int, directory: Path) -
     try:
         model.export(str(theirs), format="onnx", verbose=False)
         failure = None
-    except Exception as error:  # tf2onnx fails on some models (ConvNeXt: Erfc)
+    except Exception as error:
         failure = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
     keras_seconds = time.perf_counter() - keras_start
+    if failure is None:
+        try:
+            session(theirs, "off")
+        except Exception as error:  # tf2onnx writes unsupported TF ops (ConvNeXt: Erfc)
+            failure = "onnxruntime cannot load it: " + " ".join(str(error).split())[:300]
 
     input_names = result.input_names
     if failure is not None:
