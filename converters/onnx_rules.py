@@ -280,7 +280,12 @@ def _padding_attributes(
     return {"pads": begins + ends}
 
 
-def _spatial_input(b: Builder, node: Node, data_format: str, absorb_pads: bool):
+Pads = list[tuple[int, int]]
+
+
+def _spatial_input(
+    b: Builder, node: Node, data_format: str, absorb_pads: bool
+) -> tuple[str, Perm, list[int | None], Pads | None]:
     """The node's input in channels-first order, with pending zero padding if absorbable.
 
     Returns ``(name, perm, spatial sizes, pending pads per spatial axis or None)``.
@@ -314,15 +319,14 @@ def _conv_node(
     bias: str | None,
     layer: Any,
     sizes: Sequence[int | None],
-    pending: Any,
+    pending: Pads | None,
     kernel_size: Sequence[int],
     group: int = 1,
-    padding: str | None = None,
 ) -> str:
     strides = list(layer.strides)
     dilations = list(layer.dilation_rate)
     attributes = _padding_attributes(
-        layer.padding if padding is None else padding,
+        layer.padding,
         sizes,
         kernel_size,
         strides,
