@@ -2,8 +2,8 @@
 
 :func:`validate_onnx` runs the Keras model in inference mode and the ONNX file in
 onnxruntime on the same inputs, at batch size 1 and a larger one (2 by default; it proves
-the batch dimension is dynamic), and compares every output elementwise the way
-Polygraphy does::
+the batch dimension is dynamic; a model exported with a fixed batch size runs at
+that size only), and compares every output elementwise the way Polygraphy does::
 
     |onnx - keras| <= atol + rtol * |keras|
 
@@ -374,6 +374,57 @@ def _session(model_or_path: Any) -> Any:
     return ort.InferenceSession(model_or_path, options, providers=["CPUExecutionProvider"])
 
 
+def _fixed_batch_size(session: Any) -> int | None:
+    """The ONNX inputs' fixed batch size, or None when the batch dimension is dynamic."""
+    sizes = {i.shape[0] for i in session.get_inputs() if i.shape}
+    fixed = {size for size in sizes if isinstance(size, int) and size > 0}
+    if len(fixed) > 1 or (fixed and len(sizes) > 1):
+        raise UserInputError(
+            f"the ONNX model's inputs have batch sizes {sorted(map(str, sizes))}; expected one "
+            "batch size shared by every input. Export it again with one --batch-size."
+        )
+    return fixed.pop() if fixed else None
+
+
+def _batch_plan(
+    count: int, fixed: int | None, batch_sizes: list[int] | None, per_sample: bool
+) -> list[tuple[int, list[np.ndarray]]]:
+    """What to run: ``(samples compared, sample indices of each onnxruntime batch)``.
+
+    A dynamic batch runs each generated batch size (``batch_sizes``), or for user
+    inputs their first sample alone and then all of them. A fixed batch runs only
+    batches of that size: every sample in order, split into consecutive chunks of
+    the fixed size, the last chunk (or a single one, when there are fewer samples
+    than the batch) filled up by wrapping around to the first samples, so every
+    sample is compared exactly once. Outputs that are not batch-major cannot be
+    stitched together: then only the first chunk is compared.
+    """
+    if fixed is None:
+        sizes = batch_sizes if batch_sizes is not None else ([1, count] if count > 1 else [1])
+        return [(size, [np.arange(size)]) for size in sizes]
+    chunks = [np.arange(start, start + fixed) % count for start in range(0, count, fixed)]
+    if not per_sample:
+        return [(fixed, chunks[:1])]
+    return [(count, chunks)]
+
+
+def _first_failing_run(
+    runs: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[np.ndarray]]],
+    expected: list[np.ndarray],
+    batch_size: int,
+    atol: float,
+    rtol: float,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The (Keras inputs, ONNX feed) of the first onnxruntime batch that fails."""
+    for index, (batch, feed, outputs) in enumerate(runs):
+        rows = np.arange(index * batch_size, (index + 1) * batch_size)
+        for a, b in zip(outputs, expected, strict=True):
+            reference = np.asarray(b)[rows % len(b)] if len(runs) > 1 else b
+            if not compare_arrays(a, reference, atol=atol, rtol=rtol).passed:
+                return batch, feed
+    return runs[0][0], runs[0][1]
+
+
 # --------------------------------------------------------------------------------------
 # Localization.
 
@@ -556,6 +607,13 @@ def validate_onnx(
         batch_sizes: batch sizes of generated inputs; any size above 1 proves the
             batch dimension is dynamic, and 2 keeps the Keras reference pass (the
             slowest part of validation) short.
+
+            When the ONNX model's batch dimension is fixed (exported with
+            ``batch_size=N``), onnxruntime accepts only batches of N: ``batch_sizes``
+            is ignored and generated inputs have N samples; user inputs are run in
+            consecutive chunks of N, the last chunk filled up with the first samples
+            (so fewer than N samples are repeated), and every sample is compared
+            once (each comparison's ``batch_size`` is N).
         atol, rtol: an element passes when ``|onnx - keras| <= atol + rtol * |keras|``.
         localize: when an output fails, name the first layer whose output diverges.
         input_layout: how the ONNX inputs are ordered; by default what the exporter
@@ -585,59 +643,74 @@ def validate_onnx(
             f"input_layout must be 'channels_last' or 'channels_first'; received {input_layout!r}."
         )
 
+    if inputs is None and (
+        not batch_sizes
+        or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes)
+    ):
+        raise UserInputError(
+            f"batch_sizes must be positive integers, e.g. (1, 2); received {batch_sizes!r}."
+        )
+    session = _session(str(path))
+    fixed = _fixed_batch_size(session)
     if inputs is None:
-        if not batch_sizes or any(
-            isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes
-        ):
-            raise UserInputError(
-                f"batch_sizes must be positive integers, e.g. (1, 2); received {batch_sizes!r}."
-            )
-        full = make_sample_inputs(model, max(batch_sizes), seed=seed)
-        sizes = list(dict.fromkeys(batch_sizes))
+        full = make_sample_inputs(model, fixed or max(batch_sizes), seed=seed)
     else:
         full = _normalize_inputs(model, inputs)
-        count = int(next(iter(full.values())).shape[0])
-        sizes = [1, count] if count > 1 else [count]
-    # Keras runs once on the largest batch; smaller batches are its first samples.
-    largest = int(next(iter(full.values())).shape[0])
+    count = int(next(iter(full.values())).shape[0])
+    # Keras runs once on all the samples; each check below compares a prefix of them.
     full_expected = call_model(model, full)
-    per_sample = all(np.ndim(o) >= 1 and np.shape(o)[0] == largest for o in full_expected)
+    per_sample = all(np.ndim(o) >= 1 and np.shape(o)[0] == count for o in full_expected)
+    checks = _batch_plan(
+        count, fixed, list(dict.fromkeys(batch_sizes)) if inputs is None else None, per_sample
+    )
 
-    session = _session(str(path))
     output_names = [o.name for o in session.get_outputs()]
     comparisons: list[OutputComparison] = []
     failing_batch = None
-    for size in sizes:
-        batch = {name: array[:size] for name, array in full.items()}
-        batch_size = size
-        feed = _onnx_feed(session, batch, input_layout)
-        if size == largest:
+    for samples, chunks in checks:
+        label = len(chunks[0])  # the batch size onnxruntime runs
+        if samples == count:
             expected = full_expected
         elif per_sample:
-            expected = [o[:size] for o in full_expected]
-        else:
-            expected = call_model(model, batch)
+            expected = [o[:samples] for o in full_expected]
+        else:  # outputs not batch-major: Keras runs on exactly the batch ONNX runs
+            expected = call_model(model, {n: a[chunks[0]] for n, a in full.items()})
+        batches = [{name: array[chunk] for name, array in full.items()} for chunk in chunks]
+        feeds = [_onnx_feed(session, batch, input_layout) for batch in batches]
+        runs = []
         try:
-            actual = session.run(None, feed)
+            for batch, feed in zip(batches, feeds, strict=True):
+                runs.append((batch, feed, session.run(None, feed)))
         except Exception as error:  # onnxruntime's Fail/InvalidArgument: e.g. a fixed batch
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
             for name, b in zip(output_names, expected, strict=False):
                 comparisons.append(
-                    _failed(name, batch_size, np.shape(b), f"onnxruntime error: {message[:300]}")
+                    _failed(name, label, np.shape(b), f"onnxruntime error: {message[:300]}")
                 )
             continue
-        if len(actual) != len(expected):
+        if len(runs[0][2]) != len(expected):
             raise UserInputError(
-                f"the ONNX model has {len(actual)} outputs, the Keras model {len(expected)}; "
-                "was the file exported from this model?"
+                f"the ONNX model has {len(runs[0][2])} outputs, the Keras model "
+                f"{len(expected)}; was the file exported from this model?"
             )
+        # Chunks cover the samples in order (the last one padded by wrapping around).
+        actual = [
+            np.concatenate([outputs[i] for *_, outputs in runs])[:samples]
+            if len(runs) > 1 or samples != label
+            else runs[0][2][i]
+            for i in range(len(expected))
+        ]
+        note = ""
+        if len(chunks) > 1 or samples != label:
+            note = f"{samples} sample(s) in {len(chunks)} batch(es) of {label}"
+        failed = False
         for name, a, b in zip(output_names, actual, expected, strict=True):
-            comparison = compare_arrays(
-                a, b, atol=atol, rtol=rtol, name=name, batch_size=batch_size
-            )
+            comparison = compare_arrays(a, b, atol=atol, rtol=rtol, name=name, batch_size=label)
+            comparison.note = comparison.note or note
             comparisons.append(comparison)
-            if not comparison.passed and failing_batch is None:
-                failing_batch = (batch, feed)
+            failed = failed or not comparison.passed
+        if failed and failing_batch is None:
+            failing_batch = _first_failing_run(runs, expected, label, atol, rtol)
 
     report = ValidationReport(str(path), float(atol), float(rtol), comparisons)
     if failing_batch is not None and localize:
@@ -647,9 +720,7 @@ def validate_onnx(
             full_model = onnx_model
         else:
             full_model = onnx.load(str(path))
-        first, layers, note = _localize(
-            model, full_model, failing_batch[0], failing_batch[1], atol, rtol
-        )
+        first, layers, note = _localize(model, full_model, *failing_batch, atol, rtol)
         report.first_divergent_layer = first
         report.layers = layers
         report.localization = note

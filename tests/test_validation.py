@@ -247,13 +247,39 @@ def test_user_inputs_in_every_form(tmp_path):
         validate_onnx(model, tmp_path / "m.onnx", inputs=images[:, :4])
 
 
-def test_fixed_batch_export_fails_the_dynamic_batch_check(tmp_path):
+def test_fixed_batch_export_validates_at_its_own_batch_size(tmp_path):
+    # Regression: a fixed batch used to be fed the first sample alone too, which
+    # onnxruntime rejects, so every fixed-batch export with inputs "failed".
     model = _conv_bn_model()
-    _export(model, tmp_path / "m.onnx", batch_size=1)
-    report = validate_onnx(model, tmp_path / "m.onnx", localize=False)
-    assert not report
-    assert [c.passed for c in report.comparisons] == [True, False]
-    assert "onnxruntime error" in report.comparisons[1].note
+    _export(model, tmp_path / "m.onnx", batch_size=4)
+    report = validate_onnx(model, tmp_path / "m.onnx")  # generated inputs
+    assert report and [c.batch_size for c in report.comparisons] == [4]
+    assert report.comparisons[0].shape == (4, 4) and report.comparisons[0].note == ""
+    images = np.random.default_rng(6).standard_normal((10, 8, 8, 3)).astype("float32")
+    for samples, batches in ((10, 3), (4, 1), (3, 1)):  # chunks, exact, filled up
+        report = validate_onnx(model, tmp_path / "m.onnx", inputs=images[:samples])
+        assert report, str(report)
+        (comparison,) = report.comparisons
+        assert comparison.batch_size == 4 and comparison.shape == (samples, 4)
+        assert comparison.note == (
+            "" if samples == 4 else f"{samples} sample(s) in {batches} batch(es) of 4"
+        )
+
+
+def test_fixed_batch_compares_every_chunk_and_localizes(tmp_path):
+    model = _conv_bn_model()
+    _export(model, tmp_path / "m.onnx", batch_size=4)
+    images = np.random.default_rng(7).standard_normal((9, 8, 8, 3)).astype("float32")
+    images[8] *= 100.0  # only in the last, filled-up chunk; dominates the outputs
+    expected = keras.ops.convert_to_numpy(model(images, training=False))
+    assert np.abs(expected[8]).max() > np.abs(expected[:8]).max()
+    report = validate_onnx(model, tmp_path / "m.onnx", inputs=images)
+    assert report, str(report)
+    (comparison,) = report.comparisons
+    np.testing.assert_allclose(comparison.max_abs_reference, np.abs(expected).max(), rtol=1e-6)
+    _tamper(tmp_path / "m.onnx", "conv2/kernel")
+    report = validate_onnx(model, tmp_path / "m.onnx", inputs=images)
+    assert not report and report.first_divergent_layer == "conv2"
 
 
 def test_channels_first_layout_is_read_from_the_file(tmp_path):
