@@ -215,13 +215,6 @@ def _to_onnx_layout(inputs: dict[str, Any], layout: str) -> dict[str, Any]:
     }
 
 
-def _onnx_fixed_batch(path: Path) -> int | None:
-    from keras_bn.converters.precision import onnx_input_specs
-
-    sizes = {shape[0] for _, shape, _ in onnx_input_specs(path) if shape}
-    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
-
-
 def _validate(
     model,
     onnx_path: Path,
@@ -242,9 +235,6 @@ def _validate(
         kwargs["atol"] = atol
     if rtol is not None:
         kwargs["rtol"] = rtol
-    fixed = _onnx_fixed_batch(onnx_path)
-    if fixed is not None:
-        kwargs["batch_sizes"] = (fixed,)
     with run.progress.step("Validating against the Keras model in onnxruntime"):
         try:
             report = validate_onnx(model, onnx_path, **kwargs)
@@ -301,6 +291,72 @@ def _writing(path: str | os.PathLike) -> Iterator[Path]:
             f"Cannot write {str(path)!r}: {error.strerror or error}; check the disk space "
             "and permissions of its directory."
         ) from None
+
+
+@contextlib.contextmanager
+def _work_directory(output: Path) -> Iterator[Path]:
+    """A hidden temporary directory beside ``output`` (same file system), removed after."""
+    parent = output.parent if str(output.parent) else Path(".")
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=parent))
+    except OSError as error:
+        raise UserInputError(
+            f"Cannot write in {str(parent)!r}: {error.strerror or error}; check the disk "
+            "space and permissions of the output directory."
+        ) from None
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _external_data_locations(onnx_path: Path) -> list[str]:
+    """The file names an ONNX model's initializers are stored in, relative to the model."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    locations = [
+        ExternalDataInfo(tensor).location
+        for tensor in model.graph.initializer
+        if uses_external_data(tensor)
+    ]
+    return list(dict.fromkeys(locations))
+
+
+def _check_data_output(path: Path, args: argparse.Namespace) -> None:
+    _check_not_an_input(path, args)
+    if path.exists() and not args.force:
+        raise UserInputError(
+            f"External data file {str(path)!r} already exists; pass --force to replace it."
+        )
+    check_output_path(path, force=True)  # a directory, or an unwritable one
+
+
+def _move_onnx_into_place(final: Path, output: Path, args: argparse.Namespace) -> list[Path]:
+    """Move the finished model and its external data files (if any) onto the targets.
+
+    ``final`` lies in a work directory beside ``output`` and has its file name, so
+    the data files it refers to (``<output name>.data``) keep their names: each is
+    moved first, then the model, with ``os.replace`` (atomic per file).
+    """
+    moves = []
+    for location in _external_data_locations(final):
+        if Path(location).name != location:  # not written by keras-bn
+            raise RuntimeError(f"external data location {location!r} is not a file name")
+        target = output.with_name(location)
+        _check_data_output(target, args)
+        moves.append((final.with_name(location), target))
+    try:
+        for source, target in moves:
+            os.replace(source, target)
+        os.replace(final, output)
+    except OSError as error:
+        raise UserInputError(
+            f"Cannot write {str(output)!r}: {error.strerror or error}; check the disk space "
+            "and permissions of its directory."
+        ) from None
+    return [target for _, target in moves]
 
 
 def _file_size(path: Path) -> str:
@@ -474,6 +530,14 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
     from keras_bn.converters.model_io import check_input_file
 
     output = _check_output(args, ".onnx")
+    if args.external_data:
+        if args.precision != "float32":
+            raise UserInputError(
+                f"--external-data works with --precision float32 only (received --precision "
+                f"{args.precision}, whose conversion stores the weights inside the model); "
+                "drop one of them."
+            )
+        _check_data_output(output.with_name(f"{output.name}.data"), args)
     precision = PRECISIONS[args.precision]
     if args.precision == "int8" and args.calibration is None:
         raise UserInputError(
@@ -519,9 +583,11 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
 
     from keras_bn.converters.onnx_export import export_onnx
 
-    with tempfile.TemporaryDirectory(prefix="keras-bn-") as work_dir:
-        work = Path(work_dir)
-        exported = work / "model.onnx"
+    # Work beside the target, each file under the output's own name: an ONNX model
+    # refers to its external data file (``<name>.onnx.data``) by file name, so the
+    # files keep their names and are moved, not renamed, into place.
+    with _work_directory(output) as work:
+        exported = work / output.name
         with run.progress.step("Exporting to ONNX"), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = export_onnx(
@@ -531,6 +597,7 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
                 input_layout=args.input_layout,
                 batch_size=args.batch_size,
                 fallback=args.fallback,
+                external_data=args.external_data,
             )
         for message in dict.fromkeys(str(w.message) for w in caught):
             if "__array__" not in message:  # a NumPy 2 notice from inside Keras
@@ -543,7 +610,8 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
         if args.precision == "float16":
             from keras_bn.converters.precision import convert_float16
 
-            final = work / "model.float16.onnx"
+            final = work / "float16" / output.name
+            final.parent.mkdir()
             with run.progress.step("Converting to float16"):
                 precision_report = convert_float16(
                     exported,
@@ -563,7 +631,8 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
         elif args.precision == "int8":
             from keras_bn.converters.precision import quantize_int8
 
-            final = work / "model.int8.onnx"
+            final = work / "int8" / output.name
+            final.parent.mkdir()
             with run.progress.step("Quantizing to int8 (calibrating)"):
                 precision_report = quantize_int8(
                     exported, final, _to_onnx_layout(calibration, args.input_layout)
@@ -597,10 +666,16 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
                 return _validation_failed(
                     run, f"the {args.precision} ONNX model's outputs differ from the Keras model's"
                 )
-        with run.progress.step(f"Writing {output}"), _writing(output) as tmp:
-            shutil.copyfile(final, tmp)
-    run.report["output"] = {"path": str(output), "bytes": output.stat().st_size}
+        with run.progress.step(f"Writing {output}"):
+            data_files = _move_onnx_into_place(final, output, args)
+    run.report["output"] = {
+        "path": str(output),
+        "bytes": output.stat().st_size,
+        "external_data": [{"path": str(path), "bytes": path.stat().st_size} for path in data_files],
+    }
     run.summary.append(["output", f"{output} ({_file_size(output)})"])
+    for path in data_files:
+        run.summary.append(["external data", f"{path} ({_file_size(path)})"])
     return EXIT_OK
 
 
@@ -819,6 +894,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--no-fold", action="store_true", help="export without folding BN")
     sub.add_argument(
         "--no-validate", action="store_true", help="skip validation against the Keras model"
+    )
+    sub.add_argument(
+        "--external-data",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="store the weights in OUT.onnx.data beside the model (default: only when "
+        "they exceed 2 GB, the protobuf limit)",
     )
     sub.add_argument(
         "--fallback",

@@ -626,6 +626,89 @@ def test_export_fixed_batch_size(tmp_path, capsys, files):
     assert session.get_inputs()[0].shape[0] == 2
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [["--inputs", "inputs"], ["--precision", "int8", "--calibration", "calibration"]],
+    ids=["user-inputs", "int8-calibration"],
+)
+def test_export_fixed_batch_size_validates_given_samples(tmp_path, capsys, files, extra):
+    # Regression: the first sample alone was also fed to the batch-4 model, which
+    # onnxruntime rejects, so export reported "validation failed" and wrote nothing.
+    extra = [files.get(a, a) for a in extra]
+    output = tmp_path / "b.onnx"
+    code, out, err = run_main(
+        ["export", files["model"], "-o", output, "--batch-size", "4", "--json", *extra], capsys
+    )
+    assert code == 0, err
+    samples = len(np.load(extra[-1])["image"])  # 6 inputs, 64 calibration samples
+    (comparison,) = json.loads(out)["validation"]["comparisons"]
+    assert comparison["batch_size"] == 4 and comparison["shape"][0] == samples
+    assert comparison["passed"]
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == 4
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory) -> Path:
+    """A Dense model with a 2 KiB kernel: the exporter stores kernels over 1 KiB externally."""
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((8,), name="features")
+    x = keras.layers.Dense(64)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.ReLU()(x)), name="wide")
+    _randomize_batch_norms(model, seed=1)
+    path = tmp_path_factory.mktemp("wide") / "wide.keras"
+    model.save(path)
+    return path
+
+
+def test_export_external_data_keeps_the_data_file_reference(tmp_path, capsys, wide_model):
+    # Regression: the model was exported under a temporary name, so it referred to
+    # "<temporary>.onnx.data", a file that was never written beside the output.
+    output = tmp_path / "net.onnx"
+    code, out, err = run_main(
+        ["export", wide_model, "-o", output, "--external-data", "--json"], capsys
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["validation"]["passed"]
+    data = tmp_path / "net.onnx.data"
+    assert report["output"]["external_data"] == [{"path": str(data), "bytes": data.stat().st_size}]
+    proto = onnx.load(str(output), load_external_data=False)
+    locations = {
+        entry.value
+        for tensor in proto.graph.initializer
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    assert locations == {"net.onnx.data"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "net.onnx.data"]
+    x = np.random.default_rng(2).normal(size=(5, 8)).astype("float32")
+    np.testing.assert_allclose(
+        _onnx_outputs(output, x), _keras_outputs(load_model(wide_model), x), atol=1e-5
+    )
+    # Moved elsewhere together, the pair still loads: the reference is relative.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("net.onnx", "net.onnx.data"):
+        (tmp_path / name).rename(moved / name)
+    assert _onnx_outputs(moved / "net.onnx", x).shape == (5, 3)
+
+
+def test_export_external_data_rejections(tmp_path, capsys, wide_model):
+    output = tmp_path / "net.onnx"
+    (tmp_path / "net.onnx.data").write_text("someone else's file")
+    code, _, err = run_main(["export", wide_model, "-o", output, "--external-data"], capsys)
+    assert_rejected(code, err, "--force")
+    assert (tmp_path / "net.onnx.data").read_text() == "someone else's file"
+    code, _, err = run_main(
+        ["export", wide_model, "-o", output, "--external-data", "--precision", "float16"],
+        capsys,
+    )
+    assert_rejected(code, err, "--precision float32 only")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx.data"]
+
+
 def test_validation_failure_exits_1_writes_report_not_model(tmp_path, capsys, files):
     report = tmp_path / "r.json"
     code, out, err = run_main(
