@@ -1106,3 +1106,47 @@ def test_folded_weights_are_float64_folds_rounded_once():
     np.testing.assert_array_equal(
         keras.ops.convert_to_numpy(folded.get_layer("conv").bias), bias.astype(np.float32)
     )
+
+
+def test_measure_false_skips_the_comparison_and_folds_the_same():
+    x = keras.Input((6, 6, 3))
+    y = L.BatchNormalization()(L.Conv2D(4, 3, use_bias=False)(x))
+    y = L.BatchNormalization()(L.Dense(5)(L.ReLU()(y)))
+    model = randomize_batch_norms(keras.Model(x, y))
+    folded, report = fold_batch_norms(model, measure=False)
+    assert report.max_abs_diff is None and report.folded_count == 2
+    assert report.measured_on.startswith("not measured")
+    assert "max abs output difference: not measured" in str(report)
+    assert batch_norm_layers(folded) == []
+    assert_same_outputs(model, folded, inputs_for(model))
+    with pytest.raises(ValueError, match="measure=False and sample_inputs"):
+        fold_batch_norms(model, measure=False, sample_inputs=inputs_for(model))
+
+
+@pytest.mark.parametrize(
+    "initializers",
+    [
+        {"kernel_initializer": "he_normal", "bias_initializer": "ones"},
+        {"kernel_initializer": keras.initializers.RandomUniform(-0.3, 0.2, seed=7)},
+    ],
+    ids=["by-name", "seeded-object"],
+)
+def test_folded_layers_keep_the_original_initializer_configs(initializers):
+    # Clones are built with zeros initializers (their weights are overwritten at
+    # once); the configs, and so a saved .keras file, must not show it.
+    x = keras.Input((6, 6, 3))
+    y = L.BatchNormalization(gamma_initializer="random_normal")(
+        L.Conv2D(4, 3, name="conv", **initializers)(x)
+    )
+    y = L.DepthwiseConv2D(3, depthwise_initializer="lecun_uniform", name="depthwise")(y)
+    y = L.Dense(3, name="dense", **initializers)(L.ReLU()(y))
+    y = L.BatchNormalization(gamma_initializer="random_normal", name="bn_kept")(L.ReLU()(y))
+    model = randomize_batch_norms(keras.Model(x, y))
+    folded, _ = fold_batch_norms(model, measure=False)
+    assert batch_norm_layers(folded) == [folded.get_layer("bn_kept")]
+    for name in ("conv", "depthwise", "dense"):
+        original, copy = model.get_layer(name).get_config(), folded.get_layer(name).get_config()
+        keys = [key for key in original if key.endswith("_initializer")]
+        assert keys and all(copy[key] == original[key] for key in keys), name
+    assert folded.get_layer("bn_kept").get_config() == model.get_layer("bn_kept").get_config()
+    assert_same_outputs(model, folded, inputs_for(model))
