@@ -571,9 +571,12 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
         from keras_bn.converters.folding import fold_batch_norms
 
         with run.progress.step("Folding BatchNormalization"):
-            to_export, fold_report = fold_batch_norms(
-                model, sample_inputs=None if inputs is None else _keras_feed(model, inputs)
-            )
+            if args.no_validate:  # the folded Keras model's own check is all there is
+                to_export, fold_report = fold_batch_norms(
+                    model, sample_inputs=None if inputs is None else _keras_feed(model, inputs)
+                )
+            else:  # validation compares the ONNX model with the original: measure once
+                to_export, fold_report = fold_batch_norms(model, measure=False)
         run.report["fold"] = _as_dict(fold_report)
         run.text.append(str(fold_report))
         run.summary += [
@@ -967,8 +970,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_report_path(args)
         code = args.handler(args, run)
-    except UserInputError as error:
-        message = " ".join(str(error).split())
+    except (UserInputError, OSError) as error:
+        if isinstance(error, UserInputError):
+            message = " ".join(str(error).split())
+        else:  # disk full, permissions, a vanished file
+            message = (
+                f"{error.strerror or error}; check the disk space and permissions of the "
+                "output directory."
+            )
         print(f"keras-bn {args.command}: error: {message}", file=sys.stderr)
         if args.json:
             print(

@@ -305,10 +305,16 @@ def check_batch_norm_statistics(model: keras.Model) -> None:
     moving_mean and moving_variance finite, moving_variance non-negative and
     ``moving_variance + epsilon`` positive. The message names the layer and channel.
     """
+    _checked_statistics(model)
+
+
+def _checked_statistics(model: keras.Model) -> dict[int, dict[str, np.ndarray]]:
+    """:func:`check_batch_norm_statistics`, returning each BN's variables by ``id(layer)``."""
+    checked: dict[int, dict[str, np.ndarray]] = {}
     for name, layer in _walk_layers(model):
         if not isinstance(layer, keras.layers.BatchNormalization):
             continue
-        variables = _variables_by_name(layer)
+        variables = checked[id(layer)] = _variables_by_name(layer)
         for weight in ("gamma", "beta", "moving_mean", "moving_variance"):
             values = variables.get(weight)
             if values is None:
@@ -342,6 +348,7 @@ def check_batch_norm_statistics(model: keras.Model) -> None:
                 f"channel {channel} (epsilon={layer.epsilon!r}); expected a positive "
                 "value. Set a positive epsilon or recalibrate the layer."
             )
+    return checked
 
 
 # --------------------------------------------------------------------------------------
@@ -359,12 +366,18 @@ def _batch_norm_axes(layer: Any, rank: int) -> tuple[int, ...]:
     return tuple(sorted(int(a) % rank for a in axes))
 
 
-def _batch_norm_affine(layer: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``(scale, offset)`` of the BN's inference affine, float64."""
+def _batch_norm_affine(
+    layer: Any, variables: dict[str, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(scale, offset)`` of the BN's inference affine, float64.
+
+    ``variables``: the layer's variables by name, if already read.
+    """
     if hasattr(layer, "inference_affine"):  # keras_bn.BatchNormalization
         scale, offset = layer.inference_affine()
         return np.asarray(scale, np.float64), np.asarray(offset, np.float64)
-    variables = _variables_by_name(layer)
+    if variables is None:
+        variables = _variables_by_name(layer)
     return folding_math.batch_norm_affine(
         variables["moving_mean"],
         variables["moving_variance"],
@@ -512,7 +525,12 @@ def _fold_forward(target: graph_lib.Node, weights: Weights, scale, offset) -> We
     return {**weights, rule.kernel: kernel, "bias": bias}
 
 
-def _plan(model: keras.Model, backward: bool) -> _Plan:
+def _plan(
+    model: keras.Model,
+    backward: bool,
+    batch_norm_variables: dict[int, dict[str, np.ndarray]] | None = None,
+) -> _Plan:
+    """The fold decisions; ``batch_norm_variables`` as from :func:`_checked_statistics`."""
     graph = graph_lib.flatten(model)
     plan = _Plan(graph, [], {}, set())
     batch_norms = [n for n in graph.nodes if isinstance(n.layer, keras.layers.BatchNormalization)]
@@ -529,7 +547,8 @@ def _plan(model: keras.Model, backward: bool) -> _Plan:
             blocked[id(bn_node)].append((None, _Blocked("batch-norm-training", detail)))
         else:
             candidates.append(bn_node)
-    affines = {id(n): _batch_norm_affine(n.layer) for n in candidates}
+    known = batch_norm_variables or {}
+    affines = {id(n): _batch_norm_affine(n.layer, known.get(id(n.layer))) for n in candidates}
 
     forward_into: dict[int, graph_lib.Node] = {}  # folded BN node id -> target node
     for bn_node in candidates:  # topological order: Conv -> BN -> BN folds in turn
@@ -775,8 +794,7 @@ def fold_batch_norms(
             "expected measure=True with sample_inputs, or no sample_inputs. "
             "Received: measure=False and sample_inputs"
         )
-    check_batch_norm_statistics(model)
-    plan = _plan(model, backward)
+    plan = _plan(model, backward, _checked_statistics(model))
     folded = _rebuild(plan)
     report = FoldReport(model.name, plan.entries, plan.fp16_risks())
     if not measure:
