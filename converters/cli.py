@@ -559,31 +559,12 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
     _preflight(model, run)
     inputs = _load_inputs(args.inputs, model, "Inputs file")
     calibration = _load_inputs(args.calibration, model, "Calibration file")
-    to_export = model
-    if args.no_fold:
-        if args.precision == "int8":
-            run.warn(
-                "--no-fold with --precision int8: BatchNormalization stays a separate "
-                "float operator and its input gets its own quantization step; fold first "
-                "for better int8 accuracy."
-            )
-    else:
-        from keras_bn.converters.folding import fold_batch_norms
-
-        with run.progress.step("Folding BatchNormalization"):
-            if args.no_validate:  # the folded Keras model's own check is all there is
-                to_export, fold_report = fold_batch_norms(
-                    model, sample_inputs=None if inputs is None else _keras_feed(model, inputs)
-                )
-            else:  # validation compares the ONNX model with the original: measure once
-                to_export, fold_report = fold_batch_norms(model, measure=False)
-        run.report["fold"] = _as_dict(fold_report)
-        run.text.append(str(fold_report))
-        run.summary += [
-            ["folded", str(fold_report.folded_count)],
-            ["not folded", str(fold_report.not_folded_count)],
-        ]
-
+    if args.no_fold and args.precision == "int8":
+        run.warn(
+            "--no-fold with --precision int8: BatchNormalization stays a separate float "
+            "operator and its input gets its own quantization step; fold first for better "
+            "int8 accuracy."
+        )
     from keras_bn.converters.onnx_export import export_onnx
 
     # Work beside the target, each file under the output's own name: an ONNX model
@@ -591,11 +572,16 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
     # files keep their names and are moved, not renamed, into place.
     with _work_directory(output) as work:
         exported = work / output.name
-        with run.progress.step("Exporting to ONNX"), warnings.catch_warnings(record=True) as caught:
+        step = "Exporting to ONNX" if args.no_fold else "Folding BatchNormalization, exporting"
+        with run.progress.step(step), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            # Folding while exporting: the same weights as fold_batch_norms without
+            # building the folded Keras model; validation below compares the file
+            # with the original model.
             result = export_onnx(
-                to_export,
+                model,
                 exported,
+                fold=not args.no_fold,
                 opset=args.opset,
                 input_layout=args.input_layout,
                 batch_size=args.batch_size,
@@ -607,7 +593,17 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
                 run.warn(message)
         if dataclasses.is_dataclass(result) and hasattr(result, "path"):
             result = dataclasses.replace(result, path=str(output))  # not the temporary path
-        run.report["export"] = _as_dict(result)
+        fold_report = getattr(result, "fold_report", None)
+        if fold_report is not None:
+            run.report["fold"] = _as_dict(fold_report)
+            run.text.append(str(fold_report))
+            run.summary += [
+                ["folded", str(fold_report.folded_count)],
+                ["not folded", str(fold_report.not_folded_count)],
+            ]
+        run.report["export"] = {
+            key: value for key, value in _as_dict(result).items() if key != "fold_report"
+        }
         run.text.append(str(result))
         final = exported
         if args.precision == "float16":

@@ -253,11 +253,12 @@ def float16_risks(kernel, bias, *, channel_axis: int | tuple[int, ...] = -1) -> 
     other = tuple(axis for axis in range(kernel.ndim) if axis not in axes)
     channel_max = np.max(np.abs(kernel), axis=other).reshape(-1)
     bias_abs = np.zeros_like(channel_max) if bias is None else np.abs(_float64(bias))
-    risks = []
-    for channel, (weight, offset) in enumerate(zip(channel_max, bias_abs, strict=True)):
-        largest = max(weight, offset)
-        if largest > FLOAT16_MAX:
-            risks.append(ChannelRisk(channel, float(largest), "overflow"))
-        elif 0.0 < weight < FLOAT16_SMALLEST_NORMAL:
-            risks.append(ChannelRisk(channel, float(weight), "underflow"))
-    return risks
+    largest = np.maximum(channel_max, bias_abs)
+    overflow = largest > FLOAT16_MAX
+    underflow = ~overflow & (channel_max > 0.0) & (channel_max < FLOAT16_SMALLEST_NORMAL)
+    return [
+        ChannelRisk(int(channel), float(largest[channel]), "overflow")
+        if overflow[channel]
+        else ChannelRisk(int(channel), float(channel_max[channel]), "underflow")
+        for channel in np.flatnonzero(overflow | underflow)
+    ]

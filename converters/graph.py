@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
+import numpy as np
 from keras import tree
 
 __all__ = [
@@ -289,6 +290,14 @@ def rebuild(
     return keras.Model(
         new_inputs if len(new_inputs) > 1 else new_inputs[0], new_outputs, name=name or graph.name
     )
+
+
+def to_numpy(variable: Any) -> np.ndarray:
+    """A variable's (or tensor's) value as a NumPy array, read once."""
+    value = getattr(variable, "value", variable)
+    if keras.backend.backend() == "tensorflow" and hasattr(value, "numpy"):
+        return np.asarray(value.numpy())  # skips convert_to_numpy's per-call overhead
+    return np.asarray(keras.ops.convert_to_numpy(value))
 
 
 def call_model(model: keras.Model, arrays: list) -> list:

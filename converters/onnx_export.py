@@ -40,6 +40,12 @@ from onnx import TensorProto, helper
 from keras_bn.converters import graph as graph_lib
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.files import atomic_output
+from keras_bn.converters.folding import (
+    FoldedWeights,
+    FoldReport,
+    fold_batch_norms,
+    fold_weights,
+)
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -173,6 +179,13 @@ class Builder:
         self._small_constants: dict[tuple, str] = {}
         self._keyed_constants: dict[Any, str] = {}
         self._first_op_named = False
+        # Weights that replace a node's layer weights (a fold applied while
+        # exporting), by id(node) then variable name; see folded_weight().
+        self.folded_weights: dict[int, dict[str, np.ndarray]] = {}
+
+    def folded_weight(self, node: graph_lib.Node, name: str) -> np.ndarray | None:
+        """The folded value of ``node``'s weight ``name``, or None to read the layer's."""
+        return self.folded_weights.get(id(node), {}).get(name)
 
     # Naming.
     def unique(self, base: str) -> str:
@@ -408,9 +421,12 @@ class ExportResult:
     used_fallback: bool = False
     external_data: str | None = None  # file name of the weights when stored beside
     warnings: list[str] = dataclasses.field(default_factory=list)
+    fold_report: FoldReport | None = None  # with fold=True
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(dataclasses.replace(self, fold_report=None))
+        data["fold_report"] = None if self.fold_report is None else self.fold_report.to_dict()
+        return data
 
     def __str__(self) -> str:
         ops = ", ".join(f"{op} {count}" for op, count in sorted(self.op_counts.items()))
@@ -498,7 +514,8 @@ def check_structure(model: onnx.ModelProto, input_names: Sequence[str]) -> Struc
         shown = "; ".join(unfolded[:3]) + (" ..." if len(unfolded) > 3 else "")
         found_warnings.append(
             f"{len(unfolded)} batch normalizations exported as Mul+Add after a foldable "
-            f"layer ({shown}); fold them first with fold_batch_norms (keras-bn fold)"
+            f"layer ({shown}); fold_batch_norms or export_onnx(fold=True) folds them "
+            "where that is exact, and its report says why any stays"
         )
     return StructureReport(errors, found_warnings)
 
@@ -580,9 +597,11 @@ def build_onnx_model(
     input_layout: str = "channels_last",
     batch_size: int | None = None,
     graph: graph_lib.Graph | None = None,
+    folded: FoldedWeights | None = None,
 ) -> onnx.ModelProto:
     """Build the ONNX ModelProto for ``model`` in memory (no checks, no file).
 
+    ``folded``: folds to apply while exporting (``graph`` is then ``folded.graph``).
     Raises UnsupportedLayersError naming every layer that has no rule.
     """
     from keras_bn.converters import onnx_rules  # the rules import this module
@@ -592,6 +611,8 @@ def build_onnx_model(
     input_names = list(graph.input_names)
     output_names = _unique_names(graph.output_names, set(input_names))
     builder = Builder(opset, reserved_names=[*input_names, *output_names])
+    if folded is not None:
+        builder.folded_weights = folded.weights
 
     onnx_inputs = []
     for tensor, name in zip(graph.inputs, input_names, strict=True):
@@ -612,6 +633,10 @@ def build_onnx_model(
     layer_outputs: dict[str, list] = {}
     for key, node in zip(_node_keys(graph), graph.nodes, strict=True):
         builder.begin(node)
+        if folded is not None and id(node) in folded.removed:  # now inside its neighbour
+            builder.set(node.outputs[0], builder.value(node.inputs[0], keep_pads=True))
+            layer_outputs[key] = [None]  # no longer computed on its own
+            continue
         rule = onnx_rules.find_rule(node.layer)
         try:
             if rule is None:
@@ -629,7 +654,9 @@ def build_onnx_model(
         entries = []
         for tensor in node.outputs:
             value = builder.value(tensor, keep_pads=True)
-            entries.append(None if value.pads else [value.name, list(value.perm)])
+            # A call that absorbed a BN computes the pair, not what the Keras layer does.
+            comparable = not value.pads and id(node) not in builder.folded_weights
+            entries.append([value.name, list(value.perm)] if comparable else None)
         layer_outputs[key] = entries
     if failures:
         raise UnsupportedLayersError(
@@ -787,12 +814,14 @@ def export_onnx(
     batch_size: int | None = None,
     fallback: bool = False,
     external_data: bool | None = None,
+    fold: bool = False,
 ) -> ExportResult:
     """Export a built Sequential/Functional Keras model to an ONNX file.
 
     Args:
-        model: the Keras model (fold it first with ``fold_batch_norms``; an
-            unfolded BatchNormalization is exported as Mul+Add with a warning).
+        model: the Keras model (not modified). An unfolded BatchNormalization is
+            exported as Mul+Add, with a warning where it follows a foldable layer:
+            pass ``fold=True``, or export ``fold_batch_norms``'s model.
         path: the ``.onnx`` file to write (atomically; an existing file is replaced).
         opset: ONNX opset, ``MIN_OPSET`` to ``MAX_OPSET``; default ``DEFAULT_OPSET``.
         input_layout: ``"channels_last"`` keeps each input's Keras shape;
@@ -804,6 +833,10 @@ def export_onnx(
             ``model.export(format="onnx")`` (tf2onnx) instead of raising.
         external_data: store weights in ``<path>.data`` beside the model; by
             default only when they exceed the 2 GiB protobuf limit.
+        fold: fold BatchNormalization as ``fold_batch_norms`` does (same decisions,
+            same operators, weights equal bit for bit) while exporting, without
+            building the folded Keras model: the fast path when the ONNX file is
+            all you need. The decisions are in ``result.fold_report``.
 
     Returns:
         An :class:`ExportResult`.
@@ -816,24 +849,38 @@ def export_onnx(
     opset = _check_opset(opset)
     _check_arguments(input_layout, batch_size)
     path = Path(path)
+    folded = None
     try:
-        graph = graph_lib.flatten(model)
+        if fold:
+            folded = fold_weights(model)
+            graph = folded.graph
+        else:
+            graph = graph_lib.flatten(model)
     except ValueError as error:  # a subclassed model, an unbuilt Sequential
         raise UserInputError(str(error)) from error
     graph_input_names = graph.input_names
     try:
         onnx_model = build_onnx_model(
-            model, opset=opset, input_layout=input_layout, batch_size=batch_size, graph=graph
+            model,
+            opset=opset,
+            input_layout=input_layout,
+            batch_size=batch_size,
+            graph=graph,
+            folded=folded,
         )
     except UnsupportedLayersError as error:
         if not fallback:
             raise
         warnings.warn(f"{error} Falling back to Keras's exporter.", ExportWarning, stacklevel=2)
-        return _export_with_keras(model, path, opset, graph_input_names, start)
+        fold_report = None
+        if fold:
+            model, fold_report = fold_batch_norms(model, measure=False)
+        result = _export_with_keras(model, path, opset, graph_input_names, start)
+        return dataclasses.replace(result, fold_report=fold_report)
     found_warnings, location = _finish(
         onnx_model, path, graph_input_names, native=True, external_data=external_data
     )
-    return _result(
+    result = _result(
         onnx_model,
         path,
         opset,
@@ -843,6 +890,7 @@ def export_onnx(
         used_fallback=False,
         external=location,
     )
+    return dataclasses.replace(result, fold_report=folded and folded.report)
 
 
 def _result(

@@ -33,7 +33,7 @@ from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
 from keras.src.ops import nn as nn_ops
 from keras.src.ops import numpy as numpy_ops
 
-from keras_bn.converters.graph import Node, Tensor
+from keras_bn.converters.graph import Node, Tensor, to_numpy
 from keras_bn.converters.onnx_export import (
     Builder,
     Perm,
@@ -51,12 +51,7 @@ Rule = Callable[[Builder, Node], None]
 Activation = Callable[[Builder, str, Perm], str]
 
 
-def _numpy(variable: Any) -> np.ndarray:
-    """A variable's (or tensor's) value as a NumPy array, read once."""
-    value = getattr(variable, "value", variable)
-    if keras.backend.backend() == "tensorflow" and hasattr(value, "numpy"):
-        return np.asarray(value.numpy())  # skips convert_to_numpy's per-call overhead
-    return np.asarray(keras.ops.convert_to_numpy(value))
+_numpy = to_numpy  # a variable's value as NumPy, read once
 
 
 def _weight(b: Builder, layer: Any, attribute: str, array: np.ndarray | None = None) -> str:
@@ -64,6 +59,32 @@ def _weight(b: Builder, layer: Any, attribute: str, array: np.ndarray | None = N
     if array is None:
         array = _numpy(getattr(layer, attribute))
     return b.const(array, attribute, key=(id(layer), attribute))
+
+
+def _node_array(b: Builder, node: Node, attribute: str) -> tuple[np.ndarray, tuple]:
+    """``node``'s weight ``attribute`` and the key that stores it once.
+
+    A call whose BN was folded while exporting has its own folded weights
+    (:meth:`Builder.folded_weight`); every other call reads its layer's, stored
+    once for all calls of a shared layer.
+    """
+    folded = b.folded_weight(node, attribute)
+    if folded is not None:
+        return folded, (id(node), attribute)
+    return _numpy(getattr(node.layer, attribute)), (id(node.layer), attribute)
+
+
+def _node_weight(b: Builder, node: Node, attribute: str) -> str:
+    """An initializer for ``node``'s weight ``attribute`` (see :func:`_node_array`)."""
+    array, key = _node_array(b, node, attribute)
+    return b.const(array, attribute, key=key)
+
+
+def _bias(b: Builder, node: Node) -> str | None:
+    """The bias initializer of a Dense/Conv-like call, None without one."""
+    if b.folded_weight(node, "bias") is None and not node.layer.use_bias:
+        return None
+    return _node_weight(b, node, "bias")
 
 
 def _check_not_quantized(layer: Any) -> None:
@@ -353,13 +374,13 @@ def dense(b: Builder, node: Node) -> None:
     layer = node.layer
     _check_not_quantized(layer)
     tensor = node.inputs[0]
-    kernel = _numpy(layer.kernel)  # (input units, units)
-    bias = _weight(b, layer, "bias") if layer.use_bias else None
+    kernel, key = _node_array(b, node, "kernel")  # (input units, units)
+    bias = _bias(b, node)
     rank = tensor.rank
     value = b.value(tensor)
     if rank == 2:
         perm = identity_perm(2)
-        inputs = [b.get(tensor), _weight(b, layer, "kernel", kernel)]
+        inputs = [b.get(tensor), b.const(kernel, "kernel", key=key)]
         out = b.op("Gemm", inputs + ([bias] if bias else []))
     elif 3 <= rank <= 5 and value.perm == channels_first_perm(rank):
         # A Dense on the channel axis of a channels-first tensor is a 1x1 convolution.
@@ -367,13 +388,13 @@ def dense(b: Builder, node: Node) -> None:
         weight = kernel.T.reshape(kernel.shape[1], kernel.shape[0], *([1] * (rank - 2)))
         out = b.op(
             "Conv",
-            [b.get(tensor, perm), b.const(weight, "kernel", key=(id(layer), "kernel_1x1"))]
+            [b.get(tensor, perm), b.const(weight, "kernel", key=(*key, "1x1"))]
             + ([bias] if bias else []),
             kernel_shape=[1] * (rank - 2),
         )
     else:
         perm = identity_perm(rank)
-        out = b.op("MatMul", [b.get(tensor), _weight(b, layer, "kernel", kernel)])
+        out = b.op("MatMul", [b.get(tensor), b.const(kernel, "kernel", key=key)])
         if bias:
             out = b.op("Add", [out, bias])
     b.set(node.outputs[0], _apply_activation(b, layer.activation, out, perm), perm)
@@ -491,14 +512,14 @@ def conv(b: Builder, node: Node) -> None:
     name, perm, sizes, pending = _spatial_input(
         b, node, layer.data_format, absorb_pads=layer.padding == "valid"
     )
-    kernel = _numpy(layer.kernel)  # (*kernel_size, input channels / groups, filters)
+    kernel, key = _node_array(b, node, "kernel")  # (*kernel_size, in / groups, filters)
     rank = kernel.ndim
     weight = np.transpose(kernel, (rank - 1, rank - 2, *range(rank - 2)))
     out = _conv_node(
         b,
         name,
-        b.const(weight, "kernel", key=(id(layer), "kernel")),
-        _weight(b, layer, "bias") if layer.use_bias else None,
+        b.const(weight, "kernel", key=key),
+        _bias(b, node),
         layer,
         sizes,
         pending,
@@ -521,12 +542,12 @@ def depthwise_conv(b: Builder, node: Node) -> None:
     name, perm, sizes, pending = _spatial_input(
         b, node, layer.data_format, absorb_pads=layer.padding == "valid"
     )
-    kernel = _numpy(layer.kernel)
+    kernel, key = _node_array(b, node, "kernel")
     out = _conv_node(
         b,
         name,
-        b.const(_depthwise_weight(kernel), "kernel", key=(id(layer), "kernel")),
-        _weight(b, layer, "bias") if layer.use_bias else None,
+        b.const(_depthwise_weight(kernel), "kernel", key=key),
+        _bias(b, node),
         layer,
         sizes,
         pending,
@@ -541,13 +562,11 @@ def separable_conv(b: Builder, node: Node) -> None:
     name, perm, sizes, pending = _spatial_input(
         b, node, layer.data_format, absorb_pads=layer.padding == "valid"
     )
-    depthwise = _numpy(layer.depthwise_kernel)
+    depthwise, depthwise_key = _node_array(b, node, "depthwise_kernel")
     depthwise_out = _conv_node(
         b,
         name,
-        b.const(
-            _depthwise_weight(depthwise), "depthwise_kernel", key=(id(layer), "depthwise_kernel")
-        ),
+        b.const(_depthwise_weight(depthwise), "depthwise_kernel", key=depthwise_key),
         None,
         layer,
         sizes,
@@ -555,13 +574,14 @@ def separable_conv(b: Builder, node: Node) -> None:
         layer.kernel_size,
         group=depthwise.shape[-2],
     )
-    pointwise = _numpy(layer.pointwise_kernel)  # (*ones, C*M, filters)
+    pointwise, pointwise_key = _node_array(b, node, "pointwise_kernel")  # (*ones, C*M, out)
     rank = pointwise.ndim
     weight = np.transpose(pointwise, (rank - 1, rank - 2, *range(rank - 2)))
+    bias = _bias(b, node)
     out = b.op(
         "Conv",
-        [depthwise_out, b.const(weight, "pointwise_kernel", key=(id(layer), "pointwise"))]
-        + ([_weight(b, layer, "bias")] if layer.use_bias else []),
+        [depthwise_out, b.const(weight, "pointwise_kernel", key=pointwise_key)]
+        + ([bias] if bias else []),
         kernel_shape=[1] * (rank - 2),
     )
     b.set(node.outputs[0], _apply_activation(b, layer.activation, out, perm), perm)
@@ -596,7 +616,7 @@ def _transpose_padding(
 def conv_transpose(b: Builder, node: Node) -> None:
     layer = node.layer
     name, perm, _, _ = _spatial_input(b, node, layer.data_format, absorb_pads=False)
-    kernel = _numpy(layer.kernel)  # (*kernel_size, filters, input channels)
+    kernel, key = _node_array(b, node, "kernel")  # (*kernel_size, filters, input channels)
     rank = kernel.ndim
     weight = np.transpose(kernel, (rank - 1, rank - 2, *range(rank - 2)))
     spatial = rank - 2
@@ -611,9 +631,10 @@ def conv_transpose(b: Builder, node: Node) -> None:
         )
         for i in range(spatial)
     ]
-    inputs = [name, b.const(weight, "kernel", key=(id(layer), "kernel"))]
-    if layer.use_bias:
-        inputs.append(_weight(b, layer, "bias"))
+    inputs = [name, b.const(weight, "kernel", key=key)]
+    bias = _bias(b, node)
+    if bias:
+        inputs.append(bias)
     begins = [p[0] for p in pads]
     ends = [p[1] for p in pads]
     extra = [p[2] for p in pads]

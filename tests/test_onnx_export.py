@@ -281,7 +281,7 @@ def test_structure_check_warns_about_batch_norm_shaped_mul_add():
 
 def test_unfolded_batch_norm_is_exported_with_a_warning(tmp_path):
     model = _with_batch_norm()
-    with pytest.warns(ExportWarning, match="fold them first"):
+    with pytest.warns(ExportWarning, match=r"export_onnx\(fold=True\) folds them"):
         result = export_onnx(model, tmp_path / "bn.onnx")
     assert len(result.warnings) == 1 and "conv -> bn -> bn/Add" in result.warnings[0]
     assert "BatchNormalization" not in result.op_counts
@@ -317,6 +317,104 @@ def test_folded_model_exports_without_warning(tmp_path):
         atol=1e-4,
         rtol=1e-4,
     )
+
+
+def _every_fold_rule():
+    """Every fold rule, forward and backward, inside a nested model too, and two BNs
+    that stay: one after a shared layer, one between a ReLU and a padded conv."""
+    inner_input = keras.Input((8, 8, 6))
+    inner = keras.Model(
+        inner_input,
+        layers.BatchNormalization(name="inner_bn")(
+            layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="inner_dw")(
+                inner_input
+            )
+        ),
+        name="inner",
+    )
+    shared = layers.Conv2D(6, 1, use_bias=False, name="shared")
+    x = keras.Input((8, 8, 3), name="image")
+    a = layers.BatchNormalization(name="bn_a")(shared(layers.Conv2D(6, 3, padding="same")(x)))
+    b = shared(layers.Conv2D(6, 1, name="b_in")(x))  # the second call: no BN after it
+    h = layers.Add()([layers.ReLU()(a), b])
+    h = inner(h)
+    h = layers.BatchNormalization(name="bn_sep")(
+        layers.SeparableConv2D(8, 3, padding="same", depth_multiplier=2, name="sep")(h)
+    )
+    h = layers.BatchNormalization(name="bn_grouped")(
+        layers.Conv2D(8, 3, groups=2, strides=2, name="grouped")(h)
+    )
+    h = layers.BatchNormalization(name="bn_up")(
+        layers.Conv2DTranspose(4, 3, strides=2, output_padding=1, name="up")(h)
+    )
+    h = layers.BatchNormalization(name="bn_stays")(layers.ReLU()(h))
+    h = layers.Conv2D(4, 3, padding="same", name="padded")(h)
+    h = layers.GlobalAveragePooling2D()(h)
+    h = layers.Dense(6, name="backward_dense")(layers.BatchNormalization(name="bn_back")(h))
+    model = keras.Model(x, h, name="every_rule")
+    rng = np.random.default_rng(1)
+    for layer in [*model.layers, *inner.layers]:
+        if isinstance(layer, layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.gamma.assign(rng.uniform(0.5, 2.0, n))
+            layer.beta.assign(rng.normal(0.0, 0.5, n))
+            layer.moving_mean.assign(rng.normal(0.3, 1.0, n))
+            layer.moving_variance.assign(10.0 ** rng.uniform(-2, 1, n))
+    return model
+
+
+def test_fold_while_exporting_writes_the_folded_models_file(tmp_path):
+    """export_onnx(fold=True) against fold_batch_norms + export_onnx: the same
+    decisions, byte-identical weights, the same operators, identical outputs."""
+    from keras_bn.converters.folding import fold_batch_norms
+
+    model = _every_fold_rule()
+    before = [w.copy() for w in model.get_weights()]
+    folded, report = fold_batch_norms(model, measure=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExportWarning)
+        export_onnx(folded, tmp_path / "two_steps.onnx")
+        result = export_onnx(model, tmp_path / "one_step.onnx", fold=True)
+
+    assert [e.to_dict() for e in result.fold_report.entries] == [
+        e.to_dict() for e in report.entries
+    ]
+    assert result.fold_report.folded_count == 5 and result.fold_report.not_folded_count == 2
+    assert result.to_dict()["fold_report"]["folded_count"] == 5
+    two, one = onnx.load(tmp_path / "two_steps.onnx"), onnx.load(tmp_path / "one_step.onnx")
+    assert sorted(t.raw_data for t in two.graph.initializer) == sorted(
+        t.raw_data for t in one.graph.initializer
+    )
+    assert sorted(n.op_type for n in two.graph.node) == sorted(n.op_type for n in one.graph.node)
+    images = _images(3)
+    np.testing.assert_array_equal(
+        _run(tmp_path / "one_step.onnx", {"image": images})[0],
+        _run(tmp_path / "two_steps.onnx", {"image": images})[0],
+    )
+    np.testing.assert_allclose(
+        _run(tmp_path / "one_step.onnx", {"image": images})[0],
+        _keras(model, images)[0],
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    for old, new in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(old, new)  # the input model is untouched
+
+
+def test_fold_while_exporting_keeps_the_layer_map_comparable(tmp_path):
+    """Layers that absorbed a BN (and the BN itself) map to no ONNX tensor: their
+    Keras outputs differ from what the fused ONNX node computes."""
+    model = _every_fold_rule()
+    with pytest.warns(ExportWarning, match="shared -> bn_a"):  # bn_a stays
+        export_onnx(model, tmp_path / "m.onnx", fold=True)
+    metadata = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
+    layer_map = json.loads(metadata[METADATA_LAYER_OUTPUTS])
+    entries = {key.split("/")[-1].split(":")[0]: value for key, value in layer_map.items()}
+    folded = ["inner_dw", "inner_bn", "sep", "bn_sep", "grouped", "bn_grouped", "up", "bn_up"]
+    for name in [*folded, "bn_back", "backward_dense"]:
+        assert entries[name] == [None], name
+    for name in ("shared", "bn_a", "bn_stays", "padded"):
+        assert entries[name] != [None], name
 
 
 # --------------------------------------------------------------------------------------
