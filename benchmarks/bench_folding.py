@@ -1,4 +1,4 @@
-"""Numerics and cost of BatchNormalization folding (numbers for RESULTS_folding.md).
+"""Numerics and cost of BatchNormalization folding (numbers for BENCHMARKS.md, section 2).
 
     python benchmarks/bench_folding.py            # 20-block stacks, seeds 0-3
     python benchmarks/bench_folding.py --apps     # also the Keras Applications

@@ -1050,7 +1050,7 @@ def test_twenty_conv_bn_blocks_fold_within_float32_rounding():
     """20 x (Conv2D 3x3 -> BN(epsilon=1e-10) -> ReLU), 8 channels, conv output
     channels scaled over 8 decades so the moving variances span 4e-9 .. 6e7.
 
-    Measured on this seed (benchmarks/RESULTS_folding.md has seeds 0-3): max abs
+    Measured on this seed (BENCHMARKS.md, section 2, has seeds 0-3): max abs
     error / max abs output against a float64 run of the same model is 4.9e-6 for
     the unfolded float32 model and 7.7e-7 for the folded one; folded vs unfolded
     differ by 5.2e-6. Folding in float64 and rounding once leaves the folded model
