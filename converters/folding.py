@@ -409,6 +409,27 @@ class _Plan:
     entries: list[FoldEntry]
     targets: dict[int, _Target]  # by id(node)
     removed: set[int]  # ids of folded BN nodes
+    forward_into: dict[int, graph_lib.Node] = dataclasses.field(default_factory=dict)
+
+    def fused(self) -> set[int]:
+        """Ids of nodes whose output no longer exists on its own once folded.
+
+        A layer that absorbed a forward fold computes layer + BN; a BN folded
+        backward vanishes into the next layer; a BN folded forward that another
+        forward-folded BN follows (Conv -> BN -> BN) has its output only inside
+        the target. The last BN of a forward fold keeps its output (the target's),
+        and a layer that absorbed only backward folds computes what it did.
+        """
+        fused = {id(target) for target in self.forward_into.values()}
+        fused |= self.removed - self.forward_into.keys()
+        for node in self.graph.nodes:
+            if id(node) in self.forward_into:
+                consumers = node.outputs[0].consumers
+                if any(
+                    self.forward_into.get(id(c)) is self.forward_into[id(node)] for c in consumers
+                ):
+                    fused.add(id(node))
+        return fused
 
     def fp16_risks(self) -> list[Fp16Risk]:
         risks = []
@@ -549,7 +570,7 @@ def _plan(
     known = batch_norm_variables or {}
     affines = {id(n): _batch_norm_affine(n.layer, known.get(id(n.layer))) for n in candidates}
 
-    forward_into: dict[int, graph_lib.Node] = {}  # folded BN node id -> target node
+    forward_into = plan.forward_into  # folded BN node id -> target node
     for bn_node in candidates:  # topological order: Conv -> BN -> BN folds in turn
         try:
             producer = _forward_target(bn_node, plan, forward_into)
@@ -756,7 +777,8 @@ class FoldedWeights:
     ``graph``: the flattened input model; ``weights``: by ``id(node)`` of its nodes,
     each absorbing call's variables by name (folded, rounded once to the layer's
     variable dtype, a bias added where there was none); ``removed``: ids of the
-    folded BN nodes, which become the identity. Exporting ``graph`` with these
+    folded BN nodes, which become the identity; ``fused``: ids of the nodes whose
+    Keras output no longer exists on its own (see ``_Plan.fused``). Exporting ``graph`` with these
     gives the operators and weights (bit for bit) of exporting
     :func:`fold_batch_norms`'s model, without building that model in Keras (about
     a quarter of fold + export + validate on ResNet50).
@@ -766,6 +788,7 @@ class FoldedWeights:
     report: FoldReport
     weights: dict[int, dict[str, np.ndarray]]
     removed: frozenset[int]
+    fused: frozenset[int]
 
 
 def fold_weights(model: keras.Model, *, backward: bool = True) -> FoldedWeights:
@@ -784,7 +807,9 @@ def fold_weights(model: keras.Model, *, backward: bool = True) -> FoldedWeights:
         }
     report = FoldReport(model.name, plan.entries, plan.fp16_risks())
     report.measured_on = "not measured (folded while exporting)"
-    return FoldedWeights(plan.graph, report, weights, frozenset(plan.removed))
+    return FoldedWeights(
+        plan.graph, report, weights, frozenset(plan.removed), frozenset(plan.fused())
+    )
 
 
 def fold_batch_norms(

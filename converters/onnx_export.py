@@ -633,11 +633,10 @@ def build_onnx_model(
     layer_outputs: dict[str, list] = {}
     for key, node in zip(_node_keys(graph), graph.nodes, strict=True):
         builder.begin(node)
-        if folded is not None and id(node) in folded.removed:  # now inside its neighbour
-            builder.set(node.outputs[0], builder.value(node.inputs[0], keep_pads=True))
-            layer_outputs[key] = [None]  # no longer computed on its own
-            continue
+        fused = folded is not None and id(node) in folded.fused
         rule = onnx_rules.find_rule(node.layer)
+        if folded is not None and id(node) in folded.removed:  # now inside its neighbour
+            rule = onnx_rules.identity
         try:
             if rule is None:
                 raise Unsupported("no ONNX rule for this class")
@@ -654,9 +653,8 @@ def build_onnx_model(
         entries = []
         for tensor in node.outputs:
             value = builder.value(tensor, keep_pads=True)
-            # A call that absorbed a BN computes the pair, not what the Keras layer does.
-            comparable = not value.pads and id(node) not in builder.folded_weights
-            entries.append([value.name, list(value.perm)] if comparable else None)
+            # A fused node's Keras output has no ONNX tensor (the layer + BN pair's).
+            entries.append(None if value.pads or fused else [value.name, list(value.perm)])
         layer_outputs[key] = entries
     if failures:
         raise UnsupportedLayersError(

@@ -402,19 +402,35 @@ def test_fold_while_exporting_writes_the_folded_models_file(tmp_path):
 
 
 def test_fold_while_exporting_keeps_the_layer_map_comparable(tmp_path):
-    """Layers that absorbed a BN (and the BN itself) map to no ONNX tensor: their
-    Keras outputs differ from what the fused ONNX node computes."""
+    """The layer map (for localization) lists only ONNX tensors that hold a Keras
+    layer's output."""
     model = _every_fold_rule()
     with pytest.warns(ExportWarning, match="shared -> bn_a"):  # bn_a stays
         export_onnx(model, tmp_path / "m.onnx", fold=True)
     metadata = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
     layer_map = json.loads(metadata[METADATA_LAYER_OUTPUTS])
     entries = {key.split("/")[-1].split(":")[0]: value for key, value in layer_map.items()}
-    folded = ["inner_dw", "inner_bn", "sep", "bn_sep", "grouped", "bn_grouped", "up", "bn_up"]
-    for name in [*folded, "bn_back", "backward_dense"]:
+    # A layer that absorbed a forward fold computes layer + BN: that is the BN's output.
+    # A BN folded backward vanishes; the layer after it computes what it did.
+    for name in ("inner_dw", "sep", "grouped", "up", "bn_back"):
         assert entries[name] == [None], name
+    for name in ("inner_bn", "bn_sep", "bn_grouped", "bn_up", "backward_dense"):
+        assert entries[name] != [None], name
     for name in ("shared", "bn_a", "bn_stays", "padded"):
         assert entries[name] != [None], name
+
+    # Conv -> BN -> BN, both folded forward: only the last BN's output exists.
+    x = keras.Input((8, 8, 3), name="image")
+    h = layers.BatchNormalization(name="second")(
+        layers.BatchNormalization(name="first")(layers.Conv2D(4, 3, name="conv")(x))
+    )
+    chain = keras.Model(x, layers.ReLU(name="relu")(h))
+    result = export_onnx(chain, tmp_path / "chain.onnx", fold=True)
+    assert result.fold_report.folded_count == 2
+    metadata = {p.key: p.value for p in onnx.load(tmp_path / "chain.onnx").metadata_props}
+    layer_map = json.loads(metadata[METADATA_LAYER_OUTPUTS])
+    assert layer_map["conv"] == [None] and layer_map["first"] == [None]
+    assert layer_map["second"] != [None] and layer_map["relu"] != [None]
 
 
 # --------------------------------------------------------------------------------------

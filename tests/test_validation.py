@@ -319,6 +319,22 @@ def test_localization_sees_through_folded_batch_norms(tmp_path):
     assert report.first_divergent_layer == "logits"
 
 
+def test_localization_after_folding_while_exporting(tmp_path):
+    """export_onnx(fold=True): conv2 + bn2 are one ONNX Conv, compared as bn2's output;
+    a broken fused Conv is named by its BN (folding or export broke that pair)."""
+    model = _conv_bn_model()
+    _export(model, tmp_path / "fused.onnx", fold=True)
+    assert validate_onnx(model, tmp_path / "fused.onnx")
+    _tamper(tmp_path / "fused.onnx", "conv2/kernel")
+    report = validate_onnx(model, tmp_path / "fused.onnx")
+    assert not report
+    by_layer = {c.layer: c for c in report.layers}
+    assert "conv1" not in by_layer and "conv2" not in by_layer  # layer + BN: no own tensor
+    assert by_layer["bn1"].passed and by_layer["relu1"].passed
+    assert not by_layer["bn2"].passed
+    assert report.first_divergent_layer == "bn2"
+
+
 def test_localization_needs_the_layer_map(tmp_path):
     model = _conv_bn_model()
     _export(model, tmp_path / "m.onnx")
