@@ -778,8 +778,8 @@ class FoldedWeights:
     each absorbing call's variables by name (folded, rounded once to the layer's
     variable dtype, a bias added where there was none); ``removed``: ids of the
     folded BN nodes, which become the identity; ``fused``: ids of the nodes whose
-    Keras output no longer exists on its own (see ``_Plan.fused``). Exporting ``graph`` with these
-    gives the operators and weights (bit for bit) of exporting
+    Keras output no longer exists on its own (see ``_Plan.fused``). Exporting
+    ``graph`` with these gives the operators and weights (bit for bit) of exporting
     :func:`fold_batch_norms`'s model, without building that model in Keras (about
     a quarter of fold + export + validate on ResNet50).
     """

@@ -707,7 +707,7 @@ def validate_onnx(
     sizes = list(dict.fromkeys(batch_sizes)) if inputs is None else None
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         # onnxruntime opens the file and runs its batches while Keras computes the
-        # reference (both release the GIL): 20% off validating ResNet50 on 2 cores.
+        # reference (both release the GIL): about 18% off validating ResNet50 on 2 cores.
         onnx_side = pool.submit(_open_and_run, path, full, sizes, input_layout)
         full_expected = call_model(model, full)  # once; each check compares a prefix
         session, fixed, input_layout, planned, ran = onnx_side.result()
