@@ -548,14 +548,14 @@ def test_replace_batch_norm_swaps_layers_keeps_outputs_and_original():
     model = _nested_shared_model()
     original_weights = [w.copy() for w in model.get_weights()]
     x = _rng(31).normal(size=(6, 8, 8, 2)).astype("float32")
-    expected = np.asarray(model(x, training=False))
+    expected = _np(model(x, training=False))
 
     clone = replace_batch_norm(model)
     layers = _batch_norms(clone)
     assert sorted(layer.name for layer in layers) == ["backbone_bn", "ours_bn", "shared_bn"]
     assert all(type(layer) is BatchNormalization for layer in layers)
     assert [type(layer) for layer in _batch_norms(model)].count(StockBN) == 2
-    np.testing.assert_allclose(np.asarray(clone(x, training=False)), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_np(clone(x, training=False)), expected, rtol=1e-6, atol=1e-6)
     # The shared layer is still one layer with two call sites; the frozen nested
     # backbone stays frozen.
     assert len(clone.get_layer("shared_bn")._inbound_nodes) == 2
@@ -582,8 +582,8 @@ def test_replace_batch_norm_applies_overrides():
     assert clone.get_layer("shared_bn").epsilon == 1e-2  # config kept
     x = _rng(32).normal(size=(3, 8, 8, 2)).astype("float32")
     np.testing.assert_allclose(
-        np.asarray(clone(x, training=False)),
-        np.asarray(model(x, training=False)),
+        _np(clone(x, training=False)),
+        _np(model(x, training=False)),
         rtol=1e-6,
         atol=1e-6,
     )
@@ -601,7 +601,7 @@ def test_replace_batch_norm_enabling_renorm_keeps_inference_outputs():
         rtol=1e-5,
     )
     x = _features(_rng(34), 5, 3)
-    np.testing.assert_allclose(np.asarray(clone(x)), np.asarray(model(x)), rtol=1e-6)
+    np.testing.assert_allclose(_np(clone(x)), _np(model(x)), rtol=1e-6)
 
 
 def test_replace_batch_norm_errors():
@@ -693,7 +693,7 @@ def test_load_torch_batch_norm_matches_torch_eval(affine, layout, layer_class):
     inputs = x if layout == "channels_first" else np.moveaxis(x, 1, -1)
     layer.build(inputs.shape)
     assert load_torch_batch_norm(layer, state, prefix="features.1.", eps=1e-5) is layer
-    outputs = np.asarray(layer(inputs.astype("float32"), training=False), np.float64)
+    outputs = _np(layer(inputs.astype("float32"), training=False))
     if layout == "channels_last":
         outputs = np.moveaxis(outputs, -1, 1)
     np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
