@@ -33,6 +33,7 @@ __all__ = [
     "BATCH_NORM_CLASSES",
     "FOLD_RULES",
     "PRECONDITIONS",
+    "batch_norm_affine",
     "FoldEntry",
     "FoldReport",
     "FoldedWeights",
@@ -365,7 +366,7 @@ def _batch_norm_axes(layer: Any, rank: int) -> tuple[int, ...]:
     return tuple(sorted(int(a) % rank for a in axes))
 
 
-def _batch_norm_affine(
+def batch_norm_affine(
     layer: Any, variables: dict[str, np.ndarray] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(scale, offset)`` of the BN's inference affine, float64.
@@ -568,7 +569,7 @@ def _plan(
         else:
             candidates.append(bn_node)
     known = batch_norm_variables or {}
-    affines = {id(n): _batch_norm_affine(n.layer, known.get(id(n.layer))) for n in candidates}
+    affines = {id(n): batch_norm_affine(n.layer, known.get(id(n.layer))) for n in candidates}
 
     forward_into = plan.forward_into  # folded BN node id -> target node
     for bn_node in candidates:  # topological order: Conv -> BN -> BN folds in turn

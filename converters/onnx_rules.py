@@ -33,6 +33,7 @@ from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
 from keras.src.ops import nn as nn_ops
 from keras.src.ops import numpy as numpy_ops
 
+from keras_bn.converters.folding import batch_norm_affine
 from keras_bn.converters.graph import Node, Tensor, to_numpy
 from keras_bn.converters.onnx_export import (
     Builder,
@@ -1121,21 +1122,6 @@ def group_normalization(b: Builder, node: Node) -> None:
     b.set(node.outputs[0], out, perm)
 
 
-def _batch_norm_affine(layer: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Inference BN as ``x * scale + offset`` (float64), for stock and keras_bn layers."""
-    if hasattr(layer, "inference_affine"):
-        scale, offset = layer.inference_affine()
-        return np.asarray(scale, np.float64), np.asarray(offset, np.float64)
-    variance = _numpy(layer.moving_variance).astype(np.float64)
-    scale = 1.0 / np.sqrt(variance + layer.epsilon)
-    if layer.scale:
-        scale = scale * _numpy(layer.gamma).astype(np.float64)
-    offset = -_numpy(layer.moving_mean).astype(np.float64) * scale
-    if layer.center:
-        offset = offset + _numpy(layer.beta).astype(np.float64)
-    return scale, offset
-
-
 def batch_normalization(b: Builder, node: Node) -> None:
     """An unfolded BatchNormalization: one per-channel Mul and Add in any layout.
 
@@ -1149,7 +1135,7 @@ def batch_normalization(b: Builder, node: Node) -> None:
     rank = tensor.rank
     axes = layer.axis if isinstance(layer.axis, list | tuple) else [layer.axis]
     value = b.value(tensor)
-    scale, offset = _batch_norm_affine(layer)
+    scale, offset = batch_norm_affine(layer)  # float64, stock and keras_bn layers
     x = b.get(tensor, value.perm)
     scale_name = b.broadcast_const(
         scale, rank, value.perm, "scale", axes=axes, key=(id(layer), "scale", value.perm)
