@@ -1,0 +1,70 @@
+"""Whole-process comparison: `keras-bn export` against Keras's exporter from a script.
+
+What a deployment pipeline runs, from a fresh interpreter each time: load a `.keras`
+file, then either `keras-bn export MODEL -o OUT.onnx` (load, fold, export, validate in
+onnxruntime) or the few lines a user writes for Keras's own exporter (load, call once,
+`model.export(format="onnx")`: no folding check, no validation). Usage::
+
+    python benchmarks/cli_vs_keras.py make /tmp/resnet50.keras         # the model file
+    /usr/bin/time -v keras-bn export /tmp/resnet50.keras -o /tmp/ours.onnx --force
+    /usr/bin/time -v python benchmarks/cli_vs_keras.py keras-export /tmp/resnet50.keras \\
+        /tmp/theirs.onnx
+
+Time the two commands alternately, several runs each, and compare medians
+(BENCHMARKS.md has the figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def make(path: Path, name: str, size: int) -> None:
+    """A Keras Applications model (weights=None) with bench_export's BN statistics."""
+    import keras
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_export import randomize_batch_norms
+
+    model = getattr(keras.applications, name)(
+        weights=None, input_shape=(size, size, 3), classifier_activation=None
+    )
+    randomize_batch_norms(model)
+    model.save(path)
+
+
+def keras_export(model_path: Path, output: Path) -> None:
+    """Keras's exporter as a user calls it (it refuses a model that was never called)."""
+    import keras
+    import numpy as np
+
+    model = keras.saving.load_model(model_path)
+    model(np.zeros((1, *model.input_shape[1:]), "float32"), training=False)
+    model.export(str(output), format="onnx", verbose=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    made = commands.add_parser("make", help="write the benchmark model")
+    made.add_argument("path", type=Path)
+    made.add_argument("--model", default="ResNet50")
+    made.add_argument("--size", type=int, default=224)
+    exported = commands.add_parser("keras-export", help="Keras's own ONNX export")
+    exported.add_argument("model", type=Path)
+    exported.add_argument("output", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "make":
+        make(args.path, args.model, args.size)
+    else:
+        keras_export(args.model, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
