@@ -480,6 +480,30 @@ def test_fallback_uses_keras_exporter(tmp_path):
     np.testing.assert_allclose(actual, _keras(model, features)[0], atol=1e-5, rtol=1e-4)
 
 
+def test_fallback_with_fold_exports_the_folded_model(tmp_path):
+    """fold=True + fallback: Keras's exporter gets the folded Keras model."""
+    import importlib.util
+
+    x = keras.Input((6,), name="x")
+    bn = layers.BatchNormalization(name="bn")
+    h = bn(layers.Dense(4, name="dense")(x))
+    model = keras.Model(x, layers.Lambda(lambda t: t * 2.0)(h), name="fb_fold")
+    bn.moving_mean.assign([0.5, -1.0, 2.0, 0.0])
+    bn.moving_variance.assign([0.25, 4.0, 1.0, 9.0])
+    if importlib.util.find_spec("tf2onnx") is None and keras.backend.backend() == "tensorflow":
+        with pytest.raises(UserInputError, match="pip install tf2onnx"):
+            export_onnx(model, tmp_path / "fb.onnx", fallback=True, fold=True)
+        return
+    with pytest.warns(ExportWarning, match="Falling back"):
+        result = export_onnx(model, tmp_path / "fb.onnx", fallback=True, fold=True)
+    assert result.used_fallback and result.fold_report.folded_count == 1
+    assert "BatchNormalization" not in result.op_counts
+    features = _images(3, (6,))
+    session = ort.InferenceSession(str(tmp_path / "fb.onnx"), providers=["CPUExecutionProvider"])
+    actual = session.run(None, {session.get_inputs()[0].name: features})[0]
+    np.testing.assert_allclose(actual, _keras(model, features)[0], atol=1e-5, rtol=1e-4)
+
+
 def test_subclassed_model_is_a_user_error(tmp_path):
     class Subclassed(keras.Model):
         def __init__(self):
