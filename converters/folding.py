@@ -17,6 +17,7 @@ input model is never mutated: every layer of the folded model is a fresh copy.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from collections.abc import Callable
 from typing import Any, Literal
@@ -633,7 +634,15 @@ def _initializer_keys(layer: Any, config: dict[str, Any]) -> list[str]:
         if key.endswith("_initializer")
         and isinstance(value, (dict, str))
         and isinstance(getattr(layer, key, None), keras.initializers.Initializer)
+        and _settable(layer, key)
     ]
+
+
+def _settable(layer: Any, key: str) -> bool:
+    """Whether ``layer.key`` can be assigned: SimpleRNN/GRU/LSTM expose their cell's
+    initializers as read-only properties, so those keep their own initializers."""
+    attribute = inspect.getattr_static(type(layer), key, None)
+    return not isinstance(attribute, property) or attribute.fset is not None
 
 
 def _clone_uninitialized(layer: Any, config_updates: dict[str, Any]) -> Any:

@@ -484,7 +484,14 @@ def quantize_int8(
         try:
             # Shape inference and graph clean-up, as onnxruntime recommends before
             # quantizing; the optimizer step is ours to skip (folding already ran).
-            quant_pre_process(str(onnx_in), str(preprocessed), skip_optimization=True)
+            # ONNX's own shape inference resolves every shape of our exports (static
+            # but for the batch), so the symbolic pass (which needs sympy) is skipped.
+            quant_pre_process(
+                str(onnx_in),
+                str(preprocessed),
+                skip_optimization=True,
+                skip_symbolic_shape=True,
+            )
             quantize_static(
                 str(preprocessed),
                 str(tmp),
