@@ -32,7 +32,7 @@ from typing import Any
 
 from keras_bn.converters.errors import UserInputError, ValidationFailed
 from keras_bn.converters.files import atomic_output, check_output_path
-from keras_bn.converters.precision import PRECISIONS
+from keras_bn.converters.options import INPUT_LAYOUTS, PRECISIONS
 from keras_bn.converters.progress import Progress, format_table
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_VALIDATION_FAILED", "EXIT_BAD_INPUT"]
@@ -59,12 +59,6 @@ single-input model), batch first, in the Keras model's layout (bench: the ONNX
 model's layout). Set KERAS_BN_TRACEBACK=1 to see the traceback behind a
 model-loading error.
 """
-
-
-# The exporter's input layouts. Importing the exporter here would import keras and
-# make --help slow, so the table is repeated; tests/test_cli.py checks that
-# export_onnx accepts exactly these.
-INPUT_LAYOUTS: tuple[str, ...] = ("channels_last", "channels_first")
 
 
 # --------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from keras_bn.converters.folding import (
     fold_batch_norms,
     fold_weights,
 )
+from keras_bn.converters.options import INPUT_LAYOUTS
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -541,7 +542,7 @@ def _check_opset(opset: int | None) -> int:
 
 
 def _check_arguments(input_layout: str, batch_size: int | None) -> None:
-    if input_layout not in ("channels_last", "channels_first"):
+    if input_layout not in INPUT_LAYOUTS:
         raise UserInputError(
             f"input_layout must be 'channels_last' or 'channels_first'; received {input_layout!r}."
         )

@@ -47,6 +47,7 @@ import numpy as np
 
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.files import atomic_output
+from keras_bn.converters.options import PRECISIONS, Precision
 
 __all__ = [
     "FLOAT16_MAX",
@@ -64,27 +65,6 @@ __all__ = [
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504.0
 FLOAT16_SMALLEST_SUBNORMAL = float(2.0**-24)  # ~5.96e-8; a cast gives 0 below 2**-25
-
-
-@dataclasses.dataclass(frozen=True)
-class Precision:
-    """A target precision: the default validation tolerances for its exported model.
-
-    ``atol``/``rtol`` of ``None`` mean the validator's own defaults (float32).
-    """
-
-    name: str
-    atol: float | None
-    rtol: float | None
-    description: str
-
-
-# The CLI's --precision choices come from this table.
-PRECISIONS: dict[str, Precision] = {
-    "float32": Precision("float32", None, None, "float32 weights and compute (no conversion)"),
-    "float16": Precision("float16", 1e-2, 1e-2, "float16 weights and compute"),
-    "int8": Precision("int8", 1e-1, 1e-1, "int8 QDQ static quantization, per-channel weights"),
-}
 
 
 @dataclasses.dataclass(frozen=True)
