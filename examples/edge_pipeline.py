@@ -351,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             logits = row.pop("logits")
             row["accuracy"] = accuracy(logits, y_held)
             row["correct"] = int(np.sum(np.argmax(logits, axis=1) == y_held))
+            row["total"] = len(y_held)
             row["max_abs_diff"] = float(np.max(np.abs(logits - reference)))
             row["top1_agreement"] = float(
                 np.mean(np.argmax(logits, axis=1) == np.argmax(reference, axis=1))
@@ -378,7 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "latency: median for one image; Keras: predict_on_batch; ONNX: onnxruntime, 1 thread,\n"
         "  graph optimizations off (the graph as exported). ORT-opt: optimizations on.\n"
-        "max |diff|, top-1 agree: logits against the recalibrated Keras model."
+        "max |diff|, top-1 agree: logits against the recalibrated Keras model.\n"
+        "nodes: ONNX graph nodes. The int8 graph has more: QDQ format puts a\n"
+        "  QuantizeLinear/DequantizeLinear pair on each quantized tensor, which\n"
+        "  onnxruntime fuses into integer kernels when it loads the model."
     )
     print()
     print(f"artifacts: {output_dir.resolve()}")
@@ -388,13 +392,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_summary(rows: list[dict]) -> str:
     header = (
-        f"{'stage':<32} {'accuracy':>13} {'size':>9} {'nodes':>5} {'latency':>9} "
+        f"{'stage':<32} {'accuracy (right/all)':>20} {'size':>9} {'nodes':>5} {'latency':>9} "
         f"{'ORT-opt':>9} {'max |diff|':>10} {'top-1 agree':>11}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         cells = [
-            f"{row['accuracy']:.1%} ({row['correct']})",
+            f"{row['accuracy']:.1%} ({row['correct']}/{row['total']})",
             f"{row['size_bytes'] / 1024:.1f} KiB" if "size_bytes" in row else "-",
             str(row["nodes"]) if "nodes" in row else "-",
             f"{row['latency_ms']:.3f} ms" if "latency_ms" in row else "-",
@@ -404,7 +408,7 @@ def format_summary(rows: list[dict]) -> str:
             f"{row['max_abs_diff']:.2e}" if "max_abs_diff" in row else "-",
             f"{row['top1_agreement']:.1%}" if "top1_agreement" in row else "-",
         ]
-        widths = [13, 9, 5, 9, 9, 10, 11]
+        widths = [20, 9, 5, 9, 9, 10, 11]
         lines.append(
             f"{row['stage']:<32} "
             + " ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True))
