@@ -11,6 +11,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from keras_bn._keras_internals import flatten_layers
+
 # Options of keras_bn.BatchNormalization, read with getattr so that these utilities
 # work on the stock layer (which has neither) and on other subclasses alike.
 _UNBIASED_ATTRIBUTE = "unbiased_moving_variance"
@@ -20,12 +22,12 @@ _COUNT_VARIABLE = "num_batches_tracked"  # exists with momentum=None
 def batch_norm_layers(model) -> list:
     """Every BatchNormalization layer inside ``model`` (nested ones too), once each.
 
-    Uses ``Layer._flatten_layers``, Keras's own recursive walk over tracked
-    sublayers.
+    Includes the layers of nested models and of custom layers that hold
+    sublayers (Keras's own recursive walk over tracked layers).
     """
     return [
         layer
-        for layer in model._flatten_layers(include_self=True, recursive=True)
+        for layer in flatten_layers(model)
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
 

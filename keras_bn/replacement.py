@@ -8,6 +8,7 @@ import keras
 import numpy as np
 
 from keras_bn._batch_norm_state import assign, batch_norm_layers, to_numpy
+from keras_bn._keras_internals import is_sequential_or_functional
 from keras_bn.layers import BatchNormalization
 
 __all__ = ["replace_batch_norm"]
@@ -49,7 +50,7 @@ def replace_batch_norm(model, **layer_kwargs):
             "replace_batch_norm keeps each layer's name; it cannot be overridden for "
             f"every layer at once. Received: name={layer_kwargs['name']!r}"
         )
-    if not _is_cloneable(model):
+    if not is_sequential_or_functional(model):
         raise ValueError(
             "replace_batch_norm supports Sequential and Functional models. Received: "
             f"a model of type {type(model).__name__}. For a subclassed model, build its "
@@ -62,7 +63,7 @@ def replace_batch_norm(model, **layer_kwargs):
     def clone_function(layer):
         if id(layer) in cache:
             return cache[id(layer)]
-        if isinstance(layer, keras.Model) and _is_cloneable(layer):
+        if isinstance(layer, keras.Model) and is_sequential_or_functional(layer):
             new = keras.models.clone_model(layer, clone_function=clone_function)
         elif isinstance(layer, keras.Model) and batch_norm_layers(layer):
             raise ValueError(
@@ -86,18 +87,6 @@ def replace_batch_norm(model, **layer_kwargs):
             _copy_weights(old, new)
     _copy_trainable(model, new_model, cache)
     return new_model
-
-
-def _is_cloneable(model) -> bool:
-    """A Sequential or Functional model (what ``keras.models.clone_model`` rebuilds).
-
-    ``keras.Model(inputs, outputs)`` returns an instance of Keras's private
-    ``Functional`` class (subclasses included); no public name tells it apart
-    from a subclassed model.
-    """
-    from keras.src.models.functional import Functional
-
-    return isinstance(model, keras.Sequential | Functional)
 
 
 def _copy_weights(old, new) -> None:
