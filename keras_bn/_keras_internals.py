@@ -10,8 +10,10 @@ Each is reached here through one small named function or name, so that a Keras
 upgrade that moves one breaks this file only, and ``tests/test_keras_internals.py``
 says which accessor broke.
 
-Nothing else in the package (``keras_bn`` or ``keras_bn.converters``) reads a
-``keras.src`` module or an attribute starting with ``_`` on a Keras object.
+The rule: nothing else in the package (``keras_bn`` or ``keras_bn.converters``)
+reads a ``keras.src`` module or an attribute starting with ``_`` on a Keras
+object; it imports what it needs from here. This module imports nothing from
+keras-bn.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ class KerasNode:
 
     Attributes:
         operation: the called ``keras.Layer`` / ``keras.Operation`` (a nested
-            model for a call of a model), or None for some input nodes.
+            model for a call of a model).
         is_input: whether this is a graph input's node (an ``InputLayer``'s).
         input_tensors: the call's symbolic input tensors (``KerasTensor``), flat,
             in argument order.

@@ -4,6 +4,9 @@ Each test exercises one accessor on Sequential, Functional and nested models, so
 after a Keras upgrade the failing test names exactly which private access moved.
 """
 
+import re
+from pathlib import Path
+
 import keras
 import pytest
 
@@ -273,3 +276,21 @@ def test_walk_with_accessors_only_reaches_every_leaf_call():
     assert sorted(walk(model)) == sorted(
         ["shared", "shared", "inner_dense", "inner_dense", "inner_bn", "inner_bn", "add"]
     )
+
+
+def test_no_other_keras_bn_module_touches_private_keras_api():
+    """keras_bn/*.py reach private Keras API only through _keras_internals."""
+    package = Path(internals.__file__).parent
+    private = re.compile(r"keras\.src|\b(?!self\b)\w+\._(?!_)[a-z]\w*")
+    offenders = []
+    for path in sorted(package.glob("*.py")):
+        if path.name == "_keras_internals.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            for match in private.finditer(code):
+                text = match.group(0)
+                if text.startswith("keras_bn._"):  # our own private modules
+                    continue
+                offenders.append(f"{path.name}:{number}: {text}")
+    assert not offenders, offenders
