@@ -412,7 +412,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 normalize_variance = ops.where(valid, variance, moving_variance)
             if self.renorm:
                 r, d = self._renorm_correction(normalize_mean, normalize_variance, valid, shape)
-                gamma, beta = self._compose_transforms(r, d, gamma, beta, dtype)
+                gamma, beta = _compose_renorm(r, d, gamma, beta, dtype)
             self._update_moving_statistics(mean, variance, count, valid, ghost)
             outputs = self._normalize(x, normalize_mean, normalize_variance, gamma, beta)
         if ghost:
@@ -583,6 +583,24 @@ class BatchNormalization(keras.layers.BatchNormalization):
             return ops.reshape(tensor, (-1, size, *shape[1:]))
 
         return split(x), None if mask is None else split(mask)
+
+
+def _compose_renorm(r, d, gamma, beta, dtype):
+    """The scale and offset of `(x_hat * r + d) * gamma + beta`: `(r * gamma, d * gamma + beta)`.
+
+    `r` and `d` are constants for the gradient, as in the renorm paper and the
+    stock layer (whose private `_compose_transforms` computes the same). A
+    missing `gamma` or `beta` (`scale=False`/`center=False`) counts as 1 or 0.
+    """
+    r = ops.stop_gradient(r)
+    d = ops.stop_gradient(d)
+    if gamma is not None:
+        scale, offset = ops.multiply(r, gamma), ops.multiply(d, gamma)
+    else:
+        scale, offset = ops.cast(r, dtype), ops.cast(d, dtype)
+    if beta is not None:
+        offset = ops.add(offset, beta)
+    return scale, offset
 
 
 def _clone_initializer(initializer):

@@ -1,4 +1,5 @@
-"""Tests of keras_bn.training against NumPy references of the formulas."""
+"""Tests of the training utilities (keras_bn.recalibration, .monitor, .replacement,
+.torch_interop, .running_moments) against NumPy references of the formulas."""
 
 import warnings
 
@@ -9,16 +10,13 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keras_bn import training
+from keras_bn._batch_norm_state import batch_norm_layers, to_numpy
 from keras_bn.layers import BatchNormalization
-from keras_bn.training import (
-    BatchNormMonitor,
-    RunningMoments,
-    load_torch_batch_norm,
-    recalibrate_batch_norm,
-    replace_batch_norm,
-    torch_batch_norm_kwargs,
-)
+from keras_bn.monitor import BatchNormMonitor
+from keras_bn.recalibration import recalibrate_batch_norm
+from keras_bn.replacement import replace_batch_norm
+from keras_bn.running_moments import RunningMoments
+from keras_bn.torch_interop import load_torch_batch_norm, torch_batch_norm_kwargs
 
 StockBN = keras.layers.BatchNormalization
 
@@ -28,7 +26,7 @@ StockBN = keras.layers.BatchNormalization
 
 def _np(value):
     """A Keras variable or tensor as a float64 NumPy array."""
-    return training._to_numpy(value).astype(np.float64)
+    return to_numpy(value).astype(np.float64)
 
 
 def _rng(seed=0):
@@ -535,13 +533,13 @@ def _nested_shared_model():
     outputs = keras.layers.Dense(3, name="head")(ours)
     model = keras.Model(inputs, outputs, name="outer")
     rng = _rng(30)
-    for layer in training._batch_norm_layers(model):
+    for layer in batch_norm_layers(model):
         _set_bn(layer, rng)
     return model
 
 
 def _batch_norms(model):
-    return training._batch_norm_layers(model)
+    return batch_norm_layers(model)
 
 
 def test_replace_batch_norm_swaps_layers_keeps_outputs_and_original():

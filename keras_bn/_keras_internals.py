@@ -1,0 +1,194 @@
+"""Every access to Keras's private API in keras-bn lives in this module.
+
+Keras 3 keeps some things keras-bn needs behind private names: the class of
+``keras.Model(inputs, outputs)`` models (``Functional``), a model's recursive walk
+over its layers (``Layer._flatten_layers``), the layer graph of a Functional
+model (``_nodes_by_depth``, ``Node.arguments``, ``KerasTensor._keras_history``,
+``_inputs_struct``...), and a few ``keras.src`` classes with no public name (the
+operation classes behind ``keras.ops`` calls, two Keras Applications layers).
+Each is reached here through one small named function or name, so that a Keras
+upgrade that moves one breaks this file only, and ``tests/test_keras_internals.py``
+says which accessor broke.
+
+The rule: nothing else in the package (``keras_bn`` or ``keras_bn.converters``)
+reads a ``keras.src`` module or an attribute starting with ``_`` on a Keras
+object; it imports what it needs from here. This module imports nothing from
+keras-bn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import keras
+
+# Private classes with no public name. `import keras` already imports these
+# modules, so importing them here costs nothing.
+from keras.src.applications.convnext import LayerScale
+from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+from keras.src.models.functional import Functional
+from keras.src.ops import nn as nn_ops
+from keras.src.ops import numpy as numpy_ops
+
+__all__ = [
+    # private classes and modules
+    "Functional",
+    "LayerScale",
+    "CustomScaleLayer",
+    "nn_ops",
+    "numpy_ops",
+    # layers and models
+    "flatten_layers",
+    "is_functional",
+    "is_sequential_or_functional",
+    # Functional graphs
+    "KerasNode",
+    "functional_of",
+    "ordered_nodes",
+    "inputs_struct",
+    "outputs_struct",
+    "producing_operation",
+    "output_names",
+]
+
+# ``Functional``: the class of every ``keras.Model(inputs, outputs)`` model (and of
+# a built Sequential's inner graph); no public name tells it apart from a
+# subclassed model.
+# ``LayerScale`` (ConvNeXt) and ``CustomScaleLayer`` (InceptionResNetV2): layers of
+# Keras Applications models, defined privately in their application modules.
+# ``nn_ops`` / ``numpy_ops``: the modules holding the ``keras.Operation`` classes
+# that ``keras.ops`` functions (``keras.ops.relu``, ``keras.ops.add``...) record in
+# a Functional graph, e.g. ``nn_ops.Relu``, ``numpy_ops.Add``.
+
+
+# ------------------------------------------------------------- layers and models
+
+
+def flatten_layers(layer: Any) -> list:
+    """``layer`` and every layer tracked inside it, recursively, each once.
+
+    Keras's own walk (``Layer._flatten_layers``): it finds the layers of nested
+    models and of custom layers that hold sublayers as attributes, which
+    ``model.layers`` (one level) does not.
+    """
+    return list(layer._flatten_layers(include_self=True, recursive=True))
+
+
+def is_functional(model: Any) -> bool:
+    """Whether ``model`` is a Functional model (``keras.Model(inputs, outputs)``).
+
+    True for subclasses of Functional too; False for Sequential models and for
+    subclassed models (``class M(keras.Model)`` with its own ``call``).
+    """
+    return isinstance(model, Functional)
+
+
+def is_sequential_or_functional(model: Any) -> bool:
+    """A Sequential or Functional model: what ``keras.models.clone_model`` rebuilds."""
+    return isinstance(model, keras.Sequential | Functional)
+
+
+# -------------------------------------------------------------- Functional graphs
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KerasNode:
+    """One call of an operation recorded in a Functional graph (a Keras ``Node``).
+
+    Attributes:
+        operation: the called ``keras.Layer`` / ``keras.Operation`` (a nested
+            model for a call of a model).
+        is_input: whether this is a graph input's node (an ``InputLayer``'s).
+        input_tensors: the call's symbolic input tensors (``KerasTensor``), flat,
+            in argument order.
+        args: the call's positional arguments, symbolic tensors included.
+        kwargs: the call's keyword arguments, symbolic tensors included.
+        outputs: the call's output tensors, flattened.
+    """
+
+    operation: Any
+    is_input: bool
+    input_tensors: tuple
+    args: tuple
+    kwargs: dict
+    outputs: tuple
+
+
+def _keras_node(node: Any) -> KerasNode:
+    """The facts of a Keras ``Node`` (``keras.src.ops.node.Node``)."""
+    return KerasNode(
+        operation=node.operation,
+        is_input=bool(node.is_input),
+        input_tensors=tuple(node.input_tensors),
+        args=tuple(node.arguments.args),
+        kwargs=dict(node.arguments.kwargs),
+        outputs=tuple(node.outputs),
+    )
+
+
+def functional_of(model: keras.Model) -> Any:
+    """The Functional graph behind a model, or raise a clear ValueError.
+
+    A Functional model is its own graph; a built Sequential model keeps one
+    inside. Subclassed models, and Sequential models without a known input
+    shape, have none.
+    """
+    if isinstance(model, keras.Sequential):
+        functional = getattr(model, "_functional", None)
+        if functional is None:
+            raise ValueError(
+                f"Sequential model {model.name!r} has no known input shape, so it has "
+                "no graph to convert. Build it with an `keras.Input(shape=...)` first "
+                "layer or call `model.build(input_shape)`."
+            )
+        return functional
+    if hasattr(model, "_nodes_by_depth") and getattr(model, "_is_graph_network", True):
+        if getattr(model, "inputs", None) is not None and hasattr(model, "_run_through_graph"):
+            return model
+    raise ValueError(
+        f"Model {model.name!r} of class {type(model).__name__} is a subclassed model "
+        "with no layer graph. Only Sequential and Functional models (which may nest "
+        "each other) can be converted: rebuild it with the Functional API."
+    )
+
+
+def ordered_nodes(functional: Any) -> list[KerasNode]:
+    """The operation calls of a Functional graph in execution order.
+
+    The order Functional itself runs them (deepest nodes first); input nodes are
+    left out. A call of a nested model is one node whose ``operation`` is that
+    model (walk it with ``functional_of(node.operation)``). A node may belong to
+    a branch that does not feed the outputs; its inputs are then unknown to a
+    walk that starts from ``inputs_struct``.
+    """
+    ordered = []
+    for depth in sorted(functional._nodes_by_depth.keys(), reverse=True):
+        for node in functional._nodes_by_depth[depth]:
+            if node.operation is None or node.is_input:
+                continue
+            ordered.append(_keras_node(node))
+    return ordered
+
+
+def inputs_struct(functional: Any) -> Any:
+    """The graph's input ``KerasTensor``s in the structure the model is called with."""
+    return functional._inputs_struct
+
+
+def outputs_struct(functional: Any) -> Any:
+    """The graph's output ``KerasTensor``s in the structure the model returns."""
+    return functional._outputs_struct
+
+
+def producing_operation(keras_tensor: keras.KerasTensor) -> Any:
+    """The operation whose call produced a symbolic tensor (its ``InputLayer`` for an input)."""
+    return keras_tensor._keras_history.operation
+
+
+def output_names(model: keras.Model) -> list[str]:
+    """The model's output names: ``model.output_names``, else each output's producer's name."""
+    names = getattr(model, "output_names", None)
+    if names:
+        return list(names)
+    return [producing_operation(tensor).name for tensor in model.outputs]

@@ -1,0 +1,448 @@
+"""Recalibration ("precise BN"): exact moving statistics over a dataset.
+
+:func:`recalibrate_batch_norm` recomputes the moving statistics of every
+BatchNormalization layer of a model as exact population statistics over a dataset,
+for use after SWA, pruning or fine-tuning. The statistics maths is
+:class:`keras_bn.running_moments.RunningMoments`; this module reads the data,
+routes each layer's inputs to it and writes the results.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Iterator
+
+import keras
+import numpy as np
+from keras import tree
+
+from keras_bn._batch_norm_state import (
+    assign,
+    batch_norm_layers,
+    count_variable,
+    is_unbiased,
+    sync_moving_stddev,
+    to_numpy,
+    unique_names,
+)
+from keras_bn.running_moments import RunningMoments
+
+__all__ = ["recalibrate_batch_norm"]
+
+
+def _feature_axes(layer, rank: int) -> list[int]:
+    axes = layer.axis if isinstance(layer.axis, list | tuple) else [layer.axis]
+    return sorted(int(axis) % rank for axis in axes)
+
+
+def _batch_moments(layer, inputs, mask):
+    """(count, mean, m2) of one call's input, per channel, shaped like moving_mean."""
+    values = to_numpy(inputs).astype(np.float64)
+    rank = values.ndim
+    axes = _feature_axes(layer, rank)
+    feature_shape = tuple(values.shape[axis] for axis in axes)
+    weights = None
+    if mask is not None:
+        weights = to_numpy(mask).astype(np.float64)
+        if weights.ndim == rank - len(axes):  # mask over the non-feature axes
+            for axis in axes:
+                weights = np.expand_dims(weights, axis)
+        weights = np.broadcast_to(weights, values.shape)
+        weights = np.moveaxis(weights, axes, range(rank - len(axes), rank))
+        weights = weights.reshape((-1, *feature_shape))
+    values = np.moveaxis(values, axes, range(rank - len(axes), rank))
+    values = values.reshape((-1, *feature_shape))
+    moments = RunningMoments(feature_shape)
+    moments.update(values, weights)
+    shape = tuple(layer.moving_mean.shape)
+    return (
+        moments.count.reshape(shape),
+        moments.mean.reshape(shape),
+        moments.m2.reshape(shape),
+    )
+
+
+# ------------------------------------------------------------------------- data
+
+
+def _x_of(element):
+    """The model input of one dataset element: Keras's ``(x, y, sample_weight)``."""
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(element)
+    return x
+
+
+def _is_array_like(value) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "__array__")
+
+
+def _is_in_memory(data) -> bool:
+    """NumPy-like arrays, or a list/dict of them (the model input ``x``)."""
+    if _is_array_like(data):
+        return True
+    if isinstance(data, list | dict) and data:
+        return all(_is_array_like(value) for value in tree.flatten(data))
+    return False
+
+
+class _Batches:
+    """Re-iterable batches of model inputs ``x`` from any supported ``data``."""
+
+    def __init__(self, data, batch_size: int, steps: int | None):
+        self.steps = steps
+        self._cached = None
+        if isinstance(data, tuple) and data and _is_in_memory(data[0]):
+            data = data[0]  # (x,), (x, y) or (x, y, sample_weight) arrays
+        if _is_in_memory(data):
+            sizes = {len(value) for value in tree.flatten(data)}
+            if len(sizes) != 1:
+                raise ValueError(
+                    "recalibrate_batch_norm needs input arrays with one common number "
+                    f"of samples. Received arrays with lengths {sorted(sizes)}."
+                )
+            self._arrays, self._size = data, sizes.pop()
+            self._batch_size = int(batch_size)
+            self._kind = "arrays"
+        elif isinstance(data, keras.utils.PyDataset):
+            self._dataset, self._kind = data, "pydataset"
+        elif hasattr(data, "as_numpy_iterator"):  # tf.data.Dataset
+            self._dataset, self._kind = data, "tf.data"
+        elif isinstance(data, Iterable):
+            self._kind = "iterator" if iter(data) is data else "iterable"
+            self._dataset = data
+        else:
+            raise ValueError(
+                "recalibrate_batch_norm expects data as a NumPy array (or a list/dict "
+                "of arrays), a tuple (x, y), a tf.data.Dataset, a keras.utils.PyDataset "
+                f"or an iterable of batches. Received: data of type {type(data).__name__}"
+            )
+
+    @property
+    def reiterable(self) -> bool:
+        return self._kind != "iterator" or self._cached is not None
+
+    def cache(self) -> None:
+        """Keeps the batches of a one-shot iterator so that they can be replayed."""
+        if not self.reiterable:
+            self._cached = list(self._raw())
+
+    def __iter__(self) -> Iterator:
+        if self._cached is not None:
+            return iter(self._cached)
+        return self._raw()
+
+    def _raw(self) -> Iterator:
+        steps = self.steps
+        if self._kind == "arrays":
+            count = math.ceil(self._size / self._batch_size)
+            for index in range(count if steps is None else min(count, steps)):
+                rows = slice(index * self._batch_size, (index + 1) * self._batch_size)
+                yield tree.map_structure(lambda a, rows=rows: np.asarray(a[rows]), self._arrays)
+            return
+        if self._kind == "pydataset":
+            count = self._dataset.num_batches
+            if count is None and steps is None:
+                raise ValueError(
+                    "recalibrate_batch_norm received an infinite keras.utils.PyDataset "
+                    "(num_batches=None) and steps=None. Pass steps=N to use N batches."
+                )
+            if steps is not None:
+                count = steps if count is None else min(count, steps)
+            for index in range(count):
+                yield _x_of(self._dataset[index])
+            return
+        if self._kind == "tf.data":
+            source = self._dataset.as_numpy_iterator()
+        else:
+            source = iter(self._dataset)
+        for index, element in enumerate(source):
+            if steps is not None and index >= steps:
+                break
+            yield _x_of(element)
+
+
+# ----------------------------------------------------------------- recalibration
+
+
+class _StopForward(Exception):
+    """Raised inside a forward pass once the statistics it was run for are in."""
+
+
+def recalibrate_batch_norm(
+    model,
+    data,
+    *,
+    steps=None,
+    batch_size=32,
+    mode="inference",
+    verbose=False,
+):
+    """Recomputes every BatchNormalization layer's moving statistics exactly.
+
+    "Precise BN" (fvcore's ``update_bn_stats``, PyTorch's ``swa_utils.update_bn``):
+    after SWA, pruning, weight surgery or a fine-tune whose moving averages lag the
+    weights, replace each BN layer's exponential moving averages by the population
+    statistics of its input over ``data``.
+
+    What "exact" means here: for each BN layer, ``moving_mean`` and
+    ``moving_variance`` become the mean and variance of *all* the values its input
+    takes over the whole dataset, per channel (over the batch and every
+    non-``axis`` dimension, at unmasked positions when a Keras mask reaches the
+    layer). They are accumulated in float64 with Chan's parallel merge (the law of
+    total variance), so they equal the statistics of the concatenated dataset for
+    any batching, an unequal last batch included - not fvcore/PyTorch's average of
+    per-batch variances, which omits the spread of the batch means. The variance is
+    the population (biased) one, or ``n / (n - 1)`` times it for our layer created
+    with ``unbiased_moving_variance=True``, ``n`` being the number of values per
+    channel over the dataset (with ``n = 1`` that variance is undefined and the
+    channel keeps its moving variance; a channel that received no value, e.g.
+    masked everywhere, keeps both statistics).
+
+    In which mode the inputs are computed (``mode``):
+
+    - ``"inference"`` (default): sequential recalibration. The layers are
+      recalibrated one at a time in the order the model calls them; the model runs
+      in inference mode (``training=False``: Dropout off, every BN normalizing with
+      its moving statistics), and every BN layer upstream of the one being measured
+      already holds its recalibrated statistics. This is the statistic inference
+      actually uses: afterwards, running the model in inference mode over ``data``,
+      every BN layer's input has mean ``moving_mean`` and variance
+      ``moving_variance`` exactly - the property BN's inference formula (and
+      folding BN into neighbouring layers) assumes. Noise from Dropout and from
+      batch statistics never enters. Cost: one partial pass over ``data`` per BN
+      layer (each pass stops right after the measured layer), so roughly
+      ``number_of_bn_layers / 2`` full forward passes. A shared BN layer is
+      measured over all its calls; where a later call sits downstream of a BN
+      layer not yet recalibrated, that layer still uses its old statistics.
+    - ``"training"``: one pass in training mode, as fvcore and PyTorch do: every BN
+      layer normalizes with the batch statistics (so an upstream BN's output, hence
+      a downstream BN's input, depends on the batch composition) and Dropout is
+      active. Much cheaper on deep models; the statistics are those of the
+      training-mode activations the layers were trained with. The variables the
+      forward pass would change (moving statistics, renorm statistics, random seed
+      state) are restored before the new statistics are written.
+
+    Every BN layer is recalibrated, frozen ones (``trainable=False``,
+    ``freeze_statistics=True``) included. The model is called eagerly (layer by
+    layer, no compilation), which costs a fixed overhead per call: in
+    ``"inference"`` mode the statistics do not depend on the batching, so use the
+    largest ``batch_size`` memory allows; in ``"training"`` mode the batch size is
+    part of the definition (upstream batch statistics), so use the training one. A
+    BN layer that never receives data keeps its statistics (a warning names it). With ``renorm=True`` the layer's ``moving_stddev`` is set to
+    ``sqrt(moving_variance + epsilon)`` to stay consistent; for our layer with
+    ``momentum=None`` the batch count becomes the number of batches used. On any
+    error, every BN layer is left as it was.
+
+    Args:
+        model: a built Keras model or layer (Sequential, Functional or subclassed;
+            BN layers inside nested models and custom layers are found too).
+        data: the inputs, one of: a NumPy array (or a list/dict of arrays for a
+            multi-input model), a tuple ``(x,)``, ``(x, y)`` or
+            ``(x, y, sample_weight)`` of those (``y`` is ignored), a
+            ``tf.data.Dataset``, a ``keras.utils.PyDataset``, or any iterable of
+            batches (each an ``x`` or an ``(x, y[, sample_weight])`` tuple, Keras's
+            convention). In ``"inference"`` mode the data is iterated once per BN
+            layer: re-iterable sources must yield the same batches each time
+            (turn off shuffling and random augmentation); a one-shot iterator
+            (e.g. a generator) is consumed once and its batches kept in memory.
+        steps: use only the first ``steps`` batches (required for infinite data).
+        batch_size: batch size for array ``data`` (ignored otherwise).
+        mode: ``"inference"`` (default) or ``"training"``, see above.
+        verbose: print one line per recalibrated layer.
+
+    Returns:
+        A dict mapping each BN layer's name to the number of values per channel its
+        statistics were computed from (0 for a layer that received no data).
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4),
+    ...                           keras.layers.BatchNormalization()])
+    >>> x = np.random.default_rng(0).normal(size=(100, 8)).astype("float32")
+    >>> counts = recalibrate_batch_norm(model, x, batch_size=32)  # doctest: +SKIP
+    """
+    if mode not in ("inference", "training"):
+        raise ValueError(
+            "Invalid mode for recalibrate_batch_norm: expected 'inference' or "
+            f"'training'. Received: mode={mode!r}"
+        )
+    if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
+        raise ValueError(
+            "Invalid steps for recalibrate_batch_norm: expected a positive integer or "
+            f"None (all batches). Received: steps={steps!r}"
+        )
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(
+            "Invalid batch_size for recalibrate_batch_norm: expected a positive "
+            f"integer. Received: batch_size={batch_size!r}"
+        )
+    layers = batch_norm_layers(model)
+    names = dict(zip(map(id, layers), unique_names(layers), strict=True))
+    if not layers:
+        return {}
+    unbuilt = [layer.name for layer in layers if layer.moving_mean is None]
+    if unbuilt:
+        raise ValueError(
+            "recalibrate_batch_norm needs a built model: BatchNormalization layers "
+            f"{unbuilt} have no weights yet. Call the model on a batch (or build it) "
+            "first."
+        )
+    batches = _Batches(data, batch_size, steps)
+    saved = {id(layer): [to_numpy(v).copy() for v in layer.variables] for layer in layers}
+    try:
+        if mode == "training":
+            moments, batch_counts = _measure_training_mode(model, layers, batches)
+        else:
+            moments, batch_counts = _measure_inference_mode(model, layers, batches, names, verbose)
+        for layer in layers:
+            _write_statistics(layer, moments.get(id(layer)), batch_counts.get(id(layer), 0))
+    except BaseException:
+        for layer in layers:
+            for variable, value in zip(layer.variables, saved[id(layer)], strict=True):
+                variable.assign(value)
+        raise
+    result = {}
+    for layer in layers:
+        measured = moments.get(id(layer))
+        count = int(measured.count.max()) if measured is not None else 0
+        result[names[id(layer)]] = count
+        if verbose and mode == "training":
+            print(f"recalibrated {names[id(layer)]}: {count} values per channel")
+    missing = [name for name, count in result.items() if count == 0]
+    if missing:
+        warnings.warn(
+            f"recalibrate_batch_norm: BatchNormalization layers {missing} received no "
+            "data; their moving statistics were left unchanged.",
+            stacklevel=2,
+        )
+    return result
+
+
+class _CallPatch:
+    """Temporarily routes each BN layer's ``call`` through ``hook(layer, ...)``."""
+
+    def __init__(self, layers, hook):
+        self.layers, self.hook = layers, hook
+
+    def __enter__(self):
+        for layer in self.layers:
+            original = layer.call
+
+            def call(inputs, training=None, mask=None, _layer=layer, _original=original):
+                return self.hook(_layer, _original, inputs, training, mask)
+
+            layer.call = call
+        return self
+
+    def __exit__(self, *exc_info):
+        for layer in self.layers:
+            if "call" in vars(layer):
+                del layer.call
+        return False
+
+
+def _run(model, x, training):
+    try:
+        model(x, training=training)
+    except _StopForward:
+        pass
+
+
+def _measure_training_mode(model, layers, batches):
+    moments = {id(layer): RunningMoments(layer.moving_mean.shape) for layer in layers}
+    batch_counts = {id(layer): 0 for layer in layers}
+    state = [(v, to_numpy(v).copy()) for v in model.non_trainable_variables]
+
+    def hook(layer, original, inputs, training, mask):
+        moments[id(layer)].merge(*_batch_moments(layer, inputs, mask))
+        batch_counts[id(layer)] += 1
+        return original(inputs, training=training, mask=mask)
+
+    try:
+        with _CallPatch(layers, hook):
+            for x in batches:
+                _run(model, x, training=True)
+    finally:
+        for variable, value in state:
+            variable.assign(value)
+    return (
+        {key: value for key, value in moments.items() if value.count.max() > 0},
+        batch_counts,
+    )
+
+
+def _measure_inference_mode(model, layers, batches, names, verbose):
+    """One pass per layer, in call order, upstream layers already recalibrated."""
+    batches.cache()
+    order, calls_per_forward = [], {}
+
+    def discover(layer, original, inputs, training, mask):
+        if id(layer) not in calls_per_forward:
+            order.append(layer)
+            calls_per_forward[id(layer)] = 0
+        calls_per_forward[id(layer)] += 1
+        return original(inputs, training=False, mask=mask)
+
+    first = next(iter(batches), None)
+    if first is None:
+        return {}, {}
+    with _CallPatch(layers, discover):
+        _run(model, first, training=False)
+
+    moments, batch_counts = {}, {}
+    for target in order:
+        measured, batch_count = _measure_layer(
+            model, layers, batches, target, calls_per_forward[id(target)]
+        )
+        if measured.count.max() > 0:
+            moments[id(target)] = measured
+            batch_counts[id(target)] = batch_count
+            _write_statistics(target, measured, batch_count)
+        if verbose:
+            print(
+                f"recalibrated {names[id(target)]}: {int(measured.count.max())} values per channel"
+            )
+    return moments, batch_counts
+
+
+def _measure_layer(model, layers, batches, target, calls_per_forward):
+    """The moments of ``target``'s input over ``batches``, in inference mode.
+
+    Each forward pass stops once ``target`` has seen all its calls for the batch.
+    """
+    measured = RunningMoments(target.moving_mean.shape)
+    state = {"calls": 0, "batches": 0}
+
+    def hook(layer, original, inputs, training, mask):
+        if layer is target:
+            measured.merge(*_batch_moments(layer, inputs, mask))
+            state["calls"] += 1
+            if state["calls"] % calls_per_forward == 0:
+                state["batches"] += 1
+                raise _StopForward
+        return original(inputs, training=False, mask=mask)
+
+    with _CallPatch(layers, hook):
+        for x in batches:
+            _run(model, x, training=False)
+    return measured, state["batches"]
+
+
+def _write_statistics(layer, moments, batch_count) -> None:
+    if moments is None:
+        return
+    unbiased = is_unbiased(layer)
+    # Channels that saw no value (all masked) keep their statistics, and so does
+    # an unbiased variance from a single value (undefined), as our layer does.
+    mean = np.where(moments.count > 0, moments.mean, to_numpy(layer.moving_mean))
+    variance = np.where(
+        moments.count > (1 if unbiased else 0),
+        moments.variance(unbiased=unbiased),
+        to_numpy(layer.moving_variance),
+    )
+    assign(layer.moving_mean, mean)
+    assign(layer.moving_variance, variance)
+    sync_moving_stddev(layer, variance)
+    count = count_variable(layer)
+    if count is not None:
+        assign(count, batch_count)

@@ -1,0 +1,296 @@
+"""Tests of keras_bn._keras_internals, the one module that touches private Keras API.
+
+Each test exercises one accessor on Sequential, Functional and nested models, so that
+after a Keras upgrade the failing test names exactly which private access moved.
+"""
+
+import re
+from pathlib import Path
+
+import keras
+import pytest
+
+from keras_bn import _keras_internals as internals
+
+L = keras.layers
+
+
+# ------------------------------------------------------------------ models
+
+
+def _inner():
+    return keras.Sequential(
+        [keras.Input((8,)), L.Dense(4, name="inner_dense"), L.BatchNormalization(name="inner_bn")],
+        name="inner",
+    )
+
+
+def _nested_shared_model():
+    """Two inputs, a shared Dense, a nested Sequential called twice, an Add."""
+    inner = _inner()
+    x = keras.Input((8,), name="x")
+    y = keras.Input((8,), name="y")
+    shared = L.Dense(8, name="shared")
+    out = L.Add(name="add")([inner(shared(x)), inner(shared(y))])
+    return keras.Model([x, y], out, name="outer")
+
+
+def _ops_model():
+    """A Functional model with keras.ops calls and a keyword argument."""
+    inputs = keras.Input((6,), name="features")
+    h = L.Dense(6, name="dense")(inputs)
+    h = L.BatchNormalization(name="bn")(h, training=False)
+    h = keras.ops.relu(h)
+    outputs = keras.ops.add(h, inputs)
+    return keras.Model(inputs, outputs, name="ops_model")
+
+
+class _Block(L.Layer):
+    """A custom layer holding sublayers as attributes."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = L.Dense(3, name="block_dense")
+        self.bn = L.BatchNormalization(name="block_bn")
+
+    def call(self, x, training=None):
+        return self.bn(self.dense(x), training=training)
+
+
+class _Subclassed(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = L.Dense(2)
+
+    def call(self, x):
+        return self.dense(x)
+
+
+# ------------------------------------------------------- private classes
+
+
+def test_private_classes_are_importable_and_of_the_expected_kind():
+    assert issubclass(internals.Functional, keras.Model)
+    assert issubclass(internals.LayerScale, keras.Layer)
+    assert issubclass(internals.CustomScaleLayer, keras.Layer)
+
+
+@pytest.mark.parametrize(
+    "module, name",
+    [
+        ("numpy_ops", name)
+        for name in (
+            "Add",
+            "Subtract",
+            "Multiply",
+            "Divide",
+            "TrueDivide",
+            "Maximum",
+            "Minimum",
+            "Negative",
+            "Tanh",
+        )
+    ]
+    + [
+        ("nn_ops", name)
+        for name in (
+            "Relu",
+            "Relu6",
+            "Sigmoid",
+            "Silu",
+            "HardSigmoid",
+            "HardSilu",
+            "Gelu",
+            "Softmax",
+        )
+    ],
+    ids=lambda value: value,
+)
+def test_operation_classes_used_by_the_converter_exist(module, name):
+    operation_class = getattr(getattr(internals, module), name)
+    assert issubclass(operation_class, keras.Operation)
+
+
+def test_keras_ops_calls_are_recorded_as_the_operation_classes():
+    operations = [node.operation for node in internals.ordered_nodes(_ops_model())]
+    assert isinstance(operations[-2], internals.nn_ops.Relu)
+    assert isinstance(operations[-1], internals.numpy_ops.Add)
+
+
+# ---------------------------------------------------- layers and models
+
+
+def test_flatten_layers_finds_nested_and_custom_layers_once_each():
+    inputs = keras.Input((8,))
+    inner = _inner()
+    h = inner(inputs)
+    h = inner(L.Dense(8)(h))  # called twice: still listed once
+    outputs = _Block(name="block")(h)
+    model = keras.Model(inputs, outputs)
+    layers = internals.flatten_layers(model)
+    names = [layer.name for layer in layers]
+    assert layers[0] is model  # the layer itself comes first
+    assert len(layers) == len({id(layer) for layer in layers})
+    for name in ("inner", "inner_dense", "inner_bn", "block", "block_dense", "block_bn"):
+        assert names.count(name) == 1, names
+
+
+def test_flatten_layers_of_a_plain_layer_is_itself():
+    layer = L.Dense(3)
+    assert internals.flatten_layers(layer) == [layer]
+
+
+@pytest.mark.parametrize(
+    "build, functional, sequential_or_functional",
+    [
+        (_inner, False, True),
+        (_nested_shared_model, True, True),
+        (lambda: _Subclassed(), False, False),
+    ],
+    ids=["sequential", "functional", "subclassed"],
+)
+def test_model_kinds(build, functional, sequential_or_functional):
+    model = build()
+    assert internals.is_functional(model) is functional
+    assert internals.is_sequential_or_functional(model) is sequential_or_functional
+
+
+def test_functional_subclass_counts_as_functional():
+    class MyFunctional(internals.Functional):
+        pass
+
+    inputs = keras.Input((3,))
+    model = MyFunctional(inputs, L.Dense(2)(inputs))
+    assert internals.is_functional(model)
+    assert internals.functional_of(model) is model
+
+
+# ---------------------------------------------------- Functional graphs
+
+
+def test_functional_of_functional_and_sequential():
+    model = _nested_shared_model()
+    assert internals.functional_of(model) is model
+    sequential = _inner()
+    functional = internals.functional_of(sequential)
+    assert internals.is_functional(functional) and functional is not sequential
+
+
+def test_functional_of_sequential_built_without_input():
+    sequential = keras.Sequential([L.Dense(3)])
+    with pytest.raises(ValueError, match="no known input shape"):
+        internals.functional_of(sequential)
+    sequential.build((None, 5))
+    assert internals.is_functional(internals.functional_of(sequential))
+
+
+def test_functional_of_subclassed_model_raises():
+    model = _Subclassed(name="sub")
+    model(keras.ops.zeros((1, 3)))
+    with pytest.raises(ValueError, match="'sub' of class _Subclassed is a subclassed model"):
+        internals.functional_of(model)
+
+
+def test_ordered_nodes_are_topological_without_input_nodes():
+    model = _nested_shared_model()
+    nodes = internals.ordered_nodes(model)
+    assert [node.operation.name for node in nodes].count("shared") == 2
+    assert [node.operation.name for node in nodes].count("inner") == 2
+    assert nodes[-1].operation.name == "add"
+    assert not any(node.is_input for node in nodes)
+    assert not any(isinstance(node.operation, L.InputLayer) for node in nodes)
+    known = {id(tensor) for tensor in keras.tree.flatten(internals.inputs_struct(model))}
+    for node in nodes:
+        assert all(id(tensor) in known for tensor in node.input_tensors), node.operation.name
+        assert all(isinstance(tensor, keras.KerasTensor) for tensor in node.outputs)
+        known.update(id(tensor) for tensor in node.outputs)
+
+
+def test_ordered_nodes_of_a_nested_model_call():
+    model = _nested_shared_model()
+    calls = [node for node in internals.ordered_nodes(model) if node.operation.name == "inner"]
+    assert all(isinstance(node.operation, keras.Sequential) for node in calls)
+    inner = internals.functional_of(calls[0].operation)
+    inner_nodes = internals.ordered_nodes(inner)
+    assert [node.operation.name for node in inner_nodes] == ["inner_dense", "inner_bn"]
+    # The inner graph's own inputs/outputs connect its nodes.
+    (inner_input,) = keras.tree.flatten(internals.inputs_struct(inner))
+    (inner_output,) = keras.tree.flatten(internals.outputs_struct(inner))
+    assert inner_nodes[0].input_tensors == (inner_input,)
+    assert inner_nodes[-1].outputs == (inner_output,)
+
+
+def test_node_arguments_keep_args_kwargs_and_tensors():
+    model = _ops_model()
+    nodes = {node.operation.name: node for node in internals.ordered_nodes(model)}
+    bn = nodes["bn"]
+    assert bn.kwargs == {"training": False}
+    assert len(bn.args) == 1 and bn.args[0] is bn.input_tensors[0]
+    assert internals.producing_operation(bn.args[0]).name == "dense"
+    add = internals.ordered_nodes(model)[-1]
+    assert len(add.input_tensors) == 2
+    assert internals.producing_operation(add.input_tensors[1]).name == "features"
+
+
+def test_inputs_and_outputs_struct_keep_the_call_structure():
+    a = keras.Input((2,), name="a")
+    b = keras.Input((3,), name="b")
+    merged = L.Concatenate(name="concat")([a, b])
+    model = keras.Model(
+        {"a": a, "b": b}, {"sum": L.Dense(1, name="sum")(merged), "same": merged}, name="dicts"
+    )
+    inputs = internals.inputs_struct(model)
+    outputs = internals.outputs_struct(model)
+    assert isinstance(inputs, dict) and set(inputs) == {"a", "b"}
+    assert internals.producing_operation(inputs["b"]).name == "b"
+    assert isinstance(outputs, dict) and set(outputs) == {"sum", "same"}
+    assert internals.producing_operation(outputs["same"]).name == "concat"
+
+
+def test_producing_operation_of_an_input_is_its_input_layer():
+    inputs = keras.Input((4,), name="pixels")
+    operation = internals.producing_operation(inputs)
+    assert isinstance(operation, L.InputLayer) and operation.name == "pixels"
+
+
+def test_output_names():
+    model = _nested_shared_model()
+    assert internals.output_names(model) == ["add"]
+    assert internals.output_names(internals.functional_of(_inner())) == ["inner_bn"]
+
+
+def test_walk_with_accessors_only_reaches_every_leaf_call():
+    """The walk converters/graph.py does, written with the accessors alone."""
+    model = _nested_shared_model()
+
+    def walk(functional):
+        calls = []
+        for node in internals.ordered_nodes(functional):
+            if isinstance(node.operation, keras.Model):
+                inner = internals.functional_of(node.operation)
+                calls.extend(walk(inner))
+            else:
+                calls.append(node.operation.name)
+        return calls
+
+    assert sorted(walk(model)) == sorted(
+        ["shared", "shared", "inner_dense", "inner_dense", "inner_bn", "inner_bn", "add"]
+    )
+
+
+def test_no_other_keras_bn_module_touches_private_keras_api():
+    """keras_bn/*.py reach private Keras API only through _keras_internals."""
+    package = Path(internals.__file__).parent
+    private = re.compile(r"keras\.src|\b(?!self\b)\w+\._(?!_)[a-z]\w*")
+    offenders = []
+    for path in sorted(package.glob("*.py")):
+        if path.name == "_keras_internals.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            for match in private.finditer(code):
+                text = match.group(0)
+                if text.startswith("keras_bn._"):  # our own private modules
+                    continue
+                offenders.append(f"{path.name}:{number}: {text}")
+    assert not offenders, offenders
