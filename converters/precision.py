@@ -359,15 +359,6 @@ def quantize_int8(
         against the float model on the calibration data and, for classifiers, the
         top-1 agreement.
     """
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
-
     start = time.perf_counter()
     _load_onnx(onnx_in)  # a clear error for a missing or unparsable file
     specs = runtime.onnx_input_specs(onnx_in)
@@ -375,47 +366,9 @@ def quantize_int8(
     batches = list(
         runtime.batches(matched, runtime.fixed_batch_size(specs), calibration_batch_size)
     )
-
-    class ArrayCalibrationReader(CalibrationDataReader):
-        """Feeds the calibration arrays to onnxruntime's calibrator, batch by batch."""
-
-        def __init__(self) -> None:
-            self._iterator = iter(batches)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._iterator, None)
-
-    reader = ArrayCalibrationReader()
-
     onnx_out = Path(onnx_out)
     with atomic_output(onnx_out, suffix=".onnx") as tmp:
-        preprocessed = tmp.with_name(tmp.stem + ".pre.onnx")
-        try:
-            # Shape inference and graph clean-up, as onnxruntime recommends before
-            # quantizing; the optimizer step is ours to skip (folding already ran).
-            # ONNX's own shape inference resolves every shape of our exports (static
-            # but for the batch), so the symbolic pass (which needs sympy) is skipped.
-            quant_pre_process(
-                str(onnx_in),
-                str(preprocessed),
-                skip_optimization=True,
-                skip_symbolic_shape=True,
-            )
-            quantize_static(
-                str(preprocessed),
-                str(tmp),
-                reader,
-                quant_format=QuantFormat.QDQ,
-                per_channel=per_channel,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
-                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-            )
-        finally:
-            for leftover in (preprocessed, Path(str(preprocessed) + ".data")):
-                if leftover.exists():
-                    leftover.unlink()
+        _quantize_static(Path(onnx_in), tmp, batches, per_channel)
     report = PrecisionReport(
         precision="int8",
         path=str(onnx_out),
@@ -430,3 +383,54 @@ def quantize_int8(
     )
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _quantize_static(
+    onnx_in: Path, onnx_out: Path, batches: list[dict[str, np.ndarray]], per_channel: bool
+) -> None:
+    """onnxruntime's pre-processing and static QDQ quantization, calibrated on ``batches``."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    class ArrayCalibrationReader(CalibrationDataReader):
+        """Feeds the calibration arrays to onnxruntime's calibrator, batch by batch."""
+
+        def __init__(self) -> None:
+            self._iterator = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._iterator, None)
+
+    preprocessed = onnx_out.with_name(onnx_out.stem + ".pre.onnx")
+    try:
+        # Shape inference and graph clean-up, as onnxruntime recommends before
+        # quantizing; the optimizer step is ours to skip (folding already ran).
+        # ONNX's own shape inference resolves every shape of our exports (static
+        # but for the batch), so the symbolic pass (which needs sympy) is skipped.
+        quant_pre_process(
+            str(onnx_in),
+            str(preprocessed),
+            skip_optimization=True,
+            skip_symbolic_shape=True,
+        )
+        quantize_static(
+            str(preprocessed),
+            str(onnx_out),
+            ArrayCalibrationReader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+    finally:
+        for leftover in (preprocessed, Path(str(preprocessed) + ".data")):
+            if leftover.exists():
+                leftover.unlink()

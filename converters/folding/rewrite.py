@@ -20,6 +20,7 @@ from keras import tree
 
 from keras_bn.converters import graph as graph_lib
 from keras_bn.converters.comparison import compare_arrays
+from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.folding import maths
 from keras_bn.converters.folding.plan import Plan, checked_statistics, make_plan
 from keras_bn.converters.folding.report import FoldReport
@@ -237,7 +238,10 @@ def _generated_inputs(graph: graph_lib.Graph) -> Any:
     non-batch size is unknown."""
     if any(size is None for tensor in graph.inputs for size in tensor.shape[1:]):
         return None
-    arrays = list(sample_arrays(graph, batch_size=2, seed=0).values())
+    try:
+        arrays = list(sample_arrays(graph, batch_size=2, seed=0).values())
+    except UserInputError:  # a dtype with no generator (strings): nothing to measure on
+        return None
     return arrays if len(arrays) > 1 else arrays[0]
 
 
@@ -265,8 +269,8 @@ def fold_batch_norms(
         model: a built Sequential or Functional model (not modified).
         backward: also fold BN into the layer after it.
         sample_inputs: inputs to compare the original and folded models on
-            (anything ``model(...)`` accepts). If None, a batch of 2 standard-normal
-            inputs is generated where every input shape is known (one forward pass
+            (anything ``model(...)`` accepts). If None, a batch of 2 inputs from
+            ``make_sample_inputs`` is generated where every input shape is known (one forward pass
             of each model); ``report.max_abs_diff`` stays None where shapes are
             unknown or the original model cannot run on this backend (say why in
             ``report.measured_on``).
