@@ -41,7 +41,7 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 from keras_bn.converters.folding import fold_batch_norms  # noqa: E402
-from keras_bn.converters.onnx_export import ExportWarning, check_structure, export_onnx  # noqa: E402
+from keras_bn.converters.onnx.export import ExportWarning, check_structure, export_onnx  # noqa: E402
 from keras_bn.converters.validation import validate_onnx  # noqa: E402
 
 DEFAULT_MODELS = ["ResNet50", "MobileNetV2", "MobileNetV3Small", "EfficientNetB0"]

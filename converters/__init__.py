@@ -1,10 +1,12 @@
 """The keras-bn converter: fold BatchNormalization, export to ONNX, validate.
 
-Three stages, one module each: :mod:`.folding` rewrites a Keras model into a Keras
-model without foldable BatchNormalization layers, :mod:`.onnx_export` writes a Keras
-model as ONNX, :mod:`.validation` runs both in Keras and onnxruntime and compares.
-:mod:`.precision` converts an exported model to float16 or int8, and :mod:`.cli`
-is the ``keras-bn`` command.
+Three stages, one room each: :mod:`.folding` rewrites a model's graph without
+foldable BatchNormalization layers (and rebuilds it as a Keras model),
+:mod:`.onnx` exports a graph as ONNX, :mod:`.validation` runs the Keras model and
+the ONNX file (through :mod:`.runtime`) and compares them (:mod:`.comparison`).
+:mod:`.graph` is the flattened-graph IR they share, :mod:`.samples` the Keras-side
+inputs, :mod:`.precision` converts an exported model to float16 or int8,
+:mod:`.benchmarking` times it, and :mod:`.cli` is the ``keras-bn`` command.
 
 The public names below are imported on first use, so ``import keras_bn.converters``
 stays cheap (the CLI's ``--help`` needs no onnx, no onnxruntime)::
@@ -21,7 +23,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from keras_bn.converters.errors import UserInputError, ValidationFailed
+from keras_bn.converters.errors import UserInputError
 
 # Public name -> module (relative to this package) that defines it.
 _EXPORTS: dict[str, str] = {
@@ -31,21 +33,21 @@ _EXPORTS: dict[str, str] = {
     "FoldReport": "folding",
     "FoldEntry": "folding",
     "Fp16Risk": "folding",
-    "export_onnx": "onnx_export",
-    "ExportResult": "onnx_export",
-    "ExportWarning": "onnx_export",
-    "UnsupportedLayersError": "onnx_export",
+    "export_onnx": "onnx.export",
+    "ExportResult": "onnx.export",
+    "ExportWarning": "onnx.export",
+    "UnsupportedLayersError": "onnx.export",
     "validate_onnx": "validation",
-    "make_sample_inputs": "validation",
+    "make_sample_inputs": "samples",
     "ValidationReport": "validation",
-    "compare_arrays": "validation",
+    "compare_arrays": "comparison",
     "convert_float16": "precision",
     "quantize_int8": "precision",
     "bench_onnx": "benchmarking",
     "load_model": "model_io",
 }
 
-__all__ = ["UserInputError", "ValidationFailed", *_EXPORTS]
+__all__ = ["UserInputError", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from keras_bn.converters import runtime
 from keras_bn.converters.errors import UserInputError
 
 __all__ = ["OPTIMIZATION_LEVELS", "BenchResult", "BenchReport", "bench_onnx", "random_inputs"]
@@ -116,25 +117,6 @@ def random_inputs(
     return inputs
 
 
-def _session(path: str, level: str, threads: int | None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(
-        ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[level]
-    )
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise UserInputError(
-            f"ONNX model {path!r} cannot be loaded by onnxruntime "
-            f"({' '.join(str(error).split())[:200]}); expected a valid .onnx file."
-        ) from None
-
-
 def bench_onnx(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     runs: int = 50,
@@ -158,8 +140,6 @@ def bench_onnx(
         threads: ``intra_op_num_threads`` (``None``: onnxruntime's default).
         seed: seed of the random inputs.
     """
-    from keras_bn.converters.precision import match_onnx_inputs, onnx_input_specs
-
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
     paths = [str(path) for path in paths]
@@ -175,14 +155,17 @@ def bench_onnx(
             raise UserInputError(f"ONNX model {path!r} does not exist; expected an .onnx file.")
     results = []
     for path in paths:
-        _session(path, "off", threads)  # a clear error for a file onnxruntime rejects
+        # Opened first: a clear error for a file onnxruntime rejects.
+        specs = runtime.input_specs(runtime.open_session(path, optimization="ORT_DISABLE_ALL"))
         if inputs is None:  # the same seed for every model: equal data where shapes match
-            feed = random_inputs(onnx_input_specs(path), batch_size, seed)
+            feed = random_inputs(specs, batch_size, seed)
         else:
-            feed = match_onnx_inputs(path, inputs, "Benchmark inputs")
+            feed = runtime.match_inputs(specs, inputs, "Benchmark inputs")
         actual_batch = len(next(iter(feed.values())))
         for level in OPTIMIZATION_LEVELS:
-            session = _session(path, level, threads)
+            session = runtime.open_session(
+                path, optimization=OPTIMIZATION_LEVELS[level], threads=threads
+            )
             for _ in range(warmup):
                 session.run(None, feed)
             times = np.empty(runs)

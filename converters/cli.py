@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from keras_bn.converters.errors import UserInputError, ValidationFailed
+from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.files import atomic_output, check_output_path
 from keras_bn.converters.options import INPUT_LAYOUTS, PRECISIONS
 from keras_bn.converters.progress import Progress, format_table
@@ -230,11 +230,8 @@ def _validate(
     if rtol is not None:
         kwargs["rtol"] = rtol
     with run.progress.step("Validating against the Keras model in onnxruntime"):
-        try:
-            report = validate_onnx(model, onnx_path, **kwargs)
-            passed = bool(report)
-        except ValidationFailed as failure:
-            report, passed = failure, False
+        report = validate_onnx(model, onnx_path, **kwargs)
+        passed = bool(report)
     if shown_path is not None and dataclasses.is_dataclass(report) and hasattr(report, "path"):
         report = dataclasses.replace(report, path=str(shown_path))  # not the temporary path
     run.report["validation"] = _as_dict(report)
@@ -246,6 +243,8 @@ def _validate(
 def _onnx_facts(onnx_path: Path) -> tuple[str, str | None]:
     """The precision an ONNX model was converted to, and the input layout it records."""
     import onnx
+
+    from keras_bn.converters.onnx.metadata import METADATA_INPUT_LAYOUT
 
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
@@ -260,7 +259,7 @@ def _onnx_facts(onnx_path: Path) -> tuple[str, str | None]:
     elif any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer):
         precision = "float16"
     metadata = {prop.key: prop.value for prop in model.metadata_props}
-    layout = metadata.get("keras_bn.input_layout")
+    layout = metadata.get(METADATA_INPUT_LAYOUT)
     return precision, layout if layout in INPUT_LAYOUTS else None
 
 
@@ -559,7 +558,7 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
             "operator and its input gets its own quantization step; fold first for better "
             "int8 accuracy."
         )
-    from keras_bn.converters.onnx_export import export_onnx
+    from keras_bn.converters.onnx.export import export_onnx
 
     # Work beside the target, each file under the output's own name: an ONNX model
     # refers to its external data file (``<name>.onnx.data``) by file name, so the

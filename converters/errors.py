@@ -9,7 +9,3 @@ bug and keeps its traceback.
 
 class UserInputError(ValueError):
     """A problem with the user's input, reported as one line without traceback."""
-
-
-class ValidationFailed(RuntimeError):
-    """The exported model's outputs differ from the Keras model's (CLI exit 1)."""

@@ -26,8 +26,8 @@ __all__ = [
     "Tensor",
     "flatten",
     "rebuild",
-    "clone_layer",
     "is_model",
+    "node_keys",
     "call_model",
 ]
 
@@ -66,10 +66,25 @@ class Node:
     outputs: list[Tensor]
     output_structure: Any  # the call's output with Tensors in place of KerasTensors
     scope: str = ""  # "outer/inner" names of the nested models this call sits in
+    # The call's key: its name, with ``#k`` for the k-th further call of a shared
+    # layer (unique in the graph; see :func:`node_keys`).
+    key: str = ""
+    # Values that replace the layer's variables of these names for this call only
+    # (a rewrite's, e.g. folded weights); read every weight through :meth:`weight`.
+    weights: dict[str, np.ndarray] | None = None
 
     @property
     def name(self) -> str:
         return f"{self.scope}/{self.layer.name}" if self.scope else self.layer.name
+
+    def has_weight_override(self, name: str) -> bool:
+        return self.weights is not None and name in self.weights
+
+    def weight(self, name: str) -> np.ndarray:
+        """The call's weight ``name``: its override, else the layer's variable, as NumPy."""
+        if self.weights is not None and name in self.weights:
+            return self.weights[name]
+        return to_numpy(getattr(self.layer, name))
 
     def __repr__(self) -> str:
         return f"Node({type(self.layer).__name__} {self.name!r})"
@@ -86,6 +101,16 @@ class Graph:
     input_names: list[str]
     output_names: list[str]
     output_structure: Any  # the model's output structure with Tensors as leaves
+    # For a graph rewritten from another (folded): by node key of the original
+    # graph, the tensor that now holds each output of that call, None where no
+    # tensor holds it on its own. None: every node holds its own outputs.
+    output_map: dict[str, list[Tensor | None]] | None = None
+
+    def keyed_outputs(self) -> dict[str, list[Tensor | None]]:
+        """Node key -> the tensors holding that call's outputs (see ``output_map``)."""
+        if self.output_map is not None:
+            return self.output_map
+        return {node.key: list(node.outputs) for node in self.nodes}
 
     def call_sites(self, layer: Any) -> list[Node]:
         """All nodes that call ``layer`` (more than one for a shared layer)."""
@@ -220,6 +245,8 @@ def flatten(model: keras.Model) -> Graph:
         inputs.append(tensor)
         input_names.append(input_layer.name)
     walk(functional, tensor_map, "")
+    for node, key in zip(nodes, node_keys(nodes), strict=True):
+        node.key = key
     output_structure = tree.map_structure(lambda x: tensor_map[id(x)], functional._outputs_struct)
     outputs = [tensor_map[id(x)] for x in tree.flatten(functional._outputs_struct)]
     return Graph(
@@ -233,16 +260,19 @@ def flatten(model: keras.Model) -> Graph:
     )
 
 
+def node_keys(nodes: list[Node]) -> list[str]:
+    """A key per node: its name, with ``#k`` for the k-th further call of a shared layer."""
+    seen: dict[str, int] = {}
+    keys = []
+    for node in nodes:
+        count = seen.get(node.name, 0)
+        seen[node.name] = count + 1
+        keys.append(node.name if count == 0 else f"{node.name}#{count}")
+    return keys
+
+
 def _is_keras_tensor(x: Any) -> bool:
     return isinstance(x, keras.KerasTensor)
-
-
-def clone_layer(layer: Any, config_updates: dict | None = None) -> Any:
-    """A fresh, unbuilt copy of ``layer`` from its config (plus ``config_updates``)."""
-    config = layer.get_config()
-    if config_updates:
-        config = {**config, **config_updates}
-    return type(layer).from_config(config)
 
 
 def copy_weights(source: Any, target: Any) -> None:

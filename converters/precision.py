@@ -45,9 +45,12 @@ from typing import Any
 
 import numpy as np
 
+from keras_bn.converters import runtime
+from keras_bn.converters.comparison import OutputComparison, compare_arrays
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.files import atomic_output
 from keras_bn.converters.options import PRECISIONS, Precision
+from keras_bn.converters.runtime import onnx_input_specs  # the CLI's import
 
 __all__ = [
     "FLOAT16_MAX",
@@ -55,11 +58,12 @@ __all__ = [
     "PRECISIONS",
     "Precision",
     "Float16RangeIssue",
-    "OutputComparison",
+    "ModelComparison",
     "PrecisionReport",
     "check_float16_range",
     "compare_onnx_models",
     "convert_float16",
+    "onnx_input_specs",
     "quantize_int8",
 ]
 
@@ -94,13 +98,26 @@ class Float16RangeIssue:
 
 
 @dataclasses.dataclass(frozen=True)
-class OutputComparison:
-    """How far a converted model's outputs are from the float model's on some data."""
+class ModelComparison:
+    """How far a converted model's outputs are from the float model's on some data.
+
+    ``outputs``: one :class:`~keras_bn.converters.comparison.OutputComparison` per
+    model output (converted against float); the fields above summarize them.
+    """
 
     samples: int
     max_abs_diff: float
     mean_abs_diff: float
     top1_agreement: float | None  # fraction of samples with the same argmax (classifiers)
+    outputs: tuple[OutputComparison, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "max_abs_diff": self.max_abs_diff,
+            "mean_abs_diff": self.mean_abs_diff,
+            "top1_agreement": self.top1_agreement,
+        }
 
     def __str__(self) -> str:
         text = (
@@ -120,7 +137,7 @@ class PrecisionReport:
     path: str
     seconds: float
     range_issues: list[Float16RangeIssue] = dataclasses.field(default_factory=list)
-    comparison: OutputComparison | None = None
+    comparison: ModelComparison | None = None
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -134,7 +151,7 @@ class PrecisionReport:
             "seconds": round(self.seconds, 4),
             "clamped_count": self.clamped_count,
             "range_issues": [dataclasses.asdict(issue) for issue in self.range_issues],
-            "comparison": None if self.comparison is None else dataclasses.asdict(self.comparison),
+            "comparison": None if self.comparison is None else self.comparison.to_dict(),
             **self.details,
         }
 
@@ -284,103 +301,6 @@ def _save_onnx(model, path: str | os.PathLike) -> None:
         onnx.save(model, str(tmp))
 
 
-def onnx_input_specs(path: str | os.PathLike) -> list[tuple[str, tuple[int | None, ...], str]]:
-    """``(name, shape, numpy dtype)`` of each graph input, ``None`` for dynamic sizes."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    specs = []
-    for node_arg in session.get_inputs():
-        shape = tuple(d if isinstance(d, int) else None for d in node_arg.shape)
-        specs.append((node_arg.name, shape, _ORT_TYPES.get(node_arg.type, "float32")))
-    return specs
-
-
-_ORT_TYPES = {
-    "tensor(float)": "float32",
-    "tensor(float16)": "float16",
-    "tensor(double)": "float64",
-    "tensor(int64)": "int64",
-    "tensor(int32)": "int32",
-    "tensor(int8)": "int8",
-    "tensor(uint8)": "uint8",
-    "tensor(bool)": "bool",
-}
-
-
-def match_onnx_inputs(
-    path: str | os.PathLike, inputs: Mapping[str, np.ndarray], what: str
-) -> dict[str, np.ndarray]:
-    """Key ``inputs`` by the ONNX model's input names and cast them to its dtypes."""
-    specs = onnx_input_specs(path)
-    names = [name for name, _, _ in specs]
-    if len(specs) == 1 and len(inputs) == 1:
-        inputs = {names[0]: next(iter(inputs.values()))}
-    if set(inputs) != set(names):
-        raise UserInputError(
-            f"{what} has arrays {sorted(inputs)!r}; expected the ONNX model inputs {names!r}."
-        )
-    matched = {}
-    batch_sizes = set()
-    for name, shape, dtype in specs:
-        array = np.asarray(inputs[name])
-        if array.ndim != len(shape) or any(
-            want is not None and got != want
-            for got, want in zip(array.shape[1:], shape[1:], strict=False)
-        ):
-            raise UserInputError(
-                f"{what}: array {name!r} has shape {array.shape}; the ONNX model expects "
-                f"{tuple('N' if d is None else d for d in shape)} (batch first)."
-            )
-        if array.shape[0] == 0:
-            raise UserInputError(f"{what}: array {name!r} is empty; give at least one sample.")
-        batch_sizes.add(array.shape[0])
-        matched[name] = array.astype(dtype)
-    if len(batch_sizes) != 1:
-        raise UserInputError(
-            f"{what}: arrays have different batch sizes {sorted(batch_sizes)}; "
-            "give every input the same number of samples."
-        )
-    return matched
-
-
-def _batches(
-    inputs: Mapping[str, np.ndarray], fixed_batch: int | None, batch_size: int
-) -> Iterator[dict[str, np.ndarray]]:
-    """Split ``inputs`` into batches the model accepts (its fixed batch size, if any)."""
-    total = len(next(iter(inputs.values())))
-    step = fixed_batch or batch_size
-    if fixed_batch is not None and total % fixed_batch:
-        raise UserInputError(
-            f"The ONNX model has a fixed batch size of {fixed_batch} but the data has "
-            f"{total} sample(s); give a multiple of {fixed_batch} or export with a "
-            "dynamic batch size."
-        )
-    for start in range(0, total, step):
-        yield {name: array[start : start + step] for name, array in inputs.items()}
-
-
-def _fixed_batch(path: str | os.PathLike) -> int | None:
-    sizes = {shape[0] for _, shape, _ in onnx_input_specs(path) if shape}
-    sizes.discard(None)
-    return sizes.pop() if len(sizes) == 1 else None
-
-
-def _run(path: str | os.PathLike, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    matched = match_onnx_inputs(path, inputs, "Inputs")
-    outputs: list[list[np.ndarray]] = []
-    for batch in _batches(matched, _fixed_batch(path), batch_size=64):
-        results = session.run(None, batch)
-        if not outputs:
-            outputs = [[] for _ in results]
-        for collected, result in zip(outputs, results, strict=True):
-            collected.append(np.asarray(result))
-    return [np.concatenate(parts).astype(np.float64) for parts in outputs]
-
-
 def compare_onnx_models(
     reference: str | os.PathLike,
     candidate: str | os.PathLike,
@@ -391,20 +311,26 @@ def compare_onnx_models(
     Top-1 agreement is given when the (first) output looks like class scores: rank 2
     with at least two classes.
     """
-    expected = _run(reference, inputs)
-    received = _run(candidate, inputs)
-    diffs = [np.abs(e - r) for e, r in zip(expected, received, strict=True)]
+    expected = runtime.run(runtime.open_session(reference), inputs)
+    received = runtime.run(runtime.open_session(candidate), inputs)
+    outputs = tuple(
+        compare_arrays(r, e, name=f"output {i}")
+        for i, (e, r) in enumerate(zip(expected, received, strict=True))
+    )
+    sizes = [max(int(np.prod(c.shape)), 0) for c in outputs]
     top1 = None
     first_expected, first_received = expected[0], received[0]
     if first_expected.ndim == 2 and first_expected.shape[1] >= 2:
         top1 = float(
             np.mean(np.argmax(first_expected, axis=1) == np.argmax(first_received, axis=1))
         )
-    return OutputComparison(
+    return ModelComparison(
         samples=int(first_expected.shape[0]),
-        max_abs_diff=float(max(d.max() for d in diffs)),
-        mean_abs_diff=float(np.mean(np.concatenate([d.ravel() for d in diffs]))),
+        max_abs_diff=max(c.max_abs_error for c in outputs),
+        mean_abs_diff=sum(c.mean_abs_error * n for c, n in zip(outputs, sizes, strict=True))
+        / max(sum(sizes), 1),
         top1_agreement=top1,
+        outputs=outputs,
     )
 
 
@@ -433,60 +359,16 @@ def quantize_int8(
         against the float model on the calibration data and, for classifiers, the
         top-1 agreement.
     """
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
-
     start = time.perf_counter()
     _load_onnx(onnx_in)  # a clear error for a missing or unparsable file
-    matched = match_onnx_inputs(onnx_in, calibration_inputs, "Calibration data")
-    batches = list(_batches(matched, _fixed_batch(onnx_in), calibration_batch_size))
-
-    class ArrayCalibrationReader(CalibrationDataReader):
-        """Feeds the calibration arrays to onnxruntime's calibrator, batch by batch."""
-
-        def __init__(self) -> None:
-            self._iterator = iter(batches)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._iterator, None)
-
-    reader = ArrayCalibrationReader()
-
+    specs = runtime.onnx_input_specs(onnx_in)
+    matched = runtime.match_inputs(specs, calibration_inputs, "Calibration data")
+    batches = list(
+        runtime.batches(matched, runtime.fixed_batch_size(specs), calibration_batch_size)
+    )
     onnx_out = Path(onnx_out)
     with atomic_output(onnx_out, suffix=".onnx") as tmp:
-        preprocessed = tmp.with_name(tmp.stem + ".pre.onnx")
-        try:
-            # Shape inference and graph clean-up, as onnxruntime recommends before
-            # quantizing; the optimizer step is ours to skip (folding already ran).
-            # ONNX's own shape inference resolves every shape of our exports (static
-            # but for the batch), so the symbolic pass (which needs sympy) is skipped.
-            quant_pre_process(
-                str(onnx_in),
-                str(preprocessed),
-                skip_optimization=True,
-                skip_symbolic_shape=True,
-            )
-            quantize_static(
-                str(preprocessed),
-                str(tmp),
-                reader,
-                quant_format=QuantFormat.QDQ,
-                per_channel=per_channel,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax,
-                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-            )
-        finally:
-            for leftover in (preprocessed, Path(str(preprocessed) + ".data")):
-                if leftover.exists():
-                    leftover.unlink()
+        _quantize_static(Path(onnx_in), tmp, batches, per_channel)
     report = PrecisionReport(
         precision="int8",
         path=str(onnx_out),
@@ -501,3 +383,54 @@ def quantize_int8(
     )
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _quantize_static(
+    onnx_in: Path, onnx_out: Path, batches: list[dict[str, np.ndarray]], per_channel: bool
+) -> None:
+    """onnxruntime's pre-processing and static QDQ quantization, calibrated on ``batches``."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    class ArrayCalibrationReader(CalibrationDataReader):
+        """Feeds the calibration arrays to onnxruntime's calibrator, batch by batch."""
+
+        def __init__(self) -> None:
+            self._iterator = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._iterator, None)
+
+    preprocessed = onnx_out.with_name(onnx_out.stem + ".pre.onnx")
+    try:
+        # Shape inference and graph clean-up, as onnxruntime recommends before
+        # quantizing; the optimizer step is ours to skip (folding already ran).
+        # ONNX's own shape inference resolves every shape of our exports (static
+        # but for the batch), so the symbolic pass (which needs sympy) is skipped.
+        quant_pre_process(
+            str(onnx_in),
+            str(preprocessed),
+            skip_optimization=True,
+            skip_symbolic_shape=True,
+        )
+        quantize_static(
+            str(preprocessed),
+            str(onnx_out),
+            ArrayCalibrationReader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+    finally:
+        for leftover in (preprocessed, Path(str(preprocessed) + ".data")):
+            if leftover.exists():
+                leftover.unlink()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import inspect
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -33,7 +32,22 @@ import numpy as np
 from keras import tree
 
 from keras_bn.converters import graph as graph_lib
+from keras_bn.converters import runtime
+from keras_bn.converters.comparison import (
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    OutputComparison,
+    compare_arrays,
+    failed_comparison,
+)
 from keras_bn.converters.errors import UserInputError
+from keras_bn.converters.onnx.metadata import (
+    METADATA_INPUT_LAYOUT,
+    LayerMap,
+    decode_layer_map,
+)
+from keras_bn.converters.options import INPUT_LAYOUTS
+from keras_bn.converters.samples import call_model, make_sample_inputs, normalize_inputs
 
 __all__ = [
     "DEFAULT_ATOL",
@@ -47,102 +61,9 @@ __all__ = [
     "call_model",
 ]
 
-DEFAULT_ATOL = 1e-4
-DEFAULT_RTOL = 1e-3
-UNKNOWN_DIMENSION_SIZE = 32  # generated inputs use this size for unknown non-batch axes
-_IMAGE_SCALE_LIMIT = 0.1  # a leading Rescaling(scale <= this) means pixels in [0, 255]
-
 
 # --------------------------------------------------------------------------------------
-# Comparing arrays.
-
-
-@dataclasses.dataclass
-class OutputComparison:
-    """One model output at one batch size.
-
-    ``max_rel_error`` is the largest ``|a - b| / |b|`` (``inf`` where ``b`` is 0
-    and ``a`` is not); ``relative_to_max`` is ``max |a - b| / max |b|``, the
-    error relative to the output's range, which stays meaningful near zeros.
-    ``required_atol`` is the smallest atol that passes at the given rtol,
-    ``required_rtol`` the smallest rtol that passes at the given atol.
-    """
-
-    name: str
-    batch_size: int
-    shape: tuple[int, ...]
-    max_abs_error: float
-    max_rel_error: float
-    mean_abs_error: float
-    max_abs_reference: float
-    relative_to_max: float
-    required_atol: float
-    required_rtol: float
-    passed: bool
-    note: str = ""
-
-
-def compare_arrays(
-    actual: np.ndarray,
-    reference: np.ndarray,
-    *,
-    atol: float,
-    rtol: float,
-    name: str = "output",
-    batch_size: int = 0,
-) -> OutputComparison:
-    """Compare ``actual`` (ONNX) with ``reference`` (Keras) elementwise."""
-    actual = np.asarray(actual)
-    reference = np.asarray(reference)
-    if actual.shape != reference.shape:
-        return _failed(
-            name,
-            batch_size,
-            reference.shape,
-            f"shape {tuple(actual.shape)} != Keras shape {tuple(reference.shape)}",
-        )
-    a = actual.astype(np.float64)
-    b = reference.astype(np.float64)
-    if a.size == 0:
-        return OutputComparison(
-            name, batch_size, tuple(b.shape), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, True
-        )
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        # Equal entries (NaN included) differ by 0; NaN against a number by inf.
-        equal = (a == b) | (np.isnan(a) & np.isnan(b))
-        difference = np.where(equal, 0.0, np.abs(a - b))
-        difference = np.where(np.isnan(difference), np.inf, difference)
-        # A non-finite reference excuses nothing: it passes only when matched exactly.
-        magnitude = np.where(np.isfinite(b), np.abs(b), 0.0)
-        relative = np.where(difference == 0, 0.0, difference / magnitude)
-        max_abs = float(difference.max())
-        max_reference = float(magnitude.max())
-        required_atol = float(np.maximum(difference - rtol * magnitude, 0).max())
-        required_rtol = float(
-            np.where(difference <= atol, 0.0, (difference - atol) / magnitude).max()
-        )
-        passed = bool(np.all(difference <= atol + rtol * magnitude))
-    return OutputComparison(
-        name=name,
-        batch_size=batch_size,
-        shape=tuple(int(d) for d in b.shape),
-        max_abs_error=max_abs,
-        max_rel_error=float(relative.max()),
-        mean_abs_error=float(difference.mean()),
-        max_abs_reference=max_reference,
-        relative_to_max=max_abs / max_reference
-        if max_reference > 0
-        else (0.0 if max_abs == 0 else math.inf),
-        required_atol=required_atol,
-        required_rtol=required_rtol,
-        passed=passed,
-    )
-
-
-def _failed(name: str, batch_size: int, shape: Sequence[int], note: str) -> OutputComparison:
-    """A comparison that could not be made (shape mismatch, onnxruntime error)."""
-    metrics = [math.inf] * 7
-    return OutputComparison(name, batch_size, tuple(map(int, shape)), *metrics, False, note=note)
+# Reports.
 
 
 @dataclasses.dataclass
@@ -232,159 +153,7 @@ def _json_safe(data: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------
-# Inputs.
-
-
-def call_model(model: keras.Model, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """The Keras model's outputs (inference mode) on named inputs, flattened."""
-    graph = graph_lib.flatten(model)
-    return graph_lib.call_model(model, [inputs[name] for name in graph.input_names])
-
-
-def _is_pixel_input(tensor: graph_lib.Tensor) -> bool:
-    for consumer in tensor.consumers:
-        layer = consumer.layer
-        if isinstance(layer, keras.layers.Rescaling):
-            scale = np.asarray(
-                keras.ops.convert_to_numpy(layer.scale)
-                if not np.isscalar(layer.scale)
-                else layer.scale
-            )
-            if scale.size and float(np.max(np.abs(scale))) <= _IMAGE_SCALE_LIMIT:
-                return True
-    return False
-
-
-def make_sample_inputs(
-    model: keras.Model, batch_size: int = 1, seed: int = 0
-) -> dict[str, np.ndarray]:
-    """Random inputs for every model input, keyed by input name.
-
-    Float inputs read by a Rescaling layer that scales by 0.1 or less (Keras
-    Applications' ``1/255``, ``1/127.5``) are pixels: uniform in [0, 255]. Other
-    float inputs are standard normal. Integer inputs feeding an Embedding are
-    uniform in ``[0, input_dim)``, other integer inputs in ``[0, 10)``; boolean
-    inputs are fair coin flips. Unknown non-batch dimensions get size
-    ``UNKNOWN_DIMENSION_SIZE`` (32).
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserInputError(f"batch_size must be a positive integer; received {batch_size!r}.")
-    graph = graph_lib.flatten(model)
-    rng = np.random.default_rng(seed)
-    inputs = {}
-    for tensor, name in zip(graph.inputs, graph.input_names, strict=True):
-        shape = (batch_size,) + tuple(
-            UNKNOWN_DIMENSION_SIZE if size is None else size for size in tensor.shape[1:]
-        )
-        dtype = np.dtype(tensor.dtype)
-        if dtype.kind == "f":
-            if _is_pixel_input(tensor):
-                array = rng.uniform(0.0, 255.0, size=shape)
-            else:
-                array = rng.standard_normal(size=shape)
-        elif dtype.kind in "iu":
-            high = 10
-            for consumer in tensor.consumers:
-                if isinstance(consumer.layer, keras.layers.Embedding):
-                    high = int(consumer.layer.input_dim)
-            array = rng.integers(0, high, size=shape)
-        elif dtype.kind == "b":
-            array = rng.random(size=shape) < 0.5
-        else:
-            raise UserInputError(
-                f"Cannot generate values for input {name!r} of dtype {dtype}; pass inputs."
-            )
-        inputs[name] = np.asarray(array).astype(dtype)
-    return inputs
-
-
-def _normalize_inputs(model: keras.Model, inputs: Any) -> dict[str, np.ndarray]:
-    graph = graph_lib.flatten(model)
-    names = graph.input_names
-    if isinstance(inputs, Mapping):
-        missing = [name for name in names if name not in inputs]
-        extra = [name for name in inputs if name not in names]
-        if missing or extra:
-            raise UserInputError(
-                f"inputs have keys {sorted(inputs)}; expected exactly the model's inputs "
-                f"{names}. Rename the arrays after the model's input names."
-            )
-        arrays = [inputs[name] for name in names]
-    elif isinstance(inputs, list | tuple):
-        arrays = list(inputs)
-    else:
-        arrays = [inputs]
-    if len(arrays) != len(names):
-        raise UserInputError(
-            f"received {len(arrays)} input arrays; expected {len(names)} ({names})."
-        )
-    result = {}
-    for tensor, name, array in zip(graph.inputs, names, arrays, strict=True):
-        array = np.asarray(array)
-        expected = tensor.shape
-        if array.ndim != len(expected) or any(
-            size is not None and size != actual
-            for size, actual in zip(expected[1:], array.shape[1:], strict=True)
-        ):
-            raise UserInputError(
-                f"input {name!r} has shape {array.shape}; expected {expected} (None: any size)."
-            )
-        if array.shape[0] < 1:
-            raise UserInputError(f"input {name!r} is empty; pass at least one sample.")
-        result[name] = array.astype(np.dtype(tensor.dtype), copy=False)
-    return result
-
-
-# --------------------------------------------------------------------------------------
 # Running ONNX.
-
-
-def _onnx_feed(
-    session: Any, inputs: Mapping[str, np.ndarray], input_layout: str
-) -> dict[str, np.ndarray]:
-    from keras_bn.converters.onnx_export import channels_first_perm
-
-    float16_inputs = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}
-    feed = {}
-    for name, array in inputs.items():
-        if input_layout == "channels_first" and array.ndim >= 3:
-            array = np.transpose(array, channels_first_perm(array.ndim))
-        if name in float16_inputs:  # a float16 model converted without keep_io_types
-            array = array.astype(np.float16)
-        feed[name] = np.ascontiguousarray(array)
-    names = [i.name for i in session.get_inputs()]
-    if sorted(names) == sorted(feed):
-        return feed
-    shapes_match = len(names) == len(feed) and all(
-        len(i.shape) == array.ndim
-        for i, array in zip(session.get_inputs(), feed.values(), strict=True)
-    )
-    if shapes_match:  # other exporters name inputs their own way (tf2onnx: keras_tensor)
-        return dict(zip(names, feed.values(), strict=True))
-    raise UserInputError(
-        f"ONNX model inputs are {names}; expected the Keras model's inputs "
-        f"{list(feed)}. Was the file exported from this model?"
-    )
-
-
-def _session(model_or_path: Any) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model_or_path, options, providers=["CPUExecutionProvider"])
-
-
-def _fixed_batch_size(session: Any) -> int | None:
-    """The ONNX inputs' fixed batch size, or None when the batch dimension is dynamic."""
-    sizes = {i.shape[0] for i in session.get_inputs() if i.shape}
-    fixed = {size for size in sizes if isinstance(size, int) and size > 0}
-    if len(fixed) > 1 or (fixed and len(sizes) > 1):
-        raise UserInputError(
-            f"the ONNX model's inputs have batch sizes {sorted(map(str, sizes))}; expected one "
-            "batch size shared by every input. Export it again with one --batch-size."
-        )
-    return fixed.pop() if fixed else None
 
 
 def _batch_plan(
@@ -410,7 +179,7 @@ def _batch_plan(
 
 
 def _check_layout(input_layout: str) -> None:
-    if input_layout not in ("channels_last", "channels_first"):
+    if input_layout not in INPUT_LAYOUTS:
         raise UserInputError(
             f"input_layout must be 'channels_last' or 'channels_first'; received {input_layout!r}."
         )
@@ -429,18 +198,12 @@ def _open_and_run(
     Returns ``(session, fixed batch size, input layout, plan, runs)``; the runs are
     None when the batch is fixed at a size the generated inputs do not have.
     """
-    try:
-        session = _session(str(path))
-    except Exception as error:  # protobuf decoding, an invalid graph
-        message = " ".join(str(error).split())[:300]
-        raise UserInputError(
-            f"{str(path)!r} is not a readable ONNX file: onnxruntime cannot load it ({message})"
-        ) from error
+    session = runtime.open_session(path)
     if input_layout is None:
         metadata = session.get_modelmeta().custom_metadata_map
-        input_layout = metadata.get("keras_bn.input_layout", "channels_last")
+        input_layout = metadata.get(METADATA_INPUT_LAYOUT, "channels_last")
         _check_layout(input_layout)
-    fixed = _fixed_batch_size(session)
+    fixed = runtime.fixed_batch_size(runtime.input_specs(session))
     count = int(next(iter(full.values())).shape[0])
     if fixed is not None and batch_sizes is not None and fixed != count:
         return session, fixed, input_layout, [], None
@@ -457,8 +220,14 @@ def _run_batches(
     Returns the runs as ``(Keras inputs, ONNX feed, outputs)`` and the error that
     stopped them (None when all ran).
     """
+    specs = runtime.input_specs(session)
     batches = [{name: array[chunk] for name, array in full.items()} for chunk in chunks]
-    feeds = [_onnx_feed(session, batch, input_layout) for batch in batches]
+    feeds = [
+        runtime.match_inputs(
+            specs, batch, "The Keras model's input", input_layout=input_layout, check_shapes=False
+        )
+        for batch in batches
+    ]
     runs = []
     try:
         for batch, feed in zip(batches, feeds, strict=True):
@@ -514,6 +283,49 @@ def _is_batch_norm(layer: Any) -> bool:
     return isinstance(layer, keras.layers.BatchNormalization)
 
 
+def _lookup(layer_map: LayerMap, node: graph_lib.Node) -> list | None:
+    """``node``'s entries in the layer map: by key, or by the name folding gave its copy."""
+    for candidate in (
+        node.key,
+        node.layer.name,
+        f"{node.scope.replace('/', '_')}_{node.layer.name}",
+    ):
+        if candidate in layer_map:
+            return layer_map[candidate]
+    return None
+
+
+def _matched_values(
+    graph: graph_lib.Graph, onnx_model: Any, layer_map: LayerMap
+) -> list[tuple[graph_lib.Node, graph_lib.Tensor, str, tuple[int, ...]]]:
+    """``(node, Keras tensor, ONNX value, perm)`` for each output the layer map names."""
+    produced = {name for node in onnx_model.graph.node for name in node.output}
+    matched = []
+    for node in graph.nodes:
+        entries = _lookup(layer_map, node)
+        for tensor, entry in zip(node.outputs, entries or [], strict=False):
+            if entry is not None and entry[0] in produced:
+                matched.append((node, tensor, entry[0], tuple(entry[1])))
+    return matched
+
+
+def _onnx_values(onnx_model: Any, matched: list, feed: Mapping[str, np.ndarray]) -> dict:
+    """The matched ONNX values, exposed as extra outputs of an in-memory copy."""
+    from onnx import helper
+
+    existing_outputs = {o.name for o in onnx_model.graph.output}
+    copy = type(onnx_model)()
+    copy.CopyFrom(onnx_model)
+    for _, tensor, name, _ in matched:
+        if name not in existing_outputs:
+            existing_outputs.add(name)
+            elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype))
+            copy.graph.output.append(helper.make_tensor_value_info(name, elem_type, None))
+    session = runtime.open_session(copy.SerializeToString())
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, dict(feed)), strict=True))
+
+
 def _localize(
     model: keras.Model,
     onnx_model: Any,
@@ -522,12 +334,8 @@ def _localize(
     atol: float,
     rtol: float,
 ) -> tuple[str | None, list[LayerComparison], str]:
-    from onnx import helper
-
-    from keras_bn.converters.onnx_export import METADATA_LAYER_OUTPUTS, _node_keys
-
-    metadata = {p.key: p.value for p in onnx_model.metadata_props}
-    if METADATA_LAYER_OUTPUTS not in metadata:
+    layer_map = decode_layer_map({p.key: p.value for p in onnx_model.metadata_props})
+    if layer_map is None:
         return (
             None,
             [],
@@ -536,79 +344,48 @@ def _localize(
                 "(it was not exported by keras-bn)"
             ),
         )
-    layer_map = json.loads(metadata[METADATA_LAYER_OUTPUTS])
     graph = graph_lib.flatten(model)
-    produced = {name for node in onnx_model.graph.node for name in node.output}
-    existing_outputs = {o.name for o in onnx_model.graph.output}
-
-    def lookup(key: str, node: graph_lib.Node) -> list | None:
-        for candidate in (
-            key,
-            node.layer.name,
-            f"{node.scope.replace('/', '_')}_{node.layer.name}",
-        ):
-            if candidate in layer_map:
-                return layer_map[candidate]
-        return None
-
-    keys = _node_keys(graph)
-    wanted: dict[str, int] = {}  # onnx value -> elem type
-    matched = []
-    for key, node in zip(keys, graph.nodes, strict=True):
-        entries = lookup(key, node)
-        if not entries:
-            continue
-        for tensor, entry in zip(node.outputs, entries, strict=False):
-            if entry is None or entry[0] not in produced:
-                continue
-            matched.append((key, node, tensor, entry[0], tuple(entry[1])))
-            wanted[entry[0]] = helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype))
+    matched = _matched_values(graph, onnx_model, layer_map)
     if not matched:
         return None, [], "cannot localize: no layer of this model appears in the ONNX layer map"
-
-    copy = type(onnx_model)()
-    copy.CopyFrom(onnx_model)
-    for name, elem_type in wanted.items():
-        if name not in existing_outputs:
-            copy.graph.output.append(helper.make_tensor_value_info(name, elem_type, None))
-    session = _session(copy.SerializeToString())
-    names = [o.name for o in session.get_outputs()]
-    onnx_values = dict(zip(names, session.run(None, dict(feed)), strict=True))
+    onnx_values = _onnx_values(onnx_model, matched, feed)
     keras_values = _run_layers(graph, inputs)
 
-    in_export = {key for key, *_ in matched}
+    in_export = {node.key for node, *_ in matched}
     comparisons: list[LayerComparison] = []
     first = None
-    for key, _node, tensor, name, perm in matched:
+    for node, tensor, name, perm in matched:
         actual = np.transpose(onnx_values[name], np.argsort(perm))
         reference = keras.ops.convert_to_numpy(keras_values[id(tensor)])
-        result = _layer_comparison(key, name, actual, reference, atol, rtol)
+        result = _layer_comparison(node.key, name, actual, reference, atol, rtol)
         if not result.passed:
             # Folded BN: the layer it was folded into computes the BN's output instead.
             after = tensor.consumers
             if len(after) == 1 and _is_batch_norm(after[0].layer):
-                bn_key = keys[graph.nodes.index(after[0])]
-                if bn_key not in in_export and lookup(bn_key, after[0]) is None:
-                    bn_reference = keras.ops.convert_to_numpy(keras_values[id(after[0].outputs[0])])
-                    folded = _layer_comparison(key, name, actual, bn_reference, atol, rtol)
+                bn = after[0]
+                if bn.key not in in_export and _lookup(layer_map, bn) is None:
+                    bn_reference = keras.ops.convert_to_numpy(keras_values[id(bn.outputs[0])])
+                    folded = _layer_comparison(node.key, name, actual, bn_reference, atol, rtol)
                     if folded.passed:
-                        folded.note = f"matches {bn_key!r} folded into it"
+                        folded.note = f"matches {bn.key!r} folded into it"
                         result = folded
         comparisons.append(result)
         if not result.passed and first is None:
-            first = key
+            first = node.key
+    return first, comparisons, _localization_note(first, comparisons)
+
+
+def _localization_note(first: str | None, comparisons: list[LayerComparison]) -> str:
     if first is None:
-        note = (
+        return (
             "no intermediate tensor diverges; the outputs differ only after the last compared layer"
         )
-    else:
-        note = f"first divergent layer {first!r}: " + next(
-            f"max abs error {c.max_abs_error:.3g} vs max |Keras| {c.max_abs_reference:.3g}"
-            + (f" ({c.note})" if c.note else "")
-            for c in comparisons
-            if c.layer == first
-        )
-    return first, comparisons, note
+    return f"first divergent layer {first!r}: " + next(
+        f"max abs error {c.max_abs_error:.3g} vs max |Keras| {c.max_abs_reference:.3g}"
+        + (f" ({c.note})" if c.note else "")
+        for c in comparisons
+        if c.layer == first
+    )
 
 
 def _layer_comparison(
@@ -683,9 +460,29 @@ def validate_onnx(
     Returns:
         A :class:`ValidationReport` (truthy iff every output passed).
     """
-    import onnx
-
     path = Path(path)
+    _check_arguments(path, inputs, batch_sizes, atol, rtol, input_layout)
+    runs = _run_both(model, path, inputs, batch_sizes, input_layout, seed)
+    comparisons, failing_batch = _compare_outputs(model, runs, atol, rtol)
+    report = ValidationReport(str(path), float(atol), float(rtol), comparisons)
+    if failing_batch is not None and localize:
+        import onnx
+
+        first, layers, note = _localize(model, onnx.load(str(path)), *failing_batch, atol, rtol)
+        report.first_divergent_layer = first
+        report.layers = layers
+        report.localization = note
+    return report
+
+
+def _check_arguments(
+    path: Path,
+    inputs: Any,
+    batch_sizes: Sequence[int],
+    atol: float,
+    rtol: float,
+    input_layout: str | None,
+) -> None:
     if not path.is_file():
         raise UserInputError(f"ONNX file {str(path)!r} does not exist; export the model first.")
     for label, tolerance in (("atol", atol), ("rtol", rtol)):
@@ -700,10 +497,35 @@ def validate_onnx(
         )
     if input_layout is not None:
         _check_layout(input_layout)
+
+
+@dataclasses.dataclass
+class _Runs:
+    """Both sides of a validation: the inputs, Keras's outputs and onnxruntime's runs."""
+
+    full: dict[str, np.ndarray]  # every sample, by Keras input name
+    full_expected: list[np.ndarray]  # Keras's outputs on them
+    session: Any
+    fixed: int | None  # the ONNX batch size when fixed
+    sizes: list[int] | None  # batch sizes of generated inputs (None: user inputs)
+    input_layout: str
+    checks: list[tuple[int, list[np.ndarray]]]  # what to compare (see _batch_plan)
+    ran: list  # per check: (runs, error) as from _run_batches
+
+
+def _run_both(
+    model: keras.Model,
+    path: Path,
+    inputs: Any,
+    batch_sizes: Sequence[int],
+    input_layout: str | None,
+    seed: int,
+) -> _Runs:
+    """Run Keras and onnxruntime on the same inputs (generated, or the user's)."""
     if inputs is None:  # generated again below if the ONNX batch is fixed at another size
         full = make_sample_inputs(model, max(batch_sizes), seed=seed)
     else:
-        full = _normalize_inputs(model, inputs)
+        full = normalize_inputs(model, inputs)
     sizes = list(dict.fromkeys(batch_sizes)) if inputs is None else None
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         # onnxruntime opens the file and runs its batches while Keras computes the
@@ -722,11 +544,20 @@ def validate_onnx(
     if len(checks[0][1]) < len(planned[0][1]):  # not batch-major: the first chunk only
         runs, error = ran[0]
         ran = [(runs[:1], error if not runs else None)]
+    return _Runs(full, full_expected, session, fixed, sizes, input_layout, checks, ran)
 
-    output_names = [o.name for o in session.get_outputs()]
+
+def _compare_outputs(
+    model: keras.Model, runs: _Runs, atol: float, rtol: float
+) -> tuple[list[OutputComparison], tuple | None]:
+    """Every output at every checked batch size; and the first failing batch's inputs."""
+    full, full_expected = runs.full, runs.full_expected
+    count = int(next(iter(full.values())).shape[0])
+    per_sample = all(np.ndim(o) >= 1 and np.shape(o)[0] == count for o in full_expected)
+    output_names = [o.name for o in runs.session.get_outputs()]
     comparisons: list[OutputComparison] = []
     failing_batch = None
-    for (samples, chunks), (runs, error) in zip(checks, ran, strict=True):
+    for (samples, chunks), (batch_runs, error) in zip(runs.checks, runs.ran, strict=True):
         label = len(chunks[0])  # the batch size onnxruntime runs
         if samples == count:
             expected = full_expected
@@ -738,19 +569,21 @@ def validate_onnx(
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
             for name, b in zip(output_names, expected, strict=False):
                 comparisons.append(
-                    _failed(name, label, np.shape(b), f"onnxruntime error: {message[:300]}")
+                    failed_comparison(
+                        name, label, np.shape(b), f"onnxruntime error: {message[:300]}"
+                    )
                 )
             continue
-        if len(runs[0][2]) != len(expected):
+        if len(batch_runs[0][2]) != len(expected):
             raise UserInputError(
-                f"the ONNX model has {len(runs[0][2])} outputs, the Keras model "
+                f"the ONNX model has {len(batch_runs[0][2])} outputs, the Keras model "
                 f"{len(expected)}; was the file exported from this model?"
             )
         # Chunks cover the samples in order (the last one padded by wrapping around).
         actual = [
-            np.concatenate([outputs[i] for *_, outputs in runs])[:samples]
-            if len(runs) > 1 or samples != label
-            else runs[0][2][i]
+            np.concatenate([outputs[i] for *_, outputs in batch_runs])[:samples]
+            if len(batch_runs) > 1 or samples != label
+            else batch_runs[0][2][i]
             for i in range(len(expected))
         ]
         note = ""
@@ -763,12 +596,5 @@ def validate_onnx(
             comparisons.append(comparison)
             failed = failed or not comparison.passed
         if failed and failing_batch is None:
-            failing_batch = _first_failing_run(runs, expected, label, atol, rtol)
-
-    report = ValidationReport(str(path), float(atol), float(rtol), comparisons)
-    if failing_batch is not None and localize:
-        first, layers, note = _localize(model, onnx.load(str(path)), *failing_batch, atol, rtol)
-        report.first_divergent_layer = first
-        report.layers = layers
-        report.localization = note
-    return report
+            failing_batch = _first_failing_run(batch_runs, expected, label, atol, rtol)
+    return comparisons, failing_batch

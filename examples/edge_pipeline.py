@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     import keras_bn
     from keras_bn.converters.benchmarking import bench_onnx
     from keras_bn.converters.folding import fold_batch_norms
-    from keras_bn.converters.onnx_export import ExportWarning, export_onnx
+    from keras_bn.converters.onnx.export import ExportWarning, export_onnx
     from keras_bn.converters.precision import quantize_int8
     from keras_bn.converters.validation import validate_onnx
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keras_bn.converters import folding_math
+from keras_bn.converters.folding import maths as folding_math
 
 # ---------------------------------------------------------------------------
 # Independent NumPy references (channels_last; kernels in Keras 3 layouts).

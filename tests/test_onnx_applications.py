@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from keras_bn.converters.folding import fold_batch_norms
-from keras_bn.converters.onnx_export import export_onnx
+from keras_bn.converters.onnx.export import export_onnx
 from keras_bn.converters.validation import validate_onnx
 
 BAR = 1e-4

@@ -16,13 +16,13 @@ from keras import layers
 from onnx import TensorProto, helper, numpy_helper
 
 from keras_bn.converters.errors import UserInputError
-from keras_bn.converters.onnx_export import (
+from keras_bn.converters.onnx.export import (
     DEFAULT_OPSET,
-    METADATA_LAYER_OUTPUTS,
     ExportWarning,
     check_structure,
     export_onnx,
 )
+from keras_bn.converters.onnx.metadata import METADATA_LAYER_OUTPUTS
 
 
 def _run(path, feed):
@@ -546,7 +546,7 @@ def test_external_data(tmp_path):
 
 
 def test_external_data_is_automatic_above_the_threshold(tmp_path, monkeypatch):
-    from keras_bn.converters import onnx_export
+    from keras_bn.converters.onnx import export as onnx_export
 
     model = _small_cnn()
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1000)  # stands for 2 GB
@@ -653,7 +653,7 @@ JAX_SCRIPT = textwrap.dedent(
     import numpy as np, keras
     sys.path.insert(0, sys.argv[1])
     from test_onnx_export import _tiny_model
-    from keras_bn.converters.onnx_export import export_onnx
+    from keras_bn.converters.onnx.export import export_onnx
 
     assert keras.backend.backend() == "jax"
     model = _tiny_model()

@@ -16,8 +16,8 @@ import pytest
 from keras import layers, ops
 
 from keras_bn import BatchNormalization as KerasBnBatchNormalization
-from keras_bn.converters.onnx_export import export_onnx
-from keras_bn.converters.onnx_rules import ACTIVATIONS, RULES, find_rule
+from keras_bn.converters.onnx.export import export_onnx
+from keras_bn.converters.onnx.rules import ACTIVATIONS, RULES, find_rule
 
 
 def _session(path):

@@ -15,7 +15,7 @@ from keras import layers
 from onnx import numpy_helper
 
 from keras_bn.converters.errors import UserInputError
-from keras_bn.converters.onnx_export import ExportWarning, export_onnx
+from keras_bn.converters.onnx.export import ExportWarning, export_onnx
 from keras_bn.converters.validation import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,

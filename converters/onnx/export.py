@@ -1,18 +1,12 @@
 """Export a Keras model to ONNX natively: read layer configs and weights, write nodes.
 
-No TensorFlow tracing: :func:`export_onnx` walks the flattened layer graph
-(:func:`keras_bn.converters.graph.flatten`) and asks one rule per layer class
-(:data:`keras_bn.converters.onnx_rules.RULES`) to emit ONNX nodes through a
-:class:`Builder`. Export therefore works the same on every Keras backend and costs
-little more than serializing the weights.
-
-Layout. Keras tensors are channels-last, ONNX convolutions channels-first. Every
-exported tensor carries a *layout*: a permutation ``perm`` such that ONNX axis
-``i`` holds Keras axis ``perm[i]`` (``(0, 3, 1, 2)`` is NCHW for an NHWC Keras
-tensor). Rules that need an order ask for it and the builder inserts one cached
-Transpose; elementwise rules, per-channel affines, concatenation and reductions
-work in whatever layout their input has by remapping axes, so a convolutional
-network gets one Transpose at its input and none inside.
+No TensorFlow tracing: :func:`export_onnx` walks a flattened layer graph
+(:func:`keras_bn.converters.graph.flatten`, or the folded graph of
+:func:`keras_bn.converters.folding.fold_graph` with ``fold=True``) and asks one rule
+per layer class (:data:`keras_bn.converters.onnx.rules.RULES`) to emit ONNX nodes
+through a :class:`~.builder.Builder`. Export therefore works the same on every
+Keras backend and costs little more than serializing the weights. The exporter
+exports the graph it is given: folding is done before, as a graph rewrite.
 
 After the graph is assembled, :func:`check_structure` runs the checks the ONNX
 checker misses (graph inputs exactly the model's, no unused initializer, no
@@ -25,11 +19,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +33,16 @@ from onnx import TensorProto, helper
 from keras_bn.converters import graph as graph_lib
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.files import atomic_output
-from keras_bn.converters.folding import (
-    FoldedWeights,
-    FoldReport,
-    fold_batch_norms,
-    fold_weights,
+from keras_bn.converters.folding import FoldReport, fold_batch_norms, fold_graph
+from keras_bn.converters.onnx.builder import Builder, Unsupported, Value, tensor_type
+from keras_bn.converters.onnx.layout import channels_first_perm, identity_perm
+from keras_bn.converters.onnx.metadata import (
+    METADATA_INPUT_LAYOUT,
+    METADATA_LAYER_OUTPUTS,
+    LayerMap,
+    encode_layer_map,
 )
+from keras_bn.converters.onnx.rules import find_rule
 from keras_bn.converters.options import INPUT_LAYOUTS
 
 __all__ = [
@@ -54,33 +51,22 @@ __all__ = [
     "MAX_OPSET",
     "ExportResult",
     "ExportWarning",
-    "Builder",
-    "Unsupported",
+    "StructureReport",
     "UnsupportedLayersError",
-    "Value",
-    "export_onnx",
+    "build_onnx_model",
     "check_structure",
-    "identity_perm",
-    "channels_first_perm",
+    "export_onnx",
 ]
 
 DEFAULT_OPSET = 17  # LayerNormalization; supported by onnxruntime >= 1.14, TensorRT 8.6
 MIN_OPSET = 13  # Softmax on one axis, Resize, axes as inputs of Squeeze/ReduceSum
 MAX_OPSET = 23  # checked against onnxruntime 1.32
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights; protobuf caps files at 2 GiB
-METADATA_LAYER_OUTPUTS = "keras_bn.layer_outputs"
-METADATA_INPUT_LAYOUT = "keras_bn.input_layout"
 BATCH_DIM = "batch"
-
-Perm = tuple[int, ...]
 
 
 class ExportWarning(UserWarning):
     """The export succeeded but the ONNX graph is not what an edge runtime wants."""
-
-
-class Unsupported(Exception):
-    """Raised by a rule for a layer (or configuration) it cannot export."""
 
 
 class UnsupportedLayersError(UserInputError):
@@ -89,318 +75,6 @@ class UnsupportedLayersError(UserInputError):
     def __init__(self, message: str, layers: list[str]):
         super().__init__(message)
         self.layers = layers
-
-
-# --------------------------------------------------------------------------------------
-# Layouts.
-
-
-def identity_perm(rank: int) -> Perm:
-    return tuple(range(rank))
-
-
-def channels_first_perm(rank: int, channel_axis: int = -1) -> Perm:
-    """The layout that moves Keras axis ``channel_axis`` to ONNX axis 1."""
-    channel_axis %= rank
-    if rank < 3:
-        return identity_perm(rank)
-    return (0, channel_axis, *(a for a in range(1, rank) if a != channel_axis))
-
-
-def inverse_perm(perm: Sequence[int]) -> Perm:
-    inverse = [0] * len(perm)
-    for onnx_axis, keras_axis in enumerate(perm):
-        inverse[keras_axis] = onnx_axis
-    return tuple(inverse)
-
-
-def same_memory_order(perm_a: Sequence[int], perm_b: Sequence[int], shape: Sequence) -> bool:
-    """True if both layouts list the axes of size other than 1 in the same order.
-
-    Two such layouts hold the same elements in the same row-major order, so a
-    Reshape/Flatten of one equals the other's.
-    """
-
-    def big(perm):
-        return [axis for axis in perm if shape[axis] != 1]
-
-    return big(perm_a) == big(perm_b)
-
-
-@dataclasses.dataclass(frozen=True)
-class Value:
-    """An exported Keras tensor: ONNX value ``name`` in layout ``perm``.
-
-    ``pads`` is zero padding not yet applied (per Keras axis, ``(begin, end)``):
-    ZeroPadding layers leave it pending so that a following valid convolution can
-    take it as its own ``pads`` attribute instead of a separate Pad node.
-    """
-
-    name: str
-    perm: Perm
-    pads: tuple[tuple[int, int], ...] | None = None
-
-    @property
-    def rank(self) -> int:
-        return len(self.perm)
-
-    def axis(self, keras_axis: int) -> int:
-        """The ONNX axis holding Keras axis ``keras_axis`` (negative counts from the end)."""
-        return self.perm.index(keras_axis % self.rank)
-
-
-# --------------------------------------------------------------------------------------
-# The builder the rules write through.
-
-
-def _tensor_type(dtype: str) -> int:
-    try:
-        return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    except TypeError as error:
-        raise Unsupported(f"dtype {dtype!r} has no ONNX tensor type") from error
-
-
-class Builder:
-    """Collects ONNX nodes and initializers while the rules run.
-
-    Rules read their inputs with :meth:`value` / :meth:`get`, emit nodes with
-    :meth:`op`, constants with :meth:`const`, and publish their outputs with
-    :meth:`set`. Names derive from the Keras node being exported (:attr:`node`),
-    so the ONNX graph reads like the Keras model.
-    """
-
-    def __init__(self, opset: int, reserved_names: Iterable[str] = ()):
-        self.opset = opset
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: dict[str, np.ndarray] = {}
-        self.node: graph_lib.Node | None = None
-        self._values: dict[int, Value] = {}
-        self._transposed: dict[tuple[str, Perm, Perm], str] = {}
-        self._names: set[str] = set(reserved_names)
-        self._small_constants: dict[tuple, str] = {}
-        self._keyed_constants: dict[Any, str] = {}
-        self._first_op_named = False
-        # Weights that replace a node's layer weights (a fold applied while
-        # exporting), by id(node) then variable name; see folded_weight().
-        self.folded_weights: dict[int, dict[str, np.ndarray]] = {}
-
-    def folded_weight(self, node: graph_lib.Node, name: str) -> np.ndarray | None:
-        """The folded value of ``node``'s weight ``name``, or None to read the layer's."""
-        return self.folded_weights.get(id(node), {}).get(name)
-
-    # Naming.
-    def unique(self, base: str) -> str:
-        name, suffix = base, 0
-        while name in self._names:
-            suffix += 1
-            name = f"{base}_{suffix}"
-        self._names.add(name)
-        return name
-
-    def begin(self, node: graph_lib.Node | None) -> None:
-        self.node = node
-        self._first_op_named = False
-
-    @property
-    def scope_name(self) -> str:
-        return self.node.name if self.node is not None else "graph"
-
-    @property
-    def dtype(self) -> np.dtype:
-        """The floating dtype the current node computes in (its first output's)."""
-        if self.node is not None and self.node.outputs:
-            dtype = np.dtype(self.node.outputs[0].dtype)
-            if dtype.kind == "f":
-                return dtype
-        return np.dtype("float32")
-
-    # Values.
-    def declare(self, tensor: graph_lib.Tensor, value: Value) -> None:
-        """Register a graph input (no node produces it)."""
-        self._values[id(tensor)] = value
-
-    def has(self, tensor: graph_lib.Tensor) -> bool:
-        return id(tensor) in self._values
-
-    def value(self, tensor: graph_lib.Tensor, *, keep_pads: bool = False) -> Value:
-        """The current Value of ``tensor``; pending padding applied unless ``keep_pads``."""
-        value = self._values[id(tensor)]
-        if value.pads is not None and not keep_pads:
-            value = self._apply_pads(value)
-            self._values[id(tensor)] = value
-        return value
-
-    def get(self, tensor: graph_lib.Tensor, perm: Perm | None = None, *, cast: bool = True) -> str:
-        """Name of ``tensor`` in layout ``perm`` (Keras order when None), cast to :attr:`dtype`.
-
-        Transposes are cached, so asking twice for the same layout emits one node.
-        """
-        value = self.value(tensor)
-        name = self.transpose(value, identity_perm(value.rank) if perm is None else perm)
-        if cast:
-            name = self.cast_float(name, tensor.dtype)
-        return name
-
-    def transpose(self, value: Value, perm: Perm) -> str:
-        perm = tuple(perm)
-        if value.perm == perm:
-            return value.name
-        key = (value.name, value.perm, perm)  # Permute re-labels a name's layout
-        if key not in self._transposed:
-            inverse = inverse_perm(value.perm)
-            order = [inverse[keras_axis] for keras_axis in perm]
-            self._transposed[key] = self.op(
-                "Transpose", [value.name], perm=order, name=f"{value.name}/Transpose"
-            )
-        return self._transposed[key]
-
-    def cast_float(self, name: str, dtype: str) -> str:
-        """Cast a float input to the node's compute dtype (mixed precision)."""
-        source = np.dtype(dtype)
-        if source.kind == "f" and source != self.dtype:
-            return self.op("Cast", [name], to=_tensor_type(self.dtype.name))
-        return name
-
-    def set(self, tensor: graph_lib.Tensor, name: str | Value, perm: Perm | None = None) -> None:
-        """Publish the ONNX value computing Keras ``tensor`` (in layout ``perm``)."""
-        if isinstance(name, Value):
-            value = name
-        else:
-            value = Value(name, tuple(perm) if perm is not None else identity_perm(tensor.rank))
-        if len(value.perm) != tensor.rank:
-            raise RuntimeError(
-                f"Internal error exporting {self.scope_name!r}: layout {value.perm} for a "
-                f"tensor of rank {tensor.rank}."
-            )
-        self._values[id(tensor)] = value
-
-    def _apply_pads(self, value: Value) -> Value:
-        assert value.pads is not None
-        begins = [value.pads[keras_axis][0] for keras_axis in value.perm]
-        ends = [value.pads[keras_axis][1] for keras_axis in value.perm]
-        name = self.op(
-            "Pad", [value.name, self.ints(begins + ends)], mode="constant", name=f"{value.name}/Pad"
-        )
-        return Value(name, value.perm)
-
-    # Nodes and constants.
-    def op(
-        self,
-        op_type: str,
-        inputs: Sequence[str],
-        *,
-        outputs: int = 1,
-        name: str | None = None,
-        domain: str | None = None,
-        **attributes: Any,
-    ) -> Any:
-        """Append a node; return its output name (a list when ``outputs`` > 1)."""
-        if name is not None:
-            base = name
-        elif not self._first_op_named:  # the node's first op carries the layer's name
-            base = self.scope_name
-            self._first_op_named = True
-        else:
-            base = f"{self.scope_name}/{op_type}"
-        node_name = self.unique(base)
-        output_names = (
-            [node_name]
-            if outputs == 1
-            else [self.unique(f"{node_name}:{i}") for i in range(outputs)]
-        )
-        attributes = {key: value for key, value in attributes.items() if value is not None}
-        self.nodes.append(
-            helper.make_node(
-                op_type, list(inputs), output_names, name=node_name, domain=domain, **attributes
-            )
-        )
-        return output_names[0] if outputs == 1 else output_names
-
-    def const(
-        self,
-        array: Any,
-        hint: str,
-        *,
-        dtype: Any = None,
-        key: Any = None,
-    ) -> str:
-        """An initializer holding ``array``; floats take :attr:`dtype` unless ``dtype`` is given.
-
-        Small constants are shared by content; weights are shared by ``key`` (a
-        shared layer called twice stores its kernel once).
-        """
-        if key is not None and key in self._keyed_constants:
-            return self._keyed_constants[key]
-        array = np.asarray(array)
-        if dtype is not None:
-            array = array.astype(dtype, copy=False)
-        elif array.dtype.kind == "f":
-            array = array.astype(self.dtype, copy=False)
-        elif array.dtype.kind in "iub" and array.dtype != np.bool_:
-            array = array.astype(np.int64, copy=False)
-        content_key = None
-        if array.size <= 64:
-            content_key = (array.dtype.str, array.shape, array.tobytes())
-            if content_key in self._small_constants:
-                return self._small_constants[content_key]
-        name = self.unique(f"{self.scope_name}/{hint}")
-        self.initializers[name] = np.ascontiguousarray(array)
-        if content_key is not None:
-            self._small_constants[content_key] = name
-        if key is not None:
-            self._keyed_constants[key] = name
-        return name
-
-    def ints(self, values: Sequence[int], hint: str = "ints") -> str:
-        return self.const(np.asarray(list(values), dtype=np.int64), hint, dtype=np.int64)
-
-    def scalar(self, number: float, hint: str = "constant") -> str:
-        return self.const(np.asarray(number, dtype=self.dtype), hint)
-
-    def broadcast_const(
-        self,
-        array: Any,
-        rank: int,
-        perm: Perm,
-        hint: str,
-        *,
-        axes: Sequence[int] | None = None,
-        key: Any = None,
-    ) -> str:
-        """A constant that broadcasts against a rank-``rank`` Keras tensor in layout ``perm``.
-
-        ``array`` broadcasts NumPy-style against the Keras tensor, or, with ``axes``,
-        holds one entry per index of those Keras axes (BatchNormalization's
-        ``moving_mean`` for ``axis=(1, 3)``).
-        """
-        array = np.asarray(array)
-        if array.ndim == 0:
-            return self.const(array, hint, key=key)
-        if axes is not None:
-            axes = sorted(axis % rank for axis in axes)
-            shape = [1] * rank
-            for axis, size in zip(
-                axes, array.shape if array.ndim == len(axes) else (array.size,), strict=True
-            ):
-                shape[axis] = size
-            array = array.reshape(shape)
-        if array.ndim > rank:
-            raise Unsupported(f"a constant of shape {array.shape} for a rank-{rank} tensor")
-        array = array.reshape((1,) * (rank - array.ndim) + array.shape)
-        if all(size == 1 for size in array.shape):
-            return self.const(array.reshape(()), hint, key=key)
-        array = np.transpose(array, perm)
-        # Leading size-1 axes broadcast by themselves: drop them for a compact constant.
-        while array.ndim > 1 and array.shape[0] == 1:
-            array = array[0]
-        return self.const(array, hint, key=key)
-
-    def reduce(self, op_type: str, name: str, axes: Sequence[int], keepdims: bool) -> str:
-        """A Reduce* node over ``axes`` (attribute before opset 18, input from 18)."""
-        keep = int(bool(keepdims))
-        if self.opset >= 18 or op_type == "ReduceSum":
-            return self.op(op_type, [name, self.ints(axes, "axes")], keepdims=keep)
-        return self.op(op_type, [name], axes=list(axes), keepdims=keep)
 
 
 # --------------------------------------------------------------------------------------
@@ -568,18 +242,8 @@ def _dims(shape: Sequence[int | None], batch_size: int | None, prefix: str) -> l
     return dims
 
 
-def _node_keys(graph: graph_lib.Graph) -> list[str]:
-    """A key per node: its name, with ``#k`` for the k-th further call of a shared layer."""
-    seen: collections.Counter[str] = collections.Counter()
-    keys = []
-    for node in graph.nodes:
-        count = seen[node.name]
-        seen[node.name] += 1
-        keys.append(node.name if count == 0 else f"{node.name}#{count}")
-    return keys
-
-
-def _unique_names(names: Sequence[str], taken: set[str]) -> list[str]:
+def _distinct_from(names: Sequence[str], taken: set[str]) -> list[str]:
+    """``names`` made distinct from each other and from ``taken`` (suffixes ``_1``...)."""
     result = []
     for name in names:
         candidate, suffix = name, 0
@@ -592,31 +256,36 @@ def _unique_names(names: Sequence[str], taken: set[str]) -> list[str]:
 
 
 def build_onnx_model(
-    model: Any,
+    graph: graph_lib.Graph,
     *,
     opset: int = DEFAULT_OPSET,
     input_layout: str = "channels_last",
     batch_size: int | None = None,
-    graph: graph_lib.Graph | None = None,
-    folded: FoldedWeights | None = None,
 ) -> onnx.ModelProto:
-    """Build the ONNX ModelProto for ``model`` in memory (no checks, no file).
+    """Build the ONNX ModelProto of a flattened (possibly rewritten) graph in memory.
 
-    ``folded``: folds to apply while exporting (``graph`` is then ``folded.graph``).
-    Raises UnsupportedLayersError naming every layer that has no rule.
+    No checks, no file. Raises UnsupportedLayersError naming every layer that has
+    no rule.
     """
-    from keras_bn.converters import onnx_rules  # the rules import this module
-
-    if graph is None:
-        graph = graph_lib.flatten(model)
     input_names = list(graph.input_names)
-    output_names = _unique_names(graph.output_names, set(input_names))
+    output_names = _distinct_from(graph.output_names, set(input_names))
     builder = Builder(opset, reserved_names=[*input_names, *output_names])
-    if folded is not None:
-        builder.folded_weights = folded.weights
+    onnx_inputs = _declare_inputs(builder, graph, input_layout, batch_size)
+    recorded = _run_rules(builder, graph)
+    layer_map: LayerMap = {
+        key: [None if t is None else recorded.get(id(t)) for t in tensors]
+        for key, tensors in graph.keyed_outputs().items()
+    }
+    onnx_outputs = _declare_outputs(builder, graph, output_names, batch_size, layer_map)
+    return _assemble(builder, graph, onnx_inputs, onnx_outputs, opset, input_layout, layer_map)
 
+
+def _declare_inputs(
+    builder: Builder, graph: graph_lib.Graph, input_layout: str, batch_size: int | None
+) -> list[onnx.ValueInfoProto]:
+    """The graph inputs, in the requested layout."""
     onnx_inputs = []
-    for tensor, name in zip(graph.inputs, input_names, strict=True):
+    for tensor, name in zip(graph.inputs, graph.input_names, strict=True):
         perm = (
             channels_first_perm(tensor.rank)
             if input_layout == "channels_first"
@@ -626,18 +295,23 @@ def build_onnx_model(
         shape = [tensor.shape[axis] for axis in perm]
         onnx_inputs.append(
             helper.make_tensor_value_info(
-                name, _tensor_type(tensor.dtype), _dims(shape, batch_size, name)
+                name, tensor_type(tensor.dtype), _dims(shape, batch_size, name)
             )
         )
+    return onnx_inputs
 
+
+def _run_rules(builder: Builder, graph: graph_lib.Graph) -> dict[int, list | None]:
+    """Run every node's rule; return each output tensor's ``[ONNX name, perm]`` (by id).
+
+    An output with padding still pending has no ONNX value of its own (None).
+    Raises UnsupportedLayersError naming every node without a working rule.
+    """
     failures: list[str] = []
-    layer_outputs: dict[str, list] = {}
-    for key, node in zip(_node_keys(graph), graph.nodes, strict=True):
+    recorded: dict[int, list | None] = {}
+    for node in graph.nodes:
         builder.begin(node)
-        fused = folded is not None and id(node) in folded.fused
-        rule = onnx_rules.find_rule(node.layer)
-        if folded is not None and id(node) in folded.removed:  # now inside its neighbour
-            rule = onnx_rules.identity
+        rule = find_rule(node.layer)
         try:
             if rule is None:
                 raise Unsupported("no ONNX rule for this class")
@@ -651,26 +325,32 @@ def build_onnx_model(
                 if not builder.has(tensor):
                     builder.set(tensor, f"<unsupported {node.name}>")
             continue
-        entries = []
         for tensor in node.outputs:
             value = builder.value(tensor, keep_pads=True)
-            # A fused node's Keras output has no ONNX tensor (the layer + BN pair's).
-            entries.append(None if value.pads or fused else [value.name, list(value.perm)])
-        layer_outputs[key] = entries
+            recorded[id(tensor)] = None if value.pads else [value.name, list(value.perm)]
     if failures:
         raise UnsupportedLayersError(
             f"Cannot export {len(failures)} layer(s) natively to ONNX: {'; '.join(failures)}. "
-            "Expected layers with a rule in keras_bn.converters.onnx_rules.RULES; replace "
+            "Expected layers with a rule in keras_bn.converters.onnx.rules.RULES; replace "
             "them, or pass fallback=True (CLI: --fallback) to use Keras's own exporter "
             "(needs tf2onnx).",
             failures,
         )
+    return recorded
 
-    # Outputs in Keras layout, renamed after the model's outputs.
+
+def _declare_outputs(
+    builder: Builder,
+    graph: graph_lib.Graph,
+    output_names: Sequence[str],
+    batch_size: int | None,
+    layer_map: LayerMap,
+) -> list[onnx.ValueInfoProto]:
+    """The graph outputs in Keras layout, renamed after the model's outputs."""
     builder.begin(None)
     renames: dict[str, str] = {}
     onnx_outputs = []
-    graph_input_names = set(input_names)
+    graph_input_names = set(graph.input_names)
     for tensor, name in zip(graph.outputs, output_names, strict=True):
         current = builder.get(tensor, cast=False)
         if current in graph_input_names or current in renames:
@@ -680,7 +360,7 @@ def build_onnx_model(
             renames[current] = name
         onnx_outputs.append(
             helper.make_tensor_value_info(
-                name, _tensor_type(tensor.dtype), _dims(tensor.shape, batch_size, name)
+                name, tensor_type(tensor.dtype), _dims(tensor.shape, batch_size, name)
             )
         )
     for node in builder.nodes:
@@ -690,11 +370,23 @@ def build_onnx_model(
         for i, name in enumerate(node.output):
             if name in renames:
                 node.output[i] = renames[name]
-    for entries in layer_outputs.values():
+    for entries in layer_map.values():
         for entry in entries:
             if entry is not None and entry[0] in renames:
                 entry[0] = renames[entry[0]]
+    return onnx_outputs
 
+
+def _assemble(
+    builder: Builder,
+    graph: graph_lib.Graph,
+    onnx_inputs: list[onnx.ValueInfoProto],
+    onnx_outputs: list[onnx.ValueInfoProto],
+    opset: int,
+    input_layout: str,
+    layer_map: LayerMap,
+) -> onnx.ModelProto:
+    """The ModelProto: nodes, opset, metadata and the weights as raw initializers."""
     onnx_graph = helper.make_graph(builder.nodes, graph.name, onnx_inputs, onnx_outputs)
     opset_imports = [helper.make_opsetid("", opset)]
     onnx_model = helper.make_model(
@@ -709,7 +401,7 @@ def build_onnx_model(
         onnx_model,
         {
             METADATA_INPUT_LAYOUT: input_layout,
-            METADATA_LAYER_OUTPUTS: json.dumps(layer_outputs, separators=(",", ":")),
+            METADATA_LAYER_OUTPUTS: encode_layer_map(layer_map),
         },
     )
     # Weights go straight into the model's graph (make_model copies the graph it gets).
@@ -848,36 +540,28 @@ def export_onnx(
     opset = _check_opset(opset)
     _check_arguments(input_layout, batch_size)
     path = Path(path)
-    folded = None
+    fold_report = None
     try:
         if fold:
-            folded = fold_weights(model)
-            graph = folded.graph
+            graph, fold_report = fold_graph(model)
         else:
             graph = graph_lib.flatten(model)
     except ValueError as error:  # a subclassed model, an unbuilt Sequential
         raise UserInputError(str(error)) from error
-    graph_input_names = graph.input_names
     try:
         onnx_model = build_onnx_model(
-            model,
-            opset=opset,
-            input_layout=input_layout,
-            batch_size=batch_size,
-            graph=graph,
-            folded=folded,
+            graph, opset=opset, input_layout=input_layout, batch_size=batch_size
         )
     except UnsupportedLayersError as error:
         if not fallback:
             raise
         warnings.warn(f"{error} Falling back to Keras's exporter.", ExportWarning, stacklevel=2)
-        fold_report = None
         if fold:
             model, fold_report = fold_batch_norms(model, measure=False)
-        result = _export_with_keras(model, path, opset, graph_input_names, start)
+        result = _export_with_keras(model, path, opset, graph.input_names, start)
         return dataclasses.replace(result, fold_report=fold_report)
     found_warnings, location = _finish(
-        onnx_model, path, graph_input_names, native=True, external_data=external_data
+        onnx_model, path, graph.input_names, native=True, external_data=external_data
     )
     result = _result(
         onnx_model,
@@ -889,7 +573,7 @@ def export_onnx(
         used_fallback=False,
         external=location,
     )
-    return dataclasses.replace(result, fold_report=folded and folded.report)
+    return dataclasses.replace(result, fold_report=fold_report)
 
 
 def _result(
@@ -933,7 +617,7 @@ def _export_with_keras(
             "fallback=True needs tf2onnx for Keras's ONNX exporter, which is not installed; "
             "run `pip install tf2onnx` (or `pip install keras-bn[bench]`)."
         )
-    from keras_bn.converters.validation import call_model, make_sample_inputs
+    from keras_bn.converters.samples import call_model, make_sample_inputs
 
     call_model(model, make_sample_inputs(model, 1, seed=0))  # Keras refuses never-called models
     with atomic_output(path) as temporary:

@@ -1,0 +1,118 @@
+"""Comparing model outputs: one :class:`OutputComparison` per output and batch.
+
+Every stage that compares outputs uses :func:`compare_arrays`: validation (ONNX
+against Keras), precision (float16/int8 against float32), the fold self-check and
+the CLI's folded-against-original comparison. Pure NumPy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_ATOL",
+    "DEFAULT_RTOL",
+    "OutputComparison",
+    "compare_arrays",
+    "failed_comparison",
+]
+
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-3
+
+
+@dataclasses.dataclass
+class OutputComparison:
+    """One model output at one batch size.
+
+    ``max_rel_error`` is the largest ``|a - b| / |b|`` (``inf`` where ``b`` is 0
+    and ``a`` is not); ``relative_to_max`` is ``max |a - b| / max |b|``, the
+    error relative to the output's range, which stays meaningful near zeros.
+    ``required_atol`` is the smallest atol that passes at the given rtol,
+    ``required_rtol`` the smallest rtol that passes at the given atol.
+    """
+
+    name: str
+    batch_size: int
+    shape: tuple[int, ...]
+    max_abs_error: float
+    max_rel_error: float
+    mean_abs_error: float
+    max_abs_reference: float
+    relative_to_max: float
+    required_atol: float
+    required_rtol: float
+    passed: bool
+    note: str = ""
+
+
+def compare_arrays(
+    actual: np.ndarray,
+    reference: np.ndarray,
+    *,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    name: str = "output",
+    batch_size: int = 0,
+) -> OutputComparison:
+    """Compare ``actual`` with ``reference`` elementwise (Polygraphy's rule).
+
+    An element passes when ``|actual - reference| <= atol + rtol * |reference|``.
+    """
+    actual = np.asarray(actual)
+    reference = np.asarray(reference)
+    if actual.shape != reference.shape:
+        return failed_comparison(
+            name,
+            batch_size,
+            reference.shape,
+            f"shape {tuple(actual.shape)} != Keras shape {tuple(reference.shape)}",
+        )
+    a = actual.astype(np.float64)
+    b = reference.astype(np.float64)
+    if a.size == 0:
+        return OutputComparison(
+            name, batch_size, tuple(b.shape), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, True
+        )
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        # Equal entries (NaN included) differ by 0; NaN against a number by inf.
+        equal = (a == b) | (np.isnan(a) & np.isnan(b))
+        difference = np.where(equal, 0.0, np.abs(a - b))
+        difference = np.where(np.isnan(difference), np.inf, difference)
+        # A non-finite reference excuses nothing: it passes only when matched exactly.
+        magnitude = np.where(np.isfinite(b), np.abs(b), 0.0)
+        relative = np.where(difference == 0, 0.0, difference / magnitude)
+        max_abs = float(difference.max())
+        max_reference = float(magnitude.max())
+        required_atol = float(np.maximum(difference - rtol * magnitude, 0).max())
+        required_rtol = float(
+            np.where(difference <= atol, 0.0, (difference - atol) / magnitude).max()
+        )
+        passed = bool(np.all(difference <= atol + rtol * magnitude))
+    return OutputComparison(
+        name=name,
+        batch_size=batch_size,
+        shape=tuple(int(d) for d in b.shape),
+        max_abs_error=max_abs,
+        max_rel_error=float(relative.max()),
+        mean_abs_error=float(difference.mean()),
+        max_abs_reference=max_reference,
+        relative_to_max=max_abs / max_reference
+        if max_reference > 0
+        else (0.0 if max_abs == 0 else math.inf),
+        required_atol=required_atol,
+        required_rtol=required_rtol,
+        passed=passed,
+    )
+
+
+def failed_comparison(
+    name: str, batch_size: int, shape: Sequence[int], note: str
+) -> OutputComparison:
+    """A comparison that could not be made (shape mismatch, onnxruntime error)."""
+    metrics = [math.inf] * 7
+    return OutputComparison(name, batch_size, tuple(map(int, shape)), *metrics, False, note=note)

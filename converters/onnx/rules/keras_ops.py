@@ -1,0 +1,125 @@
+"""Rules: ``keras.ops`` operations in functional code and Keras Applications' layers.
+
+``x + 3.0``, ``a * b``, ``ops.gelu(x)`` in a Functional model become operation
+nodes whose classes, like the Applications' LayerScale and CustomScaleLayer, are
+reachable only through Keras's private modules: those imports are the marked
+section below, the only private Keras access of the exporter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+# ======================================================================================
+# PRIVATE KERAS API - every keras.src import of the exporter, and nowhere else. These
+# classes have no public name; a Keras upgrade that moves them breaks these lines only.
+from keras.src.applications.convnext import LayerScale
+from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+from keras.src.ops import nn as nn_ops
+from keras.src.ops import numpy as numpy_ops
+
+# ======================================================================================
+from keras_bn.converters.graph import Node, Tensor, to_numpy
+from keras_bn.converters.onnx.builder import Builder, Unsupported
+from keras_bn.converters.onnx.rules.activations import ACTIVATIONS, gelu
+from keras_bn.converters.onnx.rules.common import Rule, common_layout, softmax_nodes
+
+__all__ = ["CustomScaleLayer", "LayerScale", "nn_ops", "numpy_ops"]
+
+
+_BINARY_OPS = {
+    numpy_ops.Add: "Add",
+    numpy_ops.Subtract: "Sub",
+    numpy_ops.Multiply: "Mul",
+    numpy_ops.Divide: "Div",
+    numpy_ops.TrueDivide: "Div",
+    numpy_ops.Maximum: "Max",
+    numpy_ops.Minimum: "Min",
+}
+
+
+def binary_op(b: Builder, node: Node) -> None:
+    """``keras.ops`` add/subtract/multiply/divide/maximum/minimum (``x + 3.0``, ``a * b``)."""
+    op_type = _BINARY_OPS[type(node.layer)]
+    args = list(node.args[:2])
+    tensors = [arg for arg in args if isinstance(arg, Tensor)]
+    if any(np.dtype(t.dtype).kind != "f" for t in tensors) or len(node.args) != 2:
+        raise Unsupported("only binary operations on float tensors are exported")
+    names, perm = common_layout(b, tensors, expand=False)
+    rank = len(perm)
+    by_tensor = dict(zip(map(id, tensors), names, strict=True))
+    operands = []
+    for arg in args:
+        if id(arg) in by_tensor:
+            operands.append(by_tensor[id(arg)])
+        else:
+            array = np.asarray(arg, dtype=np.float64)  # Python ints too: float tensors
+            if array.ndim > rank:
+                raise Unsupported(f"a constant of shape {array.shape} widens the tensor")
+            operands.append(b.broadcast_const(array, rank, perm, "constant"))
+    b.set(node.outputs[0], b.op(op_type, operands), perm)
+
+
+def negative(b: Builder, node: Node) -> None:
+    value = b.value(node.inputs[0])
+    b.set(node.outputs[0], b.op("Neg", [b.get(node.inputs[0], value.perm)]), value.perm)
+
+
+def unary_activation(function: Any) -> Rule:
+    """The rule of a ``keras.ops`` activation op: the activation's own emitter."""
+    emit = ACTIVATIONS[function]
+
+    def rule(b: Builder, node: Node) -> None:
+        value = b.value(node.inputs[0])
+        b.set(node.outputs[0], emit(b, b.get(node.inputs[0], value.perm), value.perm), value.perm)
+
+    rule.__name__ = f"op_{emit.__name__.removeprefix('_act_')}"
+    return rule
+
+
+def gelu_op(b: Builder, node: Node) -> None:
+    value = b.value(node.inputs[0])
+    out = gelu(b, b.get(node.inputs[0], value.perm), bool(node.layer.approximate))
+    b.set(node.outputs[0], out, value.perm)
+
+
+def softmax_op(b: Builder, node: Node) -> None:
+    axis = node.layer.axis
+    axes = (
+        list(range(node.inputs[0].rank))
+        if axis is None
+        else (list(axis) if isinstance(axis, list | tuple) else [axis])
+    )
+    value = b.value(node.inputs[0])
+    b.set(
+        node.outputs[0],
+        softmax_nodes(b, b.get(node.inputs[0], value.perm), value, axes),
+        value.perm,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Keras Applications' own layers.
+
+
+def layer_scale(b: Builder, node: Node) -> None:
+    """ConvNeXt's LayerScale: ``x * gamma`` on the last axis."""
+    tensor = node.inputs[0]
+    value = b.value(tensor)
+    gamma = b.broadcast_const(
+        to_numpy(node.layer.gamma),
+        tensor.rank,
+        value.perm,
+        "gamma",
+        key=(id(node.layer), value.perm),
+    )
+    b.set(node.outputs[0], b.op("Mul", [b.get(tensor, value.perm), gamma]), value.perm)
+
+
+def custom_scale(b: Builder, node: Node) -> None:
+    """InceptionResNetV2's CustomScaleLayer: ``inputs[0] + inputs[1] * scale``."""
+    names, perm = common_layout(b, node.inputs, expand=False)
+    scaled = b.op("Mul", [names[1], b.scalar(float(node.layer.scale), "scale")])
+    b.set(node.outputs[0], b.op("Add", [names[0], scaled]), perm)

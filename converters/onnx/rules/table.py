@@ -1,0 +1,176 @@
+"""The exporter's rule table: Keras layer (or ``keras.ops`` operation) class -> rule.
+
+A rule ``rule(builder, node)`` reads the layer's config and weights (through
+``node.weight``), emits ONNX nodes through the :class:`~..builder.Builder` and
+publishes the node's outputs with ``builder.set``. Adding a layer is adding one
+entry here and one function in its family's module. A rule that cannot export a
+configuration raises :class:`~..builder.Unsupported` with the reason; the exporter
+collects every such layer into one error message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keras import activations
+from keras import layers as L
+
+from keras_bn.converters.onnx.rules.common import Rule
+from keras_bn.converters.onnx.rules.convolution import (
+    average_pooling,
+    conv,
+    conv_transpose,
+    depthwise_conv,
+    global_average_pooling,
+    global_max_pooling,
+    max_pooling,
+    separable_conv,
+)
+from keras_bn.converters.onnx.rules.core import (
+    activation,
+    add,
+    average,
+    concatenate,
+    dense,
+    elu,
+    embedding,
+    identity,
+    leaky_relu,
+    maximum,
+    minimum,
+    multiply,
+    prelu,
+    relu,
+    softmax,
+    subtract,
+)
+from keras_bn.converters.onnx.rules.keras_ops import (
+    CustomScaleLayer,
+    LayerScale,
+    binary_op,
+    custom_scale,
+    gelu_op,
+    layer_scale,
+    negative,
+    nn_ops,
+    numpy_ops,
+    softmax_op,
+    unary_activation,
+)
+from keras_bn.converters.onnx.rules.normalization import (
+    batch_normalization,
+    group_normalization,
+    layer_normalization,
+    normalization,
+    rescaling,
+)
+from keras_bn.converters.onnx.rules.reshaping import (
+    cropping,
+    flatten,
+    permute,
+    reshape,
+    upsampling,
+    zero_padding,
+)
+from keras_bn.layers import BatchNormalization as KerasBnBatchNormalization
+
+__all__ = ["RULES", "find_rule"]
+
+RULES: dict[type, Rule] = {
+    # Core
+    L.Dense: dense,
+    L.Embedding: embedding,
+    L.Activation: activation,
+    L.ReLU: relu,
+    L.LeakyReLU: leaky_relu,
+    L.PReLU: prelu,
+    L.ELU: elu,
+    L.Softmax: softmax,
+    # Convolution and pooling
+    L.Conv1D: conv,
+    L.Conv2D: conv,
+    L.Conv3D: conv,
+    L.DepthwiseConv1D: depthwise_conv,
+    L.DepthwiseConv2D: depthwise_conv,
+    L.SeparableConv1D: separable_conv,
+    L.SeparableConv2D: separable_conv,
+    L.Conv1DTranspose: conv_transpose,
+    L.Conv2DTranspose: conv_transpose,
+    L.Conv3DTranspose: conv_transpose,
+    L.MaxPooling1D: max_pooling,
+    L.MaxPooling2D: max_pooling,
+    L.MaxPooling3D: max_pooling,
+    L.AveragePooling1D: average_pooling,
+    L.AveragePooling2D: average_pooling,
+    L.AveragePooling3D: average_pooling,
+    L.GlobalAveragePooling1D: global_average_pooling,
+    L.GlobalAveragePooling2D: global_average_pooling,
+    L.GlobalAveragePooling3D: global_average_pooling,
+    L.GlobalMaxPooling1D: global_max_pooling,
+    L.GlobalMaxPooling2D: global_max_pooling,
+    L.GlobalMaxPooling3D: global_max_pooling,
+    # Merging
+    L.Add: add,
+    L.Subtract: subtract,
+    L.Multiply: multiply,
+    L.Average: average,
+    L.Maximum: maximum,
+    L.Minimum: minimum,
+    L.Concatenate: concatenate,
+    # Reshaping
+    L.Reshape: reshape,
+    L.Flatten: flatten,
+    L.Permute: permute,
+    L.ZeroPadding1D: zero_padding,
+    L.ZeroPadding2D: zero_padding,
+    L.ZeroPadding3D: zero_padding,
+    L.Cropping1D: cropping,
+    L.Cropping2D: cropping,
+    L.Cropping3D: cropping,
+    L.UpSampling1D: upsampling,
+    L.UpSampling2D: upsampling,
+    L.UpSampling3D: upsampling,
+    # Identity at inference
+    L.Dropout: identity,
+    L.SpatialDropout1D: identity,
+    L.SpatialDropout2D: identity,
+    L.SpatialDropout3D: identity,
+    L.GaussianDropout: identity,
+    L.GaussianNoise: identity,
+    L.AlphaDropout: identity,
+    L.ActivityRegularization: identity,
+    L.Identity: identity,
+    # Preprocessing and normalization
+    L.Rescaling: rescaling,
+    L.Normalization: normalization,
+    L.LayerNormalization: layer_normalization,
+    L.GroupNormalization: group_normalization,
+    L.BatchNormalization: batch_normalization,
+    KerasBnBatchNormalization: batch_normalization,
+    # Keras Applications' own layers
+    LayerScale: layer_scale,
+    CustomScaleLayer: custom_scale,
+    # keras.ops operations used in functional code (x + 3.0, x * y, ops.gelu(x))
+    numpy_ops.Add: binary_op,
+    numpy_ops.Subtract: binary_op,
+    numpy_ops.Multiply: binary_op,
+    numpy_ops.Divide: binary_op,
+    numpy_ops.TrueDivide: binary_op,
+    numpy_ops.Maximum: binary_op,
+    numpy_ops.Minimum: binary_op,
+    numpy_ops.Negative: negative,
+    numpy_ops.Tanh: unary_activation(activations.tanh),
+    nn_ops.Relu: unary_activation(activations.relu),
+    nn_ops.Relu6: unary_activation(activations.relu6),
+    nn_ops.Sigmoid: unary_activation(activations.sigmoid),
+    nn_ops.Silu: unary_activation(activations.silu),
+    nn_ops.HardSigmoid: unary_activation(activations.hard_sigmoid),
+    nn_ops.HardSilu: unary_activation(activations.hard_silu),
+    nn_ops.Gelu: gelu_op,
+    nn_ops.Softmax: softmax_op,
+}
+
+
+def find_rule(layer: Any) -> Rule | None:
+    """The rule for ``layer``'s exact class (a subclass may compute something else)."""
+    return RULES.get(type(layer))

@@ -1,0 +1,205 @@
+"""Everything keras-bn asks of onnxruntime: sessions, input specs, feeds and runs.
+
+Validation, precision conversion and benchmarking all open models here
+(:func:`open_session`), read their inputs' names, shapes and dtypes
+(:func:`input_specs`, :func:`fixed_batch_size`), match user arrays to them
+(:func:`match_inputs`) and run them in batches the model accepts (:func:`run`).
+onnxruntime is imported on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from keras_bn.converters.errors import UserInputError
+from keras_bn.converters.onnx.layout import channels_first_perm
+
+__all__ = [
+    "InputSpec",
+    "batches",
+    "fixed_batch_size",
+    "input_specs",
+    "match_inputs",
+    "onnx_input_specs",
+    "open_session",
+    "run",
+]
+
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
+
+
+class InputSpec(NamedTuple):
+    """One graph input: its name, shape (None for a dynamic size) and NumPy dtype."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: str
+
+
+def open_session(
+    model: str | os.PathLike | bytes,
+    *,
+    optimization: str | None = None,
+    threads: int | None = None,
+) -> Any:
+    """An onnxruntime CPU session for a model file (or serialized model).
+
+    ``optimization``: a ``GraphOptimizationLevel`` member name (None: onnxruntime's
+    default); ``threads``: ``intra_op_num_threads`` (None: onnxruntime's default).
+    Raises UserInputError when onnxruntime cannot load the model.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if optimization is not None:
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    source = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
+        label = "the serialized ONNX model" if isinstance(model, bytes) else repr(str(model))
+        raise UserInputError(
+            f"{label} is not a readable ONNX file: it cannot be loaded by onnxruntime "
+            f"({' '.join(str(error).split())[:300]}); expected a valid .onnx file."
+        ) from error
+
+
+def input_specs(session: Any) -> list[InputSpec]:
+    """The session's graph inputs, in order."""
+    return [
+        InputSpec(
+            node_arg.name,
+            tuple(d if isinstance(d, int) else None for d in node_arg.shape),
+            _ORT_TYPES.get(node_arg.type, "float32"),
+        )
+        for node_arg in session.get_inputs()
+    ]
+
+
+def onnx_input_specs(path: str | os.PathLike) -> list[InputSpec]:
+    """The graph inputs of the ONNX file at ``path``."""
+    return input_specs(open_session(path))
+
+
+def fixed_batch_size(specs: Sequence[InputSpec]) -> int | None:
+    """The inputs' fixed batch size, or None when the batch dimension is dynamic.
+
+    Raises UserInputError when the inputs disagree (two fixed sizes, or fixed and
+    dynamic): onnxruntime could not run such a model on one batch.
+    """
+    sizes = {spec.shape[0] for spec in specs if spec.shape}
+    fixed = {size for size in sizes if size is not None and size > 0}
+    if len(fixed) > 1 or (fixed and len(sizes) > 1):
+        raise UserInputError(
+            f"the ONNX model's inputs have batch sizes {sorted(map(str, sizes))}; expected one "
+            "batch size shared by every input. Export it again with one --batch-size."
+        )
+    return fixed.pop() if fixed else None
+
+
+def match_inputs(
+    specs: Sequence[InputSpec],
+    inputs: Mapping[str, np.ndarray],
+    what: str,
+    *,
+    input_layout: str = "channels_last",
+    check_shapes: bool = True,
+) -> dict[str, np.ndarray]:
+    """Key ``inputs`` by the ONNX input names, check their shapes, cast to their dtypes.
+
+    With ``input_layout="channels_first"`` the arrays are in Keras order and are
+    transposed first (inputs of rank >= 3). Arrays named otherwise than the ONNX
+    inputs (another exporter's names, or any key for a single input) are matched
+    by position when their count and ranks agree. ``what`` names the arrays in
+    error messages. ``check_shapes=False`` leaves non-batch sizes to onnxruntime
+    (validation reports its error as a failed comparison).
+    """
+    arrays = {
+        name: np.transpose(array, channels_first_perm(np.ndim(array)))
+        if input_layout == "channels_first" and np.ndim(array) >= 3
+        else np.asarray(array)
+        for name, array in inputs.items()
+    }
+    names = [spec.name for spec in specs]
+    if set(arrays) != set(names) and len(arrays) == len(specs):
+        if all(a.ndim == len(s.shape) for a, s in zip(arrays.values(), specs, strict=True)):
+            arrays = dict(zip(names, arrays.values(), strict=True))
+    if set(arrays) != set(names):
+        raise UserInputError(
+            f"{what} has arrays {sorted(arrays)!r}; expected the ONNX model inputs {names!r}. "
+            "Was the ONNX file exported from this model?"
+        )
+    matched = {}
+    batch_sizes = set()
+    for spec in specs:
+        array = arrays[spec.name]
+        if check_shapes and (
+            array.ndim != len(spec.shape)
+            or any(
+                want is not None and got != want
+                for got, want in zip(array.shape[1:], spec.shape[1:], strict=False)
+            )
+        ):
+            raise UserInputError(
+                f"{what}: array {spec.name!r} has shape {array.shape}; the ONNX model expects "
+                f"{tuple('N' if d is None else d for d in spec.shape)} (batch first)."
+            )
+        if array.shape[0] == 0:
+            raise UserInputError(f"{what}: array {spec.name!r} is empty; give at least one sample.")
+        batch_sizes.add(array.shape[0])
+        matched[spec.name] = np.ascontiguousarray(array.astype(spec.dtype, copy=False))
+    if len(batch_sizes) != 1:
+        raise UserInputError(
+            f"{what}: arrays have different batch sizes {sorted(batch_sizes)}; "
+            "give every input the same number of samples."
+        )
+    return matched
+
+
+def batches(
+    inputs: Mapping[str, np.ndarray], fixed_batch: int | None, batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Split ``inputs`` into batches the model accepts (its fixed batch size, if any)."""
+    total = len(next(iter(inputs.values())))
+    step = fixed_batch or batch_size
+    if fixed_batch is not None and total % fixed_batch:
+        raise UserInputError(
+            f"The ONNX model has a fixed batch size of {fixed_batch} but the data has "
+            f"{total} sample(s); give a multiple of {fixed_batch} or export with a "
+            "dynamic batch size."
+        )
+    for start in range(0, total, step):
+        yield {name: array[start : start + step] for name, array in inputs.items()}
+
+
+def run(
+    session: Any, inputs: Mapping[str, np.ndarray], what: str = "Inputs", batch_size: int = 64
+) -> list[np.ndarray]:
+    """The session's outputs on all of ``inputs`` (matched, run in batches), in float64."""
+    specs = input_specs(session)
+    matched = match_inputs(specs, inputs, what)
+    outputs: list[list[np.ndarray]] = []
+    for batch in batches(matched, fixed_batch_size(specs), batch_size):
+        results = session.run(None, batch)
+        if not outputs:
+            outputs = [[] for _ in results]
+        for collected, result in zip(outputs, results, strict=True):
+            collected.append(np.asarray(result))
+    return [np.concatenate(parts).astype(np.float64) for parts in outputs]
