@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
 import threading
 import time
@@ -38,9 +39,19 @@ class Progress:
 
     @classmethod
     def for_terminal(cls, quiet: bool) -> Progress:
-        """Enabled only when not ``quiet`` and stderr and stdout are terminals."""
+        """Enabled only when not ``quiet`` and stderr and stdout are terminals.
+
+        It draws on its own duplicate of the terminal's descriptor, so the spinner
+        stays visible while the CLI hides framework output on descriptor 2.
+        """
         interactive = _isatty(sys.stderr) and _isatty(sys.stdout)
-        return cls(enabled=interactive and not quiet)
+        if quiet or not interactive:
+            return cls(enabled=False)
+        try:
+            stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", closefd=True)
+        except (AttributeError, OSError, ValueError):
+            stream = sys.stderr
+        return cls(enabled=True, stream=stream)
 
     @contextlib.contextmanager
     def step(self, label: str) -> Iterator[Step]:

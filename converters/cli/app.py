@@ -1,0 +1,141 @@
+"""The ``keras-bn`` program: the parser, the subcommand table and :func:`main`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
+
+from keras_bn.converters.cli import bench, export, fold, inspect, validate
+from keras_bn.converters.cli.args import ReportArgs
+from keras_bn.converters.cli.quiet import quiet_environment
+from keras_bn.converters.cli.run import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    Run,
+    check_report_path,
+    finish_report,
+    print_run,
+    to_json,
+    writing,
+)
+from keras_bn.converters.errors import UserInputError
+from keras_bn.converters.progress import Progress
+
+__all__ = ["main", "build_parser", "COMMANDS", "EPILOG"]
+
+EPILOG = """\
+examples:
+  keras-bn inspect model.keras
+  keras-bn fold model.keras -o folded.keras
+  keras-bn export model.keras -o model.onnx
+  keras-bn export model.keras -o model.onnx --input-layout channels_first --batch-size 1
+  keras-bn export model.keras -o model_fp16.onnx --precision float16
+  keras-bn export model.keras -o model_int8.onnx --precision int8 --calibration calib.npz
+  keras-bn validate model.keras model.onnx --inputs samples.npz --atol 1e-5
+  keras-bn bench model.onnx model_int8.onnx --batch-size 8
+  keras-bn export model.keras -o model.onnx --json --report export.json
+
+exit status: 0 success, 1 validation failed, 2 bad input or usage.
+.npz inputs hold one array per model input, keyed by input name (any name for a
+single-input model), batch first, in the Keras model's layout (bench: the ONNX
+model's layout). Set KERAS_BN_TRACEBACK=1 to see the traceback behind a
+model-loading error.
+"""
+
+# Subcommand name -> (its module, the function that runs it). Each module declares
+# its arguments (``add_arguments``) and a one-line ``SUMMARY`` for ``keras-bn --help``.
+COMMANDS: dict[str, tuple[ModuleType, Callable[[argparse.Namespace, Run], int]]] = {
+    "inspect": (inspect, inspect.inspect_command),
+    "fold": (fold, fold.fold_command),
+    "export": (export, export.export_command),
+    "validate": (validate, validate.validate_command),
+    "bench": (bench, bench.bench_command),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (no heavy imports: ``--help`` stays instant)."""
+    from keras_bn import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="keras-bn",
+        description="Fold BatchNormalization in Keras 3 models, export them to ONNX, "
+        "validate them in onnxruntime, convert to float16/int8 and benchmark them.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"keras-bn {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, function) in COMMANDS.items():
+        sub = commands.add_parser(
+            name,
+            help=module.SUMMARY,
+            description=function.__doc__,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(sub)
+        ReportArgs().add_to(sub)
+        sub.set_defaults(handler=function)
+    return parser
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace | int:
+    """The parsed arguments, or the exit status of --help, --version or a usage error."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, usage errors (argparse exits 2)
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        print(f"keras-bn: error: a command is required ({', '.join(COMMANDS)})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return args
+
+
+def _user_error(args: argparse.Namespace, error: Exception) -> int:
+    """A problem the user can fix: one line on stderr (and a JSON error report)."""
+    if isinstance(error, UserInputError):
+        message = " ".join(str(error).split())
+    else:  # OSError: disk full, permissions, a vanished file
+        message = (
+            f"{getattr(error, 'strerror', None) or error}; check the disk space and "
+            "permissions of the output directory."
+        )
+    print(f"keras-bn {args.command}: error: {message}", file=sys.stderr)
+    if args.json:
+        report = {"command": args.command, "status": "error", "exit_code": EXIT_BAD_INPUT}
+        print(to_json({**report, "error": message}))
+    return EXIT_BAD_INPUT
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit status (0 ok, 1 validation failed, 2 bad input)."""
+    args = _parse(argv)
+    if isinstance(args, int):
+        return args
+    quiet_environment()
+    run = Run(command=args.command, progress=Progress.for_terminal(quiet=args.json))
+    run.json = args.json
+    run.report["command"] = args.command
+    try:
+        check_report_path(args)
+        code = args.handler(args, run)
+    except (UserInputError, OSError) as error:
+        return _user_error(args, error)
+    except KeyboardInterrupt:
+        print(f"keras-bn {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finish_report(run, code)
+    if args.report:
+        try:
+            with writing(args.report) as tmp:
+                tmp.write_text(to_json(run.report) + "\n")
+        except UserInputError as error:
+            print(f"keras-bn {args.command}: error: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    print_run(run, args.json)
+    return code

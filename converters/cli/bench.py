@@ -1,0 +1,66 @@
+"""``keras-bn bench``: onnxruntime latency of one or two ONNX models."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from keras_bn.converters.cli.args import non_negative_int, positive_int
+from keras_bn.converters.cli.run import EXIT_OK, Run
+from keras_bn.converters.errors import UserInputError
+
+SUMMARY = "onnxruntime latency of one or two ONNX models"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("onnx", metavar="MODEL.onnx", nargs="+", help="one or two ONNX models")
+    parser.add_argument("--runs", type=positive_int, default=50, help="timed runs (default: 50)")
+    parser.add_argument(
+        "--warmup", type=non_negative_int, default=5, help="untimed runs first (default: 5)"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=1, help="batch of generated inputs (default: 1)"
+    )
+    parser.add_argument(
+        "--inputs",
+        metavar="FILE.npz",
+        help="inputs in the ONNX model's layout (default: generated standard-normal inputs)",
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, help="onnxruntime intra-op threads (default: all cores)"
+    )
+
+
+def bench_command(args: argparse.Namespace, run: Run) -> int:
+    """onnxruntime latency of one or two ONNX models, optimizations off and on."""
+    from keras_bn.converters.model_io import check_input_file
+
+    if len(args.onnx) > 2:
+        raise UserInputError(
+            f"bench takes one or two ONNX models; received {len(args.onnx)}: " + " ".join(args.onnx)
+        )
+    paths = [check_input_file(p, "ONNX model", (".onnx",)) for p in args.onnx]
+    inputs = None
+    if args.inputs is not None:
+        from keras_bn.converters.model_io import load_inputs
+        from keras_bn.converters.precision import onnx_input_specs
+
+        specs = [(name, shape) for name, shape, _ in onnx_input_specs(paths[0])]
+        inputs = load_inputs(args.inputs, specs, what="Inputs file")
+    from keras_bn.converters.benchmarking import bench_onnx
+
+    with run.progress.step("Benchmarking in onnxruntime"):
+        report = bench_onnx(
+            paths,
+            runs=args.runs,
+            warmup=args.warmup,
+            batch_size=args.batch_size,
+            inputs=inputs,
+            threads=args.threads,
+        )
+    run.report["bench"] = report.to_dict()
+    run.text.append(str(report))
+    for path in report.models:
+        on = report.get(path, "on")
+        run.summary.append([Path(path).name, f"median {on.median_ms:.3f} ms (optimizations on)"])
+    return EXIT_OK

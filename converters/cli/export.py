@@ -1,0 +1,373 @@
+"""``keras-bn export``: fold, export to ONNX, convert precision, validate, write.
+
+The steps, in order: check the options and output paths (before any work), load
+the model, export it (folding on the way unless ``--no-fold``) into a work
+directory beside the output, convert to float16/int8, describe the file that
+will be written, validate it against the Keras model, move it into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Any
+
+from keras_bn.converters.cli import steps
+from keras_bn.converters.cli.args import (
+    ComparisonArgs,
+    InputLayoutArgs,
+    ModelLoadingArgs,
+    positive_int,
+)
+from keras_bn.converters.cli.run import (
+    EXIT_OK,
+    Run,
+    as_dict,
+    check_not_an_input,
+    check_output,
+    file_size,
+    replace_files,
+    validation_failed,
+    work_directory,
+)
+from keras_bn.converters.errors import UserInputError
+from keras_bn.converters.files import check_output_path
+from keras_bn.converters.options import PRECISIONS
+
+SUMMARY = "fold, export to ONNX, convert precision, validate, write"
+
+# The exporter's warning about BatchNormalization left as Mul+Add after a layer it
+# could fold into; the CLI words it for the command that was run (see _warn_about).
+_UNFOLDED_MUL_ADD = "exported as Mul+Add"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL.keras")
+    parser.add_argument("-o", "--output", metavar="OUT.onnx", required=True)
+    InputLayoutArgs(
+        "channels_last",
+        "layout of the ONNX model's inputs of rank >= 3: channels_last keeps the Keras "
+        "shapes, channels_first moves the channel axis to 1 (NHWC -> NCHW) "
+        "(default: channels_last)",
+    ).add_to(parser)
+    parser.add_argument("--opset", type=positive_int, help="ONNX opset (default: 17)")
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        help="fixed batch size of the ONNX model (default: dynamic)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default="float32",
+        help="; ".join(f"{p.name}: {p.description}" for p in PRECISIONS.values())
+        + " (default: float32)",
+    )
+    parser.add_argument(
+        "--calibration",
+        metavar="FILE.npz",
+        help="int8 calibration inputs (representative data, Keras layout, batch first) "
+        "(default: none; required with --precision int8)",
+    )
+    parser.add_argument(
+        "--keep-io-types",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="float16: keep float32 model inputs and outputs (default: keep)",
+    )
+    parser.add_argument(
+        "--no-fold", action="store_true", help="export without folding BN (default: fold)"
+    )
+    parser.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="skip validation against the Keras model (default: validate)",
+    )
+    parser.add_argument(
+        "--external-data",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="store the weights in OUT.onnx.data beside the model (default: only when "
+        "they exceed 2 GB, the protobuf limit)",
+    )
+    parser.add_argument(
+        "--fallback",
+        action="store_true",
+        help="export unsupported layers through Keras's own model.export(format='onnx') "
+        "(default: an unsupported layer is an error)",
+    )
+    ModelLoadingArgs().add_to(parser)
+    ComparisonArgs(defaults="precision").add_to(parser)
+
+
+def export_command(args: argparse.Namespace, run: Run) -> int:
+    """Fold, export to ONNX, convert precision, validate against the Keras model, write."""
+    output = _check_options(args)
+    model = steps.load_model(args, run)
+    steps.preflight(model, run)
+    inputs = steps.load_inputs(args.inputs, model, "Inputs file")
+    calibration = steps.load_inputs(args.calibration, model, "Calibration file")
+    # Work beside the target, each file under the output's own name: an ONNX model
+    # refers to its external data file (``<name>.onnx.data``) by file name, so the
+    # files keep their names and are moved, not renamed, into place.
+    with work_directory(output) as work:
+        result = _export(model, work / output.name, args, run)
+        final, precision_report = _convert_precision(
+            work / output.name, work, args, run, inputs=inputs, calibration=calibration
+        )
+        _describe_export(result, final, output, run)
+        _describe_precision(precision_report, output, args, run)
+        if not args.no_validate and not _validate(
+            model, final, output, args, run, inputs if inputs is not None else calibration
+        ):
+            return validation_failed(
+                run, f"the {args.precision} ONNX model's outputs differ from the Keras model's"
+            )
+        with run.progress.step(f"Writing {output}"):
+            data_files = _move_onnx_into_place(final, output, args)
+    _describe_output(output, data_files, run)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------
+# Before any work.
+
+
+def _check_options(args: argparse.Namespace) -> Path:
+    """Option conflicts, input files and output paths; the checked output path."""
+    from keras_bn.converters.model_io import check_input_file
+
+    output = check_output(args, ".onnx")
+    if args.external_data:
+        if args.precision != "float32":
+            raise UserInputError(
+                f"--external-data works with --precision float32 only (received --precision "
+                f"{args.precision}, whose conversion stores the weights inside the model); "
+                "drop one of them."
+            )
+        _check_data_output(output.with_name(f"{output.name}.data"), args)
+    if args.precision == "int8" and args.calibration is None:
+        raise UserInputError(
+            "--precision int8 needs calibration data: pass --calibration FILE.npz with a few "
+            "hundred representative inputs (np.savez(path, input_name=array))."
+        )
+    if args.calibration is not None and args.precision != "int8":
+        raise UserInputError(
+            f"--calibration is only used with --precision int8 (received --precision "
+            f"{args.precision}); drop it or pass --precision int8."
+        )
+    for given, what in ((args.inputs, "Inputs file"), (args.calibration, "Calibration file")):
+        if given is not None:
+            check_input_file(given, what, (".npz",))
+    return output
+
+
+def _check_data_output(path: Path, args: argparse.Namespace) -> None:
+    check_not_an_input(path, args)
+    if path.exists() and not args.force:
+        raise UserInputError(
+            f"External data file {str(path)!r} already exists; pass --force to replace it."
+        )
+    check_output_path(path, force=True)  # a directory, or an unwritable one
+
+
+# --------------------------------------------------------------------------------------
+# Exporting and converting.
+
+
+def _export(model, path: Path, args: argparse.Namespace, run: Run):
+    """``export_onnx`` into ``path``; its warnings and fold report go to ``run``."""
+    from keras_bn.converters.onnx.export import export_onnx
+
+    step = "Exporting to ONNX" if args.no_fold else "Folding BatchNormalization, exporting"
+    with run.progress.step(step), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # Folding while exporting: the same weights as fold_batch_norms without
+        # building the folded Keras model; validation compares the file with the
+        # original model.
+        result = export_onnx(
+            model,
+            path,
+            fold=not args.no_fold,
+            opset=args.opset,
+            input_layout=args.input_layout,
+            batch_size=args.batch_size,
+            fallback=args.fallback,
+            external_data=args.external_data,
+        )
+    fold_report = getattr(result, "fold_report", None)
+    if fold_report is not None:
+        run.report["fold"] = as_dict(fold_report)
+        run.text.append(str(fold_report))
+        run.summary += [
+            ["folded", str(fold_report.folded_count)],
+            ["not folded", str(fold_report.not_folded_count)],
+        ]
+    _warn_about(caught, fold_report, args, run)
+    return result
+
+
+def _warn_about(caught: list, fold_report, args: argparse.Namespace, run: Run) -> None:
+    """The exporter's warnings, once each; an unfolded BN with advice for this command."""
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        if "__array__" in message:  # a NumPy 2 notice from inside Keras
+            continue
+        if _UNFOLDED_MUL_ADD in message:
+            if args.no_fold:  # the exporter's advice names the Python API
+                run.warn(
+                    message.partition("; fold_batch_norms")[0] + "; drop --no-fold to fold them"
+                )
+            continue  # with folding, warn_unfolded below names each BN that stays
+        run.warn(message)
+    if fold_report is not None:
+        steps.warn_unfolded(run, fold_report, "are exported as separate operators")
+    if args.no_fold and args.precision == "int8":
+        run.warn(
+            "--no-fold with --precision int8: BatchNormalization stays a separate float "
+            "operator and its input gets its own quantization step; fold first for better "
+            "int8 accuracy."
+        )
+
+
+def _convert_precision(
+    exported: Path,
+    work: Path,
+    args: argparse.Namespace,
+    run: Run,
+    *,
+    inputs: dict[str, Any] | None,
+    calibration: dict[str, Any] | None,
+) -> tuple[Path, Any]:
+    """The float16/int8 conversion of ``exported`` (its path and report), else itself."""
+    if args.precision == "float32":
+        return exported, None
+    final = work / args.precision / exported.name
+    final.parent.mkdir()
+    if args.precision == "float16":
+        from keras_bn.converters.precision import convert_float16
+
+        sample = None if inputs is None else steps.to_onnx_layout(inputs, args.input_layout)
+        with run.progress.step("Converting to float16"):
+            report = convert_float16(
+                exported, final, keep_io_types=args.keep_io_types, sample_inputs=sample
+            )
+        _warn_clamped(report, run)
+        return final, report
+    from keras_bn.converters.precision import quantize_int8
+
+    assert calibration is not None  # _check_options requires it for int8
+    with run.progress.step("Quantizing to int8 (calibrating)"):
+        report = quantize_int8(
+            exported, final, steps.to_onnx_layout(calibration, args.input_layout)
+        )
+    return final, report
+
+
+def _warn_clamped(report, run: Run) -> None:
+    if report.range_issues:
+        run.warn(
+            f"{report.clamped_count} weight value(s) outside the float16 range were clamped "
+            "to its limits: "
+            + "; ".join(str(issue) for issue in report.range_issues[:3])
+            + ("; ..." if len(report.range_issues) > 3 else "")
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Describing, validating, writing.
+
+
+def _describe_export(result, final: Path, output: Path, run: Run) -> None:
+    """The "Exported ..." block and report, with the node counts of the file written."""
+    if dataclasses.is_dataclass(result) and hasattr(result, "path"):
+        changes: dict[str, Any] = {"path": str(output)}  # not the temporary path
+        if hasattr(result, "node_count"):  # float16/int8 files differ from the float graph
+            import collections
+
+            import onnx
+
+            nodes = onnx.load(str(final), load_external_data=False).graph.node
+            changes["op_counts"] = dict(collections.Counter(node.op_type for node in nodes))
+            changes["node_count"] = len(nodes)
+        result = dataclasses.replace(result, **changes)
+    exported = as_dict(result)
+    run.report["export"] = {key: value for key, value in exported.items() if key != "fold_report"}
+    if hasattr(result, "warnings"):  # already on stderr, once
+        result = dataclasses.replace(result, warnings=[])
+    run.text.append(str(result))
+    if "node_count" in exported:
+        run.summary.append(["ONNX nodes", str(exported["node_count"])])
+
+
+def _describe_precision(report, output: Path, args: argparse.Namespace, run: Run) -> None:
+    if report is None:
+        return
+    report.path = str(output)  # not the temporary path
+    run.report["precision"] = report.to_dict()
+    run.text.append(str(report))
+    comparison = report.comparison
+    if comparison is not None:
+        run.summary.append(
+            [f"{args.precision} vs float32", f"max |diff| {comparison.max_abs_diff:.3g}"]
+        )
+        if comparison.top1_agreement is not None:
+            run.summary.append(["top-1 agreement", f"{comparison.top1_agreement:.1%}"])
+
+
+def _validate(model, final: Path, output: Path, args: argparse.Namespace, run: Run, inputs) -> bool:
+    precision = PRECISIONS[args.precision]
+    return steps.validate_onnx(
+        model,
+        final,
+        run,
+        input_layout=args.input_layout,
+        inputs=inputs,
+        atol=args.atol if args.atol is not None else precision.atol,
+        rtol=args.rtol if args.rtol is not None else precision.rtol,
+        shown_path=output,
+    )
+
+
+def _external_data_locations(onnx_path: Path) -> list[str]:
+    """The file names an ONNX model's initializers are stored in, relative to the model."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    locations = [
+        ExternalDataInfo(tensor).location
+        for tensor in model.graph.initializer
+        if uses_external_data(tensor)
+    ]
+    return list(dict.fromkeys(locations))
+
+
+def _move_onnx_into_place(final: Path, output: Path, args: argparse.Namespace) -> list[Path]:
+    """Move the finished model and its external data files (if any) onto the targets.
+
+    ``final`` lies in a work directory beside ``output`` and has its file name, so
+    the data files it refers to (``<output name>.data``) keep their names: each is
+    moved first, then the model, with ``os.replace`` (atomic per file).
+    """
+    moves = []
+    for location in _external_data_locations(final):
+        if Path(location).name != location:  # not written by keras-bn
+            raise RuntimeError(f"external data location {location!r} is not a file name")
+        target = output.with_name(location)
+        _check_data_output(target, args)
+        moves.append((final.with_name(location), target))
+    replace_files([*moves, (final, output)], shown=output)
+    return [target for _, target in moves]
+
+
+def _describe_output(output: Path, data_files: list[Path], run: Run) -> None:
+    run.report["output"] = {
+        "path": str(output),
+        "bytes": output.stat().st_size,
+        "external_data": [{"path": str(path), "bytes": path.stat().st_size} for path in data_files],
+    }
+    run.summary.append(["output", f"{output} ({file_size(output)})"])
+    for path in data_files:
+        run.summary.append(["external data", f"{path} ({file_size(path)})"])

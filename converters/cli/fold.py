@@ -1,0 +1,96 @@
+"""``keras-bn fold``: fold BatchNormalization into its neighbours, save the Keras model."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from keras_bn.converters.cli import steps
+from keras_bn.converters.cli.args import ComparisonArgs, ModelLoadingArgs
+from keras_bn.converters.cli.run import (
+    EXIT_OK,
+    Run,
+    as_dict,
+    check_output,
+    file_size,
+    validation_failed,
+    writing,
+)
+
+SUMMARY = "write the folded Keras model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL.keras")
+    parser.add_argument("-o", "--output", metavar="OUT.keras", required=True)
+    parser.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="skip comparing folded and original outputs (default: compare)",
+    )
+    ModelLoadingArgs().add_to(parser)
+    ComparisonArgs(defaults="float32").add_to(parser)
+
+
+def fold_command(args: argparse.Namespace, run: Run) -> int:
+    """Fold BN into neighbouring layers and save the folded Keras model."""
+    output = check_output(args, ".keras")
+    model = steps.load_model(args, run)
+    steps.preflight(model, run)
+    inputs = steps.load_inputs(args.inputs, model, "Inputs file")
+    if inputs is None and not args.no_validate:
+        from keras_bn.converters.validation import make_sample_inputs
+
+        inputs = make_sample_inputs(model, 4, seed=0)
+    from keras_bn.converters.folding import fold_batch_norms
+
+    with run.progress.step("Folding BatchNormalization"):
+        feed = None if inputs is None else steps.keras_feed(model, inputs)
+        folded, report = fold_batch_norms(model, sample_inputs=feed)
+    run.report["fold"] = as_dict(report)
+    run.text.append(str(report))
+    run.summary += [
+        ["folded", str(report.folded_count)],
+        ["not folded", str(report.not_folded_count)],
+    ]
+    steps.warn_unfolded(run, report, "stay in the folded model")
+    if not args.no_validate and not _compare_folded(model, folded, inputs, args, run):
+        return validation_failed(run, "the folded model's outputs differ from the original's")
+    with run.progress.step(f"Writing {output}"), writing(output) as tmp:
+        folded.save(tmp)
+    run.report["output"] = {"path": str(output), "bytes": output.stat().st_size}
+    run.summary.append(["output", f"{output} ({file_size(output)})"])
+    return EXIT_OK
+
+
+def _compare_folded(model, folded, inputs, args: argparse.Namespace, run: Run) -> bool:
+    """Compare the folded Keras model with the original, as validation compares ONNX."""
+    from keras_bn.converters.validation import (
+        DEFAULT_ATOL,
+        DEFAULT_RTOL,
+        call_model,
+        compare_arrays,
+    )
+
+    atol = args.atol if args.atol is not None else DEFAULT_ATOL
+    rtol = args.rtol if args.rtol is not None else DEFAULT_RTOL
+    batch_size = int(len(next(iter(inputs.values()))))
+    with run.progress.step("Comparing folded and original models"):
+        expected = call_model(model, inputs)
+        received = call_model(folded, inputs)
+    comparisons = [
+        compare_arrays(b, a, atol=atol, rtol=rtol, name=f"output {i}", batch_size=batch_size)
+        for i, (a, b) in enumerate(zip(expected, received, strict=True))
+    ]
+    passed = all(c.passed for c in comparisons)
+    outputs: list[Any] = [as_dict(c) for c in comparisons]
+    run.report["validation"] = {"passed": passed, "atol": atol, "rtol": rtol, "outputs": outputs}
+    worst_abs = max(c.max_abs_error for c in comparisons)
+    worst_rel = max(c.max_rel_error for c in comparisons)
+    run.text.append(
+        f"Folded vs original Keras model on {batch_size} sample(s): max abs error "
+        f"{worst_abs:.3g}, max rel error {worst_rel:.3g} (atol {atol:g}, rtol {rtol:g}): "
+        + ("passed" if passed else "FAILED")
+    )
+    run.summary.append(["validation", "passed" if passed else "FAILED"])
+    return passed

@@ -1,0 +1,149 @@
+"""Steps several subcommands take: load the model, check it, load inputs, validate.
+
+Each step is timed under the name it shows in the summary table, and imports
+what it needs when it runs (``keras-bn --help`` imports none of it). Framework
+output is hidden while Keras is imported and the model loaded
+(:mod:`.quiet`); Python warnings from loading become ``keras-bn CMD: warning:``
+lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Any
+
+from keras_bn.converters.cli.quiet import framework_output_hidden, import_keras
+from keras_bn.converters.cli.run import Run, as_dict
+from keras_bn.converters.errors import UserInputError
+
+__all__ = [
+    "load_model",
+    "preflight",
+    "load_inputs",
+    "keras_feed",
+    "to_onnx_layout",
+    "validate_onnx",
+    "warn_unfolded",
+]
+
+
+def _forward_warnings(caught: list[warnings.WarningMessage], run: Run) -> None:
+    for warning in caught:
+        message = str(warning.message)
+        if issubclass(warning.category, DeprecationWarning) or "__array__" in message:
+            continue  # library internals (a NumPy 2 notice from inside Keras)
+        run.warn(message)
+
+
+def load_model(args: argparse.Namespace, run: Run):
+    """The ``.keras`` model named by ``args.model``, loaded as ``--unsafe`` etc. say."""
+    from keras_bn.converters import model_io
+
+    model_io.check_model_file(args.model)  # fails fast on a bad file, before Keras
+    with run.progress.step("Importing Keras"):
+        import_keras()
+    with (
+        run.progress.step("Loading model"),
+        framework_output_hidden(),
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
+        model = model_io.load_model(
+            args.model, unsafe=args.unsafe, custom_objects=args.custom_objects
+        )
+    _forward_warnings(caught, run)
+    run.report["model"] = {"path": str(args.model), "name": model.name}
+    return model
+
+
+def preflight(model, run: Run, *, check_statistics: bool = True):
+    """Check the model can be converted at all: a layer graph and sane BN statistics."""
+    from keras_bn.converters import graph
+    from keras_bn.converters.folding import check_batch_norm_statistics
+
+    try:
+        flat = graph.flatten(model)
+    except ValueError as error:  # subclassed model, unbuilt Sequential
+        raise UserInputError(" ".join(str(error).split())) from None
+    if check_statistics:
+        with run.progress.step("Checking BatchNormalization statistics"):
+            check_batch_norm_statistics(model)
+    return flat
+
+
+def load_inputs(path: str | None, model, what: str) -> dict[str, Any] | None:
+    """Arrays from an ``.npz`` file, keyed by model input name and checked against it."""
+    if path is None:
+        return None
+    from keras_bn.converters.model_io import load_inputs as load
+    from keras_bn.converters.model_io import model_input_specs
+
+    return load(path, model_input_specs(model), what=what)
+
+
+def keras_feed(model, inputs: dict[str, Any]) -> Any:
+    """Inputs keyed by name -> what ``model(...)`` takes (array or list in input order)."""
+    from keras_bn.converters.model_io import model_input_specs
+
+    arrays = [inputs[name] for name, _ in model_input_specs(model)]
+    return arrays[0] if len(arrays) == 1 else arrays
+
+
+def to_onnx_layout(inputs: dict[str, Any], layout: str) -> dict[str, Any]:
+    """Keras-layout arrays -> the exported ONNX model's layout."""
+    if layout == "channels_last":
+        return dict(inputs)
+    import numpy as np
+
+    return {
+        name: np.moveaxis(array, -1, 1) if array.ndim >= 3 else array
+        for name, array in inputs.items()
+    }
+
+
+def validate_onnx(
+    model,
+    onnx_path: Path,
+    run: Run,
+    *,
+    input_layout: str,
+    inputs: dict[str, Any] | None,
+    atol: float | None,
+    rtol: float | None,
+    shown_path: Path | None = None,
+) -> bool:
+    """Compare ``onnx_path`` in onnxruntime with ``model`` in Keras; report; passed?"""
+    from keras_bn.converters.validation import validate_onnx as validate
+
+    kwargs: dict[str, Any] = {"input_layout": input_layout}
+    if inputs is not None:
+        kwargs["inputs"] = inputs
+    if atol is not None:
+        kwargs["atol"] = atol
+    if rtol is not None:
+        kwargs["rtol"] = rtol
+    with run.progress.step("Validating against the Keras model in onnxruntime"):
+        report = validate(model, onnx_path, **kwargs)
+        passed = bool(report)
+    if shown_path is not None and dataclasses.is_dataclass(report) and hasattr(report, "path"):
+        report = dataclasses.replace(report, path=str(shown_path))  # not the temporary path
+    run.report["validation"] = as_dict(report)
+    run.text.append(str(report))
+    run.summary.append(["validation", "passed" if passed else "FAILED"])
+    return passed
+
+
+def warn_unfolded(run: Run, fold_report, where: str) -> None:
+    """One warning naming the BatchNormalization layers that stay unfolded, if any."""
+    names = [entry.batch_norm for entry in getattr(fold_report, "entries", ()) if not entry.folded]
+    if not names:
+        return
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    reasons = "in the JSON report" if run.json else "above"
+    run.warn(
+        f"{len(names)} BatchNormalization layer(s) could not be folded and {where}: "
+        f"{shown} (the fold report {reasons} says why for each)"
+    )

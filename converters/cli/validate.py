@@ -1,0 +1,83 @@
+"""``keras-bn validate``: compare an ONNX model with the Keras model it came from."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from keras_bn.converters.cli import steps
+from keras_bn.converters.cli.args import ComparisonArgs, InputLayoutArgs, ModelLoadingArgs
+from keras_bn.converters.cli.run import EXIT_OK, EXIT_VALIDATION_FAILED, Run
+from keras_bn.converters.errors import UserInputError
+from keras_bn.converters.options import INPUT_LAYOUTS, PRECISIONS
+
+SUMMARY = "compare an ONNX model with its Keras model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL.keras")
+    parser.add_argument("onnx", metavar="MODEL.onnx", nargs=1)
+    InputLayoutArgs(
+        None,
+        "layout of the ONNX model's inputs (default: the one recorded at export, else "
+        "channels_last)",
+    ).add_to(parser)
+    ModelLoadingArgs().add_to(parser)
+    ComparisonArgs(defaults="detected").add_to(parser)
+
+
+def validate_command(args: argparse.Namespace, run: Run) -> int:
+    """Compare an ONNX model with the Keras model it came from."""
+    from keras_bn.converters.model_io import check_input_file
+
+    onnx_path = check_input_file(args.onnx[0], "ONNX model", (".onnx",))
+    model = steps.load_model(args, run)
+    steps.preflight(model, run, check_statistics=False)
+    inputs = steps.load_inputs(args.inputs, model, "Inputs file")
+    run.report["onnx"] = str(onnx_path)
+    detected, recorded_layout = onnx_facts(onnx_path)
+    input_layout = args.input_layout or recorded_layout or "channels_last"
+    precision = PRECISIONS[detected]
+    run.report["precision"] = precision.name
+    run.report["input_layout"] = input_layout
+    passed = steps.validate_onnx(
+        model,
+        onnx_path,
+        run,
+        input_layout=input_layout,
+        inputs=inputs,
+        atol=args.atol if args.atol is not None else precision.atol,
+        rtol=args.rtol if args.rtol is not None else precision.rtol,
+    )
+    if not passed:
+        print(
+            f"keras-bn validate: validation failed: {onnx_path} does not match {args.model}.",
+            file=sys.stderr,
+        )
+        run.report["status"] = "validation_failed"
+        return EXIT_VALIDATION_FAILED
+    return EXIT_OK
+
+
+def onnx_facts(onnx_path: Path) -> tuple[str, str | None]:
+    """The precision an ONNX model was converted to, and the input layout it records."""
+    import onnx
+
+    from keras_bn.converters.onnx.metadata import METADATA_INPUT_LAYOUT
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as error:  # protobuf DecodeError and friends: a bad file
+        raise UserInputError(
+            f"ONNX model {str(onnx_path)!r} cannot be parsed ({type(error).__name__}); "
+            "expected an .onnx file written by keras-bn export."
+        ) from None
+    precision = "float32"
+    if any(node.op_type in ("QuantizeLinear", "QLinearConv") for node in model.graph.node):
+        precision = "int8"
+    elif any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer):
+        precision = "float16"
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    layout = metadata.get(METADATA_INPUT_LAYOUT)
+    return precision, layout if layout in INPUT_LAYOUTS else None
