@@ -102,14 +102,15 @@ def randomize_batch_norms(
         variance_decades = (-3.0, 1.0) if gain is None else (-2.0, 1.5)
     rng = np.random.default_rng(seed)
     layers = [model] if isinstance(model, L.BatchNormalization) else batch_norm_layers(model)
+    # Each branch keeps the draw order of the copy it replaced, so the figures
+    # recorded with those copies (BENCHMARKS.md) reproduce.
     for layer in layers:
         shape = tuple(layer.moving_mean.shape)
         if gain is None:
             layer.moving_mean.assign(rng.normal(0.0, 2.0, shape))
             layer.moving_variance.assign(10.0 ** rng.uniform(*variance_decades, shape))
             if layer.gamma is not None:
-                sign = rng.choice([-1.0, 1.0], shape)
-                layer.gamma.assign(rng.uniform(0.3, 2.0, shape) * sign)
+                layer.gamma.assign(rng.uniform(0.3, 2.0, shape) * rng.choice([-1.0, 1.0], shape))
             if layer.beta is not None:
                 layer.beta.assign(rng.normal(0.0, 1.0, shape))
             continue
@@ -272,7 +273,12 @@ def check_channels_first_models():
 
 
 def conv_bn_classifier(seed: int = 0) -> keras.Model:
-    """Conv-BN-ReLU-Conv-BN-ReLU-GlobalAveragePooling-Dense(softmax), input (8, 8, 3)."""
+    """Conv-BN-ReLU-Conv-BN-ReLU-GlobalAveragePooling-Dense(softmax), input (8, 8, 3).
+
+    Its BNs get ``randomize_batch_norms(gain=(0.6, 1.4))``: the default statistics
+    scale activations up to ~60x per BN and saturate the softmax, so that two seeds'
+    models give the same outputs and int8 flips near-ties.
+    """
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((8, 8, 3), name="image")
     x = L.Conv2D(4, 3, padding="same")(inputs)
@@ -284,7 +290,7 @@ def conv_bn_classifier(seed: int = 0) -> keras.Model:
     x = L.GlobalAveragePooling2D()(x)
     outputs = L.Dense(3, activation="softmax")(x)
     model = keras.Model(inputs, outputs, name="classifier")
-    return randomize_batch_norms(model, seed)
+    return randomize_batch_norms(model, seed, gain=(0.6, 1.4))
 
 
 def tiny_model() -> keras.Model:
