@@ -28,17 +28,21 @@ import json
 import os
 import platform
 import re
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The test suite's helpers: the same BN statistics as tests/test_onnx_applications.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
+from helpers import randomize_batch_norms  # noqa: E402
 
 from keras_bn.converters.folding import fold_batch_norms  # noqa: E402
 from keras_bn.converters.onnx.export import ExportWarning, check_structure, export_onnx  # noqa: E402
@@ -46,22 +50,6 @@ from keras_bn.converters.validation import validate_onnx  # noqa: E402
 
 DEFAULT_MODELS = ["ResNet50", "MobileNetV2", "MobileNetV3Small", "EfficientNetB0"]
 LEVELS = {"off": "ORT_DISABLE_ALL", "on": "ORT_ENABLE_ALL"}
-
-
-def randomize_batch_norms(model: keras.Model, seed: int = 0) -> None:
-    """The same non-trivial statistics as tests/test_onnx_applications.py."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            shape = tuple(layer.moving_mean.shape)
-            spread = (-2.0, 1.5) if layer.scale else (-0.5, 0.5)
-            variance = 10.0 ** rng.uniform(*spread, shape)
-            layer.moving_mean.assign(rng.normal(0.2, 0.5, shape))
-            layer.moving_variance.assign(variance)
-            if layer.scale:
-                layer.gamma.assign(np.sqrt(variance + layer.epsilon) * rng.uniform(0.6, 1.4, shape))
-            if layer.center:
-                layer.beta.assign(rng.normal(0.0, 0.2, shape))
 
 
 def graph_summary(path: Path, input_names: list[str]) -> dict:
@@ -172,7 +160,7 @@ def bench_model(name: str, size: int, runs: int, warmup: int, directory: Path) -
     model = getattr(keras.applications, name)(
         weights=None, input_shape=(size, size, 3), classifier_activation=None
     )
-    randomize_batch_norms(model)
+    randomize_batch_norms(model, gain=(0.6, 1.4))
     x = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype("float32")
     model(x, training=False)  # Keras's exporter refuses a never-called model; warms TF up
 

@@ -8,48 +8,23 @@ unfolded model with the same weights.
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
 
-from keras_bn.converters.folding import fold_batch_norms
+# The test suite's helpers: the same models and statistics as tests/test_folding.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import (  # noqa: E402
+    batch_norm_layers,
+    calibrate_batch_norms,
+    conv_bn_stack,
+    float64_twin,
+)
 
-L = keras.layers
-
-
-def conv_bn_stack(blocks, channels, dtype, seed):
-    rng = np.random.default_rng(seed)
-    x = keras.Input((12, 12, channels), dtype=dtype)
-    y = x
-    for i in range(blocks):
-        conv = L.Conv2D(channels, 3, padding="same", dtype=dtype, name=f"conv_{i}")
-        y = conv(y)
-        kernel = rng.normal(0, 1 / np.sqrt(9 * channels), (3, 3, channels, channels))
-        conv.kernel.assign(kernel * 10.0 ** rng.uniform(-4, 4, channels))
-        conv.bias.assign(rng.normal(0, 0.1, channels))
-        y = L.BatchNormalization(epsilon=1e-10, dtype=dtype, name=f"bn_{i}")(y)
-        y = L.ReLU(dtype=dtype)(y)
-    return keras.Model(x, y)
-
-
-def batch_norms(model):
-    return [layer for layer in model.layers if isinstance(layer, L.BatchNormalization)]
-
-
-def float64_twin(model):
-    def clone(layer):
-        config = layer.get_config()
-        config["dtype"] = "float64"
-        return type(layer).from_config(config)
-
-    twin = keras.models.clone_model(
-        model,
-        clone_function=clone,
-        input_tensors=keras.Input(model.input_shape[1:], dtype="float64"),
-    )
-    twin.set_weights([w.astype(np.float64) for w in model.get_weights()])
-    return twin
+from keras_bn.converters.folding import fold_batch_norms  # noqa: E402
 
 
 def errors(model, data):
@@ -79,18 +54,9 @@ def stacks():
     for seed in range(4):
         data = np.random.default_rng(3 + seed).normal(size=(4, 12, 12, 8))
         model = conv_bn_stack(20, 8, "float32", seed)
-        for layer in batch_norms(model):
-            layer.momentum = 0.0
-        model(data.astype("float32"), training=True)
-        rng = np.random.default_rng(1 + seed)
-        for layer in batch_norms(model):
-            shape = tuple(layer.moving_mean.shape)
-            variance = keras.ops.convert_to_numpy(layer.moving_variance)
-            layer.moving_variance.assign(variance * 10.0 ** rng.uniform(-0.5, 0.5, shape))
-            layer.gamma.assign(rng.uniform(0.5, 2.0, shape))
-            layer.beta.assign(rng.normal(0.0, 0.5, shape))
+        calibrate_batch_norms(model, data.astype("float32"), seed=1 + seed)
         variances = np.concatenate(
-            [keras.ops.convert_to_numpy(bn.moving_variance) for bn in batch_norms(model)]
+            [keras.ops.convert_to_numpy(bn.moving_variance) for bn in batch_norm_layers(model)]
         )
         e = errors(model, data)
         print(
@@ -114,7 +80,7 @@ def applications():
             weights=None, include_top=False, input_shape=(size, size, 3), pooling="avg"
         )
         rng = np.random.default_rng(1)
-        for layer in batch_norms(model):
+        for layer in batch_norm_layers(model):
             shape = tuple(layer.gamma.shape)
             layer.gamma.assign(rng.uniform(0.5, 1.5, shape) * rng.choice([-1.0, 1.0], shape))
             layer.beta.assign(rng.normal(0.0, 0.5, shape))

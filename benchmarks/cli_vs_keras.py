@@ -25,16 +25,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def make(path: Path, name: str, size: int) -> None:
-    """A Keras Applications model (weights=None) with bench_export's BN statistics."""
+    """A Keras Applications model (weights=None) with bench_export's BN statistics
+    (the test suite's ``randomize_batch_norms(model, gain=...)``)."""
     import keras
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_export import randomize_batch_norms
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers import randomize_batch_norms
 
     model = getattr(keras.applications, name)(
         weights=None, input_shape=(size, size, 3), classifier_activation=None
     )
-    randomize_batch_norms(model)
+    randomize_batch_norms(model, gain=(0.6, 1.4))
     model.save(path)
 
 

@@ -9,8 +9,6 @@ pays for importing TensorFlow); the finer behaviour is tested in-process through
 from __future__ import annotations
 
 import collections
-import concurrent.futures
-import hashlib
 import json
 import os
 import shutil
@@ -23,13 +21,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from helpers import (
+    assert_rejected,
+    conv_bn_classifier,
+    randomize_batch_norms,
+    run_many,
+    sha256,
+)
 
 from keras_bn.converters import cli
 from keras_bn.converters.model_io import load_model
-
-KERAS_BN = Path(sys.executable).with_name("keras-bn")
-if not KERAS_BN.exists():  # a virtualenv whose python is a symlink elsewhere
-    KERAS_BN = Path(shutil.which("keras-bn") or "keras-bn")
 
 CUSTOM_LAYERS = '''
 import keras
@@ -45,35 +46,6 @@ class Doubling(keras.layers.Layer):
 
 # ------------------------------------------------------------------------------------
 # Models and files.
-
-
-def _randomize_batch_norms(model: keras.Model, seed: int = 0) -> None:
-    """Non-trivial statistics: mean != 0, variance over orders of magnitude, gamma != 1."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            channels = layer.moving_mean.shape[0]
-            layer.gamma.assign(rng.uniform(0.5, 2.0, channels))
-            layer.beta.assign(rng.normal(size=channels))
-            layer.moving_mean.assign(rng.normal(size=channels))
-            layer.moving_variance.assign(10.0 ** rng.uniform(-3, 2, channels))
-
-
-def conv_bn_classifier(seed: int = 0) -> keras.Model:
-    """Conv-BN-ReLU-Conv-BN-ReLU-GlobalAveragePooling-Dense(softmax), input (8, 8, 3)."""
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((8, 8, 3), name="image")
-    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.ReLU()(x)
-    x = keras.layers.Conv2D(6, 3, padding="same", use_bias=False)(x)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.ReLU()(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(3, activation="softmax")(x)
-    model = keras.Model(inputs, outputs, name="classifier")
-    _randomize_batch_norms(model, seed)
-    return model
 
 
 def _set_statistic(model: keras.Model, name: str, value: float) -> None:
@@ -140,10 +112,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _keras_outputs(model: keras.Model, x: np.ndarray) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(model(x, training=False)))
 
@@ -169,45 +137,11 @@ def _sample(n: int = 5) -> np.ndarray:
 # Running the CLI.
 
 
-def run_script(args, cwd: Path) -> subprocess.CompletedProcess:
-    """The installed console script, as a user runs it on a fresh machine.
-
-    TF_CPP_MIN_LOG_LEVEL is removed from the environment: the CLI must keep
-    TensorFlow's start-up lines off the terminal by itself.
-    """
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    command = [str(a) for a in args]
-    if command[0] not in ("python",):
-        command = [str(KERAS_BN), *command]
-    else:
-        command = [sys.executable, *command[1:]]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def run_many(jobs: dict[str, tuple[list, Path]]) -> dict[str, subprocess.CompletedProcess]:
-    """Run console-script jobs two at a time (two cores, each pays a TensorFlow import)."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(run_script, args, cwd) for name, (args, cwd) in jobs.items()}
-        return {name: future.result() for name, future in futures.items()}
-
-
 def run_main(args, capsys) -> tuple[int, str, str]:
     """``main([...])`` in-process; returns (exit status, stdout, stderr)."""
     code = cli.main([str(a) for a in args])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def assert_rejected(code: int, stderr: str, fragment: str, output_dir: Path | None = None):
-    """Exit 2, exactly one line on stderr naming the problem, no traceback, no output."""
-    assert code == 2, stderr
-    assert "Traceback" not in stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("keras-bn ") and ": error: " in lines[0], lines[0]
-    assert fragment in lines[0], lines[0]
-    if output_dir is not None:
-        assert sorted(p.name for p in output_dir.iterdir()) == [], "output left behind"
 
 
 # ------------------------------------------------------------------------------------
@@ -217,7 +151,7 @@ def assert_rejected(code: int, stderr: str, fragment: str, output_dir: Path | No
 @pytest.fixture(scope="module")
 def script_runs(files, tmp_path_factory):
     work = tmp_path_factory.mktemp("cli_script")
-    hashes = {name: _sha256(path) for name, path in files.items()}
+    hashes = {name: sha256(path) for name, path in files.items()}
     first = run_many(
         {
             "help": (["--help"], work),
@@ -238,7 +172,7 @@ def script_runs(files, tmp_path_factory):
             ),
         }
     )
-    assert {name: _sha256(path) for name, path in files.items()} == hashes, "inputs modified"
+    assert {name: sha256(path) for name, path in files.items()} == hashes, "inputs modified"
     return {**first, **second}, work
 
 
@@ -365,9 +299,9 @@ def bad_input_runs(files, tmp_path_factory):
         values = {key: str(path) for key, path in files.items()}
         values.update(dir=str(out), out=str(out), existing=str(existing))
         jobs[name] = ([arg.format(**values) for arg in template], out)
-    hashes = {name: _sha256(path) for name, path in files.items()}
+    hashes = {name: sha256(path) for name, path in files.items()}
     results = run_many(jobs)
-    assert {name: _sha256(path) for name, path in files.items()} == hashes, "inputs modified"
+    assert {name: sha256(path) for name, path in files.items()} == hashes, "inputs modified"
     assert existing.read_bytes() == b"an older output"
     return results, out_dirs
 
@@ -444,7 +378,7 @@ def test_every_option_states_its_default():
 def test_help_defaults_match_the_library():
     from keras_bn.converters import validation
     from keras_bn.converters.cli import args
-    from keras_bn.converters.onnx_export import DEFAULT_OPSET
+    from keras_bn.converters.onnx.export import DEFAULT_OPSET
 
     assert (args.FLOAT32_ATOL, args.FLOAT32_RTOL) == (
         validation.DEFAULT_ATOL,
@@ -546,10 +480,10 @@ def test_force_replaces_and_output_cannot_be_the_input(tmp_path, capsys, files):
 
     copy = tmp_path / "copy.keras"
     shutil.copyfile(files["model"], copy)
-    before = _sha256(copy)
+    before = sha256(copy)
     code, _, err = run_main(["fold", copy, "-o", copy, "--force"], capsys)
     assert_rejected(code, err, "is also an input")
-    assert _sha256(copy) == before
+    assert sha256(copy) == before
 
 
 def test_output_suffix_is_checked_before_any_work(tmp_path, capsys, files):
@@ -741,7 +675,7 @@ def wide_model(tmp_path_factory) -> Path:
     x = keras.layers.Dense(64)(inputs)
     x = keras.layers.BatchNormalization()(x)
     model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.ReLU()(x)), name="wide")
-    _randomize_batch_norms(model, seed=1)
+    randomize_batch_norms(model, seed=1)
     path = tmp_path_factory.mktemp("wide") / "wide.keras"
     model.save(path)
     return path
@@ -940,7 +874,7 @@ def unfoldable(tmp_path_factory) -> Path:
     x = keras.layers.BatchNormalization(name="stuck")(x)
     x = keras.layers.Conv2D(4, 3, padding="same")(x)
     model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x), name="unfoldable")
-    _randomize_batch_norms(model, seed=2)
+    randomize_batch_norms(model, seed=2)
     path = tmp_path_factory.mktemp("unfoldable") / "unfoldable.keras"
     model.save(path)
     return path

@@ -18,13 +18,15 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from test_cli import (
+from helpers import (
     assert_rejected,
     conv_bn_classifier,
+    make_zip,
     run_many,
+    zip_members,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from keras_bn.converters import cli
 from keras_bn.converters.model_io import load_model
@@ -110,37 +112,24 @@ def test_flipped_bytes_are_rejected_or_harmless(original, tmp_path, position, ma
     check_outcome(bytes(flipped), workdir, model, must_fail=in_member_data)
 
 
-def _members(data: bytes) -> dict[str, bytes]:
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        return {name: archive.read(name) for name in archive.namelist()}
-
-
-def _zip(members: dict[str, bytes], compression=zipfile.ZIP_STORED) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=compression) as archive:
-        for name, content in members.items():
-            archive.writestr(name, content)
-    return buffer.getvalue()
-
-
 def structured_variants(data: bytes) -> dict[str, bytes]:
     """Archives that are valid zips but not valid models."""
-    members = _members(data)
+    members = zip_members(data)
     config = members["config.json"]
     weights = members["model.weights.h5"]
     parsed = json.loads(config)
     variants = {
-        "empty-zip": _zip({}),
-        "no-config": _zip({k: v for k, v in members.items() if k != "config.json"}),
-        "no-weights": _zip({k: v for k, v in members.items() if k != "model.weights.h5"}),
-        "config-empty": _zip({**members, "config.json": b""}),
-        "config-truncated": _zip({**members, "config.json": config[: len(config) // 2]}),
-        "config-binary": _zip({**members, "config.json": bytes(range(256))}),
-        "config-list": _zip({**members, "config.json": b"[1, 2, 3]"}),
-        "config-number-class": _zip(
+        "empty-zip": make_zip({}),
+        "no-config": make_zip({k: v for k, v in members.items() if k != "config.json"}),
+        "no-weights": make_zip({k: v for k, v in members.items() if k != "model.weights.h5"}),
+        "config-empty": make_zip({**members, "config.json": b""}),
+        "config-truncated": make_zip({**members, "config.json": config[: len(config) // 2]}),
+        "config-binary": make_zip({**members, "config.json": bytes(range(256))}),
+        "config-list": make_zip({**members, "config.json": b"[1, 2, 3]"}),
+        "config-number-class": make_zip(
             {**members, "config.json": json.dumps({"class_name": 5, "config": {}}).encode()}
         ),
-        "config-no-layers": _zip(
+        "config-no-layers": make_zip(
             {
                 **members,
                 "config.json": json.dumps(
@@ -148,7 +137,7 @@ def structured_variants(data: bytes) -> dict[str, bytes]:
                 ).encode(),
             }
         ),
-        "config-layers-garbage": _zip(
+        "config-layers-garbage": make_zip(
             {
                 **members,
                 "config.json": json.dumps(
@@ -156,24 +145,28 @@ def structured_variants(data: bytes) -> dict[str, bytes]:
                 ).encode(),
             }
         ),
-        "config-unknown-module": _zip(
+        "config-unknown-module": make_zip(
             {**members, "config.json": config.replace(b'"keras.layers"', b'"evil.module"', 1)}
         ),
-        "config-unknown-class": _zip(
+        "config-unknown-class": make_zip(
             {**members, "config.json": config.replace(b'"Conv2D"', b'"Conv9D"')}
         ),
-        "config-wrong-shape": _zip(
+        "config-wrong-shape": make_zip(
             {**members, "config.json": config.replace(b'"filters": 4', b'"filters": 5')}
         ),
-        "config-bad-activation": _zip(
+        "config-bad-activation": make_zip(
             {**members, "config.json": config.replace(b'"softmax"', b'"no_such_activation"')}
         ),
-        "weights-empty": _zip({**members, "model.weights.h5": b""}),
-        "weights-garbage": _zip({**members, "model.weights.h5": b"\x89HDF\r\n\x1a\n" * 64}),
-        "weights-truncated": _zip({**members, "model.weights.h5": weights[: len(weights) // 3]}),
-        "weights-zeroed-tail": _zip({**members, "model.weights.h5": weights[:-2000] + bytes(2000)}),
-        "deflated-and-truncated": _zip(members, zipfile.ZIP_DEFLATED)[:-100],
-        "nested-zip": _zip({"model.keras": data}),
+        "weights-empty": make_zip({**members, "model.weights.h5": b""}),
+        "weights-garbage": make_zip({**members, "model.weights.h5": b"\x89HDF\r\n\x1a\n" * 64}),
+        "weights-truncated": make_zip(
+            {**members, "model.weights.h5": weights[: len(weights) // 3]}
+        ),
+        "weights-zeroed-tail": make_zip(
+            {**members, "model.weights.h5": weights[:-2000] + bytes(2000)}
+        ),
+        "deflated-and-truncated": make_zip(members, zipfile.ZIP_DEFLATED)[:-100],
+        "nested-zip": make_zip({"model.keras": data}),
     }
     return variants
 

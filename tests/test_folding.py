@@ -17,6 +17,16 @@ import zipfile
 import keras
 import numpy as np
 import pytest
+from helpers import (
+    assert_same_outputs,
+    batch_norm_layers,
+    calibrate_batch_norms,
+    conv_bn_stack,
+    fold_and_check,
+    inputs_for,
+    outputs_of,
+    randomize_batch_norms,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,72 +46,9 @@ L = keras.layers
 # Helpers.
 
 
-def walk_layers(model):
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from walk_layers(layer)
-        else:
-            yield layer
-
-
-def randomize_batch_norms(model, seed=0, variance_decades=(-3.0, 1.0)):
-    """Non-trivial statistics: mean != 0, variance over decades, gamma != 1, beta != 0."""
-    rng = np.random.default_rng(seed)
-    for layer in walk_layers(model):
-        if not isinstance(layer, L.BatchNormalization):
-            continue
-        shape = tuple(layer.moving_mean.shape)
-        layer.moving_mean.assign(rng.normal(0.0, 2.0, shape))
-        layer.moving_variance.assign(10.0 ** rng.uniform(*variance_decades, shape))
-        if layer.gamma is not None:
-            layer.gamma.assign(rng.uniform(0.3, 2.0, shape) * rng.choice([-1.0, 1.0], shape))
-        if layer.beta is not None:
-            layer.beta.assign(rng.normal(0.0, 1.0, shape))
-    return model
-
-
-def batch_norm_layers(model):
-    return [layer for layer in walk_layers(model) if isinstance(layer, L.BatchNormalization)]
-
-
-def inputs_for(model, seed=1, batch_size=2):
-    rng = np.random.default_rng(seed)
-    arrays = [
-        (rng.normal(0.5, 2.0, (batch_size, *tensor.shape[1:]))).astype("float32")
-        for tensor in model.inputs
-    ]
-    return arrays if len(arrays) > 1 else arrays[0]
-
-
-def outputs_of(model, x):
-    return [
-        np.asarray(keras.ops.convert_to_numpy(y))
-        for y in keras.tree.flatten(model(x, training=False))
-    ]
-
-
-def assert_same_outputs(original, folded, x, rtol=2e-5):
-    """Outputs equal within float32 rounding, relative to each output's magnitude."""
-    for expected, received in zip(outputs_of(original, x), outputs_of(folded, x), strict=True):
-        assert received.shape == expected.shape
-        scale = max(float(np.max(np.abs(expected))), 1e-6)
-        error = float(np.max(np.abs(received - expected)))
-        assert error <= rtol * scale, f"max abs error {error:.3g} vs output scale {scale:.3g}"
-
-
 def entry(report, name):
     (found,) = [e for e in report.entries if e.batch_norm == name]
     return found
-
-
-def fold_and_check(model, x=None, *, expected_remaining=0, backward=True, rtol=2e-5):
-    randomize_batch_norms(model)
-    x = inputs_for(model) if x is None else x
-    folded, report = fold_batch_norms(model, backward=backward, sample_inputs=x)
-    assert len(batch_norm_layers(folded)) == expected_remaining, str(report)
-    assert report.not_folded_count == expected_remaining
-    assert_same_outputs(model, folded, x, rtol=rtol)
-    return folded, report
 
 
 # ---------------------------------------------------------------------------
@@ -277,47 +224,6 @@ def run_in_subprocess(args, backend="jax"):
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, env=env, timeout=600, check=False
     )
-
-
-def _bn(name):
-    return L.BatchNormalization(axis=1, name=name)
-
-
-def channels_first_models():
-    """channels_first models covering every rule in both directions: (model, BNs kept)."""
-    cf = {"data_format": "channels_first"}
-    x = keras.Input((4, 9, 9))
-    y = _bn("bn_conv")(L.Conv2D(4, 3, groups=2, use_bias=False, **cf)(x))
-    y = _bn("bn_dw")(L.DepthwiseConv2D(3, strides=2, padding="same", depth_multiplier=2, **cf)(y))
-    y = _bn("bn_sep")(L.SeparableConv2D(6, 3, depth_multiplier=2, padding="same", **cf)(y))
-    y = L.Conv2D(6, 3, groups=3, activation="relu", **cf)(_bn("bn_back_conv")(L.ReLU()(y)))
-    y = L.Conv2DTranspose(4, 3, strides=2, output_padding=1, **cf)(y)
-    y = _bn("bn_back_dw")(L.ReLU()(_bn("bn_deconv")(y)))
-    y = L.DepthwiseConv2D(1, padding="same", depth_multiplier=2, **cf)(y)
-    model_2d = keras.Model(x, y)
-
-    x = keras.Input((3, 12))
-    y = _bn("bn_conv")(L.Conv1D(4, 3, dilation_rate=2, **cf)(x))
-    y = _bn("bn_dw")(L.DepthwiseConv1D(3, depth_multiplier=2, **cf)(y))
-    y = _bn("bn_sep")(L.SeparableConv1D(4, 2, depth_multiplier=2, **cf)(y))
-    y = _bn("bn_deconv")(L.Conv1DTranspose(3, 3, dilation_rate=2, **cf)(L.ReLU()(y)))
-    y = L.Conv1D(2, 3, padding="same", **cf)(_bn("bn_kept_padding")(L.ReLU()(y)))
-    model_1d = keras.Model(x, y)
-
-    x = keras.Input((2, 5, 5, 5))
-    y = _bn("bn_conv")(L.Conv3D(4, 2, groups=2, **cf)(x))
-    y = L.Conv3D(4, 2, **cf)(_bn("bn_back_conv")(L.ReLU()(y)))
-    y = _bn("bn_deconv")(L.Conv3DTranspose(3, 2, strides=2, **cf)(y))
-    model_3d = keras.Model(x, y)
-    return [(model_2d, 0), (model_1d, 1), (model_3d, 0)]
-
-
-def check_channels_first_models():
-    """Run in the JAX subprocess: fold the channels_first models, compare outputs."""
-    assert keras.backend.backend() == "jax", keras.backend.backend()
-    for model, kept in channels_first_models():
-        fold_and_check(model, expected_remaining=kept)
-    print("channels_first models passed")
 
 
 # ---------------------------------------------------------------------------
@@ -813,9 +719,9 @@ except Exception as error:
     print("load failed:", repr(error))
 sys.meta_path.remove(blocker)
 sys.path.insert(0, sys.argv[4])
-import test_folding
+import helpers
 
-test_folding.check_channels_first_models()
+helpers.check_channels_first_models()
 """
 
 
@@ -1016,36 +922,6 @@ def test_float64_model_folds_to_float64_precision():
     assert folded.get_layer("conv").kernel.dtype == "float64"
 
 
-def _conv_bn_stack(blocks, channels, dtype, seed):
-    rng = np.random.default_rng(seed)
-    x = keras.Input((12, 12, channels), dtype=dtype)
-    y = x
-    for i in range(blocks):
-        conv = L.Conv2D(channels, 3, padding="same", dtype=dtype, name=f"conv_{i}")
-        y = conv(y)
-        # Channel gains over 8 decades, as trained networks have: the BN undoes them.
-        kernel = rng.normal(0, 1 / np.sqrt(9 * channels), (3, 3, channels, channels))
-        conv.kernel.assign(kernel * 10.0 ** rng.uniform(-4, 4, channels))
-        conv.bias.assign(rng.normal(0, 0.1, channels))
-        y = L.BatchNormalization(epsilon=1e-10, dtype=dtype, name=f"bn_{i}")(y)
-        y = L.ReLU(dtype=dtype)(y)
-    return keras.Model(x, y)
-
-
-def _calibrate(model, data, seed):
-    """Moving statistics from the data (as training leaves them), then perturbed."""
-    rng = np.random.default_rng(seed)
-    for layer in batch_norm_layers(model):
-        layer.momentum = 0.0
-    model(data, training=True)
-    for layer in batch_norm_layers(model):
-        shape = tuple(layer.moving_mean.shape)
-        variance = keras.ops.convert_to_numpy(layer.moving_variance)
-        layer.moving_variance.assign(variance * 10.0 ** rng.uniform(-0.5, 0.5, shape))
-        layer.gamma.assign(rng.uniform(0.5, 2.0, shape))
-        layer.beta.assign(rng.normal(0.0, 0.5, shape))
-
-
 def test_twenty_conv_bn_blocks_fold_within_float32_rounding():
     """20 x (Conv2D 3x3 -> BN(epsilon=1e-10) -> ReLU), 8 channels, conv output
     channels scaled over 8 decades so the moving variances span 4e-9 .. 6e7.
@@ -1058,13 +934,13 @@ def test_twenty_conv_bn_blocks_fold_within_float32_rounding():
     ``x - moving_mean`` where a channel's mean dwarfs its spread).
     """
     data = np.random.default_rng(3).normal(size=(4, 12, 12, 8))
-    model = _conv_bn_stack(20, 8, "float32", seed=0)
-    _calibrate(model, data.astype("float32"), seed=1)
+    model = conv_bn_stack(20, 8, "float32", seed=0)
+    calibrate_batch_norms(model, data.astype("float32"), seed=1)
     variances = np.concatenate(
         [keras.ops.convert_to_numpy(bn.moving_variance) for bn in batch_norm_layers(model)]
     )
     assert variances.max() / variances.min() > 1e15
-    reference = _conv_bn_stack(20, 8, "float64", seed=0)
+    reference = conv_bn_stack(20, 8, "float64", seed=0)
     reference.set_weights([w.astype("float64") for w in model.get_weights()])
     expected = outputs_of(reference, data)[0]
     folded, report = fold_batch_norms(model, sample_inputs=data.astype("float32"))

@@ -12,6 +12,7 @@ own float32 outputs are.
 import keras
 import numpy as np
 import pytest
+from helpers import float64_twin
 
 from keras_bn.converters import graph as graph_lib
 from keras_bn.converters.folding import fold_batch_norms
@@ -40,21 +41,6 @@ def _set_statistics(model, data, seed):
         layer.gamma.assign(gamma * np.sqrt((variance * factor + epsilon) / (variance + epsilon)))
         layer.moving_variance.assign(variance * factor)
     return batch_norms
-
-
-def _float64_twin(model):
-    def clone(layer):
-        config = layer.get_config()
-        config["dtype"] = "float64"
-        return type(layer).from_config(config)
-
-    twin = keras.models.clone_model(
-        model,
-        clone_function=clone,
-        input_tensors=keras.Input(model.input_shape[1:], dtype="float64"),
-    )
-    twin.set_weights([weight.astype(np.float64) for weight in model.get_weights()])
-    return twin
 
 
 def _expected_targets(model):
@@ -124,7 +110,7 @@ def test_application_folds_every_batch_norm_after_a_linear_conv(
     remaining = [layer for layer in folded.layers if isinstance(layer, L.BatchNormalization)]
     assert len(remaining) == not_folded
 
-    reference = np.asarray(_float64_twin(model)(data.astype(np.float64), training=False))
+    reference = np.asarray(float64_twin(model)(data.astype(np.float64), training=False))
     magnitude = np.max(np.abs(reference))
     original = np.asarray(model(data, training=False))
     original_error = np.max(np.abs(original - reference)) / magnitude

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import zipfile
 from pathlib import Path
@@ -11,6 +9,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from helpers import make_zip, randomize_batch_norms, sha256, zip_members
 
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.model_io import (
@@ -21,18 +20,6 @@ from keras_bn.converters.model_io import (
 )
 
 
-def _randomize_batch_norms(model: keras.Model, seed: int = 0) -> None:
-    """Non-trivial statistics: mean != 0, variance over orders of magnitude, gamma != 1."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            channels = layer.moving_mean.shape[0]
-            layer.gamma.assign(rng.uniform(0.5, 2.0, channels))
-            layer.beta.assign(rng.normal(size=channels))
-            layer.moving_mean.assign(rng.normal(size=channels))
-            layer.moving_variance.assign(10.0 ** rng.uniform(-3, 2, channels))
-
-
 def _small_model() -> keras.Model:
     inputs = keras.Input((6, 6, 3), name="image")
     x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
@@ -41,7 +28,7 @@ def _small_model() -> keras.Model:
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(3)(x)
     model = keras.Model(inputs, outputs, name="small")
-    _randomize_batch_norms(model)
+    randomize_batch_norms(model)
     return model
 
 
@@ -53,26 +40,9 @@ def saved(tmp_path_factory) -> tuple[Path, keras.Model]:
     return path, model
 
 
-def _members(path: Path) -> dict[str, bytes]:
-    with zipfile.ZipFile(path) as archive:
-        return {name: archive.read(name) for name in archive.namelist()}
-
-
-def _zip(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def test_load_model_matches_the_saved_model(saved):
     path, original = saved
-    before = _sha256(path)
+    before = sha256(path)
     loaded = load_model(path)
     x = np.random.default_rng(1).normal(size=(4, 6, 6, 3)).astype("float32")
     np.testing.assert_allclose(
@@ -81,13 +51,13 @@ def test_load_model_matches_the_saved_model(saved):
         rtol=1e-6,
         atol=1e-6,
     )
-    assert _sha256(path) == before  # the input is only read
+    assert sha256(path) == before  # the input is only read
 
 
 def _variants(path: Path) -> dict[str, tuple[bytes, str]]:
     """Broken copies of a good .keras file and a fragment of the expected message."""
     data = path.read_bytes()
-    members = _members(path)
+    members = zip_members(path)
     config = json.loads(members["config.json"])
     flipped = bytearray(data)
     # A byte inside the (stored, uncompressed) weights file: caught by the CRC check.
@@ -99,44 +69,44 @@ def _variants(path: Path) -> dict[str, tuple[bytes, str]]:
     other = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
     other_path = path.with_name("other.keras")
     other.save(other_path)
-    other_weights = _members(other_path)["model.weights.h5"]
+    other_weights = zip_members(other_path)["model.weights.h5"]
     return {
         "empty": (b"", "is empty"),
         "text": (b"this is not a zip archive", "not a readable .keras zip archive"),
         "truncated": (data[: len(data) // 2], "not a readable .keras zip archive"),
         "crc": (bytes(flipped), "fails its CRC check"),
         "no-config": (
-            _zip({k: v for k, v in members.items() if k != "config.json"}),
+            make_zip({k: v for k, v in members.items() if k != "config.json"}),
             "has no config.json",
         ),
         "no-weights": (
-            _zip({k: v for k, v in members.items() if k != "model.weights.h5"}),
+            make_zip({k: v for k, v in members.items() if k != "model.weights.h5"}),
             "has no model.weights.h5",
         ),
-        "config-not-json": (_zip({**members, "config.json": b"{oops"}), "not valid JSON"),
-        "config-null": (_zip({**members, "config.json": b"null"}), "does not describe"),
+        "config-not-json": (make_zip({**members, "config.json": b"{oops"}), "not valid JSON"),
+        "config-null": (make_zip({**members, "config.json": b"null"}), "does not describe"),
         "config-bad-value": (
-            _zip({**members, "config.json": wrong_filters.encode()}),
+            make_zip({**members, "config.json": wrong_filters.encode()}),
             "filters",
         ),
         "unknown-class": (
-            _zip({**members, "config.json": unknown.encode()}),
+            make_zip({**members, "config.json": unknown.encode()}),
             "--custom-objects MODULE:NoSuchConv",
         ),
         "weights-garbage": (
-            _zip({**members, "model.weights.h5": b"\x00garbage" * 50}),
+            make_zip({**members, "model.weights.h5": b"\x00garbage" * 50}),
             "corrupted weights",
         ),
         "weights-truncated": (
-            _zip({**members, "model.weights.h5": members["model.weights.h5"][:3000]}),
+            make_zip({**members, "model.weights.h5": members["model.weights.h5"][:3000]}),
             "corrupted weights",
         ),
         "weights-of-another-model": (
-            _zip({**members, "model.weights.h5": other_weights}),
+            make_zip({**members, "model.weights.h5": other_weights}),
             "could not be loaded by Keras",
         ),
         "a-layer-not-a-model": (
-            _zip(
+            make_zip(
                 {
                     **members,
                     "config.json": json.dumps(

@@ -15,8 +15,8 @@ It must be at most 1e-4; the default elementwise tolerances must pass too.
 import warnings
 
 import keras
-import numpy as np
 import pytest
+from helpers import batch_norm_layers, randomize_batch_norms
 
 from keras_bn.converters.folding import fold_batch_norms
 from keras_bn.converters.onnx.export import export_onnx
@@ -44,34 +44,6 @@ FAMILIES = {
 }
 
 
-def randomize_batch_norms(model: keras.Model, seed: int = 0) -> int:
-    """Non-trivial inference statistics for every BatchNormalization; returns their count.
-
-    moving_mean ~ N(0.2, 0.5) (not 0), moving_variance spread over 3.5 orders of
-    magnitude (1e-2 .. 3e1), gamma != 1 scaled with sqrt(variance) so that each
-    BN's per-channel gain stays in [0.6, 1.4] and 50-layer networks neither blow up
-    nor vanish, beta ~ N(0, 0.2). BNs without gamma get variances in [0.3, 3].
-    """
-    rng = np.random.default_rng(seed)
-    count = 0
-    for layer in model.layers:
-        if not isinstance(layer, keras.layers.BatchNormalization):
-            continue
-        shape = tuple(layer.moving_mean.shape)
-        # Without gamma (InceptionV3's scale=False) the gain is 1/sqrt(variance): keep
-        # it within [0.56, 1.8] so that 94 such layers stay finite.
-        spread = (-2.0, 1.5) if layer.scale else (-0.5, 0.5)
-        variance = 10.0 ** rng.uniform(*spread, shape)
-        layer.moving_mean.assign(rng.normal(0.2, 0.5, shape))
-        layer.moving_variance.assign(variance)
-        if layer.scale:
-            layer.gamma.assign(np.sqrt(variance + layer.epsilon) * rng.uniform(0.6, 1.4, shape))
-        if layer.center:
-            layer.beta.assign(rng.normal(0.0, 0.2, shape))
-        count += 1
-    return count
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("constructor", "size", "transposes"), FAMILIES.values(), ids=FAMILIES.keys()
@@ -80,7 +52,7 @@ def test_application_folds_exports_and_validates(constructor, size, transposes, 
     model = getattr(keras.applications, constructor)(
         weights=None, input_shape=(size, size, 3), classifier_activation=None
     )
-    batch_norms = randomize_batch_norms(model)
+    batch_norms = len(batch_norm_layers(randomize_batch_norms(model, gain=(0.6, 1.4))))
     folded, report = fold_batch_norms(model)
     assert report.folded_count + report.not_folded_count == batch_norms
 

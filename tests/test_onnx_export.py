@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from helpers import randomize_batch_norms, tiny_model
 from keras import layers
 from onnx import TensorProto, helper, numpy_helper
 
@@ -62,12 +63,7 @@ def _with_batch_norm():
     bn = layers.BatchNormalization(name="bn")
     h = layers.ReLU()(bn(h))
     model = keras.Model(x, layers.Flatten()(h), name="with_bn")
-    rng = np.random.default_rng(0)
-    bn.moving_mean.assign(rng.normal(0.5, 1.0, 4))
-    bn.moving_variance.assign(10.0 ** rng.uniform(-2, 1, 4))
-    bn.gamma.assign(rng.uniform(0.3, 2.0, 4))
-    bn.beta.assign(rng.normal(0.0, 0.5, 4))
-    return model
+    return randomize_batch_norms(model)
 
 
 # --------------------------------------------------------------------------------------
@@ -352,15 +348,7 @@ def _every_fold_rule():
     h = layers.GlobalAveragePooling2D()(h)
     h = layers.Dense(6, name="backward_dense")(layers.BatchNormalization(name="bn_back")(h))
     model = keras.Model(x, h, name="every_rule")
-    rng = np.random.default_rng(1)
-    for layer in [*model.layers, *inner.layers]:
-        if isinstance(layer, layers.BatchNormalization):
-            n = layer.gamma.shape[0]
-            layer.gamma.assign(rng.uniform(0.5, 2.0, n))
-            layer.beta.assign(rng.normal(0.0, 0.5, n))
-            layer.moving_mean.assign(rng.normal(0.3, 1.0, n))
-            layer.moving_variance.assign(10.0 ** rng.uniform(-2, 1, n))
-    return model
+    return randomize_batch_norms(model, seed=1)
 
 
 def test_fold_while_exporting_writes_the_folded_models_file(tmp_path):
@@ -652,11 +640,11 @@ JAX_SCRIPT = textwrap.dedent(
     import sys
     import numpy as np, keras
     sys.path.insert(0, sys.argv[1])
-    from test_onnx_export import _tiny_model
+    from helpers import tiny_model
     from keras_bn.converters.onnx.export import export_onnx
 
     assert keras.backend.backend() == "jax"
-    model = _tiny_model()
+    model = tiny_model()
     weights = np.load(sys.argv[2])
     model.set_weights([weights[f"arr_{i}"] for i in range(len(weights.files))])
     export_onnx(model, sys.argv[3])
@@ -664,18 +652,9 @@ JAX_SCRIPT = textwrap.dedent(
 )
 
 
-def _tiny_model():
-    x = keras.Input((6, 6, 3), name="image")
-    h = layers.ZeroPadding2D(1, name="pad")(x)
-    h = layers.Conv2D(4, 3, strides=2, name="conv")(h)
-    h = layers.BatchNormalization(name="bn")(h)
-    h = layers.GlobalAveragePooling2D(name="gap")(layers.ReLU(name="relu")(h))
-    return keras.Model(x, layers.Dense(3, name="logits")(h), name="tiny")
-
-
 @pytest.mark.slow
 def test_jax_backend_exports_the_same_graph(tmp_path):
-    model = _tiny_model()
+    model = tiny_model()
     rng = np.random.default_rng(0)
     model.set_weights(
         [np.abs(rng.normal(0.5, 0.5, w.shape)).astype("float32") for w in model.get_weights()]

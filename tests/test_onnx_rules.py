@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from helpers import randomize_batch_norms
 from keras import layers, ops
 
 from keras_bn import BatchNormalization as KerasBnBatchNormalization
@@ -53,18 +54,6 @@ def export_and_compare(model, tmp_path, inputs=None, *, opset=None, atol=2e-5, r
     for a, e in zip(actual, expected, strict=True):
         np.testing.assert_allclose(a, e, atol=atol, rtol=rtol)
     return result, onnx.load(str(path))
-
-
-def _randomize_batch_norm(layer, seed=0):
-    """Non-trivial statistics: mean != 0, variance over 3 orders of magnitude, gamma != 1."""
-    rng = np.random.default_rng(seed)
-    shape = tuple(layer.moving_mean.shape)
-    layer.moving_mean.assign(rng.normal(0.5, 1.0, shape))
-    layer.moving_variance.assign(10.0 ** rng.uniform(-2, 1, shape))
-    if layer.scale:
-        layer.gamma.assign(rng.uniform(0.3, 2.0, shape))
-    if layer.center:
-        layer.beta.assign(rng.normal(0.0, 0.5, shape))
 
 
 def sequential(input_shape, *stack, dtype="float32", name="model"):
@@ -570,7 +559,7 @@ BATCH_NORMS = {
 def test_unfolded_batch_normalization(shape, stack, build, tmp_path):
     norm = build()
     model = sequential(shape, *stack, norm, name="batch_norm")
-    _randomize_batch_norm(norm)
+    randomize_batch_norms(norm)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the unfolded-BN warning is tested elsewhere
         result, _ = export_and_compare(model, tmp_path, atol=1e-4)

@@ -7,13 +7,13 @@ exporter; the reference is always the float32 model run in onnxruntime.
 from __future__ import annotations
 
 import collections
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from helpers import sha256
 from onnx import TensorProto, helper, numpy_helper
 
 from keras_bn.converters.errors import UserInputError
@@ -79,10 +79,6 @@ def _run(path: Path, x: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _initializers(path: Path) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
 
@@ -123,9 +119,9 @@ def test_check_float16_range_counts_values_a_cast_would_destroy(tmp_path):
 
 def test_convert_float16_keeps_io_types_and_matches_float32(tmp_path, data):
     source = classifier_onnx(tmp_path / "model.onnx")
-    before = _sha256(source)
+    before = sha256(source)
     report = convert_float16(source, tmp_path / "half.onnx", sample_inputs={"x": data})
-    assert _sha256(source) == before
+    assert sha256(source) == before
     converted = onnx.load(str(tmp_path / "half.onnx"))
     assert {t.data_type for t in converted.graph.initializer} == {TensorProto.FLOAT16}
     assert converted.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
@@ -192,9 +188,9 @@ def test_convert_float16_rejects_bad_files(tmp_path):
 
 def test_quantize_int8_qdq_per_channel_and_close_to_float(tmp_path, data):
     source = classifier_onnx(tmp_path / "model.onnx")
-    before = _sha256(source)
+    before = sha256(source)
     report = quantize_int8(source, tmp_path / "int8.onnx", {"x": data})
-    assert _sha256(source) == before
+    assert sha256(source) == before
     quantized = onnx.load(str(tmp_path / "int8.onnx"))
     ops = collections.Counter(node.op_type for node in quantized.graph.node)
     assert ops["QuantizeLinear"] >= 3 and ops["DequantizeLinear"] >= 5

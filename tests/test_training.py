@@ -7,10 +7,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import batch_norm_layers, randomize_batch_norms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keras_bn._batch_norm_state import batch_norm_layers, to_numpy
+from keras_bn._batch_norm_state import to_numpy
 from keras_bn.layers import BatchNormalization
 from keras_bn.monitor import BatchNormMonitor
 from keras_bn.recalibration import recalibrate_batch_norm
@@ -38,17 +39,6 @@ def _features(rng, n, channels):
     scales = np.logspace(-2, 2, channels)
     means = rng.uniform(-50, 50, channels)
     return (rng.normal(size=(n, channels)) * scales + means).astype("float32")
-
-
-def _set_bn(layer, rng):
-    """Non-trivial gamma, beta and moving statistics."""
-    shape = tuple(layer.moving_mean.shape)
-    if layer.gamma is not None:
-        layer.gamma.assign(rng.uniform(0.5, 2.0, shape).astype("float32"))
-    if layer.beta is not None:
-        layer.beta.assign(rng.normal(size=shape).astype("float32"))
-    layer.moving_mean.assign(rng.normal(3.0, 2.0, shape).astype("float32"))
-    layer.moving_variance.assign(np.logspace(-2, 2, int(np.prod(shape))).reshape(shape))
 
 
 def _np_bn_inference(x, layer):
@@ -134,7 +124,7 @@ def _chain_model(bn_second, dropout=0.0):
     model = keras.Model(inputs, outputs)
     rng = _rng(2)
     for layer in (model.get_layer("bn0"), bn_second):
-        _set_bn(layer, rng)
+        randomize_batch_norms(layer, rng)
     return model
 
 
@@ -259,7 +249,7 @@ def test_recalibrate_shared_layer_collects_every_call():
     a, b = keras.Input((3,)), keras.Input((3,))
     outputs = keras.layers.Add()([shared(a), shared(keras.layers.Dense(3, name="dense")(b))])
     model = keras.Model([a, b], outputs)
-    _set_bn(shared, _rng(9))
+    randomize_batch_norms(shared, _rng(9))
     xa, xb = _features(_rng(10), 50, 3), _features(_rng(11), 50, 3)
     recalibrate_batch_norm(model, [xa, xb])
     values = np.concatenate([xa, _dense(xb.astype(np.float64), model.get_layer("dense"))])
@@ -274,8 +264,8 @@ def _two_bn_model():
     model = keras.Model(inputs, outputs)
     rng = _rng(12)
     model.get_layer("dense").set_weights([rng.normal(size=(4, 3)), rng.normal(size=3)])
-    _set_bn(model.get_layer("bn0"), rng)
-    _set_bn(model.get_layer("bn1"), rng)
+    randomize_batch_norms(model.get_layer("bn0"), rng)
+    randomize_batch_norms(model.get_layer("bn1"), rng)
     return model
 
 
@@ -532,14 +522,7 @@ def _nested_shared_model():
     ours = BatchNormalization(name="ours_bn")(keras.layers.Concatenate()([a, b]))
     outputs = keras.layers.Dense(3, name="head")(ours)
     model = keras.Model(inputs, outputs, name="outer")
-    rng = _rng(30)
-    for layer in batch_norm_layers(model):
-        _set_bn(layer, rng)
-    return model
-
-
-def _batch_norms(model):
-    return batch_norm_layers(model)
+    return randomize_batch_norms(model, _rng(30))
 
 
 def test_replace_batch_norm_swaps_layers_keeps_outputs_and_original():
@@ -549,10 +532,10 @@ def test_replace_batch_norm_swaps_layers_keeps_outputs_and_original():
     expected = _np(model(x, training=False))
 
     clone = replace_batch_norm(model)
-    layers = _batch_norms(clone)
+    layers = batch_norm_layers(clone)
     assert sorted(layer.name for layer in layers) == ["backbone_bn", "ours_bn", "shared_bn"]
     assert all(type(layer) is BatchNormalization for layer in layers)
-    assert [type(layer) for layer in _batch_norms(model)].count(StockBN) == 2
+    assert [type(layer) for layer in batch_norm_layers(model)].count(StockBN) == 2
     np.testing.assert_allclose(_np(clone(x, training=False)), expected, rtol=1e-6, atol=1e-6)
     # The shared layer is still one layer with two call sites; the frozen nested
     # backbone stays frozen.
@@ -574,7 +557,7 @@ def test_replace_batch_norm_swaps_layers_keeps_outputs_and_original():
 def test_replace_batch_norm_applies_overrides():
     model = _nested_shared_model()
     clone = replace_batch_norm(model, momentum=None, unbiased_moving_variance=True)
-    for layer in _batch_norms(clone):
+    for layer in batch_norm_layers(clone):
         assert layer.momentum is None and layer.unbiased_moving_variance is True
         assert int(_np(layer.num_batches_tracked)) == 0
     assert clone.get_layer("shared_bn").epsilon == 1e-2  # config kept
@@ -590,7 +573,7 @@ def test_replace_batch_norm_applies_overrides():
 def test_replace_batch_norm_enabling_renorm_keeps_inference_outputs():
     inputs = keras.Input((3,))
     model = keras.Model(inputs, StockBN(name="bn")(inputs))
-    _set_bn(model.get_layer("bn"), _rng(33))
+    randomize_batch_norms(model.get_layer("bn"), _rng(33))
     clone = replace_batch_norm(model, renorm=True)
     layer = clone.get_layer("bn")
     np.testing.assert_allclose(

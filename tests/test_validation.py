@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import onnx
 import pytest
+from helpers import randomize_batch_norms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -145,17 +146,6 @@ def test_sample_inputs_unknown_dimensions_and_bad_batch():
 # validate_onnx.
 
 
-def _randomize_batch_norms(model, seed=0):
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, layers.BatchNormalization):
-            shape = tuple(layer.moving_mean.shape)
-            layer.moving_mean.assign(rng.normal(0.5, 1.0, shape))
-            layer.moving_variance.assign(10.0 ** rng.uniform(-2, 1, shape))
-            layer.gamma.assign(rng.uniform(0.3, 2.0, shape))
-            layer.beta.assign(rng.normal(0.0, 0.5, shape))
-
-
 def _conv_bn_model():
     x = keras.Input((8, 8, 3), name="image")
     h = layers.Conv2D(6, 3, name="conv1")(x)
@@ -166,7 +156,7 @@ def _conv_bn_model():
     h = layers.ReLU(name="relu2")(h)
     h = layers.GlobalAveragePooling2D(name="gap")(h)
     model = keras.Model(x, layers.Dense(4, name="logits")(h), name="conv_bn")
-    _randomize_batch_norms(model)
+    randomize_batch_norms(model)
     return model
 
 

@@ -1,0 +1,369 @@
+"""Helpers shared by the test modules (and, by path, by benchmarks/).
+
+Test modules import from here, never from each other: ``from helpers import ...``
+(pytest puts ``tests/`` on ``sys.path``: the folder has no ``__init__.py``). The
+subprocess scripts of test_folding.py and test_onnx_export.py insert ``tests/``
+themselves. No pytest import, so the benchmarks can use these helpers too.
+
+- Walking models: :func:`walk_layers`, :func:`batch_norm_layers`.
+- BatchNormalization statistics: :func:`randomize_batch_norms` (random),
+  :func:`calibrate_batch_norms` (measured on data, then perturbed).
+- Running models: :func:`inputs_for`, :func:`outputs_of`, :func:`assert_same_outputs`,
+  :func:`float64_twin`.
+- Folding: :func:`fold_and_check`, :func:`conv_bn_stack`, the channels_first models
+  that test_folding.py folds in a JAX subprocess.
+- Small models: :func:`conv_bn_classifier`, :func:`tiny_model`.
+- Files: :func:`sha256`, :func:`zip_members`, :func:`make_zip`.
+- The console script: :data:`KERAS_BN`, :func:`run_script`, :func:`run_many`,
+  :func:`assert_rejected`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from keras_bn.converters.folding import fold_batch_norms
+
+L = keras.layers
+
+# ------------------------------------------------------------------------------------
+# Walking models.
+
+
+def walk_layers(model):
+    """Every layer of ``model`` that is not itself a model, nested models walked, once each."""
+    seen = set()
+
+    def walk(parent):
+        for layer in parent.layers:
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            if isinstance(layer, keras.Model):
+                yield from walk(layer)
+            else:
+                yield layer
+
+    yield from walk(model)
+
+
+def batch_norm_layers(model) -> list:
+    """Every BatchNormalization layer (keras_bn's subclass included) inside ``model``."""
+    return [layer for layer in walk_layers(model) if isinstance(layer, L.BatchNormalization)]
+
+
+# ------------------------------------------------------------------------------------
+# BatchNormalization statistics.
+
+
+def randomize_batch_norms(
+    model,
+    seed=0,
+    *,
+    variance_decades: tuple[float, float] | None = None,
+    gain: tuple[float, float] | None = None,
+):
+    """Give every BatchNormalization in ``model`` non-trivial statistics; return ``model``.
+
+    Default-initialized BN folds to the identity and proves nothing, so per channel:
+    moving_mean ~ N(0, 2) (not 0), moving_variance = 10 ** U(-3, 1) (orders of
+    magnitude apart), |gamma| ~ U(0.3, 2) with a random sign (not 1;
+    trained networks have negative ones too), beta ~ N(0, 1). A layer built with
+    ``scale=False`` / ``center=False`` has no gamma / beta and keeps none; any
+    ``axis`` works (the shapes come from the weights). Weights are read and written
+    by name, never by ``get_weights()`` position.
+
+    Args:
+        model: a model (nested models are walked) or one BatchNormalization layer.
+        seed: an int, or a ``np.random.Generator`` whose stream continues.
+        variance_decades: the range of ``log10(moving_variance)``: (-3, 1) by
+            default, (-2, 1.5) with ``gain``; widen it to put folded weights near
+            float16's limits.
+        gain: for deep networks (Keras Applications): ``(low, high)`` sets
+            ``gamma = sqrt(moving_variance + epsilon) * U(low, high)``, so each BN
+            scales its input by a factor in that range and 50 of them neither blow
+            up nor vanish. Layers without gamma then get variances within half a
+            decade of 1 (their factor is ``1 / sqrt(variance)``), gamma stays
+            positive, and offsets are drawn narrower (mean ~ N(0.2, 0.5),
+            beta ~ N(0, 0.2)): deep networks add them up.
+    """
+    if variance_decades is None:
+        variance_decades = (-3.0, 1.0) if gain is None else (-2.0, 1.5)
+    rng = np.random.default_rng(seed)
+    layers = [model] if isinstance(model, L.BatchNormalization) else batch_norm_layers(model)
+    # Each branch keeps the draw order of the copy it replaced, so the figures
+    # recorded with those copies (BENCHMARKS.md) reproduce.
+    for layer in layers:
+        shape = tuple(layer.moving_mean.shape)
+        if gain is None:
+            layer.moving_mean.assign(rng.normal(0.0, 2.0, shape))
+            layer.moving_variance.assign(10.0 ** rng.uniform(*variance_decades, shape))
+            if layer.gamma is not None:
+                layer.gamma.assign(rng.uniform(0.3, 2.0, shape) * rng.choice([-1.0, 1.0], shape))
+            if layer.beta is not None:
+                layer.beta.assign(rng.normal(0.0, 1.0, shape))
+            continue
+        decades = variance_decades if layer.gamma is not None else (-0.5, 0.5)
+        variance = 10.0 ** rng.uniform(*decades, shape)
+        layer.moving_mean.assign(rng.normal(0.2, 0.5, shape))
+        layer.moving_variance.assign(variance)
+        if layer.gamma is not None:
+            layer.gamma.assign(np.sqrt(variance + layer.epsilon) * rng.uniform(*gain, shape))
+        if layer.beta is not None:
+            layer.beta.assign(rng.normal(0.0, 0.2, shape))
+    return model
+
+
+def calibrate_batch_norms(model, data, seed=0):
+    """Moving statistics measured on ``data`` (as training leaves them), then perturbed.
+
+    Sets every BN's momentum to 0, runs ``model(data, training=True)``, then per
+    channel multiplies moving_variance by 10 ** U(-0.5, 0.5) and draws
+    gamma ~ U(0.5, 2) and beta ~ N(0, 0.5). Returns ``model``.
+    """
+    rng = np.random.default_rng(seed)
+    layers = batch_norm_layers(model)
+    for layer in layers:
+        layer.momentum = 0.0
+    model(data, training=True)
+    for layer in layers:
+        shape = tuple(layer.moving_mean.shape)
+        variance = keras.ops.convert_to_numpy(layer.moving_variance)
+        layer.moving_variance.assign(variance * 10.0 ** rng.uniform(-0.5, 0.5, shape))
+        layer.gamma.assign(rng.uniform(0.5, 2.0, shape))
+        layer.beta.assign(rng.normal(0.0, 0.5, shape))
+    return model
+
+
+# ------------------------------------------------------------------------------------
+# Running models.
+
+
+def inputs_for(model, seed=1, batch_size=2):
+    """Random float32 inputs (mean 0.5, std 2) for every input of ``model``."""
+    rng = np.random.default_rng(seed)
+    arrays = [
+        (rng.normal(0.5, 2.0, (batch_size, *tensor.shape[1:]))).astype("float32")
+        for tensor in model.inputs
+    ]
+    return arrays if len(arrays) > 1 else arrays[0]
+
+
+def outputs_of(model, x) -> list[np.ndarray]:
+    """Every output of ``model(x, training=False)`` as a NumPy array."""
+    return [
+        np.asarray(keras.ops.convert_to_numpy(y))
+        for y in keras.tree.flatten(model(x, training=False))
+    ]
+
+
+def assert_same_outputs(original, folded, x, rtol=2e-5):
+    """Outputs equal within float32 rounding, relative to each output's magnitude."""
+    for expected, received in zip(outputs_of(original, x), outputs_of(folded, x), strict=True):
+        assert received.shape == expected.shape
+        scale = max(float(np.max(np.abs(expected))), 1e-6)
+        error = float(np.max(np.abs(received - expected)))
+        assert error <= rtol * scale, f"max abs error {error:.3g} vs output scale {scale:.3g}"
+
+
+def float64_twin(model):
+    """The same single-input model in float64, with the same weights."""
+
+    def clone(layer):
+        config = layer.get_config()
+        config["dtype"] = "float64"
+        return type(layer).from_config(config)
+
+    twin = keras.models.clone_model(
+        model,
+        clone_function=clone,
+        input_tensors=keras.Input(model.input_shape[1:], dtype="float64"),
+    )
+    twin.set_weights([weight.astype(np.float64) for weight in model.get_weights()])
+    return twin
+
+
+# ------------------------------------------------------------------------------------
+# Folding.
+
+
+def fold_and_check(model, x=None, *, expected_remaining=0, backward=True, rtol=2e-5):
+    """Randomize the BNs, fold, check the BNs left and the outputs; return (folded, report)."""
+    randomize_batch_norms(model)
+    x = inputs_for(model) if x is None else x
+    folded, report = fold_batch_norms(model, backward=backward, sample_inputs=x)
+    assert len(batch_norm_layers(folded)) == expected_remaining, str(report)
+    assert report.not_folded_count == expected_remaining
+    assert_same_outputs(model, folded, x, rtol=rtol)
+    return folded, report
+
+
+def conv_bn_stack(blocks, channels, dtype, seed):
+    """``blocks`` x (Conv2D 3x3 -> BN(epsilon=1e-10) -> ReLU) on (12, 12, channels)."""
+    rng = np.random.default_rng(seed)
+    x = keras.Input((12, 12, channels), dtype=dtype)
+    y = x
+    for i in range(blocks):
+        conv = L.Conv2D(channels, 3, padding="same", dtype=dtype, name=f"conv_{i}")
+        y = conv(y)
+        # Channel gains over 8 decades, as trained networks have: the BN undoes them.
+        kernel = rng.normal(0, 1 / np.sqrt(9 * channels), (3, 3, channels, channels))
+        conv.kernel.assign(kernel * 10.0 ** rng.uniform(-4, 4, channels))
+        conv.bias.assign(rng.normal(0, 0.1, channels))
+        y = L.BatchNormalization(epsilon=1e-10, dtype=dtype, name=f"bn_{i}")(y)
+        y = L.ReLU(dtype=dtype)(y)
+    return keras.Model(x, y)
+
+
+def _channels_first_bn(name):
+    return L.BatchNormalization(axis=1, name=name)
+
+
+def channels_first_models():
+    """channels_first models covering every rule in both directions: (model, BNs kept)."""
+    cf = {"data_format": "channels_first"}
+    bn = _channels_first_bn
+    x = keras.Input((4, 9, 9))
+    y = bn("bn_conv")(L.Conv2D(4, 3, groups=2, use_bias=False, **cf)(x))
+    y = bn("bn_dw")(L.DepthwiseConv2D(3, strides=2, padding="same", depth_multiplier=2, **cf)(y))
+    y = bn("bn_sep")(L.SeparableConv2D(6, 3, depth_multiplier=2, padding="same", **cf)(y))
+    y = L.Conv2D(6, 3, groups=3, activation="relu", **cf)(bn("bn_back_conv")(L.ReLU()(y)))
+    y = L.Conv2DTranspose(4, 3, strides=2, output_padding=1, **cf)(y)
+    y = bn("bn_back_dw")(L.ReLU()(bn("bn_deconv")(y)))
+    y = L.DepthwiseConv2D(1, padding="same", depth_multiplier=2, **cf)(y)
+    model_2d = keras.Model(x, y)
+
+    x = keras.Input((3, 12))
+    y = bn("bn_conv")(L.Conv1D(4, 3, dilation_rate=2, **cf)(x))
+    y = bn("bn_dw")(L.DepthwiseConv1D(3, depth_multiplier=2, **cf)(y))
+    y = bn("bn_sep")(L.SeparableConv1D(4, 2, depth_multiplier=2, **cf)(y))
+    y = bn("bn_deconv")(L.Conv1DTranspose(3, 3, dilation_rate=2, **cf)(L.ReLU()(y)))
+    y = L.Conv1D(2, 3, padding="same", **cf)(bn("bn_kept_padding")(L.ReLU()(y)))
+    model_1d = keras.Model(x, y)
+
+    x = keras.Input((2, 5, 5, 5))
+    y = bn("bn_conv")(L.Conv3D(4, 2, groups=2, **cf)(x))
+    y = L.Conv3D(4, 2, **cf)(bn("bn_back_conv")(L.ReLU()(y)))
+    y = bn("bn_deconv")(L.Conv3DTranspose(3, 2, strides=2, **cf)(y))
+    model_3d = keras.Model(x, y)
+    return [(model_2d, 0), (model_1d, 1), (model_3d, 0)]
+
+
+def check_channels_first_models():
+    """Run in test_folding.py's JAX subprocess: fold the channels_first models, compare."""
+    assert keras.backend.backend() == "jax", keras.backend.backend()
+    for model, kept in channels_first_models():
+        fold_and_check(model, expected_remaining=kept)
+    print("channels_first models passed")
+
+
+# ------------------------------------------------------------------------------------
+# Small models.
+
+
+def conv_bn_classifier(seed: int = 0) -> keras.Model:
+    """Conv-BN-ReLU-Conv-BN-ReLU-GlobalAveragePooling-Dense(softmax), input (8, 8, 3).
+
+    Its BNs get ``randomize_batch_norms(gain=(0.6, 1.4))``: the default statistics
+    scale activations up to ~60x per BN and saturate the softmax, so that two seeds'
+    models give the same outputs and int8 flips near-ties.
+    """
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = L.Conv2D(4, 3, padding="same")(inputs)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU()(x)
+    x = L.Conv2D(6, 3, padding="same", use_bias=False)(x)
+    x = L.BatchNormalization()(x)
+    x = L.ReLU()(x)
+    x = L.GlobalAveragePooling2D()(x)
+    outputs = L.Dense(3, activation="softmax")(x)
+    model = keras.Model(inputs, outputs, name="classifier")
+    return randomize_batch_norms(model, seed, gain=(0.6, 1.4))
+
+
+def tiny_model() -> keras.Model:
+    """Pad-Conv-BN-ReLU-GlobalAveragePooling-Dense, input (6, 6, 3) named "image"."""
+    x = keras.Input((6, 6, 3), name="image")
+    h = L.ZeroPadding2D(1, name="pad")(x)
+    h = L.Conv2D(4, 3, strides=2, name="conv")(h)
+    h = L.BatchNormalization(name="bn")(h)
+    h = L.GlobalAveragePooling2D(name="gap")(L.ReLU(name="relu")(h))
+    return keras.Model(x, L.Dense(3, name="logits")(h), name="tiny")
+
+
+# ------------------------------------------------------------------------------------
+# Files.
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def zip_members(source: Path | bytes) -> dict[str, bytes]:
+    """The members of a zip archive (a ``.keras`` file), from its path or its bytes."""
+    with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def make_zip(members: dict[str, bytes], compression=zipfile.ZIP_STORED) -> bytes:
+    """A zip archive holding ``members``, as bytes."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=compression) as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------
+# The console script.
+
+KERAS_BN = Path(sys.executable).with_name("keras-bn")
+if not KERAS_BN.exists():  # a virtualenv whose python is a symlink elsewhere
+    KERAS_BN = Path(shutil.which("keras-bn") or "keras-bn")
+
+
+def run_script(args, cwd: Path) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it on a fresh machine
+    (``["python", ...]`` runs Python).
+
+    TF_CPP_MIN_LOG_LEVEL is removed from the environment: the CLI must keep
+    TensorFlow's start-up lines off the terminal by itself.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    command = [str(a) for a in args]
+    if command[0] not in ("python",):
+        command = [str(KERAS_BN), *command]
+    else:
+        command = [sys.executable, *command[1:]]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def run_many(jobs: dict[str, tuple[list, Path]]) -> dict[str, subprocess.CompletedProcess]:
+    """Run console-script jobs two at a time (two cores, each pays a TensorFlow import)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run_script, args, cwd) for name, (args, cwd) in jobs.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def assert_rejected(code: int, stderr: str, fragment: str, output_dir: Path | None = None):
+    """Exit 2, exactly one line on stderr naming the problem, no traceback, no output."""
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("keras-bn ") and ": error: " in lines[0], lines[0]
+    assert fragment in lines[0], lines[0]
+    if output_dir is not None:
+        assert sorted(p.name for p in output_dir.iterdir()) == [], "output left behind"
