@@ -47,8 +47,7 @@ class Float64Twin:
         feed = [_as_float64(array) for array in inputs]
         outputs = self.model(feed if len(feed) > 1 else feed[0], training=False)
         return [
-            np.asarray(keras.ops.convert_to_numpy(y), np.float64)
-            for y in keras.tree.flatten(outputs)
+            np.asarray(keras.ops.convert_to_numpy(y), np.float64) for y in keras.tree.flatten(outputs)
         ]
 
 
