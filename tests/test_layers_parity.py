@@ -6,8 +6,10 @@ weights, and compares outputs, every weight (moving statistics included), gradie
 and regularization losses. Where ours deliberately differs, the test's docstring says
 how and checks ours against a NumPy formula instead.
 
-Backend-neutral except tests marked `tensorflow_only`; tests/test_backends.py reruns
-the rest under KERAS_BACKEND=jax.
+Backend-neutral; tests/test_backends.py reruns this module under KERAS_BACKEND=jax.
+The same comparisons over two replicas (`tf.distribute.MirroredStrategy`,
+`synchronized=True`, masks) run in tests/test_layers_distributed.py, whose subprocess
+already pays for the logical-device setup.
 """
 
 import keras
@@ -72,11 +74,11 @@ def randomize(layer, rng):
 
 
 def copy_weights(source, target):
-    """Same values by weight name (never by position)."""
+    """Same values by weight name (never by position), as copies (JAX's fit donates buffers)."""
     targets = weights_by_name(target)
     assert set(targets) == set(weights_by_name(source))
     for name, weight in weights_by_name(source).items():
-        targets[name].assign(weight)
+        targets[name].assign(keras.ops.convert_to_numpy(weight))
 
 
 def build_pair(shape, options, rng, randomized=True):
