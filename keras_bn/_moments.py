@@ -56,9 +56,9 @@ def moments(x, axes, mask=None, synchronized=False):
     Args:
         x: float tensor.
         axes: list of the axes to reduce.
-        mask: optional boolean tensor broadcastable to `x`, with the full size
-            of `x` on every axis in `axes` and size 1 elsewhere; False entries
-            are left out of the statistics.
+        mask: optional boolean tensor with the full size of `x` on every
+            axis in `axes` (broadcast it to `x`'s shape first: the counts are
+            the mask's own); False entries are left out of the statistics.
         synchronized: reduce over the global batch of all replicas of the
             current `tf.distribute` replica context (TensorFlow backend only).
 

@@ -68,7 +68,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
     carries no information (the stock layer then outputs `beta` for any input,
     or NaN moving statistics for an empty batch). This layer normalizes those
     channels with the moving statistics, as in inference, and leaves their
-    moving statistics (and the `momentum=None` batch count) unchanged.
+    moving statistics unchanged; the `momentum=None` batch count advances
+    when any channel is updated. (A mask in Keras's convention can leave
+    different values out of different channels: validity is per channel.)
 
     Numerics: batch moments are two-pass (mean, then squared deviations from
     it, which also correct the mean's rounding) on every backend and path,
@@ -148,10 +150,22 @@ class BatchNormalization(keras.layers.BatchNormalization):
     Call arguments:
         inputs: Input tensor of any rank >= 2.
         training: Python boolean, `True` for batch statistics (see the table).
-        mask: Optional boolean tensor shaped like `inputs` without the
-            normalized axes (e.g. `(B, T)` for inputs `(B, T, C)` with
-            `axis=-1` or `(B, C, T)` with `axis=1`). False entries are left
-            out of the batch statistics. Outputs are computed everywhere.
+        mask: Optional boolean tensor; False entries are left out of the
+            batch statistics (outputs are computed everywhere). Two shapes
+            are read, in this order:
+            1. Keras's convention, as in the stock layer: rank
+               `inputs.ndim - 1`, covering the leading axes, so that
+               `mask[..., None]` broadcasts to the inputs. E.g. a `Masking`
+               mask `(B, T)` for `(B, T, C)` inputs, whatever `axis` is, or
+               `(1, T, 1)` for `(B, T, H, C)` inputs.
+            2. Otherwise, the input shape without the normalized axes, e.g.
+               `(B, T)` for channels-first `(B, C, T)` inputs with `axis=1`
+               (where `C != T`), or `(B, W)` for `(B, H, W, C)` inputs with
+               `axis=(1, 3)`.
+            Sizes of 1 broadcast and unknown sizes count as fitting; where
+            both readings fit, Keras's wins. A mask that fits neither raises
+            a `ValueError` (in inference too, where the stock layer ignores
+            masks).
 
     Input shape:
         Arbitrary, with known sizes along `axis`.
@@ -383,6 +397,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
         reduction_axes = self._reduction_axes
         shape = self._broadcast_shape
         ghost = self.virtual_batch_size is not None
+        if mask is not None:
+            # Full size: counts are taken from the mask itself, and ghost
+            # batches split it like the inputs.
+            mask = ops.broadcast_to(mask, ops.shape(x))
         if ghost:
             original_shape = ops.shape(inputs)
             x, mask = self._split_ghost_batches(x, mask)
@@ -458,6 +476,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         def to_param_shape(value):
             return ops.reshape(value, self.moving_mean.shape)
 
+        # `updated`: True, or per channel (shaped like the statistics)
+        # whether the batch has at least two values there. Masks in Keras's
+        # convention may leave out different values in different channels.
         if ghost:
             # Average over the valid ghost batches (axis 0). Their number is
             # dynamic in graphs, so this path never relies on static shapes.
@@ -465,7 +486,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 weights = None
                 num_valid = ops.cast(ops.shape(mean)[0], dtype)
             else:
-                weights = ops.cast(valid, dtype)
+                weights = ops.cast(ops.broadcast_to(valid, ops.shape(mean)), dtype)
                 num_valid = ops.sum(weights, axis=0)
 
             def average(value):
@@ -474,25 +495,35 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
             mean, variance = average(mean), average(variance)
             moving_variance_update = average(moving_variance_update)
-            any_valid = ops.reshape(ops.greater(num_valid, 0.0), ())
+            if valid is True:
+                updated = True
+            else:
+                updated = to_param_shape(ops.greater(num_valid, 0.0))
         else:
             mean, variance = to_param_shape(mean), to_param_shape(variance)
             moving_variance_update = to_param_shape(moving_variance_update)
-            any_valid = True if valid is True else ops.reshape(valid, ())
+            if valid is True:
+                updated = True
+            else:
+                updated = to_param_shape(ops.broadcast_to(valid, self._broadcast_shape))
 
         momentum = self.momentum
         if momentum is None:
-            # Cumulative average: the n-th update weighs the batch by 1 / n.
+            # Cumulative average: the n-th update weighs the batch by 1 / n
+            # (a batch counts when any channel is updated).
             seen = ops.cast(self.num_batches_tracked, dtype)
-            seen_after = seen + (1.0 if any_valid is True else ops.cast(any_valid, dtype))
+            if updated is True:
+                seen_after = seen + 1.0
+            else:
+                seen_after = seen + ops.cast(ops.any(updated), dtype)
             momentum = seen / ops.maximum(seen_after, 1.0)
             self.num_batches_tracked.assign(ops.cast(seen_after, "int32"))
 
         def blend(variable, batch_value, momentum):
             moving = ops.cast(variable, dtype)
             new = moving * momentum + batch_value * (1.0 - momentum)
-            if any_valid is not True:
-                new = ops.where(any_valid, new, moving)
+            if updated is not True:
+                new = ops.where(updated, new, moving)
             return new
 
         if not self.renorm:
@@ -512,9 +543,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         )
         self.moving_stddev.assign(moving_stddev)
         moving_variance = ops.relu(moving_stddev * moving_stddev - self.epsilon)
-        if any_valid is not True:
+        if updated is not True:
             moving_variance = ops.where(
-                any_valid, moving_variance, ops.cast(self.moving_variance, dtype)
+                updated, moving_variance, ops.cast(self.moving_variance, dtype)
             )
         self.moving_variance.assign(moving_variance)
 
@@ -552,18 +583,10 @@ class BatchNormalization(keras.layers.BatchNormalization):
         return ops.reshape(ops.cast(variable, dtype), shape)
 
     def _expand_mask(self, mask, inputs):
-        rank = len(inputs.shape)
-        expected_shape = tuple(d for i, d in enumerate(inputs.shape) if i not in self._axes)
-        if len(mask.shape) != len(expected_shape):
-            raise ValueError(
-                "Invalid mask for BatchNormalization: expected the input shape "
-                f"without the normalized axes {list(self._axes)} (rank "
-                f"{len(expected_shape)}: {expected_shape}), e.g. (batch, steps). "
-                f"Received: mask.shape={tuple(mask.shape)}, "
-                f"inputs.shape={tuple(inputs.shape)} (rank {rank})"
-            )
+        """`mask` as booleans broadcastable to `inputs` (the rule in the class docstring)."""
+        new_axes = _mask_axes(tuple(mask.shape), tuple(inputs.shape), self._axes, self.axis)
         mask = ops.cast(mask, "bool")
-        for axis in self._axes:  # increasing order keeps positions right
+        for axis in new_axes:  # increasing order keeps positions right
             mask = ops.expand_dims(mask, axis)
         return mask
 
@@ -583,6 +606,54 @@ class BatchNormalization(keras.layers.BatchNormalization):
             return ops.reshape(tensor, (-1, size, *shape[1:]))
 
         return split(x), None if mask is None else split(mask)
+
+
+def _mask_axes(mask_shape, input_shape, axes, axis=None):
+    """The axes to insert into a mask so that it broadcasts to the inputs.
+
+    Keras's reading wins where it fits: a mask of rank `len(input_shape) - 1`
+    whose `mask[..., None]` broadcasts to the inputs covers their leading axes
+    (the stock layer's rule). Otherwise the mask is the input shape without
+    the normalized `axes` (sorted, non-negative), e.g. `(B, T)` for `(B, C, T)`
+    inputs with `axis=1`. Unknown sizes (None) count as fitting; sizes of 1
+    broadcast.
+
+    Args:
+        mask_shape: tuple, the mask's (static) shape.
+        input_shape: tuple, the inputs' (static) shape.
+        axes: sorted non-negative normalized axes.
+        axis: the layer's `axis` argument, for the error message.
+
+    Returns:
+        A tuple of axes, in increasing order, for `expand_dims` one at a time.
+
+    Raises:
+        ValueError: the mask fits neither reading.
+    """
+    rank = len(input_shape)
+    if len(mask_shape) == rank - 1 and _broadcastable((*mask_shape, 1), input_shape):
+        return (rank - 1,)
+    without_axes = tuple(d for i, d in enumerate(input_shape) if i not in axes)
+    if _broadcastable(mask_shape, without_axes):
+        return tuple(axes)
+    leading = input_shape[:-1]
+    raise ValueError(
+        "Invalid mask for BatchNormalization: expected the shape of the inputs' "
+        f"leading axes {leading} (Keras's convention: mask[..., None] broadcasts "
+        f"to the inputs) or the input shape without the normalized axes "
+        f"{list(axes)}: {without_axes}; sizes of 1 broadcast. Reshape or "
+        "transpose the mask to one of these. Received: "
+        f"mask.shape={tuple(mask_shape)}, inputs.shape={tuple(input_shape)}, "
+        f"axis={axis!r}"
+    )
+
+
+def _broadcastable(shape, target):
+    """Whether `shape` broadcasts to `target` (same rank); None fits anything."""
+    return len(shape) == len(target) and all(
+        size is None or goal is None or size in (1, goal)
+        for size, goal in zip(shape, target, strict=True)
+    )
 
 
 def _compose_renorm(r, d, gamma, beta, dtype):

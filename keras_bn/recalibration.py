@@ -26,6 +26,7 @@ from keras_bn._batch_norm_state import (
     to_numpy,
     unique_names,
 )
+from keras_bn.layers import _mask_axes
 from keras_bn.running_moments import RunningMoments
 
 __all__ = ["recalibrate_batch_norm"]
@@ -45,9 +46,9 @@ def _batch_moments(layer, inputs, mask):
     weights = None
     if mask is not None:
         weights = to_numpy(mask).astype(np.float64)
-        if weights.ndim == rank - len(axes):  # mask over the non-feature axes
-            for axis in axes:
-                weights = np.expand_dims(weights, axis)
+        # The layer's own reading (Keras's convention first, see _mask_axes).
+        for axis in _mask_axes(weights.shape, values.shape, axes, layer.axis):
+            weights = np.expand_dims(weights, axis)
         weights = np.broadcast_to(weights, values.shape)
         weights = np.moveaxis(weights, axes, range(rank - len(axes), rank))
         weights = weights.reshape((-1, *feature_shape))

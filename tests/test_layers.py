@@ -669,6 +669,77 @@ def test_channels_first_sequence_mask_from_a_masking_layer():
     assert_state_close(layer, expected)
 
 
+def keras_mask_reference(x, mask, axis, state, momentum):
+    """Reference for a mask in Keras's convention: `mask[..., None]` covers the leading axes.
+
+    Each channel keeps its own unmasked values (the mask may differ per channel).
+    """
+    full_mask = np.broadcast_to(np.asarray(mask, bool)[..., None], x.shape)
+    values = channel_columns(np.asarray(x, np.float64), [axis])
+    keep = channel_columns(full_mask, [axis])
+    mean = np.array([values[keep[:, c], c].mean() for c in range(values.shape[1])])
+    variance = np.array([values[keep[:, c], c].var() for c in range(values.shape[1])])
+    shape = [x.shape[i] if i == axis else 1 for i in range(x.ndim)]
+    gamma, beta = state["gamma"].reshape(shape), state["beta"].reshape(shape)
+    y = (x - mean.reshape(shape)) / np.sqrt(variance.reshape(shape) + 1e-3) * gamma + beta
+    expected = {
+        "moving_mean": state["moving_mean"] * momentum + mean * (1 - momentum),
+        "moving_variance": state["moving_variance"] * momentum + variance * (1 - momentum),
+    }
+    return y, expected
+
+
+@pytest.mark.parametrize(
+    "shape, axis, mask_shape, ghost",
+    [
+        pytest.param((4, 5, 3), 1, (4, 5), None, id="masking-mask-axis=1"),
+        pytest.param((4, 3, 5), 1, (4, 3), None, id="per-channel-mask-axis=1"),
+        pytest.param((4, 5, 2, 3), 3, (1, 5, 1), None, id="broadcast-mask-rank4"),
+        pytest.param((4, 5, 2, 3), 2, (1, 5, 2), None, id="broadcast-mask-axis=2"),
+        pytest.param((8, 5, 3), 1, (8, 5), 4, id="masking-mask-axis=1-ghost"),
+    ],
+)
+def test_masks_in_keras_convention_cover_the_leading_axes(shape, axis, mask_shape, ghost):
+    rng = np.random.default_rng(19)
+    options = {"axis": axis, "momentum": 0.5, "virtual_batch_size": ghost}
+    layer = make_layer(shape, rng, **options)
+    state = layer_state(layer)
+    x = random_inputs(rng, shape, axis)
+    mask = rng.random(mask_shape) < 0.7
+    y = numpy(layer(x, training=True, mask=mask))
+    if ghost is None:
+        y_reference, expected = keras_mask_reference(x, mask, axis, state, 0.5)
+    else:  # each ghost batch alone, then the average of their statistics
+        halves = [
+            keras_mask_reference(x[i : i + ghost], mask[i : i + ghost], axis, state, 0.5)
+            for i in range(0, shape[0], ghost)
+        ]
+        y_reference = np.concatenate([half[0] for half in halves])
+        expected = {
+            name: np.mean([half[1][name] for half in halves], axis=0) for name in STATISTICS
+        }
+    np.testing.assert_allclose(y, y_reference, rtol=1e-4, atol=output_tolerance(y_reference))
+    assert_state_close(layer, expected)
+
+
+def test_channel_without_values_keeps_its_moving_statistics():
+    """A per-channel mask that empties one channel: that channel alone is not updated."""
+    rng = np.random.default_rng(20)
+    layer = make_layer((4, 3, 5), rng, axis=1, momentum=None)
+    before = layer_state(layer)
+    x = random_inputs(rng, (4, 3, 5), 1)
+    mask = np.ones((4, 3), bool)
+    mask[:, 1] = False
+    y = numpy(layer(x, training=True, mask=mask))
+    after = layer_state(layer)
+    y_inference, _ = reference_call(x, before, axis=1, training=False)
+    np.testing.assert_allclose(y[:, 1], y_inference[:, 1], rtol=1e-5, atol=1e-5)
+    for name in STATISTICS:
+        assert after[name][1] == before[name][1], name
+        assert np.all(after[name][[0, 2]] != before[name][[0, 2]]), name
+    assert after["count"] == 1
+
+
 # Saving, inference_affine -----------------------------------------------------------------
 
 
@@ -810,5 +881,7 @@ def test_bad_mask_and_batch_raise_value_error():
     x = np.ones((6, 4, 3), "float32")
     with pytest.raises(ValueError, match=r"Invalid mask.*Received: mask.shape=\(6, 4, 3\)"):
         BatchNormalization()(x, training=True, mask=np.ones((6, 4, 3), bool))
+    with pytest.raises(ValueError, match=r"Invalid mask.*Received: mask.shape=\(6, 5\)"):
+        BatchNormalization(axis=1)(x, training=False, mask=np.ones((6, 5), bool))
     with pytest.raises(ValueError, match="multiple of virtual_batch_size=4"):
         BatchNormalization(virtual_batch_size=4)(x, training=True)

@@ -91,6 +91,34 @@ results["x4"] = x4.tolist()
 layer = BatchNormalization(momentum=0.0, synchronized=True)
 fit(layer, x4, (5, 3), masking=True)
 results["masked"] = weights(layer)
+
+# A mask in Keras's convention: (B, T) on (B, T, C) normalized along axis=1 (the
+# stock layer's reading), called directly; also the stock layer, unmasked.
+x5 = (rng.normal(size=(8, 6, 3)) * [1.0, 3.0, 0.3] + [2.0, -1.0, 0.5]).astype("float32")
+x5[4:] = x5[4:] * 2.0 + 3.0
+mask5 = rng.random((8, 6)) < 0.7
+results["x5"], results["mask5"] = x5.tolist(), mask5.tolist()
+
+
+def train_step(cls, use_mask, **options):
+    with strategy.scope():
+        layer = cls(axis=1, momentum=0.0, **options)
+        layer.build((None, 6, 3))
+
+    @tf.function
+    def step(x, mask):
+        return layer(x, training=True, mask=mask if use_mask else None)
+
+    data = tf.data.Dataset.from_tensor_slices((x5, mask5)).batch(8)
+    per_replica = strategy.run(step, args=next(iter(strategy.experimental_distribute_dataset(data))))
+    outputs = np.concatenate([t.numpy() for t in strategy.experimental_local_results(per_replica)])
+    return {"outputs": outputs.tolist(), **weights(layer)}
+
+
+results["stock-synchronized-axis1"] = train_step(keras.layers.BatchNormalization, False, synchronized=True)
+results["synchronized-axis1"] = train_step(BatchNormalization, False, synchronized=True)
+results["synchronized-keras-mask"] = train_step(BatchNormalization, True, synchronized=True)
+results["local-keras-mask"] = train_step(BatchNormalization, True)
 print("RESULTS" + json.dumps(results))
 """
 
@@ -228,6 +256,48 @@ def test_tensorflow_synchronized_with_mask_uses_global_unmasked_values(tensorflo
     ours = tensorflow_results["masked"]
     np.testing.assert_allclose(ours["moving_mean"], mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ours["moving_variance"], variance, rtol=1e-5)
+
+
+def keras_mask_statistics(x, mask):
+    """Per-step (axis 1) outputs, mean and variance of (B, T, C) over the unmasked (b, t)."""
+    full = np.broadcast_to(mask[..., None], x.shape)
+    mean = np.array([x[:, t][full[:, t]].mean() for t in range(x.shape[1])])
+    variance = np.array([x[:, t][full[:, t]].var() for t in range(x.shape[1])])
+    outputs = (x - mean[:, None]) / np.sqrt(variance[:, None] + 1e-3)
+    return outputs, mean, variance
+
+
+def test_tensorflow_synchronized_matches_stock_over_replicas(tensorflow_results):
+    stock = tensorflow_results["stock-synchronized-axis1"]
+    ours = tensorflow_results["synchronized-axis1"]
+    for name, value in stock.items():
+        np.testing.assert_allclose(ours[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+    x = tensorflow_results["x5"]
+    np.testing.assert_allclose(ours["moving_mean"], x.mean(axis=(0, 2)), rtol=1e-5, atol=1e-6)
+
+
+def test_tensorflow_keras_convention_mask_over_replicas(tensorflow_results):
+    """A (B, T) mask on (B, T, C) with axis=1, against NumPy.
+
+    Differences from the stock layer: its masked path ignores `synchronized`
+    (each replica normalizes with its own masked statistics) where ours takes the
+    global batch's unmasked values; without synchronization it keeps replica 0's
+    moving statistics where ours averages the replicas'.
+    """
+    x, mask = tensorflow_results["x5"], tensorflow_results["mask5"].astype(bool)
+    outputs, mean, variance = keras_mask_statistics(x, mask)
+    ours = tensorflow_results["synchronized-keras-mask"]
+    np.testing.assert_allclose(ours["outputs"], outputs, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours["moving_mean"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours["moving_variance"], variance, rtol=1e-5)
+    replicas = [keras_mask_statistics(x[s], mask[s]) for s in (slice(0, 4), slice(4, 8))]
+    local = tensorflow_results["local-keras-mask"]
+    np.testing.assert_allclose(
+        local["outputs"], np.concatenate([r[0] for r in replicas]), rtol=1e-4, atol=1e-4
+    )
+    for index, name in ((1, "moving_mean"), (2, "moving_variance")):
+        expected = np.mean([r[index] for r in replicas], axis=0)
+        np.testing.assert_allclose(local[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_jax_data_parallel_statistics_are_the_global_batch(jax_results):

@@ -244,6 +244,27 @@ def test_recalibrate_uses_only_unmasked_positions(layout):
     _assert_stats(bn, values.mean(axis=0), values.var(axis=0))
 
 
+@pytest.mark.parametrize("cls", [StockBN, BatchNormalization], ids=["stock", "ours"])
+def test_recalibrate_reads_masks_as_the_layer_does(cls):
+    """A (B, T) mask on (B, T, C) with axis=1 covers the leading axes (Keras's convention)."""
+    rng = np.random.default_rng(30)
+    tokens = rng.integers(1, 20, size=(30, 7))
+    tokens[np.arange(7) >= rng.integers(3, 8, size=30)[:, None]] = 0
+    embedding = keras.layers.Embedding(20, 4, mask_zero=True)
+    bn = cls(axis=1)
+    model = keras.Sequential([keras.Input((7,), dtype="int32"), embedding, bn])
+    embedding.embeddings.assign(rng.normal(2.0, 3.0, (20, 4)).astype("float32"))
+    recalibrate_batch_norm(model, tokens, batch_size=8)
+    vectors = keras.ops.convert_to_numpy(embedding.embeddings).astype(np.float64)
+    steps = [vectors[tokens[:, t][tokens[:, t] != 0]] for t in range(7)]
+    for name, expected in (
+        ("moving_mean", [step.mean() for step in steps]),
+        ("moving_variance", [step.var() for step in steps]),
+    ):
+        actual = keras.ops.convert_to_numpy(getattr(bn, name))
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_recalibrate_shared_layer_collects_every_call():
     shared = StockBN(name="shared_bn")
     a, b = keras.Input((3,)), keras.Input((3,))
