@@ -22,6 +22,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from helpers import (
+    KERAS_BN,
     assert_rejected,
     conv_bn_classifier,
     randomize_batch_norms,
