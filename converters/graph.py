@@ -1,12 +1,12 @@
-"""Every access to Keras's private graph internals lives in this module.
+"""The converter's graph IR: a flat, topologically ordered view of a Keras model.
 
-Keras 3 Functional models keep their layer graph in private attributes
-(``_nodes_by_depth``, ``Node.arguments``, ``KerasTensor._keras_history``). The
-converter needs that graph twice: folding rebuilds it with some layers changed or
+Keras 3 Functional models keep their layer graph in private attributes, which
+``keras_bn._keras_internals`` (the project's one module of private Keras access)
+reads for this module. The converter needs that graph twice: folding rebuilds it with some layers changed or
 removed, export walks it to emit ONNX nodes. Both go through :func:`flatten`,
 which turns any built Sequential/Functional model - nested models inlined - into a
 flat, topologically ordered list of :class:`Node` objects over :class:`Tensor`
-handles. A Keras upgrade that moves these internals should break this file only.
+handles.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Any
 import keras
 import numpy as np
 from keras import tree
+
+from keras_bn import _keras_internals as internals
 
 __all__ = [
     "Graph",
@@ -129,52 +131,13 @@ def is_model(layer: Any) -> bool:
     return isinstance(layer, keras.Model)
 
 
-def _functional_of(model: keras.Model):
-    """The Functional graph behind a model, or raise a clear ValueError."""
-    if isinstance(model, keras.Sequential):
-        functional = getattr(model, "_functional", None)
-        if functional is None:
-            raise ValueError(
-                f"Sequential model {model.name!r} has no known input shape, so it has "
-                "no graph to convert. Build it with an `keras.Input(shape=...)` first "
-                "layer or call `model.build(input_shape)`."
-            )
-        return functional
-    if hasattr(model, "_nodes_by_depth") and getattr(model, "_is_graph_network", True):
-        if getattr(model, "inputs", None) is not None and hasattr(model, "_run_through_graph"):
-            return model
-    raise ValueError(
-        f"Model {model.name!r} of class {type(model).__name__} is a subclassed model "
-        "with no layer graph. Only Sequential and Functional models (which may nest "
-        "each other) can be converted: rebuild it with the Functional API."
-    )
-
-
-def _ordered_nodes(functional) -> list:
-    """Nodes of a Functional model in execution order (as Functional runs them)."""
-    ordered = []
-    for depth in sorted(functional._nodes_by_depth.keys(), reverse=True):
-        for node in functional._nodes_by_depth[depth]:
-            if node.operation is None or node.is_input:
-                continue
-            ordered.append(node)
-    return ordered
-
-
-def _output_names(model: keras.Model) -> list[str]:
-    names = getattr(model, "output_names", None)
-    if names:
-        return list(names)
-    return [t._keras_history.operation.name for t in model.outputs]
-
-
 def flatten(model: keras.Model) -> Graph:
     """Flatten a built Sequential or Functional model into a :class:`Graph`.
 
     Nested models are inlined: their calls are replaced by the calls they contain,
     in the scope of the nested model's name.
     """
-    functional = _functional_of(model)
+    functional = internals.functional_of(model)
     counter = itertools.count()
     nodes: list[Node] = []
 
@@ -188,23 +151,23 @@ def flatten(model: keras.Model) -> Graph:
         )
 
     def walk(functional, tensor_map: dict[int, Tensor], scope: str) -> None:
-        for knode in _ordered_nodes(functional):
+        for knode in internals.ordered_nodes(functional):
             operation = knode.operation
             if not all(id(x) in tensor_map for x in knode.input_tensors):
                 continue  # a branch that does not feed this model's outputs
             args = tree.map_structure(
                 lambda x: tensor_map[id(x)] if _is_keras_tensor(x) else x,
-                knode.arguments.args,
+                knode.args,
             )
             kwargs = tree.map_structure(
                 lambda x: tensor_map[id(x)] if _is_keras_tensor(x) else x,
-                knode.arguments.kwargs,
+                knode.kwargs,
             )
             inputs = [tensor_map[id(x)] for x in knode.input_tensors]
             if is_model(operation):
-                inner = _functional_of(operation)
+                inner = internals.functional_of(operation)
                 inner_map: dict[int, Tensor] = {}
-                inner_inputs = tree.flatten(inner._inputs_struct)
+                inner_inputs = tree.flatten(internals.inputs_struct(inner))
                 if len(inner_inputs) != len(inputs):
                     raise ValueError(
                         f"Nested model {operation.name!r} is called with "
@@ -214,7 +177,7 @@ def flatten(model: keras.Model) -> Graph:
                     inner_map[id(inner_input)] = outer
                 inner_scope = f"{scope}/{operation.name}" if scope else operation.name
                 walk(inner, inner_map, inner_scope)
-                inner_outputs = tree.flatten(inner._outputs_struct)
+                inner_outputs = tree.flatten(internals.outputs_struct(inner))
                 for kt, inner_kt in zip(knode.outputs, inner_outputs, strict=True):
                     tensor_map[id(kt)] = inner_map[id(inner_kt)]
                 continue
@@ -238,8 +201,8 @@ def flatten(model: keras.Model) -> Graph:
     tensor_map: dict[int, Tensor] = {}
     inputs: list[Tensor] = []
     input_names: list[str] = []
-    for kt in tree.flatten(functional._inputs_struct):
-        input_layer = kt._keras_history.operation
+    for kt in tree.flatten(internals.inputs_struct(functional)):
+        input_layer = internals.producing_operation(kt)
         tensor = new_tensor(kt, None, input_layer.name)
         tensor_map[id(kt)] = tensor
         inputs.append(tensor)
@@ -247,15 +210,17 @@ def flatten(model: keras.Model) -> Graph:
     walk(functional, tensor_map, "")
     for node, key in zip(nodes, node_keys(nodes), strict=True):
         node.key = key
-    output_structure = tree.map_structure(lambda x: tensor_map[id(x)], functional._outputs_struct)
-    outputs = [tensor_map[id(x)] for x in tree.flatten(functional._outputs_struct)]
+    output_structure = tree.map_structure(
+        lambda x: tensor_map[id(x)], internals.outputs_struct(functional)
+    )
+    outputs = [tensor_map[id(x)] for x in tree.flatten(internals.outputs_struct(functional))]
     return Graph(
         name=model.name,
         inputs=inputs,
         outputs=outputs,
         nodes=nodes,
         input_names=input_names,
-        output_names=_output_names(model),
+        output_names=internals.output_names(model),
         output_structure=output_structure,
     )
 
@@ -335,7 +300,7 @@ def call_model(model: keras.Model, arrays: list) -> list:
     ``flatten(model).inputs`` order); return its outputs as NumPy arrays, flattened
     in ``flatten(model).outputs`` order.
     """
-    functional = _functional_of(model)
-    structure = tree.pack_sequence_as(functional._inputs_struct, list(arrays))
+    functional = internals.functional_of(model)
+    structure = tree.pack_sequence_as(internals.inputs_struct(functional), list(arrays))
     outputs = model(structure, training=False)
     return [keras.ops.convert_to_numpy(output) for output in tree.flatten(outputs)]

@@ -21,11 +21,11 @@ __version__ = "0.1.0"
 # Public name -> module that defines it (imported on first attribute access).
 _EXPORTS: dict[str, str] = {
     "BatchNormalization": "keras_bn.layers",
-    "BatchNormMonitor": "keras_bn.training",
-    "load_torch_batch_norm": "keras_bn.training",
-    "recalibrate_batch_norm": "keras_bn.training",
-    "replace_batch_norm": "keras_bn.training",
-    "torch_batch_norm_kwargs": "keras_bn.training",
+    "BatchNormMonitor": "keras_bn.monitor",
+    "load_torch_batch_norm": "keras_bn.torch_interop",
+    "recalibrate_batch_norm": "keras_bn.recalibration",
+    "replace_batch_norm": "keras_bn.replacement",
+    "torch_batch_norm_kwargs": "keras_bn.torch_interop",
 }
 # Submodules that ``import keras_bn`` used to import, still reachable as attributes.
 _SUBMODULES = ("layers", "training")

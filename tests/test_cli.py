@@ -904,3 +904,18 @@ def test_no_fold_warning_advises_dropping_the_flag(tmp_path, capsys, unfoldable)
     (line,) = err.splitlines()
     assert line.startswith("keras-bn export: warning: ") and "drop --no-fold" in line
     assert "fold_batch_norms" not in line and "warning:" not in out
+
+
+def test_internal_error_keeps_its_traceback_and_exits_3(files, capsys, monkeypatch):
+    """A bug in keras-bn is neither 'validation failed' (1) nor 'bad input' (2)."""
+    import keras_bn.converters.folding as folding
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted bug")
+
+    monkeypatch.setattr(folding, "plan_folds", broken)
+    code, out, err = run_main(["inspect", files["model"]], capsys)
+    assert code == cli.EXIT_INTERNAL_ERROR == 3
+    assert "Traceback" in err and "planted bug" in err
+    assert "internal error (RuntimeError): this is a bug in keras-bn" in err.splitlines()[-1]
+    assert out == ""

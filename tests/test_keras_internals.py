@@ -278,12 +278,15 @@ def test_walk_with_accessors_only_reaches_every_leaf_call():
     )
 
 
-def test_no_other_keras_bn_module_touches_private_keras_api():
-    """keras_bn/*.py reach private Keras API only through _keras_internals."""
-    package = Path(internals.__file__).parent
+def test_no_other_module_touches_private_keras_api():
+    """keras_bn/ and converters/ reach private Keras API only through _keras_internals."""
+    root = Path(internals.__file__).parent.parent
     private = re.compile(r"keras\.src|\b(?!self\b)\w+\._(?!_)[a-z]\w*")
     offenders = []
-    for path in sorted(package.glob("*.py")):
+    sources = sorted((root / "keras_bn").rglob("*.py")) + sorted(
+        (root / "converters").rglob("*.py")
+    )
+    for path in sources:
         if path.name == "_keras_internals.py":
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):

@@ -27,7 +27,12 @@ module per subcommand (:mod:`.inspect`, :mod:`.fold`, :mod:`.export`,
 from __future__ import annotations
 
 from keras_bn.converters.cli.app import build_parser, main
-from keras_bn.converters.cli.run import EXIT_BAD_INPUT, EXIT_OK, EXIT_VALIDATION_FAILED
+from keras_bn.converters.cli.run import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL_ERROR,
+    EXIT_OK,
+    EXIT_VALIDATION_FAILED,
+)
 from keras_bn.converters.options import INPUT_LAYOUTS, PRECISIONS
 
 __all__ = [
@@ -36,6 +41,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_VALIDATION_FAILED",
     "EXIT_BAD_INPUT",
+    "EXIT_INTERNAL_ERROR",
     "INPUT_LAYOUTS",
     "PRECISIONS",
 ]

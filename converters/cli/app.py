@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
@@ -12,6 +13,7 @@ from keras_bn.converters.cli.args import ReportArgs
 from keras_bn.converters.cli.quiet import quiet_environment
 from keras_bn.converters.cli.run import (
     EXIT_BAD_INPUT,
+    EXIT_INTERNAL_ERROR,
     EXIT_INTERRUPTED,
     Run,
     check_report_path,
@@ -37,7 +39,8 @@ examples:
   keras-bn bench model.onnx model_int8.onnx --batch-size 8
   keras-bn export model.keras -o model.onnx --json --report export.json
 
-exit status: 0 success, 1 validation failed, 2 bad input or usage.
+exit status: 0 success, 1 validation failed, 2 bad input or usage, 3 internal
+error (a bug in keras-bn: the traceback is printed; please report it).
 .npz inputs hold one array per model input, keyed by input name (any name for a
 single-input model), batch first, in the Keras model's layout (bench: the ONNX
 model's layout). Set KERAS_BN_TRACEBACK=1 to see the traceback behind a
@@ -96,6 +99,21 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace | int:
     return args
 
 
+def _internal_error(args: argparse.Namespace, error: Exception) -> int:
+    """A bug in keras-bn: the traceback, a line asking to report it, its own exit status."""
+    traceback.print_exc(file=sys.stderr)
+    print(
+        f"keras-bn {args.command}: internal error ({type(error).__name__}): this is a bug "
+        "in keras-bn, not a problem with your input; please report it with the traceback "
+        "above.",
+        file=sys.stderr,
+    )
+    if args.json:
+        report = {"command": args.command, "status": "internal_error"}
+        print(to_json({**report, "exit_code": EXIT_INTERNAL_ERROR, "error": repr(error)}))
+    return EXIT_INTERNAL_ERROR
+
+
 def _user_error(args: argparse.Namespace, error: Exception) -> int:
     """A problem the user can fix: one line on stderr (and a JSON error report)."""
     if isinstance(error, UserInputError):
@@ -113,7 +131,8 @@ def _user_error(args: argparse.Namespace, error: Exception) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; return the exit status (0 ok, 1 validation failed, 2 bad input)."""
+    """Run the CLI; return the exit status (0 ok, 1 validation failed, 2 bad input,
+    3 internal error)."""
     args = _parse(argv)
     if isinstance(args, int):
         return args
@@ -129,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"keras-bn {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as error:  # ours, never the user's: keep the traceback
+        return _internal_error(args, error)
     finish_report(run, code)
     if args.report:
         try:

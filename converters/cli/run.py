@@ -29,6 +29,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_VALIDATION_FAILED",
     "EXIT_BAD_INPUT",
+    "EXIT_INTERNAL_ERROR",
     "EXIT_INTERRUPTED",
     "Run",
     "as_dict",
@@ -48,6 +49,7 @@ __all__ = [
 EXIT_OK = 0
 EXIT_VALIDATION_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL_ERROR = 3  # a bug in keras-bn: traceback plus a request to report it
 EXIT_INTERRUPTED = 130
 
 

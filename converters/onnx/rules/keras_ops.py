@@ -2,8 +2,8 @@
 
 ``x + 3.0``, ``a * b``, ``ops.gelu(x)`` in a Functional model become operation
 nodes whose classes, like the Applications' LayerScale and CustomScaleLayer, are
-reachable only through Keras's private modules: those imports are the marked
-section below, the only private Keras access of the exporter.
+reachable only through Keras's private modules, which ``keras_bn._keras_internals``
+(the project's one module of private Keras access) imports for us.
 """
 
 from __future__ import annotations
@@ -12,15 +12,7 @@ from typing import Any
 
 import numpy as np
 
-# ======================================================================================
-# PRIVATE KERAS API - every keras.src import of the exporter, and nowhere else. These
-# classes have no public name; a Keras upgrade that moves them breaks these lines only.
-from keras.src.applications.convnext import LayerScale
-from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
-from keras.src.ops import nn as nn_ops
-from keras.src.ops import numpy as numpy_ops
-
-# ======================================================================================
+from keras_bn._keras_internals import CustomScaleLayer, LayerScale, nn_ops, numpy_ops
 from keras_bn.converters.graph import Node, Tensor, to_numpy
 from keras_bn.converters.onnx.builder import Builder, Unsupported
 from keras_bn.converters.onnx.rules.activations import ACTIVATIONS, gelu
