@@ -109,7 +109,10 @@ def random_inputs(
                 f"ONNX input {name!r} has dynamic dimensions {shape}; give inputs with "
                 "--inputs FILE.npz (inputs=...) to benchmark it."
             )
-        full = (batch_size if shape[0] is None else shape[0], *shape[1:]) if shape else ()
+        full = tuple(
+            int(batch_size if size is None else size)
+            for size in ((shape[0], *shape[1:]) if shape else ())
+        )
         if np.dtype(dtype).kind == "f":
             inputs[name] = rng.standard_normal(full).astype(dtype)
         else:
@@ -176,7 +179,7 @@ def bench_onnx(
             times *= 1000.0
             results.append(
                 BenchResult(
-                    model=path,
+                    model=str(path),
                     optimization=level,
                     batch_size=actual_batch,
                     runs=runs,
@@ -186,4 +189,4 @@ def bench_onnx(
                     min_ms=float(times.min()),
                 )
             )
-    return BenchReport(models=paths, results=results, threads=threads)
+    return BenchReport(models=[str(p) for p in paths], results=results, threads=threads)

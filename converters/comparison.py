@@ -114,5 +114,7 @@ def failed_comparison(
     name: str, batch_size: int, shape: Sequence[int], note: str
 ) -> OutputComparison:
     """A comparison that could not be made (shape mismatch, onnxruntime error)."""
-    metrics = [math.inf] * 7
-    return OutputComparison(name, batch_size, tuple(map(int, shape)), *metrics, False, note=note)
+    inf = math.inf
+    return OutputComparison(
+        name, batch_size, tuple(map(int, shape)), inf, inf, inf, inf, inf, inf, inf, False, note
+    )

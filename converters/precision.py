@@ -305,7 +305,7 @@ def compare_onnx_models(
     reference: str | os.PathLike,
     candidate: str | os.PathLike,
     inputs: Mapping[str, np.ndarray],
-) -> OutputComparison:
+) -> ModelComparison:
     """Run two ONNX models on ``inputs`` and measure how far the candidate is.
 
     Top-1 agreement is given when the (first) output looks like class scores: rank 2

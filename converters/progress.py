@@ -47,6 +47,7 @@ class Progress:
         interactive = _isatty(sys.stderr) and _isatty(sys.stdout)
         if quiet or not interactive:
             return cls(enabled=False)
+        stream: TextIO
         try:
             stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", closefd=True)
         except (AttributeError, OSError, ValueError):

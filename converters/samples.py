@@ -77,6 +77,7 @@ def sample_arrays(
         )
         dtype = np.dtype(tensor.dtype)
         if dtype.kind == "f":
+            array: np.ndarray
             if _is_pixel_input(tensor):
                 array = rng.uniform(0.0, 255.0, size=shape)
             else:

@@ -534,6 +534,7 @@ def _run_both(
         full_expected = call_model(model, full)  # once; each check compares a prefix
         session, fixed, input_layout, planned, ran = onnx_side.result()
     if ran is None:  # a fixed ONNX batch size: generate inputs of that size instead
+        assert fixed is not None  # _open_and_run runs nothing only for a fixed batch
         full = make_sample_inputs(model, fixed, seed=seed)
         planned = _batch_plan(fixed, fixed, None, per_sample=True)
         ran = [_run_batches(session, full, chunks, input_layout) for _, chunks in planned]
@@ -549,7 +550,9 @@ def _run_both(
 
 def _compare_outputs(
     model: keras.Model, runs: _Runs, atol: float, rtol: float
-) -> tuple[list[OutputComparison], tuple | None]:
+) -> tuple[
+    list[OutputComparison], tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]] | None
+]:
     """Every output at every checked batch size; and the first failing batch's inputs."""
     full, full_expected = runs.full, runs.full_expected
     count = int(next(iter(full.values())).shape[0])

@@ -90,7 +90,7 @@ def _register_layer_with_keras() -> None:
     if "keras" in sys.modules:
         importlib.import_module("keras_bn.layers")
     elif not any(isinstance(f, _RegisterAfterKeras) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterKeras())
+        sys.meta_path.insert(0, _RegisterAfterKeras())  # type: ignore[arg-type]
 
 
 _register_layer_with_keras()

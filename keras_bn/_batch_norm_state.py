@@ -34,7 +34,8 @@ def batch_norm_layers(model) -> list:
 
 def unique_names(layers) -> list[str]:
     """Layer names, with ``_1``, ``_2``... appended to repeats (nested models may reuse names)."""
-    names, seen = [], {}
+    names: list[str] = []
+    seen: dict[str, int] = {}
     for layer in layers:
         name = layer.name
         seen[name] = seen.get(name, 0) + 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import keras
 import numpy as np
@@ -91,7 +92,7 @@ class _Batches:
 
     def __init__(self, data, batch_size: int, steps: int | None):
         self.steps = steps
-        self._cached = None
+        self._cached: list[Any] | None = None
         if isinstance(data, tuple) and data and _is_in_memory(data[0]):
             data = data[0]  # (x,), (x, y) or (x, y, sample_weight) arrays
         if _is_in_memory(data):

@@ -291,7 +291,7 @@ def _describe_export(result, final: Path, output: Path, run: Run) -> None:
             nodes = onnx.load(str(final), load_external_data=False).graph.node
             changes["op_counts"] = dict(collections.Counter(node.op_type for node in nodes))
             changes["node_count"] = len(nodes)
-        result = dataclasses.replace(result, **changes)
+        result = dataclasses.replace(result, **changes)  # type: ignore[type-var]
     exported = as_dict(result)
     run.report["export"] = {key: value for key, value in exported.items() if key != "fold_report"}
     if hasattr(result, "warnings"):  # already on stderr, once

@@ -212,11 +212,11 @@ def _forward_target(
 ) -> graph_lib.Node:
     """The layer call that absorbs ``bn_node`` forward, or raise Blocked."""
     tensor = bn_node.inputs[0]
-    producer = tensor.producer
-    if producer is None:
+    direct = tensor.producer
+    if direct is None:
         raise Blocked("producer-missing", f"input {tensor.name!r} is a model input")
     # A BN folded into its producer hands that producer on (Conv -> BN -> BN).
-    producer = folded_into.get(id(producer), producer)
+    producer = folded_into.get(id(direct), direct)
     _check_layer(producer, plan.graph, "producer")
     activation = getattr(producer.layer, "activation", None)
     if activation not in (None, keras.activations.linear):
@@ -227,7 +227,7 @@ def _forward_target(
     if tensor.consumers != [bn_node] or tensor in plan.graph.outputs:
         raise Blocked(
             "producer-fanout",
-            f"the output of {tensor.producer.name!r} feeds {len(tensor.consumers)} layers"
+            f"the output of {direct.name!r} feeds {len(tensor.consumers)} layers"
             + (" and is a model output" if tensor in plan.graph.outputs else ""),
         )
     _check_axis(bn_node, producer, tensor.rank)
@@ -322,6 +322,7 @@ def make_plan(
         try:
             consumer = _backward_target(bn_node, plan, backward_into)
             rule = FOLD_RULES[type(consumer.layer)]
+            assert rule.backward is not None  # _backward_target checked it
             weights = rule.backward(
                 consumer.layer, _current_weights(plan, consumer), *affines[id(bn_node)]
             )

@@ -39,8 +39,9 @@ def padding_attributes(
             elif sizes[i] is None:
                 return {"auto_pad": "SAME_UPPER"}  # TensorFlow puts the extra pad at the end
             else:
-                out = -(-sizes[i] // strides[i])
-                total = max((out - 1) * strides[i] + effective - sizes[i], 0)
+                size = int(sizes[i])  # type: ignore[arg-type]  # known: the branch above
+                out = -(-size // strides[i])
+                total = max((out - 1) * strides[i] + effective - size, 0)
             begins[i], ends[i] = total // 2, total - total // 2
         elif padding == "causal":
             begins[i] = effective - 1

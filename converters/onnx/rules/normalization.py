@@ -94,7 +94,7 @@ def layer_normalization(b: Builder, node: Node) -> None:
                     array = array.reshape([tensor.shape[a] for a in axes])
                     array = np.transpose(array, [axes.index(a) for a in order])
                 else:
-                    array = np.full(size, fill)
+                    array = np.full([int(d or 1) for d in size], fill)  # sizes are known
                 params[attribute] = b.const(array, attribute, key=(id(layer), attribute, perm))
             out = b.op(
                 "LayerNormalization",
