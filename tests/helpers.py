@@ -367,3 +367,125 @@ def assert_rejected(code: int, stderr: str, fragment: str, output_dir: Path | No
     assert fragment in lines[0], lines[0]
     if output_dir is not None:
         assert sorted(p.name for p in output_dir.iterdir()) == [], "output left behind"
+
+
+# ------------------------------------------------------------------------------------
+# Statistics for validation studies, and classic converter bugs to inject.
+
+
+def settle_batch_norms(model, data, seed=0, spread=0.05):
+    """Trained-looking statistics that keep a deep network well conditioned.
+
+    Each BN's moving statistics are measured by a training-mode pass over ``data``
+    (inputs in the model's range), then perturbed a little: moving_variance times
+    10 ** U(-spread, spread), gamma ~ U(1 - 2 spread, 1 + 2 spread), beta ~
+    N(0, spread). (``calibrate_batch_norms`` perturbs far more, which saturates the
+    softmax of a deep classifier and leaves nothing to compare.)
+    """
+    rng = np.random.default_rng(seed)
+    layers = batch_norm_layers(model)
+    for layer in layers:
+        layer.momentum = 0.0
+    model(data, training=True)
+    for layer in layers:
+        shape = tuple(layer.moving_mean.shape)
+        variance = keras.ops.convert_to_numpy(layer.moving_variance)
+        layer.moving_variance.assign(variance * 10.0 ** rng.uniform(-spread, spread, shape))
+        if layer.gamma is not None:
+            layer.gamma.assign(rng.uniform(1 - 2 * spread, 1 + 2 * spread, shape))
+        if layer.beta is not None:
+            layer.beta.assign(rng.normal(0.0, spread, shape))
+        layer.momentum = 0.99
+    return model
+
+
+def _initializers(model) -> dict:
+    return {init.name: init for init in model.graph.initializer}
+
+
+def _conv_nodes(model, kernel_size=None, grouped=False):
+    """Conv nodes with a constant weight (``kernel_size``: e.g. 3 for 3x3 only)."""
+    inits = _initializers(model)
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "Conv" or node.input[1] not in inits:
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        shape = tuple(inits[node.input[1]].dims)
+        if (group > 1) != grouped:
+            continue
+        if kernel_size is not None and shape[2:] != (kernel_size,) * (len(shape) - 2):
+            continue
+        nodes.append(node)
+    return nodes
+
+
+def _edit_initializer(model, name, change):
+    import onnx.numpy_helper
+
+    init = _initializers(model)[name]
+    array = onnx.numpy_helper.to_array(init).copy()
+    init.CopyFrom(onnx.numpy_helper.from_array(change(array).astype(array.dtype), name))
+
+
+def _pads_off_by_one(model):
+    for node in _conv_nodes(model, 3) + _conv_nodes(model, 3, grouped=True):
+        for attribute in node.attribute:
+            if attribute.name == "pads" and any(attribute.ints):
+                half = len(attribute.ints) // 2
+                pads = list(attribute.ints)
+                if pads[half] >= 1:  # shift the window by one: same output size
+                    pads[0], pads[half] = pads[0] + 1, pads[half] - 1
+                else:
+                    pads[0], pads[half] = pads[0] - 1, pads[half] + 1
+                del attribute.ints[:]
+                attribute.ints.extend(pads)
+                return
+    raise ValueError("no padded 3x3 convolution")
+
+
+def _middle(nodes):
+    return nodes[len(nodes) // 2]
+
+
+def _dense_weight(model):
+    inits = _initializers(model)
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and node.input[1] in inits:
+            return node.input[1]
+    raise ValueError("no Dense layer")
+
+
+def _transposed(array):
+    """The kernel read in the other order (a transposed copy in the same shape)."""
+    return array.T.reshape(array.shape)
+
+
+# name -> how to break an exported model in place (the classic converter bugs).
+INJECTED_BUGS = {
+    "flipped 3x3 kernel": lambda m: _edit_initializer(
+        m, _middle(_conv_nodes(m, 3)).input[1], lambda w: w[..., ::-1, ::-1]
+    ),
+    "two output channels swapped": lambda m: _edit_initializer(
+        m, _conv_nodes(m)[0].input[1], lambda w: w[[1, 0, *range(2, len(w))]]
+    ),
+    "epsilon dropped (x1.02)": lambda m: [
+        _edit_initializer(m, name, lambda w: w * 1.02)
+        for name in _middle(_conv_nodes(m)).input[1:3]
+    ],
+    "bias shifted by 1% of its range": lambda m: _edit_initializer(
+        m, _middle(_conv_nodes(m)).input[2], lambda b: b + 0.01 * (b.max() - b.min())
+    ),
+    "transposed Dense kernel": lambda m: _edit_initializer(m, _dense_weight(m), _transposed),
+    "padding off by one": _pads_off_by_one,
+}
+
+
+def inject_bug(source: Path, target: Path, bug: str) -> Path:
+    """Write a copy of the ONNX file ``source`` with ``INJECTED_BUGS[bug]`` applied."""
+    import onnx
+
+    model = onnx.load(str(source))
+    INJECTED_BUGS[bug](model)
+    onnx.save(model, str(target))
+    return target
