@@ -125,12 +125,15 @@ def randomize_batch_norms(
     return model
 
 
-def calibrate_batch_norms(model, data, seed=0):
+def calibrate_batch_norms(
+    model, data, seed=0, *, variance_decades=0.5, gamma=(0.5, 2.0), beta_std=0.5
+):
     """Moving statistics measured on ``data`` (as training leaves them), then perturbed.
 
     Sets every BN's momentum to 0, runs ``model(data, training=True)``, then per
-    channel multiplies moving_variance by 10 ** U(-0.5, 0.5) and draws
-    gamma ~ U(0.5, 2) and beta ~ N(0, 0.5). Returns ``model``.
+    channel multiplies moving_variance by 10 ** U(-variance_decades,
+    variance_decades) and draws gamma ~ U(*gamma) and beta ~ N(0, beta_std).
+    Returns ``model``.
     """
     rng = np.random.default_rng(seed)
     layers = batch_norm_layers(model)
@@ -140,14 +143,13 @@ def calibrate_batch_norms(model, data, seed=0):
     for layer in layers:
         shape = tuple(layer.moving_mean.shape)
         variance = keras.ops.convert_to_numpy(layer.moving_variance)
-        layer.moving_variance.assign(variance * 10.0 ** rng.uniform(-0.5, 0.5, shape))
-        layer.gamma.assign(rng.uniform(0.5, 2.0, shape))
-        layer.beta.assign(rng.normal(0.0, 0.5, shape))
+        spread = 10.0 ** rng.uniform(-variance_decades, variance_decades, shape)
+        layer.moving_variance.assign(variance * spread)
+        if layer.gamma is not None:
+            layer.gamma.assign(rng.uniform(*gamma, shape))
+        if layer.beta is not None:
+            layer.beta.assign(rng.normal(0.0, beta_std, shape))
     return model
-
-
-# ------------------------------------------------------------------------------------
-# Running models.
 
 
 def inputs_for(model, seed=1, batch_size=2):
@@ -376,27 +378,19 @@ def assert_rejected(code: int, stderr: str, fragment: str, output_dir: Path | No
 def settle_batch_norms(model, data, seed=0, spread=0.05):
     """Trained-looking statistics that keep a deep network well conditioned.
 
-    Each BN's moving statistics are measured by a training-mode pass over ``data``
-    (inputs in the model's range), then perturbed a little: moving_variance times
+    ``calibrate_batch_norms`` perturbing a little: moving_variance times
     10 ** U(-spread, spread), gamma ~ U(1 - 2 spread, 1 + 2 spread), beta ~
-    N(0, spread). (``calibrate_batch_norms`` perturbs far more, which saturates the
+    N(0, spread). (Its default perturbation is far larger, which saturates the
     softmax of a deep classifier and leaves nothing to compare.)
     """
-    rng = np.random.default_rng(seed)
-    layers = batch_norm_layers(model)
-    for layer in layers:
-        layer.momentum = 0.0
-    model(data, training=True)
-    for layer in layers:
-        shape = tuple(layer.moving_mean.shape)
-        variance = keras.ops.convert_to_numpy(layer.moving_variance)
-        layer.moving_variance.assign(variance * 10.0 ** rng.uniform(-spread, spread, shape))
-        if layer.gamma is not None:
-            layer.gamma.assign(rng.uniform(1 - 2 * spread, 1 + 2 * spread, shape))
-        if layer.beta is not None:
-            layer.beta.assign(rng.normal(0.0, spread, shape))
-        layer.momentum = 0.99
-    return model
+    return calibrate_batch_norms(
+        model,
+        data,
+        seed,
+        variance_decades=spread,
+        gamma=(1 - 2 * spread, 1 + 2 * spread),
+        beta_std=spread,
+    )
 
 
 def _initializers(model) -> dict:
