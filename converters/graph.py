@@ -12,6 +12,7 @@ handles.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -304,3 +305,34 @@ def call_model(model: keras.Model, arrays: list) -> list:
     structure = tree.pack_sequence_as(internals.inputs_struct(functional), list(arrays))
     outputs = model(structure, training=False)
     return [keras.ops.convert_to_numpy(output) for output in tree.flatten(outputs)]
+
+
+def evaluate(
+    graph: Graph,
+    inputs: dict[str, Any],
+    until: Callable[[Node], bool] | None = None,
+) -> dict[int, Any]:
+    """Every tensor of ``graph`` computed eagerly in inference mode, by ``id(tensor)``.
+
+    ``inputs`` are keyed by input name. With ``until``, evaluation stops before the
+    first node for which it returns True (that node's inputs are computed).
+    """
+    values: dict[int, Any] = {
+        id(t): inputs[name] for t, name in zip(graph.inputs, graph.input_names, strict=True)
+    }
+
+    def resolve(x: Any) -> Any:
+        return values[id(x)] if isinstance(x, Tensor) else x
+
+    for node in graph.nodes:
+        if until is not None and until(node):
+            break
+        args = tree.map_structure(resolve, node.args)
+        kwargs = dict(tree.map_structure(resolve, node.kwargs))
+        call = getattr(node.layer, "call", None)
+        if call is not None and "training" in inspect.signature(call).parameters:
+            kwargs.setdefault("training", False)
+        result = node.layer(*args, **kwargs)
+        for tensor, value in zip(node.outputs, tree.flatten(result), strict=True):
+            values[id(tensor)] = value
+    return values

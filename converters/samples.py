@@ -27,6 +27,18 @@ __all__ = [
 UNKNOWN_DIMENSION_SIZE = 32  # generated inputs use this size for unknown non-batch axes
 _IMAGE_SCALE_LIMIT = 0.1  # a leading Rescaling(scale <= this) means pixels in [0, 255]
 
+# The value ranges a float input may be in: standard normal (the default), or one of
+# the usual image conventions. A trained model says which one it was trained on
+# through its first BatchNormalization's moving statistics (see _domain_by_statistics).
+FLOAT_DOMAINS: dict[str, Any] = {
+    "standard normal": lambda rng, shape: rng.standard_normal(size=shape),
+    "uniform 0..255 (pixels)": lambda rng, shape: rng.uniform(0.0, 255.0, size=shape),
+    "uniform -128..128 (centred pixels)": lambda rng, shape: rng.uniform(-128.0, 128.0, size=shape),
+    "uniform -1..1": lambda rng, shape: rng.uniform(-1.0, 1.0, size=shape),
+    "uniform 0..1": lambda rng, shape: rng.uniform(0.0, 1.0, size=shape),
+}
+_PROBE_BATCH = 4
+
 
 def call_model(model: keras.Model, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """The Keras model's outputs (inference mode) on named inputs, flattened."""
@@ -54,8 +66,13 @@ def make_sample_inputs(
     """Random inputs for every model input, keyed by input name.
 
     Float inputs read by a Rescaling layer that scales by 0.1 or less (Keras
-    Applications' ``1/255``, ``1/127.5``) are pixels: uniform in [0, 255]. Other
-    float inputs are standard normal. Integer inputs feeding an Embedding are
+    Applications' ``1/255``, ``1/127.5``) are pixels: uniform in [0, 255]. For the
+    other float inputs of a single-input model with trained BatchNormalization
+    statistics, the model says what it was trained on: of ``FLOAT_DOMAINS``, the
+    range whose batch statistics at the first BatchNormalization best match its
+    moving statistics (a model trained on 0..255 pixels without a Rescaling layer,
+    like ResNet50, gets pixels, not standard-normal noise that its first BN would
+    map far outside anything it saw). Other float inputs are standard normal. Integer inputs feeding an Embedding are
     uniform in ``[0, input_dim)``, other integer inputs in ``[0, 10)``; boolean
     inputs are fair coin flips. Unknown non-batch dimensions get size
     ``UNKNOWN_DIMENSION_SIZE`` (32).
@@ -70,6 +87,7 @@ def sample_arrays(
 ) -> dict[str, np.ndarray]:
     """:func:`make_sample_inputs` for a flattened graph."""
     rng = np.random.default_rng(seed)
+    domains = input_domains(graph)
     inputs = {}
     for tensor, name in zip(graph.inputs, graph.input_names, strict=True):
         shape = (batch_size,) + tuple(
@@ -77,11 +95,7 @@ def sample_arrays(
         )
         dtype = np.dtype(tensor.dtype)
         if dtype.kind == "f":
-            array: np.ndarray
-            if _is_pixel_input(tensor):
-                array = rng.uniform(0.0, 255.0, size=shape)
-            else:
-                array = rng.standard_normal(size=shape)
+            array = np.asarray(FLOAT_DOMAINS[domains[name]](rng, shape))
         elif dtype.kind in "iu":
             high = 10
             for consumer in tensor.consumers:
@@ -135,3 +149,66 @@ def normalize_inputs(model: keras.Model, inputs: Any) -> dict[str, np.ndarray]:
             raise UserInputError(f"input {name!r} is empty; pass at least one sample.")
         result[name] = array.astype(np.dtype(tensor.dtype), copy=False)
     return result
+
+
+def input_domains(graph: graph_lib.Graph) -> dict[str, str]:
+    """The ``FLOAT_DOMAINS`` entry generated values take, per float input name."""
+    domains = {}
+    for tensor, name in zip(graph.inputs, graph.input_names, strict=True):
+        if np.dtype(tensor.dtype).kind != "f":
+            continue
+        if _is_pixel_input(tensor):
+            domains[name] = "uniform 0..255 (pixels)"
+        elif len(graph.inputs) == 1:
+            domains[name] = _domain_by_statistics(graph) or "standard normal"
+        else:
+            domains[name] = "standard normal"
+    return domains
+
+
+def _first_batch_norm(graph: graph_lib.Graph) -> graph_lib.Node | None:
+    for node in graph.nodes:
+        if isinstance(node.layer, keras.layers.BatchNormalization):
+            return node
+    return None
+
+
+def _domain_by_statistics(graph: graph_lib.Graph) -> str | None:
+    """The float domain whose statistics at the first BN best match its moving ones.
+
+    None when there is no BN, its statistics are the initial ones (mean 0, variance
+    1: nothing was learnt), or the probe cannot run (unknown sizes, a layer that
+    fails eagerly).
+    """
+    bn = _first_batch_norm(graph)
+    if bn is None or any(size is None for size in graph.inputs[0].shape[1:]):
+        return None
+    layer = bn.layer
+    mean = np.asarray(graph_lib.to_numpy(layer.moving_mean), np.float64).reshape(-1)
+    variance = np.asarray(graph_lib.to_numpy(layer.moving_variance), np.float64).reshape(-1)
+    if np.all(mean == 0.0) and np.all(variance == 1.0):
+        return None
+    rank = len(bn.inputs[0].shape)
+    axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
+    kept = sorted(a % rank for a in axes)
+    reduced = tuple(a for a in range(rank) if a not in kept)
+    shape = (_PROBE_BATCH, *graph.inputs[0].shape[1:])
+    dtype = np.dtype(graph.inputs[0].dtype)
+    scores = {}
+    for domain, sample in FLOAT_DOMAINS.items():
+        probe = {graph.input_names[0]: np.asarray(sample(np.random.default_rng(0), shape), dtype)}
+        try:
+            values = graph_lib.evaluate(graph, probe, until=lambda node: node is bn)
+            x = np.asarray(keras.ops.convert_to_numpy(values[id(bn.inputs[0])]), np.float64)
+        except Exception:  # a layer that will not run eagerly here: no opinion
+            return None
+        batch_mean = x.mean(axis=reduced).reshape(-1)
+        batch_variance = x.var(axis=reduced).reshape(-1)
+        if batch_mean.shape != mean.shape or not np.all(np.isfinite(batch_variance)):
+            return None
+        epsilon = float(layer.epsilon)
+        scores[domain] = float(
+            np.mean(np.abs(np.log((batch_variance + epsilon) / (variance + epsilon))))
+            + np.mean(np.abs(batch_mean - mean) / np.sqrt(variance + epsilon))
+        )
+    return min(scores, key=lambda domain: scores[domain])

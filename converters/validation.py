@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import inspect
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -40,7 +39,6 @@ from typing import Any
 
 import keras
 import numpy as np
-from keras import tree
 
 from keras_bn.converters import graph as graph_lib
 from keras_bn.converters import runtime
@@ -282,27 +280,6 @@ def _first_failing_run(
 # Localization.
 
 
-def _run_layers(graph: graph_lib.Graph, inputs: Mapping[str, np.ndarray]) -> dict[int, Any]:
-    """Every tensor of the flattened graph, computed eagerly in inference mode."""
-    values: dict[int, Any] = {
-        id(t): inputs[name] for t, name in zip(graph.inputs, graph.input_names, strict=True)
-    }
-
-    def resolve(x):
-        return values[id(x)] if isinstance(x, graph_lib.Tensor) else x
-
-    for node in graph.nodes:
-        args = tree.map_structure(resolve, node.args)
-        kwargs = dict(tree.map_structure(resolve, node.kwargs))
-        call = getattr(node.layer, "call", None)
-        if call is not None and "training" in inspect.signature(call).parameters:
-            kwargs.setdefault("training", False)
-        result = node.layer(*args, **kwargs)
-        for tensor, value in zip(node.outputs, tree.flatten(result), strict=True):
-            values[id(tensor)] = value
-    return values
-
-
 def _is_batch_norm(layer: Any) -> bool:
     return isinstance(layer, keras.layers.BatchNormalization)
 
@@ -373,7 +350,7 @@ def _localize(
     if not matched:
         return None, [], "cannot localize: no layer of this model appears in the ONNX layer map"
     onnx_values = _onnx_values(onnx_model, matched, feed)
-    keras_values = _run_layers(graph, inputs)
+    keras_values = graph_lib.evaluate(graph, inputs)
 
     in_export = {node.key for node, *_ in matched}
     comparisons: list[LayerComparison] = []

@@ -1,0 +1,56 @@
+"""Generated inputs in the model's domain: what the model says about its input."""
+
+import keras
+import numpy as np
+import pytest
+from helpers import calibrate_batch_norms
+
+from keras_bn.converters.graph import flatten
+from keras_bn.converters.samples import FLOAT_DOMAINS, input_domains, make_sample_inputs
+
+L = keras.layers
+
+
+def _conv_bn(preprocessing=None):
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = preprocessing(inputs) if preprocessing is not None else inputs
+    x = L.Conv2D(8, 3, use_bias=False)(x)
+    x = L.BatchNormalization()(x)
+    outputs = L.GlobalAveragePooling2D()(L.ReLU()(x))
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize(
+    "trained_on, low, high",
+    [
+        ("uniform 0..255 (pixels)", 0.0, 255.0),
+        ("uniform -1..1", -1.0, 1.0),
+        ("standard normal", None, None),
+    ],
+    ids=["pixels", "minus-one-to-one", "normal"],
+)
+def test_first_batch_norm_statistics_reveal_the_training_range(trained_on, low, high):
+    model = _conv_bn()
+    data = FLOAT_DOMAINS[trained_on](np.random.default_rng(5), (32, 16, 16, 3))
+    calibrate_batch_norms(model, data.astype("float32"), variance_decades=0.05)
+    assert input_domains(flatten(model)) == {"image": trained_on}
+    x = make_sample_inputs(model, 8, seed=1)["image"]
+    if low is not None:
+        assert low <= x.min() and x.max() <= high and x.max() - x.min() > 0.5 * (high - low)
+
+
+def test_untrained_statistics_give_standard_normal():
+    model = _conv_bn()  # moving mean 0, variance 1: nothing learnt
+    assert input_domains(flatten(model)) == {"image": "standard normal"}
+
+
+def test_a_rescaling_layer_means_pixels_whatever_the_statistics():
+    model = _conv_bn(L.Rescaling(1 / 255.0))
+    assert input_domains(flatten(model)) == {"image": "uniform 0..255 (pixels)"}
+
+
+def test_generated_inputs_are_seeded():
+    model = _conv_bn()
+    calibrate_batch_norms(model, np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)))
+    first, again = make_sample_inputs(model, 4, seed=3), make_sample_inputs(model, 4, seed=3)
+    np.testing.assert_array_equal(first["image"], again["image"])
