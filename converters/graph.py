@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import keras
@@ -309,7 +309,7 @@ def call_model(model: keras.Model, arrays: list) -> list:
 
 def evaluate(
     graph: Graph,
-    inputs: dict[str, Any],
+    inputs: Mapping[str, Any],
     until: Callable[[Node], bool] | None = None,
 ) -> dict[int, Any]:
     """Every tensor of ``graph`` computed eagerly in inference mode, by ``id(tensor)``.
