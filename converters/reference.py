@@ -23,7 +23,14 @@ from typing import Any
 import keras
 import numpy as np
 
-__all__ = ["Float64Twin", "float64_twin"]
+from keras_bn.converters.comparison import (
+    EXACT_FACTOR,
+    EXACT_FLOOR,
+    OutputComparison,
+    judge_against_exact,
+)
+
+__all__ = ["Doubtful", "Float64Twin", "float64_twin", "rejudge_against_float64"]
 
 # Keras wraps an error inside a layer's call as "... when calling Conv3D.call() ...".
 _FAILED_CALL = re.compile(r"calling (\w+)\.call\(\)")
@@ -122,3 +129,56 @@ def _clone_float64(model: keras.Model, float32_classes: list[str]) -> keras.Mode
             value = np.asarray(keras.ops.convert_to_numpy(source))
             target.assign(value.astype(np.float64) if _is_floating(target.dtype) else value)
     return twin
+
+
+@dataclasses.dataclass
+class Doubtful:
+    """A comparison the elementwise check did not pass outright, to judge against float64."""
+
+    index: int  # in the comparisons
+    output: int  # which model output
+    actual: np.ndarray  # the candidate's (onnxruntime's, or the folded model's)
+    expected: np.ndarray  # Keras float32's
+    samples: int  # the first `samples` samples, or...
+    chunk: np.ndarray | None  # ...exactly these (outputs that are not batch-major)
+
+
+def rejudge_against_float64(
+    model: keras.Model,
+    inputs: list[np.ndarray],
+    comparisons: list[OutputComparison],
+    doubtful: list[Doubtful],
+) -> str:
+    """Re-judge the ``doubtful`` comparisons (in place) against a float64 run of ``model``
+    on ``inputs`` (one array per model input, every sample the comparisons cover).
+
+    Returns a note for the report: how the reference was made, or why it could not be
+    (then the elementwise verdicts stand).
+    """
+    full = inputs
+    try:
+        twin = float64_twin(model, full)
+        exact_full = twin(full)
+    except Exception as error:  # a layer that cannot be cloned or run in float64
+        return (
+            f"elementwise verdict: the float64 copy of the model could not be made or run "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''})"
+        )
+    for item in doubtful:
+        if item.chunk is None:
+            exact = exact_full[item.output][: item.samples]
+        else:
+            exact = twin([array[item.chunk] for array in full])[item.output]
+        comparisons[item.index] = judge_against_exact(
+            comparisons[item.index], item.actual, item.expected, exact
+        )
+    where = (
+        "every layer in float64"
+        if twin.exact
+        else "float64 except " + ", ".join(twin.float32_classes) + " (no float64 kernel)"
+    )
+    return (
+        f"judged against the same model run in float64 ({where}): pass when the error is "
+        f"at most {EXACT_FACTOR:g}x Keras float32's own error plus {EXACT_FLOOR:g} of the "
+        "output's range"
+    )

@@ -45,13 +45,10 @@ from keras_bn.converters import runtime
 from keras_bn.converters.comparison import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
-    EXACT_FACTOR,
-    EXACT_FLOOR,
     OUTRIGHT,
     OutputComparison,
     compare_arrays,
     failed_comparison,
-    judge_against_exact,
 )
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.onnx.metadata import (
@@ -60,6 +57,7 @@ from keras_bn.converters.onnx.metadata import (
     decode_layer_map,
 )
 from keras_bn.converters.options import INPUT_LAYOUTS
+from keras_bn.converters.reference import Doubtful, rejudge_against_float64
 from keras_bn.converters.samples import call_model, make_sample_inputs, normalize_inputs
 
 __all__ = [
@@ -476,7 +474,10 @@ def validate_onnx(
     )
     report = ValidationReport(str(path), float(atol), float(rtol), comparisons)
     if doubtful:
-        report.exact_note = _judge_against_float64(model, runs, comparisons, doubtful)
+        names = graph_lib.flatten(model).input_names
+        report.exact_note = rejudge_against_float64(
+            model, [runs.full[name] for name in names], comparisons, doubtful
+        )
     if failing_batch is not None and localize and not report.passed:
         import onnx
 
@@ -560,24 +561,12 @@ def _run_both(
     return _Runs(full, full_expected, session, fixed, sizes, input_layout, checks, ran)
 
 
-@dataclasses.dataclass
-class _Doubtful:
-    """An output the elementwise check did not pass outright: judged against float64."""
-
-    index: int  # in the comparisons
-    output: int  # which model output
-    actual: np.ndarray  # onnxruntime's
-    expected: np.ndarray  # Keras float32's
-    samples: int  # the first `samples` samples, or...
-    chunk: np.ndarray | None  # ...exactly these (outputs that are not batch-major)
-
-
 def _compare_outputs(
     model: keras.Model, runs: _Runs, atol: float, rtol: float, outright: float | None
 ) -> tuple[
     list[OutputComparison],
     tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]] | None,
-    list[_Doubtful],
+    list[Doubtful],
 ]:
     """Every output at every checked batch size; the first failing batch's inputs; and
     (when ``outright`` is given) the outputs left for the float64 reference to judge."""
@@ -587,7 +576,7 @@ def _compare_outputs(
     output_names = [o.name for o in runs.session.get_outputs()]
     comparisons: list[OutputComparison] = []
     failing_batch = None
-    doubtful: list[_Doubtful] = []
+    doubtful: list[Doubtful] = []
     for (samples, chunks), (batch_runs, error) in zip(runs.checks, runs.ran, strict=True):
         label = len(chunks[0])  # the batch size onnxruntime runs
         if samples == count:
@@ -627,49 +616,9 @@ def _compare_outputs(
             if outright is not None and np.shape(a) == np.shape(b):
                 if not comparison.passed or comparison.relative_to_max > outright:
                     chunk = None if samples == count or per_sample else chunks[0]
-                    doubtful.append(_Doubtful(len(comparisons), index, a, b, samples, chunk))
+                    doubtful.append(Doubtful(len(comparisons), index, a, b, samples, chunk))
             comparisons.append(comparison)
             failed = failed or not comparison.passed
         if failed and failing_batch is None:
             failing_batch = _first_failing_run(batch_runs, expected, label, atol, rtol)
     return comparisons, failing_batch, doubtful
-
-
-def _judge_against_float64(
-    model: keras.Model, runs: _Runs, comparisons: list[OutputComparison], doubtful: list
-) -> str:
-    """Re-judge the ``doubtful`` comparisons (in place) against a float64 run of ``model``.
-
-    Returns a note for the report: how the reference was made, or why it could not be
-    (then the elementwise verdicts stand).
-    """
-    from keras_bn.converters.reference import float64_twin
-
-    names = graph_lib.flatten(model).input_names
-    full = [runs.full[name] for name in names]
-    try:
-        twin = float64_twin(model, full)
-        exact_full = twin(full)
-    except Exception as error:  # a layer that cannot be cloned or run in float64
-        return (
-            f"elementwise verdict: the float64 copy of the model could not be made or run "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''})"
-        )
-    for item in doubtful:
-        if item.chunk is None:
-            exact = exact_full[item.output][: item.samples]
-        else:
-            exact = twin([array[item.chunk] for array in full])[item.output]
-        comparisons[item.index] = judge_against_exact(
-            comparisons[item.index], item.actual, item.expected, exact
-        )
-    where = (
-        "every layer in float64"
-        if twin.exact
-        else "float64 except " + ", ".join(twin.float32_classes) + " (no float64 kernel)"
-    )
-    return (
-        f"judged against the same model run in float64 ({where}): pass when the ONNX error "
-        f"is at most {EXACT_FACTOR:g}x Keras float32's own error plus {EXACT_FLOOR:g} of "
-        "the output's range"
-    )

@@ -919,3 +919,28 @@ def test_internal_error_keeps_its_traceback_and_exits_3(files, capsys, monkeypat
     assert "Traceback" in err and "planted bug" in err
     assert "internal error (RuntimeError): this is a bug in keras-bn" in err.splitlines()[-1]
     assert out == ""
+
+
+def test_fold_judges_doubtful_outputs_against_float64(tmp_path, capsys):
+    """An ill-conditioned model: Keras float32 is itself visibly off the exact result,
+    so the folded model fails the elementwise tolerances but is no less exact."""
+    from helpers import calibrate_batch_norms
+
+    model = keras.applications.MobileNetV2(
+        weights=None, input_shape=(64, 64, 3), alpha=0.35, classifier_activation=None
+    )
+    pixels = np.random.default_rng(0).uniform(0, 255, (16, 64, 64, 3)).astype("float32")
+    calibrate_batch_norms(model, pixels)
+    model.save(tmp_path / "m.keras")
+    args = ["fold", tmp_path / "m.keras", "-o", tmp_path / "f.keras", "--json"]
+    code, out, err = run_main(args, capsys)
+    validation = json.loads(out)["validation"]
+    assert code == 0, err
+    assert "float64" in validation["exact_note"]
+    judged = [o for o in validation["outputs"] if o["verdict"] == "float64 reference"]
+    assert judged and all(o["passed"] for o in judged)
+    # The same comparison under the elementwise contract fails: float32 noise.
+    args = [*args[:3], tmp_path / "g.keras", "--json", "--atol", "1e-4", "--rtol", "1e-3"]
+    code, out, err = run_main(args, capsys)
+    assert code == 1, err
+    assert not (tmp_path / "g.keras").exists()

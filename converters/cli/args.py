@@ -145,14 +145,12 @@ class ComparisonArgs:
         return f"default by {by}: {_precision_defaults(kind)}"
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
-        description = None
-        if self.defaults != "float32":
-            description = (
-                "A float32 ONNX output that does not pass the default tolerances outright "
-                "is judged against the same Keras model run in float64: it passes when its "
-                "error is no worse than a few times Keras float32's own. Giving --atol or "
-                "--rtol makes them a strict elementwise contract instead."
-            )
+        description = (
+            "A float32 output that does not pass the default tolerances outright is "
+            "judged against the same Keras model run in float64: it passes when its error "
+            "is no worse than a few times Keras float32's own. Giving --atol or --rtol "
+            "makes them a strict elementwise contract instead."
+        )
         group = parser.add_argument_group("validation", description)
         group.add_argument(
             "--atol", type=tolerance, help=f"absolute tolerance ({self._default_text('atol')})"
