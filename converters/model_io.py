@@ -26,6 +26,13 @@ import numpy as np
 
 from keras_bn.converters.errors import UserInputError
 
+# A .keras config nested deeper than this is refused before it is parsed (Python's JSON
+# decoder and Keras's deserializer recurse per level); real models need a few dozen.
+# KERAS_BN_MAX_CONFIG_DEPTH raises it for a file you trust.
+MAX_CONFIG_DEPTH = 200
+_JSON_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKETS = re.compile(rb"[\[\]{}]")
+
 __all__ = [
     "load_model",
     "load_inputs",
@@ -97,9 +104,16 @@ def _check_keras_archive(path: Path) -> None:
             f"{where} is not a readable .keras zip archive (truncated or corrupted: "
             f"{_one_line(error)}); re-save or re-download the model."
         ) from None
+    depth, limit = _nesting_depth(raw_config), _max_config_depth()
+    if depth > limit:
+        raise UserInputError(
+            f"{where} has a config.json nested {depth} levels deep; keras-bn reads at most "
+            f"{limit} (a real model needs a few dozen). Set the environment variable "
+            "KERAS_BN_MAX_CONFIG_DEPTH to raise the limit for a file you trust."
+        )
     try:
         config = json.loads(raw_config)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise UserInputError(
             f"{where} has a config.json that is not valid JSON ({_one_line(error)}); "
             "re-save the model."
@@ -109,6 +123,27 @@ def _check_keras_archive(path: Path) -> None:
             f"{where} has a config.json that does not describe a Keras object "
             f"(received {type(config).__name__} without 'class_name'); re-save the model."
         )
+
+
+def _max_config_depth() -> int:
+    text = os.environ.get("KERAS_BN_MAX_CONFIG_DEPTH")
+    if text is None:
+        return MAX_CONFIG_DEPTH
+    try:
+        return int(text)
+    except ValueError:
+        raise UserInputError(
+            f"KERAS_BN_MAX_CONFIG_DEPTH must be an integer; received {text!r}."
+        ) from None
+
+
+def _nesting_depth(raw: bytes) -> int:
+    """The deepest nesting of JSON objects/arrays in ``raw`` (strings skipped)."""
+    depth = deepest = 0
+    for token in _JSON_BRACKETS.findall(_JSON_STRINGS.sub(b"", raw)):
+        depth += 1 if token in (b"{", b"[") else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def _one_line(error: BaseException, limit: int = 200) -> str:

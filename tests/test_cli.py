@@ -944,3 +944,52 @@ def test_fold_judges_doubtful_outputs_against_float64(tmp_path, capsys):
     code, out, err = run_main(args, capsys)
     assert code == 1, err
     assert not (tmp_path / "g.keras").exists()
+
+
+def _deep_keras_file(path: Path, levels: int) -> Path:
+    """A .keras archive whose config.json nests ``levels`` Sequential models."""
+    import zipfile
+
+    config = '{"class_name": "Sequential", "config": {"name": "s", "layers": [' * levels
+    config += "]}}" * levels
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("config.json", config)
+        archive.writestr("metadata.json", json.dumps({"keras_version": keras.__version__}))
+        archive.writestr("model.weights.h5", b"")
+    return path
+
+
+@pytest.mark.parametrize("limit", [None, "100000"], ids=["default-limit", "limit-raised"])
+def test_deeply_nested_config_is_one_line_exit_2(tmp_path, capsys, monkeypatch, limit):
+    """1,000 nested models: refused before parsing (or, past a raised limit, the JSON
+    decoder's RecursionError is still the file's problem, not an internal error)."""
+    if limit is not None:
+        monkeypatch.setenv("KERAS_BN_MAX_CONFIG_DEPTH", limit)
+    deep = _deep_keras_file(tmp_path / "deep.keras", 1000)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for command in (["inspect", deep], ["export", deep, "-o", out_dir / "d.onnx"]):
+        code, _, err = run_main(command, capsys)
+        assert_rejected(code, err, "config.json", out_dir)
+
+
+def test_onnx_external_data_outside_its_directory_is_one_line_exit_2(files, tmp_path, capsys):
+    """An initializer whose external data points at ../../../../etc/passwd is never read."""
+    from onnx import TensorProto, helper
+
+    weight = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[4, 3])
+    weight.data_location = TensorProto.EXTERNAL
+    entry = weight.external_data.add()
+    entry.key, entry.value = "location", "../../../../etc/passwd"
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "evil",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+        [weight],
+    )
+    evil = tmp_path / "evil.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), evil)
+    for command in (["validate", files["model"], evil], ["bench", evil]):
+        code, _, err = run_main(command, capsys)
+        assert_rejected(code, err, "evil.onnx")
