@@ -37,6 +37,7 @@ FLOAT_DOMAINS: dict[str, Any] = {
     "uniform -1..1": lambda rng, shape: rng.uniform(-1.0, 1.0, size=shape),
     "uniform 0..1": lambda rng, shape: rng.uniform(0.0, 1.0, size=shape),
 }
+NORMALIZATION_DOMAIN = "normal with the leading Normalization layer's mean and variance"
 _PROBE_BATCH = 4
 
 
@@ -72,7 +73,9 @@ def make_sample_inputs(
     range whose batch statistics at the first BatchNormalization best match its
     moving statistics (a model trained on 0..255 pixels without a Rescaling layer,
     like ResNet50, gets pixels, not standard-normal noise that its first BN would
-    map far outside anything it saw). Other float inputs are standard normal. Integer inputs feeding an Embedding are
+    map far outside anything it saw). A float input read by a ``Normalization``
+    layer is normal with that layer's mean and variance. Other float inputs are
+    standard normal. Integer inputs feeding an Embedding are
     uniform in ``[0, input_dim)``, other integer inputs in ``[0, 10)``; boolean
     inputs are fair coin flips. Unknown non-batch dimensions get size
     ``UNKNOWN_DIMENSION_SIZE`` (32).
@@ -95,7 +98,12 @@ def sample_arrays(
         )
         dtype = np.dtype(tensor.dtype)
         if dtype.kind == "f":
-            array = np.asarray(FLOAT_DOMAINS[domains[name]](rng, shape))
+            normalization = _normalization_statistics(tensor)
+            if normalization is not None:
+                mean, std = normalization
+                array = mean + std * rng.standard_normal(size=shape)
+            else:
+                array = np.asarray(FLOAT_DOMAINS[domains[name]](rng, shape))
         elif dtype.kind in "iu":
             high = 10
             for consumer in tensor.consumers:
@@ -159,6 +167,8 @@ def input_domains(graph: graph_lib.Graph) -> dict[str, str]:
             continue
         if _is_pixel_input(tensor):
             domains[name] = "uniform 0..255 (pixels)"
+        elif _normalization_statistics(tensor) is not None:
+            domains[name] = NORMALIZATION_DOMAIN
         elif len(graph.inputs) == 1:
             domains[name] = _domain_by_statistics(graph) or "standard normal"
         else:
@@ -212,3 +222,20 @@ def _domain_by_statistics(graph: graph_lib.Graph) -> str | None:
             + np.mean(np.abs(batch_mean - mean) / np.sqrt(variance + epsilon))
         )
     return min(scores, key=lambda domain: scores[domain])
+
+
+def _normalization_statistics(tensor: graph_lib.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(mean, std)`` broadcastable to the input, when a Normalization layer reads it."""
+    for consumer in tensor.consumers:
+        layer = consumer.layer
+        if not isinstance(layer, keras.layers.Normalization) or getattr(layer, "invert", False):
+            continue
+        mean, variance = getattr(layer, "mean", None), getattr(layer, "variance", None)
+        if mean is None or variance is None:
+            return None
+        mean = np.asarray(keras.ops.convert_to_numpy(mean), np.float64)
+        variance = np.asarray(keras.ops.convert_to_numpy(variance), np.float64)
+        if mean.ndim > len(tensor.shape) or not np.all(np.isfinite(variance)):
+            return None
+        return mean, np.sqrt(np.maximum(variance, 0.0))
+    return None

@@ -54,3 +54,13 @@ def test_generated_inputs_are_seeded():
     calibrate_batch_norms(model, np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)))
     first, again = make_sample_inputs(model, 4, seed=3), make_sample_inputs(model, 4, seed=3)
     np.testing.assert_array_equal(first["image"], again["image"])
+
+
+def test_a_normalization_layer_gives_its_own_mean_and_variance():
+    inputs = keras.Input((5,), name="features")
+    normalization = L.Normalization(mean=[10.0, -3.0, 0.0, 100.0, 1.0], variance=[4, 1, 9, 25, 1])
+    model = keras.Model(inputs, L.Dense(2)(normalization(inputs)))
+    assert input_domains(flatten(model))["features"].startswith("normal with the leading")
+    x = make_sample_inputs(model, 4000, seed=0)["features"]
+    np.testing.assert_allclose(x.mean(axis=0), [10, -3, 0, 100, 1], atol=0.3)
+    np.testing.assert_allclose(x.std(axis=0), [2, 1, 3, 5, 1], rtol=0.05)
