@@ -97,6 +97,7 @@ def sample_arrays(
             UNKNOWN_DIMENSION_SIZE if size is None else size for size in tensor.shape[1:]
         )
         dtype = np.dtype(tensor.dtype)
+        array: np.ndarray
         if dtype.kind == "f":
             normalization = _normalization_statistics(tensor)
             if normalization is not None:
