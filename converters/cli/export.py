@@ -210,10 +210,16 @@ def _export(model, path: Path, args: argparse.Namespace, run: Run):
 
 
 def _warn_about(caught: list, fold_report, args: argparse.Namespace, run: Run) -> None:
-    """The exporter's warnings, once each; an unfolded BN with advice for this command."""
-    for message in dict.fromkeys(str(w.message) for w in caught):
-        if "__array__" in message:  # a NumPy 2 notice from inside Keras
-            continue
+    """The exporter's warnings, once each; an unfolded BN with advice for this command.
+
+    Only the exporter's own ``ExportWarning``s reach the user: notices that
+    Keras, NumPy or tf2onnx raise from inside (deprecations, NumPy 2 changes) are
+    not about the user's model.
+    """
+    from keras_bn.converters.onnx.export import ExportWarning
+
+    ours = [w for w in caught if issubclass(w.category, ExportWarning)]
+    for message in dict.fromkeys(str(w.message) for w in ours):
         if _UNFOLDED_MUL_ADD in message:
             if args.no_fold:  # the exporter's advice names the Python API
                 run.warn(

@@ -555,7 +555,12 @@ def export_onnx(
     except UnsupportedLayersError as error:
         if not fallback:
             raise
-        warnings.warn(f"{error} Falling back to Keras's exporter.", ExportWarning, stacklevel=2)
+        warnings.warn(
+            f"{len(error.layers)} layer(s) have no native ONNX rule: {'; '.join(error.layers)}. "
+            "Falling back to Keras's own exporter (fallback=True).",
+            ExportWarning,
+            stacklevel=2,
+        )
         if fold:
             model, fold_report = fold_batch_norms(model, measure=False)
         result = _export_with_keras(model, path, opset, graph.input_names, start)
