@@ -67,6 +67,30 @@ def batch_norm_layers(model) -> list:
 # BatchNormalization statistics.
 
 
+def weights_by_name(layer) -> dict:
+    """A layer's variables keyed by name (``gamma``, ``moving_mean``, ...)."""
+    return {weight.name: weight for weight in layer.weights}
+
+
+def randomize_weights(layer, rng, *, variance_decades=2.0, stddev_decades=1.0):
+    """Non-trivial BN weights, renorm ones too: gamma != 1 (some negative), beta and
+    means != 0, variances over +-``variance_decades`` decades (renorm stddevs over
+    +-``stddev_decades``)."""
+    for name, weight in weights_by_name(layer).items():
+        shape = tuple(weight.shape)
+        if name == "gamma":
+            value = rng.uniform(0.5, 2.0, shape) * rng.choice([-1, 1], shape)
+        elif name in ("beta", "moving_mean", "renorm_mean"):
+            value = rng.uniform(-3.0, 3.0, shape)
+        elif name == "moving_variance":
+            value = 10.0 ** rng.uniform(-variance_decades, variance_decades, shape)
+        elif name in ("moving_stddev", "renorm_stddev"):
+            value = 10.0 ** rng.uniform(-stddev_decades, stddev_decades, shape)
+        else:
+            continue
+        weight.assign(value.astype(weight.dtype))
+
+
 def randomize_batch_norms(
     model,
     seed=0,

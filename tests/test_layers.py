@@ -9,6 +9,7 @@ import math
 import keras
 import numpy as np
 import pytest
+from helpers import randomize_weights, weights_by_name
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -72,69 +73,80 @@ def reference_call(
 
     full_mask = np.ones(x.shape, bool)
     if mask is not None:
-        full_mask = np.broadcast_to(np.expand_dims(np.asarray(mask, bool), tuple(axes)), x.shape)
+        mask = np.asarray(mask, bool)
+        fits_keras = mask.ndim == x.ndim - 1 and all(
+            m in (1, d) for m, d in zip((*mask.shape, 1), x.shape, strict=True)
+        )
+        if fits_keras:  # the stock layer's reading wins wherever it fits: mask[..., None]
+            full_mask = np.broadcast_to(mask[..., None], x.shape)
+        else:  # the extension: the mask covers the input without the normalized axes
+            full_mask = np.broadcast_to(np.expand_dims(mask, tuple(axes)), x.shape)
+    # Documented policy, per channel: a channel with fewer than 2 values in a (ghost)
+    # batch is normalized with the moving statistics and its statistics are not
+    # updated; the others use and update the batch statistics.
     size = virtual_batch_size or max(x.shape[0], 1)
-    outputs, means, variances, moving_variances = [], [], [], []
+    moving_mean = np.asarray(state["moving_mean"], np.float64).reshape(-1)
+    moving_var = np.asarray(state["moving_variance"], np.float64).reshape(-1)
+    outputs, ghosts = [], []  # ghosts: (valid, mean, variance, moving-variance update)
     for start in range(0, x.shape[0], size):
         chunk = x[start : start + size]
         values = channel_columns(chunk, axes)
         keep = channel_columns(full_mask[start : start + size], axes)
         counts = keep.sum(axis=0)
-        if counts.min() < 2:  # documented policy: moving statistics, no update
-            outputs.append(normalize(chunk, state["moving_mean"], state["moving_variance"]))
-            continue
-        columns = [values[keep[:, c], c] for c in range(values.shape[1])]
-        mean = np.array([column.mean() for column in columns]).reshape(param_shape)
-        variance = np.array([column.var() for column in columns]).reshape(param_shape)
+        valid = counts >= 2
+        mean, variance = moving_mean.copy(), moving_var.copy()
+        for c in np.flatnonzero(valid):
+            column = values[keep[:, c], c]
+            mean[c], variance[c] = column.mean(), column.var()
         r, d = 1.0, 0.0
         if renorm:
             clipping = renorm_clipping or {}
             stddev = np.sqrt(variance + epsilon)
-            renorm_stddev = np.maximum(state["renorm_stddev"], np.sqrt(epsilon))
+            renorm_stddev = np.maximum(np.reshape(state["renorm_stddev"], -1), np.sqrt(epsilon))
             r = stddev / renorm_stddev
-            d = (mean - state["renorm_mean"]) / renorm_stddev
+            d = (mean - np.reshape(state["renorm_mean"], -1)) / renorm_stddev
             r = np.clip(r, clipping.get("rmin", -np.inf), clipping.get("rmax", np.inf))
             d = np.clip(d, -clipping.get("dmax", np.inf), clipping.get("dmax", np.inf))
-            r, d = param(r), param(d)
+            r, d = param(np.where(valid, r, 1.0)), param(np.where(valid, d, 0.0))
         outputs.append(normalize(chunk, mean, variance, r, d))
-        means.append(mean)
-        variances.append(variance)
-        correction = counts.min() / (counts.min() - 1) if unbiased_moving_variance else 1.0
-        moving_variances.append(variance * correction)
+        correction = counts / np.maximum(counts - 1, 1) if unbiased_moving_variance else 1.0
+        ghosts.append((valid, mean, variance, variance * correction))
     y = np.concatenate(outputs) if outputs else np.zeros(x.shape)
-    if not means:
+    valid_counts = np.sum([g[0] for g in ghosts], axis=0) if ghosts else np.zeros(0)
+    updated = valid_counts > 0
+    if not np.any(updated):
         return y, state
 
+    def average(index):  # over the ghost batches where each channel is valid
+        total = np.sum([np.where(g[0], g[index], 0.0) for g in ghosts], axis=0)
+        return total / np.maximum(valid_counts, 1)
+
+    mean, variance, moving_variance = average(1), average(2), average(3)
     state = dict(state)
     if momentum is None:
         momentum = state["count"] / (state["count"] + 1)
         state["count"] += 1
-    mean = np.mean(means, axis=0)
-    variance = np.mean(variances, axis=0)
-    moving_variance = np.mean(moving_variances, axis=0)
-    state["moving_mean"] = state["moving_mean"] * momentum + mean * (1 - momentum)
+
+    def blend(key, batch_value, momentum):
+        old = np.asarray(state[key], np.float64).reshape(-1)
+        new = old * momentum + batch_value * (1 - momentum)
+        return np.where(updated, new, old).reshape(param_shape)
+
     if not renorm:
-        state["moving_variance"] = state["moving_variance"] * momentum + moving_variance * (
-            1 - momentum
-        )
+        state["moving_mean"] = blend("moving_mean", mean, momentum)
+        state["moving_variance"] = blend("moving_variance", moving_variance, momentum)
         return y, state
     stddev = np.sqrt(variance + epsilon)
-    state["renorm_mean"] = state["renorm_mean"] * renorm_momentum + mean * (1 - renorm_momentum)
-    state["renorm_stddev"] = state["renorm_stddev"] * renorm_momentum + stddev * (
-        1 - renorm_momentum
-    )
-    state["moving_stddev"] = state["moving_stddev"] * momentum + np.sqrt(
-        moving_variance + epsilon
-    ) * (1 - momentum)
-    state["moving_variance"] = np.maximum(state["moving_stddev"] ** 2 - epsilon, 0.0)
+    state["renorm_mean"] = blend("renorm_mean", mean, renorm_momentum)
+    state["renorm_stddev"] = blend("renorm_stddev", stddev, renorm_momentum)
+    state["moving_mean"] = blend("moving_mean", mean, momentum)
+    state["moving_stddev"] = blend("moving_stddev", np.sqrt(moving_variance + epsilon), momentum)
+    new_variance = np.maximum(np.reshape(state["moving_stddev"], -1) ** 2 - epsilon, 0.0)
+    state["moving_variance"] = np.where(updated, new_variance, moving_var).reshape(param_shape)
     return y, state
 
 
 # Helpers -------------------------------------------------------------------------
-
-
-def weights_by_name(layer):
-    return {weight.name: weight for weight in layer.weights}
 
 
 def layer_state(layer):
@@ -145,23 +157,6 @@ def layer_state(layer):
     if "num_batches_tracked" in state:
         state["count"] = int(state.pop("num_batches_tracked"))
     return state
-
-
-def randomize_weights(layer, rng):
-    """Non-trivial gamma/beta/statistics: gamma != 1, mean != 0, spread variances."""
-    for name, weight in weights_by_name(layer).items():
-        shape = tuple(weight.shape)
-        if name == "gamma":
-            value = rng.uniform(0.5, 2.0, shape) * rng.choice([-1, 1], shape)
-        elif name in ("beta", "moving_mean", "renorm_mean"):
-            value = rng.uniform(-3.0, 3.0, shape)
-        elif name == "moving_variance":
-            value = 10.0 ** rng.uniform(-2, 2, shape)
-        elif name in ("moving_stddev", "renorm_stddev"):
-            value = 10.0 ** rng.uniform(-1, 1, shape)
-        else:
-            continue
-        weight.assign(value.astype(weight.dtype))
 
 
 def make_layer(input_shape, rng, **kwargs):

@@ -15,6 +15,7 @@ already pays for the logical-device setup.
 import keras
 import numpy as np
 import pytest
+from helpers import randomize_weights, weights_by_name
 
 from keras_bn.layers import BatchNormalization
 
@@ -39,10 +40,6 @@ def numpy(tensor):
     return np.asarray(keras.ops.convert_to_numpy(tensor)).astype(np.float64)
 
 
-def weights_by_name(layer):
-    return {weight.name: weight for weight in layer.weights}
-
-
 def state(layer):
     return {name: numpy(weight) for name, weight in weights_by_name(layer).items()}
 
@@ -54,23 +51,6 @@ def random_inputs(rng, shape, axis):
     scale = 10.0 ** rng.uniform(-1, 1, channel_shape)
     offset = rng.uniform(-5, 5, channel_shape)
     return (rng.normal(size=shape) * scale + offset).astype("float32")
-
-
-def randomize(layer, rng):
-    """Non-trivial weights: gamma != 1 (some negative), beta and means != 0, spread variances."""
-    for name, weight in weights_by_name(layer).items():
-        shape = tuple(weight.shape)
-        if name == "gamma":
-            value = rng.uniform(0.5, 2.0, shape) * rng.choice([-1, 1], shape)
-        elif name in ("beta", "moving_mean", "renorm_mean"):
-            value = rng.uniform(-3.0, 3.0, shape)
-        elif name == "moving_variance":
-            value = 10.0 ** rng.uniform(-1, 1, shape)
-        elif name in ("moving_stddev", "renorm_stddev"):
-            value = 10.0 ** rng.uniform(-0.5, 0.5, shape)
-        else:
-            continue
-        weight.assign(value.astype(weight.dtype))
 
 
 def copy_weights(source, target):
@@ -86,7 +66,7 @@ def build_pair(shape, options, rng, randomized=True):
     stock.build(shape)
     ours.build(shape)
     if randomized:
-        randomize(stock, rng)
+        randomize_weights(stock, rng, variance_decades=1.0, stddev_decades=0.5)
     copy_weights(stock, ours)
     return stock, ours
 
@@ -338,7 +318,7 @@ def test_mask_from_a_masking_layer_with_unknown_batch_size():
         layers[cls] = cls(axis=1, momentum=0.5)
         masked = keras.layers.Masking(0.0)(inputs)
         models[cls] = keras.Model(inputs, layers[cls](masked, training=True))
-    randomize(layers[Stock], rng)
+    randomize_weights(layers[Stock], rng, variance_decades=1.0, stddev_decades=0.5)
     copy_weights(layers[Stock], layers[BatchNormalization])
     outputs = {
         cls: (numpy(model(sequences, training=True)), state(layers[cls]))
@@ -467,7 +447,7 @@ def test_fit_matches_stock(options, sequences):
         y = rng.normal(size=(16, 2)).astype("float32")
     stock = small_model(Stock, options, sequences)
     ours = small_model(BatchNormalization, options, sequences)
-    randomize(stock.layers[-2], rng)
+    randomize_weights(stock.layers[-2], rng, variance_decades=1.0, stddev_decades=0.5)
     for stock_layer, ours_layer in zip(stock.layers, ours.layers, strict=True):
         copy_weights(stock_layer, ours_layer)
     before = state(ours.layers[-2])
