@@ -294,14 +294,17 @@ def load_model(
     objects = resolve_custom_objects(custom_objects)
     import keras
 
+    from keras_bn import _keras_internals as internals
+
     with contextlib.suppress(ModuleNotFoundError):
         importlib.import_module("keras_bn.layers")  # registers keras_bn>BatchNormalization
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            model = keras.saving.load_model(
-                path, custom_objects=objects or None, compile=False, safe_mode=not unsafe
-            )
+            with internals.random_initializers_skipped():  # the file's weights follow
+                model = keras.saving.load_model(
+                    path, custom_objects=objects or None, compile=False, safe_mode=not unsafe
+                )
         except UserInputError:
             raise
         except Exception as error:  # any loader failure is a problem with the file

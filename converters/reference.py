@@ -16,13 +16,16 @@ twin names them, and a reference with float32 layers in it is reported as such.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import keras
 import numpy as np
 
+from keras_bn import _keras_internals as internals
 from keras_bn.converters.comparison import (
     EXACT_FACTOR,
     EXACT_FLOOR,
@@ -30,7 +33,13 @@ from keras_bn.converters.comparison import (
     judge_against_exact,
 )
 
-__all__ = ["Doubtful", "Float64Twin", "float64_twin", "rejudge_against_float64"]
+__all__ = [
+    "Doubtful",
+    "Float64Twin",
+    "float64_enabled",
+    "float64_twin",
+    "rejudge_against_float64",
+]
 
 # Keras wraps an error inside a layer's call as "... when calling Conv3D.call() ...".
 _FAILED_CALL = re.compile(r"calling (\w+)\.call\(\)")
@@ -52,11 +61,38 @@ class Float64Twin:
     def __call__(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """Outputs (flattened, float64) for ``inputs`` (one array per model input)."""
         feed = [_as_float64(array) for array in inputs]
-        outputs = self.model(feed if len(feed) > 1 else feed[0], training=False)
-        return [
-            np.asarray(keras.ops.convert_to_numpy(y), np.float64)
-            for y in keras.tree.flatten(outputs)
-        ]
+        with float64_enabled():
+            outputs = self.model(feed if len(feed) > 1 else feed[0], training=False)
+            return [
+                np.asarray(keras.ops.convert_to_numpy(y), np.float64)
+                for y in keras.tree.flatten(outputs)
+            ]
+
+
+@contextlib.contextmanager
+def float64_enabled() -> Iterator[None]:
+    """Let the backend compute in float64 for the duration of the block.
+
+    JAX silently computes float64 arrays in float32 unless its x64 mode is on, and
+    Keras's type promotion turns float64 into float32 on every backend but TensorFlow
+    (a float64 "twin" would then be a float32 copy).
+    The twin is built and run inside this block, so the rest of the process keeps
+    JAX's default 32-bit types.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(internals.float64_type_promotion())
+        if backend == "jax":
+            import jax
+
+            enable_x64 = getattr(jax, "enable_x64", None)
+            if enable_x64 is None:  # jax < 0.7
+                from jax.experimental import enable_x64
+            stack.enter_context(enable_x64(True))
+        yield
 
 
 def float64_twin(model: keras.Model, sample_inputs: list[np.ndarray]) -> Float64Twin:
@@ -96,6 +132,11 @@ def _as_float64(array: np.ndarray) -> np.ndarray:
 
 
 def _clone_float64(model: keras.Model, float32_classes: list[str]) -> keras.Model:
+    with float64_enabled(), internals.random_initializers_skipped():  # weights copied below
+        return _clone_float64_enabled(model, float32_classes)
+
+
+def _clone_float64_enabled(model: keras.Model, float32_classes: list[str]) -> keras.Model:
     pairs: list[tuple[Any, Any]] = []  # (original layer, its float64 copy)
 
     def clone(layer: Any) -> Any:

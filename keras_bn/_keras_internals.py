@@ -18,7 +18,9 @@ keras-bn.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -50,6 +52,10 @@ __all__ = [
     "outputs_struct",
     "producing_operation",
     "output_names",
+    # loading
+    "random_initializers_skipped",
+    # float64
+    "float64_type_promotion",
 ]
 
 # ``Functional``: the class of every ``keras.Model(inputs, outputs)`` model (and of
@@ -192,3 +198,58 @@ def output_names(model: keras.Model) -> list[str]:
     if names:
         return list(names)
     return [producing_operation(tensor).name for tensor in model.outputs]
+
+
+# --------------------------------------------------------------------------------------
+# Loading: a saved model's weights overwrite whatever the layers were built with.
+
+
+@contextlib.contextmanager
+def random_initializers_skipped() -> Iterator[None]:
+    """Variables created in the block start as zeros instead of random draws.
+
+    ``keras.saving.load_model`` builds every layer (drawing its initial weights) and
+    then assigns the saved ones; the draws are thrown away. On JAX each draw of a new
+    shape compiles an XLA program: 8 of the 10 s it takes to load ResNet50 there.
+    Only random initializers are skipped; constants (zeros, ones, a seed generator's
+    state) are built as usual. Not thread-safe: it patches the backend's variable
+    class (``Variable._initialize_with_initializer``) for the duration of the block.
+    """
+    import numpy as np
+    from keras.src.backend import Variable
+    from keras.src.initializers.random_initializers import RandomInitializer
+
+    original = Variable._initialize_with_initializer
+
+    def initialize(variable: Any, initializer: Any) -> None:
+        if isinstance(initializer, RandomInitializer) and variable._layout is None:
+            zeros = np.zeros(variable._shape, dtype=variable._dtype)
+            variable._initialize(variable._convert_to_tensor(zeros))
+        else:
+            original(variable, initializer)
+
+    Variable._initialize_with_initializer = initialize
+    try:
+        yield
+    finally:
+        Variable._initialize_with_initializer = original
+
+
+@contextlib.contextmanager
+def float64_type_promotion() -> Iterator[None]:
+    """Let Keras's type promotion yield float64 on every backend within the block.
+
+    ``keras.backend.result_type`` maps float64 to float32 on every backend but
+    TensorFlow (``BIT64_TO_BIT32_DTYPE``, to mimic JAX's default 32-bit mode), so a
+    float64 BatchNormalization, which computes in ``result_type(inputs, "float32")``,
+    silently runs in float32 on JAX and torch. Not thread-safe.
+    """
+    from keras.src.backend.common import dtypes
+
+    table = dtypes.BIT64_TO_BIT32_DTYPE
+    saved = table.get("float64")
+    table["float64"] = "float64"
+    try:
+        yield
+    finally:
+        table["float64"] = saved

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 
 from keras_bn import _keras_internals as internals
@@ -297,3 +298,21 @@ def test_no_other_module_touches_private_keras_api():
                     continue
                 offenders.append(f"{path.name}:{number}: {text}")
     assert not offenders, offenders
+
+
+def test_random_initializers_skipped_only_inside_the_block():
+    with internals.random_initializers_skipped():
+        skipped = keras.layers.Dense(8, bias_initializer="ones")
+        skipped.build((None, 4))
+    drawn = keras.layers.Dense(8)
+    drawn.build((None, 4))
+    assert not np.any(keras.ops.convert_to_numpy(skipped.kernel))  # zeros, not drawn
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(skipped.bias), np.ones(8))
+    assert np.any(keras.ops.convert_to_numpy(drawn.kernel))  # patch removed again
+
+
+def test_float64_type_promotion_only_inside_the_block():
+    before = keras.backend.result_type("float64", "float32")
+    with internals.float64_type_promotion():
+        assert keras.backend.result_type("float64", "float32") == "float64"
+    assert keras.backend.result_type("float64", "float32") == before

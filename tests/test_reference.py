@@ -85,3 +85,28 @@ def test_layers_without_float64_kernels_stay_float32_and_are_named():
     (got,) = twin([x])
     want = np.asarray(model(x, training=False), np.float64)
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+
+def test_twin_is_float64_on_jax(run_python):
+    """JAX computes float64 arrays in float32 unless its x64 mode is on: the twin must
+    switch it on for itself (and leave the process's default 32-bit types alone)."""
+    code = """
+import sys
+sys.path.insert(0, "tests")
+import jax.numpy as jnp
+import keras
+import numpy as np
+import test_reference as t
+
+model = t._dense_bn_model()
+x = np.random.default_rng(1).normal(0.0, 3.0, (64, 5)).astype("float32")
+exact = t._numpy_float64(model, x)
+twin = t.float64_twin(model, [x])
+(y,) = twin([x])
+assert y.dtype == np.float64, y.dtype
+assert np.abs(y - exact).max() < 1e-12, np.abs(y - exact).max()
+assert jnp.ones(2, dtype="float64").dtype == jnp.float32  # x64 mode switched off again
+print("ok")
+"""
+    result = run_python(["-c", code], env={"KERAS_BACKEND": "jax"})
+    assert result.stdout.strip().endswith("ok")
