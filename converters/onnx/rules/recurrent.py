@@ -357,19 +357,19 @@ def bidirectional(b: Builder, node: Node) -> None:
         b.set(outputs[0], merged, perm)
         count = 1
     else:
-        halves = [
+        directions_out: list[str] = [
             b.op("Squeeze", [_pick(b, both, i, axis), b.ints([axis], "direction_axis")])
             for i in (0, 1)
         ]
         if layer.merge_mode is None:
-            b.set(outputs[0], halves[0], perm)
-            b.set(outputs[1], halves[1], perm)
+            b.set(outputs[0], directions_out[0], perm)
+            b.set(outputs[1], directions_out[1], perm)
             count = 2
         else:
             if layer.merge_mode == "mul":
-                merged = b.op("Mul", halves)
+                merged = b.op("Mul", directions_out)
             else:
-                merged = b.op("Add", halves)
+                merged = b.op("Add", directions_out)
                 if layer.merge_mode == "ave":
                     merged = b.op("Div", [merged, b.scalar(2.0, "two")])
             b.set(outputs[0], merged, perm)
