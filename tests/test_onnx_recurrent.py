@@ -151,6 +151,26 @@ def test_bidirectional_of_different_halves_with_states_and_mask(tmp_path):
     assert len(judged) == 2 * 5  # the sequence and four states, at two batch sizes
 
 
+@pytest.mark.parametrize("activation, nodes", [("tanh", 1), ("relu", 2)], ids=["one", "two"])
+def test_bidirectional_initial_state(activation, nodes, tmp_path):
+    inputs = keras.Input((TIME, FEATURES))
+    states = [keras.Input((UNITS,)) for _ in range(4)]  # forward h, c; backward h, c
+    forward = L.LSTM(UNITS, return_sequences=True)
+    backward = L.LSTM(UNITS, return_sequences=True, go_backwards=True, activation=activation)
+    layer = L.Bidirectional(forward, backward_layer=backward, merge_mode="sum")
+    outputs = layer(inputs, initial_state=states)
+    model = _weights_of_every_size(keras.Model([inputs, *states], outputs))
+
+    def make(batch):
+        rng = np.random.default_rng(3)
+        return _sequences(batch) + [
+            rng.normal(0, 1, (batch, UNITS)).astype("float32") for _ in states
+        ]
+
+    result, _ = export_and_judge(model, make, tmp_path / "model.onnx")
+    assert result.op_counts["LSTM"] == nodes
+
+
 def test_stacked_recurrences_transpose_once(tmp_path):
     inputs = keras.Input((TIME, FEATURES))
     x = L.LSTM(UNITS, return_sequences=True)(inputs)

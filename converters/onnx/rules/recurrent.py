@@ -316,30 +316,29 @@ def bidirectional(b: Builder, node: Node) -> None:
         raise Unsupported("a constant initial_state is not exported")
     x = b.get(sequences, TIME_MAJOR)
     lens = None if mask is None else _sequence_lens(b, mask)
-    per_direction = 2 if forward.op_type == "LSTM" else 1
+    counts = [2 if spec.op_type == "LSTM" else 1 for spec in (forward, backward)]
+    if counts[0] != counts[1] and (states or layer.return_state):
+        # Keras itself splits the states in equal halves (and declares as many outputs).
+        raise Unsupported("states of halves with different state counts (LSTM with GRU/RNN)")
+    # Each direction's final states (its h, and c for an LSTM): (direction, ONNX
+    # output, index along the direction axis).
+    finals: list[list[tuple[list[str], int, int]]]
     if forward.attributes() == backward.attributes():
-        initial = _initial_states(b, states, per_direction)
+        initial = _initial_states(b, states, counts[0])
         results = _recurrence(b, [forward, backward], "bidirectional", x, lens, initial)
+        finals = [[(results, k, d) for k in range(1, 1 + counts[d])] for d in (0, 1)]
     else:
+        own_states = [states[: counts[0]], states[counts[0] :]] if states else [[], []]
         halves = [
-            _recurrence(
-                b,
-                [spec],
-                direction,
-                x,
-                lens,
-                _initial_states(
-                    b, states[i * per_direction : (i + 1) * per_direction], per_direction
-                )
-                if states
-                else [],
+            _recurrence(b, [spec], direction, x, lens, _initial_states(b, own, count))
+            for spec, direction, own, count in zip(
+                (forward, backward), ("forward", "reverse"), own_states, counts, strict=True
             )
-            for i, (spec, direction) in enumerate(((forward, "forward"), (backward, "reverse")))
         ]
         results = [
-            b.op("Concat", [halves[0][k], halves[1][k]], axis=1 if k == 0 else 0)
-            for k in range(len(halves[0]))
+            b.op("Concat", [halves[0][k], halves[1][k]], axis=1 if k == 0 else 0) for k in (0, 1)
         ]
+        finals = [[(halves[d], k, 0) for k in range(1, 1 + counts[d])] for d in (0, 1)]
     y, y_h = results[0], results[1]
     outputs = list(node.outputs)
     sequences_out = layer.return_sequences
@@ -375,11 +374,10 @@ def bidirectional(b: Builder, node: Node) -> None:
             b.set(outputs[0], merged, perm)
             count = 1
     if layer.return_state:
-        state_outputs = outputs[count:]
-        for d in (0, 1):
-            b.set(state_outputs[d * per_direction], _state(b, y_h, d))
-            if per_direction == 2:
-                b.set(state_outputs[d * per_direction + 1], _state(b, results[2], d))
+        state_outputs = iter(outputs[count:])
+        for direction_finals in finals:
+            for onnx_outputs, k, index in direction_finals:
+                b.set(next(state_outputs), _state(b, onnx_outputs[k], index))
 
 
 # --------------------------------------------------------------------------------------
