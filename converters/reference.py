@@ -166,7 +166,9 @@ def _clone_float64_enabled(model: keras.Model, float32_classes: list[str]) -> ke
         recursive=True,
     )
     for original, copy in pairs:
-        for source, target in zip(original.weights, copy.weights, strict=True):
+        # keras.ops operations (a Masking layer's mask comparison) are cloned too: no weights.
+        weights = zip(getattr(original, "weights", ()), getattr(copy, "weights", ()), strict=True)
+        for source, target in weights:
             value = np.asarray(keras.ops.convert_to_numpy(source))
             target.assign(value.astype(np.float64) if _is_floating(target.dtype) else value)
     return twin

@@ -10,6 +10,7 @@ themselves. No pytest import, so the benchmarks can use these helpers too.
   :func:`calibrate_batch_norms` (measured on data, then perturbed).
 - Running models: :func:`inputs_for`, :func:`outputs_of`, :func:`assert_same_outputs`,
   :func:`float64_twin`.
+- Native export judged against float64: :func:`export_and_judge`.
 - Folding: :func:`fold_and_check`, :func:`conv_bn_stack`, the channels_first models
   that test_folding.py folds in a JAX subprocess.
 - Small models: :func:`conv_bn_classifier`, :func:`tiny_model`.
@@ -507,3 +508,50 @@ def inject_bug(source: Path, target: Path, bug: str) -> Path:
     INJECTED_BUGS[bug](model)
     onnx.save(model, str(target))
     return target
+
+
+# ------------------------------------------------------------------------------------
+# Native ONNX export judged against the exact answer.
+
+
+def export_and_judge(model, make_inputs, path, *, batch_sizes=(1, 3), fold=False):
+    """Export ``model`` natively (dynamic batch) and judge onnxruntime's outputs at each
+    batch size by their error against a float64 run of the model, next to Keras
+    float32's own (``comparison.judge_against_exact``). ``make_inputs(batch)`` returns
+    one array per model input. Returns (export result, [judged comparisons]).
+    """
+    import onnxruntime as ort
+
+    from keras_bn.converters.comparison import compare_arrays, judge_against_exact
+    from keras_bn.converters.onnx.export import export_onnx
+    from keras_bn.converters.reference import float64_twin
+
+    result = export_onnx(model, path, fold=fold)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    twin = None
+    judged = []
+    for batch in batch_sizes:
+        arrays = list(make_inputs(batch))
+        twin = twin or float64_twin(model, arrays)
+        assert twin.exact, twin.float32_classes
+        exact = twin(arrays)
+        keras_outputs = outputs_of(model, arrays if len(arrays) > 1 else arrays[0])
+        feed = {i.name: a for i, a in zip(session.get_inputs(), arrays, strict=True)}
+        onnx_outputs = session.run(None, feed)
+        assert len(onnx_outputs) == len(keras_outputs) == len(exact)
+        for index, (candidate, reference, truth) in enumerate(
+            zip(onnx_outputs, keras_outputs, exact, strict=True)
+        ):
+            comparison = compare_arrays(
+                candidate, reference, name=f"output {index}", batch_size=batch
+            )
+            verdict = judge_against_exact(comparison, candidate, reference, truth)
+            assert verdict.passed, (
+                f"batch {batch}, output {index}: error {verdict.exact_error} against float64, "
+                f"Keras float32's {verdict.keras_exact_error}; shape {verdict.shape}"
+            )
+            judged.append(verdict)
+    return result, judged

@@ -4,7 +4,8 @@
 :data:`ACTIVATIONS` (in :mod:`.activations`) each activation function to its
 emitter. Families: :mod:`.core` (Dense, Embedding, activations, merges),
 :mod:`.convolution` (convolutions, pooling), :mod:`.reshaping`,
-:mod:`.normalization`, :mod:`.keras_ops` (``keras.ops`` operations and Keras
+:mod:`.normalization`, :mod:`.recurrent` (SimpleRNN/GRU/LSTM, Bidirectional,
+Masking), :mod:`.attention` (EinsumDense, MultiHeadAttention), :mod:`.keras_ops` (``keras.ops`` operations and Keras
 Applications' layers: the exporter's only private Keras imports).
 """
 

@@ -171,3 +171,17 @@ def batch_normalization(b: Builder, node: Node) -> None:
     )
     out = b.op("Add", [b.op("Mul", [x, scale_name]), offset_name])
     b.set(node.outputs[0], out, value.perm)
+
+
+def unit_normalization(b: Builder, node: Node) -> None:
+    """x * min(1 / sqrt(sum(x^2, axes)), 1e12), as Keras's ``ops.normalize`` computes it."""
+    layer = node.layer
+    tensor = node.inputs[0]
+    value = b.value(tensor)
+    axes = layer.axis if isinstance(layer.axis, list | tuple) else [layer.axis]
+    x = b.get(tensor, value.perm)
+    onnx_axes = sorted(value.axis(a) for a in axes)
+    square_sum = b.reduce("ReduceSum", b.op("Mul", [x, x]), onnx_axes, keepdims=True)
+    inverse = b.op("Reciprocal", [b.op("Sqrt", [square_sum])])
+    inverse = b.op("Min", [inverse, b.scalar(1e12, "inverse_epsilon")])
+    b.set(node.outputs[0], b.op("Mul", [x, inverse]), value.perm)

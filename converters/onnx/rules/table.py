@@ -15,6 +15,7 @@ from typing import Any
 from keras import activations
 from keras import layers as L
 
+from keras_bn.converters.onnx.rules.attention import einsum_dense, multi_head_attention
 from keras_bn.converters.onnx.rules.common import Rule
 from keras_bn.converters.onnx.rules.convolution import (
     average_pooling,
@@ -63,6 +64,14 @@ from keras_bn.converters.onnx.rules.normalization import (
     layer_normalization,
     normalization,
     rescaling,
+    unit_normalization,
+)
+from keras_bn.converters.onnx.rules.recurrent import (
+    any_op,
+    bidirectional,
+    masking,
+    not_equal,
+    recurrent,
 )
 from keras_bn.converters.onnx.rules.reshaping import (
     cropping,
@@ -79,6 +88,7 @@ __all__ = ["RULES", "find_rule"]
 RULES: dict[type, Rule] = {
     # Core
     L.Dense: dense,
+    L.EinsumDense: einsum_dense,
     L.Embedding: embedding,
     L.Activation: activation,
     L.ReLU: relu,
@@ -145,8 +155,19 @@ RULES: dict[type, Rule] = {
     L.Normalization: normalization,
     L.LayerNormalization: layer_normalization,
     L.GroupNormalization: group_normalization,
+    L.UnitNormalization: unit_normalization,
     L.BatchNormalization: batch_normalization,
     KerasBnBatchNormalization: batch_normalization,
+    # Recurrent and attention layers, and the masks they read
+    L.SimpleRNN: recurrent,
+    L.GRU: recurrent,
+    L.LSTM: recurrent,
+    L.RNN: recurrent,
+    L.Bidirectional: bidirectional,
+    L.MultiHeadAttention: multi_head_attention,
+    L.Masking: masking,
+    numpy_ops.NotEqual: not_equal,
+    numpy_ops.Any: any_op,
     # Keras Applications' own layers
     LayerScale: layer_scale,
     CustomScaleLayer: custom_scale,
