@@ -537,7 +537,11 @@ def _detect_precision(path: Path) -> str:
 
     from keras_bn.converters.precision import detect_precision
 
-    return detect_precision(onnx.load(str(path), load_external_data=False))
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ONNX: onnxruntime says so in one line when it opens the file
+        return "float32"
+    return detect_precision(model)
 
 
 def _check_arguments(
