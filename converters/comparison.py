@@ -36,8 +36,9 @@ the same float64 run (:func:`judge_precision`; the numbers come from
   the range on the README's digits CNN, 1-4% on untrained MobileNetV2 and
   EfficientNetB0), so no fixed tolerance fits; correct exports measured 0.4-0.75x
   of it. A candidate that overflows (inf/NaN) fails.
-* **int8**: ``SQNR >= INT8_SQNR_FLOOR_DB`` and, for class scores judged on at least
-  ``INT8_TOP1_MIN_SAMPLES`` samples, top-1 agreement ``>= INT8_TOP1_FLOOR``. int8's
+* **int8**: ``SQNR >= INT8_SQNR_FLOOR_DB`` and, for class scores, top-1 agreement
+  ``>= INT8_TOP1_FLOOR`` on the samples whose top class leads by ``INT8_TOP1_MARGIN``
+  of the range (at least ``INT8_TOP1_MIN_SAMPLES`` of them; near-ties say nothing). int8's
   error depends on the calibration data as much as on the model (the README
   example: 15.5 dB per channel, 26 dB per tensor, 97.5-99% top-1), so the floors
   are set where correct files measured above them and gross bugs (a flipped kernel,
@@ -66,7 +67,9 @@ __all__ = [
     "FLOAT16_UNIT_ROUNDOFF",
     "INT8_SQNR_FLOOR_DB",
     "INT8_TOP1_FLOOR",
+    "INT8_TOP1_MARGIN",
     "INT8_TOP1_MIN_SAMPLES",
+    "decided_top1_agreement",
     "judge_against_exact",
     "judge_float16",
     "judge_int8",
@@ -84,6 +87,16 @@ DEFAULT_RTOL = 1e-3
 EXACT_FACTOR = 4.0  # the candidate's error may be up to 4x Keras float32's own
 EXACT_FLOOR = 1e-5  # relative to the output's range: ~80 float32 roundings, noise
 OUTRIGHT = 1e-5  # relative_to_max an elementwise pass needs to skip the exact answer
+
+# float16 and int8 criteria (judge_precision; BENCHMARKS.md section 6):
+FLOAT16_UNIT_ROUNDOFF = 2.0**-11  # float16's relative rounding error (half its epsilon)
+FLOAT16_FACTOR = 2.0  # the export's error may be up to 2x the float16 Keras run's
+FLOAT16_FLOOR = 4 * FLOAT16_UNIT_ROUNDOFF  # ~2e-3 of the range: noise, whatever the run says
+FLOAT16_FALLBACK = 32 * FLOAT16_UNIT_ROUNDOFF  # the expectation when no float16 run is finite
+INT8_SQNR_FLOOR_DB = 8.0  # below it the int8 output is mostly noise (BENCHMARKS.md section 6)
+INT8_TOP1_FLOOR = 0.9  # top-1 agreement a classifier's int8 export must keep...
+INT8_TOP1_MIN_SAMPLES = 20  # ...judged on at least this many samples (one flip <= 5%)...
+INT8_TOP1_MARGIN = 0.05  # ...whose top class leads by 5% of the output's range or more
 
 
 @dataclasses.dataclass
@@ -117,7 +130,8 @@ class OutputComparison:
     yardstick: str = "Keras float32"  # whose error keras_exact_error is
     bound: float | None = None  # the largest exact_error that passes (float16)
     sqnr_db: float | None = None  # against the float64 run
-    top1_agreement: float | None = None  # argmax agreement with the float64 run
+    top1_agreement: float | None = None  # argmax agreement with the float64 run...
+    top1_samples: int | None = None  # ...on this many decided samples (int8)
 
 
 def compare_arrays(
@@ -241,6 +255,25 @@ def sqnr_db(values: np.ndarray, exact: np.ndarray) -> float:
     return 10.0 * math.log10(signal_power / noise_power)
 
 
+def decided_top1_agreement(
+    values: np.ndarray, exact: np.ndarray, margin: float = INT8_TOP1_MARGIN
+) -> tuple[float | None, int]:
+    """Top-1 agreement over the samples the exact answer decides: those whose top class
+    leads the runner-up by at least ``margin`` of the output's range (``max |exact|``).
+    A near-tie (an untrained model's scores differ by less than int8's rounding) says
+    nothing about the file. Returns ``(agreement or None, decided samples)``."""
+    values, exact = np.asarray(values), np.asarray(exact, np.float64)
+    if exact.ndim != 2 or exact.shape[1] < 2 or values.shape != exact.shape:
+        return None, 0
+    top2 = np.sort(exact, axis=1)[:, -2:]
+    scale = float(np.abs(exact).max(initial=0.0))
+    decided = (top2[:, 1] - top2[:, 0]) >= margin * scale
+    count = int(np.count_nonzero(decided))
+    if count == 0:
+        return None, 0
+    return top1_agreement(values[decided], exact[decided]), count
+
+
 def top1_agreement(values: np.ndarray, reference: np.ndarray) -> float | None:
     """Fraction of samples whose argmax over the last axis agrees, for class scores
     (rank 2, at least two classes); None for other outputs."""
@@ -252,14 +285,6 @@ def top1_agreement(values: np.ndarray, reference: np.ndarray) -> float | None:
 
 # --------------------------------------------------------------------------------------
 # float16 and int8: their own criteria, against the same float64 run.
-
-FLOAT16_UNIT_ROUNDOFF = 2.0**-11  # float16's relative rounding error (half its epsilon)
-FLOAT16_FACTOR = 2.0  # the export's error may be up to 2x the float16 Keras run's
-FLOAT16_FLOOR = 4 * FLOAT16_UNIT_ROUNDOFF  # ~2e-3 of the range: noise, whatever the run says
-FLOAT16_FALLBACK = 32 * FLOAT16_UNIT_ROUNDOFF  # the expectation when no float16 run is finite
-INT8_SQNR_FLOOR_DB = 8.0  # below it the int8 output is mostly noise (BENCHMARKS.md section 6)
-INT8_TOP1_FLOOR = 0.9  # top-1 agreement a classifier's int8 export must keep...
-INT8_TOP1_MIN_SAMPLES = 20  # ...judged on at least this many samples (one flip <= 5%)
 
 
 def judge_float16(
@@ -305,15 +330,16 @@ def judge_int8(
     if np.shape(candidate) != np.shape(exact):
         return comparison
     sqnr = sqnr_db(candidate, exact)
-    top1 = top1_agreement(candidate, exact)
+    top1, decided = decided_top1_agreement(candidate, exact)
     passed = sqnr >= sqnr_floor_db
-    if top1 is not None and len(exact) >= INT8_TOP1_MIN_SAMPLES:
+    if top1 is not None and decided >= INT8_TOP1_MIN_SAMPLES:
         passed = passed and top1 >= top1_floor
     return dataclasses.replace(
         comparison,
         exact_error=relative_error(candidate, exact),
         sqnr_db=sqnr,
         top1_agreement=top1,
+        top1_samples=decided,
         verdict="int8 criterion",
         passed=bool(passed),
     )
@@ -342,9 +368,10 @@ def judge_precision(
     * ``"int8"``: int8 rounding is far coarser, and its error depends on the
       calibration, not only on the model: passes when the SQNR against the exact
       answer is at least ``INT8_SQNR_FLOOR_DB`` and, for class scores (rank 2, two
-      or more classes) judged on ``INT8_TOP1_MIN_SAMPLES`` samples or more, the
-      argmax agrees with the exact answer's on at least ``INT8_TOP1_FLOOR`` of
-      them. Errors below int8's own noise (a weight off by 2%) cannot be told from
+      or more classes), the argmax agrees with the exact answer's on at least
+      ``INT8_TOP1_FLOOR`` of the samples it decides (top class ahead by
+      ``INT8_TOP1_MARGIN`` of the range: :func:`decided_top1_agreement`), when there
+      are ``INT8_TOP1_MIN_SAMPLES`` of them or more. Errors below int8's own noise (a weight off by 2%) cannot be told from
       it by any comparison of outputs; BENCHMARKS.md section 6 says which bugs each
       criterion detects.
     """

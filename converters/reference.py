@@ -31,6 +31,7 @@ from keras_bn.converters.comparison import (
     FLOAT16_FLOOR,
     INT8_SQNR_FLOOR_DB,
     INT8_TOP1_FLOOR,
+    INT8_TOP1_MARGIN,
     INT8_TOP1_MIN_SAMPLES,
     OutputComparison,
     judge_precision,
@@ -243,9 +244,9 @@ def rejudge_against_float64(
     if precision == "int8":
         return (
             f"int8 criterion, against the same model run in float64 ({where}): pass when the "
-            f"SQNR is at least {INT8_SQNR_FLOOR_DB:g} dB and, for class scores on "
-            f"{INT8_TOP1_MIN_SAMPLES}+ samples, the top-1 agreement at least "
-            f"{INT8_TOP1_FLOOR:.0%}"
+            f"SQNR is at least {INT8_SQNR_FLOOR_DB:g} dB and, for class scores, the top-1 "
+            f"agreement at least {INT8_TOP1_FLOOR:.0%} on the samples whose top class leads "
+            f"by {INT8_TOP1_MARGIN:.0%} of the range ({INT8_TOP1_MIN_SAMPLES}+ of them)"
         )
     return (
         f"judged against the same model run in float64 ({where}): pass when the error is "

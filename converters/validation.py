@@ -157,10 +157,11 @@ class ValidationReport:
             )
             if c.exact_error is not None:
                 lines.append(f"  {'':<24} {'':>5} {_exact_line(c)}")
-        lines.append(
-            f"  would pass with atol >= {self.required_atol:.3g} (at rtol={self.rtol:g}) "
-            f"or rtol >= {self.required_rtol:.3g} (at atol={self.atol:g})"
-        )
+        if not criterion.endswith("criterion"):  # float16/int8 tolerances would mislead
+            lines.append(
+                f"  would pass with atol >= {self.required_atol:.3g} (at rtol={self.rtol:g}) "
+                f"or rtol >= {self.required_rtol:.3g} (at atol={self.atol:g})"
+            )
         if not self.passed:
             if self.first_divergent_layer:
                 lines.append(f"  first divergent layer: {self.first_divergent_layer}")
@@ -178,7 +179,11 @@ def _exact_line(c: OutputComparison) -> str:
             f"bound {c.bound:.3g} (relative to max; SQNR {c.sqnr_db:.1f} dB): {result}"
         )
     if c.verdict == "int8 criterion":
-        top1 = "" if c.top1_agreement is None else f", top-1 agreement {c.top1_agreement:.1%}"
+        top1 = (
+            ""
+            if c.top1_agreement is None
+            else f", top-1 agreement {c.top1_agreement:.1%} of {c.top1_samples} decided"
+        )
         return (
             f"vs float64: SQNR {c.sqnr_db:.1f} dB (floor {INT8_SQNR_FLOOR_DB:g})"
             f"{top1}, error {c.exact_error:.3g} of max: {result}"

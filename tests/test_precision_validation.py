@@ -32,8 +32,10 @@ from keras_bn.converters.comparison import (
     FLOAT16_FLOOR,
     INT8_SQNR_FLOOR_DB,
     INT8_TOP1_FLOOR,
+    INT8_TOP1_MARGIN,
     INT8_TOP1_MIN_SAMPLES,
     compare_arrays,
+    decided_top1_agreement,
     judge_float16,
     judge_int8,
     sqnr_db,
@@ -101,7 +103,7 @@ def test_float16_rule_is_its_documented_bound():
 def test_int8_rule_is_its_documented_floors():
     rng = np.random.default_rng(2)
     exact = rng.normal(size=(INT8_TOP1_MIN_SAMPLES, 10)) + 5.0
-    exact[:, 0] += 3.0  # class 0 wins clearly everywhere
+    exact[:, 0] += 6.0  # class 0 wins clearly everywhere
     noise = rng.normal(size=exact.shape)
     noise *= np.sqrt(np.sum(exact**2) / np.sum(noise**2)) / 10 ** (INT8_SQNR_FLOOR_DB / 20)
     # SQNR alone (rank 3: not class scores, no top-1 agreement).
@@ -118,9 +120,19 @@ def test_int8_rule_is_its_documented_floors():
     judged = judge_int8(compare_arrays(swapped, exact), swapped, exact)
     assert judged.top1_agreement < INT8_TOP1_FLOOR and judged.sqnr_db > INT8_SQNR_FLOOR_DB
     assert not judged.passed
-    # ...but is not judged on fewer samples than INT8_TOP1_MIN_SAMPLES.
+    # ...but is not judged on fewer decided samples than INT8_TOP1_MIN_SAMPLES...
     few = judge_int8(compare_arrays(swapped[:2], exact[:2]), swapped[:2], exact[:2])
-    assert few.top1_agreement == 0.0 and few.passed == (few.sqnr_db >= INT8_SQNR_FLOOR_DB)
+    assert few.top1_agreement == 0.0 and few.top1_samples == 2
+    assert few.passed == (few.sqnr_db >= INT8_SQNR_FLOOR_DB)
+    # ...and near-ties do not count: scores tied to within the margin decide nothing.
+    tied = exact.copy()
+    tied[:, 1] = tied[:, 0] - 0.5 * INT8_TOP1_MARGIN * np.abs(exact).max()
+    tied_swapped = tied.copy()
+    tied_swapped[:, [0, 1]] = tied_swapped[:, [1, 0]]
+    judged = judge_int8(compare_arrays(tied_swapped, tied), tied_swapped, tied)
+    assert judged.top1_agreement is None and judged.top1_samples == 0
+    assert judged.passed  # every argmax differs, but each by less than the margin
+    assert decided_top1_agreement(tied_swapped, tied, margin=0.0) == (0.0, len(tied))
 
 
 def test_precision_table_states_the_rules_in_force():
@@ -130,6 +142,7 @@ def test_precision_table_states_the_rules_in_force():
     assert f"{INT8_SQNR_FLOOR_DB:g} dB" in PRECISIONS["int8"].criterion
     assert f"{INT8_TOP1_FLOOR:.0%}" in PRECISIONS["int8"].criterion
     assert f"{INT8_TOP1_MIN_SAMPLES}+ samples" in PRECISIONS["int8"].criterion
+    assert f"{INT8_TOP1_MARGIN:.0%} of the range" in PRECISIONS["int8"].criterion
 
 
 # ------------------------------------------------------------------------------------
@@ -199,7 +212,8 @@ def test_digits_int8_passes_by_sqnr_and_top1(digits):
     assert judged.sqnr_db >= INT8_SQNR_FLOOR_DB and judged.top1_agreement >= INT8_TOP1_FLOOR
     text = str(report)
     assert f"SQNR {judged.sqnr_db:.1f} dB" in text
-    assert f"top-1 agreement {judged.top1_agreement:.1%}" in text
+    assert judged.top1_samples >= 0.9 * len(held_out)  # a trained model decides
+    assert f"top-1 agreement {judged.top1_agreement:.1%} of {judged.top1_samples}" in text
 
 
 @pytest.mark.parametrize("bug", GROSS_INT8_BUGS)
