@@ -1,8 +1,9 @@
 """Comparing model outputs: one :class:`OutputComparison` per output and batch.
 
-Every stage that compares outputs uses :func:`compare_arrays`: validation (ONNX
-against Keras), precision (float16/int8 against float32), the fold self-check and
-the CLI's folded-against-original comparison. Pure NumPy.
+Every stage that compares outputs uses this module: validation (ONNX against
+Keras, by the criterion of the file's precision), precision (float16/int8 against
+float32: SQNR, top-1 agreement), the fold self-check and the CLI's
+folded-against-original comparison. Pure NumPy.
 
 Two verdicts:
 
@@ -24,6 +25,26 @@ Two verdicts:
 An outright elementwise pass also requires ``relative_to_max <= OUTRIGHT`` under
 the default verdict, so that small outputs (softmax over many classes) cannot hide
 an error behind an absolute tolerance larger than the values themselves.
+
+float16 and int8 exports are never exact, so each has its own criterion against
+the same float64 run (:func:`judge_precision`; the numbers come from
+``benchmarks/precision_study.py``, BENCHMARKS.md section 6):
+
+* **float16**: ``e(candidate) <= FLOAT16_FACTOR * e(float16 run) + FLOAT16_FLOOR``,
+  where the float16 run is the Keras model with every layer computing in float16:
+  the error float16 rounding makes on this model. It is model-dependent (6e-4 of
+  the range on the README's digits CNN, 1-4% on untrained MobileNetV2 and
+  EfficientNetB0), so no fixed tolerance fits; correct exports measured 0.4-0.75x
+  of it. A candidate that overflows (inf/NaN) fails.
+* **int8**: ``SQNR >= INT8_SQNR_FLOOR_DB`` and, for class scores, top-1 agreement
+  ``>= INT8_TOP1_FLOOR`` on the samples whose top class leads by ``INT8_TOP1_MARGIN``
+  of the range (at least ``INT8_TOP1_MIN_SAMPLES`` of them; near-ties say nothing). int8's
+  error depends on the calibration data as much as on the model (the README
+  example: 15.5 dB per channel, 26 dB per tensor, 97.5-99% top-1), so the floors
+  are set where correct files measured above them and gross bugs (a flipped kernel,
+  swapped channels, a scale off by 2x: 1 dB or less) below. Bugs smaller than
+  int8's own noise (a weight scale off by 2%) change no output measurably; no
+  output comparison can see them.
 """
 
 from __future__ import annotations
@@ -40,7 +61,22 @@ __all__ = [
     "EXACT_FACTOR",
     "EXACT_FLOOR",
     "OUTRIGHT",
+    "FLOAT16_FACTOR",
+    "FLOAT16_FALLBACK",
+    "FLOAT16_FLOOR",
+    "FLOAT16_UNIT_ROUNDOFF",
+    "INT8_SQNR_FLOOR_DB",
+    "INT8_TOP1_FLOOR",
+    "INT8_TOP1_MARGIN",
+    "INT8_TOP1_MIN_SAMPLES",
+    "decided_top1_agreement",
     "judge_against_exact",
+    "judge_float16",
+    "judge_int8",
+    "judge_precision",
+    "relative_error",
+    "sqnr_db",
+    "top1_agreement",
     "OutputComparison",
     "compare_arrays",
     "failed_comparison",
@@ -51,6 +87,16 @@ DEFAULT_RTOL = 1e-3
 EXACT_FACTOR = 4.0  # the candidate's error may be up to 4x Keras float32's own
 EXACT_FLOOR = 1e-5  # relative to the output's range: ~80 float32 roundings, noise
 OUTRIGHT = 1e-5  # relative_to_max an elementwise pass needs to skip the exact answer
+
+# float16 and int8 criteria (judge_precision; BENCHMARKS.md section 6):
+FLOAT16_UNIT_ROUNDOFF = 2.0**-11  # float16's relative rounding error (half its epsilon)
+FLOAT16_FACTOR = 2.0  # the export's error may be up to 2x the float16 Keras run's
+FLOAT16_FLOOR = 4 * FLOAT16_UNIT_ROUNDOFF  # ~2e-3 of the range: noise, whatever the run says
+FLOAT16_FALLBACK = 32 * FLOAT16_UNIT_ROUNDOFF  # the expectation when no float16 run is finite
+INT8_SQNR_FLOOR_DB = 8.0  # below it the int8 output is mostly noise (BENCHMARKS.md section 6)
+INT8_TOP1_FLOOR = 0.9  # top-1 agreement a classifier's int8 export must keep...
+INT8_TOP1_MIN_SAMPLES = 20  # ...judged on at least this many samples (one flip <= 5%)...
+INT8_TOP1_MARGIN = 0.05  # ...whose top class leads by 5% of the output's range or more
 
 
 @dataclasses.dataclass
@@ -79,7 +125,13 @@ class OutputComparison:
     # Against the float64 run (None where it was not needed or not available):
     exact_error: float | None = None  # e(candidate) = max|candidate - exact| / max|exact|
     keras_exact_error: float | None = None  # e(Keras float32), the same measure
-    verdict: str = "elementwise"  # or "float64 reference"
+    verdict: str = "elementwise"  # or "float64 reference", "float16 criterion", "int8 criterion"
+    # float16/int8 criteria (see judge_float16, judge_int8):
+    yardstick: str = "Keras float32"  # whose error keras_exact_error is
+    bound: float | None = None  # the largest exact_error that passes (float16)
+    sqnr_db: float | None = None  # against the float64 run
+    top1_agreement: float | None = None  # argmax agreement with the float64 run...
+    top1_samples: int | None = None  # ...on this many decided samples (int8)
 
 
 def compare_arrays(
@@ -186,3 +238,147 @@ def judge_against_exact(
         verdict="float64 reference",
         passed=bool(candidate_error <= factor * keras_error + floor),
     )
+
+
+def sqnr_db(values: np.ndarray, exact: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(sum exact^2 / sum (values -
+    exact)^2)`` (inf when equal; -inf when values are not finite and exact is)."""
+    exact = np.asarray(exact, np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        noise = np.asarray(values, np.float64) - exact
+        noise_power = float(np.sum(np.where(np.isnan(noise), np.inf, noise) ** 2))
+    signal_power = float(np.sum(exact**2))
+    if noise_power == 0.0:
+        return math.inf
+    if not math.isfinite(noise_power) or signal_power == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal_power / noise_power)
+
+
+def decided_top1_agreement(
+    values: np.ndarray, exact: np.ndarray, margin: float = INT8_TOP1_MARGIN
+) -> tuple[float | None, int]:
+    """Top-1 agreement over the samples the exact answer decides: those whose top class
+    leads the runner-up by at least ``margin`` of the output's range (``max |exact|``).
+    A near-tie (an untrained model's scores differ by less than int8's rounding) says
+    nothing about the file. Returns ``(agreement or None, decided samples)``."""
+    values, exact = np.asarray(values), np.asarray(exact, np.float64)
+    if exact.ndim != 2 or exact.shape[1] < 2 or values.shape != exact.shape:
+        return None, 0
+    top2 = np.sort(exact, axis=1)[:, -2:]
+    scale = float(np.abs(exact).max(initial=0.0))
+    decided = (top2[:, 1] - top2[:, 0]) >= margin * scale
+    count = int(np.count_nonzero(decided))
+    if count == 0:
+        return None, 0
+    return top1_agreement(values[decided], exact[decided]), count
+
+
+def top1_agreement(values: np.ndarray, reference: np.ndarray) -> float | None:
+    """Fraction of samples whose argmax over the last axis agrees, for class scores
+    (rank 2, at least two classes); None for other outputs."""
+    values, reference = np.asarray(values), np.asarray(reference)
+    if reference.ndim != 2 or reference.shape[1] < 2 or values.shape != reference.shape:
+        return None
+    return float(np.mean(np.argmax(values, axis=1) == np.argmax(reference, axis=1)))
+
+
+# --------------------------------------------------------------------------------------
+# float16 and int8: their own criteria, against the same float64 run.
+
+
+def judge_float16(
+    comparison: OutputComparison,
+    candidate: np.ndarray,
+    exact: np.ndarray,
+    float16_run: np.ndarray | None,
+    *,
+    factor: float = FLOAT16_FACTOR,
+    floor: float = FLOAT16_FLOOR,
+) -> OutputComparison:
+    """``comparison`` judged by the float16 criterion (see :func:`judge_precision`)."""
+    if np.shape(candidate) != np.shape(exact):
+        return comparison
+    expected = math.inf if float16_run is None else relative_error(float16_run, exact)
+    yardstick = "Keras float16"
+    if not math.isfinite(expected):  # no float16 run, or it overflowed
+        expected, yardstick = FLOAT16_FALLBACK, "fallback"
+    error = relative_error(candidate, exact)
+    bound = factor * expected + floor
+    return dataclasses.replace(
+        comparison,
+        exact_error=error,
+        keras_exact_error=expected,
+        yardstick=yardstick,
+        bound=bound,
+        sqnr_db=sqnr_db(candidate, exact),
+        top1_agreement=top1_agreement(candidate, exact),
+        verdict="float16 criterion",
+        passed=bool(error <= bound),
+    )
+
+
+def judge_int8(
+    comparison: OutputComparison,
+    candidate: np.ndarray,
+    exact: np.ndarray,
+    *,
+    sqnr_floor_db: float = INT8_SQNR_FLOOR_DB,
+    top1_floor: float = INT8_TOP1_FLOOR,
+) -> OutputComparison:
+    """``comparison`` judged by the int8 criterion (see :func:`judge_precision`)."""
+    if np.shape(candidate) != np.shape(exact):
+        return comparison
+    sqnr = sqnr_db(candidate, exact)
+    top1, decided = decided_top1_agreement(candidate, exact)
+    passed = sqnr >= sqnr_floor_db
+    if top1 is not None and decided >= INT8_TOP1_MIN_SAMPLES:
+        passed = passed and top1 >= top1_floor
+    return dataclasses.replace(
+        comparison,
+        exact_error=relative_error(candidate, exact),
+        sqnr_db=sqnr,
+        top1_agreement=top1,
+        top1_samples=decided,
+        verdict="int8 criterion",
+        passed=bool(passed),
+    )
+
+
+def judge_precision(
+    precision: str,
+    comparison: OutputComparison,
+    candidate: np.ndarray,
+    exact: np.ndarray,
+    *,
+    keras: np.ndarray | None = None,
+    float16_run: np.ndarray | None = None,
+) -> OutputComparison:
+    """``comparison`` judged against the exact answer by ``precision``'s criterion.
+
+    * ``"float32"``: :func:`judge_against_exact` (needs ``keras``, Keras float32's output).
+    * ``"float16"``: the yardstick is the same model run in float16 (``float16_run``,
+      the Keras model with every layer computing in float16): float16 rounding
+      leaves a model-dependent error (a few float16 roundings of the range on a
+      small CNN, 1-3% of it on MobileNetV2), so no fixed tolerance fits. Passes when
+      ``e(candidate) <= FLOAT16_FACTOR * e(float16 run) + FLOAT16_FLOOR``; where the
+      float16 run is missing or not finite (the model overflows float16 as written;
+      a folded export may not) the expectation is ``FLOAT16_FALLBACK``. A candidate
+      that overflows (inf/NaN where the exact answer is finite) fails.
+    * ``"int8"``: int8 rounding is far coarser, and its error depends on the
+      calibration, not only on the model: passes when the SQNR against the exact
+      answer is at least ``INT8_SQNR_FLOOR_DB`` and, for class scores (rank 2, two
+      or more classes), the argmax agrees with the exact answer's on at least
+      ``INT8_TOP1_FLOOR`` of the samples it decides (top class ahead by
+      ``INT8_TOP1_MARGIN`` of the range: :func:`decided_top1_agreement`), when there
+      are ``INT8_TOP1_MIN_SAMPLES`` of them or more. Errors below int8's own noise (a weight off by 2%) cannot be told from
+      it by any comparison of outputs; BENCHMARKS.md section 6 says which bugs each
+      criterion detects.
+    """
+    if precision == "float16":
+        return judge_float16(comparison, candidate, exact, float16_run)
+    if precision == "int8":
+        return judge_int8(comparison, candidate, exact)
+    if keras is None:
+        raise ValueError("the float32 criterion needs Keras float32's output")
+    return judge_against_exact(comparison, candidate, keras, exact)

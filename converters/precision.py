@@ -46,7 +46,12 @@ from typing import Any
 import numpy as np
 
 from keras_bn.converters import runtime
-from keras_bn.converters.comparison import OutputComparison, compare_arrays
+from keras_bn.converters.comparison import (
+    OutputComparison,
+    compare_arrays,
+    sqnr_db,
+    top1_agreement,
+)
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.files import atomic_output
 from keras_bn.converters.options import PRECISIONS, Precision
@@ -63,6 +68,7 @@ __all__ = [
     "check_float16_range",
     "compare_onnx_models",
     "convert_float16",
+    "detect_precision",
     "onnx_input_specs",
     "quantize_int8",
 ]
@@ -110,12 +116,14 @@ class ModelComparison:
     mean_abs_diff: float
     top1_agreement: float | None  # fraction of samples with the same argmax (classifiers)
     outputs: tuple[OutputComparison, ...] = ()
+    sqnr_db: float | None = None  # the worst output's, against the float model
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "samples": self.samples,
             "max_abs_diff": self.max_abs_diff,
             "mean_abs_diff": self.mean_abs_diff,
+            "sqnr_db": self.sqnr_db,
             "top1_agreement": self.top1_agreement,
         }
 
@@ -124,6 +132,8 @@ class ModelComparison:
             f"on {self.samples} sample(s): max |diff| {self.max_abs_diff:.3g}, "
             f"mean |diff| {self.mean_abs_diff:.3g}"
         )
+        if self.sqnr_db is not None:
+            text += f", SQNR {self.sqnr_db:.1f} dB"
         if self.top1_agreement is not None:
             text += f", top-1 agreement {self.top1_agreement:.1%}"
         return text
@@ -212,6 +222,17 @@ def _float_tensors(model) -> Iterator[tuple[str, Any]]:
                     graphs.append(attribute.g)
                 elif attribute.type == onnx.AttributeProto.GRAPHS:
                     graphs.extend(attribute.graphs)
+
+
+def detect_precision(model) -> str:
+    """The precision an ONNX model (a loaded ``ModelProto``) was converted to:
+    ``"int8"`` (quantize nodes), ``"float16"`` (float16 initializers) or ``"float32"``."""
+    onnx = _onnx()
+    if any(node.op_type in ("QuantizeLinear", "QLinearConv") for node in model.graph.node):
+        return "int8"
+    if any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer):
+        return "float16"
+    return "float32"
 
 
 def check_float16_range(model_or_path) -> list[Float16RangeIssue]:
@@ -308,8 +329,10 @@ def compare_onnx_models(
 ) -> ModelComparison:
     """Run two ONNX models on ``inputs`` and measure how far the candidate is.
 
-    Top-1 agreement is given when the (first) output looks like class scores: rank 2
-    with at least two classes.
+    The measures are :mod:`.comparison`'s, those validation judges float16 and int8
+    by: the SQNR (the worst output's) and, when the (first) output looks like class
+    scores (rank 2 with at least two classes), the top-1 agreement. The verdict
+    itself is validation's, against the Keras model (``validate_onnx``).
     """
     expected = runtime.run(runtime.open_session(reference), inputs)
     received = runtime.run(runtime.open_session(candidate), inputs)
@@ -318,19 +341,15 @@ def compare_onnx_models(
         for i, (e, r) in enumerate(zip(expected, received, strict=True))
     )
     sizes = [max(int(np.prod(c.shape)), 0) for c in outputs]
-    top1 = None
     first_expected, first_received = expected[0], received[0]
-    if first_expected.ndim == 2 and first_expected.shape[1] >= 2:
-        top1 = float(
-            np.mean(np.argmax(first_expected, axis=1) == np.argmax(first_received, axis=1))
-        )
     return ModelComparison(
         samples=int(first_expected.shape[0]),
         max_abs_diff=max(c.max_abs_error for c in outputs),
         mean_abs_diff=sum(c.mean_abs_error * n for c, n in zip(outputs, sizes, strict=True))
         / max(sum(sizes), 1),
-        top1_agreement=top1,
+        top1_agreement=top1_agreement(first_received, first_expected),
         outputs=outputs,
+        sqnr_db=min(sqnr_db(r, e) for e, r in zip(expected, received, strict=True)),
     )
 
 

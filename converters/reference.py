@@ -29,8 +29,15 @@ from keras_bn import _keras_internals as internals
 from keras_bn.converters.comparison import (
     EXACT_FACTOR,
     EXACT_FLOOR,
+    FLOAT16_FACTOR,
+    FLOAT16_FALLBACK,
+    FLOAT16_FLOOR,
+    INT8_SQNR_FLOOR_DB,
+    INT8_TOP1_FLOOR,
+    INT8_TOP1_MARGIN,
+    INT8_TOP1_MIN_SAMPLES,
     OutputComparison,
-    judge_against_exact,
+    judge_precision,
 )
 
 __all__ = [
@@ -48,19 +55,21 @@ _MAX_RETRIES = 8
 
 @dataclasses.dataclass
 class Float64Twin:
-    """A float64 copy of a model, and the layer classes that had to stay float32."""
+    """A float64 (or float16) copy of a model, and the layer classes that had to stay
+    float32."""
 
     model: keras.Model
     float32_classes: tuple[str, ...] = ()
+    dtype: str = "float64"
 
     @property
     def exact(self) -> bool:
-        """Whether every floating layer computes in float64."""
+        """Whether every floating layer computes in ``dtype``."""
         return not self.float32_classes
 
     def __call__(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        """Outputs (flattened, float64) for ``inputs`` (one array per model input)."""
-        feed = [_as_float64(array) for array in inputs]
+        """Outputs (flattened, as float64) for ``inputs`` (one array per model input)."""
+        feed = [_as_float(array, self.dtype) for array in inputs]
         with float64_enabled():
             outputs = self.model(feed if len(feed) > 1 else feed[0], training=False)
             return [
@@ -75,9 +84,8 @@ def float64_enabled() -> Iterator[None]:
 
     JAX silently computes float64 arrays in float32 unless its x64 mode is on, and
     Keras's type promotion turns float64 into float32 on every backend but TensorFlow
-    (a float64 "twin" would then be a float32 copy).
-    The twin is built and run inside this block, so the rest of the process keeps
-    JAX's default 32-bit types.
+    (a float64 "twin" would then be a float32 copy). The twin is built and run
+    inside this block, so the rest of the process keeps JAX's default 32-bit types.
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -95,19 +103,23 @@ def float64_enabled() -> Iterator[None]:
         yield
 
 
-def float64_twin(model: keras.Model, sample_inputs: list[np.ndarray]) -> Float64Twin:
+def float64_twin(
+    model: keras.Model, sample_inputs: list[np.ndarray], dtype: str = "float64"
+) -> Float64Twin:
     """Build the float64 twin of a Sequential/Functional ``model`` and check it runs.
 
     ``sample_inputs`` (one array per model input) are used to run the twin once; a
     layer class whose call fails in float64 is moved back to float32 and the twin is
-    rebuilt, at most a few times. ``model`` is not modified.
+    rebuilt, at most a few times. ``model`` is not modified. ``dtype="float16"``
+    builds the float16 twin instead: the same computation rounded to float16, whose
+    error is what a float16 export can be expected to make (:mod:`.comparison`).
 
     Raises:
         RuntimeError: the twin does not run even with the failing layers in float32.
     """
     float32_classes: list[str] = []
     for _ in range(_MAX_RETRIES):
-        twin = Float64Twin(_clone_float64(model, float32_classes), tuple(float32_classes))
+        twin = Float64Twin(_clone_as(model, dtype, float32_classes), tuple(float32_classes), dtype)
         try:
             twin(sample_inputs)
             return twin
@@ -115,28 +127,28 @@ def float64_twin(model: keras.Model, sample_inputs: list[np.ndarray]) -> Float64
             match = _FAILED_CALL.search(str(error))
             if match is None or match.group(1) in float32_classes:
                 raise RuntimeError(
-                    f"The float64 copy of model {model.name!r} does not run on the "
+                    f"The {dtype} copy of model {model.name!r} does not run on the "
                     f"{keras.backend.backend()} backend ({type(error).__name__})."
                 ) from error
             float32_classes.append(match.group(1))
-    raise RuntimeError(f"The float64 copy of model {model.name!r} does not run.")
+    raise RuntimeError(f"The {dtype} copy of model {model.name!r} does not run.")
 
 
 def _is_floating(dtype: Any) -> bool:
     return dtype is not None and "float" in str(dtype)
 
 
-def _as_float64(array: np.ndarray) -> np.ndarray:
+def _as_float(array: np.ndarray, dtype: str = "float64") -> np.ndarray:
     array = np.asarray(array)
-    return array.astype(np.float64) if _is_floating(array.dtype) else array
+    return array.astype(dtype) if _is_floating(array.dtype) else array
 
 
-def _clone_float64(model: keras.Model, float32_classes: list[str]) -> keras.Model:
+def _clone_as(model: keras.Model, dtype: str, float32_classes: list[str]) -> keras.Model:
     with float64_enabled(), internals.random_initializers_skipped():  # weights copied below
-        return _clone_float64_enabled(model, float32_classes)
+        return _clone_enabled(model, dtype, float32_classes)
 
 
-def _clone_float64_enabled(model: keras.Model, float32_classes: list[str]) -> keras.Model:
+def _clone_enabled(model: keras.Model, dtype: str, float32_classes: list[str]) -> keras.Model:
     pairs: list[tuple[Any, Any]] = []  # (original layer, its float64 copy)
 
     def clone(layer: Any) -> Any:
@@ -146,7 +158,7 @@ def _clone_float64_enabled(model: keras.Model, float32_classes: list[str]) -> ke
             and _is_floating(getattr(layer, "compute_dtype", None))
             and type(layer).__name__ not in float32_classes
         ):
-            config = {**config, "dtype": "float64"}
+            config = {**config, "dtype": dtype}
         copy = type(layer).from_config(config)
         pairs.append((layer, copy))
         return copy
@@ -154,7 +166,7 @@ def _clone_float64_enabled(model: keras.Model, float32_classes: list[str]) -> ke
     inputs = [
         keras.Input(
             batch_shape=tensor.shape,
-            dtype="float64" if _is_floating(tensor.dtype) else tensor.dtype,
+            dtype=dtype if _is_floating(tensor.dtype) else tensor.dtype,
             name=getattr(tensor, "name", None),
         )
         for tensor in model.inputs
@@ -170,7 +182,10 @@ def _clone_float64_enabled(model: keras.Model, float32_classes: list[str]) -> ke
         weights = zip(getattr(original, "weights", ()), getattr(copy, "weights", ()), strict=True)
         for source, target in weights:
             value = np.asarray(keras.ops.convert_to_numpy(source))
-            target.assign(value.astype(np.float64) if _is_floating(target.dtype) else value)
+            if _is_floating(target.dtype):
+                with np.errstate(over="ignore"):  # float16: the twin's run shows the overflow
+                    value = value.astype(target.dtype)
+            target.assign(value)
     return twin
 
 
@@ -186,40 +201,95 @@ class Doubtful:
     chunk: np.ndarray | None  # ...exactly these (outputs that are not batch-major)
 
 
+def _outputs_for(
+    item: Doubtful,
+    copy: Float64Twin | None,
+    outputs: list[np.ndarray] | None,
+    full: list[np.ndarray],
+) -> np.ndarray | None:
+    """``copy``'s output for the samples ``item`` compares (None without a copy)."""
+    if copy is None or outputs is None:
+        return None
+    if item.chunk is None:
+        return outputs[item.output][: item.samples]
+    return copy([array[item.chunk] for array in full])[item.output]
+
+
 def rejudge_against_float64(
     model: keras.Model,
     inputs: list[np.ndarray],
     comparisons: list[OutputComparison],
     doubtful: list[Doubtful],
+    precision: str = "float32",
 ) -> str:
     """Re-judge the ``doubtful`` comparisons (in place) against a float64 run of ``model``
-    on ``inputs`` (one array per model input, every sample the comparisons cover).
+    on ``inputs`` (one array per model input, every sample the comparisons cover), by
+    ``precision``'s criterion (:func:`.comparison.judge_precision`; float16 also runs
+    the model in float16 for its yardstick).
 
     Returns a note for the report: how the reference was made, or why it could not be
-    (then the elementwise verdicts stand).
+    (then float32's elementwise verdicts stand; float16 and int8 are judged against
+    Keras float32, whose own error is far below their criteria).
     """
     full = inputs
+    twin: Float64Twin | None = None
+    exact_full: list[np.ndarray] | None = None
     try:
         twin = float64_twin(model, full)
         exact_full = twin(full)
     except Exception as error:  # a layer that cannot be cloned or run in float64
-        return (
-            f"elementwise verdict: the float64 copy of the model could not be made or run "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''})"
-        )
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        if precision == "float32":
+            return (
+                "elementwise verdict: the float64 copy of the model could not be made or "
+                f"run ({reason})"
+            )
+        twin, exact_full = None, None
+    half: Float64Twin | None = None
+    if precision == "float16":
+        try:
+            half = float64_twin(model, full, dtype="float16")
+        except Exception:  # no float16 run: judge_float16 falls back to its expectation
+            half = None
+    half_full = None if half is None else half(full)
     for item in doubtful:
-        if item.chunk is None:
-            exact = exact_full[item.output][: item.samples]
-        else:
-            exact = twin([array[item.chunk] for array in full])[item.output]
-        comparisons[item.index] = judge_against_exact(
-            comparisons[item.index], item.actual, item.expected, exact
+        exact = _outputs_for(item, twin, exact_full, full)
+        comparisons[item.index] = judge_precision(
+            precision,
+            comparisons[item.index],
+            item.actual,
+            item.expected if exact is None else exact,
+            keras=item.expected,
+            float16_run=_outputs_for(item, half, half_full, full),
+        )
+    if twin is None:
+        return (
+            f"{precision} criterion against Keras float32: the float64 copy of the model "
+            f"could not be made or run ({reason})"
         )
     where = (
         "every layer in float64"
         if twin.exact
         else "float64 except " + ", ".join(twin.float32_classes) + " (no float64 kernel)"
     )
+    if precision == "float16":
+        yardstick = (
+            "the same model run in float16"
+            if half is not None
+            else f"{FLOAT16_FALLBACK:.2g} of the range (no float16 run of the model)"
+        )
+        return (
+            f"float16 criterion, against the same model run in float64 ({where}): pass when "
+            f"the error is at most {FLOAT16_FACTOR:g}x that of {yardstick} plus "
+            f"{FLOAT16_FLOOR:.2g} of the output's range"
+        )
+    if precision == "int8":
+        return (
+            f"int8 criterion, against the same model run in float64 ({where}): pass when the "
+            f"SQNR is at least {INT8_SQNR_FLOOR_DB:g} dB and, for class scores, the top-1 "
+            f"agreement at least {INT8_TOP1_FLOOR:.0%} on the samples whose top class leads "
+            f"by {INT8_TOP1_MARGIN:.0%} of the range ({INT8_TOP1_MIN_SAMPLES}+ of them)"
+        )
     return (
         f"judged against the same model run in float64 ({where}): pass when the error is "
         f"at most {EXACT_FACTOR:g}x Keras float32's own error plus {EXACT_FLOOR:g} of the "

@@ -18,6 +18,11 @@ tolerance, and so is a correct export, on the other side. The report gives all
 three numbers per output. A model whose float64 copy cannot run keeps the
 elementwise verdict, with a note saying so.
 
+A float16 or int8 file is judged by its own criterion
+(:func:`.comparison.judge_precision`): every output against the float64 run, a
+float16 file by its error next to that of the same model run in float16, an int8
+file by its SQNR and top-1 agreement. The report gives each criterion's numbers.
+
 When an output fails and ``localize`` is on, it compares intermediate tensors
 layer by layer: Keras layer outputs (running the flattened graph eagerly) against
 the matching ONNX values (exposed as extra graph outputs of an in-memory copy; the
@@ -45,6 +50,8 @@ from keras_bn.converters import runtime
 from keras_bn.converters.comparison import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
+    INT8_SQNR_FLOOR_DB,
+    INT8_TOP1_MIN_SAMPLES,
     OUTRIGHT,
     OutputComparison,
     compare_arrays,
@@ -56,7 +63,7 @@ from keras_bn.converters.onnx.metadata import (
     LayerMap,
     decode_layer_map,
 )
-from keras_bn.converters.options import INPUT_LAYOUTS
+from keras_bn.converters.options import INPUT_LAYOUTS, PRECISIONS
 from keras_bn.converters.reference import Doubtful, rejudge_against_float64
 from keras_bn.converters.samples import call_model, make_sample_inputs, normalize_inputs
 
@@ -102,6 +109,7 @@ class ValidationReport:
     layers: list[LayerComparison] = dataclasses.field(default_factory=list)
     localization: str = ""
     exact_note: str = ""  # how the float64 reference judged (or why it could not)
+    precision: str = "float32"  # whose default criterion judged (comparison.judge_precision)
 
     @property
     def passed(self) -> bool:
@@ -127,9 +135,12 @@ class ValidationReport:
 
     def __str__(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
-        lines = [
-            f"Validation {verdict}: {self.path} vs Keras (atol={self.atol:g}, rtol={self.rtol:g})"
-        ]
+        criterion = (
+            f"{self.precision} criterion"
+            if any(c.verdict.endswith("criterion") for c in self.comparisons)
+            else f"atol={self.atol:g}, rtol={self.rtol:g}"
+        )
+        lines = [f"Validation {verdict}: {self.path} vs Keras ({criterion})"]
         if self.exact_note:
             lines.append(f"  {self.exact_note}")
         header = (
@@ -145,21 +156,42 @@ class ValidationReport:
                 + (f" ({c.note})" if c.note else "")
             )
             if c.exact_error is not None:
-                lines.append(
-                    f"  {'':<24} {'':>5} vs float64: ONNX {c.exact_error:.3g}, Keras float32 "
-                    f"{c.keras_exact_error:.3g} (relative to max): "
-                    f"{'pass' if c.passed else 'FAIL'}"
-                )
-        lines.append(
-            f"  would pass with atol >= {self.required_atol:.3g} (at rtol={self.rtol:g}) "
-            f"or rtol >= {self.required_rtol:.3g} (at atol={self.atol:g})"
-        )
+                lines.append(f"  {'':<24} {'':>5} {_exact_line(c)}")
+        if not criterion.endswith("criterion"):  # float16/int8 tolerances would mislead
+            lines.append(
+                f"  would pass with atol >= {self.required_atol:.3g} (at rtol={self.rtol:g}) "
+                f"or rtol >= {self.required_rtol:.3g} (at atol={self.atol:g})"
+            )
         if not self.passed:
             if self.first_divergent_layer:
                 lines.append(f"  first divergent layer: {self.first_divergent_layer}")
             if self.localization:
                 lines.append(f"  {self.localization}")
         return "\n".join(lines)
+
+
+def _exact_line(c: OutputComparison) -> str:
+    """The verdict against the float64 run: the criterion's three numbers."""
+    result = "pass" if c.passed else "FAIL"
+    if c.verdict == "float16 criterion":
+        return (
+            f"vs float64: ONNX {c.exact_error:.3g}, {c.yardstick} {c.keras_exact_error:.3g}, "
+            f"bound {c.bound:.3g} (relative to max; SQNR {c.sqnr_db:.1f} dB): {result}"
+        )
+    if c.verdict == "int8 criterion":
+        top1 = (
+            ""
+            if c.top1_agreement is None
+            else f", top-1 agreement {c.top1_agreement:.1%} of {c.top1_samples} decided"
+        )
+        return (
+            f"vs float64: SQNR {c.sqnr_db:.1f} dB (floor {INT8_SQNR_FLOOR_DB:g})"
+            f"{top1}, error {c.exact_error:.3g} of max: {result}"
+        )
+    return (
+        f"vs float64: ONNX {c.exact_error:.3g}, Keras float32 {c.keras_exact_error:.3g} "
+        f"(relative to max): {result}"
+    )
 
 
 def _json_safe(data: Any) -> Any:
@@ -424,12 +456,13 @@ def validate_onnx(
     path: str | os.PathLike,
     *,
     inputs: Any = None,
-    batch_sizes: Sequence[int] = (1, 2),
+    batch_sizes: Sequence[int] | None = None,
     atol: float | None = None,
     rtol: float | None = None,
     localize: bool = True,
     input_layout: str | None = None,
     seed: int = 0,
+    precision: str | None = None,
 ) -> ValidationReport:
     """Compare the ONNX model at ``path`` with the Keras ``model`` in onnxruntime.
 
@@ -442,7 +475,8 @@ def validate_onnx(
             :func:`make_sample_inputs` at each of ``batch_sizes``.
         batch_sizes: batch sizes of generated inputs; any size above 1 proves the
             batch dimension is dynamic, and 2 keeps the Keras reference pass (the
-            slowest part of validation) short.
+            slowest part of validation) short. Default ``(1, 2)``; for int8
+            ``(1, INT8_TOP1_MIN_SAMPLES)``, enough samples to judge top-1 agreement.
 
             When the ONNX model's batch dimension is fixed (exported with
             ``batch_size=N``), onnxruntime accepts only batches of N: ``batch_sizes``
@@ -459,6 +493,12 @@ def validate_onnx(
         input_layout: how the ONNX inputs are ordered; by default what the exporter
             recorded in the file (``"channels_last"`` for other files).
         seed: seed of the generated inputs.
+        precision: ``"float32"``, ``"float16"`` or ``"int8"``: whose default criterion
+            judges the outputs (:func:`.comparison.judge_precision`); by default the
+            one the file was converted to (:func:`.precision.detect_precision`).
+            float16 and int8 outputs are all judged against the float64 run (their
+            criteria have no outright pass), and a failing one is not localized (the
+            layer comparison is float32's; validate the float32 export to localize).
 
     Returns:
         A :class:`ValidationReport` (truthy iff every output passed).
@@ -467,18 +507,27 @@ def validate_onnx(
     explicit = atol is not None or rtol is not None
     atol = DEFAULT_ATOL if atol is None else atol
     rtol = DEFAULT_RTOL if rtol is None else rtol
-    _check_arguments(path, inputs, batch_sizes, atol, rtol, input_layout)
+    _check_arguments(path, inputs, batch_sizes, atol, rtol, input_layout, precision)
+    if precision is None:
+        precision = _detect_precision(path)
+    if batch_sizes is None:
+        batch_sizes = (1, INT8_TOP1_MIN_SAMPLES) if precision == "int8" else (1, 2)
     runs = _run_both(model, path, inputs, batch_sizes, input_layout, seed)
-    comparisons, failing_batch, doubtful = _compare_outputs(
-        model, runs, atol, rtol, outright=None if explicit else OUTRIGHT
-    )
-    report = ValidationReport(str(path), float(atol), float(rtol), comparisons)
+    # float16/int8 outputs are never exact: every one is judged by its criterion.
+    outright = None if explicit else (OUTRIGHT if precision == "float32" else -1.0)
+    comparisons, failing_batch, doubtful = _compare_outputs(model, runs, atol, rtol, outright)
+    report = ValidationReport(str(path), float(atol), float(rtol), comparisons, precision=precision)
     if doubtful:
         names = graph_lib.flatten(model).input_names
         report.exact_note = rejudge_against_float64(
-            model, [runs.full[name] for name in names], comparisons, doubtful
+            model, [runs.full[name] for name in names], comparisons, doubtful, precision
         )
-    if failing_batch is not None and localize and not report.passed:
+    if precision != "float32" and not explicit and not report.passed and localize:
+        report.localization = (
+            f"not localized: layer outputs are compared at float32 tolerances; validate "
+            f"the float32 export to find a converter bug, or see the {precision} numbers above"
+        )
+    elif failing_batch is not None and localize and not report.passed:
         import onnx
 
         first, layers, note = _localize(model, onnx.load(str(path)), *failing_batch, atol, rtol)
@@ -488,22 +537,43 @@ def validate_onnx(
     return report
 
 
+def _detect_precision(path: Path) -> str:
+    import onnx
+
+    from keras_bn.converters.precision import detect_precision
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ONNX: onnxruntime says so in one line when it opens the file
+        return "float32"
+    return detect_precision(model)
+
+
 def _check_arguments(
     path: Path,
     inputs: Any,
-    batch_sizes: Sequence[int],
+    batch_sizes: Sequence[int] | None,
     atol: float,
     rtol: float,
     input_layout: str | None,
+    precision: str | None,
 ) -> None:
+    if precision is not None and precision not in PRECISIONS:
+        raise UserInputError(
+            f"precision must be one of {', '.join(map(repr, PRECISIONS))}; received {precision!r}."
+        )
     if not path.is_file():
         raise UserInputError(f"ONNX file {str(path)!r} does not exist; export the model first.")
     for label, tolerance in (("atol", atol), ("rtol", rtol)):
         if not isinstance(tolerance, int | float) or not tolerance >= 0:
             raise UserInputError(f"{label} must be a non-negative number; received {tolerance!r}.")
-    if inputs is None and (
-        not batch_sizes
-        or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes)
+    if (
+        inputs is None
+        and batch_sizes is not None
+        and (
+            not batch_sizes
+            or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_sizes)
+        )
     ):
         raise UserInputError(
             f"batch_sizes must be positive integers, e.g. (1, 2); received {batch_sizes!r}."

@@ -555,3 +555,87 @@ def export_and_judge(model, make_inputs, path, *, batch_sizes=(1, 3), fold=False
             )
             judged.append(verdict)
     return result, judged
+
+
+# --------------------------------------------------------------------------------------
+# Bugs in quantized (QDQ int8) files: the same classic bugs, on the integer weights.
+
+
+def _dequantized_weight(model, conv):
+    """``(weight initializer, scale initializer)`` behind a QDQ convolution's kernel."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    dequantize = producers[conv.input[1]]
+    if dequantize.op_type != "DequantizeLinear":
+        raise ValueError(f"{conv.name}: kernel is not dequantized")
+    return dequantize.input[0], dequantize.input[1]
+
+
+def _qdq_convs(model, kernel_size=None):
+    """QDQ Conv nodes (kernel behind a DequantizeLinear of an int8 initializer)."""
+    inits = _initializers(model)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    nodes = []
+    for node in model.graph.node:
+        producer = producers.get(node.input[1]) if node.op_type == "Conv" else None
+        if producer is None or producer.op_type != "DequantizeLinear":
+            continue
+        if producer.input[0] not in inits:
+            continue
+        shape = tuple(inits[producer.input[0]].dims)
+        if kernel_size is not None and shape[2:] != (kernel_size,) * (len(shape) - 2):
+            continue
+        nodes.append(node)
+    return nodes
+
+
+def _swap_quantized_channels(model):
+    weight, scale = _dequantized_weight(model, _qdq_convs(model)[0])
+    _edit_initializer(model, weight, lambda w: w[[1, 0, *range(2, len(w))]])
+    _edit_initializer(
+        model, scale, lambda s: s[[1, 0, *range(2, len(s))]] if np.ndim(s) and len(s) > 1 else s
+    )
+
+
+def _shift_quantized_bias(model):
+    conv = _middle(_qdq_convs(model))
+    inits = _initializers(model)
+    if conv.input[2] in inits:  # a float bias
+        _edit_initializer(model, conv.input[2], lambda b: b + 0.01 * (b.max() - b.min()))
+        return
+    producers = {out: node for node in model.graph.node for out in node.output}
+    dequantize = producers[conv.input[2]]
+    import onnx.numpy_helper
+
+    scale = onnx.numpy_helper.to_array(inits[dequantize.input[1]]).astype(np.float64)
+
+    def shift(q):
+        b = q * scale
+        return np.round((b + 0.01 * (b.max() - b.min())) / scale)
+
+    _edit_initializer(model, dequantize.input[0], shift)
+
+
+# name -> how to break a quantized (QDQ) file in place.
+QUANTIZED_BUGS = {
+    "flipped 3x3 kernel": lambda m: _edit_initializer(
+        m, _dequantized_weight(m, _middle(_qdq_convs(m, 3)))[0], lambda w: w[..., ::-1, ::-1]
+    ),
+    "two output channels swapped": _swap_quantized_channels,
+    "weight scale x2 on one layer": lambda m: _edit_initializer(
+        m, _dequantized_weight(m, _middle(_qdq_convs(m)))[1], lambda s: s * 2
+    ),
+    "weight scale x1.02 on one layer": lambda m: _edit_initializer(
+        m, _dequantized_weight(m, _middle(_qdq_convs(m)))[1], lambda s: s * 1.02
+    ),
+    "bias shifted by 1% of its range": _shift_quantized_bias,
+}
+
+
+def inject_quantized_bug(source: Path, target: Path, bug: str) -> Path:
+    """Write a copy of the QDQ ONNX file ``source`` with ``QUANTIZED_BUGS[bug]`` applied."""
+    import onnx
+
+    model = onnx.load(str(source))
+    QUANTIZED_BUGS[bug](model)
+    onnx.save(model, str(target))
+    return target

@@ -31,6 +31,12 @@ from helpers import (
 )
 
 from keras_bn.converters import cli
+from keras_bn.converters.comparison import (
+    FLOAT16_FACTOR,
+    FLOAT16_FLOOR,
+    INT8_SQNR_FLOOR_DB,
+    INT8_TOP1_FLOOR,
+)
 from keras_bn.converters.model_io import load_model
 
 CUSTOM_LAYERS = '''
@@ -548,7 +554,16 @@ def test_export_float16_validates_against_keras(tmp_path, capsys, files):
     )
     assert code == 0, err
     report = json.loads(out)
-    assert report["validation"]["passed"] and report["validation"]["atol"] == 1e-2
+    validation = report["validation"]
+    assert validation["passed"] and validation["precision"] == "float16"
+    # The float16 criterion's three numbers, per output and batch (comparison module).
+    for comparison in validation["comparisons"]:
+        assert comparison["verdict"] == "float16 criterion"
+        assert comparison["yardstick"] == "Keras float16"
+        assert 0 < comparison["exact_error"] <= comparison["bound"]
+        assert comparison["bound"] == pytest.approx(
+            FLOAT16_FACTOR * comparison["keras_exact_error"] + FLOAT16_FLOOR
+        )
     assert report["export"]["node_count"] == sum(_op_counts(tmp_path / "h.onnx").values())
     x = _sample()
     expected = _keras_outputs(load_model(files["model"]), x)
@@ -574,7 +589,11 @@ def test_export_int8_with_calibration(tmp_path, capsys, files):
     report = json.loads(out)
     comparison = report["precision"]["comparison"]
     assert comparison["samples"] == 64 and comparison["top1_agreement"] >= 0.9
-    assert report["validation"]["passed"]
+    validation = report["validation"]
+    assert validation["passed"] and validation["precision"] == "int8"
+    judged = validation["comparisons"][-1]  # the 64 calibration samples
+    assert judged["verdict"] == "int8 criterion" and judged["shape"][0] == 64
+    assert judged["sqnr_db"] >= INT8_SQNR_FLOOR_DB and judged["top1_agreement"] >= INT8_TOP1_FLOOR
     ops = _op_counts(tmp_path / "q.onnx")
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
     # The "Exported ..." numbers are the written int8 file's, not the float graph's.

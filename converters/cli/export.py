@@ -315,23 +315,24 @@ def _describe_precision(report, output: Path, args: argparse.Namespace, run: Run
     run.text.append(str(report))
     comparison = report.comparison
     if comparison is not None:
+        sqnr = "" if comparison.sqnr_db is None else f", SQNR {comparison.sqnr_db:.1f} dB"
         run.summary.append(
-            [f"{args.precision} vs float32", f"max |diff| {comparison.max_abs_diff:.3g}"]
+            [f"{args.precision} vs float32", f"max |diff| {comparison.max_abs_diff:.3g}{sqnr}"]
         )
         if comparison.top1_agreement is not None:
             run.summary.append(["top-1 agreement", f"{comparison.top1_agreement:.1%}"])
 
 
 def _validate(model, final: Path, output: Path, args: argparse.Namespace, run: Run, inputs) -> bool:
-    precision = PRECISIONS[args.precision]
     return steps.validate_onnx(
         model,
         final,
         run,
         input_layout=args.input_layout,
         inputs=inputs,
-        atol=args.atol if args.atol is not None else precision.atol,
-        rtol=args.rtol if args.rtol is not None else precision.rtol,
+        atol=args.atol,
+        rtol=args.rtol,
+        precision=args.precision,
         shown_path=output,
     )
 

@@ -113,12 +113,17 @@ def validate_onnx(
     inputs: dict[str, Any] | None,
     atol: float | None,
     rtol: float | None,
+    precision: str = "float32",
     shown_path: Path | None = None,
 ) -> bool:
-    """Compare ``onnx_path`` in onnxruntime with ``model`` in Keras; report; passed?"""
+    """Compare ``onnx_path`` in onnxruntime with ``model`` in Keras; report; passed?
+
+    ``precision`` picks the default criterion (``comparison.judge_precision``);
+    ``atol``/``rtol``, when given, are a strict elementwise contract instead.
+    """
     from keras_bn.converters.validation import validate_onnx as validate
 
-    kwargs: dict[str, Any] = {"input_layout": input_layout}
+    kwargs: dict[str, Any] = {"input_layout": input_layout, "precision": precision}
     if inputs is not None:
         kwargs["inputs"] = inputs
     if atol is not None:

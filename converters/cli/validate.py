@@ -38,8 +38,7 @@ def validate_command(args: argparse.Namespace, run: Run) -> int:
     run.report["onnx"] = str(onnx_path)
     detected, recorded_layout = onnx_facts(onnx_path)
     input_layout = args.input_layout or recorded_layout or "channels_last"
-    precision = PRECISIONS[detected]
-    run.report["precision"] = precision.name
+    run.report["precision"] = PRECISIONS[detected].name
     run.report["input_layout"] = input_layout
     passed = steps.validate_onnx(
         model,
@@ -47,8 +46,9 @@ def validate_command(args: argparse.Namespace, run: Run) -> int:
         run,
         input_layout=input_layout,
         inputs=inputs,
-        atol=args.atol if args.atol is not None else precision.atol,
-        rtol=args.rtol if args.rtol is not None else precision.rtol,
+        atol=args.atol,
+        rtol=args.rtol,
+        precision=detected,
     )
     if not passed:
         print(
@@ -65,6 +65,7 @@ def onnx_facts(onnx_path: Path) -> tuple[str, str | None]:
     import onnx
 
     from keras_bn.converters.onnx.metadata import METADATA_INPUT_LAYOUT
+    from keras_bn.converters.precision import detect_precision
 
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
@@ -73,11 +74,7 @@ def onnx_facts(onnx_path: Path) -> tuple[str, str | None]:
             f"ONNX model {str(onnx_path)!r} cannot be parsed ({type(error).__name__}); "
             "expected an .onnx file written by keras-bn export."
         ) from None
-    precision = "float32"
-    if any(node.op_type in ("QuantizeLinear", "QLinearConv") for node in model.graph.node):
-        precision = "int8"
-    elif any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer):
-        precision = "float16"
+    precision = detect_precision(model)
     metadata = {prop.key: prop.value for prop in model.metadata_props}
     layout = metadata.get(METADATA_INPUT_LAYOUT)
     return precision, layout if layout in INPUT_LAYOUTS else None
