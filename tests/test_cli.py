@@ -284,7 +284,7 @@ BAD_INPUTS = {
     ),
     "bench-unloadable-onnx": (
         ["python", "-m", "keras_bn", "bench", "{garbage_onnx}"],
-        "cannot be loaded by onnxruntime",
+        "cannot be parsed",
     ),
 }
 

@@ -42,7 +42,7 @@ def load_model(args: argparse.Namespace, run: Run):
     """The ``.keras`` model named by ``args.model``, loaded as ``--unsafe`` etc. say."""
     from keras_bn.converters import model_io
 
-    model_io.check_model_file(args.model)  # fails fast on a bad file, before Keras
+    model_io.check_model_file(args.model, unsafe=args.unsafe)  # a bad file fails before Keras
     with run.progress.step("Importing Keras"):
         import_keras()
     with (
