@@ -14,8 +14,10 @@ import importlib
 import importlib.util
 import os
 import re
+import shutil
+import tempfile
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,24 @@ __all__ = [
 def check_model_file(path: str | os.PathLike, *, unsafe: bool = False) -> Path:
     """Check a ``.keras`` file without Keras (see :func:`user_files.check_keras_file`)."""
     return check_keras_file(path, unsafe=unsafe)
+
+
+@contextlib.contextmanager
+def _scratch_directory() -> Iterator[None]:
+    """Keras's temporary files go to a directory of ours, removed afterwards.
+
+    Keras unpacks a ``.keras`` archive's members into ``tempfile.mkdtemp()`` to read
+    its assets and leaves that directory behind when unpacking fails; a failed run
+    must leave nothing.
+    """
+    saved = tempfile.tempdir
+    scratch = tempfile.mkdtemp(prefix="keras-bn-load-")
+    tempfile.tempdir = scratch
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _explain_keras_error(path: Path, error: Exception) -> UserInputError:
@@ -111,7 +131,7 @@ def load_model(
 
     with contextlib.suppress(ModuleNotFoundError):
         importlib.import_module("keras_bn.layers")  # registers keras_bn>BatchNormalization
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, _scratch_directory():
         warnings.simplefilter("always")
         try:
             model = keras.saving.load_model(

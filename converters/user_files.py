@@ -34,7 +34,7 @@ import os
 import re
 import sys
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -114,8 +114,13 @@ def guarded(where: str, problem: str, fix: str) -> Iterator[None]:
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
-def check_archive(archive: zipfile.ZipFile, where: str) -> None:
-    """Refuse unsafe member names and declared sizes before any member is read."""
+def check_archive(
+    archive: zipfile.ZipFile, where: str, allowed: Callable[[str], bool] | None = None
+) -> None:
+    """Refuse unsafe member names and declared sizes before any member is read.
+
+    ``allowed``, if given, says which member names the format may hold.
+    """
     infos = archive.infolist()
     if len(infos) > limit_value("KERAS_BN_MAX_ARCHIVE_MEMBERS"):
         raise refuse("KERAS_BN_MAX_ARCHIVE_MEMBERS", where, f"holds {len(infos):,} members")
@@ -129,6 +134,12 @@ def check_archive(archive: zipfile.ZipFile, where: str) -> None:
             raise UserInputError(
                 f"{where} holds a member named {name!r}, a path that leaves the archive "
                 "(absolute or with '..'); keras-bn reads no such archive: re-save the file."
+            )
+        if any(len(part.encode()) > 255 for part in parts) or (allowed and not allowed(name)):
+            raise UserInputError(
+                f"{where} holds an unexpected member {name[:80]!r}; {_EXPECTED_MEMBERS}"
+                if allowed
+                else f"{where} holds a member whose name is too long ({name[:80]!r}...)."
             )
         if name in seen:
             raise UserInputError(
@@ -151,6 +162,18 @@ def check_archive(archive: zipfile.ZipFile, where: str) -> None:
 # ---------------------------------------------------------------------------------------
 # .keras files.
 
+_EXPECTED_MEMBERS = (
+    "a .keras archive holds config.json, metadata.json, model.weights.h5 and assets/ "
+    "only: re-save the model with model.save() (Keras unpacks every member to disk)."
+)
+
+
+def _keras_member(name: str) -> bool:
+    return name in ("config.json", "metadata.json", *WEIGHT_MEMBERS) or (
+        name.startswith("assets/") and len(name.encode()) <= 1024
+    )
+
+
 _JSON_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _JSON_BRACKETS = re.compile(rb"[\[\]{}]")
 
@@ -167,7 +190,7 @@ def check_keras_file(path: str | os.PathLike, *, unsafe: bool = False) -> Path:
         "re-save or re-download the model",
     ):
         with zipfile.ZipFile(path) as archive:
-            check_archive(archive, where)
+            check_archive(archive, where, _keras_member)
             names = set(archive.namelist())
             bad_member = archive.testzip()  # reads every member and checks its CRC
             if bad_member is not None:
@@ -240,6 +263,10 @@ _SIZE_KEYS = (
     "build_input_shape",
     "cropping",
     "padding",
+    "strides",
+    "dilation_rate",
+    "groups",
+    "output_padding",
 )
 
 

@@ -73,6 +73,13 @@ def test_members_leaving_the_archive_are_refused(tmp_path, keras_bytes, name):
     _refused(lambda: read_npz(npz), repr(name))
 
 
+@pytest.mark.parametrize("name", ["x" * 300, "run.sh", "assets/" + "a" * 300])
+def test_members_a_keras_file_never_holds_are_refused(tmp_path, keras_bytes, name):
+    """Keras unpacks every member to disk when it loads a file with assets."""
+    path = _write(tmp_path / "m.keras", make_zip({**zip_members(keras_bytes), name: b"1"}))
+    _refused(lambda: check_keras_file(path), repr(name[:80]))
+
+
 def test_duplicate_members_are_refused(tmp_path, keras_bytes):
     buffer = io.BytesIO()
     with warnings.catch_warnings(), zipfile.ZipFile(buffer, "w") as archive:

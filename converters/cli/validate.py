@@ -33,7 +33,7 @@ def validate_command(args: argparse.Namespace, run: Run) -> int:
     onnx_path = Path(args.onnx[0])
     onnx_model = load_onnx(onnx_path)  # checked before Keras: size, tensors, external data
     model = steps.load_model(args, run)
-    steps.preflight(model, run, check_statistics=False)
+    steps.preflight(model, run, check_statistics=False, run_once=True)
     inputs = steps.load_inputs(args.inputs, model, "Inputs file")
     run.report["onnx"] = str(onnx_path)
     detected, recorded_layout = onnx_facts(onnx_model)
