@@ -246,7 +246,6 @@ _SIZE_KEYS = (
     "num_tokens",
     "output_sequence_length",
     "sequence_length",
-    "num_bins",
     "vocabulary_size",
     "height",
     "width",

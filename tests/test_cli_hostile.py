@@ -38,7 +38,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from helpers import assert_rejected, conv_bn_classifier, make_zip, run_many, zip_members
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
 from keras_bn.converters import cli
@@ -131,7 +131,7 @@ def sandbox(tmp_path_factory):
         tempfile.tempdir = saved
 
 
-def run_case(sandbox, sources: dict, replaced: dict[str, bytes], command: str) -> None:
+def run_case(sandbox, sources: dict, replaced: dict[str, bytes], command: str) -> int:
     """Run ``command`` on the good files with ``replaced`` ones swapped in; check the
     contract (exit status, stderr, report, leftovers, untouched inputs, output)."""
     root, private_tmp = sandbox["root"], sandbox["tmp"]
@@ -150,7 +150,8 @@ def run_case(sandbox, sources: dict, replaced: dict[str, bytes], command: str) -
     finally:
         os.chdir(cwd)
     out, err = stdout.getvalue(), stderr.getvalue()
-    event(f"{command}: exit {code}")  # --hypothesis-show-statistics shows the spread
+    if currently_in_test_context():  # --hypothesis-show-statistics shows the spread
+        event(f"{command}: exit {code}")
     assert "Traceback" not in err and code in (0, 1, 2), f"exit {code}\n{err[-3000:]}"
     for name, data in files.items():
         assert (work / name).read_bytes() == data, f"{name} modified"
@@ -174,21 +175,25 @@ def run_case(sandbox, sources: dict, replaced: dict[str, bytes], command: str) -
         produced = [OUTPUTS[command]] if command in OUTPUTS else []
         assert left == sorted([*inputs, *produced]), left
         check_output(command, work, report, sources)
+    return code
 
 
-def _reference(work: Path, sources: dict) -> keras.Model:
+def _reference(work: Path) -> keras.Model:
     """The model Keras itself loads from the (possibly mutated) file: what a correct
     output must agree with."""
     return keras.saving.load_model(work / "model.keras", compile=False)
 
 
 def _onnx_outputs(path: Path, x: np.ndarray) -> np.ndarray:
-    """onnxruntime on ``x``, a sample at a time if the model fixes its batch size."""
+    """onnxruntime on ``x``; a fixed batch size gets batches of it, the samples cycled."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (spec,) = session.get_inputs()
-    step = spec.shape[0] if isinstance(spec.shape[0], int) else len(x)
-    parts = [session.run(None, {spec.name: x[i : i + step]})[0] for i in range(0, len(x), step)]
-    return np.concatenate(parts)
+    step = spec.shape[0] if isinstance(spec.shape[0], int) and spec.shape[0] > 0 else len(x)
+    rows = x[np.arange(-(-len(x) // step) * step) % len(x)]
+    parts = [
+        session.run(None, {spec.name: rows[i : i + step]})[0] for i in range(0, len(rows), step)
+    ]
+    return np.concatenate(parts)[: len(x)]
 
 
 def check_output(command: str, work: Path, report: dict, sources: dict) -> None:
@@ -197,11 +202,11 @@ def check_output(command: str, work: Path, report: dict, sources: dict) -> None:
     if command == "bench":
         assert all(row["median_ms"] > 0 for row in report["bench"]["results"])
         return
-    reference = _reference(work, sources)
-    expected = np.asarray(keras.ops.convert_to_numpy(reference(x, training=False)))
-    if command == "inspect":
+    reference = _reference(work)
+    if command == "inspect":  # nothing ran: the file only had to load
         assert report["parameters"] == reference.count_params()
         return
+    expected = np.asarray(keras.ops.convert_to_numpy(reference(x, training=False)))
     if command == "fold":
         folded = keras.saving.load_model(work / OUTPUTS["fold"], compile=False)
         received = np.asarray(keras.ops.convert_to_numpy(folded(x, training=False)))
@@ -271,11 +276,20 @@ MEMBER_NAMES = [
 
 @labelled
 def zip_mutations(draw, data: bytes) -> bytes:
-    """Members added (bombs, escaping names, duplicates), removed or renamed."""
+    """Members added (bombs, escaping names, duplicates), removed, renamed or corrupted
+    inside (HDF5 weights, .npy headers and data parsed with a valid CRC)."""
     members = zip_members(data)
     names = list(members)
-    kind = draw(st.sampled_from(["add", "remove", "rename", "deflate", "bomb", "duplicate"]))
-    if kind == "add":
+    kinds = ["add", "remove", "rename", "deflate", "bomb", "duplicate", "inside", "inside"]
+    kind = draw(st.sampled_from(kinds))
+    if kind == "inside":  # a member's bytes flipped, its CRC recomputed: the parser sees it
+        name = draw(st.sampled_from(names))
+        content = bytearray(members[name])
+        for _ in range(draw(st.integers(1, 8))):
+            if content:
+                content[draw(st.integers(0, len(content) - 1))] ^= draw(st.integers(1, 255))
+        members[name] = bytes(content)
+    elif kind == "add":
         members[draw(st.sampled_from(MEMBER_NAMES))] = draw(st.binary(max_size=64))
     elif kind == "remove":
         members.pop(draw(st.sampled_from(names)))
@@ -307,6 +321,12 @@ LAMBDA = {
     "config": {"code": "4wEAAAAAAAAAAAAAAAEAAAADAAAAQwAAAHMEAAAAfABTACkBTqkAKQHaAXhyAQAAAHIBAAAA"},
 }
 
+
+def _containers(children: st.SearchStrategy) -> st.SearchStrategy:
+    keys = st.sampled_from(["class_name", "config", "name", "units"])
+    return st.one_of(st.lists(children, max_size=3), st.dictionaries(keys, children))
+
+
 json_values = st.recursive(
     st.none()
     | st.booleans()
@@ -315,10 +335,7 @@ json_values = st.recursive(
     | st.text(max_size=8)
     | st.just("relu")
     | st.just(LAMBDA),
-    lambda children: (
-        st.lists(children, max_size=3)
-        | st.dictionaries(st.sampled_from(["class_name", "config", "name", "units"]), children)
-    ),
+    _containers,
     max_leaves=6,
 )
 
@@ -520,6 +537,41 @@ def test_npz_file_edits(sandbox, sources, data):
     }[mutate]
     command = data.draw(st.sampled_from(READERS["x.npz"]))
     run_case(sandbox, sources, {"x.npz": data.draw(strategy)}, command)
+
+
+def test_a_model_keras_loads_but_cannot_run_is_the_files_problem(sandbox, sources):
+    """Softmax over axis 5 of a rank-2 tensor: Keras builds it, then fails calling it.
+    Commands that run the model say so in one line (exit 2, not an internal error);
+    inspect, which runs nothing, describes it."""
+    members = zip_members(sources["files"]["model.keras"])
+    config = json.loads(members["config.json"])
+    dense = next(x for x in config["config"]["layers"] if x["class_name"] == "Dense")
+    dense["config"]["activation"] = "linear"
+    softmax = {
+        "module": "keras.layers",
+        "class_name": "Softmax",
+        "config": {"name": "softmax", "axis": 5, "trainable": True, "dtype": "float32"},
+        "registered_name": None,
+        "build_config": {"input_shape": [None, 3]},
+        "name": "softmax",
+        "inbound_nodes": [{"args": [{"class_name": "__keras_tensor__", "config": {
+            "shape": [None, 3], "dtype": "float32", "keras_history": ["dense", 0, 0]}}],
+            "kwargs": {}}],
+    }  # fmt: skip
+    config["config"]["layers"].append(softmax)
+    config["config"]["output_layers"] = [["softmax", 0, 0]]
+    broken = make_zip({**members, "config.json": json.dumps(config).encode()})
+    codes = {
+        command: run_case(sandbox, sources, {"model.keras": broken}, command)
+        for command in ("inspect", "fold", "export", "validate")
+    }
+    assert codes == {"inspect": 0, "fold": 2, "export": 2, "validate": 2}
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        path = sandbox["root"] / "softmax5.keras"
+        path.write_bytes(broken)
+        code = cli.main(["fold", str(path), "-o", str(sandbox["root"] / "f.keras")])
+    assert_rejected(code, stderr.getvalue(), "loads, but Keras cannot run it")
 
 
 def test_a_few_through_the_console_script(sources, tmp_path):

@@ -140,7 +140,7 @@ def _layer(config: dict, class_name: str) -> dict:
 @pytest.mark.parametrize(
     ("class_name", "key", "value", "fragment"),
     [
-        ("Dense", "units", 10**10, "units=10000000000 in layer 'dense'"),
+        ("Dense", "units", 10**10, "units=10000000000 in layer 'dense"),
         ("Conv2D", "filters", 2**63, "KERAS_BN_MAX_DIMENSION"),
         ("Conv2D", "kernel_size", [3, 10**9], "kernel_size=1000000000"),
         ("Dense", "units", float("inf"), "units=inf"),
