@@ -49,22 +49,16 @@ COMMANDS = {
     "fold": ["fold", "{dir}/model.keras", "-o", "{dir}/out/f.keras", "--inputs", "{dir}/x.npz"],
     "export": ["export", "{dir}/model.keras", "-o", "{dir}/out/m.onnx", "--inputs", "{dir}/x.npz"],
     "validate": ["validate", "{dir}/model.keras", "{dir}/model.onnx", "--inputs", "{dir}/x.npz"],
-    "bench": [
-        "bench",
-        "{dir}/model.onnx",
-        "--runs",
-        "1",
-        "--warmup",
-        "0",
-        "--inputs",
-        "{dir}/x.npz",
-    ],
-}
-OUTPUTS = {"fold": "out/f.keras", "export": "out/m.onnx"}
+    "bench": ["bench", "{dir}/model.onnx", "--runs", "1", "--warmup", "0",
+              "--inputs", "{dir}/x.npz"],
+    "int8": ["export", "{dir}/model.keras", "-o", "{dir}/out/q.onnx", "--precision", "int8",
+             "--calibration", "{dir}/x.npz", "--no-validate"],
+}  # fmt: skip
+OUTPUTS = {"fold": "out/f.keras", "export": "out/m.onnx", "int8": "out/q.onnx"}
 READERS = {
     "model.keras": ["inspect", "fold", "export", "validate"],
     "model.onnx": ["validate", "bench"],
-    "x.npz": ["fold", "export", "validate", "bench"],
+    "x.npz": ["fold", "export", "validate", "bench", "int8"],
 }
 
 
@@ -156,14 +150,15 @@ def run_case(sandbox, sources: dict, replaced: dict[str, bytes], command: str) -
     for name, data in files.items():
         assert (work / name).read_bytes() == data, f"{name} modified"
     lines = [line for line in err.splitlines() if line.strip()]
-    problems = [line for line in lines if not line.startswith(f"keras-bn {command}: warning: ")]
+    shown = argv[0]  # the subcommand ("export" for the int8 case)
+    problems = [line for line in lines if not line.startswith(f"keras-bn {shown}: warning: ")]
     report = json.loads(out)
     left = sorted(p.relative_to(work).as_posix() for p in work.rglob("*"))
     inputs = sorted([*files, "out"])
     left_tmp = [str(p.relative_to(private_tmp)) for p in private_tmp.rglob("*")]
     assert left_tmp == [], f"temporary files left behind: {left_tmp}"
     if code == 2:
-        assert len(lines) == 1 and lines[0].startswith(f"keras-bn {command}: error: "), err
+        assert len(lines) == 1 and lines[0].startswith(f"keras-bn {shown}: error: "), err
         assert report["status"] == "error"
         assert left == inputs, "files left behind"
     elif code == 1:  # only a comparison that ran and failed
@@ -201,6 +196,9 @@ def check_output(command: str, work: Path, report: dict, sources: dict) -> None:
     x = sources["x"]
     if command == "bench":
         assert all(row["median_ms"] > 0 for row in report["bench"]["results"])
+        return
+    if command == "int8":  # unvalidated on request: calibration data decides its accuracy
+        assert _onnx_outputs(work / OUTPUTS["int8"], x).shape == (len(x), 3)
         return
     reference = _reference(work)
     if command == "inspect":  # nothing ran: the file only had to load

@@ -217,6 +217,27 @@ def test_lambda_bytecode_is_refused_in_safe_mode_and_never_runs(tmp_path, monkey
     check_keras_file(path, unsafe=True)
 
 
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [("os", "system"), ("subprocess", "getoutput"), ("keras.utils", "get_file")],
+)
+def test_python_callables_named_in_a_config_are_never_resolved(tmp_path, keras_bytes, module, name):
+    """An activation naming a Python function outside Keras's modelling API is refused
+    (Keras's safe mode resolves none; the CLI has no option that would)."""
+    from keras_bn.converters.model_io import load_model
+
+    config = _config(keras_bytes)
+    _layer(config, "Dense")["config"]["activation"] = {
+        "module": module,
+        "class_name": "function",
+        "config": name,
+        "registered_name": name,
+    }
+    members = {**zip_members(keras_bytes), "config.json": json.dumps(config).encode()}
+    path = _write(tmp_path / "m.keras", make_zip(members))
+    _refused(lambda: load_model(path), repr(str(path)), name)
+
+
 # ------------------------------------------------------------------------------------
 # .npz files: headers first, never a pickle.
 
