@@ -53,7 +53,8 @@ def _scratch_directory() -> Iterator[None]:
 
     Keras unpacks a ``.keras`` archive's members into ``tempfile.mkdtemp()`` to read
     its assets and leaves that directory behind when unpacking fails; a failed run
-    must leave nothing.
+    must leave nothing. (``tempfile.tempdir`` is process-wide: loads in parallel
+    threads would share one scratch directory, and the first to finish removes it.)
     """
     saved = tempfile.tempdir
     scratch = tempfile.mkdtemp(prefix="keras-bn-load-")
@@ -212,7 +213,13 @@ def load_inputs(
                 raise UserInputError(
                     f"{where}: array {name!r} contains NaN or Inf; give finite inputs."
                 )
-            array = array.astype(np.float32)
+            with np.errstate(over="ignore"):
+                array = array.astype(np.float32)
+            if not np.all(np.isfinite(array)):
+                raise UserInputError(
+                    f"{where}: array {name!r} holds values beyond float32's range "
+                    "(|x| > 3.4e38), which the model computes in; give inputs in range."
+                )
         batch_sizes.add(array.shape[0])
         result[name] = array
     if len(batch_sizes) > 1:

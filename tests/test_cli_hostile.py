@@ -478,8 +478,11 @@ def npz_mutations(draw, x: np.ndarray) -> bytes:
         members["image.npy"] = _npy(x.astype(draw(st.sampled_from(DTYPES))))
     elif kind == "values":
         changed = x.copy()
-        value = draw(st.sampled_from([np.nan, np.inf, -np.inf, 1e30, -0.0, 3e38]))
-        changed.flat[draw(st.integers(0, x.size - 1))] = value
+        if draw(st.booleans()):
+            changed = changed.astype(np.float64)  # 1e300 fits float64, not the model's float32
+        value = draw(st.sampled_from([np.nan, np.inf, -np.inf, 1e30, -0.0, 3e38, 1e300]))
+        with np.errstate(over="ignore"):  # 1e300 into float32: inf, on purpose
+            changed.flat[draw(st.integers(0, x.size - 1))] = value
         members["image.npy"] = _npy(changed)
     elif kind == "keys":
         extra = draw(st.sampled_from(["other", "image", "../x", "arr_0"]))

@@ -304,6 +304,13 @@ def test_npz_roundtrip_and_broken_members(tmp_path):
         _refused(lambda path=path: read_npz(path), repr(str(path)))
 
 
+def test_float64_inputs_beyond_float32_are_refused(tmp_path):
+    from keras_bn.converters.model_io import load_inputs
+
+    np.savez(tmp_path / "x.npz", x=np.array([[1.0, 1e300]]))
+    _refused(lambda: load_inputs(tmp_path / "x.npz", [("x", (None, 2))]), "beyond float32's range")
+
+
 # ------------------------------------------------------------------------------------
 # .onnx files.
 
