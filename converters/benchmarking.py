@@ -20,8 +20,11 @@ import numpy as np
 
 from keras_bn.converters import runtime
 from keras_bn.converters.errors import UserInputError
+from keras_bn.converters.user_files import guarded
 
 __all__ = ["OPTIMIZATION_LEVELS", "BenchResult", "BenchReport", "bench_onnx", "random_inputs"]
+
+_RUN_FIX = "check the inputs it declares, or give --inputs FILE.npz (inputs=...)"
 
 # Label -> onnxruntime.GraphOptimizationLevel member name.
 OPTIMIZATION_LEVELS: dict[str, str] = {
@@ -169,13 +172,16 @@ def bench_onnx(
             session = runtime.open_session(
                 path, optimization=OPTIMIZATION_LEVELS[level], threads=threads
             )
-            for _ in range(warmup):
-                session.run(None, feed)
             times = np.empty(runs)
-            for index in range(runs):
-                start = time.perf_counter()
-                session.run(None, feed)
-                times[index] = time.perf_counter() - start
+            # A model onnxruntime loads but cannot run on inputs of its declared
+            # shapes is the file's problem (a shape that contradicts its graph).
+            with guarded(f"ONNX model {path!r}", "fails to run in onnxruntime", _RUN_FIX):
+                for _ in range(warmup):
+                    session.run(None, feed)
+                for index in range(runs):
+                    start = time.perf_counter()
+                    session.run(None, feed)
+                    times[index] = time.perf_counter() - start
             times *= 1000.0
             results.append(
                 BenchResult(

@@ -9,6 +9,8 @@ onnxruntime is imported on first use.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -72,7 +74,10 @@ def open_session(
         options.inter_op_num_threads = 1
     source = model if isinstance(model, bytes) else str(model)
     try:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        # onnxruntime prints "EP Error ... retrying" to stdout when a model fails to
+        # load: keep it off the CLI's stdout (a --json report must stay pure JSON).
+        with contextlib.redirect_stdout(io.StringIO()):
+            return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
         label = "the serialized ONNX model" if isinstance(model, bytes) else repr(str(model))
         raise UserInputError(

@@ -290,7 +290,7 @@ BAD_INPUTS = {
     ),
     "bench-unloadable-onnx": (
         ["python", "-m", "keras_bn", "bench", "{garbage_onnx}"],
-        "cannot be loaded by onnxruntime",
+        "cannot be parsed",
     ),
 }
 

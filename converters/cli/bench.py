@@ -33,13 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def bench_command(args: argparse.Namespace, run: Run) -> int:
     """onnxruntime latency of one or two ONNX models, optimizations off and on."""
-    from keras_bn.converters.model_io import check_input_file
+    from keras_bn.converters.user_files import load_onnx
 
     if len(args.onnx) > 2:
         raise UserInputError(
             f"bench takes one or two ONNX models; received {len(args.onnx)}: " + " ".join(args.onnx)
         )
-    paths = [check_input_file(p, "ONNX model", (".onnx",)) for p in args.onnx]
+    paths = [Path(p) for p in args.onnx]
+    for path in paths:
+        load_onnx(path)  # checked before onnxruntime: size, tensors, external data
     inputs = None
     if args.inputs is not None:
         from keras_bn.converters.model_io import load_inputs
@@ -60,7 +62,7 @@ def bench_command(args: argparse.Namespace, run: Run) -> int:
         )
     run.report["bench"] = report.to_dict()
     run.text.append(str(report))
-    for path in report.models:
-        on = report.get(path, "on")
-        run.summary.append([Path(path).name, f"median {on.median_ms:.3f} ms (optimizations on)"])
+    for model in report.models:
+        on = report.get(model, "on")
+        run.summary.append([Path(model).name, f"median {on.median_ms:.3f} ms (optimizations on)"])
     return EXIT_OK

@@ -106,7 +106,7 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
     """Fold, export to ONNX, convert precision, validate against the Keras model, write."""
     output = _check_options(args)
     model = steps.load_model(args, run)
-    steps.preflight(model, run)
+    steps.preflight(model, run, run_once=True)
     inputs = steps.load_inputs(args.inputs, model, "Inputs file")
     calibration = steps.load_inputs(args.calibration, model, "Calibration file")
     # Work beside the target, each file under the output's own name: an ONNX model

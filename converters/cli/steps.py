@@ -42,7 +42,7 @@ def load_model(args: argparse.Namespace, run: Run):
     """The ``.keras`` model named by ``args.model``, loaded as ``--unsafe`` etc. say."""
     from keras_bn.converters import model_io
 
-    model_io.check_model_file(args.model)  # fails fast on a bad file, before Keras
+    model_io.check_model_file(args.model, unsafe=args.unsafe)  # a bad file fails before Keras
     with run.progress.step("Importing Keras"):
         import_keras()
     with (
@@ -59,8 +59,9 @@ def load_model(args: argparse.Namespace, run: Run):
     return model
 
 
-def preflight(model, run: Run, *, check_statistics: bool = True):
-    """Check the model can be converted at all: a layer graph and sane BN statistics."""
+def preflight(model, run: Run, *, check_statistics: bool = True, run_once: bool = False):
+    """Check the model can be converted at all: a layer graph and sane BN statistics;
+    with ``run_once``, that Keras can run it on one generated sample."""
     from keras_bn.converters import graph
     from keras_bn.converters.folding import check_batch_norm_statistics
 
@@ -71,7 +72,21 @@ def preflight(model, run: Run, *, check_statistics: bool = True):
     if check_statistics:
         with run.progress.step("Checking BatchNormalization statistics"):
             check_batch_norm_statistics(model)
+    if run_once:
+        _check_model_runs(model, run)
     return flat
+
+
+def _check_model_runs(model, run: Run) -> None:
+    """A model that loads but that Keras itself cannot run (a stride of 10^12, a
+    config edited by hand) is the file's problem, not a bug in keras-bn."""
+    from keras_bn.converters.samples import call_model, make_sample_inputs
+    from keras_bn.converters.user_files import guarded
+
+    sample = make_sample_inputs(model, 1, seed=0)
+    where = f"Model file {run.report.get('model', {}).get('path', '')!r}"
+    with guarded(where, "loads, but Keras cannot run it", "re-save it from the model's code"):
+        call_model(model, sample)
 
 
 def load_inputs(path: str | None, model, what: str) -> dict[str, Any] | None:

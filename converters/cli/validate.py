@@ -9,7 +9,6 @@ from pathlib import Path
 from keras_bn.converters.cli import steps
 from keras_bn.converters.cli.args import ComparisonArgs, InputLayoutArgs, ModelLoadingArgs
 from keras_bn.converters.cli.run import EXIT_OK, EXIT_VALIDATION_FAILED, Run
-from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.options import INPUT_LAYOUTS, PRECISIONS
 
 SUMMARY = "compare an ONNX model with its Keras model"
@@ -29,14 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validate_command(args: argparse.Namespace, run: Run) -> int:
     """Compare an ONNX model with the Keras model it came from."""
-    from keras_bn.converters.model_io import check_input_file
+    from keras_bn.converters.user_files import load_onnx
 
-    onnx_path = check_input_file(args.onnx[0], "ONNX model", (".onnx",))
+    onnx_path = Path(args.onnx[0])
+    onnx_model = load_onnx(onnx_path)  # checked before Keras: size, tensors, external data
     model = steps.load_model(args, run)
-    steps.preflight(model, run, check_statistics=False)
+    steps.preflight(model, run, check_statistics=False, run_once=True)
     inputs = steps.load_inputs(args.inputs, model, "Inputs file")
     run.report["onnx"] = str(onnx_path)
-    detected, recorded_layout = onnx_facts(onnx_path)
+    detected, recorded_layout = onnx_facts(onnx_model)
     input_layout = args.input_layout or recorded_layout or "channels_last"
     run.report["precision"] = PRECISIONS[detected].name
     run.report["input_layout"] = input_layout
@@ -60,20 +60,12 @@ def validate_command(args: argparse.Namespace, run: Run) -> int:
     return EXIT_OK
 
 
-def onnx_facts(onnx_path: Path) -> tuple[str, str | None]:
+def onnx_facts(model) -> tuple[str, str | None]:
     """The precision an ONNX model was converted to, and the input layout it records."""
-    import onnx
 
     from keras_bn.converters.onnx.metadata import METADATA_INPUT_LAYOUT
     from keras_bn.converters.precision import detect_precision
 
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as error:  # protobuf DecodeError and friends: a bad file
-        raise UserInputError(
-            f"ONNX model {str(onnx_path)!r} cannot be parsed ({type(error).__name__}); "
-            "expected an .onnx file written by keras-bn export."
-        ) from None
     precision = detect_precision(model)
     metadata = {prop.key: prop.value for prop in model.metadata_props}
     layout = metadata.get(METADATA_INPUT_LAYOUT)
