@@ -507,3 +507,83 @@ def inject_bug(source: Path, target: Path, bug: str) -> Path:
     INJECTED_BUGS[bug](model)
     onnx.save(model, str(target))
     return target
+
+
+# ------------------------------------------------------------------------------------
+# Traced export (custom layers, KerasHub models).
+
+
+def nested_batch_norms(model) -> list:
+    """Every BatchNormalization inside ``model``, in custom layers' sublayers too."""
+    from keras_bn import _keras_internals as internals
+
+    found, seen = [], set()
+    for layer in internals.flatten_layers(model):
+        if isinstance(layer, L.BatchNormalization) and id(layer) not in seen:
+            seen.add(id(layer))
+            found.append(layer)
+    return found
+
+
+def float64_build(build, model):
+    """``build()`` run again under the float64 dtype policy, with ``model``'s weights:
+    the float64 run of a model whose layers do not clone from their configs
+    (KerasHub's), built the way the original was."""
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float64")
+    try:
+        twin = build()
+    finally:
+        keras.config.set_dtype_policy(policy)
+    for source, target in zip(model.weights, twin.weights, strict=True):
+        value = np.asarray(keras.ops.convert_to_numpy(source))
+        target.assign(value.astype(np.float64) if value.dtype.kind == "f" else value)
+
+    def run(arrays):
+        feed = [a.astype(np.float64) if a.dtype.kind == "f" else a for a in arrays]
+        outputs = twin(feed if len(feed) > 1 else feed[0], training=False)
+        return [np.asarray(keras.ops.convert_to_numpy(y)) for y in keras.tree.flatten(outputs)]
+
+    return run
+
+
+def assert_exports_exactly(model, path, inputs_for_batch, *, batch_sizes=(1, 3), twin=None):
+    """Export ``model`` natively with ``fold=True`` and judge onnxruntime's outputs at
+    each batch size against a float64 run of the same model (the project's judge:
+    the export's error at most a few times Keras float32's own, plus a floor).
+
+    ``inputs_for_batch(n)`` gives the model's input arrays (a list) for batch ``n``;
+    ``twin(arrays)`` the float64 outputs (default: keras_bn's float64 clone).
+    Returns the ExportResult.
+    """
+    import onnxruntime as ort
+
+    from keras_bn.converters.comparison import compare_arrays, judge_against_exact
+    from keras_bn.converters.onnx.export import export_onnx
+    from keras_bn.converters.reference import float64_twin as twin_of
+
+    result = export_onnx(model, path, fold=True)
+    assert not result.used_fallback
+    assert "BatchNormalization" not in result.op_counts, result.op_counts
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in batch_sizes:
+        arrays = inputs_for_batch(batch)
+        if twin is None:
+            twin = twin_of(model, arrays)
+        assert all(np.isfinite(a).all() for a in twin(arrays))
+        feed = {item.name: array for item, array in zip(session.get_inputs(), arrays, strict=True)}
+        actual = session.run(None, feed)
+        structure = arrays if len(arrays) > 1 else arrays[0]
+        expected = [
+            np.asarray(keras.ops.convert_to_numpy(y))
+            for y in keras.tree.flatten(model(structure, training=False))
+        ]
+        exact = twin(arrays)
+        assert len(actual) == len(expected) == len(exact)
+        for onnx_out, keras_out, exact_out in zip(actual, expected, exact, strict=True):
+            assert onnx_out.shape == keras_out.shape, (onnx_out.shape, keras_out.shape)
+            verdict = judge_against_exact(
+                compare_arrays(onnx_out, keras_out), onnx_out, keras_out, exact_out
+            )
+            assert verdict.passed, (batch, verdict)
+    return result
