@@ -252,10 +252,12 @@ def stack(b: Builder, node: Node) -> None:
 def split(b: Builder, node: Node) -> None:
     tensor = node.inputs[0]
     axis = int(node.layer.axis) % tensor.rank
-    sizes = [out.shape[axis] for out in node.outputs]
-    if any(size is None for size in sizes):
-        raise Unsupported("splitting an axis of unknown size")
-    sizes = [int(size) for size in sizes if size is not None]
+    sizes: list[int] = []
+    for out in node.outputs:
+        size = out.shape[axis]
+        if size is None:
+            raise Unsupported("splitting an axis of unknown size")
+        sizes.append(size)
     outs = b.op(
         "Split", [b.get(tensor), b.ints(sizes, "split")], axis=axis, outputs=len(node.outputs)
     )
