@@ -271,11 +271,16 @@ def test_lambda_exports_through_the_cli_with_unsafe(tmp_path, capsys):
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the JAX rerun itself")
 def test_tracing_on_jax(run_python):
-    """The same module on the JAX backend (KERAS_BACKEND is read once per process)."""
-    args = ["-m", "pytest", os.path.abspath(__file__), "-q", "-p", "no:cacheprovider"]
-    args += ["-p", "no:xdist", "-k", "not on_jax"]
+    """This module and the traced KerasHub models on the JAX backend, in one subprocess
+    (KERAS_BACKEND is read once per process)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    traced_hub_models = "mobilenet_v3 or hgnetv2 or vit or swin or deit"
+    selection = f"(test_tracing and not on_jax) or (test_keras_hub and ({traced_hub_models}))"
+    args = ["-m", "pytest", os.path.join(here, "test_tracing.py")]
+    args += [os.path.join(here, "test_keras_hub.py"), "-q", "-p", "no:cacheprovider"]
+    args += ["-p", "no:xdist", "-k", selection]
     result = run_python(args, env={"KERAS_BACKEND": "jax"}, timeout=900)
     summary = result.stdout.strip().splitlines()[-1]
     passed = re.search(r"(\d+) passed", summary)
-    assert passed and int(passed.group(1)) >= 6, summary
+    assert passed and int(passed.group(1)) >= 12, summary
     assert not re.search(r"failed|error", summary), summary
