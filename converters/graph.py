@@ -22,6 +22,7 @@ import numpy as np
 from keras import tree
 
 from keras_bn import _keras_internals as internals
+from keras_bn.converters import tracing
 
 __all__ = [
     "Graph",
@@ -75,6 +76,9 @@ class Node:
     # Values that replace the layer's variables of these names for this call only
     # (a rewrite's, e.g. folded weights); read every weight through :meth:`weight`.
     weights: dict[str, np.ndarray] | None = None
+    # Why the call could not be traced (a layer without a rule whose ``call()`` does
+    # not record as layers and keras.ops); None when it was not tried or not needed.
+    trace_error: str | None = None
 
     @property
     def name(self) -> str:
@@ -132,18 +136,26 @@ def is_model(layer: Any) -> bool:
     return isinstance(layer, keras.Model)
 
 
-def flatten(model: keras.Model) -> Graph:
+def flatten(model: keras.Model, trace: Callable[[Any], bool] | None = None) -> Graph:
     """Flatten a built Sequential or Functional model into a :class:`Graph`.
 
     Nested models are inlined: their calls are replaced by the calls they contain,
-    in the scope of the nested model's name.
+    in the scope of the nested model's name. With ``trace``, a call of a layer (not
+    a model, not a ``keras.ops`` operation) for which ``trace(layer)`` is true is
+    traced (:func:`keras_bn.converters.tracing.trace_call`) and inlined the same
+    way, in the scope of the layer's name, its nested layers tested in turn; a
+    call that does not trace stays one node with the reason in ``trace_error``.
+    The model is not modified.
     """
     functional = internals.functional_of(model)
     counter = itertools.count()
     nodes: list[Node] = []
 
-    def new_tensor(keras_tensor, producer, prefix: str) -> Tensor:
-        shape = tuple(None if d is None else int(d) for d in keras_tensor.shape)
+    def new_tensor(keras_tensor, producer, prefix: str, traced: bool = False) -> Tensor:
+        shape = tuple(
+            None if d is None or (traced and tracing.batch_multiple(d)) else int(d)
+            for d in keras_tensor.shape
+        )
         return Tensor(
             name=f"{prefix}:{next(counter)}",
             shape=shape,
@@ -151,7 +163,7 @@ def flatten(model: keras.Model) -> Graph:
             producer=producer,
         )
 
-    def walk(functional, tensor_map: dict[int, Tensor], scope: str) -> None:
+    def walk(functional, tensor_map: dict[int, Tensor], scope: str, traced: bool = False) -> None:
         for knode in internals.ordered_nodes(functional):
             operation = knode.operation
             if not all(id(x) in tensor_map for x in knode.input_tensors):
@@ -165,9 +177,30 @@ def flatten(model: keras.Model) -> Graph:
                 knode.kwargs,
             )
             inputs = [tensor_map[id(x)] for x in knode.input_tensors]
+            inner_scope = f"{scope}/{operation.name}" if scope else operation.name
+            trace_error = None
+            if trace is not None and _traceable(operation) and trace(operation):
+                try:
+                    with tracing.tracing(operation):
+                        recorded = tracing.trace_call(operation, args, kwargs, _spec)
+                        inner_map: dict[int, Tensor] = {
+                            id(kt): source
+                            for kt, source in zip(
+                                tree.flatten(internals.inputs_struct(recorded.model)),
+                                recorded.sources,
+                                strict=True,
+                            )
+                        }
+                        walk(recorded.model, inner_map, inner_scope, traced=True)
+                except tracing.TraceError as error:
+                    trace_error = str(error)
+                else:
+                    for kt, inner_kt in zip(knode.outputs, recorded.outputs, strict=True):
+                        tensor_map[id(kt)] = inner_map[id(inner_kt)]
+                    continue
             if is_model(operation):
                 inner = internals.functional_of(operation)
-                inner_map: dict[int, Tensor] = {}
+                inner_map = {}  # the traced branch above did not run
                 inner_inputs = tree.flatten(internals.inputs_struct(inner))
                 if len(inner_inputs) != len(inputs):
                     raise ValueError(
@@ -176,8 +209,7 @@ def flatten(model: keras.Model) -> Graph:
                     )
                 for inner_input, outer in zip(inner_inputs, inputs, strict=True):
                     inner_map[id(inner_input)] = outer
-                inner_scope = f"{scope}/{operation.name}" if scope else operation.name
-                walk(inner, inner_map, inner_scope)
+                walk(inner, inner_map, inner_scope, traced)
                 inner_outputs = tree.flatten(internals.outputs_struct(inner))
                 for kt, inner_kt in zip(knode.outputs, inner_outputs, strict=True):
                     tensor_map[id(kt)] = inner_map[id(inner_kt)]
@@ -190,9 +222,10 @@ def flatten(model: keras.Model) -> Graph:
                 outputs=[],
                 output_structure=None,
                 scope=scope,
+                trace_error=trace_error,
             )
             for kt in knode.outputs:
-                tensor = new_tensor(kt, node, operation.name)
+                tensor = new_tensor(kt, node, operation.name, traced)
                 tensor_map[id(kt)] = tensor
                 node.outputs.append(tensor)
             for tensor in inputs:
@@ -224,6 +257,15 @@ def flatten(model: keras.Model) -> Graph:
         output_names=internals.output_names(model),
         output_structure=output_structure,
     )
+
+
+def _traceable(operation: Any) -> bool:
+    """A layer call :func:`flatten` may trace: a layer that is not a model."""
+    return isinstance(operation, keras.Layer) and not is_model(operation)
+
+
+def _spec(x: Any) -> tuple[tuple[int | None, ...], str] | None:
+    return (x.shape, x.dtype) if isinstance(x, Tensor) else None
 
 
 def node_keys(nodes: list[Node]) -> list[str]:

@@ -30,6 +30,8 @@ import keras
 from keras.src.applications.convnext import LayerScale
 from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
 from keras.src.models.functional import Functional
+from keras.src.ops import core as core_ops
+from keras.src.ops import math as math_ops
 from keras.src.ops import nn as nn_ops
 from keras.src.ops import numpy as numpy_ops
 
@@ -38,6 +40,8 @@ __all__ = [
     "Functional",
     "LayerScale",
     "CustomScaleLayer",
+    "core_ops",
+    "math_ops",
     "nn_ops",
     "numpy_ops",
     # layers and models
@@ -56,6 +60,9 @@ __all__ = [
     "random_initializers_skipped",
     # float64
     "float64_type_promotion",
+    # tracing a layer's call
+    "keeping_layer_nodes",
+    "symbolic_variable_arithmetic",
 ]
 
 # ``Functional``: the class of every ``keras.Model(inputs, outputs)`` model (and of
@@ -63,9 +70,10 @@ __all__ = [
 # subclassed model.
 # ``LayerScale`` (ConvNeXt) and ``CustomScaleLayer`` (InceptionResNetV2): layers of
 # Keras Applications models, defined privately in their application modules.
-# ``nn_ops`` / ``numpy_ops``: the modules holding the ``keras.Operation`` classes
-# that ``keras.ops`` functions (``keras.ops.relu``, ``keras.ops.add``...) record in
-# a Functional graph, e.g. ``nn_ops.Relu``, ``numpy_ops.Add``.
+# ``nn_ops`` / ``numpy_ops`` / ``core_ops`` / ``math_ops``: the modules holding the
+# ``keras.Operation`` classes that ``keras.ops`` functions (``keras.ops.relu``,
+# ``keras.ops.add``, ``keras.ops.cast``, ``keras.ops.rsqrt``...) record in a
+# Functional graph or a traced call, e.g. ``nn_ops.Relu``, ``numpy_ops.Add``.
 
 
 # ------------------------------------------------------------- layers and models
@@ -253,3 +261,85 @@ def float64_type_promotion() -> Iterator[None]:
         yield
     finally:
         table["float64"] = saved
+
+
+# ------------------------------------------------------------- tracing a layer's call
+
+
+@contextlib.contextmanager
+def keeping_layer_nodes(layer: Any) -> Iterator[None]:
+    """Undo the graph nodes recorded on ``layer`` and its sublayers inside the block.
+
+    Calling layers on symbolic tensors (what tracing a layer's ``call`` does)
+    appends a Keras ``Node`` to each called layer's ``_inbound_nodes`` /
+    ``_outbound_nodes``; on exit these lists get back their former length, so
+    tracing leaves the user's model as it was.
+    """
+    layers = flatten_layers(layer)
+    lengths = [
+        (item, len(getattr(item, "_inbound_nodes", ())), len(getattr(item, "_outbound_nodes", ())))
+        for item in layers
+    ]
+    try:
+        yield
+    finally:
+        for item, inbound, outbound in lengths:
+            if hasattr(item, "_inbound_nodes"):
+                del item._inbound_nodes[inbound:]
+            if hasattr(item, "_outbound_nodes"):
+                del item._outbound_nodes[outbound:]
+
+
+_VARIABLE_OPERATORS = {
+    "__add__": ("add", False),
+    "__radd__": ("add", True),
+    "__sub__": ("subtract", False),
+    "__rsub__": ("subtract", True),
+    "__mul__": ("multiply", False),
+    "__rmul__": ("multiply", True),
+    "__truediv__": ("true_divide", False),
+    "__rtruediv__": ("true_divide", True),
+    "__matmul__": ("matmul", False),
+    "__rmatmul__": ("matmul", True),
+    "__pow__": ("power", False),
+}
+
+
+@contextlib.contextmanager
+def symbolic_variable_arithmetic() -> Iterator[None]:
+    """Inside the block, ``variable * keras_tensor`` records ``keras.ops.multiply``.
+
+    A Keras variable's operators call the backend's own functions
+    (``Variable.__mul__`` is ``backend.numpy.multiply(self.value, other)``), which
+    reject a symbolic tensor, while ``keras_tensor * variable`` records an operation
+    node; KerasHub layers write both (``self.scale * x + self.bias``). Tracing a
+    call patches the operators of ``keras.Variable`` for its duration so that a
+    symbolic operand records the ``keras.ops`` operation; everything else is
+    unchanged. The operators are restored on exit.
+    """
+    from keras import ops
+
+    cls = keras.Variable
+    originals = {name: cls.__dict__.get(name) for name in _VARIABLE_OPERATORS}
+
+    def patched(name: str, function: str, reflected: bool) -> Any:
+        original = getattr(cls, name)
+        op = getattr(ops, function)
+
+        def operator(self: Any, other: Any) -> Any:
+            if isinstance(other, keras.KerasTensor):
+                return op(other, self) if reflected else op(self, other)
+            return original(self, other)
+
+        return operator
+
+    for name, (function, reflected) in _VARIABLE_OPERATORS.items():
+        setattr(cls, name, patched(name, function, reflected))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            if original is None:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, original)

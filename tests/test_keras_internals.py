@@ -316,3 +316,32 @@ def test_float64_type_promotion_only_inside_the_block():
     with internals.float64_type_promotion():
         assert keras.backend.result_type("float64", "float32") == "float64"
     assert keras.backend.result_type("float64", "float32") == before
+
+
+# ------------------------------------------------------------------ tracing
+
+
+def test_symbolic_variable_arithmetic_records_ops_and_restores_operators():
+    variable = keras.Variable([1.0, 2.0])
+    tensor = keras.Input((2,))
+    original = keras.Variable.__mul__
+    with internals.symbolic_variable_arithmetic():
+        product = variable * tensor
+        difference = variable - tensor
+        assert isinstance(product, keras.KerasTensor) and product.shape == (None, 2)
+        assert isinstance(difference, keras.KerasTensor)
+        # concrete operands keep the backend's own arithmetic
+        assert keras.ops.convert_to_numpy(variable * 2.0).tolist() == [2.0, 4.0]
+    assert type(internals.producing_operation(product)).__name__ == "Multiply"
+    assert keras.ops.convert_to_numpy(variable * 3.0).tolist() == [3.0, 6.0]
+    assert keras.Variable.__mul__ is original
+
+
+def test_keeping_layer_nodes_undoes_symbolic_calls():
+    block = _Block(name="kept")
+    block(keras.Input((4,)))
+    before = len(block.dense._inbound_nodes)
+    with internals.keeping_layer_nodes(block):
+        block.call(keras.Input((4,)))
+        assert len(block.dense._inbound_nodes) == before + 1
+    assert len(block.dense._inbound_nodes) == before

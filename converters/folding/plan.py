@@ -10,11 +10,13 @@ refuses statistics no fold can use.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import keras
 import numpy as np
 
+from keras_bn import _keras_internals as internals
 from keras_bn.converters import graph as graph_lib
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.folding import maths
@@ -43,12 +45,16 @@ __all__ = [
 
 
 def _walk_layers(model: Any, scope: str = ""):
+    """Every layer with its path; the sublayers of custom layers too (a traced
+    export folds the BNs inside them)."""
     for layer in model.layers:
         name = f"{scope}/{layer.name}" if scope else layer.name
         if graph_lib.is_model(layer):
             yield from _walk_layers(layer, name)
-        else:
-            yield name, layer
+            continue
+        yield name, layer
+        for sublayer in internals.flatten_layers(layer)[1:]:
+            yield f"{name}/{sublayer.name}", sublayer
 
 
 def check_batch_norm_statistics(model: keras.Model) -> None:
@@ -282,9 +288,12 @@ def make_plan(
     model: keras.Model,
     backward: bool,
     batch_norm_variables: dict[int, dict[str, np.ndarray]] | None = None,
+    trace: Callable[[Any], bool] | None = None,
 ) -> Plan:
-    """The fold decisions; ``batch_norm_variables`` as from :func:`checked_statistics`."""
-    graph = graph_lib.flatten(model)
+    """The fold decisions; ``batch_norm_variables`` as from :func:`checked_statistics`;
+    ``trace`` as for :func:`~keras_bn.converters.graph.flatten` (the layers whose
+    calls are traced, so that BNs inside them fold too)."""
+    graph = graph_lib.flatten(model, trace)
     plan = Plan(graph, [], {}, set())
     batch_norms = [n for n in graph.nodes if isinstance(n.layer, keras.layers.BatchNormalization)]
     folded: dict[int, FoldEntry] = {}

@@ -12,6 +12,7 @@ it as a new Keras model. Both give the same weights, bit for bit.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -68,6 +69,7 @@ def folded_graph(plan: Plan) -> graph_lib.Graph:
             scope=node.scope,
             key=node.key,
             weights=weights,
+            trace_error=node.trace_error,
         )
         rewritten.outputs = [copy(tensor, rewritten) for tensor in node.outputs]
         for tensor in rewritten.inputs:
@@ -90,16 +92,23 @@ def folded_graph(plan: Plan) -> graph_lib.Graph:
     )
 
 
-def fold_graph(model: keras.Model, *, backward: bool = True) -> tuple[graph_lib.Graph, FoldReport]:
+def fold_graph(
+    model: keras.Model,
+    *,
+    backward: bool = True,
+    trace: Callable[[Any], bool] | None = None,
+) -> tuple[graph_lib.Graph, FoldReport]:
     """Decide and apply the folds of ``model`` (not modified) as a graph; build no model.
 
     The same decisions, weights and checks as :func:`fold_batch_norms`; the report
     is not measured (compare the exported file with ``model`` instead). Exporting
     the graph gives the operators and weights (bit for bit) of exporting
     :func:`fold_batch_norms`'s model, without building that model in Keras (about
-    a quarter of fold + export + validate on ResNet50).
+    a quarter of fold + export + validate on ResNet50). ``trace`` as for
+    :func:`~keras_bn.converters.graph.flatten`: a BN inside a traced layer folds
+    into the Conv/Dense before it in that layer.
     """
-    plan = make_plan(model, backward, checked_statistics(model))
+    plan = make_plan(model, backward, checked_statistics(model), trace)
     report = FoldReport(model.name, plan.entries, plan.fp16_risks())
     report.measured_on = "not measured (folded while exporting)"
     return folded_graph(plan), report

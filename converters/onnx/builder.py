@@ -80,6 +80,8 @@ class Builder:
         self._small_constants: dict[tuple, str] = {}
         self._keyed_constants: dict[Any, str] = {}
         self._first_op_named = False
+        self.batch_source: str | None = None  # a graph input with the batch on axis 0
+        self._batch_size: str | None = None
 
     # Naming.
     def unique(self, base: str) -> str:
@@ -175,6 +177,19 @@ class Builder:
             "Pad", [value.name, self.ints(begins + ends)], mode="constant", name=f"{value.name}/Pad"
         )
         return Value(name, value.perm)
+
+    def batch_size(self) -> str:
+        """The runtime batch size as a 1-D int64 tensor of one element (computed once)."""
+        if self._batch_size is None:
+            if self.batch_source is None:
+                raise Unsupported("a batch-sized constant in a model without inputs")
+            shape = self.op("Shape", [self.batch_source], name="batch_size/Shape")
+            self._batch_size = self.op(
+                "Slice",
+                [shape, self.ints([0], "starts"), self.ints([1], "ends")],
+                name="batch_size",
+            )
+        return self._batch_size
 
     # Nodes and constants.
     def op(

@@ -42,7 +42,7 @@ from keras_bn.converters.onnx.metadata import (
     LayerMap,
     encode_layer_map,
 )
-from keras_bn.converters.onnx.rules import find_rule
+from keras_bn.converters.onnx.rules import find_rule, needs_tracing
 from keras_bn.converters.options import INPUT_LAYOUTS
 
 __all__ = [
@@ -292,6 +292,8 @@ def _declare_inputs(
             else identity_perm(tensor.rank)
         )
         builder.declare(tensor, Value(name, perm))
+        if builder.batch_source is None and tensor.rank:
+            builder.batch_source = name  # every layout keeps the batch on axis 0
         shape = [tensor.shape[axis] for axis in perm]
         onnx_inputs.append(
             helper.make_tensor_value_info(
@@ -314,7 +316,7 @@ def _run_rules(builder: Builder, graph: graph_lib.Graph) -> dict[int, list | Non
         rule = find_rule(node.layer)
         try:
             if rule is None:
-                raise Unsupported("no ONNX rule for this class")
+                raise Unsupported(node.trace_error or "no ONNX rule for this class")
             rule(builder, node)
             missing = [t for t in node.outputs if not builder.has(t)]
             if missing:
@@ -543,9 +545,9 @@ def export_onnx(
     fold_report = None
     try:
         if fold:
-            graph, fold_report = fold_graph(model)
+            graph, fold_report = fold_graph(model, trace=needs_tracing)
         else:
-            graph = graph_lib.flatten(model)
+            graph = graph_lib.flatten(model, needs_tracing)
     except ValueError as error:  # a subclassed model, an unbuilt Sequential
         raise UserInputError(str(error)) from error
     try:

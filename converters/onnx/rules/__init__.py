@@ -11,6 +11,6 @@ Applications' layers: the exporter's only private Keras imports).
 
 from keras_bn.converters.onnx.rules.activations import ACTIVATIONS
 from keras_bn.converters.onnx.rules.common import Rule
-from keras_bn.converters.onnx.rules.table import RULES, find_rule
+from keras_bn.converters.onnx.rules.table import RULES, find_rule, needs_tracing
 
-__all__ = ["ACTIVATIONS", "RULES", "Rule", "find_rule"]
+__all__ = ["ACTIVATIONS", "RULES", "Rule", "find_rule", "needs_tracing"]

@@ -66,6 +66,7 @@ from keras_bn.converters.onnx.rules.normalization import (
     rescaling,
     unit_normalization,
 )
+from keras_bn.converters.onnx.rules.operations import OPERATION_RULES
 from keras_bn.converters.onnx.rules.recurrent import (
     any_op,
     bidirectional,
@@ -83,7 +84,7 @@ from keras_bn.converters.onnx.rules.reshaping import (
 )
 from keras_bn.layers import BatchNormalization as KerasBnBatchNormalization
 
-__all__ = ["RULES", "find_rule"]
+__all__ = ["RULES", "find_rule", "needs_tracing"]
 
 RULES: dict[type, Rule] = {
     # Core
@@ -189,9 +190,17 @@ RULES: dict[type, Rule] = {
     nn_ops.HardSilu: unary_activation(activations.hard_silu),
     nn_ops.Gelu: gelu_op,
     nn_ops.Softmax: softmax_op,
+    # the other keras.ops operations, recorded by tracing layers without a rule
+    **OPERATION_RULES,
 }
 
 
 def find_rule(layer: Any) -> Rule | None:
     """The rule for ``layer``'s exact class (a subclass may compute something else)."""
     return RULES.get(type(layer))
+
+
+def needs_tracing(layer: Any) -> bool:
+    """Whether export traces ``layer``'s call (no rule for it): a rule, where one
+    exists, gives the better graph (layouts, Conv+BN), so it wins over tracing."""
+    return find_rule(layer) is None

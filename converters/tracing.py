@@ -1,0 +1,173 @@
+"""Tracing a layer's ``call()`` into a Functional graph of layers and ``keras.ops``.
+
+A layer the exporter has no rule for (a subclassed block, a KerasHub layer, a
+Lambda) is not refused: :func:`trace_call` runs its ``call()`` on symbolic
+tensors (``keras.Input`` placeholders with the static shapes the outer graph
+knows). Every ``keras.ops`` function called on a symbolic tensor records an
+operation node, and every nested layer records its own call, exactly as in a
+Functional model; the recorded calls between the placeholders and the outputs
+become a small Functional model, which :func:`keras_bn.converters.graph.flatten`
+inlines in the scope of the layer's name (``block_1/bn``), tracing nested layers
+without a rule in turn. Folding and export then see through the block.
+
+Tracing runs Keras's own symbolic machinery, so it works the same on every
+backend. What cannot be recorded - Python control flow on tensor values
+(``if ops.any(x > 0):``), backend-specific code (``tf.*``, ``jax.*``) inside
+``call()``, arithmetic on an unknown batch size - stops the trace with a
+:class:`TraceError` naming the layer, the error and the source line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+from keras import tree
+
+from keras_bn import _keras_internals as internals
+
+__all__ = ["BATCH", "TraceError", "TracedCall", "batch_multiple", "trace_call"]
+
+# The batch size placeholders get while tracing. Keras code reads the batch size
+# as a Python number (``ops.shape(x)[0]``) to tile class tokens or reshape windows,
+# which fails on an unknown (None) size; a concrete but unusual size lets that
+# code run, and every size that is a multiple of it is read back as "k x batch"
+# (:func:`batch_multiple`): the traced graph's tensors get an unknown batch
+# dimension again, and rules turn such sizes in operation attributes into the
+# runtime batch size. A prime, so that products of ordinary sizes never hit it.
+BATCH = 1009
+
+# Packages whose frames are machinery, not the traced layer's own code.
+_MACHINERY = ("keras", "tensorflow", "jax", "jaxlib", "numpy", "optree", "keras_bn")
+
+
+class TraceError(Exception):
+    """A layer's ``call()`` could not be recorded as layers and ``keras.ops``."""
+
+
+@dataclasses.dataclass
+class TracedCall:
+    """A layer call recorded as a Functional model over fresh placeholders.
+
+    ``model``'s inputs are placeholders for ``sources`` (the call's tensor
+    arguments, in order); ``outputs`` are the call's outputs, flattened.
+    """
+
+    model: keras.Model
+    sources: list[Any]
+    outputs: list[keras.KerasTensor]
+
+
+def trace_call(layer: Any, args: Any, kwargs: dict, spec: Callable[[Any], Any]) -> TracedCall:
+    """Record ``layer.call(*args, **kwargs)`` on symbolic tensors.
+
+    Args:
+        layer: the layer (not a model) whose call to record.
+        args, kwargs: the call's arguments; every leaf for which ``spec`` returns
+            ``(shape, dtype)`` (shape with the batch dimension) is one of the call's
+            tensors and is replaced by a placeholder of that shape and dtype; ``spec``
+            returns None for the other arguments.
+
+    Returns:
+        The recorded call; ``sources`` lists the tensor leaves in the order of the
+        placeholders (``tree.flatten`` order of ``(args, kwargs)``).
+
+    Raises:
+        TraceError: the call does not trace (the message names the layer, the
+            error and the line of the layer's code that raised it).
+    """
+    sources: list[Any] = []
+    placeholders: list[keras.KerasTensor] = []
+
+    def placeholder(x: Any) -> Any:
+        found = spec(x)
+        if found is None:
+            return x
+        shape, dtype = found
+        if shape and shape[0] is None:
+            shape = (BATCH, *shape[1:])
+        sources.append(x)
+        placeholders.append(keras.Input(batch_shape=shape, dtype=dtype))
+        return placeholders[-1]
+
+    symbolic_args, symbolic_kwargs = tree.map_structure(placeholder, (tuple(args), dict(kwargs)))
+    call = layer.call
+    try:
+        parameters = set(inspect.signature(call).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        parameters = set()
+    if "training" in parameters:
+        symbolic_kwargs["training"] = False  # export is inference
+    try:
+        with internals.symbolic_variable_arithmetic():
+            outputs = call(*symbolic_args, **symbolic_kwargs)
+    except Exception as error:  # noqa: BLE001 - any failure is the layer's, reported as one
+        raise TraceError(_describe(layer, error)) from error
+    flat = tree.flatten(outputs)
+    constant = [i for i, x in enumerate(flat) if not isinstance(x, keras.KerasTensor)]
+    if constant or not flat:
+        raise TraceError(
+            f"tracing {type(layer).__name__}.call(): output(s) {constant} do not depend on "
+            "the layer's inputs (computed from weights or constants only)"
+        )
+    try:
+        model = keras.Model(placeholders, flat, name=f"{layer.name}_traced")
+    except Exception as error:  # noqa: BLE001
+        raise TraceError(
+            f"tracing {type(layer).__name__}.call(): the recorded calls do not form a graph "
+            f"({type(error).__name__}: {_first_line(error)})"
+        ) from error
+    return TracedCall(model, sources, flat)
+
+
+def batch_multiple(size: Any) -> int | None:
+    """``k`` where a traced size is ``k`` times the batch size, else None."""
+    if isinstance(size, int | np.integer) and size > 0 and size % BATCH == 0:
+        return int(size) // BATCH
+    return None
+
+
+def tracing(layer: Any) -> Any:
+    """A context in which calls recorded on ``layer``'s sublayers are undone at exit."""
+    return internals.keeping_layer_nodes(layer)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    line = text[0] if text else ""
+    return line if len(line) <= 240 else line[:237] + "..."
+
+
+def _machinery_directories() -> list[str]:
+    directories = []
+    for name in _MACHINERY:
+        module = sys.modules.get(name)
+        path = getattr(module, "__file__", None)
+        if path:
+            directories.append(os.path.dirname(os.path.abspath(path)) + os.sep)
+    return directories
+
+
+def _describe(layer: Any, error: BaseException) -> str:
+    """``tracing Class.call() failed at file:line `source`: Error: message``."""
+    machinery = _machinery_directories()
+    where = ""
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        path = os.path.abspath(frame.filename)
+        if not any(path.startswith(directory) for directory in machinery):
+            source = f" `{frame.line.strip()}`" if frame.line else ""
+            where = f" at {os.path.basename(frame.filename)}:{frame.lineno}{source}"
+            break
+    return (
+        f"tracing {type(layer).__name__}.call() failed{where}: "
+        f"{type(error).__name__}: {_first_line(error)}; expected keras.ops and Keras "
+        "layers only, with no Python control flow on tensor values and no "
+        "backend-specific (tf.*, jax.*) code"
+    )

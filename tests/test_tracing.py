@@ -1,0 +1,286 @@
+"""Tracing layers without a rule: custom layers written the way users write them.
+
+Each model exports natively with ``fold=True``, BNs inside custom blocks fold and
+are named by path, no BatchNormalization is left, and onnxruntime agrees with a
+float64 run of the same model at batch 1 and 3. Layers that cannot be traced are
+one error naming the layer and the source line. The module reruns on JAX.
+"""
+
+import os
+import re
+
+import keras
+import numpy as np
+import pytest
+from helpers import assert_exports_exactly, nested_batch_norms, randomize_batch_norms
+from keras import layers, ops
+
+from keras_bn import _keras_internals as internals
+from keras_bn.converters import graph as graph_lib
+from keras_bn.converters.onnx.export import UnsupportedLayersError, export_onnx
+from keras_bn.converters.onnx.rules import needs_tracing
+
+# --------------------------------------------------------------------------------------
+# Custom layers, as users write them.
+
+
+class ConvBnRelu(layers.Layer):
+    """Conv -> BN -> relu, the BN inside the block."""
+
+    def __init__(self, filters, strides=1, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False)
+        self.bn = layers.BatchNormalization(name="bn")
+
+    def call(self, x, training=None):
+        return ops.relu(self.bn(self.conv(x), training=training))
+
+
+class ResidualBlock(layers.Layer):
+    """Two ConvBnRelu-like paths and a projection shortcut, added with ops.add."""
+
+    def __init__(self, filters, strides=1, **kwargs):
+        super().__init__(**kwargs)
+        self.first = ConvBnRelu(filters, strides, name="first")
+        self.conv = layers.Conv2D(filters, 3, padding="same", use_bias=False, name="conv")
+        self.bn = layers.BatchNormalization(name="bn")
+        self.shortcut = layers.Conv2D(filters, 1, strides=strides, name="shortcut")
+
+    def call(self, x, training=None):
+        h = self.bn(self.conv(self.first(x, training=training)), training=training)
+        return ops.relu(ops.add(h, self.shortcut(x)))
+
+
+class ScaleShift(layers.Layer):
+    """Weights created in build, used directly with keras.ops."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="scale")
+        self.shift = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="shift")
+
+    def call(self, x):
+        return self.scale * x + self.shift  # variable * tensor: recorded while tracing
+
+
+class SqueezeExcite(layers.Layer):
+    def __init__(self, channels, **kwargs):
+        super().__init__(**kwargs)
+        self.reduce = layers.Dense(max(channels // 4, 1), activation="relu")
+        self.expand = layers.Dense(channels, activation="sigmoid")
+
+    def call(self, x):
+        weights = self.expand(self.reduce(ops.mean(x, axis=(1, 2), keepdims=True)))
+        return ops.multiply(x, weights)
+
+
+def _conv_blocks_model():
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = ConvBnRelu(8, 2, name="stem")(inputs)
+    x = ResidualBlock(8, name="block_1_0")(x)
+    x = ResidualBlock(16, 2, name="block_2_0")(x)
+    x = ScaleShift(name="affine")(x)
+    x = SqueezeExcite(16, name="se")(x)
+    x = ops.max(x, axis=(1, 2))
+    return keras.Model(inputs, layers.Dense(4, name="head")(x), name="conv_blocks")
+
+
+class TransformerEncoder(layers.Layer):
+    """A small pre-norm encoder block from keras.ops and layers."""
+
+    def __init__(self, dim, heads, **kwargs):
+        super().__init__(**kwargs)
+        self.dim, self.heads = dim, heads
+        self.norm1 = layers.LayerNormalization(epsilon=1e-6)
+        self.qkv = layers.Dense(3 * dim)
+        self.proj = layers.Dense(dim)
+        self.norm2 = layers.LayerNormalization(epsilon=1e-6)
+        self.fc1 = layers.Dense(2 * dim)
+        self.fc2 = layers.Dense(dim)
+
+    def call(self, x):
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        head_dim = self.dim // self.heads
+        qkv = ops.reshape(self.qkv(self.norm1(x)), (batch, length, 3, self.heads, head_dim))
+        qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scores = ops.softmax(ops.matmul(q, ops.swapaxes(k, -1, -2)) / np.sqrt(head_dim))
+        attended = ops.einsum("bhqk,bhkd->bqhd", scores, v)
+        x = x + self.proj(ops.reshape(attended, (batch, length, self.dim)))
+        return x + self.fc2(ops.gelu(self.fc1(self.norm2(x)), approximate=False))
+
+
+class PatchEmbedding(layers.Layer):
+    """Patches, a class token tiled to the batch, learned position embeddings."""
+
+    def __init__(self, dim, patches, **kwargs):
+        super().__init__(**kwargs)
+        self.dim, self.patches = dim, patches
+        self.conv = layers.Conv2D(dim, 4, strides=4)
+        self.positions = layers.Embedding(patches + 1, dim)
+
+    def build(self, input_shape):
+        self.class_token = self.add_weight(shape=(1, 1, self.dim), name="class_token")
+
+    def call(self, images):
+        x = self.conv(images)
+        x = ops.reshape(x, (ops.shape(x)[0], -1, self.dim))
+        token = ops.tile(self.class_token, (ops.shape(x)[0], 1, 1))
+        x = ops.concatenate([ops.cast(token, x.dtype), x], axis=1)
+        return x + self.positions(ops.expand_dims(ops.arange(self.patches + 1), 0))
+
+
+def _transformer_model():
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = PatchEmbedding(16, 16, name="embedding")(inputs)
+    x = TransformerEncoder(16, 2, name="encoder_0")(x)
+    x = TransformerEncoder(16, 2, name="encoder_1")(x)
+    x = ops.gelu(layers.LayerNormalization(name="norm")(x), approximate=True)
+    cls = x[:, 0]
+    pooled = ops.mean(x[:, 1::2], axis=1)  # strided slice
+    logits = layers.Dense(3, name="head")(ops.concatenate([cls, pooled], axis=-1))
+    probabilities = ops.where(logits > 0, logits, 0.1 * logits)
+    return keras.Model(inputs, probabilities, name="transformer")
+
+
+MODELS = {"conv_blocks": _conv_blocks_model, "transformer": _transformer_model}
+
+
+def _float64_twin(build, model):
+    from helpers import float64_build
+
+    return float64_build(build, model)
+
+
+def _images(batch):
+    return [np.random.default_rng(batch).standard_normal((batch, 16, 16, 3)).astype("float32")]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_custom_model_exports_natively_and_exactly(name, tmp_path):
+    keras.utils.set_random_seed(1)
+    model = MODELS[name]()
+    for layer in nested_batch_norms(model):
+        randomize_batch_norms(layer, np.random.default_rng(len(layer.name)))
+    twin = _float64_twin(MODELS[name], model)
+    result = assert_exports_exactly(model, tmp_path / "m.onnx", _images, twin=twin)
+    report = result.fold_report
+    assert report.folded_count == len(report.entries) == len(nested_batch_norms(model))
+    if name == "conv_blocks":
+        folded = {entry.batch_norm: entry.target for entry in report.entries}
+        assert folded["block_1_0/bn"] == "block_1_0/conv"
+        assert folded["block_1_0/first/bn"].startswith("block_1_0/first/")
+        assert "stem/bn" in folded
+
+
+def test_tracing_leaves_the_model_as_it_was():
+    model = _conv_blocks_model()
+    layers_inside = internals.flatten_layers(model)
+    before = [(len(layer._inbound_nodes), len(layer._outbound_nodes)) for layer in layers_inside]
+    graph = graph_lib.flatten(model, needs_tracing)
+    after = [(len(layer._inbound_nodes), len(layer._outbound_nodes)) for layer in layers_inside]
+    assert before == after
+    assert any(node.name == "block_2_0/first/bn" for node in graph.nodes)
+    assert graph_lib.flatten(model).nodes[1].name == "block_1_0"  # untraced by default
+
+
+def test_shared_block_is_traced_at_each_call(tmp_path):
+    """A block called twice: its BN is shared, so it stays (Mul+Add), exactly."""
+    block = ConvBnRelu(3, name="shared")
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, block(block(inputs)), name="shared_twice")
+    randomize_batch_norms(block.bn, 0)
+    result = assert_exports_exactly(
+        model,
+        tmp_path / "s.onnx",
+        lambda n: [np.random.default_rng(n).standard_normal((n, 8, 8, 3)).astype("float32")],
+        twin=_float64_twin(lambda: _shared_model_like(model), model),
+    )
+    assert result.fold_report.folded_count == 0
+    assert all("shared" in entry.reason for entry in result.fold_report.entries)
+
+
+def _shared_model_like(model):
+    block = ConvBnRelu(3, name="shared")
+    inputs = keras.Input((8, 8, 3))
+    return keras.Model(inputs, block(block(inputs)), name="shared_twice")
+
+
+class DataDependent(layers.Layer):
+    def compute_output_shape(self, input_shape):  # Keras builds it without running call()
+        return input_shape
+
+    def call(self, x):
+        if ops.mean(x) > 0:  # Python control flow on a tensor value
+            return x
+        return -x
+
+
+class BackendSpecific(layers.Layer):
+    def call(self, x):
+        import tensorflow as tf
+
+        return tf.nn.relu(x)
+
+
+@pytest.mark.parametrize(
+    "layer, fragment",
+    [
+        pytest.param(DataDependent, "if ops.mean(x) > 0:", id="control-flow"),
+        pytest.param(BackendSpecific, "return tf.nn.relu(x)", id="backend-specific"),
+    ],
+)
+def test_untraceable_layer_is_one_error_with_its_source_line(layer, fragment, tmp_path):
+    if layer is BackendSpecific and keras.backend.backend() != "tensorflow":
+        pytest.skip("tf.* code runs on the TensorFlow backend only")
+    inputs = keras.Input((4,))
+    try:
+        outputs = layer(name="odd")(inputs)
+    except Exception:  # Keras itself cannot build it on this backend
+        pytest.skip("Keras cannot build this layer symbolically on this backend")
+    model = keras.Model(inputs, layers.Dense(2)(outputs))
+    with pytest.raises(UnsupportedLayersError) as error:
+        export_onnx(model, tmp_path / "m.onnx")
+    message = str(error.value)
+    assert "'odd'" in message and "test_tracing.py:" in message and fragment in message
+    assert "\n" not in message
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_lambda_exports_through_the_cli_with_unsafe(tmp_path, capsys):
+    from keras_bn.converters.cli import main
+
+    inputs = keras.Input((6,), name="x")
+    h = layers.Dense(4, name="dense")(inputs)
+    h = layers.BatchNormalization(name="bn")(h)
+    outputs = layers.Lambda(lambda t: t * t * 2.0 - t, output_shape=(4,), name="square")(h)
+    model = keras.Model(inputs, outputs)
+    randomize_batch_norms(model, 0)
+    model.save(tmp_path / "l.keras")
+    code = main(["export", str(tmp_path / "l.keras"), "-o", str(tmp_path / "l.onnx"), "--unsafe"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "fallback" not in captured.out.lower()
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "l.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).standard_normal((batch, 6)).astype("float32")
+        expected = keras.ops.convert_to_numpy(model(x, training=False))
+        np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the JAX rerun itself")
+def test_tracing_on_jax(run_python):
+    """This module and the traced KerasHub models on the JAX backend, in one subprocess
+    (KERAS_BACKEND is read once per process)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    traced_hub_models = "mobilenet_v3 or hgnetv2 or vit or swin or deit"
+    selection = f"(test_tracing and not on_jax) or (test_keras_hub and ({traced_hub_models}))"
+    args = ["-m", "pytest", os.path.join(here, "test_tracing.py")]
+    args += [os.path.join(here, "test_keras_hub.py"), "-q", "-p", "no:cacheprovider"]
+    args += ["-p", "no:xdist", "-k", selection]
+    result = run_python(args, env={"KERAS_BACKEND": "jax"}, timeout=900)
+    summary = result.stdout.strip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) >= 12, summary
+    assert not re.search(r"failed|error", summary), summary
