@@ -76,7 +76,7 @@ class Progress:
             if spinner is not None:
                 spinner.join()
                 mark = "ok" if step.status == "ok" else "FAILED"
-                self._write(f"\r\033[K{mark:>6}  {label} ({step.seconds:.1f} s)\n")
+                self._write(f"\r\033[K{mark:>6}  {step.label} ({step.seconds:.1f} s)\n")
 
     def _spin(self, step: Step, start: float, stop: threading.Event) -> None:
         frame = 0

@@ -43,8 +43,10 @@ def load_model(args: argparse.Namespace, run: Run):
     from keras_bn.converters import model_io
 
     model_io.check_model_file(args.model, unsafe=args.unsafe)  # a bad file fails before Keras
-    with run.progress.step("Importing Keras"):
-        import_keras()
+    with run.progress.step("Importing Keras") as step:
+        backend = import_keras()
+        step.label = f"Importing Keras ({backend} backend)"
+    run.report["backend"] = backend
     with (
         run.progress.step("Loading model"),
         framework_output_hidden(),
@@ -73,7 +75,8 @@ def preflight(model, run: Run, *, check_statistics: bool = True, run_once: bool 
         with run.progress.step("Checking BatchNormalization statistics"):
             check_batch_norm_statistics(model)
     if run_once:
-        _check_model_runs(model, run)
+        with run.progress.step("Running the model once in Keras"):
+            _check_model_runs(model, run)
     return flat
 
 
@@ -83,7 +86,7 @@ def _check_model_runs(model, run: Run) -> None:
     from keras_bn.converters.samples import call_model, make_sample_inputs
     from keras_bn.converters.user_files import guarded
 
-    sample = make_sample_inputs(model, 1, seed=0)
+    sample = make_sample_inputs(model, 2, seed=0)  # validation's batch: JAX compiles once
     where = f"Model file {run.report.get('model', {}).get('path', '')!r}"
     with guarded(where, "loads, but Keras cannot run it", "re-save it from the model's code"):
         call_model(model, sample)

@@ -1,0 +1,77 @@
+"""How the keras-bn command picks its Keras backend (converters/cli/backend.py)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from keras_bn.converters.cli.backend import BACKENDS, choose_backend
+
+KERAS_WRITTEN = {
+    "floatx": "float32",
+    "epsilon": 1e-07,
+    "backend": "tensorflow",
+    "image_data_format": "channels_last",
+}
+
+
+def _home(tmp_path, config=None):
+    if config is not None:
+        (tmp_path / "keras.json").write_text(json.dumps(config, indent=4))
+    return {"KERAS_HOME": str(tmp_path)}
+
+
+def _fastest_installed():
+    import importlib.util
+
+    return next(b for b in BACKENDS if importlib.util.find_spec(b) is not None)
+
+
+def test_keras_backend_variable_always_wins(tmp_path):
+    environ = {**_home(tmp_path, {**KERAS_WRITTEN, "backend": "jax"}), "KERAS_BACKEND": "torch"}
+    assert choose_backend(environ) == ("torch", "KERAS_BACKEND")
+
+
+def test_a_keras_json_the_user_wrote_is_honoured(tmp_path):
+    environ = _home(tmp_path, {**KERAS_WRITTEN, "image_data_format": "channels_first"})
+    assert choose_backend(environ) == ("tensorflow", str(tmp_path / "keras.json"))
+    environ = _home(tmp_path, {"backend": "jax"})
+    assert choose_backend(environ)[0] == "jax"
+
+
+@pytest.mark.parametrize("config", [None, KERAS_WRITTEN, "not json", ["backend"]])
+def test_otherwise_the_fastest_installed_backend(tmp_path, config):
+    """No file, the file Keras writes by itself, or an unreadable one: no user choice."""
+    if isinstance(config, str):
+        (tmp_path / "keras.json").write_text(config)
+        config = None
+    assert choose_backend(_home(tmp_path, config)) == (_fastest_installed(), "fastest installed")
+
+
+def test_the_command_runs_on_the_chosen_backend(tmp_path):
+    """In a fresh process: the backend the report names is the one Keras runs on, and
+    Keras's own config file is left as it was."""
+    (tmp_path / "keras.json").write_text(json.dumps(KERAS_WRITTEN, indent=4))
+    before = (tmp_path / "keras.json").read_text()
+    code = (
+        "import os, sys\n"
+        "from keras_bn.converters.cli.quiet import import_keras\n"
+        "backend = import_keras()\n"
+        "import keras\n"
+        "assert keras.backend.backend() == backend == os.environ['KERAS_BACKEND']\n"
+        "assert 'sklearn' not in sys.modules  # hidden from Keras's import...\n"
+        "import sklearn  # ...and importable afterwards\n"
+        "print(backend)\n"
+    )
+    environ = {k: v for k, v in __import__("os").environ.items() if k != "KERAS_BACKEND"}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**environ, "KERAS_HOME": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [_fastest_installed()]
+    assert (tmp_path / "keras.json").read_text() == before
