@@ -371,7 +371,7 @@ def _compiled_forward(model: keras.Model) -> Callable[[Any], Any]:
     if forward is None:
         import jax
 
-        ref = weakref.ref(model)  # the cache must not keep the model alive
+        ref: Callable[[], Any] = weakref.ref(model)  # the cache must not keep the model alive
 
         @jax.jit
         def stateless(trainable: list, non_trainable: list, inputs: Any) -> Any:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -96,9 +97,9 @@ def float64_enabled() -> Iterator[None]:
         if backend == "jax":
             import jax
 
-            enable_x64 = getattr(jax, "enable_x64", None)
-            if enable_x64 is None:  # jax < 0.7
-                from jax.experimental import enable_x64
+            enable_x64: Any = getattr(jax, "enable_x64", None)
+            if enable_x64 is None:  # older jax
+                enable_x64 = importlib.import_module("jax.experimental").enable_x64
             stack.enter_context(enable_x64(True))
         yield
 
