@@ -125,6 +125,9 @@ def sandbox(tmp_path_factory):
         tempfile.tempdir = saved
 
 
+LAST_STDERR: dict[str, str] = {}  # per command, for assertion messages
+
+
 def run_case(sandbox, sources: dict, replaced: dict[str, bytes], command: str) -> int:
     """Run ``command`` on the good files with ``replaced`` ones swapped in; check the
     contract (exit status, stderr, report, leftovers, untouched inputs, output)."""
@@ -144,6 +147,7 @@ def run_case(sandbox, sources: dict, replaced: dict[str, bytes], command: str) -
     finally:
         os.chdir(cwd)
     out, err = stdout.getvalue(), stderr.getvalue()
+    LAST_STDERR[command] = err
     if currently_in_test_context():  # --hypothesis-show-statistics shows the spread
         event(f"{command}: exit {code}")
     assert "Traceback" not in err and code in (0, 1, 2), f"exit {code}\n{err[-3000:]}"
@@ -566,7 +570,7 @@ def test_a_model_keras_loads_but_cannot_run_is_the_files_problem(sandbox, source
         command: run_case(sandbox, sources, {"model.keras": broken}, command)
         for command in ("inspect", "fold", "export", "validate")
     }
-    assert codes == {"inspect": 0, "fold": 2, "export": 2, "validate": 2}
+    assert codes == {"inspect": 0, "fold": 2, "export": 2, "validate": 2}, LAST_STDERR
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
         path = sandbox["root"] / "softmax5.keras"
