@@ -560,7 +560,7 @@ def test_a_model_keras_loads_but_cannot_run_is_the_files_problem(sandbox, source
         "build_config": {"input_shape": [None, 3]},
         "name": "softmax",
         "inbound_nodes": [{"args": [{"class_name": "__keras_tensor__", "config": {
-            "shape": [None, 3], "dtype": "float32", "keras_history": ["dense", 0, 0]}}],
+            "shape": [None, 3], "dtype": "float32", "keras_history": [dense["name"], 0, 0]}}],
             "kwargs": {}}],
     }  # fmt: skip
     config["config"]["layers"].append(softmax)
