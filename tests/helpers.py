@@ -502,10 +502,14 @@ INJECTED_BUGS = {
 
 def inject_bug(source: Path, target: Path, bug: str) -> Path:
     """Write a copy of the ONNX file ``source`` with ``INJECTED_BUGS[bug]`` applied."""
+    return _apply_bug(INJECTED_BUGS[bug], source, target)
+
+
+def _apply_bug(edit, source: Path, target: Path) -> Path:
     import onnx
 
     model = onnx.load(str(source))
-    INJECTED_BUGS[bug](model)
+    edit(model)
     onnx.save(model, str(target))
     return target
 
@@ -633,12 +637,7 @@ QUANTIZED_BUGS = {
 
 def inject_quantized_bug(source: Path, target: Path, bug: str) -> Path:
     """Write a copy of the QDQ ONNX file ``source`` with ``QUANTIZED_BUGS[bug]`` applied."""
-    import onnx
-
-    model = onnx.load(str(source))
-    QUANTIZED_BUGS[bug](model)
-    onnx.save(model, str(target))
-    return target
+    return _apply_bug(QUANTIZED_BUGS[bug], source, target)
 
 
 # ------------------------------------------------------------------------------------
