@@ -58,12 +58,34 @@ class Progress:
     def step(self, label: str) -> Iterator[Step]:
         step = Step(label)
         self.steps.append(step)
-        start = time.perf_counter()
         stop = threading.Event()
         spinner = None
         if self.enabled:
-            spinner = threading.Thread(target=self._spin, args=(step, start, stop), daemon=True)
+            spinner = threading.Thread(
+                target=self._spin, args=(step, time.perf_counter(), stop), daemon=True
+            )
             spinner.start()
+        try:
+            with self._timed(step):
+                yield step
+        finally:
+            stop.set()
+            if spinner is not None:
+                spinner.join()
+                mark = "ok" if step.status == "ok" else "FAILED"
+                self._write(f"\r\033[K{mark:>6}  {step.label} ({step.seconds:.1f} s)\n")
+
+    def background(self, label: str) -> contextlib.AbstractContextManager[Step]:
+        """A step that runs in another thread, beside the ones that follow it: listed
+        (and timed) where it started, never drawn (the foreground step's spinner is)."""
+        step = Step(label)
+        self.steps.append(step)
+        return self._timed(step)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _timed(step: Step) -> Iterator[Step]:
+        start = time.perf_counter()
         try:
             yield step
             step.status = "ok"
@@ -72,11 +94,6 @@ class Progress:
             raise
         finally:
             step.seconds = time.perf_counter() - start
-            stop.set()
-            if spinner is not None:
-                spinner.join()
-                mark = "ok" if step.status == "ok" else "FAILED"
-                self._write(f"\r\033[K{mark:>6}  {step.label} ({step.seconds:.1f} s)\n")
 
     def _spin(self, step: Step, start: float, stop: threading.Event) -> None:
         frame = 0

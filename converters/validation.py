@@ -463,6 +463,7 @@ def validate_onnx(
     input_layout: str | None = None,
     seed: int = 0,
     precision: str | None = None,
+    keras_outputs: Sequence[np.ndarray] | concurrent.futures.Future | None = None,
 ) -> ValidationReport:
     """Compare the ONNX model at ``path`` with the Keras ``model`` in onnxruntime.
 
@@ -499,6 +500,10 @@ def validate_onnx(
             float16 and int8 outputs are all judged against the float64 run (their
             criteria have no outright pass), and a failing one is not localized (the
             layer comparison is float32's; validate the float32 export to localize).
+        keras_outputs: the Keras model's outputs on ``inputs`` (flattened, as
+            :func:`.samples.call_model` returns them) when the caller has them
+            already, or a ``Future`` of them (awaited while onnxruntime opens the
+            file): validation does not run Keras on ``inputs`` again. Needs ``inputs``.
 
     Returns:
         A :class:`ValidationReport` (truthy iff every output passed).
@@ -508,11 +513,13 @@ def validate_onnx(
     atol = DEFAULT_ATOL if atol is None else atol
     rtol = DEFAULT_RTOL if rtol is None else rtol
     _check_arguments(path, inputs, batch_sizes, atol, rtol, input_layout, precision)
+    if keras_outputs is not None and inputs is None:
+        raise UserInputError("keras_outputs are the model's outputs on inputs: pass inputs too.")
     if precision is None:
         precision = _detect_precision(path)
     if batch_sizes is None:
         batch_sizes = (1, INT8_TOP1_MIN_SAMPLES) if precision == "int8" else (1, 2)
-    runs = _run_both(model, path, inputs, batch_sizes, input_layout, seed)
+    runs = _run_both(model, path, inputs, batch_sizes, input_layout, seed, keras_outputs)
     # float16/int8 outputs are never exact: every one is judged by its criterion.
     outright = None if explicit else (OUTRIGHT if precision == "float32" else -1.0)
     comparisons, failing_batch, doubtful = _compare_outputs(model, runs, atol, rtol, outright)
@@ -603,6 +610,7 @@ def _run_both(
     batch_sizes: Sequence[int],
     input_layout: str | None,
     seed: int,
+    keras_outputs: Sequence[np.ndarray] | concurrent.futures.Future | None = None,
 ) -> _Runs:
     """Run Keras and onnxruntime on the same inputs (generated, or the user's)."""
     if inputs is None:  # generated again below if the ONNX batch is fixed at another size
@@ -614,7 +622,13 @@ def _run_both(
         # onnxruntime opens the file and runs its batches while Keras computes the
         # reference (both release the GIL): about 18% off validating ResNet50 on 2 cores.
         onnx_side = pool.submit(_open_and_run, path, full, sizes, input_layout)
-        full_expected = call_model(model, full)  # once; each check compares a prefix
+        # once; each check compares a prefix
+        if keras_outputs is None:
+            full_expected = call_model(model, full)
+        elif isinstance(keras_outputs, concurrent.futures.Future):
+            full_expected = keras_outputs.result()
+        else:
+            full_expected = [np.asarray(output) for output in keras_outputs]
         session, fixed, input_layout, planned, ran = onnx_side.result()
     if ran is None:  # a fixed ONNX batch size: generate inputs of that size instead
         assert fixed is not None  # _open_and_run runs nothing only for a fixed batch

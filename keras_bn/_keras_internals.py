@@ -58,6 +58,7 @@ __all__ = [
     "output_names",
     # loading
     "random_initializers_skipped",
+    "tensorflow_probe_answered",
     # float64
     "float64_type_promotion",
     # tracing a layer's call
@@ -214,33 +215,67 @@ def output_names(model: keras.Model) -> list[str]:
 
 @contextlib.contextmanager
 def random_initializers_skipped() -> Iterator[None]:
-    """Variables created in the block start as zeros instead of random draws.
+    """Variables created in the block start as host-side NumPy values, not backend ops.
 
     ``keras.saving.load_model`` builds every layer (drawing its initial weights) and
-    then assigns the saved ones; the draws are thrown away. On JAX each draw of a new
-    shape compiles an XLA program: 8 of the 10 s it takes to load ResNet50 there.
-    Only random initializers are skipped; constants (zeros, ones, a seed generator's
-    state) are built as usual. Not thread-safe: it patches the backend's variable
-    class (``Variable._initialize_with_initializer``) for the duration of the block.
+    then assigns the saved ones; the initial values are thrown away. On JAX each
+    random draw of a new shape compiles an XLA program (8 of the 10 s it took to load
+    ResNet50 there), and so does each ``zeros``/``ones`` of a new shape (another
+    0.3 s). Random initializers give zeros instead of draws; ``Zeros``, ``Ones`` and
+    scalar ``Constant`` give their own values, computed by NumPy. Other initializers
+    (a seed generator's state, custom ones) run as usual. Not thread-safe: it patches
+    the backend's variable class (``Variable._initialize_with_initializer``) for the
+    duration of the block.
     """
     import numpy as np
     from keras.src.backend import Variable
+    from keras.src.initializers.constant_initializers import Constant, Ones, Zeros
     from keras.src.initializers.random_initializers import RandomInitializer
 
     original = Variable._initialize_with_initializer
 
+    def host_value(variable: Any, initializer: Any) -> Any:
+        shape, dtype = variable._shape, variable._dtype
+        if isinstance(initializer, RandomInitializer | Zeros):
+            return np.zeros(shape, dtype=dtype)
+        if isinstance(initializer, Ones):
+            return np.ones(shape, dtype=dtype)
+        if type(initializer) is Constant and np.isscalar(initializer.value):
+            return np.full(shape, initializer.value, dtype=dtype)
+        return None
+
     def initialize(variable: Any, initializer: Any) -> None:
-        if isinstance(initializer, RandomInitializer) and variable._layout is None:
-            zeros = np.zeros(variable._shape, dtype=variable._dtype)
-            variable._initialize(variable._convert_to_tensor(zeros))
-        else:
+        value = host_value(variable, initializer) if variable._layout is None else None
+        if value is None:
             original(variable, initializer)
+        else:
+            variable._initialize(variable._convert_to_tensor(value))
 
     Variable._initialize_with_initializer = initialize
     try:
         yield
     finally:
         Variable._initialize_with_initializer = original
+
+
+def tensorflow_probe_answered() -> None:
+    """Keras's "is TensorFlow installed?" probe answers without importing it, when the
+    process has not imported TensorFlow.
+
+    ``serialize_keras_object`` (every ``get_config``: cloning, saving) asks
+    ``module_utils.tensorflow.available`` to tell whether an object is a
+    ``tf.TensorShape``, which imports all of TensorFlow on every backend: 3 s and its
+    start-up lines on stderr, for a question whose answer is no while TensorFlow is
+    not imported (no object can be one). For a process that runs another backend
+    (the CLI on JAX): the probe then says "not available" for the rest of it.
+    """
+    import sys
+
+    from keras.src.utils import module_utils
+
+    probe = module_utils.tensorflow
+    if "tensorflow" not in sys.modules and probe._available is None:
+        probe._available = False
 
 
 @contextlib.contextmanager

@@ -75,3 +75,33 @@ def test_the_command_runs_on_the_chosen_backend(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [_fastest_installed()]
     assert (tmp_path / "keras.json").read_text() == before
+
+
+def test_saving_on_jax_does_not_import_tensorflow(tmp_path):
+    """Keras's serializer probes for TensorFlow (importing all of it: seconds, and its
+    start-up lines on stderr); the command on JAX answers the probe instead, and a model
+    it saves loads back with the same outputs."""
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from keras_bn.converters.cli.quiet import import_keras\n"
+        "assert import_keras() == 'jax'\n"
+        "import keras\n"
+        "model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])\n"
+        f"model.save({str(tmp_path / 'm.keras')!r})\n"
+        f"again = keras.saving.load_model({str(tmp_path / 'm.keras')!r})\n"
+        "x = np.ones((2, 4), 'float32')\n"
+        "np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(again(x)))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))\n"
+    )
+    environ = {k: v for k, v in __import__("os").environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**environ, "KERAS_BACKEND": "jax"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
+    assert result.stderr == ""

@@ -304,10 +304,22 @@ def test_random_initializers_skipped_only_inside_the_block():
     with internals.random_initializers_skipped():
         skipped = keras.layers.Dense(8, bias_initializer="ones")
         skipped.build((None, 4))
+        constant = keras.layers.Dense(3, bias_initializer=keras.initializers.Constant(0.25))
+        constant.build((None, 2))
+        normalization = keras.layers.BatchNormalization()
+        normalization.build((None, 5))
     drawn = keras.layers.Dense(8)
     drawn.build((None, 4))
     assert not np.any(keras.ops.convert_to_numpy(skipped.kernel))  # zeros, not drawn
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(skipped.bias), np.ones(8))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(constant.bias), np.full(3, 0.25))
+    reference = keras.layers.BatchNormalization()
+    reference.build((None, 5))
+    for built, stock in zip(normalization.weights, reference.weights, strict=True):
+        assert built.dtype == stock.dtype
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(built), keras.ops.convert_to_numpy(stock)
+        )
     assert np.any(keras.ops.convert_to_numpy(drawn.kernel))  # patch removed again
 
 

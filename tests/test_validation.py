@@ -237,6 +237,32 @@ def test_user_inputs_in_every_form(tmp_path):
         validate_onnx(model, tmp_path / "m.onnx", inputs=images[:, :4])
 
 
+def test_keras_outputs_given_are_the_reference(tmp_path):
+    """Outputs the caller computed (or a Future of them) stand in for Keras's pass:
+    the right ones give the same verdict and errors, wrong ones fail."""
+    import concurrent.futures
+
+    model = _conv_bn_model()
+    _export(model, tmp_path / "m.onnx")
+    images = np.random.default_rng(6).standard_normal((2, 8, 8, 3)).astype("float32")
+    computed = validate_onnx(model, tmp_path / "m.onnx", inputs=images)
+    outputs = [np.asarray(keras.ops.convert_to_numpy(model(images, training=False)))]
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_result(outputs)
+    for given in (outputs, future):
+        report = validate_onnx(model, tmp_path / "m.onnx", inputs=images, keras_outputs=given)
+        assert report.passed
+        assert [c.max_abs_error for c in report.comparisons] == [
+            c.max_abs_error for c in computed.comparisons
+        ]
+    wrong = [outputs[0] + 1.0]  # compared as given (the float64 rejudge would clear the file)
+    assert not validate_onnx(
+        model, tmp_path / "m.onnx", inputs=images, keras_outputs=wrong, atol=1e-4, rtol=1e-3
+    )
+    with pytest.raises(UserInputError, match="pass inputs too"):
+        validate_onnx(model, tmp_path / "m.onnx", keras_outputs=outputs)
+
+
 def test_fixed_batch_export_validates_at_its_own_batch_size(tmp_path):
     # Regression: a fixed batch used to be fed the first sample alone too, which
     # onnxruntime rejects, so every fixed-batch export with inputs "failed".

@@ -106,22 +106,34 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
     """Fold, export to ONNX, convert precision, validate against the Keras model, write."""
     output = _check_options(args)
     model = steps.load_model(args, run)
-    steps.preflight(model, run, run_once=True)
+    steps.preflight(model, run)
     inputs = steps.load_inputs(args.inputs, model, "Inputs file")
     calibration = steps.load_inputs(args.calibration, model, "Calibration file")
+    # Keras runs the model on validation's inputs while the exporter works.
+    reference = steps.KerasReference(
+        model,
+        run,
+        inputs if inputs is not None else calibration,
+        batch=args.batch_size or 2,
+        label="Running the model in Keras (beside the export)",
+    )
     # Work beside the target, each file under the output's own name: an ONNX model
     # refers to its external data file (``<name>.onnx.data``) by file name, so the
     # files keep their names and are moved, not renamed, into place.
     with work_directory(output) as work:
-        result = _export(model, work / output.name, args, run)
+        try:
+            result = _export(model, work / output.name, args, run)
+        except Exception:
+            reference.outputs()  # a model Keras cannot run: that is the error to report
+            raise
         final, precision_report = _convert_precision(
             work / output.name, work, args, run, inputs=inputs, calibration=calibration
         )
         _describe_export(result, final, output, run)
         _describe_precision(precision_report, output, args, run)
-        if not args.no_validate and not _validate(
-            model, final, output, args, run, inputs if inputs is not None else calibration
-        ):
+        if args.no_validate:
+            reference.outputs()  # still the check that Keras can run the model
+        elif not _validate(model, final, output, args, run, reference):
             return validation_failed(
                 run, f"the {args.precision} ONNX model's outputs differ from the Keras model's"
             )
@@ -323,17 +335,20 @@ def _describe_precision(report, output: Path, args: argparse.Namespace, run: Run
             run.summary.append(["top-1 agreement", f"{comparison.top1_agreement:.1%}"])
 
 
-def _validate(model, final: Path, output: Path, args: argparse.Namespace, run: Run, inputs) -> bool:
+def _validate(
+    model, final: Path, output: Path, args: argparse.Namespace, run: Run, reference
+) -> bool:
     return steps.validate_onnx(
         model,
         final,
         run,
         input_layout=args.input_layout,
-        inputs=inputs,
+        inputs=None,
         atol=args.atol,
         rtol=args.rtol,
         precision=args.precision,
         shown_path=output,
+        reference=reference,
     )
 
 

@@ -36,8 +36,9 @@ def fold_command(args: argparse.Namespace, run: Run) -> int:
     """Fold BN into neighbouring layers and save the folded Keras model."""
     output = check_output(args, ".keras")
     model = steps.load_model(args, run)
-    steps.preflight(model, run, run_once=True)
+    steps.preflight(model, run)
     inputs = steps.load_inputs(args.inputs, model, "Inputs file")
+    steps.KerasReference(model, run, inputs).outputs()  # Keras can run it at all
     if inputs is None and not args.no_validate:
         from keras_bn.converters.validation import make_sample_inputs
 

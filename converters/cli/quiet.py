@@ -83,7 +83,8 @@ def import_keras() -> str:
 
     Keras imports scikit-learn and matplotlib when they are installed, for wrappers
     and plotting helpers the command never uses (1.3 s and 0.45 s of a 1.6 s import
-    on JAX): they are hidden during the import, and import normally afterwards.
+    on JAX): they are hidden during the import, and import normally afterwards. On
+    other backends than TensorFlow, Keras's serializer stops importing TensorFlow.
     """
     quiet_environment()
     if "keras" not in sys.modules:
@@ -91,7 +92,12 @@ def import_keras() -> str:
     with framework_output_hidden(), _modules_hidden(_UNUSED_BY_KERAS_IMPORT):
         import keras
 
-        return keras.backend.backend()
+        backend = keras.backend.backend()
+    if backend != "tensorflow":
+        from keras_bn import _keras_internals
+
+        _keras_internals.tensorflow_probe_answered()  # no TensorFlow import when saving
+    return backend
 
 
 _UNUSED_BY_KERAS_IMPORT = ("sklearn", "matplotlib")
