@@ -4,9 +4,7 @@ The converter is imported only here, when run as a program, so ``import keras_bn
 never imports the converter, onnx or onnxruntime.
 """
 
-import sys
-
 if __name__ == "__main__":
-    from keras_bn.converters.cli import main
+    from keras_bn.converters.cli import console_main
 
-    sys.exit(main())
+    console_main()

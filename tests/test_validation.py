@@ -249,8 +249,8 @@ def test_keras_outputs_given_are_the_reference(tmp_path):
     outputs = [np.asarray(keras.ops.convert_to_numpy(model(images, training=False)))]
     future: concurrent.futures.Future = concurrent.futures.Future()
     future.set_result(outputs)
-    for given in (outputs, future):
-        report = validate_onnx(model, tmp_path / "m.onnx", inputs=images, keras_outputs=given)
+    for reference in (outputs, future):
+        report = validate_onnx(model, tmp_path / "m.onnx", inputs=images, keras_outputs=reference)
         assert report.passed
         assert [c.max_abs_error for c in report.comparisons] == [
             c.max_abs_error for c in computed.comparisons

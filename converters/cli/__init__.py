@@ -26,7 +26,7 @@ module per subcommand (:mod:`.inspect`, :mod:`.fold`, :mod:`.export`,
 
 from __future__ import annotations
 
-from keras_bn.converters.cli.app import build_parser, main
+from keras_bn.converters.cli.app import build_parser, console_main, main
 from keras_bn.converters.cli.run import (
     EXIT_BAD_INPUT,
     EXIT_INTERNAL_ERROR,
@@ -37,6 +37,7 @@ from keras_bn.converters.options import INPUT_LAYOUTS, PRECISIONS
 
 __all__ = [
     "main",
+    "console_main",
     "build_parser",
     "EXIT_OK",
     "EXIT_VALIDATION_FAILED",

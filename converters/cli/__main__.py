@@ -1,7 +1,5 @@
 """``python -m keras_bn.converters.cli``: the same as ``keras-bn``."""
 
-import sys
+from keras_bn.converters.cli import console_main
 
-from keras_bn.converters.cli import main
-
-sys.exit(main())
+console_main()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import NoReturn
 
 from keras_bn.converters.cli import bench, export, fold, inspect, validate
 from keras_bn.converters.cli.args import ReportArgs
@@ -25,7 +28,7 @@ from keras_bn.converters.cli.run import (
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.progress import Progress
 
-__all__ = ["main", "build_parser", "COMMANDS", "EPILOG"]
+__all__ = ["main", "console_main", "build_parser", "COMMANDS", "EPILOG"]
 
 EPILOG = """\
 examples:
@@ -160,3 +163,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_BAD_INPUT
     print_run(run, args.json)
     return code
+
+
+def console_main() -> NoReturn:
+    """The ``keras-bn`` program: :func:`main`, then exit without the interpreter's
+    teardown.
+
+    Tearing down a process that imported JAX or TensorFlow and held a model (module
+    finalizers, every array freed one by one) takes 0.6 s after exporting ResNet50
+    on JAX, and does nothing a finished command needs: :func:`main` has written and
+    closed its files (atomically) and joined its threads' work before it returns.
+    The standard streams are flushed first.
+    """
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe: nothing left to show
+            stream.flush()
+    os._exit(code)
