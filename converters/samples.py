@@ -205,14 +205,23 @@ def _domain_by_statistics(graph: graph_lib.Graph) -> str | None:
     reduced = tuple(a for a in range(rank) if a not in kept)
     shape = (_PROBE_BATCH, *graph.inputs[0].shape[1:])
     dtype = np.dtype(graph.inputs[0].dtype)
+    # Every domain's probe in one batch: one eager pass (on JAX, one compile per op).
+    probes = [
+        np.asarray(sample(np.random.default_rng(0), shape), dtype)
+        for sample in FLOAT_DOMAINS.values()
+    ]
+    try:
+        values = graph_lib.evaluate(
+            graph, {graph.input_names[0]: np.concatenate(probes)}, until=lambda node: node is bn
+        )
+        everything = np.asarray(keras.ops.convert_to_numpy(values[id(bn.inputs[0])]), np.float64)
+    except Exception:  # a layer that will not run eagerly here: no opinion
+        return None
+    if everything.shape[:1] != (_PROBE_BATCH * len(probes),):
+        return None  # a layer mixes the batch up (a Reshape over it): no opinion
     scores = {}
-    for domain, sample in FLOAT_DOMAINS.items():
-        probe = {graph.input_names[0]: np.asarray(sample(np.random.default_rng(0), shape), dtype)}
-        try:
-            values = graph_lib.evaluate(graph, probe, until=lambda node: node is bn)
-            x = np.asarray(keras.ops.convert_to_numpy(values[id(bn.inputs[0])]), np.float64)
-        except Exception:  # a layer that will not run eagerly here: no opinion
-            return None
+    for index, domain in enumerate(FLOAT_DOMAINS):
+        x = everything[index * _PROBE_BATCH : (index + 1) * _PROBE_BATCH]
         batch_mean = x.mean(axis=reduced).reshape(-1)
         batch_variance = x.var(axis=reduced).reshape(-1)
         if batch_mean.shape != mean.shape or not np.all(np.isfinite(batch_variance)):

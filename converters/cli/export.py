@@ -137,8 +137,10 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
             return validation_failed(
                 run, f"the {args.precision} ONNX model's outputs differ from the Keras model's"
             )
+        native = final == Path(result.path) and not getattr(result, "used_fallback", True)
+        known = [result.external_data] if result.external_data else [] if native else None
         with run.progress.step(f"Writing {output}"):
-            data_files = _move_onnx_into_place(final, output, args)
+            data_files = _move_onnx_into_place(final, output, args, known)
     _describe_output(output, data_files, run)
     return EXIT_OK
 
@@ -301,7 +303,8 @@ def _describe_export(result, final: Path, output: Path, run: Run) -> None:
     """The "Exported ..." block and report, with the node counts of the file written."""
     if dataclasses.is_dataclass(result) and hasattr(result, "path"):
         changes: dict[str, Any] = {"path": str(output)}  # not the temporary path
-        if hasattr(result, "node_count"):  # float16/int8 files differ from the float graph
+        if hasattr(result, "node_count") and final != Path(result.path):
+            # float16/int8 files differ from the float graph
             import collections
 
             import onnx
@@ -366,15 +369,22 @@ def _external_data_locations(onnx_path: Path) -> list[str]:
     return list(dict.fromkeys(locations))
 
 
-def _move_onnx_into_place(final: Path, output: Path, args: argparse.Namespace) -> list[Path]:
+def _move_onnx_into_place(
+    final: Path, output: Path, args: argparse.Namespace, locations: list[str] | None = None
+) -> list[Path]:
     """Move the finished model and its external data files (if any) onto the targets.
+
+    ``locations``: the data files' names when known (keras-bn's own float export
+    says where it put the weights), else read from the file.
 
     ``final`` lies in a work directory beside ``output`` and has its file name, so
     the data files it refers to (``<output name>.data``) keep their names: each is
     moved first, then the model, with ``os.replace`` (atomic per file).
     """
     moves = []
-    for location in _external_data_locations(final):
+    if locations is None:
+        locations = _external_data_locations(final)
+    for location in locations:
         if Path(location).name != location:  # not written by keras-bn
             raise RuntimeError(f"external data location {location!r} is not a file name")
         target = output.with_name(location)
