@@ -137,7 +137,7 @@ def load_model(
     with warnings.catch_warnings(record=True) as caught, _scratch_directory():
         warnings.simplefilter("always")
         try:
-            with internals.random_initializers_skipped():  # the file's weights follow
+            with internals.saved_weights_loading():  # the file's weights follow
                 model = keras.saving.load_model(
                     path, custom_objects=objects or None, compile=False, safe_mode=not unsafe
                 )

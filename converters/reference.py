@@ -145,7 +145,7 @@ def _as_float(array: np.ndarray, dtype: str = "float64") -> np.ndarray:
 
 
 def _clone_as(model: keras.Model, dtype: str, float32_classes: list[str]) -> keras.Model:
-    with float64_enabled(), internals.random_initializers_skipped():  # weights copied below
+    with float64_enabled(), internals.saved_weights_loading():  # weights copied below
         return _clone_enabled(model, dtype, float32_classes)
 
 
