@@ -60,7 +60,7 @@ def test_the_command_runs_on_the_chosen_backend(tmp_path):
         "backend = import_keras()\n"
         "import keras\n"
         "assert keras.backend.backend() == backend == os.environ['KERAS_BACKEND']\n"
-        "assert 'sklearn' not in sys.modules  # hidden from Keras's import...\n"
+        "assert 'sklearn' not in sys.modules and 'requests' not in sys.modules  # hidden...\n"
         "import sklearn  # ...and importable afterwards\n"
         "print(backend)\n"
     )

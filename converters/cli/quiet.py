@@ -81,10 +81,11 @@ def import_keras() -> str:
     """Import Keras on the backend :func:`~.backend.select_backend` picks (when Keras is
     not imported yet), without noise; register keras_bn's layer; return the backend.
 
-    Keras imports scikit-learn and matplotlib when they are installed, for wrappers
-    and plotting helpers the command never uses (1.3 s and 0.45 s of a 1.6 s import
-    on JAX): they are hidden during the import, and import normally afterwards. On
-    other backends than TensorFlow, Keras's serializer stops importing TensorFlow.
+    Keras imports scikit-learn, matplotlib and requests when they are installed, for
+    wrappers, plotting helpers and the RemoteMonitor callback the command never uses
+    (1.3 s, 0.45 s and 0.1 s on JAX): they are hidden during the import, and import
+    normally afterwards. On other backends than TensorFlow, Keras's serializer stops
+    importing TensorFlow.
     """
     quiet_environment()
     if "keras" not in sys.modules:
@@ -100,7 +101,7 @@ def import_keras() -> str:
     return backend
 
 
-_UNUSED_BY_KERAS_IMPORT = ("sklearn", "matplotlib")
+_UNUSED_BY_KERAS_IMPORT = ("sklearn", "matplotlib", "requests")
 
 
 @contextlib.contextmanager
