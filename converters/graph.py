@@ -399,6 +399,30 @@ def _compiled_forward(model: keras.Model) -> Callable[[Any], Any]:
     return forward
 
 
+def value_of(
+    graph: Graph,
+    inputs: Mapping[str, Any],
+    target: Tensor,
+    until: Callable[[Node], bool] | None = None,
+) -> np.ndarray:
+    """One tensor of ``graph`` computed in inference mode (see :func:`evaluate`), as
+    NumPy. On JAX the nodes it needs run as one compiled program: eagerly, JAX
+    compiles every operation on its own (0.3 s to reach ResNet50's first
+    BatchNormalization, 0.05 s compiled whole)."""
+
+    def compute(arrays: Mapping[str, Any]) -> Any:
+        return evaluate(graph, arrays, until)[id(target)]
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        try:
+            return np.asarray(jax.jit(compute)(dict(inputs)))
+        except Exception:  # Python in a layer's call that jax.jit cannot trace
+            pass
+    return np.asarray(keras.ops.convert_to_numpy(compute(inputs)))
+
+
 def evaluate(
     graph: Graph,
     inputs: Mapping[str, Any],

@@ -211,10 +211,12 @@ def _domain_by_statistics(graph: graph_lib.Graph) -> str | None:
         for sample in FLOAT_DOMAINS.values()
     ]
     try:
-        values = graph_lib.evaluate(
-            graph, {graph.input_names[0]: np.concatenate(probes)}, until=lambda node: node is bn
+        everything = graph_lib.value_of(
+            graph,
+            {graph.input_names[0]: np.concatenate(probes)},
+            bn.inputs[0],
+            until=lambda node: node is bn,
         )
-        everything = np.asarray(keras.ops.convert_to_numpy(values[id(bn.inputs[0])]), np.float64)
     except Exception:  # a layer that will not run eagerly here: no opinion
         return None
     if everything.shape[:1] != (_PROBE_BATCH * len(probes),):
@@ -222,8 +224,8 @@ def _domain_by_statistics(graph: graph_lib.Graph) -> str | None:
     scores = {}
     for index, domain in enumerate(FLOAT_DOMAINS):
         x = everything[index * _PROBE_BATCH : (index + 1) * _PROBE_BATCH]
-        batch_mean = x.mean(axis=reduced).reshape(-1)
-        batch_variance = x.var(axis=reduced).reshape(-1)
+        batch_mean = x.mean(axis=reduced, dtype=np.float64).reshape(-1)
+        batch_variance = x.var(axis=reduced, dtype=np.float64).reshape(-1)
         if batch_mean.shape != mean.shape or not np.all(np.isfinite(batch_variance)):
             return None
         epsilon = float(layer.epsilon)
