@@ -22,6 +22,7 @@ __all__ = [
     "make_sample_inputs",
     "normalize_inputs",
     "sample_arrays",
+    "sample_specs",
 ]
 
 UNKNOWN_DIMENSION_SIZE = 32  # generated inputs use this size for unknown non-batch axes
@@ -85,6 +86,20 @@ def make_sample_inputs(
     return sample_arrays(graph_lib.flatten(model), batch_size, seed)
 
 
+def sample_specs(
+    graph: graph_lib.Graph, batch_size: int = 1
+) -> list[tuple[tuple[int, ...], np.dtype]]:
+    """The ``(shape, dtype)`` of each array :func:`sample_arrays` makes, in input order."""
+    return [
+        (
+            (batch_size,)
+            + tuple(UNKNOWN_DIMENSION_SIZE if size is None else size for size in tensor.shape[1:]),
+            np.dtype(tensor.dtype),
+        )
+        for tensor in graph.inputs
+    ]
+
+
 def sample_arrays(
     graph: graph_lib.Graph, batch_size: int = 1, seed: int = 0
 ) -> dict[str, np.ndarray]:
@@ -92,11 +107,9 @@ def sample_arrays(
     rng = np.random.default_rng(seed)
     domains = input_domains(graph)
     inputs = {}
-    for tensor, name in zip(graph.inputs, graph.input_names, strict=True):
-        shape = (batch_size,) + tuple(
-            UNKNOWN_DIMENSION_SIZE if size is None else size for size in tensor.shape[1:]
-        )
-        dtype = np.dtype(tensor.dtype)
+    for tensor, name, (shape, dtype) in zip(
+        graph.inputs, graph.input_names, sample_specs(graph, batch_size), strict=True
+    ):
         array: np.ndarray
         if dtype.kind == "f":
             normalization = _normalization_statistics(tensor)

@@ -103,24 +103,37 @@ class KerasReference:
     ) -> None:
         import concurrent.futures
 
-        from keras_bn.converters.samples import make_sample_inputs
+        from keras_bn.converters import graph
+        from keras_bn.converters.samples import make_sample_inputs, sample_specs
 
-        self.inputs = inputs if inputs is not None else make_sample_inputs(model, batch, seed=0)
         where = f"Model file {run.report.get('model', {}).get('path', '')!r}"
         step = run.progress.background(label)
+        self._given: concurrent.futures.Future = concurrent.futures.Future()
+        # Generated inputs: the pass compiles for their shapes while they are made.
+        specs = sample_specs(graph.flatten(model), batch) if inputs is None else None
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        self.future = pool.submit(self._call, model, where, step)
+        self.future = pool.submit(self._call, model, specs, where, step)
         pool.shutdown(wait=False)
+        try:
+            self.inputs = inputs if inputs is not None else make_sample_inputs(model, batch, seed=0)
+        except BaseException as error:
+            self._given.set_exception(error)
+            raise
+        self._given.set_result(self.inputs)
 
-    def _call(self, model, where: str, step) -> list:
+    def _call(self, model, specs, where: str, step) -> list:
+        from keras_bn.converters import graph
         from keras_bn.converters.samples import call_model
         from keras_bn.converters.user_files import guarded
 
         with step:
+            if specs is not None:
+                graph.prepare_call(model, specs)
+            inputs = self._given.result()
             with guarded(
                 where, "loads, but Keras cannot run it", "re-save it from the model's code"
             ):
-                return call_model(model, self.inputs)
+                return call_model(model, inputs)
 
     def outputs(self) -> list:
         """The outputs, once the pass is done; its error (one line) if Keras failed."""
