@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import traceback
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ __all__ = [
     "resolve_custom_objects",
     "check_input_file",
     "check_model_file",
+    "tensorflow_code_error",
 ]
 
 
@@ -66,9 +68,35 @@ def _scratch_directory() -> Iterator[None]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def tensorflow_code_error(error: BaseException, where: str) -> UserInputError | None:
+    """The error to report when ``error`` came from TensorFlow's own code running on
+    another backend (a Lambda or custom layer calling ``tf.*``), else None."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return None
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        for frame in traceback.extract_tb(current.__traceback__):
+            if re.search(r"[/\\]tensorflow[/\\]python[/\\]", frame.filename):
+                return UserInputError(
+                    f"{where} holds code that calls TensorFlow (a Lambda or custom layer "
+                    f"using tf.*), which cannot run on the {backend} backend Keras uses "
+                    "here; run keras-bn with KERAS_BACKEND=tensorflow."
+                )
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _explain_keras_error(path: Path, error: Exception) -> UserInputError:
     """Translate an exception from ``keras.saving.load_model`` into one clear line."""
     where = f"Model file {str(path)!r}"
+    mismatch = tensorflow_code_error(error, where)
+    if mismatch is not None:
+        return mismatch
     text = str(error)
     # Keras wraps errors raised while deserializing a layer; the cause is at the end.
     inner = text.rsplit("Exception encountered:", 1)[-1]

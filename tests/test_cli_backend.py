@@ -105,3 +105,68 @@ def test_saving_on_jax_does_not_import_tensorflow(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]"
     assert result.stderr == ""
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_the_command_imports_keras_on_every_backend(backend):
+    """What the command hides from Keras's import (scikit-learn, matplotlib, requests
+    on JAX) is what that backend's import can do without."""
+    code = (
+        "from keras_bn.converters.cli.quiet import import_keras\n"
+        "print(import_keras())\n"
+        "import keras\n"
+        "keras.layers.Dense(2)(keras.ops.ones((1, 3)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**__import__("os").environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [backend]
+
+
+def test_a_layer_calling_tensorflow_on_jax_is_named_with_the_fix(tmp_path):
+    """A custom layer written with tf.* ops loads on JAX but cannot run there: one line
+    saying so and how to run it, exit 2, no output file."""
+    (tmp_path / "tflayers.py").write_text(
+        "import keras\n"
+        "import tensorflow as tf\n\n\n"
+        "@keras.saving.register_keras_serializable(package='tflayers_test')\n"
+        "class TFRelu6(keras.layers.Layer):\n"
+        "    def call(self, x):\n"
+        "        return tf.nn.relu6(x) * 2.0\n"
+    )
+    make = (
+        "import sys; sys.path.insert(0, '.')\n"
+        "import keras, tflayers\n"
+        "x = keras.Input((8,))\n"
+        "y = tflayers.TFRelu6()(keras.layers.Dense(4)(x))\n"
+        "keras.Model(x, y).save('model.keras')\n"
+    )
+    environ = {k: v for k, v in __import__("os").environ.items() if k != "KERAS_BACKEND"}
+    made = subprocess.run(
+        [sys.executable, "-c", make],
+        cwd=tmp_path,
+        env={**environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert made.returncode == 0, made.stderr[-3000:]
+    command = [sys.executable, "-m", "keras_bn", "export", "model.keras", "-o", "out.onnx"]
+    result = subprocess.run(
+        [*command, "--custom-objects", "tflayers:TFRelu6"],
+        cwd=tmp_path,
+        env={**environ, "KERAS_BACKEND": "jax"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "calls TensorFlow" in lines[0], result.stderr
+    assert "KERAS_BACKEND=tensorflow" in lines[0]
+    assert not (tmp_path / "out.onnx").exists()

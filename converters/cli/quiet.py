@@ -83,14 +83,17 @@ def import_keras() -> str:
 
     Keras imports scikit-learn, matplotlib and requests when they are installed, for
     wrappers, plotting helpers and the RemoteMonitor callback the command never uses
-    (1.3 s, 0.45 s and 0.1 s on JAX): they are hidden during the import, and import
-    normally afterwards. On other backends than TensorFlow, Keras's serializer stops
+    (1.3 s, 0.45 s and 0.1 s on JAX): they are hidden during the import (requests only
+    on JAX: TensorFlow's own import needs it), and import normally afterwards. On other backends than TensorFlow, Keras's serializer stops
     importing TensorFlow.
     """
     quiet_environment()
     if "keras" not in sys.modules:
         select_backend()
-    with framework_output_hidden(), _modules_hidden(_UNUSED_BY_KERAS_IMPORT):
+    hidden = _UNUSED_BY_KERAS_IMPORT
+    if os.environ.get("KERAS_BACKEND") == "jax":
+        hidden += _UNUSED_BY_KERAS_IMPORT_ON_JAX  # TensorFlow's import needs requests
+    with framework_output_hidden(), _modules_hidden(hidden):
         import keras
 
         backend = keras.backend.backend()
@@ -101,7 +104,8 @@ def import_keras() -> str:
     return backend
 
 
-_UNUSED_BY_KERAS_IMPORT = ("sklearn", "matplotlib", "requests")
+_UNUSED_BY_KERAS_IMPORT = ("sklearn", "matplotlib")
+_UNUSED_BY_KERAS_IMPORT_ON_JAX = ("requests",)
 
 
 @contextlib.contextmanager

@@ -123,6 +123,7 @@ class KerasReference:
 
     def _call(self, model, specs, where: str, step) -> list:
         from keras_bn.converters import graph
+        from keras_bn.converters.model_io import tensorflow_code_error
         from keras_bn.converters.samples import call_model
         from keras_bn.converters.user_files import guarded
 
@@ -133,7 +134,13 @@ class KerasReference:
             with guarded(
                 where, "loads, but Keras cannot run it", "re-save it from the model's code"
             ):
-                return call_model(model, inputs)
+                try:
+                    return call_model(model, inputs)
+                except Exception as error:
+                    mismatch = tensorflow_code_error(error, where)
+                    if mismatch is not None:
+                        raise mismatch from None
+                    raise
 
     def outputs(self) -> list:
         """The outputs, once the pass is done; its error (one line) if Keras failed."""
