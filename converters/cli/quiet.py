@@ -90,7 +90,7 @@ def import_keras() -> str:
     quiet_environment()
     if "keras" not in sys.modules:
         select_backend()
-    hidden = _UNUSED_BY_KERAS_IMPORT
+    hidden: tuple[str, ...] = _UNUSED_BY_KERAS_IMPORT
     if os.environ.get("KERAS_BACKEND") == "jax":
         hidden += _UNUSED_BY_KERAS_IMPORT_ON_JAX  # TensorFlow's import needs requests
     with framework_output_hidden(), _modules_hidden(hidden):
