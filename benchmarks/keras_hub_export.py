@@ -43,6 +43,7 @@ from helpers import (  # noqa: E402
     randomize_batch_norms,
 )
 
+from keras_bn._keras_internals import producing_operation  # noqa: E402
 from keras_bn.converters.comparison import relative_error  # noqa: E402
 from keras_bn.converters.onnx.export import check_structure, export_onnx  # noqa: E402
 
@@ -103,7 +104,7 @@ def _measure(name: str, build, exporter: str, workdir: Path) -> dict:
             else:
                 model.export(str(path), format="onnx", verbose=False)
         row["seconds"] = round(time.perf_counter() - start, 2)
-        row.update(_graph_facts(path, [model.inputs[0].name]))
+        row.update(_graph_facts(path, [producing_operation(model.inputs[0]).name]))
         outputs = _run_onnx(path, x)
         if [o.shape for o in outputs] != [k.shape for k in keras_out]:
             raise RuntimeError(f"output shapes {[o.shape for o in outputs]}")

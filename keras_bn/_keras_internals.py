@@ -63,6 +63,7 @@ __all__ = [
     # tracing a layer's call
     "keeping_layer_nodes",
     "symbolic_variable_arithmetic",
+    "none_outputs_recorded",
 ]
 
 # ``Functional``: the class of every ``keras.Model(inputs, outputs)`` model (and of
@@ -343,3 +344,39 @@ def symbolic_variable_arithmetic() -> Iterator[None]:
                 delattr(cls, name)
             else:
                 setattr(cls, name, original)
+
+
+@contextlib.contextmanager
+def none_outputs_recorded() -> Iterator[None]:
+    """Inside the block, a layer called on symbolic tensors may return None leaves.
+
+    Keras records a symbolic call as a ``Node`` whose outputs must all be tensors
+    (``Node.__init__`` raises "All operation outputs must be tensors"), so a block
+    returning ``(x, None)`` - KerasHub's DeiT encoder blocks return their attention
+    scores that way when not asked for them - cannot be called inside a traced
+    ``call()``. Within the block the ``Node`` records only the output tensors; the
+    call still returns its structure with the None leaves, which the caller's code
+    then ignores or passes on. Not thread-safe: it patches ``Node.__init__`` for the
+    duration of the block.
+    """
+    from keras import tree
+    from keras.src.ops.node import Node
+
+    original = Node.__init__
+
+    def init(
+        self: Any,
+        operation: Any,
+        call_args: Any = None,
+        call_kwargs: Any = None,
+        outputs: Any = None,
+    ) -> None:
+        if outputs is not None:
+            outputs = [x for x in tree.flatten(outputs) if x is not None]
+        original(self, operation, call_args, call_kwargs, outputs)
+
+    Node.__init__ = init
+    try:
+        yield
+    finally:
+        Node.__init__ = original

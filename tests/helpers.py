@@ -920,6 +920,7 @@ def keras_hub_models() -> dict:
         "vgg": vgg,
         "vit": vit,
         "mit": mit,
+        "deit": deit,
         "swin": swin,
         "resnet_classifier": resnet_classifier,
         "mobilenet_classifier": mobilenet_classifier,

@@ -345,3 +345,21 @@ def test_keeping_layer_nodes_undoes_symbolic_calls():
         block.call(keras.Input((4,)))
         assert len(block.dense._inbound_nodes) == before + 1
     assert len(block.dense._inbound_nodes) == before
+
+
+class _ScoresOrNone(keras.layers.Layer):
+    def call(self, x):
+        return x * 2.0, None
+
+
+def test_none_outputs_recorded_lets_a_layer_return_none_and_restores_keras():
+    layer = _ScoresOrNone(name="scores_or_none")
+    x = keras.Input((3,))
+    with pytest.raises(ValueError, match="must be tensors"):
+        layer(x)  # Keras's own rule, which the accessor relaxes
+    with internals.none_outputs_recorded():
+        doubled, nothing = layer(x)
+    assert nothing is None and isinstance(doubled, keras.KerasTensor)
+    assert internals.producing_operation(doubled) is layer
+    with pytest.raises(ValueError, match="must be tensors"):
+        layer(x)

@@ -142,7 +142,46 @@ def _transformer_model():
     return keras.Model(inputs, probabilities, name="transformer")
 
 
-MODELS = {"conv_blocks": _conv_blocks_model, "transformer": _transformer_model}
+class ScoredBlock(layers.Layer):
+    """Returns ``(output, None)`` unless asked for its scores, as KerasHub's DeiT blocks do."""
+
+    def __init__(self, dim, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = layers.Dense(dim, name="dense")
+        self.bn = layers.BatchNormalization(name="bn")
+
+    def call(self, x, return_scores=False, training=None):
+        h = self.bn(self.dense(x), training=training)
+        scores = ops.softmax(h) if return_scores else None
+        return ops.relu(h) + x, scores
+
+
+class ScoredStack(layers.Layer):
+    """Unpacks its blocks' ``(x, None)`` and returns constants beside its output, as
+    DeiT's encoder returns ``ops.empty(...)`` for the hidden states it was not asked for."""
+
+    def __init__(self, dim, depth, **kwargs):
+        super().__init__(**kwargs)
+        self.blocks = [ScoredBlock(dim, name=f"block_{i}") for i in range(depth)]
+
+    def call(self, x):
+        for block in self.blocks:
+            x, _ = block(x)
+        return x, ops.arange(1.0, 4.0), ops.zeros((0, x.shape[-1]))
+
+
+def _optional_outputs_model():
+    inputs = keras.Input((6,), name="x")
+    h, offsets, _ = ScoredStack(6, 2, name="stack")(layers.Dense(6, name="first")(inputs))
+    logits = layers.Dense(3, name="head")(h) + offsets  # a constant output, used
+    return keras.Model(inputs, logits, name="optional_outputs")
+
+
+MODELS = {
+    "conv_blocks": _conv_blocks_model,
+    "transformer": _transformer_model,
+    "optional_outputs": _optional_outputs_model,
+}
 
 
 def _float64_twin(build, model):
@@ -155,6 +194,12 @@ def _images(batch):
     return [np.random.default_rng(batch).standard_normal((batch, 16, 16, 3)).astype("float32")]
 
 
+def _inputs_for(name):
+    if name == "optional_outputs":
+        return lambda batch: [np.random.default_rng(batch).standard_normal((batch, 6), "float32")]
+    return _images
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_custom_model_exports_natively_and_exactly(name, tmp_path):
     keras.utils.set_random_seed(1)
@@ -162,7 +207,7 @@ def test_custom_model_exports_natively_and_exactly(name, tmp_path):
     for layer in nested_batch_norms(model):
         randomize_batch_norms(layer, np.random.default_rng(len(layer.name)))
     twin = _float64_twin(MODELS[name], model)
-    result = assert_exports_exactly(model, tmp_path / "m.onnx", _images, twin=twin)
+    result = assert_exports_exactly(model, tmp_path / "m.onnx", _inputs_for(name), twin=twin)
     report = result.fold_report
     assert report.folded_count == len(report.entries) == len(nested_batch_norms(model))
     if name == "conv_blocks":
@@ -170,6 +215,13 @@ def test_custom_model_exports_natively_and_exactly(name, tmp_path):
         assert folded["block_1_0/bn"] == "block_1_0/conv"
         assert folded["block_1_0/first/bn"].startswith("block_1_0/first/")
         assert "stem/bn" in folded
+    if name == "optional_outputs":  # blocks returning (x, None) are traced through
+        folded = {entry.batch_norm: entry.target for entry in report.entries}
+        assert folded == {f"stack/block_{i}/bn": f"stack/block_{i}/dense" for i in (0, 1)}
+        # its constant outputs: the one the head reads is kept, the unread one dropped
+        graph = graph_lib.flatten(model, needs_tracing)
+        constants = [node.name for node in graph.nodes if not node.inputs]
+        assert constants == ["stack/output_1"]
 
 
 def test_tracing_leaves_the_model_as_it_was():

@@ -25,7 +25,7 @@ from keras_bn.converters.graph import Node, Tensor, to_numpy
 from keras_bn.converters.onnx.builder import Builder, Unsupported, tensor_type
 from keras_bn.converters.onnx.layout import Perm
 from keras_bn.converters.onnx.rules.common import Rule, softmax_nodes
-from keras_bn.converters.tracing import batch_multiple
+from keras_bn.converters.tracing import Constant, batch_multiple
 
 __all__ = ["OPERATION_RULES"]
 
@@ -91,6 +91,13 @@ def _kept_perm(perm: Perm, removed: Sequence[int]) -> Perm:
     kept = [axis for axis in perm if axis not in removed]
     order = sorted(kept)
     return tuple(order.index(axis) for axis in kept)
+
+
+def constant(b: Builder, node: Node) -> None:
+    """A traced call's output computed from constants only (flatten drops the ones
+    nothing reads); an Identity gives a graph output of its own."""
+    out = _constant(b, node.layer.value)
+    b.set(node.outputs[0], out if node.outputs[0].consumers else b.op("Identity", [out]))
 
 
 # --------------------------------------------------------------------------------------
@@ -485,6 +492,7 @@ def erf(b: Builder, node: Node) -> None:
 
 
 OPERATION_RULES: dict[type, Rule] = {
+    Constant: constant,
     # elementwise
     numpy_ops.Sqrt: _unary("Sqrt"),
     numpy_ops.Exp: _unary("Exp"),
