@@ -91,7 +91,10 @@ def _measure(name: str, build, exporter: str, workdir: Path) -> dict:
         randomize_batch_norms(layer, rng, gain=(0.5, 1.5))
     shape = tuple(model.inputs[0].shape[1:])
     x = np.random.default_rng(3).standard_normal((3, *shape)).astype("float32")
-    keras_out = [np.asarray(keras.ops.convert_to_numpy(y)) for y in keras.tree.flatten(model(x))]
+    keras_out = [
+        np.asarray(keras.ops.convert_to_numpy(y))
+        for y in keras.tree.flatten(model(x, training=False))
+    ]
     exact = float64_build(build, model)([x])
     path = workdir / f"{name.replace(':', '_')}_{exporter}.onnx"
     row: dict = {"model": name, "exporter": exporter}

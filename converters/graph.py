@@ -187,15 +187,12 @@ def flatten(model: keras.Model, trace: Callable[[Any], bool] | None = None) -> G
                 try:
                     with tracing.tracing(operation):
                         recorded = tracing.trace_call(operation, args, kwargs, _spec)
-                        inner_map: dict[int, Tensor] = {
-                            id(kt): source
-                            for kt, source in zip(
-                                tree.flatten(internals.inputs_struct(recorded.model)),
-                                recorded.sources,
-                                strict=True,
-                            )
-                        }
-                        walk(recorded.model, inner_map, inner_scope, traced=True)
+                        inner_map: dict[int, Tensor] = {}
+                        if recorded.model is not None:
+                            placeholders = tree.flatten(internals.inputs_struct(recorded.model))
+                            for kt, source in zip(placeholders, recorded.sources, strict=True):
+                                inner_map[id(kt)] = source
+                            walk(recorded.model, inner_map, inner_scope, traced=True)
                     if len(recorded.outputs) != len(knode.outputs):
                         raise tracing.TraceError(
                             f"tracing {type(operation).__name__}.call(): it returned "

@@ -83,7 +83,7 @@ class TracedCall:
     output computed from constants only.
     """
 
-    model: keras.Model
+    model: keras.Model | None  # None when no output depends on the inputs
     sources: list[Any]
     outputs: list[keras.KerasTensor | np.ndarray]
 
@@ -123,23 +123,30 @@ def trace_call(layer: Any, args: Any, kwargs: dict, spec: Callable[[Any], Any]) 
     symbolic_args, symbolic_kwargs = tree.map_structure(placeholder, (tuple(args), dict(kwargs)))
     call = layer.call
     try:
-        parameters = set(inspect.signature(call).parameters)
+        signature = dict(inspect.signature(call).parameters)
     except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        parameters = set()
+        signature = {}
+    parameters = set(signature)
     if "training" in parameters:
         symbolic_kwargs["training"] = False  # export is inference
+    elif not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values()):
+        # Keras's __call__ passes training and mask only to a call() that takes them.
+        for name in ("training", "mask"):
+            if name not in parameters:
+                symbolic_kwargs.pop(name, None)
     try:
-        with internals.symbolic_variable_arithmetic(), internals.none_outputs_recorded():
+        with (
+            internals.symbolic_variable_arithmetic(),
+            internals.none_outputs_recorded(),
+            internals.static_python_arguments(),
+        ):
             outputs = call(*symbolic_args, **symbolic_kwargs)
     except Exception as error:  # noqa: BLE001 - any failure is the layer's, reported as one
         raise TraceError(_describe(layer, error)) from error
     flat = [x for x in tree.flatten(outputs) if x is not None]
     tensors = [x for x in flat if _is_symbolic(x)]
-    if not tensors:
-        raise TraceError(
-            f"tracing {type(layer).__name__}.call(): no output depends on the layer's "
-            "inputs (computed from weights or constants only)"
-        )
+    if not flat:
+        raise TraceError(f"tracing {type(layer).__name__}.call(): it returned no output")
     try:
         flat = [x if _is_symbolic(x) else _constant_value(x) for x in flat]
     except (TypeError, ValueError) as error:
@@ -147,6 +154,8 @@ def trace_call(layer: Any, args: Any, kwargs: dict, spec: Callable[[Any], Any]) 
             f"tracing {type(layer).__name__}.call(): an output is neither a tensor nor "
             f"a number ({type(error).__name__}: {_first_line(error)})"
         ) from error
+    if not tensors:  # every output computed from weights or constants (a RoPE table)
+        return TracedCall(None, sources, flat)
     try:
         model = keras.Model(placeholders, tensors, name=f"{layer.name}_traced")
     except Exception as error:  # noqa: BLE001

@@ -3,7 +3,7 @@
 Each exports natively with ``fold=True`` (their custom blocks traced to layers and
 keras.ops), with no BatchNormalization left, agreeing with a float64 run of the
 same model at batch 1 and 3. Random weights; non-trivial BN statistics. The models
-whose blocks are traced (MobileNetV3, HGNetV2, ViT, DeiT, Swin) rerun
+whose blocks are traced (MobileNetV3/V5, HGNetV2, ViT, ViTDet, DeiT, DINOv2/v3, Swin) rerun
 on JAX in one subprocess with tests/test_tracing.py (``test_tracing_on_jax``):
 building a model on JAX compiles every initializer shape, ~10 s a model on 2
 cores, so the plain-Functional ones stay on TensorFlow only.
@@ -33,6 +33,7 @@ NESTED_FOLDS = {
     "mobilenet_v3": "/",
     "efficientnet": "/",
     "hgnetv2": "/",
+    "mobilenet_v5": "/",
 }
 
 

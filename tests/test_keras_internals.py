@@ -363,3 +363,22 @@ def test_none_outputs_recorded_lets_a_layer_return_none_and_restores_keras():
     assert internals.producing_operation(doubled) is layer
     with pytest.raises(ValueError, match="must be tensors"):
         layer(x)
+
+
+class _SizedScale(keras.layers.Layer):
+    def call(self, x, size):
+        if max(size) > 2:  # Python on a tuple of ints, as KerasHub ViTDet writes
+            return x * float(max(size))
+        return x
+
+
+def test_static_python_arguments_keeps_tuples_of_numbers_static_and_restores_keras():
+    from keras.src import backend
+
+    layer = _SizedScale(name="sized")
+    original = backend.compute_output_spec
+    with internals.static_python_arguments():
+        scaled = layer(keras.Input((3,)), size=(4, 3))
+        assert backend.compute_output_spec is not original
+    assert isinstance(scaled, keras.KerasTensor) and scaled.shape == (None, 3)
+    assert backend.compute_output_spec is original

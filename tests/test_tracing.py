@@ -177,10 +177,52 @@ def _optional_outputs_model():
     return keras.Model(inputs, logits, name="optional_outputs")
 
 
+class PlainNorm(layers.Layer):
+    """An RMS norm whose call() takes no ``training``: its caller passes one anyway."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="scale")
+
+    def call(self, x):
+        return x * ops.rsqrt(ops.mean(ops.square(x), axis=-1, keepdims=True) + 1e-6) * self.scale
+
+
+class ConvNormAct(layers.Layer):
+    """KerasHub's MobileNetV5 idioms: training passed on, an Activation of a lambda."""
+
+    def __init__(self, filters, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = layers.Conv2D(filters, 3, padding="same", name="conv")
+        self.bn = layers.BatchNormalization(name="bn")
+        self.norm = PlainNorm(name="norm")
+        self.act = layers.Activation(lambda x: keras.activations.gelu(x, approximate=False))
+
+    def call(self, x, training=False):
+        x = self.bn(self.conv(x), training=training)
+        return self.act(self.norm(x, training=training))
+
+
+class SinusoidalTable(layers.Layer):
+    """An output computed from static shapes only, as DINOv3's RoPE table is."""
+
+    def call(self, x):
+        positions = ops.arange(x.shape[1], dtype="float32")[:, None]
+        frequencies = ops.arange(1, x.shape[-1] + 1, dtype="float32")[None, :] / x.shape[1]
+        return ops.sin(positions * frequencies)
+
+
+def _keras_hub_idioms_model():
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = layers.Reshape((256, 4))(ConvNormAct(4, name="stem")(inputs))
+    x = x + SinusoidalTable(name="table")(x)
+    return keras.Model(inputs, layers.Dense(3, name="head")(x), name="keras_hub_idioms")
+
+
 MODELS = {
     "conv_blocks": _conv_blocks_model,
     "transformer": _transformer_model,
     "optional_outputs": _optional_outputs_model,
+    "keras_hub_idioms": _keras_hub_idioms_model,
 }
 
 
@@ -222,6 +264,12 @@ def test_custom_model_exports_natively_and_exactly(name, tmp_path):
         graph = graph_lib.flatten(model, needs_tracing)
         constants = [node.name for node in graph.nodes if not node.inputs]
         assert constants == ["stack/output_1"]
+    if name == "keras_hub_idioms":
+        graph = graph_lib.flatten(model, needs_tracing)
+        names = {node.name for node in graph.nodes}
+        assert "table/output_0" in names, names  # the table: a constant
+        assert any(name.startswith("stem/norm/") for name in names), names  # traced
+        assert not any(type(node.layer) is layers.Activation for node in graph.nodes)
 
 
 def test_tracing_leaves_the_model_as_it_was():
@@ -326,7 +374,7 @@ def test_tracing_on_jax(run_python):
     """This module and the traced KerasHub models on the JAX backend, in one subprocess
     (KERAS_BACKEND is read once per process)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    traced_hub_models = "mobilenet_v3 or hgnetv2 or vit or swin or deit"
+    traced_hub_models = "mobilenet_v3 or mobilenet_v5 or hgnetv2 or vit or swin or deit or dinov"
     selection = f"(test_tracing and not on_jax) or (test_keras_hub and ({traced_hub_models}))"
     args = ["-m", "pytest", os.path.join(here, "test_tracing.py")]
     args += [os.path.join(here, "test_keras_hub.py"), "-q", "-p", "no:cacheprovider"]

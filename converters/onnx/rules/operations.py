@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from keras_bn._keras_internals import core_ops, math_ops, nn_ops, numpy_ops
+from keras_bn._keras_internals import core_ops, image_ops, math_ops, nn_ops, numpy_ops
 from keras_bn.converters.graph import Node, Tensor, to_numpy
 from keras_bn.converters.onnx.builder import Builder, Unsupported, tensor_type
 from keras_bn.converters.onnx.layout import Perm
 from keras_bn.converters.onnx.rules.common import Rule, softmax_nodes
+from keras_bn.converters.onnx.rules.reshaping import resize_images
 from keras_bn.converters.tracing import Constant, batch_multiple
 
 __all__ = ["OPERATION_RULES"]
@@ -389,6 +390,11 @@ def take(b: Builder, node: Node) -> None:
     b.set(node.outputs[0], b.op("Gather", [x, indices], axis=int(axis)))
 
 
+def image_resize(b: Builder, node: Node) -> None:
+    """``ops.image.resize`` (nearest, bilinear) of a batch of images."""
+    resize_images(b, node, node.layer, tuple(node.layer.size))
+
+
 # --------------------------------------------------------------------------------------
 # Linear algebra and attention.
 
@@ -540,6 +546,7 @@ OPERATION_RULES: dict[type, Rule] = {
     numpy_ops.Pad: pad,
     numpy_ops.GetItem: get_item,
     numpy_ops.Take: take,
+    image_ops.Resize: image_resize,
     # linear algebra, attention, normalization
     numpy_ops.Matmul: matmul,
     numpy_ops.Einsum: einsum,
