@@ -384,3 +384,92 @@ def test_tracing_on_jax(run_python):
     passed = re.search(r"(\d+) passed", summary)
     assert passed and int(passed.group(1)) >= 12, summary
     assert not re.search(r"failed|error", summary), summary
+
+
+# --------------------------------------------------------------------------------------
+# One keras.ops function per rule, in custom layers, against Keras.
+
+
+class Ops(layers.Layer):
+    """A custom layer whose call() is one keras.ops expression."""
+
+    def __init__(self, function, **kwargs):
+        super().__init__(**kwargs)
+        self.function = function
+
+    def call(self, x):
+        return self.function(x)
+
+
+class KernelConv(layers.Layer):
+    """ops.conv / ops.depthwise_conv with a kernel the layer owns."""
+
+    def __init__(self, depthwise=False, **options):
+        super().__init__()
+        self.depthwise, self.options = depthwise, options
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(3, 3, input_shape[-1], 2 if self.depthwise else 4))
+
+    def call(self, x):
+        if self.depthwise:
+            return ops.depthwise_conv(x, self.kernel, **self.options)
+        return ops.conv(x, self.kernel, **self.options)
+
+
+SEQUENCE_OPS = {
+    "cumsum": lambda x: ops.cumsum(x, axis=1),
+    "cumsum-flat": lambda x: ops.cumsum(x),
+    "cumprod": lambda x: ops.cumprod(1.0 + 0.3 * x, axis=-1),
+    "argmax": lambda x: ops.argmax(x, axis=1),
+    "argmin-keepdims": lambda x: ops.argmin(x, axis=-1, keepdims=True),
+    "sort": lambda x: ops.sort(x, axis=1),
+    "sort-last": lambda x: ops.sort(x),
+    "top_k": lambda x: ops.top_k(x, 3),
+}
+IMAGE_OPS = {  # after a Conv2D: the ops read a channels-first exported tensor
+    "cumsum-rows": lambda x: ops.cumsum(x, axis=1),
+    "cumprod-columns": lambda x: ops.cumprod(ops.tanh(x), axis=2),
+    "argmax-channels": lambda x: ops.argmax(x, axis=-1),
+    "resize-bilinear": lambda x: ops.image.resize(x, (12, 5), interpolation="bilinear"),
+    "resize-nearest": lambda x: ops.image.resize(x, (5, 13), interpolation="nearest"),
+    "resize-nearest-up": lambda x: ops.image.resize(x, (16, 16), interpolation="nearest"),
+}
+CONV_OPS = {
+    "conv": dict(strides=2, padding="same"),
+    "conv-dilated": dict(padding="valid", dilation_rate=2),
+    "depthwise-conv": dict(depthwise=True, strides=(1, 2), padding="same"),
+}
+
+
+def _ops_model(name):
+    if name in SEQUENCE_OPS:
+        inputs = keras.Input((6, 5), name="x")
+        return keras.Model(inputs, Ops(SEQUENCE_OPS[name], name="op")(inputs))
+    inputs = keras.Input((8, 8, 3), name="x")
+    x = layers.Conv2D(4, 1, name="conv")(inputs)
+    layer = KernelConv(**CONV_OPS[name]) if name in CONV_OPS else Ops(IMAGE_OPS[name], name="op")
+    return keras.Model(inputs, layer(x))
+
+
+@pytest.mark.parametrize("name", [*SEQUENCE_OPS, *IMAGE_OPS, *CONV_OPS])
+def test_keras_ops_rule_agrees_with_keras(name, tmp_path):
+    import onnxruntime as ort
+
+    keras.utils.set_random_seed(2)
+    model = _ops_model(name)
+    result = export_onnx(model, tmp_path / "m.onnx")
+    assert not result.used_fallback
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    shape = tuple(model.inputs[0].shape[1:])
+    x = np.random.default_rng(5).standard_normal((3, *shape)).astype("float32")
+    for batch in (1, 3):
+        expected = [keras.ops.convert_to_numpy(y) for y in keras.tree.flatten(model(x[:batch]))]
+        actual = session.run(None, {"x": x[:batch]})
+        assert len(actual) == len(expected)
+        for got, want in zip(actual, expected, strict=True):
+            assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape)
+            if want.dtype.kind == "f":
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+            else:
+                np.testing.assert_array_equal(got, want)
