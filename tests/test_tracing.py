@@ -322,15 +322,27 @@ class BackendSpecific(layers.Layer):
         return tf.nn.relu(x)
 
 
+def _backend_specific_activation(name):
+    def activation(x):
+        import tensorflow as tf
+
+        return tf.nn.relu(x) * 2.0
+
+    return layers.Activation(activation, name=name)
+
+
 @pytest.mark.parametrize(
     "layer, fragment",
     [
         pytest.param(DataDependent, "if ops.mean(x) > 0:", id="control-flow"),
         pytest.param(BackendSpecific, "return tf.nn.relu(x)", id="backend-specific"),
+        pytest.param(
+            _backend_specific_activation, "return tf.nn.relu(x) * 2.0", id="activation-function"
+        ),
     ],
 )
 def test_untraceable_layer_is_one_error_with_its_source_line(layer, fragment, tmp_path):
-    if layer is BackendSpecific and keras.backend.backend() != "tensorflow":
+    if layer is not DataDependent and keras.backend.backend() != "tensorflow":
         pytest.skip("tf.* code runs on the TensorFlow backend only")
     inputs = keras.Input((4,))
     try:
