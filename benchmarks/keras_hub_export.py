@@ -43,6 +43,7 @@ from helpers import (  # noqa: E402
     randomize_batch_norms,
 )
 
+from keras_bn._keras_internals import producing_operation  # noqa: E402
 from keras_bn.converters.comparison import relative_error  # noqa: E402
 from keras_bn.converters.onnx.export import check_structure, export_onnx  # noqa: E402
 
@@ -90,7 +91,10 @@ def _measure(name: str, build, exporter: str, workdir: Path) -> dict:
         randomize_batch_norms(layer, rng, gain=(0.5, 1.5))
     shape = tuple(model.inputs[0].shape[1:])
     x = np.random.default_rng(3).standard_normal((3, *shape)).astype("float32")
-    keras_out = [np.asarray(keras.ops.convert_to_numpy(y)) for y in keras.tree.flatten(model(x))]
+    keras_out = [
+        np.asarray(keras.ops.convert_to_numpy(y))
+        for y in keras.tree.flatten(model(x, training=False))
+    ]
     exact = float64_build(build, model)([x])
     path = workdir / f"{name.replace(':', '_')}_{exporter}.onnx"
     row: dict = {"model": name, "exporter": exporter}
@@ -103,7 +107,7 @@ def _measure(name: str, build, exporter: str, workdir: Path) -> dict:
             else:
                 model.export(str(path), format="onnx", verbose=False)
         row["seconds"] = round(time.perf_counter() - start, 2)
-        row.update(_graph_facts(path, [model.inputs[0].name]))
+        row.update(_graph_facts(path, [producing_operation(model.inputs[0]).name]))
         outputs = _run_onnx(path, x)
         if [o.shape for o in outputs] != [k.shape for k in keras_out]:
             raise RuntimeError(f"output shapes {[o.shape for o in outputs]}")

@@ -146,7 +146,10 @@ def flatten(model: keras.Model, trace: Callable[[Any], bool] | None = None) -> G
     traced (:func:`keras_bn.converters.tracing.trace_call`) and inlined the same
     way, in the scope of the layer's name, its nested layers tested in turn; a
     call that does not trace stays one node with the reason in ``trace_error``.
-    The model is not modified.
+    A traced call's None outputs are none of its outputs (Keras records them so
+    too); an output computed from constants only is a
+    :class:`~keras_bn.converters.tracing.Constant` node, left out when nothing
+    reads it. The model is not modified.
     """
     functional = internals.functional_of(model)
     counter = itertools.count()
@@ -184,20 +187,32 @@ def flatten(model: keras.Model, trace: Callable[[Any], bool] | None = None) -> G
                 try:
                     with tracing.tracing(operation):
                         recorded = tracing.trace_call(operation, args, kwargs, _spec)
-                        inner_map: dict[int, Tensor] = {
-                            id(kt): source
-                            for kt, source in zip(
-                                tree.flatten(internals.inputs_struct(recorded.model)),
-                                recorded.sources,
-                                strict=True,
-                            )
-                        }
-                        walk(recorded.model, inner_map, inner_scope, traced=True)
+                        inner_map: dict[int, Tensor] = {}
+                        if recorded.model is not None:
+                            placeholders = tree.flatten(internals.inputs_struct(recorded.model))
+                            for kt, source in zip(placeholders, recorded.sources, strict=True):
+                                inner_map[id(kt)] = source
+                            walk(recorded.model, inner_map, inner_scope, traced=True)
+                    if len(recorded.outputs) != len(knode.outputs):
+                        raise tracing.TraceError(
+                            f"tracing {type(operation).__name__}.call(): it returned "
+                            f"{len(recorded.outputs)} outputs, its recorded call has "
+                            f"{len(knode.outputs)}"
+                        )
                 except tracing.TraceError as error:
                     trace_error = str(error)
                 else:
-                    for kt, inner_kt in zip(knode.outputs, recorded.outputs, strict=True):
-                        tensor_map[id(kt)] = inner_map[id(inner_kt)]
+                    for index, (kt, inner) in enumerate(
+                        zip(knode.outputs, recorded.outputs, strict=True)
+                    ):
+                        if _is_keras_tensor(inner):
+                            tensor_map[id(kt)] = inner_map[id(inner)]
+                        else:  # computed from constants only: a Constant node
+                            constant = tracing.Constant(inner, name=f"output_{index}")
+                            node = Node(constant, (), {}, [], [], None, scope=inner_scope)
+                            tensor_map[id(kt)] = new_tensor(kt, node, constant.name, True)
+                            node.outputs.append(tensor_map[id(kt)])
+                            nodes.append(node)
                     continue
             if is_model(operation):
                 inner = internals.functional_of(operation)
@@ -243,12 +258,20 @@ def flatten(model: keras.Model, trace: Callable[[Any], bool] | None = None) -> G
         inputs.append(tensor)
         input_names.append(input_layer.name)
     walk(functional, tensor_map, "")
-    for node, key in zip(nodes, node_keys(nodes), strict=True):
-        node.key = key
     output_structure = tree.map_structure(
         lambda x: tensor_map[id(x)], internals.outputs_struct(functional)
     )
     outputs = [tensor_map[id(x)] for x in tree.flatten(internals.outputs_struct(functional))]
+    # A traced call's constant output that nothing reads (DeiT's empty attention scores).
+    nodes[:] = [
+        node
+        for node in nodes
+        if not isinstance(node.layer, tracing.Constant)
+        or node.outputs[0].consumers
+        or any(node.outputs[0] is tensor for tensor in outputs)
+    ]
+    for node, key in zip(nodes, node_keys(nodes), strict=True):
+        node.key = key
     return Graph(
         name=model.name,
         inputs=inputs,

@@ -33,7 +33,7 @@ from keras import tree
 
 from keras_bn import _keras_internals as internals
 
-__all__ = ["BATCH", "TraceError", "TracedCall", "batch_multiple", "trace_call"]
+__all__ = ["BATCH", "Constant", "TraceError", "TracedCall", "batch_multiple", "trace_call"]
 
 # The batch size placeholders get while tracing. Keras code reads the batch size
 # as a Python number (``ops.shape(x)[0]``) to tile class tokens or reshape windows,
@@ -52,17 +52,40 @@ class TraceError(Exception):
     """A layer's ``call()`` could not be recorded as layers and ``keras.ops``."""
 
 
+class Constant(keras.Operation):
+    """A traced call's output that depends on no input: ``ops.zeros(...)``, a weight.
+
+    KerasHub's DeiT encoder returns ``ops.empty((0, length, dim))`` beside its
+    hidden states when asked for no attention scores. In the flattened graph such
+    an output is produced by a node of this operation, with no inputs; the
+    exporter writes it as an ONNX Constant.
+    """
+
+    def __init__(self, value: np.ndarray, name: str | None = None):
+        super().__init__(name=name)
+        self.value = value
+
+    def call(self) -> Any:
+        return keras.ops.convert_to_tensor(self.value)
+
+    def compute_output_spec(self) -> keras.KerasTensor:
+        return keras.KerasTensor(self.value.shape, dtype=str(self.value.dtype))
+
+
 @dataclasses.dataclass
 class TracedCall:
     """A layer call recorded as a Functional model over fresh placeholders.
 
     ``model``'s inputs are placeholders for ``sources`` (the call's tensor
-    arguments, in order); ``outputs`` are the call's outputs, flattened.
+    arguments, in order). ``outputs`` are the call's outputs, flattened, without
+    its None outputs (``return x, None``: Keras records the call with its tensors
+    only): each a ``KerasTensor`` of ``model``'s outputs, or a NumPy array for an
+    output computed from constants only.
     """
 
-    model: keras.Model
+    model: keras.Model | None  # None when no output depends on the inputs
     sources: list[Any]
-    outputs: list[keras.KerasTensor]
+    outputs: list[keras.KerasTensor | np.ndarray]
 
 
 def trace_call(layer: Any, args: Any, kwargs: dict, spec: Callable[[Any], Any]) -> TracedCall:
@@ -100,31 +123,59 @@ def trace_call(layer: Any, args: Any, kwargs: dict, spec: Callable[[Any], Any]) 
     symbolic_args, symbolic_kwargs = tree.map_structure(placeholder, (tuple(args), dict(kwargs)))
     call = layer.call
     try:
-        parameters = set(inspect.signature(call).parameters)
+        signature = dict(inspect.signature(call).parameters)
     except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        parameters = set()
+        signature = {}
+    parameters = set(signature)
     if "training" in parameters:
         symbolic_kwargs["training"] = False  # export is inference
+    elif not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values()):
+        # Keras's __call__ passes training and mask only to a call() that takes them.
+        for name in ("training", "mask"):
+            if name not in parameters:
+                symbolic_kwargs.pop(name, None)
     try:
-        with internals.symbolic_variable_arithmetic():
+        with (
+            internals.symbolic_variable_arithmetic(),
+            internals.none_outputs_recorded(),
+            internals.static_python_arguments(),
+        ):
             outputs = call(*symbolic_args, **symbolic_kwargs)
     except Exception as error:  # noqa: BLE001 - any failure is the layer's, reported as one
         raise TraceError(_describe(layer, error)) from error
-    flat = tree.flatten(outputs)
-    constant = [i for i, x in enumerate(flat) if not isinstance(x, keras.KerasTensor)]
-    if constant or not flat:
-        raise TraceError(
-            f"tracing {type(layer).__name__}.call(): output(s) {constant} do not depend on "
-            "the layer's inputs (computed from weights or constants only)"
-        )
+    flat = [x for x in tree.flatten(outputs) if x is not None]
+    tensors = [x for x in flat if _is_symbolic(x)]
+    if not flat:
+        raise TraceError(f"tracing {type(layer).__name__}.call(): it returned no output")
     try:
-        model = keras.Model(placeholders, flat, name=f"{layer.name}_traced")
+        flat = [x if _is_symbolic(x) else _constant_value(x) for x in flat]
+    except (TypeError, ValueError) as error:
+        raise TraceError(
+            f"tracing {type(layer).__name__}.call(): an output is neither a tensor nor "
+            f"a number ({type(error).__name__}: {_first_line(error)})"
+        ) from error
+    if not tensors:  # every output computed from weights or constants (a RoPE table)
+        return TracedCall(None, sources, flat)
+    try:
+        model = keras.Model(placeholders, tensors, name=f"{layer.name}_traced")
     except Exception as error:  # noqa: BLE001
         raise TraceError(
             f"tracing {type(layer).__name__}.call(): the recorded calls do not form a graph "
             f"({type(error).__name__}: {_first_line(error)})"
         ) from error
     return TracedCall(model, sources, flat)
+
+
+def _is_symbolic(x: Any) -> bool:
+    return isinstance(x, keras.KerasTensor)
+
+
+def _constant_value(x: Any) -> np.ndarray:
+    """An eager output (backend tensor, array, number) as a numeric NumPy array."""
+    value = np.asarray(keras.ops.convert_to_numpy(x))
+    if value.dtype.kind not in "biuf":
+        raise TypeError(f"an output of dtype {value.dtype}")
+    return value
 
 
 def batch_multiple(size: Any) -> int | None:

@@ -31,6 +31,7 @@ from keras.src.applications.convnext import LayerScale
 from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
 from keras.src.models.functional import Functional
 from keras.src.ops import core as core_ops
+from keras.src.ops import image as image_ops
 from keras.src.ops import math as math_ops
 from keras.src.ops import nn as nn_ops
 from keras.src.ops import numpy as numpy_ops
@@ -41,6 +42,7 @@ __all__ = [
     "LayerScale",
     "CustomScaleLayer",
     "core_ops",
+    "image_ops",
     "math_ops",
     "nn_ops",
     "numpy_ops",
@@ -64,6 +66,8 @@ __all__ = [
     # tracing a layer's call
     "keeping_layer_nodes",
     "symbolic_variable_arithmetic",
+    "none_outputs_recorded",
+    "static_python_arguments",
 ]
 
 # ``Functional``: the class of every ``keras.Model(inputs, outputs)`` model (and of
@@ -71,8 +75,8 @@ __all__ = [
 # subclassed model.
 # ``LayerScale`` (ConvNeXt) and ``CustomScaleLayer`` (InceptionResNetV2): layers of
 # Keras Applications models, defined privately in their application modules.
-# ``nn_ops`` / ``numpy_ops`` / ``core_ops`` / ``math_ops``: the modules holding the
-# ``keras.Operation`` classes that ``keras.ops`` functions (``keras.ops.relu``,
+# ``nn_ops`` / ``numpy_ops`` / ``core_ops`` / ``math_ops`` / ``image_ops``: the modules
+# holding the ``keras.Operation`` classes that ``keras.ops`` functions (``keras.ops.relu``,
 # ``keras.ops.add``, ``keras.ops.cast``, ``keras.ops.rsqrt``...) record in a
 # Functional graph or a traced call, e.g. ``nn_ops.Relu``, ``numpy_ops.Add``.
 
@@ -396,3 +400,99 @@ def symbolic_variable_arithmetic() -> Iterator[None]:
                 delattr(cls, name)
             else:
                 setattr(cls, name, original)
+
+
+@contextlib.contextmanager
+def none_outputs_recorded() -> Iterator[None]:
+    """Inside the block, a layer called on symbolic tensors may return None leaves.
+
+    Keras records a symbolic call as a ``Node`` whose outputs must all be tensors
+    (``Node.__init__`` raises "All operation outputs must be tensors"), so a block
+    returning ``(x, None)`` - KerasHub's DeiT encoder blocks return their attention
+    scores that way when not asked for them - cannot be called inside a traced
+    ``call()``. Within the block the ``Node`` records only the output tensors; the
+    call still returns its structure with the None leaves, which the caller's code
+    then ignores or passes on. Not thread-safe: it patches ``Node.__init__`` for the
+    duration of the block.
+    """
+    from keras import tree
+    from keras.src.ops.node import Node
+
+    original = Node.__init__
+
+    def init(
+        self: Any,
+        operation: Any,
+        call_args: Any = None,
+        call_kwargs: Any = None,
+        outputs: Any = None,
+    ) -> None:
+        if outputs is not None:
+            outputs = [x for x in tree.flatten(outputs) if x is not None]
+        original(self, operation, call_args, call_kwargs, outputs)
+
+    Node.__init__ = init
+    try:
+        yield
+    finally:
+        Node.__init__ = original
+
+
+_PYTHON_SCALARS = (type(None), int, float, str, bool, complex, bytes)
+
+
+def _python_only(value: Any) -> bool:
+    from keras import tree
+
+    return all(isinstance(leaf, _PYTHON_SCALARS) for leaf in tree.flatten(value))
+
+
+@contextlib.contextmanager
+def static_python_arguments() -> Iterator[None]:
+    """Inside the block, a layer called on symbolic tensors keeps tuples of Python
+    numbers static while Keras infers its output.
+
+    Keras infers a symbolic call's output by running ``call()`` under the backend's
+    ``compute_output_spec``; on JAX (``jax.eval_shape``) only top-level Python
+    scalars stay static, so ``query_size=(4, 4)`` arrives as JAX tracers and
+    ``max(query_size)`` fails (KerasHub ViTDet's relative position embedding). Within
+    the block, arguments made only of Python scalars are bound to ``call`` before
+    ``backend.compute_output_spec`` sees them. Not thread-safe: it patches
+    ``keras.src.backend.compute_output_spec`` for the duration of the block.
+    """
+    import functools
+
+    from keras.src import backend
+
+    original = backend.compute_output_spec
+
+    def compute_output_spec(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        static = {
+            key: value
+            for key, value in kwargs.items()
+            if not isinstance(value, _PYTHON_SCALARS) and _python_only(value)
+        }
+        positions = [
+            index
+            for index, value in enumerate(args)
+            if not isinstance(value, _PYTHON_SCALARS) and _python_only(value)
+        ]
+        if not static and not positions:
+            return original(fn, *args, **kwargs)
+        fixed = {index: args[index] for index in positions}
+        count = len(args)
+
+        def bound(*rest: Any, **rest_kwargs: Any) -> Any:
+            values = iter(rest)
+            merged = [fixed[i] if i in fixed else next(values) for i in range(count)]
+            return fn(*merged, *values, **rest_kwargs, **static)
+
+        rest = [value for index, value in enumerate(args) if index not in fixed]
+        rest_kwargs = {key: value for key, value in kwargs.items() if key not in static}
+        return original(functools.wraps(fn)(bound), *rest, **rest_kwargs)
+
+    backend.compute_output_spec = compute_output_spec
+    try:
+        yield
+    finally:
+        backend.compute_output_spec = original

@@ -899,6 +899,103 @@ def keras_hub_models() -> dict:
             drop_path=0.0,
         )
 
+    def xception():
+        return M.XceptionBackbone(
+            stackwise_conv_filters=[[8, 16], [16, 32], [32, 32]],
+            stackwise_pooling=[True, True, False],
+            image_shape=S,
+        )
+
+    def dinov2():
+        return M.DINOV2Backbone(
+            patch_size=8,
+            num_layers=2,
+            hidden_dim=16,
+            num_heads=2,
+            intermediate_dim=32,
+            image_shape=S,
+            position_embedding_shape=(32, 32),
+        )
+
+    def dinov3():
+        return M.DINOV3Backbone(
+            patch_size=8,
+            num_layers=2,
+            hidden_dim=16,
+            num_heads=2,
+            intermediate_dim=32,
+            image_shape=S,
+        )
+
+    def vit_det():
+        return M.ViTDetBackbone(
+            image_shape=S,
+            patch_size=4,
+            hidden_size=8,
+            num_layers=2,
+            global_attention_layer_indices=[1],
+            intermediate_dim=16,
+            num_heads=2,
+            num_output_channels=8,
+            window_size=4,
+        )
+
+    def mobilenet_v5():
+        def per_block(first, second):
+            return [[first], [second, second]]
+
+        return M.MobileNetV5Backbone(
+            stackwise_block_types=[["er"], ["uir", "uir"]],
+            stackwise_num_blocks=[1, 2],
+            stackwise_num_filters=[[8], [16, 16]],
+            stackwise_strides=[[2], [2, 1]],
+            stackwise_act_layers=per_block("relu", "relu"),
+            stackwise_exp_ratios=per_block(2.0, 2.0),
+            stackwise_se_ratios=per_block(0.0, 0.0),
+            stackwise_dw_kernel_sizes=per_block(0, 3),
+            stackwise_dw_start_kernel_sizes=per_block(0, 0),
+            stackwise_dw_end_kernel_sizes=per_block(0, 0),
+            stackwise_exp_kernel_sizes=per_block(3, 0),
+            stackwise_pw_kernel_sizes=per_block(1, 0),
+            stackwise_num_heads=per_block(0, 0),
+            stackwise_key_dims=per_block(0, 0),
+            stackwise_value_dims=per_block(0, 0),
+            stackwise_kv_strides=per_block(0, 0),
+            stackwise_use_cpe=per_block(False, False),
+            use_msfa=False,
+            num_features=32,
+            norm_layer="batch_norm",
+            image_shape=S,
+        )
+
+    def segformer():
+        return M.SegFormerBackbone(image_encoder=mit(), projection_filters=8)
+
+    def deeplab_v3():
+        return M.DeepLabV3Backbone(
+            image_encoder=resnet_v1(),
+            spatial_pyramid_pooling_key="P3",
+            upsampling_size=2,
+            dilation_rates=[1, 2],
+            low_level_feature_key="P2",
+            projection_filters=8,
+            image_shape=S,
+        )
+
+    def retinanet():
+        encoder = M.ResNetBackbone(
+            input_conv_filters=[64],
+            input_conv_kernel_sizes=[3],
+            stackwise_num_filters=[64, 128, 256, 512],
+            stackwise_num_blocks=[1, 1, 1, 1],
+            stackwise_num_strides=[1, 2, 2, 2],
+            block_type="basic_block",
+            image_shape=S,
+        )
+        return M.RetinaNetBackbone(
+            image_encoder=encoder, min_level=3, max_level=5, use_p5=False, image_shape=S
+        )
+
     def resnet_classifier():
         return M.ResNetImageClassifier(backbone=resnet_vd(), num_classes=5)
 
@@ -920,7 +1017,16 @@ def keras_hub_models() -> dict:
         "vgg": vgg,
         "vit": vit,
         "mit": mit,
+        "deit": deit,
         "swin": swin,
+        "xception": xception,
+        "dinov2": dinov2,
+        "dinov3": dinov3,
+        "vit_det": vit_det,
+        "mobilenet_v5": mobilenet_v5,
+        "segformer": segformer,
+        "deeplab_v3": deeplab_v3,
+        "retinanet": retinanet,
         "resnet_classifier": resnet_classifier,
         "mobilenet_classifier": mobilenet_classifier,
         "vit_classifier": vit_classifier,

@@ -3,14 +3,13 @@
 Each exports natively with ``fold=True`` (their custom blocks traced to layers and
 keras.ops), with no BatchNormalization left, agreeing with a float64 run of the
 same model at batch 1 and 3. Random weights; non-trivial BN statistics. The models
-whose blocks are traced (MobileNetV3, HGNetV2, ViT, Swin, the DeiT refusal) rerun
+whose blocks are traced (MobileNetV3/V5, HGNetV2, ViT, ViTDet, DeiT, DINOv2/v3, Swin) rerun
 on JAX in one subprocess with tests/test_tracing.py (``test_tracing_on_jax``):
 building a model on JAX compiles every initializer shape, ~10 s a model on 2
 cores, so the plain-Functional ones stay on TensorFlow only.
 """
 
 import keras
-import keras_hub
 import numpy as np
 import pytest
 from helpers import (
@@ -22,7 +21,6 @@ from helpers import (
     randomize_batch_norms,
 )
 
-M = keras_hub.models
 S = KERAS_HUB_IMAGE_SHAPE
 
 
@@ -35,6 +33,7 @@ NESTED_FOLDS = {
     "mobilenet_v3": "/",
     "efficientnet": "/",
     "hgnetv2": "/",
+    "mobilenet_v5": "/",
 }
 
 
@@ -58,18 +57,3 @@ def test_keras_hub_model_exports_natively_and_exactly(name, tmp_path):
         assert entry.folded or entry.blocked_by[0] in NOT_AFTER_LINEAR, entry
     if name in NESTED_FOLDS:
         assert any("/" in entry.batch_norm for entry in report.entries if entry.folded), report
-
-
-def test_deit_encoder_is_refused_with_its_reason(tmp_path):
-    """DeiT's encoder calls blocks that return None next to a tensor, which Keras cannot
-    record symbolically: one clear error naming the layer and the source line."""
-    from keras_bn.converters.onnx.export import UnsupportedLayersError, export_onnx
-
-    model = M.DeiTBackbone(
-        image_shape=S, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32
-    )
-    with pytest.raises(UnsupportedLayersError) as error:
-        export_onnx(model, tmp_path / "deit.onnx", fold=True)
-    message = str(error.value)
-    assert "DeiTEncoder.call() failed at deit_layers.py:" in message and "\n" not in message
-    assert not (tmp_path / "deit.onnx").exists()

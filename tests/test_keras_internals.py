@@ -362,3 +362,40 @@ def test_keeping_layer_nodes_undoes_symbolic_calls():
         block.call(keras.Input((4,)))
         assert len(block.dense._inbound_nodes) == before + 1
     assert len(block.dense._inbound_nodes) == before
+
+
+class _ScoresOrNone(keras.layers.Layer):
+    def call(self, x):
+        return x * 2.0, None
+
+
+def test_none_outputs_recorded_lets_a_layer_return_none_and_restores_keras():
+    layer = _ScoresOrNone(name="scores_or_none")
+    x = keras.Input((3,))
+    with pytest.raises(ValueError, match="must be tensors"):
+        layer(x)  # Keras's own rule, which the accessor relaxes
+    with internals.none_outputs_recorded():
+        doubled, nothing = layer(x)
+    assert nothing is None and isinstance(doubled, keras.KerasTensor)
+    assert internals.producing_operation(doubled) is layer
+    with pytest.raises(ValueError, match="must be tensors"):
+        layer(x)
+
+
+class _SizedScale(keras.layers.Layer):
+    def call(self, x, size):
+        if max(size) > 2:  # Python on a tuple of ints, as KerasHub ViTDet writes
+            return x * float(max(size))
+        return x
+
+
+def test_static_python_arguments_keeps_tuples_of_numbers_static_and_restores_keras():
+    from keras.src import backend
+
+    layer = _SizedScale(name="sized")
+    original = backend.compute_output_spec
+    with internals.static_python_arguments():
+        scaled = layer(keras.Input((3,)), size=(4, 3))
+        assert backend.compute_output_spec is not original
+    assert isinstance(scaled, keras.KerasTensor) and scaled.shape == (None, 3)
+    assert backend.compute_output_spec is original

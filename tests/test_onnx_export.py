@@ -427,8 +427,8 @@ def test_fold_while_exporting_keeps_the_layer_map_comparable(tmp_path):
 
 def _unsupported_model():
     x = keras.Input((6,), name="x")
-    # traced: its cumsum (no rule) is named by the Lambda's path
-    h = layers.Lambda(lambda t: keras.ops.cumsum(t, axis=-1), name="doubler")(x)
+    # traced: its sinh (no rule) is named by the Lambda's path
+    h = layers.Lambda(lambda t: keras.ops.sinh(t), name="doubler")(x)
     h = layers.Dense(4, activation=lambda t: t * 0.5, name="custom_activation")(h)
     h = layers.RepeatVector(2, name="repeat")(h)
     return keras.Model(x, layers.Flatten()(h), name="unsupported")
@@ -442,7 +442,7 @@ def test_unsupported_layers_are_all_named(tmp_path):
     assert "3 layer(s)" in message and "\n" not in message
     for name in (
         "'doubler/",
-        "(Cumsum: no ONNX rule",
+        "(Sinh: no ONNX rule",
         "'custom_activation' (Dense: activation",
         "'repeat/repeat' (Repeat: no ONNX rule",  # RepeatVector traced to ops.repeat
     ):
@@ -454,8 +454,8 @@ def test_unsupported_layers_are_all_named(tmp_path):
 
 def test_fallback_uses_keras_exporter(tmp_path):
     x = keras.Input((6,), name="x")
-    cumsum = layers.Lambda(lambda t: keras.ops.cumsum(t, axis=-1))  # no rule for Cumsum
-    model = keras.Model(x, layers.Dense(3)(cumsum(x)), name="fb")
+    sinh = layers.Lambda(lambda t: keras.ops.sinh(t))  # no rule for Sinh
+    model = keras.Model(x, layers.Dense(3)(sinh(x)), name="fb")
     import importlib.util
 
     if importlib.util.find_spec("tf2onnx") is None and keras.backend.backend() == "tensorflow":
@@ -478,7 +478,7 @@ def test_fallback_with_fold_exports_the_folded_model(tmp_path):
     x = keras.Input((6,), name="x")
     bn = layers.BatchNormalization(name="bn")
     h = bn(layers.Dense(4, name="dense")(x))
-    model = keras.Model(x, layers.Lambda(lambda t: keras.ops.cumsum(t, axis=-1))(h), name="fb_fold")
+    model = keras.Model(x, layers.Lambda(lambda t: keras.ops.sinh(t))(h), name="fb_fold")
     bn.moving_mean.assign([0.5, -1.0, 2.0, 0.0])
     bn.moving_variance.assign([0.25, 4.0, 1.0, 9.0])
     if importlib.util.find_spec("tf2onnx") is None and keras.backend.backend() == "tensorflow":

@@ -3,7 +3,8 @@
 Each configuration is exported with a dynamic batch, run in onnxruntime at batch 1
 and 3, and its error against a float64 run of the same Keras model must be no
 worse than Keras float32's own (``helpers.export_and_judge``). Masks come from
-right-padded sequences (the form ONNX's ``sequence_lens`` expresses).
+Masking layers over right-padded sequences (ONNX's ``sequence_lens`` form) and over
+any pattern: left padding, gaps, a fully masked sequence.
 """
 
 import keras
@@ -114,6 +115,90 @@ def test_masked_right_padded_sequences(name, config, tmp_path):
     assert node[0].input[4], "sequence_lens is wired"
 
 
+def _holey_sequences(batch, seed=0):
+    """Masked steps anywhere: sample k has its own pattern (full, left-padded, gaps,
+    right-padded, fully masked, one kept step), cycling over the batch."""
+    patterns = [
+        [1, 1, 1, 1, 1, 1],
+        [0, 0, 1, 1, 1, 1],
+        [1, 0, 1, 1, 0, 1],
+        [0, 1, 0, 0, 1, 0],
+        [1, 1, 1, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0],
+    ]
+    (x,) = _sequences(batch, seed)
+    for i in range(batch):
+        x[i, np.asarray(patterns[(i + seed) % len(patterns)]) == 0] = 0.0
+    return [x]
+
+
+MASKED_CONFIGS = {
+    "last": {},
+    "sequences": {"return_sequences": True},
+    "sequences-zeros": {"return_sequences": True, "zero_output_for_mask": True},
+    "backwards-sequences-states": {
+        "go_backwards": True,
+        "return_sequences": True,
+        "return_state": True,
+    },
+}
+
+
+@pytest.mark.parametrize("config", MASKED_CONFIGS.values(), ids=MASKED_CONFIGS.keys())
+@pytest.mark.parametrize("name", CLASSES)
+def test_masks_with_left_padding_and_gaps_are_exact(name, config, tmp_path):
+    """Keras skips masked steps anywhere; the export moves kept steps first, exactly."""
+    model = _weights_of_every_size(_model(CLASSES[name](UNITS, **config), masked=True))
+    for seed in (0, 3):  # batch 1 and 3 of two pattern cycles: all seven patterns
+        export_and_judge(
+            model, lambda batch, seed=seed: _holey_sequences(batch, seed), tmp_path / "m.onnx"
+        )
+
+
+@pytest.mark.parametrize("return_sequences", [True, False], ids=["sequences", "last"])
+def test_bidirectional_masks_with_gaps_are_exact(return_sequences, tmp_path):
+    layer = L.Bidirectional(L.GRU(UNITS, return_sequences=return_sequences, return_state=True))
+    model = _weights_of_every_size(_model(layer, masked=True))
+    for seed in (0, 3):
+        result, _ = export_and_judge(
+            model, lambda batch, seed=seed: _holey_sequences(batch, seed), tmp_path / "m.onnx"
+        )
+    assert result.op_counts["GRU"] == 1
+
+
+def test_holey_masks_at_the_lowest_opset(tmp_path):
+    import onnxruntime as ort
+
+    from keras_bn.converters.onnx.export import MIN_OPSET
+
+    layer = L.Bidirectional(L.LSTM(UNITS, return_sequences=True))
+    model = _weights_of_every_size(_model(layer, masked=True))
+    export_onnx(model, tmp_path / "m.onnx", opset=MIN_OPSET)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (x,) = _holey_sequences(7)
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    (actual,) = session.run(None, {session.get_inputs()[0].name: x})
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_holey_masks_differ_from_their_right_padded_reading():
+    """The patterns matter: reading them as right-padded lengths (sum(mask), what
+    sequence_lens alone expresses) gives other outputs, so the tests above can fail."""
+    model = _weights_of_every_size(_model(L.GRU(UNITS, return_sequences=True), masked=True))
+    (x,) = _holey_sequences(7)
+    lengths = (x != 0).any(axis=-1).sum(axis=1)
+    compacted = np.zeros_like(x)
+    for i, row in enumerate(x):
+        kept = row[(row != 0).any(axis=-1)]
+        compacted[i, : len(kept)] = kept
+    holey = keras.ops.convert_to_numpy(model(x, training=False))
+    right_padded = keras.ops.convert_to_numpy(model(compacted, training=False))
+    assert lengths.tolist() == [6, 4, 4, 2, 3, 0, 1]
+    differs = np.abs(holey - right_padded).max(axis=(1, 2)) > 1e-3
+    assert differs[[1, 2, 3, 6]].all()  # left padding and gaps move the outputs
+
+
 MERGES = [
     ("concat", False),
     ("concat", True),
@@ -222,7 +307,10 @@ def token_ids(batch, seed=0):
     rng = np.random.default_rng(seed)
     ids = rng.integers(1, 50, (batch, TIME)).astype("int32")
     for i in range(1, batch):
-        ids[i, TIME - 1 - (i % (TIME - 1)) :] = 0  # right padding
+        if i % 2:  # left padding: keras.utils.pad_sequences' default (padding="pre")
+            ids[i, : 1 + i % (TIME - 1)] = 0
+        else:
+            ids[i, TIME - 1 - (i % (TIME - 1)) :] = 0
     return [ids]
 
 
@@ -246,9 +334,7 @@ def test_users_model_embedding_bidirectional_lstm(tmp_path):
 def test_users_model_masked_gru_classifier_folds_its_batch_norm(tmp_path):
     model = randomize_batch_norms(_weights_of_every_size(masked_gru_classifier()))
     assert len(batch_norm_layers(model)) == 1
-    result, _ = export_and_judge(
-        model, lambda batch: _sequences(batch, padded=True), tmp_path / "model.onnx", fold=True
-    )
+    result, _ = export_and_judge(model, _holey_sequences, tmp_path / "model.onnx", fold=True)
     assert result.fold_report.not_folded_count == 0
     assert result.op_counts["GRU"] == 2
 

@@ -142,7 +142,88 @@ def _transformer_model():
     return keras.Model(inputs, probabilities, name="transformer")
 
 
-MODELS = {"conv_blocks": _conv_blocks_model, "transformer": _transformer_model}
+class ScoredBlock(layers.Layer):
+    """Returns ``(output, None)`` unless asked for its scores, as KerasHub's DeiT blocks do."""
+
+    def __init__(self, dim, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = layers.Dense(dim, name="dense")
+        self.bn = layers.BatchNormalization(name="bn")
+
+    def call(self, x, return_scores=False, training=None):
+        h = self.bn(self.dense(x), training=training)
+        scores = ops.softmax(h) if return_scores else None
+        return ops.relu(h) + x, scores
+
+
+class ScoredStack(layers.Layer):
+    """Unpacks its blocks' ``(x, None)`` and returns constants beside its output, as
+    DeiT's encoder returns ``ops.empty(...)`` for the hidden states it was not asked for."""
+
+    def __init__(self, dim, depth, **kwargs):
+        super().__init__(**kwargs)
+        self.blocks = [ScoredBlock(dim, name=f"block_{i}") for i in range(depth)]
+
+    def call(self, x):
+        for block in self.blocks:
+            x, _ = block(x)
+        return x, ops.arange(1.0, 4.0), ops.zeros((0, x.shape[-1]))
+
+
+def _optional_outputs_model():
+    inputs = keras.Input((6,), name="x")
+    h, offsets, _ = ScoredStack(6, 2, name="stack")(layers.Dense(6, name="first")(inputs))
+    logits = layers.Dense(3, name="head")(h) + offsets  # a constant output, used
+    return keras.Model(inputs, logits, name="optional_outputs")
+
+
+class PlainNorm(layers.Layer):
+    """An RMS norm whose call() takes no ``training``: its caller passes one anyway."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="scale")
+
+    def call(self, x):
+        return x * ops.rsqrt(ops.mean(ops.square(x), axis=-1, keepdims=True) + 1e-6) * self.scale
+
+
+class ConvNormAct(layers.Layer):
+    """KerasHub's MobileNetV5 idioms: training passed on, an Activation of a lambda."""
+
+    def __init__(self, filters, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = layers.Conv2D(filters, 3, padding="same", name="conv")
+        self.bn = layers.BatchNormalization(name="bn")
+        self.norm = PlainNorm(name="norm")
+        self.act = layers.Activation(lambda x: keras.activations.gelu(x, approximate=False))
+
+    def call(self, x, training=False):
+        x = self.bn(self.conv(x), training=training)
+        return self.act(self.norm(x, training=training))
+
+
+class SinusoidalTable(layers.Layer):
+    """An output computed from static shapes only, as DINOv3's RoPE table is."""
+
+    def call(self, x):
+        positions = ops.arange(x.shape[1], dtype="float32")[:, None]
+        frequencies = ops.arange(1, x.shape[-1] + 1, dtype="float32")[None, :] / x.shape[1]
+        return ops.sin(positions * frequencies)
+
+
+def _keras_hub_idioms_model():
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = layers.Reshape((256, 4))(ConvNormAct(4, name="stem")(inputs))
+    x = x + SinusoidalTable(name="table")(x)
+    return keras.Model(inputs, layers.Dense(3, name="head")(x), name="keras_hub_idioms")
+
+
+MODELS = {
+    "conv_blocks": _conv_blocks_model,
+    "transformer": _transformer_model,
+    "optional_outputs": _optional_outputs_model,
+    "keras_hub_idioms": _keras_hub_idioms_model,
+}
 
 
 def _float64_twin(build, model):
@@ -155,6 +236,12 @@ def _images(batch):
     return [np.random.default_rng(batch).standard_normal((batch, 16, 16, 3)).astype("float32")]
 
 
+def _inputs_for(name):
+    if name == "optional_outputs":
+        return lambda batch: [np.random.default_rng(batch).standard_normal((batch, 6), "float32")]
+    return _images
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_custom_model_exports_natively_and_exactly(name, tmp_path):
     keras.utils.set_random_seed(1)
@@ -162,7 +249,7 @@ def test_custom_model_exports_natively_and_exactly(name, tmp_path):
     for layer in nested_batch_norms(model):
         randomize_batch_norms(layer, np.random.default_rng(len(layer.name)))
     twin = _float64_twin(MODELS[name], model)
-    result = assert_exports_exactly(model, tmp_path / "m.onnx", _images, twin=twin)
+    result = assert_exports_exactly(model, tmp_path / "m.onnx", _inputs_for(name), twin=twin)
     report = result.fold_report
     assert report.folded_count == len(report.entries) == len(nested_batch_norms(model))
     if name == "conv_blocks":
@@ -170,6 +257,19 @@ def test_custom_model_exports_natively_and_exactly(name, tmp_path):
         assert folded["block_1_0/bn"] == "block_1_0/conv"
         assert folded["block_1_0/first/bn"].startswith("block_1_0/first/")
         assert "stem/bn" in folded
+    if name == "optional_outputs":  # blocks returning (x, None) are traced through
+        folded = {entry.batch_norm: entry.target for entry in report.entries}
+        assert folded == {f"stack/block_{i}/bn": f"stack/block_{i}/dense" for i in (0, 1)}
+        # its constant outputs: the one the head reads is kept, the unread one dropped
+        graph = graph_lib.flatten(model, needs_tracing)
+        constants = [node.name for node in graph.nodes if not node.inputs]
+        assert constants == ["stack/output_1"]
+    if name == "keras_hub_idioms":
+        graph = graph_lib.flatten(model, needs_tracing)
+        names = {node.name for node in graph.nodes}
+        assert "table/output_0" in names, names  # the table: a constant
+        assert any(name.startswith("stem/norm/") for name in names), names  # traced
+        assert not any(type(node.layer) is layers.Activation for node in graph.nodes)
 
 
 def test_tracing_leaves_the_model_as_it_was():
@@ -222,15 +322,27 @@ class BackendSpecific(layers.Layer):
         return tf.nn.relu(x)
 
 
+def _backend_specific_activation(name):
+    def activation(x):
+        import tensorflow as tf
+
+        return tf.nn.relu(x) * 2.0
+
+    return layers.Activation(activation, name=name)
+
+
 @pytest.mark.parametrize(
     "layer, fragment",
     [
         pytest.param(DataDependent, "if ops.mean(x) > 0:", id="control-flow"),
         pytest.param(BackendSpecific, "return tf.nn.relu(x)", id="backend-specific"),
+        pytest.param(
+            _backend_specific_activation, "return tf.nn.relu(x) * 2.0", id="activation-function"
+        ),
     ],
 )
 def test_untraceable_layer_is_one_error_with_its_source_line(layer, fragment, tmp_path):
-    if layer is BackendSpecific and keras.backend.backend() != "tensorflow":
+    if layer is not DataDependent and keras.backend.backend() != "tensorflow":
         pytest.skip("tf.* code runs on the TensorFlow backend only")
     inputs = keras.Input((4,))
     try:
@@ -274,7 +386,7 @@ def test_tracing_on_jax(run_python):
     """This module and the traced KerasHub models on the JAX backend, in one subprocess
     (KERAS_BACKEND is read once per process)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    traced_hub_models = "mobilenet_v3 or hgnetv2 or vit or swin or deit"
+    traced_hub_models = "mobilenet_v3 or mobilenet_v5 or hgnetv2 or vit or swin or deit or dinov"
     selection = f"(test_tracing and not on_jax) or (test_keras_hub and ({traced_hub_models}))"
     args = ["-m", "pytest", os.path.join(here, "test_tracing.py")]
     args += [os.path.join(here, "test_keras_hub.py"), "-q", "-p", "no:cacheprovider"]
@@ -284,3 +396,92 @@ def test_tracing_on_jax(run_python):
     passed = re.search(r"(\d+) passed", summary)
     assert passed and int(passed.group(1)) >= 12, summary
     assert not re.search(r"failed|error", summary), summary
+
+
+# --------------------------------------------------------------------------------------
+# One keras.ops function per rule, in custom layers, against Keras.
+
+
+class Ops(layers.Layer):
+    """A custom layer whose call() is one keras.ops expression."""
+
+    def __init__(self, function, **kwargs):
+        super().__init__(**kwargs)
+        self.function = function
+
+    def call(self, x):
+        return self.function(x)
+
+
+class KernelConv(layers.Layer):
+    """ops.conv / ops.depthwise_conv with a kernel the layer owns."""
+
+    def __init__(self, depthwise=False, **options):
+        super().__init__()
+        self.depthwise, self.options = depthwise, options
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(3, 3, input_shape[-1], 2 if self.depthwise else 4))
+
+    def call(self, x):
+        if self.depthwise:
+            return ops.depthwise_conv(x, self.kernel, **self.options)
+        return ops.conv(x, self.kernel, **self.options)
+
+
+SEQUENCE_OPS = {
+    "cumsum": lambda x: ops.cumsum(x, axis=1),
+    "cumsum-flat": lambda x: ops.cumsum(x),
+    "cumprod": lambda x: ops.cumprod(1.0 + 0.3 * x, axis=-1),
+    "argmax": lambda x: ops.argmax(x, axis=1),
+    "argmin-keepdims": lambda x: ops.argmin(x, axis=-1, keepdims=True),
+    "sort": lambda x: ops.sort(x, axis=1),
+    "sort-last": lambda x: ops.sort(x),
+    "top_k": lambda x: ops.top_k(x, 3),
+}
+IMAGE_OPS = {  # after a Conv2D: the ops read a channels-first exported tensor
+    "cumsum-rows": lambda x: ops.cumsum(x, axis=1),
+    "cumprod-columns": lambda x: ops.cumprod(ops.tanh(x), axis=2),
+    "argmax-channels": lambda x: ops.argmax(x, axis=-1),
+    "resize-bilinear": lambda x: ops.image.resize(x, (12, 5), interpolation="bilinear"),
+    "resize-nearest": lambda x: ops.image.resize(x, (5, 13), interpolation="nearest"),
+    "resize-nearest-up": lambda x: ops.image.resize(x, (16, 16), interpolation="nearest"),
+}
+CONV_OPS = {
+    "conv": dict(strides=2, padding="same"),
+    "conv-dilated": dict(padding="valid", dilation_rate=2),
+    "depthwise-conv": dict(depthwise=True, strides=(1, 2), padding="same"),
+}
+
+
+def _ops_model(name):
+    if name in SEQUENCE_OPS:
+        inputs = keras.Input((6, 5), name="x")
+        return keras.Model(inputs, Ops(SEQUENCE_OPS[name], name="op")(inputs))
+    inputs = keras.Input((8, 8, 3), name="x")
+    x = layers.Conv2D(4, 1, name="conv")(inputs)
+    layer = KernelConv(**CONV_OPS[name]) if name in CONV_OPS else Ops(IMAGE_OPS[name], name="op")
+    return keras.Model(inputs, layer(x))
+
+
+@pytest.mark.parametrize("name", [*SEQUENCE_OPS, *IMAGE_OPS, *CONV_OPS])
+def test_keras_ops_rule_agrees_with_keras(name, tmp_path):
+    import onnxruntime as ort
+
+    keras.utils.set_random_seed(2)
+    model = _ops_model(name)
+    result = export_onnx(model, tmp_path / "m.onnx")
+    assert not result.used_fallback
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    shape = tuple(model.inputs[0].shape[1:])
+    x = np.random.default_rng(5).standard_normal((3, *shape)).astype("float32")
+    for batch in (1, 3):
+        expected = [keras.ops.convert_to_numpy(y) for y in keras.tree.flatten(model(x[:batch]))]
+        actual = session.run(None, {"x": x[:batch]})
+        assert len(actual) == len(expected)
+        for got, want in zip(actual, expected, strict=True):
+            assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape)
+            if want.dtype.kind == "f":
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+            else:
+                np.testing.assert_array_equal(got, want)

@@ -322,7 +322,10 @@ def _run_rules(builder: Builder, graph: graph_lib.Graph) -> dict[int, list | Non
             if missing:
                 raise RuntimeError(f"Rule for {node.name!r} did not set all of its outputs.")
         except Unsupported as reason:
-            failures.append(f"{node.name!r} ({type(node.layer).__name__}: {reason})")
+            # A layer with a rule that was traced too (an Activation of a function the
+            # table lacks): why the trace failed says where in the user's code.
+            traced = f"; {node.trace_error}" if rule is not None and node.trace_error else ""
+            failures.append(f"{node.name!r} ({type(node.layer).__name__}: {reason}{traced})")
             for tensor in node.outputs:
                 if not builder.has(tensor):
                     builder.set(tensor, f"<unsupported {node.name}>")

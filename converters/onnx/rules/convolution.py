@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from keras_bn.converters.graph import Node
+from keras_bn.converters.graph import Node, Tensor, to_numpy
 from keras_bn.converters.onnx.builder import Builder, Unsupported, Value
 from keras_bn.converters.onnx.layout import Perm, identity_perm
 from keras_bn.converters.onnx.rules.activations import apply_activation
@@ -144,6 +145,74 @@ def conv(b: Builder, node: Node) -> None:
         group=layer.groups,
     )
     b.set(node.outputs[0], apply_activation(b, layer.activation, out, perm), perm)
+
+
+def _conv_op_input(b: Builder, node: Node) -> tuple[str, Perm, list, Pads | None, np.ndarray, Any]:
+    """The input and constant kernel of ``ops.conv``/``ops.depthwise_conv``, and the
+    operation's strides, dilations and padding as tuples (it keeps ints)."""
+    operation = node.layer
+    kernel_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("kernel")
+    if isinstance(kernel_arg, Tensor):
+        raise Unsupported("a kernel computed from the inputs (a weight or constant is exported)")
+    kernel = np.asarray(to_numpy(kernel_arg))
+    spatial = kernel.ndim - 2
+
+    def per_axis(value: Any) -> tuple[int, ...]:
+        values = tuple(np.atleast_1d(value).tolist())
+        return values * spatial if len(values) == 1 else values
+
+    padding = operation.padding
+    if padding not in ("valid", "same"):
+        raise Unsupported(f"padding={padding!r}")
+    data_format = operation.data_format or "channels_last"
+    name, perm, sizes, pending = spatial_input(b, node, data_format, padding == "valid")
+    settings = types.SimpleNamespace(
+        strides=per_axis(operation.strides),
+        dilation_rate=per_axis(operation.dilation_rate),
+        padding=padding,
+    )
+    return name, perm, sizes, pending, kernel, settings
+
+
+def conv_op(b: Builder, node: Node) -> None:
+    """``ops.conv(inputs, kernel, ...)`` with a constant kernel (grouped when the
+    kernel has fewer input channels than the inputs)."""
+    name, perm, sizes, pending, kernel, settings = _conv_op_input(b, node)
+    rank = kernel.ndim
+    channels = node.inputs[0].shape[perm[1]]
+    if channels is None or channels % kernel.shape[-2]:
+        raise Unsupported("input channels that are not a multiple of the kernel's")
+    weight = np.transpose(kernel, (rank - 1, rank - 2, *range(rank - 2)))
+    out = _conv_node(
+        b,
+        name,
+        b.const(weight, "kernel"),
+        None,
+        settings,
+        sizes,
+        pending,
+        kernel.shape[:-2],
+        group=channels // kernel.shape[-2],
+    )
+    b.set(node.outputs[0], out, perm)
+
+
+def depthwise_conv_op(b: Builder, node: Node) -> None:
+    """``ops.depthwise_conv(inputs, kernel, ...)`` with a constant kernel."""
+    name, perm, sizes, pending, kernel, settings = _conv_op_input(b, node)
+    weight = _depthwise_weight(kernel)
+    out = _conv_node(
+        b,
+        name,
+        b.const(weight, "kernel"),
+        None,
+        settings,
+        sizes,
+        pending,
+        kernel.shape[:-2],
+        group=kernel.shape[-2],
+    )
+    b.set(node.outputs[0], out, perm)
 
 
 def _depthwise_weight(kernel: np.ndarray) -> np.ndarray:

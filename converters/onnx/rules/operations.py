@@ -20,12 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from keras_bn._keras_internals import core_ops, math_ops, nn_ops, numpy_ops
+from keras_bn._keras_internals import core_ops, image_ops, math_ops, nn_ops, numpy_ops
 from keras_bn.converters.graph import Node, Tensor, to_numpy
 from keras_bn.converters.onnx.builder import Builder, Unsupported, tensor_type
 from keras_bn.converters.onnx.layout import Perm
 from keras_bn.converters.onnx.rules.common import Rule, softmax_nodes
-from keras_bn.converters.tracing import batch_multiple
+from keras_bn.converters.onnx.rules.convolution import conv_op, depthwise_conv_op
+from keras_bn.converters.onnx.rules.reshaping import resize_images
+from keras_bn.converters.tracing import Constant, batch_multiple
 
 __all__ = ["OPERATION_RULES"]
 
@@ -91,6 +93,13 @@ def _kept_perm(perm: Perm, removed: Sequence[int]) -> Perm:
     kept = [axis for axis in perm if axis not in removed]
     order = sorted(kept)
     return tuple(order.index(axis) for axis in kept)
+
+
+def constant(b: Builder, node: Node) -> None:
+    """A traced call's output computed from constants only (flatten drops the ones
+    nothing reads); an Identity gives a graph output of its own."""
+    out = _constant(b, node.layer.value)
+    b.set(node.outputs[0], out if node.outputs[0].consumers else b.op("Identity", [out]))
 
 
 # --------------------------------------------------------------------------------------
@@ -179,6 +188,93 @@ def _reduction(op_type: str) -> Rule:
 
     rule.__name__ = f"op_{op_type.lower()}"
     return rule
+
+
+# --------------------------------------------------------------------------------------
+# Scans, arg-reductions, sorting (in the input's layout).
+
+
+def _flat_or_axis(b: Builder, node: Node, axis: Any) -> tuple[str, int, Any]:
+    """The input and the ONNX axis to scan/sort along, and the output's layout: the
+    flattened input (Keras order) when ``axis`` is None."""
+    tensor = node.inputs[0]
+    if axis is None:
+        return b.op("Reshape", [b.get(tensor), b.ints([-1], "shape")]), 0, None
+    value = b.value(tensor)
+    return b.get(tensor, value.perm), value.axis(int(axis) % tensor.rank), value.perm
+
+
+def _cast_to(b: Builder, name: str, source: str, target: str) -> str:
+    return name if source == target else b.op("Cast", [name], to=tensor_type(target))
+
+
+def cumsum(b: Builder, node: Node) -> None:
+    x, axis, perm = _flat_or_axis(b, node, node.layer.axis)
+    out = b.op("CumSum", [x, b.ints([axis], "axis")])
+    b.set(node.outputs[0], _cast_to(b, out, node.inputs[0].dtype, node.outputs[0].dtype), perm)
+
+
+def cumprod(b: Builder, node: Node) -> None:
+    """No ONNX CumProd: a log-depth scan (Hillis-Steele), x *= x shifted by 1, 2, 4...
+    along the axis with ones shifted in; exact products, in another order."""
+    tensor = node.inputs[0]
+    if np.dtype(tensor.dtype).kind != "f":
+        raise Unsupported("cumprod of integers (of floats is exported)")
+    x, axis, perm = _flat_or_axis(b, node, node.layer.axis)
+    if node.layer.axis is None:
+        size = None if None in tensor.shape else math.prod(tensor.shape)  # type: ignore[arg-type]
+    else:
+        size = tensor.shape[int(node.layer.axis) % tensor.rank]
+    if size is None:
+        raise Unsupported("cumprod along an axis of unknown size")
+    rank = 1 if node.layer.axis is None else tensor.rank
+    shift = 1
+    while shift < size:
+        head = b.op(
+            "Slice", [x, b.ints([0], "starts"), b.ints([size - shift], "ends"), b.ints([axis])]
+        )
+        pads = [0] * (2 * rank)
+        pads[axis] = shift
+        shifted = b.op("Pad", [head, b.ints(pads, "pads"), b.scalar(1.0, "one")])
+        x = b.op("Mul", [x, shifted])
+        shift *= 2
+    b.set(node.outputs[0], _cast_to(b, x, node.inputs[0].dtype, node.outputs[0].dtype), perm)
+
+
+def _arg_reduction(op_type: str) -> Rule:
+    def rule(b: Builder, node: Node) -> None:
+        layer = node.layer
+        tensor = node.inputs[0]
+        x, axis, perm = _flat_or_axis(b, node, layer.axis)
+        keepdims = bool(layer.keepdims)
+        out = b.op(op_type, [x], axis=axis, keepdims=int(keepdims))
+        if perm is not None and not keepdims:
+            perm = _kept_perm(perm, [int(layer.axis) % tensor.rank])
+        if layer.axis is None and keepdims:  # Keras keeps every axis, of size 1
+            out = b.op("Reshape", [out, b.ints([1] * tensor.rank, "shape")])
+        b.set(node.outputs[0], b.op("Cast", [out], to=tensor_type(node.outputs[0].dtype)), perm)
+
+    rule.__name__ = f"op_{op_type.lower()}"
+    return rule
+
+
+def sort(b: Builder, node: Node) -> None:
+    """Ascending sort: TopK of every element, smallest first."""
+    x, axis, perm = _flat_or_axis(b, node, node.layer.axis)
+    count = b.op("Slice", [b.op("Shape", [x]), b.ints([axis]), b.ints([axis + 1])])
+    values, _ = b.op("TopK", [x, count], axis=axis, largest=0, sorted=1, outputs=2)
+    b.set(node.outputs[0], values, perm)
+
+
+def top_k(b: Builder, node: Node) -> None:
+    """``ops.top_k(x, k)`` along the last axis: values and int32 indices, largest
+    first (also for ``sorted=False``, whose order Keras leaves to the backend)."""
+    tensor = node.inputs[0]
+    x = b.get(tensor)
+    k = b.ints([int(node.layer.k)], "k")
+    values, indices = b.op("TopK", [x, k], axis=tensor.rank - 1, largest=1, sorted=1, outputs=2)
+    b.set(node.outputs[0], values)
+    b.set(node.outputs[1], b.op("Cast", [indices], to=tensor_type(node.outputs[1].dtype)))
 
 
 # --------------------------------------------------------------------------------------
@@ -382,6 +478,11 @@ def take(b: Builder, node: Node) -> None:
     b.set(node.outputs[0], b.op("Gather", [x, indices], axis=int(axis)))
 
 
+def image_resize(b: Builder, node: Node) -> None:
+    """``ops.image.resize`` (nearest, bilinear) of a batch of images."""
+    resize_images(b, node, node.layer, tuple(node.layer.size))
+
+
 # --------------------------------------------------------------------------------------
 # Linear algebra and attention.
 
@@ -485,6 +586,7 @@ def erf(b: Builder, node: Node) -> None:
 
 
 OPERATION_RULES: dict[type, Rule] = {
+    Constant: constant,
     # elementwise
     numpy_ops.Sqrt: _unary("Sqrt"),
     numpy_ops.Exp: _unary("Exp"),
@@ -510,6 +612,13 @@ OPERATION_RULES: dict[type, Rule] = {
     nn_ops.Softplus: _unary("Softplus"),
     nn_ops.Softsign: _unary("Softsign"),
     nn_ops.LogSoftmax: log_softmax,
+    # scans, arg-reductions, sorting
+    numpy_ops.Cumsum: cumsum,
+    numpy_ops.Cumprod: cumprod,
+    numpy_ops.Argmax: _arg_reduction("ArgMax"),
+    numpy_ops.Argmin: _arg_reduction("ArgMin"),
+    numpy_ops.Sort: sort,
+    math_ops.TopK: top_k,
     # reductions
     numpy_ops.Mean: _reduction("ReduceMean"),
     numpy_ops.Sum: _reduction("ReduceSum"),
@@ -532,6 +641,9 @@ OPERATION_RULES: dict[type, Rule] = {
     numpy_ops.Pad: pad,
     numpy_ops.GetItem: get_item,
     numpy_ops.Take: take,
+    image_ops.Resize: image_resize,
+    nn_ops.Conv: conv_op,
+    nn_ops.DepthwiseConv: depthwise_conv_op,
     # linear algebra, attention, normalization
     numpy_ops.Matmul: matmul,
     numpy_ops.Einsum: einsum,

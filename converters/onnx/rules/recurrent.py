@@ -15,11 +15,19 @@ Each maps to one ONNX ``RNN``/``GRU``/``LSTM`` node (ONNX operator spec):
 * sequences are time-major (onnxruntime supports no ``layout=1``): the input is
   transposed once and a stacked RNN reads the previous one's output as it is;
 * a mask (the ``mask`` a Masking layer or ``Embedding(mask_zero=True)`` passes on,
-  or one given explicitly) becomes ``sequence_lens = sum(mask, axis=1)``. ONNX
-  skips only the steps after a sequence's length, so this is exact for
-  right-padded sequences (every masked step after every kept one), the form
-  Masking/Embedding padding takes; a mask with holes is not expressible in ONNX
-  recurrences. ``stateful`` layers keep state between calls, which ONNX cannot.
+  or one given explicitly) is exact for any pattern, left padding and gaps
+  included. Keras skips a masked step: the state carries over unchanged, and the
+  step's output is zero (``zero_output_for_mask``, forced by Bidirectional when it
+  returns sequences) or the last kept step's output (zero before any). ONNX
+  recurrences only skip the steps after ``sequence_lens``, so each sequence's kept
+  steps are first moved to its front, in order (a stable sort of the time axis by
+  the mask: TopK of ``t + T * masked``), the recurrence runs with ``sequence_lens
+  = sum(mask)``, and each output step is gathered back from the run at the
+  position of the last kept step up to it (``cumsum(mask)``). Processing only the
+  kept steps in order is what Keras's skipping amounts to, so final states and
+  outputs are those of Keras; for right-padded masks the sort is the identity.
+  ``go_backwards`` with a mask flips the sequence and the mask first, as Keras does.
+* ``stateful`` layers keep state between calls, which ONNX cannot.
 """
 
 from __future__ import annotations
@@ -158,11 +166,75 @@ def _arguments(node: Node) -> dict[str, Any]:
 # Emitting the recurrence.
 
 
-def _sequence_lens(b: Builder, mask: Tensor) -> str:
-    """int32 lengths = number of kept steps per sequence (right-padded masks)."""
-    name = b.get(mask, cast=False)
-    as_int = b.op("Cast", [name], to=6)  # INT32
-    return b.op("ReduceSum", [as_int, b.ints([1], "time_axis")], keepdims=0)
+@dataclasses.dataclass
+class _Compacted:
+    """A masked batch of sequences with each sequence's kept steps moved to its front."""
+
+    x: str  # (time, batch, features): the recurrence's input
+    lengths: str  # (batch,) int32: kept steps per sequence (``sequence_lens``)
+    positions: str  # (batch, time) int64: kept steps up to and including each step
+    mask: str  # (batch, time) bool, in the order the recurrence reads the steps
+
+
+def _flip_batch_major_time(b: Builder, name: str) -> str:
+    """Reverse axis 1 (time) of a batch-major tensor."""
+    big = np.iinfo(np.int64).max
+    return b.op(
+        "Slice",
+        [name, b.ints([-1], "minus_one"), b.ints([-big], "before_start"), b.ints([1], "axis1")]
+        + [b.ints([-1], "minus_one")],
+    )
+
+
+def _int(b: Builder, number: int) -> str:
+    """A scalar int64 (Range takes scalars; initializers here are at least 1-D)."""
+    return b.op("Squeeze", [b.ints([number], "int"), b.ints([0], "axis0")])
+
+
+def _compact(b: Builder, sequences: Tensor, mask: Tensor, flip: bool) -> _Compacted:
+    """The sequences' kept steps first, in order (see the module docstring)."""
+    x = b.get(sequences)  # (batch, time, features)
+    kept = b.get(mask, cast=False)
+    if np.dtype(mask.dtype) != np.bool_:
+        kept = b.op("Cast", [kept], to=9)  # BOOL
+    if flip:  # go_backwards: Keras reverses the sequence and its mask
+        x, kept = _flip_batch_major_time(b, x), _flip_batch_major_time(b, kept)
+    ones = b.op("Cast", [kept], to=7)  # INT64
+    time = b.op("Slice", [b.op("Shape", [kept]), b.ints([1], "one"), b.ints([2], "two")])
+    steps = b.op(
+        "Range",
+        [_int(b, 0), b.op("Squeeze", [time, b.ints([0], "axis0")]), _int(b, 1)],
+    )
+    masked = b.op("Sub", [b.ints([1], "one"), ones])
+    keys = b.op("Cast", [b.op("Add", [steps, b.op("Mul", [masked, time])])], to=1)  # FLOAT
+    _, order = b.op("TopK", [keys, time], axis=1, largest=0, sorted=1, outputs=2)
+    gathered = b.op("GatherND", [x, b.op("Unsqueeze", [order, b.ints([2], "axis2")])], batch_dims=1)
+    lengths = b.op("Cast", [b.op("ReduceSum", [ones, b.ints([1], "axis1")], keepdims=0)], to=6)
+    positions = b.op("CumSum", [ones, b.ints([1], "axis1")])
+    x_time_major = b.op("Transpose", [gathered], perm=[1, 0, 2])
+    return _Compacted(x_time_major, lengths, positions, kept)
+
+
+def _expand(b: Builder, compacted: _Compacted, y: str, rank: int, zero_for_mask: bool) -> str:
+    """Put the outputs of a compacted run back at their steps.
+
+    ``y`` is the run's output sequence, batch-major, of rank ``rank`` (batch, time,
+    [directions,] units). A masked step gets zeros (``zero_for_mask``), else the
+    output of the last kept step before it (zeros before any kept step).
+    """
+
+    def gather(data: str, index: str) -> str:
+        where = b.op("Unsqueeze", [index, b.ints([2], "axis2")])
+        return b.op("GatherND", [data, where], batch_dims=1)
+
+    if zero_for_mask:
+        step = b.op("Max", [b.op("Sub", [compacted.positions, b.ints([1], "one")]), b.ints([0])])
+        condition = b.op("Unsqueeze", [compacted.mask, b.ints(list(range(2, rank)), "axes")])
+        return b.op("Where", [condition, gather(y, step), b.scalar(0.0, "zero")])
+    # Step 0 of the padded run is the zero output before the first kept step.
+    pads = [0, 1] + [0] * (rank - 2) + [0] * rank
+    padded = b.op("Pad", [y, b.ints(pads, "pads")])
+    return gather(padded, compacted.positions)
 
 
 def _initial_states(b: Builder, states: list[Tensor], per_direction: int) -> list[str]:
@@ -264,25 +336,26 @@ def recurrent(b: Builder, node: Node) -> None:
     if any(not isinstance(s, Tensor) for s in states):
         raise Unsupported("a constant initial_state is not exported")
     per_direction = 2 if spec.op_type == "LSTM" else 1
-    x = b.get(sequences, TIME_MAJOR)
-    lens = None if mask is None else _sequence_lens(b, mask)
     direction = "reverse" if layer.go_backwards else "forward"
+    compacted = None
+    if mask is None:
+        x, lens = b.get(sequences, TIME_MAJOR), None
+    else:  # go_backwards: flipped first, then read forward, as Keras does
+        compacted = _compact(b, sequences, mask, flip=layer.go_backwards)
+        x, lens, direction = compacted.x, compacted.lengths, "forward"
     results = _recurrence(b, [spec], direction, x, lens, _initial_states(b, states, per_direction))
     y, y_h = results[0], results[1]
     outputs = list(node.outputs)
     if layer.return_sequences:
         sequence = b.op("Squeeze", [y, b.ints([1], "axis1")])  # (time, batch, units)
-        if layer.go_backwards:
-            sequence = _flip_time(b, sequence)  # Keras: in processing order
-        elif mask is not None and not layer.zero_output_for_mask:
-            # Keras repeats the last kept output at masked steps; ONNX writes zeros.
-            kept = b.op(
-                "Unsqueeze",
-                [b.op("Transpose", [b.get(mask, cast=False)], perm=[1, 0]), b.ints([2], "axis2")],
-            )
-            last = b.op("Squeeze", [y_h, b.ints([0], "axis0")])
-            sequence = b.op("Where", [kept, sequence, last])
-        b.set(outputs[0], sequence, TIME_MAJOR)
+        if compacted is not None:
+            batch_major = b.op("Transpose", [sequence], perm=[1, 0, 2])
+            zero = bool(layer.zero_output_for_mask)
+            b.set(outputs[0], _expand(b, compacted, batch_major, 3, zero))
+        else:
+            if layer.go_backwards:
+                sequence = _flip_time(b, sequence)  # Keras: in processing order
+            b.set(outputs[0], sequence, TIME_MAJOR)
     else:
         b.set(outputs[0], _state(b, y_h, 0))
     if layer.return_state:
@@ -314,8 +387,16 @@ def bidirectional(b: Builder, node: Node) -> None:
     states = [] if states is None else list(states)
     if any(not isinstance(s, Tensor) for s in states):
         raise Unsupported("a constant initial_state is not exported")
-    x = b.get(sequences, TIME_MAJOR)
-    lens = None if mask is None else _sequence_lens(b, mask)
+    compacted = None
+    if mask is None:
+        x, lens = b.get(sequences, TIME_MAJOR), None
+    else:  # both directions read the kept steps, forward and in reverse
+        if layer.return_sequences and not (
+            forward_layer.zero_output_for_mask and backward_layer.zero_output_for_mask
+        ):
+            raise Unsupported("masked halves that repeat outputs (zero_output_for_mask=False)")
+        compacted = _compact(b, sequences, mask, flip=False)
+        x, lens = compacted.x, compacted.lengths
     counts = [2 if spec.op_type == "LSTM" else 1 for spec in (forward, backward)]
     if counts[0] != counts[1] and (states or layer.return_state):
         # Keras itself splits the states in equal halves (and declares as many outputs).
@@ -340,6 +421,10 @@ def bidirectional(b: Builder, node: Node) -> None:
         ]
         finals = [[(halves[d], k, 0) for k in range(1, 1 + counts[d])] for d in (0, 1)]
     y, y_h = results[0], results[1]
+    if compacted is not None and layer.return_sequences:  # (time, 2, batch, units)
+        batch_major = b.op("Transpose", [y], perm=[2, 0, 1, 3])
+        expanded = _expand(b, compacted, batch_major, 4, zero_for_mask=True)
+        y = b.op("Transpose", [expanded], perm=[1, 2, 0, 3])
     outputs = list(node.outputs)
     sequences_out = layer.return_sequences
     # (time, 2, batch, units) or (2, batch, units): the direction axis.

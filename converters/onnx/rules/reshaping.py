@@ -136,3 +136,56 @@ def upsampling(b: Builder, node: Node) -> None:
             coordinate_transformation_mode="half_pixel",
         )
     b.set(node.outputs[0], out, perm)
+
+
+def resize_images(b: Builder, node: Node, layer: Any, size: tuple[int, int]) -> None:
+    """``Resizing`` / ``ops.image.resize`` of a batch of images to ``size`` (height,
+    width): ONNX Resize with half-pixel centres, as TensorFlow's and JAX's resize
+    compute them (nearest: ``floor((i + 0.5) * in / out)``)."""
+    tensor = node.inputs[0]
+    if tensor.rank != 4:
+        raise Unsupported("resizing a single image (rank 3); batches of images are exported")
+    interpolation = layer.interpolation
+    if interpolation not in ("nearest", "bilinear"):
+        raise Unsupported(f"interpolation={interpolation!r} (nearest and bilinear are)")
+    for option in ("crop_to_aspect_ratio", "pad_to_aspect_ratio", "antialias"):
+        if getattr(layer, option, False):
+            raise Unsupported(f"{option}=True")
+    data_format = getattr(layer, "data_format", None) or "channels_last"
+    if interpolation == "bilinear":  # onnxruntime resizes the last two axes linearly
+        perm = channels_first_layout(4, data_format)
+        name = b.get(tensor, perm)
+    else:
+        value = b.value(tensor)
+        perm, name = value.perm, b.get(tensor, value.perm)
+    spatial = (1, 2) if data_format == "channels_last" else (2, 3)
+    parts = []
+    for axis in perm:  # the output's sizes in the exported layout; the batch at runtime
+        if axis == 0:
+            parts.append(b.batch_size())
+        else:
+            known = size[spatial.index(axis)] if axis in spatial else tensor.shape[axis]
+            if known is None:
+                raise Unsupported("resizing images with an unknown number of channels")
+            parts.append(b.ints([int(known)], "size"))
+    sizes = b.op("Concat", parts, axis=0)
+    if interpolation == "nearest":
+        out = b.op(
+            "Resize",
+            [name, "", "", sizes],
+            mode="nearest",
+            coordinate_transformation_mode="half_pixel",
+            nearest_mode="round_prefer_ceil",
+        )
+    else:
+        out = b.op(
+            "Resize",
+            [name, "", "", sizes],
+            mode="linear",
+            coordinate_transformation_mode="half_pixel",
+        )
+    b.set(node.outputs[0], out, perm)
+
+
+def resizing(b: Builder, node: Node) -> None:
+    resize_images(b, node, node.layer, (node.layer.height, node.layer.width))

@@ -15,6 +15,7 @@ from typing import Any
 from keras import activations
 from keras import layers as L
 
+from keras_bn.converters.onnx.rules.activations import ACTIVATIONS
 from keras_bn.converters.onnx.rules.attention import einsum_dense, multi_head_attention
 from keras_bn.converters.onnx.rules.common import Rule
 from keras_bn.converters.onnx.rules.convolution import (
@@ -79,6 +80,7 @@ from keras_bn.converters.onnx.rules.reshaping import (
     flatten,
     permute,
     reshape,
+    resizing,
     upsampling,
     zero_padding,
 )
@@ -141,6 +143,7 @@ RULES: dict[type, Rule] = {
     L.UpSampling1D: upsampling,
     L.UpSampling2D: upsampling,
     L.UpSampling3D: upsampling,
+    L.Resizing: resizing,
     # Identity at inference
     L.Dropout: identity,
     L.SpatialDropout1D: identity,
@@ -202,5 +205,10 @@ def find_rule(layer: Any) -> Rule | None:
 
 def needs_tracing(layer: Any) -> bool:
     """Whether export traces ``layer``'s call (no rule for it): a rule, where one
-    exists, gives the better graph (layouts, Conv+BN), so it wins over tracing."""
-    return find_rule(layer) is None
+    exists, gives the better graph (layouts, Conv+BN), so it wins over tracing. An
+    Activation layer of a function the activation table lacks (KerasHub's
+    ``Activation(lambda x: keras.activations.gelu(x, approximate=False))``) is
+    traced through that function."""
+    if find_rule(layer) is None:
+        return True
+    return type(layer) is L.Activation and layer.activation not in ACTIVATIONS
