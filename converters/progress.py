@@ -36,6 +36,12 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.steps: list[Step] = []
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds since this progress was made (the command's start): the total,
+        which is less than the sum of the steps when a background step overlaps."""
+        return time.perf_counter() - self.started
 
     @classmethod
     def for_terminal(cls, quiet: bool) -> Progress:

@@ -239,6 +239,10 @@ def test_script_export_writes_a_validated_onnx_model_and_report(script_runs, fil
     assert backend in ("jax", "tensorflow", "torch")
     # measured in a fresh process, not 0.00
     assert seconds[f"Importing Keras ({backend} backend)"] > 0.1
+    # The Keras pass runs beside the export: the total is at least the longest step
+    # and at most the sum of all of them.
+    assert max(seconds.values()) <= report["seconds"] <= sum(seconds.values()) + 1.0
+    assert "Running the model in Keras (beside the export)" in seconds
     leftovers = sorted(p.name for p in work.iterdir() if p.name.startswith("."))
     assert leftovers == []
 

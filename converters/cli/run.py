@@ -120,6 +120,7 @@ def finish_report(run: Run, code: int) -> None:
         {"step": step.label, "seconds": round(step.seconds, 4), "status": step.status}
         for step in run.progress.steps
     ]
+    run.report["seconds"] = round(run.progress.elapsed(), 4)
 
 
 def print_run(run: Run, as_json: bool) -> None:
@@ -132,6 +133,8 @@ def print_run(run: Run, as_json: bool) -> None:
         print()
     rows = [["summary", ""], *run.summary]
     rows += [[step.label, f"{step.seconds:.2f} s"] for step in run.progress.steps]
+    if run.progress.steps:
+        rows.append(["total", f"{run.progress.elapsed():.2f} s"])
     print(format_table(rows))
 
 
