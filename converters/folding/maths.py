@@ -131,7 +131,9 @@ def fold_forward(
         ``(kernel, bias)`` in float64 with ``kernel * scale`` along the channel
         axis and ``bias * scale + offset``.
     """
-    kernel = _float64(kernel)
+    kernel = np.asarray(kernel)  # times a float64 scale: float64, without a float64 copy
+    if kernel.dtype.kind != "f":
+        kernel = _float64(kernel)
     scale = _float64(scale).reshape(-1)
     offset = _float64(offset).reshape(-1)
     axes = _channel_axes(kernel.ndim, channel_axis)
