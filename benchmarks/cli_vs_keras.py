@@ -44,6 +44,9 @@ def keras_export(model_path: Path, output: Path) -> None:
     import keras
     import numpy as np
 
+    # onnx refuses to overwrite an external data file (jax2onnx writes one): start clean.
+    for stale in (output, output.with_name(f"{output.name}.data")):
+        stale.unlink(missing_ok=True)
     model = keras.saving.load_model(model_path)
     model(np.zeros((1, *model.input_shape[1:]), "float32"), training=False)
     model.export(str(output), format="onnx", verbose=False)

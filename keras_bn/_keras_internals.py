@@ -48,6 +48,7 @@ __all__ = [
     "numpy_ops",
     # layers and models
     "flatten_layers",
+    "sublayer_paths",
     "is_functional",
     "is_sequential_or_functional",
     # Functional graphs
@@ -92,6 +93,15 @@ def flatten_layers(layer: Any) -> list:
     ``model.layers`` (one level) does not.
     """
     return list(layer._flatten_layers(include_self=True, recursive=True))
+
+
+def sublayer_paths(layer: Any, scope: str) -> Iterator[tuple[str, Any]]:
+    """Every layer tracked inside ``layer``, recursively, with its path
+    (``scope/child/grandchild``), each once."""
+    for child in layer._flatten_layers(include_self=False, recursive=False):
+        path = f"{scope}/{child.name}"
+        yield path, child
+        yield from sublayer_paths(child, path)
 
 
 def is_functional(model: Any) -> bool:

@@ -485,3 +485,29 @@ def test_keras_ops_rule_agrees_with_keras(name, tmp_path):
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
             else:
                 np.testing.assert_array_equal(got, want)
+
+
+def test_keras_level_fold_names_the_batch_norms_it_cannot_reach():
+    """fold_batch_norms keeps a custom layer whole (its call() is code): every BN inside
+    is reported not folded, by its path, with the reason and where it does fold; the
+    ones in the Functional graph fold as usual, and the folded model still matches."""
+    from keras_bn.converters.folding import fold_batch_norms
+
+    keras.utils.set_random_seed(2)
+    model = _conv_blocks_model()
+    for layer in nested_batch_norms(model):
+        randomize_batch_norms(layer, np.random.default_rng(len(layer.name)))
+    images = np.random.default_rng(3).standard_normal((2, 16, 16, 3)).astype("float32")
+    folded, report = fold_batch_norms(model, sample_inputs=images)
+    inside = {e.batch_norm: e for e in report.entries if e.blocked_by == ("inside-custom-layer",)}
+    expected = {"stem/bn", "block_1_0/bn", "block_1_0/first/bn"}
+    expected |= {"block_2_0/bn", "block_2_0/first/bn"}
+    assert set(inside) == expected
+    assert all(not e.folded and "keras-bn export" in e.reason for e in inside.values())
+    assert report.not_folded_count == len(expected) == len(nested_batch_norms(model))
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(folded(images, training=False)),
+        keras.ops.convert_to_numpy(model(images, training=False)),
+        rtol=1e-5,
+        atol=1e-5,
+    )

@@ -342,6 +342,7 @@ def make_plan(
         backward_into[id(bn_node)] = consumer
         folded[id(bn_node)] = FoldEntry(bn_node.name, True, consumer.name, "backward")
 
+    plan.entries.extend(_batch_norms_inside_calls(graph))
     for bn_node in batch_norms:
         entry = folded.get(id(bn_node))
         if entry is not None:
@@ -356,6 +357,36 @@ def make_plan(
             )
         plan.entries.append(entry)
     return plan
+
+
+def _batch_norms_inside_calls(graph: graph_lib.Graph) -> list[FoldEntry]:
+    """Not-folded entries for the BNs inside calls the graph keeps whole (custom
+    layers not traced), so that the report names every BN the model runs."""
+    entries = []
+    for node in graph.nodes:
+        layer = node.layer
+        if (
+            not isinstance(layer, keras.layers.Layer)  # a keras.ops operation
+            or isinstance(layer, keras.layers.BatchNormalization)
+            or graph_lib.is_model(layer)
+        ):
+            continue
+        for path, sublayer in internals.sublayer_paths(node.layer, node.name):
+            if isinstance(sublayer, keras.layers.BatchNormalization):
+                where = (
+                    f"called inside {type(layer).__name__} {node.name!r}'s call(), which "
+                    "the folded Keras model keeps whole; export_onnx(fold=True) and "
+                    "keras-bn export trace that call and fold it"
+                )
+                entries.append(
+                    FoldEntry(
+                        path,
+                        False,
+                        reason=str(Blocked("inside-custom-layer", where)),
+                        blocked_by=("inside-custom-layer",),
+                    )
+                )
+    return entries
 
 
 def plan_folds(model: keras.Model, *, backward: bool = True) -> FoldReport:

@@ -35,6 +35,9 @@ PRECONDITIONS: dict[str, str] = {
     "consumer-shared": "the layer after the BN is called at several places",
     "consumer-padding": "the layer after the BN zero-pads its input, and the padded "
     "zeros would not be shifted by the BN offset",
+    "inside-custom-layer": "the BN is called inside a custom layer's call() (Python "
+    "code, not a graph of layers): the folded Keras model keeps it; the ONNX export "
+    "(export_onnx(fold=True), keras-bn export) traces that call and folds it",
 }
 
 
