@@ -660,20 +660,26 @@ def float64_build(build, model):
     """``build()`` run again under the float64 dtype policy, with ``model``'s weights:
     the float64 run of a model whose layers do not clone from their configs
     (KerasHub's), built the way the original was."""
+    from keras_bn.converters.reference import float64_enabled
+
     policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy("float64")
     try:
-        twin = build()
+        with float64_enabled():  # on JAX, float64 is float32 without it
+            twin = build()
+            for source, target in zip(model.weights, twin.weights, strict=True):
+                value = np.asarray(keras.ops.convert_to_numpy(source))
+                target.assign(value.astype(np.float64) if value.dtype.kind == "f" else value)
     finally:
         keras.config.set_dtype_policy(policy)
-    for source, target in zip(model.weights, twin.weights, strict=True):
-        value = np.asarray(keras.ops.convert_to_numpy(source))
-        target.assign(value.astype(np.float64) if value.dtype.kind == "f" else value)
 
     def run(arrays):
         feed = [a.astype(np.float64) if a.dtype.kind == "f" else a for a in arrays]
-        outputs = twin(feed if len(feed) > 1 else feed[0], training=False)
-        return [np.asarray(keras.ops.convert_to_numpy(y)) for y in keras.tree.flatten(outputs)]
+        with float64_enabled():
+            outputs = twin(feed if len(feed) > 1 else feed[0], training=False)
+            outputs = [keras.ops.convert_to_numpy(y) for y in keras.tree.flatten(outputs)]
+        assert all(y.dtype == np.float64 for y in outputs if y.dtype.kind == "f"), "not float64"
+        return [np.asarray(y) for y in outputs]
 
     return run
 
