@@ -927,6 +927,17 @@ def keras_hub_models() -> dict:
             image_shape=S,
         )
 
+    def depth_anything():  # DINOv2 tokens to images, fused upward, resized (aligned corners)
+        return M.DepthAnythingBackbone(
+            image_encoder=dinov2(),
+            reassemble_factors=[2, 1],
+            neck_hidden_dims=[8, 16],
+            fusion_hidden_dim=8,
+            head_hidden_dim=8,
+            head_in_index=-1,
+            feature_keys=["stage1", "stage2"],
+        )
+
     def vit_det():
         return M.ViTDetBackbone(
             image_shape=S,
@@ -1022,6 +1033,7 @@ def keras_hub_models() -> dict:
         "xception": xception,
         "dinov2": dinov2,
         "dinov3": dinov3,
+        "depth_anything": depth_anything,
         "vit_det": vit_det,
         "mobilenet_v5": mobilenet_v5,
         "segformer": segformer,

@@ -27,7 +27,7 @@ from keras_bn.converters.onnx.layout import Perm
 from keras_bn.converters.onnx.rules.common import Rule, softmax_nodes
 from keras_bn.converters.onnx.rules.convolution import conv_op, depthwise_conv_op
 from keras_bn.converters.onnx.rules.reshaping import resize_images
-from keras_bn.converters.tracing import Constant, batch_multiple
+from keras_bn.converters.tracing import AlignedResize, Constant, batch_multiple
 
 __all__ = ["OPERATION_RULES"]
 
@@ -483,6 +483,12 @@ def image_resize(b: Builder, node: Node) -> None:
     resize_images(b, node, node.layer, tuple(node.layer.size))
 
 
+def aligned_resize(b: Builder, node: Node) -> None:
+    """Bilinear resize with aligned corners (KerasHub DepthAnything's ``interpolate``):
+    output pixel ``i`` samples the input at ``i * (in - 1) / (out - 1)``."""
+    resize_images(b, node, node.layer, node.layer.size, coordinates="align_corners")
+
+
 # --------------------------------------------------------------------------------------
 # Linear algebra and attention.
 
@@ -642,6 +648,7 @@ OPERATION_RULES: dict[type, Rule] = {
     numpy_ops.GetItem: get_item,
     numpy_ops.Take: take,
     image_ops.Resize: image_resize,
+    AlignedResize: aligned_resize,
     nn_ops.Conv: conv_op,
     nn_ops.DepthwiseConv: depthwise_conv_op,
     # linear algebra, attention, normalization
