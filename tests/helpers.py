@@ -938,6 +938,26 @@ def keras_hub_models() -> dict:
             feature_keys=["stage1", "stage2"],
         )
 
+    def clip_vision():
+        return M.CLIPVisionEncoder(
+            patch_size=8,
+            hidden_dim=16,
+            num_layers=2,
+            num_heads=2,
+            intermediate_dim=32,
+            image_shape=S,
+        )
+
+    def metaclip2_vision():
+        return M.MetaCLIP2VisionEncoder(
+            patch_size=8,
+            hidden_dim=16,
+            num_layers=2,
+            num_heads=2,
+            intermediate_dim=32,
+            image_shape=S,
+        )
+
     def vit_det():
         return M.ViTDetBackbone(
             image_shape=S,
@@ -1034,6 +1054,8 @@ def keras_hub_models() -> dict:
         "dinov2": dinov2,
         "dinov3": dinov3,
         "depth_anything": depth_anything,
+        "clip_vision": clip_vision,
+        "metaclip2_vision": metaclip2_vision,
         "vit_det": vit_det,
         "mobilenet_v5": mobilenet_v5,
         "segformer": segformer,
