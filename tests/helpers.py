@@ -958,6 +958,16 @@ def keras_hub_models() -> dict:
             image_shape=S,
         )
 
+    def siglip_vision():  # gelu_approximate Dense layers, a pooling head attending from a probe
+        return M.SigLIPVisionEncoder(
+            patch_size=8,
+            hidden_dim=16,
+            num_layers=2,
+            num_heads=2,
+            intermediate_dim=32,
+            image_shape=S,
+        )
+
     def vit_det():
         return M.ViTDetBackbone(
             image_shape=S,
@@ -1056,6 +1066,7 @@ def keras_hub_models() -> dict:
         "depth_anything": depth_anything,
         "clip_vision": clip_vision,
         "metaclip2_vision": metaclip2_vision,
+        "siglip_vision": siglip_vision,
         "vit_det": vit_det,
         "mobilenet_v5": mobilenet_v5,
         "segformer": segformer,
