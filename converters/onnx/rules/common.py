@@ -9,13 +9,13 @@ import numpy as np
 
 from keras_bn.converters.graph import Node, Tensor, to_numpy
 from keras_bn.converters.onnx.builder import Builder, Unsupported, Value
-from keras_bn.converters.tracing import batch_multiple
 from keras_bn.converters.onnx.layout import (
     Perm,
     channels_first_perm,
     identity_perm,
     same_memory_order,
 )
+from keras_bn.converters.tracing import batch_multiple
 
 __all__ = [
     "Rule",
