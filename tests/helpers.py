@@ -968,6 +968,23 @@ def keras_hub_models() -> dict:
             image_shape=S,
         )
 
+    def blip2_vision():
+        return M.BLIP2VisionEncoder(
+            image_size=32,
+            patch_size=8,
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=16,
+            intermediate_dim=32,
+            use_patch_bias=True,
+            use_class_token=True,
+            use_mha_bias=True,
+            use_mlp_bias=True,
+            dropout_rate=0.0,
+            layer_norm_epsilon=1e-6,
+            initializer_range=0.02,
+        )
+
     def vit_det():
         return M.ViTDetBackbone(
             image_shape=S,
@@ -1067,6 +1084,7 @@ def keras_hub_models() -> dict:
         "clip_vision": clip_vision,
         "metaclip2_vision": metaclip2_vision,
         "siglip_vision": siglip_vision,
+        "blip2_vision": blip2_vision,
         "vit_det": vit_det,
         "mobilenet_v5": mobilenet_v5,
         "segformer": segformer,
