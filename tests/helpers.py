@@ -1060,6 +1060,11 @@ def keras_hub_models() -> dict:
     def mobilenet_classifier():
         return M.MobileNetImageClassifier(backbone=mobilenet_v3(), num_classes=5)
 
+    def depth_estimator():  # metric: sigmoid, then KerasHub's Multiplier layer
+        return M.DepthAnythingDepthEstimator(
+            backbone=depth_anything(), depth_estimation_type="metric", max_depth=10.0
+        )
+
     def vit_classifier():
         return M.ViTImageClassifier(backbone=vit(), num_classes=5)
 
@@ -1093,4 +1098,5 @@ def keras_hub_models() -> dict:
         "resnet_classifier": resnet_classifier,
         "mobilenet_classifier": mobilenet_classifier,
         "vit_classifier": vit_classifier,
+        "depth_estimator": depth_estimator,
     }
