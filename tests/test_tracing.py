@@ -142,6 +142,31 @@ def _transformer_model():
     return keras.Model(inputs, probabilities, name="transformer")
 
 
+class ProbePooling(layers.Layer):
+    """SigLIP's pooling head: attention from a learned probe repeated to the batch."""
+
+    def __init__(self, dim, **kwargs):
+        super().__init__(**kwargs)
+        self.attention = layers.MultiHeadAttention(2, dim // 2, name="attention")
+
+    def build(self, input_shape):
+        self.probe = self.add_weight(shape=(1, 2, input_shape[-1]), name="probe")
+        self.attention.build(self.probe.shape, input_shape, input_shape)
+
+    def call(self, x):
+        probes = ops.repeat(self.probe, repeats=ops.shape(x)[0], axis=0)
+        return self.attention(probes, x, x)
+
+
+def _probe_pooling_model():
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = layers.BatchNormalization(name="bn")(layers.Conv2D(8, 3, strides=2, name="conv")(inputs))
+    x = ProbePooling(8, name="pool")(layers.Reshape((49, 8))(x))
+    # an activation function the table lacks: the Dense is traced through it
+    head = layers.Dense(3, activation=lambda t: ops.gelu(t, approximate=True), name="head")
+    return keras.Model(inputs, head(x), name="probe_pooling")
+
+
 class ScoredBlock(layers.Layer):
     """Returns ``(output, None)`` unless asked for its scores, as KerasHub's DeiT blocks do."""
 
@@ -223,6 +248,7 @@ MODELS = {
     "transformer": _transformer_model,
     "optional_outputs": _optional_outputs_model,
     "keras_hub_idioms": _keras_hub_idioms_model,
+    "probe_pooling": _probe_pooling_model,
 }
 
 
