@@ -14,17 +14,20 @@ Tracing runs Keras's own symbolic machinery, so it works the same on every
 backend. What cannot be recorded - Python control flow on tensor values
 (``if ops.any(x > 0):``), backend-specific code (``tf.*``, ``jax.*``) inside
 ``call()``, arithmetic on an unknown batch size - stops the trace with a
-:class:`TraceError` naming the layer, the error and the source line.
+:class:`TraceError` naming the layer, the error and the source line. A few known
+functions that hold backend code (:data:`RECORDED_FUNCTIONS`: KerasHub
+DepthAnything's resize) are recorded as one operation each instead of entered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
@@ -33,7 +36,16 @@ from keras import tree
 
 from keras_bn import _keras_internals as internals
 
-__all__ = ["BATCH", "Constant", "TraceError", "TracedCall", "batch_multiple", "trace_call"]
+__all__ = [
+    "BATCH",
+    "RECORDED_FUNCTIONS",
+    "AlignedResize",
+    "Constant",
+    "TraceError",
+    "TracedCall",
+    "batch_multiple",
+    "trace_call",
+]
 
 # The batch size placeholders get while tracing. Keras code reads the batch size
 # as a Python number (``ops.shape(x)[0]``) to tile class tokens or reshape windows,
@@ -70,6 +82,82 @@ class Constant(keras.Operation):
 
     def compute_output_spec(self) -> keras.KerasTensor:
         return keras.KerasTensor(self.value.shape, dtype=str(self.value.dtype))
+
+
+class AlignedResize(keras.Operation):
+    """Bilinear resize of a batch of images with aligned corners.
+
+    PyTorch's ``F.interpolate(x, size, mode="bilinear", align_corners=True)``: output
+    pixel ``i`` samples the input at ``i * (in - 1) / (out - 1)``. KerasHub's
+    DepthAnything resizes so with a function that calls backend code
+    (``tf.compat.v1.image.resize(..., align_corners=True)`` on TensorFlow,
+    ``jax.image.scale_and_translate`` with the same sampling on JAX), which
+    tracing cannot record: inside a trace the function records this operation
+    instead (:data:`RECORDED_FUNCTIONS`), which the exporter writes as ONNX Resize
+    with ``align_corners`` coordinates. On eager tensors it runs the original.
+    """
+
+    def __init__(
+        self,
+        size: tuple[int, int],
+        data_format: str,
+        function: Callable[..., Any],
+        name: str | None = None,
+    ):
+        super().__init__(name=name)
+        self.size = (int(size[0]), int(size[1]))
+        self.data_format = data_format
+        self.interpolation = "bilinear"
+        self.function = function
+
+    def call(self, images: Any) -> Any:
+        return self.function(images, size=self.size, data_format=self.data_format)
+
+    def compute_output_spec(self, images: Any) -> keras.KerasTensor:
+        shape = list(images.shape)
+        spatial = (1, 2) if self.data_format == "channels_last" else (2, 3)
+        for axis, size in zip(spatial, self.size, strict=True):
+            shape[axis] = size
+        return keras.KerasTensor(tuple(shape), dtype=images.dtype)
+
+
+def _aligned_resize(function: Callable[..., Any]) -> Callable[..., Any]:
+    """KerasHub's ``interpolate(x, size, data_format=None)``, recorded as
+    :class:`AlignedResize` on a symbolic tensor."""
+
+    def interpolate(x: Any, size: Any, data_format: str | None = None) -> Any:
+        if not _is_symbolic(x):
+            return function(x, size, data_format=data_format)
+        data_format = data_format or keras.config.image_data_format()
+        return AlignedResize(size, data_format, function)(x)
+
+    return interpolate
+
+
+# Functions of other packages that call backend code (``tf.*``, ``jax.*``) and that a
+# trace records as one operation instead of entering them: (module, attribute) ->
+# a function that, given the original, returns its stand-in for the trace's duration.
+# A module not imported is left alone (its layers cannot be in the model).
+RECORDED_FUNCTIONS: dict[tuple[str, str], Callable[[Callable[..., Any]], Callable[..., Any]]] = {
+    ("keras_hub.src.models.depth_anything.depth_anything_layers", "interpolate"): _aligned_resize,
+}
+
+
+@contextlib.contextmanager
+def _functions_recorded() -> Iterator[None]:
+    """Inside the block, the functions of :data:`RECORDED_FUNCTIONS` are replaced."""
+    replaced = []
+    for (module_name, attribute), stand_in in RECORDED_FUNCTIONS.items():
+        module = sys.modules.get(module_name)
+        original = getattr(module, attribute, None)
+        if original is not None:
+            replaced.append((module, attribute, original))
+            setattr(module, attribute, stand_in(original))
+    try:
+        yield
+    finally:
+        for module, attribute, original in replaced:
+            setattr(module, attribute, original)
 
 
 @dataclasses.dataclass
@@ -139,6 +227,7 @@ def trace_call(layer: Any, args: Any, kwargs: dict, spec: Callable[[Any], Any]) 
             internals.symbolic_variable_arithmetic(),
             internals.none_outputs_recorded(),
             internals.static_python_arguments(),
+            _functions_recorded(),
         ):
             outputs = call(*symbolic_args, **symbolic_kwargs)
     except Exception as error:  # noqa: BLE001 - any failure is the layer's, reported as one

@@ -933,6 +933,64 @@ def keras_hub_models() -> dict:
             image_shape=S,
         )
 
+    def depth_anything():  # DINOv2 tokens to images, fused upward, resized (aligned corners)
+        return M.DepthAnythingBackbone(
+            image_encoder=dinov2(),
+            reassemble_factors=[2, 1],
+            neck_hidden_dims=[8, 16],
+            fusion_hidden_dim=8,
+            head_hidden_dim=8,
+            head_in_index=-1,
+            feature_keys=["stage1", "stage2"],
+        )
+
+    def clip_vision():
+        return M.CLIPVisionEncoder(
+            patch_size=8,
+            hidden_dim=16,
+            num_layers=2,
+            num_heads=2,
+            intermediate_dim=32,
+            image_shape=S,
+        )
+
+    def metaclip2_vision():
+        return M.MetaCLIP2VisionEncoder(
+            patch_size=8,
+            hidden_dim=16,
+            num_layers=2,
+            num_heads=2,
+            intermediate_dim=32,
+            image_shape=S,
+        )
+
+    def siglip_vision():  # gelu_approximate Dense layers, a pooling head attending from a probe
+        return M.SigLIPVisionEncoder(
+            patch_size=8,
+            hidden_dim=16,
+            num_layers=2,
+            num_heads=2,
+            intermediate_dim=32,
+            image_shape=S,
+        )
+
+    def blip2_vision():
+        return M.BLIP2VisionEncoder(
+            image_size=32,
+            patch_size=8,
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=16,
+            intermediate_dim=32,
+            use_patch_bias=True,
+            use_class_token=True,
+            use_mha_bias=True,
+            use_mlp_bias=True,
+            dropout_rate=0.0,
+            layer_norm_epsilon=1e-6,
+            initializer_range=0.02,
+        )
+
     def vit_det():
         return M.ViTDetBackbone(
             image_shape=S,
@@ -1008,6 +1066,11 @@ def keras_hub_models() -> dict:
     def mobilenet_classifier():
         return M.MobileNetImageClassifier(backbone=mobilenet_v3(), num_classes=5)
 
+    def depth_estimator():  # metric: sigmoid, then KerasHub's Multiplier layer
+        return M.DepthAnythingDepthEstimator(
+            backbone=depth_anything(), depth_estimation_type="metric", max_depth=10.0
+        )
+
     def vit_classifier():
         return M.ViTImageClassifier(backbone=vit(), num_classes=5)
 
@@ -1028,6 +1091,11 @@ def keras_hub_models() -> dict:
         "xception": xception,
         "dinov2": dinov2,
         "dinov3": dinov3,
+        "depth_anything": depth_anything,
+        "clip_vision": clip_vision,
+        "metaclip2_vision": metaclip2_vision,
+        "siglip_vision": siglip_vision,
+        "blip2_vision": blip2_vision,
         "vit_det": vit_det,
         "mobilenet_v5": mobilenet_v5,
         "segformer": segformer,
@@ -1036,4 +1104,5 @@ def keras_hub_models() -> dict:
         "resnet_classifier": resnet_classifier,
         "mobilenet_classifier": mobilenet_classifier,
         "vit_classifier": vit_classifier,
+        "depth_estimator": depth_estimator,
     }

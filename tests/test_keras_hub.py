@@ -3,7 +3,8 @@
 Each exports natively with ``fold=True`` (their custom blocks traced to layers and
 keras.ops), with no BatchNormalization left, agreeing with a float64 run of the
 same model at batch 1 and 3. Random weights; non-trivial BN statistics. The models
-whose blocks are traced (MobileNetV3/V5, HGNetV2, ViT, ViTDet, DeiT, DINOv2/v3, Swin) rerun
+whose blocks are traced (MobileNetV3/V5, HGNetV2, ViT, ViTDet, DeiT, DINOv2/v3, Swin,
+DepthAnything, whose resize holds backend code the trace records as one operation) rerun
 on JAX in one subprocess with tests/test_tracing.py (``test_tracing_on_jax``):
 building a model on JAX compiles every initializer shape, ~10 s a model on 2
 cores, so the plain-Functional ones stay on TensorFlow only.

@@ -142,6 +142,31 @@ def _transformer_model():
     return keras.Model(inputs, probabilities, name="transformer")
 
 
+class ProbePooling(layers.Layer):
+    """SigLIP's pooling head: attention from a learned probe repeated to the batch."""
+
+    def __init__(self, dim, **kwargs):
+        super().__init__(**kwargs)
+        self.attention = layers.MultiHeadAttention(2, dim // 2, name="attention")
+
+    def build(self, input_shape):
+        self.probe = self.add_weight(shape=(1, 2, input_shape[-1]), name="probe")
+        self.attention.build(self.probe.shape, input_shape, input_shape)
+
+    def call(self, x):
+        probes = ops.repeat(self.probe, repeats=ops.shape(x)[0], axis=0)
+        return self.attention(probes, x, x)
+
+
+def _probe_pooling_model():
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = layers.BatchNormalization(name="bn")(layers.Conv2D(8, 3, strides=2, name="conv")(inputs))
+    x = ProbePooling(8, name="pool")(layers.Reshape((49, 8))(x))
+    # an activation function the table lacks: the Dense is traced through it
+    head = layers.Dense(3, activation=lambda t: ops.gelu(t, approximate=True), name="head")
+    return keras.Model(inputs, head(x), name="probe_pooling")
+
+
 class ScoredBlock(layers.Layer):
     """Returns ``(output, None)`` unless asked for its scores, as KerasHub's DeiT blocks do."""
 
@@ -223,6 +248,7 @@ MODELS = {
     "transformer": _transformer_model,
     "optional_outputs": _optional_outputs_model,
     "keras_hub_idioms": _keras_hub_idioms_model,
+    "probe_pooling": _probe_pooling_model,
 }
 
 
@@ -386,7 +412,10 @@ def test_tracing_on_jax(run_python):
     """This module and the traced KerasHub models on the JAX backend, in one subprocess
     (KERAS_BACKEND is read once per process)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    traced_hub_models = "mobilenet_v3 or mobilenet_v5 or hgnetv2 or vit or swin or deit or dinov"
+    traced_hub_models = (
+        "mobilenet_v3 or mobilenet_v5 or hgnetv2 or vit or swin or deit or dinov or depth_anything"
+        " or clip or siglip or blip2"
+    )
     selection = f"(test_tracing and not on_jax) or (test_keras_hub and ({traced_hub_models}))"
     args = ["-m", "pytest", os.path.join(here, "test_tracing.py")]
     args += [os.path.join(here, "test_keras_hub.py"), "-q", "-p", "no:cacheprovider"]
@@ -446,7 +475,40 @@ IMAGE_OPS = {  # after a Conv2D: the ops read a channels-first exported tensor
     "resize-bilinear": lambda x: ops.image.resize(x, (12, 5), interpolation="bilinear"),
     "resize-nearest": lambda x: ops.image.resize(x, (5, 13), interpolation="nearest"),
     "resize-nearest-up": lambda x: ops.image.resize(x, (16, 16), interpolation="nearest"),
+    # KerasHub DepthAnything's resize (backend code inside): recorded, not entered
+    "resize-aligned-corners": lambda x: _depth_anything_resize(x, (13, 5)),
+    "resize-aligned-corners-first": lambda x: _depth_anything_resize(
+        x, (3, 11), data_format="channels_first"
+    ),
 }
+
+
+def _depth_anything_resize(x, size, data_format=None):
+    from keras_hub.src.models.depth_anything import depth_anything_layers
+
+    return depth_anything_layers.interpolate(x, size, data_format=data_format)
+
+
+def _aligned_corners_reference(images, size):
+    """NumPy: bilinear, output pixel i sampling the input at i * (in - 1) / (out - 1)."""
+    out = images.astype(np.float64)
+    for axis, length in zip((1, 2), size, strict=True):
+        where = np.arange(length) * (out.shape[axis] - 1) / (length - 1)
+        low = np.clip(np.floor(where).astype(int), 0, out.shape[axis] - 2)
+        weight = (where - low).reshape([-1 if a == axis else 1 for a in range(4)])
+        first, second = np.take(out, low, axis=axis), np.take(out, low + 1, axis=axis)
+        out = first * (1 - weight) + second * weight
+    return out
+
+
+def test_depth_anything_resize_samples_aligned_corners():
+    """The semantics the AlignedResize rule exports, checked on this backend's Keras."""
+    images = np.random.default_rng(4).standard_normal((2, 7, 6, 3)).astype("float32")
+    for size in ((13, 5), (3, 11), (7, 6)):
+        got = keras.ops.convert_to_numpy(_depth_anything_resize(images, size))
+        np.testing.assert_allclose(got, _aligned_corners_reference(images, size), atol=1e-5)
+
+
 CONV_OPS = {
     "conv": dict(strides=2, padding="same"),
     "conv-dilated": dict(padding="valid", dilation_rate=2),

@@ -22,7 +22,7 @@ from keras import layers as L
 from keras_bn.converters.graph import Node, Tensor, to_numpy
 from keras_bn.converters.onnx.builder import Builder, Unsupported
 from keras_bn.converters.onnx.rules.activations import apply_activation
-from keras_bn.converters.onnx.rules.common import check_not_quantized
+from keras_bn.converters.onnx.rules.common import check_not_quantized, constant_input
 
 __all__ = ["einsum_dense", "multi_head_attention", "projection_plan"]
 
@@ -152,6 +152,13 @@ def _mha_arguments(node: Node) -> dict[str, Any]:
         raise Unsupported(f"call arguments not understood ({error})") from error
 
 
+def _rank(tensor: Any) -> int:
+    """A graph tensor's rank, or a constant argument's (None: no tensor at all)."""
+    if isinstance(tensor, Tensor):
+        return tensor.rank
+    return -1 if tensor is None else np.ndim(to_numpy(tensor))
+
+
 def _causal_mask(b: Builder, query: Tensor, value: Tensor, scores: str) -> str:
     """Keras's causal mask: position i attends to j <= i, as a (T, S) boolean."""
     t, s = query.shape[1], value.shape[1]
@@ -179,7 +186,9 @@ def multi_head_attention(b: Builder, node: Node) -> None:
     query, value = arguments["query"], arguments["value"]
     key = arguments.get("key")
     key = value if key is None else key
-    if not all(isinstance(t, Tensor) and t.rank == 3 for t in (query, value, key)):
+    # A query computed from weights is a constant: SigLIP's pooling head attends from
+    # ``ops.repeat(probe, batch_size, axis=0)`` (rows tiled to the batch at runtime).
+    if not all(_rank(t) == 3 for t in (query, value, key)) or not isinstance(value, Tensor):
         raise Unsupported("only (batch, time, features) query, key and value are exported")
     axes = layer.attention_axes
     if axes is not None and tuple(int(a) % 3 for a in axes) != (1,):
@@ -188,7 +197,7 @@ def multi_head_attention(b: Builder, node: Node) -> None:
         if arguments.get(name) is not None:
             raise Unsupported(f"{name} is not exported; pass attention_mask instead")
     for name, tensor in (("query", query), ("value", value), ("key", key)):
-        source = _mask_source(tensor)
+        source = _mask_source(tensor) if isinstance(tensor, Tensor) else None
         if source is not None:
             raise Unsupported(
                 f"the {name} carries a Keras mask (from {source}) that ONNX would ignore; "
@@ -196,8 +205,9 @@ def multi_head_attention(b: Builder, node: Node) -> None:
             )
     key_dim = int(layer.key_dim)
 
-    def project(dense: Any, tensor: Tensor, order: list[int]) -> str:
-        projected = einsum_dense_nodes(b, dense, b.get(tensor), 3, (id(dense),))
+    def project(dense: Any, tensor: Any, order: list[int]) -> str:
+        source = b.get(tensor) if isinstance(tensor, Tensor) else constant_input(b, tensor, value)
+        projected = einsum_dense_nodes(b, dense, source, 3, (id(dense),))
         return b.op("Transpose", [projected], perm=order)  # heads before time
 
     q = project(layer.query_dense, query, [0, 2, 1, 3])  # (B, N, T, K)

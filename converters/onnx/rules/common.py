@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_bn.converters.graph import Node
+from keras_bn.converters.graph import Node, Tensor, to_numpy
 from keras_bn.converters.onnx.builder import Builder, Unsupported, Value
 from keras_bn.converters.onnx.layout import (
     Perm,
@@ -15,9 +15,11 @@ from keras_bn.converters.onnx.layout import (
     identity_perm,
     same_memory_order,
 )
+from keras_bn.converters.tracing import batch_multiple
 
 __all__ = [
     "Rule",
+    "constant_input",
     "channels_first_layout",
     "check_not_quantized",
     "common_layout",
@@ -30,6 +32,24 @@ __all__ = [
 ]
 
 Rule = Callable[[Builder, Node], None]
+
+
+def constant_input(b: Builder, value: Any, like: Tensor | None = None) -> str:
+    """A non-symbolic argument as an initializer (weights, numbers, eager tensors).
+
+    A constant whose first axis was tiled to the tracing batch size (a class token
+    ``ops.tile(token, (batch, 1, 1))``) becomes one row tiled at runtime.
+    """
+    array = np.asarray(to_numpy(value))
+    if like is not None and np.dtype(like.dtype).kind == "f" and array.dtype.kind in "iub":
+        array = array.astype(like.dtype)
+    if array.ndim and batch_multiple(array.shape[0]) == 1:
+        if not np.array_equal(array, np.broadcast_to(array[:1], array.shape)):
+            raise Unsupported("a constant with a batch-sized axis whose rows differ")
+        row = b.const(array[:1], "constant")
+        repeats = b.op("Concat", [b.batch_size(), b.ints([1] * (array.ndim - 1))], axis=0)
+        return b.op("Tile", [row, repeats])
+    return b.const(array, "constant")
 
 
 def node_array(b: Builder, node: Node, attribute: str) -> tuple[np.ndarray, tuple]:

@@ -25,33 +25,16 @@ from keras_bn.converters.graph import Node, Tensor, to_numpy
 from keras_bn.converters.onnx.builder import Builder, Unsupported, tensor_type
 from keras_bn.converters.onnx.layout import Perm
 from keras_bn.converters.onnx.rules.common import Rule, softmax_nodes
+from keras_bn.converters.onnx.rules.common import constant_input as _constant
 from keras_bn.converters.onnx.rules.convolution import conv_op, depthwise_conv_op
 from keras_bn.converters.onnx.rules.reshaping import resize_images
-from keras_bn.converters.tracing import Constant, batch_multiple
+from keras_bn.converters.tracing import AlignedResize, Constant, batch_multiple
 
 __all__ = ["OPERATION_RULES"]
 
 
 # --------------------------------------------------------------------------------------
 # Helpers.
-
-
-def _constant(b: Builder, value: Any, like: Tensor | None = None) -> str:
-    """A non-symbolic argument as an initializer (weights, numbers, eager tensors).
-
-    A constant whose first axis was tiled to the tracing batch size (a class token
-    ``ops.tile(token, (batch, 1, 1))``) becomes one row tiled at runtime.
-    """
-    array = np.asarray(to_numpy(value))
-    if like is not None and np.dtype(like.dtype).kind == "f" and array.dtype.kind in "iub":
-        array = array.astype(like.dtype)
-    if array.ndim and batch_multiple(array.shape[0]) == 1:
-        if not np.array_equal(array, np.broadcast_to(array[:1], array.shape)):
-            raise Unsupported("a constant with a batch-sized axis whose rows differ")
-        row = b.const(array[:1], "constant")
-        repeats = b.op("Concat", [_batch(b), b.ints([1] * (array.ndim - 1))], axis=0)
-        return b.op("Tile", [row, repeats])
-    return b.const(array, "constant")
 
 
 def _batch(b: Builder) -> str:
@@ -483,6 +466,12 @@ def image_resize(b: Builder, node: Node) -> None:
     resize_images(b, node, node.layer, tuple(node.layer.size))
 
 
+def aligned_resize(b: Builder, node: Node) -> None:
+    """Bilinear resize with aligned corners (KerasHub DepthAnything's ``interpolate``):
+    output pixel ``i`` samples the input at ``i * (in - 1) / (out - 1)``."""
+    resize_images(b, node, node.layer, node.layer.size, coordinates="align_corners")
+
+
 # --------------------------------------------------------------------------------------
 # Linear algebra and attention.
 
@@ -642,6 +631,7 @@ OPERATION_RULES: dict[type, Rule] = {
     numpy_ops.GetItem: get_item,
     numpy_ops.Take: take,
     image_ops.Resize: image_resize,
+    AlignedResize: aligned_resize,
     nn_ops.Conv: conv_op,
     nn_ops.DepthwiseConv: depthwise_conv_op,
     # linear algebra, attention, normalization

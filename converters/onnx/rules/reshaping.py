@@ -138,10 +138,17 @@ def upsampling(b: Builder, node: Node) -> None:
     b.set(node.outputs[0], out, perm)
 
 
-def resize_images(b: Builder, node: Node, layer: Any, size: tuple[int, int]) -> None:
+def resize_images(
+    b: Builder,
+    node: Node,
+    layer: Any,
+    size: tuple[int, int],
+    coordinates: str = "half_pixel",
+) -> None:
     """``Resizing`` / ``ops.image.resize`` of a batch of images to ``size`` (height,
     width): ONNX Resize with half-pixel centres, as TensorFlow's and JAX's resize
-    compute them (nearest: ``floor((i + 0.5) * in / out)``)."""
+    compute them (nearest: ``floor((i + 0.5) * in / out)``), or with the ONNX
+    ``coordinate_transformation_mode`` ``coordinates``."""
     tensor = node.inputs[0]
     if tensor.rank != 4:
         raise Unsupported("resizing a single image (rank 3); batches of images are exported")
@@ -174,7 +181,7 @@ def resize_images(b: Builder, node: Node, layer: Any, size: tuple[int, int]) -> 
             "Resize",
             [name, "", "", sizes],
             mode="nearest",
-            coordinate_transformation_mode="half_pixel",
+            coordinate_transformation_mode=coordinates,
             nearest_mode="round_prefer_ceil",
         )
     else:
@@ -182,7 +189,7 @@ def resize_images(b: Builder, node: Node, layer: Any, size: tuple[int, int]) -> 
             "Resize",
             [name, "", "", sizes],
             mode="linear",
-            coordinate_transformation_mode="half_pixel",
+            coordinate_transformation_mode=coordinates,
         )
     b.set(node.outputs[0], out, perm)
 

@@ -206,9 +206,9 @@ def find_rule(layer: Any) -> Rule | None:
 def needs_tracing(layer: Any) -> bool:
     """Whether export traces ``layer``'s call (no rule for it): a rule, where one
     exists, gives the better graph (layouts, Conv+BN), so it wins over tracing. An
-    Activation layer of a function the activation table lacks (KerasHub's
-    ``Activation(lambda x: keras.activations.gelu(x, approximate=False))``) is
-    traced through that function."""
+    Activation or Dense layer of a function the activation table lacks (KerasHub's
+    ``Activation(lambda x: keras.activations.gelu(x, approximate=False))``, SigLIP's
+    ``Dense(activation=gelu_approximate)``) is traced through that function."""
     if find_rule(layer) is None:
         return True
-    return type(layer) is L.Activation and layer.activation not in ACTIVATIONS
+    return type(layer) in (L.Activation, L.Dense) and layer.activation not in ACTIVATIONS
