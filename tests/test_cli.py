@@ -672,6 +672,32 @@ def test_export_fixed_batch_size(tmp_path, capsys, files):
     assert session.get_inputs()[0].shape[0] == 2
 
 
+def test_validate_generates_the_batch_the_file_needs(tmp_path, capsys, files):
+    """keras-bn validate without --inputs: a fixed-batch file is compared at its batch
+    size, an int8 file on enough samples to judge top-1 agreement."""
+    from keras_bn.converters.comparison import INT8_TOP1_MIN_SAMPLES
+
+    fixed, quantized = tmp_path / "b.onnx", tmp_path / "q.onnx"
+    code, _, err = run_main(["export", files["model"], "-o", fixed, "--batch-size", "3"], capsys)
+    assert code == 0, err
+    code, out, err = run_main(["validate", files["model"], fixed, "--json"], capsys)
+    assert code == 0, err
+    comparisons = json.loads(out)["validation"]["comparisons"]
+    assert [(c["batch_size"], c["shape"][0]) for c in comparisons] == [(3, 3)]
+    code, _, err = run_main(
+        ["export", files["model"], "-o", quantized, "--precision", "int8"]
+        + ["--calibration", files["calibration"]],
+        capsys,
+    )
+    assert code == 0, err
+    code, out, err = run_main(["validate", files["model"], quantized, "--json"], capsys)
+    assert code in (0, 1), err  # the verdict is int8's own criterion, on generated data
+    report = json.loads(out)
+    assert report["precision"] == "int8"
+    sizes = [c["batch_size"] for c in report["validation"]["comparisons"]]
+    assert sizes == [1, INT8_TOP1_MIN_SAMPLES]
+
+
 @pytest.mark.parametrize(
     "extra",
     [["--inputs", "inputs"], ["--precision", "int8", "--calibration", "calibration"]],
