@@ -97,7 +97,7 @@ def flatten_layers(layer: Any) -> list:
 
 def sublayer_paths(layer: Any, scope: str) -> Iterator[tuple[str, Any]]:
     """Every layer tracked inside ``layer``, recursively, with its path
-    (``scope/child/grandchild``), each once."""
+    (``scope/child/grandchild``); a sublayer held at two places has two paths."""
     for child in layer._flatten_layers(include_self=False, recursive=False):
         path = f"{scope}/{child.name}"
         yield path, child

@@ -944,35 +944,19 @@ def keras_hub_models() -> dict:
             feature_keys=["stage1", "stage2"],
         )
 
+    # CLIP, MetaCLIP 2 and SigLIP vision encoders take the same arguments.
+    vision_encoder = dict(
+        patch_size=8, hidden_dim=16, num_layers=2, num_heads=2, intermediate_dim=32, image_shape=S
+    )
+
     def clip_vision():
-        return M.CLIPVisionEncoder(
-            patch_size=8,
-            hidden_dim=16,
-            num_layers=2,
-            num_heads=2,
-            intermediate_dim=32,
-            image_shape=S,
-        )
+        return M.CLIPVisionEncoder(**vision_encoder)
 
     def metaclip2_vision():
-        return M.MetaCLIP2VisionEncoder(
-            patch_size=8,
-            hidden_dim=16,
-            num_layers=2,
-            num_heads=2,
-            intermediate_dim=32,
-            image_shape=S,
-        )
+        return M.MetaCLIP2VisionEncoder(**vision_encoder)
 
     def siglip_vision():  # gelu_approximate Dense layers, a pooling head attending from a probe
-        return M.SigLIPVisionEncoder(
-            patch_size=8,
-            hidden_dim=16,
-            num_layers=2,
-            num_heads=2,
-            intermediate_dim=32,
-            image_shape=S,
-        )
+        return M.SigLIPVisionEncoder(**vision_encoder)
 
     def blip2_vision():
         return M.BLIP2VisionEncoder(

@@ -1,6 +1,7 @@
 """How the keras-bn command picks its Keras backend (converters/cli/backend.py)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -20,6 +21,19 @@ def _home(tmp_path, config=None):
     if config is not None:
         (tmp_path / "keras.json").write_text(json.dumps(config, indent=4))
     return {"KERAS_HOME": str(tmp_path)}
+
+
+def _python(args, *, cwd=None, drop=(), **env):
+    """``python ARGS`` in a fresh interpreter: this environment without ``drop``, plus ``env``."""
+    environ = {k: v for k, v in os.environ.items() if k not in drop}
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env={**environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _fastest_installed():
@@ -64,13 +78,8 @@ def test_the_command_runs_on_the_chosen_backend(tmp_path):
         "import sklearn  # ...and importable afterwards\n"
         "print(backend)\n"
     )
-    environ = {k: v for k, v in __import__("os").environ.items() if k != "KERAS_BACKEND"}
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**environ, "KERAS_HOME": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = _python(
+        ["-c", code], drop=("KERAS_BACKEND",), KERAS_HOME=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [_fastest_installed()]
@@ -94,14 +103,7 @@ def test_saving_on_jax_does_not_import_tensorflow(tmp_path):
         "np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(again(x)))\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))\n"
     )
-    environ = {k: v for k, v in __import__("os").environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**environ, "KERAS_BACKEND": "jax"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _python(["-c", code], drop=("TF_CPP_MIN_LOG_LEVEL",), KERAS_BACKEND="jax")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]"
     assert result.stderr == ""
@@ -117,13 +119,7 @@ def test_the_command_imports_keras_on_every_backend(backend):
         "import keras\n"
         "keras.layers.Dense(2)(keras.ops.ones((1, 3)))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**__import__("os").environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _python(["-c", code], KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [backend]
 
@@ -146,24 +142,11 @@ def test_a_layer_calling_tensorflow_on_jax_is_named_with_the_fix(tmp_path):
         "y = tflayers.TFRelu6()(keras.layers.Dense(4)(x))\n"
         "keras.Model(x, y).save('model.keras')\n"
     )
-    environ = {k: v for k, v in __import__("os").environ.items() if k != "KERAS_BACKEND"}
-    made = subprocess.run(
-        [sys.executable, "-c", make],
-        cwd=tmp_path,
-        env={**environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    made = _python(["-c", make], cwd=tmp_path, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
     assert made.returncode == 0, made.stderr[-3000:]
-    command = [sys.executable, "-m", "keras_bn", "export", "model.keras", "-o", "out.onnx"]
-    result = subprocess.run(
-        [*command, "--custom-objects", "tflayers:TFRelu6"],
-        cwd=tmp_path,
-        env={**environ, "KERAS_BACKEND": "jax"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    command = ["-m", "keras_bn", "export", "model.keras", "-o", "out.onnx"]
+    result = _python(
+        [*command, "--custom-objects", "tflayers:TFRelu6"], cwd=tmp_path, KERAS_BACKEND="jax"
     )
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()

@@ -138,7 +138,7 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
                 run, f"the {args.precision} ONNX model's outputs differ from the Keras model's"
             )
         native = final == Path(result.path) and not getattr(result, "used_fallback", True)
-        known = [result.external_data] if result.external_data else [] if native else None
+        known = ([result.external_data] if result.external_data else []) if native else None
         with run.progress.step(f"Writing {output}"):
             data_files = _move_onnx_into_place(final, output, args, known)
     _describe_output(output, data_files, run)

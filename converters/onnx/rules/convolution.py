@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -177,30 +177,31 @@ def _conv_op_input(b: Builder, node: Node) -> tuple[str, Perm, list, Pads | None
 def conv_op(b: Builder, node: Node) -> None:
     """``ops.conv(inputs, kernel, ...)`` with a constant kernel (grouped when the
     kernel has fewer input channels than the inputs)."""
-    name, perm, sizes, pending, kernel, settings = _conv_op_input(b, node)
-    rank = kernel.ndim
-    channels = node.inputs[0].shape[perm[1]]
-    if channels is None or channels % kernel.shape[-2]:
-        raise Unsupported("input channels that are not a multiple of the kernel's")
-    weight = np.transpose(kernel, (rank - 1, rank - 2, *range(rank - 2)))
-    out = _conv_node(
-        b,
-        name,
-        b.const(weight, "kernel"),
-        None,
-        settings,
-        sizes,
-        pending,
-        kernel.shape[:-2],
-        group=channels // kernel.shape[-2],
-    )
-    b.set(node.outputs[0], out, perm)
+
+    def grouped(kernel: np.ndarray, channels: int | None) -> tuple[np.ndarray, int]:
+        if channels is None or channels % kernel.shape[-2]:
+            raise Unsupported("input channels that are not a multiple of the kernel's")
+        rank = kernel.ndim
+        weight = np.transpose(kernel, (rank - 1, rank - 2, *range(rank - 2)))
+        return weight, channels // kernel.shape[-2]
+
+    _constant_kernel_conv(b, node, grouped)
 
 
 def depthwise_conv_op(b: Builder, node: Node) -> None:
     """``ops.depthwise_conv(inputs, kernel, ...)`` with a constant kernel."""
+    _constant_kernel_conv(b, node, lambda kernel, _: (_depthwise_weight(kernel), kernel.shape[-2]))
+
+
+def _constant_kernel_conv(
+    b: Builder,
+    node: Node,
+    as_onnx: Callable[[np.ndarray, int | None], tuple[np.ndarray, int]],
+) -> None:
+    """An ONNX Conv for ``ops.conv``/``ops.depthwise_conv``; ``as_onnx(kernel, input
+    channels)`` gives the ONNX weight and the group count."""
     name, perm, sizes, pending, kernel, settings = _conv_op_input(b, node)
-    weight = _depthwise_weight(kernel)
+    weight, group = as_onnx(kernel, node.inputs[0].shape[perm[1]])
     out = _conv_node(
         b,
         name,
@@ -210,7 +211,7 @@ def depthwise_conv_op(b: Builder, node: Node) -> None:
         sizes,
         pending,
         kernel.shape[:-2],
-        group=kernel.shape[-2],
+        group=group,
     )
     b.set(node.outputs[0], out, perm)
 
