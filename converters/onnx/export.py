@@ -11,8 +11,8 @@ exports the graph it is given: folding is done before, as a graph rewrite.
 After the graph is assembled, :func:`check_structure` runs the checks the ONNX
 checker misses (graph inputs exactly the model's, no unused initializer, no
 BatchNormalization left) and warns about batch normalizations exported unfolded;
-then the model is written atomically and passes ``onnx.checker`` with
-``full_check=True`` before it replaces the target file.
+then the model passes ``onnx.checker`` with ``full_check=True`` and is written
+atomically (:mod:`.writing`: the weights stay arrays until they are written).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 from keras_bn.converters import graph as graph_lib
 from keras_bn.converters.errors import UserInputError
@@ -43,6 +43,14 @@ from keras_bn.converters.onnx.metadata import (
     encode_layer_map,
 )
 from keras_bn.converters.onnx.rules import find_rule, needs_tracing
+from keras_bn.converters.onnx.writing import (
+    Weights,
+    add_initializer,
+    check_model,
+    fill,
+    write_model,
+    write_weights,
+)
 from keras_bn.converters.options import INPUT_LAYOUTS
 
 __all__ = [
@@ -267,6 +275,13 @@ def build_onnx_model(
     No checks, no file. Raises UnsupportedLayersError naming every layer that has
     no rule.
     """
+    return fill(*_build(graph, opset, input_layout, batch_size))
+
+
+def _build(
+    graph: graph_lib.Graph, opset: int, input_layout: str, batch_size: int | None
+) -> tuple[onnx.ModelProto, Weights]:
+    """:func:`build_onnx_model`'s model without its weights' bytes, and the weights."""
     input_names = list(graph.input_names)
     output_names = _distinct_from(graph.output_names, set(input_names))
     builder = Builder(opset, reserved_names=[*input_names, *output_names])
@@ -390,8 +405,8 @@ def _assemble(
     opset: int,
     input_layout: str,
     layer_map: LayerMap,
-) -> onnx.ModelProto:
-    """The ModelProto: nodes, opset, metadata and the weights as raw initializers."""
+) -> tuple[onnx.ModelProto, Weights]:
+    """The ModelProto (nodes, opset, metadata, initializers) and its weights."""
     onnx_graph = helper.make_graph(builder.nodes, graph.name, onnx_inputs, onnx_outputs)
     opset_imports = [helper.make_opsetid("", opset)]
     onnx_model = helper.make_model(
@@ -409,14 +424,12 @@ def _assemble(
             METADATA_LAYER_OUTPUTS: encode_layer_map(layer_map),
         },
     )
-    # Weights go straight into the model's graph (make_model copies the graph it gets).
+    # Initializers go straight into the model's graph (make_model copies the graph it
+    # gets); the large ones' bytes stay arrays until the file is written.
+    weights: Weights = {}
     for name, array in builder.initializers.items():
-        tensor = onnx_model.graph.initializer.add()
-        tensor.name = name
-        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
-        tensor.dims.extend(array.shape)
-        tensor.raw_data = array.tobytes()
-    return onnx_model
+        add_initializer(onnx_model, name, array, weights)
+    return onnx_model, weights
 
 
 def _version() -> str:
@@ -428,73 +441,37 @@ def _version() -> str:
         return "unknown"
 
 
-def _weights_bytes(model: onnx.ModelProto) -> int:
-    total = 0
-    for tensor in model.graph.initializer:
-        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-    return total
-
-
-def _move_weights_out(model: onnx.ModelProto, data_file: Path, location: str) -> None:
-    """Store every initializer over 1 KiB in ``data_file`` (named ``location`` in the model)."""
-    offset = 0
-    with open(data_file, "wb") as stream:
-        for tensor in model.graph.initializer:
-            if len(tensor.raw_data) <= 1024:
-                continue
-            padding = (-offset) % 4096  # page-aligned, as onnx's own writer does
-            stream.write(b"\0" * padding)
-            offset += padding
-            raw = tensor.raw_data
-            stream.write(raw)
-            del tensor.external_data[:]
-            for key, value in (
-                ("location", location),
-                ("offset", str(offset)),
-                ("length", str(len(raw))),
-            ):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            tensor.data_location = TensorProto.EXTERNAL
-            tensor.ClearField("raw_data")
-            offset += len(raw)
-
-
 def _finish(
     onnx_model: onnx.ModelProto,
+    weights: Weights,
     path: Path,
     input_names: Sequence[str],
     *,
-    native: bool,
     external_data: bool | None,
 ) -> tuple[list[str], str | None]:
-    """Run the structural checks, write atomically, run onnx.checker's full check."""
+    """Run the structural checks and onnx.checker's full check, write atomically."""
     report = check_structure(onnx_model, input_names)
     if report.errors:
-        message = "; ".join(report.errors)
-        if native:
-            raise RuntimeError(
-                f"Internal error in keras-bn's ONNX export: {message}. Please report it."
-            )
-        report.warnings.extend(report.errors)
+        raise RuntimeError(
+            f"Internal error in keras-bn's ONNX export: {'; '.join(report.errors)}. "
+            "Please report it."
+        )
     for message in report.warnings:
         warnings.warn(message, ExportWarning, stacklevel=3)
+    check_model(onnx_model, weights)
 
     if external_data is None:
-        external_data = _weights_bytes(onnx_model) > EXTERNAL_DATA_THRESHOLD
+        external_data = sum(array.nbytes for array in weights.values()) > EXTERNAL_DATA_THRESHOLD
     location = f"{path.name}.data" if external_data else None
     with atomic_output(path) as temporary:
         if location is None:
-            onnx.save_model(onnx_model, str(temporary))
-            onnx.checker.check_model(str(temporary), full_check=True)
+            write_model(onnx_model, weights, temporary)
         else:
             data_path = path.with_name(location)
             with atomic_output(data_path) as temporary_data:
-                _move_weights_out(onnx_model, temporary_data, location)
+                write_weights(onnx_model, weights, temporary_data, location)
             try:
                 onnx.save_model(onnx_model, str(temporary))
-                onnx.checker.check_model(str(temporary), full_check=True)
             except BaseException:
                 data_path.unlink(missing_ok=True)
                 raise
@@ -554,9 +531,7 @@ def export_onnx(
     except ValueError as error:  # a subclassed model, an unbuilt Sequential
         raise UserInputError(str(error)) from error
     try:
-        onnx_model = build_onnx_model(
-            graph, opset=opset, input_layout=input_layout, batch_size=batch_size
-        )
+        onnx_model, weights = _build(graph, opset, input_layout, batch_size)
     except UnsupportedLayersError as error:
         if not fallback:
             raise
@@ -571,7 +546,7 @@ def export_onnx(
         result = _export_with_keras(model, path, opset, graph.input_names, start)
         return dataclasses.replace(result, fold_report=fold_report)
     found_warnings, location = _finish(
-        onnx_model, path, graph.input_names, native=True, external_data=external_data
+        onnx_model, weights, path, graph.input_names, external_data=external_data
     )
     result = _result(
         onnx_model,
