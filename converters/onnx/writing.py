@@ -139,7 +139,7 @@ def write_weights(
 
 def _raw(array: np.ndarray) -> memoryview:
     """The bytes of a weight (C-contiguous, little-endian), uncopied."""
-    return memoryview(array).cast("B")
+    return array.data.cast("B")
 
 
 def _spliced(
