@@ -227,6 +227,8 @@ def trace_call(layer: Any, args: Any, kwargs: dict, spec: Callable[[Any], Any]) 
             internals.symbolic_variable_arithmetic(),
             internals.none_outputs_recorded(),
             internals.static_python_arguments(),
+            internals.output_specs_without_call_context(),
+            internals.backend_calls_recorded(),
             _functions_recorded(),
         ):
             outputs = call(*symbolic_args, **symbolic_kwargs)
