@@ -83,6 +83,17 @@ class Builder:
         self.batch_source: str | None = None  # a graph input with the batch on axis 0
         self._batch_size: str | None = None
 
+    def subgraph_builder(self) -> Builder:
+        """A builder for a subgraph of this graph (a Scan body): its names never clash
+        with this graph's, and its constants are this graph's initializers (a subgraph
+        sees the names of the graph around it). It has no batch size of its own."""
+        child = Builder(self.opset)
+        child._names = self._names
+        child.initializers = self.initializers
+        child._small_constants = self._small_constants
+        child._keyed_constants = self._keyed_constants
+        return child
+
     # Naming.
     def unique(self, base: str) -> str:
         name, suffix = base, 0

@@ -280,6 +280,36 @@ def build_onnx_model(
     return _assemble(builder, graph, onnx_inputs, onnx_outputs, opset, input_layout, layer_map)
 
 
+def build_subgraph(parent: Builder, graph: graph_lib.Graph, name: str) -> onnx.GraphProto:
+    """The ONNX subgraph (a Scan body) computing a flattened graph, its inputs and
+    outputs in Keras order, written through ``parent``'s subgraph builder.
+
+    Raises Unsupported naming the graph's nodes that have no working rule.
+    """
+    builder = parent.subgraph_builder()
+    inputs = []
+    for tensor, input_name in zip(graph.inputs, graph.input_names, strict=True):
+        onnx_name = builder.unique(f"{name}/{input_name}")
+        builder.declare(tensor, Value(onnx_name, identity_perm(tensor.rank)))
+        inputs.append(
+            helper.make_tensor_value_info(onnx_name, tensor_type(tensor.dtype), tensor.shape)
+        )
+    try:
+        _run_rules(builder, graph)
+    except UnsupportedLayersError as error:
+        raise Unsupported("; ".join(error.layers)) from error
+    outputs = []
+    builder.begin(None)
+    for index, tensor in enumerate(graph.outputs):
+        output_name = builder.op(
+            "Identity", [builder.get(tensor, cast=False)], name=f"{name}/output_{index}"
+        )
+        outputs.append(
+            helper.make_tensor_value_info(output_name, tensor_type(tensor.dtype), tensor.shape)
+        )
+    return helper.make_graph(builder.nodes, name, inputs, outputs)
+
+
 def _declare_inputs(
     builder: Builder, graph: graph_lib.Graph, input_layout: str, batch_size: int | None
 ) -> list[onnx.ValueInfoProto]:
