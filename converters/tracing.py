@@ -299,6 +299,7 @@ def _record(
             internals.static_python_arguments(),
             internals.output_specs_without_call_context(),
             internals.backend_calls_recorded(),
+            internals.backend_arrays_defer_to_symbolic(),
             _functions_recorded(),
         ):
             outputs = call(*symbolic_args, **symbolic_kwargs)

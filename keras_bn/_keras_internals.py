@@ -65,6 +65,7 @@ __all__ = [
     "tensorflow_probe_answered",
     # float64
     "float64_type_promotion",
+    "jax_x64_slice_indices",
     # tracing a layer's call
     "keeping_layer_nodes",
     "symbolic_variable_arithmetic",
@@ -72,6 +73,7 @@ __all__ = [
     "static_python_arguments",
     "output_specs_without_call_context",
     "backend_calls_recorded",
+    "backend_arrays_defer_to_symbolic",
 ]
 
 # ``Functional``: the class of every ``keras.Model(inputs, outputs)`` model (and of
@@ -331,6 +333,36 @@ def float64_type_promotion() -> Iterator[None]:
         yield
     finally:
         table["float64"] = saved
+
+
+@contextlib.contextmanager
+def jax_x64_slice_indices() -> Iterator[None]:
+    """Let ``keras.ops.slice`` on JAX take start indices of mixed integer types in x64 mode.
+
+    Keras's JAX ``slice`` hands its start indices to ``jax.lax.dynamic_slice``, which
+    requires them all of one integer type; with JAX's x64 mode on (a float64 run),
+    Python ints become int64 beside int32 tensors, and ``ops.slice(x, (0, 0, start),
+    ...)`` with an int32 ``start`` (KerasHub D-FINE's deformable attention) raises
+    "index arguments to dynamic_slice must be integers of the same type". Within the
+    block the indices are cast to int64 first. Not thread-safe: it patches
+    ``keras.src.backend.jax.core.slice`` for the duration of the block.
+    """
+    from keras.src.backend.jax import core
+
+    original = core.slice
+
+    def slice_(inputs: Any, start_indices: Any, shape: Any) -> Any:
+        if isinstance(start_indices, list | tuple):
+            import jax.numpy as jnp
+
+            start_indices = tuple(jnp.asarray(index, dtype="int64") for index in start_indices)
+        return original(inputs, start_indices, shape)
+
+    core.slice = slice_
+    try:
+        yield
+    finally:
+        core.slice = original
 
 
 # ------------------------------------------------------------- tracing a layer's call
@@ -602,3 +634,28 @@ def backend_calls_recorded() -> Iterator[None]:
         yield
     finally:
         DynamicBackend.__getattr__ = original
+
+
+@contextlib.contextmanager
+def backend_arrays_defer_to_symbolic() -> Iterator[None]:
+    """Inside the block, ``jax_array + keras_tensor`` records ``keras.ops.add``.
+
+    A JAX array's operators convert the other operand through its ``__jax_array__``,
+    which a ``KerasTensor`` defines only to raise ("A KerasTensor cannot be used as
+    input to a JAX function"); without it the array's operator returns
+    NotImplemented and Python calls the symbolic tensor's reflected operator, which
+    records the ``keras.ops`` operation (TensorFlow tensors already defer so).
+    KerasHub D-FINE writes ``(0.5 * abs(self.reg_scale) + distance)``: ``abs`` of a
+    variable is an array. Within the block ``KerasTensor.__jax_array__`` is
+    removed; a JAX function handed a symbolic tensor still raises. Not
+    thread-safe: it patches ``KerasTensor`` for the duration of the block.
+    """
+    cls = keras.KerasTensor
+    original = cls.__dict__.get("__jax_array__")
+    if original is not None:
+        delattr(cls, "__jax_array__")
+    try:
+        yield
+    finally:
+        if original is not None:
+            cls.__jax_array__ = original

@@ -439,3 +439,16 @@ def test_backend_calls_recorded_records_keras_ops_and_restores_keras():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(eager), [[0.0, 2.0, 4.0, 2.0]])
     with pytest.raises((TypeError, ValueError)):
         convert(boxes, source="xyxy", target="center_xywh")
+
+
+def test_backend_arrays_defer_to_symbolic_records_ops_and_restores_keras():
+    array = keras.ops.abs(keras.Variable([-0.5, 2.0]))  # abs(variable): a backend array
+    x = keras.Input((2,))
+    with internals.backend_arrays_defer_to_symbolic():
+        total = array + x  # the array's own operator, handing over to the KerasTensor
+        assert isinstance(total, keras.KerasTensor) and total.shape == (None, 2)
+        assert "__jax_array__" not in keras.KerasTensor.__dict__
+    assert type(internals.producing_operation(total)).__name__ == "Add"
+    assert "__jax_array__" in keras.KerasTensor.__dict__
+    model = keras.Model(x, total)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(np.ones((1, 2)))), [[1.5, 3.0]])
