@@ -140,7 +140,8 @@ def zeros_like(b: Builder, node: Node) -> None:
     """Zeros of the input's shape (and the op's dtype), in the input's layout."""
     value = b.value(node.inputs[0])
     shape = b.op("Shape", [b.get(node.inputs[0], value.perm, cast=False)])
-    zero = b.const(np.zeros((1,), dtype=node.outputs[0].dtype), "zero", dtype=None)
+    dtype = np.dtype(node.outputs[0].dtype)
+    zero = b.const(np.zeros((1,), dtype=dtype), "zero", dtype=dtype)
     b.set(node.outputs[0], b.op("Expand", [zero, shape]), value.perm)
 
 
