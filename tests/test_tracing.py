@@ -59,7 +59,9 @@ class ScaleShift(layers.Layer):
         self.shift = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="shift")
 
     def call(self, x):
-        return self.scale * x + self.shift  # variable * tensor: recorded while tracing
+        x = self.scale * x + self.shift  # variable * tensor: recorded while tracing
+        # a backend array (abs of a variable) * tensor, as D-FINE writes abs(reg_scale)
+        return (0.5 + abs(self.scale)) * x
 
 
 class SqueezeExcite(layers.Layer):
