@@ -151,7 +151,7 @@ def logical_not(b: Builder, node: Node) -> None:
     b.set(node.outputs[0], b.op("Not", [x]), value.perm)
 
 
-def _boolean(b: Builder, name: str, dtype: str) -> str:
+def _boolean(b: Builder, name: str, dtype: Any) -> str:
     return name if np.dtype(dtype) == np.bool_ else b.op("Cast", [name], to=tensor_type("bool"))
 
 
