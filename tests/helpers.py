@@ -1103,6 +1103,9 @@ def keras_hub_models() -> dict:
                 variable.assign(values.astype(variable.dtype))
         return model
 
+    def d_fine_detector():  # the detector's forward pass (its box decoding is not in it)
+        return M.DFineObjectDetector(backbone=d_fine(), num_classes=4)
+
     return {
         "resnet_v1": resnet_v1,
         "resnet_v2_basic": resnet_v2_basic,
@@ -1135,4 +1138,5 @@ def keras_hub_models() -> dict:
         "vit_classifier": vit_classifier,
         "depth_estimator": depth_estimator,
         "d_fine": d_fine,
+        "d_fine_detector": d_fine_detector,
     }

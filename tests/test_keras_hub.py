@@ -7,9 +7,10 @@ whose blocks are traced (MobileNetV3/V5, HGNetV2, ViT, ViTDet, DeiT, DINOv2/v3, 
 DepthAnything, whose resize holds backend code the trace records as one operation) rerun
 on JAX in one subprocess with tests/test_tracing.py (``test_tracing_on_jax``):
 building a model on JAX compiles every initializer shape, ~10 s a model on 2
-cores, so the plain-Functional ones stay on TensorFlow only. D-FINE (traced hybrid
-encoder and decoder, ops.map query selection, grid sampling) takes ~75 s on JAX (each
-op of its float32 and float64 builds compiled), so it runs on JAX on demand:
+cores, so the plain-Functional ones stay on TensorFlow only. D-FINE and its detector
+(traced hybrid encoder and decoder, ops.map query selection, grid sampling) take ~70 s
+together on JAX (every op of the float32 and float64 builds compiled once), so they
+run on JAX on demand:
 ``KERAS_BACKEND=jax pytest tests/test_keras_hub.py -k d_fine``; the JAX-specific
 paths it needs are in the default JAX rerun (test_tracing's custom layers and op
 rules, test_reference's float64 slice).
@@ -41,6 +42,7 @@ NESTED_FOLDS = {
     "hgnetv2": "/",
     "mobilenet_v5": "/",
     "d_fine": "/",
+    "d_fine_detector": "/",
 }
 
 
