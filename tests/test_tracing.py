@@ -486,6 +486,18 @@ SEQUENCE_OPS = {
         lambda e: ops.take(e[0], e[1], axis=0), (x, ops.top_k(ops.max(x, axis=-1), 3)[1])
     ),
     "map-two-outputs": lambda x: ops.map(lambda e: (ops.sum(e, axis=0), ops.relu(e) * 2.0), x),
+    # integer index arithmetic, clipped, then gathered (D-FINE's "discrete" sampling)
+    "integer-arithmetic": lambda x: ops.clip(ops.cast(3.0 * x, "int32") * 5 + 2 - 7, -4, 6),
+    "integer-maximum": lambda x: ops.maximum(
+        ops.cast(2.0 * x, "int32"), ops.argmax(x, axis=-1)[:, :, None]
+    ),
+    "take-along-axis": lambda x: ops.take_along_axis(
+        x, ops.clip(ops.cast(3.0 * x[:, :, :1], "int32") + 2, 0, 4), axis=2
+    ),
+    # rows picked per column (top-k along axis 1); the data's size-1 last axis broadcasts
+    "take-along-axis-rows": lambda x: ops.take_along_axis(
+        x[:, :, :1], ops.swapaxes(ops.top_k(ops.swapaxes(x, 1, 2), 4)[1], 1, 2), axis=1
+    ),
 }
 IMAGE_OPS = {  # after a Conv2D: the ops read a channels-first exported tensor
     "cumsum-rows": lambda x: ops.cumsum(x, axis=1),

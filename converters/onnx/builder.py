@@ -285,16 +285,17 @@ class Builder:
         *,
         axes: Sequence[int] | None = None,
         key: Any = None,
+        dtype: Any = None,
     ) -> str:
         """A constant that broadcasts against a rank-``rank`` Keras tensor in layout ``perm``.
 
         ``array`` broadcasts NumPy-style against the Keras tensor, or, with ``axes``,
         holds one entry per index of those Keras axes (BatchNormalization's
-        ``moving_mean`` for ``axis=(1, 3)``).
+        ``moving_mean`` for ``axis=(1, 3)``). ``dtype`` as in :meth:`const`.
         """
         array = np.asarray(array)
         if array.ndim == 0:
-            return self.const(array, hint, key=key)
+            return self.const(array, hint, key=key, dtype=dtype)
         if axes is not None:
             axes = sorted(axis % rank for axis in axes)
             shape = [1] * rank
@@ -307,12 +308,12 @@ class Builder:
             raise Unsupported(f"a constant of shape {array.shape} for a rank-{rank} tensor")
         array = array.reshape((1,) * (rank - array.ndim) + array.shape)
         if all(size == 1 for size in array.shape):
-            return self.const(array.reshape(()), hint, key=key)
+            return self.const(array.reshape(()), hint, key=key, dtype=dtype)
         array = np.transpose(array, perm)
         # Leading size-1 axes broadcast by themselves: drop them for a compact constant.
         while array.ndim > 1 and array.shape[0] == 1:
             array = array[0]
-        return self.const(array, hint, key=key)
+        return self.const(array, hint, key=key, dtype=dtype)
 
     def reduce(self, op_type: str, name: str, axes: Sequence[int], keepdims: bool) -> str:
         """A Reduce* node over ``axes`` (attribute before opset 18, input from 18)."""

@@ -156,11 +156,19 @@ def _boolean(b: Builder, name: str, dtype: Any) -> str:
 
 
 def clip(b: Builder, node: Node) -> None:
-    value = b.value(node.inputs[0])
-    x = b.get(node.inputs[0], value.perm)
-    low = b.scalar(float(node.layer.x_min), "min")
-    high = b.scalar(float(node.layer.x_max), "max")
-    b.set(node.outputs[0], b.op("Clip", [x, low, high]), value.perm)
+    """Clip of floats, or of integers (D-FINE's pixel indices) with integer bounds."""
+    tensor, out = node.inputs[0], node.outputs[0]
+    value = b.value(tensor)
+    dtype = np.dtype(out.dtype)
+    if dtype.kind == "f":
+        x = b.get(tensor, value.perm)
+        low = b.scalar(float(node.layer.x_min), "min")
+        high = b.scalar(float(node.layer.x_max), "max")
+    else:
+        x = _cast_to(b, b.get(tensor, value.perm, cast=False), tensor.dtype, out.dtype)
+        low = b.const(np.asarray(to_numpy(node.layer.x_min), dtype), "min", dtype=dtype)
+        high = b.const(np.asarray(to_numpy(node.layer.x_max), dtype), "max", dtype=dtype)
+    b.set(out, b.op("Clip", [x, low, high]), value.perm)
 
 
 _BINARY = {
@@ -540,6 +548,31 @@ def take(b: Builder, node: Node) -> None:
     b.set(node.outputs[0], b.op("Gather", [x, indices], axis=int(axis)))
 
 
+def take_along_axis(b: Builder, node: Node) -> None:
+    """``ops.take_along_axis(x, indices, axis)``: GatherElements, the two broadcast
+    against each other on every other axis first (NumPy's rule, which GatherElements
+    lacks: D-FINE gathers ``(n, points, 1)`` indices from ``(n, pixels, channels)``)."""
+    axis = node.layer.axis
+    x = _operand(b, node.args[0])
+    indices_arg = node.args[1] if len(node.args) > 1 else node.kwargs["indices"]
+    indices = b.op("Cast", [_operand(b, indices_arg)], to=tensor_type("int64"))
+    if axis is None:
+        x = b.op("Reshape", [x, b.ints([-1], "shape")])
+        indices = b.op("Reshape", [indices, b.ints([-1], "shape")])
+        axis = 0
+    rank = node.outputs[0].rank
+    axis = int(axis) % rank
+
+    def others(name: str) -> str:  # its shape, 1 along the axis
+        shape = b.op("Shape", [name])
+        return b.op("ScatterElements", [shape, b.ints([axis], "axis"), b.ints([1], "one")])
+
+    x_others, indices_others = others(x), others(indices)
+    indices = b.op("Expand", [indices, x_others])
+    x = b.op("Expand", [x, indices_others])
+    b.set(node.outputs[0], b.op("GatherElements", [x, indices], axis=axis))
+
+
 def image_resize(b: Builder, node: Node) -> None:
     """``ops.image.resize`` (nearest, bilinear) of a batch of images."""
     resize_images(b, node, node.layer, tuple(node.layer.size))
@@ -774,6 +807,7 @@ OPERATION_RULES: dict[type, Rule] = {
     numpy_ops.GetItem: get_item,
     core_ops.Slice: slice_op,
     numpy_ops.Take: take,
+    numpy_ops.TakeAlongAxis: take_along_axis,
     image_ops.Resize: image_resize,
     GridSample: grid_sample,
     AlignedResize: aligned_resize,
