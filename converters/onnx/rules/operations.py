@@ -34,6 +34,7 @@ from keras_bn.converters.tracing import (
     AlignedResize,
     Constant,
     GridSample,
+    TraceError,
     batch_multiple,
     trace_function,
 )
@@ -627,7 +628,7 @@ def map_op(b: Builder, node: Node) -> None:
 
     try:
         traced = trace_function(function, (element,), spec, node.layer.name)
-    except Exception as error:  # a TraceError, or f needing a static element
+    except TraceError as error:
         raise Unsupported(f"its function does not trace ({error})") from error
     if traced.model is None or any(not hasattr(x, "shape") for x in traced.outputs):
         raise Unsupported("ops.map of a function whose outputs do not depend on its input")
