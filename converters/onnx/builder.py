@@ -69,30 +69,40 @@ class Builder:
     so the ONNX graph reads like the Keras model.
     """
 
-    def __init__(self, opset: int, reserved_names: Iterable[str] = ()):
+    def __init__(
+        self, opset: int, reserved_names: Iterable[str] = (), *, parent: Builder | None = None
+    ):
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: dict[str, np.ndarray] = {}
         self.node: graph_lib.Node | None = None
         self._values: dict[int, Value] = {}
         self._transposed: dict[tuple[str, Perm, Perm], str] = {}
-        self._names: set[str] = set(reserved_names)
-        self._small_constants: dict[tuple, str] = {}
-        self._keyed_constants: dict[Any, str] = {}
         self._first_op_named = False
         self.batch_source: str | None = None  # a graph input with the batch on axis 0
         self._batch_size: str | None = None
+        if parent is None:
+            self.initializers: dict[str, np.ndarray] = {}
+            self._names: set[str] = set(reserved_names)
+            self._small_constants: dict[tuple, str] = {}
+            self._keyed_constants: dict[Any, str] = {}
+        else:  # a subgraph's: see subgraph_builder
+            self.initializers = parent.initializers
+            self._names = parent.names_taken()
+            self._small_constants, self._keyed_constants = parent.constants_by_key()
 
     def subgraph_builder(self) -> Builder:
         """A builder for a subgraph of this graph (a Scan body): its names never clash
         with this graph's, and its constants are this graph's initializers (a subgraph
         sees the names of the graph around it). It has no batch size of its own."""
-        child = Builder(self.opset)
-        child._names = self._names
-        child.initializers = self.initializers
-        child._small_constants = self._small_constants
-        child._keyed_constants = self._keyed_constants
-        return child
+        return Builder(self.opset, parent=self)
+
+    def names_taken(self) -> set[str]:
+        """The set of names used so far (shared, not copied, with a subgraph builder)."""
+        return self._names
+
+    def constants_by_key(self) -> tuple[dict[tuple, str], dict[Any, str]]:
+        """The constants shared by content and by key (shared with a subgraph builder)."""
+        return self._small_constants, self._keyed_constants
 
     # Naming.
     def unique(self, base: str) -> str:
