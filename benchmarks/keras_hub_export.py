@@ -45,7 +45,7 @@ from helpers import (  # noqa: E402
 
 from keras_bn._keras_internals import producing_operation  # noqa: E402
 from keras_bn.converters.comparison import relative_error  # noqa: E402
-from keras_bn.converters.onnx.export import check_structure, export_onnx  # noqa: E402
+from keras_bn.converters.onnx.export import all_nodes, check_structure, export_onnx  # noqa: E402
 
 APPLICATIONS = {
     "app:MobileNetV3Small": lambda: keras.applications.MobileNetV3Small(
@@ -60,7 +60,7 @@ APPLICATIONS = {
 
 def _graph_facts(path: Path, input_names: list[str]) -> dict:
     model = onnx.load(str(path))
-    ops = [node.op_type for node in model.graph.node]
+    ops = [node.op_type for node in all_nodes(model.graph)]  # a Scan body's too
     report = check_structure(model, input_names)
     mul_add = 0
     for message in report.warnings:

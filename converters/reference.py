@@ -101,6 +101,7 @@ def float64_enabled() -> Iterator[None]:
             if enable_x64 is None:  # older jax
                 enable_x64 = importlib.import_module("jax.experimental").enable_x64
             stack.enter_context(enable_x64(True))
+            stack.enter_context(internals.jax_x64_slice_indices())
         yield
 
 

@@ -15,8 +15,11 @@ backend. What cannot be recorded - Python control flow on tensor values
 (``if ops.any(x > 0):``), backend-specific code (``tf.*``, ``jax.*``) inside
 ``call()``, arithmetic on an unknown batch size - stops the trace with a
 :class:`TraceError` naming the layer, the error and the source line. A few known
-functions that hold backend code (:data:`RECORDED_FUNCTIONS`: KerasHub
-DepthAnything's resize) are recorded as one operation each instead of entered.
+functions that hold backend code or that one ONNX operator computes better
+(:data:`RECORDED_FUNCTIONS`: KerasHub DepthAnything's resize, D-FINE's bilinear
+grid sampling) are recorded as one operation each instead of entered.
+:func:`trace_function` records a plain function the same way (the function that
+``keras.ops.map`` applies to each element).
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ __all__ = [
     "RECORDED_FUNCTIONS",
     "AlignedResize",
     "Constant",
+    "GridSample",
     "TraceError",
     "TracedCall",
     "batch_multiple",
     "trace_call",
+    "trace_function",
 ]
 
 # The batch size placeholders get while tracing. Keras code reads the batch size
@@ -134,12 +139,59 @@ def _aligned_resize(function: Callable[..., Any]) -> Callable[..., Any]:
     return interpolate
 
 
-# Functions of other packages that call backend code (``tf.*``, ``jax.*``) and that a
-# trace records as one operation instead of entering them: (module, attribute) ->
+class GridSample(keras.Operation):
+    """Bilinear sampling of ``(N, C, H, W)`` data at ``(N, Ho, Wo, 2)`` grid points.
+
+    PyTorch's ``F.grid_sample(data, grid, mode="bilinear", padding_mode="zeros")``:
+    grid ``(x, y)`` in [-1, 1] spans the data's width and height (pixel centres at
+    the ends with ``align_corners``, pixel edges without), and the four neighbours
+    of each point are weighted bilinearly, those outside the data counting as 0.
+    KerasHub's D-FINE (deformable attention) writes it in ``keras.ops``: four
+    flattened gathers with batch offsets computed from the batch size, which a trace
+    would fix to the tracing batch. Inside a trace its function records this
+    operation instead (:data:`RECORDED_FUNCTIONS`), exported as ONNX GridSample. On
+    eager tensors it runs the original.
+    """
+
+    def __init__(self, align_corners: bool, function: Callable[..., Any], name: str | None = None):
+        super().__init__(name=name)
+        self.align_corners = bool(align_corners)
+        self.function = function
+
+    def call(self, data: Any, grid: Any) -> Any:
+        return self.function(data, grid, align_corners=self.align_corners)
+
+    def compute_output_spec(self, data: Any, grid: Any) -> keras.KerasTensor:
+        shape = (data.shape[0], data.shape[1], grid.shape[1], grid.shape[2])
+        return keras.KerasTensor(shape, dtype=data.dtype)
+
+
+def _grid_sample(function: Callable[..., Any]) -> Callable[..., Any]:
+    """KerasHub D-FINE's ``grid_sample(data, grid, align_corners, height, width)``,
+    recorded as :class:`GridSample` on symbolic tensors whose size it reads from the
+    data (``height``/``width`` as the data's own, or not given)."""
+
+    def grid_sample(
+        data: Any, grid: Any, align_corners: bool = False, height: Any = None, width: Any = None
+    ) -> Any:
+        sizes_of_data = (height is None or height == data.shape[2]) and (
+            width is None or width == data.shape[3]
+        )
+        if not (_is_symbolic(data) or _is_symbolic(grid)) or not sizes_of_data:
+            return function(data, grid, align_corners=align_corners, height=height, width=width)
+        return GridSample(align_corners, function)(data, grid)
+
+    return grid_sample
+
+
+# Functions of other packages that call backend code (``tf.*``, ``jax.*``), or compute
+# what one ONNX operator does from sizes a trace would fix, and that a trace records
+# as one operation instead of entering them: (module, attribute) ->
 # a function that, given the original, returns its stand-in for the trace's duration.
 # A module not imported is left alone (its layers cannot be in the model).
 RECORDED_FUNCTIONS: dict[tuple[str, str], Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     ("keras_hub.src.models.depth_anything.depth_anything_layers", "interpolate"): _aligned_resize,
+    ("keras_hub.src.models.d_fine.d_fine_utils", "grid_sample"): _grid_sample,
 }
 
 
@@ -194,6 +246,37 @@ def trace_call(layer: Any, args: Any, kwargs: dict, spec: Callable[[Any], Any]) 
         TraceError: the call does not trace (the message names the layer, the
             error and the line of the layer's code that raised it).
     """
+    call = layer.call
+    try:
+        signature = dict(inspect.signature(call).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        signature = {}
+    parameters = set(signature)
+    kwargs = dict(kwargs)
+    if "training" in parameters:
+        kwargs["training"] = False  # export is inference
+    elif not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values()):
+        # Keras's __call__ passes training and mask only to a call() that takes them.
+        for name in ("training", "mask"):
+            if name not in parameters:
+                kwargs.pop(name, None)
+    return _record(call, f"{type(layer).__name__}.call()", layer.name, args, kwargs, spec)
+
+
+def trace_function(
+    function: Callable[..., Any], args: Any, spec: Callable[[Any], Any], name: str
+) -> TracedCall:
+    """Record ``function(*args)`` on symbolic tensors, as :func:`trace_call` records a
+    layer's call: the function ``keras.ops.map`` applies to each element, traced once
+    on placeholders for one element (``spec`` gives their shapes, without the mapped
+    axis, which are not batch-sized). ``name`` names the recorded model."""
+    what = f"{getattr(function, '__qualname__', type(function).__name__)}()"
+    return _record(function, what, name, args, {}, spec)
+
+
+def _record(
+    call: Callable[..., Any], what: str, name: str, args: Any, kwargs: dict, spec: Callable
+) -> TracedCall:
     sources: list[Any] = []
     placeholders: list[keras.KerasTensor] = []
 
@@ -209,47 +292,37 @@ def trace_call(layer: Any, args: Any, kwargs: dict, spec: Callable[[Any], Any]) 
         return placeholders[-1]
 
     symbolic_args, symbolic_kwargs = tree.map_structure(placeholder, (tuple(args), dict(kwargs)))
-    call = layer.call
-    try:
-        signature = dict(inspect.signature(call).parameters)
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        signature = {}
-    parameters = set(signature)
-    if "training" in parameters:
-        symbolic_kwargs["training"] = False  # export is inference
-    elif not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values()):
-        # Keras's __call__ passes training and mask only to a call() that takes them.
-        for name in ("training", "mask"):
-            if name not in parameters:
-                symbolic_kwargs.pop(name, None)
     try:
         with (
             internals.symbolic_variable_arithmetic(),
             internals.none_outputs_recorded(),
             internals.static_python_arguments(),
+            internals.output_specs_without_call_context(),
+            internals.backend_calls_recorded(),
+            internals.backend_arrays_defer_to_symbolic(),
             _functions_recorded(),
         ):
             outputs = call(*symbolic_args, **symbolic_kwargs)
     except Exception as error:  # noqa: BLE001 - any failure is the layer's, reported as one
-        raise TraceError(_describe(layer, error)) from error
+        raise TraceError(_describe(what, error)) from error
     flat = [x for x in tree.flatten(outputs) if x is not None]
     tensors = [x for x in flat if _is_symbolic(x)]
     if not flat:
-        raise TraceError(f"tracing {type(layer).__name__}.call(): it returned no output")
+        raise TraceError(f"tracing {what}: it returned no output")
     try:
         flat = [x if _is_symbolic(x) else _constant_value(x) for x in flat]
     except (TypeError, ValueError) as error:
         raise TraceError(
-            f"tracing {type(layer).__name__}.call(): an output is neither a tensor nor "
+            f"tracing {what}: an output is neither a tensor nor "
             f"a number ({type(error).__name__}: {_first_line(error)})"
         ) from error
     if not tensors:  # every output computed from weights or constants (a RoPE table)
         return TracedCall(None, sources, flat)
     try:
-        model = keras.Model(placeholders, tensors, name=f"{layer.name}_traced")
+        model = keras.Model(placeholders, tensors, name=f"{name}_traced")
     except Exception as error:  # noqa: BLE001
         raise TraceError(
-            f"tracing {type(layer).__name__}.call(): the recorded calls do not form a graph "
+            f"tracing {what}: the recorded calls do not form a graph "
             f"({type(error).__name__}: {_first_line(error)})"
         ) from error
     return TracedCall(model, sources, flat)
@@ -295,7 +368,7 @@ def _machinery_directories() -> list[str]:
     return directories
 
 
-def _describe(layer: Any, error: BaseException) -> str:
+def _describe(what: str, error: BaseException) -> str:
     """``tracing Class.call() failed at file:line `source`: Error: message``."""
     machinery = _machinery_directories()
     where = ""
@@ -306,7 +379,7 @@ def _describe(layer: Any, error: BaseException) -> str:
             where = f" at {os.path.basename(frame.filename)}:{frame.lineno}{source}"
             break
     return (
-        f"tracing {type(layer).__name__}.call() failed{where}: "
+        f"tracing {what} failed{where}: "
         f"{type(error).__name__}: {_first_line(error)}; expected keras.ops and Keras "
         "layers only, with no Python control flow on tensor values and no "
         "backend-specific (tf.*, jax.*) code"

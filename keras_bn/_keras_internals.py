@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,11 +65,15 @@ __all__ = [
     "tensorflow_probe_answered",
     # float64
     "float64_type_promotion",
+    "jax_x64_slice_indices",
     # tracing a layer's call
     "keeping_layer_nodes",
     "symbolic_variable_arithmetic",
     "none_outputs_recorded",
     "static_python_arguments",
+    "output_specs_without_call_context",
+    "backend_calls_recorded",
+    "backend_arrays_defer_to_symbolic",
 ]
 
 # ``Functional``: the class of every ``keras.Model(inputs, outputs)`` model (and of
@@ -330,6 +335,36 @@ def float64_type_promotion() -> Iterator[None]:
         table["float64"] = saved
 
 
+@contextlib.contextmanager
+def jax_x64_slice_indices() -> Iterator[None]:
+    """Let ``keras.ops.slice`` on JAX take start indices of mixed integer types in x64 mode.
+
+    Keras's JAX ``slice`` hands its start indices to ``jax.lax.dynamic_slice``, which
+    requires them all of one integer type; with JAX's x64 mode on (a float64 run),
+    Python ints become int64 beside int32 tensors, and ``ops.slice(x, (0, 0, start),
+    ...)`` with an int32 ``start`` (KerasHub D-FINE's deformable attention) raises
+    "index arguments to dynamic_slice must be integers of the same type". Within the
+    block the indices are cast to int64 first. Not thread-safe: it patches
+    ``keras.src.backend.jax.core.slice`` for the duration of the block.
+    """
+    from keras.src.backend.jax import core
+
+    original = core.slice
+
+    def slice_(inputs: Any, start_indices: Any, shape: Any) -> Any:
+        if isinstance(start_indices, list | tuple):
+            import jax.numpy as jnp
+
+            start_indices = tuple(jnp.asarray(index, dtype="int64") for index in start_indices)
+        return original(inputs, start_indices, shape)
+
+    core.slice = slice_
+    try:
+        yield
+    finally:
+        core.slice = original
+
+
 # ------------------------------------------------------------- tracing a layer's call
 
 
@@ -506,3 +541,121 @@ def static_python_arguments() -> Iterator[None]:
         yield
     finally:
         backend.compute_output_spec = original
+
+
+@contextlib.contextmanager
+def output_specs_without_call_context() -> Iterator[None]:
+    """Inside the block, a layer's own ``compute_output_spec`` is not handed the
+    ``training`` and ``mask`` arguments its signature does not take.
+
+    A layer called on symbolic tensors gets its output from
+    ``Layer.symbolic_call``, which passes ``compute_output_spec`` every argument of
+    the call, including the ones Keras adds itself (``training``, resolved from the
+    outer call, and ``mask``). A layer that overrides ``compute_output_spec`` with
+    only its tensor arguments (KerasHub D-FINE's encoder and prediction heads) then
+    raises ``TypeError: compute_output_spec() got an unexpected keyword argument
+    'training'``. A Functional model never meets this when such a layer is nested in
+    another one (the outer layer's spec answers for it), but tracing the outer
+    layer's ``call()`` calls the nested layer symbolically. Within the block those
+    arguments, which select a mode and never an output shape, are dropped from a
+    ``compute_output_spec`` call whose signature does not accept them; the recorded
+    node keeps them. Not thread-safe: it patches ``Layer.symbolic_call`` for the
+    duration of the block.
+    """
+    cls = keras.Layer
+    original = cls.__dict__["symbolic_call"]
+
+    def symbolic_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            parameters = inspect.signature(self.compute_output_spec).parameters.values()
+        except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
+            return original(self, *args, **kwargs)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            accepted = {p.name for p in parameters}
+            context = set(getattr(self, "_call_context_args", ())) | {"mask"}
+            for name in context - accepted:
+                kwargs.pop(name, None)
+        return original(self, *args, **kwargs)
+
+    cls.symbolic_call = symbolic_call
+    try:
+        yield
+    finally:
+        cls.symbolic_call = original
+
+
+class _KerasOpsNamespace:
+    """``keras.ops`` (or one of its submodules) where a backend module was asked for."""
+
+    def __init__(self, ops_module: Any, backend_module: Any):
+        self._ops = ops_module
+        self._backend = backend_module
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._ops, name, None)
+        fallback = getattr(self._backend, name)
+        if value is None:
+            return fallback
+        if inspect.ismodule(value):  # ``backend.numpy.split``: ``keras.ops``'s numpy module
+            return _KerasOpsNamespace(value, fallback)
+        return value
+
+
+@contextlib.contextmanager
+def backend_calls_recorded() -> Iterator[None]:
+    """Inside the block, Keras code that calls backend functions through a
+    ``DynamicBackend`` calls the ``keras.ops`` function of the same name instead.
+
+    Keras's bounding-box utilities (``keras.utils.bounding_boxes.convert_format``,
+    which KerasHub's D-FINE decoder calls) and its preprocessing layers compute with
+    ``self.backend.cast(...)``, ``self.backend.numpy.split(...)``: the backend's own
+    modules, which reject a symbolic tensor. The ``keras.ops`` functions of the same
+    names compute the same thing and record an operation on a symbolic tensor (on
+    other values they run the backend's code as before). Names ``keras.ops`` lacks
+    still reach the backend. Not thread-safe: it patches ``DynamicBackend.__getattr__``
+    for the duration of the block.
+    """
+    from keras.src import ops
+    from keras.src.utils.backend_utils import DynamicBackend
+
+    original = DynamicBackend.__getattr__
+
+    def getattr_(self: Any, name: str) -> Any:
+        fallback = original(self, name)
+        value = getattr(ops, name, None)
+        if value is None:
+            return fallback
+        if inspect.ismodule(value):
+            return _KerasOpsNamespace(value, fallback)
+        return value
+
+    DynamicBackend.__getattr__ = getattr_
+    try:
+        yield
+    finally:
+        DynamicBackend.__getattr__ = original
+
+
+@contextlib.contextmanager
+def backend_arrays_defer_to_symbolic() -> Iterator[None]:
+    """Inside the block, ``jax_array + keras_tensor`` records ``keras.ops.add``.
+
+    A JAX array's operators convert the other operand through its ``__jax_array__``,
+    which a ``KerasTensor`` defines only to raise ("A KerasTensor cannot be used as
+    input to a JAX function"); without it the array's operator returns
+    NotImplemented and Python calls the symbolic tensor's reflected operator, which
+    records the ``keras.ops`` operation (TensorFlow tensors already defer so).
+    KerasHub D-FINE writes ``(0.5 * abs(self.reg_scale) + distance)``: ``abs`` of a
+    variable is an array. Within the block ``KerasTensor.__jax_array__`` is
+    removed; a JAX function handed a symbolic tensor still raises. Not
+    thread-safe: it patches ``KerasTensor`` for the duration of the block.
+    """
+    cls = keras.KerasTensor
+    original = cls.__dict__.get("__jax_array__")
+    if original is not None:
+        delattr(cls, "__jax_array__")
+    try:
+        yield
+    finally:
+        if original is not None:
+            cls.__jax_array__ = original

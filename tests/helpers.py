@@ -842,19 +842,21 @@ def keras_hub_models() -> dict:
     def densenet():
         return M.DenseNetBackbone(stackwise_num_repeats=[1, 1], image_shape=S, growth_rate=4)
 
+    hgnetv2_arguments = dict(
+        depths=[1, 1],
+        embedding_size=8,
+        hidden_sizes=[16, 32],
+        stem_channels=[3, 8, 8],
+        hidden_act="relu",
+        use_learnable_affine_block=True,
+        stackwise_stage_filters=[[8, 8, 16, 1, 2, 3], [16, 8, 32, 1, 2, 3]],
+        apply_downsample=[False, True],
+        use_lightweight_conv_block=[False, True],
+        image_shape=S,
+    )
+
     def hgnetv2():
-        return M.HGNetV2Backbone(
-            depths=[1, 1],
-            embedding_size=8,
-            hidden_sizes=[16, 32],
-            stem_channels=[3, 8, 8],
-            hidden_act="relu",
-            use_learnable_affine_block=True,
-            stackwise_stage_filters=[[8, 8, 16, 1, 2, 3], [16, 8, 32, 1, 2, 3]],
-            apply_downsample=[False, True],
-            use_lightweight_conv_block=[False, True],
-            image_shape=S,
-        )
+        return M.HGNetV2Backbone(**hgnetv2_arguments)
 
     def vgg():
         return M.VGGBackbone(
@@ -1058,6 +1060,52 @@ def keras_hub_models() -> dict:
     def vit_classifier():
         return M.ViTImageClassifier(backbone=vit(), num_classes=5)
 
+    def d_fine():  # HGNetV2 features, hybrid encoder, top-k query selection, deformable decoder
+        features = M.HGNetV2Backbone(**{**hgnetv2_arguments, "out_features": ["stage1", "stage2"]})
+        model = M.DFineBackbone(
+            backbone=features,
+            decoder_in_channels=[16, 16],
+            encoder_hidden_dim=16,
+            num_denoising=0,
+            num_labels=4,
+            hidden_dim=16,
+            learn_initial_query=False,
+            num_queries=8,
+            anchor_image_size=S[:2],
+            feat_strides=[4, 8],
+            num_feature_levels=2,
+            encoder_in_channels=[16, 32],
+            encode_proj_layers=[1],
+            num_attention_heads=2,
+            encoder_ffn_dim=32,
+            num_encoder_layers=1,
+            hidden_expansion=0.5,
+            depth_multiplier=0.5,
+            eval_idx=-1,
+            num_decoder_layers=2,
+            decoder_attention_heads=2,
+            decoder_ffn_dim=32,
+            decoder_n_points=[2, 2],
+            lqe_hidden_dim=8,
+            num_lqe_layers=2,
+            out_features=["stage1", "stage2"],
+            image_shape=S,
+            seed=0,
+        )
+        # D-FINE's kernels start at N(0, 0.01^2): its anchors' scores then differ by less
+        # than float32 rounding, and which 8 the top-k selects is float32 noise (the
+        # float64 run picks others). He-scaled kernels make the selection well separated.
+        rng = np.random.default_rng(7)
+        for variable in model.weights:
+            if variable.path.endswith("kernel") and len(variable.shape) >= 2:
+                fan_in = int(np.prod(variable.shape[:-1]))
+                values = rng.standard_normal(variable.shape) / np.sqrt(fan_in)
+                variable.assign(values.astype(variable.dtype))
+        return model
+
+    def d_fine_detector():  # the detector's forward pass (its box decoding is not in it)
+        return M.DFineObjectDetector(backbone=d_fine(), num_classes=4)
+
     return {
         "resnet_v1": resnet_v1,
         "resnet_v2_basic": resnet_v2_basic,
@@ -1089,4 +1137,6 @@ def keras_hub_models() -> dict:
         "mobilenet_classifier": mobilenet_classifier,
         "vit_classifier": vit_classifier,
         "depth_estimator": depth_estimator,
+        "d_fine": d_fine,
+        "d_fine_detector": d_fine_detector,
     }

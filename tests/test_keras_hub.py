@@ -7,7 +7,13 @@ whose blocks are traced (MobileNetV3/V5, HGNetV2, ViT, ViTDet, DeiT, DINOv2/v3, 
 DepthAnything, whose resize holds backend code the trace records as one operation) rerun
 on JAX in one subprocess with tests/test_tracing.py (``test_tracing_on_jax``):
 building a model on JAX compiles every initializer shape, ~10 s a model on 2
-cores, so the plain-Functional ones stay on TensorFlow only.
+cores, so the plain-Functional ones stay on TensorFlow only. D-FINE and its detector
+(traced hybrid encoder and decoder, ops.map query selection, grid sampling) take ~70 s
+together on JAX (every op of the float32 and float64 builds compiled once), so they
+run on JAX on demand:
+``KERAS_BACKEND=jax pytest tests/test_keras_hub.py -k d_fine``; the JAX-specific
+paths it needs are in the default JAX rerun (test_tracing's custom layers and op
+rules, test_reference's float64 slice).
 """
 
 import keras
@@ -35,6 +41,8 @@ NESTED_FOLDS = {
     "efficientnet": "/",
     "hgnetv2": "/",
     "mobilenet_v5": "/",
+    "d_fine": "/",
+    "d_fine_detector": "/",
 }
 
 
@@ -58,3 +66,31 @@ def test_keras_hub_model_exports_natively_and_exactly(name, tmp_path):
         assert entry.folded or entry.blocked_by[0] in NOT_AFTER_LINEAR, entry
     if name in NESTED_FOLDS:
         assert any("/" in entry.batch_norm for entry in report.entries if entry.folded), report
+    if name == "d_fine":
+        _check_query_selection(model, tmp_path / f"{name}.onnx", twin)
+
+
+def _check_query_selection(model, path, twin):
+    """D-FINE's top-k picks its queries: the outputs above agree only if onnxruntime,
+    Keras float32 and float64 select the same anchors. Checked directly: the float64
+    scores separate the 8th from the 9th best by far more than float32 rounding, and
+    onnxruntime's selected logits are its own scores at float64's top 8, in order."""
+    import onnxruntime as ort
+
+    x = _images(3)[0]
+    names = sorted(model.output)  # ONNX outputs follow the flattened (sorted) output dict
+    position = {
+        key: sum(len(keras.tree.flatten(model.output[k])) for k in names[:i])
+        for i, key in enumerate(names)
+    }
+    exact = twin([x])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {session.get_inputs()[0].name: x})
+    exact_scores = exact[position["enc_outputs_class"]].max(axis=-1)  # (batch, anchors)
+    ranked = np.sort(exact_scores, axis=-1)[:, ::-1]
+    k = model.num_queries
+    assert np.all(ranked[:, k - 1] - ranked[:, k] > 1e-4 * np.abs(ranked).max())
+    chosen = np.argsort(-exact_scores, axis=-1, kind="stable")[:, :k]
+    scores = onnx_out[position["enc_outputs_class"]]
+    expected = np.take_along_axis(scores, chosen[..., None], axis=1)
+    np.testing.assert_array_equal(onnx_out[position["enc_topk_logits"]], expected)

@@ -399,3 +399,56 @@ def test_static_python_arguments_keeps_tuples_of_numbers_static_and_restores_ker
         assert backend.compute_output_spec is not original
     assert isinstance(scaled, keras.KerasTensor) and scaled.shape == (None, 3)
     assert backend.compute_output_spec is original
+
+
+class _TensorOnlySpec(keras.layers.Layer):
+    """A spec that takes the tensor only, as KerasHub D-FINE's prediction heads write it."""
+
+    def call(self, x, training=None):
+        return x * 2.0
+
+    def compute_output_spec(self, x):
+        return keras.KerasTensor(x.shape, dtype=x.dtype)
+
+
+def test_output_specs_without_call_context_drops_training_and_restores_keras():
+    layer = _TensorOnlySpec(name="tensor_only_spec")
+    x = keras.Input((3,))
+    with pytest.raises(TypeError, match="training"):
+        layer(x, training=False)  # Keras hands the spec the call's training
+    original = keras.Layer.symbolic_call
+    with internals.output_specs_without_call_context():
+        doubled = layer(x, training=False)
+    assert isinstance(doubled, keras.KerasTensor) and doubled.shape == (None, 3)
+    assert internals.producing_operation(doubled) is layer
+    assert keras.Layer.symbolic_call is original
+    with pytest.raises(TypeError, match="training"):
+        layer(x, training=False)
+
+
+def test_backend_calls_recorded_records_keras_ops_and_restores_keras():
+    boxes = keras.Input((5, 4))
+    convert = keras.utils.bounding_boxes.convert_format
+    with pytest.raises((TypeError, ValueError)):  # backend code on a symbolic tensor
+        convert(boxes, source="xyxy", target="center_xywh")
+    with internals.backend_calls_recorded():
+        centered = convert(boxes, source="xyxy", target="center_xywh")
+        # on arrays the backend computes as before
+        eager = convert(np.array([[0.0, 2.0, 4.0, 4.0]]), source="xyxy", target="xywh")
+    assert isinstance(centered, keras.KerasTensor) and centered.shape == (None, 5, 4)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(eager), [[0.0, 2.0, 4.0, 2.0]])
+    with pytest.raises((TypeError, ValueError)):
+        convert(boxes, source="xyxy", target="center_xywh")
+
+
+def test_backend_arrays_defer_to_symbolic_records_ops_and_restores_keras():
+    array = keras.ops.abs(keras.Variable([-0.5, 2.0]))  # abs(variable): a backend array
+    x = keras.Input((2,))
+    with internals.backend_arrays_defer_to_symbolic():
+        total = array + x  # the array's own operator, handing over to the KerasTensor
+        assert isinstance(total, keras.KerasTensor) and total.shape == (None, 2)
+        assert "__jax_array__" not in keras.KerasTensor.__dict__
+    assert type(internals.producing_operation(total)).__name__ == "Add"
+    assert "__jax_array__" in keras.KerasTensor.__dict__
+    model = keras.Model(x, total)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(np.ones((1, 2)))), [[1.5, 3.0]])

@@ -97,6 +97,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 import test_reference as t
+from keras_bn.converters.reference import float64_enabled
 
 model = t._dense_bn_model()
 x = np.random.default_rng(1).normal(0.0, 3.0, (64, 5)).astype("float32")
@@ -106,6 +107,12 @@ twin = t.float64_twin(model, [x])
 assert y.dtype == np.float64, y.dtype
 assert np.abs(y - exact).max() < 1e-12, np.abs(y - exact).max()
 assert jnp.ones(2, dtype="float64").dtype == jnp.float32  # x64 mode switched off again
+# ops.slice with an int32 start beside Python ints (int64 in x64 mode), as D-FINE slices
+with float64_enabled():
+    matrix = np.arange(12.0).reshape(3, 4)
+    part = keras.ops.slice(matrix, (0, keras.ops.convert_to_tensor(1, "int32")), (3, 2))
+    assert part.dtype == jnp.float64, part.dtype
+np.testing.assert_array_equal(np.asarray(part), matrix[:, 1:3])
 print("ok")
 """
     result = run_python(["-c", code], env={"KERAS_BACKEND": "jax"})

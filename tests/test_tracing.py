@@ -59,7 +59,9 @@ class ScaleShift(layers.Layer):
         self.shift = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="shift")
 
     def call(self, x):
-        return self.scale * x + self.shift  # variable * tensor: recorded while tracing
+        x = self.scale * x + self.shift  # variable * tensor: recorded while tracing
+        # a backend array (abs of a variable) * tensor, as D-FINE writes abs(reg_scale)
+        return (0.5 + abs(self.scale)) * x
 
 
 class SqueezeExcite(layers.Layer):
@@ -467,6 +469,35 @@ SEQUENCE_OPS = {
     "sort": lambda x: ops.sort(x, axis=1),
     "sort-last": lambda x: ops.sort(x),
     "top_k": lambda x: ops.top_k(x, 3),
+    "stop_gradient": lambda x: ops.stop_gradient(x) * 2.0,
+    "convert_to_tensor": lambda x: ops.convert_to_tensor(x) - 1.0,
+    "zeros_like": lambda x: (ops.zeros_like(x) + x[:, :1], ops.zeros_like(x, dtype="int32")),
+    "logical": lambda x: ops.logical_and(
+        ops.logical_or(x > 0.5, x < -1.0), ops.logical_not(x > 1.5)
+    ),
+    "logical-of-numbers": lambda x: ops.logical_or(ops.cast(x > 0.5, "int32"), x < -1.0),
+    # the batch-sized size read while tracing; an int32 start beside Python ints (D-FINE)
+    "slice": lambda x: ops.slice(x, (0, 2, 1), (ops.shape(x)[0], 3, 4)),
+    "slice-tensor-start": lambda x: ops.slice(
+        x, (0, ops.convert_to_tensor(1, "int32"), 0), (ops.shape(x)[0], 4, 5)
+    ),
+    # a per-sample gather of the top-k rows, as D-FINE selects its queries; two outputs
+    "map-take-top-k": lambda x: ops.map(
+        lambda e: ops.take(e[0], e[1], axis=0), (x, ops.top_k(ops.max(x, axis=-1), 3)[1])
+    ),
+    "map-two-outputs": lambda x: ops.map(lambda e: (ops.sum(e, axis=0), ops.relu(e) * 2.0), x),
+    # integer index arithmetic, clipped, then gathered (D-FINE's "discrete" sampling)
+    "integer-arithmetic": lambda x: ops.clip(ops.cast(3.0 * x, "int32") * 5 + 2 - 7, -4, 6),
+    "integer-maximum": lambda x: ops.maximum(
+        ops.cast(2.0 * x, "int32"), ops.argmax(x, axis=-1)[:, :, None]
+    ),
+    "take-along-axis": lambda x: ops.take_along_axis(
+        x, ops.clip(ops.cast(3.0 * x[:, :, :1], "int32") + 2, 0, 4), axis=2
+    ),
+    # rows picked per column (top-k along axis 1); the data's size-1 last axis broadcasts
+    "take-along-axis-rows": lambda x: ops.take_along_axis(
+        x[:, :, :1], ops.swapaxes(ops.top_k(ops.swapaxes(x, 1, 2), 4)[1], 1, 2), axis=1
+    ),
 }
 IMAGE_OPS = {  # after a Conv2D: the ops read a channels-first exported tensor
     "cumsum-rows": lambda x: ops.cumsum(x, axis=1),
@@ -480,7 +511,20 @@ IMAGE_OPS = {  # after a Conv2D: the ops read a channels-first exported tensor
     "resize-aligned-corners-first": lambda x: _depth_anything_resize(
         x, (3, 11), data_format="channels_first"
     ),
+    # KerasHub D-FINE's bilinear grid sampling (batch offsets inside): recorded, not entered
+    "grid-sample": lambda x: _d_fine_grid_sample(x, align_corners=False),
+    "grid-sample-aligned-corners": lambda x: _d_fine_grid_sample(x, align_corners=True),
 }
+
+
+def _d_fine_grid_sample(x, align_corners):
+    """D-FINE's grid_sample of the (N, C, H, W) image at points in and beyond [-1, 1]."""
+    from keras_hub.src.models.d_fine import d_fine_utils
+
+    data = ops.transpose(x, (0, 3, 1, 2))
+    grid = 1.3 * ops.tanh(3.0 * x[:, :5, :3, :2])
+    height, width = x.shape[1], x.shape[2]
+    return d_fine_utils.grid_sample(data, grid, align_corners, height=height, width=width)
 
 
 def _depth_anything_resize(x, size, data_format=None):
@@ -547,6 +591,25 @@ def test_keras_ops_rule_agrees_with_keras(name, tmp_path):
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
             else:
                 np.testing.assert_array_equal(got, want)
+
+
+def test_grid_sampling_before_opset_16_is_one_clear_error(tmp_path):
+    with pytest.raises(UnsupportedLayersError, match="needs opset 16 or later"):
+        export_onnx(_ops_model("grid-sample"), tmp_path / "m.onnx", opset=15)
+
+
+def test_map_of_a_function_that_does_not_trace_names_it(tmp_path):
+    import importlib
+
+    backend_numpy = importlib.import_module(f"keras.src.backend.{keras.backend.backend()}.numpy")
+
+    def per_sample(row):
+        return backend_numpy.tanh(row)  # backend code, as tf.* or jax.* in a user's function
+
+    inputs = keras.Input((6, 5), name="x")
+    model = keras.Model(inputs, Ops(lambda x: ops.map(per_sample, x), name="op")(inputs))
+    with pytest.raises(UnsupportedLayersError, match="per_sample"):
+        export_onnx(model, tmp_path / "m.onnx")
 
 
 def test_keras_level_fold_names_the_batch_norms_it_cannot_reach():

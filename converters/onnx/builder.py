@@ -69,19 +69,40 @@ class Builder:
     so the ONNX graph reads like the Keras model.
     """
 
-    def __init__(self, opset: int, reserved_names: Iterable[str] = ()):
+    def __init__(
+        self, opset: int, reserved_names: Iterable[str] = (), *, parent: Builder | None = None
+    ):
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: dict[str, np.ndarray] = {}
         self.node: graph_lib.Node | None = None
         self._values: dict[int, Value] = {}
         self._transposed: dict[tuple[str, Perm, Perm], str] = {}
-        self._names: set[str] = set(reserved_names)
-        self._small_constants: dict[tuple, str] = {}
-        self._keyed_constants: dict[Any, str] = {}
         self._first_op_named = False
         self.batch_source: str | None = None  # a graph input with the batch on axis 0
         self._batch_size: str | None = None
+        if parent is None:
+            self.initializers: dict[str, np.ndarray] = {}
+            self._names: set[str] = set(reserved_names)
+            self._small_constants: dict[tuple, str] = {}
+            self._keyed_constants: dict[Any, str] = {}
+        else:  # a subgraph's: see subgraph_builder
+            self.initializers = parent.initializers
+            self._names = parent.names_taken()
+            self._small_constants, self._keyed_constants = parent.constants_by_key()
+
+    def subgraph_builder(self) -> Builder:
+        """A builder for a subgraph of this graph (a Scan body): its names never clash
+        with this graph's, and its constants are this graph's initializers (a subgraph
+        sees the names of the graph around it). It has no batch size of its own."""
+        return Builder(self.opset, parent=self)
+
+    def names_taken(self) -> set[str]:
+        """The set of names used so far (shared, not copied, with a subgraph builder)."""
+        return self._names
+
+    def constants_by_key(self) -> tuple[dict[tuple, str], dict[Any, str]]:
+        """The constants shared by content and by key (shared with a subgraph builder)."""
+        return self._small_constants, self._keyed_constants
 
     # Naming.
     def unique(self, base: str) -> str:
@@ -274,16 +295,17 @@ class Builder:
         *,
         axes: Sequence[int] | None = None,
         key: Any = None,
+        dtype: Any = None,
     ) -> str:
         """A constant that broadcasts against a rank-``rank`` Keras tensor in layout ``perm``.
 
         ``array`` broadcasts NumPy-style against the Keras tensor, or, with ``axes``,
         holds one entry per index of those Keras axes (BatchNormalization's
-        ``moving_mean`` for ``axis=(1, 3)``).
+        ``moving_mean`` for ``axis=(1, 3)``). ``dtype`` as in :meth:`const`.
         """
         array = np.asarray(array)
         if array.ndim == 0:
-            return self.const(array, hint, key=key)
+            return self.const(array, hint, key=key, dtype=dtype)
         if axes is not None:
             axes = sorted(axis % rank for axis in axes)
             shape = [1] * rank
@@ -296,12 +318,12 @@ class Builder:
             raise Unsupported(f"a constant of shape {array.shape} for a rank-{rank} tensor")
         array = array.reshape((1,) * (rank - array.ndim) + array.shape)
         if all(size == 1 for size in array.shape):
-            return self.const(array.reshape(()), hint, key=key)
+            return self.const(array.reshape(()), hint, key=key, dtype=dtype)
         array = np.transpose(array, perm)
         # Leading size-1 axes broadcast by themselves: drop them for a compact constant.
         while array.ndim > 1 and array.shape[0] == 1:
             array = array[0]
-        return self.const(array, hint, key=key)
+        return self.const(array, hint, key=key, dtype=dtype)
 
     def reduce(self, op_type: str, name: str, axes: Sequence[int], keepdims: bool) -> str:
         """A Reduce* node over ``axes`` (attribute before opset 18, input from 18)."""

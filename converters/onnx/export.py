@@ -95,7 +95,7 @@ class ExportResult:
 
     path: str
     opset: int
-    op_counts: dict[str, int]
+    op_counts: dict[str, int]  # subgraphs' nodes (a Scan's body) counted too
     node_count: int
     seconds: float
     input_names: list[str]
@@ -134,6 +134,21 @@ class StructureReport:
     warnings: list[str]  # valid, but not what was asked for (an unfolded BN)
 
 
+def all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The nodes of ``graph`` and of every subgraph inside it (a Scan's body)."""
+    nodes = []
+    graphs = [graph]
+    while graphs:
+        current = graphs.pop()
+        for node in current.node:
+            nodes.append(node)
+            for attribute in node.attribute:
+                if attribute.HasField("g"):
+                    graphs.append(attribute.g)
+                graphs.extend(attribute.graphs)
+    return nodes
+
+
 def check_structure(model: onnx.ModelProto, input_names: Sequence[str]) -> StructureReport:
     """Checks ``onnx.checker`` misses.
 
@@ -154,12 +169,12 @@ def check_structure(model: onnx.ModelProto, input_names: Sequence[str]) -> Struc
             f"graph inputs are {graph_inputs_only}, expected exactly the model's inputs "
             f"{list(input_names)}"
         )
-    used = {name for node in graph.node for name in node.input}
+    used = {name for node in all_nodes(graph) for name in node.input}  # subgraphs see them
     unused = sorted(initializer_names - used)
     if unused:
         shown = ", ".join(unused[:5]) + (" ..." if len(unused) > 5 else "")
         errors.append(f"{len(unused)} initializers are used by no node: {shown}")
-    batch_norms = [node.name for node in graph.node if node.op_type == "BatchNormalization"]
+    batch_norms = [node.name for node in all_nodes(graph) if node.op_type == "BatchNormalization"]
     if batch_norms:
         errors.append(f"BatchNormalization nodes remain: {batch_norms[:5]}")
 
@@ -293,6 +308,36 @@ def _build(
     }
     onnx_outputs = _declare_outputs(builder, graph, output_names, batch_size, layer_map)
     return _assemble(builder, graph, onnx_inputs, onnx_outputs, opset, input_layout, layer_map)
+
+
+def build_subgraph(parent: Builder, graph: graph_lib.Graph, name: str) -> onnx.GraphProto:
+    """The ONNX subgraph (a Scan body) computing a flattened graph, its inputs and
+    outputs in Keras order, written through ``parent``'s subgraph builder.
+
+    Raises Unsupported naming the graph's nodes that have no working rule.
+    """
+    builder = parent.subgraph_builder()
+    inputs = []
+    for tensor, input_name in zip(graph.inputs, graph.input_names, strict=True):
+        onnx_name = builder.unique(f"{name}/{input_name}")
+        builder.declare(tensor, Value(onnx_name, identity_perm(tensor.rank)))
+        inputs.append(
+            helper.make_tensor_value_info(onnx_name, tensor_type(tensor.dtype), tensor.shape)
+        )
+    try:
+        _run_rules(builder, graph)
+    except UnsupportedLayersError as error:
+        raise Unsupported("; ".join(error.layers)) from error
+    outputs = []
+    builder.begin(None)
+    for index, tensor in enumerate(graph.outputs):
+        output_name = builder.op(
+            "Identity", [builder.get(tensor, cast=False)], name=f"{name}/output_{index}"
+        )
+        outputs.append(
+            helper.make_tensor_value_info(output_name, tensor_type(tensor.dtype), tensor.shape)
+        )
+    return helper.make_graph(builder.nodes, name, inputs, outputs)
 
 
 def _declare_inputs(
@@ -572,13 +617,14 @@ def _result(
     used_fallback: bool,
     external: str | None,
 ) -> ExportResult:
-    counts = collections.Counter(node.op_type for node in onnx_model.graph.node)
+    nodes = all_nodes(onnx_model.graph)  # a Scan body's too
+    counts = collections.Counter(node.op_type for node in nodes)
     initializers = {tensor.name for tensor in onnx_model.graph.initializer}
     return ExportResult(
         path=str(path),
         opset=opset,
         op_counts=dict(sorted(counts.items())),
-        node_count=len(onnx_model.graph.node),
+        node_count=len(nodes),
         seconds=time.perf_counter() - start,
         input_names=[v.name for v in onnx_model.graph.input if v.name not in initializers],
         output_names=[v.name for v in onnx_model.graph.output],

@@ -14,7 +14,7 @@ import numpy as np
 
 from keras_bn._keras_internals import CustomScaleLayer, LayerScale, nn_ops, numpy_ops
 from keras_bn.converters.graph import Node, Tensor, to_numpy
-from keras_bn.converters.onnx.builder import Builder, Unsupported
+from keras_bn.converters.onnx.builder import Builder, Unsupported, tensor_type
 from keras_bn.converters.onnx.rules.activations import ACTIVATIONS, gelu
 from keras_bn.converters.onnx.rules.common import Rule, common_layout, softmax_nodes
 
@@ -33,13 +33,25 @@ _BINARY_OPS = {
 
 
 def binary_op(b: Builder, node: Node) -> None:
-    """``keras.ops`` add/subtract/multiply/divide/maximum/minimum (``x + 3.0``, ``a * b``)."""
+    """``keras.ops`` add/subtract/multiply/divide/maximum/minimum (``x + 3.0``, ``a * b``)
+    of float tensors, and of integer ones (indices computed in ``call()``: D-FINE's
+    ``y * width + x``) in the output's integer type, except true division."""
     op_type = _BINARY_OPS[type(node.layer)]
     args = list(node.args[:2])
     tensors = [arg for arg in args if isinstance(arg, Tensor)]
-    if any(np.dtype(t.dtype).kind != "f" for t in tensors) or len(node.args) != 2:
-        raise Unsupported("only binary operations on float tensors are exported")
+    output = np.dtype(node.outputs[0].dtype)
+    floats = all(np.dtype(t.dtype).kind == "f" for t in tensors)
+    integers = output.kind in "iu" and all(np.dtype(t.dtype).kind in "iub" for t in tensors)
+    if not (floats or (integers and op_type != "Div")) or len(node.args) != 2:
+        raise Unsupported("only binary operations on float or integer tensors are exported")
     names, perm = common_layout(b, tensors, expand=False)
+    if integers:
+        names = [
+            name
+            if np.dtype(t.dtype) == output
+            else b.op("Cast", [name], to=tensor_type(output.name))
+            for name, t in zip(names, tensors, strict=True)
+        ]
     rank = len(perm)
     by_tensor = dict(zip(map(id, tensors), names, strict=True))
     operands = []
@@ -47,10 +59,12 @@ def binary_op(b: Builder, node: Node) -> None:
         if id(arg) in by_tensor:
             operands.append(by_tensor[id(arg)])
         else:
-            array = np.asarray(arg, dtype=np.float64)  # Python ints too: float tensors
+            # Python ints too: float tensors; integer ones in their own type
+            array = np.asarray(to_numpy(arg), dtype=output if integers else np.float64)
             if array.ndim > rank:
                 raise Unsupported(f"a constant of shape {array.shape} widens the tensor")
-            operands.append(b.broadcast_const(array, rank, perm, "constant"))
+            dtype = output if integers else None
+            operands.append(b.broadcast_const(array, rank, perm, "constant", dtype=dtype))
     b.set(node.outputs[0], b.op(op_type, operands), perm)
 
 

@@ -19,8 +19,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from keras import tree
 
 from keras_bn._keras_internals import core_ops, image_ops, math_ops, nn_ops, numpy_ops
+from keras_bn.converters import graph as graph_lib
 from keras_bn.converters.graph import Node, Tensor, to_numpy
 from keras_bn.converters.onnx.builder import Builder, Unsupported, tensor_type
 from keras_bn.converters.onnx.layout import Perm
@@ -28,7 +30,14 @@ from keras_bn.converters.onnx.rules.common import Rule, softmax_nodes
 from keras_bn.converters.onnx.rules.common import constant_input as _constant
 from keras_bn.converters.onnx.rules.convolution import conv_op, depthwise_conv_op
 from keras_bn.converters.onnx.rules.reshaping import resize_images
-from keras_bn.converters.tracing import AlignedResize, Constant, batch_multiple
+from keras_bn.converters.tracing import (
+    AlignedResize,
+    Constant,
+    GridSample,
+    TraceError,
+    batch_multiple,
+    trace_function,
+)
 
 __all__ = ["OPERATION_RULES"]
 
@@ -116,12 +125,51 @@ def cast(b: Builder, node: Node) -> None:
     b.set(node.outputs[0], b.op("Cast", [x], to=tensor_type(node.outputs[0].dtype)), value.perm)
 
 
-def clip(b: Builder, node: Node) -> None:
+def identity(b: Builder, node: Node) -> None:
+    """``ops.stop_gradient`` (the identity at inference) and ``ops.convert_to_tensor``
+    of a tensor (a Cast where it changes the dtype)."""
+    tensor, out = node.inputs[0], node.outputs[0]
+    value = b.value(tensor, keep_pads=True)
+    if np.dtype(tensor.dtype) == np.dtype(out.dtype):
+        b.set(out, value)
+        return
+    x = b.get(tensor, value.perm, cast=False)
+    b.set(out, b.op("Cast", [x], to=tensor_type(out.dtype)), value.perm)
+
+
+def zeros_like(b: Builder, node: Node) -> None:
+    """Zeros of the input's shape (and the op's dtype), in the input's layout."""
     value = b.value(node.inputs[0])
-    x = b.get(node.inputs[0], value.perm)
-    low = b.scalar(float(node.layer.x_min), "min")
-    high = b.scalar(float(node.layer.x_max), "max")
-    b.set(node.outputs[0], b.op("Clip", [x, low, high]), value.perm)
+    shape = b.op("Shape", [b.get(node.inputs[0], value.perm, cast=False)])
+    dtype = np.dtype(node.outputs[0].dtype)
+    zero = b.const(np.zeros((1,), dtype=dtype), "zero", dtype=dtype)
+    b.set(node.outputs[0], b.op("Expand", [zero, shape]), value.perm)
+
+
+def logical_not(b: Builder, node: Node) -> None:
+    value = b.value(node.inputs[0])
+    x = _boolean(b, b.get(node.inputs[0], value.perm, cast=False), node.inputs[0].dtype)
+    b.set(node.outputs[0], b.op("Not", [x]), value.perm)
+
+
+def _boolean(b: Builder, name: str, dtype: Any) -> str:
+    return name if np.dtype(dtype) == np.bool_ else b.op("Cast", [name], to=tensor_type("bool"))
+
+
+def clip(b: Builder, node: Node) -> None:
+    """Clip of floats, or of integers (D-FINE's pixel indices) with integer bounds."""
+    tensor, out = node.inputs[0], node.outputs[0]
+    value = b.value(tensor)
+    dtype = np.dtype(out.dtype)
+    if dtype.kind == "f":
+        x = b.get(tensor, value.perm)
+        low = b.scalar(float(node.layer.x_min), "min")
+        high = b.scalar(float(node.layer.x_max), "max")
+    else:
+        x = _cast_to(b, b.get(tensor, value.perm, cast=False), tensor.dtype, out.dtype)
+        low = b.const(np.asarray(to_numpy(node.layer.x_min), dtype), "min", dtype=dtype)
+        high = b.const(np.asarray(to_numpy(node.layer.x_max), dtype), "max", dtype=dtype)
+    b.set(out, b.op("Clip", [x, low, high]), value.perm)
 
 
 _BINARY = {
@@ -131,14 +179,22 @@ _BINARY = {
     numpy_ops.Less: "Less",
     numpy_ops.LessEqual: "LessOrEqual",
     numpy_ops.Equal: "Equal",
+    numpy_ops.LogicalAnd: "And",
+    numpy_ops.LogicalOr: "Or",
 }
 
 
 def binary(b: Builder, node: Node) -> None:
-    """Power and comparisons, NumPy broadcasting in Keras order."""
+    """Power, comparisons and logical and/or, NumPy broadcasting in Keras order."""
     like = next(arg for arg in node.args[:2] if isinstance(arg, Tensor))
     operands = [_operand(b, arg, like) for arg in node.args[:2]]
-    b.set(node.outputs[0], b.op(_BINARY[type(node.layer)], operands))
+    op_type = _BINARY[type(node.layer)]
+    if op_type in ("And", "Or"):  # truthiness of numbers, as NumPy's
+        operands = [
+            _boolean(b, name, arg.dtype if isinstance(arg, Tensor) else np.asarray(arg).dtype)
+            for name, arg in zip(operands, node.args[:2], strict=True)
+        ]
+    b.set(node.outputs[0], b.op(op_type, operands))
 
 
 def where(b: Builder, node: Node) -> None:
@@ -446,6 +502,38 @@ def get_item(b: Builder, node: Node) -> None:
     b.set(node.outputs[0], x)
 
 
+def slice_op(b: Builder, node: Node) -> None:
+    """``ops.slice(x, start_indices, shape)`` at static starts; batch-sized sizes
+    (``ops.shape(x)[0]`` read while tracing) end at the runtime batch size."""
+    tensor = node.inputs[0]
+    starts_arg = node.args[1] if len(node.args) > 1 else node.kwargs["start_indices"]
+    if any(isinstance(start, Tensor) for start in tree.flatten(starts_arg)):
+        raise Unsupported("slicing at symbolic start indices")
+    starts = [int(start) for start in np.asarray(to_numpy(starts_arg)).reshape(-1)]
+    begins, ends, axes = [], [], []
+    for axis, (start, size, full) in enumerate(
+        zip(starts, node.layer.shape, tensor.shape, strict=True)
+    ):
+        if start == 0 and size == full:
+            continue  # the whole axis
+        begins.append(start)
+        ends.append(start + int(size) if batch_multiple(size) is None else size)
+        axes.append(axis)
+    x = b.get(tensor)
+    if not axes:
+        b.set(node.outputs[0], b.op("Identity", [x]))
+        return
+    if any(batch_multiple(end) for end in ends):
+        if any(start for start, end in zip(begins, ends, strict=True) if batch_multiple(end)):
+            raise Unsupported("a batch-sized slice not starting at 0")
+        stops = _shape_input(b, ends)
+    else:
+        stops = b.ints(ends, "ends")
+    b.set(
+        node.outputs[0], b.op("Slice", [x, b.ints(begins, "starts"), stops, b.ints(axes, "axes")])
+    )
+
+
 def take(b: Builder, node: Node) -> None:
     """``ops.take`` (embedding lookups): Gather along ``axis`` (flattened when None)."""
     x = _operand(b, node.args[0])
@@ -461,6 +549,31 @@ def take(b: Builder, node: Node) -> None:
     b.set(node.outputs[0], b.op("Gather", [x, indices], axis=int(axis)))
 
 
+def take_along_axis(b: Builder, node: Node) -> None:
+    """``ops.take_along_axis(x, indices, axis)``: GatherElements, the two broadcast
+    against each other on every other axis first (NumPy's rule, which GatherElements
+    lacks: D-FINE gathers ``(n, points, 1)`` indices from ``(n, pixels, channels)``)."""
+    axis = node.layer.axis
+    x = _operand(b, node.args[0])
+    indices_arg = node.args[1] if len(node.args) > 1 else node.kwargs["indices"]
+    indices = b.op("Cast", [_operand(b, indices_arg)], to=tensor_type("int64"))
+    if axis is None:
+        x = b.op("Reshape", [x, b.ints([-1], "shape")])
+        indices = b.op("Reshape", [indices, b.ints([-1], "shape")])
+        axis = 0
+    rank = node.outputs[0].rank
+    axis = int(axis) % rank
+
+    def others(name: str) -> str:  # its shape, 1 along the axis
+        shape = b.op("Shape", [name])
+        return b.op("ScatterElements", [shape, b.ints([axis], "axis"), b.ints([1], "one")])
+
+    x_others, indices_others = others(x), others(indices)
+    indices = b.op("Expand", [indices, x_others])
+    x = b.op("Expand", [x, indices_others])
+    b.set(node.outputs[0], b.op("GatherElements", [x, indices], axis=axis))
+
+
 def image_resize(b: Builder, node: Node) -> None:
     """``ops.image.resize`` (nearest, bilinear) of a batch of images."""
     resize_images(b, node, node.layer, tuple(node.layer.size))
@@ -470,6 +583,64 @@ def aligned_resize(b: Builder, node: Node) -> None:
     """Bilinear resize with aligned corners (KerasHub DepthAnything's ``interpolate``):
     output pixel ``i`` samples the input at ``i * (in - 1) / (out - 1)``."""
     resize_images(b, node, node.layer, node.layer.size, coordinates="align_corners")
+
+
+def grid_sample(b: Builder, node: Node) -> None:
+    """Bilinear sampling with zeros outside (D-FINE's deformable attention): ONNX
+    GridSample on ``(N, C, H, W)`` data, in Keras order, from opset 16."""
+    if b.opset < 16:
+        raise Unsupported("grid sampling needs opset 16 or later (GridSample)")
+    data, grid = (b.get(tensor) for tensor in node.inputs[:2])
+    mode = "bilinear" if b.opset < 20 else "linear"
+    out = b.op(
+        "GridSample",
+        [data, grid],
+        mode=mode,
+        padding_mode="zeros",
+        align_corners=int(node.layer.align_corners),
+    )
+    b.set(node.outputs[0], out)
+
+
+# --------------------------------------------------------------------------------------
+# Loops.
+
+
+def map_op(b: Builder, node: Node) -> None:
+    """``ops.map(f, xs)``: ``f`` traced once on placeholders for one element of each
+    ``xs`` tensor, and run by ONNX Scan over their first axis (the batch, for
+    KerasHub D-FINE's per-sample gathers), its outputs stacked along it, as Keras's."""
+    from keras_bn.converters.onnx.export import build_subgraph
+    from keras_bn.converters.onnx.rules.table import needs_tracing
+
+    function, xs = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs["xs"]
+    elements = tree.flatten(xs)
+    if not elements or not all(isinstance(x, Tensor) and x.rank for x in elements):
+        raise Unsupported("ops.map over constants (mapped over symbolic tensors it is exported)")
+    if any(size is None for x in elements for size in x.shape[1:]):
+        raise Unsupported("ops.map over elements of unknown size")
+    element = tree.map_structure(
+        lambda x: Tensor(x.name, x.shape[1:], x.dtype) if isinstance(x, Tensor) else x, xs
+    )
+
+    def spec(x: Any) -> tuple[tuple[int | None, ...], str] | None:
+        return (x.shape, x.dtype) if isinstance(x, Tensor) else None
+
+    try:
+        traced = trace_function(function, (element,), spec, node.layer.name)
+    except TraceError as error:
+        raise Unsupported(f"its function does not trace ({error})") from error
+    if traced.model is None or any(not hasattr(x, "shape") for x in traced.outputs):
+        raise Unsupported("ops.map of a function whose outputs do not depend on its input")
+    graph = graph_lib.flatten(traced.model, needs_tracing)
+    for inner in graph.nodes:
+        inner.scope = f"{node.name}/{inner.scope}" if inner.scope else node.name
+    body = build_subgraph(b, graph, b.unique(f"{node.name}/body"))
+    names = [b.get(x, cast=False) for x in elements]
+    count = len(node.outputs)
+    outs = b.op("Scan", names, outputs=count, body=body, num_scan_inputs=len(names))
+    for out, name in zip(node.outputs, outs if count > 1 else [outs], strict=True):
+        b.set(out, name)
 
 
 # --------------------------------------------------------------------------------------
@@ -594,7 +765,13 @@ OPERATION_RULES: dict[type, Rule] = {
     numpy_ops.Less: binary,
     numpy_ops.LessEqual: binary,
     numpy_ops.Equal: binary,
+    numpy_ops.LogicalAnd: binary,
+    numpy_ops.LogicalOr: binary,
+    numpy_ops.LogicalNot: logical_not,
     numpy_ops.Where: where,
+    numpy_ops.ZerosLike: zeros_like,
+    core_ops.StopGradient: identity,
+    core_ops.ConvertToTensor: identity,
     math_ops.Rsqrt: rsqrt,
     math_ops.Erf: erf,
     core_ops.Cast: cast,
@@ -629,11 +806,16 @@ OPERATION_RULES: dict[type, Rule] = {
     numpy_ops.BroadcastTo: broadcast_to,
     numpy_ops.Pad: pad,
     numpy_ops.GetItem: get_item,
+    core_ops.Slice: slice_op,
     numpy_ops.Take: take,
+    numpy_ops.TakeAlongAxis: take_along_axis,
     image_ops.Resize: image_resize,
+    GridSample: grid_sample,
     AlignedResize: aligned_resize,
     nn_ops.Conv: conv_op,
     nn_ops.DepthwiseConv: depthwise_conv_op,
+    # loops
+    core_ops.Map: map_op,
     # linear algebra, attention, normalization
     numpy_ops.Matmul: matmul,
     numpy_ops.Einsum: einsum,
