@@ -17,6 +17,17 @@ backend. What cannot be recorded - Python control flow on tensor values
 :class:`TraceError` naming the layer, the error and the source line. A few known
 functions that hold backend code (:data:`RECORDED_FUNCTIONS`: KerasHub
 DepthAnything's resize) are recorded as one operation each instead of entered.
+
+Unknown non-batch sizes (an image of any height and width, a number of prompt
+points) are traced like the batch size: each gets a concrete marker size
+(:data:`UNKNOWN_SIZES`), so that code reading it (``ops.shape(x)[1] * 2``,
+``ops.reshape(y, ops.shape(x))``) runs. The call is traced twice, with two sets
+of markers, and the two recordings are compared: a tensor size that differs is
+unknown in the traced graph, and a size in an operation's attributes or
+arguments that differs must be the same product of the same unknown sizes in
+both (:class:`Size`), which rules compute at runtime from the input's shape; any
+other dependence (a strided convolution's output size read back into a reshape,
+a constant whose length is an unknown size) stops the trace.
 """
 
 from __future__ import annotations
@@ -39,12 +50,15 @@ from keras_bn import _keras_internals as internals
 __all__ = [
     "BATCH",
     "RECORDED_FUNCTIONS",
+    "UNKNOWN_SIZES",
     "AlignedResize",
     "Constant",
+    "Size",
     "TraceError",
     "TracedCall",
     "batch_multiple",
     "trace_call",
+    "traced_size",
 ]
 
 # The batch size placeholders get while tracing. Keras code reads the batch size
@@ -55,6 +69,27 @@ __all__ = [
 # dimension again, and rules turn such sizes in operation attributes into the
 # runtime batch size. A prime, so that products of ordinary sizes never hit it.
 BATCH = 1009
+
+
+def _primes_after(start: int, count: int) -> tuple[int, ...]:
+    primes: list[int] = []
+    candidate = start
+    while len(primes) < count:
+        candidate += 1
+        if all(candidate % divisor for divisor in range(2, int(candidate**0.5) + 1)):
+            primes.append(candidate)
+    return tuple(primes)
+
+
+# The marker sizes of unknown non-batch dimensions in the two recordings of a call
+# (see the module docstring): distinct primes above BATCH, so that a size that is a
+# product of unknown sizes factors back into them. Small enough that an attention
+# score tensor over two of them stays within int64 while Keras infers shapes.
+_MAX_UNKNOWN_SIZES = 16
+UNKNOWN_SIZES: tuple[tuple[int, ...], tuple[int, ...]] = (
+    _primes_after(BATCH, _MAX_UNKNOWN_SIZES),
+    _primes_after(BATCH, 2 * _MAX_UNKNOWN_SIZES)[_MAX_UNKNOWN_SIZES:],
+)
 
 # Packages whose frames are machinery, not the traced layer's own code.
 _MACHINERY = ("keras", "tensorflow", "jax", "jaxlib", "numpy", "optree", "keras_bn")
@@ -160,6 +195,40 @@ def _functions_recorded() -> Iterator[None]:
             setattr(module, attribute, original)
 
 
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """A size read while tracing: ``coefficient`` times the runtime batch size (when
+    ``batch``) times the runtime size of each ``(source, axis)`` in ``dims``."""
+
+    coefficient: int
+    batch: bool = False
+    dims: tuple[tuple[Any, int], ...] = ()
+
+    @property
+    def static(self) -> bool:
+        return not self.batch and not self.dims
+
+
+def _factor(size: int, markers: dict[int, Any]) -> tuple[int, tuple[Any, ...]]:
+    """``size`` as a coefficient times a product of marker sizes (their keys)."""
+    keys = []
+    if size > 0:
+        for marker, key in markers.items():
+            while size % marker == 0:
+                size //= marker
+                keys.append(key)
+    return size, tuple(keys)
+
+
+def traced_size(size: Any, unknown_sizes: dict[int, tuple[Any, int]] | None = None) -> Size:
+    """What a size recorded by a trace stands for: a static size, a multiple of the
+    batch size (:func:`batch_multiple`), and products of the unknown sizes in
+    ``unknown_sizes`` (marker -> ``(source, axis)``, a traced node's map)."""
+    coefficient, dims = _factor(int(size), unknown_sizes or {})
+    k = batch_multiple(coefficient)
+    return Size(coefficient if k is None else k, k is not None, dims)
+
+
 @dataclasses.dataclass
 class TracedCall:
     """A layer call recorded as a Functional model over fresh placeholders.
@@ -168,12 +237,20 @@ class TracedCall:
     arguments, in order). ``outputs`` are the call's outputs, flattened, without
     its None outputs (``return x, None``: Keras records the call with its tensors
     only): each a ``KerasTensor`` of ``model``'s outputs, or a NumPy array for an
-    output computed from constants only.
+    output computed from constants only. A call with unknown non-batch sizes also
+    has ``shapes``, the shape of each of ``model``'s tensors whose recorded shape
+    holds marker sizes (by ``id``), with None for those, and ``unknown_sizes``,
+    by ``id`` of each operation whose attributes or arguments hold unknown sizes,
+    the map from marker to ``(source, axis)`` that :func:`traced_size` reads.
     """
 
     model: keras.Model | None  # None when no output depends on the inputs
     sources: list[Any]
     outputs: list[keras.KerasTensor | np.ndarray]
+    shapes: dict[int, tuple[int | None, ...]] = dataclasses.field(default_factory=dict)
+    unknown_sizes: dict[int, dict[int, tuple[Any, int]]] = dataclasses.field(
+        default_factory=dict
+    )
 
 
 def trace_call(layer: Any, args: Any, kwargs: dict, spec: Callable[[Any], Any]) -> TracedCall:
@@ -194,18 +271,42 @@ def trace_call(layer: Any, args: Any, kwargs: dict, spec: Callable[[Any], Any]) 
         TraceError: the call does not trace (the message names the layer, the
             error and the line of the layer's code that raised it).
     """
+    first, markers = _record(layer, args, kwargs, spec, UNKNOWN_SIZES[0])
+    if not markers:
+        return first
+    second, second_markers = _record(layer, args, kwargs, spec, UNKNOWN_SIZES[1])
+    _compare(layer, first, second, markers, second_markers)
+    return first
+
+
+def _record(
+    layer: Any, args: Any, kwargs: dict, spec: Callable[[Any], Any], unknown: tuple[int, ...]
+) -> tuple[TracedCall, dict[int, tuple[Any, int]]]:
+    """One recording; unknown non-batch sizes of the placeholders take the sizes
+    ``unknown`` (returned as marker -> ``(source, axis)``)."""
     sources: list[Any] = []
     placeholders: list[keras.KerasTensor] = []
+    markers: dict[int, tuple[Any, int]] = {}
 
     def placeholder(x: Any) -> Any:
         found = spec(x)
         if found is None:
             return x
         shape, dtype = found
+        shape = list(shape)
         if shape and shape[0] is None:
-            shape = (BATCH, *shape[1:])
+            shape[0] = BATCH
+        for axis in range(1, len(shape)):
+            if shape[axis] is None:
+                if len(markers) == len(unknown):
+                    raise TraceError(
+                        f"tracing {type(layer).__name__}.call(): its inputs have more "
+                        f"than {len(unknown)} unknown non-batch sizes"
+                    )
+                shape[axis] = unknown[len(markers)]
+                markers[shape[axis]] = (x, axis)
         sources.append(x)
-        placeholders.append(keras.Input(batch_shape=shape, dtype=dtype))
+        placeholders.append(keras.Input(batch_shape=tuple(shape), dtype=dtype))
         return placeholders[-1]
 
     symbolic_args, symbolic_kwargs = tree.map_structure(placeholder, (tuple(args), dict(kwargs)))
@@ -244,7 +345,7 @@ def trace_call(layer: Any, args: Any, kwargs: dict, spec: Callable[[Any], Any]) 
             f"a number ({type(error).__name__}: {_first_line(error)})"
         ) from error
     if not tensors:  # every output computed from weights or constants (a RoPE table)
-        return TracedCall(None, sources, flat)
+        return TracedCall(None, sources, flat), markers
     try:
         model = keras.Model(placeholders, tensors, name=f"{layer.name}_traced")
     except Exception as error:  # noqa: BLE001
@@ -252,7 +353,102 @@ def trace_call(layer: Any, args: Any, kwargs: dict, spec: Callable[[Any], Any]) 
             f"tracing {type(layer).__name__}.call(): the recorded calls do not form a graph "
             f"({type(error).__name__}: {_first_line(error)})"
         ) from error
-    return TracedCall(model, sources, flat)
+    return TracedCall(model, sources, flat), markers
+
+
+def _compare(
+    layer: Any,
+    first: TracedCall,
+    second: TracedCall,
+    markers: dict[int, tuple[Any, int]],
+    second_markers: dict[int, tuple[Any, int]],
+) -> None:
+    """Fill ``first.shapes`` and ``first.unknown_sizes`` from two recordings of one
+    call with different unknown sizes; raise TraceError where they differ otherwise
+    than by the same product of unknown sizes."""
+    name = type(layer).__name__
+
+    def fail(what: str) -> TraceError:
+        return TraceError(
+            f"tracing {name}.call(): {what} depends on an unknown input size in a way "
+            "export cannot compute at runtime (expected sizes that are products of the "
+            "inputs' sizes, as ops.shape(x) gives them)"
+        )
+
+    for a, b in zip(first.outputs, second.outputs, strict=True):
+        if isinstance(a, np.ndarray) and np.shape(a) != np.shape(b):
+            raise fail("a constant output")
+    if first.model is None or second.model is None:
+        return
+    nodes = internals.ordered_nodes(first.model)
+    second_nodes = internals.ordered_nodes(second.model)
+    if len(nodes) != len(second_nodes) or any(
+        type(a.operation) is not type(b.operation) for a, b in zip(nodes, second_nodes)
+    ):
+        raise fail("the sequence of recorded operations")
+    for a, b in zip(nodes, second_nodes, strict=True):
+        for tensor, other in zip(a.outputs, b.outputs, strict=True):
+            if tuple(tensor.shape) != tuple(other.shape):
+                first.shapes[id(tensor)] = tuple(
+                    None if size != size_b else size
+                    for size, size_b in zip(tensor.shape, other.shape, strict=True)
+                )
+        differences: list[tuple[Any, Any]] = []
+        _differences((a.args, a.kwargs), (b.args, b.kwargs), differences)
+        if a.operation is not b.operation and not isinstance(a.operation, keras.Layer):
+            _differences(_attributes(a.operation), _attributes(b.operation), differences)
+        for size, size_b in differences:
+            if size is None or _factor(size, markers) != _factor(size_b, second_markers):
+                raise fail(f"a size in the call of {a.operation.name!r}")
+        if differences:
+            first.unknown_sizes[id(a.operation)] = markers
+
+
+def _attributes(operation: Any) -> dict[str, Any]:
+    """An operation's public attributes (its arguments: ``newshape``, ``repeats``)."""
+    return {
+        key: value
+        for key, value in vars(operation).items()
+        if not key.startswith("_") and key != "name"
+    }
+
+
+def _differences(a: Any, b: Any, found: list[tuple[Any, Any]]) -> None:
+    """Append to ``found`` each pair of integers that differ between two recorded
+    argument structures, and ``(None, None)`` for any other difference."""
+    if isinstance(a, keras.KerasTensor) or isinstance(b, keras.KerasTensor):
+        return
+    if isinstance(a, bool | np.bool_) or isinstance(b, bool | np.bool_):
+        if a != b:
+            found.append((None, None))
+    elif isinstance(a, int | np.integer) and isinstance(b, int | np.integer):
+        if a != b:
+            found.append((int(a), int(b)))
+    elif isinstance(a, float) and isinstance(b, float):
+        if a != b and not (a != a and b != b):
+            found.append((None, None))
+    elif isinstance(a, slice) and isinstance(b, slice):
+        _differences((a.start, a.stop, a.step), (b.start, b.stop, b.step), found)
+    elif isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        if len(a) != len(b):
+            found.append((None, None))
+        else:
+            for x, y in zip(a, b, strict=True):
+                _differences(x, y, found)
+    elif isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            found.append((None, None))
+        else:
+            for key in a:
+                _differences(a[key], b[key], found)
+    elif hasattr(a, "shape") and hasattr(b, "shape") and not isinstance(a, keras.Variable):
+        if tuple(a.shape) != tuple(b.shape):
+            found.append((None, None))
+        elif int(np.prod(a.shape)) <= 64:
+            x = np.asarray(keras.ops.convert_to_numpy(a))
+            y = np.asarray(keras.ops.convert_to_numpy(b))
+            if not np.array_equal(x, y, equal_nan=x.dtype.kind == "f"):
+                found.append((None, None))
 
 
 def _is_symbolic(x: Any) -> bool:
