@@ -271,22 +271,52 @@ def trace_call(layer: Any, args: Any, kwargs: dict, spec: Callable[[Any], Any]) 
         TraceError: the call does not trace (the message names the layer, the
             error and the line of the layer's code that raised it).
     """
-    first, markers = _record(layer, args, kwargs, spec, UNKNOWN_SIZES[0])
-    if not markers:
-        return first
-    second, second_markers = _record(layer, args, kwargs, spec, UNKNOWN_SIZES[1])
+    if not _has_unknown_sizes((args, kwargs), spec):
+        return _record(layer, args, kwargs, spec, UNKNOWN_SIZES[0], shared=False)[0]
+    # Unknown sizes of different inputs may have to be equal (SAM's points and labels
+    # share the number of points): when the call fails with one marker per size, it
+    # is traced again with one marker per axis, each shared by the inputs' sizes there.
+    shared = False
+    try:
+        first, markers = _record(layer, args, kwargs, spec, UNKNOWN_SIZES[0], shared=False)
+    except TraceError as error:
+        try:
+            first, markers = _record(layer, args, kwargs, spec, UNKNOWN_SIZES[0], shared=True)
+        except TraceError:
+            raise error from error.__cause__
+        shared = True
+    second, second_markers = _record(layer, args, kwargs, spec, UNKNOWN_SIZES[1], shared=shared)
     _compare(layer, first, second, markers, second_markers)
     return first
 
 
+def _is_unknown_size(size: int) -> bool:
+    """Whether a size recorded by a trace depends on an unknown input size."""
+    return size > 0 and any(size % marker == 0 for marker in UNKNOWN_SIZES[0] + UNKNOWN_SIZES[1])
+
+
+def _has_unknown_sizes(arguments: Any, spec: Callable[[Any], Any]) -> bool:
+    for x in tree.flatten(arguments):
+        found = spec(x)
+        if found is not None and None in tuple(found[0])[1:]:
+            return True
+    return False
+
+
 def _record(
-    layer: Any, args: Any, kwargs: dict, spec: Callable[[Any], Any], unknown: tuple[int, ...]
-) -> tuple[TracedCall, dict[int, tuple[Any, int]]]:
+    layer: Any,
+    args: Any,
+    kwargs: dict,
+    spec: Callable[[Any], Any],
+    unknown: tuple[int, ...],
+    shared: bool,
+) -> tuple[TracedCall, dict[int, list[tuple[int, int]]]]:
     """One recording; unknown non-batch sizes of the placeholders take the sizes
-    ``unknown`` (returned as marker -> ``(source, axis)``)."""
+    ``unknown``, one each or, when ``shared``, one per axis. Returns the recording
+    and each marker size's ``(placeholder index, axis)`` pairs."""
     sources: list[Any] = []
     placeholders: list[keras.KerasTensor] = []
-    markers: dict[int, tuple[Any, int]] = {}
+    markers: dict[int, list[tuple[int, int]]] = {}
 
     def placeholder(x: Any) -> Any:
         found = spec(x)
@@ -298,13 +328,14 @@ def _record(
             shape[0] = BATCH
         for axis in range(1, len(shape)):
             if shape[axis] is None:
-                if len(markers) == len(unknown):
+                index = axis - 1 if shared else len(markers)
+                if index >= len(unknown):
                     raise TraceError(
                         f"tracing {type(layer).__name__}.call(): its inputs have more "
                         f"than {len(unknown)} unknown non-batch sizes"
                     )
-                shape[axis] = unknown[len(markers)]
-                markers[shape[axis]] = (x, axis)
+                shape[axis] = unknown[index]
+                markers.setdefault(shape[axis], []).append((len(sources), axis))
         sources.append(x)
         placeholders.append(keras.Input(batch_shape=tuple(shape), dtype=dtype))
         return placeholders[-1]
@@ -323,12 +354,15 @@ def _record(
         for name in ("training", "mask"):
             if name not in parameters:
                 symbolic_kwargs.pop(name, None)
+    checks = internals.input_checks_ignoring(_is_unknown_size) if markers else contextlib.nullcontext()
     try:
         with (
             internals.symbolic_variable_arithmetic(),
+            internals.symbolic_equality(),
             internals.none_outputs_recorded(),
             internals.static_python_arguments(),
             _functions_recorded(),
+            checks,
         ):
             outputs = call(*symbolic_args, **symbolic_kwargs)
     except Exception as error:  # noqa: BLE001 - any failure is the layer's, reported as one
@@ -360,12 +394,13 @@ def _compare(
     layer: Any,
     first: TracedCall,
     second: TracedCall,
-    markers: dict[int, tuple[Any, int]],
-    second_markers: dict[int, tuple[Any, int]],
+    markers: dict[int, list[tuple[int, int]]],
+    second_markers: dict[int, list[tuple[int, int]]],
 ) -> None:
     """Fill ``first.shapes`` and ``first.unknown_sizes`` from two recordings of one
     call with different unknown sizes; raise TraceError where they differ otherwise
-    than by the same product of unknown sizes."""
+    than by the same product of unknown sizes, or where an unknown size is shared
+    by several inputs and the operation depends on more than one of them."""
     name = type(layer).__name__
 
     def fail(what: str) -> TraceError:
@@ -386,8 +421,16 @@ def _compare(
         type(a.operation) is not type(b.operation) for a, b in zip(nodes, second_nodes)
     ):
         raise fail("the sequence of recorded operations")
+    # Markers by position, the same in both recordings.
+    positions = {marker: i for i, marker in enumerate(UNKNOWN_SIZES[0])}
+    second_positions = {marker: i for i, marker in enumerate(UNKNOWN_SIZES[1])}
+    # Which placeholders each tensor depends on.
+    placeholders = tree.flatten(internals.inputs_struct(first.model))
+    depends: dict[int, set[int]] = {id(x): {i} for i, x in enumerate(placeholders)}
     for a, b in zip(nodes, second_nodes, strict=True):
+        inputs = set().union(*(depends.get(id(x), set()) for x in a.input_tensors))
         for tensor, other in zip(a.outputs, b.outputs, strict=True):
+            depends[id(tensor)] = inputs
             if tuple(tensor.shape) != tuple(other.shape):
                 first.shapes[id(tensor)] = tuple(
                     None if size != size_b else size
@@ -397,11 +440,24 @@ def _compare(
         _differences((a.args, a.kwargs), (b.args, b.kwargs), differences)
         if a.operation is not b.operation and not isinstance(a.operation, keras.Layer):
             _differences(_attributes(a.operation), _attributes(b.operation), differences)
+        where = f"a size in the call of {a.operation.name!r}"
+        read: set[int] = set()
         for size, size_b in differences:
-            if size is None or _factor(size, markers) != _factor(size_b, second_markers):
-                raise fail(f"a size in the call of {a.operation.name!r}")
-        if differences:
-            first.unknown_sizes[id(a.operation)] = markers
+            factors = None if size is None else _factor(size, positions)
+            if factors is None or factors != _factor(size_b, second_positions):
+                raise fail(where)
+            read.update(UNKNOWN_SIZES[0][position] for position in factors[1])
+        sizes = {}
+        for marker in read:
+            candidates = markers[marker]
+            if len(candidates) > 1:  # shared: the one input this operation reads
+                candidates = [c for c in candidates if c[0] in inputs]
+            if len(candidates) != 1:
+                raise fail(f"{where} (one of several inputs' sizes)")
+            index, axis = candidates[0]
+            sizes[marker] = (first.sources[index], axis)
+        if sizes:
+            first.unknown_sizes[id(a.operation)] = sizes
 
 
 def _attributes(operation: Any) -> dict[str, Any]:

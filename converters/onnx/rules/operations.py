@@ -595,6 +595,8 @@ OPERATION_RULES: dict[type, Rule] = {
     numpy_ops.Sign: _unary("Sign"),
     numpy_ops.Floor: _unary("Floor"),
     numpy_ops.Ceil: _unary("Ceil"),
+    numpy_ops.Sin: _unary("Sin"),
+    numpy_ops.Cos: _unary("Cos"),
     numpy_ops.Square: square,
     numpy_ops.Clip: clip,
     numpy_ops.Power: binary,
