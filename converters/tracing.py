@@ -169,12 +169,28 @@ def _aligned_resize(function: Callable[..., Any]) -> Callable[..., Any]:
     return interpolate
 
 
+def _static_cond(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``ops.cond(pred, true_fn, false_fn)`` with a predicate known while tracing (one
+    computed from sizes): the branch it selects, called directly, as TensorFlow's
+    eager ``tf.cond`` does (JAX's ``lax.cond`` would trace both on symbolic tensors)."""
+
+    def cond(pred: Any, true_fn: Callable[[], Any], false_fn: Callable[[], Any]) -> Any:
+        if _is_symbolic(pred):
+            return function(pred, true_fn, false_fn)
+        return true_fn() if bool(keras.ops.convert_to_numpy(pred)) else false_fn()
+
+    return cond
+
+
 # Functions of other packages that call backend code (``tf.*``, ``jax.*``) and that a
-# trace records as one operation instead of entering them: (module, attribute) ->
-# a function that, given the original, returns its stand-in for the trace's duration.
-# A module not imported is left alone (its layers cannot be in the model).
+# trace records as one operation instead of entering them, or runs another way:
+# (module, attribute) -> a function that, given the original, returns its stand-in
+# for the trace's duration. A module not imported is left alone (its layers cannot
+# be in the model).
 RECORDED_FUNCTIONS: dict[tuple[str, str], Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     ("keras_hub.src.models.depth_anything.depth_anything_layers", "interpolate"): _aligned_resize,
+    ("keras.ops", "cond"): _static_cond,
+    ("keras.src.ops.core", "cond"): _static_cond,
 }
 
 
