@@ -254,7 +254,10 @@ def flatten(model: keras.Model, trace: Callable[[Any], bool] | None = None) -> G
                 trace_error=trace_error,
             )
             if recorded_call is not None:
-                node.unknown_sizes = recorded_call.unknown_sizes.get(id(operation), {})
+                node.unknown_sizes = {
+                    size: (tensor_map[id(kt)], axis)
+                    for size, (kt, axis) in recorded_call.unknown_sizes.get(id(operation), {}).items()
+                }
             for kt in knode.outputs:
                 tensor = new_tensor(kt, node, operation.name, traced, shapes)
                 tensor_map[id(kt)] = tensor

@@ -257,7 +257,8 @@ class TracedCall:
     has ``shapes``, the shape of each of ``model``'s tensors whose recorded shape
     holds marker sizes (by ``id``), with None for those, and ``unknown_sizes``,
     by ``id`` of each operation whose attributes or arguments hold unknown sizes,
-    the map from marker to ``(source, axis)`` that :func:`traced_size` reads.
+    the map from marker to the ``(tensor, axis)`` of ``model`` (an input of the
+    operation, or a placeholder) whose runtime size it stands for.
     """
 
     model: keras.Model | None  # None when no output depends on the inputs
@@ -465,13 +466,26 @@ def _compare(
             read.update(UNKNOWN_SIZES[0][position] for position in factors[1])
         sizes = {}
         for marker in read:
-            candidates = markers[marker]
-            if len(candidates) > 1:  # shared: the one input this operation reads
-                candidates = [c for c in candidates if c[0] in inputs]
-            if len(candidates) != 1:
-                raise fail(f"{where} (one of several inputs' sizes)")
-            index, axis = candidates[0]
-            sizes[marker] = (first.sources[index], axis)
+            second_marker = UNKNOWN_SIZES[1][positions[marker]]
+            # Where the operation's own input has that size on one axis, the size is
+            # read there (the data the operation reshapes); else from the one input
+            # of the call with that size that the operation depends on.
+            found = [
+                (tensor, axis)
+                for tensor, other in zip(a.input_tensors, b.input_tensors, strict=True)
+                for axis, (size, size_b) in enumerate(zip(tensor.shape, other.shape, strict=True))
+                if size == marker and size_b == second_marker
+            ]
+            if len({(id(tensor), axis) for tensor, axis in found}) != 1:
+                candidates = [
+                    (index, axis)
+                    for index, axis in markers[marker]
+                    if len(markers[marker]) == 1 or index in inputs
+                ]
+                if len({(id(first.sources[i]), axis) for i, axis in candidates}) != 1:
+                    raise fail(f"{where} (one of several inputs' sizes)")
+                found = [(placeholders[candidates[0][0]], candidates[0][1])]
+            sizes[marker] = found[0]
         if sizes:
             first.unknown_sizes[id(a.operation)] = sizes
 
