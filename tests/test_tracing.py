@@ -414,7 +414,7 @@ def test_tracing_on_jax(run_python):
     here = os.path.dirname(os.path.abspath(__file__))
     traced_hub_models = (
         "mobilenet_v3 or mobilenet_v5 or hgnetv2 or vit or swin or deit or dinov or depth_anything"
-        " or clip or siglip or blip2"
+        " or clip or siglip or blip2 or vae or sam"
     )
     selection = f"(test_tracing and not on_jax) or (test_keras_hub and ({traced_hub_models}))"
     args = ["-m", "pytest", os.path.join(here, "test_tracing.py")]
