@@ -158,7 +158,9 @@ def flatten(model: keras.Model, trace: Callable[[Any], bool] | None = None) -> G
     counter = itertools.count()
     nodes: list[Node] = []
 
-    def new_tensor(keras_tensor, producer, prefix: str, traced: bool = False, shapes=None) -> Tensor:
+    def new_tensor(
+        keras_tensor, producer, prefix: str, traced: bool = False, shapes=None
+    ) -> Tensor:
         recorded_shape = (shapes or {}).get(id(keras_tensor), keras_tensor.shape)
         shape = tuple(
             None if d is None or (traced and tracing.batch_multiple(d)) else int(d)
@@ -221,9 +223,7 @@ def flatten(model: keras.Model, trace: Callable[[Any], bool] | None = None) -> G
                         else:  # computed from constants only: a Constant node
                             constant = tracing.Constant(inner, name=f"output_{index}")
                             node = Node(constant, (), {}, [], [], None, scope=inner_scope)
-                            tensor_map[id(kt)] = new_tensor(
-                                kt, node, constant.name, True, shapes
-                            )
+                            tensor_map[id(kt)] = new_tensor(kt, node, constant.name, True, shapes)
                             node.outputs.append(tensor_map[id(kt)])
                             nodes.append(node)
                     continue
@@ -254,9 +254,9 @@ def flatten(model: keras.Model, trace: Callable[[Any], bool] | None = None) -> G
                 trace_error=trace_error,
             )
             if recorded_call is not None:
+                read = recorded_call.unknown_sizes.get(id(operation), {})
                 node.unknown_sizes = {
-                    size: (tensor_map[id(kt)], axis)
-                    for size, (kt, axis) in recorded_call.unknown_sizes.get(id(operation), {}).items()
+                    size: (tensor_map[id(kt)], axis) for size, (kt, axis) in read.items()
                 }
             for kt in knode.outputs:
                 tensor = new_tensor(kt, node, operation.name, traced, shapes)

@@ -265,9 +265,7 @@ class TracedCall:
     sources: list[Any]
     outputs: list[keras.KerasTensor | np.ndarray]
     shapes: dict[int, tuple[int | None, ...]] = dataclasses.field(default_factory=dict)
-    unknown_sizes: dict[int, dict[int, tuple[Any, int]]] = dataclasses.field(
-        default_factory=dict
-    )
+    unknown_sizes: dict[int, dict[int, tuple[Any, int]]] = dataclasses.field(default_factory=dict)
 
 
 def trace_call(layer: Any, args: Any, kwargs: dict, spec: Callable[[Any], Any]) -> TracedCall:
@@ -371,7 +369,9 @@ def _record(
         for name in ("training", "mask"):
             if name not in parameters:
                 symbolic_kwargs.pop(name, None)
-    checks = internals.input_checks_ignoring(_is_unknown_size) if markers else contextlib.nullcontext()
+    checks = (
+        internals.input_checks_ignoring(_is_unknown_size) if markers else contextlib.nullcontext()
+    )
     try:
         with (
             internals.symbolic_variable_arithmetic(),
@@ -435,7 +435,7 @@ def _compare(
     nodes = internals.ordered_nodes(first.model)
     second_nodes = internals.ordered_nodes(second.model)
     if len(nodes) != len(second_nodes) or any(
-        type(a.operation) is not type(b.operation) for a, b in zip(nodes, second_nodes)
+        type(a.operation) is not type(b.operation) for a, b in zip(nodes, second_nodes, strict=True)
     ):
         raise fail("the sequence of recorded operations")
     # Markers by position, the same in both recordings.

@@ -571,7 +571,7 @@ def symbolic_equality() -> Iterator[None]:
             return ops.equal(self, other)
         return NotImplemented
 
-    cls.__eq__ = equal  # type: ignore[method-assign,assignment]
+    cls.__eq__ = equal
     try:
         yield
     finally:

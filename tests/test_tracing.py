@@ -636,15 +636,15 @@ def test_reshape_to_several_unknown_sizes_is_computed_at_runtime(tmp_path):
     assert result.op_counts.get("Shape", 0) >= 1 and "Concat" in result.op_counts
     dims = onnx.load(str(tmp_path / "attend.onnx")).graph.output[0].type.tensor_type.shape.dim
     assert [d.dim_param != "" for d in dims] == [True, True, True, False]
-    session = ort.InferenceSession(str(tmp_path / "attend.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(tmp_path / "attend.onnx"), providers=["CPUExecutionProvider"]
+    )
     for shape in [(1, 5, 7, 3), (3, 4, 2, 3)]:
         x = np.random.default_rng(shape[1]).standard_normal(shape).astype("float32") * 0.5
         got = session.run(None, {"image": x})[0]
         assert got.shape == shape
         np.testing.assert_allclose(got, _attend_over_pixels_reference(x), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(
-            got, keras.ops.convert_to_numpy(model(x)), rtol=1e-5, atol=1e-5
-        )
+        np.testing.assert_allclose(got, keras.ops.convert_to_numpy(model(x)), rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_size_shared_by_two_inputs_is_read_from_the_right_one(tmp_path):
