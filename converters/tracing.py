@@ -190,7 +190,6 @@ def _static_cond(function: Callable[..., Any]) -> Callable[..., Any]:
 RECORDED_FUNCTIONS: dict[tuple[str, str], Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     ("keras_hub.src.models.depth_anything.depth_anything_layers", "interpolate"): _aligned_resize,
     ("keras.ops", "cond"): _static_cond,
-    ("keras.src.ops.core", "cond"): _static_cond,
 }
 
 

@@ -269,7 +269,8 @@ def top_k(b: Builder, node: Node) -> None:
 def reshape(b: Builder, node: Node) -> None:
     """To the output's static shape, or, with several unknown sizes, to the traced
     target shape with each unknown size computed from the input sizes it stands for
-    (``ops.reshape(y, ops.shape(x))``: Shape, Slice, Mul, Concat)."""
+    (``ops.reshape(y, ops.shape(x))``: Shape, Slice, Mul, Concat; from opset 14 with
+    ``allowzero``, so that a size computed as 0 stays 0)."""
     out = node.outputs[0]
     sizes = [-1 if size is None else size for size in out.shape]
     if sizes.count(-1) > 1:
@@ -277,9 +278,11 @@ def reshape(b: Builder, node: Node) -> None:
         if any(size in (None, 0) for size in target):
             raise Unsupported("reshaping to several unknown sizes not read from the input shapes")
         shape = _shape_input(b, node, target)
+        # A size computed as 0 (no prompt points) means 0, not "copy the input's".
+        allowzero = 1 if b.opset >= 14 else None
     else:
-        shape = b.ints(sizes, "shape")
-    b.set(out, b.op("Reshape", [b.get(node.inputs[0]), shape]))
+        shape, allowzero = b.ints(sizes, "shape"), None
+    b.set(out, b.op("Reshape", [b.get(node.inputs[0]), shape], allowzero=allowzero))
 
 
 def transpose(b: Builder, node: Node) -> None:
