@@ -27,7 +27,12 @@ unknown in the traced graph, and a size in an operation's attributes or
 arguments that differs must be the same product of the same unknown sizes in
 both (:class:`Size`), which rules compute at runtime from the input's shape; any
 other dependence (a strided convolution's output size read back into a reshape,
-a constant whose length is an unknown size) stops the trace.
+a constant whose length is an unknown size) stops the trace. Where one marker per
+size fails (two inputs whose sizes must be equal, SAM's points and labels), the
+markers are shared per axis, and each size is read from the operation's own input
+or the one input it depends on. Keras's input checks see markers as unknown; an
+``ops.cond`` on a predicate known while tracing runs its branch (one computed from
+markers is taken as they select it); ``tensor == number`` records ``ops.equal``.
 """
 
 from __future__ import annotations
