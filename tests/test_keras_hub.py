@@ -3,12 +3,11 @@
 Each exports natively with ``fold=True`` (their custom blocks traced to layers and
 keras.ops), with no BatchNormalization left, agreeing with a float64 run of the
 same model at batch 1 and 3. Random weights; non-trivial BN statistics. The VAE takes
-images of unknown height and width, SAM five inputs of unknown prompt counts: both
-also run at other sizes than the export traced. The models
-whose blocks are traced (MobileNetV3/V5, HGNetV2, ViT, ViTDet, DeiT, DINOv2/v3, Swin,
-DepthAnything, whose resize holds backend code the trace records as one operation, VAE,
-SAM) rerun
-on JAX in one subprocess with tests/test_tracing.py (``test_tracing_on_jax``):
+images of unknown height and width, SAM five inputs with unknown prompt counts: one
+file of each also runs at a second image size or prompt count. The models whose
+blocks are traced (MobileNetV3/V5, HGNetV2, ViT, ViTDet, DeiT, DINOv2/v3, Swin,
+DepthAnything, whose resize holds backend code the trace records as one operation,
+VAE, SAM) rerun on JAX in one subprocess with tests/test_tracing.py (``test_tracing_on_jax``):
 building a model on JAX compiles every initializer shape, ~10 s a model on 2
 cores, so the plain-Functional ones stay on TensorFlow only.
 """
