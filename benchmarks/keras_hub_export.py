@@ -46,6 +46,7 @@ from helpers import (  # noqa: E402
 from keras_bn._keras_internals import producing_operation  # noqa: E402
 from keras_bn.converters.comparison import relative_error  # noqa: E402
 from keras_bn.converters.onnx.export import all_nodes, check_structure, export_onnx  # noqa: E402
+from keras_bn.converters.samples import UNKNOWN_DIMENSION_SIZE  # noqa: E402
 
 APPLICATIONS = {
     "app:MobileNetV3Small": lambda: keras.applications.MobileNetV3Small(
@@ -89,7 +90,7 @@ def _measure(name: str, build, exporter: str, workdir: Path) -> dict:
     rng = np.random.default_rng(0)
     for layer in nested_batch_norms(model):
         randomize_batch_norms(layer, rng, gain=(0.5, 1.5))
-    shape = tuple(model.inputs[0].shape[1:])
+    shape = tuple(UNKNOWN_DIMENSION_SIZE if d is None else d for d in model.inputs[0].shape[1:])
     x = np.random.default_rng(3).standard_normal((3, *shape)).astype("float32")
     keras_out = [
         np.asarray(keras.ops.convert_to_numpy(y))

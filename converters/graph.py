@@ -80,6 +80,9 @@ class Node:
     # Why the call could not be traced (a layer without a rule whose ``call()`` does
     # not record as layers and keras.ops); None when it was not tried or not needed.
     trace_error: str | None = None
+    # For a traced operation whose arguments hold unknown non-batch sizes: marker
+    # size -> (Tensor, axis), what :func:`keras_bn.converters.tracing.traced_size` reads.
+    unknown_sizes: dict[int, tuple[Tensor, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -155,10 +158,13 @@ def flatten(model: keras.Model, trace: Callable[[Any], bool] | None = None) -> G
     counter = itertools.count()
     nodes: list[Node] = []
 
-    def new_tensor(keras_tensor, producer, prefix: str, traced: bool = False) -> Tensor:
+    def new_tensor(
+        keras_tensor, producer, prefix: str, traced: bool = False, shapes=None
+    ) -> Tensor:
+        recorded_shape = (shapes or {}).get(id(keras_tensor), keras_tensor.shape)
         shape = tuple(
             None if d is None or (traced and tracing.batch_multiple(d)) else int(d)
-            for d in keras_tensor.shape
+            for d in recorded_shape
         )
         return Tensor(
             name=f"{prefix}:{next(counter)}",
@@ -167,7 +173,14 @@ def flatten(model: keras.Model, trace: Callable[[Any], bool] | None = None) -> G
             producer=producer,
         )
 
-    def walk(functional, tensor_map: dict[int, Tensor], scope: str, traced: bool = False) -> None:
+    def walk(
+        functional,
+        tensor_map: dict[int, Tensor],
+        scope: str,
+        traced: bool = False,
+        recorded_call: tracing.TracedCall | None = None,
+    ) -> None:
+        shapes = recorded_call.shapes if recorded_call is not None else None
         for knode in internals.ordered_nodes(functional):
             operation = knode.operation
             if not all(id(x) in tensor_map for x in knode.input_tensors):
@@ -192,7 +205,7 @@ def flatten(model: keras.Model, trace: Callable[[Any], bool] | None = None) -> G
                             placeholders = tree.flatten(internals.inputs_struct(recorded.model))
                             for kt, source in zip(placeholders, recorded.sources, strict=True):
                                 inner_map[id(kt)] = source
-                            walk(recorded.model, inner_map, inner_scope, traced=True)
+                            walk(recorded.model, inner_map, inner_scope, True, recorded)
                     if len(recorded.outputs) != len(knode.outputs):
                         raise tracing.TraceError(
                             f"tracing {type(operation).__name__}.call(): it returned "
@@ -210,7 +223,7 @@ def flatten(model: keras.Model, trace: Callable[[Any], bool] | None = None) -> G
                         else:  # computed from constants only: a Constant node
                             constant = tracing.Constant(inner, name=f"output_{index}")
                             node = Node(constant, (), {}, [], [], None, scope=inner_scope)
-                            tensor_map[id(kt)] = new_tensor(kt, node, constant.name, True)
+                            tensor_map[id(kt)] = new_tensor(kt, node, constant.name, True, shapes)
                             node.outputs.append(tensor_map[id(kt)])
                             nodes.append(node)
                     continue
@@ -240,8 +253,13 @@ def flatten(model: keras.Model, trace: Callable[[Any], bool] | None = None) -> G
                 scope=scope,
                 trace_error=trace_error,
             )
+            if recorded_call is not None:
+                read = recorded_call.unknown_sizes.get(id(operation), {})
+                node.unknown_sizes = {
+                    size: (tensor_map[id(kt)], axis) for size, (kt, axis) in read.items()
+                }
             for kt in knode.outputs:
-                tensor = new_tensor(kt, node, operation.name, traced)
+                tensor = new_tensor(kt, node, operation.name, traced, shapes)
                 tensor_map[id(kt)] = tensor
                 node.outputs.append(tensor)
             for tensor in inputs:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
@@ -659,3 +659,76 @@ def backend_arrays_defer_to_symbolic() -> Iterator[None]:
     finally:
         if original is not None:
             cls.__jax_array__ = original
+
+
+@contextlib.contextmanager
+def input_checks_ignoring(unknown: Callable[[int], bool]) -> Iterator[None]:
+    """Inside the block, Keras's input checks see each size for which ``unknown``
+    is true as unknown (None).
+
+    Tracing gives unknown input sizes concrete stand-in values; a nested model or a
+    layer with an ``input_spec`` built for a static size (KerasHub SAM's mask
+    downscaler, built for 4x its embedding size) would refuse them, where Keras
+    accepts the unknown size they stand for. Patches
+    ``keras.src.layers.input_spec.assert_input_compatibility`` and
+    ``Function._assert_input_compatibility`` for the duration of the block.
+    """
+    from keras import tree
+    from keras.src.layers import input_spec
+    from keras.src.ops.function import Function
+
+    def relaxed(x: Any) -> Any:
+        if not isinstance(x, keras.KerasTensor):
+            return x
+        shape = tuple(None if isinstance(d, int) and unknown(d) else d for d in x.shape)
+        return keras.KerasTensor(shape, dtype=x.dtype)
+
+    check_layer = input_spec.assert_input_compatibility
+    check_function = Function.__dict__["_assert_input_compatibility"]
+
+    def assert_input_compatibility(spec: Any, inputs: Any, layer_name: Any) -> Any:
+        return check_layer(spec, tree.map_structure(relaxed, inputs), layer_name)
+
+    def function_check(self: Any, inputs: Any) -> Any:
+        return check_function(self, tree.map_structure(relaxed, inputs))
+
+    input_spec.assert_input_compatibility = assert_input_compatibility
+    Function._assert_input_compatibility = function_check
+    try:
+        yield
+    finally:
+        input_spec.assert_input_compatibility = check_layer
+        Function._assert_input_compatibility = check_function
+
+
+@contextlib.contextmanager
+def symbolic_equality() -> Iterator[None]:
+    """Inside the block, ``keras_tensor == number`` records ``keras.ops.equal``.
+
+    ``KerasTensor`` defines ``!=``, ``<``, ``>`` as operations but not ``==`` (it
+    stays hashable), so ``labels == 0`` on a symbolic tensor is Python's identity
+    test, ``False``, where on eager tensors it is elementwise: KerasHub SAM's prompt
+    encoder writes ``ops.where(labels == 0, ...)``. Tracing a call patches
+    ``KerasTensor.__eq__`` for its duration so that a comparison with a number or
+    an array records the operation; between tensors it stays identity (Keras's own
+    bookkeeping compares tensors so). Restored on exit.
+    """
+    import numpy as np
+    from keras import ops
+
+    cls = keras.KerasTensor
+    original = cls.__dict__.get("__eq__")
+
+    def equal(self: Any, other: Any) -> Any:
+        if isinstance(other, bool | int | float | np.number | np.ndarray):
+            return ops.equal(self, other)
+        return NotImplemented
+
+    cls.__eq__ = equal
+    try:
+        yield
+    finally:
+        if original is None:
+            del cls.__eq__
+        else:
+            cls.__eq__ = original

@@ -674,9 +674,16 @@ def float64_build(build, model):
         keras.config.set_dtype_policy(policy)
 
     def run(arrays):
-        feed = [a.astype(np.float64) if a.dtype.kind == "f" else a for a in arrays]
+        def widen(a):
+            return a.astype(np.float64) if a.dtype.kind == "f" else a
+
+        if isinstance(arrays, dict):  # by input name (a model of named inputs)
+            feed = {name: widen(a) for name, a in arrays.items()}
+        else:
+            feed = [widen(a) for a in arrays]
+            feed = feed if len(feed) > 1 else feed[0]
         with float64_enabled():
-            outputs = twin(feed if len(feed) > 1 else feed[0], training=False)
+            outputs = twin(feed, training=False)
             outputs = [keras.ops.convert_to_numpy(y) for y in keras.tree.flatten(outputs)]
         assert all(y.dtype == np.float64 for y in outputs if y.dtype.kind == "f"), "not float64"
         return [np.asarray(y) for y in outputs]
@@ -689,8 +696,8 @@ def assert_exports_exactly(model, path, inputs_for_batch, *, batch_sizes=(1, 3),
     each batch size against a float64 run of the same model (the project's judge:
     the export's error at most a few times Keras float32's own, plus a floor).
 
-    ``inputs_for_batch(n)`` gives the model's input arrays (a list) for batch ``n``
-    (called once, for the largest batch);
+    ``inputs_for_batch(n)`` gives the model's input arrays (a list, or a dict by
+    input name) for batch ``n`` (called once, for the largest batch);
     ``twin(arrays)`` the float64 outputs (default: keras_bn's float64 clone).
     Returns the ExportResult.
     """
@@ -710,7 +717,8 @@ def assert_exports_exactly(model, path, inputs_for_batch, *, batch_sizes=(1, 3),
     arrays = inputs_for_batch(max(batch_sizes))
     if twin is None:
         twin = twin_of(model, arrays)
-    structure = arrays if len(arrays) > 1 else arrays[0]
+    named = isinstance(arrays, dict)
+    structure = arrays if named or len(arrays) > 1 else arrays[0]
     expected_all = [
         np.asarray(keras.ops.convert_to_numpy(y))
         for y in keras.tree.flatten(model(structure, training=False))
@@ -718,10 +726,13 @@ def assert_exports_exactly(model, path, inputs_for_batch, *, batch_sizes=(1, 3),
     exact_all = twin(arrays)
     assert all(np.isfinite(a).all() for a in exact_all)
     for batch in batch_sizes:
-        feed = {
-            item.name: array[:batch]
-            for item, array in zip(session.get_inputs(), arrays, strict=True)
-        }
+        if named:
+            feed = {item.name: arrays[item.name][:batch] for item in session.get_inputs()}
+        else:
+            feed = {
+                item.name: array[:batch]
+                for item, array in zip(session.get_inputs(), arrays, strict=True)
+            }
         actual = session.run(None, feed)
         expected = [y[:batch] for y in expected_all]
         exact = [y[:batch] for y in exact_all]
@@ -1106,6 +1117,18 @@ def keras_hub_models() -> dict:
     def d_fine_detector():  # the detector's forward pass (its box decoding is not in it)
         return M.DFineObjectDetector(backbone=d_fine(), num_classes=4)
 
+    def vae():  # images of unknown height and width; "mode": no random sampling
+        from keras_hub.src.models.vae.vae_backbone import VAEBackbone
+
+        return VAEBackbone(  # GroupNormalization's 32 groups: 32 filters at least
+            encoder_num_filters=[32, 32],
+            encoder_num_blocks=[1, 1],
+            decoder_num_filters=[32, 32],
+            decoder_num_blocks=[1, 1],
+            sampler_method="mode",
+            sample_channels=8,
+        )
+
     return {
         "resnet_v1": resnet_v1,
         "resnet_v2_basic": resnet_v2_basic,
@@ -1139,4 +1162,65 @@ def keras_hub_models() -> dict:
         "depth_estimator": depth_estimator,
         "d_fine": d_fine,
         "d_fine_detector": d_fine_detector,
+        "vae": vae,
+    }
+
+
+def keras_hub_sam_models() -> dict:
+    """Small KerasHub SAM models by name: the backbone (image embeddings and prompt
+    embeddings) and the image segmenter (masks and IoU predictions), for (32, 32, 3)
+    images and 32x32 mask prompts; random weights (no preset download)."""
+    import keras_hub
+
+    M = keras_hub.models
+    size = KERAS_HUB_IMAGE_SHAPE[0]
+
+    def backbone():
+        return M.SAMBackbone(
+            image_encoder=M.ViTDetBackbone(
+                image_shape=KERAS_HUB_IMAGE_SHAPE,
+                patch_size=4,
+                hidden_size=8,
+                num_layers=2,
+                global_attention_layer_indices=[1],
+                intermediate_dim=16,
+                num_heads=2,
+                num_output_channels=8,
+                window_size=4,
+            ),
+            prompt_encoder=keras_hub.layers.SAMPromptEncoder(
+                hidden_size=8,
+                image_embedding_size=(size // 4, size // 4),
+                input_image_size=(size, size),
+                mask_in_channels=8,
+            ),
+            mask_decoder=keras_hub.layers.SAMMaskDecoder(
+                num_layers=1,
+                hidden_size=8,
+                intermediate_dim=16,
+                num_heads=2,
+                embedding_dim=8,
+                num_multimask_outputs=3,
+                iou_head_depth=2,
+                iou_head_hidden_dim=8,
+            ),
+        )
+
+    def segmenter():
+        return M.SAMImageSegmenter(backbone=backbone())
+
+    return {"sam_backbone": backbone, "sam_segmenter": segmenter}
+
+
+def sam_prompts(batch: int, points: int = 3, boxes: int = 2, seed: int = 0) -> dict:
+    """Inputs of a :func:`keras_hub_sam_models` model by name: images, ``points``
+    point prompts labelled -1 (padding), 0 or 1, ``boxes`` box prompts, one mask."""
+    rng = np.random.default_rng(seed)
+    size = KERAS_HUB_IMAGE_SHAPE[0]
+    return {
+        "images": rng.standard_normal((batch, *KERAS_HUB_IMAGE_SHAPE)).astype("float32"),
+        "points": rng.uniform(0, size, (batch, points, 2)).astype("float32"),
+        "labels": rng.integers(-1, 2, (batch, points)).astype("float32"),
+        "boxes": rng.uniform(0, size, (batch, boxes, 2, 2)).astype("float32"),
+        "masks": rng.standard_normal((batch, 1, size, size, 1)).astype("float32"),
     }

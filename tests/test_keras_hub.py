@@ -2,10 +2,12 @@
 
 Each exports natively with ``fold=True`` (their custom blocks traced to layers and
 keras.ops), with no BatchNormalization left, agreeing with a float64 run of the
-same model at batch 1 and 3. Random weights; non-trivial BN statistics. The models
-whose blocks are traced (MobileNetV3/V5, HGNetV2, ViT, ViTDet, DeiT, DINOv2/v3, Swin,
-DepthAnything, whose resize holds backend code the trace records as one operation) rerun
-on JAX in one subprocess with tests/test_tracing.py (``test_tracing_on_jax``):
+same model at batch 1 and 3. Random weights; non-trivial BN statistics. The VAE takes
+images of unknown height and width, SAM five inputs with unknown prompt counts: one
+file of each also runs at a second image size or prompt count. The models whose
+blocks are traced (MobileNetV3/V5, HGNetV2, ViT, ViTDet, DeiT, DINOv2/v3, Swin,
+DepthAnything, whose resize holds backend code the trace records as one operation,
+VAE, SAM) rerun on JAX in one subprocess with tests/test_tracing.py (``test_tracing_on_jax``):
 building a model on JAX compiles every initializer shape, ~10 s a model on 2
 cores, so the plain-Functional ones stay on TensorFlow only. D-FINE and its detector
 (traced hybrid encoder and decoder, ops.map query selection, grid sampling) take ~70 s
@@ -24,8 +26,10 @@ from helpers import (
     assert_exports_exactly,
     float64_build,
     keras_hub_models,
+    keras_hub_sam_models,
     nested_batch_norms,
     randomize_batch_norms,
+    sam_prompts,
 )
 
 S = KERAS_HUB_IMAGE_SHAPE
@@ -94,3 +98,53 @@ def _check_query_selection(model, path, twin):
     scores = onnx_out[position["enc_outputs_class"]]
     expected = np.take_along_axis(scores, chosen[..., None], axis=1)
     np.testing.assert_array_equal(onnx_out[position["enc_topk_logits"]], expected)
+
+
+def test_vae_exports_at_image_sizes_it_was_not_traced_at(tmp_path):
+    """The VAE's image input has unknown height and width, and its mid-block attention
+    reshapes back to ``ops.shape(inputs)`` (two unknown sizes): the export computes
+    them from the input's shape, so another, non-square size runs exactly too."""
+    import onnx
+
+    keras.utils.set_random_seed(0)
+    model = MODELS["vae"]()
+    twin = float64_build(MODELS["vae"], model)
+
+    def images(batch):
+        return [np.random.default_rng(batch).standard_normal((batch, 16, 24, 3)).astype("float32")]
+
+    result = assert_exports_exactly(model, tmp_path / "vae.onnx", images, twin=twin)
+    assert result.op_counts["Shape"] >= 1
+    dims = onnx.load(str(tmp_path / "vae.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param != "" for d in dims] == [True, True, True, False]
+
+
+def _randomize_zero_weights(model, rng):
+    """KerasHub initializes biases, LayerNorm betas and position tables to zero: make
+    them non-trivial, so that a wrong sign or axis in their export shows."""
+    for weight in model.weights:
+        value = keras.ops.convert_to_numpy(weight)
+        if value.dtype.kind == "f" and not value.any():
+            weight.assign(rng.normal(0.0, 0.1, value.shape).astype(value.dtype))
+
+
+SAM_MODELS = keras_hub_sam_models()
+
+
+@pytest.mark.parametrize("name", list(SAM_MODELS))
+def test_sam_exports_with_prompts_of_any_count(name, tmp_path):
+    """SAM's five inputs: points and labels share their unknown count (the trace
+    shares it), boxes and masks have their own. Exported once, run with 3 points and
+    2 boxes, then 1 point and 4 boxes, each against a float64 build."""
+    keras.utils.set_random_seed(0)
+    model = SAM_MODELS[name]()
+    _randomize_zero_weights(model, np.random.default_rng(0))
+    twin = float64_build(SAM_MODELS[name], model)
+    path = tmp_path / f"{name}.onnx"
+    result = assert_exports_exactly(model, path, sam_prompts, twin=twin)
+    assert sorted(result.input_names) == ["boxes", "images", "labels", "masks", "points"]
+
+    def other_counts(batch):
+        return sam_prompts(batch, points=1, boxes=4, seed=1)
+
+    assert_exports_exactly(model, path, other_counts, twin=twin)

@@ -416,7 +416,7 @@ def test_tracing_on_jax(run_python):
     here = os.path.dirname(os.path.abspath(__file__))
     traced_hub_models = (
         "mobilenet_v3 or mobilenet_v5 or hgnetv2 or vit or swin or deit or dinov or depth_anything"
-        " or clip or siglip or blip2"
+        " or clip or siglip or blip2 or vae or sam"
     )
     selection = f"(test_tracing and not on_jax) or (test_keras_hub and ({traced_hub_models}))"
     args = ["-m", "pytest", os.path.join(here, "test_tracing.py")]
@@ -636,3 +636,109 @@ def test_keras_level_fold_names_the_batch_norms_it_cannot_reach():
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Unknown non-batch sizes: read with ops.shape, computed in the graph at runtime.
+
+
+class AttendOverPixels(layers.Layer):
+    """VAE-style: pixels flattened to a sequence, then reshaped back to the input's
+    shape, whose height and width are both unknown."""
+
+    def call(self, x):
+        shape = ops.shape(x)
+        tokens = ops.reshape(x, (shape[0], -1, shape[-1]))
+        scores = ops.softmax(ops.einsum("bic,bjc->bij", tokens, tokens), axis=-1)
+        mixed = ops.einsum("bij,bjc->bic", scores, tokens)
+        return ops.reshape(mixed, shape)
+
+
+class PointsAndLabels(layers.Layer):
+    """SAM-style: labels (batch, n) broadcast to the points' shape (batch, n, 2) - two
+    inputs whose unknown sizes must be equal - and reshaped by ``n * 2``."""
+
+    def call(self, points, labels):
+        shape = ops.shape(points)
+        labels = ops.broadcast_to(labels[..., None], shape)
+        marked = ops.where(labels == 0, -points, points)  # == on a tensor: ops.equal
+        return ops.reshape(marked, (shape[0], shape[1] * 2))
+
+
+class ReshapeToStridedShape(layers.Layer):
+    """Reads a size a strided convolution derived from an unknown size: not a product
+    of input sizes, so the export cannot compute it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = layers.Conv2D(4, 3, strides=2, padding="same")
+
+    def call(self, x):
+        y = self.conv(x)
+        return ops.reshape(ops.reshape(y, (ops.shape(y)[0], -1, 4)), ops.shape(y))
+
+
+def _attend_over_pixels_reference(x):
+    tokens = x.reshape(x.shape[0], -1, x.shape[-1]).astype(np.float64)
+    scores = np.einsum("bic,bjc->bij", tokens, tokens)
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return np.einsum("bij,bjc->bic", scores, tokens).reshape(x.shape)
+
+
+def test_reshape_to_several_unknown_sizes_is_computed_at_runtime(tmp_path):
+    """ops.reshape(y, ops.shape(x)) with unknown height and width: exported as the
+    input's Shape, sliced and concatenated; onnxruntime agrees with NumPy and Keras at
+    sizes other than any seen while tracing, and the graph keeps both sizes unknown."""
+    import onnx
+    import onnxruntime as ort
+
+    inputs = keras.Input((None, None, 3), name="image")
+    model = keras.Model(inputs, AttendOverPixels(name="attend")(inputs))
+    result = export_onnx(model, tmp_path / "attend.onnx")
+    assert result.op_counts.get("Shape", 0) >= 1 and "Concat" in result.op_counts
+    dims = onnx.load(str(tmp_path / "attend.onnx")).graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_param != "" for d in dims] == [True, True, True, False]
+    session = ort.InferenceSession(
+        str(tmp_path / "attend.onnx"), providers=["CPUExecutionProvider"]
+    )
+    for shape in [(1, 5, 7, 3), (3, 4, 2, 3)]:
+        x = np.random.default_rng(shape[1]).standard_normal(shape).astype("float32") * 0.5
+        got = session.run(None, {"image": x})[0]
+        assert got.shape == shape
+        np.testing.assert_allclose(got, _attend_over_pixels_reference(x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got, keras.ops.convert_to_numpy(model(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_size_shared_by_two_inputs_is_read_from_the_right_one(tmp_path):
+    """Points (batch, n, 2) and labels (batch, n): their unknown sizes must be equal for
+    the broadcast, so the trace shares them; the final reshape's ``n * 2`` is computed
+    from the input it depends on. ``labels == 0`` is the elementwise comparison."""
+    import onnxruntime as ort
+
+    points = keras.Input((None, 2), name="points")
+    labels = keras.Input((None,), name="labels")
+    model = keras.Model([points, labels], PointsAndLabels(name="prompts")(points, labels))
+    path = tmp_path / "prompts.onnx"
+    export_onnx(model, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch, count in [(1, 3), (2, 5)]:
+        rng = np.random.default_rng(count)
+        p = rng.standard_normal((batch, count, 2)).astype("float32")
+        q = rng.integers(0, 2, (batch, count)).astype("float32")
+        want = np.where(q[..., None] == 0, -p, p).reshape(batch, count * 2)
+        got = session.run(None, {"points": p, "labels": q})[0]
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got, keras.ops.convert_to_numpy(model([p, q])))
+
+
+def test_size_derived_by_a_strided_convolution_is_refused(tmp_path):
+    """A reshape to ops.shape(conv(x)) with x of unknown size: the trace's two
+    recordings disagree otherwise than by a product of input sizes, so the layer is
+    not exported (one error naming it), rather than exported with a baked-in size."""
+    inputs = keras.Input((None, None, 3), name="image")
+    model = keras.Model(inputs, ReshapeToStridedShape(name="strided")(inputs))
+    with pytest.raises(UnsupportedLayersError) as caught:
+        export_onnx(model, tmp_path / "strided.onnx")
+    message = str(caught.value)
+    assert "'strided'" in message and "depends on an unknown input size" in message

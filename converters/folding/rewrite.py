@@ -70,6 +70,9 @@ def folded_graph(plan: Plan) -> graph_lib.Graph:
             key=node.key,
             weights=weights,
             trace_error=node.trace_error,
+            unknown_sizes={
+                size: (new[id(source)], axis) for size, (source, axis) in node.unknown_sizes.items()
+            },
         )
         rewritten.outputs = [copy(tensor, rewritten) for tensor in node.outputs]
         for tensor in rewritten.inputs:

@@ -89,6 +89,7 @@ class Builder:
             self.initializers = parent.initializers
             self._names = parent.names_taken()
             self._small_constants, self._keyed_constants = parent.constants_by_key()
+        self._sizes: dict[tuple[str, int], str] = {}
 
     def subgraph_builder(self) -> Builder:
         """A builder for a subgraph of this graph (a Scan body): its names never clash
@@ -211,6 +212,21 @@ class Builder:
                 name="batch_size",
             )
         return self._batch_size
+
+    def size(self, tensor: graph_lib.Tensor, axis: int) -> str:
+        """The runtime size of Keras axis ``axis`` of ``tensor`` as a 1-D int64 tensor
+        of one element (computed once per tensor and axis)."""
+        value = self.value(tensor)
+        onnx_axis = value.axis(axis)
+        key = (value.name, onnx_axis)
+        if key not in self._sizes:
+            shape = self.op("Shape", [value.name], name=f"{value.name}/Shape")
+            self._sizes[key] = self.op(
+                "Slice",
+                [shape, self.ints([onnx_axis], "starts"), self.ints([onnx_axis + 1], "ends")],
+                name=f"{value.name}/size{onnx_axis}",
+            )
+        return self._sizes[key]
 
     # Nodes and constants.
     def op(

@@ -42,7 +42,7 @@ from keras_bn.converters.onnx.metadata import (
     LayerMap,
     encode_layer_map,
 )
-from keras_bn.converters.onnx.rules import find_rule, needs_tracing
+from keras_bn.converters.onnx.rules import READS_UNKNOWN_SIZES, find_rule, needs_tracing
 from keras_bn.converters.onnx.writing import (
     Weights,
     add_initializer,
@@ -377,6 +377,11 @@ def _run_rules(builder: Builder, graph: graph_lib.Graph) -> dict[int, list | Non
         try:
             if rule is None:
                 raise Unsupported(node.trace_error or "no ONNX rule for this class")
+            if node.unknown_sizes and rule not in READS_UNKNOWN_SIZES:
+                raise Unsupported(
+                    "its arguments hold unknown input sizes (ops.shape(x) of an input of "
+                    "unknown size), which only reshape, tile and broadcast_to compute at runtime"
+                )
             rule(builder, node)
             missing = [t for t in node.outputs if not builder.has(t)]
             if missing:

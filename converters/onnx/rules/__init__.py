@@ -11,6 +11,7 @@ Applications' layers: the exporter's only private Keras imports).
 
 from keras_bn.converters.onnx.rules.activations import ACTIVATIONS
 from keras_bn.converters.onnx.rules.common import Rule
+from keras_bn.converters.onnx.rules.operations import READS_UNKNOWN_SIZES
 from keras_bn.converters.onnx.rules.table import RULES, find_rule, needs_tracing
 
-__all__ = ["ACTIVATIONS", "RULES", "Rule", "find_rule", "needs_tracing"]
+__all__ = ["ACTIVATIONS", "READS_UNKNOWN_SIZES", "RULES", "Rule", "find_rule", "needs_tracing"]

@@ -37,9 +37,10 @@ from keras_bn.converters.tracing import (
     TraceError,
     batch_multiple,
     trace_function,
+    traced_size,
 )
 
-__all__ = ["OPERATION_RULES"]
+__all__ = ["OPERATION_RULES", "READS_UNKNOWN_SIZES"]
 
 
 # --------------------------------------------------------------------------------------
@@ -55,21 +56,23 @@ def _operand(b: Builder, arg: Any, like: Tensor | None = None) -> str:
     return b.get(arg) if isinstance(arg, Tensor) else _constant(b, arg, like)
 
 
-def _shape_input(b: Builder, sizes: Sequence[Any]) -> str:
-    """A shape (Reshape/Expand/Tile argument) whose batch-sized entries become the
-    runtime batch size (times k)."""
-    static = [int(size) for size in sizes]
-    if not any(batch_multiple(size) for size in static):
-        return b.ints(static, "shape")
+def _shape_input(b: Builder, node: Node, sizes: Sequence[Any]) -> str:
+    """A shape (Reshape/Expand/Tile argument) whose sizes that stand for the runtime
+    batch size or for products of unknown input sizes
+    (:func:`~keras_bn.converters.tracing.traced_size`) are computed at runtime."""
+    traced = [traced_size(size, node.unknown_sizes) for size in sizes]
+    if all(size.static for size in traced):
+        return b.ints([size.coefficient for size in traced], "shape")
     parts = []
-    for size in static:
-        k = batch_multiple(size)
-        if k is None:
-            parts.append(b.ints([size], "size"))
-        elif k == 1:
-            parts.append(_batch(b))
-        else:
-            parts.append(b.op("Mul", [_batch(b), b.ints([k], "size")]))
+    for size in traced:
+        factors = [_batch(b)] if size.batch else []
+        factors += [b.size(tensor, axis) for tensor, axis in size.dims]
+        if size.coefficient != 1 or not factors:
+            factors.append(b.ints([size.coefficient], "size"))
+        part = factors[0]
+        for factor in factors[1:]:
+            part = b.op("Mul", [part, factor])
+        parts.append(part)
     return b.op("Concat", parts, axis=0)
 
 
@@ -321,16 +324,22 @@ def top_k(b: Builder, node: Node) -> None:
 
 
 def reshape(b: Builder, node: Node) -> None:
+    """To the output's static shape, or, with several unknown sizes, to the traced
+    target shape with each unknown size computed from the input sizes it stands for
+    (``ops.reshape(y, ops.shape(x))``: Shape, Slice, Mul, Concat; from opset 14 with
+    ``allowzero``, so that a size computed as 0 stays 0)."""
     out = node.outputs[0]
     sizes = [-1 if size is None else size for size in out.shape]
     if sizes.count(-1) > 1:
         target = [size if size is not None else 0 for size in node.layer.newshape]
         if any(size in (None, 0) for size in target):
-            raise Unsupported("reshaping with more than one unknown dimension")
-        shape = _shape_input(b, target)
+            raise Unsupported("reshaping to several unknown sizes not read from the input shapes")
+        shape = _shape_input(b, node, target)
+        # A size computed as 0 (no prompt points) means 0, not "copy the input's".
+        allowzero = 1 if b.opset >= 14 else None
     else:
-        shape = b.ints(sizes, "shape")
-    b.set(out, b.op("Reshape", [b.get(node.inputs[0]), shape]))
+        shape, allowzero = b.ints(sizes, "shape"), None
+    b.set(out, b.op("Reshape", [b.get(node.inputs[0]), shape], allowzero=allowzero))
 
 
 def transpose(b: Builder, node: Node) -> None:
@@ -416,12 +425,12 @@ def tile(b: Builder, node: Node) -> None:
     x = b.get(tensor)
     if len(repeats) > tensor.rank:
         x = b.op("Reshape", [x, b.ints([1] * (len(repeats) - tensor.rank) + [0] * tensor.rank)])
-    b.set(node.outputs[0], b.op("Tile", [x, _shape_input(b, repeats)]))
+    b.set(node.outputs[0], b.op("Tile", [x, _shape_input(b, node, repeats)]))
 
 
 def broadcast_to(b: Builder, node: Node) -> None:
     shape = [int(size) for size in node.layer.shape]
-    b.set(node.outputs[0], b.op("Expand", [b.get(node.inputs[0]), _shape_input(b, shape)]))
+    b.set(node.outputs[0], b.op("Expand", [b.get(node.inputs[0]), _shape_input(b, node, shape)]))
 
 
 def pad(b: Builder, node: Node) -> None:
@@ -745,6 +754,10 @@ def erf(b: Builder, node: Node) -> None:
     b.set(node.outputs[0], b.op("Erf", [b.get(node.inputs[0], value.perm)]), value.perm)
 
 
+# The rules that compute the unknown input sizes a traced operation's arguments hold
+# at runtime; any other rule refuses such a node (it would bake a marker size in).
+READS_UNKNOWN_SIZES: frozenset[Rule] = frozenset({reshape, tile, broadcast_to})
+
 OPERATION_RULES: dict[type, Rule] = {
     Constant: constant,
     # elementwise
@@ -757,6 +770,8 @@ OPERATION_RULES: dict[type, Rule] = {
     numpy_ops.Sign: _unary("Sign"),
     numpy_ops.Floor: _unary("Floor"),
     numpy_ops.Ceil: _unary("Ceil"),
+    numpy_ops.Sin: _unary("Sin"),
+    numpy_ops.Cos: _unary("Cos"),
     numpy_ops.Square: square,
     numpy_ops.Clip: clip,
     numpy_ops.Power: binary,
