@@ -535,7 +535,7 @@ def slice_op(b: Builder, node: Node) -> None:
     if any(batch_multiple(end) for end in ends):
         if any(start for start, end in zip(begins, ends, strict=True) if batch_multiple(end)):
             raise Unsupported("a batch-sized slice not starting at 0")
-        stops = _shape_input(b, ends)
+        stops = _shape_input(b, node, ends)
     else:
         stops = b.ints(ends, "ends")
     b.set(
