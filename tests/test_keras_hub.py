@@ -12,10 +12,8 @@ building a model on JAX compiles every initializer shape, ~10 s a model on 2
 cores, so the plain-Functional ones stay on TensorFlow only. D-FINE and its detector
 (traced hybrid encoder and decoder, ops.map query selection, grid sampling) take ~70 s
 together on JAX (every op of the float32 and float64 builds compiled once), so they
-run on JAX on demand:
-``KERAS_BACKEND=jax pytest tests/test_keras_hub.py -k d_fine``; the JAX-specific
-paths it needs are in the default JAX rerun (test_tracing's custom layers and op
-rules, test_reference's float64 slice).
+rerun on JAX in a subprocess of their own (``test_d_fine_on_jax``), which runs beside
+the other rerun under xdist.
 """
 
 import keras

@@ -429,6 +429,21 @@ def test_tracing_on_jax(run_python):
     assert not re.search(r"failed|error", summary), summary
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the JAX rerun itself")
+def test_d_fine_on_jax(run_python):
+    """KerasHub D-FINE (backbone and detector) on the JAX backend, in a subprocess of its
+    own so that it runs beside :func:`test_tracing_on_jax` (about 70 s: every operation
+    of the two builds and their float64 twins compiles once)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    args = ["-m", "pytest", os.path.join(here, "test_keras_hub.py"), "-q"]
+    args += ["-p", "no:cacheprovider", "-p", "no:xdist", "-k", "d_fine"]
+    result = run_python(args, env={"KERAS_BACKEND": "jax"}, timeout=900)
+    summary = result.stdout.strip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) == 2, summary
+    assert not re.search(r"failed|error", summary), summary
+
+
 # --------------------------------------------------------------------------------------
 # One keras.ops function per rule, in custom layers, against Keras.
 
