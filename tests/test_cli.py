@@ -873,13 +873,28 @@ def test_disk_full_while_writing_is_one_line_and_leaves_nothing(
 ):
     import errno
 
-    import onnx
+    from keras_bn.converters.onnx import writing
 
-    def full_disk(model, target, *args, **kwargs):
-        Path(target).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    class FullDisk:
+        """A file the ONNX writer opens, on a disk that fills after its first write."""
 
-    monkeypatch.setattr(onnx, "save_model", full_disk)
+        def __init__(self, path, mode):
+            self.file = open(path, mode)  # noqa: SIM115 - closed by __exit__
+            self.writes = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exception):
+            self.file.close()
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes > 1:  # the first chunk landed: a partial file is on disk
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.file.write(data)
+
+    monkeypatch.setattr(writing, "open", FullDisk, raising=False)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     code, _, err = run_main(["export", files["model"], "-o", out_dir / "m.onnx"], capsys)

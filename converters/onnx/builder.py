@@ -10,7 +10,7 @@ convolutional network gets one Transpose at its input and none inside (see
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -90,6 +90,19 @@ class Builder:
             self._names = parent.names_taken()
             self._small_constants, self._keyed_constants = parent.constants_by_key()
         self._sizes: dict[tuple[str, int], str] = {}
+        # Exports a traced model as a subgraph of this graph (the driver flattens it
+        # and runs the rules; a rule cannot import them): set by the driver.
+        self.subgraph_exporter: Callable[[Builder, Any, str, str], onnx.GraphProto] | None = (
+            None if parent is None else parent.subgraph_exporter
+        )
+
+    def export_subgraph(self, model: Any, scope: str, name: str) -> onnx.GraphProto:
+        """The ONNX subgraph ``name`` (a Scan body) computing a traced Keras ``model``,
+        its nodes named under ``scope``, exported through a :meth:`subgraph_builder` by
+        the driver that made this builder."""
+        if self.subgraph_exporter is None:
+            raise Unsupported("a subgraph, outside export_onnx (no driver to export it)")
+        return self.subgraph_exporter(self, model, scope, name)
 
     def subgraph_builder(self) -> Builder:
         """A builder for a subgraph of this graph (a Scan body): its names never clash

@@ -300,6 +300,7 @@ def _build(
     input_names = list(graph.input_names)
     output_names = _distinct_from(graph.output_names, set(input_names))
     builder = Builder(opset, reserved_names=[*input_names, *output_names])
+    builder.subgraph_exporter = build_subgraph
     onnx_inputs = _declare_inputs(builder, graph, input_layout, batch_size)
     recorded = _run_rules(builder, graph)
     layer_map: LayerMap = {
@@ -310,12 +311,16 @@ def _build(
     return _assemble(builder, graph, onnx_inputs, onnx_outputs, opset, input_layout, layer_map)
 
 
-def build_subgraph(parent: Builder, graph: graph_lib.Graph, name: str) -> onnx.GraphProto:
-    """The ONNX subgraph (a Scan body) computing a flattened graph, its inputs and
-    outputs in Keras order, written through ``parent``'s subgraph builder.
+def build_subgraph(parent: Builder, model: Any, scope: str, name: str) -> onnx.GraphProto:
+    """The ONNX subgraph ``name`` (a Scan body) computing a traced Keras model, its
+    inputs and outputs in Keras order, its nodes named under ``scope``, written through
+    ``parent``'s subgraph builder.
 
     Raises Unsupported naming the graph's nodes that have no working rule.
     """
+    graph = graph_lib.flatten(model, needs_tracing)
+    for inner in graph.nodes:
+        inner.scope = f"{scope}/{inner.scope}" if inner.scope else scope
     builder = parent.subgraph_builder()
     inputs = []
     for tensor, input_name in zip(graph.inputs, graph.input_names, strict=True):

@@ -22,7 +22,6 @@ import numpy as np
 from keras import tree
 
 from keras_bn._keras_internals import core_ops, image_ops, math_ops, nn_ops, numpy_ops
-from keras_bn.converters import graph as graph_lib
 from keras_bn.converters.graph import Node, Tensor, to_numpy
 from keras_bn.converters.onnx.builder import Builder, Unsupported, tensor_type
 from keras_bn.converters.onnx.layout import Perm
@@ -619,9 +618,6 @@ def map_op(b: Builder, node: Node) -> None:
     """``ops.map(f, xs)``: ``f`` traced once on placeholders for one element of each
     ``xs`` tensor, and run by ONNX Scan over their first axis (the batch, for
     KerasHub D-FINE's per-sample gathers), its outputs stacked along it, as Keras's."""
-    from keras_bn.converters.onnx.export import build_subgraph
-    from keras_bn.converters.onnx.rules.table import needs_tracing
-
     function, xs = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs["xs"]
     elements = tree.flatten(xs)
     if not elements or not all(isinstance(x, Tensor) and x.rank for x in elements):
@@ -641,10 +637,7 @@ def map_op(b: Builder, node: Node) -> None:
         raise Unsupported(f"its function does not trace ({error})") from error
     if traced.model is None or any(not hasattr(x, "shape") for x in traced.outputs):
         raise Unsupported("ops.map of a function whose outputs do not depend on its input")
-    graph = graph_lib.flatten(traced.model, needs_tracing)
-    for inner in graph.nodes:
-        inner.scope = f"{node.name}/{inner.scope}" if inner.scope else node.name
-    body = build_subgraph(b, graph, b.unique(f"{node.name}/body"))
+    body = b.export_subgraph(traced.model, node.name, b.unique(f"{node.name}/body"))
     names = [b.get(x, cast=False) for x in elements]
     count = len(node.outputs)
     outs = b.op("Scan", names, outputs=count, body=body, num_scan_inputs=len(names))
