@@ -592,13 +592,19 @@ class _KerasOpsNamespace:
         self._backend = backend_module
 
     def __getattr__(self, name: str) -> Any:
-        value = getattr(self._ops, name, None)
-        fallback = getattr(self._backend, name)
-        if value is None:
-            return fallback
-        if inspect.ismodule(value):  # ``backend.numpy.split``: ``keras.ops``'s numpy module
-            return _KerasOpsNamespace(value, fallback)
-        return value
+        return _ops_instead(self._ops, name, getattr(self._backend, name))
+
+
+def _ops_instead(ops_module: Any, name: str, fallback: Any) -> Any:
+    """``ops_module.name`` where it exists (a submodule as a :class:`_KerasOpsNamespace`
+    over ``fallback``: ``backend.numpy.split`` is ``keras.ops``'s numpy module's), else
+    ``fallback``, the backend's own."""
+    value = getattr(ops_module, name, None)
+    if value is None:
+        return fallback
+    if inspect.ismodule(value):
+        return _KerasOpsNamespace(value, fallback)
+    return value
 
 
 @contextlib.contextmanager
@@ -621,13 +627,7 @@ def backend_calls_recorded() -> Iterator[None]:
     original = DynamicBackend.__getattr__
 
     def getattr_(self: Any, name: str) -> Any:
-        fallback = original(self, name)
-        value = getattr(ops, name, None)
-        if value is None:
-            return fallback
-        if inspect.ismodule(value):
-            return _KerasOpsNamespace(value, fallback)
-        return value
+        return _ops_instead(ops, name, original(self, name))
 
     DynamicBackend.__getattr__ = getattr_
     try:

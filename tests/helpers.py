@@ -752,6 +752,21 @@ def assert_exports_exactly(model, path, inputs_for_batch, *, batch_sizes=(1, 3),
 KERAS_HUB_IMAGE_SHAPE = (32, 32, 3)
 
 
+# A small KerasHub ViTDet for KERAS_HUB_IMAGE_SHAPE images: a backbone on its own and
+# SAM's image encoder.
+_VIT_DET_ARGUMENTS = dict(
+    image_shape=KERAS_HUB_IMAGE_SHAPE,
+    patch_size=4,
+    hidden_size=8,
+    num_layers=2,
+    global_attention_layer_indices=[1],
+    intermediate_dim=16,
+    num_heads=2,
+    num_output_channels=8,
+    window_size=4,
+)
+
+
 def keras_hub_models() -> dict:
     """Small KerasHub vision backbones and classifiers by name: each value builds a
     fresh model with random weights for (32, 32, 3) images (no preset download)."""
@@ -989,17 +1004,7 @@ def keras_hub_models() -> dict:
         )
 
     def vit_det():
-        return M.ViTDetBackbone(
-            image_shape=S,
-            patch_size=4,
-            hidden_size=8,
-            num_layers=2,
-            global_attention_layer_indices=[1],
-            intermediate_dim=16,
-            num_heads=2,
-            num_output_channels=8,
-            window_size=4,
-        )
+        return M.ViTDetBackbone(**_VIT_DET_ARGUMENTS)
 
     def mobilenet_v5():
         def per_block(first, second):
@@ -1177,17 +1182,7 @@ def keras_hub_sam_models() -> dict:
 
     def backbone():
         return M.SAMBackbone(
-            image_encoder=M.ViTDetBackbone(
-                image_shape=KERAS_HUB_IMAGE_SHAPE,
-                patch_size=4,
-                hidden_size=8,
-                num_layers=2,
-                global_attention_layer_indices=[1],
-                intermediate_dim=16,
-                num_heads=2,
-                num_output_channels=8,
-                window_size=4,
-            ),
+            image_encoder=M.ViTDetBackbone(**_VIT_DET_ARGUMENTS),
             prompt_encoder=keras_hub.layers.SAMPromptEncoder(
                 hidden_size=8,
                 image_embedding_size=(size // 4, size // 4),
