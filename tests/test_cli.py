@@ -482,6 +482,38 @@ def test_human_output_ends_with_a_summary_table(tmp_path, capsys, files):
     )
 
 
+def test_the_program_freezes_what_loading_made_and_main_leaves_the_collector_alone(
+    files, capsys
+):
+    import gc
+
+    from keras_bn.converters.cli import steps
+    from keras_bn.converters.cli.run import Run
+    from keras_bn.converters.progress import Progress
+
+    frozen = gc.get_freeze_count()
+    code, _, _ = run_main(["inspect", files["model"]], capsys)  # a caller's main()
+    assert code == 0 and gc.isenabled() and gc.get_freeze_count() == frozen
+
+    args = cli.build_parser().parse_args(["inspect", str(files["model"])])
+    run = Run(command="inspect", progress=Progress.for_terminal(quiet=True), owns_process=True)
+    collections = []
+
+    def record(phase, info):
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(record)
+    try:
+        model = steps.load_model(args, run)  # the keras-bn program's loading
+        assert collections == []  # none while importing and loading
+        assert gc.isenabled() and gc.get_freeze_count() > frozen
+        assert model.built
+    finally:
+        gc.callbacks.remove(record)
+        gc.unfreeze()
+
+
 def test_force_replaces_and_output_cannot_be_the_input(tmp_path, capsys, files):
     target = tmp_path / "m.onnx"
     target.write_bytes(b"old")

@@ -133,14 +133,20 @@ def _user_error(args: argparse.Namespace, error: Exception) -> int:
     return EXIT_BAD_INPUT
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, owns_process: bool = False) -> int:
     """Run the CLI; return the exit status (0 ok, 1 validation failed, 2 bad input,
-    3 internal error)."""
+    3 internal error). ``owns_process``: the caller exits when this returns (the
+    ``keras-bn`` program), so the command may set process-wide things such as the
+    garbage collector's."""
     args = _parse(argv)
     if isinstance(args, int):
         return args
     quiet_environment()
-    run = Run(command=args.command, progress=Progress.for_terminal(quiet=args.json))
+    run = Run(
+        command=args.command,
+        progress=Progress.for_terminal(quiet=args.json),
+        owns_process=owns_process,
+    )
     run.json = args.json
     run.report["command"] = args.command
     try:
@@ -175,7 +181,7 @@ def console_main() -> NoReturn:
     closed its files (atomically) and joined its threads' work before it returns.
     The standard streams are flushed first.
     """
-    code = main()
+    code = main(owns_process=True)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed pipe: nothing left to show
             stream.flush()

@@ -64,6 +64,9 @@ class Run:
     text: list[str] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
     summary: list[list[str]] = dataclasses.field(default_factory=list)  # [label, value]
+    # The ``keras-bn`` program, which exits when the command ends, not a caller's
+    # ``main()``: process-wide settings are then the command's to choose.
+    owns_process: bool = False
 
     def warn(self, message: str) -> None:
         """One line on stderr (once per distinct message) and an entry in the report."""

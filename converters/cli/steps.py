@@ -10,8 +10,11 @@ lines.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import gc
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,24 +42,52 @@ def _forward_warnings(caught: list[warnings.WarningMessage], run: Run) -> None:
         run.warn(message)
 
 
+@contextlib.contextmanager
+def _long_lived_objects(run: Run) -> Iterator[None]:
+    """In the ``keras-bn`` program: no cyclic garbage collection in the block, and
+    what it made is frozen after it.
+
+    Importing Keras and loading a model make objects that live until the command
+    exits (modules, layers, variables: 200,000 for ResNet50 on JAX) and little
+    garbage. The collector cannot know that: as the heap grows it runs full
+    collections over all of it, 0.4 s of ``keras-bn export``'s 3 s on ResNet50
+    (BENCHMARKS.md section 10). Frozen, they are left out of every later
+    collection, which still frees the garbage tracing and exporting make. A
+    caller's ``main()`` keeps its collector as it is: freezing would keep its
+    uncollected garbage for good.
+    """
+    if not run.owns_process:
+        yield
+        return
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
 def load_model(args: argparse.Namespace, run: Run):
     """The ``.keras`` model named by ``args.model``, loaded as ``--unsafe`` etc. say."""
     from keras_bn.converters import model_io
 
     model_io.check_model_file(args.model, unsafe=args.unsafe)  # a bad file fails before Keras
-    with run.progress.step("Importing Keras") as step:
-        backend = import_keras()
-        step.label = f"Importing Keras ({backend} backend)"
-    run.report["backend"] = backend
-    with (
-        run.progress.step("Loading model"),
-        framework_output_hidden(),
-        warnings.catch_warnings(record=True) as caught,
-    ):
-        warnings.simplefilter("always")
-        model = model_io.load_model(
-            args.model, unsafe=args.unsafe, custom_objects=args.custom_objects
-        )
+    with _long_lived_objects(run):
+        with run.progress.step("Importing Keras") as step:
+            backend = import_keras()
+            step.label = f"Importing Keras ({backend} backend)"
+        run.report["backend"] = backend
+        with (
+            run.progress.step("Loading model"),
+            framework_output_hidden(),
+            warnings.catch_warnings(record=True) as caught,
+        ):
+            warnings.simplefilter("always")
+            model = model_io.load_model(
+                args.model, unsafe=args.unsafe, custom_objects=args.custom_objects
+            )
     _forward_warnings(caught, run)
     run.report["model"] = {"path": str(args.model), "name": model.name}
     return model
@@ -118,6 +149,8 @@ class KerasReference:
         return self._inputs.result()
 
     def _call(self, model, given, batch: int, where: str, step) -> list:
+        import concurrent.futures
+
         from keras_bn.converters import graph
         from keras_bn.converters.model_io import tensorflow_code_error
         from keras_bn.converters.samples import call_model, make_sample_inputs, sample_specs
@@ -126,9 +159,13 @@ class KerasReference:
         with step:
             try:
                 if given is None:
-                    # Compile for the generated inputs' shapes, then make them.
-                    graph.prepare_call(model, sample_specs(graph.flatten(model), batch))
-                    given = make_sample_inputs(model, batch, seed=0)
+                    # Compile for the generated inputs' shapes while they are made:
+                    # XLA compiles without the GIL, and making them runs the layers
+                    # before the first BatchNormalization (the input-domain probe).
+                    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+                        made = pool.submit(make_sample_inputs, model, batch, seed=0)
+                        graph.prepare_call(model, sample_specs(graph.flatten(model), batch))
+                        given = made.result()
             except BaseException as error:
                 self._inputs.set_exception(error)
                 raise
