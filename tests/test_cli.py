@@ -482,9 +482,7 @@ def test_human_output_ends_with_a_summary_table(tmp_path, capsys, files):
     )
 
 
-def test_the_program_freezes_what_loading_made_and_main_leaves_the_collector_alone(
-    files, capsys
-):
+def test_the_program_freezes_what_loading_made_and_main_leaves_the_collector_alone(files, capsys):
     import gc
 
     from keras_bn.converters.cli import steps
