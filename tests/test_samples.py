@@ -11,8 +11,8 @@ from keras_bn.converters.samples import FLOAT_DOMAINS, input_domains, make_sampl
 L = keras.layers
 
 
-def _conv_bn(preprocessing=None):
-    inputs = keras.Input((16, 16, 3), name="image")
+def _conv_bn(preprocessing=None, size=16):
+    inputs = keras.Input((size, size, 3), name="image")
     x = preprocessing(inputs) if preprocessing is not None else inputs
     x = L.Conv2D(8, 3, use_bias=False)(x)
     x = L.BatchNormalization()(x)
@@ -29,9 +29,12 @@ def _conv_bn(preprocessing=None):
     ],
     ids=["pixels", "minus-one-to-one", "normal"],
 )
-def test_first_batch_norm_statistics_reveal_the_training_range(trained_on, low, high):
-    model = _conv_bn()
-    data = FLOAT_DOMAINS[trained_on](np.random.default_rng(5), (32, 16, 16, 3))
+@pytest.mark.parametrize("size", [16, 72], ids=["four-probe-samples", "one-probe-sample"])
+def test_first_batch_norm_statistics_reveal_the_training_range(trained_on, low, high, size):
+    # At 72x72 one sample gives the first BN 4,900 values per channel: the probe
+    # runs one sample per domain; at 16x16, four.
+    model = _conv_bn(size=size)
+    data = FLOAT_DOMAINS[trained_on](np.random.default_rng(5), (32, size, size, 3))
     calibrate_batch_norms(model, data.astype("float32"), variance_decades=0.05)
     assert input_domains(flatten(model)) == {"image": trained_on}
     x = make_sample_inputs(model, 8, seed=1)["image"]
