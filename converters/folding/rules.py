@@ -30,7 +30,7 @@ __all__ = [
     "variables_by_name",
 ]
 
-Weights = dict[str, np.ndarray]  # float64 arrays by Keras variable name
+Weights = dict[str, np.ndarray]  # by Keras variable name: float64, or float32 as loaded
 
 
 def _require_no_padding(layer: Any) -> None:
