@@ -124,6 +124,33 @@ def test_the_command_imports_keras_on_every_backend(backend):
     assert result.stdout.split() == [backend]
 
 
+def test_what_keras_imports_on_jax_but_never_calls_is_imported_on_first_use():
+    """Sparse linear algebra (scipy.sparse.linalg) and TPU splash attention are not
+    imported with Keras by the command; the names Keras and JAX bound to them work
+    when used, and importing them afterwards gives the real modules."""
+    splash = "jax.experimental.pallas.ops.tpu.splash_attention"
+    code = (
+        "import sys, types\n"
+        "from keras_bn.converters.cli.quiet import import_keras\n"
+        "assert import_keras() == 'jax'\n"
+        "print(sorted(m for m in ('scipy.sparse.linalg', 'jax.experimental.sparse.linalg',\n"
+        f"    '{splash}', '{splash}.splash_attention_kernel') if m in sys.modules))\n"
+        "import jax.experimental.sparse as sparse\n"
+        "assert type(sparse.linalg.lobpcg_standard).__name__ == 'function'\n"
+        "assert isinstance(sys.modules['jax.experimental.sparse.linalg'], types.ModuleType)\n"
+        "assert type(sparse.linalg) is types.ModuleType  # the real module from now on\n"
+        "from keras.src.backend.jax import nn\n"
+        f"from {splash} import splash_attention_mask\n"
+        "assert nn.splash_attention_mask.NumpyMask is splash_attention_mask.NumpyMask\n"
+        "assert callable(nn.splash_attention_kernel.make_splash_mha)\n"
+        "import keras\n"
+        "print(keras.layers.Dense(2)(keras.ops.ones((1, 3))).shape)\n"
+    )
+    result = _python(["-c", code], KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:2] == ["[]", "(1, 2)"]
+
+
 def test_a_layer_calling_tensorflow_on_jax_is_named_with_the_fix(tmp_path):
     """A custom layer written with tf.* ops loads on JAX but cannot run there: one line
     saying so and how to run it, exit 2, no output file."""
