@@ -253,7 +253,8 @@ def float16_risks(kernel, bias, *, channel_axis: int | tuple[int, ...] = -1) -> 
     kernel = _float64(kernel)
     axes = _channel_axes(kernel.ndim, channel_axis)
     other = tuple(axis for axis in range(kernel.ndim) if axis not in axes)
-    channel_max = np.max(np.abs(kernel), axis=other).reshape(-1)
+    # max |w| as max(max w, -min w): the same value without an |kernel| copy
+    channel_max = np.maximum(np.max(kernel, axis=other), -np.min(kernel, axis=other)).reshape(-1)
     bias_abs = np.zeros_like(channel_max) if bias is None else np.abs(_float64(bias))
     largest = np.maximum(channel_max, bias_abs)
     overflow = largest > FLOAT16_MAX
