@@ -430,6 +430,48 @@ def test_float16_risks_per_depthwise_output_channel():
     assert [(r.channel, r.kind, r.value) for r in risks] == [(2, "overflow", 1e5)]
 
 
+@pytest.mark.parametrize(
+    "shape, channel_axis",
+    [((3, 3, 8, 6), -1), ((5, 7), -1), ((3, 3, 4, 2), (-2, -1)), ((2, 2, 6, 5), -2)],
+    ids=["conv", "dense", "depthwise", "conv-transpose"],
+)
+@pytest.mark.parametrize("kernel_dtype", ["float32", "float64"])
+def test_a_deferred_fold_gives_the_same_bits_as_the_multiplied_out_one(
+    shape, channel_axis, kernel_dtype
+):
+    rng = np.random.default_rng(3)
+    kernel = rng.normal(size=shape).astype(kernel_dtype)
+    axes = [a % len(shape) for a in np.atleast_1d(channel_axis)]
+    channels = int(np.prod([shape[a] for a in axes]))
+    # scales spanning float16 overflow and underflow, some negative
+    scale = rng.choice([-1.0, 1.0], channels) * 10.0 ** rng.uniform(-9, 6, channels)
+    offset = rng.normal(size=channels)
+    eager = folding_math.fold_forward(kernel, None, scale, offset, channel_axis=channel_axis)
+    deferred = folding_math.fold_forward(
+        kernel, None, scale, offset, channel_axis=channel_axis, deferred=True
+    )
+    assert isinstance(deferred[0], folding_math.ScaledKernel)
+    np.testing.assert_array_equal(deferred[1], eager[1])
+    np.testing.assert_array_equal(np.asarray(deferred[0]), eager[0])
+    for dtype in ("float32", "float16", "bfloat16"):
+        with np.errstate(over="ignore"):  # float16: the large scales overflow to inf
+            expected = folding_math.round_to_dtype(eager[0], dtype)
+            actual = folding_math.round_to_dtype(deferred[0], dtype)
+        assert actual.dtype == expected.dtype
+        np.testing.assert_array_equal(actual.view(np.uint8), expected.view(np.uint8))
+    assert folding_math.float16_risks(*deferred, channel_axis=channel_axis) == (
+        folding_math.float16_risks(*eager, channel_axis=channel_axis)
+    )
+    # a deferred kernel folded again, or read as float64 by the other maths
+    again = folding_math.fold_forward(
+        deferred[0], deferred[1], scale, offset, channel_axis=channel_axis
+    )
+    expected = folding_math.fold_forward(
+        eager[0], eager[1], scale, offset, channel_axis=channel_axis
+    )
+    np.testing.assert_array_equal(again[0], expected[0])
+
+
 # ---------------------------------------------------------------------------
 # Bad arguments.
 

@@ -286,7 +286,12 @@ def _commit(plan: Plan, node: graph_lib.Node, weights: Weights) -> None:
 def _fold_forward(target: graph_lib.Node, weights: Weights, scale, offset) -> Weights:
     rule = FOLD_RULES[type(target.layer)]
     kernel, bias = maths.fold_forward(
-        weights[rule.kernel], weights.get("bias"), scale, offset, channel_axis=rule.output_axis
+        weights[rule.kernel],
+        weights.get("bias"),
+        scale,
+        offset,
+        channel_axis=rule.output_axis,
+        deferred=True,  # multiplied out as it is rounded
     )
     return {**weights, rule.kernel: kernel, "bias": bias}
 

@@ -30,7 +30,8 @@ __all__ = [
     "variables_by_name",
 ]
 
-Weights = dict[str, np.ndarray]  # by Keras variable name: float64, or float32 as loaded
+# By Keras variable name: float64, float32 as loaded, or a kernel times a scale.
+Weights = dict[str, "np.ndarray | maths.ScaledKernel"]
 
 
 def _require_no_padding(layer: Any) -> None:
