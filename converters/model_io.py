@@ -51,20 +51,20 @@ def check_model_file(path: str | os.PathLike, *, unsafe: bool = False) -> Path:
 
 @contextlib.contextmanager
 def _scratch_directory() -> Iterator[None]:
-    """Keras's temporary files go to a directory of ours, removed afterwards.
+    """Keras's temporary files (while this thread loads) go to a directory of ours,
+    removed afterwards.
 
-    Keras unpacks a ``.keras`` archive's members into ``tempfile.mkdtemp()`` to read
+    Keras unpacks a ``.keras`` archive's members into a temporary directory to read
     its assets and leaves that directory behind when unpacking fails; a failed run
-    must leave nothing. (``tempfile.tempdir`` is process-wide: loads in parallel
-    threads would share one scratch directory, and the first to finish removes it.)
+    must leave nothing. Other threads' temporary files stay where they were.
     """
-    saved = tempfile.tempdir
+    from keras_bn import _keras_internals as internals
+
     scratch = tempfile.mkdtemp(prefix="keras-bn-load-")
-    tempfile.tempdir = scratch
     try:
-        yield
+        with internals.saving_temp_dirs_in(scratch):
+            yield
     finally:
-        tempfile.tempdir = saved
         shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -62,6 +64,7 @@ __all__ = [
     "output_names",
     # loading
     "saved_weights_loading",
+    "saving_temp_dirs_in",
     "tensorflow_probe_answered",
     # float64
     "float64_type_promotion",
@@ -230,6 +233,37 @@ def output_names(model: keras.Model) -> list[str]:
 
 # --------------------------------------------------------------------------------------
 # Loading: a saved model's weights overwrite whatever the layers were built with.
+
+
+_SAVING_TEMP_DIRS = threading.local()  # .directory: where this thread's loads unpack
+
+
+@contextlib.contextmanager
+def saving_temp_dirs_in(directory: str) -> Iterator[None]:
+    """Keras's saving code makes its temporary directories (a ``.keras`` archive's
+    assets, unpacked) inside ``directory`` while the block runs, in this thread only.
+
+    Keras asks ``saving_lib.get_temp_dir()`` (``tempfile.mkdtemp()``) and leaves the
+    directory behind when unpacking fails. Setting ``tempfile.tempdir`` instead
+    would move every thread's temporary files, the user's own too, for the duration.
+    """
+    from keras.src.saving import saving_lib
+
+    original = getattr(saving_lib, "get_temp_dir", None)
+    if original is not None and not getattr(original, "_keras_bn_hook", False):
+
+        def get_temp_dir() -> str:
+            directory = getattr(_SAVING_TEMP_DIRS, "directory", None)
+            return original() if directory is None else tempfile.mkdtemp(dir=directory)
+
+        get_temp_dir._keras_bn_hook = True  # type: ignore[attr-defined]
+        saving_lib.get_temp_dir = get_temp_dir  # installed once, for every thread
+    previous = getattr(_SAVING_TEMP_DIRS, "directory", None)
+    _SAVING_TEMP_DIRS.directory = directory
+    try:
+        yield
+    finally:
+        _SAVING_TEMP_DIRS.directory = previous
 
 
 @contextlib.contextmanager

@@ -328,6 +328,29 @@ def test_saved_weights_loading_only_inside_the_block():
     assert np.any(keras.ops.convert_to_numpy(drawn.kernel))  # patch removed again
 
 
+def test_saving_temp_dirs_in_moves_only_this_threads_keras_temp_dirs(tmp_path):
+    import tempfile
+    import threading
+
+    from keras.src.saving import saving_lib
+
+    tempdir = tempfile.tempdir
+    elsewhere = []
+    with internals.saving_temp_dirs_in(str(tmp_path)):
+        ours = Path(saving_lib.get_temp_dir())
+        worker = threading.Thread(target=lambda: elsewhere.append(saving_lib.get_temp_dir()))
+        worker.start()
+        worker.join()
+        assert tempfile.tempdir == tempdir  # the process's temporary files stay put
+    after = Path(saving_lib.get_temp_dir())
+    try:
+        assert ours.parent == tmp_path and ours.is_dir()
+        assert Path(elsewhere[0]).parent != tmp_path and after.parent != tmp_path
+    finally:
+        for path in (elsewhere[0], after):
+            Path(path).rmdir()
+
+
 def test_float64_type_promotion_only_inside_the_block():
     before = keras.backend.result_type("float64", "float32")
     with internals.float64_type_promotion():
