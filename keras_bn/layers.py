@@ -584,7 +584,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def _expand_mask(self, mask, inputs):
         """`mask` as booleans broadcastable to `inputs` (the rule in the class docstring)."""
-        new_axes = _mask_axes(tuple(mask.shape), tuple(inputs.shape), self._axes, self.axis)
+        new_axes = _moments.mask_axes(tuple(mask.shape), tuple(inputs.shape), self._axes, self.axis)
         mask = ops.cast(mask, "bool")
         for axis in new_axes:  # increasing order keeps positions right
             mask = ops.expand_dims(mask, axis)
@@ -606,54 +606,6 @@ class BatchNormalization(keras.layers.BatchNormalization):
             return ops.reshape(tensor, (-1, size, *shape[1:]))
 
         return split(x), None if mask is None else split(mask)
-
-
-def _mask_axes(mask_shape, input_shape, axes, axis=None):
-    """The axes to insert into a mask so that it broadcasts to the inputs.
-
-    Keras's reading wins where it fits: a mask of rank `len(input_shape) - 1`
-    whose `mask[..., None]` broadcasts to the inputs covers their leading axes
-    (the stock layer's rule). Otherwise the mask is the input shape without
-    the normalized `axes` (sorted, non-negative), e.g. `(B, T)` for `(B, C, T)`
-    inputs with `axis=1`. Unknown sizes (None) count as fitting; sizes of 1
-    broadcast.
-
-    Args:
-        mask_shape: tuple, the mask's (static) shape.
-        input_shape: tuple, the inputs' (static) shape.
-        axes: sorted non-negative normalized axes.
-        axis: the layer's `axis` argument, for the error message.
-
-    Returns:
-        A tuple of axes, in increasing order, for `expand_dims` one at a time.
-
-    Raises:
-        ValueError: the mask fits neither reading.
-    """
-    rank = len(input_shape)
-    if len(mask_shape) == rank - 1 and _broadcastable((*mask_shape, 1), input_shape):
-        return (rank - 1,)
-    without_axes = tuple(d for i, d in enumerate(input_shape) if i not in axes)
-    if _broadcastable(mask_shape, without_axes):
-        return tuple(axes)
-    leading = input_shape[:-1]
-    raise ValueError(
-        "Invalid mask for BatchNormalization: expected the shape of the inputs' "
-        f"leading axes {leading} (Keras's convention: mask[..., None] broadcasts "
-        f"to the inputs) or the input shape without the normalized axes "
-        f"{list(axes)}: {without_axes}; sizes of 1 broadcast. Reshape or "
-        "transpose the mask to one of these. Received: "
-        f"mask.shape={tuple(mask_shape)}, inputs.shape={tuple(input_shape)}, "
-        f"axis={axis!r}"
-    )
-
-
-def _broadcastable(shape, target):
-    """Whether `shape` broadcasts to `target` (same rank); None fits anything."""
-    return len(shape) == len(target) and all(
-        size is None or goal is None or size in (1, goal)
-        for size, goal in zip(shape, target, strict=True)
-    )
 
 
 def _compose_renorm(r, d, gamma, beta, dtype):

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 from keras import tree
 
+from keras_bn import _moments
 from keras_bn._batch_norm_state import (
     assign,
     batch_norm_layers,
@@ -27,7 +28,6 @@ from keras_bn._batch_norm_state import (
     to_numpy,
     unique_names,
 )
-from keras_bn.layers import _mask_axes
 from keras_bn.running_moments import RunningMoments
 
 __all__ = ["recalibrate_batch_norm"]
@@ -47,8 +47,8 @@ def _batch_moments(layer, inputs, mask):
     weights = None
     if mask is not None:
         weights = to_numpy(mask).astype(np.float64)
-        # The layer's own reading (Keras's convention first, see _mask_axes).
-        for axis in _mask_axes(weights.shape, values.shape, axes, layer.axis):
+        # The layer's own reading (Keras's convention first, see _moments.mask_axes).
+        for axis in _moments.mask_axes(weights.shape, values.shape, axes, layer.axis):
             weights = np.expand_dims(weights, axis)
         weights = np.broadcast_to(weights, values.shape)
         weights = np.moveaxis(weights, axes, range(rank - len(axes), rank))
