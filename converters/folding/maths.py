@@ -30,6 +30,7 @@ import numpy as np
 __all__ = [
     "FLOAT16_MAX",
     "FLOAT16_SMALLEST_NORMAL",
+    "FLOAT64_EXACT",
     "ChannelRisk",
     "ScaledKernel",
     "batch_norm_affine",
@@ -48,6 +49,9 @@ FLOAT16_MAX = 65504.0
 FLOAT16_SMALLEST_NORMAL = 2.0**-14
 
 Array = np.ndarray
+
+# Float dtypes a float64 product reads exactly as they are: no float64 copy first.
+FLOAT64_EXACT = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _float64(array) -> Array:
@@ -176,7 +180,7 @@ def fold_forward(
     bias = np.zeros_like(scale) if bias is None else _float64(bias).reshape(-1)
     along = _along(scale, kernel.shape, axes)
     new_bias = bias * scale + offset
-    if deferred and kernel.dtype in (np.float32, np.float64):
+    if deferred and kernel.dtype in FLOAT64_EXACT:
         return ScaledKernel(kernel, along, axes), new_bias
     return kernel * along, new_bias
 

@@ -271,12 +271,9 @@ def _current_weights(plan: Plan, node: graph_lib.Node) -> Weights:
     if id(node) in plan.targets:
         return plan.targets[id(node)].weights
     return {
-        name: values if values.dtype in _EXACT_IN_FLOAT64 else values.astype(np.float64)
+        name: values if values.dtype in maths.FLOAT64_EXACT else values.astype(np.float64)
         for name, values in variables_by_name(node.layer).items()
     }
-
-
-_EXACT_IN_FLOAT64 = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _commit(plan: Plan, node: graph_lib.Node, weights: Weights) -> None:
