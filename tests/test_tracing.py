@@ -571,7 +571,8 @@ def test_depth_anything_resize_samples_aligned_corners():
 CONV_OPS = {
     "conv": dict(strides=2, padding="same"),
     "conv-dilated": dict(padding="valid", dilation_rate=2),
-    "depthwise-conv": dict(depthwise=True, strides=(1, 2), padding="same"),
+    # equal strides: TensorFlow's CPU kernel has no other (unequal ones are proven below)
+    "depthwise-conv": dict(depthwise=True, strides=2, padding="same"),
 }
 
 
@@ -606,6 +607,39 @@ def test_keras_ops_rule_agrees_with_keras(name, tmp_path):
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
             else:
                 np.testing.assert_array_equal(got, want)
+
+
+def _same_padding(size, kernel, stride):
+    """Keras/TensorFlow "same" padding of one axis: (before, after)."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("strides", [(1, 2), (2, 1), (3, 2)], ids=str)
+def test_depthwise_conv_rule_with_unequal_strides(strides, padding, tmp_path):
+    """Unequal strides, which TensorFlow's CPU depthwise kernel rejects: the reference is
+    Keras's own depthwise conv at stride 1 on the input padded as `padding` pads for
+    `strides`, subsampled by the strides (exactly what a strided conv computes), so it
+    runs on every backend."""
+    import onnxruntime as ort
+
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((9, 10, 3), name="x")
+    conv = KernelConv(depthwise=True, strides=strides, padding=padding)
+    model = keras.Model(inputs, conv(inputs))
+    result = export_onnx(model, tmp_path / "m.onnx")
+    assert not result.used_fallback
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(5).standard_normal((2, 9, 10, 3)).astype("float32")
+    pads = [(0, 0), (0, 0), (0, 0), (0, 0)]
+    if padding == "same":
+        pads[1:3] = [_same_padding(n, 3, s) for n, s in zip((9, 10), strides, strict=True)]
+    dense = ops.depthwise_conv(np.pad(x, pads), conv.kernel, strides=1, padding="valid")
+    expected = keras.ops.convert_to_numpy(dense)[:, :: strides[0], :: strides[1]]
+    (actual,) = session.run(None, {"x": x})
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_grid_sampling_before_opset_16_is_one_clear_error(tmp_path):
