@@ -90,6 +90,13 @@ def replace_batch_norm(model, **layer_kwargs):
 
 
 def _copy_weights(old, new) -> None:
+    """Copies the values of ``old``'s weights into ``new``'s, by position.
+
+    Values go through a NumPy copy (``assign`` casts, which copies), never
+    ``target.assign(source)``: on JAX that makes both variables hold the same
+    array, which the copy's compiled ``fit``/``predict`` then donates, deleting
+    the original model's weights.
+    """
     if not old.weights:
         return
     if isinstance(old, keras.layers.BatchNormalization):
@@ -101,7 +108,7 @@ def _copy_weights(old, new) -> None:
             f"copy has {len(new.weights)} weights, the original {len(old.weights)}."
         )
     for source, target in zip(old.weights, new.weights, strict=True):
-        target.assign(source)
+        assign(target, to_numpy(source))
 
 
 def _copy_batch_norm_weights(old, new) -> None:
@@ -110,7 +117,7 @@ def _copy_batch_norm_weights(old, new) -> None:
     new_weights = {variable.name: variable for variable in new.weights}
     for name, variable in old_weights.items():
         if name in new_weights:
-            new_weights[name].assign(variable)
+            assign(new_weights[name], to_numpy(variable))
             continue
         value = to_numpy(variable)
         identity = {"gamma": 1.0, "beta": 0.0}.get(name)
