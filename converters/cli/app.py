@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import NoReturn
 
-from keras_bn.converters.cli import bench, export, fold, inspect, validate
+from keras_bn.converters.cli import bench, export, fold, inspect, recalibrate, validate
 from keras_bn.converters.cli.args import ReportArgs
 from keras_bn.converters.cli.quiet import quiet_environment
 from keras_bn.converters.cli.run import (
@@ -34,6 +34,7 @@ EPILOG = """\
 examples:
   keras-bn inspect model.keras
   keras-bn fold model.keras -o folded.keras
+  keras-bn recalibrate model.keras --data train.npz -o recalibrated.keras
   keras-bn export model.keras -o model.onnx
   keras-bn export model.keras -o model.onnx --input-layout channels_first --batch-size 1
   keras-bn export model.keras -o model_fp16.onnx --precision float16
@@ -55,6 +56,7 @@ model-loading error.
 COMMANDS: dict[str, tuple[ModuleType, Callable[[argparse.Namespace, Run], int]]] = {
     "inspect": (inspect, inspect.inspect_command),
     "fold": (fold, fold.fold_command),
+    "recalibrate": (recalibrate, recalibrate.recalibrate_command),
     "export": (export, export.export_command),
     "validate": (validate, validate.validate_command),
     "bench": (bench, bench.bench_command),

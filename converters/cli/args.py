@@ -19,6 +19,7 @@ __all__ = [
     "ModelLoadingArgs",
     "ComparisonArgs",
     "InputLayoutArgs",
+    "DataArgs",
     "positive_int",
     "non_negative_int",
     "tolerance",
@@ -170,4 +171,23 @@ class InputLayoutArgs:
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--input-layout", choices=INPUT_LAYOUTS, default=self.default, help=self.help_text
+        )
+
+
+class DataArgs:
+    """``--data``: samples streamed through the model (recalibrate; the statistics check)."""
+
+    def __init__(self, required: bool, purpose: str) -> None:
+        self.required = required
+        self.purpose = purpose
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--data",
+            metavar="DATA",
+            required=self.required,
+            help=f"{self.purpose}: FILE.npz (one array per model input, keyed by input name, "
+            "batch first; labels as 'y' or 'labels'), a DIRECTORY of images "
+            "(subdirectories = classes) or MODULE:FUNCTION returning a tf.data.Dataset, "
+            "a keras.utils.PyDataset or an iterator of x or (x, y) batches",
         )

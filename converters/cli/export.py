@@ -17,6 +17,7 @@ from typing import Any
 from keras_bn.converters.cli import steps
 from keras_bn.converters.cli.args import (
     ComparisonArgs,
+    DataArgs,
     InputLayoutArgs,
     ModelLoadingArgs,
     positive_int,
@@ -32,6 +33,7 @@ from keras_bn.converters.cli.run import (
     validation_failed,
     work_directory,
 )
+from keras_bn.converters.cli.statistics import check_batch_norm_statistics
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.files import check_output_path
 from keras_bn.converters.options import PRECISIONS
@@ -98,6 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="export unsupported layers through Keras's own model.export(format='onnx') "
         "(default: an unsupported layer is an error)",
     )
+    DataArgs(required=False, purpose="check the BN moving statistics against").add_to(parser)
     ModelLoadingArgs().add_to(parser)
     ComparisonArgs(defaults="precision").add_to(parser)
 
@@ -109,6 +112,12 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
     steps.preflight(model, run)
     inputs = steps.load_inputs(args.inputs, model, "Inputs file")
     calibration = steps.load_inputs(args.calibration, model, "Calibration file")
+    check_batch_norm_statistics(  # before the Keras pass below: it swaps statistics
+        model,
+        run,
+        args.data or args.inputs or args.calibration,
+        what="the ONNX model will be faithful to them",
+    )
     # Keras runs the model on validation's inputs while the exporter works.
     reference = steps.KerasReference(
         model,

@@ -6,8 +6,9 @@ import argparse
 from typing import Any
 
 from keras_bn.converters.cli import steps
-from keras_bn.converters.cli.args import ModelLoadingArgs
+from keras_bn.converters.cli.args import DataArgs, ModelLoadingArgs
 from keras_bn.converters.cli.run import EXIT_OK, Run, as_dict
+from keras_bn.converters.cli.statistics import check_batch_norm_statistics
 from keras_bn.converters.progress import format_table
 
 SUMMARY = "BN layers, statistics and the fold plan"
@@ -15,6 +16,7 @@ SUMMARY = "BN layers, statistics and the fold plan"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL.keras")
+    DataArgs(required=False, purpose="check the BN moving statistics against").add_to(parser)
     ModelLoadingArgs().add_to(parser)
 
 
@@ -44,6 +46,7 @@ def inspect_command(args: argparse.Namespace, run: Run) -> int:
     )
     _describe(model, flat, layer_counts, batch_norms, run)
     run.text.append(str(plan))
+    check_batch_norm_statistics(model, run, args.data, what="inference uses them")
     run.summary += [
         ["batch norms", str(len(batch_norms))],
         ["would fold", str(plan.folded_count)],

@@ -1,0 +1,53 @@
+"""The stale-statistics step ``inspect`` and ``export`` share (``--data``).
+
+With data, every BatchNormalization layer's moving statistics are compared with
+the data's population statistics at that layer
+(:func:`keras_bn.converters.statistics_check.check_statistics`; the model is left
+as it was) and stale layers are named with the fix; without data, the report says
+the statistics were not checked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keras_bn.converters.cli.run import Run
+
+__all__ = ["check_batch_norm_statistics"]
+
+
+def check_batch_norm_statistics(model: Any, run: Run, data: str | None, *, what: str) -> None:
+    """Report (and warn about) stale BN statistics over ``data`` (a ``--data`` spec).
+
+    ``what`` ends the warning: what the stale statistics mean for this command.
+    """
+    from keras_bn._batch_norm_state import batch_norm_layers
+    from keras_bn.converters import statistics_check
+
+    if not batch_norm_layers(model):
+        return
+    if data is None:
+        run.report["statistics"] = {"checked": False}
+        run.text.append(statistics_check.NOT_CHECKED)
+        run.summary.append(["BN statistics", "not checked (no data)"])
+        return
+    from keras_bn.converters.data_sources import open_data
+    from keras_bn.converters.model_io import model_input_specs
+
+    source = open_data(data, model_input_specs(model))
+    with run.progress.step("Checking BatchNormalization statistics against the data"):
+        check = statistics_check.check_statistics(model, source)
+    run.report["statistics"] = {"checked": True, **check.to_dict()}
+    run.text.append(str(check))
+    run.summary.append(["stale BN statistics", f"{len(check.stale)} of {len(check.layers)}"])
+    if check.stale:
+        shown = ", ".join(check.stale[:5]) + (", ..." if len(check.stale) > 5 else "")
+        effect = "; ".join(
+            output.describe(check.before_name, check.after_name) for output in check.outputs
+        )
+        run.warn(
+            f"{len(check.stale)} BatchNormalization layer(s) have stale moving statistics "
+            f"for {data}: {shown} ({effect}); {what}. Fix: keras-bn recalibrate "
+            f"{run.report.get('model', {}).get('path', 'MODEL.keras')} --data {data} "
+            "-o RECALIBRATED.keras"
+        )
