@@ -1,0 +1,298 @@
+"""Stale BatchNormalization statistics: found by ``inspect``/``export``, fixed by ``recalibrate``.
+
+The scenario of issue 25: a small CNN trained 2 epochs with momentum 0.999 on
+scikit-learn's digits scores ~10% in inference mode (its moving statistics are
+still near their initial values) while every export of it validates.
+``keras-bn recalibrate`` must give the statistics (and the held-out accuracy) of
+the Python ``keras_bn.recalibrate_batch_norm``; ``inspect --data`` must name every
+stale BN and ``export`` warn, and a healthy model must not be flagged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from keras_bn.converters import cli
+from keras_bn.converters.data_sources import open_data
+from keras_bn.converters.model_io import model_input_specs
+from keras_bn.converters.statistics_check import (
+    SHIFT_LIMIT,
+    VARIANCE_FACTOR_LIMIT,
+    check_statistics,
+    statistic_change,
+)
+from keras_bn.layers import BatchNormalization
+from keras_bn.recalibration import recalibrate_batch_norm
+
+BATCH_NORMS = ["bn1", "bn2", "bn3"]
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images * 15).astype("float32")[..., None]  # integer pixels 0..240
+    return images, digits.target.astype("int64")
+
+
+def _stale_model(x, y) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1), name="image")
+    h = keras.layers.Rescaling(1 / 240)(inputs)
+    for index, filters in enumerate([16, 32, 32], 1):
+        h = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{index}")(h)
+        h = BatchNormalization(momentum=0.999, name=f"bn{index}")(h)
+        h = keras.layers.ReLU()(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    outputs = keras.layers.Dense(10, activation="softmax", name="probs")(h)
+    model = keras.Model(inputs, outputs)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory):
+    work = tmp_path_factory.mktemp("stale")
+    x, y = _digits()
+    train, held = slice(0, 1400), slice(1400, None)
+    model = _stale_model(x[train], y[train])
+    model.save(work / "stale.keras")
+    np.savez(work / "train.npz", image=x[train], y=y[train])
+    np.savez(work / "held.npz", image=x[held])
+    # The Python reference: the same file, recalibrated by the library.
+    reference = keras.saving.load_model(work / "stale.keras")
+    recalibrate_batch_norm(reference, x[train], batch_size=64)
+    return {
+        "work": work,
+        "x": x,
+        "y": y,
+        "train": train,
+        "held": held,
+        "stale_accuracy": _accuracy(model, x[held], y[held]),
+        "reference": reference,
+        "reference_accuracy": _accuracy(reference, x[held], y[held]),
+    }
+
+
+def _accuracy(model, x, y) -> float:
+    return float(np.mean(model.predict(x, verbose=0).argmax(-1) == y))
+
+
+def _statistics(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {
+        name: (
+            model.get_layer(name).moving_mean.numpy(),
+            model.get_layer(name).moving_variance.numpy(),
+        )
+        for name in BATCH_NORMS
+    }
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_main(args, capsys) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_same_statistics(model, reference) -> None:
+    for name, (mean, variance) in _statistics(reference).items():
+        got_mean, got_variance = _statistics(model)[name]
+        np.testing.assert_allclose(got_mean, mean, rtol=1e-6, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(got_variance, variance, rtol=1e-6, err_msg=name)
+
+
+# ------------------------------------------------------------------------------ recalibrate
+
+
+def test_recalibrate_restores_the_python_result(scenario, capsys):
+    work, held = scenario["work"], scenario["held"]
+    assert scenario["stale_accuracy"] < 0.3 < 0.85 < scenario["reference_accuracy"]
+    before = _sha(work / "stale.keras")
+    out = work / "recalibrated.keras"
+    code, stdout, _ = run_main(
+        ["recalibrate", work / "stale.keras", "--data", work / "train.npz", "-o", out, "--json"],
+        capsys,
+    )
+    assert code == 0
+    assert _sha(work / "stale.keras") == before  # the input is never modified
+    recalibrated = keras.saving.load_model(out)
+    _assert_same_statistics(recalibrated, scenario["reference"])
+    accuracy = _accuracy(recalibrated, scenario["x"][held], scenario["y"][held])
+    assert accuracy == scenario["reference_accuracy"]
+    report = json.loads(stdout)["recalibration"]
+    assert report["stale"] == BATCH_NORMS
+    x, y = scenario["x"][scenario["train"]], scenario["y"][scenario["train"]]
+    stale = keras.saving.load_model(work / "stale.keras")
+    assert report["accuracy_before"] == pytest.approx(_accuracy(stale, x, y))
+    assert report["accuracy_after"] == pytest.approx(_accuracy(recalibrated, x, y))
+    # Recalibrating again changes nothing: the statistics are a fixed point.
+    code, stdout, _ = run_main(
+        ["recalibrate", out, "--data", work / "train.npz", "-o", work / "again.keras", "--json"],
+        capsys,
+    )
+    report = json.loads(stdout)["recalibration"]
+    assert code == 0 and report["stale"] == []
+    assert max(layer["mean_shift"] for layer in report["layers"]) < 1e-5
+    assert report["outputs"][0]["value"] == 1.0
+
+
+def _write_images(directory: Path, x, y) -> None:
+    from PIL import Image
+
+    for index, (image, label) in enumerate(zip(x, y, strict=True)):
+        folder = directory / f"class_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[..., 0].astype(np.uint8), mode="L").save(folder / f"{index:04}.png")
+
+
+LOADER = """
+import numpy as np
+import tensorflow as tf
+
+_data = np.load({path!r})
+
+def dataset():
+    return tf.data.Dataset.from_tensor_slices((_data["image"], _data["y"])).batch(50)
+
+def generator():
+    return ((_data["image"][i : i + 70], _data["y"][i : i + 70]) for i in range(0, 1400, 70))
+"""
+
+
+@pytest.mark.parametrize("kind", ["images", "dataset", "generator"])
+def test_recalibrate_reads_every_kind_of_data(scenario, capsys, kind):
+    work = scenario["work"]
+    x, y = scenario["x"][scenario["train"]], scenario["y"][scenario["train"]]
+    if kind == "images":
+        data = work / "images"
+        _write_images(data, x, y)
+    else:
+        (work / "my_loader.py").write_text(LOADER.format(path=str(work / "train.npz")))
+        data = f"{work / 'my_loader.py'}:{kind}"
+    out = work / f"from_{kind}.keras"
+    code, stdout, err = run_main(
+        ["recalibrate", work / "stale.keras", "--data", data, "-o", out, "--json"], capsys
+    )
+    assert code == 0, err
+    _assert_same_statistics(keras.saving.load_model(out), scenario["reference"])
+    report = json.loads(stdout)["recalibration"]
+    assert report["accuracy_after"] > 0.85  # labels came from the folders / the tuples
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ("missing.npz", "does not exist"),
+        ("wrong_names.npz", "expected the model inputs ['image']"),
+        ("wrong_shape.npz", "has shape (4, 8, 7, 1)"),
+        ("broken.py:dataset", "failed while importing (ZeroDivisionError"),
+        ("raising.py:dataset", "failed (RuntimeError: no data here)"),
+        ("nothing:at_all", "No module named 'nothing'"),
+    ],
+)
+def test_recalibrate_bad_data_is_one_line_and_writes_nothing(scenario, capsys, data, fragment):
+    work = scenario["work"] / "bad"
+    work.mkdir(exist_ok=True)
+    np.savez(work / "wrong_names.npz", pixels=np.zeros((4, 8, 8, 1)), other=np.zeros((4, 8, 8, 1)))
+    np.savez(work / "wrong_shape.npz", image=np.zeros((4, 8, 7, 1)))
+    (work / "broken.py").write_text("1 / 0\n")
+    (work / "raising.py").write_text("def dataset():\n    raise RuntimeError('no data here')\n")
+    spec = str(work / data) if data != "nothing:at_all" else data
+    out = work / "out.keras"
+    code, _, err = run_main(
+        ["recalibrate", scenario["work"] / "stale.keras", "--data", spec, "-o", out], capsys
+    )
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and fragment in err, err
+    assert not out.exists() and not list(work.glob(".out.keras*"))
+
+
+# ------------------------------------------------------------------ finding stale statistics
+
+
+def test_inspect_with_data_names_every_stale_layer(scenario, capsys):
+    work = scenario["work"]
+    code, stdout, err = run_main(
+        ["inspect", work / "stale.keras", "--data", work / "train.npz", "--json"], capsys
+    )
+    assert code == 0
+    statistics = json.loads(stdout)["statistics"]
+    assert statistics["checked"] and statistics["stale"] == BATCH_NORMS
+    assert statistics["outputs"][0]["kind"] == "top-1 agreement"
+    assert statistics["outputs"][0]["value"] < 0.3
+    assert "keras-bn recalibrate" in err
+
+
+def test_export_warns_about_stale_statistics_and_names_the_fix(scenario, capsys):
+    work = scenario["work"]
+    args = [
+        "export",
+        work / "stale.keras",
+        "-o",
+        work / "stale.onnx",
+        "--inputs",
+        work / "held.npz",
+    ]
+    code, stdout, err = run_main(args, capsys)
+    assert code == 0  # the file is faithful to the model: validation passes
+    assert "Validation PASSED" in stdout
+    warning = [line for line in err.splitlines() if "stale moving statistics" in line]
+    assert len(warning) == 1 and "bn1, bn2, bn3" in warning[0]
+    assert "keras-bn recalibrate" in warning[0]
+
+
+def test_healthy_model_is_not_flagged_and_no_data_says_not_checked(scenario, capsys):
+    work = scenario["work"]
+    healthy = work / "healthy.keras"
+    scenario["reference"].save(healthy)
+    code, stdout, err = run_main(
+        ["export", healthy, "-o", work / "healthy.onnx", "--inputs", work / "held.npz"], capsys
+    )
+    assert code == 0 and "stale" not in err
+    assert "0 of 3 layer(s) stale" in stdout
+    code, stdout, _ = run_main(["inspect", healthy], capsys)
+    assert code == 0 and "statistics were not checked against data" in stdout
+
+
+# ------------------------------------------------------------------------------- the maths
+
+
+def test_statistic_change_follows_its_formulas():
+    rng = np.random.default_rng(0)
+    moving_mean, mean = rng.normal(size=5), rng.normal(size=5)
+    moving_variance, variance = 10 ** rng.uniform(-2, 1, size=(2, 5))
+    epsilon = 1e-3
+    shift, factor = statistic_change(moving_mean, moving_variance, mean, variance, epsilon)
+    z = [
+        abs(m - n) / (v + epsilon) ** 0.5
+        for m, n, v in zip(mean, moving_mean, moving_variance, strict=True)
+    ]
+    ratios = [(p + epsilon) / (v + epsilon) for p, v in zip(variance, moving_variance, strict=True)]
+    assert shift == pytest.approx(float(np.sqrt(np.mean(np.square(z)))), rel=1e-12)
+    assert factor == pytest.approx(float(np.prod([max(r, 1 / r) for r in ratios]) ** 0.2))
+    assert statistic_change(mean, variance, mean, variance, epsilon) == (0.0, 1.0)
+    # Symmetric in the variance: twice or half the variance is the same factor.
+    assert statistic_change(0, 1.0, 0, 2.0, 0)[1] == pytest.approx(2.0)
+    assert statistic_change(0, 2.0, 0, 1.0, 0)[1] == pytest.approx(2.0)
+    assert SHIFT_LIMIT == 0.25 and VARIANCE_FACTOR_LIMIT == 1.5
+
+
+def test_check_statistics_leaves_the_model_bit_for_bit(scenario):
+    model = keras.saving.load_model(scenario["work"] / "stale.keras")
+    before = [v.numpy().copy() for v in model.variables]
+    source = open_data(str(scenario["work"] / "held.npz"), model_input_specs(model))
+    check = check_statistics(model, source)
+    assert check.stale == BATCH_NORMS and not check
+    for value, variable in zip(before, model.variables, strict=True):
+        np.testing.assert_array_equal(variable.numpy(), value)
