@@ -234,6 +234,7 @@ def _image_folder(directory: Path, specs: Specs, batch_size: int) -> DataSource:
             f"{[tuple(s) for _, s in specs]}. Give an .npz file or a MODULE:FUNCTION."
         )
     _, height, width, channels = specs[0][1]
+    assert channels is not None  # checked above
     files = sorted(
         p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
     )
@@ -248,12 +249,12 @@ def _image_folder(directory: Path, specs: Specs, batch_size: int) -> DataSource:
         from PIL import Image
 
         with guarded(f"Image {str(path)!r}", "could not be read", "remove or replace it"):
-            with Image.open(path) as image:
-                image = image.convert(mode)
-                size = (width or image.width, height or image.height)
-                if image.size != size:
-                    image = image.resize(size, Image.Resampling.BILINEAR)
-                pixels = np.asarray(image, np.float32)
+            with Image.open(path) as opened:
+                image = opened.convert(mode)
+            size = (width or image.width, height or image.height)
+            if image.size != size:
+                image = image.resize(size, Image.Resampling.BILINEAR)
+            pixels = np.asarray(image, np.float32)
         return pixels.reshape((*pixels.shape[:2], channels))
 
     def passes() -> Iterator[tuple[Any, Any]]:

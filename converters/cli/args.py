@@ -189,5 +189,6 @@ class DataArgs:
             help=f"{self.purpose}: FILE.npz (one array per model input, keyed by input name, "
             "batch first; labels as 'y' or 'labels'), a DIRECTORY of images "
             "(subdirectories = classes) or MODULE:FUNCTION returning a tf.data.Dataset, "
-            "a keras.utils.PyDataset or an iterator of x or (x, y) batches",
+            "a keras.utils.PyDataset or an iterator of x or (x, y) batches "
+            + ("(required, no default)" if self.required else "(default: none, not checked)"),
         )
