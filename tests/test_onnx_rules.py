@@ -18,7 +18,8 @@ from keras import layers, ops
 
 from keras_bn import BatchNormalization as KerasBnBatchNormalization
 from keras_bn.converters.onnx.export import export_onnx
-from keras_bn.converters.onnx.rules import ACTIVATIONS, OPS, RULES, SHADOWED_OPS, find_rule
+from keras_bn.converters.onnx.rules import ACTIVATIONS, RULES, SHADOWED_OPS, find_rule
+from keras_bn.converters.onnx.rules import OPS as OP_RULES
 
 
 def _session(path):
@@ -593,7 +594,9 @@ DOT_SHAPES = {1: ((4, 3), (4, 5)), 2: ((4, 3), (5, 3)), (2, 1): ((4, 3), (3, 5))
 @pytest.mark.parametrize("axes", list(DOT_SHAPES), ids=str)
 def test_dot_layer(axes, normalize, tmp_path):
     """Dot is traced: ops.normalize (normalize=True) then batch_dot's ops."""
-    a, b = (keras.Input(shape, name=name) for shape, name in zip(DOT_SHAPES[axes], "ab"))
+    a, b = (
+        keras.Input(shape, name=name) for shape, name in zip(DOT_SHAPES[axes], "ab", strict=True)
+    )
     y = layers.Dot(axes=axes, normalize=normalize)([a, b])
     export_and_compare(keras.Model([a, b], y, name="dot"), tmp_path)
 
@@ -668,9 +671,9 @@ def test_the_duplicate_check_sees_a_repeated_key(tmp_path, monkeypatch):
 def test_layer_rules_shadow_op_rules_only_with_a_reason():
     """A keras.ops operation class with a layer rule too is looked up in the layer
     table (find_rule); that is allowed only with a stated reason."""
-    both = set(RULES) & set(OPS)
+    both = set(RULES) & set(OP_RULES)
     assert both == set(SHADOWED_OPS), sorted(cls.__name__ for cls in both ^ set(SHADOWED_OPS))
     assert all(reason.strip() for reason in SHADOWED_OPS.values())
     layer_keys = [cls for cls in RULES if not issubclass(cls, keras.layers.Layer)]
     assert not layer_keys, f"operations in the layer table: {layer_keys}"
-    assert not [cls for cls in OPS if issubclass(cls, keras.layers.Layer)]
+    assert not [cls for cls in OP_RULES if issubclass(cls, keras.layers.Layer)]
