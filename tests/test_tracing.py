@@ -513,6 +513,18 @@ SEQUENCE_OPS = {
     "take-along-axis-rows": lambda x: ops.take_along_axis(
         x[:, :, :1], ops.swapaxes(ops.top_k(ops.swapaxes(x, 1, 2), 4)[1], 1, 2), axis=1
     ),
+    "trigonometry": lambda x: (
+        ops.tan(x),
+        ops.arcsin(ops.tanh(x)),
+        ops.arccos(ops.tanh(x)),
+        ops.arctan(x),
+        ops.sinh(x),
+        ops.cosh(x),
+        ops.arcsinh(x),
+        ops.arccosh(2.0 + x * x),
+        ops.arctanh(0.9 * ops.tanh(x)),
+        ops.isnan(ops.log(x)),
+    ),
     # halves (multiples of 0.5) round to even, as in ONNX Round
     "round-halves": lambda x: ops.round(ops.floor(4.0 * x) / 2.0),
     "round-decimals": lambda x: (ops.round(x, 2), ops.round(30.0 * x, -1)),

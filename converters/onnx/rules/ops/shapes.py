@@ -14,7 +14,7 @@ from keras import tree
 
 from keras_bn.converters.graph import Node, Tensor, to_numpy
 from keras_bn.converters.onnx.builder import Builder, Unsupported, tensor_type
-from keras_bn.converters.onnx.rules.ops.common import axes_of, operand, shape_input
+from keras_bn.converters.onnx.rules.ops.common import axes_of, cast_to, operand, shape_input
 from keras_bn.converters.onnx.rules.reshaping import resize_images
 from keras_bn.converters.tracing import batch_multiple
 
@@ -342,6 +342,9 @@ def one_hot(b: Builder, node: Node) -> None:
     depth = b.ints([classes], "depth")
     negative = b.op("Less", [indices, b.ints([0], "zero")])
     indices = b.op("Where", [negative, depth, indices])
+    # onnxruntime's OneHot writes float32 or int64 (with int64 indices): cast after
     dtype = np.dtype(out.dtype)
-    values = b.const(np.asarray([0, 1], dtype), "values", dtype=dtype)
-    b.set(out, b.op("OneHot", [indices, depth, values], axis=int(operation.axis)))
+    written = np.dtype(np.float32 if dtype.kind == "f" else np.int64)
+    values = b.const(np.asarray([0, 1], written), "values", dtype=written)
+    hot = b.op("OneHot", [indices, depth, values], axis=int(operation.axis))
+    b.set(out, cast_to(b, hot, written, dtype))
