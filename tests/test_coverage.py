@@ -110,5 +110,5 @@ def test_coverage_document_is_current():
     document = (ROOT / "docs" / "COVERAGE.md").read_text()
     assert document == coverage.markdown(), (
         "docs/COVERAGE.md is stale: python -c 'from keras_bn.converters.onnx.rules import "
-        "coverage; open(\"docs/COVERAGE.md\", \"w\").write(coverage.markdown())'"
+        'coverage; open("docs/COVERAGE.md", "w").write(coverage.markdown())\''
     )

@@ -21,7 +21,6 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import keras
 
@@ -238,7 +237,7 @@ def op_status(name: str, function: Callable) -> tuple[str, str] | None:
     """(category, note) of a public op function, None when it is in no category."""
     operation = operation_class(function)
     if operation in OPS:
-        return "rule", operation.__name__  # type: ignore[union-attr]
+        return "rule", operation.__name__
     if name in TRACED_OPS:
         return "traced", TRACED_OPS[name]
     if name in REFUSED_OPS:
@@ -258,8 +257,10 @@ def layer_status(name: str, cls: type) -> tuple[str, str] | None:
 
 
 def _table(rows: list[tuple[str, tuple[str, str] | None]], what: str) -> list[str]:
-    counts = {category: sum(1 for _, s in rows if s and s[0] == category) for category in
-              ("rule", "traced", "refused")}
+    counts = {
+        category: sum(1 for _, s in rows if s and s[0] == category)
+        for category in ("rule", "traced", "refused")
+    }
     lines = [
         f"{len(rows)} {what}: {counts['rule']} with a rule, {counts['traced']} traced, "
         f"{counts['refused']} refused.",
