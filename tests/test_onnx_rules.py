@@ -18,7 +18,8 @@ from keras import layers, ops
 
 from keras_bn import BatchNormalization as KerasBnBatchNormalization
 from keras_bn.converters.onnx.export import export_onnx
-from keras_bn.converters.onnx.rules import ACTIVATIONS, RULES, find_rule
+from keras_bn.converters.onnx.rules import ACTIVATIONS, RULES, SHADOWED_OPS, find_rule
+from keras_bn.converters.onnx.rules import OPS as OP_RULES
 
 
 def _session(path):
@@ -96,6 +97,7 @@ CORE = {
     "softmax-after-conv": lambda: sequential(
         (5, 5, 3), layers.Conv2D(4, 3), layers.Activation("softmax")
     ),
+    "repeat-vector": lambda: sequential((6,), layers.Dense(4), layers.RepeatVector(3)),
 }
 
 
@@ -158,6 +160,11 @@ OPS = {
     "hard-silu": ops.hard_silu,
     "softmax-axis1": lambda x: ops.softmax(x, axis=1),
     "per-channel-constant": lambda x: x * np.arange(1, 5, dtype="float32"),
+    # comparisons, mod, round and normalize keep the conv's layout too
+    "compare": lambda x: ops.cast(x > 0.5, "float32") - ops.cast(ops.not_equal(x, 0.0), "int32"),
+    "mod-scalar": lambda x: ops.mod(x, 0.7) + ops.mod(x, -0.7),
+    "round": lambda x: ops.round(ops.floor(4.0 * x) / 2.0),
+    "normalize-channels": lambda x: ops.normalize(x, axis=-1),
 }
 
 
@@ -580,8 +587,22 @@ def test_applications_layers(tmp_path):
     export_and_compare(keras.Model(x, y, name="applications"), tmp_path)
 
 
+DOT_SHAPES = {1: ((4, 3), (4, 5)), 2: ((4, 3), (5, 3)), (2, 1): ((4, 3), (3, 5))}
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["dot", "cosine"])
+@pytest.mark.parametrize("axes", list(DOT_SHAPES), ids=str)
+def test_dot_layer(axes, normalize, tmp_path):
+    """Dot is traced: ops.normalize (normalize=True) then batch_dot's ops."""
+    a, b = (
+        keras.Input(shape, name=name) for shape, name in zip(DOT_SHAPES[axes], "ab", strict=True)
+    )
+    y = layers.Dot(axes=axes, normalize=normalize)([a, b])
+    export_and_compare(keras.Model([a, b], y, name="dot"), tmp_path)
+
+
 # --------------------------------------------------------------------------------------
-# The table itself.
+# The tables themselves.
 
 
 def test_rules_are_looked_up_by_exact_class():
@@ -592,3 +613,67 @@ def test_rules_are_looked_up_by_exact_class():
     assert find_rule(layers.Dense(2)) is RULES[layers.Dense]
     assert find_rule(MyDense(2)) is None  # a subclass may compute something else
     assert find_rule(KerasBnBatchNormalization()) is RULES[layers.BatchNormalization]
+
+
+def _table_entries(module, table_name):
+    """The classes a literal table in ``module`` registers, once per registration:
+    its own keys, and the keys of every ``**other`` table it spreads (read from the
+    source, since a dict keeps one value per key)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(module))
+    (table,) = [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.AnnAssign | ast.Assign)
+        and isinstance(node.value, ast.Dict)
+        and table_name in [t.id for t in getattr(node, "targets", [getattr(node, "target", None)])]
+    ]
+    entries = []
+    for key, value in zip(table.keys, table.values, strict=True):
+        if key is None:  # **spread
+            entries += list(eval(compile(ast.Expression(value), "<table>", "eval"), vars(module)))
+        else:
+            entries.append(eval(compile(ast.Expression(key), "<table>", "eval"), vars(module)))
+    return entries
+
+
+@pytest.mark.parametrize(
+    "table", ["rules.table:RULES", "rules.ops.table:OPS"], ids=["layers", "ops"]
+)
+def test_no_class_is_registered_twice(table):
+    import collections
+    import importlib
+
+    module_name, name = table.split(":")
+    module = importlib.import_module(f"keras_bn.converters.onnx.{module_name}")
+    entries = _table_entries(module, name)
+    twice = [cls.__name__ for cls, n in collections.Counter(entries).items() if n > 1]
+    assert not twice, f"registered twice in {name}: {twice}"
+    assert set(entries) == set(getattr(module, name))
+
+
+def test_the_duplicate_check_sees_a_repeated_key(tmp_path, monkeypatch):
+    """The check above reads the source: a repeated key, which the dict silently
+    keeps once, is found."""
+    import sys
+
+    source = "from keras import layers as L\nT = {L.Dense: 1, L.Conv2D: 2, L.Dense: 3}\n"
+    (tmp_path / "fake_table.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import fake_table as module
+
+    assert _table_entries(module, "T") == [layers.Dense, layers.Conv2D, layers.Dense]
+    sys.modules.pop("fake_table", None)
+
+
+def test_layer_rules_shadow_op_rules_only_with_a_reason():
+    """A keras.ops operation class with a layer rule too is looked up in the layer
+    table (find_rule); that is allowed only with a stated reason."""
+    both = set(RULES) & set(OP_RULES)
+    assert both == set(SHADOWED_OPS), sorted(cls.__name__ for cls in both ^ set(SHADOWED_OPS))
+    assert all(reason.strip() for reason in SHADOWED_OPS.values())
+    layer_keys = [cls for cls in RULES if not issubclass(cls, keras.layers.Layer)]
+    assert not layer_keys, f"operations in the layer table: {layer_keys}"
+    assert not [cls for cls in OP_RULES if issubclass(cls, keras.layers.Layer)]

@@ -513,6 +513,41 @@ SEQUENCE_OPS = {
     "take-along-axis-rows": lambda x: ops.take_along_axis(
         x[:, :, :1], ops.swapaxes(ops.top_k(ops.swapaxes(x, 1, 2), 4)[1], 1, 2), axis=1
     ),
+    "trigonometry": lambda x: (
+        ops.tan(x),
+        ops.arcsin(ops.tanh(x)),
+        ops.arccos(ops.tanh(x)),
+        ops.arctan(x),
+        ops.sinh(x),
+        ops.cosh(x),
+        ops.arcsinh(x),
+        ops.arccosh(2.0 + x * x),
+        ops.arctanh(0.9 * ops.tanh(x)),
+        ops.isnan(ops.log(x)),
+    ),
+    # halves (multiples of 0.5) round to even, as in ONNX Round
+    "round-halves": lambda x: ops.round(ops.floor(4.0 * x) / 2.0),
+    "round-decimals": lambda x: (ops.round(x, 2), ops.round(30.0 * x, -1)),
+    "round-integers": lambda x: ops.round(ops.cast(30.0 * x, "int32"), -1),
+    # Python's sign rule: the remainder takes the divisor's sign (divisors of both signs)
+    "mod-floats": lambda x: (ops.mod(3.0 * x, 0.7), ops.mod(3.0 * x, x[:, :, ::-1] + 0.05)),
+    "mod-integers": lambda x: (
+        ops.mod(ops.cast(5.0 * x, "int32"), 3),
+        ops.mod(ops.cast(5.0 * x, "int32"), -3),
+        ops.mod(ops.cast(5.0 * x, "int32"), ops.cast(2.0 * x[:, :1], "int32") + 7),
+    ),
+    # negative and too-large indices give rows of zeros
+    "one-hot": lambda x: ops.one_hot(ops.cast(3.0 * x[:, 0], "int32"), 4),
+    "one-hot-axis": lambda x: ops.one_hot(ops.cast(3.0 * x, "int32"), 3, axis=1, dtype="int32"),
+    "prod": lambda x: (ops.prod(1.0 + 0.2 * x, axis=1), ops.prod(1.0 + 0.2 * x)),
+    "prod-integers": lambda x: ops.prod(ops.cast(2.0 * x, "int32"), axis=-1, keepdims=True),
+    # the element count at runtime (it scales with the batch size)
+    "size": lambda x: x * ops.cast(ops.size(x), "float32"),
+    "normalize": lambda x: (ops.normalize(x), ops.normalize(x, axis=1, order=1)),
+    "normalize-two-axes": lambda x: ops.normalize(x, axis=(1, 2)),
+    "normalize-order-3": lambda x: ops.normalize(x, order=3),
+    "index-ellipsis-newaxis": lambda x: (x[..., None], x[:, None, :], x[..., 1:], x[:, ..., 2]),
+    "index-mixed": lambda x: (x[:, None, 1:4, None, ::2], x[..., None, -1], x[:, 2, ..., None]),
 }
 IMAGE_OPS = {  # after a Conv2D: the ops read a channels-first exported tensor
     "cumsum-rows": lambda x: ops.cumsum(x, axis=1),
@@ -529,6 +564,13 @@ IMAGE_OPS = {  # after a Conv2D: the ops read a channels-first exported tensor
     # KerasHub D-FINE's bilinear grid sampling (batch offsets inside): recorded, not entered
     "grid-sample": lambda x: _d_fine_grid_sample(x, align_corners=False),
     "grid-sample-aligned-corners": lambda x: _d_fine_grid_sample(x, align_corners=True),
+    "max-pool": lambda x: ops.max_pool(x, 2, strides=2),
+    "max-pool-same": lambda x: ops.max_pool(x, (3, 2), strides=(2, 1), padding="same"),
+    "average-pool": lambda x: ops.average_pool(x, 3, strides=1),
+    # Keras averages the real elements only at the borders
+    "average-pool-same": lambda x: ops.average_pool(x, 3, strides=2, padding="same"),
+    "normalize-channels": lambda x: ops.normalize(x, axis=-1),
+    "one-hot-of-argmax": lambda x: ops.one_hot(ops.argmax(x, axis=-1), 4, axis=1),
 }
 
 

@@ -19,6 +19,7 @@ from keras_bn.converters.tracing import batch_multiple
 
 __all__ = [
     "Rule",
+    "any_along",
     "constant_input",
     "channels_first_layout",
     "check_not_quantized",
@@ -34,8 +35,9 @@ __all__ = [
 Rule = Callable[[Builder, Node], None]
 
 
-def constant_input(b: Builder, value: Any, like: Tensor | None = None) -> str:
-    """A non-symbolic argument as an initializer (weights, numbers, eager tensors).
+def constant_input(b: Builder, value: Any, like: Tensor | None = None, *, dtype: Any = None) -> str:
+    """A non-symbolic argument as an initializer (weights, numbers, eager tensors),
+    floats in the node's float dtype, others in ``dtype`` if given (else int64).
 
     A constant whose first axis was tiled to the tracing batch size (a class token
     ``ops.tile(token, (batch, 1, 1))``) becomes one row tiled at runtime.
@@ -46,10 +48,10 @@ def constant_input(b: Builder, value: Any, like: Tensor | None = None) -> str:
     if array.ndim and batch_multiple(array.shape[0]) == 1:
         if not np.array_equal(array, np.broadcast_to(array[:1], array.shape)):
             raise Unsupported("a constant with a batch-sized axis whose rows differ")
-        row = b.const(array[:1], "constant")
+        row = b.const(array[:1], "constant", dtype=dtype)
         repeats = b.op("Concat", [b.batch_size(), b.ints([1] * (array.ndim - 1))], axis=0)
         return b.op("Tile", [row, repeats])
-    return b.const(array, "constant")
+    return b.const(array, "constant", dtype=dtype)
 
 
 def node_array(b: Builder, node: Node, attribute: str) -> tuple[np.ndarray, tuple]:
@@ -102,6 +104,12 @@ def softmax_nodes(b: Builder, x: str, value: Value, axes: Sequence[int]) -> str:
     shifted = b.op("Sub", [x, b.reduce("ReduceMax", x, onnx_axes, keepdims=True)])
     exp = b.op("Exp", [shifted])
     return b.op("Div", [exp, b.reduce("ReduceSum", exp, onnx_axes, keepdims=True)])
+
+
+def any_along(b: Builder, boolean: str, axes: Sequence[int], keepdims: bool) -> str:
+    """Whether any element of a boolean tensor is true along ONNX ``axes``."""
+    as_int = b.op("Cast", [boolean], to=6)  # INT32: no ReduceMax over booleans before opset 20
+    return b.op("Cast", [b.reduce("ReduceMax", as_int, axes, keepdims=keepdims)], to=9)  # BOOL
 
 
 def _expand_rank(b: Builder, tensor: Any, rank: int, perm: Perm) -> str:

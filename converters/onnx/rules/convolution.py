@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from keras_bn.converters.graph import Node, Tensor, to_numpy
+from keras_bn.converters.graph import Node
 from keras_bn.converters.onnx.builder import Builder, Unsupported, Value
 from keras_bn.converters.onnx.layout import Perm, identity_perm
 from keras_bn.converters.onnx.rules.activations import apply_activation
@@ -147,60 +146,17 @@ def conv(b: Builder, node: Node) -> None:
     b.set(node.outputs[0], apply_activation(b, layer.activation, out, perm), perm)
 
 
-def _conv_op_input(b: Builder, node: Node) -> tuple[str, Perm, list, Pads | None, np.ndarray, Any]:
-    """The input and constant kernel of ``ops.conv``/``ops.depthwise_conv``, and the
-    operation's strides, dilations and padding as tuples (it keeps ints)."""
-    operation = node.layer
-    kernel_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("kernel")
-    if isinstance(kernel_arg, Tensor):
-        raise Unsupported("a kernel computed from the inputs (a weight or constant is exported)")
-    kernel = np.asarray(to_numpy(kernel_arg))
-    spatial = kernel.ndim - 2
-
-    def per_axis(value: Any) -> tuple[int, ...]:
-        values = tuple(np.atleast_1d(value).tolist())
-        return values * spatial if len(values) == 1 else values
-
-    padding = operation.padding
-    if padding not in ("valid", "same"):
-        raise Unsupported(f"padding={padding!r}")
-    data_format = operation.data_format or "channels_last"
-    name, perm, sizes, pending = spatial_input(b, node, data_format, padding == "valid")
-    settings = types.SimpleNamespace(
-        strides=per_axis(operation.strides),
-        dilation_rate=per_axis(operation.dilation_rate),
-        padding=padding,
-    )
-    return name, perm, sizes, pending, kernel, settings
-
-
-def conv_op(b: Builder, node: Node) -> None:
-    """``ops.conv(inputs, kernel, ...)`` with a constant kernel (grouped when the
-    kernel has fewer input channels than the inputs)."""
-
-    def grouped(kernel: np.ndarray, channels: int | None) -> tuple[np.ndarray, int]:
-        if channels is None or channels % kernel.shape[-2]:
-            raise Unsupported("input channels that are not a multiple of the kernel's")
-        rank = kernel.ndim
-        weight = np.transpose(kernel, (rank - 1, rank - 2, *range(rank - 2)))
-        return weight, channels // kernel.shape[-2]
-
-    _constant_kernel_conv(b, node, grouped)
-
-
-def depthwise_conv_op(b: Builder, node: Node) -> None:
-    """``ops.depthwise_conv(inputs, kernel, ...)`` with a constant kernel."""
-    _constant_kernel_conv(b, node, lambda kernel, _: (_depthwise_weight(kernel), kernel.shape[-2]))
-
-
-def _constant_kernel_conv(
+def constant_kernel_conv(
     b: Builder,
     node: Node,
+    conv_input: tuple[str, Perm, list, Pads | None, np.ndarray, Any],
     as_onnx: Callable[[np.ndarray, int | None], tuple[np.ndarray, int]],
 ) -> None:
-    """An ONNX Conv for ``ops.conv``/``ops.depthwise_conv``; ``as_onnx(kernel, input
+    """An ONNX Conv for ``ops.conv``/``ops.depthwise_conv`` (:mod:`.ops.nn`):
+    ``conv_input`` is the input, its layout, spatial sizes and pending pads, the
+    constant kernel and the operation's settings; ``as_onnx(kernel, input
     channels)`` gives the ONNX weight and the group count."""
-    name, perm, sizes, pending, kernel, settings = _conv_op_input(b, node)
+    name, perm, sizes, pending, kernel, settings = conv_input
     weight, group = as_onnx(kernel, node.inputs[0].shape[perm[1]])
     out = _conv_node(
         b,
@@ -216,7 +172,7 @@ def _constant_kernel_conv(
     b.set(node.outputs[0], out, perm)
 
 
-def _depthwise_weight(kernel: np.ndarray) -> np.ndarray:
+def depthwise_weight(kernel: np.ndarray) -> np.ndarray:
     """(*k, C, M) Keras depthwise kernel -> (C*M, 1, *k) ONNX grouped kernel."""
     spatial = kernel.ndim - 2
     flat = kernel.reshape(*kernel.shape[:spatial], -1)  # output channel c * M + m
@@ -233,7 +189,7 @@ def depthwise_conv(b: Builder, node: Node) -> None:
     out = _conv_node(
         b,
         name,
-        b.const(_depthwise_weight(kernel), "kernel", key=key),
+        b.const(depthwise_weight(kernel), "kernel", key=key),
         node_bias(b, node),
         layer,
         sizes,
@@ -253,7 +209,7 @@ def separable_conv(b: Builder, node: Node) -> None:
     depthwise_out = _conv_node(
         b,
         name,
-        b.const(_depthwise_weight(depthwise), "depthwise_kernel", key=depthwise_key),
+        b.const(depthwise_weight(depthwise), "depthwise_kernel", key=depthwise_key),
         None,
         layer,
         sizes,
@@ -341,8 +297,10 @@ def conv_transpose(b: Builder, node: Node) -> None:
 # Pooling.
 
 
-def _pool(b: Builder, node: Node, op_type: str) -> None:
-    layer = node.layer
+def pool_nodes(b: Builder, node: Node, op_type: str, layer: Any) -> None:
+    """MaxPool/AveragePool of the node's input by ``layer``'s ``pool_size``,
+    ``strides``, ``padding`` and ``data_format`` (a pooling layer, or the settings
+    of ``ops.max_pool``/``ops.average_pool``)."""
     name, perm, sizes, _ = spatial_input(b, node, layer.data_format, absorb_pads=False)
     strides = list(layer.strides)
     attributes = padding_attributes(
@@ -355,11 +313,11 @@ def _pool(b: Builder, node: Node, op_type: str) -> None:
 
 
 def max_pooling(b: Builder, node: Node) -> None:
-    _pool(b, node, "MaxPool")
+    pool_nodes(b, node, "MaxPool", node.layer)
 
 
 def average_pooling(b: Builder, node: Node) -> None:
-    _pool(b, node, "AveragePool")
+    pool_nodes(b, node, "AveragePool", node.layer)
 
 
 def _global_pool(b: Builder, node: Node, global_op: str, reduce_op: str) -> None:

@@ -42,9 +42,9 @@ from keras import layers as L
 
 from keras_bn.converters.graph import Node, Tensor, to_numpy
 from keras_bn.converters.onnx.builder import Builder, Unsupported
-from keras_bn.converters.onnx.rules.common import check_not_quantized
+from keras_bn.converters.onnx.rules.common import any_along, check_not_quantized
 
-__all__ = ["any_op", "bidirectional", "masking", "not_equal", "recurrent"]
+__all__ = ["bidirectional", "masking", "recurrent"]
 
 TIME_MAJOR = (1, 0, 2)  # layout of a (batch, time, features) tensor stored (time, batch, ...)
 
@@ -401,36 +401,62 @@ def bidirectional(b: Builder, node: Node) -> None:
     if counts[0] != counts[1] and (states or layer.return_state):
         # Keras itself splits the states in equal halves (and declares as many outputs).
         raise Unsupported("states of halves with different state counts (LSTM with GRU/RNN)")
-    # Each direction's final states (its h, and c for an LSTM): (direction, ONNX
-    # output, index along the direction axis).
-    finals: list[list[tuple[list[str], int, int]]]
-    if forward.attributes() == backward.attributes():
-        initial = _initial_states(b, states, counts[0])
-        results = _recurrence(b, [forward, backward], "bidirectional", x, lens, initial)
-        finals = [[(results, k, d) for k in range(1, 1 + counts[d])] for d in (0, 1)]
-    else:
-        own_states = [states[: counts[0]], states[counts[0] :]] if states else [[], []]
-        halves = [
-            _recurrence(b, [spec], direction, x, lens, _initial_states(b, own, count))
-            for spec, direction, own, count in zip(
-                (forward, backward), ("forward", "reverse"), own_states, counts, strict=True
-            )
-        ]
-        results = [
-            b.op("Concat", [halves[0][k], halves[1][k]], axis=1 if k == 0 else 0) for k in (0, 1)
-        ]
-        finals = [[(halves[d], k, 0) for k in range(1, 1 + counts[d])] for d in (0, 1)]
+    results, finals = _both_directions(b, (forward, backward), x, lens, states, counts)
     y, y_h = results[0], results[1]
     if compacted is not None and layer.return_sequences:  # (time, 2, batch, units)
         batch_major = b.op("Transpose", [y], perm=[2, 0, 1, 3])
         expanded = _expand(b, compacted, batch_major, 4, zero_for_mask=True)
         y = b.op("Transpose", [expanded], perm=[1, 2, 0, 3])
     outputs = list(node.outputs)
+    count = _merge_directions(b, layer, outputs, y, y_h)
+    if layer.return_state:
+        state_outputs = iter(outputs[count:])
+        for direction_finals in finals:
+            for onnx_outputs, k, index in direction_finals:
+                b.set(next(state_outputs), _state(b, onnx_outputs[k], index))
+
+
+# Each direction's final states (its h, and c for an LSTM): (the recurrence's ONNX
+# outputs, output index, index along the direction axis).
+_Finals = list[list[tuple[list[str], int, int]]]
+
+
+def _both_directions(
+    b: Builder,
+    specs: tuple[_Direction, _Direction],
+    x: str,
+    lens: str | None,
+    states: list[Tensor],
+    counts: list[int],
+) -> tuple[list[str], _Finals]:
+    """Both halves of a Bidirectional: one bidirectional node when their attributes
+    match, else a forward and a reverse node concatenated along the direction axis.
+    Returns [Y, Y_h] with the direction axis, and each direction's final states."""
+    forward, backward = specs
+    if forward.attributes() == backward.attributes():
+        initial = _initial_states(b, states, counts[0])
+        results = _recurrence(b, [forward, backward], "bidirectional", x, lens, initial)
+        return results, [[(results, k, d) for k in range(1, 1 + counts[d])] for d in (0, 1)]
+    own_states = [states[: counts[0]], states[counts[0] :]] if states else [[], []]
+    halves = [
+        _recurrence(b, [spec], direction, x, lens, _initial_states(b, own, count))
+        for spec, direction, own, count in zip(
+            specs, ("forward", "reverse"), own_states, counts, strict=True
+        )
+    ]
+    results = [
+        b.op("Concat", [halves[0][k], halves[1][k]], axis=1 if k == 0 else 0) for k in (0, 1)
+    ]
+    return results, [[(halves[d], k, 0) for k in range(1, 1 + counts[d])] for d in (0, 1)]
+
+
+def _merge_directions(b: Builder, layer: Any, outputs: list[Tensor], y: str, y_h: str) -> int:
+    """Publish the Bidirectional's merged output(s) (``merge_mode``) from the
+    sequences ``y`` (time, 2, batch, units) or final states ``y_h`` (2, batch,
+    units); returns how many outputs that took (the states follow)."""
     sequences_out = layer.return_sequences
-    # (time, 2, batch, units) or (2, batch, units): the direction axis.
-    both, axis = (y, 1) if sequences_out else (y_h, 0)
+    both, axis = (y, 1) if sequences_out else (y_h, 0)  # the direction axis
     perm = TIME_MAJOR if sequences_out else (0, 1)
-    count = 0
     if layer.merge_mode == "concat":
         order = [0, 2, 1, 3] if sequences_out else [1, 0, 2]
         swapped = b.op("Transpose", [both], perm=order)
@@ -439,34 +465,27 @@ def bidirectional(b: Builder, node: Node) -> None:
             [swapped, b.ints([0, 0, -1] if sequences_out else [0, -1], "merged_shape")],
         )
         b.set(outputs[0], merged, perm)
-        count = 1
+        return 1
+    directions_out: list[str] = [
+        b.op("Squeeze", [_pick(b, both, i, axis), b.ints([axis], "direction_axis")]) for i in (0, 1)
+    ]
+    if layer.merge_mode is None:
+        b.set(outputs[0], directions_out[0], perm)
+        b.set(outputs[1], directions_out[1], perm)
+        return 2
+    if layer.merge_mode == "mul":
+        merged = b.op("Mul", directions_out)
     else:
-        directions_out: list[str] = [
-            b.op("Squeeze", [_pick(b, both, i, axis), b.ints([axis], "direction_axis")])
-            for i in (0, 1)
-        ]
-        if layer.merge_mode is None:
-            b.set(outputs[0], directions_out[0], perm)
-            b.set(outputs[1], directions_out[1], perm)
-            count = 2
-        else:
-            if layer.merge_mode == "mul":
-                merged = b.op("Mul", directions_out)
-            else:
-                merged = b.op("Add", directions_out)
-                if layer.merge_mode == "ave":
-                    merged = b.op("Div", [merged, b.scalar(2.0, "two")])
-            b.set(outputs[0], merged, perm)
-            count = 1
-    if layer.return_state:
-        state_outputs = iter(outputs[count:])
-        for direction_finals in finals:
-            for onnx_outputs, k, index in direction_finals:
-                b.set(next(state_outputs), _state(b, onnx_outputs[k], index))
+        merged = b.op("Add", directions_out)
+        if layer.merge_mode == "ave":
+            merged = b.op("Div", [merged, b.scalar(2.0, "two")])
+    b.set(outputs[0], merged, perm)
+    return 1
 
 
 # --------------------------------------------------------------------------------------
-# Masks: the Masking layer and the keras.ops operations its mask is computed with.
+# Masks: the Masking layer (the keras.ops operations its mask is computed with,
+# not_equal and any, are in .ops).
 
 
 def masking(b: Builder, node: Node) -> None:
@@ -474,37 +493,6 @@ def masking(b: Builder, node: Node) -> None:
     tensor = node.inputs[0]
     x = b.get(tensor)
     value = b.scalar(float(node.layer.mask_value), "mask_value")
-    kept = _any_last_axis(b, b.op("Not", [b.op("Equal", [x, value])]), keepdims=True)
+    kept = any_along(b, b.op("Not", [b.op("Equal", [x, value])]), [-1], keepdims=True)
     out = b.op("Where", [kept, x, b.scalar(0.0, "zero")])
-    b.set(node.outputs[0], out)
-
-
-def _any_last_axis(b: Builder, boolean: str, keepdims: bool, axes: list[int] | None = None) -> str:
-    as_int = b.op("Cast", [boolean], to=6)  # INT32: no ReduceMax over booleans before opset 20
-    reduced = b.reduce("ReduceMax", as_int, axes or [-1], keepdims=keepdims)
-    return b.op("Cast", [reduced], to=9)  # BOOL
-
-
-def not_equal(b: Builder, node: Node) -> None:
-    """``keras.ops.not_equal`` of a tensor and a number (the masks' comparison)."""
-    tensor, other = node.args[:2] if len(node.args) >= 2 else (None, None)
-    if not isinstance(tensor, Tensor) or isinstance(other, Tensor) or other is None:
-        raise Unsupported("only not_equal(tensor, number) is exported")
-    x = b.get(tensor, cast=False)
-    dtype = np.dtype(tensor.dtype)
-    constant = b.const(np.asarray(other, dtype=dtype), "compared_to", dtype=dtype)
-    b.set(node.outputs[0], b.op("Not", [b.op("Equal", [x, constant])]))
-
-
-def any_op(b: Builder, node: Node) -> None:
-    """``keras.ops.any`` over axes of a boolean tensor (the masks' reduction)."""
-    tensor = node.inputs[0]
-    axis = node.layer.axis
-    if axis is None:
-        raise Unsupported("any over every axis is not exported")
-    axes = [int(a) % tensor.rank for a in (axis if isinstance(axis, list | tuple) else [axis])]
-    name = b.get(tensor, cast=False)
-    if np.dtype(tensor.dtype) != np.bool_:
-        name = b.op("Cast", [name], to=9)
-    out = _any_last_axis(b, name, bool(node.layer.keepdims), axes)
     b.set(node.outputs[0], out)

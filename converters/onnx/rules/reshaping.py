@@ -196,3 +196,11 @@ def resize_images(
 
 def resizing(b: Builder, node: Node) -> None:
     resize_images(b, node, node.layer, (node.layer.height, node.layer.width))
+
+
+def repeat_vector(b: Builder, node: Node) -> None:
+    """RepeatVector: ``(batch, features)`` -> ``(batch, n, features)``, the input
+    repeated ``n`` times along a new axis 1 (Unsqueeze, Tile)."""
+    x = b.op("Unsqueeze", [b.get(node.inputs[0]), b.ints([1], "axis1")])
+    repeats = b.ints([1, int(node.layer.n), 1], "repeats")
+    b.set(node.outputs[0], b.op("Tile", [x, repeats]))

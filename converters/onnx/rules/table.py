@@ -1,21 +1,29 @@
-"""The exporter's rule table: Keras layer (or ``keras.ops`` operation) class -> rule.
+"""The exporter's layer table: Keras layer class -> rule; and the lookup of both tables.
 
 A rule ``rule(builder, node)`` reads the layer's config and weights (through
 ``node.weight``), emits ONNX nodes through the :class:`~..builder.Builder` and
 publishes the node's outputs with ``builder.set``. Adding a layer is adding one
-entry here and one function in its family's module. A rule that cannot export a
-configuration raises :class:`~..builder.Unsupported` with the reason; the exporter
-collects every such layer into one error message.
+entry here and one function in its family's module. ``keras.ops`` operations
+have their own table, :data:`.ops.OPS`; :func:`find_rule` looks in this one
+first (a layer rule gives the better graph), so a class in both needs a reason
+in :data:`SHADOWED_OPS`. A rule that cannot export a configuration raises
+:class:`~..builder.Unsupported` with the reason; the exporter collects every such
+layer into one error message.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from keras import activations
 from keras import layers as L
 
 from keras_bn.converters.onnx.rules.activations import ACTIVATIONS
+from keras_bn.converters.onnx.rules.applications import (
+    CustomScaleLayer,
+    LayerScale,
+    custom_scale,
+    layer_scale,
+)
 from keras_bn.converters.onnx.rules.attention import einsum_dense, multi_head_attention
 from keras_bn.converters.onnx.rules.common import Rule
 from keras_bn.converters.onnx.rules.convolution import (
@@ -46,19 +54,6 @@ from keras_bn.converters.onnx.rules.core import (
     softmax,
     subtract,
 )
-from keras_bn.converters.onnx.rules.keras_ops import (
-    CustomScaleLayer,
-    LayerScale,
-    binary_op,
-    custom_scale,
-    gelu_op,
-    layer_scale,
-    negative,
-    nn_ops,
-    numpy_ops,
-    softmax_op,
-    unary_activation,
-)
 from keras_bn.converters.onnx.rules.normalization import (
     batch_normalization,
     group_normalization,
@@ -67,18 +62,13 @@ from keras_bn.converters.onnx.rules.normalization import (
     rescaling,
     unit_normalization,
 )
-from keras_bn.converters.onnx.rules.operations import OPERATION_RULES
-from keras_bn.converters.onnx.rules.recurrent import (
-    any_op,
-    bidirectional,
-    masking,
-    not_equal,
-    recurrent,
-)
+from keras_bn.converters.onnx.rules.ops import OPS
+from keras_bn.converters.onnx.rules.recurrent import bidirectional, masking, recurrent
 from keras_bn.converters.onnx.rules.reshaping import (
     cropping,
     flatten,
     permute,
+    repeat_vector,
     reshape,
     resizing,
     upsampling,
@@ -86,7 +76,7 @@ from keras_bn.converters.onnx.rules.reshaping import (
 )
 from keras_bn.layers import BatchNormalization as KerasBnBatchNormalization
 
-__all__ = ["RULES", "find_rule", "needs_tracing"]
+__all__ = ["RULES", "SHADOWED_OPS", "find_rule", "needs_tracing"]
 
 RULES: dict[type, Rule] = {
     # Core
@@ -134,6 +124,7 @@ RULES: dict[type, Rule] = {
     L.Reshape: reshape,
     L.Flatten: flatten,
     L.Permute: permute,
+    L.RepeatVector: repeat_vector,
     L.ZeroPadding1D: zero_padding,
     L.ZeroPadding2D: zero_padding,
     L.ZeroPadding3D: zero_padding,
@@ -170,37 +161,22 @@ RULES: dict[type, Rule] = {
     L.Bidirectional: bidirectional,
     L.MultiHeadAttention: multi_head_attention,
     L.Masking: masking,
-    numpy_ops.NotEqual: not_equal,
-    numpy_ops.Any: any_op,
     # Keras Applications' own layers
     LayerScale: layer_scale,
     CustomScaleLayer: custom_scale,
-    # keras.ops operations used in functional code (x + 3.0, x * y, ops.gelu(x))
-    numpy_ops.Add: binary_op,
-    numpy_ops.Subtract: binary_op,
-    numpy_ops.Multiply: binary_op,
-    numpy_ops.Divide: binary_op,
-    numpy_ops.TrueDivide: binary_op,
-    numpy_ops.Maximum: binary_op,
-    numpy_ops.Minimum: binary_op,
-    numpy_ops.Negative: negative,
-    numpy_ops.Tanh: unary_activation(activations.tanh),
-    nn_ops.Relu: unary_activation(activations.relu),
-    nn_ops.Relu6: unary_activation(activations.relu6),
-    nn_ops.Sigmoid: unary_activation(activations.sigmoid),
-    nn_ops.Silu: unary_activation(activations.silu),
-    nn_ops.HardSigmoid: unary_activation(activations.hard_sigmoid),
-    nn_ops.HardSilu: unary_activation(activations.hard_silu),
-    nn_ops.Gelu: gelu_op,
-    nn_ops.Softmax: softmax_op,
-    # the other keras.ops operations, recorded by tracing layers without a rule
-    **OPERATION_RULES,
 }
 
 
+# keras.ops operation classes that also have a layer rule, which wins (find_rule),
+# each with the reason. Empty: a class in both tables by accident fails a test.
+SHADOWED_OPS: dict[type, str] = {}
+
+
 def find_rule(layer: Any) -> Rule | None:
-    """The rule for ``layer``'s exact class (a subclass may compute something else)."""
-    return RULES.get(type(layer))
+    """The rule for ``layer``'s exact class (a subclass may compute something else):
+    its layer rule, else its ``keras.ops`` operation rule."""
+    rule = RULES.get(type(layer))
+    return rule if rule is not None else OPS.get(type(layer))
 
 
 def needs_tracing(layer: Any) -> bool:
