@@ -60,6 +60,7 @@ __all__ = [
     "ordered_nodes",
     "inputs_struct",
     "outputs_struct",
+    "keras_mask",
     "producing_operation",
     "output_names",
     # loading
@@ -216,6 +217,11 @@ def inputs_struct(functional: Any) -> Any:
 def outputs_struct(functional: Any) -> Any:
     """The graph's output ``KerasTensor``s in the structure the model returns."""
     return functional._outputs_struct
+
+
+def keras_mask(keras_tensor: keras.KerasTensor) -> Any:
+    """The Keras mask a symbolic tensor carries (``_keras_mask``), None when none."""
+    return getattr(keras_tensor, "_keras_mask", None)
 
 
 def producing_operation(keras_tensor: keras.KerasTensor) -> Any:

@@ -9,9 +9,11 @@ Masking), :mod:`.attention` (EinsumDense, MultiHeadAttention), :mod:`.keras_ops`
 Applications' layers: the exporter's only private Keras imports).
 """
 
+from keras_bn.converters.onnx.rules import operations, text_ops
 from keras_bn.converters.onnx.rules.activations import ACTIVATIONS
 from keras_bn.converters.onnx.rules.common import Rule
-from keras_bn.converters.onnx.rules.operations import READS_UNKNOWN_SIZES
 from keras_bn.converters.onnx.rules.table import RULES, find_rule, needs_tracing
+
+READS_UNKNOWN_SIZES = operations.READS_UNKNOWN_SIZES | text_ops.READS_UNKNOWN_SIZES
 
 __all__ = ["ACTIVATIONS", "READS_UNKNOWN_SIZES", "RULES", "Rule", "find_rule", "needs_tracing"]

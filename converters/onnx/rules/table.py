@@ -84,6 +84,7 @@ from keras_bn.converters.onnx.rules.reshaping import (
     upsampling,
     zero_padding,
 )
+from keras_bn.converters.onnx.rules.text_ops import TEXT_OP_RULES
 from keras_bn.layers import BatchNormalization as KerasBnBatchNormalization
 
 __all__ = ["RULES", "find_rule", "needs_tracing"]
@@ -195,6 +196,8 @@ RULES: dict[type, Rule] = {
     nn_ops.Softmax: softmax_op,
     # the other keras.ops operations, recorded by tracing layers without a rule
     **OPERATION_RULES,
+    # ... and those sequence models add (sizes read from the sequence length)
+    **TEXT_OP_RULES,
 }
 
 

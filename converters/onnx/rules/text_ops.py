@@ -1,0 +1,147 @@
+"""Rules: the ``keras.ops`` operations sequence models record when traced.
+
+Text backbones read the sequence length while tracing (``ops.shape(x)[1]``) and
+build from it what other models build from constants: position tables sliced to
+the length, ``ops.arange(length)`` for causal masks and rotary embeddings. A trace
+records those calls as operations (see
+:func:`keras_bn.converters.tracing.trace_call`) whose sizes stand for the runtime
+length (:func:`~keras_bn.converters.tracing.traced_size`); the rules here compute
+them from the input's shape, so one ONNX file runs at any length. Also the
+operations decoder-only models add: ``ops.repeat`` (grouped-query attention repeats
+key/value heads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from keras import tree
+
+from keras_bn._keras_internals import core_ops, numpy_ops
+from keras_bn.converters.graph import Node, Tensor, to_numpy
+from keras_bn.converters.onnx.builder import Builder, Unsupported, tensor_type
+from keras_bn.converters.onnx.rules.common import Rule, constant_input
+from keras_bn.converters.tracing import AnchoredConstant, Range, traced_size
+
+__all__ = ["READS_UNKNOWN_SIZES", "TEXT_OP_RULES"]
+
+
+def _runtime_size(b: Builder, node: Node, size: Any) -> str | None:
+    """A traced size as a 1-D int64 tensor of one element computed at runtime,
+    None when it is static."""
+    traced = traced_size(size, node.unknown_sizes)
+    if traced.static:
+        return None
+    factors = [b.batch_size()] if traced.batch else []
+    factors += [b.size(tensor, axis) for tensor, axis in traced.dims]
+    if traced.coefficient != 1:
+        factors.append(b.ints([traced.coefficient], "size"))
+    part = factors[0]
+    for factor in factors[1:]:
+        part = b.op("Mul", [part, factor])
+    return part
+
+
+def _operand(b: Builder, arg: Any) -> str:
+    return b.get(arg) if isinstance(arg, Tensor) else constant_input(b, arg)
+
+
+def _scalar_operand(b: Builder, node: Node, arg: Any, dtype: str) -> str:
+    """A scalar argument (a number, a traced size, a 0-d tensor) as a 0-d ``dtype``."""
+    if isinstance(arg, Tensor):
+        return b.op("Cast", [b.get(arg, cast=False)], to=tensor_type(dtype))
+    if isinstance(arg, int | np.integer) and not isinstance(arg, bool):
+        size = _runtime_size(b, node, int(arg))
+        if size is not None:
+            scalar = b.op("Squeeze", [size, b.ints([0], "axes")])
+            return b.op("Cast", [scalar], to=tensor_type(dtype))
+    return b.const(np.asarray(to_numpy(arg), dtype=dtype), "scalar", dtype=dtype)
+
+
+def slice_op(b: Builder, node: Node) -> None:
+    """``ops.slice(x, start_indices, shape)`` at static starts, of a tensor or of a
+    constant (a position table), where sizes may stand for the runtime batch size or
+    sequence length."""
+    source = node.args[0]
+    starts_arg = node.args[1] if len(node.args) > 1 else node.kwargs["start_indices"]
+    if any(isinstance(start, Tensor) for start in tree.flatten(starts_arg)):
+        raise Unsupported("slicing at symbolic start indices")
+    starts = [int(start) for start in np.asarray(to_numpy(starts_arg)).reshape(-1)]
+    full_shape: Sequence[int | None] = (
+        source.shape if isinstance(source, Tensor) else np.shape(to_numpy(source))
+    )
+    x = _operand(b, source)
+    begins, ends, axes = [], [], []
+    for axis, (start, size, full) in enumerate(
+        zip(starts, node.layer.shape, full_shape, strict=True)
+    ):
+        runtime = _runtime_size(b, node, int(size))
+        if runtime is None and start == 0 and size == full:
+            continue  # the whole axis
+        begins.append(start)
+        ends.append(
+            b.ints([start + int(size)], "end")
+            if runtime is None
+            else (b.op("Add", [runtime, b.ints([start], "start")]) if start else runtime)
+        )
+        axes.append(axis)
+    if not axes:
+        b.set(node.outputs[0], b.op("Identity", [x]))
+        return
+    stops = ends[0] if len(ends) == 1 else b.op("Concat", ends, axis=0)
+    sliced = b.op("Slice", [x, b.ints(begins, "starts"), stops, b.ints(axes, "axes")])
+    b.set(node.outputs[0], sliced)
+
+
+def range_op(b: Builder, node: Node) -> None:
+    """A traced ``ops.arange`` of a length read from an input: ONNX Range, its ends
+    computed from the input's runtime shape."""
+    layer = node.layer
+    dtype = str(np.dtype(node.outputs[0].dtype))
+    operands = [
+        _scalar_operand(b, node, value, dtype) for value in (layer.start, layer.stop, layer.step)
+    ]
+    b.set(node.outputs[0], b.op("Range", operands))
+
+
+def anchored_constant(b: Builder, node: Node) -> None:
+    """A constant a traced operation of unknown size reads (its input only anchors it)."""
+    b.set(node.outputs[0], b.const(node.layer.value, "constant"))
+
+
+def repeat(b: Builder, node: Node) -> None:
+    """``ops.repeat(x, repeats, axis)`` with a static count (grouped-query attention's
+    key/value heads): each element repeated in place, as Unsqueeze, Expand, Reshape."""
+    tensor = node.inputs[0]
+    layer = node.layer
+    repeats = layer.repeats
+    if isinstance(repeats, Tensor) or np.ndim(repeats) > 0 and np.size(repeats) != 1:
+        raise Unsupported("repeat counts per element")
+    count = int(np.asarray(repeats).reshape(-1)[0])
+    if layer.axis is None:
+        raise Unsupported("repeat of the flattened tensor (axis=None)")
+    axis = int(layer.axis) % tensor.rank
+    x = b.get(tensor)
+    expanded = b.op("Unsqueeze", [x, b.ints([axis + 1], "axes")])
+    ones = [1] * (tensor.rank + 1)
+    ones[axis + 1] = count
+    tiled = b.op("Tile", [expanded, b.ints(ones, "repeats")])
+    # The output shape: the input's, with ``axis`` multiplied by the count.
+    input_shape = b.op("Shape", [x])
+    scale = [1] * tensor.rank
+    scale[axis] = count
+    target = b.op("Mul", [input_shape, b.ints(scale, "scale")])
+    b.set(node.outputs[0], b.op("Reshape", [tiled, target]))
+
+
+TEXT_OP_RULES: dict[type, Rule] = {
+    core_ops.Slice: slice_op,
+    Range: range_op,
+    AnchoredConstant: anchored_constant,
+    numpy_ops.Repeat: repeat,
+}
+
+# The rules here that compute sizes read while tracing at runtime.
+READS_UNKNOWN_SIZES: frozenset[Rule] = frozenset({slice_op, range_op})
