@@ -615,6 +615,10 @@ def output_specs_without_call_context() -> Iterator[None]:
             context = set(getattr(self, "_call_context_args", ())) | {"mask"}
             for name in context - accepted:
                 kwargs.pop(name, None)
+            # Arguments left at None (KerasHub's CachedMultiHeadAttention's ``cache``)
+            # that an inherited compute_output_spec does not take select no shape.
+            for name in [k for k, v in kwargs.items() if v is None and k not in accepted]:
+                kwargs.pop(name)
         return original(self, *args, **kwargs)
 
     cls.symbolic_call = symbolic_call

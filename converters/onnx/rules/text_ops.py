@@ -17,12 +17,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from keras import layers as L
 from keras import tree
 
 from keras_bn._keras_internals import core_ops, numpy_ops
 from keras_bn.converters.graph import Node, Tensor, to_numpy
-from keras_bn.converters.onnx.builder import Builder, Unsupported, tensor_type
-from keras_bn.converters.onnx.rules.common import Rule, constant_input
+from keras_bn.converters.onnx.builder import Builder, Unsupported, Value, tensor_type
+from keras_bn.converters.onnx.rules import operations
+from keras_bn.converters.onnx.rules.common import Rule, constant_input, softmax_nodes
 from keras_bn.converters.tracing import AnchoredConstant, Range, traced_size
 
 __all__ = ["READS_UNKNOWN_SIZES", "TEXT_OP_RULES"]
@@ -136,7 +138,92 @@ def repeat(b: Builder, node: Node) -> None:
     b.set(node.outputs[0], b.op("Reshape", [tiled, target]))
 
 
+def moveaxis(b: Builder, node: Node) -> None:
+    """``ops.moveaxis`` (rotary embeddings move the sequence axis): a transpose, which
+    relabels the layout without a node until someone asks for Keras order."""
+    tensor = node.inputs[0]
+    rank = tensor.rank
+    source = [int(a) % rank for a in np.atleast_1d(node.layer.source)]
+    destination = [int(a) % rank for a in np.atleast_1d(node.layer.destination)]
+    order = [axis for axis in range(rank) if axis not in source]
+    for where, axis in sorted(zip(destination, source, strict=True)):
+        order.insert(where, axis)
+    value = b.value(tensor)
+    b.set(node.outputs[0], value.name, tuple(order.index(axis) for axis in value.perm))
+
+
+def all_op(b: Builder, node: Node) -> None:
+    """``ops.all`` over axes (a mask's reduction): the minimum of 0/1 integers."""
+    tensor = node.inputs[0]
+    axes = _reduced_axes(node.layer.axis, tensor.rank)
+    name = b.get(tensor, cast=False)
+    if np.dtype(tensor.dtype) != np.bool_:
+        name = b.op("Cast", [name], to=tensor_type("bool"))
+    as_int = b.op("Cast", [name], to=tensor_type("int32"))
+    reduced = b.reduce("ReduceMin", as_int, axes, keepdims=bool(node.layer.keepdims))
+    b.set(node.outputs[0], b.op("Cast", [reduced], to=tensor_type("bool")))
+
+
+def _reduced_axes(axis: Any, rank: int) -> list[int]:
+    if axis is None:
+        return list(range(rank))
+    return sorted(int(a) % rank for a in (axis if isinstance(axis, list | tuple) else [axis]))
+
+
+def masked_softmax(b: Builder, node: Node) -> None:
+    """The Softmax layer, with its ``mask`` argument as Keras applies it: masked
+    positions (mask false, or <= 0.5) set to a large negative number before the
+    softmax and to 0 after it (an axis masked throughout gives zeros)."""
+    layer = node.layer
+    mask = node.args[1] if len(node.args) > 1 else node.kwargs.get("mask")
+    tensor = node.inputs[0]
+    axes = _reduced_axes(layer.axis, tensor.rank)
+    if mask is None:
+        value = b.value(tensor)
+        out = softmax_nodes(b, b.get(tensor, value.perm), value, axes)
+        b.set(node.outputs[0], out, value.perm)
+        return
+    if not isinstance(mask, Tensor):
+        raise Unsupported("a constant mask is not exported")
+    keep = b.get(mask, cast=False)
+    if np.dtype(mask.dtype) != np.bool_:
+        half = b.const(np.asarray(0.5).astype(mask.dtype), "half", dtype=np.dtype(mask.dtype))
+        keep = b.op("Greater", [keep, half])
+    x = b.get(tensor)
+    large_negative = -3e4 if np.dtype(b.dtype) == np.float16 else -1e9  # Keras's
+    x = b.op("Where", [keep, x, b.scalar(large_negative, "large_negative")])
+    out = softmax_nodes(b, x, Value(x, tuple(range(tensor.rank))), axes)
+    b.set(node.outputs[0], b.op("Where", [keep, out, b.scalar(0.0, "zero")]))
+
+
+def reshape(b: Builder, node: Node) -> None:
+    """``ops.reshape`` where the traced target holds one None (a sequence length that
+    Keras's shape inference lost, read back with ``ops.shape``: Gemma's attention)
+    beside sizes that stand for the batch or other unknown sizes: the None becomes
+    -1, the others are computed at runtime. Any other reshape: the general rule."""
+    target = list(node.layer.newshape)
+    out = node.outputs[0]
+    if target.count(None) != 1 or [size for size in out.shape].count(None) < 2:
+        operations.reshape(b, node)
+        return
+    parts = []
+    for size in target:
+        runtime = None if size is None else _runtime_size(b, node, int(size))
+        if size is None:
+            parts.append(b.ints([-1], "size"))
+        elif runtime is None:
+            parts.append(b.ints([int(size)], "size"))
+        else:
+            parts.append(runtime)
+    shape = b.op("Concat", parts, axis=0)
+    b.set(out, b.op("Reshape", [b.get(node.inputs[0]), shape]))
+
+
 TEXT_OP_RULES: dict[type, Rule] = {
+    numpy_ops.Reshape: reshape,
+    L.Softmax: masked_softmax,
+    numpy_ops.Moveaxis: moveaxis,
+    numpy_ops.All: all_op,
     core_ops.Slice: slice_op,
     Range: range_op,
     AnchoredConstant: anchored_constant,
@@ -144,4 +231,4 @@ TEXT_OP_RULES: dict[type, Rule] = {
 }
 
 # The rules here that compute sizes read while tracing at runtime.
-READS_UNKNOWN_SIZES: frozenset[Rule] = frozenset({slice_op, range_op})
+READS_UNKNOWN_SIZES: frozenset[Rule] = frozenset({slice_op, range_op, reshape})
