@@ -239,6 +239,26 @@ def _static_cond(function: Callable[..., Any]) -> Callable[..., Any]:
     return cond
 
 
+def _batched_gather(function: Callable[..., Any]) -> Callable[..., Any]:
+    """TensorFlow's ``tf.gather(params, indices, batch_dims=k)`` on symbolic tensors
+    where every axis but the last is a batch axis: ``ops.take_along_axis`` on the
+    last axis, what KerasHub's DeBERTa-v3 calls on the TensorFlow backend (its other
+    backends call ``take_along_axis``). Any other call runs the original."""
+
+    def gather(params: Any, indices: Any, *args: Any, batch_dims: int = 0, **kwargs: Any) -> Any:
+        rank = len(getattr(params, "shape", ()))
+        if (
+            (_is_symbolic(params) or _is_symbolic(indices))
+            and not args
+            and kwargs.get("axis") in (None, batch_dims)
+            and batch_dims == rank - 1 == len(getattr(indices, "shape", ())) - 1
+        ):
+            return keras.ops.take_along_axis(params, indices, axis=batch_dims)
+        return function(params, indices, *args, batch_dims=batch_dims, **kwargs)
+
+    return gather
+
+
 # Functions of other packages that call backend code (``tf.*``, ``jax.*``), or compute
 # what one ONNX operator does from sizes a trace would fix, and that a trace records as one operation instead of entering them, or runs another way:
 # (module, attribute) -> a function that, given the original, returns its stand-in
@@ -248,6 +268,7 @@ RECORDED_FUNCTIONS: dict[tuple[str, str], Callable[[Callable[..., Any]], Callabl
     ("keras_hub.src.models.depth_anything.depth_anything_layers", "interpolate"): _aligned_resize,
     ("keras_hub.src.models.d_fine.d_fine_utils", "grid_sample"): _grid_sample,
     ("keras.ops", "cond"): _static_cond,
+    ("tensorflow", "gather"): _batched_gather,
 }
 
 
@@ -355,6 +376,39 @@ def _unknown_sized_results_recorded(
         yield
     finally:
         keras.ops.arange, keras.ops.slice = original_arange, original_slice
+
+
+@contextlib.contextmanager
+def _einsum_dense_shapes_known() -> Iterator[None]:
+    """Inside the block, an EinsumDense called on symbolic tensors infers every output
+    size its equation determines, where Keras keeps the None of its partial
+    ``output_shape`` (KerasHub's attention projections declare ``(None, heads,
+    head_dim)``): code that reads the sequence length back (``ops.shape(query)[1]``)
+    then reads the traced size, as it does on real tensors."""
+    cls = keras.layers.EinsumDense
+    original = cls.compute_output_shape
+
+    def compute_output_shape(self: Any, input_shape: Any) -> Any:
+        shape = tuple(original(self, input_shape))
+        equation = self.equation.replace(" ", "")
+        if None not in shape[1:] or "..." in equation:
+            return shape
+        operands, output = equation.split("->")
+        source, kernel = operands.split(",")
+        sizes = dict(zip(kernel, self.kernel.shape, strict=False))
+        sizes.update((c, d) for c, d in zip(source, input_shape, strict=False) if d is not None)
+        if len(output) != len(shape):
+            return shape
+        return tuple(
+            sizes.get(c) if size is None and axis else size
+            for axis, (c, size) in enumerate(zip(output, shape, strict=True))
+        )
+
+    cls.compute_output_shape = compute_output_shape
+    try:
+        yield
+    finally:
+        cls.compute_output_shape = original
 
 
 @dataclasses.dataclass(frozen=True)
@@ -603,6 +657,7 @@ def _record(
             internals.backend_calls_recorded(),
             internals.backend_arrays_defer_to_symbolic(),
             _functions_recorded(),
+            _einsum_dense_shapes_known(),
             (
                 _unknown_sized_results_recorded(unknown, anchor)
                 if markers

@@ -49,6 +49,8 @@ def constant_input(b: Builder, value: Any, like: Tensor | None = None) -> str:
         row = b.const(array[:1], "constant")
         repeats = b.op("Concat", [b.batch_size(), b.ints([1] * (array.ndim - 1))], axis=0)
         return b.op("Tile", [row, repeats])
+    if like is not None and np.dtype(like.dtype).kind in "iu" and array.dtype.kind in "iub":
+        return b.const(array, "constant", dtype=np.dtype(like.dtype))  # ops.equal(mask, 0)
     return b.const(array, "constant")
 
 

@@ -113,28 +113,38 @@ def anchored_constant(b: Builder, node: Node) -> None:
     b.set(node.outputs[0], b.const(node.layer.value, "constant"))
 
 
+def _around(b: Builder, size: str, axis: int, rank: int) -> str:
+    """A 1-D int64 vector of ``rank`` ones with ``size`` (1-D, one element) at ``axis``."""
+    parts = []
+    if axis:
+        parts.append(b.ints([1] * axis, "ones"))
+    parts.append(size)
+    if rank - axis - 1:
+        parts.append(b.ints([1] * (rank - axis - 1), "ones"))
+    return parts[0] if len(parts) == 1 else b.op("Concat", parts, axis=0)
+
+
 def repeat(b: Builder, node: Node) -> None:
-    """``ops.repeat(x, repeats, axis)`` with a static count (grouped-query attention's
-    key/value heads): each element repeated in place, as Unsqueeze, Expand, Reshape."""
+    """``ops.repeat(x, repeats, axis)`` with one count (grouped-query attention's
+    key/value heads; DeBERTa's relative positions, repeated as often as the sequence
+    is long: a count computed at runtime): each element repeated in place, as
+    Unsqueeze, Tile, Reshape."""
     tensor = node.inputs[0]
     layer = node.layer
     repeats = layer.repeats
-    if isinstance(repeats, Tensor) or np.ndim(repeats) > 0 and np.size(repeats) != 1:
+    if isinstance(repeats, Tensor) or (np.ndim(repeats) > 0 and np.size(repeats) != 1):
         raise Unsupported("repeat counts per element")
-    count = int(np.asarray(repeats).reshape(-1)[0])
     if layer.axis is None:
         raise Unsupported("repeat of the flattened tensor (axis=None)")
+    count = int(np.asarray(repeats).reshape(-1)[0])
+    runtime = _runtime_size(b, node, count)
+    counted = b.ints([count], "count") if runtime is None else runtime
     axis = int(layer.axis) % tensor.rank
     x = b.get(tensor)
     expanded = b.op("Unsqueeze", [x, b.ints([axis + 1], "axes")])
-    ones = [1] * (tensor.rank + 1)
-    ones[axis + 1] = count
-    tiled = b.op("Tile", [expanded, b.ints(ones, "repeats")])
+    tiled = b.op("Tile", [expanded, _around(b, counted, axis + 1, tensor.rank + 1)])
     # The output shape: the input's, with ``axis`` multiplied by the count.
-    input_shape = b.op("Shape", [x])
-    scale = [1] * tensor.rank
-    scale[axis] = count
-    target = b.op("Mul", [input_shape, b.ints(scale, "scale")])
+    target = b.op("Mul", [b.op("Shape", [x]), _around(b, counted, axis, tensor.rank)])
     b.set(node.outputs[0], b.op("Reshape", [tiled, target]))
 
 
@@ -231,4 +241,4 @@ TEXT_OP_RULES: dict[type, Rule] = {
 }
 
 # The rules here that compute sizes read while tracing at runtime.
-READS_UNKNOWN_SIZES: frozenset[Rule] = frozenset({slice_op, range_op, reshape})
+READS_UNKNOWN_SIZES: frozenset[Rule] = frozenset({slice_op, range_op, reshape, repeat})
