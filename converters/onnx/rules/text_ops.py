@@ -20,7 +20,7 @@ import numpy as np
 from keras import layers as L
 from keras import tree
 
-from keras_bn._keras_internals import core_ops, numpy_ops
+from keras_bn._keras_internals import core_ops, math_ops, numpy_ops
 from keras_bn.converters.graph import Node, Tensor, to_numpy
 from keras_bn.converters.onnx.builder import Builder, Unsupported, Value, tensor_type
 from keras_bn.converters.onnx.rules import operations
@@ -229,7 +229,28 @@ def reshape(b: Builder, node: Node) -> None:
     b.set(out, b.op("Reshape", [b.get(node.inputs[0]), shape]))
 
 
+def fft2(b: Builder, node: Node) -> None:
+    """``ops.fft2((real, imag))`` over the last two axes (F-Net's token mixing): two
+    ONNX DFTs on the complex pair stacked last, of any runtime length."""
+    pair = node.args[0]
+    if not isinstance(pair, list | tuple) or len(pair) != 2:
+        raise Unsupported("fft2 of anything but a (real, imaginary) pair")
+    rank = len(node.outputs[0].shape)
+    last = b.ints([rank], "complex_axis")
+    parts = [b.op("Unsqueeze", [_operand(b, part), last]) for part in pair]
+    x = b.op("Concat", parts, axis=rank)
+    for axis in (rank - 2, rank - 1):
+        if b.opset >= 20:  # the axis became an input
+            x = b.op("DFT", [x, "", b.op("Squeeze", [b.ints([axis], "axis")])])
+        else:
+            x = b.op("DFT", [x], axis=axis)
+    for index, out in enumerate(node.outputs):
+        part = b.op("Gather", [x, b.ints([index], "part")], axis=rank)
+        b.set(out, b.op("Squeeze", [part, last]))
+
+
 TEXT_OP_RULES: dict[type, Rule] = {
+    math_ops.FFT2: fft2,
     numpy_ops.Reshape: reshape,
     L.Softmax: masked_softmax,
     numpy_ops.Moveaxis: moveaxis,
