@@ -59,6 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fixed batch size of the ONNX model (default: dynamic)",
     )
     parser.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=DIMS",
+        help="fixed sizes after the batch for an input of unknown sizes, repeatable "
+        "(token_ids=16; ? leaves a size unknown) (default: unknown sizes stay dynamic)",
+    )
+    parser.add_argument(
         "--precision",
         choices=list(PRECISIONS),
         default="float32",
@@ -194,6 +202,7 @@ def _check_data_output(path: Path, args: argparse.Namespace) -> None:
 def _export(model, path: Path, args: argparse.Namespace, run: Run):
     """``export_onnx`` into ``path``; its warnings and fold report go to ``run``."""
     from keras_bn.converters.onnx.export import export_onnx
+    from keras_bn.converters.samples import parse_input_shape
 
     step = "Exporting to ONNX" if args.no_fold else "Folding BatchNormalization, exporting"
     with run.progress.step(step), warnings.catch_warnings(record=True) as caught:
@@ -210,6 +219,7 @@ def _export(model, path: Path, args: argparse.Namespace, run: Run):
             batch_size=args.batch_size,
             fallback=args.fallback,
             external_data=args.external_data,
+            input_shapes=dict(map(parse_input_shape, args.input_shape)) or None,
         )
     fold_report = getattr(result, "fold_report", None)
     if fold_report is not None:
