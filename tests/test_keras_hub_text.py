@@ -311,3 +311,123 @@ def test_text_backbone_exports_with_a_dynamic_sequence_length(name, tmp_path):
         assert all(d.dim_param for d in dims[:2]), (item.name, dims)  # batch and length
     for length in LENGTHS:
         _judge(model, twin, path, length)
+
+
+def test_fixed_input_shapes_give_static_lengths(tmp_path):
+    """``input_shapes`` fixes the sequence length: static in the ONNX inputs, exact there."""
+    import onnx
+
+    from keras_bn.converters.onnx.export import export_onnx
+
+    model, twin = _built("bert")
+    path = tmp_path / "bert.onnx"
+    shapes = {tensor.name: (LENGTHS[1],) for tensor in model.inputs}
+    result = export_onnx(model, path, fold=True, input_shapes=shapes)
+    assert sorted(result.output_names) == sorted(
+        export_onnx(model, tmp_path / "dynamic.onnx").output_names
+    )
+    for item in onnx.load(str(path)).graph.input:
+        dims = item.type.tensor_type.shape.dim
+        assert dims[0].dim_param and dims[1].dim_value == LENGTHS[1], item
+    _judge(model, twin, path, LENGTHS[1])
+
+
+@pytest.mark.parametrize(
+    ("shapes", "message"),
+    [
+        ({"tokens": (8,)}, "not inputs of the model"),
+        ({"token_ids": (8, 2)}, "expected the sizes after the batch"),
+    ],
+    ids=["unknown-name", "wrong-rank"],
+)
+def test_invalid_input_shapes_are_user_errors(shapes, message, tmp_path):
+    from keras_bn.converters.errors import UserInputError
+    from keras_bn.converters.onnx.export import export_onnx
+
+    model, _ = _built("bert")
+    with pytest.raises(UserInputError, match=message):
+        export_onnx(model, tmp_path / "m.onnx", input_shapes=shapes)
+
+
+def test_cli_exports_with_inputs_and_the_file_runs_at_another_length(tmp_path, capsys):
+    """``keras-bn export model.keras -o m.onnx --inputs tokens.npz`` on a saved BERT:
+    validated at the file's length, then the ONNX file runs exactly at two others."""
+    from keras_bn.converters.cli import main
+
+    model, twin = _built("bert")
+    model.save(tmp_path / "bert.keras")
+    np.savez(tmp_path / "tokens.npz", **_inputs(model, 2, 9))
+    code = main(
+        [
+            "export",
+            str(tmp_path / "bert.keras"),
+            "-o",
+            str(tmp_path / "m.onnx"),
+            "--inputs",
+            str(tmp_path / "tokens.npz"),
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "validation" in captured.out and "passed" in captured.out
+    for length in LENGTHS:
+        _judge(model, twin, tmp_path / "m.onnx", length)
+
+
+def test_cli_input_shape_option(tmp_path, capsys):
+    import onnx
+
+    from keras_bn.converters.cli import main
+
+    model, _ = _built("distil_bert")
+    model.save(tmp_path / "model.keras")
+    options = [f"--input-shape={tensor.name}=10" for tensor in model.inputs]
+    code = main(["export", str(tmp_path / "model.keras"), "-o", str(tmp_path / "m.onnx"), *options])
+    assert code == 0, capsys.readouterr().err
+    for item in onnx.load(str(tmp_path / "m.onnx")).graph.input:
+        assert item.type.tensor_type.shape.dim[1].dim_value == 10
+    code = main(
+        [
+            "export",
+            str(tmp_path / "model.keras"),
+            "-o",
+            str(tmp_path / "x.onnx"),
+            "--input-shape=ids",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "expected NAME=DIMS" in err and "Traceback" not in err
+
+
+def test_embeddings_added_before_attention_carry_no_mask(tmp_path):
+    """A hand-written Embedding + Embedding -> Add -> MultiHeadAttention: Add has mask
+    logic of its own, but no input carries a mask, so none reaches the attention."""
+    from helpers import export_and_judge
+
+    tokens = keras.Input((None,), dtype="int32")
+    segments = keras.Input((None,), dtype="int32")
+    x = keras.layers.Add()(
+        [keras.layers.Embedding(VOCABULARY, 8)(tokens), keras.layers.Embedding(2, 8)(segments)]
+    )
+    model = keras.Model([tokens, segments], keras.layers.MultiHeadAttention(2, 4)(x, x))
+
+    def make(batch):
+        rng = np.random.default_rng(batch)
+        return [
+            rng.integers(0, VOCABULARY, (batch, 6)).astype("int32"),
+            rng.integers(0, 2, (batch, 6)).astype("int32"),
+        ]
+
+    export_and_judge(model, make, tmp_path / "model.onnx")
+
+
+def test_sequence_length_limits_bound_the_trace_sizes():
+    """A layer holding a position table of 32 rows is traced at lengths below 32
+    (distinct primes, one set per recording); one without a limit at the default sizes."""
+    from keras_bn.converters import tracing
+
+    model, _ = _built("bert")
+    position = model.get_layer("position_embedding")
+    first, second = tracing.unknown_sizes_for(position)
+    assert max(first + second) <= 32 and not set(first) & set(second)
+    assert tracing.unknown_sizes_for(keras.layers.Dense(4)) == tracing.UNKNOWN_SIZES

@@ -112,8 +112,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def export_command(args: argparse.Namespace, run: Run) -> int:
     """Fold, export to ONNX, convert precision, validate against the Keras model, write."""
+    from keras_bn.converters.samples import parse_input_shape, with_input_shapes
+
     output = _check_options(args)
+    input_shapes = dict(map(parse_input_shape, args.input_shape))
     model = steps.load_model(args, run)
+    if input_shapes:  # export, samples and validation all see the fixed sizes
+        model = with_input_shapes(model, input_shapes)
     steps.preflight(model, run)
     inputs = steps.load_inputs(args.inputs, model, "Inputs file")
     calibration = steps.load_inputs(args.calibration, model, "Calibration file")
@@ -202,7 +207,6 @@ def _check_data_output(path: Path, args: argparse.Namespace) -> None:
 def _export(model, path: Path, args: argparse.Namespace, run: Run):
     """``export_onnx`` into ``path``; its warnings and fold report go to ``run``."""
     from keras_bn.converters.onnx.export import export_onnx
-    from keras_bn.converters.samples import parse_input_shape
 
     step = "Exporting to ONNX" if args.no_fold else "Folding BatchNormalization, exporting"
     with run.progress.step(step), warnings.catch_warnings(record=True) as caught:
@@ -219,7 +223,6 @@ def _export(model, path: Path, args: argparse.Namespace, run: Run):
             batch_size=args.batch_size,
             fallback=args.fallback,
             external_data=args.external_data,
-            input_shapes=dict(map(parse_input_shape, args.input_shape)) or None,
         )
     fold_report = getattr(result, "fold_report", None)
     if fold_report is not None:
