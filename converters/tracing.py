@@ -578,7 +578,7 @@ def unknown_sizes_for(layer: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
     primes = primes[: 2 * _MAX_UNKNOWN_SIZES]
     if len(primes) < 2:
         return UNKNOWN_SIZES  # no room below the limit: the trace says what fails
-    return tuple(primes[0::2]), tuple(primes[1::2])  # type: ignore[return-value]
+    return tuple(primes[0::2]), tuple(primes[1::2])
 
 
 def _is_unknown_size(
