@@ -46,6 +46,10 @@ class Tensor:
     dtype: str
     producer: Node | None = None  # None for graph inputs
     consumers: list[Node] = dataclasses.field(default_factory=list)
+    # Whether Keras's symbolic tensor carries a mask (``Embedding(mask_zero=True)``,
+    # ``Masking``, passed on by layers that support masking): what layers reading
+    # masks (MultiHeadAttention) would apply at runtime.
+    carries_mask: bool = False
 
     @property
     def rank(self) -> int:
@@ -171,6 +175,7 @@ def flatten(model: keras.Model, trace: Callable[[Any], bool] | None = None) -> G
             shape=shape,
             dtype=str(keras_tensor.dtype),
             producer=producer,
+            carries_mask=internals.keras_mask(keras_tensor) is not None,
         )
 
     def walk(

@@ -7,11 +7,12 @@ checks user inputs against the model; :func:`call_model` runs the model on them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
 import numpy as np
+from keras import tree
 
 from keras_bn.converters import graph as graph_lib
 from keras_bn.converters.errors import UserInputError
@@ -21,8 +22,10 @@ __all__ = [
     "call_model",
     "make_sample_inputs",
     "normalize_inputs",
+    "parse_input_shape",
     "sample_arrays",
     "sample_specs",
+    "with_input_shapes",
 ]
 
 UNKNOWN_DIMENSION_SIZE = 32  # generated inputs use this size for unknown non-batch axes
@@ -45,6 +48,66 @@ NORMALIZATION_DOMAIN = "normal with the leading Normalization layer's mean and v
 # input, five times the work, would add nothing but time (0.3 s on ResNet50).
 _PROBE_VALUES = 4096
 _PROBE_BATCH = 4
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int | None, ...]]:
+    """``NAME=DIMS`` (the CLI's ``--input-shape``): an input's sizes after the batch,
+    comma-separated, ``?`` for a size left unknown (``token_ids=16``,
+    ``images=224,224,3``)."""
+    name, equals, dims = text.partition("=")
+    try:
+        if not equals or not name or not dims:
+            raise ValueError
+        sizes = tuple(None if d.strip() == "?" else int(d) for d in dims.split(","))
+        if any(size is not None and size < 1 for size in sizes):
+            raise ValueError
+    except ValueError:
+        raise UserInputError(
+            f"Invalid input shape {text!r}: expected NAME=DIMS, the sizes after the batch "
+            "separated by commas, ? for an unknown one (token_ids=16, images=224,224,3)."
+        ) from None
+    return name, sizes
+
+
+def with_input_shapes(
+    model: keras.Model, input_shapes: Mapping[str, Sequence[int | None]]
+) -> keras.Model:
+    """``model`` called on inputs of the given sizes after the batch, by input name
+    (a fixed sequence length where the model takes any): a Functional model around
+    it, with the same input names, whose export has those static sizes. Inputs not
+    named keep their shapes."""
+    from keras_bn import _keras_internals as internals
+
+    functional = internals.functional_of(model)
+    struct = internals.inputs_struct(functional)
+    names = [internals.producing_operation(kt).name for kt in tree.flatten(struct)]
+    unknown = sorted(set(input_shapes) - set(names))
+    if unknown:
+        raise UserInputError(
+            f"input_shapes names {unknown}, which are not inputs of the model; "
+            f"expected some of {names}."
+        )
+
+    def new_input(kt: Any) -> Any:
+        name = internals.producing_operation(kt).name
+        shape = tuple(kt.shape)
+        if name in input_shapes:
+            sizes = tuple(input_shapes[name])
+            if len(sizes) != len(shape) - 1 or any(
+                size is not None and known is not None and size != known
+                for size, known in zip(sizes, shape[1:], strict=True)
+            ):
+                raise UserInputError(
+                    f"input shape {sizes} for input {name!r}: expected the sizes after the "
+                    f"batch of its shape {shape} (None: any size)."
+                )
+            shape = (shape[0], *sizes)
+        return keras.Input(batch_shape=shape, dtype=kt.dtype, name=name)
+
+    new_struct = tree.map_structure(new_input, struct)
+    wrapper = keras.Model(new_struct, model(new_struct), name=model.name)
+    wrapper.output_names = internals.output_names(model)  # the model's, not the call's
+    return wrapper
 
 
 def call_model(model: keras.Model, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:

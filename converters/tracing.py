@@ -60,8 +60,10 @@ __all__ = [
     "RECORDED_FUNCTIONS",
     "UNKNOWN_SIZES",
     "AlignedResize",
+    "AnchoredConstant",
     "Constant",
     "GridSample",
+    "Range",
     "Size",
     "TraceError",
     "TracedCall",
@@ -237,6 +239,26 @@ def _static_cond(function: Callable[..., Any]) -> Callable[..., Any]:
     return cond
 
 
+def _batched_gather(function: Callable[..., Any]) -> Callable[..., Any]:
+    """TensorFlow's ``tf.gather(params, indices, batch_dims=k)`` on symbolic tensors
+    where every axis but the last is a batch axis: ``ops.take_along_axis`` on the
+    last axis, what KerasHub's DeBERTa-v3 calls on the TensorFlow backend (its other
+    backends call ``take_along_axis``). Any other call runs the original."""
+
+    def gather(params: Any, indices: Any, *args: Any, batch_dims: int = 0, **kwargs: Any) -> Any:
+        rank = len(getattr(params, "shape", ()))
+        if (
+            (_is_symbolic(params) or _is_symbolic(indices))
+            and not args
+            and kwargs.get("axis") in (None, batch_dims)
+            and batch_dims == rank - 1 == len(getattr(indices, "shape", ())) - 1
+        ):
+            return keras.ops.take_along_axis(params, indices, axis=batch_dims)
+        return function(params, indices, *args, batch_dims=batch_dims, **kwargs)
+
+    return gather
+
+
 # Functions of other packages that call backend code (``tf.*``, ``jax.*``), or compute
 # what one ONNX operator does from sizes a trace would fix, and that a trace records as one operation instead of entering them, or runs another way:
 # (module, attribute) -> a function that, given the original, returns its stand-in
@@ -246,6 +268,7 @@ RECORDED_FUNCTIONS: dict[tuple[str, str], Callable[[Callable[..., Any]], Callabl
     ("keras_hub.src.models.depth_anything.depth_anything_layers", "interpolate"): _aligned_resize,
     ("keras_hub.src.models.d_fine.d_fine_utils", "grid_sample"): _grid_sample,
     ("keras.ops", "cond"): _static_cond,
+    ("tensorflow", "gather"): _batched_gather,
 }
 
 
@@ -264,6 +287,128 @@ def _functions_recorded() -> Iterator[None]:
     finally:
         for module, attribute, original in replaced:
             setattr(module, attribute, original)
+
+
+class AnchoredConstant(keras.Operation):
+    """A constant recorded as an operation of a traced input (its ``anchor``), which
+    it ignores: what a trace records in place of a weight or number that an
+    operation of unknown size reads (a position table sliced to the sequence
+    length), so that the operation is part of the traced graph."""
+
+    def __init__(self, value: np.ndarray, name: str | None = None):
+        super().__init__(name=name)
+        self.value = value
+
+    def call(self, anchor: Any) -> Any:
+        return keras.ops.convert_to_tensor(self.value)
+
+    def compute_output_spec(self, anchor: Any) -> keras.KerasTensor:
+        return keras.KerasTensor(self.value.shape, dtype=str(self.value.dtype))
+
+
+class Range(keras.Operation):
+    """``keras.ops.arange(start, stop, step)`` of a length read from a traced input
+    (its ``anchor``, which only says where the size comes from): what a trace
+    records for ``ops.arange(ops.shape(x)[1])``, so that the exported range
+    follows the runtime length."""
+
+    def __init__(self, start: Any, stop: Any, step: Any, dtype: str, name: str | None = None):
+        super().__init__(name=name)
+        self.start, self.stop, self.step = start, stop, step
+        self.dtype = dtype
+
+    def call(self, anchor: Any) -> Any:
+        return keras.ops.arange(self.start, self.stop, self.step, dtype=self.dtype)
+
+    def compute_output_spec(self, anchor: Any) -> keras.KerasTensor:
+        length = max(0, int(np.ceil((self.stop - self.start) / self.step)))
+        return keras.KerasTensor((length,), dtype=self.dtype)
+
+
+@contextlib.contextmanager
+def _unknown_sized_results_recorded(
+    unknown: tuple[int, ...], anchors: Callable[[int], Any]
+) -> Iterator[None]:
+    """Inside the block, ``keras.ops.arange`` and ``keras.ops.slice`` of constants
+    (weights, numbers) whose result size is an unknown input size read while
+    tracing (``ops.arange(ops.shape(x)[1])``, a position table sliced to the
+    sequence length) record operations of the input that size is read from
+    (:class:`Range`, :class:`AnchoredConstant` then ``Slice``) instead of computing
+    a constant of the marker's size: rules compute such sizes at runtime.
+    ``anchors(size)`` is the placeholder whose size ``size`` is a multiple of."""
+
+    def unknown_sized(values: Any) -> int | None:
+        for value in tree.flatten(values):
+            if (
+                isinstance(value, int | np.integer)
+                and not isinstance(value, bool | np.bool_)
+                and _is_unknown_size(int(value), unknown)
+            ):
+                return int(value)
+        return None
+
+    def symbolic(values: Any) -> bool:
+        return any(_is_symbolic(value) for value in tree.flatten(values))
+
+    original_arange, original_slice = keras.ops.arange, keras.ops.slice
+
+    def arange(start: Any, stop: Any = None, step: Any = None, dtype: Any = None) -> Any:
+        size = unknown_sized((start, stop, step))
+        if symbolic((start, stop, step)) or size is None:
+            return original_arange(start, stop, step=step, dtype=dtype)
+        if stop is None:
+            start, stop = 0, start
+        step = 1 if step is None else step
+        if dtype is None:  # what Keras's Arange infers from the arguments
+            dtype = internals.numpy_ops.Arange().compute_output_spec(start, stop, step).dtype
+        dtype = keras.backend.standardize_dtype(dtype)
+        return Range(start, stop, step, dtype)(anchors(size))
+
+    def slice_(inputs: Any, start_indices: Any, shape: Any) -> Any:
+        size = unknown_sized(shape)
+        if symbolic((inputs, start_indices)) or size is None:
+            return original_slice(inputs, start_indices, shape)
+        value = np.asarray(keras.ops.convert_to_numpy(inputs))
+        return original_slice(AnchoredConstant(value)(anchors(size)), start_indices, shape)
+
+    keras.ops.arange, keras.ops.slice = arange, slice_
+    try:
+        yield
+    finally:
+        keras.ops.arange, keras.ops.slice = original_arange, original_slice
+
+
+@contextlib.contextmanager
+def _einsum_dense_shapes_known() -> Iterator[None]:
+    """Inside the block, an EinsumDense called on symbolic tensors infers every output
+    size its equation determines, where Keras keeps the None of its partial
+    ``output_shape`` (KerasHub's attention projections declare ``(None, heads,
+    head_dim)``): code that reads the sequence length back (``ops.shape(query)[1]``)
+    then reads the traced size, as it does on real tensors."""
+    cls = keras.layers.EinsumDense
+    original = cls.compute_output_shape
+
+    def compute_output_shape(self: Any, input_shape: Any) -> Any:
+        shape = tuple(original(self, input_shape))
+        equation = self.equation.replace(" ", "")
+        if None not in shape[1:] or "..." in equation:
+            return shape
+        operands, output = equation.split("->")
+        source, kernel = operands.split(",")
+        sizes = dict(zip(kernel, self.kernel.shape, strict=False))
+        sizes.update((c, d) for c, d in zip(source, input_shape, strict=False) if d is not None)
+        if len(output) != len(shape):
+            return shape
+        return tuple(
+            sizes.get(c) if size is None and axis else size
+            for axis, (c, size) in enumerate(zip(output, shape, strict=True))
+        )
+
+    cls.compute_output_shape = compute_output_shape
+    try:
+        yield
+    finally:
+        cls.compute_output_shape = original
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,26 +501,27 @@ def trace_call(layer: Any, args: Any, kwargs: dict, spec: Callable[[Any], Any]) 
             if name not in parameters:
                 kwargs.pop(name, None)
     what = f"{type(layer).__name__}.call()"
+    markers_used = unknown_sizes_for(layer)
 
     def record(unknown: tuple[int, ...], shared: bool) -> tuple[TracedCall, dict]:
         return _record(call, what, layer.name, args, kwargs, spec, unknown, shared)
 
     if not _has_unknown_sizes((args, kwargs), spec):
-        return record(UNKNOWN_SIZES[0], False)[0]
+        return record(markers_used[0], False)[0]
     # Unknown sizes of different inputs may have to be equal (SAM's points and labels
     # share the number of points): when the call fails with one marker per size, it
     # is traced again with one marker per axis, each shared by the inputs' sizes there.
     shared = False
     try:
-        first, markers = record(UNKNOWN_SIZES[0], False)
+        first, markers = record(markers_used[0], False)
     except TraceError as error:
         try:
-            first, markers = record(UNKNOWN_SIZES[0], True)
+            first, markers = record(markers_used[0], True)
         except TraceError:
             raise error from error.__cause__
         shared = True
-    second, second_markers = record(UNKNOWN_SIZES[1], shared)
-    _compare(what, first, second, markers, second_markers)
+    second, second_markers = record(markers_used[1], shared)
+    _compare(what, first, second, markers, second_markers, markers_used)
     return first
 
 
@@ -390,9 +536,56 @@ def trace_function(
     return _record(function, what, name, args, {}, spec, UNKNOWN_SIZES[0], shared=False)[0]
 
 
-def _is_unknown_size(size: int) -> bool:
+# Attributes of KerasHub and Keras layers that bound the length of a sequence axis
+# (PositionEmbedding's table rows, a backbone's own limit): a traced call of a layer
+# that holds one gets marker sizes below it, so that its slices of position tables run.
+_LENGTH_LIMITS = ("sequence_length", "max_sequence_length", "max_position_embeddings")
+# Markers below a limit are primes from this size up: smaller primes divide ordinary
+# sizes too often (a head size of 6) for a product of markers to factor back.
+_SMALLEST_MARKER = 11
+
+
+def _primes_between(low: int, high: int) -> list[int]:
+    """The primes ``p`` with ``low <= p <= high``, largest first."""
+    return [
+        n
+        for n in range(high, low - 1, -1)
+        if n > 1 and all(n % divisor for divisor in range(2, int(n**0.5) + 1))
+    ]
+
+
+def length_limit(layer: Any) -> int | None:
+    """The smallest sequence-length limit held by ``layer`` or its sublayers
+    (:data:`_LENGTH_LIMITS`), None when none holds one."""
+    limits = []
+    for sublayer in internals.flatten_layers(layer):
+        for attribute in _LENGTH_LIMITS:
+            value = getattr(sublayer, attribute, None)
+            if isinstance(value, int | np.integer) and not isinstance(value, bool) and value > 0:
+                limits.append(int(value))
+    return min(limits) if limits else None
+
+
+def unknown_sizes_for(layer: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The marker sizes of the two recordings of ``layer``'s call: distinct primes
+    at or below the layer's sequence-length limit (:func:`length_limit`) where it
+    has one that :data:`UNKNOWN_SIZES` exceed, the largest first, alternating
+    between the recordings; else :data:`UNKNOWN_SIZES`."""
+    limit = length_limit(layer)
+    if limit is None or limit >= max(UNKNOWN_SIZES[1]):
+        return UNKNOWN_SIZES
+    primes = [p for p in _primes_between(_SMALLEST_MARKER, limit) if p != BATCH]
+    primes = primes[: 2 * _MAX_UNKNOWN_SIZES]
+    if len(primes) < 2:
+        return UNKNOWN_SIZES  # no room below the limit: the trace says what fails
+    return tuple(primes[0::2]), tuple(primes[1::2])
+
+
+def _is_unknown_size(
+    size: int, markers: tuple[int, ...] = UNKNOWN_SIZES[0] + UNKNOWN_SIZES[1]
+) -> bool:
     """Whether a size recorded by a trace depends on an unknown input size."""
-    return size > 0 and any(size % marker == 0 for marker in UNKNOWN_SIZES[0] + UNKNOWN_SIZES[1])
+    return size > 0 and any(size % marker == 0 for marker in markers)
 
 
 def _has_unknown_sizes(arguments: Any, spec: Callable[[Any], Any]) -> bool:
@@ -443,8 +636,16 @@ def _record(
         return placeholders[-1]
 
     symbolic_args, symbolic_kwargs = tree.map_structure(placeholder, (tuple(args), dict(kwargs)))
+
+    def anchor(size: int) -> keras.KerasTensor:
+        """The placeholder holding the first marker that divides ``size``."""
+        marker = next(marker for marker in markers if size % marker == 0)
+        return placeholders[markers[marker][0][0]]
+
     checks = (
-        internals.input_checks_ignoring(_is_unknown_size) if markers else contextlib.nullcontext()
+        internals.input_checks_ignoring(lambda size: _is_unknown_size(size, unknown))
+        if markers
+        else contextlib.nullcontext()
     )
     try:
         with (
@@ -456,6 +657,12 @@ def _record(
             internals.backend_calls_recorded(),
             internals.backend_arrays_defer_to_symbolic(),
             _functions_recorded(),
+            _einsum_dense_shapes_known(),
+            (
+                _unknown_sized_results_recorded(unknown, anchor)
+                if markers
+                else contextlib.nullcontext()
+            ),
             checks,
         ):
             outputs = call(*symbolic_args, **symbolic_kwargs)
@@ -490,6 +697,7 @@ def _compare(
     second: TracedCall,
     markers: dict[int, list[tuple[int, int]]],
     second_markers: dict[int, list[tuple[int, int]]],
+    unknown_sizes: tuple[tuple[int, ...], tuple[int, ...]] = UNKNOWN_SIZES,
 ) -> None:
     """Fill ``first.shapes`` and ``first.unknown_sizes`` from two recordings of one
     call with different unknown sizes; raise TraceError where they differ otherwise
@@ -516,8 +724,8 @@ def _compare(
     ):
         raise fail("the sequence of recorded operations")
     # Markers by position, the same in both recordings.
-    positions = {marker: i for i, marker in enumerate(UNKNOWN_SIZES[0])}
-    second_positions = {marker: i for i, marker in enumerate(UNKNOWN_SIZES[1])}
+    positions = {marker: i for i, marker in enumerate(unknown_sizes[0])}
+    second_positions = {marker: i for i, marker in enumerate(unknown_sizes[1])}
     # Which placeholders each tensor depends on.
     placeholders = tree.flatten(internals.inputs_struct(first.model))
     depends: dict[int, set[int]] = {id(x): {i} for i, x in enumerate(placeholders)}
@@ -540,10 +748,10 @@ def _compare(
             factors = None if size is None else _factor(size, positions)
             if factors is None or factors != _factor(size_b, second_positions):
                 raise fail(where)
-            read.update(UNKNOWN_SIZES[0][position] for position in factors[1])
+            read.update(unknown_sizes[0][position] for position in factors[1])
         sizes = {}
         for marker in read:
-            second_marker = UNKNOWN_SIZES[1][positions[marker]]
+            second_marker = unknown_sizes[1][positions[marker]]
             # Where the operation's own input has that size on one axis, the size is
             # read there (the data the operation reshapes); else from the one input
             # of the call with that size that the operation depends on.

@@ -60,6 +60,7 @@ __all__ = [
     "ordered_nodes",
     "inputs_struct",
     "outputs_struct",
+    "keras_mask",
     "producing_operation",
     "output_names",
     # loading
@@ -216,6 +217,11 @@ def inputs_struct(functional: Any) -> Any:
 def outputs_struct(functional: Any) -> Any:
     """The graph's output ``KerasTensor``s in the structure the model returns."""
     return functional._outputs_struct
+
+
+def keras_mask(keras_tensor: keras.KerasTensor) -> Any:
+    """The Keras mask a symbolic tensor carries (``_keras_mask``), None when none."""
+    return getattr(keras_tensor, "_keras_mask", None)
 
 
 def producing_operation(keras_tensor: keras.KerasTensor) -> Any:
@@ -609,6 +615,10 @@ def output_specs_without_call_context() -> Iterator[None]:
             context = set(getattr(self, "_call_context_args", ())) | {"mask"}
             for name in context - accepted:
                 kwargs.pop(name, None)
+            # Arguments left at None (KerasHub's CachedMultiHeadAttention's ``cache``)
+            # that an inherited compute_output_spec does not take select no shape.
+            for name in [k for k, v in kwargs.items() if v is None and k not in accepted]:
+                kwargs.pop(name)
         return original(self, *args, **kwargs)
 
     cls.symbolic_call = symbolic_call

@@ -64,6 +64,10 @@ def test_operation_class_is_the_recorded_operation():
         assert coverage.operation_class(function) is recorded, name
 
 
+def _self_attention(layer):
+    return lambda x: layer(x, x)
+
+
 # Each traced layer, exported and compared with Keras at inference.
 TRACED_LAYERS = {
     "Dot": (lambda: layers.Dot(axes=2, normalize=True), [(4, 6), (5, 6)]),
@@ -73,6 +77,10 @@ TRACED_LAYERS = {
     "CenterCrop": (lambda: layers.CenterCrop(4, 3), [(6, 6, 3)]),
     "Attention": (lambda: layers.Attention(), [(4, 6), (5, 6)]),
     "AdditiveAttention": (lambda: layers.AdditiveAttention(), [(4, 6), (5, 6)]),
+    "GroupQueryAttention": (  # self-attention: query and value the same tensor
+        lambda: _self_attention(layers.GroupQueryAttention(4, 4, 2)),
+        [(5, 8)],
+    ),
     "CategoryEncoding": (lambda: layers.CategoryEncoding(5, output_mode="one_hot"), "int"),
     "SpectralNormalization": (lambda: layers.SpectralNormalization(layers.Dense(3)), [(6,)]),
     "ReversibleEmbedding": (lambda: layers.ReversibleEmbedding(10, 4), "int"),

@@ -61,6 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fixed batch size of the ONNX model (default: dynamic)",
     )
     parser.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=DIMS",
+        help="fixed sizes after the batch for an input of unknown sizes, repeatable "
+        "(token_ids=16; ? leaves a size unknown) (default: unknown sizes stay dynamic)",
+    )
+    parser.add_argument(
         "--precision",
         choices=list(PRECISIONS),
         default="float32",
@@ -107,8 +115,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def export_command(args: argparse.Namespace, run: Run) -> int:
     """Fold, export to ONNX, convert precision, validate against the Keras model, write."""
+    from keras_bn.converters.samples import parse_input_shape, with_input_shapes
+
     output = _check_options(args)
+    input_shapes = dict(map(parse_input_shape, args.input_shape))
     model = steps.load_model(args, run)
+    if input_shapes:  # export, samples and validation all see the fixed sizes
+        model = with_input_shapes(model, input_shapes)
     steps.preflight(model, run)
     inputs = steps.load_inputs(args.inputs, model, "Inputs file")
     calibration = steps.load_inputs(args.calibration, model, "Calibration file")

@@ -40,7 +40,9 @@ def folded_graph(plan: Plan) -> graph_lib.Graph:
     new: dict[int, graph_lib.Tensor] = {}  # id(tensor of plan.graph) -> its copy
 
     def copy(tensor: graph_lib.Tensor, producer: graph_lib.Node | None) -> graph_lib.Tensor:
-        new[id(tensor)] = graph_lib.Tensor(tensor.name, tensor.shape, tensor.dtype, producer)
+        new[id(tensor)] = graph_lib.Tensor(
+            tensor.name, tensor.shape, tensor.dtype, producer, carries_mask=tensor.carries_mask
+        )
         return new[id(tensor)]
 
     def mapped(x: Any) -> Any:

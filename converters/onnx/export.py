@@ -22,7 +22,7 @@ import dataclasses
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from keras_bn.converters.onnx.writing import (
     write_weights,
 )
 from keras_bn.converters.options import INPUT_LAYOUTS
+from keras_bn.converters.samples import with_input_shapes
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -543,6 +544,7 @@ def export_onnx(
     fallback: bool = False,
     external_data: bool | None = None,
     fold: bool = False,
+    input_shapes: Mapping[str, Sequence[int | None]] | None = None,
 ) -> ExportResult:
     """Export a built Sequential/Functional Keras model to an ONNX file.
 
@@ -565,6 +567,9 @@ def export_onnx(
             same operators, weights equal bit for bit) while exporting, without
             building the folded Keras model: the fast path when the ONNX file is
             all you need. The decisions are in ``result.fold_report``.
+        input_shapes: fixed sizes after the batch for inputs of unknown sizes, by
+            input name (``{"token_ids": (16,)}``, None for a size left unknown);
+            by default an unknown size stays dynamic in the ONNX model.
 
     Returns:
         An :class:`ExportResult`.
@@ -578,6 +583,8 @@ def export_onnx(
     _check_arguments(input_layout, batch_size)
     path = Path(path)
     fold_report = None
+    if input_shapes:
+        model = with_input_shapes(model, input_shapes)
     try:
         if fold:
             graph, fold_report = fold_graph(model, trace=needs_tracing)

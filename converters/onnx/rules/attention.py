@@ -107,14 +107,23 @@ def einsum_dense(b: Builder, node: Node) -> None:
 # Keras masks that travel with a tensor (not through the graph).
 
 
-def _mask_source(tensor: Tensor, depth: int = 0) -> str | None:
+def _mask_source(tensor: Tensor) -> str | None:
     """The layer whose Keras mask ``tensor`` carries, None when it carries none.
 
     Keras attaches masks to tensors: Embedding(mask_zero=True) and Masking create
     one, layers that support masking pass it on (the default ``compute_mask``),
     and a layer that reads it (MultiHeadAttention's query/value masks) never sees
-    it as a graph input. Unknown mask logic counts as a mask.
+    it as a graph input. Whether there is one is what Keras's symbolic tensor says
+    (``Tensor.carries_mask``); the walk up the producers only names where it came
+    from (a layer with mask logic of its own where the walk cannot see further).
     """
+    if not tensor.carries_mask:
+        return None
+    return _mask_origin(tensor) or "a layer's compute_mask"
+
+
+def _mask_origin(tensor: Tensor, depth: int = 0) -> str | None:
+    """The name of the layer where ``tensor``'s Keras mask starts, as far as known."""
     node = tensor.producer
     if node is None or depth > 200:
         return None
@@ -135,7 +144,7 @@ def _mask_source(tensor: Tensor, depth: int = 0) -> str | None:
         return f"{layer.name} (its own compute_mask)"
     if not node.inputs:
         return None
-    return _mask_source(node.inputs[0], depth + 1)
+    return _mask_origin(node.inputs[0], depth + 1)
 
 
 # --------------------------------------------------------------------------------------

@@ -51,6 +51,9 @@ def constant_input(b: Builder, value: Any, like: Tensor | None = None, *, dtype:
         row = b.const(array[:1], "constant", dtype=dtype)
         repeats = b.op("Concat", [b.batch_size(), b.ints([1] * (array.ndim - 1))], axis=0)
         return b.op("Tile", [row, repeats])
+    if dtype is None and like is not None and np.dtype(like.dtype).kind in "iu":
+        if array.dtype.kind in "iub":
+            dtype = np.dtype(like.dtype)  # ops.equal(mask, 0) on an int32 mask
     return b.const(array, "constant", dtype=dtype)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_bn.converters.graph import Node, to_numpy
-from keras_bn.converters.onnx.builder import Builder, Unsupported
+from keras_bn.converters.graph import Node, Tensor, to_numpy
+from keras_bn.converters.onnx.builder import Builder, Unsupported, Value
 from keras_bn.converters.onnx.layout import channels_first_perm, identity_perm
 from keras_bn.converters.onnx.rules.activations import apply_activation
 from keras_bn.converters.onnx.rules.common import (
@@ -133,13 +133,29 @@ def elu(b: Builder, node: Node) -> None:
 
 
 def softmax(b: Builder, node: Node) -> None:
-    if len(node.inputs) > 1 or node.kwargs.get("mask") is not None:
-        raise Unsupported("a mask argument is not exported")
-    axis = node.layer.axis
-    axes = list(axis) if isinstance(axis, list | tuple) else [axis]
-    value = b.value(node.inputs[0])
-    out = softmax_nodes(b, b.get(node.inputs[0], value.perm), value, axes)
-    b.set(node.outputs[0], out, value.perm)
+    """The Softmax layer, with its ``mask`` argument as Keras applies it: masked
+    positions (mask false, or <= 0.5) set to a large negative number before the
+    softmax and to 0 after it (an axis masked throughout gives zeros)."""
+    layer = node.layer
+    mask = node.args[1] if len(node.args) > 1 else node.kwargs.get("mask")
+    tensor = node.inputs[0]
+    axes = [int(a) % tensor.rank for a in np.atleast_1d(layer.axis)]
+    if mask is None:
+        value = b.value(tensor)
+        out = softmax_nodes(b, b.get(tensor, value.perm), value, axes)
+        b.set(node.outputs[0], out, value.perm)
+        return
+    if not isinstance(mask, Tensor):
+        raise Unsupported("a constant mask is not exported")
+    keep = b.get(mask, cast=False)
+    if np.dtype(mask.dtype) != np.bool_:
+        half = b.const(np.asarray(0.5).astype(mask.dtype), "half", dtype=np.dtype(mask.dtype))
+        keep = b.op("Greater", [keep, half])
+    x = b.get(tensor)
+    large_negative = -3e4 if np.dtype(b.dtype) == np.float16 else -1e9  # Keras's
+    x = b.op("Where", [keep, x, b.scalar(large_negative, "large_negative")])
+    out = softmax_nodes(b, x, Value(x, tuple(range(tensor.rank))), axes)
+    b.set(node.outputs[0], b.op("Where", [keep, out, b.scalar(0.0, "zero")]))
 
 
 # --------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ _NOT_YET = "no rule yet (composable from ONNX operators)"
 REFUSED_OPS: dict[str, str] = {
     **_each(
         _COMPLEX,
-        "angle conj conjugate fft fft2 ifft2 imag irfft isreal istft polar real rfft stft "
+        "angle conj conjugate fft ifft2 imag irfft isreal istft polar real rfft stft "
         "view_as_complex view_as_real",
     ),
     **_each(
@@ -116,15 +116,15 @@ REFUSED_OPS: dict[str, str] = {
     ),
     **_each(
         _NOT_YET,
-        "adaptive_average_pool adaptive_max_pool all allclose append arctan2 array_split "
+        "adaptive_average_pool adaptive_max_pool allclose append arctan2 array_split "
         "average batch_normalization bincount cbrt cdist celu conv_transpose copy corrcoef "
         "correlate count_nonzero cross deg2rad depth_to_space diag diagflat diagonal diff "
         "digitize divide_no_nan dot dsplit dstack elu empty_like erfc erfinv exp2 expm1 "
         "extract_sequences fabs flip fliplr flipud floor_divide fmax fmin fmod fold full_like "
         "glu hard_shrink hard_tanh heaviside histogram hsplit hstack hypot i0 in_top_k inner "
         "isclose isfinite isin isinf isneginf isposinf kron ldexp leaky_relu log10 log1p log2 "
-        "log_sigmoid logaddexp logaddexp2 logical_xor logsumexp meshgrid moments moveaxis "
-        "multi_hot nextafter norm ones_like outer psnr ptp rad2deg ravel rearrange repeat "
+        "log_sigmoid logaddexp logaddexp2 logical_xor logsumexp meshgrid moments "
+        "multi_hot nextafter norm ones_like outer psnr ptp rad2deg ravel rearrange "
         "roll rot90 saturate_cast searchsorted select selu separable_conv signbit sinc "
         "soft_shrink space_to_depth sparse_plus sparse_sigmoid sparsemax squareplus std "
         "tanh_shrink tensordot threshold trace trapezoid tril triu trunc unfold unravel_index "
@@ -140,6 +140,7 @@ TRACED_LAYERS: dict[str, str] = {
     "CenterCrop": "a slice of the image (ops indexing)",
     "Attention": "matmul, softmax and matmul",
     "AdditiveAttention": "broadcast sum, tanh, reductions, softmax, matmul",
+    "GroupQueryAttention": "einsums, ops.repeat of the key/value heads, softmax",
     "CategoryEncoding": "ops.one_hot (output_mode='one_hot')",
     "SpectralNormalization": "the wrapped layer with its normalized kernel (a constant)",
     "ReversibleEmbedding": "ops.take (an Embedding)",
@@ -174,7 +175,6 @@ REFUSED_LAYERS: dict[str, str] = {
         "AdaptiveMaxPooling1D AdaptiveMaxPooling2D AdaptiveMaxPooling3D",
     ),
     "Discretization": "ops.digitize: no rule yet",
-    "GroupQueryAttention": "ops.repeat: no rule yet",
     **_each(
         "convolutional recurrences (a Conv per step): no ONNX recurrence",
         "ConvLSTM1D ConvLSTM2D ConvLSTM3D",

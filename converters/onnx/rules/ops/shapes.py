@@ -10,13 +10,11 @@ sizes stand for the runtime sizes (:func:`.common.shape_input`).
 from __future__ import annotations
 
 import numpy as np
-from keras import tree
 
 from keras_bn.converters.graph import Node, Tensor, to_numpy
 from keras_bn.converters.onnx.builder import Builder, Unsupported, tensor_type
 from keras_bn.converters.onnx.rules.ops.common import axes_of, cast_to, operand, shape_input
 from keras_bn.converters.onnx.rules.reshaping import resize_images
-from keras_bn.converters.tracing import batch_multiple
 
 __all__ = [
     "aligned_resize",
@@ -29,7 +27,6 @@ __all__ = [
     "one_hot",
     "pad",
     "reshape",
-    "slice_op",
     "split",
     "squeeze",
     "stack",
@@ -228,38 +225,6 @@ def get_item(b: Builder, node: Node) -> None:
     if inserts:
         x = b.op("Unsqueeze", [x, b.ints(inserts, "axes")])
     b.set(node.outputs[0], x)
-
-
-def slice_op(b: Builder, node: Node) -> None:
-    """``ops.slice(x, start_indices, shape)`` at static starts; batch-sized sizes
-    (``ops.shape(x)[0]`` read while tracing) end at the runtime batch size."""
-    tensor = node.inputs[0]
-    starts_arg = node.args[1] if len(node.args) > 1 else node.kwargs["start_indices"]
-    if any(isinstance(start, Tensor) for start in tree.flatten(starts_arg)):
-        raise Unsupported("slicing at symbolic start indices")
-    starts = [int(start) for start in np.asarray(to_numpy(starts_arg)).reshape(-1)]
-    begins, ends, axes = [], [], []
-    for axis, (start, size, full) in enumerate(
-        zip(starts, node.layer.shape, tensor.shape, strict=True)
-    ):
-        if start == 0 and size == full:
-            continue  # the whole axis
-        begins.append(start)
-        ends.append(start + int(size) if batch_multiple(size) is None else size)
-        axes.append(axis)
-    x = b.get(tensor)
-    if not axes:
-        b.set(node.outputs[0], b.op("Identity", [x]))
-        return
-    if any(batch_multiple(end) for end in ends):
-        if any(start for start, end in zip(begins, ends, strict=True) if batch_multiple(end)):
-            raise Unsupported("a batch-sized slice not starting at 0")
-        stops = shape_input(b, node, ends)
-    else:
-        stops = b.ints(ends, "ends")
-    b.set(
-        node.outputs[0], b.op("Slice", [x, b.ints(begins, "starts"), stops, b.ints(axes, "axes")])
-    )
 
 
 def take(b: Builder, node: Node) -> None:

@@ -25,7 +25,14 @@ from keras_bn.converters.onnx.rules.ops import control_flow as flow
 from keras_bn.converters.onnx.rules.ops import elementwise as ew
 from keras_bn.converters.onnx.rules.ops import nn, shapes
 from keras_bn.converters.onnx.rules.ops import reductions as red
-from keras_bn.converters.tracing import AlignedResize, Constant, GridSample
+from keras_bn.converters.onnx.rules.ops import sequence as seq
+from keras_bn.converters.tracing import (
+    AlignedResize,
+    AnchoredConstant,
+    Constant,
+    GridSample,
+    Range,
+)
 
 __all__ = ["OPS", "READS_UNKNOWN_SIZES"]
 
@@ -117,7 +124,7 @@ OPS: dict[type, Rule] = {
     numpy_ops.Sort: red.sort,
     math_ops.TopK: red.top_k,
     # shapes, indexing, gathering, resampling
-    numpy_ops.Reshape: shapes.reshape,
+    numpy_ops.Reshape: seq.reshape,
     numpy_ops.Transpose: shapes.transpose,
     numpy_ops.Swapaxes: shapes.swapaxes,
     numpy_ops.ExpandDims: shapes.expand_dims,
@@ -130,7 +137,7 @@ OPS: dict[type, Rule] = {
     numpy_ops.BroadcastTo: shapes.broadcast_to,
     numpy_ops.Pad: shapes.pad,
     numpy_ops.GetItem: shapes.get_item,
-    core_ops.Slice: shapes.slice_op,
+    core_ops.Slice: seq.slice_op,
     numpy_ops.Take: shapes.take,
     numpy_ops.TakeAlongAxis: shapes.take_along_axis,
     nn_ops.OneHot: shapes.one_hot,
@@ -150,8 +157,17 @@ OPS: dict[type, Rule] = {
     nn_ops.AveragePool: nn.pool_op("AveragePool"),
     # control flow
     core_ops.Map: flow.map_op,
+    # what sequence models record (sizes read from the runtime sequence length)
+    numpy_ops.Repeat: seq.repeat,
+    numpy_ops.Moveaxis: seq.moveaxis,
+    numpy_ops.All: seq.all_op,
+    math_ops.FFT2: seq.fft2,
+    Range: seq.range_op,
+    AnchoredConstant: seq.anchored_constant,
 }
 
 # The rules that compute the unknown input sizes a traced operation's arguments hold
 # at runtime; any other rule refuses such a node (it would bake a marker size in).
-READS_UNKNOWN_SIZES: frozenset[Rule] = frozenset({shapes.reshape, shapes.tile, shapes.broadcast_to})
+READS_UNKNOWN_SIZES: frozenset[Rule] = frozenset(
+    {shapes.reshape, shapes.tile, shapes.broadcast_to, *seq.READS_UNKNOWN_SIZES}
+)
