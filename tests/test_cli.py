@@ -448,9 +448,59 @@ def test_exporter_accepts_every_cli_input_layout(tmp_path, layout, capsys, files
     ids=lambda argv: " ".join(argv) or "no-command",
 )
 def test_usage_errors_exit_2(argv, capsys):
+    """One line naming the problem and where help is, no usage dump, no traceback."""
     code, out, err = run_main(argv, capsys)
-    assert code == 2
-    assert "usage:" in err and "Traceback" not in err
+    assert code == 2 and out == ""
+    assert "usage:" not in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and err.startswith("keras-bn"), err
+    assert ": error: " in err and err.rstrip().endswith("--help)"), err
+
+
+@pytest.mark.parametrize(
+    ("argv", "meant"),
+    [
+        (["export", "m.keras", "-o", "x.onnx", "--fp16"], "--precision float16"),
+        (["export", "m.keras", "-o", "x.onnx", "--int8"], "--precision int8"),
+        (["export", "m.keras", "-o", "x.onnx", "--precison", "float16"], "--precision"),
+        (["export", "m.keras", "-o", "x.onnx", "--precision", "fp16"], "--precision float16"),
+        (["export", "m.keras", "-o", "x.onnx", "--precision", "flaot16"], "--precision float16"),
+        (["export", "m.keras", "-o", "x.onnx", "--nchw"], "--input-layout channels_first"),
+        (
+            ["export", "m.keras", "-o", "x.onnx", "--input-layuot", "channels_first"],
+            "--input-layout",
+        ),
+        (["fold", "m.keras", "-o", "x.keras", "--atoll", "1e-3"], "--atol"),
+        (["bench", "m.onnx", "--run", "3", "--treads", "2"], "--threads"),
+        (["expor", "m.keras"], "keras-bn export"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else None,
+)
+def test_near_miss_flags_suggest_the_option_meant(argv, meant, capsys):
+    code, out, err = run_main(argv, capsys)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert f"did you mean {meant}?" in err, err
+
+
+def test_suggestions_name_only_the_subcommands_own_options(capsys):
+    """validate has no --precision: --fp16 gets no suggestion there, just the error."""
+    code, _, err = run_main(["validate", "m.keras", "m.onnx", "--fp16"], capsys)
+    assert code == 2 and "unrecognized arguments: --fp16" in err and "did you mean" not in err
+
+
+def test_suggested_flags_are_accepted_by_the_parser():
+    """Following the advice parses: every alias names an option its subcommands have."""
+    from keras_bn.converters.cli.args import OPTION_ALIASES, VALUE_ALIASES
+
+    parser = cli.build_parser()
+    subcommands = parser._subparsers._group_actions[0].choices  # argparse's own API
+    options = {o for sub in subcommands.values() for a in sub._actions for o in a.option_strings}
+    for alias in OPTION_ALIASES.values():
+        assert alias.split()[0] in options, alias
+    export = parser.parse_args(["export", "m.keras", "-o", "x.onnx", "--precision", "float16"])
+    assert export.precision == "float16"
+    choices = {a.dest: a.choices for a in subcommands["export"]._actions if a.choices}
+    for dest, values in VALUE_ALIASES.items():
+        assert set(values.values()) <= set(choices[dest]), dest
 
 
 def test_version(capsys):

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from keras_bn.converters.errors import UserInputError
+from keras_bn.converters.errors import UserInputError, one_line
 from keras_bn.converters.files import atomic_output, check_output_path
 from keras_bn.converters.progress import Progress, format_table
 
@@ -70,7 +70,7 @@ class Run:
 
     def warn(self, message: str) -> None:
         """One line on stderr (once per distinct message) and an entry in the report."""
-        message = " ".join(message.split())
+        message = one_line(message)
         if message in self.warnings:
             return
         self.warnings.append(message)
