@@ -1144,3 +1144,97 @@ def test_onnx_external_data_outside_its_directory_is_one_line_exit_2(files, tmp_
     for command in (["validate", files["model"], evil], ["bench", evil]):
         code, _, err = run_main(command, capsys)
         assert_rejected(code, err, "evil.onnx")
+
+
+# ------------------------------------------------------------------------------------
+# Advice that works: each message's advice, followed.
+
+
+def _channels_first_float16_model() -> keras.Model:
+    """channels_first float16 convolutions: TensorFlow's CPU kernels refuse them."""
+    inputs = keras.Input((3, 8, 8), name="image")
+    x = keras.layers.Conv2D(4, 3, data_format="channels_first", dtype="mixed_float16")(inputs)
+    x = keras.layers.BatchNormalization(axis=1, dtype="mixed_float16")(x)
+    x = keras.layers.GlobalAveragePooling2D(data_format="channels_first")(x)
+    outputs = keras.layers.Dense(2, dtype="float32")(x)
+    return randomize_batch_norms(keras.Model(inputs, outputs), seed=3)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's CPU kernels")
+def test_channels_first_on_tensorflow_cpu_advises_another_backend_which_works(tmp_path, capsys):
+    _channels_first_float16_model().save(tmp_path / "cf.keras")
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = run_main(["export", tmp_path / "cf.keras", "-o", out / "cf.onnx"], capsys)
+    assert_rejected(code, err, "KERAS_BACKEND=jax keras-bn", out)
+    assert "re-save" not in err and "\x1b" not in err
+    # The advice, followed: the same command with KERAS_BACKEND=jax.
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run(
+        [str(KERAS_BN), "export", tmp_path / "cf.keras", "-o", out / "cf.onnx", "--json"],
+        env={**env, "KERAS_BACKEND": "jax"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["backend"] == "jax" and report["validation"]["passed"] is True
+    assert (out / "cf.onnx").is_file()
+
+
+def test_weights_only_file_advice_works(tmp_path, capsys):
+    """A .weights.h5 holds no model: build it in code, load the weights, save .keras."""
+    trained = conv_bn_classifier(seed=5)
+    trained.save_weights(tmp_path / "model.weights.h5")
+    code, _, err = run_main(
+        ["export", tmp_path / "model.weights.h5", "-o", tmp_path / "m.onnx"], capsys
+    )
+    assert_rejected(code, err, "holds weights only")
+    assert "model.load_weights(" in err and "model.save('model.keras')" in err
+    # The advice, followed: the architecture from code (other initial weights).
+    model = conv_bn_classifier(seed=0)
+    model.load_weights(tmp_path / "model.weights.h5")
+    model.save(tmp_path / "model.keras")
+    code, _, err = run_main(["export", tmp_path / "model.keras", "-o", tmp_path / "m.onnx"], capsys)
+    assert code == 0, err
+    x = _sample()
+    np.testing.assert_allclose(
+        _onnx_outputs(tmp_path / "m.onnx", x), _keras_outputs(trained, x), atol=1e-5
+    )
+
+
+def test_legacy_h5_model_advice_works(tmp_path, capsys):
+    """A whole legacy H5 model: Keras loads it; re-saved as .keras it exports."""
+    trained = conv_bn_classifier(seed=5)
+    trained.save(tmp_path / "model.h5")
+    code, _, err = run_main(["export", tmp_path / "model.h5", "-o", tmp_path / "m.onnx"], capsys)
+    assert_rejected(code, err, "Legacy H5 models are not supported")
+    assert "weights only" not in err
+    keras.saving.load_model(tmp_path / "model.h5").save(tmp_path / "model.keras")
+    code, _, err = run_main(["export", tmp_path / "model.keras", "-o", tmp_path / "m.onnx"], capsys)
+    assert code == 0, err
+
+
+def test_own_export_that_does_not_fit_the_model_is_an_internal_error(
+    tmp_path, capsys, files, monkeypatch
+):
+    """A file keras-bn wrote in this run that does not fit the model is keras-bn's bug:
+    exit 3 with the traceback, never "was the file exported from this model?"."""
+    from keras_bn.converters.onnx import export as onnx_export
+
+    real = onnx_export.export_onnx
+    first = keras.Input((3,), name="a")
+    second = keras.Input((3,), name="b")
+    two_inputs = keras.Model([first, second], keras.layers.Add()([first, second]))
+
+    def broken(model, path, **kwargs):  # an exporter bug: the wrong graph
+        return real(two_inputs, path, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "export_onnx", broken)
+    code, _, err = run_main(["export", files["model"], "-o", tmp_path / "m.onnx"], capsys)
+    assert code == 3, err
+    assert "Traceback" in err and "internal error" in err
+    assert "exported from this model?" not in err
+    assert "RuntimeError: the ONNX file keras-bn exported from this model does not fit" in err
+    assert not (tmp_path / "m.onnx").exists()

@@ -352,6 +352,7 @@ def _validate(
         precision=args.precision,
         shown_path=output,
         reference=reference,
+        exported_here=True,
     )
 
 

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,6 +225,10 @@ def to_onnx_layout(inputs: dict[str, Any], layout: str) -> dict[str, Any]:
     }
 
 
+# How validation's messages ask whether the ONNX file belongs to the model at all.
+_MISMATCH = re.compile(r"[;.]?\s*was the (?:ONNX )?file exported from this model\?", re.I)
+
+
 def validate_onnx(
     model,
     onnx_path: Path,
@@ -236,12 +241,15 @@ def validate_onnx(
     precision: str = "float32",
     shown_path: Path | None = None,
     reference: KerasReference | None = None,
+    exported_here: bool = False,
 ) -> bool:
     """Compare ``onnx_path`` in onnxruntime with ``model`` in Keras; report; passed?
 
     ``precision`` picks the default criterion (``comparison.judge_precision``);
     ``atol``/``rtol``, when given, are a strict elementwise contract instead. With
     ``reference``, validation compares on its inputs and reuses its Keras outputs.
+    ``exported_here``: keras-bn wrote the file from ``model`` in this run, so a file
+    that does not fit the model is keras-bn's bug, not a question for the user.
     """
     from keras_bn.converters.validation import validate_onnx as validate
 
@@ -256,7 +264,15 @@ def validate_onnx(
     if rtol is not None:
         kwargs["rtol"] = rtol
     with run.progress.step("Validating against the Keras model in onnxruntime"):
-        report = validate(model, onnx_path, **kwargs)
+        try:
+            report = validate(model, onnx_path, **kwargs)
+        except UserInputError as error:
+            if exported_here and _MISMATCH.search(str(error)):
+                message = _MISMATCH.sub("", str(error)).strip()
+                raise RuntimeError(
+                    f"the ONNX file keras-bn exported from this model does not fit it: {message}"
+                ) from None  # the user's question ("was the file exported from...") is moot
+            raise
         passed = bool(report)
     if shown_path is not None and dataclasses.is_dataclass(report) and hasattr(report, "path"):
         report = dataclasses.replace(report, path=str(shown_path))  # not the temporary path
