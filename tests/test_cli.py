@@ -915,10 +915,47 @@ def test_validate_rejects_a_non_onnx_file(tmp_path, capsys, files):
 
 
 def test_bench_errors(tmp_path, capsys):
-    code, _, err = run_main(["bench", "a.onnx", "b.onnx", "c.onnx"], capsys)
-    assert_rejected(code, err, "one or two ONNX models")
     code, _, err = run_main(["bench", tmp_path / "missing.onnx"], capsys)
     assert_rejected(code, err, "does not exist")
+
+
+def test_bench_compares_any_number_of_files(tmp_path, capsys, files):
+    """float32, float16 and int8 exports side by side: sizes and speed-ups vs the first."""
+    paths = {}
+    for precision in ("float32", "float16", "int8"):
+        paths[precision] = tmp_path / f"m_{precision}.onnx"
+        argv = ["export", files["model"], "-o", paths[precision], "--precision", precision]
+        argv += ["--calibration", files["calibration"]] if precision == "int8" else []
+        assert run_main(argv, capsys)[0] == 0
+    code, out, err = run_main(["bench", *paths.values(), "--runs", "3", "--warmup", "0"], capsys)
+    assert code == 0 and err == "", err
+    for index, path in enumerate(paths.values(), start=1):
+        (row,) = [line for line in out.splitlines() if line.startswith(f"[{index}] {path.name}")]
+        assert f"{path.stat().st_size / 1024:.1f} KiB" in row
+        assert row.count("x") >= 2  # a speed-up at each optimization level
+    assert out.rstrip().splitlines()[-1].startswith("next: ")
+    code, out, _ = run_main(["bench", *paths.values(), "--runs", "3", "--json"], capsys)
+    report = json.loads(out)["bench"]
+    assert report["bytes"] == {str(p): p.stat().st_size for p in paths.values()}
+    for path in paths.values():
+        times = {
+            r["optimization"]: r["median_ms"] for r in report["results"] if r["model"] == str(path)
+        }
+        first = {r["optimization"]: r["median_ms"] for r in report["results"]
+                 if r["model"] == str(paths["float32"])}  # fmt: skip
+        for level, ratio in report["speedup_vs_first"][str(path)].items():
+            assert ratio == pytest.approx(first[level] / times[level])
+
+
+def test_inspect_report_replaces_an_existing_report(tmp_path, capsys, files):
+    """inspect writes no model: its --report is replaced (atomically) without --force;
+    fold and export still ask for --force before replacing theirs."""
+    report = tmp_path / "inspect.json"
+    report.write_text("old")
+    code, _, err = run_main(["inspect", files["model"], "--report", report], capsys)
+    assert code == 0, err
+    assert json.loads(report.read_text())["command"] == "inspect"
+    assert [p.name for p in tmp_path.iterdir()] == ["inspect.json"]  # no temporary left
 
 
 def test_report_path_is_checked_up_front(tmp_path, capsys, files):

@@ -191,12 +191,16 @@ class ReportArgs:
             help="print a machine-readable JSON report on stdout (default: text and a summary)",
         )
         group.add_argument(
-            "--report", metavar="FILE", help="also write the JSON report to FILE (default: none)"
+            "--report",
+            metavar="FILE",
+            help="also write the JSON report to FILE; an existing FILE is replaced by "
+            "inspect, validate and bench, by fold and export only with --force (default: none)",
         )
         group.add_argument(
             "--force",
             action="store_true",
-            help="replace existing output (and report) files (default: refuse to replace)",
+            help="replace existing output files, and the report of fold and export "
+            "(default: refuse to replace)",
         )
 
 
