@@ -255,4 +255,6 @@ def bench_onnx(
                 )
             )
     sizes = [model_bytes(path) for path in paths]
-    return BenchReport(models=list(paths), results=results, threads=threads, sizes=sizes)
+    return BenchReport(
+        models=[str(p) for p in paths], results=results, threads=threads, sizes=sizes
+    )
