@@ -250,8 +250,11 @@ def test_script_export_writes_a_validated_onnx_model_and_report(script_runs, fil
 def test_script_validate_json(script_runs):
     report = json.loads(_ok(script_runs[0]["validate"]).stdout)
     assert report["status"] == "ok" and report["validation"]["passed"] is True
-    # Generated inputs at validate_onnx's default batch sizes (1 and 2 since 6b70ecd).
-    assert {c["batch_size"] for c in report["validation"]["comparisons"]} == {1, 2}
+    # The CLI's generated samples (VALIDATION_SAMPLES), alone and the first one alone.
+    from keras_bn.converters.samples import VALIDATION_SAMPLES
+
+    assert {c["batch_size"] for c in report["validation"]["comparisons"]} == {1, VALIDATION_SAMPLES}
+    assert report["validation"]["inputs"].startswith(f"generated, {VALIDATION_SAMPLES} sample(s)")
 
 
 def test_script_bench_json(script_runs):
@@ -1275,3 +1278,190 @@ def test_own_export_that_does_not_fit_the_model_is_an_internal_error(
     assert "exported from this model?" not in err
     assert "RuntimeError: the ONNX file keras-bn exported from this model does not fit" in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------
+# Reports a person reads; validation that says what it checked.
+
+
+@pytest.fixture(scope="module")
+def resnet50_file(tmp_path_factory) -> Path:
+    """Keras's ResNet50 (53 BatchNormalization layers) at its smallest input, 32x32."""
+    path = tmp_path_factory.mktemp("resnet50") / "resnet50.keras"
+    model = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10)
+    randomize_batch_norms(model, seed=1, gain=(0.9, 1.1))
+    model.save(path)
+    return path
+
+
+def test_resnet50_export_fits_one_screen(tmp_path, capsys, resnet50_file):
+    code, out, err = run_main(["export", resnet50_file, "-o", tmp_path / "r.onnx"], capsys)
+    assert code == 0 and err == "", err
+    lines = out.rstrip().splitlines()
+    assert len(lines) <= 40, out
+    assert lines[0] == "53 of 53 BatchNormalization layers folded"
+    assert "conv2_block1_1_bn" not in out  # no 53-row table of "yes"
+    for noise in ("not measured", "would pass with", "inf"):
+        assert noise not in out, noise
+    assert lines[-1] == f"next: keras-bn bench {tmp_path / 'r.onnx'}"
+    # --verbose: the full table; --json: every entry.
+    code, out, _ = run_main(
+        ["export", resnet50_file, "-o", tmp_path / "r.onnx", "--force", "--verbose"], capsys
+    )
+    assert code == 0 and sum(" yes " in line for line in out.splitlines()) == 53
+    code, out, _ = run_main(
+        ["export", resnet50_file, "-o", tmp_path / "r.onnx", "--force", "--json"], capsys
+    )
+    report = json.loads(out)
+    assert len(report["fold"]["entries"]) == 53 and report["next"].startswith("keras-bn bench")
+
+
+def _rescaled_cnn(scale: float, offset: float = 0.0) -> keras.Model:
+    inputs = keras.Input((8, 8, 1), name="digits")
+    x = keras.layers.Rescaling(scale, offset)(inputs)
+    x = keras.layers.Conv2D(4, 3)(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(x))
+    return randomize_batch_norms(keras.Model(inputs, keras.layers.Dense(3)(x)), seed=2)
+
+
+def test_rescaling_model_is_validated_on_its_range_and_says_so(tmp_path, capsys, monkeypatch):
+    """A CNN behind Rescaling(1/16) reads 0..16: validation runs there and says so."""
+    from keras_bn.converters import samples
+
+    _rescaled_cnn(1 / 16).save(tmp_path / "digits.keras")
+    made = []
+    real = samples.make_sample_inputs
+
+    def recording(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(samples, "make_sample_inputs", recording)
+    argv = ["export", tmp_path / "digits.keras", "-o", tmp_path / "d.onnx"]
+    code, out, err = run_main(argv, capsys)
+    assert code == 0, err
+    (line,) = [line for line in out.splitlines() if line.startswith("  inputs: generated")]
+    assert f"{samples.VALIDATION_SAMPLES} sample(s)" in line and "uniform 0..16 " in line
+    assert "Rescaling(scale=0.0625, offset=0)" in line
+    (x,) = made[-1].values()
+    assert x.shape[0] == samples.VALIDATION_SAMPLES == 16
+    assert 0 <= x.min() and x.max() <= 16 and x.max() > 12  # 0..16, not 0..255
+    # The float64-backed report gives the same description in JSON.
+    code, out, _ = run_main([*argv, "--force", "--json"], capsys)
+    assert "uniform 0..16" in json.loads(out)["validation"]["inputs"]
+
+
+def test_given_inputs_are_named_as_given(tmp_path, capsys, files):
+    code, out, err = run_main(
+        ["export", files["model"], "-o", tmp_path / "m.onnx", "--inputs", files["inputs"]], capsys
+    )
+    assert code == 0, err
+    assert f"  inputs: given, 6 sample(s) from {files['inputs']}" in out
+
+
+def test_int8_validation_on_calibration_data_says_so(tmp_path, capsys, files):
+    argv = ["export", files["model"], "-o", tmp_path / "m.onnx", "--precision", "int8"]
+    code, out, err = run_main([*argv, "--calibration", files["calibration"]], capsys)
+    assert code == 0, err
+    assert "int8 is judged on the samples it was calibrated on (in-sample)" in out
+    assert "vs the float32 model on its calibration data, 64 sample(s)" in out
+
+
+def test_input_labels_fit_the_inputs(tmp_path, capsys):
+    """The layout is named for image-like inputs only, not token ids or tabular ones."""
+    ids = keras.Input((5,), dtype="int32", name="token_ids")
+    table = keras.Input((4,), name="features")
+    image = keras.Input((6, 6, 2), name="image")
+    x = keras.layers.Flatten()(keras.layers.Embedding(20, 3)(ids))
+    y = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(3, 3)(image))
+    outputs = keras.layers.Dense(2)(keras.layers.Concatenate()([x, table, y]))
+    keras.Model([ids, table, image], outputs).save(tmp_path / "mixed.keras")
+    code, out, err = run_main(
+        ["export", tmp_path / "mixed.keras", "-o", tmp_path / "m.onnx"], capsys
+    )
+    assert code == 0, err
+    assert "  inputs: token_ids, features, image (channels_last); outputs:" in out
+    assert "token_ids: integers 0..19 (the Embedding's vocabulary)" in out
+
+
+def _mixed_float16_classifier() -> keras.Model:
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, dtype="mixed_float16")(inputs)
+    x = keras.layers.BatchNormalization(dtype="mixed_float16")(x)
+    x = keras.layers.ReLU(dtype="mixed_float16")(x)
+    x = keras.layers.GlobalAveragePooling2D(dtype="mixed_float16")(x)
+    outputs = keras.layers.Dense(3, dtype="float32")(x)
+    return randomize_batch_norms(keras.Model(inputs, outputs), seed=4)
+
+
+def test_fold_names_the_float64_rule_when_it_decided(tmp_path, capsys):
+    """mixed_float16 outputs miss atol 1e-4 against the original and pass by the float64
+    rule: the line says so rather than quoting a tolerance it did not meet."""
+    _mixed_float16_classifier().save(tmp_path / "m16.keras")
+    code, out, err = run_main(["fold", tmp_path / "m16.keras", "-o", tmp_path / "f.keras"], capsys)
+    assert code == 0, err
+    (line,) = [line for line in out.splitlines() if line.startswith("Folded vs original")]
+    assert "passed: within float32 noise of a float64 run (error " in line, line
+    assert "Keras float32's own" in line and "atol" not in line
+    report = json.loads(
+        run_main(
+            ["fold", tmp_path / "m16.keras", "-o", tmp_path / "f.keras", "--force", "--json"],
+            capsys,
+        )[1]
+    )
+    assert {c["verdict"] for c in report["validation"]["outputs"]} == {"float64 reference"}
+    assert max(c["max_abs_error"] for c in report["validation"]["outputs"]) > 1e-4
+
+
+def test_shape_mismatch_says_the_shapes_differ(tmp_path, capsys, files):
+    other = keras.Sequential(
+        [keras.Input((8, 8, 3), name="image"), keras.layers.Flatten(), keras.layers.Dense(5)]
+    )
+    other.save(tmp_path / "other.keras")
+    assert run_main(["export", tmp_path / "other.keras", "-o", tmp_path / "o.onnx"], capsys)[0] == 0
+    code, out, _ = run_main(["validate", files["model"], tmp_path / "o.onnx"], capsys)
+    assert code == 1
+    assert "FAIL: the shapes differ: ONNX (1, 5) vs Keras (1, 3)" in out, out
+    assert "inf" not in out
+
+
+def test_strict_tolerances_that_fail_say_what_would_pass(tmp_path, capsys, files):
+    """Only a failed elementwise verdict quotes the tolerance that would pass: here
+    another model's weights, at rtol 0, need atol = the largest difference."""
+    assert run_main(["export", files["other"], "-o", tmp_path / "o.onnx"], capsys)[0] == 0
+    argv = ["validate", files["model"], tmp_path / "o.onnx", "--atol", "0", "--rtol", "0"]
+    code, out, _ = run_main(argv, capsys)
+    assert code == 1
+    (line,) = [line for line in out.splitlines() if "would pass with atol >= " in line]
+    report = json.loads(run_main([*argv, "--json"], capsys)[1])["validation"]
+    worst = max(c["max_abs_error"] for c in report["comparisons"])
+    assert float(line.split("atol >= ")[1].split()[0]) == pytest.approx(worst, rel=1e-2)
+    assert worst > 0
+
+
+@pytest.mark.parametrize("command", ["inspect", "fold", "export", "validate"])
+def test_every_command_ends_with_the_next_step(command, tmp_path, capsys, files):
+    onnx_path = tmp_path / "m.onnx"
+    assert run_main(["export", files["model"], "-o", onnx_path], capsys)[0] == 0
+    argv = {
+        "inspect": ["inspect", files["model"]],
+        "fold": ["fold", files["model"], "-o", tmp_path / "f.keras"],
+        "export": ["export", files["model"], "-o", tmp_path / "e.onnx"],
+        "validate": ["validate", files["model"], onnx_path],
+    }[command]
+    code, out, err = run_main(argv, capsys)
+    assert code == 0, err
+    expected = {
+        "inspect": f"next: keras-bn export {files['model']} -o model.onnx",
+        "fold": f"next: keras-bn export {tmp_path / 'f.keras'} -o {tmp_path / 'f.onnx'}",
+        "export": f"next: keras-bn bench {tmp_path / 'e.onnx'}",
+        "validate": f"next: keras-bn bench {onnx_path}",
+    }[command]
+    assert out.rstrip().splitlines()[-1] == expected
+    # The advice, followed, runs (bench is tested on its own).
+    if command in ("inspect", "fold"):
+        follow = expected.removeprefix("next: keras-bn ").split()
+        if command == "inspect":
+            follow[-1] = str(tmp_path / follow[-1])
+        assert run_main(follow, capsys)[0] == 0

@@ -181,10 +181,18 @@ def tolerance(text: str) -> float:
 
 
 class ReportArgs:
-    """``--json``, ``--report FILE``, ``--force``: how results and outputs are written."""
+    """``--json``, ``--report FILE``, ``--force``, ``--verbose``: how results and
+    outputs are written."""
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("report options")
+        group.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            help="print every table in full, e.g. one row per folded BatchNormalization "
+            "(default: summaries; --json always has everything)",
+        )
         group.add_argument(
             "--json",
             action="store_true",
