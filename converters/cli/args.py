@@ -32,6 +32,9 @@ __all__ = [
     "FLOAT32_RTOL",
 ]
 
+# samples.VALIDATION_SAMPLES, repeated here so that --help needs no Keras import
+# (tests/test_cli.py checks it matches).
+VALIDATION_SAMPLES = 16
 # validate_onnx's float32 defaults, repeated here so that --help needs no Keras
 # import (tests/test_cli.py checks they match keras_bn.converters.validation).
 FLOAT32_ATOL = 1e-4
@@ -277,7 +280,9 @@ class ComparisonArgs:
             "--inputs",
             metavar="FILE.npz",
             help="inputs to validate on (one array per model input, batch first) "
-            "(default: generated standard-normal inputs)",
+            f"(default: {VALIDATION_SAMPLES} generated samples in the range the model "
+            "gives its inputs: a Rescaling's, a Normalization's, an Embedding's vocabulary, "
+            "the first BN's statistics; the report says which)",
         )
 
 
