@@ -287,8 +287,9 @@ def validate_onnx(
         passed = bool(report)
     if shown_path is not None and dataclasses.is_dataclass(report) and hasattr(report, "path"):
         report = dataclasses.replace(report, path=str(shown_path))  # not the temporary path
-    if hasattr(report, "inputs"):
-        report.inputs = inputs_note or _describe_inputs(model, reference, kwargs.get("inputs"))
+    described = inputs_note or _describe_inputs(model, reference, kwargs.get("inputs"))
+    if described and hasattr(report, "inputs"):  # else validate_onnx's own description
+        report.inputs = described
     run.report["validation"] = as_dict(report)
     run.text.append(str(report))
     run.summary.append(["validation", "passed" if passed else "FAILED"])
