@@ -1,8 +1,9 @@
 """Latency of ONNX models in onnxruntime, with graph optimizations off and on.
 
 :func:`bench_onnx` times ``session.run`` for each model at each optimization level
-in :data:`OPTIMIZATION_LEVELS` and reports the median and 90th percentile. Given two
-models (say, exported with and without folding) it lays them out side by side.
+in :data:`OPTIMIZATION_LEVELS` and reports the median and 90th percentile. Given
+several models (float32, float16 and int8 exports of one model, say) it lays them
+out side by side with their sizes and speed-ups against the first.
 "Optimizations off" shows the graph as exported; "on" shows what onnxruntime's own
 fusions (which include folding BatchNormalization into Conv) recover at load time.
 """
@@ -22,7 +23,15 @@ from keras_bn.converters import runtime
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.user_files import guarded
 
-__all__ = ["OPTIMIZATION_LEVELS", "BenchResult", "BenchReport", "bench_onnx", "random_inputs"]
+__all__ = [
+    "OPTIMIZATION_LEVELS",
+    "BenchResult",
+    "BenchReport",
+    "bench_onnx",
+    "model_bytes",
+    "speedup_text",
+    "random_inputs",
+]
 
 _RUN_FIX = "check the inputs it declares, or give --inputs FILE.npz (inputs=...)"
 
@@ -49,11 +58,12 @@ class BenchResult:
 
 @dataclasses.dataclass
 class BenchReport:
-    """All timings of one :func:`bench_onnx` call."""
+    """All timings of one :func:`bench_onnx` call, and each model's size on disk."""
 
     models: list[str]
     results: list[BenchResult]
     threads: int | None
+    sizes: list[int] = dataclasses.field(default_factory=list)  # bytes, as ``models``
 
     def get(self, model: str, optimization: str) -> BenchResult:
         for result in self.results:
@@ -61,32 +71,41 @@ class BenchReport:
                 return result
         raise KeyError((model, optimization))
 
+    def speedup(self, model: str, optimization: str) -> float | None:
+        """How many times faster than the first model (median latency), at one level."""
+        first = self.get(self.models[0], optimization).median_ms
+        this = self.get(model, optimization).median_ms
+        return first / this if this > 0 else None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "models": self.models,
             "threads": self.threads,
+            "bytes": dict(zip(self.models, self.sizes, strict=False)),
+            "speedup_vs_first": {
+                model: {level: self.speedup(model, level) for level in OPTIMIZATION_LEVELS}
+                for model in self.models
+            },
             "results": [dataclasses.asdict(result) for result in self.results],
         }
 
     def table(self) -> list[list[str]]:
-        """Rows of the side-by-side table (header first)."""
-        header = ["optimizations"]
-        for index, model in enumerate(self.models):
-            label = (
-                Path(model).name if len(self.models) == 1 else f"[{index + 1}] {Path(model).name}"
-            )
-            header += [f"{label} median ms", "p90 ms"]
-        if len(self.models) == 2:
-            header.append("[2]/[1] median")
-        rows = [header]
+        """Rows of the table (header first): one row per model, side by side."""
+        several = len(self.models) > 1
+        header = ["model", "size"]
         for level in OPTIMIZATION_LEVELS:
-            row = [level]
-            for model in self.models:
+            header += [f"{level}: median ms", "p90 ms"] + (["speed-up"] if several else [])
+        rows = [header]
+        for index, model in enumerate(self.models):
+            label = f"[{index + 1}] {Path(model).name}" if several else Path(model).name
+            size = _size_text(self.sizes[index]) if index < len(self.sizes) else "-"
+            row = [label, size]
+            for level in OPTIMIZATION_LEVELS:
                 result = self.get(model, level)
                 row += [f"{result.median_ms:.3f}", f"{result.p90_ms:.3f}"]
-            if len(self.models) == 2:
-                first, second = (self.get(model, level).median_ms for model in self.models)
-                row.append(f"{second / first:.2f}x" if first > 0 else "-")
+                if several:
+                    speedup = self.speedup(model, level)
+                    row.append("-" if speedup is None else speedup_text(speedup))
             rows.append(row)
         return rows
 
@@ -97,7 +116,46 @@ class BenchReport:
         title = f"onnxruntime latency, batch size {first.batch_size}, {first.runs} runs"
         if self.threads:
             title += f", {self.threads} thread(s)"
-        return title + "\n" + format_table(self.table())
+        legend = "off: the graph as exported; on: with onnxruntime's fusions"
+        if len(self.models) > 1:
+            legend += "; speed-up: [1]'s median latency / this model's"
+        return f"{title}\n{legend}\n{format_table(self.table())}"
+
+
+def speedup_text(speedup: float) -> str:
+    """``1.85x``; two significant digits below 0.1 (``0.012x``)."""
+    return f"{speedup:.2f}x" if speedup >= 0.1 else f"{speedup:.2g}x"
+
+
+def _size_text(size: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def model_bytes(path: str | os.PathLike) -> int:
+    """The bytes an ONNX model takes on disk: the file and its external data files."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    path = Path(path)
+    total = path.stat().st_size
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # onnxruntime's own message comes when it opens the file
+        return total
+    locations = {
+        ExternalDataInfo(tensor).location
+        for tensor in model.graph.initializer
+        if uses_external_data(tensor)
+    }
+    for location in locations:
+        data = path.parent / location
+        if data.is_file():
+            total += data.stat().st_size
+    return total
 
 
 def random_inputs(
@@ -136,7 +194,8 @@ def bench_onnx(
     """Time one or more ONNX models in onnxruntime (CPU).
 
     Args:
-        paths: one model path or a sequence of them (two give a side-by-side table).
+        paths: one model path or a sequence of them, laid out side by side with
+            their sizes and speed-ups against the first.
         runs: timed runs per model and optimization level (median and p90 over them).
         warmup: untimed runs first.
         batch_size: batch size of the generated inputs (for a dynamic batch axis).
@@ -150,7 +209,7 @@ def bench_onnx(
         paths = [paths]
     paths = [str(path) for path in paths]
     if not paths:
-        raise UserInputError("No ONNX model given; expected one or two .onnx paths.")
+        raise UserInputError("No ONNX model given; expected one or more .onnx paths.")
     if runs < 1 or warmup < 0 or batch_size < 1:
         raise UserInputError(
             f"Invalid benchmark settings: runs={runs}, warmup={warmup}, "
@@ -195,4 +254,7 @@ def bench_onnx(
                     min_ms=float(times.min()),
                 )
             )
-    return BenchReport(models=[str(p) for p in paths], results=results, threads=threads)
+    sizes = [model_bytes(path) for path in paths]
+    return BenchReport(
+        models=[str(p) for p in paths], results=results, threads=threads, sizes=sizes
+    )

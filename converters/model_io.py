@@ -69,12 +69,20 @@ def _scratch_directory() -> Iterator[None]:
 
 
 def tensorflow_code_error(error: BaseException, where: str) -> UserInputError | None:
-    """The error to report when ``error`` came from TensorFlow's own code running on
-    another backend (a Lambda or custom layer calling ``tf.*``), else None."""
+    """The error to report when ``error`` is about the backend, not the model: a
+    Lambda or custom layer calling ``tf.*`` on another backend, or a channels_first
+    layer TensorFlow's CPU kernels refuse (they take NHWC only: float16 or float64
+    convolutions, 3-D pooling); else None."""
     import keras
 
     backend = keras.backend.backend()
     if backend == "tensorflow":
+        if _is_channels_first_kernel_gap(error):
+            return UserInputError(
+                f"{where} has channels_first layers that TensorFlow cannot run on CPU (its "
+                "kernels take channels_last only); run the same command on another Keras "
+                "backend: KERAS_BACKEND=jax keras-bn ..."
+            )
         return None
     seen: set[int] = set()
     current: BaseException | None = error
@@ -89,6 +97,19 @@ def tensorflow_code_error(error: BaseException, where: str) -> UserInputError | 
                 )
         current = current.__cause__ or current.__context__
     return None
+
+
+def _is_channels_first_kernel_gap(error: BaseException) -> bool:
+    """TensorFlow's "only supports the NHWC tensor format on the CPU" (and kin)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if "NHWC" in text and ("CPU" in text or "NCHW" in text):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _explain_keras_error(path: Path, error: Exception) -> UserInputError:

@@ -170,7 +170,10 @@ class PrecisionReport:
         for issue in self.range_issues:
             lines.append(f"  out of float16 range: {issue}")
         if self.comparison is not None:
-            lines.append(f"  vs the float32 model {self.comparison}")
+            # int8 is compared on the data it was calibrated on: say so (in-sample).
+            where = "its calibration data, " if self.precision == "int8" else ""
+            compared = str(self.comparison).removeprefix("on ")
+            lines.append(f"  vs the float32 model on {where}{compared}")
         return "\n".join(lines)
 
 

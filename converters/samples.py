@@ -19,17 +19,23 @@ from keras_bn.converters.errors import UserInputError
 
 __all__ = [
     "UNKNOWN_DIMENSION_SIZE",
+    "VALIDATION_SAMPLES",
+    "describe_generated_inputs",
     "call_model",
     "make_sample_inputs",
     "normalize_inputs",
-    "parse_input_shape",
     "sample_arrays",
     "sample_specs",
     "with_input_shapes",
 ]
 
 UNKNOWN_DIMENSION_SIZE = 32  # generated inputs use this size for unknown non-batch axes
-_IMAGE_SCALE_LIMIT = 0.1  # a leading Rescaling(scale <= this) means pixels in [0, 255]
+# Samples the CLI validates on by default (generated in the model's input domain):
+# enough that a sample-dependent bug shows (a channel that only some inputs reach),
+# few enough that validating ResNet50 stays a matter of seconds. The library's
+# validate_onnx keeps its own default batch sizes.
+VALIDATION_SAMPLES = 16
+_INTEGER_HIGH = 10  # integer inputs no Embedding reads: uniform in [0, this)
 
 # The value ranges a float input may be in: standard normal (the default), or one of
 # the usual image conventions. A trained model says which one it was trained on
@@ -48,25 +54,6 @@ NORMALIZATION_DOMAIN = "normal with the leading Normalization layer's mean and v
 # input, five times the work, would add nothing but time (0.3 s on ResNet50).
 _PROBE_VALUES = 4096
 _PROBE_BATCH = 4
-
-
-def parse_input_shape(text: str) -> tuple[str, tuple[int | None, ...]]:
-    """``NAME=DIMS`` (the CLI's ``--input-shape``): an input's sizes after the batch,
-    comma-separated, ``?`` for a size left unknown (``token_ids=16``,
-    ``images=224,224,3``)."""
-    name, equals, dims = text.partition("=")
-    try:
-        if not equals or not name or not dims:
-            raise ValueError
-        sizes = tuple(None if d.strip() == "?" else int(d) for d in dims.split(","))
-        if any(size is not None and size < 1 for size in sizes):
-            raise ValueError
-    except ValueError:
-        raise UserInputError(
-            f"Invalid input shape {text!r}: expected NAME=DIMS, the sizes after the batch "
-            "separated by commas, ? for an unknown one (token_ids=16, images=224,224,3)."
-        ) from None
-    return name, sizes
 
 
 def with_input_shapes(
@@ -116,18 +103,33 @@ def call_model(model: keras.Model, inputs: Mapping[str, np.ndarray]) -> list[np.
     return graph_lib.call_model(model, [inputs[name] for name in graph.input_names])
 
 
-def _is_pixel_input(tensor: graph_lib.Tensor) -> bool:
+def _rescaling_range(tensor: graph_lib.Tensor) -> tuple[float, str] | None:
+    """``(high, why)`` when a Rescaling layer that shrinks reads the input: inputs are
+    ``uniform 0..high``, the range it maps onto ``[0, 1]`` (offset >= 0) or onto
+    ``[offset, -offset]`` (a negative offset: ``1/127.5, -1`` maps 0..255 onto -1..1)."""
     for consumer in tensor.consumers:
         layer = consumer.layer
-        if isinstance(layer, keras.layers.Rescaling):
-            scale = np.asarray(
-                keras.ops.convert_to_numpy(layer.scale)
-                if not np.isscalar(layer.scale)
-                else layer.scale
-            )
-            if scale.size and float(np.max(np.abs(scale))) <= _IMAGE_SCALE_LIMIT:
-                return True
-    return False
+        if not isinstance(layer, keras.layers.Rescaling):
+            continue
+        scale = np.abs(np.asarray(graph_lib.to_numpy(layer.scale), np.float64))
+        offset = np.asarray(graph_lib.to_numpy(layer.offset), np.float64)
+        if not scale.size or not np.all(np.isfinite(scale)) or not np.all(np.isfinite(offset)):
+            continue
+        largest, shift = float(scale.max()), float(offset.mean()) if offset.size else 0.0
+        if not 0.0 < largest < 1.0:
+            continue  # not a shrinking rescale: it says nothing about a range
+        high = -2.0 * shift / largest if shift < 0 else 1.0 / largest
+        low_out, high_out = (shift, -shift) if shift < 0 else (shift, shift + 1.0)
+        why = (
+            f"the model's Rescaling(scale={largest:.4g}, offset={shift:g}) maps "
+            f"0..{high:.4g} onto {low_out:g}..{high_out:g}"
+        )
+        return high, why
+    return None
+
+
+def _uniform(high: float):
+    return lambda rng, shape: rng.uniform(0.0, high, size=shape)
 
 
 def make_sample_inputs(
@@ -135,8 +137,10 @@ def make_sample_inputs(
 ) -> dict[str, np.ndarray]:
     """Random inputs for every model input, keyed by input name.
 
-    Float inputs read by a Rescaling layer that scales by 0.1 or less (Keras
-    Applications' ``1/255``, ``1/127.5``) are pixels: uniform in [0, 255]. For the
+    Float inputs read by a Rescaling layer that shrinks (scale below 1) are
+    uniform over the range it maps onto [0, 1] (a negative offset: onto
+    [offset, -offset]): ``1/255`` and ``1/127.5, offset=-1`` give pixels in
+    [0, 255], ``1/16`` gives [0, 16]. For the
     other float inputs of a single-input model with trained BatchNormalization
     statistics, the model says what it was trained on: of ``FLOAT_DOMAINS``, the
     range whose batch statistics at the first BatchNormalization best match its
@@ -173,7 +177,7 @@ def sample_arrays(
 ) -> dict[str, np.ndarray]:
     """:func:`make_sample_inputs` for a flattened graph."""
     rng = np.random.default_rng(seed)
-    domains = input_domains(graph)
+    domains = _input_domains(graph)
     inputs = {}
     for tensor, name, (shape, dtype) in zip(
         graph.inputs, graph.input_names, sample_specs(graph, batch_size), strict=True
@@ -185,13 +189,9 @@ def sample_arrays(
                 mean, std = normalization
                 array = mean + std * rng.standard_normal(size=shape)
             else:
-                array = np.asarray(FLOAT_DOMAINS[domains[name]](rng, shape))
+                array = np.asarray(domains[name][2](rng, shape))
         elif dtype.kind in "iu":
-            high = 10
-            for consumer in tensor.consumers:
-                if isinstance(consumer.layer, keras.layers.Embedding):
-                    high = int(consumer.layer.input_dim)
-            array = rng.integers(0, high, size=shape)
+            array = rng.integers(0, _integer_high(tensor), size=shape)
         elif dtype.kind == "b":
             array = rng.random(size=shape) < 0.5
         else:
@@ -200,6 +200,37 @@ def sample_arrays(
             )
         inputs[name] = np.asarray(array).astype(dtype)
     return inputs
+
+
+def _integer_high(tensor: graph_lib.Tensor) -> int:
+    """Integer inputs are uniform in ``[0, high)``: an Embedding's vocabulary, else 10."""
+    high = _INTEGER_HIGH
+    for consumer in tensor.consumers:
+        if isinstance(consumer.layer, keras.layers.Embedding):
+            high = int(consumer.layer.input_dim)
+    return high
+
+
+def describe_generated_inputs(graph: graph_lib.Graph, count: int) -> str:
+    """How :func:`make_sample_inputs` makes ``count`` samples, and why, in one line."""
+    domains = _input_domains(graph)
+    parts = []
+    for tensor, name in zip(graph.inputs, graph.input_names, strict=True):
+        kind = np.dtype(tensor.dtype).kind
+        if name in domains:
+            domain, why, _ = domains[name]
+            parts.append(f"{name}: {domain} ({why})")
+        elif kind in "iu":
+            embedding = any(isinstance(c.layer, keras.layers.Embedding) for c in tensor.consumers)
+            why = "the Embedding's vocabulary" if embedding else "no Embedding gives a range"
+            high = _integer_high(tensor)
+            parts.append(f"{name}: integers 0..{high - 1} ({why})")
+        else:
+            parts.append(f"{name}: fair coin flips")
+    where = "; ".join(parts)
+    return (
+        f"generated, {count} sample(s): {where}; give your own with --inputs FILE.npz (inputs=...)"
+    )
 
 
 def normalize_inputs(model: keras.Model, inputs: Any) -> dict[str, np.ndarray]:
@@ -242,19 +273,47 @@ def normalize_inputs(model: keras.Model, inputs: Any) -> dict[str, np.ndarray]:
 
 
 def input_domains(graph: graph_lib.Graph) -> dict[str, str]:
-    """The ``FLOAT_DOMAINS`` entry generated values take, per float input name."""
+    """The domain generated values take, per float input name (a ``FLOAT_DOMAINS``
+    entry, ``uniform 0..HIGH`` for a Rescaling's range, or ``NORMALIZATION_DOMAIN``)."""
+    return {name: domain for name, (domain, _, _) in _input_domains(graph).items()}
+
+
+def _input_domains(graph: graph_lib.Graph) -> dict[str, tuple[str, str, Any]]:
+    """``(domain, why, sampler)`` per float input name, from what the model says:
+    a Rescaling's scale and offset, a Normalization's statistics, the first
+    BatchNormalization's moving statistics; else standard normal."""
     domains = {}
     for tensor, name in zip(graph.inputs, graph.input_names, strict=True):
         if np.dtype(tensor.dtype).kind != "f":
             continue
-        if _is_pixel_input(tensor):
-            domains[name] = "uniform 0..255 (pixels)"
+        rescaling = _rescaling_range(tensor)
+        if rescaling is not None:
+            high, why = rescaling
+            pixels = np.isclose(high, 255.0)
+            domain = "uniform 0..255 (pixels)" if pixels else f"uniform 0..{high:.4g}"
+            domains[name] = (domain, why, _uniform(high))
         elif _normalization_statistics(tensor) is not None:
-            domains[name] = NORMALIZATION_DOMAIN
-        elif len(graph.inputs) == 1:
-            domains[name] = _domain_by_statistics(graph) or "standard normal"
+            domains[name] = (
+                NORMALIZATION_DOMAIN,
+                "the model's Normalization layer reads it",
+                FLOAT_DOMAINS["standard normal"],  # sample_arrays applies the statistics
+            )
         else:
-            domains[name] = "standard normal"
+            found = _domain_by_statistics(graph) if len(graph.inputs) == 1 else None
+            if found is not None:
+                bn = _first_batch_norm(graph)
+                why = (
+                    "of the usual input ranges, the one whose statistics at the first "
+                    f"BatchNormalization ({bn.layer.name if bn else '?'}) best match its "
+                    "moving statistics"
+                )
+                domains[name] = (found, why, FLOAT_DOMAINS[found])
+            else:
+                why = (
+                    "nothing in the model gives its range: no Rescaling, Normalization "
+                    "or trained BatchNormalization statistics"
+                )
+                domains[name] = ("standard normal", why, FLOAT_DOMAINS["standard normal"])
     return domains
 
 

@@ -77,12 +77,41 @@ def check_input_file(path: str | os.PathLike, what: str, suffixes: Sequence[str]
     if path.suffix.lower() not in suffixes:
         hint = ""
         if path.suffix.lower() in (".h5", ".hdf5") and ".keras" in suffixes:
-            hint = " Legacy H5 models are not supported: load it in Keras and re-save it "
-            hint += "with model.save('model.keras')."
+            hint = _h5_hint(path)
         raise UserInputError(
             f"{what} {str(path)!r} has suffix {path.suffix!r}; expected a {expected} file.{hint}"
         )
     return path
+
+
+def _h5_hint(path: Path) -> str:
+    """What to do with an HDF5 file given as a model: weights only, or a legacy model."""
+    if path.name.lower().endswith((".weights.h5", ".weights.hdf5")) or not _holds_model_config(
+        path
+    ):
+        return (
+            " It holds weights only, not a model: build the model in code, load them "
+            f"with model.load_weights({str(path)!r}), save it with "
+            "model.save('model.keras') and pass model.keras."
+        )
+    return (
+        " Legacy H5 models are not supported: load it in Keras "
+        f"(keras.saving.load_model({str(path)!r})) and re-save it with "
+        "model.save('model.keras')."
+    )
+
+
+def _holds_model_config(path: Path) -> bool:
+    """Whether an HDF5 file has the ``model_config`` a whole legacy model carries
+    (True when it cannot be read: the legacy-model advice then names Keras's loader,
+    which says what is wrong with it)."""
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as file:
+            return "model_config" in file.attrs
+    except Exception:
+        return True
 
 
 def one_line(error: BaseException, limit: int = 200) -> str:

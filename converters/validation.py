@@ -72,7 +72,12 @@ from keras_bn.converters.onnx.metadata import (
 )
 from keras_bn.converters.options import INPUT_LAYOUTS, PRECISIONS
 from keras_bn.converters.reference import Doubtful, rejudge_against_float64
-from keras_bn.converters.samples import call_model, make_sample_inputs, normalize_inputs
+from keras_bn.converters.samples import (
+    call_model,
+    describe_generated_inputs,
+    make_sample_inputs,
+    normalize_inputs,
+)
 
 __all__ = [
     "DEFAULT_ATOL",
@@ -121,6 +126,7 @@ class ValidationReport:
     localization: str = ""
     exact_note: str = ""  # how the float64 reference judged (or why it could not)
     precision: str = "float32"  # whose default criterion judged (comparison.judge_precision)
+    inputs: str = ""  # what was compared on: given, or generated (how, why, how many)
 
     @property
     def passed(self) -> bool:
@@ -146,12 +152,21 @@ class ValidationReport:
 
     def __str__(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
-        criterion = (
-            f"{self.precision} criterion"
-            if any(c.verdict.endswith("criterion") for c in self.comparisons)
-            else f"atol={self.atol:g}, rtol={self.rtol:g}"
-        )
+        by_float64 = [c for c in self.comparisons if c.verdict == "float64 reference"]
+        if any(c.verdict.endswith("criterion") for c in self.comparisons):
+            criterion = f"{self.precision} criterion"
+        elif by_float64 and len(by_float64) == len(self.comparisons):
+            criterion = "judged against a float64 run of the Keras model"
+        elif by_float64:
+            criterion = (
+                f"atol={self.atol:g}, rtol={self.rtol:g}; outputs beyond them judged against "
+                "a float64 run"
+            )
+        else:
+            criterion = f"atol={self.atol:g}, rtol={self.rtol:g}"
         lines = [f"Validation {verdict}: {self.path} vs Keras ({criterion})"]
+        if self.inputs:
+            lines.append(f"  inputs: {self.inputs}")
         if self.exact_note:
             lines.append(f"  {self.exact_note}")
         header = (
@@ -160,6 +175,9 @@ class ValidationReport:
         )
         lines.append(header)
         for c in self.comparisons:
+            if not math.isfinite(c.max_abs_error) and c.note:  # nothing was compared
+                lines.append(f"  {c.name[:24]:<24} {c.batch_size:>5} FAIL: {_not_compared(c)}")
+                continue
             lines.append(
                 f"  {c.name[:24]:<24} {c.batch_size:>5} {c.max_abs_error:>10.3g} "
                 f"{c.max_rel_error:>10.3g} {c.mean_abs_error:>10.3g} "
@@ -168,7 +186,18 @@ class ValidationReport:
             )
             if c.exact_error is not None:
                 lines.append(f"  {'':<24} {'':>5} {_exact_line(c)}")
-        if not criterion.endswith("criterion"):  # float16/int8 tolerances would mislead
+        if by_float64 and all(c.passed for c in by_float64):
+            worst = max(by_float64, key=lambda c: c.exact_error or 0.0)
+            lines.append(
+                f"  passed: within float32 noise of a float64 run (error {worst.exact_error:.3g} "
+                f"vs Keras float32's own {worst.keras_exact_error:.3g}, relative to max)"
+            )
+        elementwise_failed = [
+            c
+            for c in self.comparisons
+            if c.verdict == "elementwise" and not c.passed and math.isfinite(c.required_atol)
+        ]
+        if elementwise_failed:
             lines.append(
                 f"  would pass with atol >= {self.required_atol:.3g} (at rtol={self.rtol:g}) "
                 f"or rtol >= {self.required_rtol:.3g} (at atol={self.atol:g})"
@@ -179,6 +208,14 @@ class ValidationReport:
             if self.localization:
                 lines.append(f"  {self.localization}")
         return "\n".join(lines)
+
+
+def _not_compared(c: OutputComparison) -> str:
+    """Why an output could not be compared: the shapes differ, or onnxruntime failed."""
+    if c.note.startswith("shape "):
+        onnx_shape, keras_shape = c.note[len("shape ") :].split(" != Keras shape ")
+        return f"the shapes differ: ONNX {onnx_shape} vs Keras {keras_shape}"
+    return c.note
 
 
 def _exact_line(c: OutputComparison) -> str:
@@ -423,8 +460,14 @@ def _localization_note(first: str | None, comparisons: list[LayerComparison]) ->
             "no intermediate tensor diverges; the outputs differ only after the last compared layer"
         )
     return f"first divergent layer {first!r}: " + next(
-        f"max abs error {c.max_abs_error:.3g} vs max |Keras| {c.max_abs_reference:.3g}"
-        + (f" ({c.note})" if c.note else "")
+        (
+            f"max abs error {c.max_abs_error:.3g} vs max |Keras| {c.max_abs_reference:.3g}"
+            + (f" ({c.note})" if c.note else "")
+        )
+        if math.isfinite(c.max_abs_error) or not c.note
+        else c.note.replace("shape ", "the shapes differ: ONNX ", 1).replace(
+            " != Keras shape ", " vs Keras "
+        )
         for c in comparisons
         if c.layer == first
     )
@@ -535,6 +578,12 @@ def validate_onnx(
     outright = None if explicit else (OUTRIGHT if precision == "float32" else -1.0)
     comparisons, failing_batch, doubtful = _compare_outputs(model, runs, atol, rtol, outright)
     report = ValidationReport(str(path), float(atol), float(rtol), comparisons, precision=precision)
+    count = int(next(iter(runs.full.values())).shape[0])
+    report.inputs = (
+        describe_generated_inputs(graph_lib.flatten(model), count)
+        if inputs is None
+        else f"given, {count} sample(s)"
+    )
     if doubtful:
         names = graph_lib.flatten(model).input_names
         report.exact_note = rejudge_against_float64(

@@ -55,17 +55,36 @@ def test_bench_one_model(tmp_path):
 def test_bench_side_by_side_orders_models_by_cost(tmp_path):
     small = matmul_onnx(tmp_path / "small.onnx", 8)
     large = matmul_onnx(tmp_path / "large.onnx", 768)
-    report = bench_onnx([small, large], runs=15, warmup=2, batch_size=64, threads=1)
+    middle = matmul_onnx(tmp_path / "middle.onnx", 256)
+    report = bench_onnx([small, large, middle], runs=15, warmup=2, batch_size=64, threads=1)
     # ~75 MFLOP against ~8 kFLOP per run: the large model is slower by far more
     # than any scheduling noise on a shared machine.
     for level in OPTIMIZATION_LEVELS:
         assert report.get(str(large), level).median_ms > 3 * report.get(str(small), level).median_ms
     rows = report.table()
-    assert rows[0][-1] == "[2]/[1] median"
-    assert [row[0] for row in rows[1:]] == list(OPTIMIZATION_LEVELS)
-    ratio = float(rows[1][-1].rstrip("x"))
-    off = [report.get(str(p), "off").median_ms for p in (small, large)]
-    assert ratio == pytest.approx(off[1] / off[0], rel=0.01)
+    assert rows[0][:2] == ["model", "size"] and rows[0].count("speed-up") == 2
+    assert [row[0] for row in rows[1:]] == ["[1] small.onnx", "[2] large.onnx", "[3] middle.onnx"]
+    # Sizes on disk, and speed-ups against the first model: its median / theirs.
+    assert report.sizes == [p.stat().st_size for p in (small, large, middle)]
+    assert rows[2][1] == f"{large.stat().st_size / 1024**2:.1f} MiB"
+    off_column = rows[0].index("speed-up")
+    for row, path in zip(rows[1:], (small, large, middle), strict=True):
+        off = [report.get(str(p), "off").median_ms for p in (small, path)]
+        assert float(row[off_column].rstrip("x")) == pytest.approx(off[0] / off[1], rel=0.05)
+    assert rows[1][off_column] == "1.00x"
+    speedups = report.to_dict()["speedup_vs_first"]
+    assert speedups[str(large)]["on"] < 1 / 3 < speedups[str(small)]["on"] == 1.0
+
+
+def test_bench_sizes_count_external_data(tmp_path):
+    path = matmul_onnx(tmp_path / "m.onnx", 64)
+    model = onnx.load(str(path))
+    onnx.save(model, str(path), save_as_external_data=True, location="m.onnx.data",
+              size_threshold=0)  # fmt: skip
+    report = bench_onnx(path, runs=1, warmup=0)
+    data = (tmp_path / "m.onnx.data").stat().st_size
+    assert data > 64 * 64 * 4 - 1
+    assert report.sizes == [path.stat().st_size + data]
 
 
 def test_bench_given_inputs_are_cast_to_each_model(tmp_path):

@@ -250,8 +250,11 @@ def test_script_export_writes_a_validated_onnx_model_and_report(script_runs, fil
 def test_script_validate_json(script_runs):
     report = json.loads(_ok(script_runs[0]["validate"]).stdout)
     assert report["status"] == "ok" and report["validation"]["passed"] is True
-    # Generated inputs at validate_onnx's default batch sizes (1 and 2 since 6b70ecd).
-    assert {c["batch_size"] for c in report["validation"]["comparisons"]} == {1, 2}
+    # The CLI's generated samples (VALIDATION_SAMPLES), alone and the first one alone.
+    from keras_bn.converters.samples import VALIDATION_SAMPLES
+
+    assert {c["batch_size"] for c in report["validation"]["comparisons"]} == {1, VALIDATION_SAMPLES}
+    assert report["validation"]["inputs"].startswith(f"generated, {VALIDATION_SAMPLES} sample(s)")
 
 
 def test_script_bench_json(script_runs):
@@ -398,6 +401,9 @@ def test_help_defaults_match_the_library():
         validation.DEFAULT_ATOL,
         validation.DEFAULT_RTOL,
     )
+    from keras_bn.converters.samples import VALIDATION_SAMPLES
+
+    assert args.VALIDATION_SAMPLES == VALIDATION_SAMPLES
     export = cli.build_parser()._subparsers._group_actions[0].choices["export"]
     (opset,) = [action for action in export._actions if action.dest == "opset"]
     assert f"default: {DEFAULT_OPSET}" in opset.help
@@ -448,9 +454,59 @@ def test_exporter_accepts_every_cli_input_layout(tmp_path, layout, capsys, files
     ids=lambda argv: " ".join(argv) or "no-command",
 )
 def test_usage_errors_exit_2(argv, capsys):
+    """One line naming the problem and where help is, no usage dump, no traceback."""
     code, out, err = run_main(argv, capsys)
-    assert code == 2
-    assert "usage:" in err and "Traceback" not in err
+    assert code == 2 and out == ""
+    assert "usage:" not in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and err.startswith("keras-bn"), err
+    assert ": error: " in err and err.rstrip().endswith("--help)"), err
+
+
+@pytest.mark.parametrize(
+    ("argv", "meant"),
+    [
+        (["export", "m.keras", "-o", "x.onnx", "--fp16"], "--precision float16"),
+        (["export", "m.keras", "-o", "x.onnx", "--int8"], "--precision int8"),
+        (["export", "m.keras", "-o", "x.onnx", "--precison", "float16"], "--precision"),
+        (["export", "m.keras", "-o", "x.onnx", "--precision", "fp16"], "--precision float16"),
+        (["export", "m.keras", "-o", "x.onnx", "--precision", "flaot16"], "--precision float16"),
+        (["export", "m.keras", "-o", "x.onnx", "--nchw"], "--input-layout channels_first"),
+        (
+            ["export", "m.keras", "-o", "x.onnx", "--input-layuot", "channels_first"],
+            "--input-layout",
+        ),
+        (["fold", "m.keras", "-o", "x.keras", "--atoll", "1e-3"], "--atol"),
+        (["bench", "m.onnx", "--run", "3", "--treads", "2"], "--threads"),
+        (["expor", "m.keras"], "keras-bn export"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else None,
+)
+def test_near_miss_flags_suggest_the_option_meant(argv, meant, capsys):
+    code, out, err = run_main(argv, capsys)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert f"did you mean {meant}?" in err, err
+
+
+def test_suggestions_name_only_the_subcommands_own_options(capsys):
+    """validate has no --precision: --fp16 gets no suggestion there, just the error."""
+    code, _, err = run_main(["validate", "m.keras", "m.onnx", "--fp16"], capsys)
+    assert code == 2 and "unrecognized arguments: --fp16" in err and "did you mean" not in err
+
+
+def test_suggested_flags_are_accepted_by_the_parser():
+    """Following the advice parses: every alias names an option its subcommands have."""
+    from keras_bn.converters.cli.args import OPTION_ALIASES, VALUE_ALIASES
+
+    parser = cli.build_parser()
+    subcommands = parser._subparsers._group_actions[0].choices  # argparse's own API
+    options = {o for sub in subcommands.values() for a in sub._actions for o in a.option_strings}
+    for alias in OPTION_ALIASES.values():
+        assert alias.split()[0] in options, alias
+    export = parser.parse_args(["export", "m.keras", "-o", "x.onnx", "--precision", "float16"])
+    assert export.precision == "float16"
+    choices = {a.dest: a.choices for a in subcommands["export"]._actions if a.choices}
+    for dest, values in VALUE_ALIASES.items():
+        assert set(values.values()) <= set(choices[dest]), dest
 
 
 def test_version(capsys):
@@ -865,10 +921,47 @@ def test_validate_rejects_a_non_onnx_file(tmp_path, capsys, files):
 
 
 def test_bench_errors(tmp_path, capsys):
-    code, _, err = run_main(["bench", "a.onnx", "b.onnx", "c.onnx"], capsys)
-    assert_rejected(code, err, "one or two ONNX models")
     code, _, err = run_main(["bench", tmp_path / "missing.onnx"], capsys)
     assert_rejected(code, err, "does not exist")
+
+
+def test_bench_compares_any_number_of_files(tmp_path, capsys, files):
+    """float32, float16 and int8 exports side by side: sizes and speed-ups vs the first."""
+    paths = {}
+    for precision in ("float32", "float16", "int8"):
+        paths[precision] = tmp_path / f"m_{precision}.onnx"
+        argv = ["export", files["model"], "-o", paths[precision], "--precision", precision]
+        argv += ["--calibration", files["calibration"]] if precision == "int8" else []
+        assert run_main(argv, capsys)[0] == 0
+    code, out, err = run_main(["bench", *paths.values(), "--runs", "3", "--warmup", "0"], capsys)
+    assert code == 0 and err == "", err
+    for index, path in enumerate(paths.values(), start=1):
+        (row,) = [line for line in out.splitlines() if line.startswith(f"[{index}] {path.name}")]
+        assert f"{path.stat().st_size / 1024:.1f} KiB" in row
+        assert row.count("x") >= 2  # a speed-up at each optimization level
+    assert out.rstrip().splitlines()[-1].startswith("next: ")
+    code, out, _ = run_main(["bench", *paths.values(), "--runs", "3", "--json"], capsys)
+    report = json.loads(out)["bench"]
+    assert report["bytes"] == {str(p): p.stat().st_size for p in paths.values()}
+    for path in paths.values():
+        times = {
+            r["optimization"]: r["median_ms"] for r in report["results"] if r["model"] == str(path)
+        }
+        first = {r["optimization"]: r["median_ms"] for r in report["results"]
+                 if r["model"] == str(paths["float32"])}  # fmt: skip
+        for level, ratio in report["speedup_vs_first"][str(path)].items():
+            assert ratio == pytest.approx(first[level] / times[level])
+
+
+def test_inspect_report_replaces_an_existing_report(tmp_path, capsys, files):
+    """inspect writes no model: its --report is replaced (atomically) without --force;
+    fold and export still ask for --force before replacing theirs."""
+    report = tmp_path / "inspect.json"
+    report.write_text("old")
+    code, _, err = run_main(["inspect", files["model"], "--report", report], capsys)
+    assert code == 0, err
+    assert json.loads(report.read_text())["command"] == "inspect"
+    assert [p.name for p in tmp_path.iterdir()] == ["inspect.json"]  # no temporary left
 
 
 def test_report_path_is_checked_up_front(tmp_path, capsys, files):
@@ -1094,3 +1187,284 @@ def test_onnx_external_data_outside_its_directory_is_one_line_exit_2(files, tmp_
     for command in (["validate", files["model"], evil], ["bench", evil]):
         code, _, err = run_main(command, capsys)
         assert_rejected(code, err, "evil.onnx")
+
+
+# ------------------------------------------------------------------------------------
+# Advice that works: each message's advice, followed.
+
+
+def _channels_first_float16_model() -> keras.Model:
+    """channels_first float16 convolutions: TensorFlow's CPU kernels refuse them."""
+    inputs = keras.Input((3, 8, 8), name="image")
+    x = keras.layers.Conv2D(4, 3, data_format="channels_first", dtype="mixed_float16")(inputs)
+    x = keras.layers.BatchNormalization(axis=1, dtype="mixed_float16")(x)
+    x = keras.layers.GlobalAveragePooling2D(data_format="channels_first")(x)
+    outputs = keras.layers.Dense(2, dtype="float32")(x)
+    return randomize_batch_norms(keras.Model(inputs, outputs), seed=3)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's CPU kernels")
+def test_channels_first_on_tensorflow_cpu_advises_another_backend_which_works(tmp_path, capsys):
+    _channels_first_float16_model().save(tmp_path / "cf.keras")
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = run_main(["export", tmp_path / "cf.keras", "-o", out / "cf.onnx"], capsys)
+    assert_rejected(code, err, "KERAS_BACKEND=jax keras-bn", out)
+    assert "re-save" not in err and "\x1b" not in err
+    # The advice, followed: the same command with KERAS_BACKEND=jax.
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run(
+        [str(KERAS_BN), "export", tmp_path / "cf.keras", "-o", out / "cf.onnx", "--json"],
+        env={**env, "KERAS_BACKEND": "jax"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["backend"] == "jax" and report["validation"]["passed"] is True
+    assert (out / "cf.onnx").is_file()
+
+
+def test_weights_only_file_advice_works(tmp_path, capsys):
+    """A .weights.h5 holds no model: build it in code, load the weights, save .keras."""
+    trained = conv_bn_classifier(seed=5)
+    trained.save_weights(tmp_path / "model.weights.h5")
+    code, _, err = run_main(
+        ["export", tmp_path / "model.weights.h5", "-o", tmp_path / "m.onnx"], capsys
+    )
+    assert_rejected(code, err, "holds weights only")
+    assert "model.load_weights(" in err and "model.save('model.keras')" in err
+    # The advice, followed: the architecture from code (other initial weights).
+    model = conv_bn_classifier(seed=0)
+    model.load_weights(tmp_path / "model.weights.h5")
+    model.save(tmp_path / "model.keras")
+    code, _, err = run_main(["export", tmp_path / "model.keras", "-o", tmp_path / "m.onnx"], capsys)
+    assert code == 0, err
+    x = _sample()
+    np.testing.assert_allclose(
+        _onnx_outputs(tmp_path / "m.onnx", x), _keras_outputs(trained, x), atol=1e-5
+    )
+
+
+def test_legacy_h5_model_advice_works(tmp_path, capsys):
+    """A whole legacy H5 model: Keras loads it; re-saved as .keras it exports."""
+    trained = conv_bn_classifier(seed=5)
+    trained.save(tmp_path / "model.h5")
+    code, _, err = run_main(["export", tmp_path / "model.h5", "-o", tmp_path / "m.onnx"], capsys)
+    assert_rejected(code, err, "Legacy H5 models are not supported")
+    assert "weights only" not in err
+    keras.saving.load_model(tmp_path / "model.h5").save(tmp_path / "model.keras")
+    code, _, err = run_main(["export", tmp_path / "model.keras", "-o", tmp_path / "m.onnx"], capsys)
+    assert code == 0, err
+
+
+def test_own_export_that_does_not_fit_the_model_is_an_internal_error(
+    tmp_path, capsys, files, monkeypatch
+):
+    """A file keras-bn wrote in this run that does not fit the model is keras-bn's bug:
+    exit 3 with the traceback, never "was the file exported from this model?"."""
+    from keras_bn.converters.onnx import export as onnx_export
+
+    real = onnx_export.export_onnx
+    first = keras.Input((3,), name="a")
+    second = keras.Input((3,), name="b")
+    two_inputs = keras.Model([first, second], keras.layers.Add()([first, second]))
+
+    def broken(model, path, **kwargs):  # an exporter bug: the wrong graph
+        return real(two_inputs, path, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "export_onnx", broken)
+    code, _, err = run_main(["export", files["model"], "-o", tmp_path / "m.onnx"], capsys)
+    assert code == 3, err
+    assert "Traceback" in err and "internal error" in err
+    assert "exported from this model?" not in err
+    assert "RuntimeError: the ONNX file keras-bn exported from this model does not fit" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------
+# Reports a person reads; validation that says what it checked.
+
+
+@pytest.fixture(scope="module")
+def resnet50_file(tmp_path_factory) -> Path:
+    """Keras's ResNet50 (53 BatchNormalization layers) at its smallest input, 32x32."""
+    path = tmp_path_factory.mktemp("resnet50") / "resnet50.keras"
+    model = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10)
+    randomize_batch_norms(model, seed=1, gain=(0.9, 1.1))
+    model.save(path)
+    return path
+
+
+def test_resnet50_export_fits_one_screen(tmp_path, capsys, resnet50_file):
+    code, out, err = run_main(["export", resnet50_file, "-o", tmp_path / "r.onnx"], capsys)
+    assert code == 0 and err == "", err
+    lines = out.rstrip().splitlines()
+    assert len(lines) <= 40, out
+    assert lines[0] == "53 of 53 BatchNormalization layers folded"
+    assert "conv2_block1_1_bn" not in out  # no 53-row table of "yes"
+    for noise in ("not measured", "would pass with", "inf"):
+        assert noise not in out, noise
+    assert lines[-1] == f"next: keras-bn bench {tmp_path / 'r.onnx'}"
+    # --verbose: the full table; --json: every entry.
+    code, out, _ = run_main(
+        ["export", resnet50_file, "-o", tmp_path / "r.onnx", "--force", "--verbose"], capsys
+    )
+    assert code == 0 and sum(" yes " in line for line in out.splitlines()) == 53
+    code, out, _ = run_main(
+        ["export", resnet50_file, "-o", tmp_path / "r.onnx", "--force", "--json"], capsys
+    )
+    report = json.loads(out)
+    assert len(report["fold"]["entries"]) == 53 and report["next"].startswith("keras-bn bench")
+
+
+def _rescaled_cnn(scale: float, offset: float = 0.0) -> keras.Model:
+    inputs = keras.Input((8, 8, 1), name="digits")
+    x = keras.layers.Rescaling(scale, offset)(inputs)
+    x = keras.layers.Conv2D(4, 3)(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(x))
+    return randomize_batch_norms(keras.Model(inputs, keras.layers.Dense(3)(x)), seed=2)
+
+
+def test_rescaling_model_is_validated_on_its_range_and_says_so(tmp_path, capsys, monkeypatch):
+    """A CNN behind Rescaling(1/16) reads 0..16: validation runs there and says so."""
+    from keras_bn.converters import samples
+
+    _rescaled_cnn(1 / 16).save(tmp_path / "digits.keras")
+    made = []
+    real = samples.make_sample_inputs
+
+    def recording(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(samples, "make_sample_inputs", recording)
+    argv = ["export", tmp_path / "digits.keras", "-o", tmp_path / "d.onnx"]
+    code, out, err = run_main(argv, capsys)
+    assert code == 0, err
+    (line,) = [line for line in out.splitlines() if line.startswith("  inputs: generated")]
+    assert f"{samples.VALIDATION_SAMPLES} sample(s)" in line and "uniform 0..16 " in line
+    assert "Rescaling(scale=0.0625, offset=0)" in line
+    (x,) = made[-1].values()
+    assert x.shape[0] == samples.VALIDATION_SAMPLES == 16
+    assert 0 <= x.min() and x.max() <= 16 and x.max() > 12  # 0..16, not 0..255
+    # The float64-backed report gives the same description in JSON.
+    code, out, _ = run_main([*argv, "--force", "--json"], capsys)
+    assert "uniform 0..16" in json.loads(out)["validation"]["inputs"]
+
+
+def test_given_inputs_are_named_as_given(tmp_path, capsys, files):
+    code, out, err = run_main(
+        ["export", files["model"], "-o", tmp_path / "m.onnx", "--inputs", files["inputs"]], capsys
+    )
+    assert code == 0, err
+    assert f"  inputs: given, 6 sample(s) from {files['inputs']}" in out
+
+
+def test_int8_validation_on_calibration_data_says_so(tmp_path, capsys, files):
+    argv = ["export", files["model"], "-o", tmp_path / "m.onnx", "--precision", "int8"]
+    code, out, err = run_main([*argv, "--calibration", files["calibration"]], capsys)
+    assert code == 0, err
+    assert "int8 is judged on the samples it was calibrated on (in-sample)" in out
+    assert "vs the float32 model on its calibration data, 64 sample(s)" in out
+
+
+def test_input_labels_fit_the_inputs(tmp_path, capsys):
+    """The layout is named for image-like inputs only, not token ids or tabular ones."""
+    ids = keras.Input((5,), dtype="int32", name="token_ids")
+    table = keras.Input((4,), name="features")
+    image = keras.Input((6, 6, 2), name="image")
+    x = keras.layers.Flatten()(keras.layers.Embedding(20, 3)(ids))
+    y = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(3, 3)(image))
+    outputs = keras.layers.Dense(2)(keras.layers.Concatenate()([x, table, y]))
+    keras.Model([ids, table, image], outputs).save(tmp_path / "mixed.keras")
+    code, out, err = run_main(
+        ["export", tmp_path / "mixed.keras", "-o", tmp_path / "m.onnx"], capsys
+    )
+    assert code == 0, err
+    assert "  inputs: token_ids, features, image (channels_last); outputs:" in out
+    assert "token_ids: integers 0..19 (the Embedding's vocabulary)" in out
+
+
+def _mixed_float16_classifier() -> keras.Model:
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, dtype="mixed_float16")(inputs)
+    x = keras.layers.BatchNormalization(dtype="mixed_float16")(x)
+    x = keras.layers.ReLU(dtype="mixed_float16")(x)
+    x = keras.layers.GlobalAveragePooling2D(dtype="mixed_float16")(x)
+    outputs = keras.layers.Dense(3, dtype="float32")(x)
+    return randomize_batch_norms(keras.Model(inputs, outputs), seed=4)
+
+
+def test_fold_names_the_float64_rule_when_it_decided(tmp_path, capsys):
+    """mixed_float16 outputs miss atol 1e-4 against the original and pass by the float64
+    rule: the line says so rather than quoting a tolerance it did not meet."""
+    _mixed_float16_classifier().save(tmp_path / "m16.keras")
+    code, out, err = run_main(["fold", tmp_path / "m16.keras", "-o", tmp_path / "f.keras"], capsys)
+    assert code == 0, err
+    (line,) = [line for line in out.splitlines() if line.startswith("Folded vs original")]
+    assert "passed: within float32 noise of a float64 run (error " in line, line
+    assert "Keras float32's own" in line and "atol" not in line
+    report = json.loads(
+        run_main(
+            ["fold", tmp_path / "m16.keras", "-o", tmp_path / "f.keras", "--force", "--json"],
+            capsys,
+        )[1]
+    )
+    assert {c["verdict"] for c in report["validation"]["outputs"]} == {"float64 reference"}
+    assert max(c["max_abs_error"] for c in report["validation"]["outputs"]) > 1e-4
+
+
+def test_shape_mismatch_says_the_shapes_differ(tmp_path, capsys, files):
+    other = keras.Sequential(
+        [keras.Input((8, 8, 3), name="image"), keras.layers.Flatten(), keras.layers.Dense(5)]
+    )
+    other.save(tmp_path / "other.keras")
+    assert run_main(["export", tmp_path / "other.keras", "-o", tmp_path / "o.onnx"], capsys)[0] == 0
+    code, out, _ = run_main(["validate", files["model"], tmp_path / "o.onnx"], capsys)
+    assert code == 1
+    assert "FAIL: the shapes differ: ONNX (1, 5) vs Keras (1, 3)" in out, out
+    assert "inf" not in out
+
+
+def test_strict_tolerances_that_fail_say_what_would_pass(tmp_path, capsys, files):
+    """Only a failed elementwise verdict quotes the tolerance that would pass: here
+    another model's weights, at rtol 0, need atol = the largest difference."""
+    assert run_main(["export", files["other"], "-o", tmp_path / "o.onnx"], capsys)[0] == 0
+    argv = ["validate", files["model"], tmp_path / "o.onnx", "--atol", "0", "--rtol", "0"]
+    code, out, _ = run_main(argv, capsys)
+    assert code == 1
+    (line,) = [line for line in out.splitlines() if "would pass with atol >= " in line]
+    report = json.loads(run_main([*argv, "--json"], capsys)[1])["validation"]
+    worst = max(c["max_abs_error"] for c in report["comparisons"])
+    assert float(line.split("atol >= ")[1].split()[0]) == pytest.approx(worst, rel=1e-2)
+    assert worst > 0
+
+
+@pytest.mark.parametrize("command", ["inspect", "fold", "export", "validate"])
+def test_every_command_ends_with_the_next_step(command, tmp_path, capsys, files):
+    onnx_path = tmp_path / "m.onnx"
+    assert run_main(["export", files["model"], "-o", onnx_path], capsys)[0] == 0
+    argv = {
+        "inspect": ["inspect", files["model"]],
+        "fold": ["fold", files["model"], "-o", tmp_path / "f.keras"],
+        "export": ["export", files["model"], "-o", tmp_path / "e.onnx"],
+        "validate": ["validate", files["model"], onnx_path],
+    }[command]
+    code, out, err = run_main(argv, capsys)
+    assert code == 0, err
+    expected = {
+        "inspect": f"next: keras-bn export {files['model']} -o model.onnx",
+        "fold": f"next: keras-bn export {tmp_path / 'f.keras'} -o {tmp_path / 'f.onnx'}",
+        "export": f"next: keras-bn bench {tmp_path / 'e.onnx'}",
+        "validate": f"next: keras-bn bench {onnx_path}",
+    }[command]
+    assert out.rstrip().splitlines()[-1] == expected
+    # The advice, followed, runs (bench is tested on its own).
+    if command in ("inspect", "fold"):
+        follow = expected.removeprefix("next: keras-bn ").split()
+        if command == "inspect":
+            follow[-1] = str(tmp_path / follow[-1])
+        assert run_main(follow, capsys)[0] == 0

@@ -6,7 +6,12 @@ import pytest
 from helpers import calibrate_batch_norms
 
 from keras_bn.converters.graph import flatten
-from keras_bn.converters.samples import FLOAT_DOMAINS, input_domains, make_sample_inputs
+from keras_bn.converters.samples import (
+    FLOAT_DOMAINS,
+    describe_generated_inputs,
+    input_domains,
+    make_sample_inputs,
+)
 
 L = keras.layers
 
@@ -67,3 +72,45 @@ def test_a_normalization_layer_gives_its_own_mean_and_variance():
     x = make_sample_inputs(model, 4000, seed=0)["features"]
     np.testing.assert_allclose(x.mean(axis=0), [10, -3, 0, 100, 1], atol=0.3)
     np.testing.assert_allclose(x.std(axis=0), [2, 1, 3, 5, 1], rtol=0.05)
+
+
+@pytest.mark.parametrize(
+    "scale, offset, domain, high",
+    [
+        (1 / 16, 0.0, "uniform 0..16", 16.0),
+        (1 / 255, 0.0, "uniform 0..255 (pixels)", 255.0),
+        (1 / 127.5, -1.0, "uniform 0..255 (pixels)", 255.0),
+    ],
+    ids=["one-sixteenth", "one-255th", "minus-one-to-one"],
+)
+def test_a_rescaling_layer_gives_the_range_it_maps_onto_the_unit_interval(
+    scale, offset, domain, high
+):
+    model = _conv_bn(L.Rescaling(scale, offset))
+    assert input_domains(flatten(model)) == {"image": domain}
+    x = make_sample_inputs(model, 16, seed=0)["image"]
+    assert 0 <= x.min() and x.max() <= high and x.max() > 0.9 * high
+    # What the Rescaling makes of them: [0, 1], or [-1, 1] with offset -1.
+    rescaled = x * scale + offset
+    assert rescaled.min() >= min(offset, 0) - 1e-6 and rescaled.max() <= 1 + 1e-6
+    assert "Rescaling(scale=" in describe_generated_inputs(flatten(model), 16)
+
+
+def test_a_growing_rescaling_says_nothing_about_the_range():
+    model = _conv_bn(L.Rescaling(2.0))  # untrained statistics: nothing else to go by
+    assert input_domains(flatten(model)) == {"image": "standard normal"}
+
+
+def test_generated_inputs_are_described_per_input():
+    ids = keras.Input((4,), dtype="int32", name="ids")
+    flags = keras.Input((3,), dtype="int32", name="flags")
+    table = keras.Input((2,), name="table")
+    x = L.Flatten()(L.Embedding(50, 2)(ids))
+    model = keras.Model([ids, flags, table], L.Concatenate()([x, L.Dense(2)(flags), table]))
+    text = describe_generated_inputs(flatten(model), 16)
+    assert text.startswith("generated, 16 sample(s): ")
+    assert "ids: integers 0..49 (the Embedding's vocabulary)" in text
+    assert "flags: integers 0..9 (no Embedding gives a range)" in text
+    assert "table: standard normal (nothing in the model gives its range" in text
+    x = make_sample_inputs(model, 400, seed=0)
+    assert x["ids"].max() == 49 and x["flags"].max() == 9

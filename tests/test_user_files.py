@@ -404,3 +404,17 @@ def test_every_limit_is_documented_in_the_readme():
     for variable, limit in LIMITS.items():
         assert f"`{variable}`" in readme, variable
         assert f"{limit.default:,}" in readme, (variable, limit.default)
+
+
+def test_one_line_errors_carry_no_terminal_escape_codes():
+    """Keras's errors quote their cause in bold (``\\x1b[1m``): stripped when reported."""
+    from keras_bn.converters.errors import UserInputError, one_line
+    from keras_bn.converters.user_files import guarded
+
+    keras_style = "Exception encountered when calling Conv2D.call().\n\n\x1b[1mbad shape\x1b[0m"
+    with pytest.raises(UserInputError) as caught:
+        with guarded("Model file 'm.keras'", "loads, but Keras cannot run it", "fix it"):
+            raise ValueError(keras_style)
+    assert "\x1b" not in str(caught.value) and "bad shape" in str(caught.value)
+    assert str(UserInputError("a \x1b[31;1mred\x1b[0m word")) == "a red word"
+    assert one_line("\x1b]8;;http://x\x07link\x1b]8;;\x07\n  text") == "link text"

@@ -12,7 +12,7 @@ from types import ModuleType
 from typing import NoReturn
 
 from keras_bn.converters.cli import bench, export, fold, inspect, recalibrate, validate
-from keras_bn.converters.cli.args import ReportArgs
+from keras_bn.converters.cli.args import Parser, ReportArgs
 from keras_bn.converters.cli.quiet import quiet_environment
 from keras_bn.converters.cli.run import (
     EXIT_BAD_INPUT,
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (no heavy imports: ``--help`` stays instant)."""
     from keras_bn import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(  # usage errors: one line, with "did you mean"
         prog="keras-bn",
         description="Fold BatchNormalization in Keras 3 models, export them to ONNX, "
         "validate them in onnxruntime, convert to float16/int8 and benchmark them.",
@@ -98,8 +98,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace | int:
     except SystemExit as exit_:  # --help, --version, usage errors (argparse exits 2)
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
     if args.command is None:
-        parser.print_usage(sys.stderr)
-        print(f"keras-bn: error: a command is required ({', '.join(COMMANDS)})", file=sys.stderr)
+        print(
+            f"keras-bn: error: a command is required ({', '.join(COMMANDS)}) (see keras-bn --help)",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
     return args
 

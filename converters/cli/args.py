@@ -10,11 +10,17 @@ Nothing here imports a heavy package: ``--help`` stays instant.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import difflib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
+from keras_bn.converters.errors import one_line
 from keras_bn.converters.options import INPUT_LAYOUTS, PRECISIONS
 
 __all__ = [
+    "Parser",
+    "suggest_option",
     "ReportArgs",
     "ModelLoadingArgs",
     "ComparisonArgs",
@@ -27,10 +33,116 @@ __all__ = [
     "FLOAT32_RTOL",
 ]
 
+# samples.VALIDATION_SAMPLES, repeated here so that --help needs no Keras import
+# (tests/test_cli.py checks it matches).
+VALIDATION_SAMPLES = 16
 # validate_onnx's float32 defaults, repeated here so that --help needs no Keras
 # import (tests/test_cli.py checks they match keras_bn.converters.validation).
 FLOAT32_ATOL = 1e-4
 FLOAT32_RTOL = 1e-3
+
+
+# --------------------------------------------------------------------------------------
+# The parser: usage errors as one line, with the option meant.
+
+# Flags other tools use -> what keras-bn spells them (offered only where the
+# subcommand has the option). Misspellings of our own flags need no entry:
+# difflib finds them among the parser's option strings.
+OPTION_ALIASES: dict[str, str] = {
+    "--fp16": "--precision float16",
+    "--float16": "--precision float16",
+    "--half": "--precision float16",
+    "--fp32": "--precision float32",
+    "--float32": "--precision float32",
+    "--int8": "--precision int8",
+    "--quantize": "--precision int8",
+    "--nchw": "--input-layout channels_first",
+    "--channels-first": "--input-layout channels_first",
+    "--nhwc": "--input-layout channels_last",
+    "--channels-last": "--input-layout channels_last",
+    "--out": "-o",
+    "--output-file": "-o",
+    "--overwrite": "--force",
+    "--calib": "--calibration",
+    "--calibration-data": "--calibration",
+    "--input": "--inputs",
+    "--samples": "--inputs",
+    "--batch": "--batch-size",
+}
+# Values other tools use -> ours, per option.
+VALUE_ALIASES: dict[str, dict[str, str]] = {
+    "precision": {"fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"},
+    "input_layout": {"nchw": "channels_first", "nhwc": "channels_last"},
+}
+
+
+def suggest_option(parser: argparse.ArgumentParser, given: str) -> str | None:
+    """The option (with its value, for an alias) ``parser`` has and ``given`` meant."""
+    flag = given.split("=", 1)[0]
+    options = [o for action in parser._actions for o in action.option_strings]
+    alias = OPTION_ALIASES.get(flag.lower().replace("_", "-"))
+    if alias is not None and alias.split()[0] in options:
+        return alias
+    if not flag.startswith("-"):
+        return None
+    close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line on stderr (exit 2), no usage dump.
+
+    An unknown flag gets "did you mean": a misspelling of the subcommand's own
+    options (difflib), or another tool's spelling (:data:`OPTION_ALIASES`,
+    ``--fp16`` -> ``--precision float16``). Subparsers are this class too
+    (argparse makes them with the parent's class).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        hint = ""
+        if "invalid choice" in message:
+            hint = self._value_hint(message)
+        self._fail(f"{message}{hint}")
+
+    def _fail(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+    def _value_hint(self, message: str) -> str:
+        for action in self._actions:
+            name = argparse._get_action_name(action)  # how argparse's message names it
+            if not action.choices or not message.startswith(f"argument {name}:"):
+                continue
+            received = message.split("invalid choice: ", 1)[1].split(" ", 1)[0].strip("'\"")
+            meant = VALUE_ALIASES.get(action.dest, {}).get(received.lower())
+            if meant is None:
+                choices = [str(choice) for choice in action.choices]
+                close = difflib.get_close_matches(received, choices, n=1, cutoff=0.6)
+                meant = close[0] if close else None
+            if meant is not None:
+                flag = action.option_strings[-1] if action.option_strings else self.prog
+                return f"; did you mean {flag} {meant}?"
+        return ""
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: Any = None
+    ) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self._subcommand_parser(parsed) or self
+            unknown = [e for e in extras if e.startswith("-")] or extras
+            meant = suggest_option(parser, unknown[0])
+            if meant is not None:
+                parser._fail(f"unrecognized argument {unknown[0]}; did you mean {meant}?")
+            parser._fail(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def _subcommand_parser(self, parsed: argparse.Namespace) -> Parser | None:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                found = action.choices.get(getattr(parsed, action.dest, None) or "")
+                return found if isinstance(found, Parser) else None
+        return None
 
 
 # --------------------------------------------------------------------------------------
@@ -57,6 +169,24 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
+def input_shape(text: str) -> tuple[str, tuple[int | None, ...]]:
+    """An argparse ``type``: ``NAME=DIMS``, an input's sizes after the batch,
+    comma-separated, ``?`` for a size left unknown (``token_ids=16``, ``images=224,224,3``)."""
+    name, equals, dims = text.partition("=")
+    try:
+        if not equals or not name or not dims:
+            raise ValueError
+        sizes = tuple(None if d.strip() == "?" else int(d) for d in dims.split(","))
+        if any(size is not None and size < 1 for size in sizes):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=DIMS, the sizes after the batch separated by commas, ? for an "
+            f"unknown one (token_ids=16, images=224,224,3), received {text!r}"
+        ) from None
+    return name, sizes
+
+
 def tolerance(text: str) -> float:
     """An argparse ``type``: a finite number >= 0."""
     try:
@@ -73,22 +203,34 @@ def tolerance(text: str) -> float:
 
 
 class ReportArgs:
-    """``--json``, ``--report FILE``, ``--force``: how results and outputs are written."""
+    """``--json``, ``--report FILE``, ``--force``, ``--verbose``: how results and
+    outputs are written."""
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("report options")
+        group.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            help="print every table in full, e.g. one row per folded BatchNormalization "
+            "(default: summaries; --json always has everything)",
+        )
         group.add_argument(
             "--json",
             action="store_true",
             help="print a machine-readable JSON report on stdout (default: text and a summary)",
         )
         group.add_argument(
-            "--report", metavar="FILE", help="also write the JSON report to FILE (default: none)"
+            "--report",
+            metavar="FILE",
+            help="also write the JSON report to FILE; an existing FILE is replaced by "
+            "inspect, validate and bench, by fold and export only with --force (default: none)",
         )
         group.add_argument(
             "--force",
             action="store_true",
-            help="replace existing output (and report) files (default: refuse to replace)",
+            help="replace existing output files, and the report of fold and export "
+            "(default: refuse to replace)",
         )
 
 
@@ -157,7 +299,9 @@ class ComparisonArgs:
             "--inputs",
             metavar="FILE.npz",
             help="inputs to validate on (one array per model input, batch first) "
-            "(default: generated standard-normal inputs)",
+            f"(default: {VALIDATION_SAMPLES} generated samples in the range the model "
+            "gives its inputs: a Rescaling's, a Normalization's, an Embedding's vocabulary, "
+            "the first BN's statistics; the report says which)",
         )
 
 

@@ -1,4 +1,4 @@
-"""``keras-bn bench``: onnxruntime latency of one or two ONNX models."""
+"""``keras-bn bench``: onnxruntime latency, size and speed-up of ONNX models side by side."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ from pathlib import Path
 
 from keras_bn.converters.cli.args import non_negative_int, positive_int
 from keras_bn.converters.cli.run import EXIT_OK, Run
-from keras_bn.converters.errors import UserInputError
 
-SUMMARY = "onnxruntime latency of one or two ONNX models"
+SUMMARY = "onnxruntime latency and size of ONNX models, side by side"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("onnx", metavar="MODEL.onnx", nargs="+", help="one or two ONNX models")
+    parser.add_argument(
+        "onnx",
+        metavar="MODEL.onnx",
+        nargs="+",
+        help="ONNX models (float32, float16, int8 exports, ...): speed-ups are against the first",
+    )
     parser.add_argument("--runs", type=positive_int, default=50, help="timed runs (default: 50)")
     parser.add_argument(
         "--warmup", type=non_negative_int, default=5, help="untimed runs first (default: 5)"
@@ -32,13 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def bench_command(args: argparse.Namespace, run: Run) -> int:
-    """onnxruntime latency of one or two ONNX models, optimizations off and on."""
+    """onnxruntime latency of ONNX models, optimizations off and on, with their sizes
+    and speed-ups against the first."""
     from keras_bn.converters.user_files import load_onnx
 
-    if len(args.onnx) > 2:
-        raise UserInputError(
-            f"bench takes one or two ONNX models; received {len(args.onnx)}: " + " ".join(args.onnx)
-        )
     paths = [Path(p) for p in args.onnx]
     for path in paths:
         load_onnx(path)  # checked before onnxruntime: size, tensors, external data
@@ -49,7 +50,7 @@ def bench_command(args: argparse.Namespace, run: Run) -> int:
 
         specs = [(name, shape) for name, shape, _ in onnx_input_specs(paths[0])]
         inputs = load_inputs(args.inputs, specs, what="Inputs file")
-    from keras_bn.converters.benchmarking import bench_onnx
+    from keras_bn.converters.benchmarking import bench_onnx, speedup_text
 
     with run.progress.step("Benchmarking in onnxruntime"):
         report = bench_onnx(
@@ -62,7 +63,25 @@ def bench_command(args: argparse.Namespace, run: Run) -> int:
         )
     run.report["bench"] = report.to_dict()
     run.text.append(str(report))
-    for model in report.models:
+    for index, model in enumerate(report.models):
         on = report.get(model, "on")
-        run.summary.append([Path(model).name, f"median {on.median_ms:.3f} ms (optimizations on)"])
+        value = f"median {on.median_ms:.3f} ms (optimizations on)"
+        speedup = report.speedup(model, "on")
+        if index and speedup is not None:
+            value += f", {speedup_text(speedup)} vs {Path(report.models[0]).name}"
+        run.summary.append([Path(model).name, value])
+    run.next = _next_step(paths)
     return EXIT_OK
+
+
+def _next_step(paths: list[Path]) -> str:
+    if len(paths) > 1:
+        return (
+            "keep the fastest file that passes validation "
+            "(keras-bn validate MODEL.keras FILE.onnx checks one)"
+        )
+    stem = paths[0].with_suffix("")
+    return (
+        f"compare precisions: keras-bn export MODEL.keras -o {stem}_fp16.onnx --precision "
+        f"float16, then keras-bn bench {paths[0]} {stem}_fp16.onnx"
+    )

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from keras_bn.converters.cli import args as args_lib
 from keras_bn.converters.cli import steps
 from keras_bn.converters.cli.args import (
     ComparisonArgs,
@@ -62,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--input-shape",
+        type=args_lib.input_shape,
         action="append",
         default=[],
         metavar="NAME=DIMS",
@@ -115,14 +117,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def export_command(args: argparse.Namespace, run: Run) -> int:
     """Fold, export to ONNX, convert precision, validate against the Keras model, write."""
-    from keras_bn.converters.samples import parse_input_shape, with_input_shapes
-
     output = _check_options(args)
-    input_shapes = dict(map(parse_input_shape, args.input_shape))
+    input_shapes = dict(args.input_shape)
     model = steps.load_model(args, run)
     if input_shapes:  # export, samples and validation all see the fixed sizes
+        from keras_bn.converters.samples import with_input_shapes
+
         model = with_input_shapes(model, input_shapes)
-    steps.preflight(model, run)
+    flat = steps.preflight(model, run)
     inputs = steps.load_inputs(args.inputs, model, "Inputs file")
     calibration = steps.load_inputs(args.calibration, model, "Calibration file")
     check_batch_norm_statistics(  # before the Keras pass below: it swaps statistics
@@ -136,7 +138,6 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
         model,
         run,
         inputs if inputs is not None else calibration,
-        batch=args.batch_size or 2,
         label="Running the model in Keras (beside the export)",
     )
     # Work beside the target, each file under the output's own name: an ONNX model
@@ -151,11 +152,13 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
         final, precision_report = _convert_precision(
             work / output.name, work, args, run, inputs=inputs, calibration=calibration
         )
-        _describe_export(result, final, output, run)
+        _describe_export(result, final, output, run, flat)
         _describe_precision(precision_report, output, args, run)
         if args.no_validate:
             reference.outputs()  # still the check that Keras can run the model
-        elif not _validate(model, final, output, args, run, reference):
+        elif not _validate(
+            model, final, output, args, run, reference, _inputs_note(args, inputs, calibration)
+        ):
             return validation_failed(
                 run, f"the {args.precision} ONNX model's outputs differ from the Keras model's"
             )
@@ -164,6 +167,7 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
         with run.progress.step(f"Writing {output}"):
             data_files = _move_onnx_into_place(final, output, args, known)
     _describe_output(output, data_files, run)
+    run.next = f"keras-bn bench {output}"
     return EXIT_OK
 
 
@@ -236,7 +240,7 @@ def _export(model, path: Path, args: argparse.Namespace, run: Run):
     fold_report = getattr(result, "fold_report", None)
     if fold_report is not None:
         run.report["fold"] = as_dict(fold_report)
-        run.text.append(str(fold_report))
+        run.text.append(fold_report.format(verbose=args.verbose))
         run.summary += [
             ["folded", str(fold_report.folded_count)],
             ["not folded", str(fold_report.not_folded_count)],
@@ -321,7 +325,19 @@ def _warn_clamped(report, run: Run) -> None:
 # Describing, validating, writing.
 
 
-def _describe_export(result, final: Path, output: Path, run: Run) -> None:
+def _input_labels(flat, layout: str) -> str:
+    """The inputs line: the layout named only for image-like inputs (float, rank >= 3),
+    the ones ``--input-layout`` applies to; token ids and tabular inputs get none."""
+    import numpy as np
+
+    labels = []
+    for name, tensor in zip(flat.input_names, flat.inputs, strict=True):
+        image_like = len(tensor.shape) >= 3 and np.dtype(tensor.dtype).kind == "f"
+        labels.append(f"{name} ({layout})" if image_like else name)
+    return ", ".join(labels)
+
+
+def _describe_export(result, final: Path, output: Path, run: Run, flat) -> None:
     """The "Exported ..." block and report, with the node counts of the file written."""
     if dataclasses.is_dataclass(result) and hasattr(result, "path"):
         changes: dict[str, Any] = {"path": str(output)}  # not the temporary path
@@ -339,7 +355,14 @@ def _describe_export(result, final: Path, output: Path, run: Run) -> None:
     run.report["export"] = {key: value for key, value in exported.items() if key != "fold_report"}
     if hasattr(result, "warnings"):  # already on stderr, once
         result = dataclasses.replace(result, warnings=[])
-    run.text.append(str(result))
+    text = str(result)
+    layout = getattr(result, "input_layout", None)
+    if layout is not None:
+        names = ", ".join(getattr(result, "input_names", []))
+        text = text.replace(
+            f"inputs: {names} ({layout});", f"inputs: {_input_labels(flat, layout)};"
+        )
+    run.text.append(text)
     if "node_count" in exported:
         run.summary.append(["ONNX nodes", str(exported["node_count"])])
 
@@ -360,8 +383,31 @@ def _describe_precision(report, output: Path, args: argparse.Namespace, run: Run
             run.summary.append(["top-1 agreement", f"{comparison.top1_agreement:.1%}"])
 
 
+def _inputs_note(
+    args: argparse.Namespace, inputs: dict[str, Any] | None, calibration: dict[str, Any] | None
+) -> str | None:
+    """What validation runs on when the user gave it data (None: generated)."""
+    if inputs is not None:
+        return f"given, {len(next(iter(inputs.values())))} sample(s) from {args.inputs}"
+    if calibration is not None:
+        count = len(next(iter(calibration.values())))
+        return (
+            f"the calibration data, {count} sample(s) from {args.calibration}: int8 is "
+            "judged on the samples "
+            "it was calibrated on (in-sample); pass --inputs FILE.npz with other samples "
+            "for a held-out check"
+        )
+    return None
+
+
 def _validate(
-    model, final: Path, output: Path, args: argparse.Namespace, run: Run, reference
+    model,
+    final: Path,
+    output: Path,
+    args: argparse.Namespace,
+    run: Run,
+    reference,
+    inputs_note: str | None,
 ) -> bool:
     return steps.validate_onnx(
         model,
@@ -374,6 +420,8 @@ def _validate(
         precision=args.precision,
         shown_path=output,
         reference=reference,
+        exported_here=True,
+        inputs_note=inputs_note,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from keras_bn.converters.cli import steps
@@ -45,13 +46,15 @@ def inspect_command(args: argparse.Namespace, run: Run) -> int:
         }
     )
     _describe(model, flat, layer_counts, batch_norms, run)
-    run.text.append(str(plan))
+    run.text.append(plan.format(verbose=args.verbose, planned=True))
     check_batch_norm_statistics(model, run, args.data, what="inference uses them")
     run.summary += [
         ["batch norms", str(len(batch_norms))],
         ["would fold", str(plan.folded_count)],
         ["would not fold", str(plan.not_folded_count)],
     ]
+    model_path = Path(args.model)
+    run.next = f"keras-bn export {model_path} -o {model_path.with_suffix('.onnx').name}"
     return EXIT_OK
 
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from keras_bn.converters.errors import UserInputError
+from keras_bn.converters.errors import UserInputError, one_line
 from keras_bn.converters.files import atomic_output, check_output_path
 from keras_bn.converters.progress import Progress, format_table
 
@@ -64,13 +64,14 @@ class Run:
     text: list[str] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
     summary: list[list[str]] = dataclasses.field(default_factory=list)  # [label, value]
+    next: str = ""  # the command's last line: what to run next ("next: ...")
     # The ``keras-bn`` program, which exits when the command ends, not a caller's
     # ``main()``: process-wide settings are then the command's to choose.
     owns_process: bool = False
 
     def warn(self, message: str) -> None:
         """One line on stderr (once per distinct message) and an entry in the report."""
-        message = " ".join(message.split())
+        message = one_line(message)
         if message in self.warnings:
             return
         self.warnings.append(message)
@@ -124,6 +125,8 @@ def finish_report(run: Run, code: int) -> None:
         for step in run.progress.steps
     ]
     run.report["seconds"] = round(run.progress.elapsed(), 4)
+    if run.next and code == EXIT_OK:
+        run.report["next"] = run.next
 
 
 def print_run(run: Run, as_json: bool) -> None:
@@ -139,6 +142,8 @@ def print_run(run: Run, as_json: bool) -> None:
     if run.progress.steps:
         rows.append(["total", f"{run.progress.elapsed():.2f} s"])
     print(format_table(rows))
+    if "next" in run.report:
+        print(f"\nnext: {run.report['next']}")
 
 
 def validation_failed(run: Run, what: str) -> int:
@@ -188,7 +193,9 @@ def check_report_path(args: argparse.Namespace) -> None:
             raise UserInputError(
                 f"--report {str(report)!r} is the same file as --output; give another name."
             )
-        check_output_path(report, args.force)
+        # A command that writes no model (inspect, validate, bench) replaces its
+        # report as a report, not a model (written atomically all the same).
+        check_output_path(report, args.force or output is None)
 
 
 # --------------------------------------------------------------------------------------

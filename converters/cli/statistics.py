@@ -27,16 +27,25 @@ def check_batch_norm_statistics(model: Any, run: Run, data: str | None, *, what:
     if not batch_norm_layers(model):
         return
     if data is None:
-        run.report["statistics"] = {"checked": False}
-        run.text.append(statistics_check.NOT_CHECKED)
-        run.summary.append(["BN statistics", "not checked (no data)"])
+        # One summary row says so (the full sentence is in the JSON report).
+        run.report["statistics"] = {"checked": False, "note": statistics_check.NOT_CHECKED}
+        run.summary.append(["BN statistics", "not checked (no data: --data FILE)"])
         return
     from keras_bn.converters.data_sources import open_data
     from keras_bn.converters.model_io import model_input_specs
 
     source = open_data(data, model_input_specs(model))
     with run.progress.step("Checking BatchNormalization statistics against the data"):
-        check = statistics_check.check_statistics(model, source)
+        try:
+            check = statistics_check.check_statistics(model, source)
+        except Exception as error:
+            if _model_runs(model, source):
+                raise  # the model runs: the check itself failed (a bug)
+            # The model does not run on the data: the Keras pass that follows reports
+            # that with its own message (a user error or a bug).
+            run.report["statistics"] = {"checked": False, "error": type(error).__name__}
+            run.summary.append(["BN statistics", "not checked (the model did not run)"])
+            return
     run.report["statistics"] = {"checked": True, **check.to_dict()}
     run.text.append(str(check))
     run.summary.append(["stale BN statistics", f"{len(check.stale)} of {len(check.layers)}"])
@@ -51,3 +60,12 @@ def check_batch_norm_statistics(model: Any, run: Run, data: str | None, *, what:
             f"{run.report.get('model', {}).get('path', 'MODEL.keras')} --data {data} "
             "-o RECALIBRATED.keras"
         )
+
+
+def _model_runs(model: Any, source: Any) -> bool:
+    """Whether the model runs, in inference, on the first batch of ``source``."""
+    try:
+        model(next(iter(source.inputs())), training=False)
+    except Exception:
+        return False
+    return True

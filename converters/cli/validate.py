@@ -63,12 +63,14 @@ def validate_command(args: argparse.Namespace, run: Run) -> int:
         )
         run.report["status"] = "validation_failed"
         return EXIT_VALIDATION_FAILED
+    run.next = f"keras-bn bench {onnx_path}"
     return EXIT_OK
 
 
 def _generated_batch(model, precision: str) -> int:
     """How many samples validation generates for this ONNX model: its fixed batch
-    size, else enough to judge int8 top-1 agreement, else 2 (see ``validate_onnx``)."""
+    size, else ``VALIDATION_SAMPLES`` (at least enough to judge int8 top-1 agreement)."""
+    from keras_bn.converters.samples import VALIDATION_SAMPLES
     from keras_bn.converters.validation import INT8_TOP1_MIN_SAMPLES
 
     initializers = {tensor.name for tensor in model.graph.initializer}
@@ -76,7 +78,7 @@ def _generated_batch(model, precision: str) -> int:
         dims = value.type.tensor_type.shape.dim
         if value.name not in initializers and dims and dims[0].dim_value > 0:
             return int(dims[0].dim_value)
-    return INT8_TOP1_MIN_SAMPLES if precision == "int8" else 2
+    return max(VALIDATION_SAMPLES, INT8_TOP1_MIN_SAMPLES if precision == "int8" else 0)
 
 
 def onnx_facts(model) -> tuple[str, str | None]:

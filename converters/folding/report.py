@@ -127,34 +127,56 @@ class FoldReport:
         return json.dumps(self.to_dict(), indent=indent)
 
     def __str__(self) -> str:
-        lines = [
-            f"BatchNormalization folding of {self.model!r}: {self.folded_count} folded, "
-            f"{self.not_folded_count} not folded"
-        ]
-        if self.entries:
-            rows = [("batch_norm", "folded", "direction", "target", "reason")]
-            for entry in self.entries:
-                rows.append(
-                    (
-                        entry.batch_norm,
-                        "yes" if entry.folded else "no",
-                        entry.direction or "-",
-                        entry.target or "-",
-                        entry.reason or "",
-                    )
-                )
-            widths = [max(len(row[i]) for row in rows) for i in range(4)]
-            for row in rows:
-                cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-                lines.append("  " + "  ".join([*cells, row[4]]).rstrip())
+        return self.format(verbose=True)
+
+    def format(self, verbose: bool = True, planned: bool = False) -> str:
+        """The report as text. ``verbose=False`` (what ``keras-bn`` prints without
+        ``--verbose``): one line when every BN folded, else the table of those that
+        did not; an output difference only when one was measured. ``planned``: the
+        report of :func:`plan_folds` (its summary says "would fold")."""
+        total = len(self.entries)
+        if not verbose and total and self.not_folded_count == 0:
+            verb = "would fold" if planned else "folded"
+            layers = "layer" if total == 1 else "layers"
+            lines = [f"{self.folded_count} of {total} BatchNormalization {layers} {verb}"]
+        else:
+            lines = [
+                f"BatchNormalization folding of {self.model!r}: {self.folded_count} folded, "
+                f"{self.not_folded_count} not folded"
+            ]
+            shown = self.entries if verbose else [e for e in self.entries if not e.folded]
+            if shown:
+                lines += _table(shown)
         if self.fp16_risks:
             lines.append(f"float16 risks ({len(self.fp16_risks)} channels):")
-            for risk in self.fp16_risks:
+            for risk in self.fp16_risks if verbose else self.fp16_risks[:5]:
                 lines.append(
                     f"  {risk.layer} channel {risk.channel}: {risk.kind}, |value| = {risk.value:.6g}"
                 )
-        if self.max_abs_diff is not None:
+            if not verbose and len(self.fp16_risks) > 5:
+                lines.append(f"  ... {len(self.fp16_risks) - 5} more (--verbose lists them)")
+        if verbose and self.max_abs_diff is not None:
             lines.append(f"max abs output difference ({self.measured_on}): {self.max_abs_diff:.3g}")
-        elif self.measured_on:
+        elif verbose and self.measured_on:
             lines.append(f"max abs output difference: {self.measured_on}")
         return "\n".join(lines)
+
+
+def _table(entries: list[FoldEntry]) -> list[str]:
+    rows = [("batch_norm", "folded", "direction", "target", "reason")]
+    for entry in entries:
+        rows.append(
+            (
+                entry.batch_norm,
+                "yes" if entry.folded else "no",
+                entry.direction or "-",
+                entry.target or "-",
+                entry.reason or "",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        lines.append("  " + "  ".join([*cells, row[4]]).rstrip())
+    return lines
