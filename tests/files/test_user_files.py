@@ -400,7 +400,7 @@ def test_a_custom_module_failing_on_import_is_a_user_error(tmp_path, source, fra
 
 
 def test_every_limit_is_documented_in_the_readme():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for variable, limit in LIMITS.items():
         assert f"`{variable}`" in readme, variable
         assert f"{limit.default:,}" in readme, (variable, limit.default)

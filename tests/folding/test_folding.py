@@ -751,7 +751,7 @@ def saved_and_jax_checks(tmp_path_factory):
             str(path),
             str(directory / "x.npy"),
             str(directory / "y.npy"),
-            os.path.dirname(os.path.abspath(__file__)),
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))),  # tests/
         ]
     )
     return model, folded, report, path, result

@@ -420,7 +420,7 @@ def test_tracing_on_jax(run_python):
     )
     selection = f"(test_tracing and not on_jax) or (test_keras_hub and ({traced_hub_models}))"
     args = ["-m", "pytest", os.path.join(here, "test_tracing.py")]
-    args += [os.path.join(here, "test_keras_hub.py"), "-q", "-p", "no:cacheprovider"]
+    args += [os.path.join(here, "..", "onnx", "test_keras_hub.py"), "-q", "-p", "no:cacheprovider"]
     args += ["-p", "no:xdist", "-k", selection]
     result = run_python(args, env={"KERAS_BACKEND": "jax"}, timeout=900)
     summary = result.stdout.strip().splitlines()[-1]
@@ -435,7 +435,7 @@ def test_d_fine_on_jax(run_python):
     own so that it runs beside :func:`test_tracing_on_jax` (about 70 s: every operation
     of the two builds and their float64 twins compiles once)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    args = ["-m", "pytest", os.path.join(here, "test_keras_hub.py"), "-q"]
+    args = ["-m", "pytest", os.path.join(here, "..", "onnx", "test_keras_hub.py"), "-q"]
     args += ["-p", "no:cacheprovider", "-p", "no:xdist", "-k", "d_fine"]
     result = run_python(args, env={"KERAS_BACKEND": "jax"}, timeout=900)
     summary = result.stdout.strip().splitlines()[-1]

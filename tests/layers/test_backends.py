@@ -1,8 +1,8 @@
 """The default test run covers more Keras backends than TensorFlow.
 
 KERAS_BACKEND is read once, when Keras is first imported, so each backend gets
-its own interpreter running tests/test_layers.py (and, on JAX, the stock-parity
-module tests/test_layers_parity.py).
+its own interpreter running tests/layers/test_layers.py (and, on JAX, the stock-parity
+module tests/layers/test_layers_parity.py).
 """
 
 import re
@@ -10,15 +10,15 @@ import re
 import pytest
 
 BACKEND_RUNS = [
-    pytest.param("tests/test_layers.py", "jax", "not tensorflow_only", None, id="jax"),
+    pytest.param("tests/layers/test_layers.py", "jax", "not tensorflow_only", None, id="jax"),
     pytest.param(
-        "tests/test_layers_parity.py", "jax", "not tensorflow_only", None, id="jax-parity"
+        "tests/layers/test_layers_parity.py", "jax", "not tensorflow_only", None, id="jax-parity"
     ),
     # Keras's numpy backend has no trainer (no fit, so no training round trip)
     # and its stock moments are one-pass, so the stock comparisons cannot hold.
     # It stands in for torch (not installed here): an eager, non-XLA backend.
     pytest.param(
-        "tests/test_layers.py",
+        "tests/layers/test_layers.py",
         "numpy",
         "not tensorflow_only",
         "not fit and not keras_file and not matches_stock",

@@ -1,6 +1,6 @@
 """keras_bn.BatchNormalization against NumPy references of its formulas and the stock layer.
 
-Backend-neutral except tests marked `tensorflow_only`; tests/test_backends.py runs
+Backend-neutral except tests marked `tensorflow_only`; tests/layers/test_backends.py runs
 the rest again under KERAS_BACKEND=jax.
 """
 

@@ -6,9 +6,9 @@ weights, and compares outputs, every weight (moving statistics included), gradie
 and regularization losses. Where ours deliberately differs, the test's docstring says
 how and checks ours against a NumPy formula instead.
 
-Backend-neutral; tests/test_backends.py reruns this module under KERAS_BACKEND=jax.
+Backend-neutral; tests/layers/test_backends.py reruns this module under KERAS_BACKEND=jax.
 The same comparisons over two replicas (`tf.distribute.MirroredStrategy`,
-`synchronized=True`, masks) run in tests/test_layers_distributed.py, whose subprocess
+`synchronized=True`, masks) run in tests/layers/test_layers_distributed.py, whose subprocess
 already pays for the logical-device setup.
 """
 
@@ -209,7 +209,7 @@ if BACKEND == "tensorflow":  # elsewhere both layers reject it (see below)
 
 @pytest.mark.parametrize("shape, options", CONSTRUCTOR_CASES)
 def test_constructor_arguments_match_stock(shape, options):
-    """Over two replicas, synchronized=True: tests/test_layers_distributed.py.
+    """Over two replicas, synchronized=True: tests/layers/test_layers_distributed.py.
 
     The stock synchronized path takes one-pass moments (E[x^2] - E[x]^2, also on a
     single replica): its input gradients carry float32 rounding of ~1e-3 relative

@@ -675,7 +675,7 @@ def test_jax_backend_exports_the_same_graph(tmp_path):
         "JAX_PLATFORMS": "cpu",
         "TF_CPP_MIN_LOG_LEVEL": "3",
     }
-    tests_dir = os.path.dirname(__file__)
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     completed = subprocess.run(
         [
             sys.executable,

@@ -90,7 +90,7 @@ def data() -> np.ndarray:
 
 def test_precision_table_has_the_cli_choices():
     assert list(PRECISIONS) == ["float32", "float16", "int8"]
-    # Each states its default validation criterion (tests/test_precision_validation.py
+    # Each states its default validation criterion (tests/validation/test_precision_validation.py
     # checks the words against comparison.judge_precision's constants).
     assert all(p.criterion and p.description for p in PRECISIONS.values())
 

@@ -45,7 +45,7 @@ from keras_bn.converters.options import PRECISIONS
 from keras_bn.converters.precision import convert_float16, quantize_int8
 from keras_bn.converters.samples import make_sample_inputs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # The float16 bugs a float16 criterion must catch on the digits CNN (all of them:
 # its float16 noise is 6e-4 of the range, the smallest bug 0.028) and the int8 bugs

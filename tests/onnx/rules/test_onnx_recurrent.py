@@ -354,8 +354,8 @@ def test_users_models_on_jax(run_python):
         [
             "-m",
             "pytest",
-            "tests/test_onnx_recurrent.py",
-            "tests/test_onnx_attention.py",
+            "tests/onnx/rules/test_onnx_recurrent.py",
+            "tests/onnx/rules/test_onnx_attention.py",
             "-k",
             "users_model and not on_jax",  # not this test itself
             "-p",
