@@ -21,14 +21,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import (
-    KERAS_BN,
-    assert_rejected,
-    conv_bn_classifier,
-    randomize_batch_norms,
-    run_many,
-    sha256,
-)
+from support.console import KERAS_BN, assert_rejected, run_many
+from support.files import sha256
+from support.models import conv_bn_classifier, randomize_batch_norms
 
 from keras_bn.converters import cli
 from keras_bn.converters.comparison import (
@@ -1025,7 +1020,7 @@ def test_internal_error_keeps_its_traceback_and_exits_3(files, capsys, monkeypat
 def test_fold_judges_doubtful_outputs_against_float64(tmp_path, capsys):
     """An ill-conditioned model: Keras float32 is itself visibly off the exact result,
     so the folded model fails the elementwise tolerances but is no less exact."""
-    from helpers import calibrate_batch_norms
+    from support.models import calibrate_batch_norms
 
     model = keras.applications.MobileNetV2(
         weights=None, input_shape=(64, 64, 3), alpha=0.35, classifier_activation=None

@@ -18,15 +18,11 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from helpers import (
-    assert_rejected,
-    conv_bn_classifier,
-    make_zip,
-    run_many,
-    zip_members,
-)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.console import assert_rejected, run_many
+from support.files import make_zip, zip_members
+from support.models import conv_bn_classifier
 
 from keras_bn.converters import cli
 from keras_bn.converters.model_io import load_model

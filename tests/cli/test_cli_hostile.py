@@ -37,9 +37,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import assert_rejected, conv_bn_classifier, make_zip, run_many, zip_members
 from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
+from support.console import assert_rejected, run_many
+from support.files import make_zip, zip_members
+from support.models import conv_bn_classifier
 
 from keras_bn.converters import cli
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from helpers import make_zip, randomize_batch_norms, sha256, zip_members
+from support.files import make_zip, sha256, zip_members
+from support.models import randomize_batch_norms
 
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.model_io import (

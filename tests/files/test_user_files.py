@@ -22,8 +22,9 @@ import keras
 import numpy as np
 import onnx
 import pytest
-from helpers import conv_bn_classifier, make_zip, zip_members
 from onnx import TensorProto, helper
+from support.files import make_zip, zip_members
+from support.models import conv_bn_classifier
 
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.limits import LIMITS

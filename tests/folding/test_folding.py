@@ -17,18 +17,15 @@ import zipfile
 import keras
 import numpy as np
 import pytest
-from helpers import (
-    assert_same_outputs,
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support.checks import assert_same_outputs, fold_and_check, inputs_for, outputs_of
+from support.models import (
     batch_norm_layers,
     calibrate_batch_norms,
     conv_bn_stack,
-    fold_and_check,
-    inputs_for,
-    outputs_of,
     randomize_batch_norms,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from keras_bn.converters import folding
 from keras_bn.converters.errors import UserInputError
@@ -719,9 +716,9 @@ except Exception as error:
     print("load failed:", repr(error))
 sys.meta_path.remove(blocker)
 sys.path.insert(0, sys.argv[4])
-import helpers
+from support.checks import check_channels_first_models
 
-helpers.check_channels_first_models()
+check_channels_first_models()
 """
 
 

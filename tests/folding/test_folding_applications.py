@@ -12,7 +12,7 @@ own float32 outputs are.
 import keras
 import numpy as np
 import pytest
-from helpers import float64_twin
+from support.checks import float64_twin
 
 from keras_bn.converters import graph as graph_lib
 from keras_bn.converters.folding import fold_batch_norms

@@ -12,8 +12,9 @@ import re
 import keras
 import numpy as np
 import pytest
-from helpers import assert_exports_exactly, nested_batch_norms, randomize_batch_norms
 from keras import layers, ops
+from support.checks import assert_exports_exactly
+from support.models import nested_batch_norms, randomize_batch_norms
 
 from keras_bn import _keras_internals as internals
 from keras_bn.converters import graph as graph_lib
@@ -255,7 +256,7 @@ MODELS = {
 
 
 def _float64_twin(build, model):
-    from helpers import float64_build
+    from support.checks import float64_build
 
     return float64_build(build, model)
 

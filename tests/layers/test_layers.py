@@ -9,9 +9,9 @@ import math
 import keras
 import numpy as np
 import pytest
-from helpers import randomize_weights, weights_by_name
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.models import randomize_weights, weights_by_name
 
 from keras_bn.layers import BatchNormalization
 

@@ -15,7 +15,7 @@ already pays for the logical-device setup.
 import keras
 import numpy as np
 import pytest
-from helpers import randomize_weights, weights_by_name
+from support.models import randomize_weights, weights_by_name
 
 from keras_bn.layers import BatchNormalization
 

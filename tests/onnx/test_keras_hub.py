@@ -19,16 +19,14 @@ the other rerun under xdist.
 import keras
 import numpy as np
 import pytest
-from helpers import (
+from support.checks import assert_exports_exactly, float64_build
+from support.keras_hub_zoo import (
     KERAS_HUB_IMAGE_SHAPE,
-    assert_exports_exactly,
-    float64_build,
     keras_hub_models,
     keras_hub_sam_models,
-    nested_batch_norms,
-    randomize_batch_norms,
     sam_prompts,
 )
+from support.models import nested_batch_norms, randomize_batch_norms
 
 S = KERAS_HUB_IMAGE_SHAPE
 

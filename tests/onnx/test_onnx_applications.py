@@ -16,7 +16,7 @@ import warnings
 
 import keras
 import pytest
-from helpers import batch_norm_layers, randomize_batch_norms
+from support.models import batch_norm_layers, randomize_batch_norms
 
 from keras_bn.converters.folding import fold_batch_norms
 from keras_bn.converters.onnx.export import export_onnx

@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import randomize_batch_norms, tiny_model
 from keras import layers
 from onnx import TensorProto, helper, numpy_helper
+from support.models import randomize_batch_norms, tiny_model
 
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.onnx.export import (
@@ -644,7 +644,7 @@ JAX_SCRIPT = textwrap.dedent(
     import sys
     import numpy as np, keras
     sys.path.insert(0, sys.argv[1])
-    from helpers import tiny_model
+    from support.models import tiny_model
     from keras_bn.converters.onnx.export import export_onnx
 
     assert keras.backend.backend() == "jax"

@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import randomize_batch_norms
 from keras import layers
 from onnx import TensorProto, helper, numpy_helper
+from support.models import randomize_batch_norms
 
 from keras_bn.converters import graph as graph_lib
 from keras_bn.converters.onnx.export import build_onnx_model, export_onnx

@@ -7,9 +7,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import batch_norm_layers, randomize_batch_norms
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.models import batch_norm_layers, randomize_batch_norms
 
 from keras_bn._batch_norm_state import to_numpy
 from keras_bn.layers import BatchNormalization

@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import sha256
 from onnx import TensorProto, helper, numpy_helper
+from support.files import sha256
 
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.precision import (

@@ -18,12 +18,8 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from helpers import (
-    INJECTED_BUGS,
-    inject_bug,
-    inject_quantized_bug,
-    settle_batch_norms,
-)
+from support.faults import INJECTED_BUGS, inject_bug, inject_quantized_bug
+from support.models import settle_batch_norms
 
 from keras_bn.converters import export_onnx, validate_onnx
 from keras_bn.converters.comparison import (

@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from helpers import calibrate_batch_norms
+from support.models import calibrate_batch_norms
 
 from keras_bn.converters.graph import flatten
 from keras_bn.converters.samples import FLOAT_DOMAINS, input_domains, make_sample_inputs

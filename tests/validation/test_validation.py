@@ -8,12 +8,12 @@ import keras
 import numpy as np
 import onnx
 import pytest
-from helpers import randomize_batch_norms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from keras import layers
 from onnx import numpy_helper
+from support.models import randomize_batch_norms
 
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.onnx.export import ExportWarning, export_onnx

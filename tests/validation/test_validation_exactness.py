@@ -10,7 +10,8 @@ against a float64 run of the same model, next to Keras float32's own.
 import keras
 import numpy as np
 import pytest
-from helpers import INJECTED_BUGS, calibrate_batch_norms, inject_bug, settle_batch_norms
+from support.faults import INJECTED_BUGS, inject_bug
+from support.models import calibrate_batch_norms, settle_batch_norms
 
 from keras_bn.converters import export_onnx, validate_onnx
 from keras_bn.converters.comparison import DEFAULT_ATOL, DEFAULT_RTOL, EXACT_FACTOR, EXACT_FLOOR

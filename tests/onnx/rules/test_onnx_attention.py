@@ -1,11 +1,12 @@
 """EinsumDense, MultiHeadAttention and UnitNormalization exported natively
 (rules/attention.py, rules/normalization.py), judged against float64 at batch 1 and 3
-(``helpers.export_and_judge``)."""
+(``support.checks.export_and_judge``)."""
 
 import keras
 import numpy as np
 import pytest
-from helpers import batch_norm_layers, export_and_judge, randomize_batch_norms
+from support.checks import export_and_judge
+from support.models import batch_norm_layers, randomize_batch_norms
 
 from keras_bn.converters.onnx.export import UnsupportedLayersError, export_onnx
 from keras_bn.converters.onnx.rules.attention import projection_plan

@@ -2,7 +2,7 @@
 
 Each configuration is exported with a dynamic batch, run in onnxruntime at batch 1
 and 3, and its error against a float64 run of the same Keras model must be no
-worse than Keras float32's own (``helpers.export_and_judge``). Masks come from
+worse than Keras float32's own (``support.checks.export_and_judge``). Masks come from
 Masking layers over right-padded sequences (ONNX's ``sequence_lens`` form) and over
 any pattern: left padding, gaps, a fully masked sequence.
 """
@@ -11,7 +11,8 @@ import keras
 import numpy as np
 import onnx
 import pytest
-from helpers import batch_norm_layers, export_and_judge, randomize_batch_norms
+from support.checks import export_and_judge
+from support.models import batch_norm_layers, randomize_batch_norms
 
 from keras_bn.converters.onnx.export import UnsupportedLayersError, export_onnx
 from keras_bn.converters.onnx.rules import recurrent

@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import randomize_batch_norms
 from keras import layers, ops
+from support.models import randomize_batch_norms
 
 from keras_bn import BatchNormalization as KerasBnBatchNormalization
 from keras_bn.converters.onnx.export import export_onnx
