@@ -7,15 +7,18 @@ references, folding checked end to end, and native export judged against float64
 - Folding: :func:`fold_and_check`, :func:`check_channels_first_models`.
 - Native ONNX export judged against float64: :func:`export_and_judge`,
   :func:`assert_exports_exactly`.
+- Moving statistics: :func:`as_float64`, :func:`spread_features`,
+  :func:`moving_statistics`, :func:`assert_moving_statistics`.
 """
 
 from __future__ import annotations
 
 import keras
 import numpy as np
-from support.models import batch_norm_layers, channels_first_models, randomize_batch_norms
 
+from keras_bn._batch_norm_state import to_numpy
 from keras_bn.converters.folding import fold_batch_norms
+from support.models import batch_norm_layers, channels_first_models, randomize_batch_norms
 
 # ------------------------------------------------------------------------------------
 # Running models.
@@ -223,3 +226,36 @@ def assert_exports_exactly(model, path, inputs_for_batch, *, batch_sizes=(1, 3),
             )
             assert verdict.passed, (batch, verdict)
     return result
+
+
+# ------------------------------------------------------------------------------------
+# Moving statistics (the training utilities' tests).
+
+
+def as_float64(value) -> np.ndarray:
+    """A Keras variable or tensor as a float64 NumPy array."""
+    return to_numpy(value).astype(np.float64)
+
+
+def spread_features(rng, n, channels):
+    """Inputs whose channels have means != 0 and scales over orders of magnitude."""
+    scales = np.logspace(-2, 2, channels)
+    means = rng.uniform(-50, 50, channels)
+    return (rng.normal(size=(n, channels)) * scales + means).astype("float32")
+
+
+def moving_statistics(layer):
+    """A BatchNormalization layer's (moving_mean, moving_variance) in float64."""
+    return as_float64(layer.moving_mean), as_float64(layer.moving_variance)
+
+
+def assert_moving_statistics(layer, mean, variance, rtol=1e-5):
+    """Moving statistics equal (mean, variance) up to float32 rounding.
+
+    The mean error is measured against the standard deviation plus float32's
+    resolution at the mean's magnitude (the values pass through float32).
+    """
+    got_mean, got_variance = moving_statistics(layer)
+    tolerance = rtol * 10 * np.sqrt(variance) + 4 * np.finfo(np.float32).eps * np.abs(mean)
+    assert np.all(np.abs(got_mean - mean) <= tolerance), (got_mean, mean)
+    np.testing.assert_allclose(got_variance, variance, rtol=rtol)
