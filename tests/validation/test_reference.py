@@ -92,7 +92,7 @@ def test_twin_is_float64_on_jax(run_python):
     switch it on for itself (and leave the process's default 32-bit types alone)."""
     code = """
 import sys
-sys.path.insert(0, "tests")
+sys.path.insert(0, "tests/validation")
 import jax.numpy as jnp
 import keras
 import numpy as np
