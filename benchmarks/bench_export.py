@@ -35,14 +35,14 @@ import warnings
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# The test suite's helpers: the same BN statistics as tests/test_onnx_applications.py.
+# The test suite's helpers: the same BN statistics as tests/onnx/test_onnx_applications.py.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-from helpers import randomize_batch_norms  # noqa: E402
+from support.models import randomize_batch_norms  # noqa: E402
 
 from keras_bn.converters.folding import fold_batch_norms  # noqa: E402
 from keras_bn.converters.onnx.export import ExportWarning, check_structure, export_onnx  # noqa: E402

@@ -15,14 +15,10 @@ from pathlib import Path
 import keras
 import numpy as np
 
-# The test suite's helpers: the same models and statistics as tests/test_folding.py.
+# The test suite's helpers: the same models and statistics as tests/folding/test_folding.py.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import (  # noqa: E402
-    batch_norm_layers,
-    calibrate_batch_norms,
-    conv_bn_stack,
-    float64_twin,
-)
+from support.checks import float64_twin  # noqa: E402
+from support.models import batch_norm_layers, calibrate_batch_norms, conv_bn_stack  # noqa: E402
 
 from keras_bn.converters.folding import fold_batch_norms  # noqa: E402
 

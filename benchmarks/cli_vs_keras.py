@@ -30,7 +30,7 @@ def make(path: Path, name: str, size: int) -> None:
     import keras
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from helpers import randomize_batch_norms
+    from support.models import randomize_batch_norms
 
     model = getattr(keras.applications, name)(
         weights=None, input_shape=(size, size, 3), classifier_activation=None

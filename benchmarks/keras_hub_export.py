@@ -1,6 +1,6 @@
 """keras-bn's native export against Keras's own exporter on KerasHub models.
 
-For each small KerasHub vision model (``helpers.keras_hub_models``: random weights,
+For each small KerasHub vision model (``support.keras_hub_zoo.keras_hub_models``: random weights,
 32x32 images, non-trivial BN statistics) and a few Keras Applications
 (weights=None, 64x64): keras-bn ``export_onnx(model, path, fold=True)`` against
 Keras's ``model.export(path, format="onnx")`` on the current backend (TensorFlow:
@@ -36,12 +36,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-from helpers import (  # noqa: E402
-    float64_build,
-    keras_hub_models,
-    nested_batch_norms,
-    randomize_batch_norms,
-)
+from support.checks import float64_build  # noqa: E402
+from support.keras_hub_zoo import keras_hub_models  # noqa: E402
+from support.models import nested_batch_norms, randomize_batch_norms  # noqa: E402
 
 from keras_bn._keras_internals import producing_operation  # noqa: E402
 from keras_bn.converters.comparison import relative_error  # noqa: E402

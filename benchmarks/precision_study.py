@@ -7,7 +7,7 @@ output is measured against the same Keras model run in float64 (``reference``):
 the error relative to the output's range ``max|x - exact| / max|exact|``, the SQNR
 in dB and the top-1 agreement (rank-2 outputs), next to the same numbers for Keras
 float32. Then classic bugs are injected into the float16 file
-(``helpers.INJECTED_BUGS``) and into the int8 file (``helpers.QUANTIZED_BUGS``), and
+(``support.faults.INJECTED_BUGS``) and into the int8 file (``support.faults.QUANTIZED_BUGS``), and
 one model whose activations overflow float16 is converted, to see where the
 criteria must separate correct files from broken ones. The last column is the
 verdict of ``comparison.judge_precision``.
@@ -15,7 +15,7 @@ verdict of ``comparison.judge_precision``.
 Models: the README example (examples/edge_pipeline.py's CNN trained briefly on
 scikit-learn digits; evaluated on held-out digits, calibrated on the calibration
 split) and Keras Applications at 64x64 (``weights=None``, logits, trained-looking BN
-statistics: tests/helpers.py ``settle_batch_norms``; inputs from
+statistics: tests/support/models.py ``settle_batch_norms``; inputs from
 ``make_sample_inputs``, calibration and evaluation with different seeds).
 
     python benchmarks/precision_study.py --models digits,MobileNetV2,EfficientNetB0,ResNet50
@@ -37,12 +37,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from helpers import (  # noqa: E402
-    QUANTIZED_BUGS,
-    inject_bug,
-    inject_quantized_bug,
-    settle_batch_norms,
-)
+from support.faults import QUANTIZED_BUGS, inject_bug, inject_quantized_bug  # noqa: E402
+from support.models import settle_batch_norms  # noqa: E402
 
 from keras_bn.converters import export_onnx, runtime  # noqa: E402
 from keras_bn.converters.comparison import (  # noqa: E402

@@ -25,7 +25,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import keras  # noqa: E402
-from helpers import export_and_judge, randomize_batch_norms  # noqa: E402
+from support.checks import export_and_judge  # noqa: E402
+from support.models import randomize_batch_norms  # noqa: E402
 from test_onnx_attention import _floats, _randomized, transformer_encoder  # noqa: E402
 from test_onnx_recurrent import (  # noqa: E402
     _sequences,

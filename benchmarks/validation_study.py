@@ -1,13 +1,13 @@
 """Validation's default verdict on the Keras Applications, and injected converter bugs.
 
 For each model: ``weights=None``, trained-looking BN statistics (a training-mode pass
-over uniform 0..255 pixels, then perturbed a little: tests/helpers.py
+over uniform 0..255 pixels, then perturbed a little: tests/support/models.py
 ``settle_batch_norms``), exported folded, validated at default settings. Printed per
 model: the ONNX error against a float64 run of the same model, Keras float32's own
 error against it (both relative to the output's range; "-" where the elementwise
 check passed outright and no float64 run was needed, then the elementwise error
 is shown), and the verdict. Then each classic converter bug of
-``helpers.INJECTED_BUGS`` is injected into the exported file and validated again.
+``support.faults.INJECTED_BUGS`` is injected into the exported file and validated again.
 
     python benchmarks/validation_study.py --size 128 --models all --bugs ResNet50,MobileNetV2,EfficientNetB0,InceptionV3
 """
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from helpers import INJECTED_BUGS, inject_bug, settle_batch_norms  # noqa: E402
+from support.faults import INJECTED_BUGS, inject_bug  # noqa: E402
+from support.models import settle_batch_norms  # noqa: E402
 
 from keras_bn.converters import export_onnx, validate_onnx  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Shared test helpers (keep small: fixtures used by several test modules)."""
+"""Fixtures and settings for every test module (shared functions live in tests/support/)."""
 
 import os
 import subprocess

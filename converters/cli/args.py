@@ -37,7 +37,7 @@ __all__ = [
 # (tests/test_cli.py checks it matches).
 VALIDATION_SAMPLES = 16
 # validate_onnx's float32 defaults, repeated here so that --help needs no Keras
-# import (tests/test_cli.py checks they match keras_bn.converters.validation).
+# import (tests/cli/test_cli.py checks they match keras_bn.converters.validation).
 FLOAT32_ATOL = 1e-4
 FLOAT32_RTOL = 1e-3
 

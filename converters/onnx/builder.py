@@ -56,7 +56,7 @@ class Value:
 def tensor_type(dtype: str) -> int:
     try:
         return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-    except TypeError as error:
+    except (TypeError, ValueError) as error:  # onnx raises either, by version
         raise Unsupported(f"dtype {dtype!r} has no ONNX tensor type") from error
 
 

@@ -1,0 +1,433 @@
+"""KerasHub text (and audio) backbones, built offline from tiny constructor arguments.
+
+Each exports natively with a dynamic sequence length (and batch): one ONNX file,
+run by onnxruntime at two sequence lengths and two batch sizes, each judged
+against a float64 build of the same model with the same weights. Random weights,
+with KerasHub's zero-initialized biases, LayerNorm offsets and tables made
+non-trivial; padding masks that pad the later samples of a batch.
+"""
+
+import functools
+
+import keras
+import numpy as np
+import pytest
+from support.checks import float64_build
+
+VOCABULARY = 60
+
+
+def _bert():
+    import keras_hub
+
+    return keras_hub.models.BertBackbone(
+        vocabulary_size=VOCABULARY,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=32,
+    )
+
+
+def _distil_bert():
+    import keras_hub
+
+    return keras_hub.models.DistilBertBackbone(
+        vocabulary_size=VOCABULARY,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=32,
+    )
+
+
+def _roberta():
+    import keras_hub
+
+    return keras_hub.models.RobertaBackbone(
+        vocabulary_size=VOCABULARY,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=32,
+    )
+
+
+def _albert():
+    import keras_hub
+
+    return keras_hub.models.AlbertBackbone(
+        vocabulary_size=VOCABULARY,
+        num_layers=2,
+        num_heads=2,
+        embedding_dim=8,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=32,
+    )
+
+
+def _electra():
+    import keras_hub
+
+    return keras_hub.models.ElectraBackbone(
+        vocab_size=VOCABULARY,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        embedding_dim=8,
+        intermediate_dim=32,
+        max_sequence_length=32,
+    )
+
+
+def _deberta_v3():
+    import keras_hub
+
+    return keras_hub.models.DebertaV3Backbone(
+        vocabulary_size=VOCABULARY,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=32,
+        bucket_size=8,
+    )
+
+
+def _f_net():
+    import keras_hub
+
+    return keras_hub.models.FNetBackbone(
+        vocabulary_size=VOCABULARY,
+        num_layers=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=32,
+    )
+
+
+def _gpt2():
+    import keras_hub
+
+    return keras_hub.models.GPT2Backbone(
+        vocabulary_size=VOCABULARY,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=32,
+    )
+
+
+def _gemma():
+    import keras_hub
+
+    return keras_hub.models.GemmaBackbone(
+        vocabulary_size=VOCABULARY,
+        num_layers=2,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=16,
+        intermediate_dim=32,
+        head_dim=8,
+    )
+
+
+def _llama():
+    import keras_hub
+
+    return keras_hub.models.LlamaBackbone(
+        vocabulary_size=VOCABULARY,
+        num_layers=2,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+    )
+
+
+def _mistral():
+    import keras_hub
+
+    return keras_hub.models.MistralBackbone(
+        vocabulary_size=VOCABULARY,
+        num_layers=2,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+    )
+
+
+def _qwen():
+    import keras_hub
+
+    return keras_hub.models.QwenBackbone(
+        vocabulary_size=VOCABULARY,
+        num_layers=2,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+    )
+
+
+def _phi3():
+    import keras_hub
+
+    return keras_hub.models.Phi3Backbone(
+        vocabulary_size=VOCABULARY,
+        num_layers=2,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+    )
+
+
+def _whisper():
+    import keras_hub
+
+    return keras_hub.models.WhisperBackbone(
+        vocabulary_size=VOCABULARY,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        num_mels=8,
+        max_encoder_sequence_length=64,
+        max_decoder_sequence_length=32,
+    )
+
+
+MODELS = {
+    "bert": _bert,
+    "distil_bert": _distil_bert,
+    "roberta": _roberta,
+    "albert": _albert,
+    "electra": _electra,
+    "deberta_v3": _deberta_v3,
+    "f_net": _f_net,
+    "gpt2": _gpt2,
+    "gemma": _gemma,
+    "llama": _llama,
+    "mistral": _mistral,
+    "qwen": _qwen,
+    "phi3": _phi3,
+    "whisper": _whisper,
+}
+
+# The two sequence lengths each export is run at (the encoder's audio frames for Whisper:
+# twice the decoder's, within its limits).
+LENGTHS = (7, 12)
+BATCH_SIZES = (1, 3)
+
+
+def _randomize_zero_weights(model, rng):
+    """KerasHub initializes biases, LayerNorm offsets and some tables to zero: make
+    them non-trivial, so that a wrong sign or axis in their export shows."""
+    for weight in model.weights:
+        value = keras.ops.convert_to_numpy(weight)
+        if value.dtype.kind == "f" and not value.any():
+            weight.assign(rng.normal(0.0, 0.1, value.shape).astype(value.dtype))
+
+
+@functools.cache
+def _built(name):
+    """The float32 model and its float64 twin's run, built once per session."""
+    keras.utils.set_random_seed(0)
+    model = MODELS[name]()
+    _randomize_zero_weights(model, np.random.default_rng(0))
+    return model, float64_build(MODELS[name], model)
+
+
+def _inputs(model, batch, length, seed=0):
+    """Arrays for every input of ``model``, by name: tokens, padding masks that pad
+    the later samples, segment ids, audio features."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for tensor in model.inputs:
+        name = tensor.name
+        rank = len(tensor.shape)
+        if name.endswith("padding_mask"):
+            size = length
+            keep = np.maximum(size - np.arange(batch) * 2, 1)
+            arrays[name] = (np.arange(size)[None, :] < keep[:, None]).astype("int32")
+        elif name.endswith("token_ids"):
+            arrays[name] = rng.integers(1, VOCABULARY, (batch, length)).astype("int32")
+        elif name == "segment_ids":
+            arrays[name] = (np.arange(length)[None, :] >= length // 2).repeat(batch, 0)
+            arrays[name] = arrays[name].astype("int32")
+        elif name == "encoder_features":
+            arrays[name] = rng.standard_normal((batch, 2 * length, tensor.shape[-1]))
+            arrays[name] = arrays[name].astype("float32")
+        else:
+            raise AssertionError(f"unexpected input {name!r} of rank {rank}")
+    return arrays
+
+
+def _judge(model, twin, path, length):
+    """onnxruntime on ``path`` at ``length``, batches 1 and 3, against the float64 run."""
+    import onnxruntime as ort
+
+    from keras_bn.converters.comparison import compare_arrays, judge_against_exact
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    arrays = _inputs(model, max(BATCH_SIZES), length, seed=length)
+    expected_all = [
+        np.asarray(keras.ops.convert_to_numpy(y))
+        for y in keras.tree.flatten(model(arrays, training=False))
+    ]
+    exact_all = twin(arrays)
+    for batch in BATCH_SIZES:
+        feed = {item.name: arrays[item.name][:batch] for item in session.get_inputs()}
+        actual = session.run(None, feed)
+        assert len(actual) == len(expected_all) == len(exact_all)
+        for onnx_out, keras_out, exact_out in zip(actual, expected_all, exact_all, strict=True):
+            keras_out, exact_out = keras_out[:batch], exact_out[:batch]
+            assert onnx_out.shape == keras_out.shape, (length, batch, onnx_out.shape)
+            verdict = judge_against_exact(
+                compare_arrays(onnx_out, keras_out), onnx_out, keras_out, exact_out
+            )
+            assert verdict.passed, (length, batch, verdict)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_text_backbone_exports_with_a_dynamic_sequence_length(name, tmp_path):
+    import onnx
+
+    from keras_bn.converters.onnx.export import export_onnx
+
+    model, twin = _built(name)
+    path = tmp_path / f"{name}.onnx"
+    result = export_onnx(model, path, fold=True)
+    assert not result.used_fallback
+    for item in onnx.load(str(path)).graph.input:
+        dims = item.type.tensor_type.shape.dim
+        assert all(d.dim_param for d in dims[:2]), (item.name, dims)  # batch and length
+    for length in LENGTHS:
+        _judge(model, twin, path, length)
+
+
+def test_fixed_input_shapes_give_static_lengths(tmp_path):
+    """``input_shapes`` fixes the sequence length: static in the ONNX inputs, exact there."""
+    import onnx
+
+    from keras_bn.converters.onnx.export import export_onnx
+
+    model, twin = _built("bert")
+    path = tmp_path / "bert.onnx"
+    shapes = {tensor.name: (LENGTHS[1],) for tensor in model.inputs}
+    result = export_onnx(model, path, fold=True, input_shapes=shapes)
+    assert sorted(result.output_names) == sorted(
+        export_onnx(model, tmp_path / "dynamic.onnx").output_names
+    )
+    for item in onnx.load(str(path)).graph.input:
+        dims = item.type.tensor_type.shape.dim
+        assert dims[0].dim_param and dims[1].dim_value == LENGTHS[1], item
+    _judge(model, twin, path, LENGTHS[1])
+
+
+@pytest.mark.parametrize(
+    ("shapes", "message"),
+    [
+        ({"tokens": (8,)}, "not inputs of the model"),
+        ({"token_ids": (8, 2)}, "expected the sizes after the batch"),
+    ],
+    ids=["unknown-name", "wrong-rank"],
+)
+def test_invalid_input_shapes_are_user_errors(shapes, message, tmp_path):
+    from keras_bn.converters.errors import UserInputError
+    from keras_bn.converters.onnx.export import export_onnx
+
+    model, _ = _built("bert")
+    with pytest.raises(UserInputError, match=message):
+        export_onnx(model, tmp_path / "m.onnx", input_shapes=shapes)
+
+
+def test_cli_exports_with_inputs_and_the_file_runs_at_another_length(tmp_path, capsys):
+    """``keras-bn export model.keras -o m.onnx --inputs tokens.npz`` on a saved BERT:
+    validated at the file's length, then the ONNX file runs exactly at two others."""
+    from keras_bn.converters.cli import main
+
+    model, twin = _built("bert")
+    model.save(tmp_path / "bert.keras")
+    np.savez(tmp_path / "tokens.npz", **_inputs(model, 2, 9))
+    code = main(
+        [
+            "export",
+            str(tmp_path / "bert.keras"),
+            "-o",
+            str(tmp_path / "m.onnx"),
+            "--inputs",
+            str(tmp_path / "tokens.npz"),
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "validation" in captured.out and "passed" in captured.out
+    for length in LENGTHS:
+        _judge(model, twin, tmp_path / "m.onnx", length)
+
+
+def test_cli_input_shape_option(tmp_path, capsys):
+    import onnx
+
+    from keras_bn.converters.cli import main
+
+    model, _ = _built("distil_bert")
+    model.save(tmp_path / "model.keras")
+    options = [f"--input-shape={tensor.name}=10" for tensor in model.inputs]
+    code = main(["export", str(tmp_path / "model.keras"), "-o", str(tmp_path / "m.onnx"), *options])
+    assert code == 0, capsys.readouterr().err
+    for item in onnx.load(str(tmp_path / "m.onnx")).graph.input:
+        assert item.type.tensor_type.shape.dim[1].dim_value == 10
+    code = main(
+        [
+            "export",
+            str(tmp_path / "model.keras"),
+            "-o",
+            str(tmp_path / "x.onnx"),
+            "--input-shape=ids",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "expected NAME=DIMS" in err and "Traceback" not in err
+
+
+def test_embeddings_added_before_attention_carry_no_mask(tmp_path):
+    """A hand-written Embedding + Embedding -> Add -> MultiHeadAttention: Add has mask
+    logic of its own, but no input carries a mask, so none reaches the attention."""
+    from support.checks import export_and_judge
+
+    tokens = keras.Input((None,), dtype="int32")
+    segments = keras.Input((None,), dtype="int32")
+    x = keras.layers.Add()(
+        [keras.layers.Embedding(VOCABULARY, 8)(tokens), keras.layers.Embedding(2, 8)(segments)]
+    )
+    model = keras.Model([tokens, segments], keras.layers.MultiHeadAttention(2, 4)(x, x))
+
+    def make(batch):
+        rng = np.random.default_rng(batch)
+        return [
+            rng.integers(0, VOCABULARY, (batch, 6)).astype("int32"),
+            rng.integers(0, 2, (batch, 6)).astype("int32"),
+        ]
+
+    export_and_judge(model, make, tmp_path / "model.onnx")
+
+
+def test_sequence_length_limits_bound_the_trace_sizes():
+    """A layer holding a position table of 32 rows is traced at lengths below 32
+    (distinct primes, one set per recording); one without a limit at the default sizes."""
+    from keras_bn.converters import tracing
+
+    model, _ = _built("bert")
+    position = model.get_layer("position_embedding")
+    first, second = tracing.unknown_sizes_for(position)
+    assert max(first + second) <= 32 and not set(first) & set(second)
+    assert tracing.unknown_sizes_for(keras.layers.Dense(4)) == tracing.UNKNOWN_SIZES

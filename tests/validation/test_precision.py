@@ -1,0 +1,315 @@
+"""Tests for keras_bn.converters.precision: float16 conversion and int8 quantization.
+
+The models are built by hand with onnx.helper, so these tests do not depend on the
+exporter; the reference is always the float32 model run in onnxruntime.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from support.files import sha256
+
+from keras_bn.converters.errors import UserInputError
+from keras_bn.converters.precision import (
+    FLOAT16_MAX,
+    FLOAT16_SMALLEST_SUBNORMAL,
+    PRECISIONS,
+    check_float16_range,
+    compare_onnx_models,
+    convert_float16,
+    quantize_int8,
+)
+
+CHANNELS = 8
+
+
+def _save(nodes, inputs, outputs, initializers, path: Path) -> Path:
+    graph = helper.make_graph(nodes, "test", inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def classifier_onnx(path: Path, *, batch: int | str = "N", conv1_kernel=None, seed: int = 0):
+    """Conv-Relu-Conv-Relu-GlobalAveragePool-Flatten-Gemm-Softmax, NCHW (3, 8, 8) input."""
+    rng = np.random.default_rng(seed)
+    w1 = (
+        rng.normal(size=(CHANNELS, 3, 3, 3)) * 0.3 if conv1_kernel is None else conv1_kernel
+    ).astype(np.float32)
+    arrays = {
+        "w1": w1,
+        "b1": rng.normal(size=CHANNELS).astype(np.float32),
+        "w2": (rng.normal(size=(CHANNELS, CHANNELS, 3, 3)) * 0.2).astype(np.float32),
+        "b2": rng.normal(size=CHANNELS).astype(np.float32),
+        "wd": rng.normal(size=(CHANNELS, 5)).astype(np.float32),
+        "bd": rng.normal(size=5).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "wd", "bd"], ["logits"], name="dense"),
+        helper.make_node("Softmax", ["logits"], ["y"], axis=-1, name="softmax"),
+    ]
+    return _save(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 5])],
+        [numpy_helper.from_array(array, name) for name, array in arrays.items()],
+        path,
+    )
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed_type = session.get_inputs()[0].type
+    x = x.astype(np.float16 if feed_type == "tensor(float16)" else np.float32)
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _initializers(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.fixture
+def data() -> np.ndarray:
+    return np.random.default_rng(1).normal(size=(64, 3, 8, 8)).astype(np.float32)
+
+
+def test_precision_table_has_the_cli_choices():
+    assert list(PRECISIONS) == ["float32", "float16", "int8"]
+    # Each states its default validation criterion (tests/validation/test_precision_validation.py
+    # checks the words against comparison.judge_precision's constants).
+    assert all(p.criterion and p.description for p in PRECISIONS.values())
+
+
+# ------------------------------------------------------------------------------------
+# float16
+
+
+def test_check_float16_range_counts_values_a_cast_would_destroy(tmp_path):
+    kernel = np.random.default_rng(0).normal(size=(CHANNELS, 3, 3, 3)) * 0.3
+    kernel[0, 0, 0, :3] = [7e4, -1e5, 2e4]  # two overflow; 2e4 fits in float16
+    kernel[1, 0, 0, :3] = [1e-9, -1e-8, 1e-6]  # two underflow; 1e-6 is a subnormal
+    path = classifier_onnx(tmp_path / "risky.onnx", conv1_kernel=kernel)
+    issues = check_float16_range(path)
+    assert len(issues) == 1
+    issue = issues[0]
+    assert (issue.initializer, issue.overflow, issue.underflow) == ("w1", 2, 2)
+    assert issue.max_abs == pytest.approx(1e5)
+    assert issue.min_abs_nonzero == pytest.approx(1e-9)
+    # Cross-check with a plain float16 cast: exactly these values become inf or 0.
+    with np.errstate(over="ignore"):
+        cast = kernel.astype(np.float32).astype(np.float16)
+    assert np.count_nonzero(np.isinf(cast)) == 2
+    assert np.count_nonzero((cast == 0) & (kernel != 0)) == 2
+    assert check_float16_range(classifier_onnx(tmp_path / "safe.onnx")) == []
+
+
+def test_convert_float16_keeps_io_types_and_matches_float32(tmp_path, data):
+    source = classifier_onnx(tmp_path / "model.onnx")
+    before = sha256(source)
+    report = convert_float16(source, tmp_path / "half.onnx", sample_inputs={"x": data})
+    assert sha256(source) == before
+    converted = onnx.load(str(tmp_path / "half.onnx"))
+    assert {t.data_type for t in converted.graph.initializer} == {TensorProto.FLOAT16}
+    assert converted.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert converted.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    expected, received = _run(source, data), _run(tmp_path / "half.onnx", data)
+    np.testing.assert_allclose(received, expected, atol=5e-3)
+    assert report.range_issues == [] and report.clamped_count == 0
+    # The report's comparison is the same measurement as ours.
+    assert report.comparison.samples == 64
+    assert report.comparison.max_abs_diff == pytest.approx(np.abs(received - expected).max())
+    assert report.comparison.top1_agreement == pytest.approx(
+        np.mean(expected.argmax(1) == received.argmax(1))
+    )
+    assert report.to_dict()["keep_io_types"] is True
+
+
+def test_convert_float16_without_io_types(tmp_path, data):
+    source = classifier_onnx(tmp_path / "model.onnx")
+    convert_float16(source, tmp_path / "half.onnx", keep_io_types=False)
+    converted = onnx.load(str(tmp_path / "half.onnx"))
+    assert converted.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert converted.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    received = _run(tmp_path / "half.onnx", data)
+    assert received.dtype == np.float16
+    np.testing.assert_allclose(received, _run(source, data), atol=1e-2)
+
+
+def test_convert_float16_clamps_only_at_the_real_float16_limits(tmp_path):
+    kernel = np.random.default_rng(0).normal(size=(CHANNELS, 3, 3, 3)) * 0.3
+    kernel[0, 0, 0, :2] = [2e4, -1e5]  # the converter's default would clamp 2e4 to 1e4
+    kernel[1, 0, 0, :2] = [3e-5, 1e-9]  # a float16 subnormal; a value a cast flushes to 0
+    source = classifier_onnx(tmp_path / "model.onnx", conv1_kernel=kernel)
+    report = convert_float16(source, tmp_path / "half.onnx")
+    w1 = _initializers(tmp_path / "half.onnx")["w1"].astype(np.float64)
+    assert w1[0, 0, 0, 0] == pytest.approx(2e4, rel=1e-3)  # kept (float16 rounding only)
+    assert w1[0, 0, 0, 1] == -FLOAT16_MAX  # clamped, not inf
+    assert w1[1, 0, 0, 0] == pytest.approx(3e-5, rel=1e-2)  # a subnormal, kept
+    assert w1[1, 0, 0, 1] == FLOAT16_SMALLEST_SUBNORMAL  # lifted, not flushed to 0
+    # Everything else is exactly the float16 cast.
+    untouched = np.ones(kernel.shape, bool)
+    untouched[0, 0, 0, 1] = untouched[1, 0, 0, 1] = False
+    with np.errstate(over="ignore"):
+        cast = kernel.astype(np.float32).astype(np.float16).astype(np.float64)
+    np.testing.assert_array_equal(w1[untouched], cast[untouched])
+    # And the report says so.
+    assert [(i.initializer, i.overflow, i.underflow) for i in report.range_issues] == [("w1", 1, 1)]
+    assert report.clamped_count == 2
+    assert "clamped to 65504" in str(report)
+
+
+def test_convert_float16_rejects_bad_files(tmp_path):
+    with pytest.raises(UserInputError, match="does not exist"):
+        convert_float16(tmp_path / "missing.onnx", tmp_path / "out.onnx")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x07garbage that is not a protobuf \xff\xff")
+    with pytest.raises(UserInputError, match="cannot be parsed"):
+        convert_float16(garbage, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------
+# int8
+
+
+def test_quantize_int8_qdq_per_channel_and_close_to_float(tmp_path, data):
+    source = classifier_onnx(tmp_path / "model.onnx")
+    before = sha256(source)
+    report = quantize_int8(source, tmp_path / "int8.onnx", {"x": data})
+    assert sha256(source) == before
+    quantized = onnx.load(str(tmp_path / "int8.onnx"))
+    ops = collections.Counter(node.op_type for node in quantized.graph.node)
+    assert ops["QuantizeLinear"] >= 3 and ops["DequantizeLinear"] >= 5
+    assert ops["Conv"] == 2  # QDQ format: float ops surrounded by Q/DQ pairs
+    # Per-channel weights: the DequantizeLinear of each conv kernel has one scale
+    # per output channel, and the quantized kernel is int8.
+    initializers = _initializers(tmp_path / "int8.onnx")
+    producers = {node.output[0]: node for node in quantized.graph.node}
+    for conv in (n for n in quantized.graph.node if n.op_type == "Conv"):
+        dequantize = producers[conv.input[1]]
+        assert dequantize.op_type == "DequantizeLinear"
+        kernel, scale = (initializers[name] for name in dequantize.input[:2])
+        assert kernel.dtype == np.int8
+        assert scale.shape == (CHANNELS,)
+    # Accuracy against the float model, measured independently.
+    expected, received = _run(source, data), _run(tmp_path / "int8.onnx", data)
+    difference = np.abs(received - expected)
+    assert difference.max() < 0.1  # softmax outputs in [0, 1]
+    assert report.comparison.max_abs_diff == pytest.approx(difference.max(), rel=1e-5)
+    assert report.comparison.mean_abs_diff == pytest.approx(difference.mean(), rel=1e-4)
+    agreement = np.mean(expected.argmax(1) == received.argmax(1))
+    assert report.comparison.top1_agreement == pytest.approx(agreement)
+    sqnr = 10 * np.log10(np.sum(expected**2.0) / np.sum((received - expected) ** 2.0))
+    assert report.comparison.sqnr_db == pytest.approx(sqnr, rel=1e-4)
+    assert f"SQNR {sqnr:.1f} dB" in str(report)
+    assert agreement >= 0.9
+    assert report.details["per_channel"] is True
+    assert report.details["calibration_samples"] == 64
+    assert "top-1 agreement" in str(report)
+
+
+def test_quantize_int8_fixed_batch_and_any_single_key(tmp_path, data):
+    source = classifier_onnx(tmp_path / "model.onnx", batch=8)
+    report = quantize_int8(source, tmp_path / "int8.onnx", {"anything": data[:32]})
+    assert report.comparison.samples == 32
+    with pytest.raises(UserInputError, match="fixed batch size of 8"):
+        quantize_int8(source, tmp_path / "other.onnx", {"x": data[:30]})
+    assert not (tmp_path / "other.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("calibration", "fragment"),
+    [
+        ({"x": np.ones((4, 3, 9, 8))}, "has shape (4, 3, 9, 8)"),
+        ({"x": np.ones((4, 3, 8))}, "has shape (4, 3, 8)"),
+        ({"x": np.ones((0, 3, 8, 8))}, "is empty"),
+        ({"x": np.ones((4, 3, 8, 8)), "y": np.ones((4, 2))}, "expected the ONNX model inputs"),
+    ],
+    ids=["shape", "rank", "empty", "keys"],
+)
+def test_quantize_int8_rejects_bad_calibration(tmp_path, calibration, fragment):
+    source = classifier_onnx(tmp_path / "model.onnx")
+    with pytest.raises(UserInputError) as caught:
+        quantize_int8(source, tmp_path / "int8.onnx", calibration)
+    assert fragment in str(caught.value)
+    assert not (tmp_path / "int8.onnx").exists()
+
+
+def _conv_batch_norm_onnx(tmp_path: Path, data: np.ndarray, folded: bool) -> Path:
+    """Conv -> BN -> Relu -> 1x1 Conv, with BN statistics measured on ``data`` (as after
+    training): pre-BN channel variances spread from 1e-3 to 1e2."""
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(CHANNELS, 3, 3, 3)).astype(np.float32)
+    unit = np.zeros(CHANNELS, np.float32)
+
+    def conv(kernel, bias):
+        path = _save(
+            [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1])],
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+            [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N", CHANNELS, 8, 8])],
+            [numpy_helper.from_array(kernel, "w"), numpy_helper.from_array(bias, "b")],
+            tmp_path / "conv.onnx",
+        )
+        return _run(path, data)
+
+    target_std = np.sqrt(10.0 ** rng.uniform(-3, 2, CHANNELS))
+    kernel *= (target_std / conv(kernel, unit).std(axis=(0, 2, 3)))[:, None, None, None]
+    bias = (rng.normal(size=CHANNELS) * target_std).astype(np.float32)
+    activations = conv(kernel, bias)
+    mean = activations.mean(axis=(0, 2, 3)).astype(np.float32)
+    variance = activations.var(axis=(0, 2, 3)).astype(np.float32)
+    gamma = rng.uniform(0.5, 2.0, CHANNELS).astype(np.float32)
+    beta = rng.normal(size=CHANNELS).astype(np.float32)
+    epsilon = 1e-3
+    head = (rng.normal(size=(4, CHANNELS, 1, 1)) * 0.5).astype(np.float32)
+    if folded:  # NumPy reference folding
+        scale = gamma / np.sqrt(variance + epsilon)
+        arrays = {"w": kernel * scale[:, None, None, None], "b": bias * scale + beta - mean * scale}
+        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["bn"], pads=[1, 1, 1, 1])]
+    else:
+        arrays = {"w": kernel, "b": bias, "g": gamma, "be": beta, "m": mean, "v": variance}
+        nodes = [
+            helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node(
+                "BatchNormalization", ["c", "g", "be", "m", "v"], ["bn"], epsilon=epsilon
+            ),
+        ]
+    arrays["head"] = head
+    nodes += [
+        helper.make_node("Relu", ["bn"], ["r"]),
+        helper.make_node("Conv", ["r", "head"], ["y"]),
+    ]
+    return _save(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()],
+        tmp_path / f"{'folded' if folded else 'unfolded'}.onnx",
+    )
+
+
+def test_folding_before_quantization_reduces_int8_error(tmp_path, data):
+    """The module docstring's claim: quantize the folded model, not Conv + BN."""
+    folded = _conv_batch_norm_onnx(tmp_path, data, folded=True)
+    unfolded = _conv_batch_norm_onnx(tmp_path, data, folded=False)
+    # Same function in float32...
+    assert compare_onnx_models(folded, unfolded, {"x": data}).max_abs_diff < 1e-4
+    # ...but quantizing the unfolded graph loses much more.
+    folded_error = quantize_int8(folded, tmp_path / "f8.onnx", {"x": data}).comparison
+    unfolded_error = quantize_int8(unfolded, tmp_path / "u8.onnx", {"x": data}).comparison
+    assert unfolded_error.mean_abs_diff > 5 * folded_error.mean_abs_diff

@@ -1,0 +1,119 @@
+"""The float64 twin: the same model computed in float64, checked against NumPy."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_bn.converters.reference import float64_twin
+
+L = keras.layers
+
+
+def _dense_bn_model():
+    inputs = keras.Input((5,))
+    x = L.Dense(4, name="dense")(inputs)
+    x = L.BatchNormalization(name="bn", epsilon=1e-3)(x)
+    outputs = L.Activation("tanh")(x)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(0)
+    bn = model.get_layer("bn")
+    bn.moving_mean.assign(rng.normal(0.0, 2.0, 4))
+    bn.moving_variance.assign(10.0 ** rng.uniform(-3, 1, 4))
+    bn.gamma.assign(rng.uniform(0.3, 2.0, 4))
+    bn.beta.assign(rng.normal(0.0, 1.0, 4))
+    return model
+
+
+def _numpy_float64(model, x):
+    dense, bn = model.get_layer("dense"), model.get_layer("bn")
+    kernel, bias = (np.asarray(w, np.float64) for w in dense.get_weights())
+    gamma, beta, mean, variance = (
+        np.asarray(keras.ops.convert_to_numpy(v), np.float64)
+        for v in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance)
+    )
+    y = x.astype(np.float64) @ kernel + bias
+    return np.tanh((y - mean) / np.sqrt(variance + bn.epsilon) * gamma + beta)
+
+
+def test_twin_matches_numpy_float64_and_beats_float32():
+    model = _dense_bn_model()
+    x = np.random.default_rng(1).normal(0.0, 3.0, (64, 5)).astype("float32")
+    twin = float64_twin(model, [x])
+    exact = _numpy_float64(model, x)
+    (got,) = twin([x])
+    assert twin.exact and got.dtype == np.float64
+    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-12)
+    float32_error = np.abs(np.asarray(model(x, training=False), np.float64) - exact).max()
+    assert float32_error > 1e3 * np.abs(got - exact).max()  # float32 noise, far above the twin's
+
+
+def test_twin_leaves_the_model_untouched():
+    model = _dense_bn_model()
+    before = [np.array(w) for w in model.get_weights()]
+    x = np.ones((2, 5), "float32")
+    float64_twin(model, [x])
+    assert all(str(w.dtype) == "float32" for w in model.weights)
+    for old, new in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_nested_models_and_integer_inputs():
+    inner = keras.Sequential(
+        [keras.Input((3, 4)), L.Dense(2), L.BatchNormalization()], name="inner"
+    )
+    tokens = keras.Input((3,), dtype="int32")
+    x = L.Embedding(10, 4)(tokens)
+    outputs = L.Flatten()(inner(x))
+    model = keras.Model(tokens, outputs)
+    ids = np.random.default_rng(0).integers(0, 10, (4, 3)).astype("int32")
+    twin = float64_twin(model, [ids])
+    (got,) = twin([ids])
+    want = np.asarray(model(ids, training=False), np.float64)
+    assert twin.exact
+    assert np.abs(got - want).max() <= 1e-6 * max(1.0, np.abs(want).max())
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="a TensorFlow CPU kernel gap")
+def test_layers_without_float64_kernels_stay_float32_and_are_named():
+    # TensorFlow's CPU MaxPool3D has no float64 kernel.
+    model = keras.Sequential(
+        [keras.Input((4, 4, 4, 2)), L.Conv3D(3, 1), L.MaxPooling3D(), L.Flatten(), L.Dense(2)]
+    )
+    x = np.random.default_rng(0).normal(size=(2, 4, 4, 4, 2)).astype("float32")
+    twin = float64_twin(model, [x])
+    assert twin.float32_classes == ("MaxPooling3D",) and not twin.exact
+    (got,) = twin([x])
+    want = np.asarray(model(x, training=False), np.float64)
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+
+def test_twin_is_float64_on_jax(run_python):
+    """JAX computes float64 arrays in float32 unless its x64 mode is on: the twin must
+    switch it on for itself (and leave the process's default 32-bit types alone)."""
+    code = """
+import sys
+sys.path.insert(0, "tests/validation")
+import jax.numpy as jnp
+import keras
+import numpy as np
+import test_reference as t
+from keras_bn.converters.reference import float64_enabled
+
+model = t._dense_bn_model()
+x = np.random.default_rng(1).normal(0.0, 3.0, (64, 5)).astype("float32")
+exact = t._numpy_float64(model, x)
+twin = t.float64_twin(model, [x])
+(y,) = twin([x])
+assert y.dtype == np.float64, y.dtype
+assert np.abs(y - exact).max() < 1e-12, np.abs(y - exact).max()
+assert jnp.ones(2, dtype="float64").dtype == jnp.float32  # x64 mode switched off again
+# ops.slice with an int32 start beside Python ints (int64 in x64 mode), as D-FINE slices
+with float64_enabled():
+    matrix = np.arange(12.0).reshape(3, 4)
+    part = keras.ops.slice(matrix, (0, keras.ops.convert_to_tensor(1, "int32")), (3, 2))
+    assert part.dtype == jnp.float64, part.dtype
+np.testing.assert_array_equal(np.asarray(part), matrix[:, 1:3])
+print("ok")
+"""
+    result = run_python(["-c", code], env={"KERAS_BACKEND": "jax"})
+    assert result.stdout.strip().endswith("ok")

@@ -1,0 +1,116 @@
+"""Generated inputs in the model's domain: what the model says about its input."""
+
+import keras
+import numpy as np
+import pytest
+from support.models import calibrate_batch_norms
+
+from keras_bn.converters.graph import flatten
+from keras_bn.converters.samples import (
+    FLOAT_DOMAINS,
+    describe_generated_inputs,
+    input_domains,
+    make_sample_inputs,
+)
+
+L = keras.layers
+
+
+def _conv_bn(preprocessing=None, size=16):
+    inputs = keras.Input((size, size, 3), name="image")
+    x = preprocessing(inputs) if preprocessing is not None else inputs
+    x = L.Conv2D(8, 3, use_bias=False)(x)
+    x = L.BatchNormalization()(x)
+    outputs = L.GlobalAveragePooling2D()(L.ReLU()(x))
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize(
+    "trained_on, low, high",
+    [
+        ("uniform 0..255 (pixels)", 0.0, 255.0),
+        ("uniform -1..1", -1.0, 1.0),
+        ("standard normal", None, None),
+    ],
+    ids=["pixels", "minus-one-to-one", "normal"],
+)
+@pytest.mark.parametrize("size", [16, 72], ids=["four-probe-samples", "one-probe-sample"])
+def test_first_batch_norm_statistics_reveal_the_training_range(trained_on, low, high, size):
+    # At 72x72 one sample gives the first BN 4,900 values per channel: the probe
+    # runs one sample per domain; at 16x16, four.
+    model = _conv_bn(size=size)
+    data = FLOAT_DOMAINS[trained_on](np.random.default_rng(5), (32, size, size, 3))
+    calibrate_batch_norms(model, data.astype("float32"), variance_decades=0.05)
+    assert input_domains(flatten(model)) == {"image": trained_on}
+    x = make_sample_inputs(model, 8, seed=1)["image"]
+    if low is not None:
+        assert low <= x.min() and x.max() <= high and x.max() - x.min() > 0.5 * (high - low)
+
+
+def test_untrained_statistics_give_standard_normal():
+    model = _conv_bn()  # moving mean 0, variance 1: nothing learnt
+    assert input_domains(flatten(model)) == {"image": "standard normal"}
+
+
+def test_a_rescaling_layer_means_pixels_whatever_the_statistics():
+    model = _conv_bn(L.Rescaling(1 / 255.0))
+    assert input_domains(flatten(model)) == {"image": "uniform 0..255 (pixels)"}
+
+
+def test_generated_inputs_are_seeded():
+    model = _conv_bn()
+    calibrate_batch_norms(model, np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)))
+    first, again = make_sample_inputs(model, 4, seed=3), make_sample_inputs(model, 4, seed=3)
+    np.testing.assert_array_equal(first["image"], again["image"])
+
+
+def test_a_normalization_layer_gives_its_own_mean_and_variance():
+    inputs = keras.Input((5,), name="features")
+    normalization = L.Normalization(mean=[10.0, -3.0, 0.0, 100.0, 1.0], variance=[4, 1, 9, 25, 1])
+    model = keras.Model(inputs, L.Dense(2)(normalization(inputs)))
+    assert input_domains(flatten(model))["features"].startswith("normal with the leading")
+    x = make_sample_inputs(model, 4000, seed=0)["features"]
+    np.testing.assert_allclose(x.mean(axis=0), [10, -3, 0, 100, 1], atol=0.3)
+    np.testing.assert_allclose(x.std(axis=0), [2, 1, 3, 5, 1], rtol=0.05)
+
+
+@pytest.mark.parametrize(
+    "scale, offset, domain, high",
+    [
+        (1 / 16, 0.0, "uniform 0..16", 16.0),
+        (1 / 255, 0.0, "uniform 0..255 (pixels)", 255.0),
+        (1 / 127.5, -1.0, "uniform 0..255 (pixels)", 255.0),
+    ],
+    ids=["one-sixteenth", "one-255th", "minus-one-to-one"],
+)
+def test_a_rescaling_layer_gives_the_range_it_maps_onto_the_unit_interval(
+    scale, offset, domain, high
+):
+    model = _conv_bn(L.Rescaling(scale, offset))
+    assert input_domains(flatten(model)) == {"image": domain}
+    x = make_sample_inputs(model, 16, seed=0)["image"]
+    assert 0 <= x.min() and x.max() <= high and x.max() > 0.9 * high
+    # What the Rescaling makes of them: [0, 1], or [-1, 1] with offset -1.
+    rescaled = x * scale + offset
+    assert rescaled.min() >= min(offset, 0) - 1e-6 and rescaled.max() <= 1 + 1e-6
+    assert "Rescaling(scale=" in describe_generated_inputs(flatten(model), 16)
+
+
+def test_a_growing_rescaling_says_nothing_about_the_range():
+    model = _conv_bn(L.Rescaling(2.0))  # untrained statistics: nothing else to go by
+    assert input_domains(flatten(model)) == {"image": "standard normal"}
+
+
+def test_generated_inputs_are_described_per_input():
+    ids = keras.Input((4,), dtype="int32", name="ids")
+    flags = keras.Input((3,), dtype="int32", name="flags")
+    table = keras.Input((2,), name="table")
+    x = L.Flatten()(L.Embedding(50, 2)(ids))
+    model = keras.Model([ids, flags, table], L.Concatenate()([x, L.Dense(2)(flags), table]))
+    text = describe_generated_inputs(flatten(model), 16)
+    assert text.startswith("generated, 16 sample(s): ")
+    assert "ids: integers 0..49 (the Embedding's vocabulary)" in text
+    assert "flags: integers 0..9 (no Embedding gives a range)" in text
+    assert "table: standard normal (nothing in the model gives its range" in text
+    x = make_sample_inputs(model, 400, seed=0)
+    assert x["ids"].max() == 49 and x["flags"].max() == 9
