@@ -281,9 +281,10 @@ def saved_weights_loading() -> Iterator[None]:
 
     ``keras.saving.load_model`` builds every layer (drawing its initial weights) and
     then assigns the saved ones; the initial values are thrown away. On JAX each
-    random draw of a new shape compiles an XLA program (8 of the 10 s it took to load
-    ResNet50 there), and so does every ``jnp.asarray`` of a NumPy array of a new shape
-    (a jitted copy: 28 programs, 0.35 s for ResNet50's variables). In the block:
+    random draw of a new shape compiles an XLA program (most of the time it took to
+    load ResNet50 there), and so does every ``jnp.asarray`` of a NumPy array of a new
+    shape (a jitted copy: 28 programs for ResNet50's variables; BENCHMARKS.md
+    appendix). In the block:
 
     * random initializers give zeros instead of draws; ``Zeros``, ``Ones`` and scalar
       ``Constant`` give their own values; all are computed by NumPy. Other initializers
@@ -348,8 +349,9 @@ def tensorflow_probe_answered() -> None:
 
     ``serialize_keras_object`` (every ``get_config``: cloning, saving) asks
     ``module_utils.tensorflow.available`` to tell whether an object is a
-    ``tf.TensorShape``, which imports all of TensorFlow on every backend: 3 s and its
-    start-up lines on stderr, for a question whose answer is no while TensorFlow is
+    ``tf.TensorShape``, which imports all of TensorFlow on every backend (seconds:
+    BENCHMARKS.md appendix) and its start-up lines on stderr, for a question whose
+    answer is no while TensorFlow is
     not imported (no object can be one). For a process that runs another backend
     (the CLI on JAX): the probe then says "not available" for the rest of it.
     """

@@ -87,10 +87,10 @@ def import_keras() -> str:
 
     Keras imports scikit-learn, matplotlib and requests when they are installed, for
     wrappers, plotting helpers and the RemoteMonitor callback the command never uses
-    (1.3 s, 0.45 s and 0.1 s on JAX): they are hidden during the import (requests only
-    on JAX: TensorFlow's own import needs it), and import normally afterwards. On
-    JAX, the modules its backend imports only to call later (sparse linear algebra,
-    TPU splash attention: 0.15 s) are imported when first used. On other backends
+    (their import times: BENCHMARKS.md appendix): they are hidden during the import
+    (requests only on JAX: TensorFlow's own import needs it), and import normally
+    afterwards. On JAX, the modules its backend imports only to call later (sparse
+    linear algebra, TPU splash attention) are imported when first used. On other backends
     than TensorFlow, Keras's serializer stops importing TensorFlow.
     """
     quiet_environment()
@@ -115,7 +115,7 @@ def import_keras() -> str:
 _UNUSED_BY_KERAS_IMPORT = ("sklearn", "matplotlib")
 _UNUSED_BY_KERAS_IMPORT_ON_JAX = ("requests",)
 # Imported by Keras's JAX backend, used only when called: sparse linear algebra
-# (its import pulls in scipy.sparse.linalg, 0.1 s) and TPU splash attention (0.05 s).
+# (its import pulls in scipy.sparse.linalg) and TPU splash attention (BENCHMARKS.md appendix).
 # Module -> its submodules that Keras imports from it.
 _DEFERRED_BY_KERAS_IMPORT_ON_JAX: dict[str, tuple[str, ...]] = {
     "jax.experimental.sparse.linalg": (),
