@@ -258,7 +258,7 @@ def saving_temp_dirs_in(directory: str) -> Iterator[None]:
     """
     from keras.src.saving import saving_lib
 
-    original = getattr(saving_lib, "get_temp_dir", None)
+    original: Any = getattr(saving_lib, "get_temp_dir", None)
     if not getattr(original, "_keras_bn_hook", False) and _patchable("saving_temp_dirs_in"):
 
         def get_temp_dir() -> str:
@@ -807,7 +807,7 @@ def symbolic_equality() -> Iterator[None]:
         return
     cls = keras.KerasTensor
     original = cls.__dict__.get("__eq__")
-    cls.__eq__ = _symbolic_equal  # type: ignore[method-assign,assignment]
+    cls.__eq__ = _symbolic_equal
     try:
         yield
     finally:
