@@ -422,8 +422,8 @@ def prepare_call(model: keras.Model, specs: list[tuple[tuple[int, ...], Any]]) -
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# A quick compile: XLA's backend optimizations cost more compile time (0.2 s of
-# ResNet50's 1 s) than they save on the few samples a check or validation runs.
+# A quick compile: XLA's backend optimizations cost more compile time (BENCHMARKS.md
+# appendix) than they save on the few samples a check or validation runs.
 _QUICK_XLA_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
@@ -432,7 +432,7 @@ class _CompiledForward:
     shape (kept as long as the model lives), as ``model.predict`` does.
 
     Called eagerly, JAX compiles every operation on its own: ResNet50's first pass
-    at 224x224 takes 3.5 s that way, 0.6 s compiled whole, 0.2 s once compiled.
+    is several times slower that way than compiled whole (BENCHMARKS.md appendix).
     """
 
     def __init__(self, model: keras.Model) -> None:
@@ -495,8 +495,8 @@ def value_of(
 ) -> np.ndarray:
     """One tensor of ``graph`` computed in inference mode (see :func:`evaluate`), as
     NumPy. On JAX the nodes it needs run as one compiled program: eagerly, JAX
-    compiles every operation on its own (0.3 s to reach ResNet50's first
-    BatchNormalization, 0.05 s compiled whole)."""
+    compiles every operation on its own, several times slower than one compiled
+    program (BENCHMARKS.md appendix)."""
 
     def compute(arrays: Mapping[str, Any]) -> Any:
         return evaluate(graph, arrays, until)[id(target)]

@@ -51,7 +51,7 @@ NORMALIZATION_DOMAIN = "normal with the leading Normalization layer's mean and v
 # The input-domain probe's samples per domain: enough for this many values per
 # channel at the first BatchNormalization, at most _PROBE_BATCH. One 224x224 image
 # gives ResNet50's first BN 12,544 values per channel; four samples of a small
-# input, five times the work, would add nothing but time (0.3 s on ResNet50).
+# input, five times the work, would add nothing but time (BENCHMARKS.md appendix).
 _PROBE_VALUES = 4096
 _PROBE_BATCH = 4
 

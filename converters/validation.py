@@ -21,7 +21,7 @@ elementwise verdict, with a note saying so.
 onnxruntime runs the file with its graph optimizations up to the extended level
 (``ORT_ENABLE_EXTENDED``: constant folding, node fusions), not ``ORT_ENABLE_ALL``'s
 layout transform, which rewrites convolutions into blocked NCHWc kernels: preparing
-those costs more than the check itself (0.2 s of a 0.3 s validation of ResNet50)
+those costs more than the check itself (most of a validation: BENCHMARKS.md appendix)
 and changes only the order of float32 roundings, not what the graph computes.
 ``keras-bn bench`` measures latency at both levels.
 
@@ -680,7 +680,7 @@ def _run_both(
     sizes = list(dict.fromkeys(batch_sizes)) if inputs is None else None
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         # onnxruntime opens the file and runs its batches while Keras computes the
-        # reference (both release the GIL): about 18% off validating ResNet50 on 2 cores.
+        # reference (both release the GIL): BENCHMARKS.md appendix for what it saves.
         onnx_side = pool.submit(_open_and_run, path, full, sizes, input_layout)
         # once; each check compares a prefix
         if keras_outputs is None:

@@ -8,7 +8,10 @@ model (``_nodes_by_depth``, ``Node.arguments``, ``KerasTensor._keras_history``,
 operation classes behind ``keras.ops`` calls, two Keras Applications layers).
 Each is reached here through one small named function or name, so that a Keras
 upgrade that moves one breaks this file only, and ``tests/test_keras_internals.py``
-says which accessor broke.
+says which accessor broke. Each patch of a Keras or JAX internal (a function replaced
+for the duration of a block) checks, when it is installed, that the internal is still
+the one it was written for, and installs nothing otherwise: :data:`RELIANCES` names
+them, and ``tests/test_upgrade_safety.py`` fails on a changed one with the patch's name.
 
 The rule: nothing else in the package (``keras_bn`` or ``keras_bn.converters``)
 reads a ``keras.src`` module or an attribute starting with ``_`` on a Keras
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import tempfile
 import threading
@@ -78,6 +82,11 @@ __all__ = [
     "output_specs_without_call_context",
     "backend_calls_recorded",
     "backend_arrays_defer_to_symbolic",
+    "input_checks_ignoring",
+    "symbolic_equality",
+    # what the patches rely on
+    "Reliance",
+    "RELIANCES",
 ]
 
 # ``Functional``: the class of every ``keras.Model(inputs, outputs)`` model (and of
@@ -255,8 +264,8 @@ def saving_temp_dirs_in(directory: str) -> Iterator[None]:
     """
     from keras.src.saving import saving_lib
 
-    original = getattr(saving_lib, "get_temp_dir", None)
-    if original is not None and not getattr(original, "_keras_bn_hook", False):
+    original: Any = getattr(saving_lib, "get_temp_dir", None)
+    if not getattr(original, "_keras_bn_hook", False) and _patchable("saving_temp_dirs_in"):
 
         def get_temp_dir() -> str:
             directory = getattr(_SAVING_TEMP_DIRS, "directory", None)
@@ -278,9 +287,10 @@ def saved_weights_loading() -> Iterator[None]:
 
     ``keras.saving.load_model`` builds every layer (drawing its initial weights) and
     then assigns the saved ones; the initial values are thrown away. On JAX each
-    random draw of a new shape compiles an XLA program (8 of the 10 s it took to load
-    ResNet50 there), and so does every ``jnp.asarray`` of a NumPy array of a new shape
-    (a jitted copy: 28 programs, 0.35 s for ResNet50's variables). In the block:
+    random draw of a new shape compiles an XLA program (most of the time it took to
+    load ResNet50 there), and so does every ``jnp.asarray`` of a NumPy array of a new
+    shape (a jitted copy: 28 programs for ResNet50's variables; BENCHMARKS.md
+    appendix). In the block:
 
     * random initializers give zeros instead of draws; ``Zeros``, ``Ones`` and scalar
       ``Constant`` give their own values; all are computed by NumPy. Other initializers
@@ -290,6 +300,9 @@ def saved_weights_loading() -> Iterator[None]:
 
     Not thread-safe: it patches the backend's variable class for the duration.
     """
+    if not _patchable("saved_weights_loading"):
+        yield
+        return
     import numpy as np
     from keras.src.backend import Variable
     from keras.src.initializers.constant_initializers import Constant, Ones, Zeros
@@ -307,23 +320,24 @@ def saved_weights_loading() -> Iterator[None]:
             return np.full(shape, initializer.value, dtype=dtype)
         return None
 
-    def initialize(variable: Any, initializer: Any) -> None:
-        value = host_value(variable, initializer) if variable._layout is None else None
+    # Parameter names as Keras's own: a check of the precondition (nested blocks) reads them.
+    def initialize(self: Any, initializer: Any) -> None:
+        value = host_value(self, initializer) if self._layout is None else None
         if value is None:
-            initialize_with(variable, initializer)
+            initialize_with(self, initializer)
         else:
-            variable._initialize(variable._convert_to_tensor(value))
+            self._initialize(self._convert_to_tensor(value))
 
-    def device_put(variable: Any, value: Any, dtype: Any = None) -> Any:
-        if type(value) is np.ndarray and variable._layout is None:
+    def device_put(self: Any, value: Any, dtype: Any = None) -> Any:
+        if type(value) is np.ndarray and self._layout is None:
             import jax
 
             try:
                 target = np.dtype(keras.backend.standardize_dtype(dtype or value.dtype))
             except TypeError:  # a dtype NumPy does not know by name: Keras converts it
-                return convert(variable, value, dtype)
+                return convert(self, value, dtype)
             return jax.device_put(value.astype(target, copy=False))
-        return convert(variable, value, dtype)
+        return convert(self, value, dtype)
 
     Variable._initialize_with_initializer = initialize
     if keras.backend.backend() == "jax":
@@ -341,8 +355,9 @@ def tensorflow_probe_answered() -> None:
 
     ``serialize_keras_object`` (every ``get_config``: cloning, saving) asks
     ``module_utils.tensorflow.available`` to tell whether an object is a
-    ``tf.TensorShape``, which imports all of TensorFlow on every backend: 3 s and its
-    start-up lines on stderr, for a question whose answer is no while TensorFlow is
+    ``tf.TensorShape``, which imports all of TensorFlow on every backend (seconds:
+    BENCHMARKS.md appendix) and its start-up lines on stderr, for a question whose
+    answer is no while TensorFlow is
     not imported (no object can be one). For a process that runs another backend
     (the CLI on JAX): the probe then says "not available" for the rest of it.
     """
@@ -350,8 +365,10 @@ def tensorflow_probe_answered() -> None:
 
     from keras.src.utils import module_utils
 
+    if "tensorflow" in sys.modules or not _patchable("tensorflow_probe_answered"):
+        return
     probe = module_utils.tensorflow
-    if "tensorflow" not in sys.modules and probe._available is None:
+    if probe._available is None:
         probe._available = False
 
 
@@ -366,8 +383,11 @@ def float64_type_promotion() -> Iterator[None]:
     """
     from keras.src.backend.common import dtypes
 
+    if not _patchable("float64_type_promotion"):
+        yield
+        return
     table = dtypes.BIT64_TO_BIT32_DTYPE
-    saved = table.get("float64")
+    saved = table["float64"]
     table["float64"] = "float64"
     try:
         yield
@@ -389,6 +409,9 @@ def jax_x64_slice_indices() -> Iterator[None]:
     """
     from keras.src.backend.jax import core
 
+    if not _patchable("jax_x64_slice_indices"):
+        yield
+        return
     original = core.slice
 
     def slice_(inputs: Any, start_indices: Any, shape: Any) -> Any:
@@ -461,6 +484,9 @@ def symbolic_variable_arithmetic() -> Iterator[None]:
     """
     from keras import ops
 
+    if not _patchable("symbolic_variable_arithmetic"):
+        yield
+        return
     cls = keras.Variable
     originals = {name: cls.__dict__.get(name) for name in _VARIABLE_OPERATORS}
 
@@ -503,6 +529,9 @@ def none_outputs_recorded() -> Iterator[None]:
     from keras import tree
     from keras.src.ops.node import Node
 
+    if not _patchable("none_outputs_recorded"):
+        yield
+        return
     original = Node.__init__
 
     def init(
@@ -549,6 +578,9 @@ def static_python_arguments() -> Iterator[None]:
 
     from keras.src import backend
 
+    if not _patchable("static_python_arguments"):
+        yield
+        return
     original = backend.compute_output_spec
 
     def compute_output_spec(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -602,6 +634,9 @@ def output_specs_without_call_context() -> Iterator[None]:
     node keeps them. Not thread-safe: it patches ``Layer.symbolic_call`` for the
     duration of the block.
     """
+    if not _patchable("output_specs_without_call_context"):
+        yield
+        return
     cls = keras.Layer
     original = cls.__dict__["symbolic_call"]
 
@@ -668,6 +703,9 @@ def backend_calls_recorded() -> Iterator[None]:
     from keras.src import ops
     from keras.src.utils.backend_utils import DynamicBackend
 
+    if not _patchable("backend_calls_recorded"):
+        yield
+        return
     original = DynamicBackend.__getattr__
 
     def getattr_(self: Any, name: str) -> Any:
@@ -695,7 +733,11 @@ def backend_arrays_defer_to_symbolic() -> Iterator[None]:
     thread-safe: it patches ``KerasTensor`` for the duration of the block.
     """
     cls = keras.KerasTensor
-    original = cls.__dict__.get("__jax_array__")
+    original = (
+        cls.__dict__.get("__jax_array__")
+        if _patchable("backend_arrays_defer_to_symbolic")
+        else None
+    )
     if original is not None:
         delattr(cls, "__jax_array__")
     try:
@@ -727,11 +769,14 @@ def input_checks_ignoring(unknown: Callable[[int], bool]) -> Iterator[None]:
         shape = tuple(None if isinstance(d, int) and unknown(d) else d for d in x.shape)
         return keras.KerasTensor(shape, dtype=x.dtype)
 
+    if not _patchable("input_checks_ignoring"):
+        yield
+        return
     check_layer = input_spec.assert_input_compatibility
     check_function = Function.__dict__["_assert_input_compatibility"]
 
-    def assert_input_compatibility(spec: Any, inputs: Any, layer_name: Any) -> Any:
-        return check_layer(spec, tree.map_structure(relaxed, inputs), layer_name)
+    def assert_input_compatibility(input_spec: Any, inputs: Any, layer_name: Any) -> Any:
+        return check_layer(input_spec, tree.map_structure(relaxed, inputs), layer_name)
 
     def function_check(self: Any, inputs: Any) -> Any:
         return check_function(self, tree.map_structure(relaxed, inputs))
@@ -743,6 +788,16 @@ def input_checks_ignoring(unknown: Callable[[int], bool]) -> Iterator[None]:
     finally:
         input_spec.assert_input_compatibility = check_layer
         Function._assert_input_compatibility = check_function
+
+
+def _symbolic_equal(self: Any, other: Any) -> Any:
+    """``KerasTensor.__eq__`` inside :func:`symbolic_equality`."""
+    import numpy as np
+    from keras import ops
+
+    if isinstance(other, bool | int | float | np.number | np.ndarray):
+        return ops.equal(self, other)
+    return NotImplemented
 
 
 @contextlib.contextmanager
@@ -757,18 +812,12 @@ def symbolic_equality() -> Iterator[None]:
     an array records the operation; between tensors it stays identity (Keras's own
     bookkeeping compares tensors so). Restored on exit.
     """
-    import numpy as np
-    from keras import ops
-
+    if not _patchable("symbolic_equality"):
+        yield
+        return
     cls = keras.KerasTensor
     original = cls.__dict__.get("__eq__")
-
-    def equal(self: Any, other: Any) -> Any:
-        if isinstance(other, bool | int | float | np.number | np.ndarray):
-            return ops.equal(self, other)
-        return NotImplemented
-
-    cls.__eq__ = equal
+    cls.__eq__ = _symbolic_equal
     try:
         yield
     finally:
@@ -776,3 +825,308 @@ def symbolic_equality() -> Iterator[None]:
             del cls.__eq__
         else:
             cls.__eq__ = original
+
+
+# --------------------------------------------------------- what the patches rely on
+#
+# Each patch above replaces a Keras (or JAX) internal for the duration of a block. A
+# release can move or reshape that internal without a deprecation notice, so each
+# patch names what it relies on here and checks it when it is installed: when the
+# internal is not what the patch was written for, the patch installs nothing (the
+# block runs on Keras's own code, which then fails, if it must, with Keras's own
+# message) rather than replacing a function of another shape. KERAS_BN_DEBUG=1 turns
+# such a skip into a RuntimeWarning; tests/test_upgrade_safety.py fails on it with the
+# same sentence.
+
+
+@dataclasses.dataclass(frozen=True)
+class Reliance:
+    """What one patch relies on.
+
+    Attributes:
+        patch: the patch, as ``module.function``.
+        internal: the internal it relies on, as a reader would look it up.
+        check: None while the internal is as relied on, else what changed.
+        library: whose release can change it (``"keras"`` or ``"jax"``).
+    """
+
+    patch: str
+    internal: str
+    check: Callable[[], str | None]
+    library: str = "keras"
+
+    def problem(self) -> str | None:
+        """None while the internal is as relied on; else one sentence naming the
+        patch, the internal, the installed release and what changed."""
+        try:
+            change = self.check()
+        except Exception as error:  # an import or attribute that moved
+            change = f"{type(error).__name__}: {error}"
+        if change is None:
+            return None
+        from importlib import metadata
+
+        try:
+            release = f"{self.library.capitalize()} {metadata.version(self.library)}"
+        except metadata.PackageNotFoundError:  # pragma: no cover - not installed this way
+            release = self.library.capitalize()
+        return (
+            f"keras_bn patch {self.patch} relies on {self.internal}; {release} changed it: {change}"
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def _parameter_names(function: Any) -> tuple[str, ...] | None:
+    try:
+        return tuple(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def _parameters_are(function: Any, *names: str) -> str | None:
+    """None when ``function`` takes exactly the parameters ``names``, else what it takes."""
+    if not callable(function):
+        return f"it is {function!r}, not a function"
+    found = _parameter_names(function)
+    if found is None:
+        return "it has no signature to read"
+    if found != names:
+        return f"it takes ({', '.join(found)}), not ({', '.join(names)})"
+    return None
+
+
+def _defined(owner: Any, *names: str) -> str | None:
+    """None when ``owner`` has every attribute of ``names``, else the first one missing."""
+    for name in names:
+        if not hasattr(owner, name):
+            return f"{getattr(owner, '__name__', owner)!r} has no attribute {name!r}"
+    return None
+
+
+def _first(*problems: Callable[[], str | None]) -> str | None:
+    for problem in problems:
+        found = problem()
+        if found is not None:
+            return found
+    return None
+
+
+def _saving_lib() -> Any:
+    from keras.src.saving import saving_lib
+
+    return saving_lib
+
+
+def _backend_variable() -> Any:
+    from keras.src.backend import Variable
+
+    return Variable
+
+
+def _initializer_classes() -> str | None:
+    from keras.src.initializers import constant_initializers, random_initializers
+
+    return _first(
+        lambda: _defined(constant_initializers, "Constant", "Ones", "Zeros"),
+        lambda: _defined(random_initializers, "RandomInitializer"),
+    )
+
+
+def _tensorflow_probe() -> str | None:
+    from keras.src.utils import module_utils
+
+    probe = module_utils.LazyModule("tensorflow")  # a fresh one: nothing answered yet
+    if getattr(probe, "_available", "missing") is not None:
+        return "a new LazyModule has no `_available = None` slot for the answer"
+    if not isinstance(getattr(type(probe), "available", None), property):
+        return "LazyModule.available is no longer a property"
+    probe._available = False
+    if probe.available is not False:
+        return "LazyModule.available no longer returns `_available` once it is set"
+    return _defined(module_utils, "tensorflow")
+
+
+def _float64_table() -> str | None:
+    from keras.src.backend.common import dtypes
+
+    table = getattr(dtypes, "BIT64_TO_BIT32_DTYPE", None)
+    if not isinstance(table, dict) or "float64" not in table:
+        return f"keras.src.backend.common.dtypes.BIT64_TO_BIT32_DTYPE is {table!r}"
+    return None
+
+
+def _jax_core() -> Any:
+    from keras.src.backend.jax import core
+
+    return core
+
+
+def _operators_exist() -> str | None:
+    from keras import ops
+
+    return _first(
+        lambda: _defined(keras.Variable, *_VARIABLE_OPERATORS),
+        lambda: _defined(ops, *{function for function, _ in _VARIABLE_OPERATORS.values()}),
+    )
+
+
+def _node_class() -> Any:
+    from keras.src.ops.node import Node
+
+    return Node
+
+
+def _backend_compute_output_spec() -> str | None:
+    from keras.src import backend
+
+    function = getattr(backend, "compute_output_spec", None)
+    return _parameters_are(function, "fn", "args", "kwargs")
+
+
+def _symbolic_call() -> str | None:
+    if "symbolic_call" not in keras.Layer.__dict__:
+        return "keras.Layer no longer defines symbolic_call itself"
+    return None
+
+
+def _dynamic_backend_getattr() -> str | None:
+    from keras.src.utils.backend_utils import DynamicBackend
+
+    if "__getattr__" not in DynamicBackend.__dict__:
+        return "DynamicBackend no longer defines __getattr__"
+    return _parameters_are(DynamicBackend.__dict__["__getattr__"], "self", "name")
+
+
+def _input_checks() -> str | None:
+    from keras.src.layers import input_spec
+    from keras.src.ops.function import Function
+
+    if "_assert_input_compatibility" not in Function.__dict__:
+        return "Function no longer defines _assert_input_compatibility"
+    return _first(
+        lambda: _parameters_are(
+            getattr(input_spec, "assert_input_compatibility", None),
+            "input_spec",
+            "inputs",
+            "layer_name",
+        ),
+        lambda: _parameters_are(Function.__dict__["_assert_input_compatibility"], "self", "inputs"),
+    )
+
+
+# Patch (this module's function) -> what it relies on.
+RELIANCES: dict[str, Reliance] = {
+    reliance.patch.rpartition(".")[2]: reliance
+    for reliance in (
+        Reliance(
+            "_keras_internals.saving_temp_dirs_in",
+            "keras.src.saving.saving_lib.get_temp_dir(), looked up at call time",
+            lambda: _parameters_are(_saving_lib().get_temp_dir),
+        ),
+        Reliance(
+            "_keras_internals.saved_weights_loading",
+            "keras.src.backend.Variable._initialize_with_initializer(self, initializer) "
+            "and ._convert_to_tensor(self, value, dtype)",
+            lambda: _first(
+                lambda: _parameters_are(
+                    _backend_variable()._initialize_with_initializer, "self", "initializer"
+                ),
+                lambda: _parameters_are(
+                    _backend_variable()._convert_to_tensor, "self", "value", "dtype"
+                ),
+                lambda: _defined(_backend_variable(), "_initialize"),
+                _initializer_classes,
+            ),
+        ),
+        Reliance(
+            "_keras_internals.tensorflow_probe_answered",
+            "keras.src.utils.module_utils.tensorflow (a LazyModule answering `available` "
+            "from its `_available`)",
+            _tensorflow_probe,
+        ),
+        Reliance(
+            "_keras_internals.float64_type_promotion",
+            "keras.src.backend.common.dtypes.BIT64_TO_BIT32_DTYPE['float64']",
+            _float64_table,
+        ),
+        Reliance(
+            "_keras_internals.jax_x64_slice_indices",
+            "keras.src.backend.jax.core.slice(inputs, start_indices, shape)",
+            lambda: _parameters_are(
+                getattr(_jax_core(), "slice", None), "inputs", "start_indices", "shape"
+            ),
+        ),
+        Reliance(
+            "_keras_internals.symbolic_variable_arithmetic",
+            "keras.Variable's arithmetic operators and the keras.ops functions of the same names",
+            _operators_exist,
+        ),
+        Reliance(
+            "_keras_internals.none_outputs_recorded",
+            "keras.src.ops.node.Node.__init__(self, operation, call_args, call_kwargs, outputs)",
+            lambda: _parameters_are(
+                _node_class().__init__,
+                "self",
+                "operation",
+                "call_args",
+                "call_kwargs",
+                "outputs",
+            ),
+        ),
+        Reliance(
+            "_keras_internals.static_python_arguments",
+            "keras.src.backend.compute_output_spec(fn, *args, **kwargs)",
+            _backend_compute_output_spec,
+        ),
+        Reliance(
+            "_keras_internals.output_specs_without_call_context",
+            "keras.Layer.symbolic_call(self, *args, **kwargs)",
+            _symbolic_call,
+        ),
+        Reliance(
+            "_keras_internals.backend_calls_recorded",
+            "keras.src.utils.backend_utils.DynamicBackend.__getattr__(self, name)",
+            _dynamic_backend_getattr,
+        ),
+        Reliance(
+            "_keras_internals.backend_arrays_defer_to_symbolic",
+            "keras.KerasTensor.__jax_array__ (defined on the class itself)",
+            lambda: (
+                None
+                if "__jax_array__" in keras.KerasTensor.__dict__
+                else "keras.KerasTensor no longer defines __jax_array__ itself"
+            ),
+        ),
+        Reliance(
+            "_keras_internals.input_checks_ignoring",
+            "keras.src.layers.input_spec.assert_input_compatibility(input_spec, inputs, "
+            "layer_name) and keras.src.ops.function.Function._assert_input_compatibility"
+            "(self, inputs)",
+            _input_checks,
+        ),
+        Reliance(
+            "_keras_internals.symbolic_equality",
+            "keras.KerasTensor without an elementwise __eq__ of its own",
+            lambda: (
+                None
+                if keras.KerasTensor.__dict__.get("__eq__") in (None, _symbolic_equal)
+                else "keras.KerasTensor now defines __eq__ itself"
+            ),
+        ),
+    )
+}
+
+
+def _patchable(patch: str) -> bool:
+    """Whether the internal ``patch`` relies on is as it was written for; if not, say so
+    under KERAS_BN_DEBUG=1 (the caller then installs nothing)."""
+    problem = RELIANCES[patch].problem()
+    if problem is None:
+        return True
+    import os
+
+    if os.environ.get("KERAS_BN_DEBUG"):
+        import warnings
+
+        warnings.warn(f"{problem}; not patching it", RuntimeWarning, stacklevel=4)
+    return False

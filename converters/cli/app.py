@@ -180,8 +180,9 @@ def console_main() -> NoReturn:
     teardown.
 
     Tearing down a process that imported JAX or TensorFlow and held a model (module
-    finalizers, every array freed one by one) takes 0.6 s after exporting ResNet50
-    on JAX, and does nothing a finished command needs: :func:`main` has written and
+    finalizers, every array freed one by one) takes a noticeable time after exporting
+    ResNet50 on JAX (BENCHMARKS.md appendix), and does nothing a finished command
+    needs: :func:`main` has written and
     closed its files (atomically) and joined its threads' work before it returns.
     The standard streams are flushed first.
     """

@@ -10,9 +10,9 @@ before importing Keras:
 2. The backend of a ``keras.json`` the user wrote. Keras writes that file itself on
    its first import, with ``"backend": "tensorflow"``; a file that is exactly what
    Keras writes says nothing about the user, so it does not count.
-3. Otherwise the fastest installed backend for a whole ``keras-bn`` run: JAX (about
-   1 s to import where TensorFlow takes 3-5 s; BENCHMARKS.md section 10), then
-   TensorFlow, then torch.
+3. Otherwise the fastest installed backend for a whole ``keras-bn`` run: JAX (it
+   imports several times faster than TensorFlow; BENCHMARKS.md section 10 and
+   appendix), then TensorFlow, then torch.
 
 A model whose layers need one backend (a Lambda layer holding ``tf.*`` code) fails
 on another with a message naming ``KERAS_BACKEND``.

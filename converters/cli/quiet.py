@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import sys
 import tempfile
@@ -86,10 +87,10 @@ def import_keras() -> str:
 
     Keras imports scikit-learn, matplotlib and requests when they are installed, for
     wrappers, plotting helpers and the RemoteMonitor callback the command never uses
-    (1.3 s, 0.45 s and 0.1 s on JAX): they are hidden during the import (requests only
-    on JAX: TensorFlow's own import needs it), and import normally afterwards. On
-    JAX, the modules its backend imports only to call later (sparse linear algebra,
-    TPU splash attention: 0.15 s) are imported when first used. On other backends
+    (their import times: BENCHMARKS.md appendix): they are hidden during the import
+    (requests only on JAX: TensorFlow's own import needs it), and import normally
+    afterwards. On JAX, the modules its backend imports only to call later (sparse
+    linear algebra, TPU splash attention) are imported when first used. On other backends
     than TensorFlow, Keras's serializer stops importing TensorFlow.
     """
     quiet_environment()
@@ -114,7 +115,7 @@ def import_keras() -> str:
 _UNUSED_BY_KERAS_IMPORT = ("sklearn", "matplotlib")
 _UNUSED_BY_KERAS_IMPORT_ON_JAX = ("requests",)
 # Imported by Keras's JAX backend, used only when called: sparse linear algebra
-# (its import pulls in scipy.sparse.linalg, 0.1 s) and TPU splash attention (0.05 s).
+# (its import pulls in scipy.sparse.linalg) and TPU splash attention (BENCHMARKS.md appendix).
 # Module -> its submodules that Keras imports from it.
 _DEFERRED_BY_KERAS_IMPORT_ON_JAX: dict[str, tuple[str, ...]] = {
     "jax.experimental.sparse.linalg": (),
@@ -166,8 +167,13 @@ class _Deferred(types.ModuleType):
 def _modules_deferred(modules: dict[str, tuple[str, ...]]) -> Iterator[None]:
     """``import module`` in the block gives a stand-in that imports the module on
     first use (unless it is imported already); afterwards ``import module`` imports
-    it. ``modules``: name -> the submodules imported from it (see :class:`_Deferred`)."""
-    deferred = [name for name in modules if name not in sys.modules]
+    it. ``modules``: name -> the submodules imported from it (see :class:`_Deferred`).
+
+    A module that its package no longer ships (a JAX release moved it) is not deferred:
+    a stand-in would turn the ImportError Keras expects into a later AttributeError."""
+    deferred = [
+        name for name in modules if name not in sys.modules and _has_source(name, modules[name])
+    ]
     for name in deferred:
         sys.modules[name] = _Deferred(name, modules[name])
     try:
@@ -176,3 +182,23 @@ def _modules_deferred(modules: dict[str, tuple[str, ...]]) -> Iterator[None]:
         for name in deferred:
             if isinstance(sys.modules.get(name), _Deferred):
                 del sys.modules[name]
+
+
+def _has_source(name: str, submodules: tuple[str, ...] = ()) -> bool:
+    """Whether module ``name`` and its ``submodules`` are files of its top-level
+    package, found without importing anything (``find_spec`` of a dotted name would
+    import its parents, the cost deferring avoids)."""
+    top, _, rest = name.partition(".")
+    package = sys.modules.get(top)
+    spec = getattr(package, "__spec__", None) if package else importlib.util.find_spec(top)
+    folders = list(getattr(spec, "submodule_search_locations", None) or ())
+    paths = [rest.replace(".", os.sep)]
+    paths += [os.path.join(paths[0], submodule) for submodule in submodules]
+    return all(
+        any(
+            os.path.isfile(os.path.join(folder, path + ".py"))
+            or os.path.isfile(os.path.join(folder, path, "__init__.py"))
+            for folder in folders
+        )
+        for path in paths
+    )

@@ -51,8 +51,8 @@ def _long_lived_objects(run: Run) -> Iterator[None]:
     Importing Keras and loading a model make objects that live until the command
     exits (modules, layers, variables: 200,000 for ResNet50 on JAX) and little
     garbage. The collector cannot know that: as the heap grows it runs full
-    collections over all of it, 0.4 s of ``keras-bn export``'s 3 s on ResNet50
-    (BENCHMARKS.md section 10). Frozen, they are left out of every later
+    collections over all of it, a large share of ``keras-bn export`` on ResNet50
+    (BENCHMARKS.md section 10 and appendix). Frozen, they are left out of every later
     collection, which still frees the garbage tracing and exporting make. A
     caller's ``main()`` keeps its collector as it is: freezing would keep its
     uncollected garbage for good.
@@ -120,9 +120,9 @@ class KerasReference:
     reference. It runs while the main thread folds and exports, which need only the
     weights: XLA compilation, TensorFlow kernels and NumPy release the GIL, so on two
     cores the pass costs little wall time. Generating the inputs is part of it: on
-    JAX the pass compiles for their shapes (ResNet50: 0.6 s) while a second thread
-    makes them (0.1 s; :attr:`inputs` has them from then on, for onnxruntime), then
-    it runs (0.3 s).
+    JAX the pass compiles for their shapes while a second thread makes them
+    (:attr:`inputs` has them from then on, for onnxruntime), then it runs
+    (BENCHMARKS.md appendix for each part's time).
 
     ``inputs`` are the user's (Keras layout, by input name); by default generated:
     ``make_sample_inputs(model, batch, seed=0)``, ``batch`` defaulting to

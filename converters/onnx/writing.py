@@ -2,7 +2,7 @@
 
 ``onnx.save_model`` encodes the whole ``ModelProto`` into one bytes object, weights
 included, and ``onnx.checker`` then parses the written file again: for ResNet50
-(100 MB of weights) that is 0.2 s and 0.3 s of C++ holding the GIL, while the CLI's
+(100 MB of weights) that is C++ holding the GIL (BENCHMARKS.md appendix), while the CLI's
 Keras reference pass waits for it in another thread. Here the model is assembled
 without the bytes of its large initializers (:data:`INLINE_LIMIT`); they travel
 beside it as arrays (:class:`Weights`):
