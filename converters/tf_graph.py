@@ -21,6 +21,7 @@ private TensorFlow import); the ONNX rules of
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,8 +39,7 @@ __all__ = [
     "record_function",
 ]
 
-# The op types that only feed their inputs through (a graph's outputs are Identity
-# nodes) and Placeholder, the recorded function's inputs.
+# The op type of the recorded function's inputs.
 PLACEHOLDER = "Placeholder"
 
 
@@ -132,8 +132,6 @@ def record_function(
 
 
 def _takes_training(layer: Any) -> bool:
-    import inspect
-
     try:
         return "training" in inspect.signature(layer.call).parameters
     except (TypeError, ValueError):  # pragma: no cover - builtins without a signature

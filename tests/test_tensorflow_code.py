@@ -98,6 +98,13 @@ LAMBDAS = {
     # Bilinear resize computes in float32 (the float64 build too).
     "resize_bilinear": lambda t: tf.cast(tf.image.resize(t, (7, 9)), t.dtype),
     "resize_nearest": lambda t: tf.image.resize(t, (8, 6), method="nearest"),
+    "resize_v1_align_corners": lambda t: tf.cast(
+        tf.compat.v1.image.resize(t, (7, 5), align_corners=True), t.dtype
+    ),
+    "resize_v1_nearest": lambda t: tf.compat.v1.image.resize_nearest_neighbor(t, (7, 5)),
+    "resize_v1_nearest_align_corners": lambda t: tf.compat.v1.image.resize_nearest_neighbor(
+        t, (7, 10), align_corners=True
+    ),
     "reduce_sum_max_min": lambda t: (
         tf.reduce_sum(t, axis=1) + tf.reduce_max(t, axis=1) - tf.reduce_min(t, axis=[1])
     ),
@@ -203,6 +210,33 @@ def test_custom_tensorflow_activation_in_conv_and_dense(tmp_path, activation):
 
     result = _exports_exactly(build, tmp_path / "model.onnx")
     assert result.op_counts.get("Conv") == 2 and result.op_counts.get("Gemm") == 1
+
+
+class TensorFlowRelu(keras.layers.Layer):
+    def call(self, x):
+        return tf.nn.relu(x)
+
+
+def doubled_relu(x):
+    return tf.nn.relu(x) * 2.0
+
+
+@pytest.mark.parametrize(
+    "make_layer",
+    [TensorFlowRelu, lambda name: keras.layers.Activation(doubled_relu, name=name)],
+    ids=["custom-layer", "activation-layer"],
+)
+def test_layers_that_tracing_refuses_export_from_their_tensorflow_graph(tmp_path, make_layer):
+    """What tracing refuses ("A KerasTensor cannot be used as input to a TensorFlow
+    function") exports, on a tensor the exporter holds channels-first."""
+
+    def build():
+        inputs = keras.Input(SHAPE)
+        x = keras.layers.Conv2D(8, 3, padding="same")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(2)(make_layer(name="odd")(x)))
+
+    result = _exports_exactly(build, tmp_path / "model.onnx")
+    assert result.op_counts.get("Relu") == 1
 
 
 def _conv_bn_lambda_conv_bn() -> keras.Model:

@@ -434,7 +434,7 @@ def _cumsum(g: Graph, op: tf_graph.TFOp) -> list[str]:
 def _reshape(g: Graph, op: tf_graph.TFOp) -> list[str]:
     x, shape = op.inputs
     static = g.constant(shape)
-    allowzero = {}
+    allowzero: dict[str, Any] = {}
     if static is not None and 0 in np.asarray(static).reshape(-1):
         if g.b.opset < 14:
             raise g.unsupported("a size 0 in the new shape before ONNX opset 14")
@@ -671,18 +671,17 @@ def _resize(mode: str) -> TensorFlowRule:
         images, size = op.inputs
         if g.rank(images) != 4:
             raise g.unsupported("images of another rank than 4")
-        align = bool(op.attributes.get("align_corners"))
-        half_pixel = bool(op.attributes.get("half_pixel_centers"))
-        nearest = {}
-        if align:
-            coordinates = "align_corners"
-            nearest = {"nearest_mode": "round_prefer_ceil"}
-        elif half_pixel:
-            coordinates = "half_pixel" if mode == "linear" else "tf_half_pixel_for_nn"
-            nearest = {"nearest_mode": "floor"}
+        # TensorFlow's sampling: bilinear at (i + 0.5) * in / out - 0.5 (half pixel),
+        # i * (in - 1) / (out - 1) (align_corners) or i * in / out; nearest rounds the
+        # same (round half up), with half pixel at floor((i + 0.5) * in / out), which is
+        # ONNX's half_pixel rounded half up.
+        if op.attributes.get("align_corners"):
+            coordinates, rounding = "align_corners", "round_prefer_ceil"
+        elif op.attributes.get("half_pixel_centers"):
+            coordinates, rounding = "half_pixel", "round_prefer_ceil"
         else:
-            coordinates = "asymmetric"
-            nearest = {"nearest_mode": "floor"}
+            coordinates, rounding = "asymmetric", "floor"
+        nearest = {"nearest_mode": rounding} if mode == "nearest" else {}
         x = g.b.op("Transpose", [g.name(images)], perm=[0, 3, 1, 2])
         shape = g.b.op("Shape", [x])
         leading = g.b.op("Slice", [shape, g.b.ints([0], "starts"), g.b.ints([2], "ends")])
@@ -692,7 +691,7 @@ def _resize(mode: str) -> TensorFlowRule:
             [x, "", "", sizes],
             mode=mode,
             coordinate_transformation_mode=coordinates,
-            **(nearest if mode == "nearest" else {}),
+            **nearest,
         )
         return [g.b.op("Transpose", [out], perm=[0, 2, 3, 1])]
 
@@ -767,7 +766,7 @@ def _conv2d(g: Graph, op: tf_graph.TFOp) -> list[str]:
 def _pool(onnx_type: str) -> TensorFlowRule:
     def rule(g: Graph, op: tf_graph.TFOp) -> list[str]:
         data_format = op_format(g)
-        extra = {"count_include_pad": 0} if onnx_type == "AveragePool" else {}
+        extra: dict[str, Any] = {"count_include_pad": 0} if onnx_type == "AveragePool" else {}
         out = g.b.op(
             onnx_type,
             [_nchw(g, op.inputs[0])],
