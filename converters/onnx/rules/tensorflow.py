@@ -681,7 +681,7 @@ def _resize(mode: str) -> TensorFlowRule:
             coordinates, rounding = "half_pixel", "round_prefer_ceil"
         else:
             coordinates, rounding = "asymmetric", "floor"
-        nearest = {"nearest_mode": rounding} if mode == "nearest" else {}
+        nearest: dict[str, Any] = {"nearest_mode": rounding} if mode == "nearest" else {}
         x = g.b.op("Transpose", [g.name(images)], perm=[0, 3, 1, 2])
         shape = g.b.op("Shape", [x])
         leading = g.b.op("Slice", [shape, g.b.ints([0], "starts"), g.b.ints([2], "ends")])
