@@ -4,8 +4,8 @@ small emitter ``emit(builder, name, perm) -> name``.
 
 TensorFlow's own activation functions (``Dense(activation=tf.nn.relu)``) compute
 what a Keras one does: :data:`TENSORFLOW_ACTIVATIONS` names each with the Keras
-function whose emitter it shares, and where TensorFlow is loaded (always, on the
-TensorFlow backend) they are entries of :data:`ACTIVATIONS` too. Any other function
+function whose emitter it shares, and on the TensorFlow backend they are entries
+of :data:`ACTIVATIONS` too. Any other function
 is recorded as a TensorFlow graph on the TensorFlow backend
 (:func:`~.tensorflow.activation_from_tensorflow`).
 """
@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import keras
 from keras import activations
 
 from keras_bn.converters.onnx.builder import Builder
@@ -220,11 +221,12 @@ TENSORFLOW_ACTIVATIONS: dict[str, Any] = {
 
 
 def _tensorflow_functions() -> dict[Any, Activation]:
-    """:data:`TENSORFLOW_ACTIVATIONS` as ``{tf function: emitter}``, where TensorFlow
-    is loaded (it is never imported here)."""
+    """:data:`TENSORFLOW_ACTIVATIONS` as ``{tf function: emitter}`` on the TensorFlow
+    backend (which has imported TensorFlow; it is never imported here). On another
+    backend TensorFlow functions cannot run on the model's tensors: none is added."""
     tensorflow = sys.modules.get("tensorflow")
     found: dict[Any, Activation] = {}
-    if tensorflow is None:
+    if tensorflow is None or keras.backend.backend() != "tensorflow":
         return found
     for path, keras_function in TENSORFLOW_ACTIVATIONS.items():
         function: Any = tensorflow
