@@ -43,6 +43,7 @@ from keras_bn.converters.onnx.metadata import (
     encode_layer_map,
 )
 from keras_bn.converters.onnx.rules import READS_UNKNOWN_SIZES, find_rule, needs_tracing
+from keras_bn.converters.onnx.rules.tensorflow import rule_for as tensorflow_rule_for
 from keras_bn.converters.onnx.writing import (
     Weights,
     add_initializer,
@@ -380,6 +381,8 @@ def _run_rules(builder: Builder, graph: graph_lib.Graph) -> dict[int, list | Non
     for node in graph.nodes:
         builder.begin(node)
         rule = find_rule(node.layer)
+        if rule is None:  # tfcode hook: a call() running TensorFlow code (rules.tensorflow)
+            rule = tensorflow_rule_for(node)
         try:
             if rule is None:
                 raise Unsupported(node.trace_error or "no ONNX rule for this class")

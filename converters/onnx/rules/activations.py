@@ -1,16 +1,26 @@
 """Activation functions (the ``activation`` argument of Dense/Conv layers, the
 Activation layer): :data:`ACTIVATIONS`, a literal table from Keras function to a
-small emitter ``emit(builder, name, perm) -> name``."""
+small emitter ``emit(builder, name, perm) -> name``.
+
+TensorFlow's own activation functions (``Dense(activation=tf.nn.relu)``) compute
+what a Keras one does: :data:`TENSORFLOW_ACTIVATIONS` names each with the Keras
+function whose emitter it shares, and on the TensorFlow backend they are entries
+of :data:`ACTIVATIONS` too. Any other function
+is recorded as a TensorFlow graph on the TensorFlow backend
+(:func:`~.tensorflow.activation_from_tensorflow`).
+"""
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
+import keras
 from keras import activations
 
-from keras_bn.converters.onnx.builder import Builder, Unsupported
+from keras_bn.converters.onnx.builder import Builder
 from keras_bn.converters.onnx.layout import Perm
 
 __all__ = ["ACTIVATIONS", "Activation", "apply_activation", "gelu"]
@@ -20,9 +30,10 @@ Activation = Callable[[Builder, str, Perm], str]
 
 def apply_activation(b: Builder, function: Any, name: str, perm: Perm) -> str:
     emit = ACTIVATIONS.get(function)
-    if emit is None:
-        label = getattr(function, "__name__", repr(function))
-        raise Unsupported(f"activation {label!r} has no ONNX rule")
+    if emit is None:  # TensorFlow code on the TensorFlow backend, or Unsupported
+        from keras_bn.converters.onnx.rules.tensorflow import activation_from_tensorflow
+
+        return activation_from_tensorflow(b, function, name, perm)
     return emit(b, name, perm)
 
 
@@ -176,3 +187,54 @@ ACTIVATIONS: dict[Any, Activation] = {
     activations.soft_shrink: _act_soft_shrink,
     activations.sparse_sigmoid: _act_sparse_sigmoid,
 }
+
+# TensorFlow's activation functions (by attribute path under ``tensorflow``) -> the
+# Keras function that computes the same with the same defaults (tf.nn.leaky_relu's
+# alpha=0.2, tf.nn.gelu's approximate=False, tf.nn.softmax's axis=-1).
+TENSORFLOW_ACTIVATIONS: dict[str, Any] = {
+    "identity": activations.linear,
+    "nn.relu": activations.relu,
+    "nn.relu6": activations.relu6,
+    "nn.leaky_relu": activations.leaky_relu,
+    "nn.elu": activations.elu,
+    "nn.selu": activations.selu,
+    "nn.gelu": activations.gelu,
+    "nn.silu": activations.silu,
+    "nn.swish": activations.silu,
+    "nn.sigmoid": activations.sigmoid,
+    "sigmoid": activations.sigmoid,
+    "math.sigmoid": activations.sigmoid,
+    "nn.tanh": activations.tanh,
+    "tanh": activations.tanh,
+    "math.tanh": activations.tanh,
+    "nn.softplus": activations.softplus,
+    "math.softplus": activations.softplus,
+    "nn.softsign": activations.softsign,
+    "math.softsign": activations.softsign,
+    "nn.softmax": activations.softmax,
+    "math.softmax": activations.softmax,
+    "nn.log_softmax": activations.log_softmax,
+    "math.log_softmax": activations.log_softmax,
+    "exp": activations.exponential,
+    "math.exp": activations.exponential,
+}
+
+
+def _tensorflow_functions() -> dict[Any, Activation]:
+    """:data:`TENSORFLOW_ACTIVATIONS` as ``{tf function: emitter}`` on the TensorFlow
+    backend (which has imported TensorFlow; it is never imported here). On another
+    backend TensorFlow functions cannot run on the model's tensors: none is added."""
+    tensorflow = sys.modules.get("tensorflow")
+    found: dict[Any, Activation] = {}
+    if tensorflow is None or keras.backend.backend() != "tensorflow":
+        return found
+    for path, keras_function in TENSORFLOW_ACTIVATIONS.items():
+        function: Any = tensorflow
+        for attribute in path.split("."):
+            function = getattr(function, attribute, None)
+        if callable(function) and function not in ACTIVATIONS:
+            found[function] = ACTIVATIONS[keras_function]
+    return found
+
+
+ACTIVATIONS.update(_tensorflow_functions())
