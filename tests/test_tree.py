@@ -58,6 +58,8 @@ MIRROR = {
     "converters/onnx/rules/core.py": "onnx/rules/test_onnx_rules.py",
     "converters/onnx/rules/applications.py": "onnx/rules/test_onnx_rules.py",
     "converters/onnx/rules/coverage.py": "onnx/rules/test_coverage.py",
+    "converters/onnx/rules/tensorflow.py": "onnx/rules/test_tensorflow_code.py",
+    "converters/tf_graph.py": "onnx/rules/test_tensorflow_code.py",
     "converters/onnx/rules/ops/__init__.py": "onnx/rules/test_onnx_rules.py",
     "converters/onnx/rules/ops/table.py": "onnx/rules/test_onnx_rules.py",
     "converters/onnx/rules/ops/common.py": "onnx/rules/test_onnx_rules.py",
@@ -107,6 +109,7 @@ MIRROR = {
 # Test modules of the program as a whole (real models, user files, other backends).
 WHOLE_PROGRAM = {
     "test_tree.py": "this map",
+    "test_upgrade_safety.py": "every patched Keras/JAX internal still as relied on",
     "layers/test_layers_parity.py": "the layer against the stock one, argument by argument",
     "layers/test_layers_distributed.py": "the layer under data parallelism",
     "layers/test_backends.py": "the layer tests rerun on JAX and numpy",

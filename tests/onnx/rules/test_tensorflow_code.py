@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 import pytest
 import tensorflow as tf
-from helpers import assert_exports_exactly, float64_build, randomize_batch_norms
+from support.checks import assert_exports_exactly, float64_build
+from support.models import randomize_batch_norms
 
 from keras_bn.converters import cli
 from keras_bn.converters.onnx.export import UnsupportedLayersError, export_onnx
