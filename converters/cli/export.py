@@ -105,12 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def export_command(args: argparse.Namespace, run: Run) -> int:
     """Fold, export to ONNX, convert precision, validate against the Keras model, write."""
     output = _check_options(args)
-    model = steps.load_model(args, run)
-    steps.preflight(model, run)
+    model = steps.preflight(steps.load_model(args, run), run)  # flattened once, passed on
     inputs = steps.load_inputs(args.inputs, model, "Inputs file")
     calibration = steps.load_inputs(args.calibration, model, "Calibration file")
     # Keras runs the model on validation's inputs while the exporter works.
-    reference = steps.KerasReference(
+    reference = steps.keras_reference(
         model,
         run,
         inputs if inputs is not None else calibration,

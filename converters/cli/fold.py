@@ -35,10 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def fold_command(args: argparse.Namespace, run: Run) -> int:
     """Fold BN into neighbouring layers and save the folded Keras model."""
     output = check_output(args, ".keras")
-    model = steps.load_model(args, run)
-    steps.preflight(model, run)
+    model = steps.preflight(steps.load_model(args, run), run)  # flattened once, passed on
     inputs = steps.load_inputs(args.inputs, model, "Inputs file")
-    steps.KerasReference(model, run, inputs).outputs()  # Keras can run it at all
+    steps.keras_reference(model, run, inputs).outputs()  # Keras can run it at all
     if inputs is None and not args.no_validate:
         from keras_bn.converters.validation import make_sample_inputs
 
@@ -65,9 +64,9 @@ def fold_command(args: argparse.Namespace, run: Run) -> int:
 
 
 def _compare_folded(model, folded, inputs, args: argparse.Namespace, run: Run) -> bool:
-    """Compare the folded Keras model with the original, as validation compares ONNX."""
+    """Compare the folded Keras model with the original (prepared), as validation
+    compares ONNX."""
     from keras_bn.converters.comparison import DEFAULT_ATOL, DEFAULT_RTOL, OUTRIGHT, compare_arrays
-    from keras_bn.converters.graph import flatten
     from keras_bn.converters.reference import Doubtful, rejudge_against_float64
     from keras_bn.converters.samples import call_model
 
@@ -90,8 +89,8 @@ def _compare_folded(model, folded, inputs, args: argparse.Namespace, run: Run) -
         ]
         note = ""
         if doubtful:
-            arrays = [inputs[name] for name in flatten(model).input_names]
-            note = rejudge_against_float64(model, arrays, comparisons, doubtful)
+            arrays = [inputs[name] for name in model.input_names]
+            note = rejudge_against_float64(model.model, arrays, comparisons, doubtful)
     passed = all(c.passed for c in comparisons)
     outputs: list[Any] = [as_dict(c) for c in comparisons]
     run.report["validation"] = {"passed": passed, "atol": atol, "rtol": rtol, "outputs": outputs}

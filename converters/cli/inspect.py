@@ -21,11 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def inspect_command(args: argparse.Namespace, run: Run) -> int:
     """The model's BN layers, their statistics and the fold plan."""
     model = steps.load_model(args, run)
-    flat = steps.preflight(model, run)
+    prepared = steps.preflight(model, run)
+    flat = prepared.graph
     from keras_bn.converters.folding import plan_folds
 
     with run.progress.step("Planning folds"):
-        plan = plan_folds(model)
+        plan = plan_folds(prepared)
     batch_norms = _batch_norm_statistics(flat)
     layer_counts: dict[str, int] = {}
     for node in flat.nodes:
