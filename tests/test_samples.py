@@ -6,7 +6,12 @@ import pytest
 from helpers import calibrate_batch_norms
 
 from keras_bn.converters.graph import flatten
-from keras_bn.converters.samples import FLOAT_DOMAINS, input_domains, make_sample_inputs
+from keras_bn.converters.samples import (
+    FLOAT_DOMAINS,
+    call_model,
+    input_domains,
+    make_sample_inputs,
+)
 
 L = keras.layers
 
@@ -67,3 +72,40 @@ def test_a_normalization_layer_gives_its_own_mean_and_variance():
     x = make_sample_inputs(model, 4000, seed=0)["features"]
     np.testing.assert_allclose(x.mean(axis=0), [10, -3, 0, 100, 1], atol=0.3)
     np.testing.assert_allclose(x.std(axis=0), [2, 1, 3, 5, 1], rtol=0.05)
+
+
+def test_a_call_compiled_ahead_runs_the_model_on_jax(run_python):
+    """prepare_call compiles the JAX pass for the sample inputs' shapes before the
+    inputs exist; call_model then runs that program (no second compile) and gives
+    Keras's outputs."""
+    code = """
+import numpy as np, keras
+from keras_bn.converters import samples
+from keras_bn.converters.prepared import prepare
+x = keras.Input((8, 8, 3), name="image")
+h = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(x))
+model = keras.Model(x, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(h)))
+prepared = prepare(model)
+samples.prepare_call(prepared, 2)
+forward = samples._compiled_forward(model)
+assert len(forward._executables) == 1
+images = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+ours = samples.call_model(prepared, {"image": images})[0]
+assert len(forward._executables) == 1, "compiled again"
+expected = keras.ops.convert_to_numpy(model(images, training=False))
+np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+samples.call_model(model, {"image": images[:1]})  # another shape: its own program
+assert len(forward._executables) == 2
+"""
+    run_python(["-c", code], env={"KERAS_BACKEND": "jax"})
+
+
+def test_call_model_takes_inputs_by_name_in_any_order():
+    first, second = keras.Input((3,), name="first"), keras.Input((2,), name="second")
+    model = keras.Model([first, second], [L.Concatenate()([first, second]), L.Dense(1)(second)])
+    a, b = np.ones((2, 3), "float32"), np.full((2, 2), 2.0, "float32")
+    concatenated, dense = call_model(model, {"second": b, "first": a})
+    np.testing.assert_array_equal(concatenated, np.concatenate([a, b], axis=1))
+    np.testing.assert_allclose(
+        dense, keras.ops.convert_to_numpy(model([a, b], training=False)[1]), rtol=1e-6
+    )
