@@ -48,7 +48,7 @@ from keras_bn.converters.comparison import (
     OutputComparison,
     judge_precision,
 )
-from keras_bn.converters.prepared import ModelLike, prepare
+from keras_bn.converters.prepared import ModelLike, PreparedModel, prepare
 from keras_bn.converters.samples import call_model, make_sample_inputs, prepare_call
 
 __all__ = [
@@ -122,7 +122,7 @@ class KerasReference:
 
     def _run(
         self,
-        prepared: Any,
+        prepared: PreparedModel,
         given: Mapping[str, np.ndarray] | None,
         batch_size: int,
         seed: int,
@@ -143,7 +143,7 @@ class KerasReference:
             with guard() if guard is not None else contextlib.nullcontext():
                 return call_model(prepared, inputs)
 
-    def _make(self, prepared: Any, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+    def _make(self, prepared: PreparedModel, batch_size: int, seed: int) -> dict[str, np.ndarray]:
         """Generated inputs, available to :attr:`inputs` as soon as they are made; on
         JAX the pass compiles for their shapes meanwhile (XLA compiles without the
         GIL, and making them may run the layers before the first BatchNormalization:
