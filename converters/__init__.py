@@ -4,7 +4,8 @@ Three stages, one room each: :mod:`.folding` rewrites a model's graph without
 foldable BatchNormalization layers (and rebuilds it as a Keras model),
 :mod:`.onnx` exports a graph as ONNX, :mod:`.validation` runs the Keras model and
 the ONNX file (through :mod:`.runtime`) and compares them (:mod:`.comparison`).
-:mod:`.graph` is the flattened-graph IR they share, :mod:`.samples` the Keras-side
+:mod:`.graph` is the flattened-graph IR they share, :mod:`.prepared` the model
+flattened once per run (what each stage takes), :mod:`.samples` the Keras-side
 inputs, :mod:`.precision` converts an exported model to float16 or int8,
 :mod:`.benchmarking` times it, and :mod:`.cli` is the ``keras-bn`` command.
 
@@ -38,6 +39,8 @@ _EXPORTS: dict[str, str] = {
     "ExportWarning": "onnx.export",
     "UnsupportedLayersError": "onnx.export",
     "validate_onnx": "validation",
+    "KerasReference": "reference",
+    "prepare": "prepared",
     "make_sample_inputs": "samples",
     "ValidationReport": "validation",
     "compare_arrays": "comparison",

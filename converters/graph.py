@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import itertools
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -33,7 +32,6 @@ __all__ = [
     "rebuild",
     "is_model",
     "node_keys",
-    "call_model",
 ]
 
 
@@ -159,140 +157,22 @@ def flatten(model: keras.Model, trace: Callable[[Any], bool] | None = None) -> G
     reads it. The model is not modified.
     """
     functional = internals.functional_of(model)
-    counter = itertools.count()
-    nodes: list[Node] = []
-
-    def new_tensor(
-        keras_tensor, producer, prefix: str, traced: bool = False, shapes=None
-    ) -> Tensor:
-        recorded_shape = (shapes or {}).get(id(keras_tensor), keras_tensor.shape)
-        shape = tuple(
-            None if d is None or (traced and tracing.batch_multiple(d)) else int(d)
-            for d in recorded_shape
-        )
-        return Tensor(
-            name=f"{prefix}:{next(counter)}",
-            shape=shape,
-            dtype=str(keras_tensor.dtype),
-            producer=producer,
-            carries_mask=internals.keras_mask(keras_tensor) is not None,
-        )
-
-    def walk(
-        functional,
-        tensor_map: dict[int, Tensor],
-        scope: str,
-        traced: bool = False,
-        recorded_call: tracing.TracedCall | None = None,
-    ) -> None:
-        shapes = recorded_call.shapes if recorded_call is not None else None
-        for knode in internals.ordered_nodes(functional):
-            operation = knode.operation
-            if not all(id(x) in tensor_map for x in knode.input_tensors):
-                continue  # a branch that does not feed this model's outputs
-            args = tree.map_structure(
-                lambda x: tensor_map[id(x)] if _is_keras_tensor(x) else x,
-                knode.args,
-            )
-            kwargs = tree.map_structure(
-                lambda x: tensor_map[id(x)] if _is_keras_tensor(x) else x,
-                knode.kwargs,
-            )
-            inputs = [tensor_map[id(x)] for x in knode.input_tensors]
-            inner_scope = f"{scope}/{operation.name}" if scope else operation.name
-            trace_error = None
-            if trace is not None and _traceable(operation) and trace(operation):
-                try:
-                    with tracing.tracing(operation):
-                        recorded = tracing.trace_call(operation, args, kwargs, _spec)
-                        inner_map: dict[int, Tensor] = {}
-                        if recorded.model is not None:
-                            placeholders = tree.flatten(internals.inputs_struct(recorded.model))
-                            for kt, source in zip(placeholders, recorded.sources, strict=True):
-                                inner_map[id(kt)] = source
-                            walk(recorded.model, inner_map, inner_scope, True, recorded)
-                    if len(recorded.outputs) != len(knode.outputs):
-                        raise tracing.TraceError(
-                            f"tracing {type(operation).__name__}.call(): it returned "
-                            f"{len(recorded.outputs)} outputs, its recorded call has "
-                            f"{len(knode.outputs)}"
-                        )
-                except tracing.TraceError as error:
-                    trace_error = str(error)
-                else:
-                    for index, (kt, inner) in enumerate(
-                        zip(knode.outputs, recorded.outputs, strict=True)
-                    ):
-                        if _is_keras_tensor(inner):
-                            tensor_map[id(kt)] = inner_map[id(inner)]
-                        else:  # computed from constants only: a Constant node
-                            constant = tracing.Constant(inner, name=f"output_{index}")
-                            node = Node(constant, (), {}, [], [], None, scope=inner_scope)
-                            tensor_map[id(kt)] = new_tensor(kt, node, constant.name, True, shapes)
-                            node.outputs.append(tensor_map[id(kt)])
-                            nodes.append(node)
-                    continue
-            if is_model(operation):
-                inner = internals.functional_of(operation)
-                inner_map = {}  # the traced branch above did not run
-                inner_inputs = tree.flatten(internals.inputs_struct(inner))
-                if len(inner_inputs) != len(inputs):
-                    raise ValueError(
-                        f"Nested model {operation.name!r} is called with "
-                        f"{len(inputs)} tensors but has {len(inner_inputs)} inputs."
-                    )
-                for inner_input, outer in zip(inner_inputs, inputs, strict=True):
-                    inner_map[id(inner_input)] = outer
-                walk(inner, inner_map, inner_scope, traced)
-                inner_outputs = tree.flatten(internals.outputs_struct(inner))
-                for kt, inner_kt in zip(knode.outputs, inner_outputs, strict=True):
-                    tensor_map[id(kt)] = inner_map[id(inner_kt)]
-                continue
-            node = Node(
-                layer=operation,
-                args=args,
-                kwargs=kwargs,
-                inputs=inputs,
-                outputs=[],
-                output_structure=None,
-                scope=scope,
-                trace_error=trace_error,
-            )
-            if recorded_call is not None:
-                read = recorded_call.unknown_sizes.get(id(operation), {})
-                node.unknown_sizes = {
-                    size: (tensor_map[id(kt)], axis) for size, (kt, axis) in read.items()
-                }
-            for kt in knode.outputs:
-                tensor = new_tensor(kt, node, operation.name, traced, shapes)
-                tensor_map[id(kt)] = tensor
-                node.outputs.append(tensor)
-            for tensor in inputs:
-                tensor.consumers.append(node)
-            nodes.append(node)
-
+    flattener = _Flattener(trace)
     tensor_map: dict[int, Tensor] = {}
     inputs: list[Tensor] = []
     input_names: list[str] = []
     for kt in tree.flatten(internals.inputs_struct(functional)):
         input_layer = internals.producing_operation(kt)
-        tensor = new_tensor(kt, None, input_layer.name)
+        tensor = flattener.new_tensor(kt, None, input_layer.name)
         tensor_map[id(kt)] = tensor
         inputs.append(tensor)
         input_names.append(input_layer.name)
-    walk(functional, tensor_map, "")
+    flattener.walk(functional, tensor_map, "")
     output_structure = tree.map_structure(
         lambda x: tensor_map[id(x)], internals.outputs_struct(functional)
     )
     outputs = [tensor_map[id(x)] for x in tree.flatten(internals.outputs_struct(functional))]
-    # A traced call's constant output that nothing reads (DeiT's empty attention scores).
-    nodes[:] = [
-        node
-        for node in nodes
-        if not isinstance(node.layer, tracing.Constant)
-        or node.outputs[0].consumers
-        or any(node.outputs[0] is tensor for tensor in outputs)
-    ]
+    nodes = _read_constants_only(flattener.nodes, outputs)
     for node, key in zip(nodes, node_keys(nodes), strict=True):
         node.key = key
     return Graph(
@@ -306,7 +186,177 @@ def flatten(model: keras.Model, trace: Callable[[Any], bool] | None = None) -> G
     )
 
 
-def _traceable(operation: Any) -> bool:
+def _read_constants_only(nodes: list[Node], outputs: list[Tensor]) -> list[Node]:
+    """``nodes`` without a traced call's constant output that nothing reads (DeiT's
+    empty attention scores)."""
+    return [
+        node
+        for node in nodes
+        if not isinstance(node.layer, tracing.Constant)
+        or node.outputs[0].consumers
+        or any(node.outputs[0] is tensor for tensor in outputs)
+    ]
+
+
+class _Flattener:
+    """:func:`flatten`'s walk: the nodes found so far, in topological order, and the
+    counter that numbers their tensors."""
+
+    def __init__(self, trace: Callable[[Any], bool] | None) -> None:
+        self.trace = trace
+        self.counter = itertools.count()
+        self.nodes: list[Node] = []
+
+    def new_tensor(
+        self,
+        keras_tensor: Any,
+        producer: Node | None,
+        prefix: str,
+        traced: bool = False,
+        shapes: Mapping[int, Any] | None = None,
+    ) -> Tensor:
+        recorded_shape = (shapes or {}).get(id(keras_tensor), keras_tensor.shape)
+        shape = tuple(
+            None if d is None or (traced and tracing.batch_multiple(d)) else int(d)
+            for d in recorded_shape
+        )
+        return Tensor(
+            name=f"{prefix}:{next(self.counter)}",
+            shape=shape,
+            dtype=str(keras_tensor.dtype),
+            producer=producer,
+            carries_mask=internals.keras_mask(keras_tensor) is not None,
+        )
+
+    def walk(
+        self,
+        functional: Any,
+        tensor_map: dict[int, Tensor],
+        scope: str,
+        traced: bool = False,
+        recorded_call: tracing.TracedCall | None = None,
+    ) -> None:
+        """Add the calls of ``functional`` (its inputs already in ``tensor_map``)."""
+        for knode in internals.ordered_nodes(functional):
+            if not all(id(x) in tensor_map for x in knode.input_tensors):
+                continue  # a branch that does not feed this model's outputs
+            operation = knode.operation
+            args = tree.map_structure(
+                lambda x: tensor_map[id(x)] if _is_keras_tensor(x) else x, knode.args
+            )
+            kwargs = tree.map_structure(
+                lambda x: tensor_map[id(x)] if _is_keras_tensor(x) else x, knode.kwargs
+            )
+            inputs = [tensor_map[id(x)] for x in knode.input_tensors]
+            inner_scope = f"{scope}/{operation.name}" if scope else operation.name
+            trace_error = None
+            if self.trace is not None and traceable(operation) and self.trace(operation):
+                trace_error = self.inline_trace(
+                    knode, args, kwargs, tensor_map, inner_scope, recorded_call
+                )
+                if trace_error is None:
+                    continue
+            if is_model(operation):
+                self.inline_model(operation, knode, inputs, tensor_map, inner_scope, traced)
+                continue
+            node = Node(operation, args, kwargs, inputs, [], None, scope, trace_error=trace_error)
+            self.add(node, knode, tensor_map, traced, recorded_call)
+
+    def inline_trace(
+        self,
+        knode: Any,
+        args: Any,
+        kwargs: Any,
+        tensor_map: dict[int, Tensor],
+        scope: str,
+        recorded_call: tracing.TracedCall | None,
+    ) -> str | None:
+        """Trace a layer call and inline what it recorded; why it could not be, else None.
+
+        ``recorded_call``: the traced call this one sits in, if any (its recorded
+        shapes are those of this call's outputs)."""
+        operation = knode.operation
+        shapes = recorded_call.shapes if recorded_call is not None else None
+        try:
+            with tracing.tracing(operation):
+                recorded = tracing.trace_call(operation, args, kwargs, _spec)
+                inner_map: dict[int, Tensor] = {}
+                if recorded.model is not None:
+                    placeholders = tree.flatten(internals.inputs_struct(recorded.model))
+                    for kt, source in zip(placeholders, recorded.sources, strict=True):
+                        inner_map[id(kt)] = source
+                    self.walk(recorded.model, inner_map, scope, True, recorded)
+            if len(recorded.outputs) != len(knode.outputs):
+                raise tracing.TraceError(
+                    f"tracing {type(operation).__name__}.call(): it returned "
+                    f"{len(recorded.outputs)} outputs, its recorded call has "
+                    f"{len(knode.outputs)}"
+                )
+        except tracing.TraceError as error:
+            return str(error)
+        for index, (kt, inner) in enumerate(zip(knode.outputs, recorded.outputs, strict=True)):
+            if _is_keras_tensor(inner):
+                tensor_map[id(kt)] = inner_map[id(inner)]
+            else:  # computed from constants only: a Constant node
+                constant = tracing.Constant(inner, name=f"output_{index}")
+                node = Node(constant, (), {}, [], [], None, scope=scope)
+                tensor = self.new_tensor(kt, node, constant.name, True, shapes)
+                tensor_map[id(kt)] = tensor
+                node.outputs.append(tensor)
+                self.nodes.append(node)
+        return None
+
+    def inline_model(
+        self,
+        model: Any,
+        knode: Any,
+        inputs: list[Tensor],
+        tensor_map: dict[int, Tensor],
+        scope: str,
+        traced: bool,
+    ) -> None:
+        """Replace a nested model's call by the calls it contains."""
+        inner = internals.functional_of(model)
+        inner_map: dict[int, Tensor] = {}
+        inner_inputs = tree.flatten(internals.inputs_struct(inner))
+        if len(inner_inputs) != len(inputs):
+            raise ValueError(
+                f"Nested model {model.name!r} is called with "
+                f"{len(inputs)} tensors but has {len(inner_inputs)} inputs."
+            )
+        for inner_input, outer in zip(inner_inputs, inputs, strict=True):
+            inner_map[id(inner_input)] = outer
+        self.walk(inner, inner_map, scope, traced)
+        inner_outputs = tree.flatten(internals.outputs_struct(inner))
+        for kt, inner_kt in zip(knode.outputs, inner_outputs, strict=True):
+            tensor_map[id(kt)] = inner_map[id(inner_kt)]
+
+    def add(
+        self,
+        node: Node,
+        knode: Any,
+        tensor_map: dict[int, Tensor],
+        traced: bool,
+        recorded_call: tracing.TracedCall | None,
+    ) -> None:
+        """Add ``node`` (a call not inlined) with new tensors for its outputs."""
+        operation = node.layer
+        if recorded_call is not None:
+            read = recorded_call.unknown_sizes.get(id(operation), {})
+            node.unknown_sizes = {
+                size: (tensor_map[id(kt)], axis) for size, (kt, axis) in read.items()
+            }
+        shapes = recorded_call.shapes if recorded_call is not None else None
+        for kt in knode.outputs:
+            tensor = self.new_tensor(kt, node, operation.name, traced, shapes)
+            tensor_map[id(kt)] = tensor
+            node.outputs.append(tensor)
+        for tensor in node.inputs:
+            tensor.consumers.append(node)
+        self.nodes.append(node)
+
+
+def traceable(operation: Any) -> bool:
     """A layer call :func:`flatten` may trace: a layer that is not a model."""
     return isinstance(operation, keras.Layer) and not is_model(operation)
 
@@ -383,108 +433,6 @@ def to_numpy(variable: Any) -> np.ndarray:
     if keras.backend.backend() == "tensorflow" and hasattr(value, "numpy"):
         return np.asarray(value.numpy())  # skips convert_to_numpy's per-call overhead
     return np.asarray(keras.ops.convert_to_numpy(value))
-
-
-def call_model(model: keras.Model, arrays: list) -> list:
-    """Run ``model`` in inference mode on ``arrays`` (one per graph input, in
-    ``flatten(model).inputs`` order); return its outputs as NumPy arrays, flattened
-    in ``flatten(model).outputs`` order.
-    """
-    functional = internals.functional_of(model)
-    structure = tree.pack_sequence_as(internals.inputs_struct(functional), list(arrays))
-    outputs = None
-    if keras.backend.backend() == "jax":
-        try:
-            outputs = _compiled_forward(model)(structure)
-        except Exception:  # Python in a layer's call that jax.jit cannot trace
-            outputs = None
-    if outputs is None:
-        outputs = model(structure, training=False)
-    return [keras.ops.convert_to_numpy(output) for output in tree.flatten(outputs)]
-
-
-def prepare_call(model: keras.Model, specs: list[tuple[tuple[int, ...], Any]]) -> None:
-    """Get :func:`call_model` ready for inputs of these ``(shape, dtype)`` (one per
-    graph input): on JAX, compile the model's pass for them now (a thread can do it
-    while the inputs are being made); nothing on other backends. A model that
-    cannot be compiled is left to :func:`call_model`, which says why."""
-    if keras.backend.backend() != "jax":
-        return
-    import jax
-
-    functional = internals.functional_of(model)
-    avals = [jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype)) for shape, dtype in specs]
-    structure = tree.pack_sequence_as(internals.inputs_struct(functional), avals)
-    try:
-        _compiled_forward(model).compile(structure)
-    except Exception:  # call_model falls back to running it eagerly
-        pass
-
-
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# A quick compile: XLA's backend optimizations cost more compile time (BENCHMARKS.md
-# appendix) than they save on the few samples a check or validation runs.
-_QUICK_XLA_OPTIONS = {"xla_backend_optimization_level": 0}
-
-
-class _CompiledForward:
-    """On JAX: the model's inference pass compiled as one XLA program per input
-    shape (kept as long as the model lives), as ``model.predict`` does.
-
-    Called eagerly, JAX compiles every operation on its own: ResNet50's first pass
-    is several times slower that way than compiled whole (BENCHMARKS.md appendix).
-    """
-
-    def __init__(self, model: keras.Model) -> None:
-        import jax
-
-        ref: Callable[[], Any] = weakref.ref(model)  # the cache must not keep the model alive
-
-        def call(trainable: list, non_trainable: list, inputs: Any) -> Any:
-            outputs, _ = ref().stateless_call(trainable, non_trainable, inputs, training=False)
-            return outputs
-
-        self._model = ref
-        self._plain = jax.jit(call)
-        try:
-            self._jitted = jax.jit(call, compiler_options=_QUICK_XLA_OPTIONS)
-        except TypeError:  # a JAX before compiler_options
-            self._jitted = self._plain
-        self._executables: dict[Any, Any] = {}
-
-    def _state(self) -> tuple[list, list]:
-        live = self._model()
-        return (
-            [v.value for v in live.trainable_variables],
-            [v.value for v in live.non_trainable_variables],
-        )
-
-    @staticmethod
-    def _key(structure: Any) -> Any:
-        return tuple((tuple(x.shape), str(x.dtype)) for x in tree.flatten(structure))
-
-    def compile(self, structure: Any) -> Any:
-        """The executable for inputs shaped like ``structure`` (arrays or avals)."""
-        key = self._key(structure)
-        executable = self._executables.get(key)
-        if executable is None:
-            trainable, non_trainable = self._state()
-            try:
-                executable = self._jitted.lower(trainable, non_trainable, structure).compile()
-            except Exception:  # an XLA without the quick option: its default compile
-                executable = self._plain.lower(trainable, non_trainable, structure).compile()
-            self._executables[key] = executable
-        return executable
-
-    def __call__(self, structure: Any) -> Any:
-        return self.compile(structure)(*self._state(), structure)
-
-
-def _compiled_forward(model: keras.Model) -> _CompiledForward:
-    forward = _COMPILED.get(model)
-    if forward is None:
-        forward = _COMPILED[model] = _CompiledForward(model)
-    return forward
 
 
 def value_of(

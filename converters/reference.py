@@ -1,4 +1,11 @@
-"""The exact answer to compare against: a float64 twin of a Keras model.
+"""What an export is compared against: Keras's own run, and a float64 twin of the model.
+
+:class:`KerasReference` is Keras float32's outputs on the inputs a validation
+compares on: computed in a background thread while the caller exports (the
+``keras-bn`` command's one Keras pass), or given. :func:`~.validation.validate_onnx`
+takes it instead of running Keras again.
+
+The float64 twin is the exact answer.
 
 Keras's own float32 output is not the truth: a deep network in float32 drifts from
 the exact result by float32 rounding, and an exported model drifts differently
@@ -16,11 +23,12 @@ twin names them, and a reference with float32 layers in it is reported as such.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import importlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -40,9 +48,12 @@ from keras_bn.converters.comparison import (
     OutputComparison,
     judge_precision,
 )
+from keras_bn.converters.prepared import ModelLike, PreparedModel, prepare
+from keras_bn.converters.samples import call_model, make_sample_inputs, prepare_call
 
 __all__ = [
     "Doubtful",
+    "KerasReference",
     "Float64Twin",
     "float64_enabled",
     "float64_twin",
@@ -52,6 +63,104 @@ __all__ = [
 # Keras wraps an error inside a layer's call as "... when calling Conv3D.call() ...".
 _FAILED_CALL = re.compile(r"calling (\w+)\.call\(\)")
 _MAX_RETRIES = 8
+
+
+class KerasReference:
+    """Keras's outputs (inference mode) on the inputs a validation compares on.
+
+    ``KerasReference(inputs, outputs)`` holds outputs already computed;
+    :meth:`start` computes them in a background thread while the caller works on
+    (XLA compilation, TensorFlow kernels and NumPy release the GIL). Either way
+    :attr:`inputs` and :meth:`outputs` wait for what is not ready yet, and
+    :meth:`outputs` raises what the run raised.
+    """
+
+    def __init__(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[np.ndarray]) -> None:
+        """The reference of already computed ``outputs`` (flattened, as
+        :func:`.samples.call_model` returns them) on ``inputs`` (by input name)."""
+        self._inputs: concurrent.futures.Future = concurrent.futures.Future()
+        self._outputs: concurrent.futures.Future = concurrent.futures.Future()
+        self.generated = False  # the inputs were given, not made by :meth:`start`
+        self.batch_size = len(next(iter(inputs.values()))) if inputs else 0
+        self._inputs.set_result(dict(inputs))
+        self._outputs.set_result([np.asarray(output) for output in outputs])
+
+    @classmethod
+    def start(
+        cls,
+        model: ModelLike,
+        inputs: Mapping[str, np.ndarray] | None = None,
+        *,
+        batch_size: int = 2,
+        seed: int = 0,
+        context: Callable[[], contextlib.AbstractContextManager] | None = None,
+        guard: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ) -> KerasReference:
+        """Run ``model`` on ``inputs`` in a background thread; return at once.
+
+        ``inputs`` by input name; by default ``make_sample_inputs(model,
+        batch_size, seed=seed)``, what validation would generate. On JAX the pass
+        compiles for their shapes while a second thread makes them. The whole run
+        happens inside ``context()`` (a progress display), the Keras pass itself
+        inside ``guard()`` (which may turn its errors into the caller's).
+        """
+        reference = cls.__new__(cls)
+        reference.generated, reference.batch_size = inputs is None, batch_size
+        reference._inputs = concurrent.futures.Future()
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        reference._outputs = pool.submit(
+            reference._run, prepare(model), inputs, batch_size, seed, context, guard
+        )
+        pool.shutdown(wait=False)
+        return reference
+
+    @property
+    def inputs(self) -> dict[str, np.ndarray]:
+        """The inputs (generated ones once they are made)."""
+        return self._inputs.result()
+
+    def outputs(self) -> list[np.ndarray]:
+        """The outputs, once the run is done; its error if Keras failed."""
+        return self._outputs.result()
+
+    def _run(
+        self,
+        prepared: PreparedModel,
+        given: Mapping[str, np.ndarray] | None,
+        batch_size: int,
+        seed: int,
+        context: Callable[[], contextlib.AbstractContextManager] | None,
+        guard: Callable[[], contextlib.AbstractContextManager] | None,
+    ) -> list[np.ndarray]:
+        with context() if context is not None else contextlib.nullcontext():
+            try:
+                if given is None:
+                    inputs = self._make(prepared, batch_size, seed)
+                else:
+                    inputs = dict(given)
+                    self._inputs.set_result(inputs)
+            except BaseException as error:
+                if not self._inputs.done():
+                    self._inputs.set_exception(error)
+                raise
+            with guard() if guard is not None else contextlib.nullcontext():
+                return call_model(prepared, inputs)
+
+    def _make(self, prepared: PreparedModel, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+        """Generated inputs, available to :attr:`inputs` as soon as they are made; on
+        JAX the pass compiles for their shapes meanwhile (XLA compiles without the
+        GIL, and making them may run the layers before the first BatchNormalization:
+        the input-domain probe)."""
+
+        def make() -> dict[str, np.ndarray]:
+            inputs = make_sample_inputs(prepared, batch_size, seed=seed)
+            self._inputs.set_result(inputs)  # onnxruntime can run on them meanwhile
+            return inputs
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            made = pool.submit(make)
+            prepare_call(prepared, batch_size)
+            return made.result()
 
 
 @dataclasses.dataclass

@@ -2,28 +2,46 @@
 
 :func:`make_sample_inputs` is the one generator of made-up inputs (validation,
 the fold self-check, the fallback exporter, the CLI); :func:`normalize_inputs`
-checks user inputs against the model; :func:`call_model` runs the model on them.
+checks user inputs against the model; :func:`call_model` runs the model on them
+(on JAX, compiled whole, ahead of time with :func:`prepare_call`). Each takes a
+``keras.Model`` or the run's :class:`~.prepared.PreparedModel`, whose inputs'
+names, shapes and value ranges (:mod:`.prepared`) they read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
 import numpy as np
 from keras import tree
 
+from keras_bn import _keras_internals as internals
 from keras_bn.converters import graph as graph_lib
 from keras_bn.converters.errors import UserInputError
+from keras_bn.converters.prepared import (
+    FLOAT_DOMAINS,
+    NORMALIZATION_DOMAIN,
+    ModelLike,
+    domain_details,
+    input_domains,
+    normalization_statistics,
+    prepare,
+)
 
 __all__ = [
+    "FLOAT_DOMAINS",
+    "NORMALIZATION_DOMAIN",
     "UNKNOWN_DIMENSION_SIZE",
     "VALIDATION_SAMPLES",
     "describe_generated_inputs",
     "call_model",
+    "input_domains",
     "make_sample_inputs",
     "normalize_inputs",
+    "prepare_call",
     "sample_arrays",
     "sample_specs",
     "with_input_shapes",
@@ -36,24 +54,6 @@ UNKNOWN_DIMENSION_SIZE = 32  # generated inputs use this size for unknown non-ba
 # validate_onnx keeps its own default batch sizes.
 VALIDATION_SAMPLES = 16
 _INTEGER_HIGH = 10  # integer inputs no Embedding reads: uniform in [0, this)
-
-# The value ranges a float input may be in: standard normal (the default), or one of
-# the usual image conventions. A trained model says which one it was trained on
-# through its first BatchNormalization's moving statistics (see _domain_by_statistics).
-FLOAT_DOMAINS: dict[str, Any] = {
-    "standard normal": lambda rng, shape: rng.standard_normal(size=shape),
-    "uniform 0..255 (pixels)": lambda rng, shape: rng.uniform(0.0, 255.0, size=shape),
-    "uniform -128..128 (centred pixels)": lambda rng, shape: rng.uniform(-128.0, 128.0, size=shape),
-    "uniform -1..1": lambda rng, shape: rng.uniform(-1.0, 1.0, size=shape),
-    "uniform 0..1": lambda rng, shape: rng.uniform(0.0, 1.0, size=shape),
-}
-NORMALIZATION_DOMAIN = "normal with the leading Normalization layer's mean and variance"
-# The input-domain probe's samples per domain: enough for this many values per
-# channel at the first BatchNormalization, at most _PROBE_BATCH. One 224x224 image
-# gives ResNet50's first BN 12,544 values per channel; four samples of a small
-# input, five times the work, would add nothing but time (BENCHMARKS.md appendix).
-_PROBE_VALUES = 4096
-_PROBE_BATCH = 4
 
 
 def with_input_shapes(
@@ -97,43 +97,8 @@ def with_input_shapes(
     return wrapper
 
 
-def call_model(model: keras.Model, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """The Keras model's outputs (inference mode) on named inputs, flattened."""
-    graph = graph_lib.flatten(model)
-    return graph_lib.call_model(model, [inputs[name] for name in graph.input_names])
-
-
-def _rescaling_range(tensor: graph_lib.Tensor) -> tuple[float, str] | None:
-    """``(high, why)`` when a Rescaling layer that shrinks reads the input: inputs are
-    ``uniform 0..high``, the range it maps onto ``[0, 1]`` (offset >= 0) or onto
-    ``[offset, -offset]`` (a negative offset: ``1/127.5, -1`` maps 0..255 onto -1..1)."""
-    for consumer in tensor.consumers:
-        layer = consumer.layer
-        if not isinstance(layer, keras.layers.Rescaling):
-            continue
-        scale = np.abs(np.asarray(graph_lib.to_numpy(layer.scale), np.float64))
-        offset = np.asarray(graph_lib.to_numpy(layer.offset), np.float64)
-        if not scale.size or not np.all(np.isfinite(scale)) or not np.all(np.isfinite(offset)):
-            continue
-        largest, shift = float(scale.max()), float(offset.mean()) if offset.size else 0.0
-        if not 0.0 < largest < 1.0:
-            continue  # not a shrinking rescale: it says nothing about a range
-        high = -2.0 * shift / largest if shift < 0 else 1.0 / largest
-        low_out, high_out = (shift, -shift) if shift < 0 else (shift, shift + 1.0)
-        why = (
-            f"the model's Rescaling(scale={largest:.4g}, offset={shift:g}) maps "
-            f"0..{high:.4g} onto {low_out:g}..{high_out:g}"
-        )
-        return high, why
-    return None
-
-
-def _uniform(high: float):
-    return lambda rng, shape: rng.uniform(0.0, high, size=shape)
-
-
 def make_sample_inputs(
-    model: keras.Model, batch_size: int = 1, seed: int = 0
+    model: ModelLike, batch_size: int = 1, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """Random inputs for every model input, keyed by input name.
 
@@ -155,13 +120,15 @@ def make_sample_inputs(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserInputError(f"batch_size must be a positive integer; received {batch_size!r}.")
-    return sample_arrays(graph_lib.flatten(model), batch_size, seed)
+    prepared = prepare(model)
+    return _arrays(prepared.graph, prepared.domain_details, batch_size, seed)
 
 
 def sample_specs(
-    graph: graph_lib.Graph, batch_size: int = 1
+    model: ModelLike | graph_lib.Graph, batch_size: int = 1
 ) -> list[tuple[tuple[int, ...], np.dtype]]:
-    """The ``(shape, dtype)`` of each array :func:`sample_arrays` makes, in input order."""
+    """The ``(shape, dtype)`` of each array :func:`make_sample_inputs` makes, in input order."""
+    graph = model if isinstance(model, graph_lib.Graph) else prepare(model).graph
     return [
         (
             (batch_size,)
@@ -176,15 +143,20 @@ def sample_arrays(
     graph: graph_lib.Graph, batch_size: int = 1, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """:func:`make_sample_inputs` for a flattened graph."""
+    return _arrays(graph, domain_details(graph), batch_size, seed)
+
+
+def _arrays(
+    graph: graph_lib.Graph, domains: Mapping[str, tuple], batch_size: int, seed: int
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    domains = _input_domains(graph)
     inputs = {}
     for tensor, name, (shape, dtype) in zip(
         graph.inputs, graph.input_names, sample_specs(graph, batch_size), strict=True
     ):
         array: np.ndarray
         if dtype.kind == "f":
-            normalization = _normalization_statistics(tensor)
+            normalization = normalization_statistics(tensor)
             if normalization is not None:
                 mean, std = normalization
                 array = mean + std * rng.standard_normal(size=shape)
@@ -213,7 +185,7 @@ def _integer_high(tensor: graph_lib.Tensor) -> int:
 
 def describe_generated_inputs(graph: graph_lib.Graph, count: int) -> str:
     """How :func:`make_sample_inputs` makes ``count`` samples, and why, in one line."""
-    domains = _input_domains(graph)
+    domains = domain_details(graph)
     parts = []
     for tensor, name in zip(graph.inputs, graph.input_names, strict=True):
         kind = np.dtype(tensor.dtype).kind
@@ -233,11 +205,11 @@ def describe_generated_inputs(graph: graph_lib.Graph, count: int) -> str:
     )
 
 
-def normalize_inputs(model: keras.Model, inputs: Any) -> dict[str, np.ndarray]:
+def normalize_inputs(model: ModelLike, inputs: Any) -> dict[str, np.ndarray]:
     """User inputs (a dict by input name, a list in input order, or one array) checked
     against the model's inputs, keyed by input name, cast to their dtypes."""
-    graph = graph_lib.flatten(model)
-    names = graph.input_names
+    specs = prepare(model).inputs
+    names = [spec.name for spec in specs]
     if isinstance(inputs, Mapping):
         missing = [name for name in names if name not in inputs]
         extra = [name for name in inputs if name not in names]
@@ -256,140 +228,134 @@ def normalize_inputs(model: keras.Model, inputs: Any) -> dict[str, np.ndarray]:
             f"received {len(arrays)} input arrays; expected {len(names)} ({names})."
         )
     result = {}
-    for tensor, name, array in zip(graph.inputs, names, arrays, strict=True):
+    for spec, array in zip(specs, arrays, strict=True):
         array = np.asarray(array)
-        expected = tensor.shape
+        expected = spec.shape
         if array.ndim != len(expected) or any(
             size is not None and size != actual
             for size, actual in zip(expected[1:], array.shape[1:], strict=True)
         ):
             raise UserInputError(
-                f"input {name!r} has shape {array.shape}; expected {expected} (None: any size)."
+                f"input {spec.name!r} has shape {array.shape}; expected {expected} (None: any "
+                "size)."
             )
         if array.shape[0] < 1:
-            raise UserInputError(f"input {name!r} is empty; pass at least one sample.")
-        result[name] = array.astype(np.dtype(tensor.dtype), copy=False)
+            raise UserInputError(f"input {spec.name!r} is empty; pass at least one sample.")
+        result[spec.name] = array.astype(np.dtype(spec.dtype), copy=False)
     return result
 
 
-def input_domains(graph: graph_lib.Graph) -> dict[str, str]:
-    """The domain generated values take, per float input name (a ``FLOAT_DOMAINS``
-    entry, ``uniform 0..HIGH`` for a Rescaling's range, or ``NORMALIZATION_DOMAIN``)."""
-    return {name: domain for name, (domain, _, _) in _input_domains(graph).items()}
+# --------------------------------------------------------------------------------------
+# Running the model.
 
 
-def _input_domains(graph: graph_lib.Graph) -> dict[str, tuple[str, str, Any]]:
-    """``(domain, why, sampler)`` per float input name, from what the model says:
-    a Rescaling's scale and offset, a Normalization's statistics, the first
-    BatchNormalization's moving statistics; else standard normal."""
-    domains = {}
-    for tensor, name in zip(graph.inputs, graph.input_names, strict=True):
-        if np.dtype(tensor.dtype).kind != "f":
-            continue
-        rescaling = _rescaling_range(tensor)
-        if rescaling is not None:
-            high, why = rescaling
-            pixels = np.isclose(high, 255.0)
-            domain = "uniform 0..255 (pixels)" if pixels else f"uniform 0..{high:.4g}"
-            domains[name] = (domain, why, _uniform(high))
-        elif _normalization_statistics(tensor) is not None:
-            domains[name] = (
-                NORMALIZATION_DOMAIN,
-                "the model's Normalization layer reads it",
-                FLOAT_DOMAINS["standard normal"],  # sample_arrays applies the statistics
-            )
-        else:
-            found = _domain_by_statistics(graph) if len(graph.inputs) == 1 else None
-            if found is not None:
-                bn = _first_batch_norm(graph)
-                why = (
-                    "of the usual input ranges, the one whose statistics at the first "
-                    f"BatchNormalization ({bn.layer.name if bn else '?'}) best match its "
-                    "moving statistics"
-                )
-                domains[name] = (found, why, FLOAT_DOMAINS[found])
-            else:
-                why = (
-                    "nothing in the model gives its range: no Rescaling, Normalization "
-                    "or trained BatchNormalization statistics"
-                )
-                domains[name] = ("standard normal", why, FLOAT_DOMAINS["standard normal"])
-    return domains
+def call_model(model: ModelLike, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """The Keras model's outputs (inference mode) on ``inputs`` (arrays by input name),
+    as NumPy arrays, flattened in the order of the model's outputs.
 
-
-def _first_batch_norm(graph: graph_lib.Graph) -> graph_lib.Node | None:
-    for node in graph.nodes:
-        if isinstance(node.layer, keras.layers.BatchNormalization):
-            return node
-    return None
-
-
-def _domain_by_statistics(graph: graph_lib.Graph) -> str | None:
-    """The float domain whose statistics at the first BN best match its moving ones.
-
-    None when there is no BN, its statistics are the initial ones (mean 0, variance
-    1: nothing was learnt), or the probe cannot run (unknown sizes, a layer that
-    fails eagerly).
+    On JAX the pass runs as one compiled XLA program per input shape (see
+    :func:`prepare_call`); a model whose Python ``call`` jax.jit cannot trace runs
+    eagerly.
     """
-    bn = _first_batch_norm(graph)
-    if bn is None or any(size is None for size in graph.inputs[0].shape[1:]):
-        return None
-    layer = bn.layer
-    mean = np.asarray(graph_lib.to_numpy(layer.moving_mean), np.float64).reshape(-1)
-    variance = np.asarray(graph_lib.to_numpy(layer.moving_variance), np.float64).reshape(-1)
-    if np.all(mean == 0.0) and np.all(variance == 1.0):
-        return None
-    rank = len(bn.inputs[0].shape)
-    axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
-    kept = sorted(a % rank for a in axes)
-    reduced = tuple(a for a in range(rank) if a not in kept)
-    positions = int(np.prod([bn.inputs[0].shape[a] or 1 for a in reduced if a != 0]))
-    batch = min(_PROBE_BATCH, -(-_PROBE_VALUES // positions))
-    shape = (batch, *graph.inputs[0].shape[1:])
-    dtype = np.dtype(graph.inputs[0].dtype)
-    # Every domain's probe in one batch: one eager pass (on JAX, one compile per op).
-    probes = [
-        np.asarray(sample(np.random.default_rng(0), shape), dtype)
-        for sample in FLOAT_DOMAINS.values()
+    prepared = prepare(model)
+    keras_model = prepared.model
+    functional = internals.functional_of(keras_model)
+    arrays = [inputs[name] for name in prepared.input_names]
+    structure = tree.pack_sequence_as(internals.inputs_struct(functional), arrays)
+    outputs = None
+    if keras.backend.backend() == "jax":
+        try:
+            outputs = _compiled_forward(keras_model)(structure)
+        except Exception:  # Python in a layer's call that jax.jit cannot trace
+            outputs = None
+    if outputs is None:
+        outputs = keras_model(structure, training=False)
+    return [keras.ops.convert_to_numpy(output) for output in tree.flatten(outputs)]
+
+
+def prepare_call(model: ModelLike, batch_size: int) -> None:
+    """Get :func:`call_model` ready for :func:`make_sample_inputs`'s inputs of
+    ``batch_size`` samples: on JAX, compile the model's pass for their shapes now (a
+    thread can do it while the inputs are being made); nothing on other backends. A
+    model that cannot be compiled is left to :func:`call_model`, which says why."""
+    if keras.backend.backend() != "jax":
+        return
+    import jax
+
+    prepared = prepare(model)
+    functional = internals.functional_of(prepared.model)
+    avals = [
+        jax.ShapeDtypeStruct(tuple(shape), dtype)
+        for shape, dtype in sample_specs(prepared, batch_size)
     ]
+    structure = tree.pack_sequence_as(internals.inputs_struct(functional), avals)
     try:
-        everything = graph_lib.value_of(
-            graph,
-            {graph.input_names[0]: np.concatenate(probes)},
-            bn.inputs[0],
-            until=lambda node: node is bn,
-        )
-    except Exception:  # a layer that will not run eagerly here: no opinion
-        return None
-    if everything.shape[:1] != (batch * len(probes),):
-        return None  # a layer mixes the batch up (a Reshape over it): no opinion
-    scores = {}
-    for index, domain in enumerate(FLOAT_DOMAINS):
-        x = everything[index * batch : (index + 1) * batch]
-        batch_mean = x.mean(axis=reduced, dtype=np.float64).reshape(-1)
-        batch_variance = x.var(axis=reduced, dtype=np.float64).reshape(-1)
-        if batch_mean.shape != mean.shape or not np.all(np.isfinite(batch_variance)):
-            return None
-        epsilon = float(layer.epsilon)
-        scores[domain] = float(
-            np.mean(np.abs(np.log((batch_variance + epsilon) / (variance + epsilon))))
-            + np.mean(np.abs(batch_mean - mean) / np.sqrt(variance + epsilon))
-        )
-    return min(scores, key=lambda domain: scores[domain])
+        _compiled_forward(prepared.model).compile(structure)
+    except Exception:  # call_model falls back to running it eagerly
+        pass
 
 
-def _normalization_statistics(tensor: graph_lib.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(mean, std)`` broadcastable to the input, when a Normalization layer reads it."""
-    for consumer in tensor.consumers:
-        layer = consumer.layer
-        if not isinstance(layer, keras.layers.Normalization) or getattr(layer, "invert", False):
-            continue
-        mean, variance = getattr(layer, "mean", None), getattr(layer, "variance", None)
-        if mean is None or variance is None:
-            return None
-        mean = np.asarray(keras.ops.convert_to_numpy(mean), np.float64)
-        variance = np.asarray(keras.ops.convert_to_numpy(variance), np.float64)
-        if mean.ndim > len(tensor.shape) or not np.all(np.isfinite(variance)):
-            return None
-        return mean, np.sqrt(np.maximum(variance, 0.0))
-    return None
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# A quick compile: XLA's backend optimizations cost more compile time than they save
+# on the few samples a check or validation runs.
+_QUICK_XLA_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+class _CompiledForward:
+    """On JAX: the model's inference pass compiled as one XLA program per input
+    shape (kept as long as the model lives), as ``model.predict`` does.
+
+    Called eagerly, JAX compiles every operation on its own, several times slower
+    than compiling the pass whole (BENCHMARKS.md).
+    """
+
+    def __init__(self, model: keras.Model) -> None:
+        import jax
+
+        ref: Callable[[], Any] = weakref.ref(model)  # the cache must not keep the model alive
+
+        def call(trainable: list, non_trainable: list, inputs: Any) -> Any:
+            outputs, _ = ref().stateless_call(trainable, non_trainable, inputs, training=False)
+            return outputs
+
+        self._model = ref
+        self._plain = jax.jit(call)
+        try:
+            self._jitted = jax.jit(call, compiler_options=_QUICK_XLA_OPTIONS)
+        except TypeError:  # a JAX before compiler_options
+            self._jitted = self._plain
+        self._executables: dict[Any, Any] = {}
+
+    def _state(self) -> tuple[list, list]:
+        live = self._model()
+        return (
+            [v.value for v in live.trainable_variables],
+            [v.value for v in live.non_trainable_variables],
+        )
+
+    @staticmethod
+    def _key(structure: Any) -> Any:
+        return tuple((tuple(x.shape), str(x.dtype)) for x in tree.flatten(structure))
+
+    def compile(self, structure: Any) -> Any:
+        """The executable for inputs shaped like ``structure`` (arrays or avals)."""
+        key = self._key(structure)
+        executable = self._executables.get(key)
+        if executable is None:
+            trainable, non_trainable = self._state()
+            try:
+                executable = self._jitted.lower(trainable, non_trainable, structure).compile()
+            except Exception:  # an XLA without the quick option: its default compile
+                executable = self._plain.lower(trainable, non_trainable, structure).compile()
+            self._executables[key] = executable
+        return executable
+
+    def __call__(self, structure: Any) -> Any:
+        return self.compile(structure)(*self._state(), structure)
+
+
+def _compiled_forward(model: keras.Model) -> _CompiledForward:
+    forward = _COMPILED.get(model)
+    if forward is None:
+        forward = _COMPILED[model] = _CompiledForward(model)
+    return forward

@@ -752,27 +752,46 @@ def _compare(
         sizes = {}
         for marker in read:
             second_marker = unknown_sizes[1][positions[marker]]
-            # Where the operation's own input has that size on one axis, the size is
-            # read there (the data the operation reshapes); else from the one input
-            # of the call with that size that the operation depends on.
-            found = [
-                (tensor, axis)
-                for tensor, other in zip(a.input_tensors, b.input_tensors, strict=True)
-                for axis, (size, size_b) in enumerate(zip(tensor.shape, other.shape, strict=True))
-                if size == marker and size_b == second_marker
-            ]
-            if len({(id(tensor), axis) for tensor, axis in found}) != 1:
-                candidates = [
-                    (index, axis)
-                    for index, axis in markers[marker]
-                    if len(markers[marker]) == 1 or index in inputs
-                ]
-                if len({(id(first.sources[i]), axis) for i, axis in candidates}) != 1:
-                    raise fail(f"{where} (one of several inputs' sizes)")
-                found = [(placeholders[candidates[0][0]], candidates[0][1])]
-            sizes[marker] = found[0]
+            source = _size_source(marker, second_marker, a, b, inputs, markers, first, placeholders)
+            if source is None:
+                raise fail(f"{where} (one of several inputs' sizes)")
+            sizes[marker] = source
         if sizes:
             first.unknown_sizes[id(a.operation)] = sizes
+
+
+def _size_source(
+    marker: int,
+    second_marker: int,
+    a: Any,
+    b: Any,
+    inputs: set[int],
+    markers: dict[int, list[tuple[int, int]]],
+    first: TracedCall,
+    placeholders: list[Any],
+) -> tuple[Any, int] | None:
+    """Where the operation recorded as ``a`` (``b`` in the second recording) reads the
+    unknown size ``marker`` (``second_marker`` in the second recording): ``(tensor,
+    axis)``, or None when several inputs could
+    hold it. Where the operation's own input has that size on one axis, the size is
+    read there (the data the operation reshapes); else from the one input of the
+    call with that size (``markers``: ``(input index, axis)`` by size) that the
+    operation depends on (``inputs``: the indices of the inputs it depends on)."""
+    found = [
+        (tensor, axis)
+        for tensor, other in zip(a.input_tensors, b.input_tensors, strict=True)
+        for axis, (size, size_b) in enumerate(zip(tensor.shape, other.shape, strict=True))
+        if size == marker and size_b == second_marker
+    ]
+    if len({(id(tensor), axis) for tensor, axis in found}) == 1:
+        return found[0]
+    carriers = markers[marker]
+    candidates = [
+        (index, axis) for index, axis in carriers if len(carriers) == 1 or index in inputs
+    ]
+    if len({(id(first.sources[i]), axis) for i, axis in candidates}) != 1:
+        return None
+    return placeholders[candidates[0][0]], candidates[0][1]
 
 
 def _attributes(operation: Any) -> dict[str, Any]:

@@ -71,7 +71,8 @@ from keras_bn.converters.onnx.metadata import (
     decode_layer_map,
 )
 from keras_bn.converters.options import INPUT_LAYOUTS, PRECISIONS
-from keras_bn.converters.reference import Doubtful, rejudge_against_float64
+from keras_bn.converters.prepared import ModelLike, PreparedModel, prepare
+from keras_bn.converters.reference import Doubtful, KerasReference, rejudge_against_float64
 from keras_bn.converters.samples import (
     call_model,
     describe_generated_inputs,
@@ -85,6 +86,7 @@ __all__ = [
     "OutputComparison",
     "LayerComparison",
     "ValidationReport",
+    "KerasReference",
     "validate_onnx",
     "make_sample_inputs",
     "compare_arrays",
@@ -406,7 +408,7 @@ def _onnx_values(onnx_model: Any, matched: list, feed: Mapping[str, np.ndarray])
 
 
 def _localize(
-    model: keras.Model,
+    model: PreparedModel,
     onnx_model: Any,
     inputs: Mapping[str, np.ndarray],
     feed: Mapping[str, np.ndarray],
@@ -423,7 +425,7 @@ def _localize(
                 "(it was not exported by keras-bn)"
             ),
         )
-    graph = graph_lib.flatten(model)
+    graph = model.graph
     matched = _matched_values(graph, onnx_model, layer_map)
     if not matched:
         return None, [], "cannot localize: no layer of this model appears in the ONNX layer map"
@@ -506,7 +508,7 @@ def _layer_comparison(
 
 
 def validate_onnx(
-    model: keras.Model,
+    model: ModelLike,
     path: str | os.PathLike,
     *,
     inputs: Any = None,
@@ -517,12 +519,13 @@ def validate_onnx(
     input_layout: str | None = None,
     seed: int = 0,
     precision: str | None = None,
-    keras_outputs: Sequence[np.ndarray] | concurrent.futures.Future | None = None,
+    reference: KerasReference | None = None,
 ) -> ValidationReport:
     """Compare the ONNX model at ``path`` with the Keras ``model`` in onnxruntime.
 
     Args:
-        model: the original Keras model (before folding), run in inference mode.
+        model: the original Keras model (before folding; or the run's
+            :class:`~.prepared.PreparedModel` of it), run in inference mode.
         path: the exported ``.onnx`` file.
         inputs: arrays to compare on (a dict by input name, a list in input order,
             or one array); they are used as given and, when their batch is larger
@@ -533,12 +536,10 @@ def validate_onnx(
             slowest part of validation) short. Default ``(1, 2)``; for int8
             ``(1, INT8_TOP1_MIN_SAMPLES)``, enough samples to judge top-1 agreement.
 
-            When the ONNX model's batch dimension is fixed (exported with
-            ``batch_size=N``), onnxruntime accepts only batches of N: ``batch_sizes``
-            is ignored and generated inputs have N samples; user inputs are run in
-            consecutive chunks of N, the last chunk filled up with the first samples
-            (so fewer than N samples are repeated), and every sample is compared
-            once (each comparison's ``batch_size`` is N).
+            A fixed ONNX batch size N (``batch_size=N`` at export) overrides them:
+            generated inputs have N samples; user inputs run in consecutive chunks
+            of N, the last one filled up with the first samples, and every sample
+            is compared once (each comparison's ``batch_size`` is N).
         atol, rtol: an element passes when ``|onnx - keras| <= atol + rtol * |keras|``.
             Given (either one), this is the verdict. Left None (the default), the
             defaults ``DEFAULT_ATOL``/``DEFAULT_RTOL`` decide only outright passes and
@@ -554,10 +555,9 @@ def validate_onnx(
             float16 and int8 outputs are all judged against the float64 run (their
             criteria have no outright pass), and a failing one is not localized (the
             layer comparison is float32's; validate the float32 export to localize).
-        keras_outputs: the Keras model's outputs on ``inputs`` (flattened, as
-            :func:`.samples.call_model` returns them) when the caller has them
-            already, or a ``Future`` of them (awaited while onnxruntime opens the
-            file): validation does not run Keras on ``inputs`` again. Needs ``inputs``.
+        reference: Keras's run of ``model`` (a :class:`.reference.KerasReference`,
+            awaited while onnxruntime opens the file): compared on its inputs, as on
+            given ``inputs``, without running Keras again. Not with ``inputs``.
 
     Returns:
         A :class:`ValidationReport` (truthy iff every output passed).
@@ -567,41 +567,58 @@ def validate_onnx(
     atol = DEFAULT_ATOL if atol is None else atol
     rtol = DEFAULT_RTOL if rtol is None else rtol
     _check_arguments(path, inputs, batch_sizes, atol, rtol, input_layout, precision)
-    if keras_outputs is not None and inputs is None:
-        raise UserInputError("keras_outputs are the model's outputs on inputs: pass inputs too.")
+    if reference is not None and inputs is not None:
+        raise UserInputError("reference holds its inputs: pass inputs or reference, not both.")
+    prepared = prepare(model)
     if precision is None:
         precision = _detect_precision(path)
     if batch_sizes is None:
         batch_sizes = (1, INT8_TOP1_MIN_SAMPLES) if precision == "int8" else (1, 2)
-    runs = _run_both(model, path, inputs, batch_sizes, input_layout, seed, keras_outputs)
+    runs = _run_both(prepared, path, inputs, batch_sizes, input_layout, seed, reference)
     # float16/int8 outputs are never exact: every one is judged by its criterion.
     outright = None if explicit else (OUTRIGHT if precision == "float32" else -1.0)
-    comparisons, failing_batch, doubtful = _compare_outputs(model, runs, atol, rtol, outright)
+    comparisons, failing_batch, doubtful = _compare_outputs(prepared, runs, atol, rtol, outright)
     report = ValidationReport(str(path), float(atol), float(rtol), comparisons, precision=precision)
     count = int(next(iter(runs.full.values())).shape[0])
+    generated = inputs is None and (reference is None or reference.generated)
     report.inputs = (
-        describe_generated_inputs(graph_lib.flatten(model), count)
-        if inputs is None
+        describe_generated_inputs(prepared.graph, count)
+        if generated
         else f"given, {count} sample(s)"
     )
     if doubtful:
-        names = graph_lib.flatten(model).input_names
+        arrays = [runs.full[name] for name in prepared.input_names]
         report.exact_note = rejudge_against_float64(
-            model, [runs.full[name] for name in names], comparisons, doubtful, precision
+            prepared.model, arrays, comparisons, doubtful, precision
         )
-    if precision != "float32" and not explicit and not report.passed and localize:
+    if localize and not report.passed:
+        _explain_failure(report, prepared, path, failing_batch, explicit)
+    return report
+
+
+def _explain_failure(
+    report: ValidationReport,
+    prepared: PreparedModel,
+    path: Path,
+    failing_batch: tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]] | None,
+    explicit: bool,
+) -> None:
+    """Name the first divergent layer of a failed validation (float32 criteria only)."""
+    if report.precision != "float32" and not explicit:
         report.localization = (
             f"not localized: layer outputs are compared at float32 tolerances; validate "
-            f"the float32 export to find a converter bug, or see the {precision} numbers above"
+            f"the float32 export to find a converter bug, or see the {report.precision} "
+            "numbers above"
         )
-    elif failing_batch is not None and localize and not report.passed:
+    elif failing_batch is not None:
         import onnx
 
-        first, layers, note = _localize(model, onnx.load(str(path)), *failing_batch, atol, rtol)
+        first, layers, note = _localize(
+            prepared, onnx.load(str(path)), *failing_batch, report.atol, report.rtol
+        )
         report.first_divergent_layer = first
         report.layers = layers
         report.localization = note
-    return report
 
 
 def _detect_precision(path: Path) -> str:
@@ -664,15 +681,18 @@ class _Runs:
 
 
 def _run_both(
-    model: keras.Model,
+    model: PreparedModel,
     path: Path,
     inputs: Any,
     batch_sizes: Sequence[int],
     input_layout: str | None,
     seed: int,
-    keras_outputs: Sequence[np.ndarray] | concurrent.futures.Future | None = None,
+    reference: KerasReference | None = None,
 ) -> _Runs:
-    """Run Keras and onnxruntime on the same inputs (generated, or the user's)."""
+    """Run Keras (unless ``reference`` has) and onnxruntime on the same inputs
+    (generated, the user's, or the reference's)."""
+    if reference is not None:
+        inputs = reference.inputs
     if inputs is None:  # generated again below if the ONNX batch is fixed at another size
         full = make_sample_inputs(model, max(batch_sizes), seed=seed)
     else:
@@ -683,12 +703,10 @@ def _run_both(
         # reference (both release the GIL): BENCHMARKS.md appendix for what it saves.
         onnx_side = pool.submit(_open_and_run, path, full, sizes, input_layout)
         # once; each check compares a prefix
-        if keras_outputs is None:
+        if reference is None:
             full_expected = call_model(model, full)
-        elif isinstance(keras_outputs, concurrent.futures.Future):
-            full_expected = keras_outputs.result()
         else:
-            full_expected = [np.asarray(output) for output in keras_outputs]
+            full_expected = reference.outputs()
         session, fixed, input_layout, planned, ran = onnx_side.result()
     if ran is None:  # a fixed ONNX batch size: generate inputs of that size instead
         assert fixed is not None  # _open_and_run runs nothing only for a fixed batch
@@ -706,7 +724,7 @@ def _run_both(
 
 
 def _compare_outputs(
-    model: keras.Model, runs: _Runs, atol: float, rtol: float, outright: float | None
+    model: PreparedModel, runs: _Runs, atol: float, rtol: float, outright: float | None
 ) -> tuple[
     list[OutputComparison],
     tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]] | None,

@@ -38,6 +38,7 @@ MIRROR = {
     "converters/__init__.py": "test_package.py",
     "converters/graph.py": "graph/test_graph.py",
     "converters/tracing.py": "graph/test_tracing.py",
+    "converters/prepared.py": "graph/test_prepared.py",
     "converters/folding/__init__.py": "folding/test_folding.py",
     "converters/folding/maths.py": "folding/test_folding_math.py",
     "converters/folding/plan.py": "folding/test_folding.py",

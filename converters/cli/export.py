@@ -124,7 +124,7 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
         from keras_bn.converters.samples import with_input_shapes
 
         model = with_input_shapes(model, input_shapes)
-    flat = steps.preflight(model, run)
+    model = steps.preflight(model, run)  # flattened once, passed on
     inputs = steps.load_inputs(args.inputs, model, "Inputs file")
     calibration = steps.load_inputs(args.calibration, model, "Calibration file")
     check_batch_norm_statistics(  # before the Keras pass below: it swaps statistics
@@ -134,7 +134,7 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
         what="the ONNX model will be faithful to them",
     )
     # Keras runs the model on validation's inputs while the exporter works.
-    reference = steps.KerasReference(
+    reference = steps.keras_reference(
         model,
         run,
         inputs if inputs is not None else calibration,
@@ -152,7 +152,7 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
         final, precision_report = _convert_precision(
             work / output.name, work, args, run, inputs=inputs, calibration=calibration
         )
-        _describe_export(result, final, output, run, flat)
+        _describe_export(result, final, output, run, model.graph)
         _describe_precision(precision_report, output, args, run)
         if args.no_validate:
             reference.outputs()  # still the check that Keras can run the model

@@ -35,20 +35,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def fold_command(args: argparse.Namespace, run: Run) -> int:
     """Fold BN into neighbouring layers and save the folded Keras model."""
     output = check_output(args, ".keras")
-    model = steps.load_model(args, run)
-    flat = steps.preflight(model, run)
+    model = steps.preflight(steps.load_model(args, run), run)  # flattened once, passed on
     inputs = steps.load_inputs(args.inputs, model, "Inputs file")
-    steps.KerasReference(model, run, inputs).outputs()  # Keras can run it at all
     described = "" if inputs is None else f"given, {_count(inputs)} sample(s) from {args.inputs}"
-    if inputs is None and not args.no_validate:
-        from keras_bn.converters.samples import (
-            VALIDATION_SAMPLES,
-            describe_generated_inputs,
-            make_sample_inputs,
-        )
+    reference = steps.keras_reference(model, run, inputs)
+    reference.outputs()  # Keras can run it at all
+    if inputs is None and not args.no_validate:  # the reference's generated inputs
+        from keras_bn.converters.samples import describe_generated_inputs
 
-        inputs = make_sample_inputs(model, VALIDATION_SAMPLES, seed=0)
-        described = describe_generated_inputs(flat, VALIDATION_SAMPLES)
+        inputs = reference.inputs
+        described = describe_generated_inputs(model.graph, reference.batch_size)
     from keras_bn.converters.folding import fold_batch_norms
 
     with run.progress.step("Folding BatchNormalization"):
@@ -78,9 +74,9 @@ def _count(inputs) -> int:
 def _compare_folded(
     model, folded, inputs, described: str, args: argparse.Namespace, run: Run
 ) -> bool:
-    """Compare the folded Keras model with the original, as validation compares ONNX."""
+    """Compare the folded Keras model with the original (prepared), as validation
+    compares ONNX."""
     from keras_bn.converters.comparison import DEFAULT_ATOL, DEFAULT_RTOL, OUTRIGHT, compare_arrays
-    from keras_bn.converters.graph import flatten
     from keras_bn.converters.reference import Doubtful, rejudge_against_float64
     from keras_bn.converters.samples import call_model
 
@@ -103,8 +99,8 @@ def _compare_folded(
         ]
         note = ""
         if doubtful:
-            arrays = [inputs[name] for name in flatten(model).input_names]
-            note = rejudge_against_float64(model, arrays, comparisons, doubtful)
+            arrays = [inputs[name] for name in model.input_names]
+            note = rejudge_against_float64(model.model, arrays, comparisons, doubtful)
     passed = all(c.passed for c in comparisons)
     outputs: list[Any] = [as_dict(c) for c in comparisons]
     run.report["validation"] = {

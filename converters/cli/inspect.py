@@ -24,11 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def inspect_command(args: argparse.Namespace, run: Run) -> int:
     """The model's BN layers, their statistics and the fold plan."""
     model = steps.load_model(args, run)
-    flat = steps.preflight(model, run)
+    prepared = steps.preflight(model, run)
+    flat = prepared.graph
     from keras_bn.converters.folding import plan_folds
 
     with run.progress.step("Planning folds"):
-        plan = plan_folds(model)
+        plan = plan_folds(prepared)
     batch_norms = _batch_norm_statistics(flat)
     layer_counts: dict[str, int] = {}
     for node in flat.nodes:
@@ -47,7 +48,7 @@ def inspect_command(args: argparse.Namespace, run: Run) -> int:
     )
     _describe(model, flat, layer_counts, batch_norms, run)
     run.text.append(plan.format(verbose=args.verbose, planned=True))
-    check_batch_norm_statistics(model, run, args.data, what="inference uses them")
+    check_batch_norm_statistics(prepared, run, args.data, what="inference uses them")
     run.summary += [
         ["batch norms", str(len(batch_norms))],
         ["would fold", str(plan.folded_count)],

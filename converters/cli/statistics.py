@@ -23,6 +23,10 @@ def check_batch_norm_statistics(model: Any, run: Run, data: str | None, *, what:
     """
     from keras_bn._batch_norm_state import batch_norm_layers
     from keras_bn.converters import statistics_check
+    from keras_bn.converters.prepared import prepare
+
+    prepared = prepare(model)  # the run's own when it is given one: not flattened again
+    model = prepared.model
 
     if not batch_norm_layers(model):
         return
@@ -32,9 +36,8 @@ def check_batch_norm_statistics(model: Any, run: Run, data: str | None, *, what:
         run.summary.append(["BN statistics", "not checked (no data: --data FILE)"])
         return
     from keras_bn.converters.data_sources import open_data
-    from keras_bn.converters.model_io import model_input_specs
 
-    source = open_data(data, model_input_specs(model))
+    source = open_data(data, [(spec.name, spec.shape) for spec in prepared.inputs])
     with run.progress.step("Checking BatchNormalization statistics against the data"):
         try:
             check = statistics_check.check_statistics(model, source)

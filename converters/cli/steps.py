@@ -26,7 +26,7 @@ from keras_bn.converters.errors import UserInputError
 __all__ = [
     "load_model",
     "preflight",
-    "KerasReference",
+    "keras_reference",
     "load_inputs",
     "keras_feed",
     "to_onnx_layout",
@@ -97,127 +97,81 @@ def load_model(args: argparse.Namespace, run: Run):
 def preflight(model, run: Run, *, check_statistics: bool = True):
     """Check the model can be converted at all: a layer graph and sane BN statistics.
 
-    Whether Keras can run it is :class:`KerasReference`'s check."""
-    from keras_bn.converters import graph
+    Returns the run's :class:`~keras_bn.converters.prepared.PreparedModel`: the
+    model flattened once, which every later step takes. Whether Keras can run it
+    is :func:`keras_reference`'s check."""
     from keras_bn.converters.folding import check_batch_norm_statistics
+    from keras_bn.converters.prepared import prepare
 
     try:
-        flat = graph.flatten(model)
+        prepared = prepare(model)
     except ValueError as error:  # subclassed model, unbuilt Sequential
         raise UserInputError(" ".join(str(error).split())) from None
     if check_statistics:
         with run.progress.step("Checking BatchNormalization statistics"):
             check_batch_norm_statistics(model)
-    return flat
+    return prepared
 
 
-class KerasReference:
-    """Keras's outputs on the validation inputs, computed in a background thread.
+def keras_reference(
+    prepared,
+    run: Run,
+    inputs: dict[str, Any] | None,
+    batch: int | None = None,
+    label: str = "Running the model once in Keras",
+):
+    """Keras's outputs on the validation inputs, computed in a background thread
+    (:meth:`~keras_bn.converters.reference.KerasReference.start`).
 
     The command's one Keras pass is both the check that Keras can run the model at
     all (a file that loads but whose model cannot run - a stride of 10^12, a config
-    edited by hand - is the file's problem, not a bug in keras-bn) and validation's
-    reference. It runs while the main thread folds and exports, which need only the
-    weights: XLA compilation, TensorFlow kernels and NumPy release the GIL, so on two
-    cores the pass costs little wall time. Generating the inputs is part of it: on
-    JAX the pass compiles for their shapes while a second thread makes them
-    (:attr:`inputs` has them from then on, for onnxruntime), then it runs
-    (BENCHMARKS.md appendix for each part's time).
+    edited by hand - is the file's problem, not a bug in keras-bn: one line) and
+    validation's reference. It runs while the main thread folds and exports, which
+    need only the weights, and is timed as a background step.
 
     ``inputs`` are the user's (Keras layout, by input name); by default generated:
     ``make_sample_inputs(model, batch, seed=0)``, ``batch`` defaulting to
     ``samples.VALIDATION_SAMPLES``.
     """
+    from keras_bn.converters.reference import KerasReference
+    from keras_bn.converters.samples import VALIDATION_SAMPLES
 
-    def __init__(
-        self,
-        model,
-        run: Run,
-        inputs: dict[str, Any] | None,
-        batch: int | None = None,
-        label: str = "Running the model once in Keras",
-    ) -> None:
-        import concurrent.futures
+    batch_size = VALIDATION_SAMPLES if batch is None else batch
+    where = f"Model file {run.report.get('model', {}).get('path', '')!r}"
+    step = run.progress.background(label)
 
-        if batch is None:
-            from keras_bn.converters.samples import VALIDATION_SAMPLES
-
-            batch = VALIDATION_SAMPLES
-        self.generated = inputs is None  # made here: validation's report describes them
-        self.batch = batch
-
-        where = f"Model file {run.report.get('model', {}).get('path', '')!r}"
-        step = run.progress.background(label)
-        self._inputs: concurrent.futures.Future = concurrent.futures.Future()
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        self.future = pool.submit(self._call, model, inputs, batch, where, step)
-        pool.shutdown(wait=False)
-
-    @property
-    def inputs(self) -> dict[str, Any]:
-        """The inputs the pass runs on (generated ones once they are made)."""
-        return self._inputs.result()
-
-    def _call(self, model, given, batch: int, where: str, step) -> list:
-        import concurrent.futures
-
-        from keras_bn.converters import graph
+    @contextlib.contextmanager
+    def guard() -> Iterator[None]:
         from keras_bn.converters.model_io import tensorflow_code_error
-        from keras_bn.converters.samples import call_model, make_sample_inputs, sample_specs
         from keras_bn.converters.user_files import guarded
 
-        def make() -> dict[str, Any]:
-            inputs = make_sample_inputs(model, batch, seed=0)
-            self._inputs.set_result(inputs)  # onnxruntime can run on them meanwhile
-            return inputs
-
-        with step:
+        with guarded(where, "loads, but Keras cannot run it", "re-save it from the model's code"):
             try:
-                if given is None:
-                    # Compile for the generated inputs' shapes while they are made:
-                    # XLA compiles without the GIL, and making them runs the layers
-                    # before the first BatchNormalization (the input-domain probe).
-                    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-                        made = pool.submit(make)
-                        graph.prepare_call(model, sample_specs(graph.flatten(model), batch))
-                        given = made.result()
-                else:
-                    self._inputs.set_result(given)
-            except BaseException as error:
-                if not self._inputs.done():
-                    self._inputs.set_exception(error)
+                yield
+            except Exception as error:
+                mismatch = tensorflow_code_error(error, where)
+                if mismatch is not None:
+                    raise mismatch from None
                 raise
-            with guarded(
-                where, "loads, but Keras cannot run it", "re-save it from the model's code"
-            ):
-                try:
-                    return call_model(model, given)
-                except Exception as error:
-                    mismatch = tensorflow_code_error(error, where)
-                    if mismatch is not None:
-                        raise mismatch from None
-                    raise
 
-    def outputs(self) -> list:
-        """The outputs, once the pass is done; its error (one line) if Keras failed."""
-        return self.future.result()
+    return KerasReference.start(
+        prepared, inputs, batch_size=batch_size, seed=0, context=lambda: step, guard=guard
+    )
 
 
-def load_inputs(path: str | None, model, what: str) -> dict[str, Any] | None:
-    """Arrays from an ``.npz`` file, keyed by model input name and checked against it."""
+def load_inputs(path: str | None, prepared, what: str) -> dict[str, Any] | None:
+    """Arrays from an ``.npz`` file, keyed by model input name and checked against the
+    prepared model's inputs."""
     if path is None:
         return None
     from keras_bn.converters.model_io import load_inputs as load
-    from keras_bn.converters.model_io import model_input_specs
 
-    return load(path, model_input_specs(model), what=what)
+    return load(path, [(spec.name, spec.shape) for spec in prepared.inputs], what=what)
 
 
-def keras_feed(model, inputs: dict[str, Any]) -> Any:
+def keras_feed(prepared, inputs: dict[str, Any]) -> Any:
     """Inputs keyed by name -> what ``model(...)`` takes (array or list in input order)."""
-    from keras_bn.converters.model_io import model_input_specs
-
-    arrays = [inputs[name] for name, _ in model_input_specs(model)]
+    arrays = [inputs[name] for name in prepared.input_names]
     return arrays[0] if len(arrays) == 1 else arrays
 
 
@@ -248,7 +202,7 @@ def validate_onnx(
     rtol: float | None,
     precision: str = "float32",
     shown_path: Path | None = None,
-    reference: KerasReference | None = None,
+    reference=None,
     exported_here: bool = False,
     inputs_note: str | None = None,
 ) -> bool:
@@ -266,8 +220,7 @@ def validate_onnx(
 
     kwargs: dict[str, Any] = {"input_layout": input_layout, "precision": precision}
     if reference is not None:
-        kwargs["inputs"] = reference.inputs
-        kwargs["keras_outputs"] = reference.future
+        kwargs["reference"] = reference
     elif inputs is not None:
         kwargs["inputs"] = inputs
     if atol is not None:
@@ -296,13 +249,15 @@ def validate_onnx(
     return passed
 
 
-def _describe_inputs(model, reference: KerasReference | None, inputs: Any) -> str:
+def _describe_inputs(prepared, reference, inputs: Any) -> str:
     """What validation compared on: generated (how, why, how many) or given."""
     if reference is not None and reference.generated:
-        from keras_bn.converters import graph
+        from keras_bn.converters.prepared import prepare
         from keras_bn.converters.samples import describe_generated_inputs
 
-        return describe_generated_inputs(graph.flatten(model), reference.batch)
+        return describe_generated_inputs(prepare(prepared).graph, reference.batch_size)
+    if reference is not None:
+        inputs = reference.inputs
     if inputs is None:
         return ""  # validate_onnx generated them and said so
     count = int(len(next(iter(inputs.values()))))

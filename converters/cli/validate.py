@@ -32,13 +32,12 @@ def validate_command(args: argparse.Namespace, run: Run) -> int:
 
     onnx_path = Path(args.onnx[0])
     onnx_model = load_onnx(onnx_path)  # checked before Keras: size, tensors, external data
-    model = steps.load_model(args, run)
-    steps.preflight(model, run, check_statistics=False)
+    model = steps.preflight(steps.load_model(args, run), run, check_statistics=False)
     inputs = steps.load_inputs(args.inputs, model, "Inputs file")
     # Keras's pass (the check that it can run the model) is validation's reference;
     # it runs while onnxruntime opens the file.
     detected, recorded_layout = onnx_facts(onnx_model)
-    reference = steps.KerasReference(
+    reference = steps.keras_reference(
         model, run, inputs, batch=_generated_batch(onnx_model, detected)
     )
     run.report["onnx"] = str(onnx_path)
@@ -50,7 +49,7 @@ def validate_command(args: argparse.Namespace, run: Run) -> int:
         onnx_path,
         run,
         input_layout=input_layout,
-        inputs=inputs,
+        inputs=None,  # the reference's
         atol=args.atol,
         rtol=args.rtol,
         precision=detected,

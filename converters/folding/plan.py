@@ -29,6 +29,7 @@ from keras_bn.converters.folding.rules import (
     layer_affine,
     variables_by_name,
 )
+from keras_bn.converters.prepared import ModelLike, prepare
 
 __all__ = [
     "Plan",
@@ -294,15 +295,16 @@ def _fold_forward(target: graph_lib.Node, weights: Weights, scale, offset) -> We
 
 
 def make_plan(
-    model: keras.Model,
+    model: ModelLike,
     backward: bool,
     batch_norm_variables: dict[int, dict[str, np.ndarray]] | None = None,
     trace: Callable[[Any], bool] | None = None,
 ) -> Plan:
     """The fold decisions; ``batch_norm_variables`` as from :func:`checked_statistics`;
     ``trace`` as for :func:`~keras_bn.converters.graph.flatten` (the layers whose
-    calls are traced, so that BNs inside them fold too)."""
-    graph = graph_lib.flatten(model, trace)
+    calls are traced, so that BNs inside them fold too): the plan reads the prepared
+    model's graph for it (:meth:`~keras_bn.converters.prepared.PreparedModel.traced`)."""
+    graph = prepare(model).traced(trace)
     plan = Plan(graph, [], {}, set())
     batch_norms = [n for n in graph.nodes if isinstance(n.layer, keras.layers.BatchNormalization)]
     folded: dict[int, FoldEntry] = {}
@@ -398,11 +400,12 @@ def _batch_norms_inside_calls(graph: graph_lib.Graph) -> list[FoldEntry]:
     return entries
 
 
-def plan_folds(model: keras.Model, *, backward: bool = True) -> FoldReport:
+def plan_folds(model: ModelLike, *, backward: bool = True) -> FoldReport:
     """Decide which BatchNormalization calls would fold, without building a model.
 
     The same decisions and float16 risks as :func:`fold_batch_norms`;
     ``max_abs_diff`` is None.
     """
-    result = make_plan(model, backward)
-    return FoldReport(model.name, result.entries, result.fp16_risks())
+    prepared = prepare(model)
+    result = make_plan(prepared, backward)
+    return FoldReport(prepared.name, result.entries, result.fp16_risks())

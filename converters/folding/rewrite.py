@@ -25,6 +25,7 @@ from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.folding import maths
 from keras_bn.converters.folding.plan import Plan, checked_statistics, make_plan
 from keras_bn.converters.folding.report import FoldReport
+from keras_bn.converters.prepared import ModelLike, prepare
 from keras_bn.converters.samples import sample_arrays
 
 __all__ = ["fold_batch_norms", "fold_graph", "folded_graph"]
@@ -98,7 +99,7 @@ def folded_graph(plan: Plan) -> graph_lib.Graph:
 
 
 def fold_graph(
-    model: keras.Model,
+    model: ModelLike,
     *,
     backward: bool = True,
     trace: Callable[[Any], bool] | None = None,
@@ -113,8 +114,9 @@ def fold_graph(
     :func:`~keras_bn.converters.graph.flatten`: a BN inside a traced layer folds
     into the Conv/Dense before it in that layer.
     """
-    plan = make_plan(model, backward, checked_statistics(model), trace)
-    report = FoldReport(model.name, plan.entries, plan.fp16_risks())
+    prepared = prepare(model)
+    plan = make_plan(prepared, backward, checked_statistics(prepared.model), trace)
+    report = FoldReport(prepared.name, plan.entries, plan.fp16_risks())
     report.measured_on = "not measured (folded while exporting)"
     return folded_graph(plan), report
 
@@ -264,7 +266,7 @@ def _generated_inputs(graph: graph_lib.Graph) -> Any:
 
 
 def fold_batch_norms(
-    model: keras.Model,
+    model: ModelLike,
     *,
     backward: bool = True,
     sample_inputs: Any = None,
@@ -307,7 +309,9 @@ def fold_batch_norms(
             "expected measure=True with sample_inputs, or no sample_inputs. "
             "Received: measure=False and sample_inputs"
         )
-    plan = make_plan(model, backward, checked_statistics(model))
+    prepared = prepare(model)
+    model = prepared.model
+    plan = make_plan(prepared, backward, checked_statistics(model))
     folded = _rebuild(folded_graph(plan))
     report = FoldReport(model.name, plan.entries, plan.fp16_risks())
     if not measure:

@@ -53,6 +53,7 @@ from keras_bn.converters.onnx.writing import (
     write_weights,
 )
 from keras_bn.converters.options import INPUT_LAYOUTS
+from keras_bn.converters.prepared import ModelLike, PreparedModel, prepare
 from keras_bn.converters.samples import with_input_shapes
 
 __all__ = [
@@ -538,7 +539,7 @@ def _finish(
 
 
 def export_onnx(
-    model: Any,
+    model: ModelLike,
     path: str | os.PathLike,
     *,
     opset: int | None = None,
@@ -552,7 +553,8 @@ def export_onnx(
     """Export a built Sequential/Functional Keras model to an ONNX file.
 
     Args:
-        model: the Keras model (not modified). An unfolded BatchNormalization is
+        model: the Keras model (not modified), or the run's
+            :class:`~keras_bn.converters.prepared.PreparedModel` of it. An unfolded BatchNormalization is
             exported as Mul+Add, with a warning where it follows a foldable layer:
             pass ``fold=True``, or export ``fold_batch_norms``'s model.
         path: the ``.onnx`` file to write (atomically; an existing file is replaced).
@@ -585,31 +587,15 @@ def export_onnx(
     opset = _check_opset(opset)
     _check_arguments(input_layout, batch_size)
     path = Path(path)
-    fold_report = None
-    if input_shapes:
-        model = with_input_shapes(model, input_shapes)
-    try:
-        if fold:
-            graph, fold_report = fold_graph(model, trace=needs_tracing)
-        else:
-            graph = graph_lib.flatten(model, needs_tracing)
-    except ValueError as error:  # a subclassed model, an unbuilt Sequential
-        raise UserInputError(str(error)) from error
+    if input_shapes:  # a wrapper with those sizes (a new model: prepared anew)
+        model = with_input_shapes(prepare(model).model, input_shapes)
+    prepared, graph, fold_report = _graph_to_export(model, fold)
     try:
         onnx_model, weights = _build(graph, opset, input_layout, batch_size)
     except UnsupportedLayersError as error:
         if not fallback:
             raise
-        warnings.warn(
-            f"{len(error.layers)} layer(s) have no native ONNX rule: {'; '.join(error.layers)}. "
-            "Falling back to Keras's own exporter (fallback=True).",
-            ExportWarning,
-            stacklevel=2,
-        )
-        if fold:
-            model, fold_report = fold_batch_norms(model, measure=False)
-        result = _export_with_keras(model, path, opset, graph.input_names, start)
-        return dataclasses.replace(result, fold_report=fold_report)
+        return _fall_back(error, prepared, path, opset, start, fold=fold)
     found_warnings, location = _finish(
         onnx_model, weights, path, graph.input_names, external_data=external_data
     )
@@ -623,6 +609,46 @@ def export_onnx(
         used_fallback=False,
         external=location,
     )
+    return dataclasses.replace(result, fold_report=fold_report)
+
+
+def _graph_to_export(
+    model: ModelLike, fold: bool
+) -> tuple[PreparedModel, graph_lib.Graph, FoldReport | None]:
+    """The prepared model, the graph to export (traced where a layer has no rule;
+    folded with ``fold``) and the fold report."""
+    try:
+        prepared = prepare(model)
+        if fold:
+            graph, fold_report = fold_graph(prepared, trace=needs_tracing)
+            return prepared, graph, fold_report
+        return prepared, prepared.traced(needs_tracing), None
+    except ValueError as error:  # a subclassed model, an unbuilt Sequential
+        raise UserInputError(str(error)) from error
+
+
+def _fall_back(
+    error: UnsupportedLayersError,
+    prepared: PreparedModel,
+    path: Path,
+    opset: int,
+    start: float,
+    *,
+    fold: bool,
+) -> ExportResult:
+    """Keras's own exporter, for a model with layers that have no rule (folded first
+    with ``fold``)."""
+    warnings.warn(
+        f"{len(error.layers)} layer(s) have no native ONNX rule: {'; '.join(error.layers)}. "
+        "Falling back to Keras's own exporter (fallback=True).",
+        ExportWarning,
+        stacklevel=3,
+    )
+    model: ModelLike = prepared
+    fold_report = None
+    if fold:
+        model, fold_report = fold_batch_norms(prepared, measure=False)
+    result = _export_with_keras(model, path, opset, prepared.input_names, start)
     return dataclasses.replace(result, fold_report=fold_report)
 
 
@@ -656,7 +682,7 @@ def _result(
 
 
 def _export_with_keras(
-    model: Any, path: Path, opset: int, input_names: Sequence[str], start: float
+    model: ModelLike, path: Path, opset: int, input_names: Sequence[str], start: float
 ) -> ExportResult:
     """Keras's own exporter (TensorFlow tracing + tf2onnx), checked like ours."""
     import importlib.util
@@ -670,9 +696,11 @@ def _export_with_keras(
         )
     from keras_bn.converters.samples import call_model, make_sample_inputs
 
-    call_model(model, make_sample_inputs(model, 1, seed=0))  # Keras refuses never-called models
+    prepared = prepare(model)
+    # Keras refuses never-called models
+    call_model(prepared, make_sample_inputs(prepared, 1, seed=0))
     with atomic_output(path) as temporary:
-        model.export(str(temporary), format="onnx", verbose=False, opset_version=opset)
+        prepared.model.export(str(temporary), format="onnx", verbose=False, opset_version=opset)
         onnx_model = onnx.load(str(temporary), load_external_data=False)
         report = check_structure(onnx_model, input_names)
         messages = [*report.errors, *report.warnings]

@@ -1325,7 +1325,7 @@ def _rescaled_cnn(scale: float, offset: float = 0.0) -> keras.Model:
 
 def test_rescaling_model_is_validated_on_its_range_and_says_so(tmp_path, capsys, monkeypatch):
     """A CNN behind Rescaling(1/16) reads 0..16: validation runs there and says so."""
-    from keras_bn.converters import samples
+    from keras_bn.converters import reference, samples
 
     _rescaled_cnn(1 / 16).save(tmp_path / "digits.keras")
     made = []
@@ -1335,7 +1335,7 @@ def test_rescaling_model_is_validated_on_its_range_and_says_so(tmp_path, capsys,
         made.append(real(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(samples, "make_sample_inputs", recording)
+    monkeypatch.setattr(reference, "make_sample_inputs", recording)  # the Keras pass's
     argv = ["export", tmp_path / "digits.keras", "-o", tmp_path / "d.onnx"]
     code, out, err = run_main(argv, capsys)
     assert code == 0, err

@@ -94,26 +94,3 @@ def test_unbuilt_sequential_and_subclassed_models_are_rejected():
 
     with pytest.raises(ValueError, match="subclassed model"):
         graph_lib.flatten(Sub())
-
-
-def test_a_call_compiled_ahead_runs_the_model_on_jax(run_python):
-    """prepare_call compiles the JAX pass for the input shapes before the inputs exist;
-    call_model then runs that program (no second compile) and gives Keras's outputs."""
-    code = """
-import numpy as np, keras
-from keras_bn.converters import graph
-x = keras.Input((8, 8, 3))
-h = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(x))
-model = keras.Model(x, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(h)))
-graph.prepare_call(model, [((2, 8, 8, 3), np.float32)])
-forward = graph._compiled_forward(model)
-assert len(forward._executables) == 1
-images = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
-ours = graph.call_model(model, [images])[0]
-assert len(forward._executables) == 1, "compiled again"
-expected = keras.ops.convert_to_numpy(model(images, training=False))
-np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
-graph.call_model(model, [images[:1]])  # another shape: its own program
-assert len(forward._executables) == 2
-"""
-    run_python(["-c", code], env={"KERAS_BACKEND": "jax"})

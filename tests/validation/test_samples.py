@@ -8,6 +8,7 @@ from support.models import calibrate_batch_norms
 from keras_bn.converters.graph import flatten
 from keras_bn.converters.samples import (
     FLOAT_DOMAINS,
+    call_model,
     describe_generated_inputs,
     input_domains,
     make_sample_inputs,
@@ -114,3 +115,40 @@ def test_generated_inputs_are_described_per_input():
     assert "table: standard normal (nothing in the model gives its range" in text
     x = make_sample_inputs(model, 400, seed=0)
     assert x["ids"].max() == 49 and x["flags"].max() == 9
+
+
+def test_a_call_compiled_ahead_runs_the_model_on_jax(run_python):
+    """prepare_call compiles the JAX pass for the sample inputs' shapes before the
+    inputs exist; call_model then runs that program (no second compile) and gives
+    Keras's outputs."""
+    code = """
+import numpy as np, keras
+from keras_bn.converters import samples
+from keras_bn.converters.prepared import prepare
+x = keras.Input((8, 8, 3), name="image")
+h = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(x))
+model = keras.Model(x, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(h)))
+prepared = prepare(model)
+samples.prepare_call(prepared, 2)
+forward = samples._compiled_forward(model)
+assert len(forward._executables) == 1
+images = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+ours = samples.call_model(prepared, {"image": images})[0]
+assert len(forward._executables) == 1, "compiled again"
+expected = keras.ops.convert_to_numpy(model(images, training=False))
+np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+samples.call_model(model, {"image": images[:1]})  # another shape: its own program
+assert len(forward._executables) == 2
+"""
+    run_python(["-c", code], env={"KERAS_BACKEND": "jax"})
+
+
+def test_call_model_takes_inputs_by_name_in_any_order():
+    first, second = keras.Input((3,), name="first"), keras.Input((2,), name="second")
+    model = keras.Model([first, second], [L.Concatenate()([first, second]), L.Dense(1)(second)])
+    a, b = np.ones((2, 3), "float32"), np.full((2, 2), 2.0, "float32")
+    concatenated, dense = call_model(model, {"second": b, "first": a})
+    np.testing.assert_array_equal(concatenated, np.concatenate([a, b], axis=1))
+    np.testing.assert_allclose(
+        dense, keras.ops.convert_to_numpy(model([a, b], training=False)[1]), rtol=1e-6
+    )

@@ -17,6 +17,7 @@ from support.models import randomize_batch_norms
 
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.onnx.export import ExportWarning, export_onnx
+from keras_bn.converters.reference import KerasReference
 from keras_bn.converters.validation import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
@@ -237,30 +238,27 @@ def test_user_inputs_in_every_form(tmp_path):
         validate_onnx(model, tmp_path / "m.onnx", inputs=images[:, :4])
 
 
-def test_keras_outputs_given_are_the_reference(tmp_path):
-    """Outputs the caller computed (or a Future of them) stand in for Keras's pass:
-    the right ones give the same verdict and errors, wrong ones fail."""
-    import concurrent.futures
-
+def test_a_keras_reference_given_is_the_reference(tmp_path):
+    """Outputs the caller computed (or is computing in the background) stand in for
+    Keras's pass: the right ones give the same verdict and errors, wrong ones fail."""
     model = _conv_bn_model()
     _export(model, tmp_path / "m.onnx")
     images = np.random.default_rng(6).standard_normal((2, 8, 8, 3)).astype("float32")
     computed = validate_onnx(model, tmp_path / "m.onnx", inputs=images)
     outputs = [np.asarray(keras.ops.convert_to_numpy(model(images, training=False)))]
-    future: concurrent.futures.Future = concurrent.futures.Future()
-    future.set_result(outputs)
-    for reference in (outputs, future):
-        report = validate_onnx(model, tmp_path / "m.onnx", inputs=images, keras_outputs=reference)
+    computed_already = KerasReference({"image": images}, outputs)
+    started = KerasReference.start(model, {"image": images})
+    for reference in (computed_already, started):
+        report = validate_onnx(model, tmp_path / "m.onnx", reference=reference)
         assert report.passed
         assert [c.max_abs_error for c in report.comparisons] == [
             c.max_abs_error for c in computed.comparisons
         ]
-    wrong = [outputs[0] + 1.0]  # compared as given (the float64 rejudge would clear the file)
-    assert not validate_onnx(
-        model, tmp_path / "m.onnx", inputs=images, keras_outputs=wrong, atol=1e-4, rtol=1e-3
-    )
-    with pytest.raises(UserInputError, match="pass inputs too"):
-        validate_onnx(model, tmp_path / "m.onnx", keras_outputs=outputs)
+    # Compared as given (the float64 rejudge would clear the file).
+    wrong = KerasReference({"image": images}, [outputs[0] + 1.0])
+    assert not validate_onnx(model, tmp_path / "m.onnx", reference=wrong, atol=1e-4, rtol=1e-3)
+    with pytest.raises(UserInputError, match="not both"):
+        validate_onnx(model, tmp_path / "m.onnx", inputs=images, reference=computed_already)
 
 
 def test_fixed_batch_export_validates_at_its_own_batch_size(tmp_path):
