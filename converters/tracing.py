@@ -642,13 +642,24 @@ def _record(
         marker = next(marker for marker in markers if size % marker == 0)
         return placeholders[markers[marker][0][0]]
 
-    checks = (
-        internals.input_checks_ignoring(lambda size: _is_unknown_size(size, unknown))
-        if markers
-        else contextlib.nullcontext()
-    )
     try:
-        with (
+        with _recording(unknown, markers, anchor):
+            outputs = call(*symbolic_args, **symbolic_kwargs)
+    except Exception as error:  # noqa: BLE001 - any failure is the layer's, reported as one
+        raise TraceError(_describe(what, error)) from error
+    return _traced_call(what, name, outputs, placeholders, sources), markers
+
+
+@contextlib.contextmanager
+def _recording(
+    unknown: tuple[int, ...],
+    markers: dict[int, list[tuple[int, int]]],
+    anchor: Callable[[int], Any],
+) -> Iterator[None]:
+    """Everything a recording patches: Keras's symbolic call as the trace needs it,
+    and, with unknown sizes (``markers``), what reads them."""
+    with contextlib.ExitStack() as stack:
+        for context in (
             internals.symbolic_variable_arithmetic(),
             internals.symbolic_equality(),
             internals.none_outputs_recorded(),
@@ -658,16 +669,20 @@ def _record(
             internals.backend_arrays_defer_to_symbolic(),
             _functions_recorded(),
             _einsum_dense_shapes_known(),
-            (
-                _unknown_sized_results_recorded(unknown, anchor)
-                if markers
-                else contextlib.nullcontext()
-            ),
-            checks,
         ):
-            outputs = call(*symbolic_args, **symbolic_kwargs)
-    except Exception as error:  # noqa: BLE001 - any failure is the layer's, reported as one
-        raise TraceError(_describe(what, error)) from error
+            stack.enter_context(context)
+        if markers:
+            stack.enter_context(_unknown_sized_results_recorded(unknown, anchor))
+            stack.enter_context(
+                internals.input_checks_ignoring(lambda size: _is_unknown_size(size, unknown))
+            )
+        yield
+
+
+def _traced_call(
+    what: str, name: str, outputs: Any, placeholders: list[Any], sources: list[Any]
+) -> TracedCall:
+    """The recording of a call that returned ``outputs`` from ``placeholders``."""
     flat = [x for x in tree.flatten(outputs) if x is not None]
     tensors = [x for x in flat if _is_symbolic(x)]
     if not flat:
@@ -680,7 +695,7 @@ def _record(
             f"a number ({type(error).__name__}: {_first_line(error)})"
         ) from error
     if not tensors:  # every output computed from weights or constants (a RoPE table)
-        return TracedCall(None, sources, flat), markers
+        return TracedCall(None, sources, flat)
     try:
         model = keras.Model(placeholders, tensors, name=f"{name}_traced")
     except Exception as error:  # noqa: BLE001
@@ -688,7 +703,7 @@ def _record(
             f"tracing {what}: the recorded calls do not form a graph "
             f"({type(error).__name__}: {_first_line(error)})"
         ) from error
-    return TracedCall(model, sources, flat), markers
+    return TracedCall(model, sources, flat)
 
 
 def _compare(

@@ -566,9 +566,7 @@ def validate_onnx(
     explicit = atol is not None or rtol is not None
     atol = DEFAULT_ATOL if atol is None else atol
     rtol = DEFAULT_RTOL if rtol is None else rtol
-    _check_arguments(path, inputs, batch_sizes, atol, rtol, input_layout, precision)
-    if reference is not None and inputs is not None:
-        raise UserInputError("reference holds its inputs: pass inputs or reference, not both.")
+    _check_arguments(path, inputs, batch_sizes, atol, rtol, input_layout, precision, reference)
     prepared = prepare(model)
     if precision is None:
         precision = _detect_precision(path)
@@ -579,13 +577,7 @@ def validate_onnx(
     outright = None if explicit else (OUTRIGHT if precision == "float32" else -1.0)
     comparisons, failing_batch, doubtful = _compare_outputs(prepared, runs, atol, rtol, outright)
     report = ValidationReport(str(path), float(atol), float(rtol), comparisons, precision=precision)
-    count = int(next(iter(runs.full.values())).shape[0])
-    generated = inputs is None and (reference is None or reference.generated)
-    report.inputs = (
-        describe_generated_inputs(prepared.graph, count)
-        if generated
-        else f"given, {count} sample(s)"
-    )
+    report.inputs = _describe_inputs(prepared, runs, inputs, reference)
     if doubtful:
         arrays = [runs.full[name] for name in prepared.input_names]
         report.exact_note = rejudge_against_float64(
@@ -594,6 +586,16 @@ def validate_onnx(
     if localize and not report.passed:
         _explain_failure(report, prepared, path, failing_batch, explicit)
     return report
+
+
+def _describe_inputs(
+    prepared: PreparedModel, runs: Any, inputs: Any, reference: KerasReference | None
+) -> str:
+    """What the comparison ran on: generated (how, why, how many) or given."""
+    count = int(next(iter(runs.full.values())).shape[0])
+    if inputs is None and (reference is None or reference.generated):
+        return describe_generated_inputs(prepared.graph, count)
+    return f"given, {count} sample(s)"
 
 
 def _explain_failure(
@@ -641,7 +643,10 @@ def _check_arguments(
     rtol: float,
     input_layout: str | None,
     precision: str | None,
+    reference: KerasReference | None = None,
 ) -> None:
+    if reference is not None and inputs is not None:
+        raise UserInputError("reference holds its inputs: pass inputs or reference, not both.")
     if precision is not None and precision not in PRECISIONS:
         raise UserInputError(
             f"precision must be one of {', '.join(map(repr, PRECISIONS))}; received {precision!r}."
