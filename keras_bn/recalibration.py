@@ -448,3 +448,80 @@ def _write_statistics(layer, moments, batch_count) -> None:
     count = count_variable(layer)
     if count is not None:
         assign(count, batch_count)
+
+
+# ------------------------------------------------- every layer's input, one pass
+
+
+class _InputRecorder(keras.Model):
+    """``model`` in inference mode, returning its outputs and every BN call's input.
+
+    Run with ``predict_on_batch``, so the engine compiles it (``tf.function``,
+    ``jax.jit``) like any model; the BN inputs are recorded while it is traced.
+    """
+
+    def __init__(self, model):
+        super().__init__(name="batch_norm_inputs")
+        self.inner = model
+        self.calls: list = []  # the BN layer of each recorded input, in call order
+        self.masked: list[bool] = []  # whether each recorded input came with a mask
+        self.built = True
+
+    def call(self, x):
+        self.calls = []
+        recorded = []
+
+        def hook(layer, original, inputs, training, mask):
+            self.calls.append(layer)
+            recorded.append((inputs, mask))
+            return original(inputs, training=False, mask=mask)
+
+        with _CallPatch(batch_norm_layers(self.inner), hook):
+            outputs = self.inner(x, training=False)
+        inputs = [value for value, _ in recorded]
+        masks = [mask for _, mask in recorded if mask is not None]
+        self.masked = [mask is not None for _, mask in recorded]
+        return keras.tree.flatten(outputs), inputs, masks
+
+
+class BatchNormInputs:
+    """Every BN layer's input over data, in one compiled inference pass.
+
+    The model runs in inference mode with every BN layer at its current
+    statistics (unlike :func:`recalibrate_batch_norm`'s sequential passes, no
+    layer is recalibrated before the next is measured), so each layer's moments
+    are those of the input it actually receives. Compiled once by the engine
+    (``predict_on_batch``) and reused by :meth:`outputs`.
+    """
+
+    def __init__(self, model):
+        self.layers = batch_norm_layers(model)
+        self._recorder = _InputRecorder(model)
+
+    def measure(self, batches, on_outputs=None) -> dict[int, RunningMoments]:
+        """``{id(layer): RunningMoments}`` of every BN layer's input over ``batches``.
+
+        ``batches`` is an iterable of model inputs ``x``; ``on_outputs(outputs)``
+        receives each batch's model outputs (a list of NumPy arrays). The moments
+        are float64, merged with Chan's formula; a layer never called has count 0.
+        """
+        moments = {id(layer): RunningMoments(layer.moving_mean.shape) for layer in self.layers}
+        recorder = self._recorder
+        for x in batches:
+            outputs, inputs, masks = recorder.predict_on_batch(x)
+            if on_outputs is not None:
+                on_outputs(list(outputs))
+            masks = iter(masks)
+            for layer, values, masked in zip(recorder.calls, inputs, recorder.masked, strict=True):
+                mask = next(masks) if masked else None
+                moments[id(layer)].merge(*_batch_moments(layer, values, mask))
+        return moments
+
+    def outputs(self, x) -> list[np.ndarray]:
+        """The model's outputs for ``x`` in inference mode, with the current statistics."""
+        return list(self._recorder.predict_on_batch(x)[0])
+
+
+def write_population_statistics(layer, moments) -> None:
+    """Writes ``moments`` (a :class:`RunningMoments`) as ``layer``'s moving statistics."""
+    _write_statistics(layer, moments, int(moments.count.max()))
