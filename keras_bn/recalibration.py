@@ -28,6 +28,7 @@ from keras_bn._batch_norm_state import (
     to_numpy,
     unique_names,
 )
+from keras_bn._replicas import Replicas, replica_id
 from keras_bn.running_moments import RunningMoments
 
 __all__ = ["recalibrate_batch_norm"]
@@ -39,8 +40,19 @@ def _feature_axes(layer, rank: int) -> list[int]:
 
 
 def _batch_moments(layer, inputs, mask):
-    """(count, mean, m2) of one call's input, per channel, shaped like moving_mean."""
-    values = to_numpy(inputs).astype(np.float64)
+    """(count, mean, m2) of one call's input, per channel, shaped like moving_mean.
+
+    A BN input sharded over devices is reduced piece by piece where it lies and
+    the pieces merged (Chan), never gathered whole.
+    """
+    moments = RunningMoments(layer.moving_mean.shape)
+    for values, piece_mask in Replicas.pieces(inputs, mask):
+        moments.merge(*_piece_moments(layer, values, piece_mask))
+    return moments.count, moments.mean, moments.m2
+
+
+def _piece_moments(layer, values, mask):
+    values = np.asarray(values, np.float64)
     rank = values.ndim
     axes = _feature_axes(layer, rank)
     feature_shape = tuple(values.shape[axis] for axis in axes)
@@ -292,10 +304,13 @@ def recalibrate_batch_norm(
     batches = _Batches(data, batch_size, steps)
     saved = {id(layer): [to_numpy(v).copy() for v in layer.variables] for layer in layers}
     try:
+        replicas = Replicas(model)
         if mode == "training":
-            moments, batch_counts = _measure_training_mode(model, layers, batches)
+            moments, batch_counts = _measure_training_mode(model, layers, batches, replicas)
         else:
-            moments, batch_counts = _measure_inference_mode(model, layers, batches, names, verbose)
+            moments, batch_counts = _measure_inference_mode(
+                model, layers, batches, names, verbose, replicas
+            )
         for layer in layers:
             _write_statistics(layer, moments.get(id(layer)), batch_counts.get(id(layer), 0))
     except BaseException:
@@ -343,37 +358,47 @@ class _CallPatch:
         return False
 
 
-def _run(model, x, training):
+def _forward(model, x, training):
     try:
         model(x, training=training)
     except _StopForward:
         pass
 
 
-def _measure_training_mode(model, layers, batches):
+def _run(model, replicas, x, training):
+    """One forward pass over ``x``, split over ``replicas`` when distributed."""
+    replicas.run(lambda part: _forward(model, part, training), x)
+
+
+def _measure_training_mode(model, layers, batches, replicas):
     moments = {id(layer): RunningMoments(layer.moving_mean.shape) for layer in layers}
     batch_counts = {id(layer): 0 for layer in layers}
     state = [(v, to_numpy(v).copy()) for v in model.non_trainable_variables]
+    called = set()
 
     def hook(layer, original, inputs, training, mask):
         moments[id(layer)].merge(*_batch_moments(layer, inputs, mask))
-        batch_counts[id(layer)] += 1
+        called.add(id(layer))
         return original(inputs, training=training, mask=mask)
 
     try:
         with _CallPatch(layers, hook):
             for x in batches:
-                _run(model, x, training=True)
+                called.clear()
+                _run(model, replicas, x, training=True)
+                for key in called:
+                    batch_counts[key] += 1
     finally:
         for variable, value in state:
             variable.assign(value)
+    moments = {key: replicas.merge_hosts(value) for key, value in moments.items()}
     return (
         {key: value for key, value in moments.items() if value.count.max() > 0},
         batch_counts,
     )
 
 
-def _measure_inference_mode(model, layers, batches, names, verbose):
+def _measure_inference_mode(model, layers, batches, names, verbose, replicas):
     """One pass per layer, in call order, upstream layers already recalibrated."""
     batches.cache()
     order, calls_per_forward = [], {}
@@ -389,12 +414,12 @@ def _measure_inference_mode(model, layers, batches, names, verbose):
     if first is None:
         return {}, {}
     with _CallPatch(layers, discover):
-        _run(model, first, training=False)
+        _forward(model, first, training=False)  # unsplit: each call counted once
 
     moments, batch_counts = {}, {}
     for target in order:
         measured, batch_count = _measure_layer(
-            model, layers, batches, target, calls_per_forward[id(target)]
+            model, layers, batches, target, calls_per_forward[id(target)], replicas
         )
         if measured.count.max() > 0:
             moments[id(target)] = measured
@@ -407,27 +432,31 @@ def _measure_inference_mode(model, layers, batches, names, verbose):
     return moments, batch_counts
 
 
-def _measure_layer(model, layers, batches, target, calls_per_forward):
+def _measure_layer(model, layers, batches, target, calls_per_forward, replicas):
     """The moments of ``target``'s input over ``batches``, in inference mode.
 
-    Each forward pass stops once ``target`` has seen all its calls for the batch.
+    Each forward pass (each replica's) stops once ``target`` has seen all its
+    calls for the batch. The moments are merged over the hosts.
     """
     measured = RunningMoments(target.moving_mean.shape)
-    state = {"calls": 0, "batches": 0}
+    calls: dict[int, int] = {}  # per replica
+    batch_count = 0
 
     def hook(layer, original, inputs, training, mask):
         if layer is target:
             measured.merge(*_batch_moments(layer, inputs, mask))
-            state["calls"] += 1
-            if state["calls"] % calls_per_forward == 0:
-                state["batches"] += 1
+            replica = replica_id()
+            calls[replica] = calls.get(replica, 0) + 1
+            if calls[replica] % calls_per_forward == 0:
                 raise _StopForward
         return original(inputs, training=False, mask=mask)
 
     with _CallPatch(layers, hook):
         for x in batches:
-            _run(model, x, training=False)
-    return measured, state["batches"]
+            seen = measured.count.max()
+            _run(model, replicas, x, training=False)
+            batch_count += int(measured.count.max() > seen)
+    return replicas.merge_hosts(measured), batch_count
 
 
 def _write_statistics(layer, moments, batch_count) -> None:
