@@ -4,7 +4,62 @@
 BatchNormalization layer of a model as exact population statistics over a dataset,
 for use after SWA, pruning or fine-tuning. The statistics maths is
 :class:`keras_bn.running_moments.RunningMoments`; this module reads the data,
-routes each layer's inputs to it and writes the results.
+routes each layer's inputs to it and writes the results; under a distribution
+(``keras.distribution`` on JAX, ``tf.distribute`` on TensorFlow) each batch is
+split over the replicas (:mod:`keras_bn._replicas`).
+
+What "exact" means: for each BN layer, ``moving_mean`` and
+``moving_variance`` become the mean and variance of *all* the values its input
+takes over the whole dataset, per channel (over the batch and every
+non-``axis`` dimension, at unmasked positions when a Keras mask reaches the
+layer). They are accumulated in float64 with Chan's parallel merge (the law of
+total variance), so they equal the statistics of the concatenated dataset for
+any batching, an unequal last batch included - not fvcore/PyTorch's average of
+per-batch variances, which omits the spread of the batch means. The variance is
+the population (biased) one, or ``n / (n - 1)`` times it for our layer created
+with ``unbiased_moving_variance=True``, ``n`` being the number of values per
+channel over the dataset (with ``n = 1`` that variance is undefined and the
+channel keeps its moving variance; a channel that received no value, e.g.
+masked everywhere, keeps both statistics).
+
+Every BN layer is recalibrated, frozen ones (``trainable=False``,
+``freeze_statistics=True``) included. The model is called eagerly (layer by
+layer, no compilation), which costs a fixed overhead per call: in
+``"inference"`` mode the statistics do not depend on the batching, so use the
+largest ``batch_size`` memory allows; in ``"training"`` mode the batch size is
+part of the definition (upstream batch statistics), so use the training one. A
+BN layer that never receives data keeps its statistics (a warning names it).
+With ``renorm=True`` the layer's ``moving_stddev`` is set to
+``sqrt(moving_variance + epsilon)`` to stay consistent; for our layer with
+``momentum=None`` the batch count becomes the number of batches used. On any
+error, every BN layer is left as it was.
+
+The two modes of :func:`recalibrate_batch_norm` (``mode``):
+
+- ``"inference"`` (default): sequential recalibration. The layers are
+  recalibrated one at a time in the order the model calls them; the model runs
+  in inference mode (``training=False``: Dropout off, every BN normalizing with
+  its moving statistics), and every BN layer upstream of the one being measured
+  already holds its recalibrated statistics. This is the statistic inference
+  actually uses: afterwards, running the model in inference mode over ``data``,
+  every BN layer's input has mean ``moving_mean`` and variance
+  ``moving_variance`` exactly - the property BN's inference formula (and
+  folding BN into neighbouring layers) assumes. Noise from Dropout and from
+  batch statistics never enters. Cost: one partial pass over ``data`` per BN
+  layer (each pass stops right after the measured layer), so roughly
+  ``number_of_bn_layers / 2`` full forward passes. A shared BN layer is
+  measured over all its calls; where a later call sits downstream of a BN
+  layer not yet recalibrated, that layer still uses its old statistics.
+- ``"training"``: one pass in training mode, as fvcore and PyTorch do: every BN
+  layer normalizes with the batch statistics (so an upstream BN's output, hence
+  a downstream BN's input, depends on the batch composition) and Dropout is
+  active. Much cheaper on deep models; the statistics are those of the
+  training-mode activations the layers were trained with. The variables the
+  forward pass would change (moving statistics, renorm statistics, random seed
+  state) are restored before the new statistics are written. Under a
+  distribution the batch statistics are those of what each replica computes
+  its batch statistics over (TensorFlow: its share of the batch; JAX: the whole
+  batch, and separately a last part that does not split evenly over the devices).
 """
 
 from __future__ import annotations
@@ -198,54 +253,18 @@ def recalibrate_batch_norm(
     weights, replace each BN layer's exponential moving averages by the population
     statistics of its input over ``data``.
 
-    What "exact" means here: for each BN layer, ``moving_mean`` and
-    ``moving_variance`` become the mean and variance of *all* the values its input
-    takes over the whole dataset, per channel (over the batch and every
-    non-``axis`` dimension, at unmasked positions when a Keras mask reaches the
-    layer). They are accumulated in float64 with Chan's parallel merge (the law of
-    total variance), so they equal the statistics of the concatenated dataset for
-    any batching, an unequal last batch included - not fvcore/PyTorch's average of
-    per-batch variances, which omits the spread of the batch means. The variance is
-    the population (biased) one, or ``n / (n - 1)`` times it for our layer created
-    with ``unbiased_moving_variance=True``, ``n`` being the number of values per
-    channel over the dataset (with ``n = 1`` that variance is undefined and the
-    channel keeps its moving variance; a channel that received no value, e.g.
-    masked everywhere, keeps both statistics).
+    Exact: each layer's ``moving_mean`` and ``moving_variance`` become the float64
+    mean and variance of all the values its input takes over ``data``, per channel
+    (masked positions left out), for any batching (the module docstring says more).
 
-    In which mode the inputs are computed (``mode``):
+    In which mode the inputs are computed (``mode``, see the module docstring):
+    ``"inference"`` (default), sequential, one partial pass per BN layer, upstream
+    layers already recalibrated; or ``"training"``, one pass with batch statistics
+    and Dropout active, as fvcore and PyTorch do.
 
-    - ``"inference"`` (default): sequential recalibration. The layers are
-      recalibrated one at a time in the order the model calls them; the model runs
-      in inference mode (``training=False``: Dropout off, every BN normalizing with
-      its moving statistics), and every BN layer upstream of the one being measured
-      already holds its recalibrated statistics. This is the statistic inference
-      actually uses: afterwards, running the model in inference mode over ``data``,
-      every BN layer's input has mean ``moving_mean`` and variance
-      ``moving_variance`` exactly - the property BN's inference formula (and
-      folding BN into neighbouring layers) assumes. Noise from Dropout and from
-      batch statistics never enters. Cost: one partial pass over ``data`` per BN
-      layer (each pass stops right after the measured layer), so roughly
-      ``number_of_bn_layers / 2`` full forward passes. A shared BN layer is
-      measured over all its calls; where a later call sits downstream of a BN
-      layer not yet recalibrated, that layer still uses its old statistics.
-    - ``"training"``: one pass in training mode, as fvcore and PyTorch do: every BN
-      layer normalizes with the batch statistics (so an upstream BN's output, hence
-      a downstream BN's input, depends on the batch composition) and Dropout is
-      active. Much cheaper on deep models; the statistics are those of the
-      training-mode activations the layers were trained with. The variables the
-      forward pass would change (moving statistics, renorm statistics, random seed
-      state) are restored before the new statistics are written.
-
-    Every BN layer is recalibrated, frozen ones (``trainable=False``,
-    ``freeze_statistics=True``) included. The model is called eagerly (layer by
-    layer, no compilation), which costs a fixed overhead per call: in
-    ``"inference"`` mode the statistics do not depend on the batching, so use the
-    largest ``batch_size`` memory allows; in ``"training"`` mode the batch size is
-    part of the definition (upstream batch statistics), so use the training one. A
-    BN layer that never receives data keeps its statistics (a warning names it). With ``renorm=True`` the layer's ``moving_stddev`` is set to
-    ``sqrt(moving_variance + epsilon)`` to stay consistent; for our layer with
-    ``momentum=None`` the batch count becomes the number of batches used. On any
-    error, every BN layer is left as it was.
+    Every BN layer is recalibrated, frozen ones included; a BN layer that never
+    receives data keeps its statistics (a warning names it). On any error, every
+    BN layer is left as it was.
 
     Args:
         model: a built Keras model or layer (Sequential, Functional or subclassed;
@@ -275,25 +294,32 @@ def recalibrate_batch_norm(
     >>> x = np.random.default_rng(0).normal(size=(100, 8)).astype("float32")
     >>> counts = recalibrate_batch_norm(model, x, batch_size=32)  # doctest: +SKIP
     """
-    if mode not in ("inference", "training"):
-        raise ValueError(
-            "Invalid mode for recalibrate_batch_norm: expected 'inference' or "
-            f"'training'. Received: mode={mode!r}"
-        )
-    if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
-        raise ValueError(
-            "Invalid steps for recalibrate_batch_norm: expected a positive integer or "
-            f"None (all batches). Received: steps={steps!r}"
-        )
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(
-            "Invalid batch_size for recalibrate_batch_norm: expected a positive "
-            f"integer. Received: batch_size={batch_size!r}"
-        )
+    _check_arguments(mode, steps, batch_size)
     layers = batch_norm_layers(model)
     names = dict(zip(map(id, layers), unique_names(layers), strict=True))
     if not layers:
         return {}
+    _check_built(layers)
+    batches = _Batches(data, batch_size, steps)
+    moments = _recalibrate(model, layers, batches, mode, names, verbose)
+    result = {}
+    for layer in layers:
+        measured = moments.get(id(layer))
+        count = int(measured.count.max()) if measured is not None else 0
+        result[names[id(layer)]] = count
+        if verbose and mode == "training":
+            print(f"recalibrated {names[id(layer)]}: {count} values per channel")
+    missing = [name for name, count in result.items() if count == 0]
+    if missing:
+        warnings.warn(
+            f"recalibrate_batch_norm: BatchNormalization layers {missing} received no "
+            "data; their moving statistics were left unchanged.",
+            stacklevel=2,
+        )
+    return result
+
+
+def _check_built(layers) -> None:
     unbuilt = [layer.name for layer in layers if layer.moving_mean is None]
     if unbuilt:
         raise ValueError(
@@ -301,7 +327,10 @@ def recalibrate_batch_norm(
             f"{unbuilt} have no weights yet. Call the model on a batch (or build it) "
             "first."
         )
-    batches = _Batches(data, batch_size, steps)
+
+
+def _recalibrate(model, layers, batches, mode, names, verbose):
+    """Measures and writes every layer's statistics; on any error restores them all."""
     saved = {id(layer): [to_numpy(v).copy() for v in layer.variables] for layer in layers}
     try:
         replicas = Replicas(model)
@@ -318,21 +347,25 @@ def recalibrate_batch_norm(
             for variable, value in zip(layer.variables, saved[id(layer)], strict=True):
                 variable.assign(value)
         raise
-    result = {}
-    for layer in layers:
-        measured = moments.get(id(layer))
-        count = int(measured.count.max()) if measured is not None else 0
-        result[names[id(layer)]] = count
-        if verbose and mode == "training":
-            print(f"recalibrated {names[id(layer)]}: {count} values per channel")
-    missing = [name for name, count in result.items() if count == 0]
-    if missing:
-        warnings.warn(
-            f"recalibrate_batch_norm: BatchNormalization layers {missing} received no "
-            "data; their moving statistics were left unchanged.",
-            stacklevel=2,
+    return moments
+
+
+def _check_arguments(mode, steps, batch_size) -> None:
+    if mode not in ("inference", "training"):
+        raise ValueError(
+            "Invalid mode for recalibrate_batch_norm: expected 'inference' or "
+            f"'training'. Received: mode={mode!r}"
         )
-    return result
+    if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
+        raise ValueError(
+            "Invalid steps for recalibrate_batch_norm: expected a positive integer or "
+            f"None (all batches). Received: steps={steps!r}"
+        )
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(
+            "Invalid batch_size for recalibrate_batch_norm: expected a positive "
+            f"integer. Received: batch_size={batch_size!r}"
+        )
 
 
 class _CallPatch:
