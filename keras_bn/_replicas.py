@@ -112,9 +112,9 @@ class Replicas:
 
             if jax.process_count() == 1:
                 return moments
-            from jax.experimental import enable_x64, multihost_utils
+            from jax.experimental import multihost_utils
 
-            with enable_x64():
+            with jax.enable_x64(True):  # float64 moments cross hosts as they are
                 every = np.asarray(multihost_utils.process_allgather(packed))
         elif self.kind == "tensorflow" and _workers(self.strategy) > 1:
             every = self._gather_workers(packed)
