@@ -4,10 +4,13 @@ A BN layer normalizes in inference with its moving statistics; when they do not
 describe the data (a short fine-tune, momentum 0.99 over few steps, small batches,
 SWA, pruning) the model is wrong in inference while every export of it is
 faithful. :func:`check_statistics` measures each BN layer's population statistics
-over the data at that layer (``keras_bn.recalibrate_batch_norm``: float64, exact,
-upstream layers recalibrated first, what ``keras-bn recalibrate`` writes), compares
-them with the moving statistics, and runs the model both ways to say how much the
-difference changes the outputs.
+over the data at that layer as the model stands (float64, Chan's merge; every
+layer's input in one compiled pass, ``keras_bn.recalibration.BatchNormInputs``),
+compares them with the moving statistics, and runs the model again with the
+population statistics (a second compiled pass) to say how much the difference
+changes the outputs. ``keras-bn recalibrate`` measures the same layers sequentially
+instead (``keras_bn.recalibrate_batch_norm``, upstream layers recalibrated first):
+on a healthy model the two agree; on a stale one both name the stale layers.
 
 Per channel ``c`` (``epsilon`` is the layer's)::
 
@@ -170,17 +173,34 @@ def check_statistics(model: Any, source: Any, *, keep_population: bool = False) 
     """Compare every BN layer's moving statistics with ``source``'s population ones.
 
     ``source`` is a :class:`~keras_bn.converters.data_sources.DataSource` (re-iterable
-    ``(x, y)`` batches). The model is left as it was, or, with ``keep_population``,
-    recalibrated (what ``keras-bn recalibrate`` writes): the check then describes
-    the change.
+    ``(x, y)`` batches). The model is left as it was. The population statistics
+    are those of each layer's input as the model stands (one compiled pass,
+    ``keras_bn.recalibration.BatchNormInputs``), and a second compiled pass runs the
+    model with all of them to measure the effect on the outputs. With
+    ``keep_population`` the model is instead recalibrated (``recalibrate_batch_norm``,
+    sequential and exact: what ``keras-bn recalibrate`` writes) and kept so: the
+    check then describes the change.
     """
     from keras_bn._batch_norm_state import batch_norm_layers, unique_names
-    from keras_bn.recalibration import recalibrate_batch_norm
+    from keras_bn.recalibration import BatchNormInputs, write_population_statistics
 
     layers = batch_norm_layers(model)
     names = unique_names(layers)
     before = _state(layers)
-    counts = recalibrate_batch_norm(model, source.inputs())
+    forward = BatchNormInputs(model)
+    if keep_population:
+        from keras_bn.recalibration import recalibrate_batch_norm
+
+        counts = recalibrate_batch_norm(model, source.inputs())
+        moving_outputs: list[list[np.ndarray]] | None = None
+    else:
+        moving_outputs = []
+        moments = forward.measure(source.inputs(), on_outputs=moving_outputs.append)
+        counts = {}
+        for layer, name in zip(layers, names, strict=True):
+            counts[name] = int(moments[id(layer)].count.max())
+            if counts[name] > 0:
+                write_population_statistics(layer, moments[id(layer)])
     after = _state(layers)
     try:
         checks = [
@@ -188,11 +208,14 @@ def check_statistics(model: Any, source: Any, *, keep_population: bool = False) 
             for layer, name in zip(layers, names, strict=True)
         ]
         effects = _OutputEffects(model)
-        for x, y in source:
-            _write(before)
-            moving = effects.outputs(x)
-            _write(after)
-            effects.add(moving, effects.outputs(x), y)
+        for index, (x, y) in enumerate(source):
+            if moving_outputs is None:
+                _write(before)
+                moving = forward.outputs(x)
+                _write(after)
+            else:
+                moving = moving_outputs[index]
+            effects.add(moving, forward.outputs(x), y)
     finally:
         _write(after if keep_population else before)
     return StatisticsCheck(
@@ -244,13 +267,9 @@ class _OutputEffects:
         self.labelled = 0
         self.classifier: list[bool] = []
 
-    def outputs(self, x: Any) -> list[np.ndarray]:
-        import keras
-
-        values = keras.tree.flatten(self.model(x, training=False))
-        return [np.asarray(keras.ops.convert_to_numpy(v), np.float64) for v in values]
-
     def add(self, moving: list[np.ndarray], population: list[np.ndarray], y: Any) -> None:
+        moving = [np.asarray(a, np.float64) for a in moving]
+        population = [np.asarray(a, np.float64) for a in population]
         if not self.classifier:
             self.classifier = [a.ndim == 2 and a.shape[-1] >= 2 for a in moving]
         self.samples += len(moving[0])

@@ -466,6 +466,49 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def _update_moving_statistics(self, mean, variance, count, valid, ghost):
         dtype = mean.dtype
+        mean, variance, moving_variance_update, updated = self._batch_statistics(
+            mean, variance, count, valid, ghost
+        )
+        momentum = self.momentum
+        if momentum is None:
+            momentum = self._cumulative_momentum(updated, dtype)
+
+        def blend(variable, batch_value, momentum):
+            moving = ops.cast(variable, dtype)
+            new = moving * momentum + batch_value * (1.0 - momentum)
+            if updated is not True:
+                new = ops.where(updated, new, moving)
+            return new
+
+        if not self.renorm:
+            self.moving_mean.assign(blend(self.moving_mean, mean, momentum))
+            self.moving_variance.assign(
+                blend(self.moving_variance, moving_variance_update, momentum)
+            )
+            return
+        # Renorm (as the stock layer): the renorm statistics follow the
+        # biased batch stddev; the moving stddev gives the moving variance.
+        stddev = ops.sqrt(variance + self.epsilon)
+        self.renorm_mean.assign(blend(self.renorm_mean, mean, self.renorm_momentum))
+        self.renorm_stddev.assign(blend(self.renorm_stddev, stddev, self.renorm_momentum))
+        self.moving_mean.assign(blend(self.moving_mean, mean, momentum))
+        moving_stddev = blend(
+            self.moving_stddev, ops.sqrt(moving_variance_update + self.epsilon), momentum
+        )
+        self.moving_stddev.assign(moving_stddev)
+        moving_variance = ops.relu(moving_stddev * moving_stddev - self.epsilon)
+        if updated is not True:
+            moving_variance = ops.where(
+                updated, moving_variance, ops.cast(self.moving_variance, dtype)
+            )
+        self.moving_variance.assign(moving_variance)
+
+    def _batch_statistics(self, mean, variance, count, valid, ghost):
+        """(mean, variance, moving-variance update, updated), shaped like the statistics.
+
+        ``updated`` is True, or per channel whether the batch updates it.
+        """
+        dtype = mean.dtype
         moving_variance_update = variance
         if self.unbiased_moving_variance:
             if isinstance(count, int):
@@ -506,48 +549,19 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 updated = True
             else:
                 updated = to_param_shape(ops.broadcast_to(valid, self._broadcast_shape))
+        return mean, variance, moving_variance_update, updated
 
-        momentum = self.momentum
-        if momentum is None:
-            # Cumulative average: the n-th update weighs the batch by 1 / n
-            # (a batch counts when any channel is updated).
-            seen = ops.cast(self.num_batches_tracked, dtype)
-            if updated is True:
-                seen_after = seen + 1.0
-            else:
-                seen_after = seen + ops.cast(ops.any(updated), dtype)
-            momentum = seen / ops.maximum(seen_after, 1.0)
-            self.num_batches_tracked.assign(ops.cast(seen_after, "int32"))
-
-        def blend(variable, batch_value, momentum):
-            moving = ops.cast(variable, dtype)
-            new = moving * momentum + batch_value * (1.0 - momentum)
-            if updated is not True:
-                new = ops.where(updated, new, moving)
-            return new
-
-        if not self.renorm:
-            self.moving_mean.assign(blend(self.moving_mean, mean, momentum))
-            self.moving_variance.assign(
-                blend(self.moving_variance, moving_variance_update, momentum)
-            )
-            return
-        # Renorm (as the stock layer): the renorm statistics follow the
-        # biased batch stddev; the moving stddev gives the moving variance.
-        stddev = ops.sqrt(variance + self.epsilon)
-        self.renorm_mean.assign(blend(self.renorm_mean, mean, self.renorm_momentum))
-        self.renorm_stddev.assign(blend(self.renorm_stddev, stddev, self.renorm_momentum))
-        self.moving_mean.assign(blend(self.moving_mean, mean, momentum))
-        moving_stddev = blend(
-            self.moving_stddev, ops.sqrt(moving_variance_update + self.epsilon), momentum
-        )
-        self.moving_stddev.assign(moving_stddev)
-        moving_variance = ops.relu(moving_stddev * moving_stddev - self.epsilon)
-        if updated is not True:
-            moving_variance = ops.where(
-                updated, moving_variance, ops.cast(self.moving_variance, dtype)
-            )
-        self.moving_variance.assign(moving_variance)
+    def _cumulative_momentum(self, updated, dtype):
+        """``momentum=None``: the n-th update weighs the batch by 1 / n; counts the batch."""
+        # A batch counts when any channel is updated.
+        seen = ops.cast(self.num_batches_tracked, dtype)
+        if updated is True:
+            seen_after = seen + 1.0
+        else:
+            seen_after = seen + ops.cast(ops.any(updated), dtype)
+        momentum = seen / ops.maximum(seen_after, 1.0)
+        self.num_batches_tracked.assign(ops.cast(seen_after, "int32"))
+        return momentum
 
     def _renorm_correction(self, mean, variance, valid, shape):
         """Batch renorm's (r, d), broadcastable like `mean`; identity where invalid."""

@@ -4,7 +4,62 @@
 BatchNormalization layer of a model as exact population statistics over a dataset,
 for use after SWA, pruning or fine-tuning. The statistics maths is
 :class:`keras_bn.running_moments.RunningMoments`; this module reads the data,
-routes each layer's inputs to it and writes the results.
+routes each layer's inputs to it and writes the results; under a distribution
+(``keras.distribution`` on JAX, ``tf.distribute`` on TensorFlow) each batch is
+split over the replicas (:mod:`keras_bn._replicas`).
+
+What "exact" means: for each BN layer, ``moving_mean`` and
+``moving_variance`` become the mean and variance of *all* the values its input
+takes over the whole dataset, per channel (over the batch and every
+non-``axis`` dimension, at unmasked positions when a Keras mask reaches the
+layer). They are accumulated in float64 with Chan's parallel merge (the law of
+total variance), so they equal the statistics of the concatenated dataset for
+any batching, an unequal last batch included - not fvcore/PyTorch's average of
+per-batch variances, which omits the spread of the batch means. The variance is
+the population (biased) one, or ``n / (n - 1)`` times it for our layer created
+with ``unbiased_moving_variance=True``, ``n`` being the number of values per
+channel over the dataset (with ``n = 1`` that variance is undefined and the
+channel keeps its moving variance; a channel that received no value, e.g.
+masked everywhere, keeps both statistics).
+
+Every BN layer is recalibrated, frozen ones (``trainable=False``,
+``freeze_statistics=True``) included. The model is called eagerly (layer by
+layer, no compilation), which costs a fixed overhead per call: in
+``"inference"`` mode the statistics do not depend on the batching, so use the
+largest ``batch_size`` memory allows; in ``"training"`` mode the batch size is
+part of the definition (upstream batch statistics), so use the training one. A
+BN layer that never receives data keeps its statistics (a warning names it).
+With ``renorm=True`` the layer's ``moving_stddev`` is set to
+``sqrt(moving_variance + epsilon)`` to stay consistent; for our layer with
+``momentum=None`` the batch count becomes the number of batches used. On any
+error, every BN layer is left as it was.
+
+The two modes of :func:`recalibrate_batch_norm` (``mode``):
+
+- ``"inference"`` (default): sequential recalibration. The layers are
+  recalibrated one at a time in the order the model calls them; the model runs
+  in inference mode (``training=False``: Dropout off, every BN normalizing with
+  its moving statistics), and every BN layer upstream of the one being measured
+  already holds its recalibrated statistics. This is the statistic inference
+  actually uses: afterwards, running the model in inference mode over ``data``,
+  every BN layer's input has mean ``moving_mean`` and variance
+  ``moving_variance`` exactly - the property BN's inference formula (and
+  folding BN into neighbouring layers) assumes. Noise from Dropout and from
+  batch statistics never enters. Cost: one partial pass over ``data`` per BN
+  layer (each pass stops right after the measured layer), so roughly
+  ``number_of_bn_layers / 2`` full forward passes. A shared BN layer is
+  measured over all its calls; where a later call sits downstream of a BN
+  layer not yet recalibrated, that layer still uses its old statistics.
+- ``"training"``: one pass in training mode, as fvcore and PyTorch do: every BN
+  layer normalizes with the batch statistics (so an upstream BN's output, hence
+  a downstream BN's input, depends on the batch composition) and Dropout is
+  active. Much cheaper on deep models; the statistics are those of the
+  training-mode activations the layers were trained with. The variables the
+  forward pass would change (moving statistics, renorm statistics, random seed
+  state) are restored before the new statistics are written. Under a
+  distribution the batch statistics are those of what each replica computes
+  its batch statistics over (TensorFlow: its share of the batch; JAX: the whole
+  batch, and separately a last part that does not split evenly over the devices).
 """
 
 from __future__ import annotations
@@ -28,6 +83,7 @@ from keras_bn._batch_norm_state import (
     to_numpy,
     unique_names,
 )
+from keras_bn._replicas import Replicas, replica_id
 from keras_bn.running_moments import RunningMoments
 
 __all__ = ["recalibrate_batch_norm"]
@@ -39,8 +95,19 @@ def _feature_axes(layer, rank: int) -> list[int]:
 
 
 def _batch_moments(layer, inputs, mask):
-    """(count, mean, m2) of one call's input, per channel, shaped like moving_mean."""
-    values = to_numpy(inputs).astype(np.float64)
+    """(count, mean, m2) of one call's input, per channel, shaped like moving_mean.
+
+    A BN input sharded over devices is reduced piece by piece where it lies and
+    the pieces merged (Chan), never gathered whole.
+    """
+    moments = RunningMoments(layer.moving_mean.shape)
+    for values, piece_mask in Replicas.pieces(inputs, mask):
+        moments.merge(*_piece_moments(layer, values, piece_mask))
+    return moments.count, moments.mean, moments.m2
+
+
+def _piece_moments(layer, values, mask):
+    values = np.asarray(values, np.float64)
     rank = values.ndim
     axes = _feature_axes(layer, rank)
     feature_shape = tuple(values.shape[axis] for axis in axes)
@@ -186,54 +253,18 @@ def recalibrate_batch_norm(
     weights, replace each BN layer's exponential moving averages by the population
     statistics of its input over ``data``.
 
-    What "exact" means here: for each BN layer, ``moving_mean`` and
-    ``moving_variance`` become the mean and variance of *all* the values its input
-    takes over the whole dataset, per channel (over the batch and every
-    non-``axis`` dimension, at unmasked positions when a Keras mask reaches the
-    layer). They are accumulated in float64 with Chan's parallel merge (the law of
-    total variance), so they equal the statistics of the concatenated dataset for
-    any batching, an unequal last batch included - not fvcore/PyTorch's average of
-    per-batch variances, which omits the spread of the batch means. The variance is
-    the population (biased) one, or ``n / (n - 1)`` times it for our layer created
-    with ``unbiased_moving_variance=True``, ``n`` being the number of values per
-    channel over the dataset (with ``n = 1`` that variance is undefined and the
-    channel keeps its moving variance; a channel that received no value, e.g.
-    masked everywhere, keeps both statistics).
+    Exact: each layer's ``moving_mean`` and ``moving_variance`` become the float64
+    mean and variance of all the values its input takes over ``data``, per channel
+    (masked positions left out), for any batching (the module docstring says more).
 
-    In which mode the inputs are computed (``mode``):
+    In which mode the inputs are computed (``mode``, see the module docstring):
+    ``"inference"`` (default), sequential, one partial pass per BN layer, upstream
+    layers already recalibrated; or ``"training"``, one pass with batch statistics
+    and Dropout active, as fvcore and PyTorch do.
 
-    - ``"inference"`` (default): sequential recalibration. The layers are
-      recalibrated one at a time in the order the model calls them; the model runs
-      in inference mode (``training=False``: Dropout off, every BN normalizing with
-      its moving statistics), and every BN layer upstream of the one being measured
-      already holds its recalibrated statistics. This is the statistic inference
-      actually uses: afterwards, running the model in inference mode over ``data``,
-      every BN layer's input has mean ``moving_mean`` and variance
-      ``moving_variance`` exactly - the property BN's inference formula (and
-      folding BN into neighbouring layers) assumes. Noise from Dropout and from
-      batch statistics never enters. Cost: one partial pass over ``data`` per BN
-      layer (each pass stops right after the measured layer), so roughly
-      ``number_of_bn_layers / 2`` full forward passes. A shared BN layer is
-      measured over all its calls; where a later call sits downstream of a BN
-      layer not yet recalibrated, that layer still uses its old statistics.
-    - ``"training"``: one pass in training mode, as fvcore and PyTorch do: every BN
-      layer normalizes with the batch statistics (so an upstream BN's output, hence
-      a downstream BN's input, depends on the batch composition) and Dropout is
-      active. Much cheaper on deep models; the statistics are those of the
-      training-mode activations the layers were trained with. The variables the
-      forward pass would change (moving statistics, renorm statistics, random seed
-      state) are restored before the new statistics are written.
-
-    Every BN layer is recalibrated, frozen ones (``trainable=False``,
-    ``freeze_statistics=True``) included. The model is called eagerly (layer by
-    layer, no compilation), which costs a fixed overhead per call: in
-    ``"inference"`` mode the statistics do not depend on the batching, so use the
-    largest ``batch_size`` memory allows; in ``"training"`` mode the batch size is
-    part of the definition (upstream batch statistics), so use the training one. A
-    BN layer that never receives data keeps its statistics (a warning names it). With ``renorm=True`` the layer's ``moving_stddev`` is set to
-    ``sqrt(moving_variance + epsilon)`` to stay consistent; for our layer with
-    ``momentum=None`` the batch count becomes the number of batches used. On any
-    error, every BN layer is left as it was.
+    Every BN layer is recalibrated, frozen ones included; a BN layer that never
+    receives data keeps its statistics (a warning names it). On any error, every
+    BN layer is left as it was.
 
     Args:
         model: a built Keras model or layer (Sequential, Functional or subclassed;
@@ -263,46 +294,14 @@ def recalibrate_batch_norm(
     >>> x = np.random.default_rng(0).normal(size=(100, 8)).astype("float32")
     >>> counts = recalibrate_batch_norm(model, x, batch_size=32)  # doctest: +SKIP
     """
-    if mode not in ("inference", "training"):
-        raise ValueError(
-            "Invalid mode for recalibrate_batch_norm: expected 'inference' or "
-            f"'training'. Received: mode={mode!r}"
-        )
-    if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
-        raise ValueError(
-            "Invalid steps for recalibrate_batch_norm: expected a positive integer or "
-            f"None (all batches). Received: steps={steps!r}"
-        )
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(
-            "Invalid batch_size for recalibrate_batch_norm: expected a positive "
-            f"integer. Received: batch_size={batch_size!r}"
-        )
+    _check_arguments(mode, steps, batch_size)
     layers = batch_norm_layers(model)
     names = dict(zip(map(id, layers), unique_names(layers), strict=True))
     if not layers:
         return {}
-    unbuilt = [layer.name for layer in layers if layer.moving_mean is None]
-    if unbuilt:
-        raise ValueError(
-            "recalibrate_batch_norm needs a built model: BatchNormalization layers "
-            f"{unbuilt} have no weights yet. Call the model on a batch (or build it) "
-            "first."
-        )
+    _check_built(layers)
     batches = _Batches(data, batch_size, steps)
-    saved = {id(layer): [to_numpy(v).copy() for v in layer.variables] for layer in layers}
-    try:
-        if mode == "training":
-            moments, batch_counts = _measure_training_mode(model, layers, batches)
-        else:
-            moments, batch_counts = _measure_inference_mode(model, layers, batches, names, verbose)
-        for layer in layers:
-            _write_statistics(layer, moments.get(id(layer)), batch_counts.get(id(layer), 0))
-    except BaseException:
-        for layer in layers:
-            for variable, value in zip(layer.variables, saved[id(layer)], strict=True):
-                variable.assign(value)
-        raise
+    moments = _recalibrate(model, layers, batches, mode, names, verbose)
     result = {}
     for layer in layers:
         measured = moments.get(id(layer))
@@ -318,6 +317,55 @@ def recalibrate_batch_norm(
             stacklevel=2,
         )
     return result
+
+
+def _check_built(layers) -> None:
+    unbuilt = [layer.name for layer in layers if layer.moving_mean is None]
+    if unbuilt:
+        raise ValueError(
+            "recalibrate_batch_norm needs a built model: BatchNormalization layers "
+            f"{unbuilt} have no weights yet. Call the model on a batch (or build it) "
+            "first."
+        )
+
+
+def _recalibrate(model, layers, batches, mode, names, verbose):
+    """Measures and writes every layer's statistics; on any error restores them all."""
+    saved = {id(layer): [to_numpy(v).copy() for v in layer.variables] for layer in layers}
+    try:
+        replicas = Replicas(model)
+        if mode == "training":
+            moments, batch_counts = _measure_training_mode(model, layers, batches, replicas)
+        else:
+            moments, batch_counts = _measure_inference_mode(
+                model, layers, batches, names, verbose, replicas
+            )
+        for layer in layers:
+            _write_statistics(layer, moments.get(id(layer)), batch_counts.get(id(layer), 0))
+    except BaseException:
+        for layer in layers:
+            for variable, value in zip(layer.variables, saved[id(layer)], strict=True):
+                variable.assign(value)
+        raise
+    return moments
+
+
+def _check_arguments(mode, steps, batch_size) -> None:
+    if mode not in ("inference", "training"):
+        raise ValueError(
+            "Invalid mode for recalibrate_batch_norm: expected 'inference' or "
+            f"'training'. Received: mode={mode!r}"
+        )
+    if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
+        raise ValueError(
+            "Invalid steps for recalibrate_batch_norm: expected a positive integer or "
+            f"None (all batches). Received: steps={steps!r}"
+        )
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(
+            "Invalid batch_size for recalibrate_batch_norm: expected a positive "
+            f"integer. Received: batch_size={batch_size!r}"
+        )
 
 
 class _CallPatch:
@@ -343,37 +391,47 @@ class _CallPatch:
         return False
 
 
-def _run(model, x, training):
+def _forward(model, x, training):
     try:
         model(x, training=training)
     except _StopForward:
         pass
 
 
-def _measure_training_mode(model, layers, batches):
+def _run(model, replicas, x, training):
+    """One forward pass over ``x``, split over ``replicas`` when distributed."""
+    replicas.run(lambda part: _forward(model, part, training), x)
+
+
+def _measure_training_mode(model, layers, batches, replicas):
     moments = {id(layer): RunningMoments(layer.moving_mean.shape) for layer in layers}
     batch_counts = {id(layer): 0 for layer in layers}
     state = [(v, to_numpy(v).copy()) for v in model.non_trainable_variables]
+    called = set()
 
     def hook(layer, original, inputs, training, mask):
         moments[id(layer)].merge(*_batch_moments(layer, inputs, mask))
-        batch_counts[id(layer)] += 1
+        called.add(id(layer))
         return original(inputs, training=training, mask=mask)
 
     try:
         with _CallPatch(layers, hook):
             for x in batches:
-                _run(model, x, training=True)
+                called.clear()
+                _run(model, replicas, x, training=True)
+                for key in called:
+                    batch_counts[key] += 1
     finally:
         for variable, value in state:
             variable.assign(value)
+    moments = {key: replicas.merge_hosts(value) for key, value in moments.items()}
     return (
         {key: value for key, value in moments.items() if value.count.max() > 0},
         batch_counts,
     )
 
 
-def _measure_inference_mode(model, layers, batches, names, verbose):
+def _measure_inference_mode(model, layers, batches, names, verbose, replicas):
     """One pass per layer, in call order, upstream layers already recalibrated."""
     batches.cache()
     order, calls_per_forward = [], {}
@@ -389,12 +447,12 @@ def _measure_inference_mode(model, layers, batches, names, verbose):
     if first is None:
         return {}, {}
     with _CallPatch(layers, discover):
-        _run(model, first, training=False)
+        _forward(model, first, training=False)  # unsplit: each call counted once
 
     moments, batch_counts = {}, {}
     for target in order:
         measured, batch_count = _measure_layer(
-            model, layers, batches, target, calls_per_forward[id(target)]
+            model, layers, batches, target, calls_per_forward[id(target)], replicas
         )
         if measured.count.max() > 0:
             moments[id(target)] = measured
@@ -407,27 +465,31 @@ def _measure_inference_mode(model, layers, batches, names, verbose):
     return moments, batch_counts
 
 
-def _measure_layer(model, layers, batches, target, calls_per_forward):
+def _measure_layer(model, layers, batches, target, calls_per_forward, replicas):
     """The moments of ``target``'s input over ``batches``, in inference mode.
 
-    Each forward pass stops once ``target`` has seen all its calls for the batch.
+    Each forward pass (each replica's) stops once ``target`` has seen all its
+    calls for the batch. The moments are merged over the hosts.
     """
     measured = RunningMoments(target.moving_mean.shape)
-    state = {"calls": 0, "batches": 0}
+    calls: dict[int, int] = {}  # per replica
+    batch_count = 0
 
     def hook(layer, original, inputs, training, mask):
         if layer is target:
             measured.merge(*_batch_moments(layer, inputs, mask))
-            state["calls"] += 1
-            if state["calls"] % calls_per_forward == 0:
-                state["batches"] += 1
+            replica = replica_id()
+            calls[replica] = calls.get(replica, 0) + 1
+            if calls[replica] % calls_per_forward == 0:
                 raise _StopForward
         return original(inputs, training=False, mask=mask)
 
     with _CallPatch(layers, hook):
         for x in batches:
-            _run(model, x, training=False)
-    return measured, state["batches"]
+            seen = measured.count.max()
+            _run(model, replicas, x, training=False)
+            batch_count += int(measured.count.max() > seen)
+    return replicas.merge_hosts(measured), batch_count
 
 
 def _write_statistics(layer, moments, batch_count) -> None:
@@ -448,3 +510,80 @@ def _write_statistics(layer, moments, batch_count) -> None:
     count = count_variable(layer)
     if count is not None:
         assign(count, batch_count)
+
+
+# ------------------------------------------------- every layer's input, one pass
+
+
+class _InputRecorder(keras.Model):
+    """``model`` in inference mode, returning its outputs and every BN call's input.
+
+    Run with ``predict_on_batch``, so the engine compiles it (``tf.function``,
+    ``jax.jit``) like any model; the BN inputs are recorded while it is traced.
+    """
+
+    def __init__(self, model):
+        super().__init__(name="batch_norm_inputs")
+        self.inner = model
+        self.calls: list = []  # the BN layer of each recorded input, in call order
+        self.masked: list[bool] = []  # whether each recorded input came with a mask
+        self.built = True
+
+    def call(self, x):
+        self.calls = []
+        recorded = []
+
+        def hook(layer, original, inputs, training, mask):
+            self.calls.append(layer)
+            recorded.append((inputs, mask))
+            return original(inputs, training=False, mask=mask)
+
+        with _CallPatch(batch_norm_layers(self.inner), hook):
+            outputs = self.inner(x, training=False)
+        inputs = [value for value, _ in recorded]
+        masks = [mask for _, mask in recorded if mask is not None]
+        self.masked = [mask is not None for _, mask in recorded]
+        return keras.tree.flatten(outputs), inputs, masks
+
+
+class BatchNormInputs:
+    """Every BN layer's input over data, in one compiled inference pass.
+
+    The model runs in inference mode with every BN layer at its current
+    statistics (unlike :func:`recalibrate_batch_norm`'s sequential passes, no
+    layer is recalibrated before the next is measured), so each layer's moments
+    are those of the input it actually receives. Compiled once by the engine
+    (``predict_on_batch``) and reused by :meth:`outputs`.
+    """
+
+    def __init__(self, model):
+        self.layers = batch_norm_layers(model)
+        self._recorder = _InputRecorder(model)
+
+    def measure(self, batches, on_outputs=None) -> dict[int, RunningMoments]:
+        """``{id(layer): RunningMoments}`` of every BN layer's input over ``batches``.
+
+        ``batches`` is an iterable of model inputs ``x``; ``on_outputs(outputs)``
+        receives each batch's model outputs (a list of NumPy arrays). The moments
+        are float64, merged with Chan's formula; a layer never called has count 0.
+        """
+        moments = {id(layer): RunningMoments(layer.moving_mean.shape) for layer in self.layers}
+        recorder = self._recorder
+        for x in batches:
+            outputs, inputs, masks = recorder.predict_on_batch(x)
+            if on_outputs is not None:
+                on_outputs(list(outputs))
+            masks = iter(masks)
+            for layer, values, masked in zip(recorder.calls, inputs, recorder.masked, strict=True):
+                mask = next(masks) if masked else None
+                moments[id(layer)].merge(*_batch_moments(layer, values, mask))
+        return moments
+
+    def outputs(self, x) -> list[np.ndarray]:
+        """The model's outputs for ``x`` in inference mode, with the current statistics."""
+        return list(self._recorder.predict_on_batch(x)[0])
+
+
+def write_population_statistics(layer, moments) -> None:
+    """Writes ``moments`` (a :class:`RunningMoments`) as ``layer``'s moving statistics."""
+    _write_statistics(layer, moments, int(moments.count.max()))

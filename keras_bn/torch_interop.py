@@ -121,6 +121,31 @@ def load_torch_batch_norm(layer, state_dict, *, prefix="", eps=None):
     >>> layer.build((None, 16, 8, 8))  # doctest: +SKIP
     >>> load_torch_batch_norm(layer, torch_bn.state_dict())  # doctest: +SKIP
     """
+    _check_arguments(layer, state_dict, prefix, eps)
+
+    def read(key):
+        return _read_channels(layer, state_dict, prefix + key)
+
+    running_mean, running_var = read("running_mean"), read("running_var")
+    if np.any(running_var < 0) or not np.all(np.isfinite(running_var)):
+        raise ValueError(
+            f"load_torch_batch_norm: {prefix}running_var has negative or non-finite "
+            "values; expected finite values >= 0. Check the checkpoint."
+        )
+    values = _affine_values(layer, state_dict, prefix, read)
+    for keras_name, value in values.items():
+        assign(getattr(layer, keras_name), value)
+    assign(layer.moving_mean, running_mean)
+    assign(layer.moving_variance, running_var)
+    sync_moving_stddev(layer, running_var)
+    count = count_variable(layer)
+    if count is not None and prefix + "num_batches_tracked" in state_dict:
+        assign(count, to_numpy(state_dict[prefix + "num_batches_tracked"]))
+    return layer
+
+
+def _check_arguments(layer, state_dict, prefix, eps) -> None:
+    """load_torch_batch_norm's argument checks, each a ValueError naming the fix."""
     if not isinstance(layer, keras.layers.BatchNormalization):
         raise ValueError(
             "load_torch_batch_norm expects a keras.layers.BatchNormalization layer. "
@@ -155,25 +180,29 @@ def load_torch_batch_norm(layer, state_dict, *, prefix="", eps=None):
             "BatchNorm created with track_running_stats=False has no running statistics "
             "and cannot be loaded)."
         )
+
+
+def _read_channels(layer, state_dict, key) -> np.ndarray:
+    """``state_dict[key]`` in float64, shaped like the layer's moving_mean."""
     shape = tuple(layer.moving_mean.shape)
     size = int(np.prod(shape))
-
-    def read(key):
-        value = to_numpy(state_dict[prefix + key]).astype(np.float64)
-        if value.size != size or value.ndim != 1 and value.shape != shape:
-            raise ValueError(
-                f"load_torch_batch_norm: {prefix + key} has shape {value.shape}; layer "
-                f"{layer.name!r} expects {size} channels (moving_mean shape {shape}). "
-                "Check the layer's axis and the state dict prefix."
-            )
-        return value.reshape(shape)
-
-    running_mean, running_var = read("running_mean"), read("running_var")
-    if np.any(running_var < 0) or not np.all(np.isfinite(running_var)):
+    value = to_numpy(state_dict[key]).astype(np.float64)
+    if value.size != size or value.ndim != 1 and value.shape != shape:
         raise ValueError(
-            f"load_torch_batch_norm: {prefix}running_var has negative or non-finite "
-            "values; expected finite values >= 0. Check the checkpoint."
+            f"load_torch_batch_norm: {key} has shape {value.shape}; layer "
+            f"{layer.name!r} expects {size} channels (moving_mean shape {shape}). "
+            "Check the layer's axis and the state dict prefix."
         )
+    return value.reshape(shape)
+
+
+def _affine_values(layer, state_dict, prefix, read) -> dict:
+    """gamma/beta to write from weight/bias (1/0 for ``affine=False``), by variable name.
+
+    A layer without gamma (beta) takes none, which is an error unless the state's
+    weight (bias) is the identity.
+    """
+    shape = tuple(layer.moving_mean.shape)
     affine = {"gamma": "weight", "beta": "bias"}
     identity = {"gamma": 1.0, "beta": 0.0}
     values = {}
@@ -191,12 +220,4 @@ def load_torch_batch_norm(layer, state_dict, *, prefix="", eps=None):
                 )
             continue
         values[keras_name] = value
-    for keras_name, value in values.items():
-        assign(getattr(layer, keras_name), value)
-    assign(layer.moving_mean, running_mean)
-    assign(layer.moving_variance, running_var)
-    sync_moving_stddev(layer, running_var)
-    count = count_variable(layer)
-    if count is not None and prefix + "num_batches_tracked" in state_dict:
-        assign(count, to_numpy(state_dict[prefix + "num_batches_tracked"]))
-    return layer
+    return values

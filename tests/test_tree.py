@@ -30,6 +30,7 @@ MIRROR = {
     "keras_bn/_batch_norm_state.py": "layers/test_layers.py",
     "keras_bn/training.py": "training/test_training.py",
     "keras_bn/recalibration.py": "training/test_recalibration.py",
+    "keras_bn/_replicas.py": "training/test_recalibration_distributed.py",
     "keras_bn/running_moments.py": "training/test_running_moments.py",
     "keras_bn/monitor.py": "training/test_monitor.py",
     "keras_bn/replacement.py": "training/test_replacement.py",
@@ -119,6 +120,7 @@ WHOLE_PROGRAM = {
     "onnx/test_onnx_applications.py": "Keras Applications folded, exported, validated",
     "onnx/test_keras_hub.py": "KerasHub models exported through tracing",
     "training/test_model_untouched.py": "the original model after replace, fold and export",
+    "cli/test_statistics_one_pass.py": "the stale-statistics check's one compiled pass",
     "layers/test_loading_without_import.py": "a saved model loaded in a fresh process",
     "validation/test_validation_exactness.py": "the float64 judge on real models and bugs",
     "validation/test_precision_validation.py": "float16 and int8 criteria on real exports",
@@ -172,10 +174,17 @@ def test_a_module_named_after_its_source_tests_that_source():
         assert dotted in text or f"from {package} import {name}" in text, (source, test)
 
 
-@pytest.mark.parametrize("path", sorted((TESTS / "support").glob("*.py")), ids=lambda p: p.name)
-def test_support_functions_stay_short(path):
-    """tests/support is a small package: no function over 80 lines."""
+SHORT = [
+    *sorted((TESTS / "support").glob("*.py")),
+    *sorted(ROOT.glob("keras_bn/**/*.py")),
+    *sorted(ROOT.glob("converters/**/*.py")),
+]
+
+
+@pytest.mark.parametrize("path", SHORT, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_functions_stay_short(path):
+    """The package and tests/support: no function over 80 lines (nested ones too)."""
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.FunctionDef):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             length = node.end_lineno - node.lineno + 1
             assert length <= 80, f"{path.name}: {node.name} has {length} lines"

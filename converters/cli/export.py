@@ -111,6 +111,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: an unsupported layer is an error)",
     )
     DataArgs(required=False, purpose="check the BN moving statistics against").add_to(parser)
+    parser.add_argument(
+        "--no-statistics-check",
+        action="store_true",
+        help="skip comparing the BN moving statistics with --data/--inputs/--calibration "
+        "(two compiled passes over the data) (default: checked whenever data is given)",
+    )
     ModelLoadingArgs().add_to(parser)
     ComparisonArgs(defaults="precision").add_to(parser)
 
@@ -132,6 +138,7 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
         run,
         args.data or args.inputs or args.calibration,
         what="the ONNX model will be faithful to them",
+        skip=args.no_statistics_check,
     )
     # Keras runs the model on validation's inputs while the exporter works.
     reference = steps.keras_reference(

@@ -16,10 +16,13 @@ from keras_bn.converters.cli.run import Run
 __all__ = ["check_batch_norm_statistics"]
 
 
-def check_batch_norm_statistics(model: Any, run: Run, data: str | None, *, what: str) -> None:
+def check_batch_norm_statistics(
+    model: Any, run: Run, data: str | None, *, what: str, skip: bool = False
+) -> None:
     """Report (and warn about) stale BN statistics over ``data`` (a ``--data`` spec).
 
-    ``what`` ends the warning: what the stale statistics mean for this command.
+    ``what`` ends the warning: what the stale statistics mean for this command;
+    ``skip`` (``--no-statistics-check``) reports the check as skipped.
     """
     from keras_bn._batch_norm_state import batch_norm_layers
     from keras_bn.converters import statistics_check
@@ -29,6 +32,10 @@ def check_batch_norm_statistics(model: Any, run: Run, data: str | None, *, what:
     model = prepared.model
 
     if not batch_norm_layers(model):
+        return
+    if skip:
+        run.report["statistics"] = {"checked": False, "skipped": True}
+        run.summary.append(["BN statistics", "not checked (--no-statistics-check)"])
         return
     if data is None:
         # One summary row says so (the full sentence is in the JSON report).

@@ -1,0 +1,103 @@
+"""The stale-statistics check's single compiled pass (``keras_bn.recalibration.BatchNormInputs``).
+
+Every BN layer's input moments, taken in one compiled inference pass, must equal
+the float64 mean and variance of that input computed independently (a Keras
+sub-model ending at the layer's input, over the concatenated data), for a shared
+layer (two calls), a masked one, and unequal batches; and ``export
+--no-statistics-check`` must skip the check and say so.
+"""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from keras_bn.converters import cli
+from keras_bn.layers import BatchNormalization
+from keras_bn.recalibration import BatchNormInputs
+
+
+def _randomize(model) -> None:
+    rng = np.random.default_rng(1)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            channels = layer.moving_mean.shape
+            layer.moving_mean.assign(rng.normal(2.0, 1.0, channels))
+            layer.moving_variance.assign(10.0 ** rng.uniform(-2, 2, channels))
+            layer.gamma.assign(rng.uniform(0.5, 2.0, channels))
+
+
+def _image_model():
+    inputs = keras.Input((6, 6, 2), name="image")
+    shared = BatchNormalization(name="shared")
+    a = shared(keras.layers.Conv2D(3, 3, padding="same", name="conv_a")(inputs))
+    b = shared(keras.layers.Conv2D(3, 3, padding="same", name="conv_b")(inputs))
+    h = keras.layers.Add()([a, b])
+    h = keras.layers.ReLU()(h)
+    h = keras.layers.Conv2D(4, 3, name="conv_c")(h)
+    h = keras.layers.BatchNormalization(name="stock")(h)
+    outputs = keras.layers.Dense(3, name="probs")(keras.layers.GlobalAveragePooling2D()(h))
+    model = keras.Model(inputs, outputs)
+    _randomize(model)
+    return model
+
+
+def test_one_pass_moments_equal_the_float64_statistics_of_each_input():
+    model = _image_model()
+    x = np.random.default_rng(0).normal(3.0, 2.0, (23, 6, 6, 2)).astype("float32")
+    batches = [x[:10], x[10:20], x[20:]]  # an unequal last batch
+    outputs = []
+    moments = BatchNormInputs(model).measure(batches, on_outputs=outputs.append)
+
+    conv_a, conv_b, conv_c = (model.get_layer(n).output for n in ("conv_a", "conv_b", "conv_c"))
+    features = keras.Model(model.inputs, [conv_a, conv_b, conv_c]).predict(x, verbose=0)
+    a, b, c = (np.asarray(f, np.float64).reshape(-1, f.shape[-1]) for f in features)
+    for name, values in (("shared", np.concatenate([a, b])), ("stock", c)):
+        measured = moments[id(model.get_layer(name))]
+        np.testing.assert_array_equal(measured.count, len(values))
+        np.testing.assert_allclose(measured.mean, values.mean(0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(measured.variance(), values.var(0), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.concatenate([o[0] for o in outputs]),
+        model.predict(x, verbose=0),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_one_pass_moments_skip_masked_positions():
+    tokens = keras.Input((5,), dtype="int32")
+    h = keras.layers.Embedding(7, 4, mask_zero=True, name="embed")(tokens)
+    h = BatchNormalization(name="bn")(h)
+    model = keras.Model(tokens, keras.layers.GlobalAveragePooling1D()(h))
+    x = np.random.default_rng(2).integers(0, 7, (9, 5)).astype("int32")
+    x[:, -2:] = 0  # padded tail
+    moments = BatchNormInputs(model).measure([x[:4], x[4:]])[id(model.get_layer("bn"))]
+    embedded = np.asarray(model.get_layer("embed").embeddings.numpy(), np.float64)[x]
+    kept = embedded[x != 0]
+    np.testing.assert_array_equal(moments.count, len(kept))
+    np.testing.assert_allclose(moments.mean, kept.mean(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(moments.variance(), kept.var(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["checked", "no-statistics-check"])
+def test_export_no_statistics_check_skips_the_check(tmp_path, capsys, skip):
+    model = _image_model()  # randomized moving statistics: stale for any data
+    model.save(tmp_path / "model.keras")
+    x = np.random.default_rng(3).normal(size=(8, 6, 6, 2)).astype("float32")
+    np.savez(tmp_path / "inputs.npz", image=x)
+    args = ["export", tmp_path / "model.keras", "-o", tmp_path / "model.onnx"]
+    args += ["--inputs", tmp_path / "inputs.npz", "--json"]
+    code = cli.main([str(a) for a in args] + (["--no-statistics-check"] if skip else []))
+    captured = capsys.readouterr()
+    statistics = json.loads(captured.out)["statistics"]
+    assert code == 0
+    if skip:
+        assert statistics == {"checked": False, "skipped": True}
+        assert "stale" not in captured.err
+    else:
+        assert statistics["checked"] and statistics["stale"] == ["shared", "stock"]
+        assert "stale moving statistics" in captured.err
