@@ -354,7 +354,8 @@ def _unknown_sized_results_recorded(
 
     def arange(start: Any, stop: Any = None, step: Any = None, dtype: Any = None) -> Any:
         size = unknown_sized((start, stop, step))
-        if symbolic((start, stop, step)) or size is None:
+        # A nested layer's output inference runs on the backend's values: not recorded.
+        if symbolic((start, stop, step)) or size is None or internals.inferring_output_spec():
             return original_arange(start, stop, step=step, dtype=dtype)
         if stop is None:
             start, stop = 0, start
@@ -366,7 +367,7 @@ def _unknown_sized_results_recorded(
 
     def slice_(inputs: Any, start_indices: Any, shape: Any) -> Any:
         size = unknown_sized(shape)
-        if symbolic((inputs, start_indices)) or size is None:
+        if symbolic((inputs, start_indices)) or size is None or internals.inferring_output_spec():
             return original_slice(inputs, start_indices, shape)
         value = np.asarray(keras.ops.convert_to_numpy(inputs))
         return original_slice(AnchoredConstant(value)(anchors(size)), start_indices, shape)

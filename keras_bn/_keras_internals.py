@@ -561,6 +561,17 @@ def _python_only(value: Any) -> bool:
     return all(isinstance(leaf, _PYTHON_SCALARS) for leaf in tree.flatten(value))
 
 
+_INFERRING = threading.local()  # depth of static_python_arguments' output-spec calls
+
+
+def inferring_output_spec() -> bool:
+    """Whether this thread is inside a symbolic call's output inference (a nested
+    layer's ``call()`` run by the backend's ``compute_output_spec``, within
+    :func:`static_python_arguments`): values made there are the backend's (JAX
+    tracers), never recorded operations."""
+    return getattr(_INFERRING, "depth", 0) > 0
+
+
 @contextlib.contextmanager
 def static_python_arguments() -> Iterator[None]:
     """Inside the block, a layer called on symbolic tensors keeps tuples of Python
@@ -584,6 +595,13 @@ def static_python_arguments() -> Iterator[None]:
     original = backend.compute_output_spec
 
     def compute_output_spec(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        _INFERRING.depth = getattr(_INFERRING, "depth", 0) + 1
+        try:
+            return _bound_output_spec(fn, *args, **kwargs)
+        finally:
+            _INFERRING.depth -= 1
+
+    def _bound_output_spec(fn: Any, *args: Any, **kwargs: Any) -> Any:
         static = {
             key: value
             for key, value in kwargs.items()

@@ -8,6 +8,7 @@ non-trivial; padding masks that pad the later samples of a batch.
 """
 
 import functools
+import re
 
 import keras
 import numpy as np
@@ -431,3 +432,16 @@ def test_sequence_length_limits_bound_the_trace_sizes():
     first, second = tracing.unknown_sizes_for(position)
     assert max(first + second) <= 32 and not set(first) & set(second)
     assert tracing.unknown_sizes_for(keras.layers.Dense(4)) == tracing.UNKNOWN_SIZES
+
+
+def test_decoder_and_deberta_families_on_jax(run_python):
+    """The ``keras-bn`` command runs on JAX by default. The families whose layers
+    call nested layers on unknown sizes (Llama's attention under the decoder's
+    causal mask, DeBERTa's disentangled attention) trace differently there (a
+    nested layer's output inference runs on JAX values): rerun them on JAX."""
+    selected = "dynamic_sequence_length and (llama or deberta_v3 or gemma)"
+    args = ["-m", "pytest", __file__, "-k", selected, "-p", "no:cacheprovider", "-p", "no:xdist"]
+    result = run_python(args, env={"KERAS_BACKEND": "jax"}, timeout=600)
+    summary = result.stdout.strip().splitlines()[-1]
+    assert re.search(r"\b3 passed", summary) and "failed" not in summary, summary
+    assert "backend jax" in result.stdout
