@@ -104,15 +104,25 @@ class KerasReference:
         happens inside ``context()`` (a progress display), the Keras pass itself
         inside ``guard()`` (which may turn its errors into the caller's).
         """
-        reference = cls.__new__(cls)
-        reference.generated, reference.batch_size = inputs is None, batch_size
-        reference._inputs = concurrent.futures.Future()
+        started = cls.__new__(cls)
+        return started.begin(prepare(model), inputs, batch_size, seed, context, guard)
+
+    def begin(
+        self,
+        prepared: PreparedModel,
+        inputs: Mapping[str, np.ndarray] | None,
+        batch_size: int,
+        seed: int,
+        context: Callable[[], contextlib.AbstractContextManager] | None,
+        guard: Callable[[], contextlib.AbstractContextManager] | None,
+    ) -> KerasReference:
+        """:meth:`start`'s work on a new, empty reference; returns it."""
+        self.generated, self.batch_size = inputs is None, batch_size
+        self._inputs = concurrent.futures.Future()
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        reference._outputs = pool.submit(
-            reference._run, prepare(model), inputs, batch_size, seed, context, guard
-        )
+        self._outputs = pool.submit(self._run, prepared, inputs, batch_size, seed, context, guard)
         pool.shutdown(wait=False)
-        return reference
+        return self
 
     @property
     def inputs(self) -> dict[str, np.ndarray]:

@@ -320,25 +320,25 @@ def test_jax_x64_switch_of_the_float64_reference():
 
 
 def test_quick_xla_compile_option_of_the_compiled_forward():
-    """converters/graph.py compiles the model's pass with XLA's backend optimizations
+    """converters/samples.py compiles the model's pass with XLA's backend optimizations
     off; an XLA that rejects the option falls back silently to its slower default."""
     jax = pytest.importorskip("jax")
-    from keras_bn.converters import graph
+    from keras_bn.converters import samples
 
     if "compiler_options" not in inspect.signature(jax.jit).parameters:
-        # A JAX before the option (the minimum pinned, 0.4.30): graph.py's documented
+        # A JAX before the option (the minimum pinned, 0.4.30): samples.py's documented
         # fallback, the default compile, must then be what it builds.
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-        forward = graph._CompiledForward(model)
+        forward = samples._CompiledForward(model)
         assert forward._jitted is forward._plain
         return
     try:
-        jitted = jax.jit(lambda x: x * 2.0, compiler_options=graph._QUICK_XLA_OPTIONS)
+        jitted = jax.jit(lambda x: x * 2.0, compiler_options=samples._QUICK_XLA_OPTIONS)
         compiled = jitted.lower(np.ones(3, "float32")).compile()
     except Exception as error:
         pytest.fail(
-            "keras_bn speed-up converters.graph._QUICK_XLA_OPTIONS relies on "
-            f"jax.jit(compiler_options={graph._QUICK_XLA_OPTIONS}); {_release('jax')} "
+            "keras_bn speed-up converters.samples._QUICK_XLA_OPTIONS relies on "
+            f"jax.jit(compiler_options={samples._QUICK_XLA_OPTIONS}); {_release('jax')} "
             f"changed it: {type(error).__name__}: {error}"
         )
     np.testing.assert_array_equal(np.asarray(compiled(np.ones(3, "float32"))), [2.0, 2.0, 2.0])
@@ -348,6 +348,14 @@ def test_quick_xla_compile_option_of_the_compiled_forward():
 # stand-in calls the original with.
 RECORDED_SIGNATURES = {
     ("keras.ops", "cond"): ("pred", "true_fn", "false_fn"),
+    ("tensorflow", "gather"): (
+        "params",
+        "indices",
+        "validate_indices",
+        "axis",
+        "batch_dims",
+        "name",
+    ),
     ("keras_hub.src.models.depth_anything.depth_anything_layers", "interpolate"): (
         "x",
         "size",
@@ -372,8 +380,8 @@ def test_functions_replaced_while_tracing(module, attribute):
     assert set(tracing.RECORDED_FUNCTIONS) == set(RECORDED_SIGNATURES), (
         "add the parameters of each RECORDED_FUNCTIONS entry to RECORDED_SIGNATURES"
     )
-    if module.startswith("keras_hub"):
-        pytest.importorskip("keras_hub")
+    if module.startswith(("keras_hub", "tensorflow")):
+        pytest.importorskip(module.partition(".")[0])
     name = f"{module}.{attribute}"
     try:
         function = getattr(importlib.import_module(module), attribute)
@@ -454,3 +462,20 @@ def test_hidden_modules_and_keras_json_on_a_fresh_jax_process(tmp_path):
         f"Keras writes by itself; {_release('keras')} writes {written}"
     )
     assert backend.choose_backend({"KERAS_HOME": str(tmp_path)})[1] == "fastest installed"
+
+
+def test_argparse_internals_of_did_you_mean():
+    """converters/cli/args.py reads argparse's ``ArgumentParser._actions`` (every
+    option of a parser) and ``argparse._get_action_name`` (how its messages name an
+    argument) to suggest the option a misspelt flag meant."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    action = parser.add_argument("--precision", choices=["float32"])
+    assert action in parser._actions, (
+        "keras_bn's did-you-mean (converters/cli/args.py) relies on "
+        "argparse.ArgumentParser._actions; this Python changed it"
+    )
+    assert argparse._get_action_name(action) == "--precision", (
+        "keras_bn's did-you-mean relies on argparse._get_action_name; this Python changed it"
+    )

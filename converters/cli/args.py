@@ -102,9 +102,10 @@ class Parser(argparse.ArgumentParser):
         hint = ""
         if "invalid choice" in message:
             hint = self._value_hint(message)
-        self._fail(f"{message}{hint}")
+        self.fail(f"{message}{hint}")
 
-    def _fail(self, message: str) -> NoReturn:
+    def fail(self, message: str) -> NoReturn:
+        """A usage error: one line on stderr, exit 2."""
         print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
@@ -133,8 +134,8 @@ class Parser(argparse.ArgumentParser):
             unknown = [e for e in extras if e.startswith("-")] or extras
             meant = suggest_option(parser, unknown[0])
             if meant is not None:
-                parser._fail(f"unrecognized argument {unknown[0]}; did you mean {meant}?")
-            parser._fail(f"unrecognized arguments: {' '.join(extras)}")
+                parser.fail(f"unrecognized argument {unknown[0]}; did you mean {meant}?")
+            parser.fail(f"unrecognized arguments: {' '.join(extras)}")
         return parsed
 
     def _subcommand_parser(self, parsed: argparse.Namespace) -> Parser | None:

@@ -411,7 +411,8 @@ def _run_rules(builder: Builder, graph: graph_lib.Graph) -> dict[int, list | Non
     if failures:
         raise UnsupportedLayersError(
             f"Cannot export {len(failures)} layer(s) natively to ONNX: {'; '.join(failures)}. "
-            "Expected layers with a rule in keras_bn.converters.onnx.rules.RULES; replace "
+            "Expected layers and keras.ops operations with a rule in keras_bn.converters.onnx.rules "
+            "(RULES, OPS; docs/COVERAGE.md); replace "
             "them, or pass fallback=True (CLI: --fallback) to use Keras's own exporter "
             "(needs tf2onnx).",
             failures,

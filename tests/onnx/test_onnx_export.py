@@ -427,12 +427,12 @@ def test_fold_while_exporting_keeps_the_layer_map_comparable(tmp_path):
 
 def _unsupported_model():
     x = keras.Input((6,), name="x")
-    # traced: its sinh (no rule) is named by the Lambda's path
-    h = layers.Lambda(lambda t: keras.ops.sinh(t), name="doubler")(x)
-    # traced through its activation function, whose sinh has no rule either
-    h = layers.Dense(4, activation=lambda t: keras.ops.sinh(t), name="custom_activation")(h)
-    h = layers.RepeatVector(2, name="repeat")(h)
-    return keras.Model(x, layers.Flatten()(h), name="unsupported")
+    # traced: its erfinv (no rule) is named by the Lambda's path
+    h = layers.Lambda(lambda t: keras.ops.erfinv(0.1 * t), name="doubler")(x)
+    # traced through its activation function, whose erfinv has no rule either
+    h = layers.Dense(4, activation=lambda t: keras.ops.erfinv(0.1 * t), name="custom_activation")(h)
+    h = layers.Lambda(lambda t: keras.ops.flip(t, axis=1), name="flipper")(h)
+    return keras.Model(x, h, name="unsupported")
 
 
 def test_unsupported_layers_are_all_named(tmp_path):
@@ -443,9 +443,9 @@ def test_unsupported_layers_are_all_named(tmp_path):
     assert "3 layer(s)" in message and "\n" not in message
     for name in (
         "'doubler/",
-        "(Sinh: no ONNX rule",
+        "(Erfinv: no ONNX rule",
         "'custom_activation/",
-        "'repeat/repeat' (Repeat: no ONNX rule",  # RepeatVector traced to ops.repeat
+        "'flipper/flip' (Flip: no ONNX rule",
     ):
         assert name in message
     assert "fallback=True" in message and "--fallback" in message
@@ -455,8 +455,8 @@ def test_unsupported_layers_are_all_named(tmp_path):
 
 def test_fallback_uses_keras_exporter(tmp_path):
     x = keras.Input((6,), name="x")
-    sinh = layers.Lambda(lambda t: keras.ops.sinh(t))  # no rule for Sinh
-    model = keras.Model(x, layers.Dense(3)(sinh(x)), name="fb")
+    erfinv = layers.Lambda(lambda t: keras.ops.erfinv(0.1 * t))  # no rule for Erfinv
+    model = keras.Model(x, layers.Dense(3)(erfinv(x)), name="fb")
     import importlib.util
 
     if importlib.util.find_spec("tf2onnx") is None and keras.backend.backend() == "tensorflow":
@@ -479,7 +479,7 @@ def test_fallback_with_fold_exports_the_folded_model(tmp_path):
     x = keras.Input((6,), name="x")
     bn = layers.BatchNormalization(name="bn")
     h = bn(layers.Dense(4, name="dense")(x))
-    model = keras.Model(x, layers.Lambda(lambda t: keras.ops.sinh(t))(h), name="fb_fold")
+    model = keras.Model(x, layers.Lambda(lambda t: keras.ops.erfinv(0.1 * t))(h), name="fb_fold")
     bn.moving_mean.assign([0.5, -1.0, 2.0, 0.0])
     bn.moving_variance.assign([0.25, 4.0, 1.0, 9.0])
     if importlib.util.find_spec("tf2onnx") is None and keras.backend.backend() == "tensorflow":
