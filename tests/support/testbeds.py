@@ -30,6 +30,8 @@ import numpy as np
 # torchvision's ImageNet preprocessing (MobileNetV2).
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+# EfficientNet-Lite's (TensorFlow's) preprocessing: pixels to [-1, 1].
+LITE_MEAN = LITE_STD = np.array([0.5, 0.5, 0.5], dtype=np.float32)
 
 # torchvision's MobileNetV2 inverted-residual settings: expansion t, channels c,
 # repeats n, first stride s.
@@ -214,16 +216,21 @@ def mobilenet_v2(state_dict: dict[str, np.ndarray] | None = None, *, image_size:
     return model
 
 
-def _batch_norm(name: str):
+def _batch_norm(name: str, eps: float = 1e-5):
     import keras_bn
 
     return keras_bn.BatchNormalization(
-        **keras_bn.torch_batch_norm_kwargs(eps=1e-5, channels_first=False), name=name
+        **keras_bn.torch_batch_norm_kwargs(eps=eps, channels_first=False), name=name
     )
 
 
-def load_torch_state(model, state_dict: dict[str, np.ndarray]) -> None:
+def load_torch_state(
+    model, state_dict: dict[str, np.ndarray], prefixes: dict[str, str] | None = None
+) -> None:
     """Loads a PyTorch ``state_dict`` into a model whose layers are named after it.
+
+    ``prefixes`` maps Keras layer names to torch module paths; by default a layer
+    named ``features_1_conv_0_0`` reads ``features.1.conv.0.0.*``.
 
     Kernels are transposed from torch's ``(out, in, h, w)`` to Keras's
     ``(h, w, in, out)``; depthwise kernels ``(channels, 1, h, w)`` to
@@ -238,7 +245,7 @@ def load_torch_state(model, state_dict: dict[str, np.ndarray]) -> None:
 
     used: set[str] = set()
     for layer in model.layers:
-        prefix = layer.name.replace("_", ".") + "."
+        prefix = (prefixes or {}).get(layer.name, layer.name.replace("_", ".")) + "."
         if isinstance(layer, keras.layers.BatchNormalization):
             keras_bn.load_torch_batch_norm(layer, state_dict, prefix=prefix, eps=layer.epsilon)
             used.update(key for key in state_dict if key.startswith(prefix))
@@ -259,6 +266,74 @@ def load_torch_state(model, state_dict: dict[str, np.ndarray]) -> None:
     unused = sorted(set(state_dict) - used)
     if unused:
         raise ValueError(f"state dict keys not loaded into {model.name}: {unused[:8]}")
+
+
+# --------------------------------------------------------------------------------------
+# EfficientNet-Lite0 (efficientnet-lite-pytorch's layout) in Keras.
+
+# Lite0's blocks: repeats, kernel, stride, expansion, input and output channels.
+EFFICIENTNET_LITE0_BLOCKS = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+
+
+def efficientnet_lite0(state_dict: dict[str, np.ndarray] | None = None, *, image_size=224):
+    """EfficientNet-Lite0 in Keras, channels-last, with ``keras_bn`` BN (eps 1e-3).
+
+    The PyTorch port pads like TensorFlow's ``same`` (the extra pixel bottom/right),
+    which is Keras's ``same``. Lite0 has ReLU6, no squeeze-excitation, fixed stem and
+    head. Returns logits. Layer names are the torch paths without the leading
+    underscores (``blocks_3_depthwise_conv``); the map back is kept for loading.
+    """
+    import keras
+
+    layers = keras.layers
+    prefixes: dict[str, str] = {}
+
+    def named(torch_path: str) -> str:
+        name = torch_path.replace("._", "_").lstrip("_")
+        prefixes[name] = torch_path
+        return name
+
+    def conv_bn(x, conv, bn, filters, kernel=1, stride=1, depthwise=False, relu6=True):
+        if depthwise:
+            x = layers.DepthwiseConv2D(
+                kernel, stride, padding="same", use_bias=False, name=named(conv)
+            )(x)
+        else:
+            x = layers.Conv2D(
+                filters, kernel, stride, padding="same", use_bias=False, name=named(conv)
+            )(x)
+        x = _batch_norm(named(bn), eps=1e-3)(x)
+        return layers.ReLU(6.0, name=named(bn) + "_relu6")(x) if relu6 else x
+
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = conv_bn(inputs, "_conv_stem", "_bn0", 32, 3, 2)
+    index = 0
+    for repeats, kernel, first_stride, expansion, first_in, out in EFFICIENTNET_LITE0_BLOCKS:
+        for repeat in range(repeats):
+            stride, channels = (first_stride, first_in) if repeat == 0 else (1, out)
+            block, block_input = f"_blocks.{index}.", x
+            if expansion != 1:
+                x = conv_bn(x, block + "_expand_conv", block + "_bn0", channels * expansion)
+            x = conv_bn(x, block + "_depthwise_conv", block + "_bn1", None, kernel, stride, True)
+            x = conv_bn(x, block + "_project_conv", block + "_bn2", out, relu6=False)
+            if stride == 1 and channels == out:
+                x = layers.Add(name=f"blocks_{index}_add")([block_input, x])
+            index += 1
+    x = conv_bn(x, "_conv_head", "_bn1", 1280)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = layers.Dense(1000, name=named("_fc"))(x)
+    model = keras.Model(inputs, outputs, name="efficientnet_lite0")
+    if state_dict is not None:
+        load_torch_state(model, state_dict, prefixes)
+    return model
 
 
 # --------------------------------------------------------------------------------------
@@ -304,18 +379,33 @@ def photo(name: str) -> np.ndarray:
     return image.astype(np.float32) / (255.0 if image.dtype == np.uint8 else 1.0)
 
 
-def whole_photos(names=("chelsea", "coffee", "astronaut", "rocket"), size: int = 224):
+def whole_photos(
+    names=("chelsea", "coffee", "astronaut", "rocket"),
+    size: int = 224,
+    *,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+) -> np.ndarray:
     """Whole photos resized to ``size`` and normalized (ImageNet), NHWC float32."""
-    return np.stack([_normalize(_resize(photo(name), size)) for name in names])
+    return np.stack([_normalize(_resize(photo(name), size), mean, std) for name in names])
 
 
-def crops(count: int, *, seed: int, size: int = 224, photos=PHOTOS) -> np.ndarray:
+def crops(
+    count: int,
+    *,
+    seed: int,
+    size: int = 224,
+    photos=PHOTOS,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+) -> np.ndarray:
     """``count`` random square crops (scale 35-100% of the short side), random
-    horizontal flips, resized to ``size``, ImageNet-normalized; NHWC float32.
+    horizontal flips, resized to ``size``, normalized (``mean``/``std`` of [0, 1]
+    pixels: ImageNet's by default); NHWC float32.
 
     Two seeds give two sets of different crops: calibration and evaluation.
     """
-    return np.stack(list(_crops(count, seed, size, photos)))
+    return np.stack([_normalize(crop, mean, std) for crop in _crops(count, seed, size, photos)])
 
 
 def _crops(count: int, seed: int, size: int, photos) -> Iterator[np.ndarray]:
@@ -330,7 +420,7 @@ def _crops(count: int, seed: int, size: int, photos) -> Iterator[np.ndarray]:
         crop = image[top : top + side, left : left + side]
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
-        yield _normalize(_resize(crop, size))
+        yield _resize(crop, size)
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -344,5 +434,5 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
     return resized[top : top + size, left : left + size].astype(np.float32)
 
 
-def _normalize(image: np.ndarray) -> np.ndarray:
-    return ((image - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+def _normalize(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    return ((image - mean) / std).astype(np.float32)
