@@ -297,7 +297,7 @@ def efficientnet_lite0(state_dict: dict[str, np.ndarray] | None = None, *, image
     prefixes: dict[str, str] = {}
 
     def named(torch_path: str) -> str:
-        name = torch_path.replace("._", "_").lstrip("_")
+        name = torch_path.lstrip("_").replace("._", "_").replace(".", "_")
         prefixes[name] = torch_path
         return name
 
