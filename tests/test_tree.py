@@ -124,6 +124,7 @@ WHOLE_PROGRAM = {
     "layers/test_loading_without_import.py": "a saved model loaded in a fresh process",
     "validation/test_validation_exactness.py": "the float64 judge on real models and bugs",
     "validation/test_precision_validation.py": "float16 and int8 criteria on real exports",
+    "validation/test_int8_testbed.py": "trained MobileNetV2 weights against PyTorch's logits",
     "cli/test_cli_fuzz.py": "corrupted .keras files through the CLI",
     "cli/test_cli_hostile.py": "mutated files through every command",
     "examples/test_examples.py": "the examples, run as a user runs them",
