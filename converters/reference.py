@@ -181,6 +181,9 @@ class Float64Twin:
     model: keras.Model
     float32_classes: tuple[str, ...] = ()
     dtype: str = "float64"
+    # The run :func:`float64_twin` checked it with: (its inputs, its outputs), reused
+    # by :meth:`__call__` for the same arrays rather than run again.
+    checked: tuple[list[np.ndarray], list[np.ndarray]] | None = None
 
     @property
     def exact(self) -> bool:
@@ -188,7 +191,10 @@ class Float64Twin:
         return not self.float32_classes
 
     def __call__(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        """Outputs (flattened, as float64) for ``inputs`` (one array per model input)."""
+        """Outputs (flattened, as float64) for ``inputs`` (one array per model input);
+        the check run's outputs when given the arrays :func:`float64_twin` checked with."""
+        if self.checked is not None and _same_arrays(self.checked[0], inputs):
+            return self.checked[1]
         feed = [_as_float(array, self.dtype) for array in inputs]
         with float64_enabled():
             outputs = self.model(feed if len(feed) > 1 else feed[0], training=False)
@@ -196,6 +202,10 @@ class Float64Twin:
                 np.asarray(keras.ops.convert_to_numpy(y), np.float64)
                 for y in keras.tree.flatten(outputs)
             ]
+
+
+def _same_arrays(first: list[np.ndarray], second: list[np.ndarray]) -> bool:
+    return len(first) == len(second) and all(a is b for a, b in zip(first, second, strict=True))
 
 
 @contextlib.contextmanager
@@ -242,7 +252,7 @@ def float64_twin(
     for _ in range(_MAX_RETRIES):
         twin = Float64Twin(_clone_as(model, dtype, float32_classes), tuple(float32_classes), dtype)
         try:
-            twin(sample_inputs)
+            twin.checked = (list(sample_inputs), twin(sample_inputs))
             return twin
         except Exception as error:  # a backend kernel missing for float64
             match = _FAILED_CALL.search(str(error))

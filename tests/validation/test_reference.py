@@ -47,6 +47,18 @@ def test_twin_matches_numpy_float64_and_beats_float32():
     assert float32_error > 1e3 * np.abs(got - exact).max()  # float32 noise, far above the twin's
 
 
+def test_the_check_run_is_reused_and_other_arrays_are_computed():
+    model = _dense_bn_model()
+    x = np.random.default_rng(2).normal(0.0, 3.0, (8, 5)).astype("float32")
+    twin = float64_twin(model, [x])
+    (checked,) = twin([x])  # the check run's outputs, not a second run
+    assert twin.checked is not None and twin.checked[1][0] is checked
+    np.testing.assert_allclose(checked, _numpy_float64(model, x), rtol=0, atol=1e-12)
+    other = x[:3] * 0.5  # new arrays: computed, not the check run's
+    (got,) = twin([other])
+    np.testing.assert_allclose(got, _numpy_float64(model, other), rtol=0, atol=1e-12)
+
+
 def test_twin_leaves_the_model_untouched():
     model = _dense_bn_model()
     before = [np.array(w) for w in model.get_weights()]
