@@ -59,10 +59,20 @@ def _text_test_module():
 def _first_line(error: BaseException) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
     text = re.sub(r"Load model from \S+ failed:", "", text)
+    node = re.search(r'In Node, \("[^"]*", (\w+), "([^"]*)".*?Error (.*)', " ".join(text.split()))
+    if node:  # onnxruntime's INVALID_GRAPH: the op and its error, not the node's name
+        return f"onnxruntime: {node.group(1)} node: {node.group(3)}"[:200]
+    traced = re.search(r"\((\w+): tracing \S+ failed at (\S+) `[^`]*`: ([^;]*)", text)
+    if traced:  # keras-bn's refusal: the first layer, where its trace stopped, and why
+        layer, where, cause = traced.groups()
+        return f"{type(error).__name__}: {layer} at {where}: {cause}"[:200]
     lines = [part.strip() for part in text.splitlines() if part.strip()] or [""]
     line = lines[0]
     if line.startswith("Exception encountered when calling") and len(lines) > 1:
         line += " " + lines[1]  # Keras's wrapper: the cause is on the next line
+    frames = traceback.extract_tb(error.__traceback__)
+    if isinstance(error, IndexError | KeyError | AttributeError | AssertionError) and frames:
+        line += f" (in {'/'.join(Path(frames[-1].filename).parts[-2:])})"  # whose bug
     return f"{type(error).__name__}: {line}"[:200]
 
 
