@@ -80,6 +80,9 @@ def _feed(session, arrays: dict, batch: int) -> dict:
     """The session's inputs from ``arrays`` by name (tf2onnx may add ``:0``), else in order."""
     feeds = {}
     names = list(arrays)
+    graph_inputs = [item.name for item in session.get_inputs()]
+    if len(graph_inputs) != len(names):
+        raise RuntimeError(f"extra graph inputs: {graph_inputs}, the model's {names}")
     for position, item in enumerate(session.get_inputs()):
         name = item.name.split(":")[0]
         key = name if name in arrays else names[position]
