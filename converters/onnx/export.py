@@ -35,7 +35,15 @@ from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.files import atomic_output
 from keras_bn.converters.folding import FoldReport, fold_batch_norms, fold_graph
 from keras_bn.converters.onnx.builder import Builder, Unsupported, Value, tensor_type
-from keras_bn.converters.onnx.layout import channels_first_perm, identity_perm
+from keras_bn.converters.onnx.layout import (
+    InputLayout,
+    channels_first_perm,
+    check_input_layout,
+    encode_input_layout,
+    identity_perm,
+    layout_of,
+    resolve_input_layouts,
+)
 from keras_bn.converters.onnx.metadata import (
     METADATA_INPUT_LAYOUT,
     METADATA_LAYER_OUTPUTS,
@@ -52,7 +60,6 @@ from keras_bn.converters.onnx.writing import (
     write_model,
     write_weights,
 )
-from keras_bn.converters.options import INPUT_LAYOUTS
 from keras_bn.converters.prepared import ModelLike, PreparedModel, prepare
 from keras_bn.converters.samples import with_input_shapes
 
@@ -103,6 +110,8 @@ class ExportResult:
     seconds: float
     input_names: list[str]
     output_names: list[str]
+    # "channels_last", "channels_first" (every input of rank >= 3), or JSON by input
+    # name where they differ (onnx.layout.encode_input_layout)
     input_layout: str = "channels_last"
     used_fallback: bool = False
     external_data: str | None = None  # file name of the weights when stored beside
@@ -241,11 +250,8 @@ def _check_opset(opset: int | None) -> int:
     return int(opset)
 
 
-def _check_arguments(input_layout: str, batch_size: int | None) -> None:
-    if input_layout not in INPUT_LAYOUTS:
-        raise UserInputError(
-            f"input_layout must be 'channels_last' or 'channels_first'; received {input_layout!r}."
-        )
+def _check_arguments(input_layout: InputLayout, batch_size: int | None) -> None:
+    check_input_layout(input_layout)
     if batch_size is not None and (
         isinstance(batch_size, bool)
         or not isinstance(batch_size, int | np.integer)
@@ -285,7 +291,7 @@ def build_onnx_model(
     graph: graph_lib.Graph,
     *,
     opset: int = DEFAULT_OPSET,
-    input_layout: str = "channels_last",
+    input_layout: InputLayout = "channels_last",
     batch_size: int | None = None,
 ) -> onnx.ModelProto:
     """Build the ONNX ModelProto of a flattened (possibly rewritten) graph in memory.
@@ -297,7 +303,7 @@ def build_onnx_model(
 
 
 def _build(
-    graph: graph_lib.Graph, opset: int, input_layout: str, batch_size: int | None
+    graph: graph_lib.Graph, opset: int, input_layout: InputLayout, batch_size: int | None
 ) -> tuple[onnx.ModelProto, Weights]:
     """:func:`build_onnx_model`'s model without its weights' bytes, and the weights."""
     input_names = list(graph.input_names)
@@ -349,14 +355,14 @@ def build_subgraph(parent: Builder, model: Any, scope: str, name: str) -> onnx.G
 
 
 def _declare_inputs(
-    builder: Builder, graph: graph_lib.Graph, input_layout: str, batch_size: int | None
+    builder: Builder, graph: graph_lib.Graph, input_layout: InputLayout, batch_size: int | None
 ) -> list[onnx.ValueInfoProto]:
-    """The graph inputs, in the requested layout."""
+    """The graph inputs, each in its requested layout."""
     onnx_inputs = []
     for tensor, name in zip(graph.inputs, graph.input_names, strict=True):
         perm = (
             channels_first_perm(tensor.rank)
-            if input_layout == "channels_first"
+            if layout_of(input_layout, name) == "channels_first"
             else identity_perm(tensor.rank)
         )
         builder.declare(tensor, Value(name, perm))
@@ -463,7 +469,7 @@ def _assemble(
     onnx_inputs: list[onnx.ValueInfoProto],
     onnx_outputs: list[onnx.ValueInfoProto],
     opset: int,
-    input_layout: str,
+    input_layout: InputLayout,
     layer_map: LayerMap,
 ) -> tuple[onnx.ModelProto, Weights]:
     """The ModelProto (nodes, opset, metadata, initializers) and its weights."""
@@ -480,7 +486,7 @@ def _assemble(
     helper.set_model_props(
         onnx_model,
         {
-            METADATA_INPUT_LAYOUT: input_layout,
+            METADATA_INPUT_LAYOUT: _encoded_layout(graph, input_layout),
             METADATA_LAYER_OUTPUTS: encode_layer_map(layer_map),
         },
     )
@@ -490,6 +496,22 @@ def _assemble(
     for name, array in builder.initializers.items():
         add_initializer(onnx_model, name, array, weights)
     return onnx_model, weights
+
+
+def _encoded_layout(graph: graph_lib.Graph, input_layout: InputLayout) -> str:
+    """The layout the metadata records (:func:`~.layout.encode_input_layout`)."""
+    layouts = {name: layout_of(input_layout, name) for name in graph.input_names}
+    ranks = {name: t.rank for name, t in zip(graph.input_names, graph.inputs, strict=True)}
+    return encode_input_layout(layouts, ranks)
+
+
+def _channels_first_inputs(graph: graph_lib.Graph) -> list[str]:
+    """The inputs a ``data_format="channels_first"`` layer reads: already channels_first."""
+    return [
+        name
+        for name, tensor in zip(graph.input_names, graph.inputs, strict=True)
+        if any(getattr(c.layer, "data_format", None) == "channels_first" for c in tensor.consumers)
+    ]
 
 
 def _version() -> str:
@@ -543,7 +565,7 @@ def export_onnx(
     path: str | os.PathLike,
     *,
     opset: int | None = None,
-    input_layout: str = "channels_last",
+    input_layout: InputLayout = "channels_last",
     batch_size: int | None = None,
     fallback: bool = False,
     external_data: bool | None = None,
@@ -561,7 +583,10 @@ def export_onnx(
         opset: ONNX opset, ``MIN_OPSET`` to ``MAX_OPSET``; default ``DEFAULT_OPSET``.
         input_layout: ``"channels_last"`` keeps each input's Keras shape;
             ``"channels_first"`` moves the last axis of inputs of rank >= 3 to
-            axis 1 (NHWC -> NCHW), what most edge runtimes prefer.
+            axis 1 (NHWC -> NCHW), what most edge runtimes prefer; or a dict by
+            input name (``{"image": "channels_first"}``; inputs not named keep
+            channels_last). A change that does not apply is refused: a named input
+            of rank < 3, an input a ``data_format="channels_first"`` layer reads.
         batch_size: None for a dynamic batch dimension (named ``"batch"``), or a
             fixed positive size.
         fallback: when some layer has no native rule, use Keras's own
@@ -590,8 +615,14 @@ def export_onnx(
     if input_shapes:  # a wrapper with those sizes (a new model: prepared anew)
         model = with_input_shapes(prepare(model).model, input_shapes)
     prepared, graph, fold_report = _graph_to_export(model, fold)
+    layouts = resolve_input_layouts(
+        input_layout,
+        [(spec.name, spec.shape) for spec in prepared.inputs],
+        _channels_first_inputs(prepared.graph),
+        prepared.name,
+    )
     try:
-        onnx_model, weights = _build(graph, opset, input_layout, batch_size)
+        onnx_model, weights = _build(graph, opset, layouts, batch_size)
     except UnsupportedLayersError as error:
         if not fallback:
             raise
@@ -604,7 +635,7 @@ def export_onnx(
         path,
         opset,
         start,
-        input_layout,
+        _encoded_layout(graph, layouts),
         found_warnings,
         used_fallback=False,
         external=location,
