@@ -120,6 +120,7 @@ WHOLE_PROGRAM = {
     "onnx/test_keras_hub.py": "KerasHub models exported through tracing",
     "graph/test_subclassed_models.py": "subclassed keras.Model traced, folded, exported",
     "cli/test_input_layouts.py": "input layouts per input, through the API and the CLI",
+    "onnx/test_fallback.py": "Keras's exporter as the fallback, on TensorFlow and JAX",
     "training/test_model_untouched.py": "the original model after replace, fold and export",
     "layers/test_loading_without_import.py": "a saved model loaded in a fresh process",
     "validation/test_validation_exactness.py": "the float64 judge on real models and bugs",

@@ -419,7 +419,7 @@ def _run_rules(builder: Builder, graph: graph_lib.Graph) -> dict[int, list | Non
             f"Cannot export {len(failures)} layer(s) natively to ONNX: {'; '.join(failures)}. "
             "Expected layers with a rule in keras_bn.converters.onnx.rules.RULES; replace "
             "them, or pass fallback=True (CLI: --fallback) to use Keras's own exporter "
-            "(needs tf2onnx).",
+            "(needs tf2onnx on TensorFlow, jax2onnx on JAX).",
             failures,
         )
     return recorded
@@ -677,8 +677,17 @@ def _fall_back(
     )
     model: ModelLike = prepared
     fold_report = None
-    if fold:
-        model, fold_report = fold_batch_norms(prepared, measure=False)
+    # Folding rebuilds the model from its layers' configs (some, KerasHub's, do not
+    # rebuild): only when a BatchNormalization of the model's own graph folds.
+    import keras
+
+    has_batch_norm = any(
+        isinstance(node.layer, keras.layers.BatchNormalization) for node in prepared.graph.nodes
+    )
+    if fold and has_batch_norm:
+        folded, fold_report = fold_batch_norms(prepared, measure=False)
+        if fold_report.folded_count:
+            model = folded
     result = _export_with_keras(model, path, opset, prepared.input_names, start)
     return dataclasses.replace(result, fold_report=fold_report)
 
@@ -712,32 +721,61 @@ def _result(
     )
 
 
+# The package Keras's ONNX exporter needs, per backend.
+_KERAS_EXPORTER_PACKAGES = {"tensorflow": "tf2onnx", "jax": "jax2onnx", "torch": "onnx"}
+
+
 def _export_with_keras(
     model: ModelLike, path: Path, opset: int, input_names: Sequence[str], start: float
 ) -> ExportResult:
-    """Keras's own exporter (TensorFlow tracing + tf2onnx), checked like ours."""
+    """Keras's own exporter (tf2onnx on TensorFlow, jax2onnx on JAX), checked like
+    ours. Its failure is the user's to act on (a layer Keras cannot export either):
+    UserInputError with its message."""
     import importlib.util
 
     import keras
 
-    if keras.backend.backend() == "tensorflow" and importlib.util.find_spec("tf2onnx") is None:
+    backend = keras.backend.backend()
+    package = _KERAS_EXPORTER_PACKAGES.get(backend)
+    if package is not None and importlib.util.find_spec(package) is None:
+        extra = " (or `pip install keras-bn[bench]`)" if package == "tf2onnx" else ""
         raise UserInputError(
-            "fallback=True needs tf2onnx for Keras's ONNX exporter, which is not installed; "
-            "run `pip install tf2onnx` (or `pip install keras-bn[bench]`)."
+            f"fallback=True needs {package} for Keras's ONNX exporter on the {backend} "
+            f"backend, which is not installed; run `pip install {package}`{extra}."
         )
-    from keras_bn.converters.samples import call_model, make_sample_inputs
+    from keras_bn.converters.samples import make_sample_inputs
 
     prepared = prepare(model)
-    # Keras refuses never-called models
-    call_model(prepared, make_sample_inputs(prepared, 1, seed=0))
+    # Keras's exporter refuses a model never called eagerly (on JAX, validation's
+    # compiled pass does not count): one eager call on one sample.
+    from keras import tree
+
+    from keras_bn import _keras_internals as internals
+
+    sample = make_sample_inputs(prepared, 1, seed=0)
+    structure = tree.pack_sequence_as(
+        internals.inputs_struct(internals.functional_of(prepared.model)),
+        [sample[name] for name in prepared.input_names],
+    )
+    prepared.model(structure, training=False)
     with atomic_output(path) as temporary:
-        prepared.model.export(str(temporary), format="onnx", verbose=False, opset_version=opset)
+        try:
+            prepared.model.export(str(temporary), format="onnx", verbose=False, opset_version=opset)
+            # a file with operators ONNX does not define (tf2onnx writes what it
+            # cannot convert as the TensorFlow op) is its failure too
+            onnx.checker.check_model(str(temporary), full_check=False)
+        except Exception as error:  # Keras's exporter, not ours: the user's to act on
+            message = " ".join(str(error).split())[:400]
+            raise UserInputError(
+                f"Keras's own ONNX exporter (fallback=True) failed on {prepared.name!r} with "
+                f"{type(error).__name__}: {message}; expected layers it can export too: "
+                "replace the layers without a native rule, or give them a keras-bn rule."
+            ) from error
         onnx_model = onnx.load(str(temporary), load_external_data=False)
         report = check_structure(onnx_model, input_names)
         messages = [*report.errors, *report.warnings]
         for message in messages:
             warnings.warn(f"Keras's exporter: {message}", ExportWarning, stacklevel=3)
-        onnx.checker.check_model(str(temporary), full_check=False)
     return _result(
         onnx_model, path, opset, start, "channels_last", messages, used_fallback=True, external=None
     )
