@@ -349,13 +349,13 @@ class _InputLayoutAction(argparse.Action):
                 f"{' or '.join(INPUT_LAYOUTS)}, optionally after NAME= for one input"
                 + (hint if meant else "")
             )
-        given = getattr(namespace, "_input_layout_given", None)
+        given = getattr(namespace, "input_layout_named", None)
         if given is not None and given != bool(named):
             parser.error(
                 "argument --input-layout: give one layout for every input or NAME=LAYOUT "
                 f"per input, not both; received {values!r} after the other form"
             )
-        namespace._input_layout_given = bool(named)
+        namespace.input_layout_named = bool(named)
         if named:
             if not name:
                 parser.error(f"argument --input-layout: {values!r} names no input before '='")
