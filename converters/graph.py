@@ -32,6 +32,7 @@ __all__ = [
     "rebuild",
     "is_model",
     "node_keys",
+    "with_graph",
 ]
 
 
@@ -139,7 +140,55 @@ class Graph:
 
 
 def is_model(layer: Any) -> bool:
-    return isinstance(layer, keras.Model)
+    """A model with a layer graph (Sequential, Functional): :func:`flatten` inlines
+    its calls. A subclassed model (its own ``call()``) is traced like a layer."""
+    return internals.is_sequential_or_functional(layer)
+
+
+def with_graph(model: keras.Model) -> keras.Model:
+    """``model`` itself when it has a layer graph; for a subclassed model, a
+    Functional model of the same name that calls it once on inputs of the shapes it
+    was built for (its build shapes, batch size unknown), which :func:`flatten`
+    traces like a subclassed layer.
+
+    Raises ``ValueError`` for a subclassed model never built or called, and for an
+    unbuilt Sequential model (:func:`keras_bn._keras_internals.functional_of`).
+    """
+    if not isinstance(model, keras.Model) or is_model(model):
+        return model
+    shapes = internals.build_shapes(model)
+    if not shapes or len(shapes) != 1:
+        raise ValueError(
+            f"Subclassed model {model.name!r} of class {type(model).__name__} has no known "
+            f"input shape{'' if not shapes else f' (built with {sorted(shapes)})'}. "
+            "Expected a model called once on sample inputs or built with "
+            "`model.build(input_shape)`; call it on a batch of inputs first."
+        )
+    (shape,) = shapes.values()
+    single = _is_shape(shape)
+    if single:
+        structure: Any = keras.Input(batch_shape=(None, *shape[1:]), name="input")
+    elif isinstance(shape, Mapping) and all(_is_shape(s) for s in shape.values()):
+        structure = {
+            name: keras.Input(batch_shape=(None, *s[1:]), name=name) for name, s in shape.items()
+        }
+    elif isinstance(shape, list | tuple) and all(_is_shape(s) for s in shape):
+        structure = [
+            keras.Input(batch_shape=(None, *s[1:]), name=f"input_{index}")
+            for index, s in enumerate(shape)
+        ]
+    else:
+        raise ValueError(
+            f"Subclassed model {model.name!r} was built with input shapes {shape!r}: "
+            "expected one shape, or a list or dict of shapes."
+        )
+    return keras.Model(structure, model(structure), name=model.name)
+
+
+def _is_shape(shape: Any) -> bool:
+    return isinstance(shape, list | tuple) and all(
+        size is None or isinstance(size, int | np.integer) for size in shape
+    )
 
 
 def flatten(model: keras.Model, trace: Callable[[Any], bool] | None = None) -> Graph:
@@ -154,8 +203,10 @@ def flatten(model: keras.Model, trace: Callable[[Any], bool] | None = None) -> G
     A traced call's None outputs are none of its outputs (Keras records them so
     too); an output computed from constants only is a
     :class:`~keras_bn.converters.tracing.Constant` node, left out when nothing
-    reads it. The model is not modified.
+    reads it. A subclassed model is flattened through :func:`with_graph`. The model
+    is not modified.
     """
+    model = with_graph(model)
     functional = internals.functional_of(model)
     flattener = _Flattener(trace)
     tensor_map: dict[int, Tensor] = {}
@@ -357,7 +408,8 @@ class _Flattener:
 
 
 def traceable(operation: Any) -> bool:
-    """A layer call :func:`flatten` may trace: a layer that is not a model."""
+    """A layer call :func:`flatten` may trace: a layer, or a subclassed model, not a
+    model with a layer graph (inlined instead)."""
     return isinstance(operation, keras.Layer) and not is_model(operation)
 
 

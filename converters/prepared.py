@@ -75,13 +75,15 @@ class InputSpec:
 class PreparedModel:
     """A Keras model flattened once for a run (see the module docstring).
 
-    Raises ``ValueError`` (from :func:`~.graph.flatten`) for a model that has no
-    layer graph: a subclassed model, an unbuilt Sequential.
+    A subclassed model is prepared as the Functional model that calls it
+    (:func:`~.graph.with_graph`), traced like a subclassed layer. Raises
+    ``ValueError`` for a model with no known input shape: an unbuilt Sequential, a
+    subclassed model never built or called.
     """
 
     def __init__(self, model: keras.Model) -> None:
-        self.model = model
-        self.graph = graph_lib.flatten(model)
+        self.model = graph_lib.with_graph(model)  # a subclassed model: called in a wrapper
+        self.graph = graph_lib.flatten(self.model)
         self.inputs = [
             InputSpec(name, tensor.shape, tensor.dtype)
             for name, tensor in zip(self.graph.input_names, self.graph.inputs, strict=True)

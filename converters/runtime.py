@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from keras_bn.converters.errors import UserInputError
-from keras_bn.converters.onnx.layout import channels_first_perm
+from keras_bn.converters.onnx.layout import channels_first_perm, layout_of
 
 __all__ = [
     "InputSpec",
@@ -124,13 +124,13 @@ def match_inputs(
     inputs: Mapping[str, np.ndarray],
     what: str,
     *,
-    input_layout: str = "channels_last",
+    input_layout: str | Mapping[str, str] = "channels_last",
     check_shapes: bool = True,
 ) -> dict[str, np.ndarray]:
     """Key ``inputs`` by the ONNX input names, check their shapes, cast to their dtypes.
 
-    With ``input_layout="channels_first"`` the arrays are in Keras order and are
-    transposed first (inputs of rank >= 3). Arrays named otherwise than the ONNX
+    With ``input_layout="channels_first"`` (or that layout for an input name) the
+    arrays are in Keras order and are transposed first (inputs of rank >= 3). Arrays named otherwise than the ONNX
     inputs (another exporter's names, or any key for a single input) are matched
     by position when their count and ranks agree. ``what`` names the arrays in
     error messages. ``check_shapes=False`` leaves non-batch sizes to onnxruntime
@@ -138,7 +138,7 @@ def match_inputs(
     """
     arrays = {
         name: np.transpose(array, channels_first_perm(np.ndim(array)))
-        if input_layout == "channels_first" and np.ndim(array) >= 3
+        if layout_of(input_layout, name) == "channels_first" and np.ndim(array) >= 3
         else np.asarray(array)
         for name, array in inputs.items()
     }

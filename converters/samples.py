@@ -65,6 +65,7 @@ def with_input_shapes(
     named keep their shapes."""
     from keras_bn import _keras_internals as internals
 
+    model = graph_lib.with_graph(model)  # a subclassed model: the Functional model calling it
     functional = internals.functional_of(model)
     struct = internals.inputs_struct(functional)
     names = [internals.producing_operation(kt).name for kt in tree.flatten(struct)]

@@ -65,12 +65,13 @@ from keras_bn.converters.comparison import (
     failed_comparison,
 )
 from keras_bn.converters.errors import UserInputError
+from keras_bn.converters.onnx.layout import InputLayout, check_input_layout, decode_input_layout
 from keras_bn.converters.onnx.metadata import (
     METADATA_INPUT_LAYOUT,
     LayerMap,
     decode_layer_map,
 )
-from keras_bn.converters.options import INPUT_LAYOUTS, PRECISIONS
+from keras_bn.converters.options import PRECISIONS
 from keras_bn.converters.prepared import ModelLike, PreparedModel, prepare
 from keras_bn.converters.reference import Doubtful, KerasReference, rejudge_against_float64
 from keras_bn.converters.samples import (
@@ -280,19 +281,16 @@ def _batch_plan(
     return [(count, chunks)]
 
 
-def _check_layout(input_layout: str) -> None:
-    if input_layout not in INPUT_LAYOUTS:
-        raise UserInputError(
-            f"input_layout must be 'channels_last' or 'channels_first'; received {input_layout!r}."
-        )
+def _check_layout(input_layout: object) -> None:
+    check_input_layout(input_layout)
 
 
 def _open_and_run(
     path: Path,
     full: Mapping[str, np.ndarray],
     batch_sizes: list[int] | None,
-    input_layout: str | None,
-) -> tuple[Any, int | None, str, list, list | None]:
+    input_layout: InputLayout | None,
+) -> tuple[Any, int | None, InputLayout, list, list | None]:
     """Open the ONNX file in onnxruntime and run it on ``full`` as validation plans.
 
     ``batch_sizes``: those of generated inputs (None for user inputs). The session
@@ -303,8 +301,14 @@ def _open_and_run(
     session = runtime.open_session(path, optimization=VALIDATION_OPTIMIZATION)
     if input_layout is None:
         metadata = session.get_modelmeta().custom_metadata_map
-        input_layout = metadata.get(METADATA_INPUT_LAYOUT, "channels_last")
-        _check_layout(input_layout)
+        recorded = metadata.get(METADATA_INPUT_LAYOUT, "channels_last")
+        input_layout = decode_input_layout(recorded)
+        if input_layout is None:
+            raise UserInputError(
+                f"ONNX file {str(path)!r} records the input layout {recorded!r}: expected "
+                "'channels_last', 'channels_first' or a JSON dict of them by input name; "
+                "pass input_layout (CLI: --input-layout)."
+            )
     fixed = runtime.fixed_batch_size(runtime.input_specs(session))
     count = int(next(iter(full.values())).shape[0])
     if fixed is not None and batch_sizes is not None and fixed != count:
@@ -315,7 +319,10 @@ def _open_and_run(
 
 
 def _run_batches(
-    session: Any, full: Mapping[str, np.ndarray], chunks: list[np.ndarray], input_layout: str
+    session: Any,
+    full: Mapping[str, np.ndarray],
+    chunks: list[np.ndarray],
+    input_layout: InputLayout,
 ) -> tuple[list[tuple[dict, dict, list]], Exception | None]:
     """onnxruntime on each chunk of the samples, in order.
 
@@ -516,7 +523,7 @@ def validate_onnx(
     atol: float | None = None,
     rtol: float | None = None,
     localize: bool = True,
-    input_layout: str | None = None,
+    input_layout: InputLayout | None = None,
     seed: int = 0,
     precision: str | None = None,
     reference: KerasReference | None = None,
@@ -641,7 +648,7 @@ def _check_arguments(
     batch_sizes: Sequence[int] | None,
     atol: float,
     rtol: float,
-    input_layout: str | None,
+    input_layout: InputLayout | None,
     precision: str | None,
     reference: KerasReference | None = None,
 ) -> None:
@@ -680,7 +687,7 @@ class _Runs:
     session: Any
     fixed: int | None  # the ONNX batch size when fixed
     sizes: list[int] | None  # batch sizes of generated inputs (None: user inputs)
-    input_layout: str
+    input_layout: InputLayout
     checks: list[tuple[int, list[np.ndarray]]]  # what to compare (see _batch_plan)
     ran: list  # per check: (runs, error) as from _run_batches
 
@@ -690,7 +697,7 @@ def _run_both(
     path: Path,
     inputs: Any,
     batch_sizes: Sequence[int],
-    input_layout: str | None,
+    input_layout: InputLayout | None,
     seed: int,
     reference: KerasReference | None = None,
 ) -> _Runs:

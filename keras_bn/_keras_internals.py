@@ -61,6 +61,7 @@ __all__ = [
     # Functional graphs
     "KerasNode",
     "functional_of",
+    "build_shapes",
     "ordered_nodes",
     "inputs_struct",
     "outputs_struct",
@@ -198,6 +199,13 @@ def functional_of(model: keras.Model) -> Any:
         "with no layer graph. Only Sequential and Functional models (which may nest "
         "each other) can be converted: rebuild it with the Functional API."
     )
+
+
+def build_shapes(layer: Any) -> dict[str, Any] | None:
+    """The shapes a layer was built for, by ``build`` argument name (``{"input_shape":
+    (2, 32, 32, 3)}`` once a subclassed model has been called or built), else None."""
+    shapes = getattr(layer, "_build_shapes_dict", None)
+    return dict(shapes) if shapes else None
 
 
 def ordered_nodes(functional: Any) -> list[KerasNode]:

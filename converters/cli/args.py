@@ -307,7 +307,9 @@ class ComparisonArgs:
 
 
 class InputLayoutArgs:
-    """``--input-layout``: the ONNX model's input layout (choices from the registry)."""
+    """``--input-layout [NAME=]LAYOUT``: the ONNX model's input layout, for every input
+    or, repeated, per input name (layouts from the registry). The namespace gets a
+    layout, or a dict of them by input name."""
 
     def __init__(self, default: str | None, help_text: str) -> None:
         self.default = default
@@ -315,8 +317,55 @@ class InputLayoutArgs:
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
-            "--input-layout", choices=INPUT_LAYOUTS, default=self.default, help=self.help_text
+            "--input-layout",
+            metavar="[NAME=]{" + ",".join(INPUT_LAYOUTS) + "}",
+            action=_InputLayoutAction,
+            choices=_LayoutChoices(INPUT_LAYOUTS),
+            default=self.default,
+            help=self.help_text,
         )
+
+
+class _LayoutChoices(tuple):
+    """The layouts, as argparse's choices (its check, its did-you-mean); a value naming
+    an input (``NAME=LAYOUT``) passes to :class:`_InputLayoutAction`, which checks it."""
+
+    def __contains__(self, value: object) -> bool:
+        return "=" in str(value) or super().__contains__(value)
+
+
+class _InputLayoutAction(argparse.Action):
+    """``--input-layout LAYOUT`` (every input) or ``NAME=LAYOUT``, repeatable (by name);
+    the two forms do not mix."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None):
+        name, named, layout = str(values).rpartition("=")
+        if layout not in INPUT_LAYOUTS:
+            meant = VALUE_ALIASES["input_layout"].get(layout.lower()) or next(
+                iter(difflib.get_close_matches(layout, INPUT_LAYOUTS, n=1, cutoff=0.6)), None
+            )
+            hint = f"; did you mean --input-layout {name + '=' if named else ''}{meant}?"
+            parser.error(
+                f"argument --input-layout: invalid layout {layout!r}: expected "
+                f"{' or '.join(INPUT_LAYOUTS)}, optionally after NAME= for one input"
+                + (hint if meant else "")
+            )
+        given = getattr(namespace, "input_layout_named", None)
+        if given is not None and given != bool(named):
+            parser.error(
+                "argument --input-layout: give one layout for every input or NAME=LAYOUT "
+                f"per input, not both; received {values!r} after the other form"
+            )
+        namespace.input_layout_named = bool(named)
+        if named:
+            if not name:
+                parser.error(f"argument --input-layout: {values!r} names no input before '='")
+            current = getattr(namespace, self.dest, None)
+            layouts = dict(current) if isinstance(current, dict) else {}
+            layouts[name] = layout
+            setattr(namespace, self.dest, layouts)
+        else:
+            setattr(namespace, self.dest, layout)
 
 
 class DataArgs:

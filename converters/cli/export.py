@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     InputLayoutArgs(
         "channels_last",
         "layout of the ONNX model's inputs of rank >= 3: channels_last keeps the Keras "
-        "shapes, channels_first moves the channel axis to 1 (NHWC -> NCHW) "
+        "shapes, channels_first moves the channel axis to 1 (NHWC -> NCHW); "
+        "NAME=LAYOUT sets one input's, repeatable (image=channels_first) "
         "(default: channels_last)",
     ).add_to(parser)
     parser.add_argument("--opset", type=positive_int, help="ONNX opset (default: 17)")
@@ -244,6 +245,12 @@ def _export(model, path: Path, args: argparse.Namespace, run: Run):
             fallback=args.fallback,
             external_data=args.external_data,
         )
+    # What was exported, per input (Keras's exporter, falling back, keeps Keras's):
+    # what precision conversion and validation feed.
+    from keras_bn.converters.onnx.layout import decode_input_layout
+
+    recorded = getattr(result, "input_layout", None)
+    args.input_layout = decode_input_layout(recorded) or args.input_layout
     fold_report = getattr(result, "fold_report", None)
     if fold_report is not None:
         run.report["fold"] = as_dict(fold_report)
@@ -333,14 +340,17 @@ def _warn_clamped(report, run: Run) -> None:
 
 
 def _input_labels(flat, layout: str) -> str:
-    """The inputs line: the layout named only for image-like inputs (float, rank >= 3),
+    """The inputs line: each layout named only for image-like inputs (float, rank >= 3),
     the ones ``--input-layout`` applies to; token ids and tabular inputs get none."""
     import numpy as np
 
+    from keras_bn.converters.onnx.layout import decode_input_layout, layout_of
+
+    layouts = decode_input_layout(layout) or layout
     labels = []
     for name, tensor in zip(flat.input_names, flat.inputs, strict=True):
         image_like = len(tensor.shape) >= 3 and np.dtype(tensor.dtype).kind == "f"
-        labels.append(f"{name} ({layout})" if image_like else name)
+        labels.append(f"{name} ({layout_of(layouts, name)})" if image_like else name)
     return ", ".join(labels)
 
 

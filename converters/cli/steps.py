@@ -175,14 +175,17 @@ def keras_feed(prepared, inputs: dict[str, Any]) -> Any:
     return arrays[0] if len(arrays) == 1 else arrays
 
 
-def to_onnx_layout(inputs: dict[str, Any], layout: str) -> dict[str, Any]:
-    """Keras-layout arrays -> the exported ONNX model's layout."""
-    if layout == "channels_last":
-        return dict(inputs)
+def to_onnx_layout(inputs: dict[str, Any], layout: Any) -> dict[str, Any]:
+    """Keras-layout arrays -> the exported ONNX model's layout (one for every input,
+    or a dict by input name)."""
     import numpy as np
 
+    from keras_bn.converters.onnx.layout import layout_of
+
     return {
-        name: np.moveaxis(array, -1, 1) if array.ndim >= 3 else array
+        name: np.moveaxis(array, -1, 1)
+        if array.ndim >= 3 and layout_of(layout, name) == "channels_first"
+        else array
         for name, array in inputs.items()
     }
 

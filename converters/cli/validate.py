@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from keras_bn.converters.cli import steps
 from keras_bn.converters.cli.args import ComparisonArgs, InputLayoutArgs, ModelLoadingArgs
 from keras_bn.converters.cli.run import EXIT_OK, EXIT_VALIDATION_FAILED, Run
-from keras_bn.converters.options import INPUT_LAYOUTS, PRECISIONS
+from keras_bn.converters.options import PRECISIONS
 
 SUMMARY = "compare an ONNX model with its Keras model"
 
@@ -80,13 +81,13 @@ def _generated_batch(model, precision: str) -> int:
     return max(VALIDATION_SAMPLES, INT8_TOP1_MIN_SAMPLES if precision == "int8" else 0)
 
 
-def onnx_facts(model) -> tuple[str, str | None]:
+def onnx_facts(model) -> tuple[str, Any]:
     """The precision an ONNX model was converted to, and the input layout it records."""
 
+    from keras_bn.converters.onnx.layout import decode_input_layout
     from keras_bn.converters.onnx.metadata import METADATA_INPUT_LAYOUT
     from keras_bn.converters.precision import detect_precision
 
     precision = detect_precision(model)
     metadata = {prop.key: prop.value for prop in model.metadata_props}
-    layout = metadata.get(METADATA_INPUT_LAYOUT)
-    return precision, layout if layout in INPUT_LAYOUTS else None
+    return precision, decode_input_layout(metadata.get(METADATA_INPUT_LAYOUT))

@@ -35,7 +35,15 @@ from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.files import atomic_output
 from keras_bn.converters.folding import FoldReport, fold_batch_norms, fold_graph
 from keras_bn.converters.onnx.builder import Builder, Unsupported, Value, tensor_type
-from keras_bn.converters.onnx.layout import channels_first_perm, identity_perm
+from keras_bn.converters.onnx.layout import (
+    InputLayout,
+    channels_first_perm,
+    check_input_layout,
+    encode_input_layout,
+    identity_perm,
+    layout_of,
+    resolve_input_layouts,
+)
 from keras_bn.converters.onnx.metadata import (
     METADATA_INPUT_LAYOUT,
     METADATA_LAYER_OUTPUTS,
@@ -52,7 +60,6 @@ from keras_bn.converters.onnx.writing import (
     write_model,
     write_weights,
 )
-from keras_bn.converters.options import INPUT_LAYOUTS
 from keras_bn.converters.prepared import ModelLike, PreparedModel, prepare
 from keras_bn.converters.samples import with_input_shapes
 
@@ -103,6 +110,8 @@ class ExportResult:
     seconds: float
     input_names: list[str]
     output_names: list[str]
+    # "channels_last", "channels_first" (every input of rank >= 3), or JSON by input
+    # name where they differ (onnx.layout.encode_input_layout)
     input_layout: str = "channels_last"
     used_fallback: bool = False
     external_data: str | None = None  # file name of the weights when stored beside
@@ -241,11 +250,8 @@ def _check_opset(opset: int | None) -> int:
     return int(opset)
 
 
-def _check_arguments(input_layout: str, batch_size: int | None) -> None:
-    if input_layout not in INPUT_LAYOUTS:
-        raise UserInputError(
-            f"input_layout must be 'channels_last' or 'channels_first'; received {input_layout!r}."
-        )
+def _check_arguments(input_layout: InputLayout, batch_size: int | None) -> None:
+    check_input_layout(input_layout)
     if batch_size is not None and (
         isinstance(batch_size, bool)
         or not isinstance(batch_size, int | np.integer)
@@ -285,7 +291,7 @@ def build_onnx_model(
     graph: graph_lib.Graph,
     *,
     opset: int = DEFAULT_OPSET,
-    input_layout: str = "channels_last",
+    input_layout: InputLayout = "channels_last",
     batch_size: int | None = None,
 ) -> onnx.ModelProto:
     """Build the ONNX ModelProto of a flattened (possibly rewritten) graph in memory.
@@ -297,7 +303,7 @@ def build_onnx_model(
 
 
 def _build(
-    graph: graph_lib.Graph, opset: int, input_layout: str, batch_size: int | None
+    graph: graph_lib.Graph, opset: int, input_layout: InputLayout, batch_size: int | None
 ) -> tuple[onnx.ModelProto, Weights]:
     """:func:`build_onnx_model`'s model without its weights' bytes, and the weights."""
     input_names = list(graph.input_names)
@@ -349,14 +355,14 @@ def build_subgraph(parent: Builder, model: Any, scope: str, name: str) -> onnx.G
 
 
 def _declare_inputs(
-    builder: Builder, graph: graph_lib.Graph, input_layout: str, batch_size: int | None
+    builder: Builder, graph: graph_lib.Graph, input_layout: InputLayout, batch_size: int | None
 ) -> list[onnx.ValueInfoProto]:
-    """The graph inputs, in the requested layout."""
+    """The graph inputs, each in its requested layout."""
     onnx_inputs = []
     for tensor, name in zip(graph.inputs, graph.input_names, strict=True):
         perm = (
             channels_first_perm(tensor.rank)
-            if input_layout == "channels_first"
+            if layout_of(input_layout, name) == "channels_first"
             else identity_perm(tensor.rank)
         )
         builder.declare(tensor, Value(name, perm))
@@ -414,7 +420,7 @@ def _run_rules(builder: Builder, graph: graph_lib.Graph) -> dict[int, list | Non
             "Expected layers and keras.ops operations with a rule in keras_bn.converters.onnx.rules "
             "(RULES, OPS; docs/COVERAGE.md); replace "
             "them, or pass fallback=True (CLI: --fallback) to use Keras's own exporter "
-            "(needs tf2onnx).",
+            "(needs tf2onnx on TensorFlow, jax2onnx on JAX).",
             failures,
         )
     return recorded
@@ -464,7 +470,7 @@ def _assemble(
     onnx_inputs: list[onnx.ValueInfoProto],
     onnx_outputs: list[onnx.ValueInfoProto],
     opset: int,
-    input_layout: str,
+    input_layout: InputLayout,
     layer_map: LayerMap,
 ) -> tuple[onnx.ModelProto, Weights]:
     """The ModelProto (nodes, opset, metadata, initializers) and its weights."""
@@ -481,7 +487,7 @@ def _assemble(
     helper.set_model_props(
         onnx_model,
         {
-            METADATA_INPUT_LAYOUT: input_layout,
+            METADATA_INPUT_LAYOUT: _encoded_layout(graph, input_layout),
             METADATA_LAYER_OUTPUTS: encode_layer_map(layer_map),
         },
     )
@@ -491,6 +497,22 @@ def _assemble(
     for name, array in builder.initializers.items():
         add_initializer(onnx_model, name, array, weights)
     return onnx_model, weights
+
+
+def _encoded_layout(graph: graph_lib.Graph, input_layout: InputLayout) -> str:
+    """The layout the metadata records (:func:`~.layout.encode_input_layout`)."""
+    layouts = {name: layout_of(input_layout, name) for name in graph.input_names}
+    ranks = {name: t.rank for name, t in zip(graph.input_names, graph.inputs, strict=True)}
+    return encode_input_layout(layouts, ranks)
+
+
+def _channels_first_inputs(graph: graph_lib.Graph) -> list[str]:
+    """The inputs a ``data_format="channels_first"`` layer reads: already channels_first."""
+    return [
+        name
+        for name, tensor in zip(graph.input_names, graph.inputs, strict=True)
+        if any(getattr(c.layer, "data_format", None) == "channels_first" for c in tensor.consumers)
+    ]
 
 
 def _version() -> str:
@@ -544,7 +566,7 @@ def export_onnx(
     path: str | os.PathLike,
     *,
     opset: int | None = None,
-    input_layout: str = "channels_last",
+    input_layout: InputLayout = "channels_last",
     batch_size: int | None = None,
     fallback: bool = False,
     external_data: bool | None = None,
@@ -562,7 +584,10 @@ def export_onnx(
         opset: ONNX opset, ``MIN_OPSET`` to ``MAX_OPSET``; default ``DEFAULT_OPSET``.
         input_layout: ``"channels_last"`` keeps each input's Keras shape;
             ``"channels_first"`` moves the last axis of inputs of rank >= 3 to
-            axis 1 (NHWC -> NCHW), what most edge runtimes prefer.
+            axis 1 (NHWC -> NCHW), what most edge runtimes prefer; or a dict by
+            input name (``{"image": "channels_first"}``; inputs not named keep
+            channels_last). A change that does not apply is refused: a named input
+            of rank < 3, an input a ``data_format="channels_first"`` layer reads.
         batch_size: None for a dynamic batch dimension (named ``"batch"``), or a
             fixed positive size.
         fallback: when some layer has no native rule, use Keras's own
@@ -591,8 +616,14 @@ def export_onnx(
     if input_shapes:  # a wrapper with those sizes (a new model: prepared anew)
         model = with_input_shapes(prepare(model).model, input_shapes)
     prepared, graph, fold_report = _graph_to_export(model, fold)
+    layouts = resolve_input_layouts(
+        input_layout,
+        [(spec.name, spec.shape) for spec in prepared.inputs],
+        _channels_first_inputs(prepared.graph),
+        prepared.name,
+    )
     try:
-        onnx_model, weights = _build(graph, opset, input_layout, batch_size)
+        onnx_model, weights = _build(graph, opset, layouts, batch_size)
     except UnsupportedLayersError as error:
         if not fallback:
             raise
@@ -605,7 +636,7 @@ def export_onnx(
         path,
         opset,
         start,
-        input_layout,
+        _encoded_layout(graph, layouts),
         found_warnings,
         used_fallback=False,
         external=location,
@@ -647,8 +678,17 @@ def _fall_back(
     )
     model: ModelLike = prepared
     fold_report = None
-    if fold:
-        model, fold_report = fold_batch_norms(prepared, measure=False)
+    # Folding rebuilds the model from its layers' configs (some, KerasHub's, do not
+    # rebuild): only when a BatchNormalization of the model's own graph folds.
+    import keras
+
+    has_batch_norm = any(
+        isinstance(node.layer, keras.layers.BatchNormalization) for node in prepared.graph.nodes
+    )
+    if fold and has_batch_norm:
+        folded, fold_report = fold_batch_norms(prepared, measure=False)
+        if fold_report.folded_count:
+            model = folded
     result = _export_with_keras(model, path, opset, prepared.input_names, start)
     return dataclasses.replace(result, fold_report=fold_report)
 
@@ -682,32 +722,61 @@ def _result(
     )
 
 
+# The package Keras's ONNX exporter needs, per backend.
+_KERAS_EXPORTER_PACKAGES = {"tensorflow": "tf2onnx", "jax": "jax2onnx", "torch": "onnx"}
+
+
 def _export_with_keras(
     model: ModelLike, path: Path, opset: int, input_names: Sequence[str], start: float
 ) -> ExportResult:
-    """Keras's own exporter (TensorFlow tracing + tf2onnx), checked like ours."""
+    """Keras's own exporter (tf2onnx on TensorFlow, jax2onnx on JAX), checked like
+    ours. Its failure is the user's to act on (a layer Keras cannot export either):
+    UserInputError with its message."""
     import importlib.util
 
     import keras
 
-    if keras.backend.backend() == "tensorflow" and importlib.util.find_spec("tf2onnx") is None:
+    backend = keras.backend.backend()
+    package = _KERAS_EXPORTER_PACKAGES.get(backend)
+    if package is not None and importlib.util.find_spec(package) is None:
+        extra = " (or `pip install keras-bn[bench]`)" if package == "tf2onnx" else ""
         raise UserInputError(
-            "fallback=True needs tf2onnx for Keras's ONNX exporter, which is not installed; "
-            "run `pip install tf2onnx` (or `pip install keras-bn[bench]`)."
+            f"fallback=True needs {package} for Keras's ONNX exporter on the {backend} "
+            f"backend, which is not installed; run `pip install {package}`{extra}."
         )
-    from keras_bn.converters.samples import call_model, make_sample_inputs
+    from keras_bn.converters.samples import make_sample_inputs
 
     prepared = prepare(model)
-    # Keras refuses never-called models
-    call_model(prepared, make_sample_inputs(prepared, 1, seed=0))
+    # Keras's exporter refuses a model never called eagerly (on JAX, validation's
+    # compiled pass does not count): one eager call on one sample.
+    from keras import tree
+
+    from keras_bn import _keras_internals as internals
+
+    sample = make_sample_inputs(prepared, 1, seed=0)
+    structure = tree.pack_sequence_as(
+        internals.inputs_struct(internals.functional_of(prepared.model)),
+        [sample[name] for name in prepared.input_names],
+    )
+    prepared.model(structure, training=False)
     with atomic_output(path) as temporary:
-        prepared.model.export(str(temporary), format="onnx", verbose=False, opset_version=opset)
+        try:
+            prepared.model.export(str(temporary), format="onnx", verbose=False, opset_version=opset)
+            # a file with operators ONNX does not define (tf2onnx writes what it
+            # cannot convert as the TensorFlow op) is its failure too
+            onnx.checker.check_model(str(temporary), full_check=False)
+        except Exception as error:  # Keras's exporter, not ours: the user's to act on
+            message = " ".join(str(error).split())[:400]
+            raise UserInputError(
+                f"Keras's own ONNX exporter (fallback=True) failed on {prepared.name!r} with "
+                f"{type(error).__name__}: {message}; expected layers it can export too: "
+                "replace the layers without a native rule, or give them a keras-bn rule."
+            ) from error
         onnx_model = onnx.load(str(temporary), load_external_data=False)
         report = check_structure(onnx_model, input_names)
         messages = [*report.errors, *report.warnings]
         for message in messages:
             warnings.warn(f"Keras's exporter: {message}", ExportWarning, stacklevel=3)
-        onnx.checker.check_model(str(temporary), full_check=False)
     return _result(
         onnx_model, path, opset, start, "channels_last", messages, used_fallback=True, external=None
     )
