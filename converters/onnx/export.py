@@ -609,10 +609,8 @@ def export_onnx(
         UserInputError: a layer has no rule (all are named) and ``fallback`` is
             False, or an argument is invalid.
     """
-    start = time.perf_counter()
-    opset = _check_opset(opset)
+    start, opset, path = time.perf_counter(), _check_opset(opset), Path(path)
     _check_arguments(input_layout, batch_size)
-    path = Path(path)
     if input_shapes:  # a wrapper with those sizes (a new model: prepared anew)
         model = with_input_shapes(prepare(model).model, input_shapes)
     prepared, graph, fold_report = _graph_to_export(model, fold)

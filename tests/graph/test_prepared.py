@@ -25,7 +25,7 @@ def _conv_bn(last=None):
     x = L.BatchNormalization(name="bn")(L.Conv2D(4, 3, name="conv")(inputs))
     if last is not None:
         x = last(x)
-    outputs = L.Dense(2, name="dense")(L.GlobalAveragePooling2D()(x))
+    outputs = L.Dense(2, name="dense")(L.GlobalAveragePooling2D(name="pool")(x))
     model = keras.Model(inputs, outputs, name="conv_bn")
     calibrate_batch_norms(model, np.random.default_rng(0).normal(size=(16, 8, 8, 3)))
     return model
@@ -55,7 +55,7 @@ def test_prepare_flattens_once_and_describes_the_inputs(flatten_calls):
     assert [node.name for node in prepared.graph.nodes] == [
         "conv",
         "bn",
-        "global_average_pooling2d",
+        "pool",
         "dense",
     ]
     # No layer needs tracing: the traced graph is the graph itself, not flattened again.
