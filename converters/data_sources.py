@@ -25,11 +25,7 @@ with the data is a :class:`UserInputError` line.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import math
-import os
-import sys
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -324,32 +320,11 @@ def _elements(data: Any, where: str) -> Iterator[tuple[Any, Any]]:
 
 
 def _import(module_name: str, where: str) -> Any:
-    if module_name.endswith(".py"):
-        file = Path(module_name)
-        if not file.is_file():
-            raise UserInputError(f"{where}: file {module_name!r} does not exist.")
-        unique = f"_keras_bn_data_{abs(hash(str(file.resolve())))}"
-        if unique in sys.modules:
-            return sys.modules[unique]
-        with _user_code(where, "failed while importing"):
-            spec = importlib.util.spec_from_file_location(unique, file)
-            if spec is None or spec.loader is None:
-                raise ImportError(f"{module_name!r} is not a Python module")
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        sys.modules[unique] = module
-        return module
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        with _user_code(where, "failed while importing"):
-            return importlib.import_module(module_name)
-    finally:
-        if added:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(cwd)
+    from keras_bn.converters.user_files import import_user_module
+
+    return import_user_module(
+        module_name, where, lambda: _user_code(where, "failed while importing")
+    )
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ What Keras's own loader makes of a checked file is translated in
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import json
@@ -640,7 +641,11 @@ def resolve_custom_objects(specs: Iterable[str | tuple[str, Any]] | Mapping[str,
                 f"Invalid custom object {spec!r}: expected MODULE:NAME, e.g. "
                 "'my_layers:ScaleLayer' or 'path/to/layers.py:ScaleLayer'."
             )
-        module = _import_user_module(module_name, spec)
+        module = import_user_module(
+            module_name,
+            f"Invalid custom object {spec!r}",
+            functools.partial(_import_failure, spec, module_name),
+        )
         if not hasattr(module, attribute):
             raise UserInputError(
                 f"Invalid custom object {spec!r}: module {module_name!r} has no attribute "
@@ -662,17 +667,21 @@ def _registered_name(obj: Any) -> str | None:
     return None
 
 
-def _import_user_module(module_name: str, spec: str) -> Any:
+def import_user_module(
+    module_name: str, where: str, failing: Callable[[], contextlib.AbstractContextManager]
+) -> Any:
+    """The user's module ``module_name`` (a dotted name importable from the working
+    directory, or a ``.py`` path), imported once; ``failing()`` turns its import
+    errors into the caller's one-line message, ``where`` starts the one for a
+    missing file."""
     if module_name.endswith(".py"):
         file = Path(module_name)
         if not file.is_file():
-            raise UserInputError(
-                f"Invalid custom object {spec!r}: file {module_name!r} does not exist."
-            )
-        unique = f"_keras_bn_custom_{abs(hash(str(file.resolve())))}"
+            raise UserInputError(f"{where}: file {module_name!r} does not exist.")
+        unique = f"_keras_bn_user_{abs(hash(str(file.resolve())))}"
         if unique in sys.modules:
             return sys.modules[unique]
-        with _import_failure(spec, module_name):
+        with failing():
             module_spec = importlib.util.spec_from_file_location(unique, file)
             if module_spec is None or module_spec.loader is None:
                 raise ImportError(f"{module_name!r} is not a Python module")
@@ -689,7 +698,7 @@ def _import_user_module(module_name: str, spec: str) -> Any:
     if added:
         sys.path.insert(0, cwd)
     try:
-        with _import_failure(spec, module_name):
+        with failing():
             return importlib.import_module(module_name)
     finally:
         if added:
