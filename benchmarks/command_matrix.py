@@ -157,11 +157,15 @@ class Run:
 
 
 def run_process(argv: Sequence[str], env: dict, log: Path, limit_s: float) -> Run:
-    """Run ``argv`` once; its wall, CPU and peak memory from ``wait4``'s accounting."""
-    with open(log, "w") as output:
+    """Run ``argv`` once; its wall, CPU and peak memory from ``wait4``'s accounting.
+
+    Its stdout goes to ``log``, its stderr to ``log`` + ``.err``.
+    """
+    errors = log.with_name(log.name + ".err")
+    with open(log, "w") as output, open(errors, "w") as error_output:
         start = time.perf_counter()
         process = subprocess.Popen(
-            argv, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            argv, env=env, stdout=output, stderr=error_output, start_new_session=True
         )
         killed = threading.Event()
 
@@ -185,9 +189,13 @@ def run_process(argv: Sequence[str], env: dict, log: Path, limit_s: float) -> Ru
     if code == -1:
         run.message = f"killed after the {limit_s:g} s limit"
     elif code != 0:
-        lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
-        run.message = next((line for line in reversed(lines) if line), "")[:300]
+        run.message = _last_line(errors) or _last_line(log)  # validation failed: stdout
     return run
+
+
+def _last_line(path: Path) -> str:
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
+    return next((line for line in reversed(lines) if line), "")[:300]
 
 
 # ------------------------------------------------------------------------------------

@@ -131,6 +131,7 @@ WHOLE_PROGRAM = {
     "cli/test_cli_fuzz.py": "corrupted .keras files through the CLI",
     "cli/test_cli_hostile.py": "mutated files through every command",
     "examples/test_examples.py": "the examples, run as a user runs them",
+    "benchmarks/test_command_matrix.py": "the command matrix's rounds, ratios and table",
 }
 
 
