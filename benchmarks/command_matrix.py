@@ -209,6 +209,7 @@ class Cell:
     command: str
     runs: list[Run] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)  # wall / mean of the exports beside
+    cpu_ratios: list[float] = field(default_factory=list)  # the same, of CPU seconds
     report: dict = field(default_factory=dict)  # from the last successful run's --report
     skipped: str = ""  # why it did not run (exporter missing, ...)
 
@@ -232,6 +233,7 @@ class Cell:
                 ratio=round(statistics.median(self.ratios), 3),
                 ratio_min=round(min(self.ratios), 3),
                 ratio_max=round(max(self.ratios), 3),
+                cpu_ratio=round(statistics.median(self.cpu_ratios), 3),
             )
         if self.failure is not None:
             result["failed"] = {
@@ -245,8 +247,10 @@ class Cell:
         return result
 
 
-def flanked_ratios(sequence: list[tuple[str, Run]]) -> dict[str, list[float]]:
-    """Each command's wall time over the mean of the baseline runs just before and after.
+def flanked_ratios(
+    sequence: list[tuple[str, Run]], figure: str = "wall_s"
+) -> dict[str, list[float]]:
+    """Each command's ``figure`` over its mean in the baseline runs just before and after.
 
     ``sequence`` is one model's runs in order; a command with a failed run or no
     successful baseline on either side gets no ratio for that run.
@@ -256,7 +260,7 @@ def flanked_ratios(sequence: list[tuple[str, Run]]) -> dict[str, list[float]]:
         if command == BASELINE or not run.ok:
             continue
         beside = [
-            other.wall_s
+            getattr(other, figure)
             for step in (-1, 1)
             for position in [index + step]
             if 0 <= position < len(sequence)
@@ -264,7 +268,7 @@ def flanked_ratios(sequence: list[tuple[str, Run]]) -> dict[str, list[float]]:
             if name == BASELINE and other.ok
         ]
         if beside:
-            ratios.setdefault(command, []).append(run.wall_s / statistics.mean(beside))
+            ratios.setdefault(command, []).append(getattr(run, figure) / statistics.mean(beside))
     return ratios
 
 
@@ -330,6 +334,8 @@ def measure(plan: Plan, commands: list[str], runs: int, warmup: int) -> dict[str
             break  # validate and bench need the float32 file; the ratios need the export
     for command, ratios in flanked_ratios(sequence).items():
         cells[command].ratios = ratios
+    for command, ratios in flanked_ratios(sequence, "cpu_s").items():
+        cells[command].cpu_ratios = ratios
     return cells
 
 
@@ -413,7 +419,30 @@ def markdown_table(rows: list[dict], commands: list[str]) -> str:
     return "\n".join([*lines, legend, *(["", "Failures:", *notes] if notes else [])])
 
 
-# Issue 24's bar: (command, bar, "at most" / "at least", what the line says).
+def details_table(rows: list[dict]) -> str:
+    """One line per model, backend and command: CPU, peak memory, the slowest steps."""
+    lines = [
+        "| model | backend | command | wall s (min-max) | CPU s (ratio) | peak MiB "
+        "| slowest steps (s; they overlap) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        for command, summary in row["cells"].items():
+            if "wall_s" not in summary:
+                continue
+            steps = summary.get("report", {}).get("steps", {})
+            slowest = sorted(steps.items(), key=lambda item: -item[1])[:3]
+            named = ", ".join(f"{name.split(' /')[0]} {seconds:.1f}" for name, seconds in slowest)
+            cpu_ratio = f" ({summary['cpu_ratio']:.2f}x)" if "cpu_ratio" in summary else ""
+            lines.append(
+                f"| {row['model']} | {row['backend']} | {command} "
+                f"| {summary['wall_s']:.2f} ({summary['wall_min_s']:.2f}-{summary['wall_max_s']:.2f}) "
+                f"| {summary['cpu_s']:.2f}{cpu_ratio} | {summary['peak_mib']:.0f} | {named} |"
+            )
+    return "\n".join(lines)
+
+
+# Issue 24's bar, ratio at most: (command, bar, what the line says).
 BAR = [
     ("export-float16", 2.0, "float16 export <= 2x the float32 export"),
     ("export-int8", 3.0, "int8 export (calibration samples) <= 3x the float32 export"),
@@ -571,8 +600,9 @@ def run_matrix(args: argparse.Namespace, workdir: Path) -> dict:
 def write_outputs(args: argparse.Namespace, result: dict) -> None:
     """The files, rewritten after each model: a run stopped early keeps what it measured."""
     text = markdown_table(result["rows"], args.commands)
+    bar = "\n".join(f"- {line}" for line in bar_lines(result["rows"]))
     if args.markdown:
-        args.markdown.write_text(text + "\n\n" + "\n".join(bar_lines(result["rows"])) + "\n")
+        args.markdown.write_text(f"{text}\n\n{details_table(result['rows'])}\n\n{bar}\n")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str) + "\n")
 

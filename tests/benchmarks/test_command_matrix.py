@@ -64,6 +64,8 @@ def test_each_ratio_is_over_the_exports_beside_it():
         "fold": [pytest.approx(30 / 12)],
         "validate": [pytest.approx(4 / 16)],
     }
+    sequence[1] = ("inspect", matrix.Run(wall_s=5, cpu_s=2, peak_mib=1, exit_code=0))
+    assert matrix.flanked_ratios(sequence, "cpu_s")["inspect"] == [pytest.approx(2 / 11)]
 
 
 class StandIn(matrix.Plan):
@@ -100,6 +102,11 @@ def test_rounds_alternate_report_failures_once_and_add_the_outright_export(tmp_p
     assert summary["wall_s"] == round(statistics.median(walls), 2)
     assert summary["ratio"] == round(statistics.median(cells["inspect"].ratios), 3)
     assert cells["fold"].summary()["failed"]["exit_code"] == 1
+    details = matrix.details_table(
+        [{"model": "M", "backend": "jax", "cells": {"inspect": summary}}]
+    )
+    assert f"| M | jax | inspect | {summary['wall_s']:.2f} (" in details
+    assert f"x) | {summary['peak_mib']:.0f} | Exporting 0.1 |" in details
 
 
 def test_a_missing_keras_exporter_is_said_not_failed(tmp_path, monkeypatch):
