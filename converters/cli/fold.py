@@ -80,9 +80,7 @@ def _count(inputs) -> int:
     return int(len(next(iter(inputs.values()))))
 
 
-def _compare_folded(
-    model, folded, report, reference, args: argparse.Namespace, run: Run
-) -> bool:
+def _compare_folded(model, folded, report, reference, args: argparse.Namespace, run: Run) -> bool:
     """Compare the folded Keras model with the reference run of the original (prepared)
     on its inputs, with validation's verdict; the fold ``report`` records the largest
     difference."""
