@@ -93,7 +93,11 @@ def _compare_folded(model, folded, report, reference, args: argparse.Namespace, 
     rtol = args.rtol if args.rtol is not None else DEFAULT_RTOL
     with run.progress.step("Comparing folded and original models"):
         inputs = reference.inputs
-        received = call_model(folded, inputs)  # one compiled pass on JAX
+        try:  # one compiled pass on JAX, beside the reference's if it still runs
+            received = call_model(folded, inputs)
+        except Exception:
+            reference.outputs()  # a model Keras cannot run: that is the error to report
+            raise
         expected = reference.outputs()
         batch_size = _count(inputs)
         comparisons = [
