@@ -148,7 +148,10 @@ def main(argv: Sequence[str] | None = None, *, owns_process: bool = False) -> in
     quiet_environment()
     run = Run(
         command=args.command,
-        progress=Progress.for_terminal(quiet=args.json),
+        # The program shows slow steps in a log too; a caller's main() only on a terminal.
+        progress=Progress.for_terminal(
+            quiet=args.json or args.quiet, lines=owns_process, prefix=f"keras-bn {args.command}: "
+        ),
         owns_process=owns_process,
     )
     run.json = args.json

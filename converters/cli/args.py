@@ -204,8 +204,8 @@ def tolerance(text: str) -> float:
 
 
 class ReportArgs:
-    """``--json``, ``--report FILE``, ``--force``, ``--verbose``: how results and
-    outputs are written."""
+    """``--json``, ``--report FILE``, ``--force``, ``--verbose``, ``--quiet``: how
+    results, outputs and progress are written."""
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("report options")
@@ -220,6 +220,13 @@ class ReportArgs:
             "--json",
             action="store_true",
             help="print a machine-readable JSON report on stdout (default: text and a summary)",
+        )
+        group.add_argument(
+            "-q",
+            "--quiet",
+            action="store_true",
+            help="show no progress on stderr (default: a live line on a terminal, else a "
+            "line for each step still running after 2 s; never with --json)",
         )
         group.add_argument(
             "--report",

@@ -37,27 +37,36 @@ def fold_command(args: argparse.Namespace, run: Run) -> int:
     output = check_output(args, ".keras")
     model = steps.preflight(steps.load_model(args, run), run)  # flattened once, passed on
     inputs = steps.load_inputs(args.inputs, model, "Inputs file")
-    described = "" if inputs is None else f"given, {_count(inputs)} sample(s) from {args.inputs}"
-    reference = steps.keras_reference(model, run, inputs)
-    reference.outputs()  # Keras can run it at all
-    if inputs is None and not args.no_validate:  # the reference's generated inputs
-        from keras_bn.converters.samples import describe_generated_inputs
-
-        inputs = reference.inputs
-        described = describe_generated_inputs(model.graph, reference.batch_size)
+    # Keras runs the original model on validation's inputs while the fold is built,
+    # as in export: the one pass that checks Keras can run it and the reference.
+    reference = steps.keras_reference(
+        model, run, inputs, label="Running the model in Keras (beside the fold)"
+    )
     from keras_bn.converters.folding import fold_batch_norms
 
-    with run.progress.step("Folding BatchNormalization"):
-        feed = None if inputs is None else steps.keras_feed(model, inputs)
-        folded, report = fold_batch_norms(model, sample_inputs=feed)
-    run.report["fold"] = as_dict(report)
-    run.text.append(report.format(verbose=args.verbose))
+    with run.progress.step("Folding BatchNormalization", unit="layers") as step:
+        try:
+            # The plan export folds with, replayed once as a Keras model; measured
+            # below against the reference, not by fold_batch_norms's own passes.
+            folded, report = fold_batch_norms(model, measure=False, progress=step.update)
+        except Exception:
+            reference.outputs()  # a model Keras cannot run: that is the error to report
+            raise
     run.summary += [
         ["folded", str(report.folded_count)],
         ["not folded", str(report.not_folded_count)],
     ]
     steps.warn_unfolded(run, report, "stay in the folded model")
-    if not args.no_validate and not _compare_folded(model, folded, inputs, described, args, run):
+    passed, at = True, len(run.text)
+    if args.no_validate:
+        reference.outputs()  # still the check that Keras can run the model
+        report.measured_on = "not measured (--no-validate)"
+    else:
+        passed = _compare_folded(model, folded, report, reference, args, run)
+    # The fold report (measured by the comparison) comes before the comparison's line.
+    run.report["fold"] = as_dict(report)
+    run.text.insert(at, report.format(verbose=args.verbose))
+    if not passed:
         return validation_failed(run, "the folded model's outputs differ from the original's")
     with run.progress.step(f"Writing {output}"), writing(output) as tmp:
         folded.save(tmp)
@@ -71,22 +80,26 @@ def _count(inputs) -> int:
     return int(len(next(iter(inputs.values()))))
 
 
-def _compare_folded(
-    model, folded, inputs, described: str, args: argparse.Namespace, run: Run
-) -> bool:
-    """Compare the folded Keras model with the original (prepared), as validation
-    compares ONNX."""
+def _compare_folded(model, folded, report, reference, args: argparse.Namespace, run: Run) -> bool:
+    """Compare the folded Keras model with the reference run of the original (prepared)
+    on its inputs, with validation's verdict; the fold ``report`` records the largest
+    difference."""
     from keras_bn.converters.comparison import DEFAULT_ATOL, DEFAULT_RTOL, OUTRIGHT, compare_arrays
     from keras_bn.converters.reference import Doubtful, rejudge_against_float64
-    from keras_bn.converters.samples import call_model
+    from keras_bn.converters.samples import call_model, describe_generated_inputs
 
     explicit = args.atol is not None or args.rtol is not None
     atol = args.atol if args.atol is not None else DEFAULT_ATOL
     rtol = args.rtol if args.rtol is not None else DEFAULT_RTOL
-    batch_size = int(len(next(iter(inputs.values()))))
     with run.progress.step("Comparing folded and original models"):
-        expected = call_model(model, inputs)
-        received = call_model(folded, inputs)
+        inputs = reference.inputs
+        try:  # one compiled pass on JAX, beside the reference's if it still runs
+            received = call_model(folded, inputs)
+        except Exception:
+            reference.outputs()  # a model Keras cannot run: that is the error to report
+            raise
+        expected = reference.outputs()
+        batch_size = _count(inputs)
         comparisons = [
             compare_arrays(b, a, atol=atol, rtol=rtol, name=f"output {i}", batch_size=batch_size)
             for i, (a, b) in enumerate(zip(expected, received, strict=True))
@@ -101,6 +114,12 @@ def _compare_folded(
         if doubtful:
             arrays = [inputs[name] for name in model.input_names]
             note = rejudge_against_float64(model.model, arrays, comparisons, doubtful)
+    if reference.generated:
+        described = describe_generated_inputs(model.graph, batch_size)
+    else:
+        described = f"given, {batch_size} sample(s) from {args.inputs}"
+    report.max_abs_diff = max(c.max_abs_error for c in comparisons)
+    report.measured_on = f"the comparison's {batch_size} sample(s)"
     passed = all(c.passed for c in comparisons)
     outputs: list[Any] = [as_dict(c) for c in comparisons]
     run.report["validation"] = {

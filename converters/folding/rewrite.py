@@ -30,6 +30,9 @@ from keras_bn.converters.samples import sample_arrays
 
 __all__ = ["fold_batch_norms", "fold_graph", "folded_graph"]
 
+# Told (layer calls done, layer calls in all) as a folded model is built.
+Progress = Callable[[int, int], None]
+
 
 # --------------------------------------------------------------------------------------
 # The folded graph.
@@ -149,17 +152,36 @@ def _settable(layer: Any, key: str) -> bool:
     return not isinstance(attribute, property) or attribute.fset is not None
 
 
+class _NumpyZeros(keras.initializers.Initializer):
+    """Zeros made by NumPy, never by the backend.
+
+    ``keras.initializers.Zeros`` calls ``ops.zeros``: on JAX an XLA program compiled
+    for every new weight shape (ResNet50 has dozens), most of a rebuild's time for
+    values that are overwritten at once.
+    """
+
+    def __call__(self, shape: Any, dtype: Any = None) -> np.ndarray:
+        name = keras.backend.standardize_dtype(dtype or "float32")
+        try:
+            return np.zeros(shape, name)
+        except TypeError:  # bfloat16 and float8 types: NumPy knows them from ml_dtypes
+            import ml_dtypes
+
+            return np.zeros(shape, getattr(ml_dtypes, name))
+
+
 def _clone_uninitialized(layer: Any, config_updates: dict[str, Any]) -> Any:
     """A fresh copy of ``layer`` whose weights will be zeros when built.
 
     Every weight of the copy is overwritten right after it is built (with folded
     or copied values), so drawing random initial values (glorot on every kernel:
-    a third of a rebuild's time) is wasted work. :func:`_restore_initializers` puts
-    the original initializers back afterwards, so ``get_config`` and a saved
-    ``.keras`` file are the same as with a plain clone.
+    a third of a rebuild's time) is wasted work, and so is computing zeros on the
+    backend (:class:`_NumpyZeros`). :func:`_restore_initializers` puts the original
+    initializers back afterwards, so ``get_config`` and a saved ``.keras`` file are
+    the same as with a plain clone.
     """
     config = layer.get_config()
-    zeros = {key: "zeros" for key in _initializer_keys(layer, config)}
+    zeros = {key: _NumpyZeros() for key in _initializer_keys(layer, config)}
     return type(layer).from_config({**config, **config_updates, **zeros})
 
 
@@ -173,10 +195,13 @@ def _restore_initializers(clone: Any, original: Any) -> None:
             setattr(clone, key, keras.initializers.get(initializer))
 
 
-def _rebuild(graph: graph_lib.Graph) -> keras.Model:
-    """A new Keras model replaying the folded ``graph``: every layer a fresh copy."""
+def _rebuild(graph: graph_lib.Graph, progress: Progress | None = None) -> keras.Model:
+    """A new Keras model replaying the folded ``graph``: every layer a fresh copy.
+
+    ``progress(done, total)`` is called after each of the ``total`` layer calls."""
     clones: dict[int, Any] = {}
     used_names: set[str] = set(graph.input_names)
+    done, total = 0, len(graph.nodes)
 
     def fresh_copy(node: graph_lib.Node, updates: dict[str, Any]) -> Any:
         layer = node.layer
@@ -199,6 +224,14 @@ def _rebuild(graph: graph_lib.Graph) -> keras.Model:
             return layer
 
     def call(node: graph_lib.Node, args: tuple, kwargs: dict) -> Any:
+        nonlocal done
+        outputs = replay(node, args, kwargs)
+        done += 1
+        if progress is not None:
+            progress(done, total)
+        return outputs
+
+    def replay(node: graph_lib.Node, args: tuple, kwargs: dict) -> Any:
         if node.weights is not None:  # absorbed a fold: its own folded weights
             updates = {"use_bias": True} if hasattr(node.layer, "use_bias") else {}
             layer = fresh_copy(node, updates)
@@ -271,6 +304,7 @@ def fold_batch_norms(
     backward: bool = True,
     sample_inputs: Any = None,
     measure: bool = True,
+    progress: Progress | None = None,
 ) -> tuple[keras.Model, FoldReport]:
     """Fold every foldable BatchNormalization call of ``model`` into a linear layer.
 
@@ -295,6 +329,8 @@ def fold_batch_norms(
             pipelines that validate the exported model against the original
             anyway (``validate_onnx``); it cannot be combined with
             ``sample_inputs``.
+        progress: called as ``progress(done, total)`` while the folded model is
+            built, after each of its ``total`` layer calls (a progress display).
 
     Returns:
         ``(folded_model, report)``.
@@ -312,7 +348,7 @@ def fold_batch_norms(
     prepared = prepare(model)
     model = prepared.model
     plan = make_plan(prepared, backward, checked_statistics(model))
-    folded = _rebuild(folded_graph(plan))
+    folded = _rebuild(folded_graph(plan), progress)
     report = FoldReport(model.name, plan.entries, plan.fp16_risks())
     if not measure:
         report.measured_on = "not measured (measure=False)"

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from support.console import without_progress
 
 from keras_bn.converters.cli.backend import BACKENDS, choose_backend
 
@@ -176,7 +177,7 @@ def test_a_layer_calling_tensorflow_on_jax_is_named_with_the_fix(tmp_path):
         [*command, "--custom-objects", "tflayers:TFRelu6"], cwd=tmp_path, KERAS_BACKEND="jax"
     )
     assert result.returncode == 2, result.stderr[-3000:]
-    lines = result.stderr.strip().splitlines()
+    lines = without_progress(result.stderr).strip().splitlines()
     assert len(lines) == 1 and "calls TensorFlow" in lines[0], result.stderr
     assert "KERAS_BACKEND=tensorflow" in lines[0]
     assert not (tmp_path / "out.onnx").exists()

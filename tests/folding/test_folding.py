@@ -34,6 +34,7 @@ from keras_bn.converters.folding import (
     fold_batch_norms,
     plan_folds,
 )
+from keras_bn.converters.folding import maths as folding_math
 from keras_bn.layers import BatchNormalization as KerasBnBatchNormalization
 
 L = keras.layers
@@ -994,6 +995,48 @@ def test_measure_false_skips_the_comparison_and_folds_the_same():
     assert_same_outputs(model, folded, inputs_for(model))
     with pytest.raises(ValueError, match="measure=False and sample_inputs"):
         fold_batch_norms(model, measure=False, sample_inputs=inputs_for(model))
+
+
+def test_progress_is_told_each_layer_call_of_the_folded_model():
+    x = keras.Input((6, 6, 3))
+    y = L.BatchNormalization()(L.Conv2D(4, 3, use_bias=False)(x))
+    y = L.BatchNormalization()(L.Dense(5)(L.ReLU()(y)))
+    model = randomize_batch_norms(keras.Model(x, y))
+    calls = []
+    folded, _ = fold_batch_norms(model, measure=False, progress=lambda *c: calls.append(c))
+    layers = [layer for layer in folded.layers if not isinstance(layer, L.InputLayer)]
+    assert len(layers) == 3  # Conv2D, ReLU, Dense: both BN folded
+    assert calls == [(done, 3) for done in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float64"])
+def test_clones_of_any_float_dtype_get_their_folded_weights(dtype):
+    """The clones start from NumPy zeros of their variables' dtype (bfloat16 from
+    ml_dtypes), then take the folded weights rounded to it."""
+    x = keras.Input((6, 6, 3), dtype=dtype)
+    y = L.Conv2D(4, 3, use_bias=False, dtype=dtype, name="conv")(x)
+    y = L.BatchNormalization(dtype=dtype)(y)
+    model = randomize_batch_norms(keras.Model(x, y))
+    folded, report = fold_batch_norms(model, measure=False)
+    assert report.folded_count == 1 and batch_norm_layers(folded) == []
+    conv = folded.get_layer("conv")
+    assert {keras.backend.standardize_dtype(w.dtype) for w in conv.weights} == {dtype}
+    scale, offset = _affine(model.layers[-1])
+    kernel = keras.ops.convert_to_numpy(model.get_layer("conv").kernel).astype(np.float64)
+    expected = folding_math.round_to_dtype(kernel * scale, dtype)
+    got = keras.ops.convert_to_numpy(conv.kernel)
+    np.testing.assert_array_equal(got.astype(np.float64), expected.astype(np.float64))
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(conv.bias).astype(np.float64),
+        folding_math.round_to_dtype(offset, dtype).astype(np.float64),
+    )
+
+
+def _affine(bn) -> tuple[np.ndarray, np.ndarray]:
+    """The stock BN's inference map in float64: x * scale + offset."""
+    values = {v.name: keras.ops.convert_to_numpy(v).astype(np.float64) for v in bn.weights}
+    scale = values["gamma"] / np.sqrt(values["moving_variance"] + bn.epsilon)
+    return scale, values["beta"] - values["moving_mean"] * scale
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,13 @@
 """The installed console script, run as a user runs it: :data:`KERAS_BN`,
 :func:`run_script`, :func:`run_many` (two at a time), :func:`assert_rejected` (the
-one-line user-error contract)."""
+one-line user-error contract), :func:`without_progress` (the program's progress lines
+left out)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,20 @@ from pathlib import Path
 KERAS_BN = Path(sys.executable).with_name("keras-bn")
 if not KERAS_BN.exists():  # a virtualenv whose python is a symlink elsewhere
     KERAS_BN = Path(shutil.which("keras-bn") or "keras-bn")
+
+
+# The program's line for a step still running after 2 s (converters/progress.py),
+# on a stderr that is not a terminal.
+PROGRESS_LINE = re.compile(r"keras-bn [a-z0-9-]+: .+\.\.\. \(running \d+\.\d s\)")
+
+
+def without_progress(stderr: str) -> str:
+    """``stderr`` without the program's progress lines."""
+    return "".join(
+        line
+        for line in stderr.splitlines(keepends=True)
+        if not PROGRESS_LINE.fullmatch(line.strip())
+    )
 
 
 def run_script(args, cwd: Path) -> subprocess.CompletedProcess:
@@ -43,7 +59,7 @@ def assert_rejected(code: int, stderr: str, fragment: str, output_dir: Path | No
     """Exit 2, exactly one line on stderr naming the problem, no traceback, no output."""
     assert code == 2, stderr
     assert "Traceback" not in stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    lines = [line for line in without_progress(stderr).splitlines() if line.strip()]
     assert len(lines) == 1, stderr
     assert lines[0].startswith("keras-bn ") and ": error: " in lines[0], lines[0]
     assert fragment in lines[0], lines[0]
