@@ -63,6 +63,7 @@ __all__ = [
     "Pair",
     "absorb_high_bias",
     "batch_norm_statistics",
+    "describe",
     "equalization_scales",
     "equalize_file",
     "equalize_model",
@@ -291,6 +292,7 @@ class EqualizationReport:
     absorbed_channels: int = 0
     not_absorbed: dict[str, str] = dataclasses.field(default_factory=dict)
     per_channel_bounds: int = 0  # Clip nodes rewritten as Relu + per-channel Min
+    float_sqnr_db: float | None = None  # the equalized float model's, against the original
 
     def _median(self, spreads: dict[str, float]) -> float:
         return float(np.median(list(spreads.values()))) if spreads else 1.0
@@ -307,23 +309,37 @@ class EqualizationReport:
             "absorbed_channels": self.absorbed_channels,
             "not_absorbed": dict(self.not_absorbed),
             "per_channel_bounds": self.per_channel_bounds,
+            "float_sqnr_db": self.float_sqnr_db,
         }
 
     def __str__(self) -> str:
-        d = self.to_dict()
-        text = (
-            f"cross-layer equalization: {d['pairs']} layer pair(s) in {d['sweeps']} sweep(s); "
-            f"weight-range spread (max/median channel) over {d['layers']} layer(s): median "
-            f"{d['spread_median_before']:.2f}x -> {d['spread_median_after']:.2f}x, widest "
-            f"{d['spread_max_before']:.3g}x -> {d['spread_max_after']:.3g}x"
+        return "\n".join(describe(self.to_dict()))
+
+
+def describe(summary: Mapping[str, Any]) -> list[str]:
+    """The lines that say what equalization did, from :meth:`EqualizationReport.to_dict`."""
+    lines = [
+        f"cross-layer equalization: {summary['pairs']} layer pair(s), {summary['sweeps']} "
+        f"sweep(s); weight-range spread (widest/median channel) of {summary['layers']} "
+        f"layer(s): median {summary['spread_median_before']:.2f}x -> "
+        f"{summary['spread_median_after']:.2f}x, worst {summary['spread_max_before']:.3g}x -> "
+        f"{summary['spread_max_after']:.3g}x"
+        + (
+            f"; {summary['per_channel_bounds']} Clip bound(s) made per-channel"
+            if summary["per_channel_bounds"]
+            else ""
         )
-        text += f"\nhigh-bias absorption: {self.absorbed_channels} channel(s)"
-        reasons: dict[str, int] = {}
-        for reason in self.not_absorbed.values():
-            reasons[reason] = reasons.get(reason, 0) + 1
-        if reasons:
-            text += "; pairs skipped: " + ", ".join(f"{n} ({r})" for r, n in reasons.items())
-        return text
+    ]
+    reasons: dict[str, int] = {}
+    for reason in summary["not_absorbed"].values():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    skipped = "".join(f"; {n} pair(s) skipped: {r}" for r, n in reasons.items())
+    lines.append(f"high-bias absorption: {summary['absorbed_channels']} channel(s){skipped}")
+    if summary.get("float_sqnr_db") is not None:
+        lines.append(
+            f"equalized float model vs the original: SQNR {summary['float_sqnr_db']:.1f} dB"
+        )
+    return lines
 
 
 # --------------------------------------------------------------------------------------

@@ -65,6 +65,8 @@ OPTION_ALIASES: dict[str, str] = {
     "--overwrite": "--force",
     "--calib": "--calibration",
     "--calibration-data": "--calibration",
+    "--cle": "--equalize",
+    "--cross-layer-equalization": "--equalize",
     "--input": "--inputs",
     "--samples": "--inputs",
     "--batch": "--batch-size",
