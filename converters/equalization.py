@@ -15,8 +15,8 @@ take part: in a grouped convolution an input channel's weights are the rows of i
 group, one output channel per input channel when depthwise.
 
 ReLU6 stays exact per channel: ``min(max(x / s, 0), 6 / s) = min(max(x, 0), 6) / s``,
-so a Clip whose bound no longer is one number becomes ``Min(Relu(x), bound)`` with a
-per-channel bound (the paper swaps ReLU6 for ReLU, which changes what the network
+so a Clip whose bound no longer is one number gets a ``Min`` with the per-channel
+bound after it (the paper swaps ReLU6 for ReLU, which changes what the network
 computes; on EfficientNet-Lite0 it ruins the float model).
 
 High-bias absorption moves bias that always passes the activation to the next layer.
@@ -62,6 +62,7 @@ __all__ = [
     "LinearLayer",
     "Pair",
     "absorb_high_bias",
+    "activation_ranges",
     "batch_norm_statistics",
     "describe",
     "equalization_scales",
@@ -205,15 +206,21 @@ def equalize_pairs(
     pairs: list[Pair],
     statistics: Mapping[str, ChannelStatistics] | None = None,
     *,
+    keep_activation_range: bool = True,
     tolerance: float = TOLERANCE,
     max_sweeps: int = MAX_SWEEPS,
 ) -> int:
     """Equalize every pair, sweeping until no factor moves by more than ``tolerance``
     (log scale); returns the number of sweeps.
 
+    ``keep_activation_range``: no channel's activation range (:func:`activation_ranges`,
+    where known) grows beyond the widest channel's, so the activation tensor's one
+    int8 range does not widen: ``s_c >= a_c / max(a)``.
+
     Modifies ``layers``, each pair's activation bounds and ``scales``, and the
     ``statistics`` of each first layer (scaled with its outputs) in place.
     """
+    statistics = statistics if statistics is not None else {}
     for pair in pairs:
         pair.scales = np.ones(layers[pair.first].out_channels)
     for sweep in range(1, max_sweeps + 1):
@@ -221,11 +228,14 @@ def equalize_pairs(
         for pair in pairs:
             first, second = layers[pair.first], layers[pair.second]
             scales = equalization_scales(first.output_ranges(), second.input_ranges())
+            ranges = activation_ranges(pair.activation, statistics.get(pair.first))
+            if keep_activation_range and ranges is not None and ranges.max() > 0:
+                scales = np.maximum(scales, ranges / ranges.max())
             first.scale_outputs(1.0 / scales)
             second.scale_inputs(scales)
             if pair.activation.upper is not None:
                 pair.activation.upper = pair.activation.upper / scales
-            if statistics is not None and pair.first in statistics:
+            if pair.first in statistics:
                 stats = statistics[pair.first]
                 stats.mean, stats.std = stats.mean / scales, stats.std / scales
             pair.scales = pair.scales * scales
@@ -233,6 +243,21 @@ def equalize_pairs(
         if largest <= tolerance:
             return sweep
     return max_sweeps
+
+
+def activation_ranges(
+    activation: Activation, statistics: ChannelStatistics | None, sigmas: float = SIGMAS
+) -> np.ndarray | None:
+    """Each channel's largest activation magnitude after ``activation``, data-free:
+    ``mean + sigmas * std`` (within the bounds) from the statistics, else the upper
+    bound; None when neither says."""
+    if statistics is None:
+        return None if activation.upper is None else np.maximum(activation.upper, 0.0)
+    mean, std = np.asarray(statistics.mean), np.abs(np.asarray(statistics.std))
+    if activation.kind == "identity":
+        return np.abs(mean) + sigmas * std
+    high = np.maximum(mean + sigmas * std, 0.0)
+    return high if activation.upper is None else np.minimum(high, activation.upper)
 
 
 def high_bias(
@@ -244,7 +269,9 @@ def high_bias(
     mean = np.asarray(statistics.mean, np.float64)
     if activation.kind == "identity":
         return mean.copy()
-    absorbed = np.maximum(mean - sigmas * np.abs(statistics.std), 0.0)
+    std = np.abs(np.asarray(statistics.std, np.float64))
+    spread = np.where(std > 0, sigmas * std, 0.0)  # a constant channel (gamma = 0) moves whole
+    absorbed = np.maximum(mean - spread, 0.0)
     if activation.upper is not None:
         absorbed = np.minimum(absorbed, np.maximum(activation.upper, 0.0))
     return absorbed
@@ -291,7 +318,7 @@ class EqualizationReport:
     spread_after: dict[str, float]
     absorbed_channels: int = 0
     not_absorbed: dict[str, str] = dataclasses.field(default_factory=dict)
-    per_channel_bounds: int = 0  # Clip nodes rewritten as Relu + per-channel Min
+    per_channel_bounds: int = 0  # Clip nodes given a per-channel Min after them
     float_sqnr_db: float | None = None  # the equalized float model's, against the original
 
     def _median(self, spreads: dict[str, float]) -> float:
@@ -575,29 +602,33 @@ def _write_back(
         clip, upper = activation_nodes[pair.first], pair.activation.upper
         if clip is None or upper is None:
             continue
+        clip.input[2] = graph.add_initializer(f"{clip.name}/max", np.array(upper.max()))
         if np.all(upper == upper[0]):
-            node_input = graph.add_initializer(f"{clip.name}/max", np.array(upper[0]))
-            clip.input[2] = node_input
             continue
         rank = layers[pair.first].weight.ndim if not layers[pair.first].dense else 2
         bound = graph.add_initializer(f"{clip.name}/upper", upper.reshape(-1, *[1] * (rank - 2)))
-        _replace_clip(graph, clip, bound)
+        _bound_per_channel(graph, clip, bound)
         rewritten += 1
     return rewritten
 
 
-def _replace_clip(graph: _Graph, clip: Any, bound: str) -> None:
-    """``Clip(x, 0, u)`` -> ``Min(Relu(x), bound)``, in place (same output name)."""
+def _bound_per_channel(graph: _Graph, clip: Any, bound: str) -> None:
+    """``Clip(x, 0, max(u))`` -> ``Min(Clip(x, 0, max(u)), u)``, in place (the Min
+    takes the Clip's output name).
+
+    The Clip with the widest channel's bound stays for the quantizer: onnxruntime
+    drops a Clip after a quantized Conv and calibrates the Conv's output range on
+    the Clip's output, so that range stays the bounded one (``[0, max(u)]``), not
+    the Conv's raw output's, and the Min's own rounding step falls on a similar grid.
+    """
     from onnx import helper
 
     nodes = graph.model.graph.node
     index = list(nodes).index(clip)
-    rectified = f"{clip.output[0]}/relu"
-    relu = helper.make_node("Relu", [clip.input[0]], [rectified], name=f"{clip.name}/relu")
-    bounded = helper.make_node("Min", [rectified, bound], [clip.output[0]], name=clip.name)
-    del nodes[index]
-    nodes.insert(index, bounded)
-    nodes.insert(index, relu)
+    output = clip.output[0]
+    clip.output[0] = f"{output}/clipped"
+    bounded = helper.make_node("Min", [clip.output[0], bound], [output], name=f"{clip.name}/bound")
+    nodes.insert(index + 1, bounded)
 
 
 def equalize_model(
@@ -606,6 +637,7 @@ def equalize_model(
     *,
     absorb: bool = True,
     sigmas: float = SIGMAS,
+    keep_activation_range: bool = True,
 ) -> tuple[Any, EqualizationReport]:
     """Cross-layer equalization (and, with ``statistics``, high-bias absorption) of
     an ONNX ``ModelProto``; returns the new model (the input is not modified) and
@@ -625,7 +657,11 @@ def equalize_model(
         for name, s in (statistics or {}).items()
         if name in layers and np.shape(s.mean) == (layers[name].out_channels,)
     }
-    sweeps = equalize_pairs(layers, pairs, owned) if pairs else 0
+    sweeps = (
+        equalize_pairs(layers, pairs, owned, keep_activation_range=keep_activation_range)
+        if pairs
+        else 0
+    )
     report = EqualizationReport(
         pairs, sweeps, before, {name: weight_spread(layers[name]) for name in touched}
     )
