@@ -20,6 +20,7 @@ from keras_bn.converters.cli.args import (
     ComparisonArgs,
     DataArgs,
     InputLayoutArgs,
+    Int8Args,
     ModelLoadingArgs,
     positive_int,
 )
@@ -84,19 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="int8 calibration inputs (representative data, Keras layout, batch first) "
         "(default: none; required with --precision int8)",
     )
-    parser.add_argument(
-        "--per-tensor",
-        action="store_true",
-        help="int8: one weight scale per layer, for targets without per-channel scales "
-        "(default: one per output channel)",
-    )
-    parser.add_argument(
-        "--equalize",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="int8: cross-layer equalization, and high-bias absorption from the folded BN "
-        "statistics, before quantizing (default: with --per-tensor)",
-    )
+    Int8Args().add_to(parser)
     parser.add_argument(
         "--keep-io-types",
         action=argparse.BooleanOptionalAction,

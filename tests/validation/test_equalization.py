@@ -345,3 +345,65 @@ def test_per_tensor_int8_gains_from_equalization(exported, tmp_path):
     assert details["pairs"] == 4 and details["float_sqnr_db"] > 40  # absorption: 3 sigmas
     assert "cross-layer equalization: 4 layer pair(s)" in str(equalized)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["equalized.onnx", "plain.onnx"]
+
+
+# --------------------------------------------------------------------------------------
+# The command: keras-bn export --precision int8 --per-tensor (equalized by default).
+
+
+def run_main(args, capsys) -> tuple[int, str, str]:
+    from keras_bn.converters import cli
+
+    code = cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    model, sample = block_model()
+    directory = tmp_path_factory.mktemp("equalization_cli")
+    model.save(directory / "block.keras")
+    np.savez(directory / "calibration.npz", image=sample)
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("flags", "equalized"),
+    [(["--per-tensor"], True), (["--per-tensor", "--no-equalize"], False), ([], False)],
+    ids=["per-tensor", "per-tensor-unequalized", "per-channel"],
+)
+def test_export_int8_per_tensor_equalizes(model_file, tmp_path, capsys, flags, equalized):
+    import json
+
+    code, out, err = run_main(
+        ["export", model_file / "block.keras", "-o", tmp_path / "q.onnx", "--precision", "int8"]
+        + ["--calibration", model_file / "calibration.npz", "--json", *flags],
+        capsys,
+    )
+    assert code == 0, err
+    precision = json.loads(out)["precision"]
+    assert precision["per_channel"] is ("--per-tensor" not in flags)
+    assert ("equalization" in precision) is equalized
+    if equalized:  # the BN statistics reached it: two pairs absorbed
+        assert precision["equalization"]["pairs"] == 4
+        assert precision["equalization"]["absorbed_channels"] > 0
+    scales = [
+        i
+        for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer
+        if i.name.endswith("_scale")
+    ]
+    weight_scales = [i for i in scales if "kernel" in i.name]
+    assert weight_scales and all(len(i.dims) == (0 if flags else 1) for i in weight_scales)
+
+
+@pytest.mark.parametrize("flag", ["--per-tensor", "--equalize", "--no-equalize"])
+def test_int8_flags_need_int8(model_file, tmp_path, capsys, flag):
+    from support.console import assert_rejected
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code, _, err = run_main(
+        ["export", model_file / "block.keras", "-o", out_dir / "m.onnx", flag], capsys
+    )
+    assert_rejected(code, err, "only used with --precision int8", out_dir)
