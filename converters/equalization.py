@@ -17,7 +17,18 @@ group, one output channel per input channel when depthwise.
 ReLU6 stays exact per channel: ``min(max(x / s, 0), 6 / s) = min(max(x, 0), 6) / s``,
 so a Clip whose bound no longer is one number gets a ``Min`` with the per-channel
 bound after it (the paper swaps ReLU6 for ReLU, which changes what the network
-computes; on EfficientNet-Lite0 it ruins the float model).
+computes; on EfficientNet-Lite0 it ruins the float model). The Clip stays in front
+with the widest channel's bound: onnxruntime drops a Clip after a quantized Conv and
+takes the Conv output's int8 range from the Clip's output, which keeps that range
+bounded.
+
+One departure from the paper: the factors keep each activation's int8 range.
+onnxruntime quantizes the tensor between two layers with one range, the widest
+channel's; a channel scaled up past it widens that range for every channel. So
+``s_c >= a_c / max(a)``, ``a_c`` being channel ``c``'s activation range known without
+data (``mean + 3 std`` from the BN statistics, within the ReLU6 bound; else the
+bound). On EfficientNet-Lite0 (64 calibration, 256 evaluation crops) this took
+per-tensor int8's logit SQNR from 7.8 dB (the paper's factors) to 9.9 dB.
 
 High-bias absorption moves bias that always passes the activation to the next layer.
 The BatchNormalization folded into the first layer says what its output channel
@@ -678,16 +689,14 @@ def _absorb(
     report: EqualizationReport,
     sigmas: float,
 ) -> None:
+    """High-bias absorption for every pair that allows it; the others' reasons."""
     for pair in pairs:
+        stats = statistics.get(pair.first)
         if pair.padded:
             report.not_absorbed[pair.first] = "the next layer zero-pads its input"
-        elif pair.first not in statistics and pair.activation.kind == "relu":
+        elif stats is None:
             report.not_absorbed[pair.first] = "no BatchNormalization statistics"
         else:
-            stats = statistics.get(pair.first)
-            if stats is None:  # identity: absorb nothing without the mean
-                report.not_absorbed[pair.first] = "no BatchNormalization statistics"
-                continue
             pair.absorbed = high_bias(pair.activation, stats, sigmas)
             absorb_high_bias(
                 layers[pair.first], pair.activation, layers[pair.second], pair.absorbed
