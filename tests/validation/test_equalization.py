@@ -407,3 +407,77 @@ def test_int8_flags_need_int8(model_file, tmp_path, capsys, flag):
         ["export", model_file / "block.keras", "-o", out_dir / "m.onnx", flag], capsys
     )
     assert_rejected(code, err, "only used with --precision int8", out_dir)
+
+
+# --------------------------------------------------------------------------------------
+# Hand-written ONNX graphs: forms our exporter does not write, and what blocks a pair.
+
+
+def mlp(activation: str, trans_b: int) -> onnx.ModelProto:
+    """x -> Gemm -> activation -> Gemm, the first weight stored (out, in) when trans_b."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    first = rng.normal(size=(4, 6)) * 10.0 ** rng.uniform(-2, 1, 6)
+    second = rng.normal(size=(6, 3))
+    initializers = [
+        numpy_helper.from_array((first.T if trans_b else first).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(size=6).astype(np.float32), "b1"),
+        numpy_helper.from_array(second.astype(np.float32), "w2"),
+        numpy_helper.from_array(np.float32(-1.0 if activation == "hardtanh" else 0.0), "low"),
+        numpy_helper.from_array(np.float32(1.0), "high"),
+    ]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="first", transB=trans_b)]
+    nodes.append(helper.make_node("Clip", ["h", "low", "high"], ["a"], name="act"))
+    nodes.append(helper.make_node("Gemm", ["a", "w2"], ["y"], name="second"))
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 3])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def run_mlp(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = runtime.open_session(model.SerializeToString())
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_pairs_in_either_weight_layout(trans_b):
+    model = mlp("relu1", trans_b)
+    equalized, report = eq.equalize_model(model)
+    assert [(p.first, p.second) for p in report.pairs] == [("first", "second")]
+    assert report.per_channel_bounds == 1  # the bound 1 became 1 / s_c
+    x = np.random.default_rng(6).normal(size=(32, 4)).astype(np.float32) * 3
+    expected = run_mlp(model, x)
+    np.testing.assert_allclose(
+        run_mlp(equalized, x), expected, rtol=0, atol=1e-6 * np.abs(expected).max()
+    )
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    hidden = x @ (weights["w1"].T if trans_b else weights["w1"]) + weights["b1"]
+    assert (hidden > 1).any() and (hidden < 0).any()  # both bounds were active
+    assert report.spread_after["first"] < report.spread_before["first"]
+
+
+def test_clip_with_a_negative_lower_bound_blocks_the_pair():
+    model = mlp("hardtanh", 0)  # clip(x, -1, 1): not positively homogeneous
+    equalized, report = eq.equalize_model(model)
+    assert report.pairs == [] and report.sweeps == 0
+    assert equalized.SerializeToString() == model.SerializeToString()
+
+
+def test_batch_norm_statistics_without_scale_or_center():
+    import keras
+
+    from keras_bn.converters.folding import plan_folds
+
+    inputs = keras.Input((4, 4, 2))
+    x = keras.layers.Conv2D(3, 1, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(scale=False, center=False, name="bn")(x)
+    model = keras.Model(inputs, keras.layers.ReLU()(x))
+    statistics = eq.batch_norm_statistics(model, plan_folds(model))
+    np.testing.assert_array_equal(statistics["conv"].mean, np.zeros(3))
+    np.testing.assert_array_equal(statistics["conv"].std, np.ones(3))
