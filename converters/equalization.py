@@ -28,7 +28,8 @@ channel's; a channel scaled up past it widens that range for every channel. So
 ``s_c >= a_c / max(a)``, ``a_c`` being channel ``c``'s activation range known without
 data (``mean + 3 std`` from the BN statistics, within the ReLU6 bound; else the
 bound). On EfficientNet-Lite0 (64 calibration, 256 evaluation crops) this took
-per-tensor int8's logit SQNR from 7.8 dB (the paper's factors) to 9.9 dB.
+per-tensor int8's logit SQNR from 7.8 dB (the paper's factors) to 9.7 dB; on
+MobileNetV2 it cost 0.5 dB (BENCHMARKS.md, section 18).
 
 High-bias absorption moves bias that always passes the activation to the next layer.
 The BatchNormalization folded into the first layer says what its output channel
