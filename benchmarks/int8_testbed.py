@@ -48,6 +48,8 @@ from support import testbeds  # noqa: E402
 
 from keras_bn.converters import runtime  # noqa: E402
 from keras_bn.converters.comparison import sqnr_db  # noqa: E402
+from keras_bn.converters.equalization import batch_norm_statistics, describe  # noqa: E402
+from keras_bn.converters.folding import plan_folds  # noqa: E402
 from keras_bn.converters.precision import quantize_int8  # noqa: E402
 
 # A few ImageNet classes the photos should land in (no label file offline).
@@ -251,13 +253,23 @@ def main(argv: list[str] | None = None) -> None:
             "--force",
         )
         report(f"keras-bn export --precision int8 (whole process): {int8_seconds:.0f} s")
-    for per_channel, path in ((True, channel_path), (False, tensor_path)):
-        if per_channel and args.cli:
+    statistics = batch_norm_statistics(model, plan_folds(model))  # what --per-tensor reads
+    files = {
+        "int8 per-channel": (channel_path, {}),
+        "int8 per-tensor": (tensor_path, {"per_channel": False}),
+        "int8 per-tensor + BN-aware": (
+            work / "int8_per_tensor_equalized.onnx",
+            {"per_channel": False, "equalize": True, "batch_norm_statistics": statistics},
+        ),
+    }
+    for label, (path, options) in files.items():
+        if label == "int8 per-channel" and args.cli:
             continue
         start = time.perf_counter()
-        quantize_int8(float_path, path, {"image": calibration}, per_channel=per_channel)
-        kind = "channel" if per_channel else "tensor"
-        report(f"quantize_int8 per-{kind}: {time.perf_counter() - start:.0f} s")
+        result = quantize_int8(float_path, path, {"image": calibration}, **options)
+        report(f"quantize_int8 {label.removeprefix('int8 ')}: {time.perf_counter() - start:.0f} s")
+        if "equalization" in result.details:
+            report("\n".join("  " + line for line in describe(result.details["equalization"])))
 
     report(f"CPU int8 instructions: {cpu_flags()}")
     report("widest per-channel weight ranges (folded; max/median, max/min):")
@@ -271,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         f"(top softmax >= {CONFIDENT}): {int((softmax(reference).max(1) >= CONFIDENT).sum())}"
     )
     rows = [("float32", "-", agreement(reference, reference), float_latency, float_path)]
-    for label, path in (("int8 per-channel", channel_path), ("int8 per-tensor", tensor_path)):
+    for label, (path, _) in files.items():
         for mode, optimization in (("exact QDQ", "ORT_DISABLE_ALL"), ("kernels", "ORT_ENABLE_ALL")):
             logits, latency = run_onnx(path, evaluation, optimization)
             rows.append((label, mode, agreement(logits, reference), latency, path))

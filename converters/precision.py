@@ -174,6 +174,10 @@ class PrecisionReport:
             where = "its calibration data, " if self.precision == "int8" else ""
             compared = str(self.comparison).removeprefix("on ")
             lines.append(f"  vs the float32 model on {where}{compared}")
+        if "equalization" in self.details:
+            from keras_bn.converters.equalization import describe
+
+            lines += ["  " + line for line in describe(self.details["equalization"])]
         return "\n".join(lines)
 
 
@@ -363,6 +367,8 @@ def quantize_int8(
     *,
     per_channel: bool = True,
     calibration_batch_size: int = 16,
+    equalize: bool = False,
+    batch_norm_statistics: Mapping[str, Any] | None = None,
 ) -> PrecisionReport:
     """Quantize an ONNX model to int8 (static, QDQ, per-channel weights).
 
@@ -375,6 +381,10 @@ def quantize_int8(
             so they should look like deployment data.
         per_channel: one weight scale per output channel (recommended).
         calibration_batch_size: samples per calibration run (for dynamic batches).
+        equalize: cross-layer equalization before quantizing, and high-bias
+            absorption where ``batch_norm_statistics`` (per folded layer, from
+            :func:`keras_bn.converters.equalization.batch_norm_statistics`) say
+            which bias always passes the activation (:mod:`.equalization`).
 
     Returns:
         A :class:`PrecisionReport` whose ``comparison`` holds the output difference
@@ -389,8 +399,20 @@ def quantize_int8(
         runtime.batches(matched, runtime.fixed_batch_size(specs), calibration_batch_size)
     )
     onnx_out = Path(onnx_out)
+    equalized = None
     with atomic_output(onnx_out, suffix=".onnx") as tmp:
-        _quantize_static(Path(onnx_in), tmp, batches, per_channel)
+        if equalize:  # the equalized float file lies beside the output while quantizing
+            from keras_bn.converters.equalization import equalize_file
+
+            source = tmp.with_name(tmp.stem + ".equalized.onnx")
+            try:
+                equalized = equalize_file(onnx_in, source, batch_norm_statistics)
+                equalized.float_sqnr_db = compare_onnx_models(onnx_in, source, matched).sqnr_db
+                _quantize_static(source, tmp, batches, per_channel)
+            finally:
+                source.unlink(missing_ok=True)
+        else:
+            _quantize_static(Path(onnx_in), tmp, batches, per_channel)
     report = PrecisionReport(
         precision="int8",
         path=str(onnx_out),
@@ -401,6 +423,7 @@ def quantize_int8(
             "per_channel": per_channel,
             "calibration_samples": int(len(next(iter(matched.values())))),
             "calibration_method": "MinMax",
+            **({} if equalized is None else {"equalization": equalized.to_dict()}),
         },
     )
     report.seconds = time.perf_counter() - start

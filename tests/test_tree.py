@@ -80,6 +80,7 @@ MIRROR = {
     "converters/reference.py": "validation/test_reference.py",
     "converters/samples.py": "validation/test_samples.py",
     "converters/validation.py": "validation/test_validation.py",
+    "converters/equalization.py": "validation/test_equalization.py",
     "converters/precision.py": "validation/test_precision.py",
     "converters/benchmarking.py": "validation/test_benchmarking.py",
     "converters/user_files.py": "files/test_user_files.py",

@@ -65,6 +65,8 @@ OPTION_ALIASES: dict[str, str] = {
     "--overwrite": "--force",
     "--calib": "--calibration",
     "--calibration-data": "--calibration",
+    "--cle": "--equalize",
+    "--cross-layer-equalization": "--equalize",
     "--input": "--inputs",
     "--samples": "--inputs",
     "--batch": "--batch-size",
@@ -373,6 +375,25 @@ class _InputLayoutAction(argparse.Action):
             setattr(namespace, self.dest, layouts)
         else:
             setattr(namespace, self.dest, layout)
+
+
+class Int8Args:
+    """``--per-tensor``, ``--equalize``: how ``--precision int8`` quantizes."""
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--per-tensor",
+            action="store_true",
+            help="int8: one weight scale per layer, for targets without per-channel scales "
+            "(default: one per output channel)",
+        )
+        parser.add_argument(
+            "--equalize",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="int8: cross-layer equalization, and high-bias absorption from the folded "
+            "BN statistics, before quantizing (default: with --per-tensor)",
+        )
 
 
 class DataArgs:

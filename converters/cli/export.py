@@ -20,6 +20,7 @@ from keras_bn.converters.cli.args import (
     ComparisonArgs,
     DataArgs,
     InputLayoutArgs,
+    Int8Args,
     ModelLoadingArgs,
     positive_int,
 )
@@ -84,6 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="int8 calibration inputs (representative data, Keras layout, batch first) "
         "(default: none; required with --precision int8)",
     )
+    Int8Args().add_to(parser)
     parser.add_argument(
         "--keep-io-types",
         action=argparse.BooleanOptionalAction,
@@ -158,7 +160,13 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
             reference.outputs()  # a model Keras cannot run: that is the error to report
             raise
         final, precision_report = _convert_precision(
-            work / output.name, work, args, run, inputs=inputs, calibration=calibration
+            work / output.name,
+            work,
+            args,
+            run,
+            inputs=inputs,
+            calibration=calibration,
+            fold=(model, getattr(result, "fold_report", None)),
         )
         _describe_export(result, final, output, run, model.graph)
         _describe_precision(precision_report, output, args, run)
@@ -205,6 +213,11 @@ def _check_options(args: argparse.Namespace) -> Path:
         raise UserInputError(
             f"--calibration is only used with --precision int8 (received --precision "
             f"{args.precision}); drop it or pass --precision int8."
+        )
+    if (args.per_tensor or args.equalize is not None) and args.precision != "int8":
+        raise UserInputError(
+            f"--per-tensor and --equalize are only used with --precision int8 (received "
+            f"--precision {args.precision}); drop them or pass --precision int8."
         )
     for given, what in ((args.inputs, "Inputs file"), (args.calibration, "Calibration file")):
         if given is not None:
@@ -299,8 +312,11 @@ def _convert_precision(
     *,
     inputs: dict[str, Any] | None,
     calibration: dict[str, Any] | None,
+    fold: tuple[Any, Any] = (None, None),
 ) -> tuple[Path, Any]:
-    """The float16/int8 conversion of ``exported`` (its path and report), else itself."""
+    """The float16/int8 conversion of ``exported`` (its path and report), else itself.
+
+    ``fold``: the model and the fold report, whose BN statistics equalization reads."""
     if args.precision == "float32":
         return exported, None
     final = work / args.precision / exported.name
@@ -318,9 +334,20 @@ def _convert_precision(
     from keras_bn.converters.precision import quantize_int8
 
     assert calibration is not None  # _check_options requires it for int8
+    equalize = args.per_tensor if args.equalize is None else args.equalize
+    statistics = None
+    if equalize and fold[1] is not None:
+        from keras_bn.converters.equalization import batch_norm_statistics
+
+        statistics = batch_norm_statistics(*fold)
     with run.progress.step("Quantizing to int8 (calibrating)"):
         report = quantize_int8(
-            exported, final, steps.to_onnx_layout(calibration, args.input_layout)
+            exported,
+            final,
+            steps.to_onnx_layout(calibration, args.input_layout),
+            per_channel=not args.per_tensor,
+            equalize=equalize,
+            batch_norm_statistics=statistics,
         )
     return final, report
 

@@ -71,3 +71,63 @@ def test_crops_are_disjoint_and_normalized():
     low = -testbeds.IMAGENET_MEAN / testbeds.IMAGENET_STD
     high = (1 - testbeds.IMAGENET_MEAN) / testbeds.IMAGENET_STD
     assert np.all(calibration >= low - 1e-5) and np.all(calibration <= high + 1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# Equalization on the trained network (issue 23, part 3): few crops, one export.
+
+
+@pytest.fixture(scope="module")
+def mobilenet_v2_onnx(mobilenet_v2, tmp_path_factory):
+    from keras_bn.converters.equalization import batch_norm_statistics
+    from keras_bn.converters.onnx.export import export_onnx
+
+    path = tmp_path_factory.mktemp("testbed") / "mobilenet_v2.onnx"
+    result = export_onnx(mobilenet_v2, path, fold=True)
+    return path, batch_norm_statistics(mobilenet_v2, result.fold_report)
+
+
+def test_equalization_keeps_the_float_mobilenet_v2(mobilenet_v2_onnx):
+    import onnx
+
+    from keras_bn.converters import runtime
+    from keras_bn.converters.comparison import sqnr_db
+    from keras_bn.converters.equalization import equalize_model
+
+    path, statistics = mobilenet_v2_onnx
+    model, report = equalize_model(onnx.load(str(path)), statistics)
+    # Every inverted-residual block: expand -> depthwise -> project, and the head.
+    assert len(report.pairs) == 37 and report.per_channel_bounds > 0
+    spread = report.to_dict()  # widest/median channel weight range, per layer
+    assert spread["spread_max_after"] < 0.6 * spread["spread_max_before"]  # 7.6x -> 4.1x
+    assert spread["spread_median_after"] < spread["spread_median_before"]
+    images = testbeds.crops(8, seed=1)
+    (expected,) = runtime.run(runtime.open_session(path), {"image": images})
+    (received,) = runtime.run(runtime.open_session(model.SerializeToString()), {"image": images})
+    # Equalization is exact; absorption assumes outputs >= mean - 3 std (BN statistics).
+    assert sqnr_db(received, expected) > 20
+    (clean,) = runtime.run(
+        runtime.open_session(
+            equalize_model(onnx.load(str(path)), absorb=False)[0].SerializeToString()
+        ),
+        {"image": images},
+    )
+    np.testing.assert_allclose(clean, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+def test_equalization_improves_per_tensor_int8(mobilenet_v2_onnx, tmp_path):
+    from keras_bn.converters.precision import quantize_int8
+
+    path, statistics = mobilenet_v2_onnx
+    calibration = {"image": testbeds.crops(32, seed=0)}
+    plain = quantize_int8(path, tmp_path / "plain.onnx", calibration, per_channel=False)
+    equalized = quantize_int8(
+        path,
+        tmp_path / "equalized.onnx",
+        calibration,
+        per_channel=False,
+        equalize=True,
+        batch_norm_statistics=statistics,
+    )
+    # On the calibration crops against the float model (7 dB plain at 512 crops).
+    assert equalized.comparison.sqnr_db > plain.comparison.sqnr_db + 1.5

@@ -1,0 +1,718 @@
+"""Cross-layer equalization and high-bias absorption (Nagel et al. 2019), data-free.
+
+Per-tensor int8 gives every output channel of a layer the same weight scale, so a
+layer whose channels' weight ranges differ by 10x-1000x (folded BatchNormalization
+makes them differ: the folded kernel is ``kernel * gamma / sqrt(moving_variance +
+epsilon)``) leaves its small channels a few levels. Two layers in a row with a
+positively homogeneous activation between them (ReLU, ReLU6, identity) can trade a
+per-channel factor: dividing the first layer's output channel ``c`` by ``s_c`` and
+multiplying the second layer's input channel ``c`` by ``s_c`` computes the same
+function, and ``s_c = sqrt(r1_c / r2_c)`` (``r1_c``: the range of the first layer's
+output channel, ``r2_c``: of the second's input channel) makes both ranges
+``sqrt(r1_c * r2_c)``. Sweeping over every pair until the factors reach 1
+equalizes whole chains (expand -> depthwise -> project). Depthwise convolutions
+take part: in a grouped convolution an input channel's weights are the rows of its
+group, one output channel per input channel when depthwise.
+
+ReLU6 stays exact per channel: ``min(max(x / s, 0), 6 / s) = min(max(x, 0), 6) / s``,
+so a Clip whose bound no longer is one number gets a ``Min`` with the per-channel
+bound after it (the paper swaps ReLU6 for ReLU, which changes what the network
+computes; on EfficientNet-Lite0 it ruins the float model). The Clip stays in front
+with the widest channel's bound: onnxruntime drops a Clip after a quantized Conv and
+takes the Conv output's int8 range from the Clip's output, which keeps that range
+bounded.
+
+One departure from the paper: the factors keep each activation's int8 range.
+onnxruntime quantizes the tensor between two layers with one range, the widest
+channel's; a channel scaled up past it widens that range for every channel. So
+``s_c >= a_c / max(a)``, ``a_c`` being channel ``c``'s activation range known without
+data (``mean + 3 std`` from the BN statistics, within the ReLU6 bound; else the
+bound). On EfficientNet-Lite0 (64 calibration, 256 evaluation crops) this took
+per-tensor int8's logit SQNR from 7.8 dB (the paper's factors) to 9.7 dB; on
+MobileNetV2 it cost 0.5 dB (BENCHMARKS.md, section 18).
+
+High-bias absorption moves bias that always passes the activation to the next layer.
+The BatchNormalization folded into the first layer says what its output channel
+looks like: mean ``beta``, standard deviation ``|gamma|`` (when the moving
+statistics describe the data). With ``c = max(0, beta - 3 |gamma|)`` (clamped to the
+upper bound), ``min(max(x, 0), u) = min(max(x - c, 0), u - c) + c`` wherever
+``x >= c``, so the first layer's bias loses ``c``, the upper bound loses ``c`` and
+the second layer's bias gains ``W2 @ c``. Through the identity the whole mean moves
+(exact for any input). A second layer that zero-pads its input is skipped: its
+border outputs would see the padded zeros shifted by ``-c``.
+
+Where it applies: on the folded float ONNX graph, before onnxruntime quantizes it,
+not on the folded Keras model. The quantizer sees the ONNX graph, so the pairs are
+the exporter's own ``Conv``/``Gemm`` -> ``Relu``/``Clip``/nothing ->
+(``GlobalAveragePool`` -> ``Flatten``) -> ``Conv``/``Gemm`` patterns, whatever
+Keras layers (Dense on channels-first tensors, ZeroPadding2D merged into a Conv's
+pads, layers traced from custom code) they came from; a Keras rewrite would have to
+rebuild layers to express per-channel ReLU6 bounds, and would miss layers that
+only exist after export. The BN statistics come from the fold: the fold report says
+which BatchNormalization went into which layer (the ONNX node of that name), and
+:func:`batch_norm_statistics` reads its ``gamma`` and ``beta``.
+
+The maths (:class:`LinearLayer`, :func:`equalize_pairs`, :func:`absorb_high_bias`)
+is NumPy in float64 with no ONNX or Keras import; :func:`equalize_model` and
+:func:`equalize_file` are the ONNX adapter; onnxruntime's quantizer does the rest.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = [
+    "Activation",
+    "ChannelStatistics",
+    "EqualizationReport",
+    "LinearLayer",
+    "Pair",
+    "absorb_high_bias",
+    "activation_ranges",
+    "batch_norm_statistics",
+    "describe",
+    "equalization_scales",
+    "equalize_file",
+    "equalize_model",
+    "equalize_pairs",
+    "high_bias",
+    "weight_spread",
+]
+
+# Sweeps stop when every factor of a sweep is within this of 1 (log scale).
+TOLERANCE = 1e-4
+MAX_SWEEPS = 100
+# A channel whose weight range is below this fraction of its layer's widest is
+# dead (BN gamma ~0): it computes a constant, and scaling it up would blow up the
+# constant (its bias) instead of its weights.
+DEAD_CHANNEL = 1e-8
+SIGMAS = 3.0  # absorbed bias: mean - SIGMAS * std, as in the paper
+
+# --------------------------------------------------------------------------------------
+# The maths: NumPy only, float64.
+
+
+@dataclasses.dataclass
+class LinearLayer:
+    """A Conv or Dense layer's weights in float64.
+
+    ``weight``: a convolution's ``(out, in / groups, *kernel)`` (ONNX's layout), or
+    a dense ``(in, out)`` matrix when ``dense``. ``bias``: ``(out,)``.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    groups: int = 1
+    dense: bool = False
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.weight.shape[1] if self.dense else self.weight.shape[0])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.weight.shape[0] if self.dense else self.weight.shape[1] * self.groups)
+
+    def _input_index(self) -> np.ndarray:
+        """``(out, in / groups)``: which input channel each kernel row reads."""
+        out, per_group = self.weight.shape[0], self.weight.shape[1]
+        group = np.arange(out) // (out // self.groups)
+        return group[:, None] * per_group + np.arange(per_group)[None, :]
+
+    def output_ranges(self) -> np.ndarray:
+        magnitude = np.abs(self.weight)
+        if self.dense:
+            return magnitude.max(axis=0)
+        return magnitude.reshape(magnitude.shape[0], -1).max(axis=1)
+
+    def input_ranges(self) -> np.ndarray:
+        magnitude = np.abs(self.weight)
+        if self.dense:
+            return magnitude.max(axis=1)
+        rows = magnitude.reshape(*magnitude.shape[:2], -1).max(axis=2)
+        ranges = np.zeros(self.in_channels)
+        np.maximum.at(ranges, self._input_index().ravel(), rows.ravel())
+        return ranges
+
+    def scale_outputs(self, factors: np.ndarray) -> None:
+        """Output channel ``c`` times ``factors[c]`` (weights and bias)."""
+        if self.dense:
+            self.weight = self.weight * factors[None, :]
+        else:
+            self.weight = self.weight * factors.reshape(-1, *[1] * (self.weight.ndim - 1))
+        self.bias = self.bias * factors
+
+    def scale_inputs(self, factors: np.ndarray) -> None:
+        """Input channel ``c`` times ``factors[c]``."""
+        if self.dense:
+            self.weight = self.weight * factors[:, None]
+            return
+        per_row = factors[self._input_index()]
+        self.weight = self.weight * per_row.reshape(*per_row.shape, *[1] * (self.weight.ndim - 2))
+
+    def constant_input_response(self, values: np.ndarray) -> np.ndarray:
+        """The output (per channel) for an input holding ``values[c]`` everywhere in
+        channel ``c``, without bias, away from any padding."""
+        if self.dense:
+            return values @ self.weight
+        sums = self.weight.reshape(*self.weight.shape[:2], -1).sum(axis=2)
+        return (sums * values[self._input_index()]).sum(axis=1)
+
+
+@dataclasses.dataclass
+class Activation:
+    """What sits between two layers: ``"relu"`` (``min(max(x, 0), upper)``, no
+    upper bound when ``upper`` is None) or ``"identity"``. ``upper``: per channel."""
+
+    kind: Literal["relu", "identity"]
+    upper: np.ndarray | None = None
+
+
+@dataclasses.dataclass
+class ChannelStatistics:
+    """A layer output's per-channel mean and standard deviation (from the BN folded
+    into it: ``beta`` and ``|gamma|``)."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+
+@dataclasses.dataclass
+class Pair:
+    """Two layers in a row: ``first``'s output reaches ``second`` through
+    ``activation`` (and per-channel linear operations such as global pooling only).
+    ``padded``: ``second`` zero-pads its input (no bias absorption)."""
+
+    first: str
+    second: str
+    activation: Activation
+    padded: bool = False
+    scales: np.ndarray | None = None  # product of the factors applied (first's output / s)
+    absorbed: np.ndarray | None = None  # the bias moved to the second layer, per channel
+
+
+def equalization_scales(first_ranges: np.ndarray, second_ranges: np.ndarray) -> np.ndarray:
+    """``s_c = sqrt(r1_c / r2_c)``: dividing ``first``'s output channel by ``s_c`` and
+    multiplying ``second``'s input channel by it makes both ranges ``sqrt(r1_c r2_c)``.
+
+    Channels with an empty range on either side, or a dead first channel (range
+    below ``DEAD_CHANNEL`` of the layer's widest), keep ``s_c = 1``.
+    """
+    first_ranges = np.asarray(first_ranges, np.float64)
+    second_ranges = np.asarray(second_ranges, np.float64)
+    scales = np.ones_like(first_ranges)
+    widest = first_ranges.max(initial=0.0)
+    live = (first_ranges > DEAD_CHANNEL * widest) & (second_ranges > 0)
+    scales[live] = np.sqrt(first_ranges[live] / second_ranges[live])
+    return scales
+
+
+def equalize_pairs(
+    layers: Mapping[str, LinearLayer],
+    pairs: list[Pair],
+    statistics: Mapping[str, ChannelStatistics] | None = None,
+    *,
+    keep_activation_range: bool = True,
+    tolerance: float = TOLERANCE,
+    max_sweeps: int = MAX_SWEEPS,
+) -> int:
+    """Equalize every pair, sweeping until no factor moves by more than ``tolerance``
+    (log scale); returns the number of sweeps.
+
+    ``keep_activation_range``: no channel's activation range (:func:`activation_ranges`,
+    where known) grows beyond the widest channel's, so the activation tensor's one
+    int8 range does not widen: ``s_c >= a_c / max(a)``.
+
+    Modifies ``layers``, each pair's activation bounds and ``scales``, and the
+    ``statistics`` of each first layer (scaled with its outputs) in place.
+    """
+    statistics = statistics if statistics is not None else {}
+    for pair in pairs:
+        pair.scales = np.ones(layers[pair.first].out_channels)
+    for sweep in range(1, max_sweeps + 1):
+        largest = 0.0
+        for pair in pairs:
+            first, second = layers[pair.first], layers[pair.second]
+            scales = equalization_scales(first.output_ranges(), second.input_ranges())
+            ranges = activation_ranges(pair.activation, statistics.get(pair.first))
+            if keep_activation_range and ranges is not None and ranges.max() > 0:
+                scales = np.maximum(scales, ranges / ranges.max())
+            first.scale_outputs(1.0 / scales)
+            second.scale_inputs(scales)
+            if pair.activation.upper is not None:
+                pair.activation.upper = pair.activation.upper / scales
+            if pair.first in statistics:
+                stats = statistics[pair.first]
+                stats.mean, stats.std = stats.mean / scales, stats.std / scales
+            pair.scales = pair.scales * scales
+            largest = max(largest, float(np.abs(np.log(scales)).max(initial=0.0)))
+        if largest <= tolerance:
+            return sweep
+    return max_sweeps
+
+
+def activation_ranges(
+    activation: Activation, statistics: ChannelStatistics | None, sigmas: float = SIGMAS
+) -> np.ndarray | None:
+    """Each channel's largest activation magnitude after ``activation``, data-free:
+    ``mean + sigmas * std`` (within the bounds) from the statistics, else the upper
+    bound; None when neither says."""
+    if statistics is None:
+        return None if activation.upper is None else np.maximum(activation.upper, 0.0)
+    mean, std = np.asarray(statistics.mean), np.abs(np.asarray(statistics.std))
+    if activation.kind == "identity":
+        return np.abs(mean) + sigmas * std
+    high = np.maximum(mean + sigmas * std, 0.0)
+    return high if activation.upper is None else np.minimum(high, activation.upper)
+
+
+def high_bias(
+    activation: Activation, statistics: ChannelStatistics, sigmas: float = SIGMAS
+) -> np.ndarray:
+    """The bias that always passes ``activation``, per channel: through ReLU
+    ``max(0, mean - sigmas * std)`` (at most the upper bound), through the identity
+    the whole mean."""
+    mean = np.asarray(statistics.mean, np.float64)
+    if activation.kind == "identity":
+        return mean.copy()
+    std = np.abs(np.asarray(statistics.std, np.float64))
+    spread = np.where(std > 0, sigmas * std, 0.0)  # a constant channel (gamma = 0) moves whole
+    absorbed = np.maximum(mean - spread, 0.0)
+    if activation.upper is not None:
+        absorbed = np.minimum(absorbed, np.maximum(activation.upper, 0.0))
+    return absorbed
+
+
+def absorb_high_bias(
+    first: LinearLayer,
+    activation: Activation,
+    second: LinearLayer,
+    absorbed: np.ndarray,
+) -> None:
+    """Move ``absorbed`` (per channel of ``first``'s output) from ``first``'s bias
+    through ``activation`` into ``second``'s bias, in place.
+
+    Exact where the first layer's outputs are at least ``absorbed`` (ReLU) or
+    always (identity), provided ``second`` does not zero-pad its input.
+    """
+    first.bias = first.bias - absorbed
+    if activation.upper is not None:
+        activation.upper = activation.upper - absorbed
+    second.bias = second.bias + second.constant_input_response(absorbed)
+
+
+def weight_spread(layer: LinearLayer) -> float:
+    """Widest output channel's weight range over the median channel's: what one
+    per-tensor scale loses against per-channel scales."""
+    ranges = layer.output_ranges()
+    median = float(np.median(ranges))
+    return float(ranges.max() / median) if median > 0 else float("inf")
+
+
+# --------------------------------------------------------------------------------------
+# The report.
+
+
+@dataclasses.dataclass
+class EqualizationReport:
+    """What equalization did to an ONNX model: the pairs, the sweeps, the effect on
+    the per-channel weight-range spread (max/median, per layer) and the bias moved."""
+
+    pairs: list[Pair]
+    sweeps: int
+    spread_before: dict[str, float]
+    spread_after: dict[str, float]
+    absorbed_channels: int = 0
+    not_absorbed: dict[str, str] = dataclasses.field(default_factory=dict)
+    per_channel_bounds: int = 0  # Clip nodes given a per-channel Min after them
+    float_sqnr_db: float | None = None  # the equalized float model's, against the original
+
+    def _median(self, spreads: dict[str, float]) -> float:
+        return float(np.median(list(spreads.values()))) if spreads else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pairs": len(self.pairs),
+            "sweeps": self.sweeps,
+            "layers": len(self.spread_before),
+            "spread_median_before": self._median(self.spread_before),
+            "spread_median_after": self._median(self.spread_after),
+            "spread_max_before": max(self.spread_before.values(), default=1.0),
+            "spread_max_after": max(self.spread_after.values(), default=1.0),
+            "absorbed_channels": self.absorbed_channels,
+            "not_absorbed": dict(self.not_absorbed),
+            "per_channel_bounds": self.per_channel_bounds,
+            "float_sqnr_db": self.float_sqnr_db,
+        }
+
+    def __str__(self) -> str:
+        return "\n".join(describe(self.to_dict()))
+
+
+def describe(summary: Mapping[str, Any]) -> list[str]:
+    """The lines that say what equalization did, from :meth:`EqualizationReport.to_dict`."""
+    lines = [
+        f"cross-layer equalization: {summary['pairs']} layer pair(s), {summary['sweeps']} "
+        f"sweep(s); weight-range spread (widest/median channel) of {summary['layers']} "
+        f"layer(s): median {summary['spread_median_before']:.2f}x -> "
+        f"{summary['spread_median_after']:.2f}x, worst {summary['spread_max_before']:.3g}x -> "
+        f"{summary['spread_max_after']:.3g}x"
+        + (
+            f"; {summary['per_channel_bounds']} Clip bound(s) made per-channel"
+            if summary["per_channel_bounds"]
+            else ""
+        )
+    ]
+    reasons: dict[str, int] = {}
+    for reason in summary["not_absorbed"].values():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    skipped = "".join(f"; {n} pair(s) skipped: {r}" for r, n in reasons.items())
+    lines.append(f"high-bias absorption: {summary['absorbed_channels']} channel(s){skipped}")
+    if summary.get("float_sqnr_db") is not None:
+        lines.append(
+            f"equalized float model vs the original: SQNR {summary['float_sqnr_db']:.1f} dB"
+        )
+    return lines
+
+
+# --------------------------------------------------------------------------------------
+# The Keras side: BN statistics from the fold.
+
+
+def batch_norm_statistics(model: Any, fold_report: Any) -> dict[str, ChannelStatistics]:
+    """Each forward-folded layer's output statistics, keyed by the layer's name (its
+    ONNX node's): mean ``beta``, standard deviation ``|gamma|`` of the BatchNormalization
+    folded into it. ``model``: the Keras model (or ``PreparedModel``) that was
+    exported; ``fold_report``: the export's (``ExportResult.fold_report``)."""
+    from keras_bn.converters.folding.rules import variables_by_name
+    from keras_bn.converters.prepared import prepare
+
+    layers = {node.name: node.layer for node in prepare(model).graph.nodes}
+    statistics = {}
+    for entry in fold_report.entries:
+        if not entry.folded or entry.direction != "forward" or entry.batch_norm not in layers:
+            continue
+        variables = variables_by_name(layers[entry.batch_norm])
+        reference = variables.get("moving_mean", variables.get("gamma"))
+        if reference is None:
+            continue
+        gamma = variables.get("gamma", np.ones_like(reference))
+        beta = variables.get("beta", np.zeros_like(reference))
+        statistics[entry.target] = ChannelStatistics(
+            mean=np.asarray(beta, np.float64).ravel(),
+            std=np.abs(np.asarray(gamma, np.float64)).ravel(),
+        )
+    return statistics
+
+
+# --------------------------------------------------------------------------------------
+# The ONNX adapter.
+
+
+class _Graph:
+    """An ONNX graph's initializers, producers and consumers, for pattern matching."""
+
+    def __init__(self, model: Any) -> None:
+        from onnx import numpy_helper
+
+        self.model = model
+        graph = model.graph
+        self.initializers = {i.name: i for i in graph.initializer}
+        self.constants = {
+            node.output[0]: numpy_helper.to_array(node.attribute[0].t)
+            for node in graph.node
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"
+        }
+        self.outputs = {output.name for output in graph.output}
+        self.consumers: dict[str, list[Any]] = {}
+        self.uses: dict[str, int] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+                self.uses[name] = self.uses.get(name, 0) + 1
+
+    def array(self, name: str) -> np.ndarray | None:
+        from onnx import numpy_helper
+
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        return self.constants.get(name)
+
+    def only_consumer(self, tensor: str) -> Any | None:
+        consumers = self.consumers.get(tensor, [])
+        if tensor in self.outputs or len(consumers) != 1:
+            return None
+        return consumers[0]
+
+    def set_initializer(self, name: str, values: np.ndarray) -> None:
+        from onnx import numpy_helper
+
+        original = self.initializers[name]
+        dtype = numpy_helper.to_array(original).dtype
+        original.CopyFrom(numpy_helper.from_array(values.astype(dtype), name))
+
+    def add_initializer(self, name: str, values: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        while name in self.initializers or name in self.uses:
+            name += "_"
+        tensor = numpy_helper.from_array(values.astype(np.float32), name)
+        self.model.graph.initializer.append(tensor)
+        self.initializers[name] = self.model.graph.initializer[-1]
+        return name
+
+
+def _attribute(node: Any, name: str, default: Any) -> Any:
+    from onnx import helper
+
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+def _linear_layer(graph: _Graph, node: Any) -> LinearLayer | None:
+    """The node's weights if it is a Conv or Gemm with its own constant weights."""
+    if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
+        return None
+    names = [name for name in node.input[1:] if name]
+    if any(name not in graph.initializers or graph.uses[name] != 1 for name in names):
+        return None
+    weight = graph.array(node.input[1])
+    assert weight is not None
+    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if node.op_type == "Gemm":
+        if (
+            _attribute(node, "transA", 0)
+            or _attribute(node, "alpha", 1.0) != 1.0
+            or _attribute(node, "beta", 1.0) != 1.0
+            or weight.ndim != 2
+        ):
+            return None
+        if _attribute(node, "transB", 0):
+            weight = weight.T
+        out = weight.shape[1]
+    else:
+        out = weight.shape[0]
+    bias = np.zeros(out) if bias_name is None else graph.array(bias_name)
+    if bias is None or bias.shape != (out,):
+        return None
+    return LinearLayer(
+        weight.astype(np.float64),
+        bias.astype(np.float64),
+        groups=int(_attribute(node, "group", 1)),
+        dense=node.op_type == "Gemm",
+    )
+
+
+def _padded(node: Any) -> bool:
+    if node.op_type != "Conv":
+        return False
+    auto_pad = _attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    return auto_pad not in ("NOTSET", "VALID") or any(_attribute(node, "pads", []))
+
+
+def _activation(graph: _Graph, node: Any, channels: int) -> Activation | None:
+    """Relu, or a Clip whose lower bound is 0, as an :class:`Activation`."""
+    if node.op_type == "Relu":
+        return Activation("relu")
+    if node.op_type != "Clip" or len(node.input) < 2 or not node.input[1]:
+        return None
+    lower = graph.array(node.input[1])
+    if lower is None or lower.size != 1 or float(lower.ravel()[0]) != 0.0:
+        return None
+    if len(node.input) < 3 or not node.input[2]:
+        return Activation("relu")
+    upper = graph.array(node.input[2])
+    if upper is None or upper.size != 1:
+        return None
+    return Activation("relu", np.full(channels, float(upper.ravel()[0]), np.float64))
+
+
+def _follow(graph: _Graph, node: Any, channels: int) -> tuple[Pair, Any, Any] | str:
+    """The pair that starts at linear ``node`` (with its activation node and second
+    node), or why there is none."""
+    tensor, activation, activation_node, pooled = (
+        node.output[0],
+        Activation("identity"),
+        None,
+        False,
+    )
+    while True:
+        consumer = graph.only_consumer(tensor)
+        if consumer is None:
+            return "its output feeds several nodes or is a model output"
+        op = consumer.op_type
+        if op in ("Relu", "Clip") and activation_node is None and not pooled:
+            found = _activation(graph, consumer, channels)
+            if found is None:
+                return f"{op} {consumer.name!r} is not positively homogeneous"
+            activation, activation_node = found, consumer
+        elif op == "GlobalAveragePool" and not pooled:
+            pooled = True
+        elif op == "Flatten" and pooled and _attribute(consumer, "axis", 1) == 1:
+            pass
+        elif op in ("Conv", "Gemm") and consumer.input[0] == tensor:
+            pair = Pair(node.name, consumer.name, activation, padded=_padded(consumer))
+            return pair, activation_node, consumer
+        else:
+            return f"its output reaches {op} {consumer.name!r}"
+        tensor = consumer.output[0]
+
+
+def _find_pairs(graph: _Graph) -> tuple[dict[str, LinearLayer], list[Pair], dict[str, Any]]:
+    """Every pair of layers that can be equalized, their weights, their activation nodes."""
+    nodes = {node.name: node for node in graph.model.graph.node}
+    layers: dict[str, LinearLayer] = {}
+    for node in graph.model.graph.node:
+        layer = _linear_layer(graph, node)
+        if layer is not None and node.name:
+            layers[node.name] = layer
+    pairs, activation_nodes = [], {}
+    for name, layer in layers.items():
+        found = _follow(graph, nodes[name], layer.out_channels)
+        if isinstance(found, str):
+            continue
+        pair, activation_node, second = found
+        if second.name in layers and layers[second.name].in_channels == layer.out_channels:
+            pairs.append(pair)
+            activation_nodes[name] = activation_node
+    return layers, pairs, activation_nodes
+
+
+def _write_back(
+    graph: _Graph, layers: Mapping[str, LinearLayer], pairs: list[Pair], activation_nodes
+) -> int:
+    """The new weights, biases and activation bounds into the graph; returns how many
+    Clip nodes became Relu + per-channel Min."""
+    nodes = {node.name: node for node in graph.model.graph.node}
+    touched = {name for pair in pairs for name in (pair.first, pair.second)}
+    for name in touched:
+        node, layer = nodes[name], layers[name]
+        weight = (
+            layer.weight.T
+            if node.op_type == "Gemm" and _attribute(node, "transB", 0)
+            else layer.weight
+        )
+        graph.set_initializer(node.input[1], weight)
+        if len(node.input) > 2 and node.input[2]:
+            graph.set_initializer(node.input[2], layer.bias)
+        elif np.any(layer.bias):
+            bias = graph.add_initializer(f"{name}/bias", layer.bias)
+            while len(node.input) < 3:
+                node.input.append("")
+            node.input[2] = bias
+    rewritten = 0
+    for pair in pairs:
+        clip, upper = activation_nodes[pair.first], pair.activation.upper
+        if clip is None or upper is None:
+            continue
+        clip.input[2] = graph.add_initializer(f"{clip.name}/max", np.array(upper.max()))
+        if np.all(upper == upper[0]):
+            continue
+        rank = layers[pair.first].weight.ndim if not layers[pair.first].dense else 2
+        bound = graph.add_initializer(f"{clip.name}/upper", upper.reshape(-1, *[1] * (rank - 2)))
+        _bound_per_channel(graph, clip, bound)
+        rewritten += 1
+    return rewritten
+
+
+def _bound_per_channel(graph: _Graph, clip: Any, bound: str) -> None:
+    """``Clip(x, 0, max(u))`` -> ``Min(Clip(x, 0, max(u)), u)``, in place (the Min
+    takes the Clip's output name).
+
+    The Clip with the widest channel's bound stays for the quantizer: onnxruntime
+    drops a Clip after a quantized Conv and calibrates the Conv's output range on
+    the Clip's output, so that range stays the bounded one (``[0, max(u)]``), not
+    the Conv's raw output's, and the Min's own rounding step falls on a similar grid.
+    """
+    from onnx import helper
+
+    nodes = graph.model.graph.node
+    index = list(nodes).index(clip)
+    output = clip.output[0]
+    clip.output[0] = f"{output}/clipped"
+    bounded = helper.make_node("Min", [clip.output[0], bound], [output], name=f"{clip.name}/bound")
+    nodes.insert(index + 1, bounded)
+
+
+def equalize_model(
+    model: Any,
+    statistics: Mapping[str, ChannelStatistics] | None = None,
+    *,
+    absorb: bool = True,
+    sigmas: float = SIGMAS,
+    keep_activation_range: bool = True,
+) -> tuple[Any, EqualizationReport]:
+    """Cross-layer equalization (and, with ``statistics``, high-bias absorption) of
+    an ONNX ``ModelProto``; returns the new model (the input is not modified) and
+    what was done.
+
+    ``statistics``: per ONNX node name, its output's :class:`ChannelStatistics`
+    (:func:`batch_norm_statistics`); pairs whose first layer has none are equalized
+    but absorb nothing.
+    """
+    model = copy.deepcopy(model)
+    graph = _Graph(model)
+    layers, pairs, activation_nodes = _find_pairs(graph)
+    touched = sorted({name for pair in pairs for name in (pair.first, pair.second)})
+    before = {name: weight_spread(layers[name]) for name in touched}
+    owned = {
+        name: ChannelStatistics(np.asarray(s.mean, np.float64), np.asarray(s.std, np.float64))
+        for name, s in (statistics or {}).items()
+        if name in layers and np.shape(s.mean) == (layers[name].out_channels,)
+    }
+    sweeps = (
+        equalize_pairs(layers, pairs, owned, keep_activation_range=keep_activation_range)
+        if pairs
+        else 0
+    )
+    report = EqualizationReport(
+        pairs, sweeps, before, {name: weight_spread(layers[name]) for name in touched}
+    )
+    if absorb:
+        _absorb(layers, pairs, owned, report, sigmas)
+    report.per_channel_bounds = _write_back(graph, layers, pairs, activation_nodes)
+    return model, report
+
+
+def _absorb(
+    layers: Mapping[str, LinearLayer],
+    pairs: Iterable[Pair],
+    statistics: Mapping[str, ChannelStatistics],
+    report: EqualizationReport,
+    sigmas: float,
+) -> None:
+    """High-bias absorption for every pair that allows it; the others' reasons."""
+    for pair in pairs:
+        stats = statistics.get(pair.first)
+        if pair.padded:
+            report.not_absorbed[pair.first] = "the next layer zero-pads its input"
+        elif stats is None:
+            report.not_absorbed[pair.first] = "no BatchNormalization statistics"
+        else:
+            pair.absorbed = high_bias(pair.activation, stats, sigmas)
+            absorb_high_bias(
+                layers[pair.first], pair.activation, layers[pair.second], pair.absorbed
+            )
+            report.absorbed_channels += int(np.count_nonzero(pair.absorbed))
+
+
+def equalize_file(
+    onnx_in: str | os.PathLike,
+    onnx_out: str | os.PathLike,
+    statistics: Mapping[str, ChannelStatistics] | None = None,
+) -> EqualizationReport:
+    """:func:`equalize_model` from one ONNX file to another."""
+    import onnx
+
+    model, report = equalize_model(onnx.load(str(onnx_in)), statistics)
+    onnx.save(model, str(onnx_out))
+    return report

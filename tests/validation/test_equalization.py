@@ -1,0 +1,483 @@
+"""Cross-layer equalization and high-bias absorption (converters/equalization.py).
+
+The maths is checked against an independent NumPy network (convolutions written
+out with ``einsum``, grouped and depthwise included): the equalized network computes
+the original's function to float64 noise, each pair's ranges meet at
+``sqrt(r1 * r2)``, sweeps converge over chains, and absorption equals the original
+network with its activations' lower bound raised to the absorbed bias. The ONNX
+adapter is checked on a small folded Keras export in onnxruntime (the original file
+is the reference), and the int8 hook on a network with spread BN scales, where
+per-tensor int8 gains from equalization.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from keras_bn.converters import equalization as eq
+from keras_bn.converters import runtime
+
+# --------------------------------------------------------------------------------------
+# An independent NumPy network: conv (ONNX layout, groups, zero padding) and dense.
+
+
+def conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, groups: int, pad: int):
+    """NCHW convolution, stride 1, written with einsum per group."""
+    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    out_channels, per_group, kh, kw = weight.shape
+    height, width = x.shape[2] - kh + 1, x.shape[3] - kw + 1
+    windows = np.stack(
+        [x[:, :, i : i + height, j : j + width] for i in range(kh) for j in range(kw)], -1
+    )  # (N, C, H, W, kh*kw)
+    outputs = []
+    per_out = out_channels // groups
+    for g in range(groups):
+        w = weight[g * per_out : (g + 1) * per_out].reshape(per_out, per_group, kh * kw)
+        outputs.append(
+            np.einsum("nchwk,ock->nohw", windows[:, g * per_group : (g + 1) * per_group], w)
+        )
+    return np.concatenate(outputs, axis=1) + bias[None, :, None, None]
+
+
+def apply(layer: eq.LinearLayer, x: np.ndarray, pad: int = 0) -> np.ndarray:
+    if layer.dense:
+        return x @ layer.weight + layer.bias
+    return conv(x, layer.weight, layer.bias, layer.groups, pad)
+
+
+def activate(x: np.ndarray, activation: eq.Activation, lower=None) -> np.ndarray:
+    if activation.kind == "identity":
+        return x
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    low = 0.0 if lower is None else np.reshape(lower, shape)
+    out = np.maximum(x, low)
+    if activation.upper is not None:
+        out = np.minimum(out, np.reshape(activation.upper, shape))
+    return out
+
+
+def network(layers, activations, x, pads):
+    for index, layer in enumerate(layers):
+        x = apply(layer, x, pads[index])
+        if index < len(activations):
+            x = activate(x, activations[index])
+    return x
+
+
+def random_conv(rng, out_channels, in_channels, groups=1, kernel=3, spread=2.0):
+    """A folded-looking kernel: per-output-channel scales over orders of magnitude."""
+    weight = rng.normal(size=(out_channels, in_channels // groups, kernel, kernel))
+    weight *= 10.0 ** rng.uniform(-spread, spread, size=(out_channels, 1, 1, 1))
+    return eq.LinearLayer(weight, rng.normal(size=out_channels), groups=groups)
+
+
+def random_dense(rng, in_units, units, spread=2.0):
+    weight = rng.normal(size=(in_units, units)) * 10.0 ** rng.uniform(-spread, spread, units)
+    return eq.LinearLayer(weight, rng.normal(size=units), dense=True)
+
+
+def copy_layers(layers):
+    return [
+        eq.LinearLayer(layer.weight.copy(), layer.bias.copy(), layer.groups, layer.dense)
+        for layer in layers
+    ]
+
+
+def chain(rng, kind: str):
+    """Three layers and two activations: expand conv -> depthwise/grouped -> project."""
+    if kind == "dense":
+        return [random_dense(rng, 5, 8), random_dense(rng, 8, 6), random_dense(rng, 6, 3)]
+    groups = {"depthwise": 8, "grouped": 2, "plain": 1}[kind]
+    return [
+        random_conv(rng, 8, 3, kernel=1),
+        random_conv(rng, 8, 8, groups=groups),
+        random_conv(rng, 4, 8, kernel=1),
+    ]
+
+
+ACTIVATIONS = {
+    "relu": lambda n: eq.Activation("relu"),
+    "relu6": lambda n: eq.Activation("relu", np.full(n, 6.0)),
+    "identity": lambda n: eq.Activation("identity"),
+}
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["plain-cle", "keep-activation-range"])
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("kind", ["plain", "grouped", "depthwise", "dense"])
+def test_equalized_chain_computes_the_same_function(kind, activation, keep):
+    rng = np.random.default_rng(0)
+    layers = chain(rng, kind)
+    activations = [ACTIVATIONS[activation](layer.out_channels) for layer in layers[:2]]
+    x = rng.normal(size=(4, 5) if kind == "dense" else (4, 3, 6, 6)) * 3
+    pads = [0, 1, 0]  # the middle layer zero-pads: scaled zeros stay zero
+    expected = network(
+        copy_layers(layers), [eq.Activation(a.kind, a.upper) for a in activations], x, pads
+    )
+    named = {"a": layers[0], "b": layers[1], "c": layers[2]}
+    pairs = [eq.Pair("a", "b", activations[0]), eq.Pair("b", "c", activations[1])]
+    sweeps = eq.equalize_pairs(named, pairs, keep_activation_range=keep)
+    assert 1 < sweeps < eq.MAX_SWEEPS
+    received = network(layers, [pair.activation for pair in pairs], x, pads)
+    np.testing.assert_allclose(received, expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max())
+    if keep:  # the ReLU6 bounds only shrink: the activation's int8 range does not widen
+        for pair in pairs:
+            if pair.activation.upper is not None:
+                assert pair.activation.upper.max() <= 6.0 * (1 + 1e-12)
+                assert np.all(pair.scales >= 1 - 1e-12)
+        return
+    # The fixed point: every pair's ranges meet (to the sweep tolerance).
+    for pair in pairs:
+        first, second = named[pair.first].output_ranges(), named[pair.second].input_ranges()
+        np.testing.assert_allclose(first, second, rtol=3 * eq.TOLERANCE)
+    if activation == "relu6":  # the bound follows its channel: 6 / s_c, not 6
+        upper = pairs[0].activation.upper
+        np.testing.assert_allclose(upper, 6.0 / pairs[0].scales)
+        assert upper.max() / upper.min() > 10
+
+
+@pytest.mark.parametrize("kind", ["plain", "grouped", "depthwise", "dense"])
+def test_one_pair_meets_at_the_geometric_mean(kind):
+    rng = np.random.default_rng(1)
+    first, second, _ = chain(rng, kind)
+    r1, r2 = first.output_ranges(), second.input_ranges()
+    scales = eq.equalization_scales(r1, r2)
+    np.testing.assert_allclose(scales, np.sqrt(r1 / r2))
+    first.scale_outputs(1 / scales)
+    second.scale_inputs(scales)
+    np.testing.assert_allclose(first.output_ranges(), np.sqrt(r1 * r2))
+    np.testing.assert_allclose(second.input_ranges(), np.sqrt(r1 * r2))
+
+
+def test_input_ranges_of_a_depthwise_kernel_are_its_channels():
+    rng = np.random.default_rng(2)
+    layer = random_conv(rng, 6, 6, groups=6)
+    np.testing.assert_allclose(layer.input_ranges(), layer.output_ranges())
+    grouped = random_conv(rng, 4, 6, groups=2)  # in 3 per group; outputs 0-1 read 0-2
+    magnitude = np.abs(grouped.weight)
+    expected = np.concatenate(
+        [magnitude[:2].max(axis=(0, 2, 3)), magnitude[2:].max(axis=(0, 2, 3))]
+    )
+    np.testing.assert_allclose(grouped.input_ranges(), expected)
+
+
+def test_dead_and_empty_channels_keep_their_scale():
+    scales = eq.equalization_scales(
+        np.array([4.0, 1e-12, 0.0, 1.0]), np.array([1.0, 1.0, 1.0, 0.0])
+    )
+    np.testing.assert_allclose(scales, [2.0, 1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("kind", ["plain", "depthwise", "dense"])
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+def test_absorption_equals_raising_the_lower_bound(kind, activation):
+    """min(max(x - c, 0), u - c) + c = min(max(x, c), u): exact where x >= c."""
+    rng = np.random.default_rng(3)
+    first, second, _ = chain(rng, kind)
+    act = ACTIVATIONS[activation](first.out_channels)
+    x = rng.normal(size=(16, 5) if kind == "dense" else (16, 3, 5, 5))
+    pre = apply(first, x)
+    axes = (0,) if kind == "dense" else (0, 2, 3)
+    stats = eq.ChannelStatistics(pre.mean(axis=axes) + 2.0, pre.std(axis=axes))
+    first.bias = first.bias + 2.0  # most channels positive: something to absorb
+    absorbed = eq.high_bias(act, stats, sigmas=1.0)
+    assert np.count_nonzero(absorbed) >= 2
+    raised = activate(apply(first, x), act, lower=absorbed)
+    expected = apply(second, raised)
+    eq.absorb_high_bias(first, act, second, absorbed)
+    received = apply(second, activate(apply(first, x), act))
+    np.testing.assert_allclose(received, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_absorption_through_the_identity_moves_the_mean_exactly():
+    rng = np.random.default_rng(4)
+    first, second, _ = chain(rng, "plain")
+    identity = eq.Activation("identity")
+    x = rng.normal(size=(2, 3, 5, 5))
+    expected = apply(second, apply(first, x))
+    stats = eq.ChannelStatistics(rng.normal(size=8) * 5, np.ones(8))
+    absorbed = eq.high_bias(identity, stats)
+    np.testing.assert_array_equal(absorbed, stats.mean)
+    eq.absorb_high_bias(first, identity, second, absorbed)
+    np.testing.assert_allclose(apply(second, apply(first, x)), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_high_bias_is_clamped_to_the_activation():
+    stats = eq.ChannelStatistics(np.array([10.0, 1.0, -3.0, 4.0]), np.array([1.0, 1.0, 1.0, 0.5]))
+    relu6 = eq.Activation("relu", np.full(4, 6.0))
+    np.testing.assert_allclose(eq.high_bias(relu6, stats), [6.0, 0.0, 0.0, 2.5])
+    np.testing.assert_allclose(eq.high_bias(eq.Activation("relu"), stats), [7.0, 0.0, 0.0, 2.5])
+
+
+# --------------------------------------------------------------------------------------
+# The ONNX adapter, on a small folded export (a MobileNetV2-like block and an MLP head).
+
+
+def block_model():
+    """Conv-BN-ReLU6 -> Depthwise-BN-ReLU -> Conv-BN -> GAP -> Dense(relu) -> Dense, with
+    BN scales spread over two orders of magnitude (what folding gives per-tensor int8)."""
+    import keras
+
+    import keras_bn
+
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = layers.Conv2D(8, 1, use_bias=False, name="expand")(inputs)
+    x = keras_bn.BatchNormalization(name="expand_bn")(x)
+    x = layers.ReLU(6.0, name="expand_relu6")(x)
+    x = layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="depthwise")(x)
+    x = keras_bn.BatchNormalization(name="depthwise_bn")(x)
+    x = layers.ReLU(name="depthwise_relu")(x)
+    x = layers.Conv2D(6, 1, use_bias=False, name="project")(x)
+    x = keras_bn.BatchNormalization(name="project_bn")(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = layers.Dense(10, activation="relu", name="hidden")(x)
+    model = keras.Model(inputs, layers.Dense(4, name="logits")(x))
+    rng = np.random.default_rng(0)
+    probe = keras.Model(
+        inputs, [model.get_layer(n).output for n in ("expand", "depthwise", "project")]
+    )
+    sample = rng.normal(size=(64, 8, 8, 3)).astype("float32")
+    # One BN at a time, in order: each sees the data through the BNs before it.
+    for index, name in enumerate(("expand_bn", "depthwise_bn", "project_bn")):
+        values = np.asarray(probe.predict(sample, verbose=0)[index], np.float64)
+        bn = model.get_layer(name)
+        channels = values.shape[-1]
+        gamma = 10.0 ** rng.uniform(-1.5, 0.5, channels)
+        beta = rng.normal(size=channels) + (8.0 * gamma if name == "depthwise_bn" else 0.0)
+        bn.set_weights([gamma, beta, values.mean(axis=(0, 1, 2)), values.var(axis=(0, 1, 2))])
+    return model, sample
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from keras_bn.converters.onnx.export import export_onnx
+
+    model, sample = block_model()
+    path = tmp_path_factory.mktemp("equalization") / "block.onnx"
+    result = export_onnx(model, path, fold=True)
+    return path, eq.batch_norm_statistics(model, result.fold_report), sample
+
+
+def run_onnx(model: onnx.ModelProto, x: np.ndarray, outputs=()) -> list[np.ndarray]:
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for name in outputs:
+        model.graph.output.append(
+            onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+        )
+    session = runtime.open_session(model.SerializeToString())
+    return runtime.run(session, {"image": x})
+
+
+def test_batch_norm_statistics_are_gamma_and_beta_by_folded_layer(exported):
+    _, statistics, _ = exported
+    assert sorted(statistics) == ["depthwise", "expand", "project"]
+    assert statistics["expand"].mean.shape == (8,)
+    assert np.all(statistics["depthwise"].std > 0)
+
+
+def test_onnx_equalization_keeps_the_float_outputs(exported):
+    path, _, x = exported
+    original = onnx.load(str(path))
+    model, report = eq.equalize_model(original, absorb=False)
+    # (the output layer's node may carry a suffix: its name is the graph output's)
+    pairs = {
+        (pair.first, pair.second.removesuffix("_1"), pair.activation.kind) for pair in report.pairs
+    }
+    assert pairs == {
+        ("expand", "depthwise", "relu"),  # through ReLU6: a per-channel Min after the Clip
+        ("depthwise", "project", "relu"),
+        ("project", "hidden", "identity"),  # through GlobalAveragePool and Flatten
+        ("hidden", "logits", "relu"),
+    }
+    assert report.per_channel_bounds == 1
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("Min") == 1 and ops.count("Clip") == 1
+    assert [node.op_type for node in original.graph.node].count("Clip") == 1  # not modified
+    assert max(report.spread_after.values()) < max(report.spread_before.values()) / 4
+    (expected,), (received,) = run_onnx(original, x), run_onnx(model, x)
+    np.testing.assert_allclose(received, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_onnx_absorption_is_exact_where_the_statistics_hold(exported):
+    path, statistics, x = exported
+    original = onnx.load(str(path))
+    model, report = eq.equalize_model(original, statistics, sigmas=6.0)  # heavy tails
+    assert report.not_absorbed == {
+        "expand": "the next layer zero-pads its input",  # the depthwise 3x3 'same'
+        "hidden": "no BatchNormalization statistics",
+    }
+    by_first = {pair.first: pair for pair in report.pairs}
+    # The precondition, on the original model: depthwise outputs never below the bias moved.
+    absorbed = by_first["depthwise"].absorbed * by_first["depthwise"].scales  # original units
+    assert np.count_nonzero(absorbed) >= 2
+    expected, depthwise = run_onnx(original, x, outputs=["depthwise"])
+    moved = absorbed[None, :, None, None]
+    assert np.all((depthwise >= moved) | (moved == 0))  # ReLU(x - 0) + 0 holds for any x
+    np.testing.assert_allclose(  # the identity moves the whole mean
+        by_first["project"].absorbed,
+        statistics["project"].mean / by_first["project"].scales,
+        rtol=1e-12,
+    )
+    (received,) = run_onnx(model, x)
+    np.testing.assert_allclose(received, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    assert report.absorbed_channels == np.count_nonzero(absorbed) + 6
+
+
+def test_per_tensor_int8_gains_from_equalization(exported, tmp_path):
+    from keras_bn.converters.precision import quantize_int8
+
+    path, statistics, x = exported
+    plain = quantize_int8(path, tmp_path / "plain.onnx", {"image": x}, per_channel=False)
+    equalized = quantize_int8(
+        path,
+        tmp_path / "equalized.onnx",
+        {"image": x},
+        per_channel=False,
+        equalize=True,
+        batch_norm_statistics=statistics,
+    )
+    assert equalized.comparison.sqnr_db > plain.comparison.sqnr_db + 6
+    details = equalized.details["equalization"]
+    assert details["pairs"] == 4 and details["float_sqnr_db"] > 40  # absorption: 3 sigmas
+    assert "cross-layer equalization: 4 layer pair(s)" in str(equalized)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["equalized.onnx", "plain.onnx"]
+
+
+# --------------------------------------------------------------------------------------
+# The command: keras-bn export --precision int8 --per-tensor (equalized by default).
+
+
+def run_main(args, capsys) -> tuple[int, str, str]:
+    from keras_bn.converters import cli
+
+    code = cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    model, sample = block_model()
+    directory = tmp_path_factory.mktemp("equalization_cli")
+    model.save(directory / "block.keras")
+    np.savez(directory / "calibration.npz", image=sample)
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("flags", "equalized"),
+    [(["--per-tensor"], True), (["--per-tensor", "--no-equalize"], False), ([], False)],
+    ids=["per-tensor", "per-tensor-unequalized", "per-channel"],
+)
+def test_export_int8_per_tensor_equalizes(model_file, tmp_path, capsys, flags, equalized):
+    import json
+
+    code, out, err = run_main(
+        ["export", model_file / "block.keras", "-o", tmp_path / "q.onnx", "--precision", "int8"]
+        + ["--calibration", model_file / "calibration.npz", "--json", *flags],
+        capsys,
+    )
+    assert code == 0, err
+    precision = json.loads(out)["precision"]
+    assert precision["per_channel"] is ("--per-tensor" not in flags)
+    assert ("equalization" in precision) is equalized
+    if equalized:  # the BN statistics reached it: two pairs absorbed
+        assert precision["equalization"]["pairs"] == 4
+        assert precision["equalization"]["absorbed_channels"] > 0
+    scales = [
+        i
+        for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer
+        if i.name.endswith("_scale")
+    ]
+    weight_scales = [i for i in scales if "kernel" in i.name]
+    assert weight_scales and all(len(i.dims) == (0 if flags else 1) for i in weight_scales)
+
+
+@pytest.mark.parametrize("flag", ["--per-tensor", "--equalize", "--no-equalize"])
+def test_int8_flags_need_int8(model_file, tmp_path, capsys, flag):
+    from support.console import assert_rejected
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code, _, err = run_main(
+        ["export", model_file / "block.keras", "-o", out_dir / "m.onnx", flag], capsys
+    )
+    assert_rejected(code, err, "only used with --precision int8", out_dir)
+
+
+# --------------------------------------------------------------------------------------
+# Hand-written ONNX graphs: forms our exporter does not write, and what blocks a pair.
+
+
+def mlp(activation: str, trans_b: int) -> onnx.ModelProto:
+    """x -> Gemm -> activation -> Gemm, the first weight stored (out, in) when trans_b."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    first = rng.normal(size=(4, 6)) * 10.0 ** rng.uniform(-2, 1, 6)
+    second = rng.normal(size=(6, 3))
+    initializers = [
+        numpy_helper.from_array((first.T if trans_b else first).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(size=6).astype(np.float32), "b1"),
+        numpy_helper.from_array(second.astype(np.float32), "w2"),
+        numpy_helper.from_array(np.float32(-1.0 if activation == "hardtanh" else 0.0), "low"),
+        numpy_helper.from_array(np.float32(1.0), "high"),
+    ]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="first", transB=trans_b)]
+    nodes.append(helper.make_node("Clip", ["h", "low", "high"], ["a"], name="act"))
+    nodes.append(helper.make_node("Gemm", ["a", "w2"], ["y"], name="second"))
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 3])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def run_mlp(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = runtime.open_session(model.SerializeToString())
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_pairs_in_either_weight_layout(trans_b):
+    model = mlp("relu1", trans_b)
+    equalized, report = eq.equalize_model(model)
+    assert [(p.first, p.second) for p in report.pairs] == [("first", "second")]
+    assert report.per_channel_bounds == 1  # the bound 1 became 1 / s_c
+    x = np.random.default_rng(6).normal(size=(32, 4)).astype(np.float32) * 3
+    expected = run_mlp(model, x)
+    np.testing.assert_allclose(
+        run_mlp(equalized, x), expected, rtol=0, atol=1e-6 * np.abs(expected).max()
+    )
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    hidden = x @ (weights["w1"].T if trans_b else weights["w1"]) + weights["b1"]
+    assert (hidden > 1).any() and (hidden < 0).any()  # both bounds were active
+    assert report.spread_after["first"] < report.spread_before["first"]
+
+
+def test_clip_with_a_negative_lower_bound_blocks_the_pair():
+    model = mlp("hardtanh", 0)  # clip(x, -1, 1): not positively homogeneous
+    equalized, report = eq.equalize_model(model)
+    assert report.pairs == [] and report.sweeps == 0
+    assert equalized.SerializeToString() == model.SerializeToString()
+
+
+def test_batch_norm_statistics_without_scale_or_center():
+    import keras
+
+    from keras_bn.converters.folding import plan_folds
+
+    inputs = keras.Input((4, 4, 2))
+    x = keras.layers.Conv2D(3, 1, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(scale=False, center=False, name="bn")(x)
+    model = keras.Model(inputs, keras.layers.ReLU()(x))
+    statistics = eq.batch_norm_statistics(model, plan_folds(model))
+    np.testing.assert_array_equal(statistics["conv"].mean, np.zeros(3))
+    np.testing.assert_array_equal(statistics["conv"].std, np.ones(3))
