@@ -46,6 +46,14 @@ def run_python():
     return run
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _numpy_initializers():
+    """On JAX, random initializers drawn by NumPy (support/jax_speed.py says why)."""
+    from support.jax_speed import use_numpy_initializers
+
+    use_numpy_initializers()
+
+
 def pytest_report_header(config):
     import keras
 
