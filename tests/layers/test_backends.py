@@ -31,6 +31,7 @@ BACKEND_RUNS = [
 ]
 
 
+@pytest.mark.first
 @pytest.mark.parametrize("modules, backend, markers, keywords", BACKEND_RUNS)
 def test_layer_tests_pass_on_other_backends(run_python, modules, backend, markers, keywords):
     args = ["-m", "pytest", *modules, "-m", markers]

@@ -432,6 +432,7 @@ def test_sequence_length_limits_bound_the_trace_sizes():
     assert tracing.unknown_sizes_for(keras.layers.Dense(4)) == tracing.UNKNOWN_SIZES
 
 
+@pytest.mark.first
 def test_decoder_and_deberta_families_on_jax(run_python):
     """The ``keras-bn`` command runs on JAX by default. The families whose layers
     call nested layers on unknown sizes (Llama's attention under the decoder's

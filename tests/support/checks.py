@@ -36,11 +36,9 @@ def inputs_for(model, seed=1, batch_size=2):
 
 
 def outputs_of(model, x) -> list[np.ndarray]:
-    """Every output of ``model(x, training=False)`` as a NumPy array."""
-    return [
-        np.asarray(keras.ops.convert_to_numpy(y))
-        for y in keras.tree.flatten(model(x, training=False))
-    ]
+    """Every output of ``model(x, training=False)`` as a NumPy array (on JAX the pass
+    compiled whole: support/jax_speed.py)."""
+    return keras_outputs(model, x)
 
 
 def assert_same_outputs(original, folded, x, rtol=2e-5):

@@ -85,6 +85,7 @@ for devices in (2, most):
 """
 
 
+@pytest.mark.first
 @pytest.mark.parametrize("backend", ["jax", "tensorflow"])
 def test_distributed_recalibration_equals_single_process(run_python, backend):
     """2 and then 4 devices in one process of 4 (the start-up paid once)."""
