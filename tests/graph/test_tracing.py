@@ -415,8 +415,8 @@ def test_tracing_on_jax(run_python):
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the JAX rerun itself")
 def test_d_fine_on_jax(run_python):
     """KerasHub D-FINE (backbone and detector) on the JAX backend, in a subprocess of its
-    own so that it runs beside :func:`test_tracing_on_jax` (about 70 s: every operation
-    of the two builds and their float64 twins compiles once)."""
+    own so that it runs beside :func:`test_tracing_on_jax` (the largest models: every
+    operation of the two builds and their float64 twins compiles once)."""
     here = os.path.dirname(os.path.abspath(__file__))
     args = ["-m", "pytest", os.path.join(here, "..", "onnx", "test_keras_hub.py"), "-q"]
     args += ["-p", "no:cacheprovider", "-p", "no:xdist", "-k", "d_fine"]
