@@ -46,6 +46,30 @@ def run_python():
     return run
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _numpy_initializers():
+    """On JAX, random initializers drawn by NumPy (support/jax_speed.py says why)."""
+    from support.jax_speed import use_numpy_initializers
+
+    use_numpy_initializers()
+
+
+def pytest_configure(config):
+    """``-n 2`` without ``--dist``: work stealing rather than xdist's default chunks.
+    Each worker starts on half of the tests (the long ones below first); one that runs
+    out takes the other's last pending tests, so neither waits at the end while the
+    other finishes a long test."""
+    explicit = any(arg.startswith(("--dist", "-d")) for arg in config.invocation_params.args)
+    if getattr(config.option, "dist", "no") == "load" and not explicit:
+        config.option.dist = "worksteal"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``first`` (whole modules rerun on another backend in a subprocess)
+    start the run; the order is pytest's otherwise."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("first") else 1)
+
+
 def pytest_report_header(config):
     import keras
 

@@ -390,6 +390,7 @@ def test_lambda_exports_through_the_cli_with_unsafe(tmp_path, capsys):
         np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.first
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the JAX rerun itself")
 def test_tracing_on_jax(run_python):
     """This module and the traced KerasHub models on the JAX backend, in one subprocess
@@ -410,11 +411,12 @@ def test_tracing_on_jax(run_python):
     assert not re.search(r"failed|error", summary), summary
 
 
+@pytest.mark.first
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the JAX rerun itself")
 def test_d_fine_on_jax(run_python):
     """KerasHub D-FINE (backbone and detector) on the JAX backend, in a subprocess of its
-    own so that it runs beside :func:`test_tracing_on_jax` (about 70 s: every operation
-    of the two builds and their float64 twins compiles once)."""
+    own so that it runs beside :func:`test_tracing_on_jax` (the largest models: every
+    operation of the two builds and their float64 twins compiles once)."""
     here = os.path.dirname(os.path.abspath(__file__))
     args = ["-m", "pytest", os.path.join(here, "..", "onnx", "test_keras_hub.py"), "-q"]
     args += ["-p", "no:cacheprovider", "-p", "no:xdist", "-k", "d_fine"]

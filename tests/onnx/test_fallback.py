@@ -137,6 +137,7 @@ JAX_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.first
 def test_fallback_on_jax_loaded_model(tmp_path):
     module = tmp_path / "cbrt_layer.py"
     module.write_text(LAYER_SOURCE)

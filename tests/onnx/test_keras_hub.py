@@ -7,13 +7,12 @@ images of unknown height and width, SAM five inputs with unknown prompt counts: 
 file of each also runs at a second image size or prompt count. The models whose
 blocks are traced (MobileNetV3/V5, HGNetV2, ViT, ViTDet, DeiT, DINOv2/v3, Swin,
 DepthAnything, whose resize holds backend code the trace records as one operation,
-VAE, SAM) rerun on JAX in one subprocess with tests/graph/test_tracing.py (``test_tracing_on_jax``):
-building a model on JAX compiles every initializer shape, ~10 s a model on 2
-cores, so the plain-Functional ones stay on TensorFlow only. D-FINE and its detector
-(traced hybrid encoder and decoder, ops.map query selection, grid sampling) take ~70 s
-together on JAX (every op of the float32 and float64 builds compiled once), so they
-rerun on JAX in a subprocess of their own (``test_d_fine_on_jax``), which runs beside
-the other rerun under xdist.
+VAE, SAM) rerun on JAX in one subprocess with tests/graph/test_tracing.py (``test_tracing_on_jax``);
+the plain-Functional ones stay on TensorFlow only. On JAX the initializers draw with
+NumPy and the Keras reference passes run compiled whole (tests/support/jax_speed.py).
+D-FINE and its detector (traced hybrid encoder and decoder, ops.map query selection,
+grid sampling) are the largest: they rerun on JAX in a subprocess of their own
+(``test_d_fine_on_jax``), which runs beside the other rerun under xdist.
 """
 
 import keras

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import pytest
 from support.checks import float64_build
+from support.jax_speed import keras_outputs
 
 VOCABULARY = 60
 
@@ -279,10 +280,7 @@ def _judge(model, twin, path, length):
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     arrays = _inputs(model, max(BATCH_SIZES), length, seed=length)
-    expected_all = [
-        np.asarray(keras.ops.convert_to_numpy(y))
-        for y in keras.tree.flatten(model(arrays, training=False))
-    ]
+    expected_all = keras_outputs(model, arrays)  # on JAX compiled whole (support/jax_speed.py)
     exact_all = twin(arrays)
     for batch in BATCH_SIZES:
         feed = {item.name: arrays[item.name][:batch] for item in session.get_inputs()}
@@ -434,6 +432,7 @@ def test_sequence_length_limits_bound_the_trace_sizes():
     assert tracing.unknown_sizes_for(keras.layers.Dense(4)) == tracing.UNKNOWN_SIZES
 
 
+@pytest.mark.first
 def test_decoder_and_deberta_families_on_jax(run_python):
     """The ``keras-bn`` command runs on JAX by default. The families whose layers
     call nested layers on unknown sizes (Llama's attention under the decoder's

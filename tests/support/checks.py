@@ -18,6 +18,7 @@ import numpy as np
 
 from keras_bn._batch_norm_state import to_numpy
 from keras_bn.converters.folding import fold_batch_norms
+from support.jax_speed import keras_outputs
 from support.models import batch_norm_layers, channels_first_models, randomize_batch_norms
 
 # ------------------------------------------------------------------------------------
@@ -35,11 +36,9 @@ def inputs_for(model, seed=1, batch_size=2):
 
 
 def outputs_of(model, x) -> list[np.ndarray]:
-    """Every output of ``model(x, training=False)`` as a NumPy array."""
-    return [
-        np.asarray(keras.ops.convert_to_numpy(y))
-        for y in keras.tree.flatten(model(x, training=False))
-    ]
+    """Every output of ``model(x, training=False)`` as a NumPy array (on JAX the pass
+    compiled whole: support/jax_speed.py)."""
+    return keras_outputs(model, x)
 
 
 def assert_same_outputs(original, folded, x, rtol=2e-5):
@@ -95,8 +94,7 @@ def float64_build(build, model):
             feed = [widen(a) for a in arrays]
             feed = feed if len(feed) > 1 else feed[0]
         with float64_enabled():
-            outputs = twin(feed, training=False)
-            outputs = [keras.ops.convert_to_numpy(y) for y in keras.tree.flatten(outputs)]
+            outputs = keras_outputs(twin, feed)
         assert all(y.dtype == np.float64 for y in outputs if y.dtype.kind == "f"), "not float64"
         return [np.asarray(y) for y in outputs]
 
@@ -201,10 +199,7 @@ def assert_exports_exactly(model, path, inputs_for_batch, *, batch_sizes=(1, 3),
         twin = twin_of(model, arrays)
     named = isinstance(arrays, dict)
     structure = arrays if named or len(arrays) > 1 else arrays[0]
-    expected_all = [
-        np.asarray(keras.ops.convert_to_numpy(y))
-        for y in keras.tree.flatten(model(structure, training=False))
-    ]
+    expected_all = keras_outputs(model, structure)
     exact_all = twin(arrays)
     assert all(np.isfinite(a).all() for a in exact_all)
     for batch in batch_sizes:

@@ -11,6 +11,7 @@ import re
 
 import keras
 import numpy as np
+import pytest
 from support.models import randomize_batch_norms
 
 from keras_bn.converters import export_onnx, fold_batch_norms
@@ -96,6 +97,7 @@ def test_export_with_fold_never_touches_the_original(tmp_path):
     snapshot.assert_equal(_Snapshot(model, x))
 
 
+@pytest.mark.first
 def test_original_is_never_touched_on_jax(run_python):
     args = ["-m", "pytest", __file__, "-k", "not on_jax", "-p", "no:cacheprovider"]
     result = run_python([*args, "-p", "no:xdist"], env={"KERAS_BACKEND": "jax"}, timeout=600)

@@ -1,6 +1,8 @@
 """keras_bn.training, the compatibility module: it re-exports the training utilities
 (each tested against NumPy in its own module here), and they work together on JAX."""
 
+import pytest
+
 import keras_bn
 import keras_bn.monitor
 import keras_bn.recalibration
@@ -62,6 +64,7 @@ print("ok")
 """
 
 
+@pytest.mark.first
 def test_training_utilities_on_jax_backend(run_python):
     result = run_python(["-c", _JAX_SCRIPT], env={"KERAS_BACKEND": "jax"})
     assert result.stdout.strip().endswith("ok")

@@ -349,6 +349,7 @@ def test_batch_norm_after_a_returned_sequence_stays_unfolded(tmp_path):
     assert result.fold_report.not_folded_count == 1
 
 
+@pytest.mark.first
 def test_users_models_on_jax(run_python):
     """The users' models (recurrent and attention) export exactly on the JAX backend."""
     result = run_python(
