@@ -1,0 +1,460 @@
+"""Where int8 goes wrong: a per-Keras-layer divergence report of a quantized model.
+
+The int8 file is compared with the float model it was quantized from at every Keras
+layer output that exists in both graphs, named by the Keras layer (the exporter's
+layer map in the file's metadata, :mod:`.onnx.metadata`). The float side is the
+float model's value; the int8 side is the same tensor as the next layer reads it:
+the ``DequantizeLinear`` output of its quantize/dequantize pair. A layer whose
+output ONNX value was renamed or fused away by the quantizer (onnxruntime folds a
+ReLU into the quantization range of the convolution before it) has no common
+tensor before its activation, so a folded layer is compared after its activation.
+
+The shipped file is never touched: both models are copied in memory with the
+compared values added as graph outputs and run once each, batch by batch, with
+onnxruntime's graph optimizations off. That is the exact QDQ arithmetic (each
+quantized value dequantized and computed in float32), independent of the CPU's
+int8 kernels and of fusions an extra output would otherwise block. Statistics
+are accumulated per batch, so memory does not grow with the samples.
+
+Per layer: the SQNR of the int8 value against the float one
+(:func:`.comparison.sqnr_db`'s formula) over all samples, the largest absolute error
+relative to the float value's range, and an estimate of the SQNR the layer would
+have if its inputs were exact (``local_sqnr_db``): quantization noise adds up, so
+the layer's own noise-to-signal ratio is its output's minus the worst of its
+inputs' (the nearest compared values upstream). Error a layer only passes on does
+not count against it, so the layer ranked worst is the one that loses accuracy,
+not the last one. The hint names the usual cause that the numbers show: one
+channel whose range dwarfs the others' (a per-tensor activation scale leaves
+the rest few levels; cross-layer equalization is the cure) or per-tensor weights
+whose output channels' ranges spread widely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from keras_bn.converters import runtime
+from keras_bn.converters.onnx.metadata import decode_layer_map
+
+__all__ = ["DIVERGENCE_SAMPLES", "DivergenceReport", "LayerDivergence", "layer_divergence"]
+
+# Samples the report runs on by default: the SQNR of a layer settles within a
+# fraction of a dB long before that, and each sample costs one run of each model.
+DIVERGENCE_SAMPLES = 64
+# A channel range this many times the median channel's leaves the median channel
+# fewer than 256 / SPREAD of the int8 levels (5 bits at 8x).
+SPREAD_HINT = 8.0
+_EXACT = "ORT_DISABLE_ALL"  # exact QDQ arithmetic: no fusion, no int8 kernel
+_PASS_THROUGH = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh"}
+_PASS_THROUGH |= {"Add", "Mul", "Identity", "Flatten", "Reshape", "Transpose"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDivergence:
+    """One Keras layer output: the int8 model's value against the float model's."""
+
+    layer: str  # the Keras layer (node key)
+    onnx_value: str  # the float model's ONNX value computing it
+    inputs: tuple[str, ...]  # the compared layers upstream (none: fed by graph inputs)
+    sqnr_db: float
+    local_sqnr_db: float  # estimate with exact inputs (inf: it adds no noise)
+    max_abs_error: float
+    relative_to_range: float  # max |int8 - float| / (max - min of the float value)
+    value_range: tuple[float, float]
+    channel_spread: float  # the largest channel's max |value| over the median channel's
+    int8_step: float | None  # the activation scale (None: the value is not quantized)
+    weights_per_tensor: bool
+    weight_spread: float | None  # the weight's largest output channel range over the median
+    hint: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["inputs"] = list(self.inputs)
+        data["value_range"] = list(self.value_range)
+        return data
+
+    def __str__(self) -> str:
+        text = f"{self.layer}: SQNR {self.sqnr_db:.1f} dB"
+        if self.inputs and self.local_sqnr_db != self.sqnr_db:
+            alone = "adds no noise" if math.isinf(self.local_sqnr_db) else None
+            text += f" ({alone or f'~{self.local_sqnr_db:.1f} dB from this layer alone'})"
+        text += f", max |error| {self.relative_to_range:.1%} of its range"
+        return text + (f"; {self.hint}" if self.hint else "")
+
+
+@dataclasses.dataclass
+class DivergenceReport:
+    """Every compared layer, in graph order; :meth:`worst` ranks them."""
+
+    samples: int
+    layers: list[LayerDivergence]
+    note: str = ""  # why nothing could be compared (no layer map), else empty
+
+    def worst(self, count: int = 3) -> list[LayerDivergence]:
+        """The ``count`` layers that lose the most accuracy themselves (local SQNR)."""
+        ranked = sorted(self.layers, key=lambda layer: (layer.local_sqnr_db, layer.sqnr_db))
+        return [layer for layer in ranked[:count] if math.isfinite(layer.local_sqnr_db)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "arithmetic": "exact QDQ (onnxruntime, graph optimizations off)",
+            "worst": [layer.layer for layer in self.worst()],
+            "layers": [layer.to_dict() for layer in self.layers],
+            "note": self.note,
+        }
+
+    def format(self, count: int = 3) -> str:
+        if not self.layers:
+            return f"  per-layer int8 divergence: {self.note or 'no layer to compare'}"
+        worst = self.worst(count)
+        lines = [
+            f"  per-layer int8 divergence on {self.samples} sample(s), exact QDQ arithmetic: "
+            f"worst {len(worst)} of {len(self.layers)} layer(s)"
+        ]
+        lines += [f"    {layer}" for layer in worst]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+# --------------------------------------------------------------------------------------
+# The graphs: which values to compare, where the int8 model holds them, upstream.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Site:
+    layer: str
+    float_value: str
+    int8_value: str
+    channel_axis: int | None  # the ONNX axis of the Keras channel axis (last)
+    scale: str | None  # the activation scale initializer in the int8 model
+
+
+def _producers(graph) -> dict[str, Any]:
+    return {name: node for node in graph.node for name in node.output}
+
+
+def _int8_value(
+    name: str, producers: Mapping[str, Any], consumers: Mapping[tuple[str, str], Any]
+) -> tuple[str, str | None] | None:
+    """Where the int8 model holds float ``name`` as the next layer reads it, and its scale.
+
+    The dequantized value of the pair that quantizes it; ``name`` itself when it is
+    a graph output (the quantizer renames the producer and gives the dequantized
+    value the output's name) or left in float; None when the quantizer removed it.
+    """
+    quantize = consumers.get(("QuantizeLinear", name))
+    if quantize is not None:
+        dequantize = consumers.get(("DequantizeLinear", quantize.output[0]))
+        if dequantize is not None:
+            return dequantize.output[0], quantize.input[1]
+    producer = producers.get(name)
+    if producer is None:
+        return None
+    if producer.op_type == "DequantizeLinear":
+        return name, producer.input[1]
+    return name, None
+
+
+def _sites(float_model, int8_model) -> tuple[list[_Site], str]:
+    """The compared values in graph order, one per ONNX value (the last layer naming it)."""
+    metadata = {p.key: p.value for p in float_model.metadata_props}
+    layer_map = decode_layer_map(metadata)
+    if layer_map is None:
+        return [], "the float ONNX file has no keras-bn layer map (not exported by keras-bn)"
+    float_producers = _producers(float_model.graph)
+    int8_producers = _producers(int8_model.graph)
+    int8_consumers: dict[tuple[str, str], Any] = {}
+    for node in int8_model.graph.node:  # the first quantize/dequantize reading each value
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            int8_consumers.setdefault((node.op_type, node.input[0]), node)
+    by_value: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for key, entries in layer_map.items():
+        for index, entry in enumerate(entries):
+            if entry is not None and entry[0] in float_producers:
+                label = key if len(entries) == 1 else f"{key}:{index}"
+                by_value[entry[0]] = (label, tuple(entry[1]))
+    order = {name: i for i, node in enumerate(float_model.graph.node) for name in node.output}
+    sites = []
+    for name in sorted(by_value, key=order.__getitem__):
+        found = _int8_value(name, int8_producers, int8_consumers)
+        if found is None:
+            continue  # renamed by the quantizer: a ReLU folded into the range before it
+        label, perm = by_value[name]
+        channel_axis = perm.index(len(perm) - 1) if len(perm) >= 2 else None
+        sites.append(_Site(label, name, found[0], channel_axis, found[1]))
+    return sites, "" if sites else "no Keras layer output exists in both ONNX graphs"
+
+
+def _upstream(graph, sites: Sequence[_Site]) -> dict[str, tuple[str, ...]]:
+    """Each compared value's nearest compared values upstream (their layers)."""
+    producers = _producers(graph)
+    layer_of = {site.float_value: site.layer for site in sites}
+    found: dict[str, tuple[str, ...]] = {}
+    for site in sites:
+        seen: set[str] = set()
+        nearest: list[str] = []
+        pending = list(producers[site.float_value].input)
+        while pending:
+            name = pending.pop()
+            if name in seen or not name:
+                continue
+            seen.add(name)
+            if name in layer_of:
+                nearest.append(layer_of[name])
+            elif name in producers:
+                pending.extend(producers[name].input)
+        found[site.float_value] = tuple(dict.fromkeys(sorted(nearest)))
+    return found
+
+
+def _weight_of(graph, name: str) -> tuple[str, int] | None:
+    """The weight initializer of the layer computing ``name`` and its output-channel axis:
+    the first Conv/Gemm/MatMul upstream through activations and per-channel affines."""
+    producers = _producers(graph)
+    initializers = {init.name for init in graph.initializer}
+    node = producers.get(name)
+    while node is not None:
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.input) > 1:
+            weight = node.input[1]
+            if weight not in initializers:
+                return None
+            if node.op_type == "Conv":
+                return weight, 0
+            if node.op_type == "ConvTranspose":
+                return weight, 1
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            return weight, 0 if trans_b else -1
+        if node.op_type not in _PASS_THROUGH:
+            return None
+        data = [i for i in node.input if i in producers]
+        node = producers.get(data[0]) if len(data) == 1 else None
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Running: one copy of each model, the compared values as extra outputs.
+
+
+def _augmented_session(model, values: Sequence[str]):
+    from onnx import TensorProto, helper
+
+    copy = type(model)()
+    copy.CopyFrom(model)
+    existing = {output.name for output in copy.graph.output}
+    for name in dict.fromkeys(values):
+        if name not in existing:
+            copy.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    session = runtime.open_session(copy.SerializeToString(), optimization=_EXACT)
+    return session, [output.name for output in session.get_outputs()]
+
+
+@dataclasses.dataclass
+class _Totals:
+    """Running sums over the batches for one compared value."""
+
+    signal: float = 0.0
+    noise: float = 0.0
+    max_error: float = 0.0
+    low: float = math.inf
+    high: float = -math.inf
+    channel_max: np.ndarray | None = None
+
+    def add(self, float_value: np.ndarray, int8_value: np.ndarray, axis: int | None) -> None:
+        exact = float_value.astype(np.float64)
+        error = int8_value.astype(np.float64) - exact
+        self.signal += float(np.sum(exact**2))
+        self.noise += float(np.sum(error**2))
+        if exact.size:
+            self.max_error = max(self.max_error, float(np.max(np.abs(error))))
+            self.low = min(self.low, float(exact.min()))
+            self.high = max(self.high, float(exact.max()))
+        if axis is not None and exact.ndim > axis:
+            others = tuple(i for i in range(exact.ndim) if i != axis)
+            channel = np.max(np.abs(exact), axis=others) if exact.size else None
+            if channel is not None:
+                previous = self.channel_max
+                self.channel_max = channel if previous is None else np.maximum(previous, channel)
+
+    def sqnr_db(self) -> float:
+        # comparison.sqnr_db's formula, from the sums
+        if self.noise == 0.0:
+            return math.inf
+        if not math.isfinite(self.noise) or self.signal == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.signal / self.noise)
+
+
+def _run(
+    float_model, int8_model, sites: Sequence[_Site], inputs: Mapping[str, np.ndarray], batch: int
+) -> dict[str, _Totals]:
+    float_session, float_names = _augmented_session(
+        float_model, [site.float_value for site in sites]
+    )
+    int8_session, int8_names = _augmented_session(int8_model, [site.int8_value for site in sites])
+    specs = runtime.input_specs(float_session)
+    matched = runtime.match_inputs(specs, inputs, "Divergence inputs")
+    totals = {site.float_value: _Totals() for site in sites}
+    for feed in runtime.batches(matched, runtime.fixed_batch_size(specs), batch):
+        float_values = dict(zip(float_names, float_session.run(None, feed), strict=True))
+        int8_values = dict(zip(int8_names, int8_session.run(None, feed), strict=True))
+        for site in sites:
+            totals[site.float_value].add(
+                np.asarray(float_values[site.float_value]),
+                np.asarray(int8_values[site.int8_value]),
+                site.channel_axis,
+            )
+    return totals
+
+
+# --------------------------------------------------------------------------------------
+# Judging: the numbers per layer and the hint.
+
+
+def _spread(channel_max: np.ndarray | None) -> float:
+    """The largest entry over the median one (1.0 for fewer than two channels)."""
+    if channel_max is None or channel_max.size < 2:
+        return 1.0
+    median = float(np.median(channel_max))
+    largest = float(channel_max.max())
+    if largest == 0.0:
+        return 1.0
+    return largest / median if median > 0 else math.inf
+
+
+def _weight_facts(float_model, int8_model, value: str) -> tuple[bool, float | None]:
+    """Whether the layer's weight is quantized per tensor, and its channel range spread."""
+    from onnx import numpy_helper
+
+    found = _weight_of(float_model.graph, value)
+    if found is None:
+        return False, None
+    weight, axis = found
+    array = next(
+        numpy_helper.to_array(init) for init in float_model.graph.initializer if init.name == weight
+    )
+    moved = np.moveaxis(np.abs(array.astype(np.float64)), axis, 0)
+    spread = _spread(moved.reshape(moved.shape[0], -1).max(axis=1))
+    scales = {init.name: init for init in int8_model.graph.initializer}
+    per_tensor = False
+    for node in int8_model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.output[0].startswith(weight):
+            scale = scales.get(node.input[1])
+            per_tensor = scale is not None and numpy_helper.to_array(scale).size == 1
+            break
+    return per_tensor, spread
+
+
+def _hint(spread: float, per_tensor: bool, weight_spread: float | None) -> str:
+    hints = []
+    if spread >= SPREAD_HINT:
+        hints.append(
+            f"one channel's range is {spread:.0f}x the median channel's, so the per-tensor "
+            "activation scale leaves most channels few int8 levels (cross-layer "
+            "equalization evens them out)"
+        )
+    if per_tensor and weight_spread is not None and weight_spread >= SPREAD_HINT:
+        hints.append(
+            f"its weights are quantized per tensor and one output channel's range is "
+            f"{weight_spread:.0f}x the median's (per-channel weights or equalization)"
+        )
+    return "; ".join(hints)
+
+
+def _judge(float_model, int8_model, sites, totals, upstream) -> list[LayerDivergence]:
+    from onnx import numpy_helper
+
+    scales = {init.name: init for init in int8_model.graph.initializer}
+    layer_sqnr: dict[str, float] = {}
+    layers = []
+    for site in sites:
+        total = totals[site.float_value]
+        sqnr = total.sqnr_db()
+        layer_sqnr[site.layer] = sqnr
+        inputs = upstream[site.float_value]
+        # noise-to-signal ratios add: this layer's own is its output's minus its inputs'
+        ratio = 10 ** (-sqnr / 10)
+        inherited = max((10 ** (-layer_sqnr[i] / 10) for i in inputs), default=0.0)
+        own = ratio - inherited
+        local = -10 * math.log10(own) if own > 0 and math.isfinite(own) else math.inf
+        if not math.isfinite(ratio):
+            local = sqnr
+        span = total.high - total.low if total.high >= total.low else 0.0
+        spread = _spread(total.channel_max)
+        per_tensor, weight_spread = _weight_facts(float_model, int8_model, site.float_value)
+        step = None
+        if site.scale is not None and site.scale in scales:
+            step = float(numpy_helper.to_array(scales[site.scale]).ravel()[0])
+        layers.append(
+            LayerDivergence(
+                layer=site.layer,
+                onnx_value=site.float_value,
+                inputs=inputs,
+                sqnr_db=sqnr,
+                local_sqnr_db=local,
+                max_abs_error=total.max_error,
+                relative_to_range=total.max_error / span if span > 0 else 0.0,
+                value_range=(total.low, total.high),
+                channel_spread=spread,
+                int8_step=step,
+                weights_per_tensor=per_tensor,
+                weight_spread=weight_spread,
+                hint=_hint(spread, per_tensor, weight_spread),
+            )
+        )
+    return layers
+
+
+def layer_divergence(
+    float_model: str | os.PathLike | Any,
+    int8_model: str | os.PathLike | Any,
+    inputs: Mapping[str, np.ndarray],
+    *,
+    max_samples: int | None = DIVERGENCE_SAMPLES,
+    batch_size: int = 16,
+) -> DivergenceReport:
+    """Compare an int8 ONNX model with its float model at every Keras layer output.
+
+    Args:
+        float_model: the float ONNX model exported by keras-bn (a path or a loaded
+            ``ModelProto``); its metadata names the Keras layers.
+        int8_model: the model quantized from it (QDQ; a path or ``ModelProto``).
+            Neither is modified: both are copied in memory.
+        inputs: input arrays keyed by ONNX input name, batch first, in the ONNX
+            layout (the calibration data, typically).
+        max_samples: compare on the first this many samples (None: all).
+        batch_size: samples per run (for a fixed batch size: the model's).
+
+    Returns:
+        A :class:`DivergenceReport`: every compared layer in graph order, and
+        :meth:`~DivergenceReport.worst` the layers that lose the most themselves.
+    """
+    float_model, int8_model = _load(float_model), _load(int8_model)
+    sites, note = _sites(float_model, int8_model)
+    if max_samples is not None:
+        inputs = {name: array[:max_samples] for name, array in inputs.items()}
+    samples = int(len(next(iter(inputs.values())))) if inputs else 0
+    if not sites:
+        return DivergenceReport(samples=samples, layers=[], note=note)
+    totals = _run(float_model, int8_model, sites, inputs, batch_size)
+    upstream = _upstream(float_model.graph, sites)
+    return DivergenceReport(
+        samples=samples, layers=_judge(float_model, int8_model, sites, totals, upstream)
+    )
+
+
+def _load(model: str | os.PathLike | Any):
+    if isinstance(model, str | os.PathLike):
+        import onnx
+
+        return onnx.load(str(Path(model)))
+    return model
