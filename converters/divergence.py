@@ -60,11 +60,13 @@ _PASS_THROUGH |= {"Add", "Mul", "Identity", "Flatten", "Reshape", "Transpose"}
 class LayerDivergence:
     """One Keras layer output: the int8 model's value against the float model's."""
 
-    layer: str  # the Keras layer (node key)
+    layer: str  # the Keras layer whose output is compared (node key)
     onnx_value: str  # the float model's ONNX value computing it
+    computed_by: tuple[str, ...]  # the Keras layers computing it from ``inputs``
     inputs: tuple[str, ...]  # the compared layers upstream (none: fed by graph inputs)
-    sqnr_db: float
-    local_sqnr_db: float  # estimate with exact inputs (inf: it adds no noise)
+    sqnr_db: float  # the whole value's
+    channel_sqnr_db: float  # the median channel's, each against its own signal
+    local_sqnr_db: float  # channel SQNR estimated with exact inputs (inf: adds no noise)
     max_abs_error: float
     relative_to_range: float  # max |int8 - float| / (max - min of the float value)
     value_range: tuple[float, float]
@@ -76,13 +78,14 @@ class LayerDivergence:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["inputs"] = list(self.inputs)
-        data["value_range"] = list(self.value_range)
+        for key in ("computed_by", "inputs", "value_range"):
+            data[key] = list(data[key])
         return data
 
     def __str__(self) -> str:
-        text = f"{self.layer}: SQNR {self.sqnr_db:.1f} dB"
-        if self.inputs and self.local_sqnr_db != self.sqnr_db:
+        name = " -> ".join(self.computed_by) if len(self.computed_by) > 1 else self.layer
+        text = f"{name}: SQNR {self.sqnr_db:.1f} dB, median channel {self.channel_sqnr_db:.1f} dB"
+        if self.inputs and self.local_sqnr_db != self.channel_sqnr_db:
             alone = "adds no noise" if math.isinf(self.local_sqnr_db) else None
             text += f" ({alone or f'~{self.local_sqnr_db:.1f} dB from this layer alone'})"
         text += f", max |error| {self.relative_to_range:.1%} of its range"
@@ -99,7 +102,7 @@ class DivergenceReport:
 
     def worst(self, count: int = 3) -> list[LayerDivergence]:
         """The ``count`` layers that lose the most accuracy themselves (local SQNR)."""
-        ranked = sorted(self.layers, key=lambda layer: (layer.local_sqnr_db, layer.sqnr_db))
+        ranked = sorted(self.layers, key=lambda layer: (layer.local_sqnr_db, layer.channel_sqnr_db))
         return [layer for layer in ranked[:count] if math.isfinite(layer.local_sqnr_db)]
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,12 +168,12 @@ def _int8_value(
     return name, None
 
 
-def _sites(float_model, int8_model) -> tuple[list[_Site], str]:
+def _sites(float_model, int8_model) -> tuple[list[_Site], dict[str, list[Any]], str]:
     """The compared values in graph order, one per ONNX value (the last layer naming it)."""
     metadata = {p.key: p.value for p in float_model.metadata_props}
     layer_map = decode_layer_map(metadata)
     if layer_map is None:
-        return [], "the float ONNX file has no keras-bn layer map (not exported by keras-bn)"
+        return [], {}, "the float ONNX file has no keras-bn layer map (not exported by keras-bn)"
     float_producers = _producers(float_model.graph)
     int8_producers = _producers(int8_model.graph)
     int8_consumers: dict[tuple[str, str], Any] = {}
@@ -192,28 +195,46 @@ def _sites(float_model, int8_model) -> tuple[list[_Site], str]:
         label, perm = by_value[name]
         channel_axis = perm.index(len(perm) - 1) if len(perm) >= 2 else None
         sites.append(_Site(label, name, found[0], channel_axis, found[1]))
-    return sites, "" if sites else "no Keras layer output exists in both ONNX graphs"
+    return sites, layer_map, "" if sites else "no Keras layer output exists in both ONNX graphs"
 
 
-def _upstream(graph, sites: Sequence[_Site]) -> dict[str, tuple[str, ...]]:
-    """Each compared value's nearest compared values upstream (their layers)."""
+def _upstream(
+    graph, sites: Sequence[_Site], layer_map: Mapping[str, list[Any]]
+) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Each compared value's nearest compared values upstream (their layers), and the
+    Keras layers computing it from them (folded BN and fused activations included)."""
     producers = _producers(graph)
     layer_of = {site.float_value: site.layer for site in sites}
-    found: dict[str, tuple[str, ...]] = {}
+    keys_of: dict[str, list[str]] = {}  # ONNX value or node name -> Keras layers
+    for key, entries in layer_map.items():
+        for entry in entries:
+            if entry is not None:
+                keys_of.setdefault(entry[0], []).append(key)
+    order = {key: i for i, key in enumerate(layer_map)}
+    found = {}
     for site in sites:
         seen: set[str] = set()
         nearest: list[str] = []
-        pending = list(producers[site.float_value].input)
+        computing = set(keys_of.get(site.float_value, []))
+        pending = [site.float_value]
         while pending:
             name = pending.pop()
             if name in seen or not name:
                 continue
             seen.add(name)
-            if name in layer_of:
+            if name in layer_of and name != site.float_value:
                 nearest.append(layer_of[name])
             elif name in producers:
-                pending.extend(producers[name].input)
-        found[site.float_value] = tuple(dict.fromkeys(sorted(nearest)))
+                node = producers[name]
+                computing.update(keys_of.get(name, []))
+                computing.update(
+                    key for key in (node.name, node.name.split("/")[0]) if key in order
+                )
+                pending.extend(node.input)
+        found[site.float_value] = (
+            tuple(dict.fromkeys(sorted(nearest))),
+            tuple(sorted(computing, key=order.__getitem__)),
+        )
     return found
 
 
@@ -260,38 +281,65 @@ def _augmented_session(model, values: Sequence[str]):
 
 @dataclasses.dataclass
 class _Totals:
-    """Running sums over the batches for one compared value."""
+    """Running sums over the batches for one compared value (per channel where it has
+    a channel axis, else one "channel" for the whole value)."""
 
-    signal: float = 0.0
-    noise: float = 0.0
+    signal: np.ndarray | None = None  # sum of float^2 per channel
+    noise: np.ndarray | None = None  # sum of (int8 - float)^2 per channel
+    channel_max: np.ndarray | None = None  # max |float| per channel
     max_error: float = 0.0
     low: float = math.inf
     high: float = -math.inf
-    channel_max: np.ndarray | None = None
 
     def add(self, float_value: np.ndarray, int8_value: np.ndarray, axis: int | None) -> None:
         exact = float_value.astype(np.float64)
         error = int8_value.astype(np.float64) - exact
-        self.signal += float(np.sum(exact**2))
-        self.noise += float(np.sum(error**2))
-        if exact.size:
-            self.max_error = max(self.max_error, float(np.max(np.abs(error))))
-            self.low = min(self.low, float(exact.min()))
-            self.high = max(self.high, float(exact.max()))
-        if axis is not None and exact.ndim > axis:
-            others = tuple(i for i in range(exact.ndim) if i != axis)
-            channel = np.max(np.abs(exact), axis=others) if exact.size else None
-            if channel is not None:
-                previous = self.channel_max
-                self.channel_max = channel if previous is None else np.maximum(previous, channel)
+        if axis is None or exact.ndim <= axis:
+            exact, error = exact.reshape(-1, 1), error.reshape(-1, 1)
+        else:
+            exact, error = np.moveaxis(exact, axis, -1), np.moveaxis(error, axis, -1)
+            exact = exact.reshape(-1, exact.shape[-1])
+            error = error.reshape(-1, error.shape[-1])
+        if not exact.size:
+            return
+        with np.errstate(invalid="ignore", over="ignore"):
+            noise = np.sum(np.where(np.isnan(error), np.inf, error) ** 2, axis=0)
+        parts = (np.sum(exact**2, axis=0), noise, np.max(np.abs(exact), axis=0))
+        if self.signal is None:
+            self.signal, self.noise, self.channel_max = parts
+        else:
+            assert self.noise is not None and self.channel_max is not None
+            self.signal = self.signal + parts[0]
+            self.noise = self.noise + parts[1]
+            self.channel_max = np.maximum(self.channel_max, parts[2])
+        self.max_error = max(self.max_error, float(np.max(np.abs(error))))
+        self.low = min(self.low, float(exact.min()))
+        self.high = max(self.high, float(exact.max()))
 
     def sqnr_db(self) -> float:
-        # comparison.sqnr_db's formula, from the sums
-        if self.noise == 0.0:
+        """comparison.sqnr_db's formula over the whole value, from the sums."""
+        if self.signal is None or self.noise is None:
             return math.inf
-        if not math.isfinite(self.noise) or self.signal == 0.0:
-            return -math.inf
-        return 10.0 * math.log10(self.signal / self.noise)
+        return _decibels(float(np.sum(self.signal)), float(np.sum(self.noise)))
+
+    def channel_sqnr_db(self) -> float:
+        """The median channel's SQNR, each channel against its own signal (channels
+        that are zero in the float model left out)."""
+        if self.signal is None or self.noise is None:
+            return math.inf
+        live = self.signal > 0
+        if not np.any(live):
+            return self.sqnr_db()
+        values = [_decibels(a, b) for a, b in zip(self.signal[live], self.noise[live], strict=True)]
+        return float(np.median(values))
+
+
+def _decibels(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return math.inf
+    if not math.isfinite(noise) or signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
 
 
 def _run(
@@ -370,42 +418,49 @@ def _hint(spread: float, per_tensor: bool, weight_spread: float | None) -> str:
     return "; ".join(hints)
 
 
-def _judge(float_model, int8_model, sites, totals, upstream) -> list[LayerDivergence]:
+def _local_db(own_db: float, inputs_db: Sequence[float]) -> float:
+    """The SQNR a layer would have with exact inputs: noise-to-signal ratios add, so its
+    own ratio is its output's minus the worst input's (inf: it adds none)."""
+    ratio = 10 ** (-own_db / 10) if own_db > -math.inf else math.inf
+    if not math.isfinite(ratio):
+        return own_db
+    own = ratio - max((10 ** (-db / 10) for db in inputs_db), default=0.0)
+    return -10 * math.log10(own) if own > 0 else math.inf
+
+
+def _step(int8_model, scale: str | None) -> float | None:
     from onnx import numpy_helper
 
-    scales = {init.name: init for init in int8_model.graph.initializer}
-    layer_sqnr: dict[str, float] = {}
+    for init in int8_model.graph.initializer:
+        if init.name == scale:
+            return float(numpy_helper.to_array(init).ravel()[0])
+    return None
+
+
+def _judge(float_model, int8_model, sites, totals, upstream) -> list[LayerDivergence]:
+    channel_db: dict[str, float] = {}
     layers = []
     for site in sites:
         total = totals[site.float_value]
-        sqnr = total.sqnr_db()
-        layer_sqnr[site.layer] = sqnr
-        inputs = upstream[site.float_value]
-        # noise-to-signal ratios add: this layer's own is its output's minus its inputs'
-        ratio = 10 ** (-sqnr / 10)
-        inherited = max((10 ** (-layer_sqnr[i] / 10) for i in inputs), default=0.0)
-        own = ratio - inherited
-        local = -10 * math.log10(own) if own > 0 and math.isfinite(own) else math.inf
-        if not math.isfinite(ratio):
-            local = sqnr
+        inputs, computed_by = upstream[site.float_value]
+        channel_db[site.layer] = total.channel_sqnr_db()
         span = total.high - total.low if total.high >= total.low else 0.0
         spread = _spread(total.channel_max)
         per_tensor, weight_spread = _weight_facts(float_model, int8_model, site.float_value)
-        step = None
-        if site.scale is not None and site.scale in scales:
-            step = float(numpy_helper.to_array(scales[site.scale]).ravel()[0])
         layers.append(
             LayerDivergence(
                 layer=site.layer,
                 onnx_value=site.float_value,
+                computed_by=computed_by,
                 inputs=inputs,
-                sqnr_db=sqnr,
-                local_sqnr_db=local,
+                sqnr_db=total.sqnr_db(),
+                channel_sqnr_db=channel_db[site.layer],
+                local_sqnr_db=_local_db(channel_db[site.layer], [channel_db[i] for i in inputs]),
                 max_abs_error=total.max_error,
                 relative_to_range=total.max_error / span if span > 0 else 0.0,
                 value_range=(total.low, total.high),
                 channel_spread=spread,
-                int8_step=step,
+                int8_step=_step(int8_model, site.scale),
                 weights_per_tensor=per_tensor,
                 weight_spread=weight_spread,
                 hint=_hint(spread, per_tensor, weight_spread),
@@ -439,14 +494,14 @@ def layer_divergence(
         :meth:`~DivergenceReport.worst` the layers that lose the most themselves.
     """
     float_model, int8_model = _load(float_model), _load(int8_model)
-    sites, note = _sites(float_model, int8_model)
+    sites, layer_map, note = _sites(float_model, int8_model)
     if max_samples is not None:
         inputs = {name: array[:max_samples] for name, array in inputs.items()}
     samples = int(len(next(iter(inputs.values())))) if inputs else 0
     if not sites:
         return DivergenceReport(samples=samples, layers=[], note=note)
     totals = _run(float_model, int8_model, sites, inputs, batch_size)
-    upstream = _upstream(float_model.graph, sites)
+    upstream = _upstream(float_model.graph, sites, layer_map)
     return DivergenceReport(
         samples=samples, layers=_judge(float_model, int8_model, sites, totals, upstream)
     )
