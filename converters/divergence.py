@@ -47,7 +47,7 @@ __all__ = ["DIVERGENCE_SAMPLES", "DivergenceReport", "LayerDivergence", "layer_d
 
 # Samples the report runs on by default: the SQNR of a layer settles within a
 # fraction of a dB long before that, and each sample costs one run of each model.
-DIVERGENCE_SAMPLES = 64
+DIVERGENCE_SAMPLES = 32
 # A channel range this many times the median channel's leaves the median channel
 # fewer than 256 / SPREAD of the int8 levels (5 bits at 8x).
 SPREAD_HINT = 8.0
@@ -343,16 +343,29 @@ def _decibels(signal: float, noise: float) -> float:
 
 
 def _run(
-    float_model, int8_model, sites: Sequence[_Site], inputs: Mapping[str, np.ndarray], batch: int
-) -> dict[str, _Totals]:
+    float_model,
+    int8_model,
+    sites: Sequence[_Site],
+    inputs: Mapping[str, np.ndarray],
+    max_samples: int | None,
+    batch_size: int,
+) -> tuple[dict[str, _Totals], int]:
+    """Both augmented copies on the first ``max_samples`` inputs (rounded up to a
+    whole batch for a fixed batch size), batch by batch; the totals and the count."""
     float_session, float_names = _augmented_session(
         float_model, [site.float_value for site in sites]
     )
     int8_session, int8_names = _augmented_session(int8_model, [site.int8_value for site in sites])
     specs = runtime.input_specs(float_session)
     matched = runtime.match_inputs(specs, inputs, "Divergence inputs")
+    total = int(len(next(iter(matched.values()))))
+    count = total if max_samples is None else min(total, max_samples)
+    fixed = runtime.fixed_batch_size(specs)
+    if fixed and count % fixed:
+        count = min(total, -(-count // fixed) * fixed)
+    matched = {name: array[:count] for name, array in matched.items()}
     totals = {site.float_value: _Totals() for site in sites}
-    for feed in runtime.batches(matched, runtime.fixed_batch_size(specs), batch):
+    for feed in runtime.batches(matched, fixed, batch_size):
         float_values = dict(zip(float_names, float_session.run(None, feed), strict=True))
         int8_values = dict(zip(int8_names, int8_session.run(None, feed), strict=True))
         for site in sites:
@@ -361,7 +374,7 @@ def _run(
                 np.asarray(int8_values[site.int8_value]),
                 site.channel_axis,
             )
-    return totals
+    return totals, count
 
 
 # --------------------------------------------------------------------------------------
@@ -486,7 +499,8 @@ def layer_divergence(
             Neither is modified: both are copied in memory.
         inputs: input arrays keyed by ONNX input name, batch first, in the ONNX
             layout (the calibration data, typically).
-        max_samples: compare on the first this many samples (None: all).
+        max_samples: compare on the first this many samples (None: all; for a
+            fixed batch size, rounded up to whole batches).
         batch_size: samples per run (for a fixed batch size: the model's).
 
     Returns:
@@ -495,12 +509,9 @@ def layer_divergence(
     """
     float_model, int8_model = _load(float_model), _load(int8_model)
     sites, layer_map, note = _sites(float_model, int8_model)
-    if max_samples is not None:
-        inputs = {name: array[:max_samples] for name, array in inputs.items()}
-    samples = int(len(next(iter(inputs.values())))) if inputs else 0
     if not sites:
-        return DivergenceReport(samples=samples, layers=[], note=note)
-    totals = _run(float_model, int8_model, sites, inputs, batch_size)
+        return DivergenceReport(samples=0, layers=[], note=note)
+    totals, samples = _run(float_model, int8_model, sites, inputs, max_samples, batch_size)
     upstream = _upstream(float_model.graph, sites, layer_map)
     return DivergenceReport(
         samples=samples, layers=_judge(float_model, int8_model, sites, totals, upstream)

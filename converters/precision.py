@@ -149,6 +149,7 @@ class PrecisionReport:
     range_issues: list[Float16RangeIssue] = dataclasses.field(default_factory=list)
     comparison: ModelComparison | None = None
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    divergence: Any = None  # int8: divergence.DivergenceReport, per Keras layer
 
     @property
     def clamped_count(self) -> int:
@@ -163,6 +164,7 @@ class PrecisionReport:
             "range_issues": [dataclasses.asdict(issue) for issue in self.range_issues],
             "comparison": None if self.comparison is None else self.comparison.to_dict(),
             **self.details,
+            **({} if self.divergence is None else {"divergence": self.divergence.to_dict()}),
         }
 
     def __str__(self) -> str:
@@ -174,6 +176,8 @@ class PrecisionReport:
             where = "its calibration data, " if self.precision == "int8" else ""
             compared = str(self.comparison).removeprefix("on ")
             lines.append(f"  vs the float32 model on {where}{compared}")
+        if self.divergence is not None:
+            lines.append(self.divergence.format())
         return "\n".join(lines)
 
 
@@ -363,6 +367,7 @@ def quantize_int8(
     *,
     per_channel: bool = True,
     calibration_batch_size: int = 16,
+    layer_report: bool = True,
 ) -> PrecisionReport:
     """Quantize an ONNX model to int8 (static, QDQ, per-channel weights).
 
@@ -375,11 +380,14 @@ def quantize_int8(
             so they should look like deployment data.
         per_channel: one weight scale per output channel (recommended).
         calibration_batch_size: samples per calibration run (for dynamic batches).
+        layer_report: compare the two models at every Keras layer output too, on
+            the first samples of the calibration data (:mod:`.divergence`).
 
     Returns:
         A :class:`PrecisionReport` whose ``comparison`` holds the output difference
         against the float model on the calibration data and, for classifiers, the
-        top-1 agreement.
+        top-1 agreement; with ``layer_report``, ``divergence`` names the layers
+        that lose the most accuracy.
     """
     start = time.perf_counter()
     _load_onnx(onnx_in)  # a clear error for a missing or unparsable file
@@ -403,6 +411,10 @@ def quantize_int8(
             "calibration_method": "MinMax",
         },
     )
+    if layer_report:
+        from keras_bn.converters.divergence import layer_divergence
+
+        report.divergence = layer_divergence(onnx_in, onnx_out, matched)
     report.seconds = time.perf_counter() - start
     return report
 

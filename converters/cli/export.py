@@ -85,6 +85,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: none; required with --precision int8)",
     )
     parser.add_argument(
+        "--no-layer-report",
+        action="store_true",
+        help="int8: skip the per-layer comparison with the float model (one more run of "
+        "each on up to 32 calibration samples) (default: report the worst layers)",
+    )
+    parser.add_argument(
         "--keep-io-types",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -320,7 +326,15 @@ def _convert_precision(
     assert calibration is not None  # _check_options requires it for int8
     with run.progress.step("Quantizing to int8 (calibrating)"):
         report = quantize_int8(
-            exported, final, steps.to_onnx_layout(calibration, args.input_layout)
+            exported,
+            final,
+            steps.to_onnx_layout(calibration, args.input_layout),
+            layer_report=not args.no_layer_report,
+        )
+    worst = report.divergence.worst(1) if report.divergence is not None else []
+    if worst:
+        run.summary.append(
+            ["worst int8 layer", f"{worst[0].layer} ({worst[0].local_sqnr_db:.1f} dB alone)"]
         )
     return final, report
 
