@@ -292,19 +292,21 @@ class _Totals:
     high: float = -math.inf
 
     def add(self, float_value: np.ndarray, int8_value: np.ndarray, axis: int | None) -> None:
-        exact = float_value.astype(np.float64)
-        error = int8_value.astype(np.float64) - exact
-        if axis is None or exact.ndim <= axis:
-            exact, error = exact.reshape(-1, 1), error.reshape(-1, 1)
-        else:
-            exact, error = np.moveaxis(exact, axis, -1), np.moveaxis(error, axis, -1)
-            exact = exact.reshape(-1, exact.shape[-1])
-            error = error.reshape(-1, error.shape[-1])
+        # float32 elementwise, float64 sums (no float64 copy of the activations)
+        exact = np.asarray(float_value, np.float32)
+        error = np.asarray(int8_value, np.float32) - exact
         if not exact.size:
             return
+        if axis is None or exact.ndim <= axis:
+            exact, error, axis = exact.reshape(-1, 1), error.reshape(-1, 1), 1
+        others = tuple(i for i in range(exact.ndim) if i != axis)
         with np.errstate(invalid="ignore", over="ignore"):
-            noise = np.sum(np.where(np.isnan(error), np.inf, error) ** 2, axis=0)
-        parts = (np.sum(exact**2, axis=0), noise, np.max(np.abs(exact), axis=0))
+            error = np.where(np.isnan(error), np.float32(np.inf), error)
+            parts = (
+                np.sum(np.square(exact), axis=others, dtype=np.float64),
+                np.sum(np.square(error), axis=others, dtype=np.float64),
+                np.max(np.abs(exact), axis=others).astype(np.float64),
+            )
         if self.signal is None:
             self.signal, self.noise, self.channel_max = parts
         else:
