@@ -51,6 +51,8 @@ DIVERGENCE_SAMPLES = 32
 # A channel range this many times the median channel's leaves the median channel
 # fewer than 256 / SPREAD of the int8 levels (5 bits at 8x).
 SPREAD_HINT = 8.0
+# Per-tensor symmetric weights: a 4x spread leaves the median channel ~32 of 127 levels.
+WEIGHT_SPREAD_HINT = 4.0
 _EXACT = "ORT_DISABLE_ALL"  # exact QDQ arithmetic: no fusion, no int8 kernel
 _PASS_THROUGH = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh"}
 _PASS_THROUGH |= {"Add", "Mul", "Identity", "Flatten", "Reshape", "Transpose"}
@@ -425,7 +427,7 @@ def _hint(spread: float, per_tensor: bool, weight_spread: float | None) -> str:
             "activation scale leaves most channels few int8 levels (cross-layer "
             "equalization evens them out)"
         )
-    if per_tensor and weight_spread is not None and weight_spread >= SPREAD_HINT:
+    if per_tensor and weight_spread is not None and weight_spread >= WEIGHT_SPREAD_HINT:
         hints.append(
             f"its weights are quantized per tensor and one output channel's range is "
             f"{weight_spread:.0f}x the median's (per-channel weights or equalization)"

@@ -280,3 +280,16 @@ def test_export_cli_names_the_layer(models, capsys):
     assert code == 0
     assert "per-layer int8 divergence" in text and "hard -> hard_bn -> hard_relu" in text
     assert "worst int8 layer" in text
+
+
+def test_per_tensor_weights_with_spread_channels_are_hinted(models, tmp_path):
+    # The scaled channel's folded kernel is SCALE times the others': per-tensor
+    # weights leave them few levels, and the report says so for that layer only.
+    float_path, _, _ = models["hard"]
+    report = quantize_int8(float_path, tmp_path / "t.onnx", _feed(models), per_channel=False)
+    by_layer = {layer.layer: layer for layer in report.divergence.layers}
+    hard = by_layer["hard_relu"]
+    assert hard.weights_per_tensor and hard.weight_spread > SCALE / 4
+    assert "quantized per tensor" in hard.hint
+    assert by_layer["stem_relu"].weight_spread < 4
+    assert "quantized per tensor" not in by_layer["stem_relu"].hint
