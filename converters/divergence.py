@@ -305,9 +305,9 @@ class _Totals:
         with np.errstate(invalid="ignore", over="ignore"):
             error = np.where(np.isnan(error), np.float32(np.inf), error)
             parts = (
-                np.sum(np.square(exact), axis=others, dtype=np.float64),
-                np.sum(np.square(error), axis=others, dtype=np.float64),
-                np.max(np.abs(exact), axis=others).astype(np.float64),
+                np.asarray(np.sum(np.square(exact), axis=others, dtype=np.float64)),
+                np.asarray(np.sum(np.square(error), axis=others, dtype=np.float64)),
+                np.asarray(np.max(np.abs(exact), axis=others), dtype=np.float64),
             )
         if self.signal is None:
             self.signal, self.noise, self.channel_max = parts
