@@ -17,13 +17,17 @@ int8 kernels and of fusions an extra output would otherwise block. Statistics
 are accumulated per batch, so memory does not grow with the samples.
 
 Per layer: the SQNR of the int8 value against the float one
-(:func:`.comparison.sqnr_db`'s formula) over all samples, the largest absolute error
-relative to the float value's range, and an estimate of the SQNR the layer would
-have if its inputs were exact (``local_sqnr_db``): quantization noise adds up, so
-the layer's own noise-to-signal ratio is its output's minus the worst of its
-inputs' (the nearest compared values upstream). Error a layer only passes on does
-not count against it, so the layer ranked worst is the one that loses accuracy,
-not the last one. The hint names the usual cause that the numbers show: one
+(:func:`.comparison.sqnr_db`'s formula) over all samples; the median channel's SQNR,
+each channel against its own signal (a whole-value SQNR is ruled by the largest
+channels: one channel scaled up 64x leaves it nearly unchanged while the others
+are rounded away); the largest absolute error relative to the float value's range;
+and an estimate of the median-channel SQNR the layer would have if its inputs were
+exact (``local_sqnr_db``): quantization noise adds up, so the layer's own
+noise-to-signal ratio is its output's minus the worst of its inputs' (the nearest
+compared values upstream). An estimate: a layer whose output is much smaller than
+its inputs (a projection that cancels) raises the ratio without rounding anything.
+Error a layer only passes on does not count against it, so the layer ranked worst
+is the one that loses accuracy, not the last one. The hint names the usual cause that the numbers show: one
 channel whose range dwarfs the others' (a per-tensor activation scale leaves
 the rest few levels; cross-layer equalization is the cure) or per-tensor weights
 whose output channels' ranges spread widely.
