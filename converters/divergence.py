@@ -27,10 +27,10 @@ noise-to-signal ratio is its output's minus the worst of its inputs' (the neares
 compared values upstream). An estimate: a layer whose output is much smaller than
 its inputs (a projection that cancels) raises the ratio without rounding anything.
 Error a layer only passes on does not count against it, so the layer ranked worst
-is the one that loses accuracy, not the last one. The hint names the usual cause that the numbers show: one
-channel whose range dwarfs the others' (a per-tensor activation scale leaves
-the rest few levels; cross-layer equalization is the cure) or per-tensor weights
-whose output channels' ranges spread widely.
+is the one that loses accuracy, not the last one. The hint names the usual cause
+that the numbers show: one channel whose range dwarfs the others' (a per-tensor
+activation scale leaves the rest few levels; cross-layer equalization is the cure)
+or per-tensor weights whose output channels' ranges spread widely.
 """
 
 from __future__ import annotations
