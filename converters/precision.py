@@ -149,6 +149,7 @@ class PrecisionReport:
     range_issues: list[Float16RangeIssue] = dataclasses.field(default_factory=list)
     comparison: ModelComparison | None = None
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+    divergence: Any = None  # int8: divergence.DivergenceReport, per Keras layer
 
     @property
     def clamped_count(self) -> int:
@@ -163,6 +164,7 @@ class PrecisionReport:
             "range_issues": [dataclasses.asdict(issue) for issue in self.range_issues],
             "comparison": None if self.comparison is None else self.comparison.to_dict(),
             **self.details,
+            **({} if self.divergence is None else {"divergence": self.divergence.to_dict()}),
         }
 
     def __str__(self) -> str:
@@ -178,6 +180,8 @@ class PrecisionReport:
             from keras_bn.converters.equalization import describe
 
             lines += ["  " + line for line in describe(self.details["equalization"])]
+        if self.divergence is not None:
+            lines.append(self.divergence.format())
         return "\n".join(lines)
 
 
@@ -369,6 +373,7 @@ def quantize_int8(
     calibration_batch_size: int = 16,
     equalize: bool = False,
     batch_norm_statistics: Mapping[str, Any] | None = None,
+    layer_report: bool = True,
 ) -> PrecisionReport:
     """Quantize an ONNX model to int8 (static, QDQ, per-channel weights).
 
@@ -385,11 +390,14 @@ def quantize_int8(
             absorption where ``batch_norm_statistics`` (per folded layer, from
             :func:`keras_bn.converters.equalization.batch_norm_statistics`) say
             which bias always passes the activation (:mod:`.equalization`).
+        layer_report: compare the two models at every Keras layer output too, on
+            the first samples of the calibration data (:mod:`.divergence`).
 
     Returns:
         A :class:`PrecisionReport` whose ``comparison`` holds the output difference
         against the float model on the calibration data and, for classifiers, the
-        top-1 agreement.
+        top-1 agreement; with ``layer_report``, ``divergence`` names the layers
+        that lose the most accuracy.
     """
     start = time.perf_counter()
     _load_onnx(onnx_in)  # a clear error for a missing or unparsable file
@@ -399,20 +407,25 @@ def quantize_int8(
         runtime.batches(matched, runtime.fixed_batch_size(specs), calibration_batch_size)
     )
     onnx_out = Path(onnx_out)
-    equalized = None
+    equalized = divergence = None
     with atomic_output(onnx_out, suffix=".onnx") as tmp:
-        if equalize:  # the equalized float file lies beside the output while quantizing
-            from keras_bn.converters.equalization import equalize_file
+        # The equalized float file lies beside the output while quantizing; the layer
+        # report compares against it (equalization rescales channels in between).
+        source = tmp.with_name(tmp.stem + ".equalized.onnx") if equalize else Path(onnx_in)
+        try:
+            if equalize:
+                from keras_bn.converters.equalization import equalize_file
 
-            source = tmp.with_name(tmp.stem + ".equalized.onnx")
-            try:
                 equalized = equalize_file(onnx_in, source, batch_norm_statistics)
                 equalized.float_sqnr_db = compare_onnx_models(onnx_in, source, matched).sqnr_db
-                _quantize_static(source, tmp, batches, per_channel)
-            finally:
+            _quantize_static(source, tmp, batches, per_channel)
+            if layer_report:
+                from keras_bn.converters.divergence import layer_divergence
+
+                divergence = layer_divergence(source, tmp, matched)
+        finally:
+            if equalize:
                 source.unlink(missing_ok=True)
-        else:
-            _quantize_static(Path(onnx_in), tmp, batches, per_channel)
     report = PrecisionReport(
         precision="int8",
         path=str(onnx_out),
@@ -425,6 +438,7 @@ def quantize_int8(
             "calibration_method": "MinMax",
             **({} if equalized is None else {"equalization": equalized.to_dict()}),
         },
+        divergence=divergence,
     )
     report.seconds = time.perf_counter() - start
     return report

@@ -82,6 +82,7 @@ MIRROR = {
     "converters/validation.py": "validation/test_validation.py",
     "converters/equalization.py": "validation/test_equalization.py",
     "converters/precision.py": "validation/test_precision.py",
+    "converters/divergence.py": "validation/test_divergence.py",
     "converters/benchmarking.py": "validation/test_benchmarking.py",
     "converters/user_files.py": "files/test_user_files.py",
     "converters/limits.py": "files/test_user_files.py",

@@ -87,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     Int8Args().add_to(parser)
     parser.add_argument(
+        "--no-layer-report",
+        action="store_true",
+        help="int8: skip the per-layer comparison with the float model (one more run of "
+        "each on up to 32 calibration samples) (default: report the worst layers)",
+    )
+    parser.add_argument(
         "--keep-io-types",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -348,6 +354,12 @@ def _convert_precision(
             per_channel=not args.per_tensor,
             equalize=equalize,
             batch_norm_statistics=statistics,
+            layer_report=not args.no_layer_report,
+        )
+    worst = report.divergence.worst(1) if report.divergence is not None else []
+    if worst:
+        run.summary.append(
+            ["worst int8 layer", f"{worst[0].layer} ({worst[0].local_sqnr_db:.1f} dB alone)"]
         )
     return final, report
 

@@ -1,0 +1,295 @@
+"""Tests for keras_bn.converters.divergence: the per-Keras-layer int8 divergence report.
+
+The model is a small CNN trained on a synthetic task, then one layer is made hard to
+quantize without changing what the model computes: one output channel of ``hard``
+(Conv-BN-ReLU) is scaled up by ``SCALE`` through its BN (ReLU commutes with a
+positive scale) and the depthwise convolution after it divides that channel's
+kernel by the same factor. That is cross-layer equalization run backwards: the
+float model is unchanged, and the per-tensor activation scale of ``hard``'s output
+now leaves its other channels a handful of int8 levels. The report must name it.
+The reference for the numbers is NumPy on the two models' own tensors: the float
+model's value, and the int8 model's value before its quantize node, quantized and
+dequantized in NumPy with the scale and zero point the file holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import keras
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from support.files import sha256
+
+from keras_bn import BatchNormalization
+from keras_bn.converters import cli, runtime
+from keras_bn.converters.divergence import DIVERGENCE_SAMPLES, layer_divergence
+from keras_bn.converters.onnx.export import export_onnx
+from keras_bn.converters.precision import quantize_int8
+
+L = keras.layers
+SCALE = 64.0
+CHANNEL = 2  # the channel of ``hard`` scaled up
+SAMPLES = 48
+
+
+def _block(x, name: str, filters: int | None = None):
+    if filters is None:
+        x = L.DepthwiseConv2D(3, padding="same", name=name)(x)
+    else:
+        x = L.Conv2D(filters, 3, padding="same", name=name)(x)
+    x = BatchNormalization(name=f"{name}_bn")(x)
+    return L.ReLU(name=f"{name}_relu")(x)
+
+
+def _images(rng, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Three classes: stripes that run horizontally, vertically, or none, plus noise."""
+    labels = rng.integers(0, 3, size=count)
+    wave = np.sin(np.arange(12.0))
+    stripes = np.stack(
+        [np.outer(wave, np.ones(12)), np.outer(np.ones(12), wave), np.zeros((12, 12))]
+    )[:, :, :, None]
+    images = stripes[labels] * rng.uniform(0.5, 1.5, size=(count, 1, 1, 3))
+    images = images + 0.2 * rng.normal(size=(count, 12, 12, 3))
+    return images.astype("float32"), labels
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The CNN trained for a few epochs (real BN statistics), and its calibration data."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((12, 12, 3), name="image")
+    x = _block(inputs, "stem", 8)
+    x = _block(x, "hard", 8)
+    x = _block(x, "depthwise")
+    x = _block(x, "mix", 8)
+    x = L.GlobalAveragePooling2D(name="pool")(x)
+    outputs = L.Dense(3, activation="softmax", name="head")(x)
+    model = keras.Model(inputs, outputs, name="stripes")
+    rng = np.random.default_rng(0)
+    images, labels = _images(rng, 384)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+    model.fit(images, labels, batch_size=32, epochs=8, verbose=0)
+    calibration, _ = _images(rng, SAMPLES)
+    return model, calibration
+
+
+def _make_hard(model) -> keras.Model:
+    """A copy computing the same function, ``hard``'s channel CHANNEL SCALE times larger."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    bn = copy.get_layer("hard_bn")
+    for weight in (bn.gamma, bn.beta):
+        values = keras.ops.convert_to_numpy(weight).copy()
+        values[CHANNEL] *= SCALE
+        weight.assign(values)
+    depthwise = copy.get_layer("depthwise")
+    kernel = keras.ops.convert_to_numpy(depthwise.kernel).copy()
+    kernel[:, :, CHANNEL, :] /= SCALE
+    depthwise.kernel.assign(kernel)
+    return copy
+
+
+def _quantized(model, calibration, directory: Path, **options) -> tuple[Path, Path, object]:
+    directory.mkdir()
+    float_path, int8_path = directory / "float.onnx", directory / "int8.onnx"
+    export_onnx(model, float_path, fold=True, input_layout="channels_first")
+    feed = {"image": np.transpose(calibration, (0, 3, 1, 2))}
+    report = quantize_int8(float_path, int8_path, feed, **options)
+    return float_path, int8_path, report
+
+
+@pytest.fixture(scope="module")
+def models(trained, tmp_path_factory):
+    model, calibration = trained
+    hard = _make_hard(model)
+    keras_outputs = [np.asarray(m.predict(calibration, verbose=0)) for m in (model, hard)]
+    directory = tmp_path_factory.mktemp("divergence")
+    return {
+        "keras": keras_outputs,
+        "calibration": calibration,
+        "plain": _quantized(model, calibration, directory / "plain"),
+        "hard": _quantized(hard, calibration, directory / "hard"),
+        "model": hard,
+        "directory": directory,
+    }
+
+
+def _feed(models) -> dict[str, np.ndarray]:
+    return {"image": np.transpose(models["calibration"], (0, 3, 1, 2))}
+
+
+def test_the_hard_copy_computes_the_same_function(models):
+    plain, hard = models["keras"]
+    np.testing.assert_allclose(hard, plain, atol=1e-5)
+    # ... and the trained model is a classifier, not a constant
+    assert len(set(np.argmax(plain, axis=1))) == 3
+
+
+def test_the_hard_layer_is_named_worst(models):
+    report = models["hard"][2].divergence
+    worst = report.worst()
+    assert worst[0].layer == "hard_relu", str(report)
+    assert worst[0].computed_by == ("hard", "hard_bn", "hard_relu")
+    assert worst[0].inputs == ("stem_relu",)
+    assert "one channel's range is" in worst[0].hint
+    assert worst[0].channel_spread > SCALE / 4
+    # The depthwise layer after it is as bad in total but only passes the error on.
+    by_layer = {layer.layer: layer for layer in report.layers}
+    downstream = by_layer["depthwise_relu"]
+    assert downstream.channel_sqnr_db < by_layer["stem_relu"].channel_sqnr_db - 10
+    assert downstream.local_sqnr_db > worst[0].local_sqnr_db + 3
+    # Without the scaled channel the same layer loses far less.
+    plain = {layer.layer: layer for layer in models["plain"][2].divergence.layers}
+    assert plain["hard_relu"].channel_sqnr_db > worst[0].channel_sqnr_db + 20
+    assert not plain["hard_relu"].hint
+
+
+def _numpy_int8_values(int8_path: Path, float_names: list[str], feed) -> dict[str, np.ndarray]:
+    """The int8 model's value of each float name before its QuantizeLinear, quantized
+    and dequantized in NumPy with the file's scale and zero point."""
+    model = onnx.load(str(int8_path))
+    initializers = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    quantizers = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            original = node.input[0].removesuffix("_QuantizeLinear_Input")
+            quantizers.setdefault(original, node)
+    exposed = [quantizers[name].input[0] for name in float_names]
+    model.graph.output.extend(
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in exposed
+    )
+    session = runtime.open_session(model.SerializeToString(), optimization="ORT_DISABLE_ALL")
+    outputs = dict(
+        zip([o.name for o in session.get_outputs()], session.run(None, feed), strict=True)
+    )
+    values = {}
+    for name in float_names:
+        node = quantizers[name]
+        scale = initializers[node.input[1]].astype(np.float64)
+        zero_point = initializers[node.input[2]].astype(np.float64)
+        raw = outputs[node.input[0]].astype(np.float64)
+        quantized = np.clip(np.round(raw / scale) + zero_point, -128, 127)
+        values[name] = (quantized - zero_point) * scale
+    return values
+
+
+def _float_values(float_path: Path, names: list[str], feed) -> dict[str, np.ndarray]:
+    model = onnx.load(str(float_path))
+    model.graph.output.extend(
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in names
+    )
+    session = runtime.open_session(model.SerializeToString(), optimization="ORT_DISABLE_ALL")
+    outputs = dict(
+        zip([o.name for o in session.get_outputs()], session.run(None, feed), strict=True)
+    )
+    return {name: outputs[name].astype(np.float64) for name in names}
+
+
+def _sqnr(values: np.ndarray, exact: np.ndarray) -> float:
+    return 10 * math.log10(np.sum(exact**2) / np.sum((values - exact) ** 2))
+
+
+def test_sqnrs_agree_with_numpy(models):
+    float_path, int8_path, report = models["hard"]
+    layers = report.divergence.layers
+    names = [layer.onnx_value for layer in layers]
+    feed = {"image": _feed(models)["image"][:DIVERGENCE_SAMPLES]}
+    exact = _float_values(float_path, names, feed)
+    int8 = _numpy_int8_values(int8_path, names, feed)
+    assert report.divergence.samples == DIVERGENCE_SAMPLES
+    for layer in layers:
+        f, q = exact[layer.onnx_value], int8[layer.onnx_value]
+        assert layer.sqnr_db == pytest.approx(_sqnr(q, f), abs=0.05), layer.layer
+        channels = np.moveaxis(f, 1, -1).reshape(-1, f.shape[1]) if f.ndim == 4 else f
+        noisy = np.moveaxis(q, 1, -1).reshape(-1, q.shape[1]) if q.ndim == 4 else q
+        live = np.sum(channels**2, axis=0) > 0
+        median = np.median([_sqnr(noisy[:, c], channels[:, c]) for c in np.flatnonzero(live)])
+        assert layer.channel_sqnr_db == pytest.approx(median, abs=0.05), layer.layer
+        error = np.abs(q - f).max()
+        assert layer.max_abs_error == pytest.approx(error, rel=1e-3, abs=1e-7)
+        assert layer.relative_to_range == pytest.approx(error / (f.max() - f.min()), rel=1e-3)
+
+
+def test_every_layer_output_in_both_graphs_is_compared(models):
+    float_path, int8_path, report = models["hard"]
+    compared = [layer.layer for layer in report.divergence.layers]
+    # Folded convolutions and BNs have no value of their own after quantization (the
+    # ReLU is folded into the quantization range): each block is compared once.
+    assert compared == [
+        "stem_relu",
+        "hard_relu",
+        "depthwise_relu",
+        "mix_relu",
+        "pool",
+        "head",
+    ]
+    assert [layer.inputs for layer in report.divergence.layers][1:] == [
+        ("stem_relu",),
+        ("hard_relu",),
+        ("depthwise_relu",),
+        ("mix_relu",),
+        ("pool",),
+    ]
+
+
+def test_the_int8_file_is_left_as_it_is(models, tmp_path):
+    float_path, int8_path, _ = models["hard"]
+    before = sha256(int8_path), sha256(float_path)
+    layer_divergence(float_path, int8_path, _feed(models))
+    assert (sha256(int8_path), sha256(float_path)) == before
+    assert [o.name for o in onnx.load(str(int8_path)).graph.output] == ["head"]
+
+
+def test_without_a_layer_map_nothing_is_compared(models, tmp_path):
+    float_path, int8_path, _ = models["plain"]
+    model = onnx.load(str(float_path))
+    del model.metadata_props[:]
+    report = layer_divergence(model, int8_path, _feed(models))
+    assert report.layers == [] and "no keras-bn layer map" in report.note
+    assert "no keras-bn layer map" in report.format()
+
+
+def test_layer_report_off(models, tmp_path):
+    float_path, _, _ = models["plain"]
+    report = quantize_int8(float_path, tmp_path / "q.onnx", _feed(models), layer_report=False)
+    assert report.divergence is None and "divergence" not in report.to_dict()
+
+
+def test_export_cli_names_the_layer(models, capsys):
+    directory = models["directory"]
+    model_path, calibration = directory / "hard.keras", directory / "calibration.npz"
+    models["model"].save(model_path)
+    np.savez(calibration, image=models["calibration"])
+    output = directory / "cli.onnx"
+    # The int8 file is bad on purpose: write it without validation (one run less).
+    arguments = ["export", model_path, "-o", output, "--precision", "int8", "--no-validate"]
+    arguments += ["--no-statistics-check"]
+    code = cli.main([str(a) for a in [*arguments, "--calibration", calibration, "--json"]])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    divergence = json.loads(captured.out)["precision"]["divergence"]
+    assert divergence["worst"][0] == "hard_relu"
+    assert len(divergence["layers"]) == 6
+    code = cli.main([str(a) for a in [*arguments, "--calibration", calibration, "--force"]])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "per-layer int8 divergence" in text and "hard -> hard_bn -> hard_relu" in text
+    assert "worst int8 layer" in text
+
+
+def test_per_tensor_weights_with_spread_channels_are_hinted(models, tmp_path):
+    # The scaled channel's folded kernel is SCALE times the others': per-tensor
+    # weights leave them few levels, and the report says so for that layer only.
+    float_path, _, _ = models["hard"]
+    report = quantize_int8(float_path, tmp_path / "t.onnx", _feed(models), per_channel=False)
+    by_layer = {layer.layer: layer for layer in report.divergence.layers}
+    hard = by_layer["hard_relu"]
+    assert hard.weights_per_tensor and hard.weight_spread > SCALE / 4
+    assert "quantized per tensor" in hard.hint
+    assert by_layer["stem_relu"].weight_spread < 4
+    assert "quantized per tensor" not in by_layer["stem_relu"].hint
