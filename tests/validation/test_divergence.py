@@ -293,3 +293,19 @@ def test_per_tensor_weights_with_spread_channels_are_hinted(models, tmp_path):
     assert "quantized per tensor" in hard.hint
     assert by_layer["stem_relu"].weight_spread < 4
     assert "quantized per tensor" not in by_layer["stem_relu"].hint
+
+
+def test_with_equalization_layers_are_compared_with_the_equalized_float_model(models, tmp_path):
+    # Equalization rescales channels between layers: the report compares the int8 file
+    # with the equalized float model, so the rescaled channels are not errors, and the
+    # per-tensor weights it evens out gain (the scaled channel's layer most).
+    float_path, _, _ = models["hard"]
+    plain = quantize_int8(float_path, tmp_path / "p.onnx", _feed(models), per_channel=False)
+    equalized = quantize_int8(
+        float_path, tmp_path / "e.onnx", _feed(models), per_channel=False, equalize=True
+    )
+    before = {layer.layer: layer for layer in plain.divergence.layers}
+    after = {layer.layer: layer for layer in equalized.divergence.layers}
+    assert after.keys() == before.keys()
+    assert after["hard_relu"].channel_sqnr_db > before["hard_relu"].channel_sqnr_db + 6
+    assert min(layer.sqnr_db for layer in after.values()) > 10
