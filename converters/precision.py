@@ -39,7 +39,7 @@ import dataclasses
 import os
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ __all__ = [
     "PrecisionReport",
     "check_float16_range",
     "compare_onnx_models",
+    "compare_outputs",
     "convert_float16",
     "detect_precision",
     "onnx_input_specs",
@@ -339,6 +340,20 @@ def compare_onnx_models(
     """
     expected = runtime.run(runtime.open_session(reference), inputs)
     received = runtime.run(runtime.open_session(candidate), inputs)
+    return compare_outputs(expected, received)
+
+
+def compare_outputs(
+    expected: Sequence[np.ndarray], received: Sequence[np.ndarray]
+) -> ModelComparison:
+    """:func:`compare_onnx_models`'s measures of outputs already computed: the float
+    model's (``expected``) against the converted one's (``received``), in output order."""
+    if len(expected) != len(received):
+        raise ValueError(
+            f"the float model has {len(expected)} output(s), the converted one {len(received)}"
+        )
+    expected = [np.asarray(e) for e in expected]
+    received = [np.asarray(r) for r in received]
     outputs = tuple(
         compare_arrays(r, e, name=f"output {i}")
         for i, (e, r) in enumerate(zip(expected, received, strict=True))
@@ -363,6 +378,8 @@ def quantize_int8(
     *,
     per_channel: bool = True,
     calibration_batch_size: int = 16,
+    float_outputs: Sequence[np.ndarray] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> PrecisionReport:
     """Quantize an ONNX model to int8 (static, QDQ, per-channel weights).
 
@@ -375,6 +392,11 @@ def quantize_int8(
             so they should look like deployment data.
         per_channel: one weight scale per output channel (recommended).
         calibration_batch_size: samples per calibration run (for dynamic batches).
+        float_outputs: the float model's outputs on ``calibration_inputs`` (in output
+            order), when the caller already has them (``keras-bn export`` has Keras's
+            run of the same samples): the comparison uses them instead of running
+            ``onnx_in`` again.
+        progress: called as ``progress(done, total)`` after each calibration batch.
 
     Returns:
         A :class:`PrecisionReport` whose ``comparison`` holds the output difference
@@ -390,12 +412,17 @@ def quantize_int8(
     )
     onnx_out = Path(onnx_out)
     with atomic_output(onnx_out, suffix=".onnx") as tmp:
-        _quantize_static(Path(onnx_in), tmp, batches, per_channel)
+        _quantize_static(Path(onnx_in), tmp, batches, per_channel, progress)
+    if float_outputs is None:
+        comparison = compare_onnx_models(onnx_in, onnx_out, matched)
+    else:
+        received = runtime.run(runtime.open_session(onnx_out), matched)
+        comparison = compare_outputs(float_outputs, received)
     report = PrecisionReport(
         precision="int8",
         path=str(onnx_out),
         seconds=0.0,
-        comparison=compare_onnx_models(onnx_in, onnx_out, matched),
+        comparison=comparison,
         details={
             "quant_format": "QDQ",
             "per_channel": per_channel,
@@ -408,7 +435,11 @@ def quantize_int8(
 
 
 def _quantize_static(
-    onnx_in: Path, onnx_out: Path, batches: list[dict[str, np.ndarray]], per_channel: bool
+    onnx_in: Path,
+    onnx_out: Path,
+    batches: list[dict[str, np.ndarray]],
+    per_channel: bool,
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """onnxruntime's pre-processing and static QDQ quantization, calibrated on ``batches``."""
     from onnxruntime.quantization import (
@@ -421,13 +452,21 @@ def _quantize_static(
     )
 
     class ArrayCalibrationReader(CalibrationDataReader):
-        """Feeds the calibration arrays to onnxruntime's calibrator, batch by batch."""
+        """Feeds the calibration arrays to onnxruntime's calibrator, batch by batch
+        (each asked for once the previous one has run: the progress count)."""
 
         def __init__(self) -> None:
-            self._iterator = iter(batches)
+            self._given = 0  # batches handed out
+            self._reported = 0  # batches reported done
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._iterator, None)
+            if progress is not None and self._given > self._reported:
+                self._reported = self._given
+                progress(self._reported, len(batches))
+            if self._given == len(batches):
+                return None
+            self._given += 1
+            return batches[self._given - 1]
 
     preprocessed = onnx_out.with_name(onnx_out.stem + ".pre.onnx")
     try:

@@ -158,7 +158,13 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
             reference.outputs()  # a model Keras cannot run: that is the error to report
             raise
         final, precision_report = _convert_precision(
-            work / output.name, work, args, run, inputs=inputs, calibration=calibration
+            work / output.name,
+            work,
+            args,
+            run,
+            inputs=inputs,
+            calibration=calibration,
+            reference=reference,
         )
         _describe_export(result, final, output, run, model.graph)
         _describe_precision(precision_report, output, args, run)
@@ -299,8 +305,13 @@ def _convert_precision(
     *,
     inputs: dict[str, Any] | None,
     calibration: dict[str, Any] | None,
+    reference: Any = None,
 ) -> tuple[Path, Any]:
-    """The float16/int8 conversion of ``exported`` (its path and report), else itself."""
+    """The float16/int8 conversion of ``exported`` (its path and report), else itself.
+
+    int8 is compared with the float model on the calibration data; when Keras's
+    reference run is on those samples (no ``--inputs``), its outputs are the float
+    side, rather than a second float run in onnxruntime."""
     if args.precision == "float32":
         return exported, None
     final = work / args.precision / exported.name
@@ -319,8 +330,12 @@ def _convert_precision(
 
     assert calibration is not None  # _check_options requires it for int8
     with run.progress.step("Quantizing to int8 (calibrating)"):
+        float_outputs = None if inputs is not None or reference is None else reference.outputs()
         report = quantize_int8(
-            exported, final, steps.to_onnx_layout(calibration, args.input_layout)
+            exported,
+            final,
+            steps.to_onnx_layout(calibration, args.input_layout),
+            float_outputs=float_outputs,
         )
     return final, report
 

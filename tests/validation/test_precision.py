@@ -223,6 +223,30 @@ def test_quantize_int8_qdq_per_channel_and_close_to_float(tmp_path, data):
     assert "top-1 agreement" in str(report)
 
 
+def test_quantize_int8_progress_and_given_float_outputs(tmp_path, data):
+    """progress counts the calibration batches; given the float model's outputs, the
+    comparison uses them (the file is the same: calibration does not depend on them)."""
+    source = classifier_onnx(tmp_path / "model.onnx")
+    calls = []
+    plain = quantize_int8(source, tmp_path / "plain.onnx", {"x": data})
+    report = quantize_int8(
+        source,
+        tmp_path / "int8.onnx",
+        {"x": data},
+        calibration_batch_size=24,
+        progress=lambda done, total: calls.append((done, total)),
+        float_outputs=[_run(source, data) * 2.0],  # visibly not the float model's
+    )
+    assert calls == [(1, 3), (2, 3), (3, 3)]  # 64 samples in batches of 24
+    received = _run(tmp_path / "int8.onnx", data)
+    np.testing.assert_array_equal(received, _run(tmp_path / "plain.onnx", data))
+    difference = np.abs(received - 2.0 * _run(source, data))
+    assert report.comparison.max_abs_diff == pytest.approx(difference.max(), rel=1e-5)
+    assert report.comparison.max_abs_diff > 10 * plain.comparison.max_abs_diff
+    with pytest.raises(ValueError, match="0 output\(s\), the converted one 1"):
+        quantize_int8(source, tmp_path / "bad.onnx", {"x": data}, float_outputs=[])
+
+
 def test_quantize_int8_fixed_batch_and_any_single_key(tmp_path, data):
     source = classifier_onnx(tmp_path / "model.onnx", batch=8)
     report = quantize_int8(source, tmp_path / "int8.onnx", {"anything": data[:32]})
