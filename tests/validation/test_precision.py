@@ -243,7 +243,7 @@ def test_quantize_int8_progress_and_given_float_outputs(tmp_path, data):
     difference = np.abs(received - 2.0 * _run(source, data))
     assert report.comparison.max_abs_diff == pytest.approx(difference.max(), rel=1e-5)
     assert report.comparison.max_abs_diff > 10 * plain.comparison.max_abs_diff
-    with pytest.raises(ValueError, match="0 output\(s\), the converted one 1"):
+    with pytest.raises(ValueError, match=r"0 output\(s\), the converted one 1"):
         quantize_int8(source, tmp_path / "bad.onnx", {"x": data}, float_outputs=[])
 
 
