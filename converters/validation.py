@@ -666,14 +666,8 @@ def validate_onnx(
     report.inputs = _describe_inputs(prepared, runs, inputs, reference)
     if doubtful:
         arrays = [runs.full[name] for name in prepared.input_names]
-        if precision == "float32":
-            report.exact_note = rejudge_against_float64(
-                prepared.model, arrays, comparisons, doubtful, precision
-            )
-        else:
-            report.exact_note = judge_by_precision(
-                prepared.model, arrays, comparisons, doubtful, precision
-            )
+        judge = rejudge_against_float64 if precision == "float32" else judge_by_precision
+        report.exact_note = judge(prepared.model, arrays, comparisons, doubtful, precision)
     if localize and not report.passed:
         _explain_failure(report, prepared, path, failing_batch, explicit)
     return report
