@@ -134,20 +134,21 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
     model = steps.preflight(model, run)  # flattened once, passed on
     inputs = steps.load_inputs(args.inputs, model, "Inputs file")
     calibration = steps.load_inputs(args.calibration, model, "Calibration file")
-    check_batch_norm_statistics(  # before the Keras pass below: it swaps statistics
+    check = check_batch_norm_statistics(  # before the Keras pass below: it swaps statistics
         model,
         run,
         args.data or args.inputs or args.calibration,
         what="the ONNX model will be faithful to them",
         skip=args.no_statistics_check,
     )
-    # Keras runs the model on validation's inputs while the exporter works.
-    reference = steps.keras_reference(
-        model,
-        run,
-        inputs if inputs is not None else calibration,
-        label="Running the model in Keras (beside the export)",
-    )
+    reference = _reference_from_check(check, args, inputs, calibration)
+    if reference is None:  # Keras runs the model on validation's inputs while exporting
+        reference = steps.keras_reference(
+            model,
+            run,
+            inputs if inputs is not None else calibration,
+            label="Running the model in Keras (beside the export)",
+        )
     # Work beside the target, each file under the output's own name: an ONNX model
     # refers to its external data file (``<name>.onnx.data``) by file name, so the
     # files keep their names and are moved, not renamed, into place.
@@ -225,6 +226,26 @@ def _check_data_output(path: Path, args: argparse.Namespace) -> None:
             f"External data file {str(path)!r} already exists; pass --force to replace it."
         )
     check_output_path(path, force=True)  # a directory, or an unwritable one
+
+
+def _reference_from_check(
+    check: Any,
+    args: argparse.Namespace,
+    inputs: dict[str, Any] | None,
+    calibration: dict[str, Any] | None,
+) -> Any:
+    """Keras's reference run taken from the statistics check's first pass, when the
+    check ran on the very samples validation compares on (``--inputs``, else
+    ``--calibration``, and no other ``--data``); else None."""
+    given = inputs if inputs is not None else calibration
+    if check is None or check.moving_outputs is None or args.data is not None or given is None:
+        return None
+    outputs = check.moving_outputs
+    if any(len(output) != len(next(iter(given.values()))) for output in outputs):
+        return None
+    from keras_bn.converters.reference import KerasReference
+
+    return KerasReference(given, outputs)
 
 
 # --------------------------------------------------------------------------------------
