@@ -76,6 +76,7 @@ __all__ = [
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504.0
 FLOAT16_SMALLEST_SUBNORMAL = float(2.0**-24)  # ~5.96e-8; a cast gives 0 below 2**-25
+_PROTOBUF_LIMIT = 2**31 - 1  # bytes: a larger ModelProto cannot be serialized in memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,15 +405,15 @@ def quantize_int8(
         top-1 agreement.
     """
     start = time.perf_counter()
-    _load_onnx(onnx_in)  # a clear error for a missing or unparsable file
-    specs = runtime.onnx_input_specs(onnx_in)
+    model = _load_onnx(onnx_in)  # a clear error for a missing or unparsable file
+    specs = _graph_input_specs(model)
     matched = runtime.match_inputs(specs, calibration_inputs, "Calibration data")
     batches = list(
         runtime.batches(matched, runtime.fixed_batch_size(specs), calibration_batch_size)
     )
     onnx_out = Path(onnx_out)
     with atomic_output(onnx_out, suffix=".onnx") as tmp:
-        _quantize_static(Path(onnx_in), tmp, batches, per_channel, progress)
+        _quantize_static(Path(onnx_in), model, tmp, batches, per_channel, progress)
     if float_outputs is None:
         comparison = compare_onnx_models(onnx_in, onnx_out, matched)
     else:
@@ -434,14 +435,47 @@ def quantize_int8(
     return report
 
 
+def _graph_input_specs(model: Any) -> list[runtime.InputSpec]:
+    """The graph inputs of a loaded ONNX model, as :func:`.runtime.input_specs` reads
+    them from a session (initializers listed as inputs left out), without opening one."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+        specs.append(
+            runtime.InputSpec(value.name, shape, str(tensor_dtype_to_np_dtype(tensor.elem_type)))
+        )
+    return specs
+
+
+def _preprocess(model: Any, path: Path) -> None:
+    """``quant_pre_process(skip_optimization=True, skip_symbolic_shape=True)``'s work on
+    a model already in memory, saved once to ``path``: ONNX shape inference and the
+    pre-processed mark (the same file; onnxruntime's function saves and reloads the
+    model twice more around its shape inference)."""
+    onnx = _onnx()
+    from onnxruntime.quantization.quant_utils import add_pre_process_metadata
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    add_pre_process_metadata(inferred)
+    onnx.save(inferred, str(path))
+
+
 def _quantize_static(
     onnx_in: Path,
+    model: Any,
     onnx_out: Path,
     batches: list[dict[str, np.ndarray]],
     per_channel: bool,
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """onnxruntime's pre-processing and static QDQ quantization, calibrated on ``batches``."""
+    """onnxruntime's pre-processing and static QDQ quantization of ``model`` (``onnx_in``
+    loaded), calibrated on ``batches``."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -474,12 +508,12 @@ def _quantize_static(
         # quantizing; the optimizer step is ours to skip (folding already ran).
         # ONNX's own shape inference resolves every shape of our exports (static
         # but for the batch), so the symbolic pass (which needs sympy) is skipped.
-        quant_pre_process(
-            str(onnx_in),
-            str(preprocessed),
-            skip_optimization=True,
-            skip_symbolic_shape=True,
-        )
+        if model.ByteSize() < _PROTOBUF_LIMIT:
+            _preprocess(model, preprocessed)
+        else:  # over protobuf's limit: onnxruntime's file-based shape inference
+            quant_pre_process(
+                str(onnx_in), str(preprocessed), skip_optimization=True, skip_symbolic_shape=True
+            )
         quantize_static(
             str(preprocessed),
             str(onnx_out),
