@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -41,8 +40,17 @@ def _calibration(model_path: Path, work: Path) -> Path:
 
 
 def _command(model: Path, work: Path, precision: str, calibration: Path) -> list[str]:
-    keras_bn = shutil.which("keras-bn") or "keras-bn"
-    command = [keras_bn, "export", str(model), "-o", str(work / f"{precision}.onnx"), "--force"]
+    # The installed CLI, run by this interpreter (its venv's bin need not be on PATH).
+    command = [
+        sys.executable,
+        "-m",
+        "keras_bn.converters.cli",
+        "export",
+        str(model),
+        "-o",
+        str(work / f"{precision}.onnx"),
+        "--force",
+    ]
     if precision != "float32":
         command += ["--precision", precision]
     if precision == "int8":
@@ -82,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     for precision in precisions:
         median = statistics.median(seconds[precision])
         print(f"  {precision:<8} {median:7.1f} s  {median / base:4.2f}x float32")
-    print("\nlast int8 run's step table:\n" + last[last.find("summary") :])
+    print("\nlast int8 run's output (its step table at the end):")
+    print("\n".join(last.splitlines()[-30:]))
     return 0
 
 
