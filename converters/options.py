@@ -38,13 +38,13 @@ PRECISIONS: dict[str, Precision] = {
     "float16": Precision(
         "float16",
         "float16 weights and compute",
-        "error vs a float64 run at most 2x a float16 run of the Keras model's own + "
+        "error vs Keras float32 at most 2x a float16 run of the Keras model's own + "
         "4 float16 roundings (2^-11) of the output's range",
     ),
     "int8": Precision(
         "int8",
         "int8 QDQ static quantization, per-channel weights",
-        "SQNR vs a float64 run at least 8 dB and, for class scores, top-1 agreement at "
+        "SQNR vs Keras float32 at least 8 dB and, for class scores, top-1 agreement at "
         "least 90% on the 20+ samples whose top class leads by 5% of the range",
     ),
 }

@@ -39,7 +39,7 @@ import dataclasses
 import os
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ __all__ = [
     "PrecisionReport",
     "check_float16_range",
     "compare_onnx_models",
+    "compare_outputs",
     "convert_float16",
     "detect_precision",
     "onnx_input_specs",
@@ -75,6 +76,7 @@ __all__ = [
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504.0
 FLOAT16_SMALLEST_SUBNORMAL = float(2.0**-24)  # ~5.96e-8; a cast gives 0 below 2**-25
+_PROTOBUF_LIMIT = 2**31 - 1  # bytes: a larger ModelProto cannot be serialized in memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,6 +349,20 @@ def compare_onnx_models(
     """
     expected = runtime.run(runtime.open_session(reference), inputs)
     received = runtime.run(runtime.open_session(candidate), inputs)
+    return compare_outputs(expected, received)
+
+
+def compare_outputs(
+    expected: Sequence[np.ndarray], received: Sequence[np.ndarray]
+) -> ModelComparison:
+    """:func:`compare_onnx_models`'s measures of outputs already computed: the float
+    model's (``expected``) against the converted one's (``received``), in output order."""
+    if len(expected) != len(received):
+        raise ValueError(
+            f"the float model has {len(expected)} output(s), the converted one {len(received)}"
+        )
+    expected = [np.asarray(e) for e in expected]
+    received = [np.asarray(r) for r in received]
     outputs = tuple(
         compare_arrays(r, e, name=f"output {i}")
         for i, (e, r) in enumerate(zip(expected, received, strict=True))
@@ -374,6 +390,8 @@ def quantize_int8(
     equalize: bool = False,
     batch_norm_statistics: Mapping[str, Any] | None = None,
     layer_report: bool = True,
+    float_outputs: Sequence[np.ndarray] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> PrecisionReport:
     """Quantize an ONNX model to int8 (static, QDQ, per-channel weights).
 
@@ -392,6 +410,11 @@ def quantize_int8(
             which bias always passes the activation (:mod:`.equalization`).
         layer_report: compare the two models at every Keras layer output too, on
             the first samples of the calibration data (:mod:`.divergence`).
+        float_outputs: the float model's outputs on ``calibration_inputs`` (in output
+            order), when the caller already has them (``keras-bn export`` has Keras's
+            run of the same samples): the comparison uses them instead of running
+            ``onnx_in`` again.
+        progress: called as ``progress(done, total)`` after each calibration batch.
 
     Returns:
         A :class:`PrecisionReport` whose ``comparison`` holds the output difference
@@ -400,8 +423,8 @@ def quantize_int8(
         that lose the most accuracy.
     """
     start = time.perf_counter()
-    _load_onnx(onnx_in)  # a clear error for a missing or unparsable file
-    specs = runtime.onnx_input_specs(onnx_in)
+    model = _load_onnx(onnx_in)  # a clear error for a missing or unparsable file
+    specs = _graph_input_specs(model)
     matched = runtime.match_inputs(specs, calibration_inputs, "Calibration data")
     batches = list(
         runtime.batches(matched, runtime.fixed_batch_size(specs), calibration_batch_size)
@@ -418,7 +441,8 @@ def quantize_int8(
 
                 equalized = equalize_file(onnx_in, source, batch_norm_statistics)
                 equalized.float_sqnr_db = compare_onnx_models(onnx_in, source, matched).sqnr_db
-            _quantize_static(source, tmp, batches, per_channel)
+                model = _load_onnx(source)
+            _quantize_static(source, model, tmp, batches, per_channel, progress)
             if layer_report:
                 from keras_bn.converters.divergence import layer_divergence
 
@@ -426,11 +450,16 @@ def quantize_int8(
         finally:
             if equalize:
                 source.unlink(missing_ok=True)
+    if float_outputs is None:
+        comparison = compare_onnx_models(onnx_in, onnx_out, matched)
+    else:
+        received = runtime.run(runtime.open_session(onnx_out), matched)
+        comparison = compare_outputs(float_outputs, received)
     report = PrecisionReport(
         precision="int8",
         path=str(onnx_out),
         seconds=0.0,
-        comparison=compare_onnx_models(onnx_in, onnx_out, matched),
+        comparison=comparison,
         details={
             "quant_format": "QDQ",
             "per_channel": per_channel,
@@ -444,10 +473,47 @@ def quantize_int8(
     return report
 
 
+def _graph_input_specs(model: Any) -> list[runtime.InputSpec]:
+    """The graph inputs of a loaded ONNX model, as :func:`.runtime.input_specs` reads
+    them from a session (initializers listed as inputs left out), without opening one."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+        specs.append(
+            runtime.InputSpec(value.name, shape, str(tensor_dtype_to_np_dtype(tensor.elem_type)))
+        )
+    return specs
+
+
+def _preprocess(model: Any, path: Path) -> None:
+    """``quant_pre_process(skip_optimization=True, skip_symbolic_shape=True)``'s work on
+    a model already in memory, saved once to ``path``: ONNX shape inference and the
+    pre-processed mark (the same file; onnxruntime's function saves and reloads the
+    model twice more around its shape inference)."""
+    onnx = _onnx()
+    from onnxruntime.quantization.quant_utils import add_pre_process_metadata
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    add_pre_process_metadata(inferred)
+    onnx.save(inferred, str(path))
+
+
 def _quantize_static(
-    onnx_in: Path, onnx_out: Path, batches: list[dict[str, np.ndarray]], per_channel: bool
+    onnx_in: Path,
+    model: Any,
+    onnx_out: Path,
+    batches: list[dict[str, np.ndarray]],
+    per_channel: bool,
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """onnxruntime's pre-processing and static QDQ quantization, calibrated on ``batches``."""
+    """onnxruntime's pre-processing and static QDQ quantization of ``model`` (``onnx_in``
+    loaded), calibrated on ``batches``."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -458,13 +524,21 @@ def _quantize_static(
     )
 
     class ArrayCalibrationReader(CalibrationDataReader):
-        """Feeds the calibration arrays to onnxruntime's calibrator, batch by batch."""
+        """Feeds the calibration arrays to onnxruntime's calibrator, batch by batch
+        (each asked for once the previous one has run: the progress count)."""
 
         def __init__(self) -> None:
-            self._iterator = iter(batches)
+            self._given = 0  # batches handed out
+            self._reported = 0  # batches reported done
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._iterator, None)
+            if progress is not None and self._given > self._reported:
+                self._reported = self._given
+                progress(self._reported, len(batches))
+            if self._given == len(batches):
+                return None
+            self._given += 1
+            return batches[self._given - 1]
 
     preprocessed = onnx_out.with_name(onnx_out.stem + ".pre.onnx")
     try:
@@ -472,12 +546,12 @@ def _quantize_static(
         # quantizing; the optimizer step is ours to skip (folding already ran).
         # ONNX's own shape inference resolves every shape of our exports (static
         # but for the batch), so the symbolic pass (which needs sympy) is skipped.
-        quant_pre_process(
-            str(onnx_in),
-            str(preprocessed),
-            skip_optimization=True,
-            skip_symbolic_shape=True,
-        )
+        if model.ByteSize() < _PROTOBUF_LIMIT:
+            _preprocess(model, preprocessed)
+        else:  # over protobuf's limit: onnxruntime's file-based shape inference
+            quant_pre_process(
+                str(onnx_in), str(preprocessed), skip_optimization=True, skip_symbolic_shape=True
+            )
         quantize_static(
             str(preprocessed),
             str(onnx_out),

@@ -8,8 +8,11 @@ over the data at that layer as the model stands (float64, Chan's merge; every
 layer's input in one compiled pass, ``keras_bn.recalibration.BatchNormInputs``),
 compares them with the moving statistics, and runs the model again with the
 population statistics (a second compiled pass) to say how much the difference
-changes the outputs. ``keras-bn recalibrate`` measures the same layers sequentially
-instead (``keras_bn.recalibrate_batch_norm``, upstream layers recalibrated first):
+changes the outputs. The first pass's outputs are Keras's run of the data
+(:attr:`StatisticsCheck.moving_outputs`): ``keras-bn export`` takes them as its
+reference when it validates on the same samples, rather than a third pass.
+``keras-bn recalibrate`` measures the same layers sequentially instead
+(``keras_bn.recalibrate_batch_norm``, upstream layers recalibrated first):
 on a healthy model the two agree; on a stale one both name the stale layers.
 
 Per channel ``c`` (``epsilon`` is the layer's)::
@@ -116,6 +119,10 @@ class StatisticsCheck:
     accuracy_after: float | None = None
     before_name: str = "moving statistics"  # how the two sides are named in the text
     after_name: str = "population statistics"
+    # The model's outputs over the data with its moving statistics (every batch, in
+    # output order), when the check's measuring pass made them: Keras's reference run
+    # of the same samples, for a caller that needs one (``keras-bn export``).
+    moving_outputs: list[np.ndarray] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def stale(self) -> list[str]:
@@ -224,7 +231,18 @@ def check_statistics(model: Any, source: Any, *, keep_population: bool = False) 
         outputs=effects.results(),
         accuracy_before=effects.accuracy(0),
         accuracy_after=effects.accuracy(1),
+        moving_outputs=None if moving_outputs is None else _concatenate(moving_outputs),
     )
+
+
+def _concatenate(batches: list[list[np.ndarray]]) -> list[np.ndarray] | None:
+    """Each output over every batch, or None when an output is not batch-major (its
+    first axis does not follow the batch)."""
+    sizes = [len(outputs[0]) if np.ndim(outputs[0]) else -1 for outputs in batches]
+    for outputs, size in zip(batches, sizes, strict=True):
+        if any(np.ndim(output) == 0 or len(output) != size for output in outputs):
+            return None
+    return [np.concatenate([np.asarray(o[i]) for o in batches]) for i in range(len(batches[0]))]
 
 
 def _state(layers: list) -> list[tuple[Any, np.ndarray]]:

@@ -142,20 +142,21 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
     model = steps.preflight(model, run)  # flattened once, passed on
     inputs = steps.load_inputs(args.inputs, model, "Inputs file")
     calibration = steps.load_inputs(args.calibration, model, "Calibration file")
-    check_batch_norm_statistics(  # before the Keras pass below: it swaps statistics
+    check = check_batch_norm_statistics(  # before the Keras pass below: it swaps statistics
         model,
         run,
         args.data or args.inputs or args.calibration,
         what="the ONNX model will be faithful to them",
         skip=args.no_statistics_check,
     )
-    # Keras runs the model on validation's inputs while the exporter works.
-    reference = steps.keras_reference(
-        model,
-        run,
-        inputs if inputs is not None else calibration,
-        label="Running the model in Keras (beside the export)",
-    )
+    reference = _reference_from_check(check, args, inputs, calibration)
+    if reference is None:  # Keras runs the model on validation's inputs while exporting
+        reference = steps.keras_reference(
+            model,
+            run,
+            inputs if inputs is not None else calibration,
+            label="Running the model in Keras (beside the export)",
+        )
     # Work beside the target, each file under the output's own name: an ONNX model
     # refers to its external data file (``<name>.onnx.data``) by file name, so the
     # files keep their names and are moved, not renamed, into place.
@@ -173,6 +174,7 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
             inputs=inputs,
             calibration=calibration,
             fold=(model, getattr(result, "fold_report", None)),
+            reference=reference,
         )
         _describe_export(result, final, output, run, model.graph)
         _describe_precision(precision_report, output, args, run)
@@ -238,6 +240,26 @@ def _check_data_output(path: Path, args: argparse.Namespace) -> None:
             f"External data file {str(path)!r} already exists; pass --force to replace it."
         )
     check_output_path(path, force=True)  # a directory, or an unwritable one
+
+
+def _reference_from_check(
+    check: Any,
+    args: argparse.Namespace,
+    inputs: dict[str, Any] | None,
+    calibration: dict[str, Any] | None,
+) -> Any:
+    """Keras's reference run taken from the statistics check's first pass, when the
+    check ran on the very samples validation compares on (``--inputs``, else
+    ``--calibration``, and no other ``--data``); else None."""
+    given = inputs if inputs is not None else calibration
+    if check is None or check.moving_outputs is None or args.data is not None or given is None:
+        return None
+    outputs = check.moving_outputs
+    if any(len(output) != len(next(iter(given.values()))) for output in outputs):
+        return None
+    from keras_bn.converters.reference import KerasReference
+
+    return KerasReference(given, outputs)
 
 
 # --------------------------------------------------------------------------------------
@@ -319,10 +341,14 @@ def _convert_precision(
     inputs: dict[str, Any] | None,
     calibration: dict[str, Any] | None,
     fold: tuple[Any, Any] = (None, None),
+    reference: Any = None,
 ) -> tuple[Path, Any]:
     """The float16/int8 conversion of ``exported`` (its path and report), else itself.
 
-    ``fold``: the model and the fold report, whose BN statistics equalization reads."""
+    ``fold``: the model and the fold report, whose BN statistics equalization reads.
+    int8 is compared with the float model on the calibration data; when Keras's
+    reference run is on those samples (no ``--inputs``), its outputs are the float
+    side, rather than a second float run in onnxruntime."""
     if args.precision == "float32":
         return exported, None
     final = work / args.precision / exported.name
@@ -347,6 +373,7 @@ def _convert_precision(
 
         statistics = batch_norm_statistics(*fold)
     with run.progress.step("Quantizing to int8 (calibrating)"):
+        float_outputs = None if inputs is not None or reference is None else reference.outputs()
         report = quantize_int8(
             exported,
             final,
@@ -355,6 +382,7 @@ def _convert_precision(
             equalize=equalize,
             batch_norm_statistics=statistics,
             layer_report=not args.no_layer_report,
+            float_outputs=float_outputs,
         )
     worst = report.divergence.worst(1) if report.divergence is not None else []
     if worst:

@@ -18,11 +18,13 @@ __all__ = ["check_batch_norm_statistics"]
 
 def check_batch_norm_statistics(
     model: Any, run: Run, data: str | None, *, what: str, skip: bool = False
-) -> None:
+) -> Any:
     """Report (and warn about) stale BN statistics over ``data`` (a ``--data`` spec).
 
     ``what`` ends the warning: what the stale statistics mean for this command;
-    ``skip`` (``--no-statistics-check``) reports the check as skipped.
+    ``skip`` (``--no-statistics-check``) reports the check as skipped. Returns the
+    :class:`~keras_bn.converters.statistics_check.StatisticsCheck` (its
+    ``moving_outputs`` are Keras's run of the data), or None when none ran.
     """
     from keras_bn._batch_norm_state import batch_norm_layers
     from keras_bn.converters import statistics_check
@@ -32,16 +34,16 @@ def check_batch_norm_statistics(
     model = prepared.model
 
     if not batch_norm_layers(model):
-        return
+        return None
     if skip:
         run.report["statistics"] = {"checked": False, "skipped": True}
         run.summary.append(["BN statistics", "not checked (--no-statistics-check)"])
-        return
+        return None
     if data is None:
         # One summary row says so (the full sentence is in the JSON report).
         run.report["statistics"] = {"checked": False, "note": statistics_check.NOT_CHECKED}
         run.summary.append(["BN statistics", "not checked (no data: --data FILE)"])
-        return
+        return None
     from keras_bn.converters.data_sources import open_data
 
     source = open_data(data, [(spec.name, spec.shape) for spec in prepared.inputs])
@@ -55,7 +57,7 @@ def check_batch_norm_statistics(
             # that with its own message (a user error or a bug).
             run.report["statistics"] = {"checked": False, "error": type(error).__name__}
             run.summary.append(["BN statistics", "not checked (the model did not run)"])
-            return
+            return None
     run.report["statistics"] = {"checked": True, **check.to_dict()}
     run.text.append(str(check))
     run.summary.append(["stale BN statistics", f"{len(check.stale)} of {len(check.layers)}"])
@@ -70,6 +72,7 @@ def check_batch_norm_statistics(
             f"{run.report.get('model', {}).get('path', 'MODEL.keras')} --data {data} "
             "-o RECALIBRATED.keras"
         )
+    return check
 
 
 def _model_runs(model: Any, source: Any) -> bool:

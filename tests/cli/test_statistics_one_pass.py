@@ -101,3 +101,31 @@ def test_export_no_statistics_check_skips_the_check(tmp_path, capsys, skip):
     else:
         assert statistics["checked"] and statistics["stale"] == ["shared", "stock"]
         assert "stale moving statistics" in captured.err
+
+
+@pytest.mark.parametrize("separate_data", [False, True], ids=["same-samples", "other-data"])
+def test_export_takes_its_reference_from_the_check_on_the_same_samples(
+    tmp_path, capsys, monkeypatch, separate_data
+):
+    """The check's first pass is Keras's run of --inputs: no second reference pass
+    unless --data names other samples; validation still passes against it."""
+    from keras_bn.converters.cli import steps
+
+    model = _image_model()
+    model.save(tmp_path / "model.keras")
+    rng = np.random.default_rng(4)
+    np.savez(tmp_path / "inputs.npz", image=rng.normal(size=(8, 6, 6, 2)).astype("float32"))
+    np.savez(tmp_path / "data.npz", image=rng.normal(size=(5, 6, 6, 2)).astype("float32"))
+    started = []
+    original = steps.keras_reference
+    monkeypatch.setattr(
+        steps, "keras_reference", lambda *a, **k: started.append(1) or original(*a, **k)
+    )
+    args = ["export", tmp_path / "model.keras", "-o", tmp_path / "model.onnx"]
+    args += ["--inputs", tmp_path / "inputs.npz", "--json"]
+    args += ["--data", tmp_path / "data.npz"] if separate_data else []
+    code = cli.main([str(a) for a in args])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["statistics"]["checked"]
+    assert report["validation"]["passed"]
+    assert started == ([1] if separate_data else [])

@@ -223,6 +223,30 @@ def test_quantize_int8_qdq_per_channel_and_close_to_float(tmp_path, data):
     assert "top-1 agreement" in str(report)
 
 
+def test_quantize_int8_progress_and_given_float_outputs(tmp_path, data):
+    """progress counts the calibration batches; given the float model's outputs, the
+    comparison uses them (the file is the same: calibration does not depend on them)."""
+    source = classifier_onnx(tmp_path / "model.onnx")
+    calls = []
+    plain = quantize_int8(source, tmp_path / "plain.onnx", {"x": data})
+    report = quantize_int8(
+        source,
+        tmp_path / "int8.onnx",
+        {"x": data},
+        calibration_batch_size=24,
+        progress=lambda done, total: calls.append((done, total)),
+        float_outputs=[_run(source, data) * 2.0],  # visibly not the float model's
+    )
+    assert calls == [(1, 3), (2, 3), (3, 3)]  # 64 samples in batches of 24
+    received = _run(tmp_path / "int8.onnx", data)
+    np.testing.assert_array_equal(received, _run(tmp_path / "plain.onnx", data))
+    difference = np.abs(received - 2.0 * _run(source, data))
+    assert report.comparison.max_abs_diff == pytest.approx(difference.max(), rel=1e-5)
+    assert report.comparison.max_abs_diff > 10 * plain.comparison.max_abs_diff
+    with pytest.raises(ValueError, match=r"0 output\(s\), the converted one 1"):
+        quantize_int8(source, tmp_path / "bad.onnx", {"x": data}, float_outputs=[])
+
+
 def test_quantize_int8_fixed_batch_and_any_single_key(tmp_path, data):
     source = classifier_onnx(tmp_path / "model.onnx", batch=8)
     report = quantize_int8(source, tmp_path / "int8.onnx", {"anything": data[:32]})
@@ -313,3 +337,50 @@ def test_folding_before_quantization_reduces_int8_error(tmp_path, data):
     folded_error = quantize_int8(folded, tmp_path / "f8.onnx", {"x": data}).comparison
     unfolded_error = quantize_int8(unfolded, tmp_path / "u8.onnx", {"x": data}).comparison
     assert unfolded_error.mean_abs_diff > 5 * folded_error.mean_abs_diff
+
+
+def test_quantize_int8_writes_what_onnxruntime_pre_processing_and_quantization_write(
+    tmp_path, data
+):
+    """The in-memory pre-processing gives the very file of onnxruntime's own
+    ``quant_pre_process`` followed by ``quantize_static`` with the same options; the
+    input specs read from the graph are a session's."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
+
+    from keras_bn.converters import precision, runtime
+
+    for batch in ("N", 8):
+        source = classifier_onnx(tmp_path / f"model_{batch}.onnx", batch=batch)
+        specs = precision._graph_input_specs(onnx.load(str(source)))
+        assert specs == runtime.onnx_input_specs(source)
+    source = tmp_path / "model_N.onnx"
+    quantize_int8(source, tmp_path / "ours.onnx", {"x": data})
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": data[i : i + 16]} for i in range(0, len(data), 16)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    pre = tmp_path / "pre.onnx"
+    quant_pre_process(str(source), str(pre), skip_optimization=True, skip_symbolic_shape=True)
+    quantize_static(
+        str(pre),
+        str(tmp_path / "theirs.onnx"),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+    )
+    assert sha256(tmp_path / "ours.onnx") == sha256(tmp_path / "theirs.onnx")

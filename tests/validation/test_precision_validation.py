@@ -266,3 +266,33 @@ def test_mobilenet_v2_float16_passes_and_a_swapped_channel_fails(tmp_path):
         tmp_path / "half.onnx", tmp_path / "broken.onnx", "two output channels swapped"
     )
     assert not validate_onnx(model, broken)
+
+
+def test_float16_and_int8_judged_against_keras_float32_agree_with_float64(digits):
+    """The criteria's numbers against Keras float32 (what validation uses) move from
+    those against a float64 run by at most Keras float32's own error: far below
+    either criterion's resolution, so the verdicts are the same."""
+    from keras_bn.converters.comparison import relative_error
+    from keras_bn.converters.reference import float64_twin
+
+    model, work, held_out = digits
+    samples = held_out[:64]
+    exact = float64_twin(model, [samples])([samples])[0]
+    keras32 = keras.ops.convert_to_numpy(model(samples, training=False))
+    keras_error = relative_error(keras32, exact)
+    assert keras_error < 1e-5  # float32's own rounding
+    for name in ("half.onnx", "int8.onnx"):
+        report = validate_onnx(model, work / name, inputs=samples)
+        judged = report.comparisons[-1]
+        assert "against Keras float32" in report.exact_note
+        onnx_outputs = _onnx_outputs(work / name, samples)
+        assert abs(judged.exact_error - relative_error(onnx_outputs, exact)) <= keras_error * 1.01
+        assert judged.sqnr_db == pytest.approx(sqnr_db(onnx_outputs, exact), abs=0.01)
+        assert judged.passed
+
+
+def _onnx_outputs(path: Path, samples: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: samples})[0]
