@@ -58,6 +58,7 @@ from keras_bn.converters.options import PRECISIONS, Precision
 from keras_bn.converters.runtime import onnx_input_specs  # the CLI's import
 
 __all__ = [
+    "CALIBRATION_METHODS",
     "FLOAT16_MAX",
     "FLOAT16_SMALLEST_SUBNORMAL",
     "PRECISIONS",
@@ -73,6 +74,8 @@ __all__ = [
     "quantize_int8",
 ]
 
+# onnxruntime's CalibrationMethod names offered for int8 (the CLI's choices).
+CALIBRATION_METHODS = ("MinMax", "Percentile", "Entropy")
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504.0
 FLOAT16_SMALLEST_SUBNORMAL = float(2.0**-24)  # ~5.96e-8; a cast gives 0 below 2**-25
 
@@ -363,6 +366,8 @@ def quantize_int8(
     *,
     per_channel: bool = True,
     calibration_batch_size: int = 16,
+    calibration_method: str = "MinMax",
+    bias_correction: bool = False,
 ) -> PrecisionReport:
     """Quantize an ONNX model to int8 (static, QDQ, per-channel weights).
 
@@ -375,12 +380,23 @@ def quantize_int8(
             so they should look like deployment data.
         per_channel: one weight scale per output channel (recommended).
         calibration_batch_size: samples per calibration run (for dynamic batches).
+        calibration_method: onnxruntime's ``CalibrationMethod`` name: ``"MinMax"``,
+            ``"Percentile"`` (99.999th of |x|) or ``"Entropy"``. The histogram methods
+            are fed one batch at a time (memory bounded by one batch's activations).
+        bias_correction: then correct each layer's mean output shift on the
+            calibration data (:mod:`.bias_correction`; its report under
+            ``details["bias_correction"]``).
 
     Returns:
         A :class:`PrecisionReport` whose ``comparison`` holds the output difference
         against the float model on the calibration data and, for classifiers, the
         top-1 agreement.
     """
+    if calibration_method not in CALIBRATION_METHODS:
+        raise UserInputError(
+            f"Unknown calibration method {calibration_method!r}; expected one of "
+            f"{', '.join(CALIBRATION_METHODS)}."
+        )
     start = time.perf_counter()
     _load_onnx(onnx_in)  # a clear error for a missing or unparsable file
     specs = runtime.onnx_input_specs(onnx_in)
@@ -389,8 +405,11 @@ def quantize_int8(
         runtime.batches(matched, runtime.fixed_batch_size(specs), calibration_batch_size)
     )
     onnx_out = Path(onnx_out)
+    correction = None
     with atomic_output(onnx_out, suffix=".onnx") as tmp:
-        _quantize_static(Path(onnx_in), tmp, batches, per_channel)
+        _quantize_static(Path(onnx_in), tmp, batches, per_channel, calibration_method)
+        if bias_correction:
+            correction = _correct_biases(Path(onnx_in), tmp, batches)
     report = PrecisionReport(
         precision="int8",
         path=str(onnx_out),
@@ -400,15 +419,30 @@ def quantize_int8(
             "quant_format": "QDQ",
             "per_channel": per_channel,
             "calibration_samples": int(len(next(iter(matched.values())))),
-            "calibration_method": "MinMax",
+            "calibration_method": calibration_method,
+            **({} if correction is None else {"bias_correction": correction.to_dict()}),
         },
     )
     report.seconds = time.perf_counter() - start
     return report
 
 
+def _correct_biases(onnx_in: Path, quantized: Path, batches: list[dict[str, np.ndarray]]):
+    """:func:`.bias_correction.correct_biases` of the file ``quantized``, in place."""
+    from keras_bn.converters.bias_correction import correct_biases
+
+    onnx = _onnx()
+    corrected, report = correct_biases(onnx.load(str(onnx_in)), onnx.load(str(quantized)), batches)
+    onnx.save(corrected, str(quantized))
+    return report
+
+
 def _quantize_static(
-    onnx_in: Path, onnx_out: Path, batches: list[dict[str, np.ndarray]], per_channel: bool
+    onnx_in: Path,
+    onnx_out: Path,
+    batches: list[dict[str, np.ndarray]],
+    per_channel: bool,
+    calibration_method: str = "MinMax",
 ) -> None:
     """onnxruntime's pre-processing and static QDQ quantization, calibrated on ``batches``."""
     from onnxruntime.quantization import (
@@ -424,7 +458,14 @@ def _quantize_static(
         """Feeds the calibration arrays to onnxruntime's calibrator, batch by batch."""
 
         def __init__(self) -> None:
-            self._iterator = iter(batches)
+            self.set_range(0, len(batches))
+
+        def __len__(self) -> int:
+            return len(batches)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            # onnxruntime's CalibStridedMinMax: calibrate (and free) one slice at a time.
+            self._iterator = iter(batches[start_index:end_index])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._iterator, None)
@@ -449,8 +490,13 @@ def _quantize_static(
             per_channel=per_channel,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            calibrate_method=CalibrationMethod[calibration_method],
+            extra_options={
+                "ActivationSymmetric": False,
+                "WeightSymmetric": True,
+                # Every method merges per batch: histograms do not hold all outputs.
+                "CalibStridedMinMax": 1,
+            },
         )
     finally:
         for leftover in (preprocessed, Path(str(preprocessed) + ".data")):

@@ -81,6 +81,7 @@ MIRROR = {
     "converters/samples.py": "validation/test_samples.py",
     "converters/validation.py": "validation/test_validation.py",
     "converters/precision.py": "validation/test_precision.py",
+    "converters/bias_correction.py": "validation/test_bias_correction.py",
     "converters/benchmarking.py": "validation/test_benchmarking.py",
     "converters/user_files.py": "files/test_user_files.py",
     "converters/limits.py": "files/test_user_files.py",
