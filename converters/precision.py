@@ -35,7 +35,9 @@ Every function writes its output atomically and never modifies its input.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import time
 import warnings
@@ -54,7 +56,7 @@ from keras_bn.converters.comparison import (
 )
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.files import atomic_output
-from keras_bn.converters.options import PRECISIONS, Precision
+from keras_bn.converters.options import CALIBRATION_METHODS, PRECISIONS, Precision
 from keras_bn.converters.runtime import onnx_input_specs  # the CLI's import
 
 __all__ = [
@@ -74,8 +76,6 @@ __all__ = [
     "quantize_int8",
 ]
 
-# onnxruntime's CalibrationMethod names offered for int8 (the CLI's choices).
-CALIBRATION_METHODS = ("MinMax", "Percentile", "Entropy")
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504.0
 FLOAT16_SMALLEST_SUBNORMAL = float(2.0**-24)  # ~5.96e-8; a cast gives 0 below 2**-25
 
@@ -172,12 +172,27 @@ class PrecisionReport:
         lines = [f"{self.precision} model written to {self.path} in {self.seconds:.2f} s"]
         for issue in self.range_issues:
             lines.append(f"  out of float16 range: {issue}")
+        if self.precision == "int8" and "calibration_method" in self.details:
+            lines.append(f"  scheme: {_int8_scheme(self.details)}")
         if self.comparison is not None:
             # int8 is compared on the data it was calibrated on: say so (in-sample).
             where = "its calibration data, " if self.precision == "int8" else ""
             compared = str(self.comparison).removeprefix("on ")
             lines.append(f"  vs the float32 model on {where}{compared}")
         return "\n".join(lines)
+
+
+def _int8_scheme(details: Mapping[str, Any]) -> str:
+    """One line on the int8 choices: weights, calibration, bias correction."""
+    weights = "per-channel" if details.get("per_channel") else "per-tensor"
+    text = (
+        f"QDQ, {weights} symmetric int8 weights, asymmetric int8 activations, "
+        f"{details['calibration_method']} calibration"
+    )
+    correction = details.get("bias_correction")
+    if correction is not None:
+        text += f", bias correction of {len(correction['layers'])} layer(s)"
+    return text
 
 
 def _onnx():
@@ -482,22 +497,24 @@ def _quantize_static(
             skip_optimization=True,
             skip_symbolic_shape=True,
         )
-        quantize_static(
-            str(preprocessed),
-            str(onnx_out),
-            ArrayCalibrationReader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=per_channel,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod[calibration_method],
-            extra_options={
-                "ActivationSymmetric": False,
-                "WeightSymmetric": True,
-                # Every method merges per batch: histograms do not hold all outputs.
-                "CalibStridedMinMax": 1,
-            },
-        )
+        # The histogram calibrators print progress to stdout (keep --json pure).
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(
+                str(preprocessed),
+                str(onnx_out),
+                ArrayCalibrationReader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod[calibration_method],
+                extra_options={
+                    "ActivationSymmetric": False,
+                    "WeightSymmetric": True,
+                    # Every method merges per batch: histograms do not hold all outputs.
+                    "CalibStridedMinMax": 1,
+                },
+            )
     finally:
         for leftover in (preprocessed, Path(str(preprocessed) + ".data")):
             if leftover.exists():

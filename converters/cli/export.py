@@ -37,7 +37,7 @@ from keras_bn.converters.cli.run import (
 from keras_bn.converters.cli.statistics import check_batch_norm_statistics
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.files import check_output_path
-from keras_bn.converters.options import PRECISIONS
+from keras_bn.converters.options import CALIBRATION_METHODS, PRECISIONS
 
 SUMMARY = "fold, export to ONNX, convert precision, validate, write"
 
@@ -83,6 +83,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE.npz",
         help="int8 calibration inputs (representative data, Keras layout, batch first) "
         "(default: none; required with --precision int8)",
+    )
+    parser.add_argument(
+        "--calibration-method",
+        choices=list(CALIBRATION_METHODS),
+        default="MinMax",
+        help="int8 activation ranges: onnxruntime's calibration method (default: MinMax)",
+    )
+    parser.add_argument(
+        "--bias-correction",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="int8: correct each layer's mean output shift on the calibration data (default: off)",
     )
     parser.add_argument(
         "--keep-io-types",
@@ -206,6 +218,11 @@ def _check_options(args: argparse.Namespace) -> Path:
             f"--calibration is only used with --precision int8 (received --precision "
             f"{args.precision}); drop it or pass --precision int8."
         )
+    if args.precision != "int8" and (args.bias_correction or args.calibration_method != "MinMax"):
+        raise UserInputError(
+            "--calibration-method and --bias-correction apply to --precision int8 only "
+            f"(received --precision {args.precision}); drop them or pass --precision int8."
+        )
     for given, what in ((args.inputs, "Inputs file"), (args.calibration, "Calibration file")):
         if given is not None:
             check_input_file(given, what, (".npz",))
@@ -320,7 +337,11 @@ def _convert_precision(
     assert calibration is not None  # _check_options requires it for int8
     with run.progress.step("Quantizing to int8 (calibrating)"):
         report = quantize_int8(
-            exported, final, steps.to_onnx_layout(calibration, args.input_layout)
+            exported,
+            final,
+            steps.to_onnx_layout(calibration, args.input_layout),
+            calibration_method=args.calibration_method,
+            bias_correction=args.bias_correction,
         )
     return final, report
 
