@@ -46,6 +46,22 @@ SUMMARY = "fold, export to ONNX, convert precision, validate, write"
 _UNFOLDED_MUL_ADD = "exported as Mul+Add"
 
 
+def _add_int8_arguments(parser: argparse.ArgumentParser) -> None:
+    """int8's scheme options (issue 23)."""
+    parser.add_argument(
+        "--calibration-method",
+        choices=list(CALIBRATION_METHODS),
+        default="MinMax",
+        help="int8 activation ranges: onnxruntime's calibration method (default: MinMax)",
+    )
+    parser.add_argument(
+        "--bias-correction",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="int8: correct each layer's mean output shift on the calibration data (default: off)",
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL.keras")
     parser.add_argument("-o", "--output", metavar="OUT.onnx", required=True)
@@ -84,18 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="int8 calibration inputs (representative data, Keras layout, batch first) "
         "(default: none; required with --precision int8)",
     )
-    parser.add_argument(
-        "--calibration-method",
-        choices=list(CALIBRATION_METHODS),
-        default="MinMax",
-        help="int8 activation ranges: onnxruntime's calibration method (default: MinMax)",
-    )
-    parser.add_argument(
-        "--bias-correction",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="int8: correct each layer's mean output shift on the calibration data (default: off)",
-    )
+    _add_int8_arguments(parser)
     parser.add_argument(
         "--keep-io-types",
         action=argparse.BooleanOptionalAction,
