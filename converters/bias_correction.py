@@ -248,7 +248,7 @@ def _layer_means(
             counts[index] += count
     means = [total / count for total, count in zip(sums, counts, strict=True)]
     spreads = [
-        float(np.sqrt(max(square / (count * mean.size) - np.mean(mean) ** 2, 0.0)))
+        max(square / (count * mean.size) - float(np.mean(mean)) ** 2, 0.0) ** 0.5
         for square, count, mean in zip(squares, counts, means, strict=True)
     ]
     return means, spreads, samples
