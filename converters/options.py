@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["INPUT_LAYOUTS", "PRECISIONS", "Precision"]
+__all__ = ["CALIBRATION_METHODS", "INPUT_LAYOUTS", "PRECISIONS", "Precision"]
+
+# onnxruntime's CalibrationMethod names offered for int8 (quantize_int8, the CLI's choices).
+CALIBRATION_METHODS = ("MinMax", "Percentile", "Entropy")
 
 # Layout of the exported ONNX model's inputs of rank >= 3.
 INPUT_LAYOUTS: tuple[str, ...] = ("channels_last", "channels_first")

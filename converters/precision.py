@@ -35,7 +35,9 @@ Every function writes its output atomically and never modifies its input.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import time
 import warnings
@@ -54,10 +56,11 @@ from keras_bn.converters.comparison import (
 )
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.files import atomic_output
-from keras_bn.converters.options import PRECISIONS, Precision
+from keras_bn.converters.options import CALIBRATION_METHODS, PRECISIONS, Precision
 from keras_bn.converters.runtime import onnx_input_specs  # the CLI's import
 
 __all__ = [
+    "CALIBRATION_METHODS",
     "FLOAT16_MAX",
     "FLOAT16_SMALLEST_SUBNORMAL",
     "PRECISIONS",
@@ -173,6 +176,8 @@ class PrecisionReport:
         lines = [f"{self.precision} model written to {self.path} in {self.seconds:.2f} s"]
         for issue in self.range_issues:
             lines.append(f"  out of float16 range: {issue}")
+        if self.precision == "int8" and "calibration_method" in self.details:
+            lines.append(f"  scheme: {_int8_scheme(self.details)}")
         if self.comparison is not None:
             # int8 is compared on the data it was calibrated on: say so (in-sample).
             where = "its calibration data, " if self.precision == "int8" else ""
@@ -185,6 +190,19 @@ class PrecisionReport:
         if self.divergence is not None:
             lines.append(self.divergence.format())
         return "\n".join(lines)
+
+
+def _int8_scheme(details: Mapping[str, Any]) -> str:
+    """One line on the int8 choices: weights, calibration, bias correction."""
+    weights = "per-channel" if details.get("per_channel") else "per-tensor"
+    text = (
+        f"QDQ, {weights} symmetric int8 weights, asymmetric int8 activations, "
+        f"{details['calibration_method']} calibration"
+    )
+    correction = details.get("bias_correction")
+    if correction is not None:
+        text += f", bias correction of {len(correction['layers'])} layer(s)"
+    return text
 
 
 def _onnx():
@@ -392,6 +410,8 @@ def quantize_int8(
     layer_report: bool = True,
     float_outputs: Sequence[np.ndarray] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    calibration_method: str = "MinMax",
+    bias_correction: bool = False,
 ) -> PrecisionReport:
     """Quantize an ONNX model to int8 (static, QDQ, per-channel weights).
 
@@ -411,10 +431,13 @@ def quantize_int8(
         layer_report: compare the two models at every Keras layer output too, on
             the first samples of the calibration data (:mod:`.divergence`).
         float_outputs: the float model's outputs on ``calibration_inputs`` (in output
-            order), when the caller already has them (``keras-bn export`` has Keras's
-            run of the same samples): the comparison uses them instead of running
-            ``onnx_in`` again.
+            order) when the caller has them: compared instead of running ``onnx_in``.
         progress: called as ``progress(done, total)`` after each calibration batch.
+        calibration_method: onnxruntime's ``CalibrationMethod`` name: ``"MinMax"``,
+            ``"Percentile"`` (99.999th of |x|) or ``"Entropy"``. The histogram methods
+            are fed one batch at a time (memory bounded by one batch's activations).
+        bias_correction: then correct each layer's mean output shift on the
+            calibration data (:mod:`.bias_correction`).
 
     Returns:
         A :class:`PrecisionReport` whose ``comparison`` holds the output difference
@@ -423,39 +446,50 @@ def quantize_int8(
         that lose the most accuracy.
     """
     start = time.perf_counter()
-    model = _load_onnx(onnx_in)  # a clear error for a missing or unparsable file
-    specs = _graph_input_specs(model)
-    matched = runtime.match_inputs(specs, calibration_inputs, "Calibration data")
-    batches = list(
-        runtime.batches(matched, runtime.fixed_batch_size(specs), calibration_batch_size)
+    model, matched, batches = _calibration(
+        onnx_in, calibration_inputs, calibration_batch_size, calibration_method
     )
     onnx_out = Path(onnx_out)
-    equalized = divergence = None
     with atomic_output(onnx_out, suffix=".onnx") as tmp:
-        # The equalized float file lies beside the output while quantizing; the layer
-        # report compares against it (equalization rescales channels in between).
-        source = tmp.with_name(tmp.stem + ".equalized.onnx") if equalize else Path(onnx_in)
-        try:
-            if equalize:
-                from keras_bn.converters.equalization import equalize_file
+        equalized, correction, divergence = _write_int8(
+            Path(onnx_in),
+            model,
+            tmp,
+            matched,
+            batches,
+            per_channel=per_channel,
+            calibration_method=calibration_method,
+            progress=progress,
+            equalize=equalize,
+            batch_norm_statistics=batch_norm_statistics,
+            bias_correction=bias_correction,
+            layer_report=layer_report,
+        )
+    report = _int8_report(onnx_in, onnx_out, matched, float_outputs, per_channel)
+    report.details["calibration_method"] = calibration_method
+    if equalized is not None:
+        report.details["equalization"] = equalized.to_dict()
+    if correction is not None:
+        report.details["bias_correction"] = correction.to_dict()
+    report.divergence = divergence
+    report.seconds = time.perf_counter() - start
+    return report
 
-                equalized = equalize_file(onnx_in, source, batch_norm_statistics)
-                equalized.float_sqnr_db = compare_onnx_models(onnx_in, source, matched).sqnr_db
-                model = _load_onnx(source)
-            _quantize_static(source, model, tmp, batches, per_channel, progress)
-            if layer_report:
-                from keras_bn.converters.divergence import layer_divergence
 
-                divergence = layer_divergence(source, tmp, matched)
-        finally:
-            if equalize:
-                source.unlink(missing_ok=True)
+def _int8_report(
+    onnx_in: str | os.PathLike,
+    onnx_out: Path,
+    matched: Mapping[str, np.ndarray],
+    float_outputs: Sequence[np.ndarray] | None,
+    per_channel: bool,
+) -> PrecisionReport:
+    """The int8 file compared with the float model (or ``float_outputs``) on ``matched``."""
     if float_outputs is None:
         comparison = compare_onnx_models(onnx_in, onnx_out, matched)
     else:
         received = runtime.run(runtime.open_session(onnx_out), matched)
         comparison = compare_outputs(float_outputs, received)
-    report = PrecisionReport(
+    return PrecisionReport(
         precision="int8",
         path=str(onnx_out),
         seconds=0.0,
@@ -464,13 +498,69 @@ def quantize_int8(
             "quant_format": "QDQ",
             "per_channel": per_channel,
             "calibration_samples": int(len(next(iter(matched.values())))),
-            "calibration_method": "MinMax",
-            **({} if equalized is None else {"equalization": equalized.to_dict()}),
         },
-        divergence=divergence,
     )
-    report.seconds = time.perf_counter() - start
-    return report
+
+
+def _calibration(
+    onnx_in: str | os.PathLike,
+    calibration_inputs: Mapping[str, np.ndarray],
+    batch_size: int,
+    method: str,
+) -> tuple[Any, dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """The float model (loaded), its calibration inputs matched to its graph inputs,
+    and those in batches; one-line errors for bad inputs or an unknown method."""
+    if method not in CALIBRATION_METHODS:
+        raise UserInputError(
+            f"Unknown calibration method {method!r}; expected one of "
+            f"{', '.join(CALIBRATION_METHODS)}."
+        )
+    model = _load_onnx(onnx_in)  # a clear error for a missing or unparsable file
+    specs = _graph_input_specs(model)
+    matched = runtime.match_inputs(specs, calibration_inputs, "Calibration data")
+    batches = list(runtime.batches(matched, runtime.fixed_batch_size(specs), batch_size))
+    return model, matched, batches
+
+
+def _write_int8(
+    onnx_in: Path,
+    model: Any,
+    tmp: Path,
+    matched: Mapping[str, np.ndarray],
+    batches: list[dict[str, np.ndarray]],
+    *,
+    per_channel: bool,
+    calibration_method: str,
+    progress: Callable[[int, int], None] | None,
+    equalize: bool,
+    batch_norm_statistics: Mapping[str, Any] | None,
+    bias_correction: bool,
+    layer_report: bool,
+) -> tuple[Any, Any, Any]:
+    """:func:`quantize_int8`'s steps, writing ``tmp``: (equalization, bias correction,
+    divergence) reports, each None when its step did not run."""
+    equalized = correction = divergence = None
+    # The equalized float file lies beside the output while quantizing; bias correction
+    # and the layer report compare against it (equalization rescales channels).
+    source = tmp.with_name(tmp.stem + ".equalized.onnx") if equalize else onnx_in
+    try:
+        if equalize:
+            from keras_bn.converters.equalization import equalize_file
+
+            equalized = equalize_file(onnx_in, source, batch_norm_statistics)
+            equalized.float_sqnr_db = compare_onnx_models(onnx_in, source, matched).sqnr_db
+            model = _load_onnx(source)
+        _quantize_static(source, model, tmp, batches, per_channel, calibration_method, progress)
+        if bias_correction:
+            correction = _correct_biases(source, tmp, batches)
+        if layer_report:
+            from keras_bn.converters.divergence import layer_divergence
+
+            divergence = layer_divergence(source, tmp, matched)
+    finally:
+        if equalize:
+            source.unlink(missing_ok=True)
+    return equalized, correction, divergence
 
 
 def _graph_input_specs(model: Any) -> list[runtime.InputSpec]:
@@ -504,12 +594,23 @@ def _preprocess(model: Any, path: Path) -> None:
     onnx.save(inferred, str(path))
 
 
+def _correct_biases(onnx_in: Path, quantized: Path, batches: list[dict[str, np.ndarray]]):
+    """:func:`.bias_correction.correct_biases` of the file ``quantized``, in place."""
+    from keras_bn.converters.bias_correction import correct_biases
+
+    onnx = _onnx()
+    corrected, report = correct_biases(onnx.load(str(onnx_in)), onnx.load(str(quantized)), batches)
+    onnx.save(corrected, str(quantized))
+    return report
+
+
 def _quantize_static(
     onnx_in: Path,
     model: Any,
     onnx_out: Path,
     batches: list[dict[str, np.ndarray]],
     per_channel: bool,
+    calibration_method: str = "MinMax",
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """onnxruntime's pre-processing and static QDQ quantization of ``model`` (``onnx_in``
@@ -528,17 +629,21 @@ def _quantize_static(
         (each asked for once the previous one has run: the progress count)."""
 
         def __init__(self) -> None:
-            self._given = 0  # batches handed out
-            self._reported = 0  # batches reported done
+            self.set_range(0, len(batches))
+
+        def __len__(self) -> int:
+            return len(batches)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            # onnxruntime's CalibStridedMinMax: calibrate (and free) one slice at a time.
+            self._indices = iter(range(start_index, end_index))
+            self._handed: int | None = None  # the batch last handed out
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            if progress is not None and self._given > self._reported:
-                self._reported = self._given
-                progress(self._reported, len(batches))
-            if self._given == len(batches):
-                return None
-            self._given += 1
-            return batches[self._given - 1]
+            if progress is not None and self._handed is not None:
+                progress(self._handed + 1, len(batches))  # it has run
+            self._handed = next(self._indices, None)
+            return None if self._handed is None else batches[self._handed]
 
     preprocessed = onnx_out.with_name(onnx_out.stem + ".pre.onnx")
     try:
@@ -552,17 +657,24 @@ def _quantize_static(
             quant_pre_process(
                 str(onnx_in), str(preprocessed), skip_optimization=True, skip_symbolic_shape=True
             )
-        quantize_static(
-            str(preprocessed),
-            str(onnx_out),
-            ArrayCalibrationReader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=per_channel,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-        )
+        # The histogram calibrators print progress to stdout (keep --json pure).
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(
+                str(preprocessed),
+                str(onnx_out),
+                ArrayCalibrationReader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod[calibration_method],
+                extra_options={
+                    "ActivationSymmetric": False,
+                    "WeightSymmetric": True,
+                    # Every method merges per batch: histograms do not hold all outputs.
+                    "CalibStridedMinMax": 1,
+                },
+            )
     finally:
         for leftover in (preprocessed, Path(str(preprocessed) + ".data")):
             if leftover.exists():

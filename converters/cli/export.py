@@ -38,13 +38,36 @@ from keras_bn.converters.cli.run import (
 from keras_bn.converters.cli.statistics import check_batch_norm_statistics
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.files import check_output_path
-from keras_bn.converters.options import PRECISIONS
+from keras_bn.converters.options import CALIBRATION_METHODS, PRECISIONS
 
 SUMMARY = "fold, export to ONNX, convert precision, validate, write"
 
 # The exporter's warning about BatchNormalization left as Mul+Add after a layer it
 # could fold into; the CLI words it for the command that was run (see _warn_about).
 _UNFOLDED_MUL_ADD = "exported as Mul+Add"
+
+
+def _add_int8_arguments(parser: argparse.ArgumentParser) -> None:
+    """int8's scheme options (issue 23)."""
+    Int8Args().add_to(parser)
+    parser.add_argument(
+        "--no-layer-report",
+        action="store_true",
+        help="int8: skip the per-layer comparison with the float model (one more run of "
+        "each on up to 32 calibration samples) (default: report the worst layers)",
+    )
+    parser.add_argument(
+        "--calibration-method",
+        choices=list(CALIBRATION_METHODS),
+        default="MinMax",
+        help="int8 activation ranges: onnxruntime's calibration method (default: MinMax)",
+    )
+    parser.add_argument(
+        "--bias-correction",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="int8: correct each layer's mean output shift on the calibration data (default: off)",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,13 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="int8 calibration inputs (representative data, Keras layout, batch first) "
         "(default: none; required with --precision int8)",
     )
-    Int8Args().add_to(parser)
-    parser.add_argument(
-        "--no-layer-report",
-        action="store_true",
-        help="int8: skip the per-layer comparison with the float model (one more run of "
-        "each on up to 32 calibration samples) (default: report the worst layers)",
-    )
+    _add_int8_arguments(parser)
     parser.add_argument(
         "--keep-io-types",
         action=argparse.BooleanOptionalAction,
@@ -226,6 +243,11 @@ def _check_options(args: argparse.Namespace) -> Path:
         raise UserInputError(
             f"--per-tensor and --equalize are only used with --precision int8 (received "
             f"--precision {args.precision}); drop them or pass --precision int8."
+        )
+    if args.precision != "int8" and (args.bias_correction or args.calibration_method != "MinMax"):
+        raise UserInputError(
+            "--calibration-method and --bias-correction apply to --precision int8 only "
+            f"(received --precision {args.precision}); drop them or pass --precision int8."
         )
     for given, what in ((args.inputs, "Inputs file"), (args.calibration, "Calibration file")):
         if given is not None:
@@ -383,6 +405,8 @@ def _convert_precision(
             batch_norm_statistics=statistics,
             layer_report=not args.no_layer_report,
             float_outputs=float_outputs,
+            calibration_method=args.calibration_method,
+            bias_correction=args.bias_correction,
         )
     worst = report.divergence.worst(1) if report.divergence is not None else []
     if worst:

@@ -699,6 +699,21 @@ def test_export_int8_with_calibration(tmp_path, capsys, files):
     assert difference.max() == pytest.approx(comparison["max_abs_diff"], abs=1e-4)
 
 
+def test_export_int8_scheme_options(tmp_path, capsys, files):
+    code, out, err = run_main(
+        ["export", files["model"], "-o", tmp_path / "q.onnx", "--precision", "int8"]
+        + ["--calibration", files["calibration"], "--json", "--no-validate"]
+        + ["--calibration-method", "Percentile", "--bias-correction"],
+        capsys,
+    )
+    assert code == 0, err
+    precision = json.loads(out)["precision"]  # onnxruntime's histogram prints stay out
+    assert precision["calibration_method"] == "Percentile"
+    assert precision["bias_correction"]["samples"] == 64
+    assert precision["bias_correction"]["layers"], precision["bias_correction"]
+    assert precision["comparison"]["top1_agreement"] >= 0.9
+
+
 @pytest.mark.parametrize(
     ("extra", "fragment"),
     [
@@ -706,8 +721,15 @@ def test_export_int8_with_calibration(tmp_path, capsys, files):
         (["--calibration", "{calibration}"], "only used with --precision int8"),
         (["--precision", "int8", "--calibration", "{dir}/missing.npz"], "does not exist"),
         (["--inputs", "{model}"], "expected a .npz file"),
+        (["--bias-correction"], "apply to --precision int8 only"),
     ],
-    ids=["int8-without-calibration", "calibration-without-int8", "missing-calibration", "inputs"],
+    ids=[
+        "int8-without-calibration",
+        "calibration-without-int8",
+        "missing-calibration",
+        "inputs",
+        "bias-correction-without-int8",
+    ],
 )
 def test_export_option_errors(tmp_path, capsys, files, extra, fragment):
     values = {key: str(path) for key, path in files.items()}
