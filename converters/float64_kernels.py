@@ -27,7 +27,7 @@ from typing import Any
 import keras
 from keras import ops
 
-__all__ = ["TWIN_LAYERS", "depthwise_conv_taps", "twin_layer_class"]
+__all__ = ["TWIN_LAYERS", "depthwise_conv_taps", "replaced_class_name", "twin_layer_class"]
 
 
 def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
@@ -129,16 +129,25 @@ class TapsDepthwiseConv2D(_TapsDepthwiseCall, keras.layers.DepthwiseConv2D):
 
 
 # Keras layer class -> the twin's replacement (same config, same weights).
-TWIN_LAYERS: dict[type, type] = {
+TWIN_LAYERS: dict[type, type[Any]] = {
     keras.layers.DepthwiseConv1D: TapsDepthwiseConv1D,
     keras.layers.DepthwiseConv2D: TapsDepthwiseConv2D,
 }
 
 
-def twin_layer_class(layer: Any) -> type:
+def twin_layer_class(layer: Any) -> type[Any]:
     """The class the float64 twin builds for ``layer``: on JAX its replacement in
     :data:`TWIN_LAYERS` for exactly that class, else the layer's own class (other
     backends' own float64 kernels are fast: TensorFlow runs the replacement slower)."""
     if keras.backend.backend() != "jax":
         return type(layer)
     return TWIN_LAYERS.get(type(layer), type(layer))
+
+
+def replaced_class_name(name: str) -> str:
+    """The Keras class name a replacement's ``name`` stands for (else ``name``): an
+    error raised in a replacement's call names the layer class the twin keeps float32."""
+    for original, replacement in TWIN_LAYERS.items():
+        if replacement.__name__ == name:
+            return original.__name__
+    return name

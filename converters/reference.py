@@ -48,7 +48,7 @@ from keras_bn.converters.comparison import (
     OutputComparison,
     judge_precision,
 )
-from keras_bn.converters.float64_kernels import twin_layer_class
+from keras_bn.converters.float64_kernels import replaced_class_name, twin_layer_class
 from keras_bn.converters.prepared import ModelLike, PreparedModel, prepare
 from keras_bn.converters.samples import call_model, make_sample_inputs, prepare_call
 
@@ -293,12 +293,13 @@ def float64_twin(
             return twin
         except Exception as error:  # a backend kernel missing for float64
             match = _FAILED_CALL.search(str(error))
-            if match is None or match.group(1) in float32_classes:
+            failed = None if match is None else replaced_class_name(match.group(1))
+            if failed is None or failed in float32_classes:
                 raise RuntimeError(
                     f"The {dtype} copy of model {model.name!r} does not run on the "
                     f"{keras.backend.backend()} backend ({type(error).__name__})."
                 ) from error
-            float32_classes.append(match.group(1))
+            float32_classes.append(failed)
     raise RuntimeError(f"The {dtype} copy of model {model.name!r} does not run.")
 
 
@@ -327,8 +328,9 @@ def _clone_enabled(model: keras.Model, dtype: str, float32_classes: list[str]) -
             and type(layer).__name__ not in float32_classes
         ):
             config = {**config, "dtype": dtype}
-        cls = twin_layer_class(layer) if dtype == "float64" else type(layer)
-        copy = cls.from_config(config)
+        # float64 only: a float16 twin stands for Keras's own float16 kernels
+        replace = dtype == "float64" and config.get("dtype") == dtype
+        copy = (twin_layer_class(layer) if replace else type(layer)).from_config(config)
         pairs.append((layer, copy))
         return copy
 

@@ -10,6 +10,7 @@ from keras_bn.converters.float64_kernels import (
     TapsDepthwiseConv1D,
     TapsDepthwiseConv2D,
     depthwise_conv_taps,
+    replaced_class_name,
 )
 
 L = keras.layers
@@ -160,3 +161,10 @@ print("ok")
 """
     result = run_python(["-c", code], env={"KERAS_BACKEND": "jax"})
     assert result.stdout.strip().endswith("ok")
+
+
+def test_a_failing_replacement_is_named_as_the_keras_class():
+    """float64_twin keeps a failing layer class float32 by the name in the error."""
+    assert replaced_class_name("TapsDepthwiseConv2D") == "DepthwiseConv2D"
+    assert replaced_class_name("TapsDepthwiseConv1D") == "DepthwiseConv1D"
+    assert replaced_class_name("Conv2D") == "Conv2D"
