@@ -48,6 +48,7 @@ from keras_bn.converters.comparison import (
     OutputComparison,
     judge_precision,
 )
+from keras_bn.converters.float64_kernels import replaced_class_name, twin_layer_class
 from keras_bn.converters.prepared import ModelLike, PreparedModel, prepare
 from keras_bn.converters.samples import call_model, make_sample_inputs, prepare_call
 
@@ -63,6 +64,10 @@ __all__ = [
 # Keras wraps an error inside a layer's call as "... when calling Conv3D.call() ...".
 _FAILED_CALL = re.compile(r"calling (\w+)\.call\(\)")
 _MAX_RETRIES = 8
+# The twin's compile on JAX (as samples.call_model's): at XLA's optimization level 0
+# EfficientNetB0's float64 pass compiles in about half the time for a slower run,
+# less in all (BENCHMARKS.md section 15).
+_QUICK_XLA_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 class KerasReference:
@@ -184,6 +189,7 @@ class Float64Twin:
     # The run :func:`float64_twin` checked it with: (its inputs, its outputs), reused
     # by :meth:`__call__` for the same arrays rather than run again.
     checked: tuple[list[np.ndarray], list[np.ndarray]] | None = None
+    _jitted: Any = dataclasses.field(default=None, init=False, repr=False)
 
     @property
     def exact(self) -> bool:
@@ -192,16 +198,47 @@ class Float64Twin:
 
     def __call__(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """Outputs (flattened, as float64) for ``inputs`` (one array per model input);
-        the check run's outputs when given the arrays :func:`float64_twin` checked with."""
+        the check run's outputs when given the arrays :func:`float64_twin` checked with.
+
+        On JAX the pass runs as one compiled XLA program per input shape (eagerly, JAX
+        would compile every operation on its own); a model jax.jit cannot trace runs
+        eagerly, which also gives a failing layer's error its class name.
+        """
         if self.checked is not None and _same_arrays(self.checked[0], inputs):
             return self.checked[1]
         feed = [_as_float(array, self.dtype) for array in inputs]
+        structure = feed if len(feed) > 1 else feed[0]
         with float64_enabled():
-            outputs = self.model(feed if len(feed) > 1 else feed[0], training=False)
+            outputs = None
+            if keras.backend.backend() == "jax":
+                try:
+                    outputs = self._compiled(structure)
+                except Exception:  # Python jax.jit cannot trace, or a kernel that fails
+                    outputs = None
+            if outputs is None:
+                outputs = self.model(structure, training=False)
             return [
                 np.asarray(keras.ops.convert_to_numpy(y), np.float64)
                 for y in keras.tree.flatten(outputs)
             ]
+
+    def _compiled(self, structure: Any) -> Any:
+        """The twin's pass as one XLA program, compiled once per input shape (JAX)."""
+        import jax
+
+        if self._jitted is None:
+            model = self.model
+
+            def call(trainable: list, non_trainable: list, inputs: Any) -> Any:
+                return model.stateless_call(trainable, non_trainable, inputs, training=False)[0]
+
+            try:  # a quick compile: XLA's backend optimizations cost more than they save
+                self._jitted = jax.jit(call, compiler_options=_QUICK_XLA_OPTIONS)
+            except TypeError:  # a JAX before compiler_options
+                self._jitted = jax.jit(call)
+        trainable = [v.value for v in self.model.trainable_variables]
+        non_trainable = [v.value for v in self.model.non_trainable_variables]
+        return self._jitted(trainable, non_trainable, structure)
 
 
 def _same_arrays(first: list[np.ndarray], second: list[np.ndarray]) -> bool:
@@ -256,12 +293,13 @@ def float64_twin(
             return twin
         except Exception as error:  # a backend kernel missing for float64
             match = _FAILED_CALL.search(str(error))
-            if match is None or match.group(1) in float32_classes:
+            failed = None if match is None else replaced_class_name(match.group(1))
+            if failed is None or failed in float32_classes:
                 raise RuntimeError(
                     f"The {dtype} copy of model {model.name!r} does not run on the "
                     f"{keras.backend.backend()} backend ({type(error).__name__})."
                 ) from error
-            float32_classes.append(match.group(1))
+            float32_classes.append(failed)
     raise RuntimeError(f"The {dtype} copy of model {model.name!r} does not run.")
 
 
@@ -290,7 +328,9 @@ def _clone_enabled(model: keras.Model, dtype: str, float32_classes: list[str]) -
             and type(layer).__name__ not in float32_classes
         ):
             config = {**config, "dtype": dtype}
-        copy = type(layer).from_config(config)
+        # float64 only: a float16 twin stands for Keras's own float16 kernels
+        replace = dtype == "float64" and config.get("dtype") == dtype
+        copy = (twin_layer_class(layer) if replace else type(layer)).from_config(config)
         pairs.append((layer, copy))
         return copy
 

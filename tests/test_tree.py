@@ -78,6 +78,7 @@ MIRROR = {
     "converters/runtime.py": "validation/test_runtime.py",
     "converters/comparison.py": "validation/test_comparison.py",
     "converters/reference.py": "validation/test_reference.py",
+    "converters/float64_kernels.py": "validation/test_float64_kernels.py",
     "converters/samples.py": "validation/test_samples.py",
     "converters/validation.py": "validation/test_validation.py",
     "converters/equalization.py": "validation/test_equalization.py",
