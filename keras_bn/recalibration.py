@@ -559,19 +559,15 @@ class _MomentRecorder(keras.Model):
         return keras.tree.flatten(outputs), moments
 
 
-# A quick compile on JAX: XLA's backend optimizations cost more compile time than they
-# save on the few batches a check runs (as keras_bn.converters.samples does).
-_QUICK_XLA_OPTIONS = {"xla_backend_optimization_level": 0}
-
-
 class _CompiledRecorder:
     """The recorder compiled once per input shape: on JAX one ``jax.jit`` program of
-    its stateless call (the variables are arguments, so new statistics reuse it); on
+    its stateless call (the variables are arguments, so new statistics reuse it; XLA's
+    full optimization, which pays for itself over two passes of a few batches); on
     other backends the engine's ``predict_on_batch`` (``tf.function``)."""
 
     def __init__(self, recorder: _MomentRecorder):
         self.recorder = recorder
-        self._jitted = self._plain = None
+        self._jitted = None
         if keras.backend.backend() == "jax":
             import jax
 
@@ -579,11 +575,7 @@ class _CompiledRecorder:
                 outputs, _ = recorder.stateless_call(trainable, non_trainable, x)
                 return outputs
 
-            self._jitted = self._plain = jax.jit(call)
-            try:
-                self._jitted = jax.jit(call, compiler_options=_QUICK_XLA_OPTIONS)
-            except TypeError:  # a JAX before compiler_options
-                pass
+            self._jitted = jax.jit(call)
 
     def __call__(self, x):
         """``(outputs, moments)`` as NumPy arrays."""
@@ -593,16 +585,7 @@ class _CompiledRecorder:
             [v.value for v in self.recorder.trainable_variables],
             [v.value for v in self.recorder.non_trainable_variables],
         )
-        x = tree.map_structure(np.asarray, x)
-        try:
-            result = self._jitted(*state, x)
-        except Exception:
-            if self._jitted is self._plain:
-                raise
-            # An XLA without the quick option: its default compile from now on (a
-            # model that does not run raises again here, with its own error).
-            self._jitted = self._plain
-            result = self._jitted(*state, x)
+        result = self._jitted(*state, tree.map_structure(np.asarray, x))
         return tree.map_structure(np.asarray, result)
 
 
