@@ -531,8 +531,14 @@ def _call_moments(layer, inputs, mask):
         mask = keras.ops.broadcast_to(keras.ops.cast(mask, "bool"), keras.ops.shape(values))
     mean, variance, count = _moments.moments(values, reduced, mask=mask)
     shape = tuple(layer.moving_mean.shape)
-    count = keras.ops.cast(count, dtype) * keras.ops.ones_like(mean)
-    return tuple(keras.ops.reshape(v, shape) for v in (count, mean, variance * count))
+    m2 = variance * keras.ops.cast(count, dtype)
+    if mask is None:  # an integer count: float32 holds integers up to 2**24 only
+        sizes = keras.ops.shape(values)
+        count = 1
+        for axis in reduced:
+            count = count * sizes[axis]
+        count = keras.ops.broadcast_to(keras.ops.cast(count, "int32"), shape)
+    return tuple(keras.ops.reshape(v, shape) for v in (count, mean, m2))
 
 
 class _MomentRecorder(keras.Model):
