@@ -4,11 +4,12 @@ A BN layer normalizes in inference with its moving statistics; when they do not
 describe the data (a short fine-tune, momentum 0.99 over few steps, small batches,
 SWA, pruning) the model is wrong in inference while every export of it is
 faithful. :func:`check_statistics` measures each BN layer's population statistics
-over the data at that layer as the model stands (float64, Chan's merge; every
-layer's input in one compiled pass, ``keras_bn.recalibration.BatchNormInputs``),
-compares them with the moving statistics, and runs the model again with the
-population statistics (a second compiled pass) to say how much the difference
-changes the outputs. The first pass's outputs are Keras's run of the data
+over the data at that layer as the model stands (one compiled pass,
+``keras_bn.recalibration.BatchNormInputs``: each BN input's per-channel count, mean
+and M2 reduced in the pass, only those vectors copied out, the batches merged in
+float64 with Chan's formula), compares them with the moving statistics, and runs the
+model again with the population statistics (the same compiled program, new
+statistics) to say how much the difference changes the outputs. The first pass's outputs are Keras's run of the data
 (:attr:`StatisticsCheck.moving_outputs`): ``keras-bn export`` takes them as its
 reference when it validates on the same samples, rather than a third pass.
 ``keras-bn recalibrate`` measures the same layers sequentially instead
@@ -182,8 +183,9 @@ def check_statistics(model: Any, source: Any, *, keep_population: bool = False) 
     ``source`` is a :class:`~keras_bn.converters.data_sources.DataSource` (re-iterable
     ``(x, y)`` batches). The model is left as it was. The population statistics
     are those of each layer's input as the model stands (one compiled pass,
-    ``keras_bn.recalibration.BatchNormInputs``), and a second compiled pass runs the
-    model with all of them to measure the effect on the outputs. With
+    ``keras_bn.recalibration.BatchNormInputs``, moments reduced in the pass), and a
+    second run of the same compiled program, with all of them written, measures the
+    effect on the outputs. With
     ``keep_population`` the model is instead recalibrated (``recalibrate_batch_norm``,
     sequential and exact: what ``keras-bn recalibrate`` writes) and kept so: the
     check then describes the change.

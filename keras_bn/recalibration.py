@@ -515,73 +515,124 @@ def _write_statistics(layer, moments, batch_count) -> None:
 # ------------------------------------------------- every layer's input, one pass
 
 
-class _InputRecorder(keras.Model):
-    """``model`` in inference mode, returning its outputs and every BN call's input.
+def _call_moments(layer, inputs, mask):
+    """(count, mean, m2) of one BN call's input per channel, shaped like moving_mean,
+    reduced in the graph (``keras.ops``, two-pass moments; float32, or float64 for
+    float64 inputs) so that only per-channel vectors leave the device."""
+    dtype = "float64" if keras.backend.standardize_dtype(inputs.dtype) == "float64" else "float32"
+    values = keras.ops.cast(inputs, dtype)
+    rank = len(values.shape)
+    axes = _feature_axes(layer, rank)
+    reduced = [axis for axis in range(rank) if axis not in axes]
+    if mask is not None:
+        # The layer's own reading (Keras's convention first, see _moments.mask_axes).
+        for axis in _moments.mask_axes(tuple(mask.shape), tuple(values.shape), axes, layer.axis):
+            mask = keras.ops.expand_dims(mask, axis)
+        mask = keras.ops.broadcast_to(keras.ops.cast(mask, "bool"), keras.ops.shape(values))
+    mean, variance, count = _moments.moments(values, reduced, mask=mask)
+    shape = tuple(layer.moving_mean.shape)
+    m2 = variance * keras.ops.cast(count, dtype)
+    if mask is None:  # an integer count: float32 holds integers up to 2**24 only
+        sizes = keras.ops.shape(values)
+        count = 1
+        for axis in reduced:
+            count = count * sizes[axis]
+        count = keras.ops.broadcast_to(keras.ops.cast(count, "int32"), shape)
+    return tuple(keras.ops.reshape(v, shape) for v in (count, mean, m2))
 
-    Run with ``predict_on_batch``, so the engine compiles it (``tf.function``,
-    ``jax.jit``) like any model; the BN inputs are recorded while it is traced.
-    """
+
+class _MomentRecorder(keras.Model):
+    """``model`` in inference mode, returning its outputs and every BN call's input
+    moments (per channel: count, mean, m2), in call order."""
 
     def __init__(self, model):
         super().__init__(name="batch_norm_inputs")
         self.inner = model
-        self.calls: list = []  # the BN layer of each recorded input, in call order
-        self.masked: list[bool] = []  # whether each recorded input came with a mask
+        self.calls: list = []  # the BN layer of each call, in call order
         self.built = True
 
     def call(self, x):
-        self.calls = []
-        recorded = []
+        calls, moments = [], []
 
         def hook(layer, original, inputs, training, mask):
-            self.calls.append(layer)
-            recorded.append((inputs, mask))
+            calls.append(layer)
+            moments.append(_call_moments(layer, inputs, mask))
             return original(inputs, training=False, mask=mask)
 
         with _CallPatch(batch_norm_layers(self.inner), hook):
             outputs = self.inner(x, training=False)
-        inputs = [value for value, _ in recorded]
-        masks = [mask for _, mask in recorded if mask is not None]
-        self.masked = [mask is not None for _, mask in recorded]
-        return keras.tree.flatten(outputs), inputs, masks
+        self.calls = calls
+        return keras.tree.flatten(outputs), moments
+
+
+class _CompiledRecorder:
+    """The recorder compiled once per input shape: on JAX one ``jax.jit`` program of
+    its stateless call (the variables are arguments, so new statistics reuse it; XLA's
+    full optimization, which pays for itself over two passes of a few batches); on
+    other backends the engine's ``predict_on_batch`` (``tf.function``)."""
+
+    def __init__(self, recorder: _MomentRecorder):
+        self.recorder = recorder
+        self._jitted = None
+        if keras.backend.backend() == "jax":
+            import jax
+
+            def call(trainable, non_trainable, x):
+                outputs, _ = recorder.stateless_call(trainable, non_trainable, x)
+                return outputs
+
+            self._jitted = jax.jit(call)
+
+    def __call__(self, x):
+        """``(outputs, moments)`` as NumPy arrays."""
+        if self._jitted is None:
+            return self.recorder.predict_on_batch(x)
+        state = (
+            [v.value for v in self.recorder.trainable_variables],
+            [v.value for v in self.recorder.non_trainable_variables],
+        )
+        result = self._jitted(*state, tree.map_structure(np.asarray, x))
+        return tree.map_structure(np.asarray, result)
 
 
 class BatchNormInputs:
-    """Every BN layer's input over data, in one compiled inference pass.
+    """Every BN layer's input moments over data, in one compiled inference pass.
 
     The model runs in inference mode with every BN layer at its current
     statistics (unlike :func:`recalibrate_batch_norm`'s sequential passes, no
     layer is recalibrated before the next is measured), so each layer's moments
-    are those of the input it actually receives. Compiled once by the engine
-    (``predict_on_batch``) and reused by :meth:`outputs`.
+    are those of the input it actually receives. Each call's per-channel count,
+    mean and M2 are reduced inside the compiled pass (two-pass moments, in the
+    input's precision: float32 noise), and only those vectors come back; the
+    batches are merged in float64 (Chan). Compiled once per input shape and
+    reused by :meth:`outputs`, which runs with whatever statistics the layers
+    hold then.
     """
 
     def __init__(self, model):
         self.layers = batch_norm_layers(model)
-        self._recorder = _InputRecorder(model)
+        self._recorder = _MomentRecorder(model)
+        self._compiled = _CompiledRecorder(self._recorder)
 
     def measure(self, batches, on_outputs=None) -> dict[int, RunningMoments]:
         """``{id(layer): RunningMoments}`` of every BN layer's input over ``batches``.
 
         ``batches`` is an iterable of model inputs ``x``; ``on_outputs(outputs)``
         receives each batch's model outputs (a list of NumPy arrays). The moments
-        are float64, merged with Chan's formula; a layer never called has count 0.
+        are merged in float64 with Chan's formula; a layer never called has count 0.
         """
         moments = {id(layer): RunningMoments(layer.moving_mean.shape) for layer in self.layers}
-        recorder = self._recorder
         for x in batches:
-            outputs, inputs, masks = recorder.predict_on_batch(x)
+            outputs, calls = self._compiled(x)
             if on_outputs is not None:
                 on_outputs(list(outputs))
-            masks = iter(masks)
-            for layer, values, masked in zip(recorder.calls, inputs, recorder.masked, strict=True):
-                mask = next(masks) if masked else None
-                moments[id(layer)].merge(*_batch_moments(layer, values, mask))
+            for layer, call in zip(self._recorder.calls, calls, strict=True):
+                moments[id(layer)].merge(*call)
         return moments
 
     def outputs(self, x) -> list[np.ndarray]:
         """The model's outputs for ``x`` in inference mode, with the current statistics."""
-        return list(self._recorder.predict_on_batch(x)[0])
+        return list(self._compiled(x)[0])
 
 
 def write_population_statistics(layer, moments) -> None:

@@ -394,7 +394,7 @@ def _convert_precision(
         from keras_bn.converters.equalization import batch_norm_statistics
 
         statistics = batch_norm_statistics(*fold)
-    with run.progress.step("Quantizing to int8 (calibrating)"):
+    with run.progress.step("Quantizing to int8 (calibrating)", unit="batches") as step:
         float_outputs = None if inputs is not None or reference is None else reference.outputs()
         report = quantize_int8(
             exported,
@@ -407,6 +407,7 @@ def _convert_precision(
             float_outputs=float_outputs,
             calibration_method=args.calibration_method,
             bias_correction=args.bias_correction,
+            progress=step.update,
         )
     worst = report.divergence.worst(1) if report.divergence is not None else []
     if worst:

@@ -662,7 +662,12 @@ def test_export_float16_validates_against_keras(tmp_path, capsys, files):
     np.testing.assert_allclose(_onnx_outputs(tmp_path / "h.onnx", x), expected, atol=1e-2)
 
 
-def test_export_int8_with_calibration(tmp_path, capsys, files):
+def test_export_int8_with_calibration(tmp_path, capsys, files, monkeypatch):
+    from keras_bn.converters.progress import Step
+
+    counted = []  # the int8 step's calibration counts, as its progress line shows them
+    original = Step.update
+    monkeypatch.setattr(Step, "update", lambda s, *a: counted.append(s) or original(s, *a))
     code, out, err = run_main(
         [
             "export",
@@ -678,6 +683,8 @@ def test_export_int8_with_calibration(tmp_path, capsys, files):
         capsys,
     )
     assert code == 0, err
+    shown = [s.shown() for s in counted if s.label == "Quantizing to int8 (calibrating)"]
+    assert shown and shown[-1].endswith(": 4/4 batches"), shown  # 64 samples, 16 a batch
     report = json.loads(out)
     comparison = report["precision"]["comparison"]
     assert comparison["samples"] == 64 and comparison["top1_agreement"] >= 0.9

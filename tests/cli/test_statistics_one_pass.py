@@ -83,6 +83,40 @@ def test_one_pass_moments_skip_masked_positions():
     np.testing.assert_allclose(moments.variance(), kept.var(0), rtol=1e-5)
 
 
+def test_one_pass_moments_stay_exact_when_the_mean_dwarfs_the_spread():
+    """Reduced in float32 inside the compiled pass, the moments still match a float64
+    NumPy computation within float32 noise where E[x^2] - E[x]^2 would cancel: an
+    input whose mean is 1000 standard deviations away from 0, over many batches."""
+    inputs = keras.Input((4, 3), name="x")
+    model = keras.Model(inputs, BatchNormalization(name="bn")(inputs))
+    rng = np.random.default_rng(5)
+    x = (1000.0 + rng.normal(0.0, 1.0, (70, 4, 3)) * [1.0, 0.1, 3.0]).astype("float32")
+    measured = BatchNormInputs(model).measure([x[i : i + 16] for i in range(0, 70, 16)])
+    values = x.astype(np.float64).reshape(-1, 3)
+    moments = measured[id(model.get_layer("bn"))]
+    np.testing.assert_array_equal(moments.count, len(values))
+    np.testing.assert_allclose(moments.mean, values.mean(0), rtol=1e-7)
+    np.testing.assert_allclose(moments.variance(), values.var(0), rtol=1e-4)
+    naive = np.mean(np.square(x), axis=(0, 1)) - np.square(np.mean(x, axis=(0, 1)))
+    assert np.max(np.abs(naive / values.var(0) - 1)) > 1e-2  # the cancellation avoided
+
+
+def test_one_pass_moments_of_a_float64_model_are_float64():
+    """A float64 model's inputs are reduced in float64: agreement far below float32's."""
+    inputs = keras.Input((5,), dtype="float64")
+    layer = BatchNormalization(name="bn", dtype="float64")
+    model = keras.Model(inputs, layer(keras.layers.Dense(2, dtype="float64")(inputs)))
+    # float32-representable inputs: Keras's predict may hand them over as float32.
+    if keras.ops.convert_to_numpy(layer.moving_mean).dtype != np.float64:
+        pytest.skip("this backend runs float64 models in float32 (JAX without x64)")
+    x = np.random.default_rng(6).normal(7.0, 0.01, (33, 5)).astype("float32").astype("float64")
+    moments = BatchNormInputs(model).measure([x[:20], x[20:]])[id(layer)]
+    kernel, bias = (np.asarray(w, np.float64) for w in model.layers[1].get_weights())
+    values = x @ kernel + bias
+    np.testing.assert_allclose(moments.mean, values.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(moments.variance(), values.var(0), rtol=1e-9)
+
+
 @pytest.mark.parametrize("skip", [False, True], ids=["checked", "no-statistics-check"])
 def test_export_no_statistics_check_skips_the_check(tmp_path, capsys, skip):
     model = _image_model()  # randomized moving statistics: stale for any data
