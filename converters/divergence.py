@@ -51,7 +51,7 @@ __all__ = ["DIVERGENCE_SAMPLES", "DivergenceReport", "LayerDivergence", "layer_d
 
 # Samples the report runs on by default: the SQNR of a layer settles within a
 # fraction of a dB long before that, and each sample costs one run of each model.
-DIVERGENCE_SAMPLES = 32
+DIVERGENCE_SAMPLES = 8
 # A channel range this many times the median channel's leaves the median channel
 # fewer than 256 / SPREAD of the int8 levels (5 bits at 8x).
 SPREAD_HINT = 8.0

@@ -54,7 +54,7 @@ def _add_int8_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-layer-report",
         action="store_true",
         help="int8: skip the per-layer comparison with the float model (one more run of "
-        "each on up to 32 calibration samples) (default: report the worst layers)",
+        "each on up to 8 calibration samples) (default: report the worst layers)",
     )
     parser.add_argument(
         "--calibration-method",
