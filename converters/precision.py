@@ -411,7 +411,8 @@ def quantize_int8(
     float_outputs: Sequence[np.ndarray] | None = None,
     progress: Callable[[int, int], None] | None = None,
     calibration_method: str = "MinMax",
-    bias_correction: bool = False,
+    bias_correction: bool | str = False,
+    percentile: float = 99.999,
 ) -> PrecisionReport:
     """Quantize an ONNX model to int8 (static, QDQ, per-channel weights).
 
@@ -437,7 +438,10 @@ def quantize_int8(
             ``"Percentile"`` (99.999th of |x|) or ``"Entropy"``. The histogram methods
             are fed one batch at a time (memory bounded by one batch's activations).
         bias_correction: then correct each layer's mean output shift on the
-            calibration data (:mod:`.bias_correction`).
+            calibration data (:mod:`.bias_correction`): ``True`` or ``"weights"``
+            for the shift its rounded weights cause, ``"sequential"`` for the whole
+            shift measured in the quantized model, layer after layer.
+        percentile: the share of |x| that ``"Percentile"`` calibration keeps in range.
 
     Returns:
         A :class:`PrecisionReport` whose ``comparison`` holds the output difference
@@ -447,7 +451,7 @@ def quantize_int8(
     """
     start = time.perf_counter()
     model, matched, batches = _calibration(
-        onnx_in, calibration_inputs, calibration_batch_size, calibration_method
+        onnx_in, calibration_inputs, calibration_batch_size, calibration_method, percentile
     )
     onnx_out = Path(onnx_out)
     with atomic_output(onnx_out, suffix=".onnx") as tmp:
@@ -464,9 +468,12 @@ def quantize_int8(
             batch_norm_statistics=batch_norm_statistics,
             bias_correction=bias_correction,
             layer_report=layer_report,
+            percentile=percentile,
         )
     report = _int8_report(onnx_in, onnx_out, matched, float_outputs, per_channel)
     report.details["calibration_method"] = calibration_method
+    if calibration_method == "Percentile":
+        report.details["percentile"] = percentile
     if equalized is not None:
         report.details["equalization"] = equalized.to_dict()
     if correction is not None:
@@ -507,6 +514,7 @@ def _calibration(
     calibration_inputs: Mapping[str, np.ndarray],
     batch_size: int,
     method: str,
+    percentile: float = 99.999,
 ) -> tuple[Any, dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
     """The float model (loaded), its calibration inputs matched to its graph inputs,
     and those in batches; one-line errors for bad inputs or an unknown method."""
@@ -514,6 +522,10 @@ def _calibration(
         raise UserInputError(
             f"Unknown calibration method {method!r}; expected one of "
             f"{', '.join(CALIBRATION_METHODS)}."
+        )
+    if not 50 <= percentile <= 100:
+        raise UserInputError(
+            f"Invalid percentile: expected a share of |x| in [50, 100]. Received: {percentile!r}"
         )
     model = _load_onnx(onnx_in)  # a clear error for a missing or unparsable file
     specs = _graph_input_specs(model)
@@ -534,8 +546,9 @@ def _write_int8(
     progress: Callable[[int, int], None] | None,
     equalize: bool,
     batch_norm_statistics: Mapping[str, Any] | None,
-    bias_correction: bool,
+    bias_correction: bool | str,
     layer_report: bool,
+    percentile: float = 99.999,
 ) -> tuple[Any, Any, Any]:
     """:func:`quantize_int8`'s steps, writing ``tmp``: (equalization, bias correction,
     divergence) reports, each None when its step did not run."""
@@ -550,9 +563,13 @@ def _write_int8(
             equalized = equalize_file(onnx_in, source, batch_norm_statistics)
             equalized.float_sqnr_db = compare_onnx_models(onnx_in, source, matched).sqnr_db
             model = _load_onnx(source)
-        _quantize_static(source, model, tmp, batches, per_channel, calibration_method, progress)
+        _quantize_static(
+            source, model, tmp, batches, per_channel, calibration_method, progress, percentile
+        )
         if bias_correction:
-            correction = _correct_biases(source, tmp, batches)
+            correction = _correct_biases(
+                source, tmp, batches, sequential=bias_correction == "sequential"
+            )
         if layer_report:
             from keras_bn.converters.divergence import layer_divergence
 
@@ -594,12 +611,16 @@ def _preprocess(model: Any, path: Path) -> None:
     onnx.save(inferred, str(path))
 
 
-def _correct_biases(onnx_in: Path, quantized: Path, batches: list[dict[str, np.ndarray]]):
+def _correct_biases(
+    onnx_in: Path, quantized: Path, batches: list[dict[str, np.ndarray]], sequential: bool
+):
     """:func:`.bias_correction.correct_biases` of the file ``quantized``, in place."""
     from keras_bn.converters.bias_correction import correct_biases
 
     onnx = _onnx()
-    corrected, report = correct_biases(onnx.load(str(onnx_in)), onnx.load(str(quantized)), batches)
+    corrected, report = correct_biases(
+        onnx.load(str(onnx_in)), onnx.load(str(quantized)), batches, sequential=sequential
+    )
     onnx.save(corrected, str(quantized))
     return report
 
@@ -612,6 +633,7 @@ def _quantize_static(
     per_channel: bool,
     calibration_method: str = "MinMax",
     progress: Callable[[int, int], None] | None = None,
+    percentile: float = 99.999,
 ) -> None:
     """onnxruntime's pre-processing and static QDQ quantization of ``model`` (``onnx_in``
     loaded), calibrated on ``batches``."""
@@ -673,6 +695,7 @@ def _quantize_static(
                     "WeightSymmetric": True,
                     # Every method merges per batch: histograms do not hold all outputs.
                     "CalibStridedMinMax": 1,
+                    "CalibPercentile": percentile,
                 },
             )
     finally:
