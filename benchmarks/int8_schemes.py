@@ -2,7 +2,7 @@
 
 Issue 23 part 2: which int8 scheme should ``keras-bn export --precision int8`` use?
 Each scheme is ``quantize_int8`` of the same folded float32 export with one choice of
-calibration method (onnxruntime's MinMax, Percentile at 99.999% of |x|, Entropy;
+calibration method (onnxruntime's MinMax, Percentile at 99.99% of |x| or as given, Entropy;
 all fed one batch at a time, so memory stays bounded), weight scales per channel or
 per tensor, and with or without empirical bias correction
 (``converters/bias_correction.py``, on the calibration crops). Every file is
@@ -93,7 +93,7 @@ def quantize(float_path: Path, scheme: str, calibration: np.ndarray, work: Path,
         {name: calibration},
         per_channel=weights == "channel",
         calibration_method=method,
-        percentile=float(percentile or 99.999),
+        **({"percentile": float(percentile)} if percentile else {}),
         equalize="eq" in rest,
         batch_norm_statistics=statistics,
         bias_correction="sequential" if "sbc" in rest else "bc" in rest,

@@ -361,7 +361,13 @@ def test_quantize_int8_writes_what_onnxruntime_pre_processing_and_quantization_w
         specs = precision._graph_input_specs(onnx.load(str(source)))
         assert specs == runtime.onnx_input_specs(source)
     source = tmp_path / "model_N.onnx"
-    quantize_int8(source, tmp_path / "ours.onnx", {"x": data})
+    quantize_int8(
+        source,
+        tmp_path / "ours.onnx",
+        {"x": data},
+        calibration_method="MinMax",
+        bias_correction=False,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
