@@ -118,7 +118,14 @@ def files(tmp_path_factory):
     paths = {"float": float_path}
     for per_channel in (False, True):
         path = folder / f"int8_{'channel' if per_channel else 'tensor'}.onnx"
-        quantize_int8(float_path, path, {"x": calibration}, per_channel=per_channel)
+        quantize_int8(  # the scheme before bias correction (not the default)
+            float_path,
+            path,
+            {"x": calibration},
+            per_channel=per_channel,
+            calibration_method="MinMax",
+            bias_correction=False,
+        )
         paths[per_channel] = path
     return paths, calibration
 
@@ -263,9 +270,19 @@ def test_quantize_int8_options(files, tmp_path):
     assert [layer["node"] for layer in corrections["layers"]] == ["depthwise", "pointwise", "dense"]
     assert report.comparison.sqnr_db > 10  # still computes the model
     entropy = quantize_int8(
-        paths["float"], tmp_path / "entropy.onnx", {"x": calibration}, calibration_method="Entropy"
+        paths["float"],
+        tmp_path / "entropy.onnx",
+        {"x": calibration},
+        calibration_method="Entropy",
+        bias_correction=False,
     )
     assert "bias_correction" not in entropy.details and entropy.comparison.sqnr_db > 10
+    # The default scheme (BENCHMARKS.md 19b): Percentile at 99.99% with bias correction.
+    default = quantize_int8(paths["float"], tmp_path / "default.onnx", {"x": calibration})
+    assert default.details["calibration_method"] == "Percentile"
+    assert default.details["percentile"] == 99.99
+    assert default.details["bias_correction"]["sequential"] is False
+    assert "Percentile calibration (99.99% of |x|), bias correction of 3 layer(s)" in str(default)
 
 
 def test_bad_arguments(files, tmp_path):

@@ -228,7 +228,7 @@ def test_quantize_int8_progress_and_given_float_outputs(tmp_path, data):
     comparison uses them (the file is the same: calibration does not depend on them)."""
     source = classifier_onnx(tmp_path / "model.onnx")
     calls = []
-    plain = quantize_int8(source, tmp_path / "plain.onnx", {"x": data})
+    plain = quantize_int8(source, tmp_path / "plain.onnx", {"x": data}, calibration_batch_size=24)
     report = quantize_int8(
         source,
         tmp_path / "int8.onnx",
