@@ -423,8 +423,8 @@ def quantize_int8(
         onnx_out: where to write the quantized model (atomically).
         calibration_inputs: representative inputs keyed by ONNX input name (a single
             array for a single-input model may use any key), batch first, in the
-            ONNX model's layout. Activation ranges are calibrated on them (MinMax),
-            so they should look like deployment data.
+            ONNX model's layout. Activation ranges are calibrated on them, so they
+            should look like deployment data.
         per_channel: one weight scale per output channel (recommended).
         calibration_batch_size: samples per calibration run (for dynamic batches).
         equalize: cross-layer equalization before quantizing, and high-bias
@@ -436,17 +436,12 @@ def quantize_int8(
         float_outputs: the float model's outputs on ``calibration_inputs`` (in output
             order) when the caller has them: compared instead of running ``onnx_in``.
         progress: called as ``progress(done, total)`` after each calibration batch.
-        calibration_method: onnxruntime's ``CalibrationMethod`` name: ``"MinMax"``,
-            ``"Percentile"`` (``percentile`` of |x|) or ``"Entropy"``. The histogram
-            methods are fed one batch at a time (memory bounded by one batch's
-            activations). The default, Percentile at 99.99 with bias correction, is
-            the scheme that did best on the real-weights testbeds and the README
-            model (BENCHMARKS.md section 19b).
+        calibration_method: ``"MinMax"``, ``"Percentile"`` (keeps ``percentile`` % of
+            |x| in range) or ``"Entropy"`` (onnxruntime's, fed one batch at a time). The default
+            with bias correction did best on the real-weights testbeds (BENCHMARKS 19b).
         bias_correction: then correct each layer's mean output shift on the
-            calibration data (:mod:`.bias_correction`): ``True`` or ``"weights"``
-            for the shift its rounded weights cause, ``"sequential"`` for the whole
-            shift measured in the quantized model, layer after layer.
-        percentile: the share of |x| that ``"Percentile"`` calibration keeps in range.
+            calibration data (:mod:`.bias_correction`): ``True`` the shift of its
+            rounded weights, ``"sequential"`` the whole shift, measured layer by layer.
 
     Returns:
         A :class:`PrecisionReport` whose ``comparison`` holds the output difference
@@ -477,8 +472,7 @@ def quantize_int8(
         )
     report = _int8_report(onnx_in, onnx_out, matched, float_outputs, per_channel)
     report.details["calibration_method"] = calibration_method
-    if calibration_method == "Percentile":
-        report.details["percentile"] = percentile
+    report.details.update({"percentile": percentile} if calibration_method == "Percentile" else {})
     if equalized is not None:
         report.details["equalization"] = equalized.to_dict()
     if correction is not None:
