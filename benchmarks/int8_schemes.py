@@ -2,7 +2,7 @@
 
 Issue 23 part 2: which int8 scheme should ``keras-bn export --precision int8`` use?
 Each scheme is ``quantize_int8`` of the same folded float32 export with one choice of
-calibration method (onnxruntime's MinMax, Percentile at 99.999% of |x|, Entropy;
+calibration method (onnxruntime's MinMax, Percentile at 99.99% of |x| or as given, Entropy;
 all fed one batch at a time, so memory stays bounded), weight scales per channel or
 per tensor, and with or without empirical bias correction
 (``converters/bias_correction.py``, on the calibration crops). Every file is
@@ -54,6 +54,8 @@ DEFAULT_SCHEMES = (
 def float_export(name: str, calibration: int, evaluation: int, work: Path):
     """The folded float32 export of a model and its calibration/evaluation inputs."""
     from keras_bn.converters import export_onnx
+    from keras_bn.converters.equalization import batch_norm_statistics
+    from keras_bn.converters.folding import plan_folds
 
     path = work / f"{name}.onnx"
     if name == "digits":
@@ -61,7 +63,8 @@ def float_export(name: str, calibration: int, evaluation: int, work: Path):
 
         model, calibration_inputs, evaluation_inputs = precision_study.digits_model()
         export_onnx(model, path, fold=True)
-        return path, calibration_inputs["image"], evaluation_inputs["image"]
+        statistics = batch_norm_statistics(model, plan_folds(model))
+        return path, statistics, calibration_inputs["image"], evaluation_inputs["image"]
     from support import testbeds
 
     checkpoint, builder, preprocessing = TESTBEDS[name]
@@ -69,15 +72,19 @@ def float_export(name: str, calibration: int, evaluation: int, work: Path):
     export_onnx(model, path, fold=True)
     return (
         path,
+        batch_norm_statistics(model, plan_folds(model)),
         testbeds.crops(calibration, seed=0, **preprocessing),
         testbeds.crops(evaluation, seed=1, **preprocessing),
     )
 
 
-def quantize(float_path: Path, scheme: str, calibration: np.ndarray, work: Path):
-    """``quantize_int8`` with the scheme ``METHOD/channel|tensor[/bc]``; path, seconds."""
+def quantize(float_path: Path, scheme: str, calibration: np.ndarray, work: Path, statistics):
+    """``quantize_int8`` with the scheme ``METHOD[@percentile]/channel|tensor[/eq][/bc]``
+    (``eq``: equalization and absorption from the BN statistics; ``bc``: bias correction
+    of the weights' shift, ``sbc``: sequential, measured); path, seconds."""
     method, weights, *rest = scheme.split("/")
-    path = work / (scheme.replace("/", "_") + ".onnx")
+    method, _, percentile = method.partition("@")
+    path = work / (scheme.replace("/", "_").replace("@", "_") + ".onnx")
     name = runtime.onnx_input_specs(float_path)[0].name
     start = time.perf_counter()
     quantize_int8(
@@ -86,7 +93,11 @@ def quantize(float_path: Path, scheme: str, calibration: np.ndarray, work: Path)
         {name: calibration},
         per_channel=weights == "channel",
         calibration_method=method,
-        bias_correction="bc" in rest,
+        **({"percentile": float(percentile)} if percentile else {}),
+        equalize="eq" in rest,
+        batch_norm_statistics=statistics,
+        bias_correction="sequential" if "sbc" in rest else "bc" in rest,
+        layer_report=False,
     )
     return path, time.perf_counter() - start
 
@@ -102,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="int8_schemes_"))
     work.mkdir(parents=True, exist_ok=True)
-    float_path, calibration, evaluation = float_export(
+    float_path, statistics, calibration, evaluation = float_export(
         args.model, args.calibration, args.evaluation, work
     )
     reference, _ = run_onnx(float_path, evaluation, "ORT_ENABLE_ALL")
@@ -114,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|")
     modes = [("exact QDQ", "ORT_DISABLE_ALL")] + ([("kernels", "ORT_ENABLE_ALL")] * args.kernels)
     for scheme in args.schemes.split(","):
-        path, seconds = quantize(float_path, scheme, calibration, work)
+        path, seconds = quantize(float_path, scheme, calibration, work, statistics)
         for mode, optimization in modes:
             measures = agreement(run_onnx(path, evaluation, optimization)[0], reference)
             print(

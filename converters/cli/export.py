@@ -59,14 +59,15 @@ def _add_int8_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibration-method",
         choices=list(CALIBRATION_METHODS),
-        default="MinMax",
-        help="int8 activation ranges: onnxruntime's calibration method (default: MinMax)",
+        default=None,
+        help="int8 activation ranges: onnxruntime's calibration method (default: Percentile, "
+        "99.99%% of |x|)",
     )
     parser.add_argument(
         "--bias-correction",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="int8: correct each layer's mean output shift on the calibration data (default: off)",
+        default=None,
+        help="int8: correct each layer's mean output shift on the calibration data (default: on)",
     )
 
 
@@ -244,7 +245,7 @@ def _check_options(args: argparse.Namespace) -> Path:
             f"--per-tensor and --equalize are only used with --precision int8 (received "
             f"--precision {args.precision}); drop them or pass --precision int8."
         )
-    if args.precision != "int8" and (args.bias_correction or args.calibration_method != "MinMax"):
+    if args.precision != "int8" and (args.bias_correction, args.calibration_method) != (None,) * 2:
         raise UserInputError(
             "--calibration-method and --bias-correction apply to --precision int8 only "
             f"(received --precision {args.precision}); drop them or pass --precision int8."
@@ -405,9 +406,15 @@ def _convert_precision(
             batch_norm_statistics=statistics,
             layer_report=not args.no_layer_report,
             float_outputs=float_outputs,
-            calibration_method=args.calibration_method,
-            bias_correction=args.bias_correction,
             progress=step.update,
+            **{  # unset: quantize_int8's defaults
+                name: value
+                for name, value in (
+                    ("calibration_method", args.calibration_method),
+                    ("bias_correction", args.bias_correction),
+                )
+                if value is not None
+            },
         )
     worst = report.divergence.worst(1) if report.divergence is not None else []
     if worst:

@@ -228,7 +228,7 @@ def test_quantize_int8_progress_and_given_float_outputs(tmp_path, data):
     comparison uses them (the file is the same: calibration does not depend on them)."""
     source = classifier_onnx(tmp_path / "model.onnx")
     calls = []
-    plain = quantize_int8(source, tmp_path / "plain.onnx", {"x": data})
+    plain = quantize_int8(source, tmp_path / "plain.onnx", {"x": data}, calibration_batch_size=24)
     report = quantize_int8(
         source,
         tmp_path / "int8.onnx",
@@ -361,7 +361,13 @@ def test_quantize_int8_writes_what_onnxruntime_pre_processing_and_quantization_w
         specs = precision._graph_input_specs(onnx.load(str(source)))
         assert specs == runtime.onnx_input_specs(source)
     source = tmp_path / "model_N.onnx"
-    quantize_int8(source, tmp_path / "ours.onnx", {"x": data})
+    quantize_int8(
+        source,
+        tmp_path / "ours.onnx",
+        {"x": data},
+        calibration_method="MinMax",
+        bias_correction=False,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
