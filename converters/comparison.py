@@ -56,6 +56,7 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = [
+    "power_ratio_db",
     "DEFAULT_ATOL",
     "DEFAULT_RTOL",
     "EXACT_FACTOR",
@@ -247,7 +248,12 @@ def sqnr_db(values: np.ndarray, exact: np.ndarray) -> float:
     with np.errstate(invalid="ignore", over="ignore"):
         noise = np.asarray(values, np.float64) - exact
         noise_power = float(np.sum(np.where(np.isnan(noise), np.inf, noise) ** 2))
-    signal_power = float(np.sum(exact**2))
+    return power_ratio_db(float(np.sum(exact**2)), noise_power)
+
+
+def power_ratio_db(signal_power: float, noise_power: float) -> float:
+    """``10 log10(signal / noise)``: inf without noise; -inf when the noise is not
+    finite or there is no signal."""
     if noise_power == 0.0:
         return math.inf
     if not math.isfinite(noise_power) or signal_power == 0.0:

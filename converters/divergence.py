@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from keras_bn.converters import runtime
+from keras_bn.converters.comparison import power_ratio_db
 from keras_bn.converters.onnx.metadata import decode_layer_map
 
 __all__ = ["DIVERGENCE_SAMPLES", "DivergenceReport", "LayerDivergence", "layer_divergence"]
@@ -328,7 +329,7 @@ class _Totals:
         """comparison.sqnr_db's formula over the whole value, from the sums."""
         if self.signal is None or self.noise is None:
             return math.inf
-        return _decibels(float(np.sum(self.signal)), float(np.sum(self.noise)))
+        return power_ratio_db(float(np.sum(self.signal)), float(np.sum(self.noise)))
 
     def channel_sqnr_db(self) -> float:
         """The median channel's SQNR, each channel against its own signal (channels
@@ -338,16 +339,10 @@ class _Totals:
         live = self.signal > 0
         if not np.any(live):
             return self.sqnr_db()
-        values = [_decibels(a, b) for a, b in zip(self.signal[live], self.noise[live], strict=True)]
+        values = [
+            power_ratio_db(a, b) for a, b in zip(self.signal[live], self.noise[live], strict=True)
+        ]
         return float(np.median(values))
-
-
-def _decibels(signal: float, noise: float) -> float:
-    if noise == 0.0:
-        return math.inf
-    if not math.isfinite(noise) or signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
 
 
 def _run(
