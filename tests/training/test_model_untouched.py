@@ -27,10 +27,15 @@ def _model() -> keras.Model:
     h = BatchNormalization(name="conv_bn")(h)
     h = keras.layers.ReLU()(h)
     h = keras.layers.GlobalAveragePooling2D()(h)
-    outputs = keras.layers.Dense(3, activation="softmax", name="head")(h)
+    outputs = keras.layers.Dense(3, name="head")(h)  # logits: see _LOSS
     model = randomize_batch_norms(keras.Model(inputs, outputs), seed=3)
-    model.compile("sgd", "sparse_categorical_crossentropy")
+    model.compile("sgd", _LOSS)
     return model
+
+
+# From logits: a softmax output saturates on some random draws (its loss clips the
+# probability, and the clipped gradient is exactly zero), so the copy would not move.
+_LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def _data():
@@ -58,7 +63,7 @@ class _Snapshot:
 def _train(copy, x, y) -> None:
     """Uses the copy the way a user would: fit (changes it), predict, evaluate."""
     before = [np.array(v.numpy(), copy=True) for v in copy.trainable_variables]
-    copy.compile("sgd", "sparse_categorical_crossentropy")
+    copy.compile("sgd", _LOSS)
     copy.fit(x, y, epochs=2, batch_size=8, verbose=0)
     copy.predict(x, verbose=0)
     copy.evaluate(x, y, verbose=0)
