@@ -16,6 +16,7 @@ from keras_bn.converters.cli.args import Parser, ReportArgs
 from keras_bn.converters.cli.quiet import quiet_environment
 from keras_bn.converters.cli.run import (
     EXIT_BAD_INPUT,
+    EXIT_BROKEN_PIPE,
     EXIT_INTERNAL_ERROR,
     EXIT_INTERRUPTED,
     Run,
@@ -159,6 +160,8 @@ def main(argv: Sequence[str] | None = None, *, owns_process: bool = False) -> in
     try:
         check_report_path(args)
         code = args.handler(args, run)
+    except BrokenPipeError:  # the reader of our output left (`| head`): console_main's
+        raise
     except (UserInputError, OSError) as error:
         return _user_error(args, error)
     except KeyboardInterrupt:
@@ -187,9 +190,14 @@ def console_main() -> NoReturn:
     ResNet50 on JAX (BENCHMARKS.md appendix), and does nothing a finished command
     needs: :func:`main` has written and
     closed its files (atomically) and joined its threads' work before it returns.
-    The standard streams are flushed first.
+    The standard streams are flushed first. When the reader of stdout has gone
+    (``keras-bn ... | head``), the program stops quietly as other writers into a pipe do.
     """
-    code = main(owns_process=True)
+    try:
+        code = main(owns_process=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush
+        os._exit(EXIT_BROKEN_PIPE)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed pipe: nothing left to show
             stream.flush()

@@ -51,6 +51,7 @@ EXIT_VALIDATION_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL_ERROR = 3  # a bug in keras-bn: traceback plus a request to report it
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a pipe's writer exits with when its reader leaves
 
 
 @dataclasses.dataclass

@@ -1591,3 +1591,25 @@ def test_every_command_ends_with_the_next_step(command, tmp_path, capsys, files)
         if command == "inspect":
             follow[-1] = str(tmp_path / follow[-1])
         assert run_main(follow, capsys)[0] == 0
+
+
+def test_a_reader_that_leaves_ends_the_program_quietly(tmp_path):
+    """``keras-bn ... --json | head``: the pipe's reader has gone when we print; the
+    program stops like other writers into a closed pipe (128 + SIGPIPE), without a
+    traceback and without calling it the user's error or ours."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        args = ["export", str(tmp_path / "missing.keras"), "-o", str(tmp_path / "m.onnx"), "--json"]
+        result = subprocess.run(
+            [sys.executable, "-m", "keras_bn", *args],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        os.close(write)
+    assert result.returncode == 141, result.stderr
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "does not exist" in result.stderr
