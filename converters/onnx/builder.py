@@ -302,7 +302,8 @@ class Builder:
             if content_key in self._small_constants:
                 return self._small_constants[content_key]
         name = self.unique(f"{self.scope_name}/{hint}")
-        self.initializers[name] = np.ascontiguousarray(array)
+        # np.ascontiguousarray would make a 0-d array 1-d: a scalar stays a scalar
+        self.initializers[name] = array if array.flags.c_contiguous else array.copy(order="C")
         if content_key is not None:
             self._small_constants[content_key] = name
         if key is not None:

@@ -160,6 +160,18 @@ def test_constants_are_shared_by_content_or_key_and_stored_in_the_nodes_dtype():
     assert builder.initializers[kept].dtype == np.float64
 
 
+def test_constants_keep_their_shape_a_scalar_included():
+    """A 0-d constant stays 0-d (a (1,) one would give a scalar op's output a rank),
+    and a strided view is stored contiguous with its values."""
+    builder = Builder(17)
+    assert builder.initializers[builder.scalar(2.0)].shape == ()
+    assert builder.initializers[builder.const(np.asarray(3), "n")].shape == ()
+    view = np.arange(12.0).reshape(3, 4).T
+    stored = builder.initializers[builder.const(view, "t", dtype=np.float64)]
+    assert stored.flags.c_contiguous and stored.shape == (4, 3)
+    np.testing.assert_array_equal(stored, view)
+
+
 def test_a_float16_node_computes_in_float16_and_casts_its_float32_inputs():
     builder = Builder(17)
     builder.begin(_node("half", "float16"))
