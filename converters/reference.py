@@ -313,7 +313,12 @@ def _as_float(array: np.ndarray, dtype: str = "float64") -> np.ndarray:
 
 
 def _clone_as(model: keras.Model, dtype: str, float32_classes: list[str]) -> keras.Model:
-    with float64_enabled(), internals.saved_weights_loading():  # weights copied below
+    # get_config of every layer: no TensorFlow import on JAX (tensorflow_probe_deferred)
+    with (
+        float64_enabled(),
+        internals.saved_weights_loading(),
+        internals.tensorflow_probe_deferred(),
+    ):
         return _clone_enabled(model, dtype, float32_classes)
 
 

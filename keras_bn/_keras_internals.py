@@ -72,6 +72,7 @@ __all__ = [
     "saved_weights_loading",
     "saving_temp_dirs_in",
     "tensorflow_probe_answered",
+    "tensorflow_probe_deferred",
     # float64
     "float64_type_promotion",
     "jax_x64_slice_indices",
@@ -378,6 +379,35 @@ def tensorflow_probe_answered() -> None:
     probe = module_utils.tensorflow
     if probe._available is None:
         probe._available = False
+
+
+@contextlib.contextmanager
+def tensorflow_probe_deferred() -> Iterator[None]:
+    """Within the block, Keras's "is TensorFlow installed?" probe answers no without
+    importing it, when the process has not imported TensorFlow (as
+    :func:`tensorflow_probe_answered`, but for a library call: afterwards the probe
+    asks again). Cloning a model calls ``get_config`` on every layer, whose
+    serialization asks the probe: on JAX or torch that imported all of TensorFlow
+    in a user's process for a question whose answer is no (no object can be a
+    ``tf.TensorShape`` before TensorFlow is imported). Not thread-safe.
+    """
+    import sys
+
+    from keras.src.utils import module_utils
+
+    if "tensorflow" in sys.modules or not _patchable("tensorflow_probe_deferred"):
+        yield
+        return
+    probe = module_utils.tensorflow
+    if probe._available is not None:  # answered already (by Keras or the CLI)
+        yield
+        return
+    probe._available = False
+    try:
+        yield
+    finally:
+        if probe._available is False and "tensorflow" not in sys.modules:
+            probe._available = None
 
 
 @contextlib.contextmanager
@@ -1066,6 +1096,12 @@ RELIANCES: dict[str, Reliance] = {
         ),
         Reliance(
             "_keras_internals.tensorflow_probe_answered",
+            "keras.src.utils.module_utils.tensorflow (a LazyModule answering `available` "
+            "from its `_available`)",
+            _tensorflow_probe,
+        ),
+        Reliance(
+            "_keras_internals.tensorflow_probe_deferred",
             "keras.src.utils.module_utils.tensorflow (a LazyModule answering `available` "
             "from its `_available`)",
             _tensorflow_probe,

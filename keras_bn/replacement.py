@@ -7,6 +7,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from keras_bn import _keras_internals as internals
 from keras_bn._batch_norm_state import assign, batch_norm_layers, to_numpy
 from keras_bn._keras_internals import is_sequential_or_functional
 from keras_bn.layers import BatchNormalization
@@ -80,7 +81,8 @@ def replace_batch_norm(model, **layer_kwargs):
         pairs.append((layer, new))
         return new
 
-    new_model = keras.models.clone_model(model, clone_function=clone_function)
+    with internals.tensorflow_probe_deferred():  # get_config: no TensorFlow import on JAX
+        new_model = keras.models.clone_model(model, clone_function=clone_function)
     cache[id(model)] = new_model
     for old, new in pairs:
         if isinstance(old, keras.Layer) and not isinstance(old, keras.Model):

@@ -176,7 +176,8 @@ def _change(monkeypatch, owner, attribute, stand_in):
 
 
 def test_every_patch_has_a_changed_internal_case():
-    missing = set(internals.RELIANCES) - set(CHANGED) - {"tensorflow_probe_answered"}
+    probes = {"tensorflow_probe_answered", "tensorflow_probe_deferred"}  # tested below
+    missing = set(internals.RELIANCES) - set(CHANGED) - probes
     assert not missing, f"add a CHANGED case for {sorted(missing)}"
 
 
@@ -215,6 +216,9 @@ def test_the_tensorflow_probe_is_left_to_keras_when_lazymodule_changed(monkeypat
     probe = module_utils.LazyModule("tensorflow")
     monkeypatch.delitem(sys.modules, "tensorflow")  # as in a process on another backend
     monkeypatch.setattr(module_utils, "tensorflow", probe)
+    with internals.tensorflow_probe_deferred():
+        assert probe._available is False  # answered while cloning ...
+    assert probe._available is None  # ... and asked again afterwards
     internals.tensorflow_probe_answered()
     assert probe._available is False  # answered: Keras is as relied on
 
@@ -225,6 +229,8 @@ def test_the_tensorflow_probe_is_left_to_keras_when_lazymodule_changed(monkeypat
     assert problem.startswith("keras_bn patch _keras_internals.tensorflow_probe_answered relies")
     internals.tensorflow_probe_answered()
     assert probe._available is None  # left alone
+    with internals.tensorflow_probe_deferred():
+        assert probe._available is None  # left alone
 
 
 def test_every_function_that_patches_keras_names_its_reliance():
@@ -479,3 +485,32 @@ def test_argparse_internals_of_did_you_mean():
     assert argparse._get_action_name(action) == "--precision", (
         "keras_bn's did-you-mean relies on argparse._get_action_name; this Python changed it"
     )
+
+
+def test_cloning_on_jax_imports_no_tensorflow_and_leaves_the_probe_unanswered(run_python):
+    """fold_batch_norms, replace_batch_norm and the float64 twin clone the model through
+    get_config; in a user's JAX process that used to import all of TensorFlow (Keras's
+    serializer asks whether it is installed). The probe is answered only while they
+    clone: afterwards Keras asks again, so a process that imports TensorFlow later
+    still serializes its objects."""
+    code = """
+import sys
+import keras, numpy as np
+from keras.src.utils import module_utils
+from keras_bn import replace_batch_norm
+from keras_bn.converters import fold_batch_norms
+from keras_bn.converters.reference import float64_twin
+inputs = keras.Input((8, 8, 3))
+h = keras.layers.Rescaling(1 / 255.0)(inputs)
+h = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(h))
+model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(h))
+x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+fold_batch_norms(model, sample_inputs=x)
+replace_batch_norm(model)
+float64_twin(model, [x])
+print("tensorflow imported:", "tensorflow" in sys.modules)
+print("probe:", module_utils.tensorflow._available)
+"""
+    result = run_python(["-c", code], env={"KERAS_BACKEND": "jax"})
+    assert "tensorflow imported: False" in result.stdout, result.stdout + result.stderr
+    assert "probe: None" in result.stdout

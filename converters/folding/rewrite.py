@@ -19,6 +19,7 @@ import keras
 import numpy as np
 from keras import tree
 
+from keras_bn import _keras_internals as internals
 from keras_bn.converters import graph as graph_lib
 from keras_bn.converters.comparison import compare_arrays
 from keras_bn.converters.errors import UserInputError
@@ -251,7 +252,8 @@ def _rebuild(graph: graph_lib.Graph, progress: Progress | None = None) -> keras.
             _restore_initializers(layer, node.layer)
         return outputs
 
-    return graph_lib.rebuild(graph, call, name=graph.name)
+    with internals.tensorflow_probe_deferred():  # get_config: no TensorFlow import on JAX
+        return graph_lib.rebuild(graph, call, name=graph.name)
 
 
 # --------------------------------------------------------------------------------------
