@@ -101,6 +101,23 @@ def logits(path: Path, inputs: np.ndarray, optimization: str = "ORT_DISABLE_ALL"
     return runtime.run(session, {runtime.input_specs(session)[0].name: inputs})[0]
 
 
+def weight_spread(path: Path) -> str:
+    """Each Conv/Gemm's largest over smallest per-output-channel ``max |w|``."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(path)
+    weights = {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+    spreads = []
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            weight = np.abs(weights[node.input[1]])
+            axis = 0 if node.op_type == "Conv" else 1
+            ranges = weight.max(axis=tuple(i for i in range(weight.ndim) if i != axis))
+            spreads.append(f"{node.name} {ranges.max() / ranges.min():.1f}x")
+    return ", ".join(spreads)
+
+
 def scheme_table(name: str, work: Path, epochs: int, kernels: bool) -> None:
     from keras_bn.converters.reference import float64_twin
 
@@ -113,6 +130,7 @@ def scheme_table(name: str, work: Path, epochs: int, kernels: bool) -> None:
         f"float accuracy {np.mean(reference.argmax(1) == labels):.1%}, float32 export vs "
         f"float64 {sqnr_db(reference, exact):.1f} dB"
     )
+    print(f"weight range, widest / narrowest output channel: {weight_spread(path)}")
     print("| scheme | arithmetic | SQNR vs float | SQNR vs float64 | top-1 agreement | accuracy |")
     print("|---|---|---|---|---|---|")
     modes = [("exact QDQ", "ORT_DISABLE_ALL")] + [("kernels", "ORT_ENABLE_ALL")] * kernels
