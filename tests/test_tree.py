@@ -132,6 +132,7 @@ WHOLE_PROGRAM = {
     "validation/test_validation_exactness.py": "the float64 judge on real models and bugs",
     "validation/test_precision_validation.py": "float16 and int8 criteria on real exports",
     "validation/test_int8_testbed.py": "trained MobileNetV2 weights against PyTorch's logits",
+    "validation/test_int8_per_channel.py": "per-channel int8 on a trained depthwise 1-D net",
     "cli/test_cli_fuzz.py": "corrupted .keras files through the CLI",
     "cli/test_cli_hostile.py": "mutated files through every command",
     "examples/test_examples.py": "the examples, run as a user runs them",

@@ -166,6 +166,30 @@ def test_pipeline_accuracies_remeasured_independently(pipeline):
     assert np.mean(np.argmax(int8_logits, 1) == np.argmax(keras_logits, 1)) >= 0.9
 
 
+def test_pipeline_int8_per_channel_not_below_per_tensor(pipeline, tmp_path):
+    """Issue 23's bar: the pipeline's int8 file (per-channel weights, the default scheme)
+    against the same scheme per-tensor, both against the folded float model."""
+    from keras_bn.converters import runtime
+    from keras_bn.converters.comparison import sqnr_db
+    from keras_bn.converters.precision import quantize_int8
+
+    _, output_dir, _, _ = pipeline
+    data = load_example("edge_pipeline.py").load_data(seed=0)
+    folded = output_dir / "model_folded.onnx"
+    per_tensor = tmp_path / "per_tensor.onnx"
+    calibration = {"image": data["calibration"][0]}
+    quantize_int8(folded, per_tensor, calibration, per_channel=False, layer_report=False)
+
+    def logits(path: Path) -> np.ndarray:
+        session = runtime.open_session(path, optimization="ORT_DISABLE_ALL")  # exact QDQ
+        return runtime.run(session, {"image": data["held_out"][0]})[0]
+
+    reference = logits(folded)
+    per_channel_db = sqnr_db(logits(output_dir / "model_folded_int8.onnx"), reference)
+    assert per_channel_db >= sqnr_db(logits(per_tensor), reference)
+    assert per_channel_db >= 30  # measured 38 dB
+
+
 def test_pipeline_exits_nonzero_when_validation_fails(tmp_path):
     """Zero tolerance cannot pass (folding reorders float32 arithmetic): exit status 1."""
     result = run_example(

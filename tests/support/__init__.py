@@ -12,4 +12,5 @@ themselves). No pytest import, so the benchmarks can use these modules too.
 - files.py: digests and zip archives.
 - console.py: the installed ``keras-bn`` script run as a user runs it.
 - keras_hub_zoo.py: small KerasHub models as a table of constructor arguments.
+- depthwise_1d.py: a depthwise 1-D network trained on digits as sequences (int8).
 """
