@@ -286,6 +286,7 @@ def correct_biases(
     calibration_batches: Sequence[Mapping[str, np.ndarray]],
     *,
     sequential: bool = False,
+    statistics: Any = None,
 ) -> tuple[Any, BiasCorrectionReport]:
     """Correct the quantized model's biases for the mean output shift that rounding
     each layer's weights causes on the calibration data.
@@ -301,6 +302,9 @@ def correct_biases(
             from the float model's (one quantized run per layer): this also removes
             the shifts that activation rounding passes through ReLU/ReLU6, which the
             weights-only form cannot see.
+        statistics: a :class:`.calibration.CalibrationStatistics` holding the float
+            model's per-channel means and spreads of every layer's input and output on
+            ``calibration_batches`` (calibration gathered them): the float run is skipped.
 
     Returns:
         The corrected copy of ``quantized_model`` and a :class:`BiasCorrectionReport`.
@@ -323,7 +327,14 @@ def correct_biases(
     layers = [float_nodes[bias.node.name] for bias in biases]
     names = [name for node in layers for name in (node.input[0], node.output[0])]
     unique = list(dict.fromkeys(names))  # branches share inputs
-    unique_means, unique_spreads, samples = _layer_means(float_model, unique, calibration_batches)
+    if statistics is not None and not sequential and all(n in statistics.means for n in unique):
+        unique_means = [statistics.means[name] for name in unique]
+        unique_spreads = [statistics.spreads[name] for name in unique]
+        samples = statistics.samples
+    else:
+        unique_means, unique_spreads, samples = _layer_means(
+            float_model, unique, calibration_batches
+        )
     means = [unique_means[unique.index(name)] for name in names]
     spreads = [unique_spreads[unique.index(name)] for name in names]
     report = []

@@ -15,7 +15,8 @@ counts, before converting. Folding makes this check matter: the folded kernel is
 moving variance gets a large scale that may not fit in float16.
 
 Int8. Static quantization with QDQ nodes, per-channel symmetric int8 weights and
-activation ranges calibrated on user data (MinMax). Fold BatchNormalization
+activation ranges calibrated on user data (by default the 99.99th percentile of |x|, in one float
+pass of ours: :mod:`.calibration`). Fold BatchNormalization
 *before* quantizing, for three reasons:
 
 * Per-channel weight quantization then sees the effective kernel ``kernel * scale``.
@@ -562,12 +563,12 @@ def _write_int8(
             equalized = equalize_file(onnx_in, source, batch_norm_statistics)
             equalized.float_sqnr_db = compare_onnx_models(onnx_in, source, matched).sqnr_db
             model = _load_onnx(source)
-        _quantize_static(
+        statistics = _quantize_static(
             source, model, tmp, batches, per_channel, calibration_method, progress, percentile
         )
         if bias_correction:
             correction = _correct_biases(
-                source, tmp, batches, sequential=bias_correction == "sequential"
+                source, tmp, batches, bias_correction == "sequential", statistics
             )
         if layer_report:
             from keras_bn.converters.divergence import layer_divergence
@@ -597,7 +598,7 @@ def _graph_input_specs(model: Any) -> list[runtime.InputSpec]:
     return specs
 
 
-def _preprocess(model: Any, path: Path) -> None:
+def _preprocess(model: Any, path: Path) -> Any:
     """``quant_pre_process(skip_optimization=True, skip_symbolic_shape=True)``'s work on
     a model already in memory, saved once to ``path``: ONNX shape inference and the
     pre-processed mark (the same file; onnxruntime's function saves and reloads the
@@ -608,17 +609,27 @@ def _preprocess(model: Any, path: Path) -> None:
     inferred = onnx.shape_inference.infer_shapes(model)
     add_pre_process_metadata(inferred)
     onnx.save(inferred, str(path))
+    return inferred
 
 
 def _correct_biases(
-    onnx_in: Path, quantized: Path, batches: list[dict[str, np.ndarray]], sequential: bool
+    onnx_in: Path,
+    quantized: Path,
+    batches: list[dict[str, np.ndarray]],
+    sequential: bool,
+    statistics: Any = None,
 ):
-    """:func:`.bias_correction.correct_biases` of the file ``quantized``, in place."""
+    """:func:`.bias_correction.correct_biases` of the file ``quantized``, in place
+    (with the input means calibration gathered, when it did)."""
     from keras_bn.converters.bias_correction import correct_biases
 
     onnx = _onnx()
     corrected, report = correct_biases(
-        onnx.load(str(onnx_in)), onnx.load(str(quantized)), batches, sequential=sequential
+        onnx.load(str(onnx_in)),
+        onnx.load(str(quantized)),
+        batches,
+        sequential=sequential,
+        statistics=statistics,
     )
     onnx.save(corrected, str(quantized))
     return report
@@ -633,17 +644,76 @@ def _quantize_static(
     calibration_method: str = "MinMax",
     progress: Callable[[int, int], None] | None = None,
     percentile: float = 99.99,
-) -> None:
+) -> Any:
     """onnxruntime's pre-processing and static QDQ quantization of ``model`` (``onnx_in``
-    loaded), calibrated on ``batches``."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
+    loaded), calibrated on ``batches``. Percentile ranges, with the Conv/Gemm input
+    means bias correction uses, come from one float pass of ours
+    (:mod:`.calibration`) where onnxruntime takes ranges computed elsewhere: the
+    :class:`.calibration.CalibrationStatistics` returned; else None."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process
+
+    from keras_bn.converters import calibration
+
+    options: dict[str, Any] = {
+        "quant_format": QuantFormat.QDQ,
+        "per_channel": per_channel,
+        "activation_type": QuantType.QInt8,
+        "weight_type": QuantType.QInt8,
+        "extra_options": {"ActivationSymmetric": False, "WeightSymmetric": True},
+    }
+    preprocessed = onnx_out.with_name(onnx_out.stem + ".pre.onnx")
+    try:
+        # Shape inference and graph clean-up, as onnxruntime recommends before
+        # quantizing; the optimizer step is ours to skip (folding already ran).
+        # ONNX's own shape inference resolves every shape of our exports (static
+        # but for the batch), so the symbolic pass (which needs sympy) is skipped.
+        inferred = None
+        if model.ByteSize() < _PROTOBUF_LIMIT:
+            inferred = _preprocess(model, preprocessed)
+        else:  # over protobuf's limit: onnxruntime's file-based shape inference
+            quant_pre_process(
+                str(onnx_in), str(preprocessed), skip_optimization=True, skip_symbolic_shape=True
+            )
+        # The histogram calibrators print progress to stdout (keep --json pure).
+        with contextlib.redirect_stdout(io.StringIO()):
+            if (
+                calibration_method == "Percentile"
+                and inferred is not None
+                and calibration.has_calibration_cache()
+            ):
+                layers = [n for n in inferred.graph.node if n.op_type in ("Conv", "Gemm")]
+                statistics = calibration.collect(
+                    inferred,
+                    batches,
+                    percentile=percentile,
+                    means_of=[name for node in layers for name in (node.input[0], node.output[0])],
+                    progress=progress,
+                )
+                calibration.quantize_with_ranges(
+                    preprocessed, onnx_out, statistics.ranges, **options
+                )
+                return statistics
+            _onnxruntime_calibrated(
+                preprocessed, onnx_out, batches, options, calibration_method, percentile, progress
+            )
+            return None
+    finally:
+        for leftover in (preprocessed, Path(str(preprocessed) + ".data")):
+            if leftover.exists():
+                leftover.unlink()
+
+
+def _onnxruntime_calibrated(
+    preprocessed: Path,
+    onnx_out: Path,
+    batches: list[dict[str, np.ndarray]],
+    options: dict[str, Any],
+    calibration_method: str,
+    percentile: float,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """onnxruntime's ``quantize_static`` with its own calibrator, fed one batch at a time."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, quantize_static
 
     class ArrayCalibrationReader(CalibrationDataReader):
         """Feeds the calibration arrays to onnxruntime's calibrator, batch by batch
@@ -666,38 +736,18 @@ def _quantize_static(
             self._handed = next(self._indices, None)
             return None if self._handed is None else batches[self._handed]
 
-    preprocessed = onnx_out.with_name(onnx_out.stem + ".pre.onnx")
-    try:
-        # Shape inference and graph clean-up, as onnxruntime recommends before
-        # quantizing; the optimizer step is ours to skip (folding already ran).
-        # ONNX's own shape inference resolves every shape of our exports (static
-        # but for the batch), so the symbolic pass (which needs sympy) is skipped.
-        if model.ByteSize() < _PROTOBUF_LIMIT:
-            _preprocess(model, preprocessed)
-        else:  # over protobuf's limit: onnxruntime's file-based shape inference
-            quant_pre_process(
-                str(onnx_in), str(preprocessed), skip_optimization=True, skip_symbolic_shape=True
-            )
-        # The histogram calibrators print progress to stdout (keep --json pure).
-        with contextlib.redirect_stdout(io.StringIO()):
-            quantize_static(
-                str(preprocessed),
-                str(onnx_out),
-                ArrayCalibrationReader(),
-                quant_format=QuantFormat.QDQ,
-                per_channel=per_channel,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod[calibration_method],
-                extra_options={
-                    "ActivationSymmetric": False,
-                    "WeightSymmetric": True,
-                    # Every method merges per batch: histograms do not hold all outputs.
-                    "CalibStridedMinMax": 1,
-                    "CalibPercentile": percentile,
-                },
-            )
-    finally:
-        for leftover in (preprocessed, Path(str(preprocessed) + ".data")):
-            if leftover.exists():
-                leftover.unlink()
+    quantize_static(
+        str(preprocessed),
+        str(onnx_out),
+        ArrayCalibrationReader(),
+        calibrate_method=CalibrationMethod[calibration_method],
+        **{
+            **options,
+            "extra_options": {
+                **options["extra_options"],
+                # Every method merges per batch: histograms do not hold all outputs.
+                "CalibStridedMinMax": 1,
+                "CalibPercentile": percentile,
+            },
+        },
+    )
