@@ -162,6 +162,7 @@ def load_model(
     *,
     unsafe: bool = False,
     custom_objects: Iterable[str | tuple[str, Any]] | Mapping[str, Any] = (),
+    checked: bool = False,
 ):
     """Load a Keras 3 ``.keras`` model, turning every failure into a UserInputError.
 
@@ -171,11 +172,14 @@ def load_model(
             Python code). Only for files you trust.
         custom_objects: ``module:name`` strings (or a name -> object mapping) for
             custom layers that are not registered with Keras.
+        checked: the caller has just run :func:`check_model_file` on ``path`` with the
+            same ``unsafe``; the file is not read and checked a second time (its CRC
+            check reads every byte of the weights).
 
     Returns:
         The loaded ``keras.Model``.
     """
-    path = check_keras_file(path, unsafe=unsafe)
+    path = Path(path) if checked else check_keras_file(path, unsafe=unsafe)
     objects = resolve_custom_objects(custom_objects)
     import keras
 

@@ -74,7 +74,7 @@ def load_model(args: argparse.Namespace, run: Run):
     """The ``.keras`` model named by ``args.model``, loaded as ``--unsafe`` etc. say."""
     from keras_bn.converters import model_io
 
-    model_io.check_model_file(args.model, unsafe=args.unsafe)  # a bad file fails before Keras
+    path = model_io.check_model_file(args.model, unsafe=args.unsafe)  # fails before Keras
     with _long_lived_objects(run):
         with run.progress.step("Importing Keras") as step:
             backend = import_keras()
@@ -87,7 +87,7 @@ def load_model(args: argparse.Namespace, run: Run):
         ):
             warnings.simplefilter("always")
             model = model_io.load_model(
-                args.model, unsafe=args.unsafe, custom_objects=args.custom_objects
+                path, unsafe=args.unsafe, custom_objects=args.custom_objects, checked=True
             )
     _forward_warnings(caught, run)
     run.report["model"] = {"path": str(args.model), "name": model.name}

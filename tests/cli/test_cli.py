@@ -567,6 +567,25 @@ def test_the_program_freezes_what_loading_made_and_main_leaves_the_collector_alo
         gc.unfreeze()
 
 
+def test_the_model_file_is_checked_once_per_command(files, capsys, monkeypatch):
+    """The CLI checks the file before importing Keras; the loader does not read and
+    CRC-check the whole archive a second time. A corrupted one is still refused."""
+    from keras_bn.converters import model_io
+
+    checked: list[str] = []
+    real_check = model_io.check_keras_file
+
+    def check(path, **kwargs):
+        checked.append(str(path))
+        return real_check(path, **kwargs)
+
+    monkeypatch.setattr(model_io, "check_keras_file", check)
+    code, _, _ = run_main(["inspect", files["model"]], capsys)
+    assert code == 0 and checked == [str(files["model"])]
+    code, _, err = run_main(["inspect", files["corrupted"]], capsys)
+    assert code == 2 and "fails its CRC check" in err and len(checked) == 2
+
+
 def test_force_replaces_and_output_cannot_be_the_input(tmp_path, capsys, files):
     target = tmp_path / "m.onnx"
     target.write_bytes(b"old")
