@@ -562,13 +562,22 @@ def _write_int8(
             equalized = equalize_file(onnx_in, source, batch_norm_statistics)
             equalized.float_sqnr_db = compare_onnx_models(onnx_in, source, matched).sqnr_db
             model = _load_onnx(source)
-        _quantize_static(
-            source, model, tmp, batches, per_channel, calibration_method, progress, percentile
+        quantized, moments = _quantize_static(
+            source,
+            model,
+            tmp,
+            batches,
+            per_channel,
+            calibration_method,
+            progress,
+            percentile,
+            measure_biases=bias_correction is True,
         )
         if bias_correction:
-            correction = _correct_biases(
-                source, tmp, batches, sequential=bias_correction == "sequential"
+            quantized, correction = _correct_biases(
+                model, quantized, batches, bias_correction == "sequential", moments
             )
+        _onnx().save(quantized, str(tmp))
         if layer_report:
             from keras_bn.converters.divergence import layer_divergence
 
@@ -597,31 +606,34 @@ def _graph_input_specs(model: Any) -> list[runtime.InputSpec]:
     return specs
 
 
-def _preprocess(model: Any, path: Path) -> None:
+def _preprocess(model: Any) -> Any:
     """``quant_pre_process(skip_optimization=True, skip_symbolic_shape=True)``'s work on
-    a model already in memory, saved once to ``path``: ONNX shape inference and the
-    pre-processed mark (the same file; onnxruntime's function saves and reloads the
-    model twice more around its shape inference)."""
+    a model in memory: ONNX shape inference and the pre-processed mark (a new
+    ``ModelProto``; ``model`` is left as it was)."""
     onnx = _onnx()
     from onnxruntime.quantization.quant_utils import add_pre_process_metadata
 
     inferred = onnx.shape_inference.infer_shapes(model)
     add_pre_process_metadata(inferred)
-    onnx.save(inferred, str(path))
+    return inferred
 
 
 def _correct_biases(
-    onnx_in: Path, quantized: Path, batches: list[dict[str, np.ndarray]], sequential: bool
-):
-    """:func:`.bias_correction.correct_biases` of the file ``quantized``, in place."""
+    float_model: Any,
+    quantized: Any,
+    batches: list[dict[str, np.ndarray]],
+    sequential: bool,
+    moments: Mapping[str, Any] | None,
+) -> tuple[Any, Any]:
+    """:func:`.bias_correction.correct_biases` of ``quantized`` (both models in
+    memory), with the calibration pass's ``moments`` when it measured them: the
+    corrected model and the report."""
     from keras_bn.converters.bias_correction import correct_biases
 
-    onnx = _onnx()
-    corrected, report = correct_biases(
-        onnx.load(str(onnx_in)), onnx.load(str(quantized)), batches, sequential=sequential
-    )
-    onnx.save(corrected, str(quantized))
-    return report
+    return correct_biases(float_model, quantized, batches, sequential=sequential, moments=moments)
+
+
+_INT8_OPTIONS = {"ActivationSymmetric": False, "WeightSymmetric": True}
 
 
 def _quantize_static(
@@ -633,9 +645,59 @@ def _quantize_static(
     calibration_method: str = "MinMax",
     progress: Callable[[int, int], None] | None = None,
     percentile: float = 99.99,
+    *,
+    measure_biases: bool = False,
+) -> tuple[Any, dict[str, Any] | None]:
+    """Static QDQ quantization of ``model`` (``onnx_in`` loaded; not modified),
+    calibrated on ``batches``: the quantized ``ModelProto`` and, with
+    ``measure_biases``, the float tensors' moments bias correction reads.
+
+    MinMax and Percentile: one float onnxruntime pass measures the ranges and the
+    moments (:mod:`.calibration`) and onnxruntime's quantizer rewrites the model in
+    memory. Entropy, models over protobuf's 2 GB and an onnxruntime whose internals
+    changed (:func:`.calibration.reliance_problem`): onnxruntime's ``quantize_static``
+    with its own calibrator, through ``onnx_out``; no moments (bias correction then
+    runs the float model itself)."""
+    from keras_bn.converters import calibration
+
+    if (
+        calibration_method in calibration.FAST_METHODS
+        and model.ByteSize() < _PROTOBUF_LIMIT
+        and calibration.reliance_problem() is None
+    ):
+        from keras_bn.converters.bias_correction import tensors_to_measure
+
+        preprocessed = _preprocess(model)
+        measured = calibration.calibrate(
+            preprocessed,
+            batches,
+            calibration_method,
+            percentile=percentile,
+            moments_of=tensors_to_measure(model) if measure_biases else (),
+            progress=progress,
+        )
+        quantized = calibration.quantize_qdq(
+            preprocessed, measured.ranges, per_channel=per_channel, extra_options=_INT8_OPTIONS
+        )
+        return quantized, measured.moments if measure_biases else None
+    _quantize_static_file(
+        onnx_in, model, onnx_out, batches, per_channel, calibration_method, progress, percentile
+    )
+    return _onnx().load(str(onnx_out)), None
+
+
+def _quantize_static_file(
+    onnx_in: Path,
+    model: Any,
+    onnx_out: Path,
+    batches: list[dict[str, np.ndarray]],
+    per_channel: bool,
+    calibration_method: str,
+    progress: Callable[[int, int], None] | None,
+    percentile: float,
 ) -> None:
-    """onnxruntime's pre-processing and static QDQ quantization of ``model`` (``onnx_in``
-    loaded), calibrated on ``batches``."""
+    """onnxruntime's pre-processing and ``quantize_static`` (its own calibrator) of
+    ``model`` (``onnx_in`` loaded), calibrated on ``batches``, written to ``onnx_out``."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -673,7 +735,7 @@ def _quantize_static(
         # ONNX's own shape inference resolves every shape of our exports (static
         # but for the batch), so the symbolic pass (which needs sympy) is skipped.
         if model.ByteSize() < _PROTOBUF_LIMIT:
-            _preprocess(model, preprocessed)
+            _onnx().save(_preprocess(model), str(preprocessed))
         else:  # over protobuf's limit: onnxruntime's file-based shape inference
             quant_pre_process(
                 str(onnx_in), str(preprocessed), skip_optimization=True, skip_symbolic_shape=True
@@ -690,8 +752,7 @@ def _quantize_static(
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod[calibration_method],
                 extra_options={
-                    "ActivationSymmetric": False,
-                    "WeightSymmetric": True,
+                    **_INT8_OPTIONS,
                     # Every method merges per batch: histograms do not hold all outputs.
                     "CalibStridedMinMax": 1,
                     "CalibPercentile": percentile,
