@@ -7,7 +7,10 @@ Bias Correction", section 4.2; Finkelstein et al. 2019, "Fighting Quantization B
 With Bias"). Depthwise layers, with few weights per channel, round coarsely and
 shift most. This pass subtracts ``e E[x]`` from every Conv/Gemm bias the quantizer
 kept, with ``E[x]`` the per-channel mean of the layer's input in the float model on
-calibration data (one float run; only per-channel sums are kept, batch by batch).
+calibration data (one float run; only per-channel sums are kept, batch by batch:
+:class:`ChannelMoments`). The int8 export measures them in its calibration pass
+(:mod:`.calibration`) and hands them over (``correct_biases(moments=...)``), so the
+float model runs once for both.
 
 Each layer corrects only its own weights' error, so corrections do not compound.
 Measuring the quantized model's mean output instead and removing the whole
@@ -43,6 +46,7 @@ from keras_bn.converters import runtime
 
 __all__ = [
     "BiasCorrectionReport",
+    "ChannelMoments",
     "LayerCorrection",
     "channel_sums",
     "convolution_shift",
@@ -50,11 +54,12 @@ __all__ = [
     "output_shift",
     "correct_biases",
     "corrected_bias",
+    "tensors_to_measure",
 ]
 
 INT32_MIN, INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
 CORRECTED_OPS = ("Conv", "Gemm")
-SEQUENTIAL_SAMPLES = 32  # the sequential form runs the quantized model once per layer on these  # channels on axis 1, weights input 1, bias input 2
+SEQUENTIAL_SAMPLES = 32  # the sequential form runs the quantized model once per layer on these
 
 
 # ---------------------------------------------------------------------------------------
@@ -62,11 +67,44 @@ SEQUENTIAL_SAMPLES = 32  # the sequential form runs the quantized model once per
 
 
 def channel_sums(values: np.ndarray, channel_axis: int = 1) -> tuple[np.ndarray, int]:
-    """Per-channel sums of ``values`` over every other axis, in float64, and the count
-    of values each sum holds (so that streamed batches average exactly)."""
-    values = np.moveaxis(np.asarray(values, dtype=np.float64), channel_axis, -1)
-    flat = values.reshape(-1, values.shape[-1])
-    return flat.sum(axis=0), flat.shape[0]
+    """Per-channel sums of ``values`` over every other axis, accumulated in float64,
+    and the count of values each sum holds (so that streamed batches average exactly)."""
+    values = np.asarray(values)
+    axis = channel_axis % values.ndim
+    others = tuple(i for i in range(values.ndim) if i != axis)
+    sums = np.asarray(np.sum(values, axis=others, dtype=np.float64))
+    return sums, values.size // values.shape[axis]
+
+
+@dataclasses.dataclass
+class ChannelMoments:
+    """A tensor's per-channel means and overall spread, streamed batch by batch: the
+    per-channel sums (float64), the count each holds, and the sum of squares."""
+
+    sums: Any = None  # float64 per channel once a batch was added
+    count: int = 0
+    squares: float = 0.0
+    samples: int = 0  # along axis 0
+
+    def add(self, values: np.ndarray, channel_axis: int = 1) -> None:
+        total, count = channel_sums(values, channel_axis)
+        self.sums = total if self.sums is None else self.sums + total
+        self.count += count
+        self.samples += len(values)
+        flat = np.asarray(values).reshape(-1)
+        self.squares += float(np.dot(flat, flat))  # BLAS, float32: a spread for reports
+
+    @property
+    def means(self) -> np.ndarray:
+        return self.sums / self.count
+
+    @property
+    def spread(self) -> float:
+        """The standard deviation of all values (every channel counts the same)."""
+        means = self.means
+        return (
+            max(self.squares / (self.count * means.size) - float(np.mean(means)) ** 2, 0.0) ** 0.5
+        )
 
 
 def corrected_bias(
@@ -247,24 +285,26 @@ def _layer_means(
     """Per-channel means and standard deviations of the tensors ``names`` over
     ``batches``, in exact QDQ arithmetic (graph optimizations off), and the sample count."""
     session = runtime.open_session(_with_outputs(model, names), optimization="ORT_DISABLE_ALL")
-    sums: list[np.ndarray] = [np.zeros(0)] * len(names)
-    squares = [0.0] * len(names)
-    counts = [0] * len(names)
+    moments = [ChannelMoments() for _ in names]
     samples = 0
     for batch in batches:
         values = session.run(list(names), dict(batch))
         samples += len(next(iter(batch.values())))
-        for index, value in enumerate(values):
-            total, count = channel_sums(value)
-            sums[index] = total if counts[index] == 0 else sums[index] + total
-            squares[index] += float(np.square(value, dtype=np.float64).sum())
-            counts[index] += count
-    means = [total / count for total, count in zip(sums, counts, strict=True)]
-    spreads = [
-        max(square / (count * mean.size) - float(np.mean(mean)) ** 2, 0.0) ** 0.5
-        for square, count, mean in zip(squares, counts, means, strict=True)
+        for moment, value in zip(moments, values, strict=True):
+            moment.add(value)
+    return [m.means for m in moments], [m.spread for m in moments], samples
+
+
+def tensors_to_measure(float_model) -> list[str]:
+    """The tensors whose :class:`ChannelMoments` :func:`correct_biases` reads: each
+    Conv/Gemm node's input (its means) and output (its spread, for the report)."""
+    names = [
+        name
+        for node in float_model.graph.node
+        if node.op_type in CORRECTED_OPS
+        for name in (node.input[0], node.output[0])
     ]
-    return means, spreads, samples
+    return list(dict.fromkeys(names))
 
 
 def _first_samples(
@@ -286,7 +326,7 @@ def correct_biases(
     calibration_batches: Sequence[Mapping[str, np.ndarray]],
     *,
     sequential: bool = False,
-    statistics: Any = None,
+    moments: Mapping[str, ChannelMoments] | None = None,
 ) -> tuple[Any, BiasCorrectionReport]:
     """Correct the quantized model's biases for the mean output shift that rounding
     each layer's weights causes on the calibration data.
@@ -302,9 +342,10 @@ def correct_biases(
             from the float model's (one quantized run per layer): this also removes
             the shifts that activation rounding passes through ReLU/ReLU6, which the
             weights-only form cannot see.
-        statistics: a :class:`.calibration.CalibrationStatistics` holding the float
-            model's per-channel means and spreads of every layer's input and output on
-            ``calibration_batches`` (calibration gathered them): the float run is skipped.
+        moments: the float model's :class:`ChannelMoments` on ``calibration_batches``
+            of (at least) :func:`tensors_to_measure`'s tensors, when the caller has
+            measured them (the int8 export's calibration pass): the weights-only form
+            then runs nothing.
 
     Returns:
         The corrected copy of ``quantized_model`` and a :class:`BiasCorrectionReport`.
@@ -327,10 +368,10 @@ def correct_biases(
     layers = [float_nodes[bias.node.name] for bias in biases]
     names = [name for node in layers for name in (node.input[0], node.output[0])]
     unique = list(dict.fromkeys(names))  # branches share inputs
-    if statistics is not None and not sequential and all(n in statistics.means for n in unique):
-        unique_means = [statistics.means[name] for name in unique]
-        unique_spreads = [statistics.spreads[name] for name in unique]
-        samples = statistics.samples
+    if moments is not None and not sequential and all(name in moments for name in unique):
+        unique_means = [moments[name].means for name in unique]
+        unique_spreads = [moments[name].spread for name in unique]
+        samples = moments[unique[0]].samples
     else:
         unique_means, unique_spreads, samples = _layer_means(
             float_model, unique, calibration_batches

@@ -1,260 +1,415 @@
-"""Percentile calibration and bias correction's input means in one float pass.
+"""int8 calibration in one float onnxruntime pass, then onnxruntime's QDQ rewrite.
 
-onnxruntime's percentile calibrator keeps a histogram of ``|x|`` for every tensor it
-calibrates (2048 bins over the first batch's range, widened by bins of the same
-width when a later batch goes beyond it) and takes the edge where the cumulative
-share reaches the percentile. It rebuilds each histogram with ``np.histogram`` on
-explicit edges, which sorts every batch of every tensor; bias correction then ran
-the float model over the calibration data a second time for its per-channel input
-means.
+onnxruntime's ``quantize_static`` calibrates with a graph of its own (the model with
+every tensor to quantize as an extra output) and, for Percentile, merges one
+``np.histogram`` of ``|x|`` per tensor and batch; bias correction then ran the float
+model again for the layers' input means. Here one run of the float model, batch by
+batch (memory bounded by one batch's activations), gives both:
 
-:func:`collect` does both in one onnxruntime run over the calibration batches, with
-the same histograms counted on uniform bins (``np.histogram`` with a range, which
-does not sort) and the per-channel sums bias correction needs taken from the same
-outputs. :func:`quantize_with_ranges` hands the ranges to onnxruntime's
-``quantize_static`` through its calibration cache (``calibration_cache_path``, in
-the onnxruntime releases that have it), so onnxruntime still does the QDQ rewrite.
-Its thresholds equal onnxruntime's own calibrator's to within one histogram bin
-(tested): a later batch's bins are laid out by the same arithmetic, but from a
-range rather than onnxruntime's float32 edge list.
+* the ranges of the tensors onnxruntime's calibrator would choose
+  (:func:`tensors_to_calibrate`), as its MinMax and Percentile calibrators compute
+  them: :class:`MinMaxRange` (the range over every batch) and
+  :class:`AbsoluteHistogram` (onnxruntime's histogram of ``|x|``: 2048 bins over the
+  first batch's range, widened by whole bins when a batch reaches beyond, and its
+  percentile rule). The bins are counted with ``np.bincount`` of the scaled values,
+  not ``np.histogram``'s sort: a value within float32 rounding of a bin edge may be
+  counted in the bin beside it, so a Percentile range is onnxruntime's to one bin;
+* per-channel moments of the tensors bias correction needs
+  (:class:`~keras_bn.converters.bias_correction.ChannelMoments`).
+
+onnxruntime's own quantizer (``QDQQuantizer``) then does the QDQ rewrite with these
+ranges, on the model already in memory (no file round trip, no second shape
+inference). Entropy calibration keeps onnxruntime's calibrator (``quantize_static``).
+
+Everything this module relies on in onnxruntime's quantization package, beyond
+``quantize_static``'s public arguments, is named in :data:`ONNXRUNTIME_RELIANCES`
+and reached only from here; :func:`reliance_problem` says which one changed, and
+the caller then falls back to ``quantize_static`` (``tests/test_upgrade_safety.py``
+checks each).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from keras_bn.converters import runtime
+from keras_bn.converters.bias_correction import ChannelMoments
 
 __all__ = [
+    "FAST_METHODS",
     "HISTOGRAM_BINS",
-    "CalibrationStatistics",
-    "PercentileHistogram",
-    "calibrated_tensors",
-    "collect",
-    "has_calibration_cache",
-    "quantize_with_ranges",
+    "ONNXRUNTIME_RELIANCES",
+    "AbsoluteHistogram",
+    "Calibration",
+    "MinMaxRange",
+    "calibrate",
+    "quantize_qdq",
+    "reliance_problem",
+    "tensors_to_calibrate",
 ]
 
-HISTOGRAM_BINS = 2048  # onnxruntime's default for its percentile calibrator
+FAST_METHODS = ("MinMax", "Percentile")  # Entropy keeps onnxruntime's calibrator
+HISTOGRAM_BINS = 2048  # onnxruntime's create_calibrator: Percentile's num_bins
+_CALIBRATED_TYPES = (1, 10)  # TensorProto.FLOAT, FLOAT16: what its calibrators select
 
 
-class PercentileHistogram:
-    """onnxruntime's symmetric percentile histogram of one tensor, batch by batch."""
-
-    def __init__(self, bins: int = HISTOGRAM_BINS) -> None:
-        self.bins = bins
-        self.counts: np.ndarray | None = None
-        self.first_edge = self.width = 0.0
-        self.lowest = self.highest = None  # of x itself, not |x|
-
-    def add(self, values: np.ndarray) -> None:
-        values = np.asarray(values).ravel()
-        if values.size == 0:
-            return
-        lowest, highest = values.min(), values.max()
-        if np.isnan(lowest) or np.isnan(highest):  # rare: NumPy's NaN-aware path
-            values = values[~np.isnan(values)]
-            if values.size == 0:
-                return
-            lowest, highest = values.min(), values.max()
-        self.lowest = lowest if self.lowest is None else min(self.lowest, lowest)
-        self.highest = highest if self.highest is None else max(self.highest, highest)
-        magnitudes = np.abs(values)
-        if self.counts is None:  # the first batch sets the bins, as onnxruntime's
-            self.counts, edges = np.histogram(magnitudes, bins=self.bins)
-            edges = edges.astype(values.dtype)
-            self.first_edge, self.width = float(edges[0]), float(edges[1] - edges[0])
-            return
-        bins = len(self.counts)
-        top = float(max(-lowest, highest))
-        last_edge = self.first_edge + bins * self.width
-        if top > last_edge:  # more bins of the same width, up to the new maximum
-            bins += int(np.ceil((top - last_edge) / self.width))
-        counts, _ = np.histogram(  # bins from a range: NumPy counts them without sorting
-            magnitudes, bins=bins, range=(self.first_edge, self.first_edge + bins * self.width)
-        )
-        counts[: len(self.counts)] += self.counts
-        self.counts = counts
-
-    def range(self, percentile: float) -> tuple[np.ndarray, np.ndarray]:
-        """``(-t, t)`` with ``t`` the edge where ``percentile`` % of ``|x|`` lies
-        below, kept within the values' own minimum and maximum (onnxruntime's)."""
-        assert self.counts is not None and self.lowest is not None
-        share = np.cumsum(self.counts / self.counts.sum())
-        index = int(np.searchsorted(share, percentile / 100.0))
-        dtype = self.lowest.dtype
-        threshold = np.asarray(self.first_edge + index * self.width, dtype=dtype)
-        lowest = max(-threshold, np.asarray(self.lowest, dtype))
-        highest = min(threshold, np.asarray(self.highest, dtype))
-        return np.asarray(lowest, dtype), np.asarray(highest, dtype)
+# ---------------------------------------------------------------------------------------
+# Ranges (NumPy only).
 
 
 @dataclasses.dataclass
-class CalibrationStatistics:
-    """What :func:`collect` gathers: activation ranges, and per-channel means and
-    overall spreads of the tensors bias correction asked for."""
+class MinMaxRange:
+    """The smallest and largest value over every batch (onnxruntime's MinMax
+    calibrator without moving average or symmetry)."""
 
-    ranges: dict[str, tuple[np.ndarray, np.ndarray]]
-    means: dict[str, np.ndarray]
-    spreads: dict[str, float]
+    lowest: np.float32 | None = None
+    highest: np.float32 | None = None
+
+    def add(self, values: np.ndarray) -> None:
+        low, high = np.min(values), np.max(values)
+        self.lowest = low if self.lowest is None else min(self.lowest, low)
+        self.highest = high if self.highest is None else max(self.highest, high)
+
+    def tensor_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """As onnxruntime's calibrator gives it: float32 arrays of shape (1,)."""
+        return (
+            np.array([self.lowest], dtype=np.float32),
+            np.array([self.highest], dtype=np.float32),
+        )
+
+
+@dataclasses.dataclass
+class AbsoluteHistogram:
+    """onnxruntime's histogram of ``|x|`` (``HistogramCollector.collect_absolute_value``):
+    ``bins`` bins over the first batch's ``[min |x|, max |x|]``; a later batch that
+    reaches beyond the last edge adds bins of the same width; values below the first
+    edge are not counted. ``lowest``/``highest`` are the signed extremes."""
+
+    bins: int = HISTOGRAM_BINS
+    counts: Any = None  # int64 counts once a batch was added
+    edges: Any = None  # float32, len(counts) + 1
+    lowest: Any = None
+    highest: Any = None
+
+    def add(self, values: np.ndarray) -> None:
+        flat = np.asarray(values).reshape(-1)
+        if flat.size == 0:
+            return
+        low, high = np.min(flat), np.max(flat)
+        magnitude = np.abs(flat)
+        largest = max(abs(low), abs(high))
+        if self.edges is None:  # np.histogram's edges for bins=self.bins
+            self.edges = np.histogram_bin_edges(
+                magnitude, self.bins, range=(np.min(magnitude), largest)
+            ).astype(magnitude.dtype)
+            self.counts = np.zeros(self.bins, np.int64)
+            self.lowest, self.highest = low, high
+        else:
+            self.lowest, self.highest = min(self.lowest, low), max(self.highest, high)
+            if largest > self.edges[-1]:  # onnxruntime's rule, float32 arithmetic
+                width = self.edges[1] - self.edges[0]
+                more = np.arange(self.edges[-1] + width, largest + width, width)
+                self.edges = np.hstack((self.edges, more)).astype(magnitude.dtype)
+                self.counts = np.concatenate(
+                    [self.counts, np.zeros(len(self.edges) - 1 - len(self.counts), np.int64)]
+                )
+        self.counts += count_in_bins(magnitude, self.edges)
+
+    def percentile_range(self, percentile: float) -> tuple[Any, Any, Any, Any]:
+        """onnxruntime's ``compute_percentile`` (symmetric): ``(-t, t)`` with ``t`` the
+        left edge of the bin where the cumulative share reaches ``percentile``, kept
+        within the signed extremes; then the first two counts, as it returns them."""
+        counts, edges = self.counts, self.edges
+        cdf = np.cumsum(counts / counts.sum())
+        edge = np.array(edges[np.searchsorted(cdf, percentile / 100.0)], dtype=edges.dtype)
+        lowest, highest = -edge, edge
+        if lowest < self.lowest:
+            lowest = self.lowest
+        if highest > self.highest:
+            highest = self.highest
+        return lowest, highest, counts[0], counts[1]
+
+
+def count_in_bins(magnitude: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """How many of ``magnitude`` fall in each bin ``[edges[i], edges[i + 1])`` (the
+    last bin includes its right edge; nothing above it is expected), for edges spaced
+    uniformly: ``np.bincount`` of the scaled values, one pass, no sort."""
+    bins = len(edges) - 1
+    first, width = edges[0], edges[1] - edges[0]
+    scale = np.float32(1.0 / float(width))
+    if first:
+        scaled = magnitude - first
+        scaled *= scale
+    else:
+        scaled = magnitude * scale
+    index = scaled.astype(np.intp)
+    if first:  # values below the first edge: clipped into bin 0, then taken out
+        np.clip(index, 0, bins - 1, out=index)
+        counts = np.bincount(index, minlength=bins)
+        counts[0] -= np.count_nonzero(magnitude < first)
+        return counts
+    np.minimum(index, bins - 1, out=index)
+    return np.bincount(index, minlength=bins)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------
+# The float pass.
+
+
+def tensors_to_calibrate(model: Any, op_types: Iterable[str] | None = None) -> list[str]:
+    """The tensors onnxruntime's calibrator calibrates (``select_tensors_to_calibrate``),
+    in graph order: every float input or output of a node whose op type onnxruntime
+    quantizes (``op_types``, by default quantize_static's), not an initializer, with a
+    known type (shape inference must have run)."""
+    kinds = set(default_op_types() if op_types is None else op_types)
+    typed = {info.name: info for info in model.graph.value_info}
+    typed.update({info.name: info for info in model.graph.output})
+    typed.update({info.name: info for info in model.graph.input})
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    chosen: dict[str, None] = {}
+    for node in model.graph.node:
+        if node.op_type not in kinds:
+            continue
+        for name in (*node.input, *node.output):
+            info = typed.get(name)
+            if (
+                info is not None
+                and info.type.HasField("tensor_type")
+                and info.type.tensor_type.elem_type in _CALIBRATED_TYPES
+                and name not in initializers
+            ):
+                chosen[name] = None
+    return list(chosen)
+
+
+@dataclasses.dataclass
+class Calibration:
+    """What the float pass measured: onnxruntime's ``TensorsData`` of the ranges, the
+    moments of the tensors asked for, and the sample count."""
+
+    ranges: Any
+    moments: dict[str, ChannelMoments]
     samples: int
 
 
-def calibrated_tensors(model: Any) -> list[str]:
-    """The tensors onnxruntime's calibrators calibrate: every float input or output,
-    not an initializer, of a node onnxruntime can quantize, in graph order."""
-    from onnx import TensorProto
-
-    try:
-        from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
-
-        op_types: set[str] | None = set(QDQRegistry) | set(QLinearOpsRegistry)
-    except ImportError:  # every node, as onnxruntime's calibrators do when told no types
-        op_types = None
-    graph = model.graph
-    typed = {value.name: value for value in itertools.chain(graph.value_info, graph.output)}
-    typed.update({value.name: value for value in graph.input})
-    initializers = {initializer.name for initializer in graph.initializer}
-    floats = {TensorProto.FLOAT, TensorProto.FLOAT16}
-    names: dict[str, None] = {}
-    for node in graph.node:
-        if op_types is not None and node.op_type not in op_types:
-            continue
-        for name in itertools.chain(node.input, node.output):
-            value = typed.get(name)
-            if (
-                value is not None
-                and name not in initializers
-                and value.type.HasField("tensor_type")
-                and value.type.tensor_type.elem_type in floats
-            ):
-                names[name] = None
-    return list(names)
-
-
-def _exposing(model: Any, names: Sequence[str]) -> bytes:
-    """``model`` serialized with ``names`` among its graph outputs."""
-    import onnx
-
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    existing = {output.name for output in exposed.graph.output}
-    typed = {value.name: value for value in exposed.graph.value_info}
-    for name in names:
-        if name not in existing:
-            exposed.graph.output.append(
-                typed.get(name)
-                or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-            )
-    return exposed.SerializeToString()
-
-
-class _Moments:
-    """Per-channel (axis 1) sums and the overall sum of squares of one tensor."""
-
-    def __init__(self) -> None:
-        self.sums: np.ndarray | None = None
-        self.squares = 0.0
-        self.count = 0
-
-    def add(self, values: np.ndarray) -> None:
-        values = np.asarray(values)
-        if values.ndim < 2:
-            values = values[:, None]
-        axes = tuple(axis for axis in range(values.ndim) if axis != 1)
-        sums = values.sum(axis=axes, dtype=np.float64)
-        self.sums = sums if self.sums is None else self.sums + sums
-        flat = values.ravel()
-        self.squares += float(np.dot(flat, flat))  # the report's spread only
-        self.count += values.size // values.shape[1]
-
-    def mean_and_spread(self) -> tuple[np.ndarray, float]:
-        assert self.sums is not None
-        mean = self.sums / self.count
-        variance = self.squares / (self.count * mean.size) - float(np.mean(mean)) ** 2
-        return mean, max(variance, 0.0) ** 0.5
-
-
-def collect(
+def calibrate(
     model: Any,
-    batches: Iterable[Mapping[str, np.ndarray]],
+    batches: Sequence[Mapping[str, np.ndarray]],
+    method: str,
     *,
-    percentile: float,
-    means_of: Sequence[str] = (),
+    percentile: float = 99.99,
+    moments_of: Sequence[str] = (),
     progress: Callable[[int, int], None] | None = None,
-) -> CalibrationStatistics:
-    """One run of the float ``model`` (a loaded ``ModelProto`` with inferred shapes)
-    over ``batches``, in exact arithmetic (graph optimizations off, as onnxruntime's
-    calibrators run): the percentile ranges of :func:`calibrated_tensors` and the
-    per-channel means and spreads of the tensors ``means_of``."""
-    batches = list(batches)
-    histograms = {name: PercentileHistogram() for name in calibrated_tensors(model)}
-    moments = {name: _Moments() for name in means_of}
-    names = list(dict.fromkeys([*histograms, *moments]))
-    session = runtime.open_session(_exposing(model, names), optimization="ORT_DISABLE_ALL")
+) -> Calibration:
+    """Run the float ``model`` (shape-inferred ``ModelProto``, not modified) once over
+    ``batches``, in onnxruntime's calibration arithmetic (graph optimizations off), and
+    measure every tensor to calibrate (``method``: ``"MinMax"`` or ``"Percentile"``)
+    and the per-channel moments of ``moments_of``. ``progress(done, total)`` after
+    each batch."""
+    from onnxruntime.quantization import CalibrationMethod, TensorsData
+
+    names = tensors_to_calibrate(model)
+    inputs = {info.name for info in model.graph.input}
+    fetched = [name for name in dict.fromkeys([*names, *moments_of]) if name not in inputs]
+    session = runtime.open_session(_with_outputs(model, fetched), optimization="ORT_DISABLE_ALL")
+    collector = MinMaxRange if method == "MinMax" else AbsoluteHistogram
+    collected: dict[str, Any] = {name: collector() for name in names}
+    moments = {name: ChannelMoments() for name in moments_of}
     samples = 0
     for done, batch in enumerate(batches, start=1):
-        for name, values in zip(names, session.run(names, dict(batch)), strict=True):
-            if name in histograms:
-                histograms[name].add(values)
-            if name in moments:
-                moments[name].add(values)
+        values = dict(zip(fetched, session.run(fetched, dict(batch)), strict=True))
+        values.update({name: batch[name] for name in inputs if name in batch})
+        for name, statistic in collected.items():
+            statistic.add(values[name])
+        for name, moment in moments.items():
+            moment.add(values[name])
         samples += len(next(iter(batch.values())))
+        del values
         if progress is not None:
             progress(done, len(batches))
-    ranges = {
-        name: histogram.range(percentile)
-        for name, histogram in histograms.items()
-        if histogram.counts is not None
-    }
-    summary = {name: moment.mean_and_spread() for name, moment in moments.items()}
-    return CalibrationStatistics(
-        ranges=ranges,
-        means={name: mean for name, (mean, _) in summary.items()},
-        spreads={name: spread for name, (_, spread) in summary.items()},
-        samples=samples,
+    if method == "MinMax":
+        ranges = {name: statistic.tensor_range() for name, statistic in collected.items()}
+    else:
+        ranges = {name: stat.percentile_range(percentile) for name, stat in collected.items()}
+    return Calibration(TensorsData(CalibrationMethod[method], ranges), moments, samples)
+
+
+def _with_outputs(model: Any, names: Sequence[str]) -> bytes:
+    """``model`` serialized with ``names`` added to its graph outputs (the model itself
+    is left as it was, without a copy)."""
+    from onnx import TensorProto, helper
+
+    outputs = model.graph.output
+    kept = len(outputs)
+    existing = {output.name for output in outputs}
+    outputs.extend(
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+        for name in names
+        if name not in existing
     )
-
-
-def has_calibration_cache() -> bool:
-    """Whether this onnxruntime's ``quantize_static`` takes ranges computed elsewhere
-    (its ``calibration_cache_path``, with ``calibrate.save_tensors_data``)."""
-    from onnxruntime.quantization import calibrate, quantize_static
-
-    return "calibration_cache_path" in inspect.signature(quantize_static).parameters and hasattr(
-        calibrate, "save_tensors_data"
-    )
-
-
-def quantize_with_ranges(
-    model_path: Path,
-    output: Path,
-    ranges: Mapping[str, tuple[np.ndarray, np.ndarray]],
-    **options: Any,
-) -> None:
-    """onnxruntime's ``quantize_static`` of ``model_path`` with percentile ``ranges``
-    (through its calibration cache, a JSON file beside ``output``, removed after)."""
-    from onnxruntime.quantization import CalibrationMethod, quantize_static
-    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
-
-    cache = output.with_name(output.stem + ".ranges.json")
     try:
-        data = {name: TensorData(lowest=lo, highest=hi) for name, (lo, hi) in ranges.items()}
-        save_tensors_data(TensorsData(CalibrationMethod.Percentile, data), cache)
-        quantize_static(
-            str(model_path),
-            str(output),
-            None,
-            calibrate_method=CalibrationMethod.Percentile,
-            calibration_cache_path=str(cache),
-            **options,
-        )
+        return model.SerializeToString()
     finally:
-        cache.unlink(missing_ok=True)
+        del outputs[kept:]
+
+
+# ---------------------------------------------------------------------------------------
+# onnxruntime's quantizer, and what this module relies on in it.
+
+
+def default_op_types() -> list[str]:
+    """The op types ``quantize_static`` quantizes (and calibrates) by default."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return list(set(QLinearOpsRegistry) | set(QDQRegistry))
+
+
+def quantize_qdq(
+    model: Any, ranges: Any, *, per_channel: bool, extra_options: Mapping[str, Any]
+) -> Any:
+    """onnxruntime's QDQ rewrite (``QDQQuantizer``, as ``quantize_static`` runs it for
+    QDQ int8 weights and activations) of ``model`` (shape-inferred, marked
+    pre-processed; consumed) with ``ranges``: the quantized ``ModelProto``, nodes in
+    topological order as ``quantize_static`` saves them."""
+    from onnxruntime.quantization import QDQQuantizer, QuantType
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    add_infer_metadata(model)  # what quantize_static's loading adds
+    quantizer = QDQQuantizer(
+        model,
+        per_channel,
+        False,  # reduce_range
+        QuantType.QInt8,
+        QuantType.QInt8,
+        ranges,
+        [],  # nodes_to_quantize: all
+        [],  # nodes_to_exclude
+        default_op_types(),
+        dict(extra_options),
+    )
+    quantizer.quantize_model()
+    quantizer.model.topological_sort()
+    return quantizer.model.model
+
+
+def _parameters_are(function: Any, *names: str) -> str | None:
+    try:
+        found = list(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return f"{function!r} has no readable signature"
+    if found[: len(names)] != list(names):
+        return f"{getattr(function, '__qualname__', function)} takes {found}, not {list(names)}"
+    return None
+
+
+def _quantizer() -> str | None:
+    from onnxruntime.quantization import QDQQuantizer
+    from onnxruntime.quantization.onnx_model import ONNXModel
+
+    return (
+        _parameters_are(
+            QDQQuantizer.__init__,
+            "self",
+            "model",
+            "per_channel",
+            "reduce_range",
+            "weight_qType",
+            "activation_qType",
+            "tensors_range",
+            "nodes_to_quantize",
+            "nodes_to_exclude",
+            "op_types_to_quantize",
+            "extra_options",
+        )
+        or _parameters_are(QDQQuantizer.quantize_model, "self")
+        or _parameters_are(ONNXModel.topological_sort, "self")
+    )
+
+
+def _registries() -> str | None:
+    from onnxruntime.quantization import registry
+
+    for name in ("QLinearOpsRegistry", "QDQRegistry"):
+        if not isinstance(getattr(registry, name, None), dict):
+            return f"onnxruntime.quantization.registry.{name} is no longer a dict"
+    return None
+
+
+def _ranges() -> str | None:
+    from onnxruntime.quantization import TensorData, TensorsData
+
+    return _parameters_are(TensorsData.__init__, "self", "calibration_method", "data") or (
+        None
+        if {"lowest", "highest", "hist", "bins"} <= set(TensorData._allowed)
+        else "onnxruntime's TensorData no longer takes lowest, highest, hist and bins"
+    )
+
+
+def _metadata() -> str | None:
+    from onnxruntime.quantization import quant_utils
+
+    return _parameters_are(
+        getattr(quant_utils, "add_infer_metadata", None), "model"
+    ) or _parameters_are(getattr(quant_utils, "add_pre_process_metadata", None), "model")
+
+
+def _histogram() -> str | None:
+    from onnxruntime.quantization.calibrate import HistogramCollector, create_calibrator
+
+    source = inspect.getsource(create_calibrator)
+    if '"num_bins", 2048' not in source or '"symmetric", True' not in source:
+        return "create_calibrator's Percentile defaults are no longer 2048 bins, symmetric"
+    return _parameters_are(
+        HistogramCollector.collect_absolute_value, "self", "name_to_arr"
+    ) or _parameters_are(HistogramCollector.compute_percentile, "self")
+
+
+# What the fast path relies on -> how to tell it changed (a sentence, or None).
+ONNXRUNTIME_RELIANCES: dict[str, tuple[str, Callable[[], str | None]]] = {
+    "quantizer": (
+        "onnxruntime.quantization.QDQQuantizer(model, per_channel, reduce_range, "
+        "weight_qType, activation_qType, tensors_range, nodes_to_quantize, nodes_to_exclude, "
+        "op_types_to_quantize, extra_options).quantize_model() and its .model "
+        "(ONNXModel.topological_sort, .model)",
+        _quantizer,
+    ),
+    "op types": (
+        "onnxruntime.quantization.registry.QLinearOpsRegistry and QDQRegistry: the op "
+        "types quantize_static quantizes and calibrates by default",
+        _registries,
+    ),
+    "ranges": (
+        "onnxruntime.quantization.TensorsData(calibration_method, data) of "
+        "TensorData(lowest, highest[, hist, bins])",
+        _ranges,
+    ),
+    "metadata": (
+        "onnxruntime.quantization.quant_utils.add_infer_metadata(model) and "
+        "add_pre_process_metadata(model)",
+        _metadata,
+    ),
+    "histogram": (
+        "onnxruntime's Percentile calibrator: 2048 bins of |x| "
+        "(create_calibrator's defaults, HistogramCollector.collect_absolute_value, "
+        "compute_percentile), replicated by AbsoluteHistogram",
+        _histogram,
+    ),
+}
+
+
+def reliance_problem() -> str | None:
+    """The first changed reliance, as a sentence, or None when all hold."""
+    for what, (_, check) in ONNXRUNTIME_RELIANCES.items():
+        try:
+            problem = check()
+        except (ImportError, AttributeError, OSError, TypeError) as error:
+            problem = f"{type(error).__name__}: {error}"
+        if problem is not None:
+            return f"onnxruntime's {what} changed: {problem}"
+    return None

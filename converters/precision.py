@@ -15,8 +15,7 @@ counts, before converting. Folding makes this check matter: the folded kernel is
 moving variance gets a large scale that may not fit in float16.
 
 Int8. Static quantization with QDQ nodes, per-channel symmetric int8 weights and
-activation ranges calibrated on user data (by default the 99.99th percentile of |x|, in one float
-pass of ours: :mod:`.calibration`). Fold BatchNormalization
+activation ranges calibrated on user data (MinMax). Fold BatchNormalization
 *before* quantizing, for three reasons:
 
 * Per-channel weight quantization then sees the effective kernel ``kernel * scale``.
@@ -563,13 +562,22 @@ def _write_int8(
             equalized = equalize_file(onnx_in, source, batch_norm_statistics)
             equalized.float_sqnr_db = compare_onnx_models(onnx_in, source, matched).sqnr_db
             model = _load_onnx(source)
-        statistics = _quantize_static(
-            source, model, tmp, batches, per_channel, calibration_method, progress, percentile
+        quantized, moments = _quantize_static(
+            source,
+            model,
+            tmp,
+            batches,
+            per_channel,
+            calibration_method,
+            progress,
+            percentile,
+            measure_biases=bias_correction is True,
         )
         if bias_correction:
-            correction = _correct_biases(
-                source, tmp, batches, bias_correction == "sequential", statistics
+            quantized, correction = _correct_biases(
+                model, quantized, batches, bias_correction == "sequential", moments
             )
+        _onnx().save(quantized, str(tmp))
         if layer_report:
             from keras_bn.converters.divergence import layer_divergence
 
@@ -598,41 +606,34 @@ def _graph_input_specs(model: Any) -> list[runtime.InputSpec]:
     return specs
 
 
-def _preprocess(model: Any, path: Path) -> Any:
+def _preprocess(model: Any) -> Any:
     """``quant_pre_process(skip_optimization=True, skip_symbolic_shape=True)``'s work on
-    a model already in memory, saved once to ``path``: ONNX shape inference and the
-    pre-processed mark (the same file; onnxruntime's function saves and reloads the
-    model twice more around its shape inference)."""
+    a model in memory: ONNX shape inference and the pre-processed mark (a new
+    ``ModelProto``; ``model`` is left as it was)."""
     onnx = _onnx()
     from onnxruntime.quantization.quant_utils import add_pre_process_metadata
 
     inferred = onnx.shape_inference.infer_shapes(model)
     add_pre_process_metadata(inferred)
-    onnx.save(inferred, str(path))
     return inferred
 
 
 def _correct_biases(
-    onnx_in: Path,
-    quantized: Path,
+    float_model: Any,
+    quantized: Any,
     batches: list[dict[str, np.ndarray]],
     sequential: bool,
-    statistics: Any = None,
-):
-    """:func:`.bias_correction.correct_biases` of the file ``quantized``, in place
-    (with the input means calibration gathered, when it did)."""
+    moments: Mapping[str, Any] | None,
+) -> tuple[Any, Any]:
+    """:func:`.bias_correction.correct_biases` of ``quantized`` (both models in
+    memory), with the calibration pass's ``moments`` when it measured them: the
+    corrected model and the report."""
     from keras_bn.converters.bias_correction import correct_biases
 
-    onnx = _onnx()
-    corrected, report = correct_biases(
-        onnx.load(str(onnx_in)),
-        onnx.load(str(quantized)),
-        batches,
-        sequential=sequential,
-        statistics=statistics,
-    )
-    onnx.save(corrected, str(quantized))
-    return report
+    return correct_biases(float_model, quantized, batches, sequential=sequential, moments=moments)
+
+
+_INT8_OPTIONS = {"ActivationSymmetric": False, "WeightSymmetric": True}
 
 
 def _quantize_static(
@@ -644,76 +645,67 @@ def _quantize_static(
     calibration_method: str = "MinMax",
     progress: Callable[[int, int], None] | None = None,
     percentile: float = 99.99,
-) -> Any:
-    """onnxruntime's pre-processing and static QDQ quantization of ``model`` (``onnx_in``
-    loaded), calibrated on ``batches``. Percentile ranges, with the Conv/Gemm input
-    means bias correction uses, come from one float pass of ours
-    (:mod:`.calibration`) where onnxruntime takes ranges computed elsewhere: the
-    :class:`.calibration.CalibrationStatistics` returned; else None."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process
+    *,
+    measure_biases: bool = False,
+) -> tuple[Any, dict[str, Any] | None]:
+    """Static QDQ quantization of ``model`` (``onnx_in`` loaded; not modified),
+    calibrated on ``batches``: the quantized ``ModelProto`` and, with
+    ``measure_biases``, the float tensors' moments bias correction reads.
 
+    MinMax and Percentile: one float onnxruntime pass measures the ranges and the
+    moments (:mod:`.calibration`) and onnxruntime's quantizer rewrites the model in
+    memory. Entropy, models over protobuf's 2 GB and an onnxruntime whose internals
+    changed (:func:`.calibration.reliance_problem`): onnxruntime's ``quantize_static``
+    with its own calibrator, through ``onnx_out``; no moments (bias correction then
+    runs the float model itself)."""
     from keras_bn.converters import calibration
 
-    options: dict[str, Any] = {
-        "quant_format": QuantFormat.QDQ,
-        "per_channel": per_channel,
-        "activation_type": QuantType.QInt8,
-        "weight_type": QuantType.QInt8,
-        "extra_options": {"ActivationSymmetric": False, "WeightSymmetric": True},
-    }
-    preprocessed = onnx_out.with_name(onnx_out.stem + ".pre.onnx")
-    try:
-        # Shape inference and graph clean-up, as onnxruntime recommends before
-        # quantizing; the optimizer step is ours to skip (folding already ran).
-        # ONNX's own shape inference resolves every shape of our exports (static
-        # but for the batch), so the symbolic pass (which needs sympy) is skipped.
-        inferred = None
-        if model.ByteSize() < _PROTOBUF_LIMIT:
-            inferred = _preprocess(model, preprocessed)
-        else:  # over protobuf's limit: onnxruntime's file-based shape inference
-            quant_pre_process(
-                str(onnx_in), str(preprocessed), skip_optimization=True, skip_symbolic_shape=True
-            )
-        # The histogram calibrators print progress to stdout (keep --json pure).
-        with contextlib.redirect_stdout(io.StringIO()):
-            if (
-                calibration_method == "Percentile"
-                and inferred is not None
-                and calibration.has_calibration_cache()
-            ):
-                layers = [n for n in inferred.graph.node if n.op_type in ("Conv", "Gemm")]
-                statistics = calibration.collect(
-                    inferred,
-                    batches,
-                    percentile=percentile,
-                    means_of=[name for node in layers for name in (node.input[0], node.output[0])],
-                    progress=progress,
-                )
-                calibration.quantize_with_ranges(
-                    preprocessed, onnx_out, statistics.ranges, **options
-                )
-                return statistics
-            _onnxruntime_calibrated(
-                preprocessed, onnx_out, batches, options, calibration_method, percentile, progress
-            )
-            return None
-    finally:
-        for leftover in (preprocessed, Path(str(preprocessed) + ".data")):
-            if leftover.exists():
-                leftover.unlink()
+    if (
+        calibration_method in calibration.FAST_METHODS
+        and model.ByteSize() < _PROTOBUF_LIMIT
+        and calibration.reliance_problem() is None
+    ):
+        from keras_bn.converters.bias_correction import tensors_to_measure
+
+        preprocessed = _preprocess(model)
+        measured = calibration.calibrate(
+            preprocessed,
+            batches,
+            calibration_method,
+            percentile=percentile,
+            moments_of=tensors_to_measure(model) if measure_biases else (),
+            progress=progress,
+        )
+        quantized = calibration.quantize_qdq(
+            preprocessed, measured.ranges, per_channel=per_channel, extra_options=_INT8_OPTIONS
+        )
+        return quantized, measured.moments if measure_biases else None
+    _quantize_static_file(
+        onnx_in, model, onnx_out, batches, per_channel, calibration_method, progress, percentile
+    )
+    return _onnx().load(str(onnx_out)), None
 
 
-def _onnxruntime_calibrated(
-    preprocessed: Path,
+def _quantize_static_file(
+    onnx_in: Path,
+    model: Any,
     onnx_out: Path,
     batches: list[dict[str, np.ndarray]],
-    options: dict[str, Any],
+    per_channel: bool,
     calibration_method: str,
-    percentile: float,
     progress: Callable[[int, int], None] | None,
+    percentile: float,
 ) -> None:
-    """onnxruntime's ``quantize_static`` with its own calibrator, fed one batch at a time."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, quantize_static
+    """onnxruntime's pre-processing and ``quantize_static`` (its own calibrator) of
+    ``model`` (``onnx_in`` loaded), calibrated on ``batches``, written to ``onnx_out``."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
 
     class ArrayCalibrationReader(CalibrationDataReader):
         """Feeds the calibration arrays to onnxruntime's calibrator, batch by batch
@@ -736,18 +728,37 @@ def _onnxruntime_calibrated(
             self._handed = next(self._indices, None)
             return None if self._handed is None else batches[self._handed]
 
-    quantize_static(
-        str(preprocessed),
-        str(onnx_out),
-        ArrayCalibrationReader(),
-        calibrate_method=CalibrationMethod[calibration_method],
-        **{
-            **options,
-            "extra_options": {
-                **options["extra_options"],
-                # Every method merges per batch: histograms do not hold all outputs.
-                "CalibStridedMinMax": 1,
-                "CalibPercentile": percentile,
-            },
-        },
-    )
+    preprocessed = onnx_out.with_name(onnx_out.stem + ".pre.onnx")
+    try:
+        # Shape inference and graph clean-up, as onnxruntime recommends before
+        # quantizing; the optimizer step is ours to skip (folding already ran).
+        # ONNX's own shape inference resolves every shape of our exports (static
+        # but for the batch), so the symbolic pass (which needs sympy) is skipped.
+        if model.ByteSize() < _PROTOBUF_LIMIT:
+            _onnx().save(_preprocess(model), str(preprocessed))
+        else:  # over protobuf's limit: onnxruntime's file-based shape inference
+            quant_pre_process(
+                str(onnx_in), str(preprocessed), skip_optimization=True, skip_symbolic_shape=True
+            )
+        # The histogram calibrators print progress to stdout (keep --json pure).
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(
+                str(preprocessed),
+                str(onnx_out),
+                ArrayCalibrationReader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod[calibration_method],
+                extra_options={
+                    **_INT8_OPTIONS,
+                    # Every method merges per batch: histograms do not hold all outputs.
+                    "CalibStridedMinMax": 1,
+                    "CalibPercentile": percentile,
+                },
+            )
+    finally:
+        for leftover in (preprocessed, Path(str(preprocessed) + ".data")):
+            if leftover.exists():
+                leftover.unlink()

@@ -15,6 +15,9 @@ failing test says which patch to revisit. The inventory:
   (``RECORDED_FUNCTIONS``);
 * ``converters/reference.py``: JAX's x64 switch; ``converters/graph.py``: the quick
   XLA compile option.
+* ``converters/calibration.py``: onnxruntime's quantizer internals behind int8's
+  one-pass calibration (``ONNXRUNTIME_RELIANCES``; a changed one falls back to
+  ``quantize_static``).
 
 ``gc.freeze`` (``converters/cli/steps.py``) and ``os._exit`` (``converters/cli/app.py``)
 are the standard library's and rely on nothing of Keras or JAX. ``.ci/upgrade-check``
@@ -36,6 +39,7 @@ import numpy as np
 import pytest
 
 from keras_bn import _keras_internals as internals
+from keras_bn.converters import calibration
 
 INTERNALS_SOURCE = Path(internals.__file__)
 
@@ -514,3 +518,15 @@ print("probe:", module_utils.tensorflow._available)
     result = run_python(["-c", code], env={"KERAS_BACKEND": "jax"})
     assert "tensorflow imported: False" in result.stdout, result.stdout + result.stderr
     assert "probe: None" in result.stdout
+
+
+@pytest.mark.parametrize("reliance", sorted(calibration.ONNXRUNTIME_RELIANCES))
+def test_onnxruntime_quantization_internals_of_int8_calibration(reliance):
+    """converters/calibration.py hands its ranges to onnxruntime's QDQQuantizer and
+    replicates its Percentile histogram; each reliance names what it reads."""
+    description, check = calibration.ONNXRUNTIME_RELIANCES[reliance]
+    problem = check()
+    assert problem is None, (
+        f"keras_bn's int8 calibration (converters/calibration.py) relies on {description}; "
+        f"this onnxruntime changed it ({problem}): int8 export falls back to quantize_static"
+    )

@@ -19,11 +19,13 @@ from onnx import TensorProto, helper, numpy_helper
 from keras_bn.converters import runtime
 from keras_bn.converters.bias_correction import (
     SEQUENTIAL_SAMPLES,
+    ChannelMoments,
     channel_sums,
     convolution_shift,
     correct_biases,
     corrected_bias,
     dense_shift,
+    tensors_to_measure,
 )
 from keras_bn.converters.comparison import sqnr_db
 from keras_bn.converters.errors import UserInputError
@@ -144,6 +146,26 @@ def test_channel_sums_average_exactly_when_streamed(axis):
     np.testing.assert_allclose(total / count, values.astype(np.float64).mean(axes), rtol=1e-12)
     np.testing.assert_allclose((first + rest) / (first_count + rest_count), total / count)
     assert total.dtype == np.float64
+
+
+def test_channel_moments_streamed_are_numpys():
+    """Per-channel means and the overall spread of a tensor fed batch by batch (as the
+    int8 calibration pass feeds them) against NumPy's float64 mean and std."""
+    spread = np.logspace(-2, 1, 5)[None, :, None, None]  # channels of very different scale
+    values = (np.random.default_rng(1).normal(3.0, 1.0, (10, 5, 4, 3)) * spread).astype(np.float32)
+    moments = ChannelMoments()
+    for start in range(0, 10, 4):  # batches of 4, 4 and 2
+        moments.add(values[start : start + 4])
+    exact = values.astype(np.float64)
+    np.testing.assert_allclose(moments.means, exact.mean(axis=(0, 2, 3)), rtol=1e-12)
+    assert moments.spread == pytest.approx(exact.std(), rel=1e-6)
+    assert (moments.samples, moments.count) == (10, 10 * 4 * 3)
+
+
+def test_tensors_to_measure_are_each_layers_input_and_output():
+    assert tensors_to_measure(_float_model()) == [
+        "x", "d", "d_relu", "p", "p_relu", "n", "flat", "logits"
+    ]  # fmt: skip
 
 
 def test_corrected_bias_adds_the_shift_in_bias_steps():

@@ -1,128 +1,270 @@
-"""One-pass percentile calibration (converters/calibration.py) against onnxruntime's
-own percentile calibrator, NumPy's percentile, and the int8 file onnxruntime's
-calibration makes."""
+"""Tests for keras_bn.converters.calibration: int8 ranges in one float pass.
+
+The reference is onnxruntime's own calibrators (``create_calibrator``, fed one batch
+per ``collect_data`` as ``quantize_static`` does with ``CalibStridedMinMax=1``) and
+``quantize_static`` itself, on a small CNN built with onnx.helper; and NumPy
+(``np.histogram``, ``np.percentile``) for the histogram maths.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import io
 
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
-from test_bias_correction import _float_model, _images
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    create_calibrator,
+)
+from onnxruntime.quantization.calibrate import HistogramCollector
+from support.files import sha256
 
-from keras_bn.converters import calibration, runtime
-from keras_bn.converters.comparison import sqnr_db
+from keras_bn.converters import bias_correction, calibration, precision
 from keras_bn.converters.precision import quantize_int8
 
-PERCENTILE = 99.99
+CHANNELS, CLASSES, PERCENTILE = 8, 5, 99.99
+SCALES = (1.0, 0.5, 3.0, 2.0)  # per batch: the third batch widens every histogram
 
 
-def _batches(seed: int = 0) -> list[np.ndarray]:
-    """Batches whose range grows (the histogram gains bins) and shrinks, with an
-    outlier, and a tensor whose magnitudes start away from zero."""
-    rng = np.random.default_rng(seed)
-    return [
-        rng.normal(0.5, 1.0, size=(4, 16, 8, 8)).astype(np.float32),
-        rng.normal(0.5, 3.0, size=(4, 16, 8, 8)).astype(np.float32),  # wider: more bins
-        np.concatenate([rng.normal(size=4095), [40.0]]).astype(np.float32).reshape(4, 16, 8, 8),
-        rng.uniform(0.2, 0.5, size=(4, 16, 8, 8)).astype(np.float32),  # narrower
+def _model() -> onnx.ModelProto:
+    """Conv-Relu, a depthwise Conv, a residual Add (signed), pooling and a Gemm."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "w1": rng.normal(size=(CHANNELS, 3, 3, 3)) * 0.4,
+        "b1": rng.normal(size=CHANNELS) * 0.2,
+        "w2": rng.normal(size=(CHANNELS, 1, 3, 3)) * np.logspace(-2, 0, CHANNELS)[:, None, None, None],
+        "b2": rng.normal(size=CHANNELS) * 0.1,
+        "wd": rng.normal(size=(CHANNELS, CLASSES)),
+        "bd": rng.normal(size=CLASSES),
+    }  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], "relu1"),
+        helper.make_node(
+            "Conv", ["r1", "w2", "b2"], ["c2"], "depthwise", group=CHANNELS, pads=[1, 1, 1, 1]
+        ),
+        helper.make_node("Add", ["c2", "c1"], ["added"], "add"),
+        helper.make_node("GlobalAveragePool", ["added"], ["pooled"], "pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], "flatten"),
+        helper.make_node("Gemm", ["flat", "wd", "bd"], ["y"], "dense"),
     ]
-
-
-def test_percentile_ranges_equal_onnxruntimes_calibrator_to_a_bin():
-    from onnxruntime.quantization.calibrate import HistogramCollector
-
-    theirs = HistogramCollector("percentile", True, 2048, 2048, PERCENTILE, "same")
-    ours = calibration.PercentileHistogram()
-    for batch in _batches():
-        theirs.collect({"x": [batch]})
-        ours.add(batch)
-    low, high, *_ = theirs.compute_collection_result()["x"]
-    our_low, our_high = ours.range(PERCENTILE)
-    assert ours.width > 0 and ours.counts is not None and ours.counts.sum() == 4 * 4096
-    assert len(ours.counts) == len(theirs.histogram_dict["x"][0])  # the same bins
-    assert abs(float(our_high) - float(high)) <= 1.01 * ours.width
-    assert abs(float(our_low) - float(low)) <= 1.01 * ours.width
-    # and the statistic itself, from every |x| seen: the percentile lies in the bin
-    # that starts at the threshold
-    every = np.abs(np.concatenate([batch.ravel() for batch in _batches()]))
-    threshold, share = float(our_high), PERCENTILE / 100
-    assert np.mean(every < threshold - 0.01 * ours.width) < share
-    assert np.mean(every < threshold + 1.01 * ours.width) >= share
-
-
-def test_a_range_never_leaves_the_values_own():
-    """ReLU outputs: the threshold's negative side is clipped to their minimum, 0."""
-    histogram = calibration.PercentileHistogram()
-    histogram.add(np.maximum(np.random.default_rng(1).normal(size=10000), 0).astype(np.float32))
-    low, high = histogram.range(100.0)
-    assert float(low) == 0.0 and 0 < float(high) <= histogram.highest
-
-
-def test_collect_gives_every_calibrated_tensor_and_the_layer_means():
-    model = onnx.shape_inference.infer_shapes(_float_model())
-    images = _images(24, seed=3)
-    batches = [{"x": images[i : i + 8]} for i in range(0, 24, 8)]
-    statistics = calibration.collect(
-        model, batches, percentile=PERCENTILE, means_of=["d_relu", "p"]
+    graph = helper.make_graph(
+        nodes,
+        "calibration",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", CLASSES])],
+        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()],
     )
-    assert statistics.samples == 24
-    assert set(calibration.calibrated_tensors(model)) <= set(statistics.ranges)
-    assert {"x", "d", "p_relu", "logits"} <= set(statistics.ranges)
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    for name in ("d_relu", "p"):
-        exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, 1, None))
-    reference = runtime.open_session(exposed.SerializeToString())
-    values = reference.run(["d_relu", "p"], {"x": images})
-    for name, value in zip(["d_relu", "p"], values, strict=True):
-        np.testing.assert_allclose(
-            statistics.means[name], value.mean(axis=(0, 2, 3), dtype=np.float64), rtol=1e-5
-        )
-        assert statistics.spreads[name] == pytest.approx(float(value.std()), rel=1e-3)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, batches):
+        self._batches = iter(batches)
+
+    def get_next(self):
+        return next(self._batches, None)
 
 
 @pytest.fixture(scope="module")
-def quantized_both_ways(tmp_path_factory, request):
-    """The float model quantized by our calibration pass and by onnxruntime's own."""
-    work = tmp_path_factory.mktemp("calibration")
-    source = work / "float.onnx"
-    onnx.save(_float_model(), source)
-    inputs = {"x": _images(32, seed=4)}
-    ours = work / "ours.onnx"
-    quantize_int8(source, ours, inputs, layer_report=False)
-    theirs = work / "theirs.onnx"
-    patch = pytest.MonkeyPatch()
-    patch.setattr(calibration, "has_calibration_cache", lambda: False)
-    try:
-        quantize_int8(source, theirs, inputs, layer_report=False)
-    finally:
-        patch.undo()
-    return source, ours, theirs
+def setup(tmp_path_factory):
+    """The model (file and pre-processed proto), its batches, and onnxruntime's own
+    MinMax and Percentile ranges, computed once."""
+    folder = tmp_path_factory.mktemp("calibration")
+    path = folder / "model.onnx"
+    onnx.save(_model(), str(path))
+    preprocessed = precision._preprocess(onnx.load(str(path)))
+    onnx.save(preprocessed, str(folder / "pre.onnx"))
+    rng = np.random.default_rng(1)
+    batches = [
+        {"x": (rng.normal(size=(16, 3, 8, 8)) * scale).astype(np.float32)} for scale in SCALES
+    ]
+    theirs = {}
+    for method in ("MinMax", "Percentile"):
+        calibrator = create_calibrator(
+            folder / "pre.onnx",
+            calibration.default_op_types(),
+            augmented_model_path=str(folder / f"augmented_{method}.onnx"),
+            calibrate_method=CalibrationMethod[method],
+            extra_options={"percentile": PERCENTILE},
+        )
+        with contextlib.redirect_stdout(io.StringIO()):
+            for batch in batches:  # quantize_static's CalibStridedMinMax=1
+                calibrator.collect_data(_Reader([batch]))
+            theirs[method] = calibrator.compute_data()
+    return path, preprocessed, batches, theirs
 
 
-def _scales(path) -> dict[str, float]:
-    model = onnx.load(str(path))
-    initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    return {
-        node.input[0]: float(initializers[node.input[1]])
-        for node in model.graph.node
-        if node.op_type == "QuantizeLinear" and initializers[node.input[1]].size == 1
-    }
+def _all_values(preprocessed, batches, names):
+    """Every value of ``names`` over ``batches`` (the float model run in NumPy-land)."""
+    from keras_bn.converters import runtime
+
+    fetched = [name for name in names if name != "x"]
+    session = runtime.open_session(calibration._with_outputs(preprocessed, fetched))
+    values = {name: [] for name in names}
+    for batch in batches:
+        outputs = dict(zip(fetched, session.run(fetched, batch), strict=True), x=batch["x"])
+        for name in names:
+            values[name].append(outputs[name].reshape(-1))
+    return {name: np.concatenate(parts) for name, parts in values.items()}
 
 
-def test_the_int8_file_is_onnxruntimes_own_to_a_histogram_bin(quantized_both_ways):
-    if not calibration.has_calibration_cache():
-        pytest.skip("this onnxruntime has no calibration cache: its own calibrator ran")
-    source, ours, theirs = quantized_both_ways
-    our_scales, their_scales = _scales(ours), _scales(theirs)
-    assert our_scales.keys() == their_scales.keys() and len(our_scales) >= 5
-    for name, scale in their_scales.items():
-        # a range moves by at most one of 2048+ bins: the scale by about 1/2048 of itself
-        assert our_scales[name] == pytest.approx(scale, rel=2e-3), name
-    inputs = {"x": _images(64, seed=5)}
-    float_out = runtime.run(runtime.open_session(source), inputs)[0]
-    our_out = runtime.run(runtime.open_session(ours), inputs)[0]
-    their_out = runtime.run(runtime.open_session(theirs), inputs)[0]
-    assert sqnr_db(our_out, float_out) >= sqnr_db(their_out, float_out) - 0.5
-    assert sqnr_db(our_out, their_out) >= 30
+# ---------------------------------------------------------------------------------------
+# Histogram maths against NumPy and onnxruntime's collector.
+
+
+def test_count_in_bins_is_np_histogram():
+    rng = np.random.default_rng(2)
+    magnitude = np.abs(rng.standard_cauchy(200_000)).astype(np.float32)
+    for first in (0.0, 0.25):  # with values below the first edge (not counted)
+        edges = np.linspace(first, magnitude.max(), 2049, dtype=np.float32)
+        counts = calibration.count_in_bins(magnitude, edges)
+        expected, _ = np.histogram(magnitude, bins=edges)
+        assert counts.sum() == expected.sum()
+        # The last edge's value is counted; a value within float32 rounding of an
+        # edge may land in the bin beside it: the cumulative counts agree to a few.
+        assert np.abs(np.cumsum(counts) - np.cumsum(expected)).max() <= 2
+        assert np.abs(counts - expected).sum() <= 4
+
+
+def test_histogram_merges_batches_as_onnxruntime_does():
+    """Same edges (the first batch's range, widened by whole bins) and counts as
+    onnxruntime's HistogramCollector fed the same batches."""
+    rng = np.random.default_rng(3)
+    batches = [(rng.normal(size=5000) * scale).astype(np.float32) for scale in SCALES]
+    ours = calibration.AbsoluteHistogram()
+    theirs = HistogramCollector("percentile", True, 2048, 128, PERCENTILE, "same")
+    with contextlib.redirect_stdout(io.StringIO()):
+        for batch in batches:
+            ours.add(batch)
+            theirs.collect({"t": [batch]})
+    counts, edges, lowest, highest = theirs.histogram_dict["t"]
+    np.testing.assert_array_equal(ours.edges, edges)
+    assert len(edges) > 2049  # the third batch widened it
+    assert (ours.lowest, ours.highest) == (lowest, highest)
+    assert ours.counts.sum() == counts.sum()
+    assert np.abs(np.cumsum(ours.counts) - np.cumsum(counts)).max() <= 2
+
+
+# ---------------------------------------------------------------------------------------
+# The float pass against onnxruntime's calibrators.
+
+
+def test_minmax_ranges_are_onnxruntimes_exactly(setup):
+    _, preprocessed, batches, theirs = setup
+    ours = calibration.calibrate(preprocessed, batches, "MinMax").ranges
+    expected = theirs["MinMax"]
+    assert ours.calibration_method == expected.calibration_method
+    assert set(ours) == set(expected) and {"x", "c1", "r1", "c2", "added", "y"} <= set(ours)
+    for name in expected:
+        for got, want in zip(ours[name].range_value, expected[name].range_value, strict=True):
+            assert got.dtype == want.dtype and got.shape == want.shape, name
+            np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_percentile_ranges_are_onnxruntimes_within_one_bin(setup):
+    _, preprocessed, batches, theirs = setup
+    ours = calibration.calibrate(preprocessed, batches, "Percentile", percentile=PERCENTILE)
+    expected = theirs["Percentile"]
+    assert set(ours.ranges) == set(expected)
+    every = _all_values(preprocessed, batches, list(expected))
+    for name in expected:
+        low, high = (float(v) for v in ours.ranges[name].range_value)
+        want_low, want_high = (float(v) for v in expected[name].range_value)
+        bin_width = np.abs(every[name]).max() / 2048  # at least the final bins' width
+        assert abs(high - want_high) <= bin_width and abs(low - want_low) <= bin_width, name
+        # A symmetric range clipped at the 99.99th percentile of |x| (the value at
+        # that rank of every value collected: the threshold is the left edge of its
+        # bin), kept inside the signed extremes.
+        threshold = np.percentile(np.abs(every[name]), PERCENTILE, method="inverted_cdf")
+        assert abs(high - min(threshold, every[name].max())) <= bin_width, name
+        assert abs(low - max(-threshold, every[name].min())) <= bin_width, name
+
+
+def test_percentile_int8_file_is_quantize_statics(setup, tmp_path):
+    """Ranges handed to onnxruntime's quantizer in memory give the very file of its
+    own pre-processing + quantize_static with its Percentile calibrator (the previous
+    implementation): on this model every range is onnxruntime's to the bit."""
+    path, _, batches, _ = setup
+    data = np.concatenate([batch["x"] for batch in batches])
+    quantize_int8(
+        path, tmp_path / "ours.onnx", {"x": data}, bias_correction=False, layer_report=False
+    )
+    precision._quantize_static_file(
+        path, onnx.load(str(path)), tmp_path / "theirs.onnx", batches, True, "Percentile", None, PERCENTILE
+    )  # fmt: skip
+    assert sha256(tmp_path / "ours.onnx") == sha256(tmp_path / "theirs.onnx")
+
+
+def test_minmax_int8_file_is_the_same_through_the_fallback(setup, tmp_path, monkeypatch):
+    """When an onnxruntime internal changed, quantize_int8 falls back to
+    quantize_static and its calibrator: the same file."""
+    path, _, batches, _ = setup
+    data = np.concatenate([batch["x"] for batch in batches])
+    options = dict(calibration_method="MinMax", layer_report=False)
+    fast = quantize_int8(path, tmp_path / "fast.onnx", {"x": data}, **options)
+    monkeypatch.setattr(calibration, "reliance_problem", lambda: "changed")
+    slow = quantize_int8(path, tmp_path / "slow.onnx", {"x": data}, **options)
+    assert sha256(tmp_path / "fast.onnx") == sha256(tmp_path / "slow.onnx")
+    assert fast.details["bias_correction"] == slow.details["bias_correction"]
+
+
+def test_bias_correction_from_the_pass_is_its_own_float_run(setup, tmp_path):
+    """The default scheme: the biases corrected with the calibration pass's moments
+    equal bias correction's own float run (the previous implementation) to a step."""
+    path, _, batches, _ = setup
+    data = np.concatenate([batch["x"] for batch in batches])
+    report = quantize_int8(path, tmp_path / "default.onnx", {"x": data}, layer_report=False)
+    quantize_int8(
+        path, tmp_path / "plain.onnx", {"x": data}, bias_correction=False, layer_report=False
+    )
+    previous, previous_report = bias_correction.correct_biases(
+        onnx.load(str(path)), onnx.load(str(tmp_path / "plain.onnx")), batches
+    )
+    ours = onnx.load(str(tmp_path / "default.onnx"))
+    want = {t.name: numpy_helper.to_array(t) for t in previous.graph.initializer}
+    biases = [
+        t.name
+        for t in ours.graph.initializer
+        if t.data_type == TensorProto.INT32 and not t.name.endswith("zero_point")
+    ]
+    assert sorted(biases) == ["b1_quantized", "b2_quantized", "bd_quantized"]
+    for tensor in ours.graph.initializer:
+        got = numpy_helper.to_array(tensor)
+        if tensor.data_type == TensorProto.INT32:
+            assert np.abs(got.astype(np.int64) - want[tensor.name]).max() <= 1, tensor.name
+        else:
+            np.testing.assert_array_equal(got, want[tensor.name], err_msg=tensor.name)
+    layers = report.details["bias_correction"]["layers"]
+    assert [layer["node"] for layer in layers] == ["conv1", "depthwise", "dense"]
+    assert report.details["bias_correction"]["samples"] == previous_report.samples == len(data)
+    for layer, expected in zip(layers, previous_report.layers, strict=True):
+        assert layer["max_abs_shift"] == pytest.approx(expected.max_abs_shift, rel=1e-5)
+        assert layer["relative_shift"] == pytest.approx(expected.relative_shift, rel=1e-4)
+
+
+def test_progress_counts_the_batches(setup):
+    _, preprocessed, batches, _ = setup
+    calls = []
+    measured = calibration.calibrate(
+        preprocessed,
+        batches,
+        "Percentile",
+        moments_of=["x", "c1"],
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert measured.samples == 64 and measured.moments["x"].samples == 64
+    every = np.concatenate([batch["x"] for batch in batches]).astype(np.float64)
+    np.testing.assert_allclose(measured.moments["x"].means, every.mean(axis=(0, 2, 3)), rtol=1e-12)
+    assert measured.moments["x"].spread == pytest.approx(every.std(), rel=1e-5)
+
+
+def test_onnxruntime_reliances_hold():
+    assert calibration.reliance_problem() is None
