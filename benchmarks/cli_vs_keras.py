@@ -11,7 +11,10 @@ onnxruntime) or the few lines a user writes for Keras's own exporter (load, call
         /tmp/theirs.onnx
 
 Time the two commands alternately, several runs each, and compare medians
-(BENCHMARKS.md has the figures).
+(BENCHMARKS.md has the figures). Where ``keras-bn export``'s CPU time goes, phase by
+phase, in one process (BENCHMARKS.md section 26)::
+
+    KERAS_BACKEND=jax python benchmarks/cli_vs_keras.py phases /tmp/resnet50.keras
 """
 
 from __future__ import annotations
@@ -52,6 +55,50 @@ def keras_export(model_path: Path, output: Path) -> None:
     model.export(str(output), format="onnx", verbose=False)
 
 
+def phases(model_path: Path, output: Path, samples: int) -> None:
+    """CPU seconds (all threads) of each phase ``keras-bn export`` runs, in its order,
+    one after the other (the command overlaps the Keras pass with the export)."""
+    import gc
+    import time
+
+    from keras_bn.converters.cli.quiet import import_keras
+
+    last = [time.process_time()]
+
+    def mark(name: str) -> None:
+        now = time.process_time()
+        print(f"{name:48s} {now - last[0]:6.2f} s CPU")
+        last[0] = now
+
+    gc.disable()  # as the command: no collection while importing and loading, then frozen
+    backend = import_keras()
+    mark(f"import Keras ({backend})")
+    from keras_bn.converters import model_io, runtime
+    from keras_bn.converters.onnx.export import export_onnx
+    from keras_bn.converters.prepared import prepare
+    from keras_bn.converters.samples import call_model, make_sample_inputs, prepare_call
+    from keras_bn.converters.validation import VALIDATION_OPTIMIZATION
+
+    model = model_io.load_model(model_path, unsafe=False, custom_objects=[])
+    gc.freeze()
+    gc.enable()
+    mark("load the .keras file")
+    prepared = prepare(model)
+    inputs = make_sample_inputs(prepared, samples, seed=0)
+    mark(f"input-domain probe, {samples} inputs made")
+    prepare_call(prepared, samples)
+    mark("Keras reference: trace + compile (JAX only)")
+    call_model(prepared, inputs)
+    mark(f"Keras reference: run {samples} samples")
+    export_onnx(prepared, output)
+    mark("fold + export + write")
+    session = runtime.open_session(output, optimization=VALIDATION_OPTIMIZATION, spinning=False)
+    mark("onnxruntime: open the file")
+    session.run(None, {name: array[:1] for name, array in inputs.items()})
+    session.run(None, inputs)
+    mark(f"onnxruntime: run batch 1 and batch {samples}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -62,9 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     exported = commands.add_parser("keras-export", help="Keras's own ONNX export")
     exported.add_argument("model", type=Path)
     exported.add_argument("output", type=Path)
+    timed = commands.add_parser("phases", help="CPU time of keras-bn export's phases")
+    timed.add_argument("model", type=Path)
+    timed.add_argument("--output", type=Path, default=Path("phases.onnx"))
+    timed.add_argument("--samples", type=int, default=16)
     args = parser.parse_args(argv)
     if args.command == "make":
         make(args.path, args.model, args.size)
+    elif args.command == "phases":
+        phases(args.model, args.output, args.samples)
     else:
         keras_export(args.model, args.output)
     return 0

@@ -23,7 +23,10 @@ onnxruntime runs the file with its graph optimizations up to the extended level
 layout transform, which rewrites convolutions into blocked NCHWc kernels: preparing
 those costs more than the check itself (most of a validation: BENCHMARKS.md appendix)
 and changes only the order of float32 roundings, not what the graph computes.
-``keras-bn bench`` measures latency at both levels.
+``keras-bn bench`` measures latency at both levels. Its worker threads sleep between
+operations rather than spin (:func:`.runtime.open_session`): the ``keras-bn`` command
+runs the Keras reference pass meanwhile, which the spinning would take CPU from
+(BENCHMARKS.md section 26).
 
 A float16 or int8 file is judged by its own criterion
 (:func:`.comparison.judge_precision`): every output against Keras float32's run
@@ -310,7 +313,7 @@ def _open_and_run(
     Returns ``(session, fixed batch size, input layout, plan, runs)``; the runs are
     None when the batch is fixed at a size the generated inputs do not have.
     """
-    session = runtime.open_session(path, optimization=VALIDATION_OPTIMIZATION)
+    session = runtime.open_session(path, optimization=VALIDATION_OPTIMIZATION, spinning=False)
     if input_layout is None:
         metadata = session.get_modelmeta().custom_metadata_map
         recorded = metadata.get(METADATA_INPUT_LAYOUT, "channels_last")
@@ -488,7 +491,9 @@ def _onnx_values(onnx_model: Any, matched: list, feed: Mapping[str, np.ndarray])
             existing_outputs.add(name)
             elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype))
             copy.graph.output.append(helper.make_tensor_value_info(name, elem_type, None))
-    session = runtime.open_session(copy.SerializeToString(), optimization=VALIDATION_OPTIMIZATION)
+    session = runtime.open_session(
+        copy.SerializeToString(), optimization=VALIDATION_OPTIMIZATION, spinning=False
+    )
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, dict(feed)), strict=True))
 

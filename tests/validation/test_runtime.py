@@ -87,6 +87,23 @@ def test_sessions_open_from_a_path_or_bytes_and_list_their_inputs(dynamic):
     assert input_specs(open_session(_model_bytes(batch=4), threads=1))[0].shape == (4, 2, 3, 4)
 
 
+def test_a_session_without_spinning_sleeps_between_operations_and_computes_the_same(dynamic):
+    def allow_spinning(session):
+        try:
+            return session.get_session_options().get_session_config_entry(
+                "session.intra_op.allow_spinning"
+            )
+        except Exception:  # not set: onnxruntime's default, spinning
+            return None
+
+    quiet = open_session(dynamic, spinning=False)
+    assert allow_spinning(quiet) == "0"
+    assert allow_spinning(open_session(dynamic)) in (None, "1")
+    inputs = _inputs(3)
+    for got, expected in zip(run(quiet, inputs), _expected(inputs), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-7)
+
+
 @pytest.mark.parametrize("source", ["path", "bytes"])
 def test_an_unreadable_model_is_one_user_error(tmp_path, source):
     path = tmp_path / "broken.onnx"
