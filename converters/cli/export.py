@@ -142,7 +142,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-statistics-check",
         action="store_true",
         help="skip comparing the BN moving statistics with --data/--inputs/--calibration "
-        "(two compiled passes over the data) (default: checked whenever data is given)",
+        "(a compiled pass over the data, a second over its first 16 samples) (default: checked "
+        "whenever data is given)",
     )
     ModelLoadingArgs().add_to(parser)
     ComparisonArgs(defaults="precision").add_to(parser)
