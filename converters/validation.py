@@ -661,22 +661,14 @@ def validate_onnx(
         reference: Keras's run of ``model`` (a :class:`.reference.KerasReference`,
             awaited while onnxruntime opens the file): compared on its inputs, as on
             given ``inputs``, without running Keras again. Not with ``inputs``.
-        onnx_outputs: the file's outputs on every sample of the given ``inputs`` (or
-            ``reference``'s) in one onnxruntime run at :data:`VALIDATION_OPTIMIZATION`,
-            when the caller has them (``quantize_int8``'s comparison on the same
-            samples: :attr:`.precision.PrecisionReport.outputs`): that run is reused,
-            and only the one-sample run proves the batch dynamic.
+        onnx_outputs: the file's outputs on every given sample, one run (see _run_both).
 
     Returns:
         A :class:`ValidationReport` (truthy iff every output passed).
     """
     path = Path(path)
-    explicit = atol is not None or rtol is not None
-    atol = DEFAULT_ATOL if atol is None else atol
-    rtol = DEFAULT_RTOL if rtol is None else rtol
+    explicit, atol, rtol = _tolerances(atol, rtol)
     _check_arguments(path, inputs, batch_sizes, atol, rtol, input_layout, precision, reference)
-    if onnx_outputs is not None and inputs is None and reference is None:
-        raise ValueError("onnx_outputs are the file's outputs on given inputs or reference's")
     prepared = prepare(model)
     if precision is None:
         precision = _detect_precision(path)
@@ -697,6 +689,14 @@ def validate_onnx(
     if localize and not report.passed:
         _explain_failure(report, prepared, path, failing_batch, explicit)
     return report
+
+
+def _tolerances(atol: float | None, rtol: float | None) -> tuple[bool, float, float]:
+    """Whether the caller gave a tolerance (a strict contract), and both tolerances."""
+    explicit = atol is not None or rtol is not None
+    atol = DEFAULT_ATOL if atol is None else atol
+    rtol = DEFAULT_RTOL if rtol is None else rtol
+    return explicit, atol, rtol
 
 
 def _describe_inputs(
@@ -807,7 +807,16 @@ def _run_both(
     onnx_outputs: Sequence[np.ndarray] | None = None,
 ) -> _Runs:
     """Run Keras (unless ``reference`` has) and onnxruntime on the same inputs
-    (generated, the user's, or the reference's)."""
+    (generated, the user's, or the reference's).
+
+    ``onnx_outputs``: the file's outputs on every given sample (``inputs`` or
+    ``reference``'s) in one onnxruntime run at :data:`VALIDATION_OPTIMIZATION`, when
+    the caller has them (``quantize_int8``'s comparison on the same samples,
+    :attr:`.precision.PrecisionReport.outputs`): that run is reused, and only the
+    one-sample run (the dynamic batch) is added.
+    """
+    if onnx_outputs is not None and inputs is None and reference is None:
+        raise ValueError("onnx_outputs are the file's outputs on given inputs or reference's")
     if reference is not None:
         inputs = reference.inputs
     if inputs is None:  # generated again below if the ONNX batch is fixed at another size
