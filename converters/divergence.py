@@ -77,7 +77,7 @@ class LayerDivergence:
     max_abs_error: float
     relative_to_range: float  # max |int8 - float| / (max - min of the float value)
     value_range: tuple[float, float]
-    channel_spread: float  # the largest channel's max |value| over the median channel's
+    channel_spread: float  # the largest channel's max |value| over the median (non-zero) one
     int8_step: float | None  # the activation scale (None: the value is not quantized)
     weights_per_tensor: bool
     weight_spread: float | None  # the weight's largest output channel range over the median
@@ -385,14 +385,16 @@ def _run(
 
 
 def _spread(channel_max: np.ndarray | None) -> float:
-    """The largest entry over the median one (1.0 for fewer than two channels)."""
-    if channel_max is None or channel_max.size < 2:
+    """The largest entry over the median non-zero one (1.0 for fewer than two non-zero
+    channels). Channels that stay zero on the samples (dead after a ReLU) lose nothing
+    to the per-tensor scale: over all channels, a median of zero read as an infinite
+    spread."""
+    if channel_max is None:
         return 1.0
-    median = float(np.median(channel_max))
-    largest = float(channel_max.max())
-    if largest == 0.0:
+    live = channel_max[channel_max > 0]
+    if live.size < 2:
         return 1.0
-    return largest / median if median > 0 else math.inf
+    return float(live.max()) / float(np.median(live))
 
 
 def _weight_facts(float_model, int8_model, value: str) -> tuple[bool, float | None]:

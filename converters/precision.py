@@ -78,6 +78,12 @@ __all__ = [
 ]
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504.0
+# The int8 file's comparison with the float model runs at validation's optimization
+# level (``validation.VALIDATION_OPTIMIZATION``: the int8 kernels a deployment
+# gets), all samples in one run up to this many, so that ``keras-bn export``'s
+# validation on the calibration data reuses that run (PrecisionReport.outputs).
+_COMPARISON_OPTIMIZATION = "ORT_ENABLE_EXTENDED"
+_ONE_RUN_SAMPLES = 256
 FLOAT16_SMALLEST_SUBNORMAL = float(2.0**-24)  # ~5.96e-8; a cast gives 0 below 2**-25
 _PROTOBUF_LIMIT = 2**31 - 1  # bytes: a larger ModelProto cannot be serialized in memory
 
@@ -155,6 +161,11 @@ class PrecisionReport:
     comparison: ModelComparison | None = None
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
     divergence: Any = None  # int8: divergence.DivergenceReport, per Keras layer
+    # int8: the file's outputs on all the calibration samples, as onnxruntime gave them
+    # in one run at validation's optimization level (None: run in several batches, or
+    # not run): validation on the same samples reuses them (validate_onnx's
+    # ``onnx_outputs``) instead of running the file again.
+    outputs: list[np.ndarray] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def clamped_count(self) -> int:
@@ -489,22 +500,32 @@ def _int8_report(
     float_outputs: Sequence[np.ndarray] | None,
     per_channel: bool,
 ) -> PrecisionReport:
-    """The int8 file compared with the float model (or ``float_outputs``) on ``matched``."""
-    if float_outputs is None:
-        comparison = compare_onnx_models(onnx_in, onnx_out, matched)
+    """The int8 file compared with the float model (or ``float_outputs``) on ``matched``;
+    the int8 outputs kept when they came from one run of every sample."""
+    session = runtime.open_session(onnx_out, optimization=_COMPARISON_OPTIMIZATION)
+    count = int(len(next(iter(matched.values()))))
+    one_run = runtime.fixed_batch_size(runtime.input_specs(session)) is None
+    one_run = one_run and count <= _ONE_RUN_SAMPLES
+    kept = None
+    if one_run:  # as validation runs them: raw outputs, one batch of every sample
+        feed = runtime.match_inputs(runtime.input_specs(session), matched, "Calibration data")
+        kept = [np.asarray(output) for output in session.run(None, feed)]
+        received = [output.astype(np.float64) for output in kept]
     else:
-        received = runtime.run(runtime.open_session(onnx_out), matched)
-        comparison = compare_outputs(float_outputs, received)
+        received = runtime.run(session, matched)
+    if float_outputs is None:
+        float_outputs = runtime.run(runtime.open_session(onnx_in), matched)
     return PrecisionReport(
         precision="int8",
         path=str(onnx_out),
         seconds=0.0,
-        comparison=comparison,
+        comparison=compare_outputs(float_outputs, received),
         details={
             "quant_format": "QDQ",
             "per_channel": per_channel,
-            "calibration_samples": int(len(next(iter(matched.values())))),
+            "calibration_samples": count,
         },
+        outputs=kept,
     )
 
 

@@ -9,7 +9,9 @@ over the data at that layer as the model stands (one compiled pass,
 and M2 reduced in the pass, only those vectors copied out, the batches merged in
 float64 with Chan's formula), compares them with the moving statistics, and runs the
 model again with the population statistics (the same compiled program, new
-statistics) to say how much the difference changes the outputs. The first pass's outputs are Keras's run of the data
+statistics) to say how much the difference changes the outputs, on the first
+:data:`EFFECT_SAMPLES` samples (every sample when the data has labels: the accuracy
+on them is reported). The first pass's outputs are Keras's run of the data
 (:attr:`StatisticsCheck.moving_outputs`): ``keras-bn export`` takes them as its
 reference when it validates on the same samples, rather than a third pass.
 ``keras-bn recalibrate`` measures the same layers sequentially instead
@@ -41,6 +43,7 @@ import numpy as np
 __all__ = [
     "SHIFT_LIMIT",
     "VARIANCE_FACTOR_LIMIT",
+    "EFFECT_SAMPLES",
     "statistic_change",
     "LayerCheck",
     "OutputEffect",
@@ -55,6 +58,12 @@ NOT_CHECKED = (
     "BatchNormalization statistics were not checked against data: pass --data (or "
     "--inputs/--calibration) to find stale moving statistics."
 )
+# Samples the output-effect lines are measured on (the second pass, with the
+# population statistics, runs on the first batches holding that many): the lines
+# illustrate what stale statistics do to the outputs; the verdicts come from the
+# first pass over every sample. ``keras-bn export`` and ``inspect`` read the data in
+# batches of this size, so the second pass reuses the first pass's compiled program.
+EFFECT_SAMPLES = 16
 FIX = "keras-bn recalibrate MODEL.keras --data DATA -o OUT.keras"
 
 
@@ -96,17 +105,22 @@ class OutputEffect:
     name: str
     kind: str  # "top-1 agreement" (classifier scores) or "relative change"
     value: float  # the fraction of samples that agree, or max|diff| / max|population|
+    samples: int = 0  # how many samples both runs compared (0: not recorded)
 
     def describe(self, before: str, after: str) -> str:
         if self.kind == "top-1 agreement":
             return (
                 f"output {self.name!r}: the {before} and the {after} give the same top-1 "
-                f"class for {100 * self.value:.1f}% of the samples"
+                f"class for {100 * self.value:.1f}% of {self._samples}"
             )
         return (
             f"output {self.name!r}: changes by {self.value:.3g} of its range from the "
-            f"{before} to the {after} (max |difference| / max |output|)"
+            f"{before} to the {after} on {self._samples} (max |difference| / max |output|)"
         )
+
+    @property
+    def _samples(self) -> str:
+        return f"{self.samples} sample(s)" if self.samples else "the samples"
 
 
 @dataclasses.dataclass
@@ -185,7 +199,8 @@ def check_statistics(model: Any, source: Any, *, keep_population: bool = False) 
     are those of each layer's input as the model stands (one compiled pass,
     ``keras_bn.recalibration.BatchNormInputs``, moments reduced in the pass), and a
     second run of the same compiled program, with all of them written, measures the
-    effect on the outputs. With
+    effect on the outputs (on the first :data:`EFFECT_SAMPLES` samples, unless the
+    data has labels). With
     ``keep_population`` the model is instead recalibrated (``recalibrate_batch_norm``,
     sequential and exact: what ``keras-bn recalibrate`` writes) and kept so: the
     check then describes the change.
@@ -218,6 +233,8 @@ def check_statistics(model: Any, source: Any, *, keep_population: bool = False) 
         ]
         effects = _OutputEffects(model)
         for index, (x, y) in enumerate(source):
+            if y is None and not keep_population and effects.samples >= EFFECT_SAMPLES:
+                break  # enough for the effect lines (no labels to score on every sample)
             if moving_outputs is None:
                 _write(before)
                 moving = forward.outputs(x)
@@ -309,10 +326,12 @@ class _OutputEffects:
         effects = []
         for i, name in enumerate(self.names):
             if self.classifier and self.classifier[i]:
-                effects.append(OutputEffect(name, "top-1 agreement", self.agree[i] / self.samples))
+                agree = self.agree[i] / self.samples
+                effects.append(OutputEffect(name, "top-1 agreement", agree, self.samples))
             else:
                 scale = self.max_value[i] or 1.0
-                effects.append(OutputEffect(name, "relative change", self.max_diff[i] / scale))
+                change = self.max_diff[i] / scale
+                effects.append(OutputEffect(name, "relative change", change, self.samples))
         return effects
 
     def accuracy(self, side: int) -> float | None:

@@ -305,10 +305,13 @@ def _open_and_run(
     full: Mapping[str, np.ndarray],
     batch_sizes: list[int] | None,
     input_layout: InputLayout | None,
+    known: list[np.ndarray] | None = None,
 ) -> tuple[Any, int | None, InputLayout, list, list | None]:
     """Open the ONNX file in onnxruntime and run it on ``full`` as validation plans.
 
-    ``batch_sizes``: those of generated inputs (None for user inputs). The session
+    ``batch_sizes``: those of generated inputs (None for user inputs). ``known``: the
+    file's outputs on all of ``full`` in one run, already computed (validate_onnx's
+    ``onnx_outputs``): that run is not repeated. The session
     reads the file once: the ONNX proto itself is parsed only to localize a failure.
     Returns ``(session, fixed batch size, input layout, plan, runs)``; the runs are
     None when the batch is fixed at a size the generated inputs do not have.
@@ -329,7 +332,16 @@ def _open_and_run(
     if fixed is not None and batch_sizes is not None and fixed != count:
         return session, fixed, input_layout, [], None
     planned = _batch_plan(count, fixed, batch_sizes, per_sample=True)
-    ran = [_run_batches(session, full, chunks, input_layout) for _, chunks in planned]
+    ran = [
+        _run_batches(
+            session,
+            full,
+            chunks,
+            input_layout,
+            known if fixed is None and len(chunks) == 1 and len(chunks[0]) == count else None,
+        )
+        for _, chunks in planned
+    ]
     return session, fixed, input_layout, planned, ran
 
 
@@ -338,8 +350,10 @@ def _run_batches(
     full: Mapping[str, np.ndarray],
     chunks: list[np.ndarray],
     input_layout: InputLayout,
+    known: list[np.ndarray] | None = None,
 ) -> tuple[list[tuple[dict, dict, list]], Exception | None]:
-    """onnxruntime on each chunk of the samples, in order.
+    """onnxruntime on each chunk of the samples, in order (``known``: the outputs of
+    a single chunk, already computed).
 
     Returns the runs as ``(Keras inputs, ONNX feed, outputs)`` and the error that
     stopped them (None when all ran).
@@ -352,6 +366,8 @@ def _run_batches(
         )
         for batch in batches
     ]
+    if known is not None:
+        return [(batches[0], feeds[0], list(known))], None
     runs = []
     try:
         for batch, feed in zip(batches, feeds, strict=True):
@@ -611,6 +627,7 @@ def validate_onnx(
     seed: int = 0,
     precision: str | None = None,
     reference: KerasReference | None = None,
+    onnx_outputs: Sequence[np.ndarray] | None = None,
 ) -> ValidationReport:
     """Compare the ONNX model at ``path`` with the Keras ``model`` in onnxruntime.
 
@@ -649,21 +666,22 @@ def validate_onnx(
         reference: Keras's run of ``model`` (a :class:`.reference.KerasReference`,
             awaited while onnxruntime opens the file): compared on its inputs, as on
             given ``inputs``, without running Keras again. Not with ``inputs``.
+        onnx_outputs: the file's outputs on every given sample, one run (see _run_both).
 
     Returns:
         A :class:`ValidationReport` (truthy iff every output passed).
     """
     path = Path(path)
-    explicit = atol is not None or rtol is not None
-    atol = DEFAULT_ATOL if atol is None else atol
-    rtol = DEFAULT_RTOL if rtol is None else rtol
+    explicit, atol, rtol = _tolerances(atol, rtol)
     _check_arguments(path, inputs, batch_sizes, atol, rtol, input_layout, precision, reference)
     prepared = prepare(model)
     if precision is None:
         precision = _detect_precision(path)
     if batch_sizes is None:
         batch_sizes = (1, INT8_TOP1_MIN_SAMPLES) if precision == "int8" else (1, 2)
-    runs = _run_both(prepared, path, inputs, batch_sizes, input_layout, seed, reference)
+    runs = _run_both(
+        prepared, path, inputs, batch_sizes, input_layout, seed, reference, onnx_outputs
+    )
     # float16/int8 outputs are never exact: every one is judged by its criterion.
     outright = None if explicit else (OUTRIGHT if precision == "float32" else -1.0)
     comparisons, failing_batch, doubtful = _compare_outputs(prepared, runs, atol, rtol, outright)
@@ -676,6 +694,14 @@ def validate_onnx(
     if localize and not report.passed:
         _explain_failure(report, prepared, path, failing_batch, explicit)
     return report
+
+
+def _tolerances(atol: float | None, rtol: float | None) -> tuple[bool, float, float]:
+    """Whether the caller gave a tolerance (a strict contract), and both tolerances."""
+    explicit = atol is not None or rtol is not None
+    atol = DEFAULT_ATOL if atol is None else atol
+    rtol = DEFAULT_RTOL if rtol is None else rtol
+    return explicit, atol, rtol
 
 
 def _describe_inputs(
@@ -783,9 +809,19 @@ def _run_both(
     input_layout: InputLayout | None,
     seed: int,
     reference: KerasReference | None = None,
+    onnx_outputs: Sequence[np.ndarray] | None = None,
 ) -> _Runs:
     """Run Keras (unless ``reference`` has) and onnxruntime on the same inputs
-    (generated, the user's, or the reference's)."""
+    (generated, the user's, or the reference's).
+
+    ``onnx_outputs``: the file's outputs on every given sample (``inputs`` or
+    ``reference``'s) in one onnxruntime run at :data:`VALIDATION_OPTIMIZATION`, when
+    the caller has them (``quantize_int8``'s comparison on the same samples,
+    :attr:`.precision.PrecisionReport.outputs`): that run is reused, and only the
+    one-sample run (the dynamic batch) is added.
+    """
+    if onnx_outputs is not None and inputs is None and reference is None:
+        raise ValueError("onnx_outputs are the file's outputs on given inputs or reference's")
     if reference is not None:
         inputs = reference.inputs
     if inputs is None:  # generated again below if the ONNX batch is fixed at another size
@@ -796,7 +832,8 @@ def _run_both(
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         # onnxruntime opens the file and runs its batches while Keras computes the
         # reference (both release the GIL): BENCHMARKS.md appendix for what it saves.
-        onnx_side = pool.submit(_open_and_run, path, full, sizes, input_layout)
+        known = None if onnx_outputs is None else list(onnx_outputs)
+        onnx_side = pool.submit(_open_and_run, path, full, sizes, input_layout, known)
         # once; each check compares a prefix
         if reference is None:
             full_expected = call_model(model, full)

@@ -142,7 +142,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-statistics-check",
         action="store_true",
         help="skip comparing the BN moving statistics with --data/--inputs/--calibration "
-        "(two compiled passes over the data) (default: checked whenever data is given)",
+        "(a compiled pass over the data, a second over its first 16 samples) (default: checked "
+        "whenever data is given)",
     )
     ModelLoadingArgs().add_to(parser)
     ComparisonArgs(defaults="precision").add_to(parser)
@@ -199,7 +200,15 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
         if args.no_validate:
             reference.outputs()  # still the check that Keras can run the model
         elif not _validate(
-            model, final, output, args, run, reference, _inputs_note(args, inputs, calibration)
+            model,
+            final,
+            output,
+            args,
+            run,
+            reference,
+            _inputs_note(args, inputs, calibration),
+            # int8 on the calibration data: the comparison's run of the file is validation's
+            None if inputs is not None else getattr(precision_report, "outputs", None),
         ):
             return validation_failed(
                 run, f"the {args.precision} ONNX model's outputs differ from the Keras model's"
@@ -524,6 +533,7 @@ def _validate(
     run: Run,
     reference,
     inputs_note: str | None,
+    onnx_outputs: list | None = None,
 ) -> bool:
     return steps.validate_onnx(
         model,
@@ -538,6 +548,7 @@ def _validate(
         reference=reference,
         exported_here=True,
         inputs_note=inputs_note,
+        onnx_outputs=onnx_outputs,
     )
 
 

@@ -46,7 +46,13 @@ def check_batch_norm_statistics(
         return None
     from keras_bn.converters.data_sources import open_data
 
-    source = open_data(data, [(spec.name, spec.shape) for spec in prepared.inputs])
+    # Batches of EFFECT_SAMPLES: the second pass (the output-effect lines) runs on the
+    # first batch with the program the first pass compiled for that batch size.
+    source = open_data(
+        data,
+        [(spec.name, spec.shape) for spec in prepared.inputs],
+        batch_size=statistics_check.EFFECT_SAMPLES,
+    )
     with run.progress.step("Checking BatchNormalization statistics against the data"):
         try:
             check = statistics_check.check_statistics(model, source)

@@ -682,11 +682,23 @@ def test_export_float16_validates_against_keras(tmp_path, capsys, files):
 
 
 def test_export_int8_with_calibration(tmp_path, capsys, files, monkeypatch):
+    import onnxruntime
+
     from keras_bn.converters.progress import Step
 
     counted = []  # the int8 step's calibration counts, as its progress line shows them
     original = Step.update
     monkeypatch.setattr(Step, "update", lambda s, *a: counted.append(s) or original(s, *a))
+    ran = []  # (model file, batch) of every onnxruntime run
+    run = onnxruntime.InferenceSession.run
+    monkeypatch.setattr(
+        onnxruntime.InferenceSession,
+        "run",
+        lambda s, names, feed, *a, **k: (
+            ran.append((str(s._model_path), len(next(iter(feed.values())))))
+            or run(s, names, feed, *a, **k)
+        ),
+    )
     code, out, err = run_main(
         [
             "export",
@@ -712,6 +724,10 @@ def test_export_int8_with_calibration(tmp_path, capsys, files, monkeypatch):
     judged = validation["comparisons"][-1]  # the 64 calibration samples
     assert judged["verdict"] == "int8 criterion" and judged["shape"][0] == 64
     assert judged["sqnr_db"] >= INT8_SQNR_FLOOR_DB and judged["top1_agreement"] >= INT8_TOP1_FLOOR
+    # One run of the int8 file over the 64 samples: the comparison's, reused by validation.
+    written = str(Path("int8") / "q.onnx")
+    assert [batch for path, batch in ran if path.endswith(written)] == [64, 1], ran
+    assert judged["max_abs_error"] == pytest.approx(comparison["max_abs_diff"], rel=1e-6)
     ops = _op_counts(tmp_path / "q.onnx")
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
     # The "Exported ..." numbers are the written int8 file's, not the float graph's.

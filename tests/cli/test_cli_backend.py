@@ -110,6 +110,36 @@ def test_saving_on_jax_does_not_import_tensorflow(tmp_path):
     assert result.stderr == ""
 
 
+def test_int8_export_on_jax_does_not_import_tensorflow(tmp_path):
+    """The int8 path (stale-statistics check, quantization, bias correction, layer
+    report, validation) on JAX imports no TensorFlow: a session once saw TensorFlow's
+    start-up lines on stderr in a JAX export."""
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from keras_bn.converters.cli.quiet import import_keras\n"
+        "assert import_keras() == 'jax'\n"
+        "import keras\n"
+        "from keras_bn.converters.cli import main\n"
+        "inputs = keras.Input((8, 8, 3), name='image')\n"
+        "h = keras.layers.Conv2D(4, 3)(inputs)\n"
+        "h = keras.layers.BatchNormalization()(h)\n"
+        "h = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(h))\n"
+        "model = keras.Model(inputs, keras.layers.Dense(3)(h))\n"
+        f"model.save({str(tmp_path / 'm.keras')!r})\n"
+        "x = np.random.default_rng(0).normal(size=(32, 8, 8, 3)).astype('float32')\n"
+        f"np.savez({str(tmp_path / 'c.npz')!r}, image=x)\n"
+        f"argv = ['export', {str(tmp_path / 'm.keras')!r}, '-o', {str(tmp_path / 'q.onnx')!r},\n"
+        f"        '--precision', 'int8', '--calibration', {str(tmp_path / 'c.npz')!r}, '-q']\n"
+        "assert main(argv) == 0\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))\n"
+    )
+    result = _python(["-c", code], drop=("TF_CPP_MIN_LOG_LEVEL",), KERAS_BACKEND="jax")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "q.onnx").is_file()
+
+
 @pytest.mark.parametrize("backend", ["tensorflow", "jax"])
 def test_the_command_imports_keras_on_every_backend(backend):
     """What the command hides from Keras's import (scikit-learn, matplotlib, requests

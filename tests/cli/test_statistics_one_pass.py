@@ -163,3 +163,39 @@ def test_export_takes_its_reference_from_the_check_on_the_same_samples(
     assert code == 0 and report["statistics"]["checked"]
     assert report["validation"]["passed"]
     assert started == ([1] if separate_data else [])
+
+
+def test_output_effects_run_on_the_first_effect_samples_the_verdicts_on_all(tmp_path):
+    """The second pass (population statistics) runs on the first ``EFFECT_SAMPLES``
+    samples only, in the CLI's batches; its agreement equals the one of the model
+    with each BN's input statistics (a float64 sub-model computation over *every*
+    sample) written, on those samples; the first pass still covers every sample."""
+    from keras_bn.converters.data_sources import open_data
+    from keras_bn.converters.statistics_check import EFFECT_SAMPLES, check_statistics
+
+    model = _image_model()
+    x = np.random.default_rng(7).normal(1.0, 2.0, (EFFECT_SAMPLES * 2 + 5, 6, 6, 2))
+    np.savez(tmp_path / "data.npz", image=x.astype("float32"))
+    x = x.astype("float32")
+    source = open_data(
+        str(tmp_path / "data.npz"), [("image", (None, 6, 6, 2))], batch_size=EFFECT_SAMPLES
+    )
+    moving = model.predict(x, verbose=0)
+    check = check_statistics(model, source)
+    (effect,) = check.outputs
+    assert effect.kind == "top-1 agreement" and effect.samples == EFFECT_SAMPLES
+    assert f"of {EFFECT_SAMPLES} sample(s)" in str(check)
+    np.testing.assert_allclose(check.moving_outputs[0], moving, rtol=1e-5, atol=1e-5)
+
+    names = ("conv_a", "conv_b", "conv_c")
+    features = keras.Model(model.inputs, [model.get_layer(n).output for n in names])
+    a, b, c = (
+        np.asarray(f, np.float64).reshape(-1, f.shape[-1]) for f in features.predict(x, verbose=0)
+    )
+    for name, values in (("shared", np.concatenate([a, b])), ("stock", c)):
+        layer = model.get_layer(name)
+        layer.moving_mean.assign(values.mean(0))
+        layer.moving_variance.assign(values.var(0))
+    population = model.predict(x[:EFFECT_SAMPLES], verbose=0)
+    agree = np.mean(population.argmax(-1) == moving[:EFFECT_SAMPLES].argmax(-1))
+    assert effect.value == pytest.approx(agree)

@@ -309,3 +309,15 @@ def test_with_equalization_layers_are_compared_with_the_equalized_float_model(mo
     assert after.keys() == before.keys()
     assert after["hard_relu"].channel_sqnr_db > before["hard_relu"].channel_sqnr_db + 6
     assert min(layer.sqnr_db for layer in after.values()) > 10
+
+
+def test_channel_spread_leaves_out_channels_that_stay_zero():
+    """Dead channels (zero on every sample, after a ReLU) lose nothing to a per-tensor
+    scale: the spread is the largest channel over the median of the live ones, never
+    the infinite ratio a zero median would give."""
+    from keras_bn.converters.divergence import _spread
+
+    assert _spread(np.array([0.0, 0.0, 0.0, 0.0, 2.0, 8.0])) == pytest.approx(8.0 / 5.0)
+    assert _spread(np.array([0.0, 1.0, 2.0, 8.0])) == pytest.approx(8.0 / 2.0)
+    assert _spread(np.array([0.0, 0.0, 3.0])) == 1.0  # one live channel: nothing to compare
+    assert _spread(np.zeros(4)) == 1.0
