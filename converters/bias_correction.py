@@ -92,7 +92,8 @@ class ChannelMoments:
         self.count += count
         self.samples += len(values)
         flat = np.asarray(values).reshape(-1)
-        self.squares += float(np.dot(flat, flat))  # BLAS, float32: a spread for reports
+        with np.errstate(over="ignore"):  # huge values: an infinite spread, for reports only
+            self.squares += float(np.dot(flat, flat))  # BLAS, float32: a spread for reports
 
     @property
     def means(self) -> np.ndarray:

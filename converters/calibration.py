@@ -344,11 +344,14 @@ def _registries() -> str | None:
 def _ranges() -> str | None:
     from onnxruntime.quantization import TensorData, TensorsData
 
-    return _parameters_are(TensorsData.__init__, "self", "calibration_method", "data") or (
-        None
-        if {"lowest", "highest", "hist", "bins"} <= set(TensorData._allowed)
-        else "onnxruntime's TensorData no longer takes lowest, highest, hist and bins"
-    )
+    problem = _parameters_are(TensorsData.__init__, "self", "calibration_method", "data")
+    if problem is not None:
+        return problem
+    try:
+        TensorData(lowest=np.float32(0), highest=np.float32(1), hist=np.zeros(1), bins=np.zeros(2))
+    except (TypeError, ValueError):
+        return "onnxruntime's TensorData no longer takes lowest, highest, hist and bins"
+    return None
 
 
 def _metadata() -> str | None:
