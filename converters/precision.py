@@ -292,11 +292,14 @@ def check_float16_range(model_or_path) -> list[Float16RangeIssue]:
     )
     issues = []
     for name, values in _float_tensors(model):
-        magnitude = np.abs(values.astype(np.float64)).ravel()
-        finite = magnitude[np.isfinite(magnitude)]
-        overflow = int(np.count_nonzero(finite > FLOAT16_MAX))
-        underflow = int(np.count_nonzero((finite > 0) & (finite < FLOAT16_SMALLEST_SUBNORMAL)))
+        # float32 compares exactly with both limits (powers of two, and 65504)
+        magnitude = np.abs(values.ravel())
+        big = magnitude > FLOAT16_MAX  # inf too, NaN never
+        overflow = int(np.count_nonzero(big & np.isfinite(magnitude))) if big.any() else 0
+        small = magnitude < FLOAT16_SMALLEST_SUBNORMAL
+        underflow = int(np.count_nonzero(small & (magnitude > 0))) if small.any() else 0
         if overflow or underflow:
+            finite = magnitude[np.isfinite(magnitude)].astype(np.float64)
             nonzero = finite[finite > 0]
             issues.append(
                 Float16RangeIssue(

@@ -86,6 +86,7 @@ class KerasReference:
         self._inputs: concurrent.futures.Future = concurrent.futures.Future()
         self._outputs: concurrent.futures.Future = concurrent.futures.Future()
         self.generated = False  # the inputs were given, not made by :meth:`start`
+        self._twins: dict[str, concurrent.futures.Future] = {}
         self.batch_size = len(next(iter(inputs.values()))) if inputs else 0
         self._inputs.set_result(dict(inputs))
         self._outputs.set_result([np.asarray(output) for output in outputs])
@@ -123,6 +124,7 @@ class KerasReference:
     ) -> KerasReference:
         """:meth:`start`'s work on a new, empty reference; returns it."""
         self.generated, self.batch_size = inputs is None, batch_size
+        self._twins = {}
         self._inputs = concurrent.futures.Future()
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self._outputs = pool.submit(self._run, prepared, inputs, batch_size, seed, context, guard)
@@ -137,6 +139,30 @@ class KerasReference:
     def outputs(self) -> list[np.ndarray]:
         """The outputs, once the run is done; its error if Keras failed."""
         return self._outputs.result()
+
+    def start_twin(self, model: ModelLike, dtype: str) -> None:
+        """Build and run ``model``'s ``dtype`` twin (:func:`float64_twin`) on the
+        reference's inputs in a background thread, once Keras's own run is done (the
+        twin's build patches Keras for its duration: never beside another Keras pass).
+        :meth:`twin` waits for it. float16 validation's yardstick, made while the
+        caller converts the file and runs it in onnxruntime."""
+        prepared = prepare(model)
+
+        def build() -> Float64Twin:
+            self.outputs()  # Keras's error, if any, is the caller's to report
+            inputs = self.inputs
+            arrays = [inputs[name] for name in prepared.input_names]
+            return float64_twin(prepared.model, arrays, dtype=dtype)
+
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._twins[dtype] = pool.submit(build)
+        pool.shutdown(wait=False)
+
+    def twin(self, dtype: str) -> Float64Twin | None:
+        """The ``dtype`` twin :meth:`start_twin` made (its error if it failed); None
+        when none was started."""
+        future = self._twins.get(dtype)
+        return None if future is None else future.result()
 
     def _run(
         self,
@@ -208,7 +234,7 @@ class Float64Twin:
             return self.checked[1]
         feed = [_as_float(array, self.dtype) for array in inputs]
         structure = feed if len(feed) > 1 else feed[0]
-        with float64_enabled():
+        with float64_enabled() if self.dtype == "float64" else contextlib.nullcontext():
             outputs = None
             if keras.backend.backend() == "jax":
                 try:
@@ -242,7 +268,16 @@ class Float64Twin:
 
 
 def _same_arrays(first: list[np.ndarray], second: list[np.ndarray]) -> bool:
-    return len(first) == len(second) and all(a is b for a, b in zip(first, second, strict=True))
+    """The same arrays (objects, or equal shapes, dtypes and values)."""
+    return len(first) == len(second) and all(
+        a is b
+        or (
+            np.shape(a) == np.shape(b)
+            and np.asarray(a).dtype == np.asarray(b).dtype
+            and np.array_equal(a, b)
+        )
+        for a, b in zip(first, second, strict=True)
+    )
 
 
 @contextlib.contextmanager
@@ -315,7 +350,8 @@ def _as_float(array: np.ndarray, dtype: str = "float64") -> np.ndarray:
 def _clone_as(model: keras.Model, dtype: str, float32_classes: list[str]) -> keras.Model:
     # get_config of every layer: no TensorFlow import on JAX (tensorflow_probe_deferred)
     with (
-        float64_enabled(),
+        # a float16 twin needs no 64-bit mode (which would patch Keras for the block)
+        float64_enabled() if dtype == "float64" else contextlib.nullcontext(),
         internals.saved_weights_loading(),
         internals.tensorflow_probe_deferred(),
     ):

@@ -404,6 +404,7 @@ def judge_by_precision(
     comparisons: list[OutputComparison],
     doubtful: list[Doubtful],
     precision: str,
+    reference: KerasReference | None = None,
 ) -> str:
     """Judge the ``doubtful`` comparisons of a float16 or int8 file (in place) by
     ``precision``'s criterion (:func:`.comparison.judge_precision`); a note for the report.
@@ -419,15 +420,23 @@ def judge_by_precision(
 
     half = None
     if precision == "float16":
-        try:
-            half = float64_twin(model, inputs, dtype="float16")
+        try:  # made beside the conversion (KerasReference.start_twin), else here
+            half = None if reference is None else reference.twin("float16")
+            if half is None:
+                half = float64_twin(model, inputs, dtype="float16")
         except Exception:  # no float16 run: judge_float16 falls back to its expectation
+            half = None
+    half_outputs = None
+    if half is not None:
+        try:  # the check run's outputs when it ran on these inputs
+            half_outputs = half(inputs)
+        except Exception:
             half = None
     for item in doubtful:
         float16_run = None
-        if half is not None and half.checked is not None:
+        if half is not None and half_outputs is not None:
             if item.chunk is None:
-                float16_run = half.checked[1][item.output][: item.samples]
+                float16_run = half_outputs[item.output][: item.samples]
             else:  # outputs not batch-major: the chunk the comparison covers
                 float16_run = half([array[item.chunk] for array in inputs])[item.output]
         comparisons[item.index] = judge_precision(
@@ -689,8 +698,14 @@ def validate_onnx(
     report.inputs = _describe_inputs(prepared, runs, inputs, reference)
     if doubtful:
         arrays = [runs.full[name] for name in prepared.input_names]
-        judge = rejudge_against_float64 if precision == "float32" else judge_by_precision
-        report.exact_note = judge(prepared.model, arrays, comparisons, doubtful, precision)
+        if precision == "float32":
+            report.exact_note = rejudge_against_float64(
+                prepared.model, arrays, comparisons, doubtful, precision
+            )
+        else:
+            report.exact_note = judge_by_precision(
+                prepared.model, arrays, comparisons, doubtful, precision, reference
+            )
     if localize and not report.passed:
         _explain_failure(report, prepared, path, failing_batch, explicit)
     return report

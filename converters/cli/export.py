@@ -176,6 +176,8 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
             inputs if inputs is not None else calibration,
             label="Running the model in Keras (beside the export)",
         )
+    if args.precision == "float16" and not args.no_validate:
+        reference.start_twin(model, "float16")  # validation's yardstick, beside the conversion
     # Work beside the target, each file under the output's own name: an ONNX model
     # refers to its external data file (``<name>.onnx.data``) by file name, so the
     # files keep their names and are moved, not renamed, into place.

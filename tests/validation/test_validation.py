@@ -261,6 +261,37 @@ def test_a_keras_reference_given_is_the_reference(tmp_path):
         validate_onnx(model, tmp_path / "m.onnx", inputs=images, reference=computed_already)
 
 
+def test_float16_yardstick_made_beside_the_conversion_is_the_one_validation_makes(tmp_path):
+    # keras-bn export --precision float16 builds the float16 twin in the background
+    # (KerasReference.start_twin); validation must judge with it exactly as with its own.
+    from keras_bn.converters.precision import convert_float16
+    from keras_bn.converters.reference import float64_twin
+
+    model = _conv_bn_model()
+    _export(model, tmp_path / "m.onnx")
+    convert_float16(tmp_path / "m.onnx", tmp_path / "half.onnx")
+    images = np.random.default_rng(8).standard_normal((4, 8, 8, 3)).astype("float32")
+    started = KerasReference.start(model, {"image": images})
+    started.start_twin(model, "float16")
+    twin = started.twin("float16")
+    assert twin is not None and twin.dtype == "float16"
+    expected = float64_twin(model, [images], dtype="float16")(
+        [images]
+    )  # built afresh, in the foreground
+    np.testing.assert_array_equal(twin([images.copy()])[0], expected[0])
+    assert expected[0].dtype == np.float64 and not np.array_equal(
+        expected[0], started.outputs()[0]
+    )  # a float16 run, not Keras float32's
+    beside = validate_onnx(model, tmp_path / "half.onnx", reference=started)
+    alone = validate_onnx(model, tmp_path / "half.onnx", inputs=images)
+    assert beside.passed and alone.passed
+    assert "the same model run in float16" in beside.exact_note
+    assert [(c.verdict, c.max_abs_error, c.note) for c in beside.comparisons] == [
+        (c.verdict, c.max_abs_error, c.note) for c in alone.comparisons
+    ]
+    assert KerasReference({"image": images}, started.outputs()).twin("float16") is None
+
+
 def test_fixed_batch_export_validates_at_its_own_batch_size(tmp_path):
     # Regression: a fixed batch used to be fed the first sample alone too, which
     # onnxruntime rejects, so every fixed-batch export with inputs "failed".
