@@ -424,7 +424,7 @@ def quantize_int8(
     equalize: bool = False,
     batch_norm_statistics: Mapping[str, Any] | None = None,
     layer_report: bool = True,
-    float_outputs: Sequence[np.ndarray] | None = None,
+    float_outputs: Sequence[np.ndarray] | Callable[[], Sequence[np.ndarray] | None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     calibration_method: str = "Percentile",
     bias_correction: bool | str = True,
@@ -448,7 +448,9 @@ def quantize_int8(
         layer_report: compare the two models at every Keras layer output too, on
             the first samples of the calibration data (:mod:`.divergence`).
         float_outputs: the float model's outputs on ``calibration_inputs`` (in output
-            order) when the caller has them: compared instead of running ``onnx_in``.
+            order) when the caller has them: compared instead of running ``onnx_in``;
+            or a callable giving them (or None), called once the file is written (a
+            Keras run the caller has going meanwhile).
         progress: called as ``progress(done, total)`` after each calibration batch.
         calibration_method: ``"MinMax"``, ``"Percentile"`` (keeps ``percentile`` % of
             |x| in range) or ``"Entropy"`` (onnxruntime's, fed one batch at a time). The default
@@ -484,6 +486,8 @@ def quantize_int8(
             layer_report=layer_report,
             percentile=percentile,
         )
+    if callable(float_outputs):
+        float_outputs = float_outputs()
     report = _int8_report(onnx_in, onnx_out, matched, float_outputs, per_channel)
     report.details["calibration_method"] = calibration_method
     report.details.update({"percentile": percentile} if calibration_method == "Percentile" else {})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from keras_bn.converters.cli.run import (
     validation_failed,
     work_directory,
 )
-from keras_bn.converters.cli.statistics import check_batch_norm_statistics
+from keras_bn.converters.cli.statistics import StatisticsStep
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.files import check_output_path
 from keras_bn.converters.options import CALIBRATION_METHODS, PRECISIONS
@@ -161,22 +162,22 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
     model = steps.preflight(model, run)  # flattened once, passed on
     inputs = steps.load_inputs(args.inputs, model, "Inputs file")
     calibration = steps.load_inputs(args.calibration, model, "Calibration file")
-    check = check_batch_norm_statistics(  # before the Keras pass below: it swaps statistics
+    statistics = StatisticsStep(  # before any other Keras pass: it swaps statistics
         model,
         run,
         args.data or args.inputs or args.calibration,
         what="the ONNX model will be faithful to them",
         skip=args.no_statistics_check,
     )
-    reference = _reference_from_check(check, args, inputs, calibration)
-    if reference is None:  # Keras runs the model on validation's inputs while exporting
-        reference = steps.keras_reference(
-            model,
-            run,
-            inputs if inputs is not None else calibration,
-            label="Running the model in Keras (beside the export)",
-        )
-    if args.precision == "float16" and not args.no_validate:
+    # int8 with the check: it runs beside the calibration, once the export has read
+    # the weights (its pass is the reference: no other Keras pass to wait for).
+    beside_int8 = args.precision == "int8" and statistics.runs and args.data is None
+    reference = (
+        None
+        if beside_int8
+        else _reference(statistics.start(), model, run, args, inputs, calibration)
+    )
+    if reference is not None and args.precision == "float16" and not args.no_validate:
         reference.start_twin(model, "float16")  # validation's yardstick, beside the conversion
     # Work beside the target, each file under the output's own name: an ONNX model
     # refers to its external data file (``<name>.onnx.data``) by file name, so the
@@ -185,8 +186,14 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
         try:
             result = _export(model, work / output.name, args, run)
         except Exception:
+            if reference is None:
+                reference = _reference(statistics.start(), model, run, args, inputs, calibration)
             reference.outputs()  # a model Keras cannot run: that is the error to report
             raise
+        fold = (model, getattr(result, "fold_report", None))
+        bn_statistics = _equalization_statistics(args, fold)  # before the check swaps them
+        if beside_int8:
+            float_outputs = _checked_outputs(statistics.start(background=True), args, inputs)
         final, precision_report = _convert_precision(
             work / output.name,
             work,
@@ -194,9 +201,11 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
             run,
             inputs=inputs,
             calibration=calibration,
-            fold=(model, getattr(result, "fold_report", None)),
-            reference=reference,
+            bn_statistics=bn_statistics,
+            float_outputs=float_outputs if beside_int8 else reference.outputs,
         )
+        if reference is None:  # the check is done: its pass, else Keras's own
+            reference = _reference(statistics, model, run, args, inputs, calibration)
         _describe_export(result, final, output, run, model.graph)
         _describe_precision(precision_report, output, args, run)
         if args.no_validate:
@@ -274,6 +283,43 @@ def _check_data_output(path: Path, args: argparse.Namespace) -> None:
             f"External data file {str(path)!r} already exists; pass --force to replace it."
         )
     check_output_path(path, force=True)  # a directory, or an unwritable one
+
+
+def _reference(
+    statistics: StatisticsStep,
+    model: Any,
+    run: Run,
+    args: argparse.Namespace,
+    inputs: dict[str, Any] | None,
+    calibration: dict[str, Any] | None,
+) -> Any:
+    """Keras's reference run: the statistics check's (waited for), else one started
+    in the background on validation's inputs."""
+    reference = _reference_from_check(statistics.result(), args, inputs, calibration)
+    if reference is None:  # Keras runs the model on validation's inputs while exporting
+        reference = steps.keras_reference(
+            model,
+            run,
+            inputs if inputs is not None else calibration,
+            label="Running the model in Keras (beside the export)",
+        )
+    return reference
+
+
+def _checked_outputs(
+    statistics: StatisticsStep, args: argparse.Namespace, inputs: dict[str, Any] | None
+) -> Callable[[], Any]:
+    """int8's float side on the calibration data, when the check (running in the
+    background) ran on exactly it: a callable that waits for the check's outputs, or
+    gives None (then quantize_int8 runs the float file)."""
+
+    def outputs() -> Any:
+        if inputs is not None or args.data is not None:
+            return None
+        check = statistics.checked()
+        return None if check is None else check.moving_outputs
+
+    return outputs
 
 
 def _reference_from_check(
@@ -366,6 +412,19 @@ def _warn_about(caught: list, fold_report, args: argparse.Namespace, run: Run) -
         )
 
 
+def _equalizes(args: argparse.Namespace) -> bool:
+    return bool(args.per_tensor if args.equalize is None else args.equalize)
+
+
+def _equalization_statistics(args: argparse.Namespace, fold: tuple[Any, Any]) -> Any:
+    """The folded BN statistics equalization reads (int8 with equalization), else None."""
+    if args.precision != "int8" or not _equalizes(args) or fold[1] is None:
+        return None
+    from keras_bn.converters.equalization import batch_norm_statistics
+
+    return batch_norm_statistics(*fold)
+
+
 def _convert_precision(
     exported: Path,
     work: Path,
@@ -374,15 +433,15 @@ def _convert_precision(
     *,
     inputs: dict[str, Any] | None,
     calibration: dict[str, Any] | None,
-    fold: tuple[Any, Any] = (None, None),
-    reference: Any = None,
+    bn_statistics: Any = None,
+    float_outputs: Callable[[], Any] | None = None,
 ) -> tuple[Path, Any]:
     """The float16/int8 conversion of ``exported`` (its path and report), else itself.
 
-    ``fold``: the model and the fold report, whose BN statistics equalization reads.
-    int8 is compared with the float model on the calibration data; when Keras's
-    reference run is on those samples (no ``--inputs``), its outputs are the float
-    side, rather than a second float run in onnxruntime."""
+    ``bn_statistics``: the folded BN statistics equalization reads. int8 is compared
+    with the float model on the calibration data; when Keras's reference run is on
+    those samples (no ``--inputs``), ``float_outputs()`` gives its outputs (waiting
+    for them), rather than a second float run in onnxruntime."""
     if args.precision == "float32":
         return exported, None
     final = work / args.precision / exported.name
@@ -400,23 +459,17 @@ def _convert_precision(
     from keras_bn.converters.precision import quantize_int8
 
     assert calibration is not None  # _check_options requires it for int8
-    equalize = args.per_tensor if args.equalize is None else args.equalize
-    statistics = None
-    if equalize and fold[1] is not None:
-        from keras_bn.converters.equalization import batch_norm_statistics
-
-        statistics = batch_norm_statistics(*fold)
+    equalize = _equalizes(args)
     with run.progress.step("Quantizing to int8 (calibrating)", unit="batches") as step:
-        float_outputs = None if inputs is not None or reference is None else reference.outputs()
         report = quantize_int8(
             exported,
             final,
             steps.to_onnx_layout(calibration, args.input_layout),
             per_channel=not args.per_tensor,
             equalize=equalize,
-            batch_norm_statistics=statistics,
+            batch_norm_statistics=bn_statistics,
             layer_report=not args.no_layer_report,
-            float_outputs=float_outputs,
+            float_outputs=None if inputs is not None else float_outputs,
             progress=step.update,
             **{  # unset: quantize_int8's defaults
                 name: value

@@ -13,7 +13,7 @@ from typing import Any
 
 from keras_bn.converters.cli.run import Run
 
-__all__ = ["check_batch_norm_statistics"]
+__all__ = ["StatisticsStep", "check_batch_norm_statistics"]
 
 
 def check_batch_norm_statistics(
@@ -26,59 +26,122 @@ def check_batch_norm_statistics(
     :class:`~keras_bn.converters.statistics_check.StatisticsCheck` (its
     ``moving_outputs`` are Keras's run of the data), or None when none ran.
     """
-    from keras_bn._batch_norm_state import batch_norm_layers
-    from keras_bn.converters import statistics_check
-    from keras_bn.converters.prepared import prepare
+    return StatisticsStep(model, run, data, what=what, skip=skip).start().result()
 
-    prepared = prepare(model)  # the run's own when it is given one: not flattened again
-    model = prepared.model
 
-    if not batch_norm_layers(model):
-        return None
-    if skip:
-        run.report["statistics"] = {"checked": False, "skipped": True}
-        run.summary.append(["BN statistics", "not checked (--no-statistics-check)"])
-        return None
-    if data is None:
-        # One summary row says so (the full sentence is in the JSON report).
-        run.report["statistics"] = {"checked": False, "note": statistics_check.NOT_CHECKED}
-        run.summary.append(["BN statistics", "not checked (no data: --data FILE)"])
-        return None
-    from keras_bn.converters.data_sources import open_data
+class StatisticsStep:
+    """:func:`check_batch_norm_statistics` in two halves, so that the check can run in
+    a background thread while the caller works on something that does not read the
+    model (the check writes population statistics into the layers while it runs, and
+    puts the moving ones back before it ends): :meth:`start`, then :meth:`result`,
+    which reports in the caller's thread. :attr:`runs` says whether a check will run
+    (else the report already says why not)."""
 
-    # Batches of EFFECT_SAMPLES: the second pass (the output-effect lines) runs on the
-    # first batch with the program the first pass compiled for that batch size.
-    source = open_data(
-        data,
-        [(spec.name, spec.shape) for spec in prepared.inputs],
-        batch_size=statistics_check.EFFECT_SAMPLES,
-    )
-    with run.progress.step("Checking BatchNormalization statistics against the data"):
+    def __init__(
+        self, model: Any, run: Run, data: str | None, *, what: str, skip: bool = False
+    ) -> None:
+        from keras_bn._batch_norm_state import batch_norm_layers
+        from keras_bn.converters import statistics_check
+        from keras_bn.converters.prepared import prepare
+
+        self.run, self.data, self.what = run, data, what
+        self.prepared = prepare(model)  # the run's own when it is given one
+        self.runs = False
+        self._future: Any = None
+        self._failed = ""  # the error's class name when the model did not run on the data
+        if not batch_norm_layers(self.prepared.model):
+            return
+        if skip:
+            run.report["statistics"] = {"checked": False, "skipped": True}
+            run.summary.append(["BN statistics", "not checked (--no-statistics-check)"])
+            return
+        if data is None:
+            # One summary row says so (the full sentence is in the JSON report).
+            run.report["statistics"] = {"checked": False, "note": statistics_check.NOT_CHECKED}
+            run.summary.append(["BN statistics", "not checked (no data: --data FILE)"])
+            return
+        self.runs = True
+
+    def start(self, *, background: bool = False) -> StatisticsStep:
+        """Begin the check (in this thread unless ``background``); a no-op when none runs."""
+        import concurrent.futures
+
+        if not self.runs:
+            return self
+        label = "Checking BatchNormalization statistics against the data"
+        if not background:
+            self._future = concurrent.futures.Future()
+            try:
+                with self.run.progress.step(label):
+                    self._future.set_result(self._check())
+            except Exception as error:
+                self._future.set_exception(error)
+            return self
+        step = self.run.progress.background(label)
+
+        def checked() -> Any:
+            with step:
+                return self._check()
+
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._future = pool.submit(checked)
+        pool.shutdown(wait=False)
+        return self
+
+    def _check(self) -> Any:
+        """The check, or None when the model does not run on the data."""
+        from keras_bn.converters import statistics_check
+        from keras_bn.converters.data_sources import open_data
+
+        model = self.prepared.model
+        # Batches of EFFECT_SAMPLES: the second pass (the output-effect lines) runs on the
+        # first batch with the program the first pass compiled for that batch size.
+        source = open_data(
+            self.data,
+            [(spec.name, spec.shape) for spec in self.prepared.inputs],
+            batch_size=statistics_check.EFFECT_SAMPLES,
+        )
         try:
-            check = statistics_check.check_statistics(model, source)
+            return statistics_check.check_statistics(model, source)
         except Exception as error:
             if _model_runs(model, source):
                 raise  # the model runs: the check itself failed (a bug)
             # The model does not run on the data: the Keras pass that follows reports
             # that with its own message (a user error or a bug).
-            run.report["statistics"] = {"checked": False, "error": type(error).__name__}
+            self._failed = type(error).__name__
+            return None
+
+    def checked(self) -> Any:
+        """The check (waited for, not reported), or None when none ran or the model did
+        not run on the data."""
+        return None if self._future is None else self._future.result()
+
+    def result(self) -> Any:
+        """The :class:`~keras_bn.converters.statistics_check.StatisticsCheck`, reported
+        (and warned about) here; None when none ran. Waits for a background check."""
+        if self._future is None:
+            return None
+        check, self._future = self._future.result(), None
+        run, data = self.run, self.data
+        if check is None:
+            run.report["statistics"] = {"checked": False, "error": self._failed}
             run.summary.append(["BN statistics", "not checked (the model did not run)"])
             return None
-    run.report["statistics"] = {"checked": True, **check.to_dict()}
-    run.text.append(str(check))
-    run.summary.append(["stale BN statistics", f"{len(check.stale)} of {len(check.layers)}"])
-    if check.stale:
-        shown = ", ".join(check.stale[:5]) + (", ..." if len(check.stale) > 5 else "")
-        effect = "; ".join(
-            output.describe(check.before_name, check.after_name) for output in check.outputs
-        )
-        run.warn(
-            f"{len(check.stale)} BatchNormalization layer(s) have stale moving statistics "
-            f"for {data}: {shown} ({effect}); {what}. Fix: keras-bn recalibrate "
-            f"{run.report.get('model', {}).get('path', 'MODEL.keras')} --data {data} "
-            "-o RECALIBRATED.keras"
-        )
-    return check
+        run.report["statistics"] = {"checked": True, **check.to_dict()}
+        run.text.append(str(check))
+        run.summary.append(["stale BN statistics", f"{len(check.stale)} of {len(check.layers)}"])
+        if check.stale:
+            shown = ", ".join(check.stale[:5]) + (", ..." if len(check.stale) > 5 else "")
+            effect = "; ".join(
+                output.describe(check.before_name, check.after_name) for output in check.outputs
+            )
+            run.warn(
+                f"{len(check.stale)} BatchNormalization layer(s) have stale moving statistics "
+                f"for {data}: {shown} ({effect}); {self.what}. Fix: keras-bn recalibrate "
+                f"{run.report.get('model', {}).get('path', 'MODEL.keras')} --data {data} "
+                "-o RECALIBRATED.keras"
+            )
+        return check
 
 
 def _model_runs(model: Any, source: Any) -> bool:

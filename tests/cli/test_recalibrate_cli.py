@@ -252,6 +252,52 @@ def test_export_warns_about_stale_statistics_and_names_the_fix(scenario, capsys)
     assert "keras-bn recalibrate" in warning[0]
 
 
+def test_int8_export_checks_statistics_beside_quantizing_and_stays_faithful(scenario, capsys):
+    # With --calibration the check runs in the background while onnxruntime calibrates
+    # (it writes population statistics into the layers meanwhile): the int8 file must
+    # still be the stale model's, its comparison Keras's run of the calibration data.
+    import onnxruntime
+
+    work = scenario["work"]
+    x = scenario["x"][scenario["train"]][:256]
+    np.savez(work / "calibration256.npz", image=x)
+    before = _sha(work / "stale.keras")
+    out = work / "stale_int8.onnx"
+    code, stdout, err = run_main(
+        [
+            "export",
+            work / "stale.keras",
+            "-o",
+            out,
+            "--precision",
+            "int8",
+            "--calibration",
+            work / "calibration256.npz",
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    report = json.loads(stdout)
+    steps = [step["step"] for step in report["steps"]]
+    assert steps.index("Checking BatchNormalization statistics against the data") > steps.index(
+        "Folding BatchNormalization, exporting"
+    )
+    assert report["statistics"]["checked"] and report["statistics"]["stale"] == BATCH_NORMS
+    assert any("stale moving statistics" in line for line in err.splitlines())
+    assert _sha(work / "stale.keras") == before
+    stale = keras.saving.load_model(work / "stale.keras")
+    expected = stale.predict(x, verbose=0)
+    got = onnxruntime.InferenceSession(str(out)).run(None, {"image": x})[0]
+    recalibrated = scenario["reference"].predict(x, verbose=0)
+    # The file is the stale model's (int8 noise), not the recalibrated one's.
+    assert np.mean(got.argmax(-1) == expected.argmax(-1)) >= 0.95
+    assert np.mean(recalibrated.argmax(-1) == expected.argmax(-1)) < 0.5
+    comparison = report["precision"]["comparison"]
+    assert comparison["samples"] == 256
+    assert comparison["max_abs_diff"] == pytest.approx(np.abs(got - expected).max(), abs=1e-5)
+
+
 def test_healthy_model_is_not_flagged_and_no_data_says_not_checked(scenario, capsys):
     work = scenario["work"]
     healthy = work / "healthy.keras"
