@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -122,6 +122,10 @@ class AbsoluteHistogram:
                     [self.counts, np.zeros(len(self.edges) - 1 - len(self.counts), np.int64)]
                 )
         self.counts += count_in_bins(magnitude, self.edges)
+
+    def whole_range(self) -> tuple[Any, Any, Any, Any]:
+        """The signed extremes, as :meth:`percentile_range` gives its range."""
+        return self.lowest, self.highest, self.counts[0], self.counts[1]
 
     def percentile_range(self, percentile: float) -> tuple[Any, Any, Any, Any]:
         """onnxruntime's ``compute_percentile`` (symmetric): ``(-t, t)`` with ``t`` the
@@ -215,12 +219,14 @@ def calibrate(
     percentile: float = 99.99,
     moments_of: Sequence[str] = (),
     progress: Callable[[int, int], None] | None = None,
+    whole: Collection[str] = (),
 ) -> Calibration:
     """Run the float ``model`` (shape-inferred ``ModelProto``, not modified) once over
     ``batches``, in onnxruntime's calibration arithmetic (graph optimizations off), and
     measure every tensor to calibrate (``method``: ``"MinMax"`` or ``"Percentile"``)
     and the per-channel moments of ``moments_of``. ``progress(done, total)`` after
-    each batch."""
+    each batch. The tensors named in ``whole`` get their whole range (the signed
+    extremes) whatever the method."""
     from onnxruntime.quantization import CalibrationMethod, TensorsData
 
     names = tensors_to_calibrate(model)
@@ -245,7 +251,10 @@ def calibrate(
     if method == "MinMax":
         ranges = {name: statistic.tensor_range() for name, statistic in collected.items()}
     else:
-        ranges = {name: stat.percentile_range(percentile) for name, stat in collected.items()}
+        ranges = {
+            name: stat.whole_range() if name in whole else stat.percentile_range(percentile)
+            for name, stat in collected.items()
+        }
     return Calibration(TensorsData(CalibrationMethod[method], ranges), moments, samples)
 
 

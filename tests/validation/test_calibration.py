@@ -202,6 +202,52 @@ def test_percentile_int8_file_is_quantize_statics(setup, tmp_path):
     assert sha256(tmp_path / "ours.onnx") == sha256(tmp_path / "theirs.onnx")
 
 
+def _output_quantization(path) -> tuple[float, int]:
+    """The scale and zero point of the QuantizeLinear that feeds the graph output."""
+    model = onnx.load(str(path))
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    dequantize = producers[model.graph.output[0].name]
+    quantize = producers[dequantize.input[0]]
+    assert (dequantize.op_type, quantize.op_type) == ("DequantizeLinear", "QuantizeLinear")
+    return float(initializers[quantize.input[1]]), int(initializers[quantize.input[2]])
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["one-pass", "quantize_static"])
+def test_graph_outputs_keep_their_whole_range_under_percentile(
+    setup, tmp_path, monkeypatch, fallback
+):
+    """A clipped output ties the largest logits (the answer); Percentile clips every
+    other tensor but the graph outputs keep their extremes, on both paths."""
+    path, preprocessed, batches, theirs = setup
+    if fallback:
+        monkeypatch.setattr(calibration, "reliance_problem", lambda: "changed")
+    data = np.concatenate([batch["x"] for batch in batches])
+    percentile = 99.0  # clips the 1% largest |y|: a visible difference
+    quantize_int8(
+        path,
+        tmp_path / "q.onnx",
+        {"x": data},
+        percentile=percentile,
+        bias_correction=False,
+        layer_report=False,
+    )
+    y = _all_values(preprocessed, batches, ["y"])["y"]
+    low, high = min(float(y.min()), 0.0), max(float(y.max()), 0.0)
+    scale, zero_point = _output_quantization(tmp_path / "q.onnx")
+    assert scale == pytest.approx((high - low) / 255, rel=1e-6)  # asymmetric int8
+    assert zero_point == round(-128 - low / scale)
+    clipped = np.percentile(np.abs(y), percentile, method="inverted_cdf")
+    assert clipped < 0.9 * max(-low, high)  # what Percentile would have given it
+    # Every other tensor is still clipped as onnxruntime's calibrator clips it.
+    ranges = calibration.calibrate(
+        preprocessed, batches, "Percentile", percentile=PERCENTILE, whole=["y"]
+    ).ranges
+    for name in ranges:
+        want = theirs["Percentile"][name].range_value if name != "y" else (y.min(), y.max())
+        assert ranges[name].range_value[1] == pytest.approx(float(want[1]), rel=0.02), name
+
+
 def test_minmax_int8_file_is_the_same_through_the_fallback(setup, tmp_path, monkeypatch):
     """When an onnxruntime internal changed, quantize_int8 falls back to
     quantize_static and its calibrator: the same file."""
