@@ -62,7 +62,7 @@ def _add_int8_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(CALIBRATION_METHODS),
         default=None,
         help="int8 activation ranges: onnxruntime's calibration method (default: Percentile, "
-        "99.99%% of |x|)",
+        "99.99%% of |x|; the model's outputs keep their whole range)",
     )
     parser.add_argument(
         "--bias-correction",
