@@ -435,10 +435,9 @@ def quantize_int8(
     Args:
         onnx_in: the float32 model (not modified). Fold BatchNormalization first.
         onnx_out: where to write the quantized model (atomically).
-        calibration_inputs: representative inputs keyed by ONNX input name (a single
-            array for a single-input model may use any key), batch first, in the
-            ONNX model's layout. Activation ranges are calibrated on them, so they
-            should look like deployment data.
+        calibration_inputs: representative inputs keyed by ONNX input name (any key
+            for a single input), batch first, in the ONNX model's layout. Activation
+            ranges are calibrated on them: they should look like deployment data.
         per_channel: one weight scale per output channel (recommended).
         calibration_batch_size: samples per calibration run (for dynamic batches).
         equalize: cross-layer equalization before quantizing, and high-bias
@@ -447,10 +446,8 @@ def quantize_int8(
             which bias always passes the activation (:mod:`.equalization`).
         layer_report: compare the two models at every Keras layer output too, on
             the first samples of the calibration data (:mod:`.divergence`).
-        float_outputs: the float model's outputs on ``calibration_inputs`` (in output
-            order) when the caller has them: compared instead of running ``onnx_in``;
-            or a callable giving them (or None), called once the file is written (a
-            Keras run the caller has going meanwhile).
+        float_outputs: the float model's outputs on ``calibration_inputs``, compared
+            instead of running ``onnx_in``; or a callable giving them (or None) later.
         progress: called as ``progress(done, total)`` after each calibration batch.
         calibration_method: ``"MinMax"``, ``"Percentile"`` (keeps ``percentile`` % of
             |x| in range) or ``"Entropy"`` (onnxruntime's, fed one batch at a time). The default
@@ -486,9 +483,8 @@ def quantize_int8(
             layer_report=layer_report,
             percentile=percentile,
         )
-    if callable(float_outputs):
-        float_outputs = float_outputs()
-    report = _int8_report(onnx_in, onnx_out, matched, float_outputs, per_channel)
+    expected = float_outputs() if callable(float_outputs) else float_outputs
+    report = _int8_report(onnx_in, onnx_out, matched, expected, per_channel)
     report.details["calibration_method"] = calibration_method
     report.details.update({"percentile": percentile} if calibration_method == "Percentile" else {})
     if equalized is not None:
@@ -747,6 +743,23 @@ def _quantize_static(
     return _onnx().load(str(onnx_out)), None
 
 
+def _static_options(
+    onnx_in: Path, model: Any, batches: list, calibration_method: str, percentile: float
+) -> dict[str, Any]:
+    """``quantize_static``'s extra options: ours, per-batch merging, the percentile,
+    and the graph outputs' whole ranges (:func:`_output_names`)."""
+    options: dict[str, Any] = {
+        **_INT8_OPTIONS,
+        # Every method merges per batch: histograms do not hold all outputs.
+        "CalibStridedMinMax": 1,
+        "CalibPercentile": percentile,
+    }
+    if calibration_method != "MinMax":
+        names = _output_names(model)
+        options["TensorQuantOverrides"] = _output_extremes(onnx_in, names, batches)
+    return options
+
+
 def _quantize_static_file(
     onnx_in: Path,
     model: Any,
@@ -812,21 +825,9 @@ def _quantize_static_file(
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod[calibration_method],
-                extra_options={
-                    **_INT8_OPTIONS,
-                    # Every method merges per batch: histograms do not hold all outputs.
-                    "CalibStridedMinMax": 1,
-                    "CalibPercentile": percentile,
-                    **(
-                        {}
-                        if calibration_method == "MinMax"
-                        else {
-                            "TensorQuantOverrides": _output_extremes(
-                                onnx_in, _output_names(model), batches
-                            )
-                        }
-                    ),
-                },
+                extra_options=_static_options(
+                    onnx_in, model, batches, calibration_method, percentile
+                ),
             )
     finally:
         for leftover in (preprocessed, Path(str(preprocessed) + ".data")):

@@ -670,15 +670,14 @@ def validate_onnx(
             judges the outputs (:func:`.comparison.judge_precision`); by default the
             one the file was converted to (:func:`.precision.detect_precision`).
             float16 and int8 outputs are all judged against Keras float32 (their
-            criteria have no outright pass; :func:`judge_by_precision`), and a failing one is not localized (the
-            layer comparison is float32's; validate the float32 export to localize).
+            criteria have no outright pass; :func:`judge_by_precision`), and a failing
+            one is not localized (validate the float32 export to localize).
         reference: Keras's run of ``model`` (a :class:`.reference.KerasReference`,
             awaited while onnxruntime opens the file): compared on its inputs, as on
             given ``inputs``, without running Keras again. Not with ``inputs``.
         onnx_outputs: the file's outputs on every given sample, one run (see _run_both).
 
-    Returns:
-        A :class:`ValidationReport` (truthy iff every output passed).
+    Returns: a :class:`ValidationReport` (truthy iff every output passed).
     """
     path = Path(path)
     explicit, atol, rtol = _tolerances(atol, rtol)
@@ -698,17 +697,26 @@ def validate_onnx(
     report.inputs = _describe_inputs(prepared, runs, inputs, reference)
     if doubtful:
         arrays = [runs.full[name] for name in prepared.input_names]
-        if precision == "float32":
-            report.exact_note = rejudge_against_float64(
-                prepared.model, arrays, comparisons, doubtful, precision
-            )
-        else:
-            report.exact_note = judge_by_precision(
-                prepared.model, arrays, comparisons, doubtful, precision, reference
-            )
+        judged = (prepared.model, arrays, comparisons, doubtful, precision)
+        report.exact_note = _judge(*judged, reference)
     if localize and not report.passed:
         _explain_failure(report, prepared, path, failing_batch, explicit)
     return report
+
+
+def _judge(
+    model: keras.Model,
+    arrays: list[np.ndarray],
+    comparisons: list[OutputComparison],
+    doubtful: list[Doubtful],
+    precision: str,
+    reference: KerasReference | None,
+) -> str:
+    """The doubtful comparisons re-judged (float32: against float64; else by the
+    precision's criterion, with the float16 yardstick ``reference`` made, if any)."""
+    if precision == "float32":
+        return rejudge_against_float64(model, arrays, comparisons, doubtful, precision)
+    return judge_by_precision(model, arrays, comparisons, doubtful, precision, reference)
 
 
 def _tolerances(atol: float | None, rtol: float | None) -> tuple[bool, float, float]:

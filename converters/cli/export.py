@@ -172,11 +172,8 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
     # int8 with the check: it runs beside the calibration, once the export has read
     # the weights (its pass is the reference: no other Keras pass to wait for).
     beside_int8 = args.precision == "int8" and statistics.runs and args.data is None
-    reference = (
-        None
-        if beside_int8
-        else _reference(statistics.start(), model, run, args, inputs, calibration)
-    )
+    given = (model, run, args, inputs, calibration)
+    reference = None if beside_int8 else _reference(statistics.start(), *given)
     if reference is not None and args.precision == "float16" and not args.no_validate:
         reference.start_twin(model, "float16")  # validation's yardstick, beside the conversion
     # Work beside the target, each file under the output's own name: an ONNX model
@@ -187,13 +184,15 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
             result = _export(model, work / output.name, args, run)
         except Exception:
             if reference is None:
-                reference = _reference(statistics.start(), model, run, args, inputs, calibration)
+                reference = _reference(statistics.start(), *given)
             reference.outputs()  # a model Keras cannot run: that is the error to report
             raise
         fold = (model, getattr(result, "fold_report", None))
         bn_statistics = _equalization_statistics(args, fold)  # before the check swaps them
-        if beside_int8:
-            float_outputs = _checked_outputs(statistics.start(background=True), args, inputs)
+        # int8 with the check: started now, beside the quantizing
+        float_outputs = (
+            reference.outputs if reference else _checked_outputs(statistics, args, inputs)
+        )
         final, precision_report = _convert_precision(
             work / output.name,
             work,
@@ -202,10 +201,10 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
             inputs=inputs,
             calibration=calibration,
             bn_statistics=bn_statistics,
-            float_outputs=float_outputs if beside_int8 else reference.outputs,
+            float_outputs=float_outputs,
         )
         if reference is None:  # the check is done: its pass, else Keras's own
-            reference = _reference(statistics, model, run, args, inputs, calibration)
+            reference = _reference(statistics, *given)
         _describe_export(result, final, output, run, model.graph)
         _describe_precision(precision_report, output, args, run)
         if args.no_validate:
@@ -309,9 +308,10 @@ def _reference(
 def _checked_outputs(
     statistics: StatisticsStep, args: argparse.Namespace, inputs: dict[str, Any] | None
 ) -> Callable[[], Any]:
-    """int8's float side on the calibration data, when the check (running in the
-    background) ran on exactly it: a callable that waits for the check's outputs, or
-    gives None (then quantize_int8 runs the float file)."""
+    """Start the statistics check in the background; int8's float side on the
+    calibration data, when the check ran on exactly it: a callable that waits for the
+    check's outputs, or gives None (then quantize_int8 runs the float file)."""
+    statistics.start(background=True)
 
     def outputs() -> Any:
         if inputs is not None or args.data is not None:

@@ -94,6 +94,7 @@ class StatisticsStep:
         from keras_bn.converters.data_sources import open_data
 
         model = self.prepared.model
+        assert self.data is not None  # self.runs
         # Batches of EFFECT_SAMPLES: the second pass (the output-effect lines) runs on the
         # first batch with the program the first pass compiled for that batch size.
         source = open_data(
