@@ -418,20 +418,14 @@ def judge_by_precision(
     """
     from keras_bn.converters.comparison import judge_precision
 
-    half = None
+    half = half_outputs = None
     if precision == "float16":
         try:  # made beside the conversion (KerasReference.start_twin), else here
             half = None if reference is None else reference.twin("float16")
-            if half is None:
-                half = float64_twin(model, inputs, dtype="float16")
+            half = half or float64_twin(model, inputs, dtype="float16")
+            half_outputs = half(inputs)  # its check run's when that was on these inputs
         except Exception:  # no float16 run: judge_float16 falls back to its expectation
-            half = None
-    half_outputs = None
-    if half is not None:
-        try:  # the check run's outputs when it ran on these inputs
-            half_outputs = half(inputs)
-        except Exception:
-            half = None
+            half = half_outputs = None
     for item in doubtful:
         float16_run = None
         if half is not None and half_outputs is not None:

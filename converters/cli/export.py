@@ -190,9 +190,7 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
         fold = (model, getattr(result, "fold_report", None))
         bn_statistics = _equalization_statistics(args, fold)  # before the check swaps them
         # int8 with the check: started now, beside the quantizing
-        float_outputs = (
-            reference.outputs if reference else _checked_outputs(statistics, args, inputs)
-        )
+        float_outputs = reference.outputs if reference is not None else _checked_outputs(statistics)
         final, precision_report = _convert_precision(
             work / output.name,
             work,
@@ -305,17 +303,14 @@ def _reference(
     return reference
 
 
-def _checked_outputs(
-    statistics: StatisticsStep, args: argparse.Namespace, inputs: dict[str, Any] | None
-) -> Callable[[], Any]:
+def _checked_outputs(statistics: StatisticsStep) -> Callable[[], Any]:
     """Start the statistics check in the background; int8's float side on the
-    calibration data, when the check ran on exactly it: a callable that waits for the
-    check's outputs, or gives None (then quantize_int8 runs the float file)."""
+    calibration data (the check's data without --data or --inputs): a callable that
+    waits for the check's outputs, or gives None (then quantize_int8 runs the float
+    file)."""
     statistics.start(background=True)
 
     def outputs() -> Any:
-        if inputs is not None or args.data is not None:
-            return None
         check = statistics.checked()
         return None if check is None else check.moving_outputs
 

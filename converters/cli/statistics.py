@@ -63,10 +63,11 @@ class StatisticsStep:
         self.runs = True
 
     def start(self, *, background: bool = False) -> StatisticsStep:
-        """Begin the check (in this thread unless ``background``); a no-op when none runs."""
+        """Begin the check (in this thread unless ``background``); a no-op when none
+        runs or it has begun."""
         import concurrent.futures
 
-        if not self.runs:
+        if not self.runs or self._future is not None:
             return self
         label = "Checking BatchNormalization statistics against the data"
         if not background:
