@@ -188,6 +188,37 @@ class BiasCorrectionReport:
 # ONNX plumbing.
 
 
+@dataclasses.dataclass(frozen=True)
+class _StoredWeights:
+    """A layer's weights as the quantized graph stores them: the int8 (or uint8)
+    ``values`` of a DequantizeLinear, its ``scale`` and ``zero`` point shaped to
+    broadcast against them (per channel along ``axis``)."""
+
+    values: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray | None
+    axis: int | None  # None: one scale for the tensor
+
+    def error(self, exact: np.ndarray) -> np.ndarray:
+        """``dequantized - exact`` in float64, as :func:`output_shift` reads it: for a
+        convolution kernel ``(out, in / groups, *window)`` summed over the window
+        (kept as axes of size 1), since the shift only needs those sums; then
+        ``scale * sum(values - zero) - sum(exact)`` per window, with no float copy of
+        the kernel."""
+        window = tuple(range(2, self.values.ndim))
+        if not window or self.axis in window:
+            return self._dequantized() - np.asarray(exact, np.float64)
+        steps = self.values.sum(axis=window, dtype=np.int64, keepdims=True)
+        if self.zero is not None:
+            steps = steps - self.zero.astype(np.int64) * int(np.prod(self.values.shape[2:]))
+        summed = np.sum(exact, axis=window, dtype=np.float64, keepdims=True)
+        return steps * self.scale.astype(np.float64) - summed
+
+    def _dequantized(self) -> np.ndarray:
+        offset = 0.0 if self.zero is None else self.zero.astype(np.float64)
+        return (self.values.astype(np.float64) - offset) * self.scale.astype(np.float64)
+
+
 @dataclasses.dataclass
 class _Bias:
     """Where a layer's int32 bias and its scale live in the quantized graph."""
@@ -195,11 +226,11 @@ class _Bias:
     node: Any
     initializer: Any  # the int32 TensorProto, edited in place
     scale: np.ndarray
-    weight: np.ndarray  # the dequantized int8 weights
+    weight: _StoredWeights  # the layer's int8 weights
 
 
-def _dequantized(dequantize, initializers) -> np.ndarray | None:
-    """The values of a DequantizeLinear of stored int8/uint8 weights, else None."""
+def _stored(dequantize, initializers) -> _StoredWeights | None:
+    """The stored int8/uint8 weights a DequantizeLinear reads, else None."""
     from onnx import numpy_helper
 
     if any(name not in initializers for name in dequantize.input):
@@ -208,9 +239,13 @@ def _dequantized(dequantize, initializers) -> np.ndarray | None:
     axis = next((a.i for a in dequantize.attribute if a.name == "axis"), 1)
     shape = [1] * values.ndim
     if scale.size > 1:
+        axis = axis % values.ndim
         shape[axis] = scale.size
-    offset = zero[0].reshape(shape).astype(np.float64) if zero else 0.0
-    return (values.astype(np.float64) - offset) * scale.reshape(shape).astype(np.float64)
+    else:
+        axis = None
+    return _StoredWeights(
+        values, scale.reshape(shape), zero[0].reshape(shape) if zero else None, axis
+    )
 
 
 def output_shift(node, weight_error: np.ndarray, input_means: np.ndarray) -> np.ndarray:
@@ -253,7 +288,7 @@ def _find_biases(
             weights = producers.get(node.input[1])
             weight = None
             if weights is not None and weights.op_type == "DequantizeLinear":
-                weight = _dequantized(weights, initializers)
+                weight = _stored(weights, initializers)
             attributes = {attribute.name: attribute.i for attribute in node.attribute}
             if weight is None:
                 skipped[name] = "its weights are not stored int8 (DequantizeLinear)"
@@ -285,7 +320,9 @@ def _layer_means(
 ) -> tuple[list[np.ndarray], list[float], int]:
     """Per-channel means and standard deviations of the tensors ``names`` over
     ``batches``, in exact QDQ arithmetic (graph optimizations off), and the sample count."""
-    session = runtime.open_session(_with_outputs(model, names), optimization="ORT_DISABLE_ALL")
+    session = runtime.open_session(
+        _with_outputs(model, names), optimization="ORT_DISABLE_ALL", spinning=False
+    )
     moments = [ChannelMoments() for _ in names]
     samples = 0
     for batch in batches:
@@ -385,7 +422,7 @@ def correct_biases(
             measured, _, _ = _layer_means(corrected, [bias.node.output[0]], calibration_batches)
             shift = means[2 * index + 1] - measured[0]
         else:
-            error = bias.weight.astype(np.float64) - float_weights[node.input[1]]
+            error = bias.weight.error(float_weights[node.input[1]])
             shift = -output_shift(node, error, means[2 * index])
         values = numpy_helper.to_array(bias.initializer)
         bias.initializer.CopyFrom(

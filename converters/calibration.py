@@ -232,7 +232,9 @@ def calibrate(
     names = tensors_to_calibrate(model)
     inputs = {info.name for info in model.graph.input}
     fetched = [name for name in dict.fromkeys([*names, *moments_of]) if name not in inputs]
-    session = runtime.open_session(_with_outputs(model, fetched), optimization="ORT_DISABLE_ALL")
+    session = runtime.open_session(
+        _with_outputs(model, fetched), optimization="ORT_DISABLE_ALL", spinning=False
+    )
     collector = MinMaxRange if method == "MinMax" else AbsoluteHistogram
     collected: dict[str, Any] = {name: collector() for name in names}
     moments = {name: ChannelMoments() for name in moments_of}

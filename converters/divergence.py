@@ -282,7 +282,7 @@ def _augmented_session(model, values: Sequence[str]):
     for name in dict.fromkeys(values):
         if name not in existing:
             copy.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    session = runtime.open_session(copy.SerializeToString(), optimization=_EXACT)
+    session = runtime.open_session(copy.SerializeToString(), optimization=_EXACT, spinning=False)
     return session, [output.name for output in session.get_outputs()]
 
 

@@ -381,8 +381,8 @@ def compare_onnx_models(
     scores (rank 2 with at least two classes), the top-1 agreement. The verdict
     itself is validation's, against the Keras model (``validate_onnx``).
     """
-    expected = runtime.run(runtime.open_session(reference), inputs)
-    received = runtime.run(runtime.open_session(candidate), inputs)
+    expected = runtime.run(runtime.open_session(reference, spinning=False), inputs)
+    received = runtime.run(runtime.open_session(candidate, spinning=False), inputs)
     return compare_outputs(expected, received)
 
 
@@ -505,7 +505,7 @@ def _int8_report(
 ) -> PrecisionReport:
     """The int8 file compared with the float model (or ``float_outputs``) on ``matched``;
     the int8 outputs kept when they came from one run of every sample."""
-    session = runtime.open_session(onnx_out, optimization=_COMPARISON_OPTIMIZATION)
+    session = runtime.open_session(onnx_out, optimization=_COMPARISON_OPTIMIZATION, spinning=False)
     count = int(len(next(iter(matched.values()))))
     one_run = runtime.fixed_batch_size(runtime.input_specs(session)) is None
     one_run = one_run and count <= _ONE_RUN_SAMPLES
@@ -517,7 +517,7 @@ def _int8_report(
     else:
         received = runtime.run(session, matched)
     if float_outputs is None:
-        float_outputs = runtime.run(runtime.open_session(onnx_in), matched)
+        float_outputs = runtime.run(runtime.open_session(onnx_in, spinning=False), matched)
     return PrecisionReport(
         precision="int8",
         path=str(onnx_out),
@@ -677,7 +677,7 @@ def _output_extremes(
     """onnxruntime's per-tensor override of the range of each graph output in
     ``names``: its signed extremes over ``batches`` (one float run of ``onnx_in``), for
     ``quantize_static``'s own calibrators."""
-    session = runtime.open_session(onnx_in, optimization="ORT_DISABLE_ALL")
+    session = runtime.open_session(onnx_in, optimization="ORT_DISABLE_ALL", spinning=False)
     lowest: dict[str, float] = {}
     highest: dict[str, float] = {}
     for batch in batches:

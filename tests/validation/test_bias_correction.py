@@ -204,6 +204,46 @@ def test_convolution_shift_is_the_mean_of_the_convolved_error(groups):
     )
 
 
+@pytest.mark.parametrize(
+    "shape, axis, zero",
+    [
+        ((12, 3, 3, 3), 0, False),
+        ((12, 1, 3, 3), 0, True),
+        ((12, 3, 5), None, True),
+        ((7, 5), 1, True),
+    ],
+    ids=["conv-per-channel", "depthwise-zero-point", "conv1d-per-tensor", "gemm"],
+)
+def test_stored_weights_error_gives_the_dequantized_kernels_shift(shape, axis, zero):
+    """The int8 kernel's error, summed over the window from the stored integers, gives
+    the shift of the whole dequantized kernel's error (NumPy, float64)."""
+    from keras_bn.converters.bias_correction import _StoredWeights
+
+    rng = np.random.default_rng(len(shape))
+    values = rng.integers(-127, 128, size=shape).astype(np.int8)
+    broadcast = [1] * len(shape)
+    if axis is not None:
+        broadcast[axis] = shape[axis]
+    scale = rng.uniform(1e-3, 1e-1, size=broadcast).astype(np.float32)
+    offset = rng.integers(-3, 4, size=broadcast).astype(np.int8) if zero else None
+    exact = (values.astype(np.float32) - (0 if offset is None else offset)) * scale
+    exact = (exact + rng.normal(scale=0.3, size=shape) * scale).astype(np.float32)
+    dequantized = (values.astype(np.float64) - (0.0 if offset is None else offset)) * scale
+    full_error = dequantized - exact.astype(np.float64)
+    error = _StoredWeights(values, scale, offset, axis).error(exact)
+    if len(shape) == 2:  # a Gemm's weights: nothing to sum
+        np.testing.assert_allclose(error, full_error, rtol=1e-12, atol=1e-15)
+        return
+    means = rng.normal(size=shape[1] * (3 if shape[1] == 1 else 1))
+    groups = len(means) // shape[1]
+    np.testing.assert_allclose(
+        convolution_shift(error, means, groups),
+        convolution_shift(full_error, means, groups),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # The pass on a quantized model.
 
