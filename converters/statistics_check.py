@@ -36,6 +36,7 @@ trained 2 epochs with momentum 0.999 measures 0.09-0.4 and 2.5-67.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -191,7 +192,13 @@ class StatisticsCheck:
         return "\n".join(lines)
 
 
-def check_statistics(model: Any, source: Any, *, keep_population: bool = False) -> StatisticsCheck:
+def check_statistics(
+    model: Any,
+    source: Any,
+    *,
+    keep_population: bool = False,
+    before_writing: Callable[[], Any] | None = None,
+) -> StatisticsCheck:
     """Compare every BN layer's moving statistics with ``source``'s population ones.
 
     ``source`` is a :class:`~keras_bn.converters.data_sources.DataSource` (re-iterable
@@ -203,7 +210,9 @@ def check_statistics(model: Any, source: Any, *, keep_population: bool = False) 
     data has labels). With
     ``keep_population`` the model is instead recalibrated (``recalibrate_batch_norm``,
     sequential and exact: what ``keras-bn recalibrate`` writes) and kept so: the
-    check then describes the change.
+    check then describes the change. ``before_writing()`` is called (and waited for)
+    before the first statistic is written: the first pass only reads the layers, so
+    another thread may read their weights meanwhile (the export's).
     """
     from keras_bn._batch_norm_state import batch_norm_layers, unique_names
     from keras_bn.recalibration import BatchNormInputs, write_population_statistics
@@ -215,11 +224,15 @@ def check_statistics(model: Any, source: Any, *, keep_population: bool = False) 
     if keep_population:
         from keras_bn.recalibration import recalibrate_batch_norm
 
+        if before_writing is not None:
+            before_writing()
         counts = recalibrate_batch_norm(model, source.inputs())
         moving_outputs: list[list[np.ndarray]] | None = None
     else:
         moving_outputs = []
         moments = forward.measure(source.inputs(), on_outputs=moving_outputs.append)
+        if before_writing is not None:
+            before_writing()
         counts = {}
         for layer, name in zip(layers, names, strict=True):
             counts[name] = int(moments[id(layer)].count.max())

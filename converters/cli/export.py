@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -169,62 +170,64 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
         what="the ONNX model will be faithful to them",
         skip=args.no_statistics_check,
     )
-    # int8 with the check: it runs beside the calibration, once the export has read
-    # the weights (its pass is the reference: no other Keras pass to wait for).
-    beside_int8 = args.precision == "int8" and statistics.runs and args.data is None
     given = (model, run, args, inputs, calibration)
-    reference = None if beside_int8 else _reference(statistics.start(), *given)
-    if reference is not None and args.precision == "float16" and not args.no_validate:
-        reference.start_twin(model, "float16")  # validation's yardstick, beside the conversion
+    gate = threading.Event()  # set once the export has read the weights
+    reference = _start_keras(statistics, given, gate)
     # Work beside the target, each file under the output's own name: an ONNX model
     # refers to its external data file (``<name>.onnx.data``) by file name, so the
     # files keep their names and are moved, not renamed, into place.
-    with work_directory(output) as work:
-        try:
-            result = _export(model, work / output.name, args, run)
-        except Exception:
-            if reference is None:
-                reference = _reference(statistics.start(), *given)
-            reference.outputs()  # a model Keras cannot run: that is the error to report
-            raise
-        fold = (model, getattr(result, "fold_report", None))
-        bn_statistics = _equalization_statistics(args, fold)  # before the check swaps them
-        # int8 with the check: started now, beside the quantizing
-        float_outputs = reference.outputs if reference is not None else _checked_outputs(statistics)
-        final, precision_report = _convert_precision(
-            work / output.name,
-            work,
-            args,
-            run,
-            inputs=inputs,
-            calibration=calibration,
-            bn_statistics=bn_statistics,
-            float_outputs=float_outputs,
-        )
-        if reference is None:  # the check is done: its pass, else Keras's own
-            reference = _reference(statistics, *given)
-        _describe_export(result, final, output, run, model.graph)
-        _describe_precision(precision_report, output, args, run)
-        if args.no_validate:
-            reference.outputs()  # still the check that Keras can run the model
-        elif not _validate(
-            model,
-            final,
-            output,
-            args,
-            run,
-            reference,
-            _inputs_note(args, inputs, calibration),
-            # int8 on the calibration data: the comparison's run of the file is validation's
-            None if inputs is not None else getattr(precision_report, "outputs", None),
-        ):
-            return validation_failed(
-                run, f"the {args.precision} ONNX model's outputs differ from the Keras model's"
+    try:
+        with work_directory(output) as work:
+            try:
+                result = _export(model, work / output.name, args, run)
+            except Exception:
+                gate.set()  # the check must not wait for it
+                if reference is None:
+                    reference = _reference(statistics.start(), *given)
+                reference.outputs()  # a model Keras cannot run: that is the error to report
+                raise
+            fold = (model, getattr(result, "fold_report", None))
+            bn_statistics = _equalization_statistics(args, fold)  # before the check swaps them
+            gate.set()  # the weights are read: the check may swap statistics
+            float_outputs = (
+                reference.outputs if reference is not None else _checked_outputs(statistics)
             )
-        native = final == Path(result.path) and not getattr(result, "used_fallback", True)
-        known = ([result.external_data] if result.external_data else []) if native else None
-        with run.progress.step(f"Writing {output}"):
-            data_files = _move_onnx_into_place(final, output, args, known)
+            final, precision_report = _convert_precision(
+                work / output.name,
+                work,
+                args,
+                run,
+                inputs=inputs,
+                calibration=calibration,
+                bn_statistics=bn_statistics,
+                float_outputs=float_outputs,
+            )
+            if reference is None:  # the check is done: its pass, else Keras's own
+                reference = _reference(statistics, *given)
+            _describe_export(result, final, output, run, model.graph)
+            _describe_precision(precision_report, output, args, run)
+            if args.no_validate:
+                reference.outputs()  # still the check that Keras can run the model
+            elif not _validate(
+                model,
+                final,
+                output,
+                args,
+                run,
+                reference,
+                _inputs_note(args, inputs, calibration),
+                # int8 on the calibration data: the comparison's run of the file is validation's
+                None if inputs is not None else getattr(precision_report, "outputs", None),
+            ):
+                return validation_failed(
+                    run, f"the {args.precision} ONNX model's outputs differ from the Keras model's"
+                )
+            native = final == Path(result.path) and not getattr(result, "used_fallback", True)
+            known = ([result.external_data] if result.external_data else []) if native else None
+            with run.progress.step(f"Writing {output}"):
+                data_files = _move_onnx_into_place(final, output, args, known)
+    finally:
+        gate.set()  # whatever happened: the check never waits for it in vain
     _describe_output(output, data_files, run)
     run.next = f"keras-bn bench {output}"
     return EXIT_OK
@@ -303,12 +306,26 @@ def _reference(
     return reference
 
 
+def _start_keras(statistics: StatisticsStep, given: tuple, gate: threading.Event) -> Any:
+    """Start Keras's work beside the export: Keras's reference run (and float16's
+    yardstick), or None for int8 with the check. That check runs beside the
+    calibration (its pass is the reference: no other Keras pass to wait for); its
+    first pass only reads the layers and starts now, and it writes population
+    statistics once ``gate`` is set (the export has read the weights)."""
+    model, _, args, *_ = given
+    if args.precision == "int8" and statistics.runs and args.data is None:
+        statistics.start(background=True, gate=gate)
+        return None
+    reference = _reference(statistics.start(), *given)
+    if reference is not None and args.precision == "float16" and not args.no_validate:
+        reference.start_twin(model, "float16")  # validation's yardstick, beside the conversion
+    return reference
+
+
 def _checked_outputs(statistics: StatisticsStep) -> Callable[[], Any]:
-    """Start the statistics check in the background; int8's float side on the
-    calibration data (the check's data without --data or --inputs): a callable that
-    waits for the check's outputs, or gives None (then quantize_int8 runs the float
-    file)."""
-    statistics.start(background=True)
+    """int8's float side on the calibration data, from the background statistics check
+    (the check's data without --data or --inputs): a callable that waits for the
+    check's outputs, or gives None (then quantize_int8 runs the float file)."""
 
     def outputs() -> Any:
         check = statistics.checked()

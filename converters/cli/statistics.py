@@ -49,6 +49,7 @@ class StatisticsStep:
         self.runs = False
         self._future: Any = None
         self._failed = ""  # the error's class name when the model did not run on the data
+        self._gate: Any = None  # a threading.Event the check waits for before writing
         if not batch_norm_layers(self.prepared.model):
             return
         if skip:
@@ -62,13 +63,16 @@ class StatisticsStep:
             return
         self.runs = True
 
-    def start(self, *, background: bool = False) -> StatisticsStep:
+    def start(self, *, background: bool = False, gate: Any = None) -> StatisticsStep:
         """Begin the check (in this thread unless ``background``); a no-op when none
-        runs or it has begun."""
+        runs or it has begun. With a ``gate`` (a ``threading.Event``), a background
+        check waits for it before it writes any statistic into the layers: the caller
+        may read the model's weights until it sets the gate, and must set it."""
         import concurrent.futures
 
         if not self.runs or self._future is not None:
             return self
+        self._gate = gate if background else None
         label = "Checking BatchNormalization statistics against the data"
         if not background:
             self._future = concurrent.futures.Future()
@@ -104,7 +108,10 @@ class StatisticsStep:
             batch_size=statistics_check.EFFECT_SAMPLES,
         )
         try:
-            return statistics_check.check_statistics(model, source)
+            gate = self._gate
+            return statistics_check.check_statistics(
+                model, source, before_writing=None if gate is None else gate.wait
+            )
         except Exception as error:
             if _model_runs(model, source):
                 raise  # the model runs: the check itself failed (a bug)

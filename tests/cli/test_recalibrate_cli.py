@@ -280,7 +280,9 @@ def test_int8_export_checks_statistics_beside_quantizing_and_stays_faithful(scen
     assert code == 0, err
     report = json.loads(stdout)
     steps = [step["step"] for step in report["steps"]]
-    assert steps.index("Checking BatchNormalization statistics against the data") > steps.index(
+    # Its first pass (it only reads the layers) starts beside the export; it writes
+    # population statistics once the export has read the weights (the file below).
+    assert steps.index("Checking BatchNormalization statistics against the data") < steps.index(
         "Folding BatchNormalization, exporting"
     )
     assert report["statistics"]["checked"] and report["statistics"]["stale"] == BATCH_NORMS
@@ -338,7 +340,16 @@ def test_check_statistics_leaves_the_model_bit_for_bit(scenario):
     model = keras.saving.load_model(scenario["work"] / "stale.keras")
     before = [v.numpy().copy() for v in model.variables]
     source = open_data(str(scenario["work"] / "held.npz"), model_input_specs(model))
-    check = check_statistics(model, source)
+    # before_writing is called once, after the first pass, before anything is written:
+    # the export reads the weights until then (from another thread).
+    seen = []
+
+    def before_writing():
+        seen.append([v.numpy().copy() for v in model.variables])
+
+    check = check_statistics(model, source, before_writing=before_writing)
     assert check.stale == BATCH_NORMS and not check
-    for value, variable in zip(before, model.variables, strict=True):
+    assert len(seen) == 1
+    for value, at_call, variable in zip(before, seen[0], model.variables, strict=True):
+        np.testing.assert_array_equal(at_call, value)
         np.testing.assert_array_equal(variable.numpy(), value)
