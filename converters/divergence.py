@@ -48,7 +48,13 @@ from keras_bn.converters import runtime
 from keras_bn.converters.comparison import power_ratio_db
 from keras_bn.converters.onnx.metadata import decode_layer_map
 
-__all__ = ["DIVERGENCE_SAMPLES", "DivergenceReport", "LayerDivergence", "layer_divergence"]
+__all__ = [
+    "DIVERGENCE_SAMPLES",
+    "DivergenceReport",
+    "LayerDivergence",
+    "float_side",
+    "layer_divergence",
+]
 
 # Samples the report runs on by default: the SQNR of a layer settles within a
 # fraction of a dB long before that, and each sample costs one run of each model.
@@ -345,21 +351,14 @@ class _Totals:
         return float(np.median(values))
 
 
-def _run(
-    float_model,
-    int8_model,
-    sites: Sequence[_Site],
+def _feeds(
+    specs: Sequence[runtime.InputSpec],
     inputs: Mapping[str, np.ndarray],
     max_samples: int | None,
     batch_size: int,
-) -> tuple[dict[str, _Totals], int]:
-    """Both augmented copies on the first ``max_samples`` inputs (rounded up to a
-    whole batch for a fixed batch size), batch by batch; the totals and the count."""
-    float_session, float_names = _augmented_session(
-        float_model, [site.float_value for site in sites]
-    )
-    int8_session, int8_names = _augmented_session(int8_model, [site.int8_value for site in sites])
-    specs = runtime.input_specs(float_session)
+) -> tuple[list[dict[str, np.ndarray]], int]:
+    """The batches of the first ``max_samples`` inputs (rounded up to a whole batch for a
+    fixed batch size) and their count."""
     matched = runtime.match_inputs(specs, inputs, "Divergence inputs")
     total = int(len(next(iter(matched.values()))))
     count = total if max_samples is None else min(total, max_samples)
@@ -367,21 +366,75 @@ def _run(
     if fixed and count % fixed:
         count = min(total, -(-count // fixed) * fixed)
     matched = {name: array[:count] for name, array in matched.items()}
+    return list(runtime.batches(matched, fixed, batch_size)), count
+
+
+def float_side(
+    float_model: str | os.PathLike | Any,
+    inputs: Mapping[str, np.ndarray],
+    *,
+    max_samples: int | None = DIVERGENCE_SAMPLES,
+    batch_size: int = 16,
+) -> dict[str, np.ndarray] | None:
+    """The float model's every Keras layer output on the samples :func:`layer_divergence`
+    compares, when they make one batch (else None): run ahead, while the int8 model
+    is being made, and handed to it as ``float_values``."""
+    float_model = _load(float_model)
+    layer_map = decode_layer_map({p.key: p.value for p in float_model.metadata_props})
+    if layer_map is None:
+        return None
+    producers = _producers(float_model.graph)
+    values = [
+        entry[0]
+        for entries in layer_map.values()
+        for entry in entries
+        if entry is not None and entry[0] in producers
+    ]
+    session, names = _augmented_session(float_model, values)
+    feeds, _ = _feeds(runtime.input_specs(session), inputs, max_samples, batch_size)
+    if len(feeds) != 1:
+        return None
+    return dict(zip(names, session.run(None, feeds[0]), strict=True))
+
+
+def _run(
+    float_model,
+    int8_model,
+    sites: Sequence[_Site],
+    inputs: Mapping[str, np.ndarray],
+    max_samples: int | None,
+    batch_size: int,
+    float_values: Mapping[str, np.ndarray] | None = None,
+) -> tuple[dict[str, _Totals], int]:
+    """Both augmented copies on the first ``max_samples`` inputs, batch by batch; the
+    totals and the count. ``float_values``: :func:`float_side`'s, used for the float
+    model when they hold every site's value (one batch)."""
+    int8_session, int8_names = _augmented_session(int8_model, [site.int8_value for site in sites])
+    feeds, count = _feeds(runtime.input_specs(int8_session), inputs, max_samples, batch_size)
+    given = (
+        float_values is not None
+        and len(feeds) == 1
+        and all(site.float_value in float_values for site in sites)
+    )
+    if not given:
+        float_session, float_names = _augmented_session(
+            float_model, [site.float_value for site in sites]
+        )
     totals = {site.float_value: _Totals() for site in sites}
-    for feed in runtime.batches(matched, fixed, batch_size):
-        float_values = dict(zip(float_names, float_session.run(None, feed), strict=True))
+    for feed in feeds:
+        if given:
+            assert float_values is not None
+            computed: Mapping[str, np.ndarray] = float_values
+        else:
+            computed = dict(zip(float_names, float_session.run(None, feed), strict=True))
         int8_values = dict(zip(int8_names, int8_session.run(None, feed), strict=True))
         for site in sites:
             totals[site.float_value].add(
-                np.asarray(float_values[site.float_value]),
+                np.asarray(computed[site.float_value]),
                 np.asarray(int8_values[site.int8_value]),
                 site.channel_axis,
             )
     return totals, count
-
-
-# --------------------------------------------------------------------------------------
-# Judging: the numbers per layer and the hint.
 
 
 def _spread(channel_max: np.ndarray | None) -> float:
@@ -494,6 +547,7 @@ def layer_divergence(
     *,
     max_samples: int | None = DIVERGENCE_SAMPLES,
     batch_size: int = 16,
+    float_values: Mapping[str, np.ndarray] | None = None,
 ) -> DivergenceReport:
     """Compare an int8 ONNX model with its float model at every Keras layer output.
 
@@ -507,6 +561,8 @@ def layer_divergence(
         max_samples: compare on the first this many samples (None: all; for a
             fixed batch size, rounded up to whole batches).
         batch_size: samples per run (for a fixed batch size: the model's).
+        float_values: :func:`float_side`'s values for the same arguments, computed
+            ahead (the float model is not run again).
 
     Returns:
         A :class:`DivergenceReport`: every compared layer in graph order, and
@@ -516,7 +572,9 @@ def layer_divergence(
     sites, layer_map, note = _sites(float_model, int8_model)
     if not sites:
         return DivergenceReport(samples=0, layers=[], note=note)
-    totals, samples = _run(float_model, int8_model, sites, inputs, max_samples, batch_size)
+    totals, samples = _run(
+        float_model, int8_model, sites, inputs, max_samples, batch_size, float_values
+    )
     upstream = _upstream(float_model.graph, sites, layer_map)
     return DivergenceReport(
         samples=samples, layers=_judge(float_model, int8_model, sites, totals, upstream)

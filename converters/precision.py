@@ -35,6 +35,7 @@ Every function writes its output atomically and never modifies its input.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import io
@@ -468,7 +469,7 @@ def quantize_int8(
     )
     onnx_out = Path(onnx_out)
     with atomic_output(onnx_out, suffix=".onnx") as tmp:
-        equalized, correction, divergence = _write_int8(
+        equalized, correction, divergence, int8_run = _write_int8(
             Path(onnx_in),
             model,
             tmp,
@@ -484,7 +485,7 @@ def quantize_int8(
             percentile=percentile,
         )
     expected = float_outputs() if callable(float_outputs) else float_outputs
-    report = _int8_report(onnx_in, onnx_out, matched, expected, per_channel)
+    report = _int8_report(onnx_in, onnx_out, matched, expected, per_channel, int8_run)
     report.details["calibration_method"] = calibration_method
     report.details.update({"percentile": percentile} if calibration_method == "Percentile" else {})
     if equalized is not None:
@@ -502,20 +503,11 @@ def _int8_report(
     matched: Mapping[str, np.ndarray],
     float_outputs: Sequence[np.ndarray] | None,
     per_channel: bool,
+    int8_run: tuple[list[np.ndarray] | None, list[np.ndarray]],
 ) -> PrecisionReport:
-    """The int8 file compared with the float model (or ``float_outputs``) on ``matched``;
-    the int8 outputs kept when they came from one run of every sample."""
-    session = runtime.open_session(onnx_out, optimization=_COMPARISON_OPTIMIZATION, spinning=False)
-    count = int(len(next(iter(matched.values()))))
-    one_run = runtime.fixed_batch_size(runtime.input_specs(session)) is None
-    one_run = one_run and count <= _ONE_RUN_SAMPLES
-    kept = None
-    if one_run:  # as validation runs them: raw outputs, one batch of every sample
-        feed = runtime.match_inputs(runtime.input_specs(session), matched, "Calibration data")
-        kept = [np.asarray(output) for output in session.run(None, feed)]
-        received = [output.astype(np.float64) for output in kept]
-    else:
-        received = runtime.run(session, matched)
+    """The int8 file's outputs (``int8_run``, :func:`_int8_outputs`) compared with the
+    float model's (or ``float_outputs``) on ``matched``."""
+    kept, received = int8_run
     if float_outputs is None:
         float_outputs = runtime.run(runtime.open_session(onnx_in, spinning=False), matched)
     return PrecisionReport(
@@ -526,10 +518,25 @@ def _int8_report(
         details={
             "quant_format": "QDQ",
             "per_channel": per_channel,
-            "calibration_samples": count,
+            "calibration_samples": int(len(next(iter(matched.values())))),
         },
         outputs=kept,
     )
+
+
+def _int8_outputs(
+    path: Path, matched: Mapping[str, np.ndarray]
+) -> tuple[list[np.ndarray] | None, list[np.ndarray]]:
+    """The int8 file's outputs on ``matched``, in float64, and the raw outputs when they
+    came from one run of every sample (as validation runs them), else None."""
+    session = runtime.open_session(path, optimization=_COMPARISON_OPTIMIZATION, spinning=False)
+    count = int(len(next(iter(matched.values()))))
+    one_run = runtime.fixed_batch_size(runtime.input_specs(session)) is None
+    if one_run and count <= _ONE_RUN_SAMPLES:
+        feed = runtime.match_inputs(runtime.input_specs(session), matched, "Calibration data")
+        kept = [np.asarray(output) for output in session.run(None, feed)]
+        return kept, [output.astype(np.float64) for output in kept]
+    return None, runtime.run(session, matched)
 
 
 def _calibration(
@@ -572,10 +579,19 @@ def _write_int8(
     bias_correction: bool | str,
     layer_report: bool,
     percentile: float = 99.99,
-) -> tuple[Any, Any, Any]:
+) -> tuple[Any, Any, Any, Any]:
     """:func:`quantize_int8`'s steps, writing ``tmp``: (equalization, bias correction,
-    divergence) reports, each None when its step did not run."""
+    divergence) reports, each None when its step did not run, and the int8 file's run
+    on ``matched`` (:func:`_int8_outputs`, beside the layer report)."""
     equalized = correction = divergence = None
+    floats: list[concurrent.futures.Future] = []  # the layer report's float side
+
+    def calibrated() -> None:  # started beside the QDQ rewrite (model: the source's)
+        if layer_report:
+            from keras_bn.converters.divergence import float_side
+
+            floats.append(_start(float_side, model, matched))
+
     # The equalized float file lies beside the output while quantizing; bias correction
     # and the layer report compare against it (equalization rescales channels).
     source = tmp.with_name(tmp.stem + ".equalized.onnx") if equalize else onnx_in
@@ -596,20 +612,31 @@ def _write_int8(
             progress,
             percentile,
             measure_biases=bias_correction is True,
+            calibrated=calibrated,
         )
         if bias_correction:
             quantized, correction = _correct_biases(
                 model, quantized, batches, bias_correction == "sequential", moments
             )
         _onnx().save(quantized, str(tmp))
+        int8_run = _start(_int8_outputs, tmp, matched)
         if layer_report:
             from keras_bn.converters.divergence import layer_divergence
 
-            divergence = layer_divergence(source, tmp, matched)
+            values = floats[0].result() if floats else None
+            divergence = layer_divergence(source, tmp, matched, float_values=values)
     finally:
         if equalize:
             source.unlink(missing_ok=True)
-    return equalized, correction, divergence
+    return equalized, correction, divergence, int8_run.result()  # before tmp is moved
+
+
+def _start(function: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+    """``function(*args)`` in a background thread (onnxruntime runs without the GIL)."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(function, *args)
+    pool.shutdown(wait=False)
+    return future
 
 
 def _graph_input_specs(model: Any) -> list[runtime.InputSpec]:
@@ -703,6 +730,7 @@ def _quantize_static(
     percentile: float = 99.99,
     *,
     measure_biases: bool = False,
+    calibrated: Callable[[], None] | None = None,
 ) -> tuple[Any, dict[str, Any] | None]:
     """Static QDQ quantization of ``model`` (``onnx_in`` loaded; not modified),
     calibrated on ``batches``: the quantized ``ModelProto`` and, with
@@ -713,8 +741,11 @@ def _quantize_static(
     memory. Entropy, models over protobuf's 2 GB and an onnxruntime whose internals
     changed (:func:`.calibration.reliance_problem`): onnxruntime's ``quantize_static``
     with its own calibrator, through ``onnx_out``; no moments (bias correction then
-    runs the float model itself)."""
+    runs the float model itself). ``calibrated()`` is called once the ranges are known
+    (before the rewrite)."""
     from keras_bn.converters import calibration
+
+    calibrated = calibrated or (lambda: None)
 
     if (
         calibration_method in calibration.FAST_METHODS
@@ -733,10 +764,12 @@ def _quantize_static(
             progress=progress,
             whole=_output_names(model),
         )
+        calibrated()
         quantized = calibration.quantize_qdq(
             preprocessed, measured.ranges, per_channel=per_channel, extra_options=_INT8_OPTIONS
         )
         return quantized, measured.moments if measure_biases else None
+    calibrated()  # onnxruntime's quantize_static calibrates and rewrites in one call
     _quantize_static_file(
         onnx_in, model, onnx_out, batches, per_channel, calibration_method, progress, percentile
     )

@@ -9,8 +9,6 @@ onnxruntime is imported on first use.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -80,10 +78,14 @@ def open_session(
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
     try:
-        # onnxruntime prints "EP Error ... retrying" to stdout when a model fails to
-        # load: keep it off the CLI's stdout (a --json report must stay pure JSON).
-        with contextlib.redirect_stdout(io.StringIO()):
-            return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        # Without its fallback, onnxruntime raises when a model fails to load instead of
+        # printing "EP Error ... retrying" to stdout (a --json report must stay pure
+        # JSON) and retrying on the same CPU provider. Not contextlib.redirect_stdout:
+        # it swaps sys.stdout for the whole process, and sessions open in several
+        # threads at once (two overlapping swaps can leave it swapped for good).
+        return ort.InferenceSession(
+            source, options, providers=["CPUExecutionProvider"], enable_fallback=0
+        )
     except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
         label = "the serialized ONNX model" if isinstance(model, bytes) else repr(str(model))
         raise UserInputError(

@@ -245,6 +245,30 @@ def test_the_int8_file_is_left_as_it_is(models, tmp_path):
     assert [o.name for o in onnx.load(str(int8_path)).graph.output] == ["head"]
 
 
+def test_the_float_side_run_ahead_gives_the_same_report(models, monkeypatch):
+    """float_side's values (what quantize_int8 runs beside the QDQ rewrite) stand in for
+    the float model's run: the report is the one layer_divergence makes alone, and the
+    float model is not run again; quantize_int8's own report is that one too."""
+    from keras_bn.converters import divergence
+
+    float_path, int8_path, report = models["hard"]
+    alone = layer_divergence(float_path, int8_path, _feed(models))
+    values = divergence.float_side(float_path, _feed(models))
+    assert values is not None
+    opened = []
+    augmented = divergence._augmented_session
+    monkeypatch.setattr(
+        divergence,
+        "_augmented_session",
+        lambda model, names: opened.append(model) or augmented(model, names),
+    )
+    ahead = layer_divergence(float_path, int8_path, _feed(models), float_values=values)
+    assert len(opened) == 1  # the int8 model's copy only
+    assert ahead.to_dict() == alone.to_dict() == report.divergence.to_dict()
+    # More samples than one batch: nothing is run ahead, the report runs both models.
+    assert divergence.float_side(float_path, _feed(models), max_samples=None, batch_size=8) is None
+
+
 def test_without_a_layer_map_nothing_is_compared(models, tmp_path):
     float_path, int8_path, _ = models["plain"]
     model = onnx.load(str(float_path))

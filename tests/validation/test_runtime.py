@@ -104,6 +104,31 @@ def test_a_session_without_spinning_sleeps_between_operations_and_computes_the_s
         np.testing.assert_allclose(got, expected, rtol=1e-7)
 
 
+def test_sessions_leave_stdout_alone_and_never_fall_back(dynamic, monkeypatch):
+    """onnxruntime's provider fallback prints "EP Error ... retrying" to stdout (a --json
+    report must stay pure JSON): it is off. And sys.stdout is never swapped to hide
+    it: sessions open in several threads at once, and two overlapping swaps leave it
+    swapped for good (the CLI's report then goes nowhere)."""
+    import concurrent.futures
+    import sys
+
+    import onnxruntime as ort
+
+    seen = []
+    original = ort.InferenceSession.__init__
+
+    def recording(self, *args, **kwargs):
+        seen.append((sys.stdout, kwargs.get("enable_fallback")))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "__init__", recording)
+    stdout = sys.stdout
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        sessions = list(pool.map(lambda _: open_session(dynamic), range(8)))
+    assert len(sessions) == 8 and sys.stdout is stdout
+    assert len(seen) == 8 and all(out is stdout and fallback == 0 for out, fallback in seen)
+
+
 @pytest.mark.parametrize("source", ["path", "bytes"])
 def test_an_unreadable_model_is_one_user_error(tmp_path, source):
     path = tmp_path / "broken.onnx"
