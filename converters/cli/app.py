@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import NoReturn
 
 from keras_bn.converters.cli import bench, export, fold, inspect, recalibrate, validate
+from keras_bn.converters.cli.allocator import tune_allocator
 from keras_bn.converters.cli.args import Parser, ReportArgs
 from keras_bn.converters.cli.quiet import quiet_environment
 from keras_bn.converters.cli.run import (
@@ -146,6 +147,8 @@ def main(argv: Sequence[str] | None = None, *, owns_process: bool = False) -> in
     args = _parse(argv)
     if isinstance(args, int):
         return args
+    if owns_process:
+        tune_allocator()  # process-wide: the program's to set (allocator.py)
     quiet_environment()
     run = Run(
         command=args.command,
