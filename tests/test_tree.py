@@ -111,6 +111,7 @@ MIRROR = {
     "converters/data_sources.py": "cli/test_recalibrate_cli.py",
     "converters/statistics_check.py": "cli/test_recalibrate_cli.py",
     "converters/cli/backend.py": "cli/test_cli_backend.py",
+    "converters/cli/allocator.py": "cli/test_allocator.py",
 }
 
 # Test modules of the program as a whole (real models, user files, other backends).
