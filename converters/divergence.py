@@ -411,22 +411,13 @@ def _run(
     model when they hold every site's value (one batch)."""
     int8_session, int8_names = _augmented_session(int8_model, [site.int8_value for site in sites])
     feeds, count = _feeds(runtime.input_specs(int8_session), inputs, max_samples, batch_size)
-    given = (
-        float_values is not None
-        and len(feeds) == 1
-        and all(site.float_value in float_values for site in sites)
-    )
-    if not given:
-        float_session, float_names = _augmented_session(
-            float_model, [site.float_value for site in sites]
-        )
+    given = float_values
+    if given is None or len(feeds) != 1 or any(site.float_value not in given for site in sites):
+        session, names = _augmented_session(float_model, [site.float_value for site in sites])
+        given = None
     totals = {site.float_value: _Totals() for site in sites}
     for feed in feeds:
-        if given:
-            assert float_values is not None
-            computed: Mapping[str, np.ndarray] = float_values
-        else:
-            computed = dict(zip(float_names, float_session.run(None, feed), strict=True))
+        computed = given or dict(zip(names, session.run(None, feed), strict=True))
         int8_values = dict(zip(int8_names, int8_session.run(None, feed), strict=True))
         for site in sites:
             totals[site.float_value].add(
@@ -435,6 +426,10 @@ def _run(
                 site.channel_axis,
             )
     return totals, count
+
+
+# --------------------------------------------------------------------------------------
+# Judging: the numbers per layer and the hint.
 
 
 def _spread(channel_max: np.ndarray | None) -> float:

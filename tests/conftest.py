@@ -74,3 +74,20 @@ def pytest_report_header(config):
     import keras
 
     return f"keras {keras.__version__}, backend {keras.backend.backend()}"
+
+
+@pytest.fixture
+def opened_sessions(monkeypatch):
+    """The keyword arguments of every ``runtime.open_session`` call the test makes
+    (each session is still opened)."""
+    from keras_bn.converters import runtime
+
+    opened = []
+    open_session = runtime.open_session
+
+    def recording(model, **kwargs):
+        opened.append(kwargs)
+        return open_session(model, **kwargs)
+
+    monkeypatch.setattr(runtime, "open_session", recording)
+    return opened

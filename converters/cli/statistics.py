@@ -49,7 +49,6 @@ class StatisticsStep:
         self.runs = False
         self._future: Any = None
         self._failed = ""  # the error's class name when the model did not run on the data
-        self._gate: Any = None  # a threading.Event the check waits for before writing
         if not batch_norm_layers(self.prepared.model):
             return
         if skip:
@@ -72,7 +71,6 @@ class StatisticsStep:
 
         if not self.runs or self._future is not None:
             return self
-        self._gate = gate if background else None
         label = "Checking BatchNormalization statistics against the data"
         if not background:
             self._future = concurrent.futures.Future()
@@ -86,14 +84,14 @@ class StatisticsStep:
 
         def checked() -> Any:
             with step:
-                return self._check()
+                return self._check(gate)
 
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self._future = pool.submit(checked)
         pool.shutdown(wait=False)
         return self
 
-    def _check(self) -> Any:
+    def _check(self, gate: Any = None) -> Any:
         """The check, or None when the model does not run on the data."""
         from keras_bn.converters import statistics_check
         from keras_bn.converters.data_sources import open_data
@@ -108,7 +106,6 @@ class StatisticsStep:
             batch_size=statistics_check.EFFECT_SAMPLES,
         )
         try:
-            gate = self._gate
             return statistics_check.check_statistics(
                 model, source, before_writing=None if gate is None else gate.wait
             )

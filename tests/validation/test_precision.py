@@ -247,24 +247,15 @@ def test_quantize_int8_progress_and_given_float_outputs(tmp_path, data):
         quantize_int8(source, tmp_path / "bad.onnx", {"x": data}, float_outputs=[])
 
 
-def test_quantize_int8_sessions_do_not_spin(tmp_path, data, monkeypatch):
+def test_quantize_int8_sessions_do_not_spin(tmp_path, data, opened_sessions):
     """Every onnxruntime session of an int8 export (calibration, the layer report's
     two copies, the comparison) lets idle threads sleep: the CLI runs the Keras
     statistics check beside them, and a spinning thread takes its CPU."""
-    from keras_bn.converters import runtime
-
-    opened = []
-    open_session = runtime.open_session
-
-    def recording(model, **kwargs):
-        opened.append(kwargs)
-        return open_session(model, **kwargs)
-
-    monkeypatch.setattr(runtime, "open_session", recording)
     source = classifier_onnx(tmp_path / "model.onnx")
     report = quantize_int8(source, tmp_path / "int8.onnx", {"x": data}, equalize=True)
     assert report.divergence is not None and report.details["bias_correction"]["layers"]
-    assert len(opened) >= 5 and all(kwargs.get("spinning") is False for kwargs in opened)
+    assert len(opened_sessions) >= 5
+    assert all(kwargs.get("spinning") is False for kwargs in opened_sessions)
 
 
 def test_quantize_int8_fixed_batch_and_any_single_key(tmp_path, data):

@@ -350,26 +350,17 @@ def test_localization_names_the_broken_layer(tmp_path):
     assert report.to_dict()["first_divergent_layer"] == "conv2"
 
 
-def test_validation_sessions_do_not_spin(tmp_path, monkeypatch):
+def test_validation_sessions_do_not_spin(tmp_path, opened_sessions):
     """Both of validation's onnxruntime sessions (the file's, and localization's copy
     with every layer's value as an output) let idle threads sleep: the Keras reference
     pass runs beside them."""
-    from keras_bn.converters import runtime
-
-    opened = []
-    open_session = runtime.open_session
-
-    def recording(model, **kwargs):
-        opened.append(kwargs)
-        return open_session(model, **kwargs)
-
-    monkeypatch.setattr(runtime, "open_session", recording)
     model = _conv_bn_model()
     _export(model, tmp_path / "m.onnx")
     _tamper(tmp_path / "m.onnx", "conv2/kernel")
     report = validate_onnx(model, tmp_path / "m.onnx")
     assert not report and report.first_divergent_layer == "conv2"
-    assert len(opened) == 2 and all(kwargs.get("spinning") is False for kwargs in opened)
+    assert len(opened_sessions) == 2
+    assert all(kwargs.get("spinning") is False for kwargs in opened_sessions)
 
 
 def test_localization_sees_through_folded_batch_norms(tmp_path):
