@@ -91,13 +91,23 @@ class AbsoluteHistogram:
     """onnxruntime's histogram of ``|x|`` (``HistogramCollector.collect_absolute_value``):
     ``bins`` bins over the first batch's ``[min |x|, max |x|]``; a later batch that
     reaches beyond the last edge adds bins of the same width; values below the first
-    edge are not counted. ``lowest``/``highest`` are the signed extremes."""
+    edge are not counted. ``lowest``/``highest`` are the signed extremes.
+
+    Percentile reads only the top of the histogram, so the bins under ``floor`` are
+    not counted one by one: their total is kept in bin 0 (one comparison per value
+    instead of a bin index and a count; the largest tensors have millions of values
+    per batch). The floor is set on the first batch so that at least ``tail`` of its
+    values lie above it; :meth:`percentile_range` says when the percentile fell under
+    it after all (later batches lighter-tailed than the first) and the tensor must be
+    counted again with ``tail=1.0`` (every bin)."""
 
     bins: int = HISTOGRAM_BINS
-    counts: Any = None  # int64 counts once a batch was added
+    tail: float = 1.0  # share of the first batch counted bin by bin, at least
+    counts: Any = None  # int64 counts once a batch was added; bin 0 holds all under floor
     edges: Any = None  # float32, len(counts) + 1
     lowest: Any = None
     highest: Any = None
+    floor: int = 0  # the first bin counted bin by bin
 
     def add(self, values: np.ndarray) -> None:
         flat = np.asarray(values).reshape(-1)
@@ -112,6 +122,7 @@ class AbsoluteHistogram:
             ).astype(magnitude.dtype)
             self.counts = np.zeros(self.bins, np.int64)
             self.lowest, self.highest = low, high
+            self.floor = _floor(magnitude, self.edges, self.tail)
         else:
             self.lowest, self.highest = min(self.lowest, low), max(self.highest, high)
             if largest > self.edges[-1]:  # onnxruntime's rule, float32 arithmetic
@@ -121,25 +132,60 @@ class AbsoluteHistogram:
                 self.counts = np.concatenate(
                     [self.counts, np.zeros(len(self.edges) - 1 - len(self.counts), np.int64)]
                 )
-        self.counts += count_in_bins(magnitude, self.edges)
+        if not self.floor:
+            self.counts += count_in_bins(magnitude, self.edges)
+            return
+        top = magnitude[magnitude >= self.edges[self.floor]]
+        counted = magnitude.size  # those under the first edge are not counted
+        if self.edges[0]:
+            counted -= int(np.count_nonzero(magnitude < self.edges[0]))
+        self.counts += count_in_bins(top, self.edges)
+        self.counts[0] += counted - top.size
 
     def whole_range(self) -> tuple[Any, Any, Any, Any]:
         """The signed extremes, as :meth:`percentile_range` gives its range."""
         return self.lowest, self.highest, self.counts[0], self.counts[1]
 
-    def percentile_range(self, percentile: float) -> tuple[Any, Any, Any, Any]:
+    def percentile_range(self, percentile: float) -> tuple[Any, Any, Any, Any] | None:
         """onnxruntime's ``compute_percentile`` (symmetric): ``(-t, t)`` with ``t`` the
         left edge of the bin where the cumulative share reaches ``percentile``, kept
-        within the signed extremes; then the first two counts, as it returns them."""
+        within the signed extremes; then the first two counts, as it returns them
+        (onnxruntime's quantizer does not read them). None when that bin lies under
+        :attr:`floor`, where the bins were not counted one by one."""
         counts, edges = self.counts, self.edges
         cdf = np.cumsum(counts / counts.sum())
-        edge = np.array(edges[np.searchsorted(cdf, percentile / 100.0)], dtype=edges.dtype)
+        index = np.searchsorted(cdf, percentile / 100.0)
+        if index < self.floor:
+            return None
+        edge = np.array(edges[index], dtype=edges.dtype)
         lowest, highest = -edge, edge
         if lowest < self.lowest:
             lowest = self.lowest
         if highest > self.highest:
             highest = self.highest
         return lowest, highest, counts[0], counts[1]
+
+
+_SAMPLE = 1 << 14  # values of the first batch sampled to place the floor
+
+
+def _floor(magnitude: np.ndarray, edges: np.ndarray, tail: float) -> int:
+    """The highest bin with at least ``tail`` of ``magnitude`` at or above its left
+    edge, placed from a random sample of the values (aiming at four times ``tail``;
+    a strided sample of an NCHW tensor would see a few image columns only) and checked
+    on all of them: 0 (count every bin) for small batches, a large ``tail``, or a
+    sample that misled."""
+    if tail >= 0.125 or magnitude.size < _SMALL_BATCH:
+        return 0
+    sample = magnitude[np.random.default_rng(0).integers(0, magnitude.size, _SAMPLE)]
+    level = np.quantile(sample, 1.0 - 4.0 * tail)
+    width = edges[1] - edges[0]
+    floor = int(min(max((level - edges[0]) / width, 0), len(edges) - 2))
+    above = np.count_nonzero(magnitude >= edges[floor])
+    return floor if floor and above >= tail * magnitude.size else 0
+
+
+_SMALL_BATCH = 1 << 16  # values: a batch this small is counted bin by bin
 
 
 def count_in_bins(magnitude: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -230,13 +276,48 @@ def calibrate(
     from onnxruntime.quantization import CalibrationMethod, TensorsData
 
     names = tensors_to_calibrate(model)
+    # Percentile's bin lies in the top (1 - percentile) of all values: with batches no
+    # larger than the first, the values counted bin by bin are twice that share or more
+    # (when a tail is lighter after all, that tensor is counted again, every bin).
+    tail = 2 * (1 - percentile / 100) * len(batches)
+    collected, moments, samples = _float_pass(
+        model, batches, names, method, tail, moments_of, progress
+    )
+    if method == "MinMax":
+        ranges = {name: statistic.tensor_range() for name, statistic in collected.items()}
+    else:
+        ranges = {
+            name: stat.whole_range() if name in whole else stat.percentile_range(percentile)
+            for name, stat in collected.items()
+        }
+        recount = [name for name, measured in ranges.items() if measured is None]
+        if recount:  # a tail lighter than the first batch's: count every bin again
+            again, _, _ = _float_pass(model, batches, recount, method, 1.0, (), None)
+            ranges.update({name: again[name].percentile_range(percentile) for name in recount})
+    return Calibration(TensorsData(CalibrationMethod[method], ranges), moments, samples)
+
+
+def _float_pass(
+    model: Any,
+    batches: Sequence[Mapping[str, np.ndarray]],
+    names: Sequence[str],
+    method: str,
+    tail: float,
+    moments_of: Sequence[str],
+    progress: Callable[[int, int], None] | None,
+) -> tuple[dict[str, Any], dict[str, ChannelMoments], int]:
+    """:func:`calibrate`'s run of ``model`` over ``batches``: the range statistic of
+    each of ``names`` (histograms counting ``tail`` of the first batch bin by bin),
+    the moments of ``moments_of`` and the sample count."""
     inputs = {info.name for info in model.graph.input}
     fetched = [name for name in dict.fromkeys([*names, *moments_of]) if name not in inputs]
     session = runtime.open_session(
         _with_outputs(model, fetched), optimization="ORT_DISABLE_ALL", spinning=False
     )
-    collector = MinMaxRange if method == "MinMax" else AbsoluteHistogram
-    collected: dict[str, Any] = {name: collector() for name in names}
+    collected: dict[str, Any] = {
+        name: MinMaxRange() if method == "MinMax" else AbsoluteHistogram(tail=tail)
+        for name in names
+    }
     moments = {name: ChannelMoments() for name in moments_of}
     samples = 0
     for done, batch in enumerate(batches, start=1):
@@ -250,14 +331,7 @@ def calibrate(
         del values
         if progress is not None:
             progress(done, len(batches))
-    if method == "MinMax":
-        ranges = {name: statistic.tensor_range() for name, statistic in collected.items()}
-    else:
-        ranges = {
-            name: stat.whole_range() if name in whole else stat.percentile_range(percentile)
-            for name, stat in collected.items()
-        }
-    return Calibration(TensorsData(CalibrationMethod[method], ranges), moments, samples)
+    return collected, moments, samples
 
 
 def _with_outputs(model: Any, names: Sequence[str]) -> bytes:

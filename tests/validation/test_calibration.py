@@ -152,6 +152,55 @@ def test_histogram_merges_batches_as_onnxruntime_does():
     assert np.abs(np.cumsum(ours.counts) - np.cumsum(counts)).max() <= 2
 
 
+def _heavy_tailed_batches(rng, scales, size=100_003):  # no percentile falls on a rank
+    return [(rng.standard_t(3, size=size) * scale).astype(np.float32) for scale in scales]
+
+
+@pytest.mark.parametrize("percentile", [99.99, 99.9, 99.0])
+def test_a_histogram_counting_only_its_top_gives_the_same_percentile(percentile):
+    """Bins under the floor are kept as one total: the percentile's bin, found from
+    the top, is the same as with every bin counted (and as NumPy's percentile)."""
+    rng = np.random.default_rng(4)
+    batches = _heavy_tailed_batches(rng, SCALES)
+    tail = 2 * (1 - percentile / 100) * len(batches)
+    top, every = calibration.AbsoluteHistogram(tail=tail), calibration.AbsoluteHistogram()
+    for batch in batches:
+        top.add(batch)
+        every.add(batch)
+    assert top.floor > 0 and top.counts[0] > 0.5 * top.counts.sum()  # most lumped, not binned
+    assert top.counts[1 : top.floor].sum() <= 2  # (a value at a bin edge may round down)
+    np.testing.assert_array_equal(top.edges, every.edges)
+    np.testing.assert_array_equal(top.counts[top.floor :], every.counts[top.floor :])
+    assert top.counts.sum() == every.counts.sum() == sum(batch.size for batch in batches)
+    assert top.percentile_range(percentile)[:2] == every.percentile_range(percentile)[:2]
+    whole = np.abs(np.concatenate(batches))
+    threshold = np.percentile(whole, percentile, method="inverted_cdf")
+    width = every.edges[1] - every.edges[0]
+    assert abs(float(top.percentile_range(percentile)[1]) - threshold) <= width
+
+
+def test_a_tail_lighter_than_the_first_batchs_is_counted_again(setup, monkeypatch):
+    """A first batch smaller than the rest and far heavier-tailed puts the floor too
+    high for the whole: calibrate counts those tensors again, every bin, and gets the
+    ranges of a pass that counted every bin from the start."""
+    _, preprocessed, _, _ = setup
+    monkeypatch.setattr(calibration, "_SMALL_BATCH", 0)  # count the top of small tensors too
+    rng = np.random.default_rng(5)
+    heavy = {"x": (rng.standard_t(2, size=(1, 3, 8, 8)) * 20).astype(np.float32)}
+    light = [{"x": rng.normal(size=(16, 3, 8, 8)).astype(np.float32)} for _ in range(7)]
+    batches = [heavy, *light]
+    passes = []
+    float_pass = calibration._float_pass
+    monkeypatch.setattr(
+        calibration, "_float_pass", lambda *a: passes.append(a[2]) or float_pass(*a)
+    )
+    ranges = calibration.calibrate(preprocessed, batches, "Percentile", percentile=99.9).ranges
+    assert len(passes) == 2 and "x" in passes[1]  # x's floor was the heavy batch's
+    every, _, _ = float_pass(preprocessed, batches, passes[0], "Percentile", 1.0, (), None)
+    for name in passes[0]:
+        assert ranges[name].range_value == tuple(every[name].percentile_range(99.9)[:2]), name
+
+
 # ---------------------------------------------------------------------------------------
 # The float pass against onnxruntime's calibrators.
 
@@ -168,8 +217,11 @@ def test_minmax_ranges_are_onnxruntimes_exactly(setup):
             np.testing.assert_array_equal(got, want, err_msg=name)
 
 
-def test_percentile_ranges_are_onnxruntimes_within_one_bin(setup):
+@pytest.mark.parametrize("top_only", [False, True], ids=["every-bin", "top-only"])
+def test_percentile_ranges_are_onnxruntimes_within_one_bin(setup, monkeypatch, top_only):
     _, preprocessed, batches, theirs = setup
+    if top_only:  # this model's tensors are small enough to be counted bin by bin
+        monkeypatch.setattr(calibration, "_SMALL_BATCH", 0)
     ours = calibration.calibrate(preprocessed, batches, "Percentile", percentile=PERCENTILE)
     expected = theirs["Percentile"]
     assert set(ours.ranges) == set(expected)
