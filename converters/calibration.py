@@ -11,8 +11,9 @@ batch (memory bounded by one batch's activations), gives both:
   them: :class:`MinMaxRange` (the range over every batch) and
   :class:`AbsoluteHistogram` (onnxruntime's histogram of ``|x|``: 2048 bins over the
   first batch's range, widened by whole bins when a batch reaches beyond, and its
-  percentile rule). The bins are counted with ``np.bincount`` of the scaled values,
-  not ``np.histogram``'s sort: a value within float32 rounding of a bin edge may be
+  percentile rule). Only the top of each histogram is counted bin by bin (the
+  percentile lies there), with ``np.bincount`` of the scaled values, not
+  ``np.histogram``'s sort: a value within float32 rounding of a bin edge may be
   counted in the bin beside it, so a Percentile range is onnxruntime's to one bin;
 * per-channel moments of the tensors bias correction needs
   (:class:`~keras_bn.converters.bias_correction.ChannelMoments`).
