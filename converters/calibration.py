@@ -31,9 +31,12 @@ checks each).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import inspect
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -219,6 +222,37 @@ def count_in_bins(magnitude: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------
+# Per-channel int8 weights (NumPy only): onnxruntime's numbers, whole arrays at a time.
+
+
+def per_channel_parameters(weights: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """onnxruntime's symmetric int8 zero points and scales of each channel of
+    ``weights`` along ``axis`` (``compute_data_quant_params`` per channel: the range
+    widened to hold 0 and made symmetric, ``2 max|w| / 254`` in float64 stored as
+    float32, 1.0 where that is under float32's smallest normal), or None for an
+    empty or non-finite array (left to onnxruntime, which reports it)."""
+    if weights.dtype != np.float32 or weights.size == 0:
+        return None
+    rows = np.moveaxis(weights, axis, 0).reshape(weights.shape[axis], -1)
+    largest = np.maximum(np.abs(np.minimum(rows.min(axis=1), 0)), np.maximum(rows.max(axis=1), 0))
+    if not np.all(np.isfinite(largest)):
+        return None
+    scale = largest.astype(np.float64) * 2 / 254.0
+    stored = np.where(scale < np.finfo(np.float32).tiny, 1.0, scale).astype(np.float32)
+    return np.zeros(len(stored), np.int8), stored
+
+
+def per_channel_integers(weights: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
+    """``weights`` (float32) divided by each channel's ``scale`` along ``axis``, rounded
+    half to even and clipped to int8, as onnxruntime's ``quantize_nparray`` does per
+    channel (zero points 0)."""
+    shape = [1] * weights.ndim
+    shape[axis] = -1
+    scaled = np.round(weights.astype(np.float32) / np.asarray(scale).reshape(shape))
+    return np.clip(scaled, -128, 127).astype(np.int8)
+
+
+# ---------------------------------------------------------------------------------------
 # The float pass.
 
 
@@ -371,12 +405,14 @@ def quantize_qdq(
     """onnxruntime's QDQ rewrite (``QDQQuantizer``, as ``quantize_static`` runs it for
     QDQ int8 weights and activations) of ``model`` (shape-inferred, marked
     pre-processed; consumed) with ``ranges``: the quantized ``ModelProto``, nodes in
-    topological order as ``quantize_static`` saves them."""
-    from onnxruntime.quantization import QDQQuantizer, QuantType
+    topological order as ``quantize_static`` saves them. Per-channel int8 weights get
+    their scales and integers a whole array at a time (:func:`_whole_array_weights`),
+    not one channel at a time: the same numbers."""
+    from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.quant_utils import add_infer_metadata
 
     add_infer_metadata(model)  # what quantize_static's loading adds
-    quantizer = QDQQuantizer(
+    quantizer = _quantizer_class()(
         model,
         per_channel,
         False,  # reduce_range
@@ -388,9 +424,108 @@ def quantize_qdq(
         default_op_types(),
         dict(extra_options),
     )
-    quantizer.quantize_model()
+    with _whole_array_weights():
+        quantizer.quantize_model()
     quantizer.model.topological_sort()
     return quantizer.model.model
+
+
+@functools.cache
+def _quantizer_class() -> type:
+    """``QDQQuantizer`` with :meth:`_calc_initializer_quant_params` computing the
+    parameters of plain per-channel int8 weights (no overrides, no blocks, no reduced
+    or minimum range: ours) from whole arrays; everything else stays onnxruntime's."""
+    from onnx import TensorProto, numpy_helper
+    from onnxruntime.quantization import QDQQuantizer
+    from onnxruntime.quantization.base_quantizer import QuantizationParams
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantTensorType
+
+    class WholeArrayQuantizer(QDQQuantizer):
+        def _calc_initializer_quant_params(self) -> dict[str, Any]:
+            everything: dict[str, Any] = self.tensors_to_quantize  # type: ignore[has-type]
+            arrays = {tensor.name: tensor for tensor in self.model.initializer()}
+            ours = {}
+            for name, info in everything.items():
+                if name in arrays and self._plain_per_channel(info):
+                    weights = numpy_helper.to_array(arrays[name])
+                    found = per_channel_parameters(weights, info.axis % weights.ndim)
+                    if found is not None:
+                        ours[name] = QuantizationParams(
+                            zero_point=found[0],
+                            scale=found[1],
+                            quant_type=TensorProto.INT8,
+                            axis=info.axis % weights.ndim,
+                        )
+            self.tensors_to_quantize = {n: i for n, i in everything.items() if n not in ours}
+            try:
+                theirs = super()._calc_initializer_quant_params()
+            finally:
+                self.tensors_to_quantize = everything
+            return {
+                name: ours[name] if name in ours else theirs[name]
+                for name in everything
+                if name in ours or name in theirs
+            }
+
+        def _plain_per_channel(self, info: Any) -> bool:
+            # Attributes read with defaults that leave the tensor to onnxruntime.
+            return (
+                getattr(info, "tensor_type", None) is QDQQuantTensorType.WEIGHT
+                and getattr(info, "axis", None) is not None
+                and getattr(self, "weight_qType", None) == TensorProto.INT8
+                and getattr(self, "reduce_range", True) is False
+                and getattr(self, "min_real_range", 0) is None
+                and getattr(self, "block_size", None) == 0
+                and not getattr(self, "tensor_quant_overrides", True)
+            )
+
+    return WholeArrayQuantizer
+
+
+_SWAP = threading.Lock()
+
+
+@contextlib.contextmanager
+def _whole_array_weights() -> Iterator[None]:
+    """onnxruntime's ``quantize_onnx_initializer``, as its QDQ rewrite calls it, made
+    whole-array for per-channel int8 weights (:func:`per_channel_integers`, the same
+    integers) while the block runs; other calls go to onnxruntime's own."""
+    from onnx import TensorProto, numpy_helper
+    from onnxruntime.quantization import qdq_quantizer
+    from onnxruntime.quantization.quant_utils import TENSOR_NAME_QUANT_SUFFIX
+
+    theirs = qdq_quantizer.quantize_onnx_initializer
+
+    def quantize_onnx_initializer(
+        weight: Any,
+        quant_type: Any,
+        zero_point: np.ndarray,
+        scale: np.ndarray,
+        axis: int | None = None,
+        quant_weight_name: str | None = None,
+        block_size: int = 0,
+    ) -> Any:
+        if (
+            axis is None
+            or block_size
+            or quant_type != TensorProto.INT8
+            or weight.data_type != TensorProto.FLOAT
+            or np.any(zero_point)
+        ):
+            return theirs(
+                weight, quant_type, zero_point, scale, axis, quant_weight_name, block_size
+            )
+        integers = per_channel_integers(numpy_helper.to_array(weight), scale, axis)
+        return numpy_helper.from_array(
+            integers, quant_weight_name or f"{weight.name}{TENSOR_NAME_QUANT_SUFFIX}"
+        )
+
+    with _SWAP:
+        qdq_quantizer.quantize_onnx_initializer = quantize_onnx_initializer
+        try:
+            yield
+        finally:
+            qdq_quantizer.quantize_onnx_initializer = theirs
 
 
 def _parameters_are(function: Any, *names: str) -> str | None:
@@ -468,6 +603,34 @@ def _histogram() -> str | None:
     ) or _parameters_are(HistogramCollector.compute_percentile, "self")
 
 
+def _weights() -> str | None:
+    from onnxruntime.quantization import QDQQuantizer, qdq_quantizer
+    from onnxruntime.quantization.base_quantizer import QuantizationParams  # noqa: F401
+    from onnxruntime.quantization.quant_utils import TENSOR_NAME_QUANT_SUFFIX  # noqa: F401
+
+    if not hasattr(qdq_quantizer.QDQQuantTensorType, "WEIGHT"):
+        return "QDQQuantTensorType has no WEIGHT"
+    source = inspect.getsource(QDQQuantizer)
+    for used in (
+        "self.tensors_to_quantize",
+        "self.block_size",
+        "self.initializer_quant_params = self._calc_initializer_quant_params()",
+        "quantize_onnx_initializer(",
+    ):
+        if used not in source:
+            return f"QDQQuantizer no longer has {used!r}"
+    return _parameters_are(
+        qdq_quantizer.quantize_onnx_initializer,
+        "weight",
+        "quant_type",
+        "zero_point",
+        "scale",
+        "axis",
+        "quant_weight_name",
+        "block_size",
+    )
+
+
 # What the fast path relies on -> how to tell it changed (a sentence, or None).
 ONNXRUNTIME_RELIANCES: dict[str, tuple[str, Callable[[], str | None]]] = {
     "quantizer": (
@@ -491,6 +654,14 @@ ONNXRUNTIME_RELIANCES: dict[str, tuple[str, Callable[[], str | None]]] = {
         "onnxruntime.quantization.quant_utils.add_infer_metadata(model) and "
         "add_pre_process_metadata(model)",
         _metadata,
+    ),
+    "weights": (
+        "onnxruntime's QDQQuantizer._calc_initializer_quant_params() (its .tensors_to_quantize, "
+        ".block_size, .min_real_range, .reduce_range, .weight_qType, .tensor_quant_overrides), "
+        "qdq_quantizer.quantize_onnx_initializer(weight, quant_type, zero_point, scale, axis, "
+        "quant_weight_name, block_size), QuantizationParams, QDQQuantTensorType.WEIGHT and "
+        "TENSOR_NAME_QUANT_SUFFIX: per-channel weights a whole array at a time",
+        _weights,
     ),
     "histogram": (
         "onnxruntime's Percentile calibrator: 2048 bins of |x| "

@@ -202,6 +202,99 @@ def test_a_tail_lighter_than_the_first_batchs_is_counted_again(setup, monkeypatc
 
 
 # ---------------------------------------------------------------------------------------
+# Per-channel weights, whole arrays at a time, against onnxruntime's per-channel loop.
+
+
+def _awkward_weights(rng, shape, axis):
+    """Weights with an all-zero channel, a subnormal one, a negative-only one and
+    values on rounding ties (k + 0.5 steps)."""
+    weights = rng.normal(size=shape).astype(np.float32)
+    index = [slice(None)] * len(shape)
+    for channel, values in enumerate(
+        [0.0, 1e-40, -np.abs(weights.take(2, axis)), None, np.float32(127 / 3)]
+    ):
+        if values is None:  # ties: step 1/127 of 1.0 (the channel's max), at half steps
+            ties = (np.arange(weights.take(3, axis).size) % 254 - 126.5) / 127
+            values = np.append(ties[:-1], 1.0).reshape(weights.take(3, axis).shape)
+        index[axis] = channel
+        weights[tuple(index)] = values
+    return weights
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((6, 3, 3, 3), 0), ((6, 1, 5, 5), 0), ((9, 6), 1), ((6, 9), 0)]
+)
+def test_per_channel_weights_are_onnxruntimes_channel_loop(shape, axis):
+    from onnx import TensorProto
+    from onnxruntime.quantization.quant_utils import compute_data_quant_params, quantize_nparray
+
+    weights = _awkward_weights(np.random.default_rng(6), shape, axis)
+    zero_points, scales = calibration.per_channel_parameters(weights, axis)
+    integers = calibration.per_channel_integers(weights, scales, axis)
+    for channel in range(shape[axis]):
+        data = weights.take(channel, axis).ravel()
+        zero, scale = compute_data_quant_params(data, TensorProto.INT8, True)
+        assert scales[channel].dtype == scale.dtype and scales[channel] == scale, channel
+        assert zero_points[channel].dtype == zero.dtype and zero_points[channel] == zero
+        theirs = quantize_nparray(TensorProto.INT8, data, scale, zero)
+        np.testing.assert_array_equal(integers.take(channel, axis).ravel(), theirs)
+    assert scales[0] == scales[1] == 1.0  # zero and subnormal channels: scale 1
+    assert np.abs(integers).max() == 127
+
+
+def test_per_channel_weights_leave_odd_arrays_to_onnxruntime():
+    assert calibration.per_channel_parameters(np.zeros((0, 3), np.float32), 0) is None
+    assert calibration.per_channel_parameters(np.ones((2, 3), np.float64), 0) is None
+    assert calibration.per_channel_parameters(np.array([[1, np.inf]], np.float32), 0) is None
+
+
+def test_the_quantizer_swap_is_undone_even_on_error():
+    from onnxruntime.quantization import qdq_quantizer
+
+    theirs = qdq_quantizer.quantize_onnx_initializer
+    with pytest.raises(RuntimeError), calibration._whole_array_weights():
+        assert qdq_quantizer.quantize_onnx_initializer is not theirs
+        raise RuntimeError
+    assert qdq_quantizer.quantize_onnx_initializer is theirs
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
+def test_the_qdq_rewrite_is_onnxruntimes_own(setup, monkeypatch, per_channel):
+    """The whole-array weights give onnxruntime's own QDQQuantizer's model, byte for
+    byte (its per-channel loop, its bias-scale adjustment after)."""
+    from onnxruntime.quantization import QDQQuantizer, QuantType
+
+    _, preprocessed, batches, _ = setup
+    whole = []
+    parameters = calibration.per_channel_parameters
+    monkeypatch.setattr(
+        calibration, "per_channel_parameters", lambda *a: whole.append(a[1]) or parameters(*a)
+    )
+    ranges = calibration.calibrate(preprocessed, batches, "MinMax").ranges
+    ours = calibration.quantize_qdq(
+        onnx.ModelProto.FromString(preprocessed.SerializeToString()),
+        ranges,
+        per_channel=per_channel,
+        extra_options=precision._INT8_OPTIONS,
+    )
+    model = onnx.ModelProto.FromString(preprocessed.SerializeToString())
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    add_infer_metadata(model)
+    types = calibration.default_op_types()
+    theirs = QDQQuantizer(
+        model, per_channel, False, QuantType.QInt8, QuantType.QInt8, ranges, [], [], types,
+        dict(precision._INT8_OPTIONS),
+    )  # fmt: skip
+    theirs.quantize_model()
+    theirs.model.topological_sort()
+    assert ours.SerializeToString() == theirs.model.model.SerializeToString()
+    assert whole == ([0, 0, 1] if per_channel else [])  # Conv, depthwise Conv, Gemm (in, out)
+    stored = {t.name: t.data_type for t in ours.graph.initializer}
+    assert [stored[f"{name}_quantized"] for name in ("w1", "w2", "wd")] == [TensorProto.INT8] * 3
+
+
+# ---------------------------------------------------------------------------------------
 # The float pass against onnxruntime's calibrators.
 
 
