@@ -401,3 +401,43 @@ def test_quantize_int8_writes_what_onnxruntime_pre_processing_and_quantization_w
         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
     )
     assert sha256(tmp_path / "ours.onnx") == sha256(tmp_path / "theirs.onnx")
+
+
+def test_shape_inference_without_the_weights_data_is_onnxs_own():
+    """_preprocess infers shapes on a copy whose large float weights have no data:
+    the same model as ONNX's shape inference of the whole (shapes taken from an int64
+    initializer, a Reshape's), with the data back and the input untouched."""
+    from onnxruntime.quantization.quant_utils import add_pre_process_metadata
+
+    from keras_bn.converters import precision
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "w": rng.normal(size=(32, 3, 3, 3)).astype(np.float32),  # 3456 bytes: kept
+        "w2": rng.normal(size=(64, 32, 3, 3)).astype(np.float32),  # 73 kB: emptied
+        "shape": np.array([0, -1], np.int64),
+        "d": rng.normal(size=(64 * 4 * 4, 10)).astype(np.float32),  # 40 kB: emptied
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["c2", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "d"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(array, name) for name, array in arrays.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = model.SerializeToString()
+    ours = precision._preprocess(model)
+    theirs = onnx.shape_inference.infer_shapes(model)
+    add_pre_process_metadata(theirs)
+    assert ours.SerializeToString() == theirs.SerializeToString()
+    assert model.SerializeToString() == before
+    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+              for v in ours.graph.value_info}  # fmt: skip
+    assert shapes["flat"] == ["N", 1024] and shapes["c2"] == ["N", 64, 4, 4]
