@@ -656,7 +656,7 @@ ONNXRUNTIME_RELIANCES: dict[str, tuple[str, Callable[[], str | None]]] = {
         _metadata,
     ),
     "weights": (
-        "onnxruntime's QDQQuantizer._calc_initializer_quant_params() (its .tensors_to_quantize, "
+        "onnxruntime's QDQQuantizer method _calc_initializer_quant_params() (its .tensors_to_quantize, "
         ".block_size, .min_real_range, .reduce_range, .weight_qType, .tensor_quant_overrides), "
         "qdq_quantizer.quantize_onnx_initializer(weight, quant_type, zero_point, scale, axis, "
         "quant_weight_name, block_size), QuantizationParams, QDQQuantTensorType.WEIGHT and "
