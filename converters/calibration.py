@@ -37,6 +37,7 @@ import functools
 import inspect
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -604,13 +605,15 @@ def _histogram() -> str | None:
 
 
 def _weights() -> str | None:
-    from onnxruntime.quantization import QDQQuantizer, qdq_quantizer
+    from onnxruntime.quantization import qdq_quantizer
     from onnxruntime.quantization.base_quantizer import QuantizationParams  # noqa: F401
     from onnxruntime.quantization.quant_utils import TENSOR_NAME_QUANT_SUFFIX  # noqa: F401
 
     if not hasattr(qdq_quantizer.QDQQuantTensorType, "WEIGHT"):
         return "QDQQuantTensorType has no WEIGHT"
-    source = inspect.getsource(QDQQuantizer)
+    # The module's text, not inspect.getsource(QDQQuantizer): a class's source is found
+    # with ast.parse, which CPython 3.11 does not allow beside another thread's parse.
+    source = Path(inspect.getfile(qdq_quantizer)).read_text(encoding="utf-8")
     for used in (
         "self.tensors_to_quantize",
         "self.block_size",
