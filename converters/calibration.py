@@ -308,7 +308,9 @@ def calibrate(
     measure every tensor to calibrate (``method``: ``"MinMax"`` or ``"Percentile"``)
     and the per-channel moments of ``moments_of``. ``progress(done, total)`` after
     each batch. The tensors named in ``whole`` get their whole range (the signed
-    extremes) whatever the method."""
+    extremes) whatever the method. Percentile histograms count their top bins only
+    (:class:`AbsoluteHistogram`); a tensor whose percentile fell under that top is
+    measured again in a second pass, counting every bin."""
     from onnxruntime.quantization import CalibrationMethod, TensorsData
 
     names = tensors_to_calibrate(model)
