@@ -172,6 +172,7 @@ class AbsoluteHistogram:
 
 
 _SAMPLE = 1 << 14  # values of the first batch sampled to place the floor
+_SMALL_BATCH = 1 << 16  # values: a batch this small is counted bin by bin
 
 
 def _floor(magnitude: np.ndarray, edges: np.ndarray, tail: float) -> int:
@@ -188,9 +189,6 @@ def _floor(magnitude: np.ndarray, edges: np.ndarray, tail: float) -> int:
     floor = int(min(max((level - edges[0]) / width, 0), len(edges) - 2))
     above = np.count_nonzero(magnitude >= edges[floor])
     return floor if floor and above >= tail * magnitude.size else 0
-
-
-_SMALL_BATCH = 1 << 16  # values: a batch this small is counted bin by bin
 
 
 def count_in_bins(magnitude: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -451,13 +449,15 @@ def _quantizer_class() -> type:
             for name, info in everything.items():
                 if name in arrays and self._plain_per_channel(info):
                     weights = numpy_helper.to_array(arrays[name])
-                    found = per_channel_parameters(weights, info.axis % weights.ndim)
+                    axis = info.axis % weights.ndim
+                    found = per_channel_parameters(weights, axis)
                     if found is not None:
+                        zero_point, scale = found
                         ours[name] = QuantizationParams(
-                            zero_point=found[0],
-                            scale=found[1],
+                            zero_point=zero_point,
+                            scale=scale,
                             quant_type=TensorProto.INT8,
-                            axis=info.axis % weights.ndim,
+                            axis=axis,
                         )
             self.tensors_to_quantize = {n: i for n, i in everything.items() if n not in ours}
             try:
