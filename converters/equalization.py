@@ -630,8 +630,9 @@ def _bound_per_channel(graph: _Graph, clip: Any, bound: str) -> None:
 
     The Clip with the widest channel's bound stays for the quantizer: onnxruntime
     drops a Clip after a quantized Conv and calibrates the Conv's output range on
-    the Clip's output, so that range stays the bounded one (``[0, max(u)]``), not
-    the Conv's raw output's, and the Min's own rounding step falls on a similar grid.
+    the Clip's output, so that range stays bounded (``[0, max(u)]``), not the Conv's
+    raw output's; :func:`.calibration.share_bound_ranges` then narrows it to the
+    Min's output range, so that the two roundings fall on one grid.
     """
     from onnx import helper
 

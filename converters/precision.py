@@ -782,6 +782,7 @@ def _quantize_static(
             progress=progress,
             whole=_output_names(model),
         )
+        calibration.share_bound_ranges(preprocessed, measured.ranges)
         calibrated()
         quantized = calibration.quantize_qdq(
             preprocessed, measured.ranges, per_channel=per_channel, extra_options=_INT8_OPTIONS
