@@ -52,9 +52,10 @@ __all__ = [
     "AbsoluteHistogram",
     "Calibration",
     "MinMaxRange",
-    "calibrate",
-    "quantize_qdq",
     "bounded_sources",
+    "calibrate",
+    "channel_minima",
+    "quantize_qdq",
     "reliance_problem",
     "share_bound_ranges",
     "tensors_to_calibrate",
@@ -373,6 +374,26 @@ def share_bound_ranges(model: Any, ranges: Any) -> int:
             ranges[source] = ranges[bounded]
             shared += 1
     return shared
+
+
+def channel_minima(
+    model: Any, batches: Iterable[Mapping[str, np.ndarray]], names: Iterable[str]
+) -> dict[str, np.ndarray]:
+    """Each tensor of ``names``' smallest value per channel (axis 1) over ``batches``,
+    from one float run of ``model`` (``ModelProto``, not modified), in float64."""
+    names = list(dict.fromkeys(names))
+    if not names:
+        return {}
+    session = runtime.open_session(
+        _with_outputs(model, names), optimization="ORT_DISABLE_ALL", spinning=False
+    )
+    minima: dict[str, np.ndarray] = {}
+    for batch in batches:
+        for name, values in zip(names, session.run(names, dict(batch)), strict=True):
+            axes = (0, *range(2, values.ndim))
+            lowest = np.asarray(values).min(axis=axes).astype(np.float64)
+            minima[name] = np.minimum(minima[name], lowest) if name in minima else lowest
+    return minima
 
 
 def _float_pass(

@@ -74,6 +74,7 @@ __all__ = [
     "LinearLayer",
     "Pair",
     "absorb_high_bias",
+    "absorption_sources",
     "activation_ranges",
     "batch_norm_statistics",
     "describe",
@@ -82,6 +83,7 @@ __all__ = [
     "equalize_model",
     "equalize_pairs",
     "high_bias",
+    "measured_high_bias",
     "weight_spread",
 ]
 
@@ -289,6 +291,15 @@ def high_bias(
     return absorbed
 
 
+def measured_high_bias(activation: Activation, lowest: np.ndarray) -> np.ndarray:
+    """The bias that passes a ReLU ``activation`` on data whose smallest value per
+    channel is ``lowest``: ``max(0, lowest)``, at most the upper bound."""
+    absorbed = np.maximum(np.asarray(lowest, np.float64), 0.0)
+    if activation.upper is not None:
+        absorbed = np.minimum(absorbed, np.maximum(activation.upper, 0.0))
+    return absorbed
+
+
 def absorb_high_bias(
     first: LinearLayer,
     activation: Activation,
@@ -332,6 +343,7 @@ class EqualizationReport:
     not_absorbed: dict[str, str] = dataclasses.field(default_factory=dict)
     per_channel_bounds: int = 0  # Clip nodes given a per-channel Min after them
     float_sqnr_db: float | None = None  # the equalized float model's, against the original
+    measured_bounds: int = 0  # pairs absorbing up to a lower bound measured on data
 
     def _median(self, spreads: dict[str, float]) -> float:
         return float(np.median(list(spreads.values()))) if spreads else 1.0
@@ -349,6 +361,7 @@ class EqualizationReport:
             "not_absorbed": dict(self.not_absorbed),
             "per_channel_bounds": self.per_channel_bounds,
             "float_sqnr_db": self.float_sqnr_db,
+            "measured_bounds": self.measured_bounds,
         }
 
     def __str__(self) -> str:
@@ -373,7 +386,11 @@ def describe(summary: Mapping[str, Any]) -> list[str]:
     for reason in summary["not_absorbed"].values():
         reasons[reason] = reasons.get(reason, 0) + 1
     skipped = "".join(f"; {n} pair(s) skipped: {r}" for r, n in reasons.items())
-    lines.append(f"high-bias absorption: {summary['absorbed_channels']} channel(s){skipped}")
+    measured = summary.get("measured_bounds", 0)
+    source = f" ({measured} pair(s) up to their lowest calibration value)" if measured else ""
+    lines.append(
+        f"high-bias absorption: {summary['absorbed_channels']} channel(s){source}{skipped}"
+    )
     if summary.get("float_sqnr_db") is not None:
         lines.append(
             f"equalized float model vs the original: SQNR {summary['float_sqnr_db']:.1f} dB"
@@ -644,6 +661,19 @@ def _bound_per_channel(graph: _Graph, clip: Any, bound: str) -> None:
     nodes.insert(index + 1, bounded)
 
 
+def absorption_sources(model: Any) -> dict[str, str]:
+    """Per pair that can absorb through a ReLU, its first node's name and output tensor:
+    where :func:`equalize_model`'s ``lower_bounds`` are measured."""
+    graph = _Graph(model)
+    _, pairs, _ = _find_pairs(graph)
+    nodes = {node.name: node for node in model.graph.node}
+    return {
+        pair.first: nodes[pair.first].output[0]
+        for pair in pairs
+        if pair.activation.kind == "relu" and not pair.padded
+    }
+
+
 def equalize_model(
     model: Any,
     statistics: Mapping[str, ChannelStatistics] | None = None,
@@ -651,14 +681,18 @@ def equalize_model(
     absorb: bool = True,
     sigmas: float = SIGMAS,
     keep_activation_range: bool = True,
+    lower_bounds: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[Any, EqualizationReport]:
-    """Cross-layer equalization (and, with ``statistics``, high-bias absorption) of
-    an ONNX ``ModelProto``; returns the new model (the input is not modified) and
-    what was done.
+    """Cross-layer equalization (and, with ``statistics`` or ``lower_bounds``,
+    high-bias absorption) of an ONNX ``ModelProto``; returns the new model (the input
+    is not modified) and what was done.
 
     ``statistics``: per ONNX node name, its output's :class:`ChannelStatistics`
     (:func:`batch_norm_statistics`); pairs whose first layer has none are equalized
-    but absorb nothing.
+    but absorb nothing. ``lower_bounds``: per :func:`absorption_sources` node, its
+    output's smallest value per channel on representative data: through ReLU the
+    bias absorbed is then that bound (exact wherever the data holds it), not the
+    statistics' ``mean - sigmas * std``.
     """
     model = copy.deepcopy(model)
     graph = _Graph(model)
@@ -679,7 +713,7 @@ def equalize_model(
         pairs, sweeps, before, {name: weight_spread(layers[name]) for name in touched}
     )
     if absorb:
-        _absorb(layers, pairs, owned, report, sigmas)
+        _absorb(layers, pairs, owned, report, sigmas, lower_bounds or {})
     report.per_channel_bounds = _write_back(graph, layers, pairs, activation_nodes)
     return model, report
 
@@ -690,16 +724,23 @@ def _absorb(
     statistics: Mapping[str, ChannelStatistics],
     report: EqualizationReport,
     sigmas: float,
+    lower_bounds: Mapping[str, np.ndarray],
 ) -> None:
     """High-bias absorption for every pair that allows it; the others' reasons."""
     for pair in pairs:
-        stats = statistics.get(pair.first)
+        stats, lowest = statistics.get(pair.first), lower_bounds.get(pair.first)
+        measured = lowest is not None and pair.activation.kind == "relu" and not pair.padded
         if pair.padded:
             report.not_absorbed[pair.first] = "the next layer zero-pads its input"
+        elif measured:  # in the equalized units: the channel was divided by its scale
+            assert pair.scales is not None and lowest is not None
+            pair.absorbed = measured_high_bias(pair.activation, lowest / pair.scales)
+            report.measured_bounds += 1
         elif stats is None:
             report.not_absorbed[pair.first] = "no BatchNormalization statistics"
         else:
             pair.absorbed = high_bias(pair.activation, stats, sigmas)
+        if pair.absorbed is not None:
             absorb_high_bias(
                 layers[pair.first], pair.activation, layers[pair.second], pair.absorbed
             )
@@ -710,10 +751,11 @@ def equalize_file(
     onnx_in: str | os.PathLike,
     onnx_out: str | os.PathLike,
     statistics: Mapping[str, ChannelStatistics] | None = None,
+    lower_bounds: Mapping[str, np.ndarray] | None = None,
 ) -> EqualizationReport:
     """:func:`equalize_model` from one ONNX file to another."""
     import onnx
 
-    model, report = equalize_model(onnx.load(str(onnx_in)), statistics)
+    model, report = equalize_model(onnx.load(str(onnx_in)), statistics, lower_bounds=lower_bounds)
     onnx.save(model, str(onnx_out))
     return report

@@ -327,6 +327,38 @@ def test_onnx_absorption_is_exact_where_the_statistics_hold(exported):
     assert report.absorbed_channels == np.count_nonzero(absorbed) + 6
 
 
+def test_measured_lower_bounds_absorb_exactly_on_their_data(exported):
+    """Lower bounds measured on data: every ReLU pair absorbs (BN statistics or not) up
+    to its channels' lowest value, and the equalized model computes the original's
+    function on that data, where the statistics' ``mean - 3 std`` is passed."""
+    from keras_bn.converters import calibration
+
+    path, statistics, x = exported
+    original = onnx.load(str(path))
+    sources = eq.absorption_sources(original)
+    assert sorted(sources) == ["depthwise", "hidden"]  # expand: the depthwise pads
+    minima = calibration.channel_minima(
+        original, [{"image": x[:40]}, {"image": x[40:]}], sources.values()
+    )
+    expected, depthwise, hidden = run_onnx(original, x, outputs=list(sources.values()))
+    # (graph optimizations and batch sizes differ: float32 rounding apart)
+    for tensor, values in zip(sources.values(), (depthwise, hidden), strict=True):
+        lowest = values.min(axis=(0, *range(2, values.ndim)))
+        np.testing.assert_allclose(minima[tensor], lowest, rtol=1e-5, atol=1e-6)
+    lower = {first: minima[tensor] for first, tensor in sources.items()}
+    model, report = eq.equalize_model(original, statistics, lower_bounds=lower)
+    assert report.measured_bounds == 2
+    assert report.not_absorbed == {"expand": "the next layer zero-pads its input"}
+    by_first = {pair.first: pair for pair in report.pairs}
+    moved = by_first["depthwise"].absorbed * by_first["depthwise"].scales  # original units
+    np.testing.assert_allclose(moved, np.maximum(minima[sources["depthwise"]], 0), rtol=1e-12)
+    assert np.count_nonzero(moved) >= 2
+    (received,) = run_onnx(model, x)
+    np.testing.assert_allclose(received, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    (from_statistics,) = run_onnx(eq.equalize_model(original, statistics)[0], x)
+    assert np.abs(from_statistics - expected).max() > 1e-3 * np.abs(expected).max()
+
+
 def test_per_tensor_int8_gains_from_equalization(exported, tmp_path):
     from keras_bn.converters.precision import quantize_int8
 
@@ -345,7 +377,8 @@ def test_per_tensor_int8_gains_from_equalization(exported, tmp_path):
     )
     assert equalized.comparison.sqnr_db > plain.comparison.sqnr_db + 6
     details = equalized.details["equalization"]
-    assert details["pairs"] == 4 and details["float_sqnr_db"] > 40  # absorption: 3 sigmas
+    assert details["pairs"] == 4 and details["measured_bounds"] == 2
+    assert details["float_sqnr_db"] > 100  # absorbed up to the calibration data's minima
     assert "cross-layer equalization: 4 layer pair(s)" in str(equalized)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["equalized.onnx", "plain.onnx"]
 
