@@ -39,7 +39,12 @@ upper bound), ``min(max(x, 0), u) = min(max(x - c, 0), u - c) + c`` wherever
 ``x >= c``, so the first layer's bias loses ``c``, the upper bound loses ``c`` and
 the second layer's bias gains ``W2 @ c``. Through the identity the whole mean moves
 (exact for any input). A second layer that zero-pads its input is skipped: its
-border outputs would see the padded zeros shifted by ``-c``.
+border outputs would see the padded zeros shifted by ``-c``. Data beats the
+statistics here: ``keras-bn export --precision int8`` (``quantize_int8``) measures
+each channel's lowest value on the calibration data (``lower_bounds``) and absorbs
+``c = max(0, lowest)`` through ReLU, exact wherever the data's bound holds;
+EfficientNet-Lite0's pre-activations pass ``beta - 3 |gamma|`` often enough to take
+its float model to 24 dB SQNR (BENCHMARKS.md, section 30).
 
 Where it applies: on the folded float ONNX graph, before onnxruntime quantizes it,
 not on the folded Keras model. The quantizer sees the ONNX graph, so the pairs are

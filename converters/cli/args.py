@@ -391,8 +391,8 @@ class Int8Args:
             "--equalize",
             action=argparse.BooleanOptionalAction,
             default=None,
-            help="int8: cross-layer equalization, and high-bias absorption from the folded "
-            "BN statistics, before quantizing (default: with --per-tensor)",
+            help="int8: cross-layer equalization, and high-bias absorption up to each "
+            "channel's lowest calibration value, before quantizing (default: with --per-tensor)",
         )
 
 
