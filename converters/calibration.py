@@ -378,22 +378,27 @@ def share_bound_ranges(model: Any, ranges: Any) -> int:
 
 def channel_minima(
     model: Any, batches: Iterable[Mapping[str, np.ndarray]], names: Iterable[str]
-) -> dict[str, np.ndarray]:
+) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     """Each tensor of ``names``' smallest value per channel (axis 1) over ``batches``,
-    from one float run of ``model`` (``ModelProto``, not modified), in float64."""
+    and the model's own outputs on them (concatenated, float64), from one float run of
+    ``model`` (``ModelProto``, not modified)."""
     names = list(dict.fromkeys(names))
-    if not names:
-        return {}
+    own = [output.name for output in model.graph.output]
+    fetched = [*own, *(name for name in names if name not in own)]
     session = runtime.open_session(
-        _with_outputs(model, names), optimization="ORT_DISABLE_ALL", spinning=False
+        _with_outputs(model, fetched), optimization="ORT_DISABLE_ALL", spinning=False
     )
     minima: dict[str, np.ndarray] = {}
+    outputs: list[list[np.ndarray]] = [[] for _ in own]
     for batch in batches:
-        for name, values in zip(names, session.run(names, dict(batch)), strict=True):
-            axes = (0, *range(2, values.ndim))
-            lowest = np.asarray(values).min(axis=axes).astype(np.float64)
+        values = dict(zip(fetched, session.run(fetched, dict(batch)), strict=True))
+        for collected, name in zip(outputs, own, strict=True):
+            collected.append(np.asarray(values[name], np.float64))
+        for name in names:
+            lowest = values[name].min(axis=(0, *range(2, values[name].ndim)))
+            lowest = lowest.astype(np.float64)
             minima[name] = np.minimum(minima[name], lowest) if name in minima else lowest
-    return minima
+    return minima, [np.concatenate(parts) for parts in outputs]
 
 
 def _float_pass(

@@ -598,7 +598,6 @@ def _write_int8(
     try:
         if equalize:
             equalized = _equalize(onnx_in, model, source, batches, batch_norm_statistics)
-            equalized.float_sqnr_db = compare_onnx_models(onnx_in, source, matched).sqnr_db
             model = _load_onnx(source)
         quantized, moments = _quantize_static(
             source,
@@ -638,16 +637,24 @@ def _equalize(
 ) -> Any:
     """:func:`.equalization.equalize_file` of ``onnx_in`` (``model`` loaded) to
     ``onnx_out``, each bias absorbed through a ReLU bounded by its channel's lowest value
-    on the calibration ``batches`` (one float run), not by the BN statistics: those
-    say ``mean - 3 std``, which EfficientNet-Lite0's pre-activations pass often enough
-    to take its float model to 24 dB SQNR (BENCHMARKS.md, section 30)."""
+    on the calibration ``batches``, not by the BN statistics: those say ``mean - 3
+    std``, which EfficientNet-Lite0's pre-activations pass often enough to take its
+    float model to 24 dB SQNR (BENCHMARKS.md, section 30). The same float run gives
+    the outputs the equalized model is compared with (``float_sqnr_db``)."""
     from keras_bn.converters import calibration
     from keras_bn.converters.equalization import absorption_sources, equalize_file
 
     sources = absorption_sources(model)
-    minima = calibration.channel_minima(model, batches, sources.values())
+    minima, expected = calibration.channel_minima(model, batches, sources.values())
     lower_bounds = {first: minima[tensor] for first, tensor in sources.items()}
-    return equalize_file(onnx_in, onnx_out, batch_norm_statistics, lower_bounds)
+    report = equalize_file(onnx_in, onnx_out, batch_norm_statistics, lower_bounds)
+    session = runtime.open_session(onnx_out, spinning=False)
+    received = [
+        np.concatenate(parts).astype(np.float64)
+        for parts in zip(*(session.run(None, batch) for batch in batches), strict=True)
+    ]
+    report.float_sqnr_db = compare_outputs(expected, received).sqnr_db
+    return report
 
 
 def _start(function: Callable[..., Any], *args: Any) -> concurrent.futures.Future:

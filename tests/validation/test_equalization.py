@@ -337,10 +337,11 @@ def test_measured_lower_bounds_absorb_exactly_on_their_data(exported):
     original = onnx.load(str(path))
     sources = eq.absorption_sources(original)
     assert sorted(sources) == ["depthwise", "hidden"]  # expand: the depthwise pads
-    minima = calibration.channel_minima(
+    minima, (logits,) = calibration.channel_minima(
         original, [{"image": x[:40]}, {"image": x[40:]}], sources.values()
     )
     expected, depthwise, hidden = run_onnx(original, x, outputs=list(sources.values()))
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
     # (graph optimizations and batch sizes differ: float32 rounding apart)
     for tensor, values in zip(sources.values(), (depthwise, hidden), strict=True):
         lowest = values.min(axis=(0, *range(2, values.ndim)))
