@@ -54,7 +54,7 @@ __all__ = [
     "MinMaxRange",
     "bounded_sources",
     "calibrate",
-    "channel_minima",
+    "channel_extremes",
     "quantize_qdq",
     "reliance_problem",
     "share_bound_ranges",
@@ -376,29 +376,33 @@ def share_bound_ranges(model: Any, ranges: Any) -> int:
     return shared
 
 
-def channel_minima(
+def channel_extremes(
     model: Any, batches: Iterable[Mapping[str, np.ndarray]], names: Iterable[str]
-) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-    """Each tensor of ``names``' smallest value per channel (axis 1) over ``batches``,
-    and the model's own outputs on them (concatenated, float64), from one float run of
-    ``model`` (``ModelProto``, not modified)."""
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[np.ndarray]]:
+    """Each tensor of ``names``' smallest and largest value per channel (axis 1) over
+    ``batches`` (float64), and the model's own outputs on them (concatenated,
+    float64), from one float run of ``model`` (``ModelProto``, not modified)."""
     names = list(dict.fromkeys(names))
     own = [output.name for output in model.graph.output]
     fetched = [*own, *(name for name in names if name not in own)]
     session = runtime.open_session(
         _with_outputs(model, fetched), optimization="ORT_DISABLE_ALL", spinning=False
     )
-    minima: dict[str, np.ndarray] = {}
+    extremes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     outputs: list[list[np.ndarray]] = [[] for _ in own]
     for batch in batches:
         values = dict(zip(fetched, session.run(fetched, dict(batch)), strict=True))
         for collected, name in zip(outputs, own, strict=True):
             collected.append(np.asarray(values[name], np.float64))
         for name in names:
-            lowest = values[name].min(axis=(0, *range(2, values[name].ndim)))
-            lowest = lowest.astype(np.float64)
-            minima[name] = np.minimum(minima[name], lowest) if name in minima else lowest
-    return minima, [np.concatenate(parts) for parts in outputs]
+            axes = (0, *range(2, values[name].ndim))
+            lowest = values[name].min(axis=axes).astype(np.float64)
+            highest = values[name].max(axis=axes).astype(np.float64)
+            if name in extremes:
+                lowest = np.minimum(extremes[name][0], lowest)
+                highest = np.maximum(extremes[name][1], highest)
+            extremes[name] = (lowest, highest)
+    return extremes, [np.concatenate(parts) for parts in outputs]
 
 
 def _float_pass(

@@ -25,11 +25,15 @@ bounded.
 One departure from the paper: the factors keep each activation's int8 range.
 onnxruntime quantizes the tensor between two layers with one range, the widest
 channel's; a channel scaled up past it widens that range for every channel. So
-``s_c >= a_c / max(a)``, ``a_c`` being channel ``c``'s activation range known without
-data (``mean + 3 std`` from the BN statistics, within the ReLU6 bound; else the
-bound). On EfficientNet-Lite0 (64 calibration, 256 evaluation crops) this took
-per-tensor int8's logit SQNR from 7.8 dB (the paper's factors) to 9.7 dB; on
-MobileNetV2 it cost 0.5 dB (BENCHMARKS.md, section 18).
+``s_c >= a_c / max(a)``, ``a_c`` being channel ``c``'s activation range: measured on
+data where given (``extremes``: ``quantize_int8`` measures them on the calibration
+data), else known without data (``mean + 3 std`` from the BN statistics, within the
+ReLU6 bound; else the bound). On EfficientNet-Lite0 (64 calibration, 256 evaluation
+crops) the data-free rule took per-tensor int8's logit SQNR from 7.8 dB (the paper's
+factors) to 9.7 dB; on MobileNetV2 it cost 0.5 dB (BENCHMARKS.md, section 18).
+Measured ranges do better than the statistics' guess, which calls some channels
+small that are not, scales them up and so widens the tensor's range after all
+(section 30).
 
 High-bias absorption moves bias that always passes the activation to the next layer.
 The BatchNormalization folded into the first layer says what its output channel
@@ -41,7 +45,7 @@ the second layer's bias gains ``W2 @ c``. Through the identity the whole mean mo
 (exact for any input). A second layer that zero-pads its input is skipped: its
 border outputs would see the padded zeros shifted by ``-c``. Data beats the
 statistics here: ``keras-bn export --precision int8`` (``quantize_int8``) measures
-each channel's lowest value on the calibration data (``lower_bounds``) and absorbs
+each channel's extremes on the calibration data (``extremes``) and absorbs
 ``c = max(0, lowest)`` through ReLU, exact wherever the data's bound holds;
 EfficientNet-Lite0's pre-activations pass ``beta - 3 |gamma|`` often enough to take
 its float model to 24 dB SQNR (BENCHMARKS.md, section 30).
@@ -74,12 +78,12 @@ import numpy as np
 
 __all__ = [
     "Activation",
+    "ChannelExtremes",
     "ChannelStatistics",
     "EqualizationReport",
     "LinearLayer",
     "Pair",
     "absorb_high_bias",
-    "absorption_sources",
     "activation_ranges",
     "batch_norm_statistics",
     "describe",
@@ -89,6 +93,7 @@ __all__ = [
     "equalize_pairs",
     "high_bias",
     "measured_high_bias",
+    "pair_outputs",
     "weight_spread",
 ]
 
@@ -191,6 +196,15 @@ class ChannelStatistics:
 
 
 @dataclasses.dataclass
+class ChannelExtremes:
+    """A layer output's smallest and largest value per channel, measured on data
+    (before its activation); ``highest`` None: only the lowest is to be used."""
+
+    lowest: np.ndarray
+    highest: np.ndarray | None = None
+
+
+@dataclasses.dataclass
 class Pair:
     """Two layers in a row: ``first``'s output reaches ``second`` through
     ``activation`` (and per-channel linear operations such as global pooling only).
@@ -225,6 +239,7 @@ def equalize_pairs(
     pairs: list[Pair],
     statistics: Mapping[str, ChannelStatistics] | None = None,
     *,
+    extremes: Mapping[str, ChannelExtremes] | None = None,
     keep_activation_range: bool = True,
     tolerance: float = TOLERANCE,
     max_sweeps: int = MAX_SWEEPS,
@@ -234,12 +249,15 @@ def equalize_pairs(
 
     ``keep_activation_range``: no channel's activation range (:func:`activation_ranges`,
     where known) grows beyond the widest channel's, so the activation tensor's one
-    int8 range does not widen: ``s_c >= a_c / max(a)``.
+    int8 range does not widen: ``s_c >= a_c / max(a)``; from the ``extremes`` measured
+    on data where given (per first layer), else from the ``statistics``.
 
     Modifies ``layers``, each pair's activation bounds and ``scales``, and the
-    ``statistics`` of each first layer (scaled with its outputs) in place.
+    ``statistics`` and ``extremes`` of each first layer (scaled with its outputs) in
+    place.
     """
     statistics = statistics if statistics is not None else {}
+    extremes = extremes if extremes is not None else {}
     for pair in pairs:
         pair.scales = np.ones(layers[pair.first].out_channels)
     for sweep in range(1, max_sweeps + 1):
@@ -247,7 +265,9 @@ def equalize_pairs(
         for pair in pairs:
             first, second = layers[pair.first], layers[pair.second]
             scales = equalization_scales(first.output_ranges(), second.input_ranges())
-            ranges = activation_ranges(pair.activation, statistics.get(pair.first))
+            ranges = activation_ranges(
+                pair.activation, statistics.get(pair.first), extremes=extremes.get(pair.first)
+            )
             if keep_activation_range and ranges is not None and ranges.max() > 0:
                 scales = np.maximum(scales, ranges / ranges.max())
             first.scale_outputs(1.0 / scales)
@@ -257,6 +277,11 @@ def equalize_pairs(
             if pair.first in statistics:
                 stats = statistics[pair.first]
                 stats.mean, stats.std = stats.mean / scales, stats.std / scales
+            if pair.first in extremes:
+                measured = extremes[pair.first]
+                measured.lowest = measured.lowest / scales
+                if measured.highest is not None:
+                    measured.highest = measured.highest / scales
             pair.scales = pair.scales * scales
             largest = max(largest, float(np.abs(np.log(scales)).max(initial=0.0)))
         if largest <= tolerance:
@@ -265,11 +290,22 @@ def equalize_pairs(
 
 
 def activation_ranges(
-    activation: Activation, statistics: ChannelStatistics | None, sigmas: float = SIGMAS
+    activation: Activation,
+    statistics: ChannelStatistics | None,
+    sigmas: float = SIGMAS,
+    *,
+    extremes: ChannelExtremes | None = None,
 ) -> np.ndarray | None:
-    """Each channel's largest activation magnitude after ``activation``, data-free:
+    """Each channel's largest activation magnitude after ``activation``: from the
+    ``extremes`` measured on data where given (within the bounds), else data-free:
     ``mean + sigmas * std`` (within the bounds) from the statistics, else the upper
-    bound; None when neither says."""
+    bound; None when none says."""
+    if extremes is not None and extremes.highest is not None:
+        lowest, highest = np.asarray(extremes.lowest), np.asarray(extremes.highest)
+        if activation.kind == "identity":
+            return np.maximum(np.abs(lowest), np.abs(highest))
+        high = np.maximum(highest, 0.0)
+        return high if activation.upper is None else np.minimum(high, activation.upper)
     if statistics is None:
         return None if activation.upper is None else np.maximum(activation.upper, 0.0)
     mean, std = np.asarray(statistics.mean), np.abs(np.asarray(statistics.std))
@@ -349,6 +385,7 @@ class EqualizationReport:
     per_channel_bounds: int = 0  # Clip nodes given a per-channel Min after them
     float_sqnr_db: float | None = None  # the equalized float model's, against the original
     measured_bounds: int = 0  # pairs absorbing up to a lower bound measured on data
+    measured_ranges: int = 0  # pairs whose activation ranges were measured on data
 
     def _median(self, spreads: dict[str, float]) -> float:
         return float(np.median(list(spreads.values()))) if spreads else 1.0
@@ -367,6 +404,7 @@ class EqualizationReport:
             "per_channel_bounds": self.per_channel_bounds,
             "float_sqnr_db": self.float_sqnr_db,
             "measured_bounds": self.measured_bounds,
+            "measured_ranges": self.measured_ranges,
         }
 
     def __str__(self) -> str:
@@ -384,6 +422,12 @@ def describe(summary: Mapping[str, Any]) -> list[str]:
         + (
             f"; {summary['per_channel_bounds']} Clip bound(s) made per-channel"
             if summary["per_channel_bounds"]
+            else ""
+        )
+        + (
+            f"; activation ranges of {summary['measured_ranges']} pair(s) measured on the "
+            "calibration data"
+            if summary.get("measured_ranges")
             else ""
         )
     ]
@@ -666,17 +710,12 @@ def _bound_per_channel(graph: _Graph, clip: Any, bound: str) -> None:
     nodes.insert(index + 1, bounded)
 
 
-def absorption_sources(model: Any) -> dict[str, str]:
-    """Per pair that can absorb through a ReLU, its first node's name and output tensor:
-    where :func:`equalize_model`'s ``lower_bounds`` are measured."""
-    graph = _Graph(model)
-    _, pairs, _ = _find_pairs(graph)
+def pair_outputs(model: Any) -> dict[str, str]:
+    """Per pair :func:`equalize_model` would equalize, its first node's name and output
+    tensor: where ``extremes`` are measured."""
+    _, pairs, _ = _find_pairs(_Graph(model))
     nodes = {node.name: node for node in model.graph.node}
-    return {
-        pair.first: nodes[pair.first].output[0]
-        for pair in pairs
-        if pair.activation.kind == "relu" and not pair.padded
-    }
+    return {pair.first: nodes[pair.first].output[0] for pair in pairs}
 
 
 def equalize_model(
@@ -686,18 +725,19 @@ def equalize_model(
     absorb: bool = True,
     sigmas: float = SIGMAS,
     keep_activation_range: bool = True,
-    lower_bounds: Mapping[str, np.ndarray] | None = None,
+    extremes: Mapping[str, ChannelExtremes] | None = None,
 ) -> tuple[Any, EqualizationReport]:
-    """Cross-layer equalization (and, with ``statistics`` or ``lower_bounds``,
-    high-bias absorption) of an ONNX ``ModelProto``; returns the new model (the input
-    is not modified) and what was done.
+    """Cross-layer equalization (and, with ``statistics`` or ``extremes``, high-bias
+    absorption) of an ONNX ``ModelProto``; returns the new model (the input is not
+    modified) and what was done.
 
     ``statistics``: per ONNX node name, its output's :class:`ChannelStatistics`
     (:func:`batch_norm_statistics`); pairs whose first layer has none are equalized
-    but absorb nothing. ``lower_bounds``: per :func:`absorption_sources` node, its
-    output's smallest value per channel on representative data: through ReLU the
-    bias absorbed is then that bound (exact wherever the data holds it), not the
-    statistics' ``mean - sigmas * std``.
+    but absorb nothing. ``extremes``: per :func:`pair_outputs` node, its output's
+    :class:`ChannelExtremes` on representative data, which then say what the
+    statistics would guess: each channel's activation range (``keep_activation_range``)
+    and, through ReLU, the bias absorbed (the lowest value: exact wherever the data
+    holds it, where the statistics' ``mean - sigmas * std`` is a guess).
     """
     model = copy.deepcopy(model)
     graph = _Graph(model)
@@ -709,16 +749,29 @@ def equalize_model(
         for name, s in (statistics or {}).items()
         if name in layers and np.shape(s.mean) == (layers[name].out_channels,)
     }
+    measured = {
+        name: ChannelExtremes(
+            np.asarray(e.lowest, np.float64),
+            None if e.highest is None else np.asarray(e.highest, np.float64),
+        )
+        for name, e in (extremes or {}).items()
+        if name in layers and np.shape(e.lowest) == (layers[name].out_channels,)
+    }
     sweeps = (
-        equalize_pairs(layers, pairs, owned, keep_activation_range=keep_activation_range)
+        equalize_pairs(
+            layers, pairs, owned, extremes=measured, keep_activation_range=keep_activation_range
+        )
         if pairs
         else 0
     )
     report = EqualizationReport(
         pairs, sweeps, before, {name: weight_spread(layers[name]) for name in touched}
     )
+    report.measured_ranges = sum(
+        pair.first in measured and measured[pair.first].highest is not None for pair in pairs
+    )
     if absorb:
-        _absorb(layers, pairs, owned, report, sigmas, lower_bounds or {})
+        _absorb(layers, pairs, owned, report, sigmas, measured)
     report.per_channel_bounds = _write_back(graph, layers, pairs, activation_nodes)
     return model, report
 
@@ -729,17 +782,15 @@ def _absorb(
     statistics: Mapping[str, ChannelStatistics],
     report: EqualizationReport,
     sigmas: float,
-    lower_bounds: Mapping[str, np.ndarray],
+    extremes: Mapping[str, ChannelExtremes],
 ) -> None:
     """High-bias absorption for every pair that allows it; the others' reasons."""
     for pair in pairs:
-        stats, lowest = statistics.get(pair.first), lower_bounds.get(pair.first)
-        measured = lowest is not None and pair.activation.kind == "relu" and not pair.padded
+        stats, measured = statistics.get(pair.first), extremes.get(pair.first)
         if pair.padded:
             report.not_absorbed[pair.first] = "the next layer zero-pads its input"
-        elif measured:  # in the equalized units: the channel was divided by its scale
-            assert pair.scales is not None and lowest is not None
-            pair.absorbed = measured_high_bias(pair.activation, lowest / pair.scales)
+        elif measured is not None and pair.activation.kind == "relu":
+            pair.absorbed = measured_high_bias(pair.activation, measured.lowest)  # scaled
             report.measured_bounds += 1
         elif stats is None:
             report.not_absorbed[pair.first] = "no BatchNormalization statistics"
@@ -756,11 +807,11 @@ def equalize_file(
     onnx_in: str | os.PathLike,
     onnx_out: str | os.PathLike,
     statistics: Mapping[str, ChannelStatistics] | None = None,
-    lower_bounds: Mapping[str, np.ndarray] | None = None,
+    extremes: Mapping[str, ChannelExtremes] | None = None,
 ) -> EqualizationReport:
     """:func:`equalize_model` from one ONNX file to another."""
     import onnx
 
-    model, report = equalize_model(onnx.load(str(onnx_in)), statistics, lower_bounds=lower_bounds)
+    model, report = equalize_model(onnx.load(str(onnx_in)), statistics, extremes=extremes)
     onnx.save(model, str(onnx_out))
     return report

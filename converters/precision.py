@@ -597,7 +597,9 @@ def _write_int8(
     source = tmp.with_name(tmp.stem + ".equalized.onnx") if equalize else onnx_in
     try:
         if equalize:
-            equalized = _equalize(onnx_in, model, source, batches, batch_norm_statistics)
+            equalized = _equalize(
+                onnx_in, model, source, batches, batch_norm_statistics, per_channel
+            )
             model = _load_onnx(source)
         quantized, moments = _quantize_static(
             source,
@@ -634,20 +636,28 @@ def _equalize(
     onnx_out: Path,
     batches: list[dict[str, np.ndarray]],
     batch_norm_statistics: Mapping[str, Any] | None,
+    per_channel: bool,
 ) -> Any:
     """:func:`.equalization.equalize_file` of ``onnx_in`` (``model`` loaded) to
-    ``onnx_out``, each bias absorbed through a ReLU bounded by its channel's lowest value
-    on the calibration ``batches``, not by the BN statistics: those say ``mean - 3
-    std``, which EfficientNet-Lite0's pre-activations pass often enough to take its
-    float model to 24 dB SQNR (BENCHMARKS.md, section 30). The same float run gives
-    the outputs the equalized model is compared with (``float_sqnr_db``)."""
+    ``onnx_out``, each bias absorbed through a ReLU up to its channel's lowest value on
+    the calibration ``batches``, not the BN statistics' ``mean - 3 std`` (which
+    EfficientNet-Lite0's pre-activations pass often enough to take its float model to
+    24 dB SQNR). With ``per_channel`` weights the activation ranges that bound the
+    factors are the measured ones too: there only the activations' rounding moves
+    (+1 to 2 dB on both testbeds); with per-tensor weights the statistics' guess lets
+    the factors equalize more weights, which did better on EfficientNet-Lite0
+    (BENCHMARKS.md, section 30). The same float run gives the outputs the equalized
+    model is compared with (``float_sqnr_db``)."""
     from keras_bn.converters import calibration
-    from keras_bn.converters.equalization import absorption_sources, equalize_file
+    from keras_bn.converters.equalization import ChannelExtremes, equalize_file, pair_outputs
 
-    sources = absorption_sources(model)
-    minima, expected = calibration.channel_minima(model, batches, sources.values())
-    lower_bounds = {first: minima[tensor] for first, tensor in sources.items()}
-    report = equalize_file(onnx_in, onnx_out, batch_norm_statistics, lower_bounds)
+    sources = pair_outputs(model)
+    measured, expected = calibration.channel_extremes(model, batches, sources.values())
+    extremes = {
+        first: ChannelExtremes(measured[tensor][0], measured[tensor][1] if per_channel else None)
+        for first, tensor in sources.items()
+    }
+    report = equalize_file(onnx_in, onnx_out, batch_norm_statistics, extremes)
     session = runtime.open_session(onnx_out, spinning=False)
     received = [
         np.concatenate(parts).astype(np.float64)

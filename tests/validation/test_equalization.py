@@ -327,32 +327,37 @@ def test_onnx_absorption_is_exact_where_the_statistics_hold(exported):
     assert report.absorbed_channels == np.count_nonzero(absorbed) + 6
 
 
-def test_measured_lower_bounds_absorb_exactly_on_their_data(exported):
-    """Lower bounds measured on data: every ReLU pair absorbs (BN statistics or not) up
-    to its channels' lowest value, and the equalized model computes the original's
+def test_measured_extremes_bound_the_factors_and_absorb_exactly_on_their_data(exported):
+    """Extremes measured on data: the factors keep each measured activation range
+    within the tensor's widest, every ReLU pair absorbs (BN statistics or not) up to
+    its channels' lowest value, and the equalized model computes the original's
     function on that data, where the statistics' ``mean - 3 std`` is passed."""
     from keras_bn.converters import calibration
 
     path, statistics, x = exported
     original = onnx.load(str(path))
-    sources = eq.absorption_sources(original)
-    assert sorted(sources) == ["depthwise", "hidden"]  # expand: the depthwise pads
-    minima, (logits,) = calibration.channel_minima(
+    sources = eq.pair_outputs(original)
+    assert sorted(sources) == ["depthwise", "expand", "hidden", "project"]
+    measured, (logits,) = calibration.channel_extremes(
         original, [{"image": x[:40]}, {"image": x[40:]}], sources.values()
     )
-    expected, depthwise, hidden = run_onnx(original, x, outputs=list(sources.values()))
-    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+    expected, *values = run_onnx(original, x, outputs=list(sources.values()))
     # (graph optimizations and batch sizes differ: float32 rounding apart)
-    for tensor, values in zip(sources.values(), (depthwise, hidden), strict=True):
-        lowest = values.min(axis=(0, *range(2, values.ndim)))
-        np.testing.assert_allclose(minima[tensor], lowest, rtol=1e-5, atol=1e-6)
-    lower = {first: minima[tensor] for first, tensor in sources.items()}
-    model, report = eq.equalize_model(original, statistics, lower_bounds=lower)
-    assert report.measured_bounds == 2
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+    for tensor, value in zip(sources.values(), values, strict=True):
+        axes = (0, *range(2, value.ndim))
+        np.testing.assert_allclose(measured[tensor][0], value.min(axis=axes), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(measured[tensor][1], value.max(axis=axes), rtol=1e-5, atol=1e-6)
+    extremes = {first: eq.ChannelExtremes(*measured[tensor]) for first, tensor in sources.items()}
+    model, report = eq.equalize_model(original, statistics, extremes=extremes)
+    assert (report.measured_ranges, report.measured_bounds) == (4, 2)  # absorbed: the ReLUs
     assert report.not_absorbed == {"expand": "the next layer zero-pads its input"}
     by_first = {pair.first: pair for pair in report.pairs}
+    ranges = np.maximum(measured[sources["depthwise"]][1], 0.0)  # through a plain ReLU
+    assert np.all(by_first["depthwise"].scales >= ranges / ranges.max() * (1 - 1e-9))
     moved = by_first["depthwise"].absorbed * by_first["depthwise"].scales  # original units
-    np.testing.assert_allclose(moved, np.maximum(minima[sources["depthwise"]], 0), rtol=1e-12)
+    lowest = measured[sources["depthwise"]][0]
+    np.testing.assert_allclose(moved, np.maximum(lowest, 0), rtol=1e-12)
     assert np.count_nonzero(moved) >= 2
     (received,) = run_onnx(model, x)
     np.testing.assert_allclose(received, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
@@ -379,9 +384,27 @@ def test_per_tensor_int8_gains_from_equalization(exported, tmp_path):
     assert equalized.comparison.sqnr_db > plain.comparison.sqnr_db + 6
     details = equalized.details["equalization"]
     assert details["pairs"] == 4 and details["measured_bounds"] == 2
+    assert details["measured_ranges"] == 0  # per-tensor weights: the statistics' ranges
     assert details["float_sqnr_db"] > 100  # absorbed up to the calibration data's minima
     assert "cross-layer equalization: 4 layer pair(s)" in str(equalized)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["equalized.onnx", "plain.onnx"]
+
+
+def test_per_channel_equalization_bounds_its_factors_by_measured_ranges(exported, tmp_path):
+    from keras_bn.converters.precision import quantize_int8
+
+    path, statistics, x = exported
+    report = quantize_int8(
+        path,
+        tmp_path / "q.onnx",
+        {"image": x},
+        equalize=True,
+        batch_norm_statistics=statistics,
+        layer_report=False,
+    )
+    details = report.details["equalization"]
+    assert (details["measured_ranges"], details["measured_bounds"]) == (4, 2)
+    assert "activation ranges of 4 pair(s) measured on the calibration data" in str(report)
 
 
 # --------------------------------------------------------------------------------------
