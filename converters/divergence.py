@@ -64,6 +64,9 @@ DIVERGENCE_SAMPLES = 8
 SPREAD_HINT = 8.0
 # Per-tensor symmetric weights: a 4x spread leaves the median channel ~32 of 127 levels.
 WEIGHT_SPREAD_HINT = 4.0
+# A channel whose largest |value| is under this fraction of the widest channel's counts
+# as zero in the activation spread (float rounding, not a signal).
+ZERO_CHANNEL = 1e-6
 _EXACT = "ORT_DISABLE_ALL"  # exact QDQ arithmetic: no fusion, no int8 kernel
 _PASS_THROUGH = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh"}
 _PASS_THROUGH |= {"Add", "Mul", "Identity", "Flatten", "Reshape", "Transpose"}
@@ -436,10 +439,11 @@ def _spread(channel_max: np.ndarray | None) -> float:
     """The largest entry over the median non-zero one (1.0 for fewer than two non-zero
     channels). Channels that stay zero on the samples (dead after a ReLU) lose nothing
     to the per-tensor scale: over all channels, a median of zero read as an infinite
-    spread."""
+    spread. Below a millionth of the largest counts as zero: float rounding around a
+    channel held constant (a bias absorbed whole by equalization) read as 1e14x."""
     if channel_max is None:
         return 1.0
-    live = channel_max[channel_max > 0]
+    live = channel_max[channel_max > ZERO_CHANNEL * channel_max.max(initial=0.0)]
     if live.size < 2:
         return 1.0
     return float(live.max()) / float(np.median(live))

@@ -344,4 +344,6 @@ def test_channel_spread_leaves_out_channels_that_stay_zero():
     assert _spread(np.array([0.0, 0.0, 0.0, 0.0, 2.0, 8.0])) == pytest.approx(8.0 / 5.0)
     assert _spread(np.array([0.0, 1.0, 2.0, 8.0])) == pytest.approx(8.0 / 2.0)
     assert _spread(np.array([0.0, 0.0, 3.0])) == 1.0  # one live channel: nothing to compare
+    # float rounding around channels held constant (biases absorbed whole) is not a signal
+    assert _spread(np.array([3e-16, 1e-15, 2.0, 8.0])) == pytest.approx(8.0 / 5.0)
     assert _spread(np.zeros(4)) == 1.0
