@@ -342,10 +342,12 @@ class _Totals:
 
     def channel_sqnr_db(self) -> float:
         """The median channel's SQNR, each channel against its own signal (channels
-        that are zero in the float model left out)."""
+        that are zero in the float model left out, as :func:`_spread` counts zero)."""
         if self.signal is None or self.noise is None:
             return math.inf
         live = self.signal > 0
+        if self.channel_max is not None:
+            live &= self.channel_max > ZERO_CHANNEL * self.channel_max.max(initial=0.0)
         if not np.any(live):
             return self.sqnr_db()
         values = [

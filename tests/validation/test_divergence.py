@@ -347,3 +347,15 @@ def test_channel_spread_leaves_out_channels_that_stay_zero():
     # float rounding around channels held constant (biases absorbed whole) is not a signal
     assert _spread(np.array([3e-16, 1e-15, 2.0, 8.0])) == pytest.approx(8.0 / 5.0)
     assert _spread(np.zeros(4)) == 1.0
+
+
+def test_channel_sqnr_leaves_out_channels_at_float_rounding():
+    """A channel held at float rounding (1e-15) and rounded to 0 by int8 has 0 dB of
+    its own: it is not the median channel's signal."""
+    from keras_bn.converters.divergence import _Totals
+
+    exact = np.array([[1e-15, -2e-15, 1.0, 4.0], [2e-15, 1e-15, 2.0, 8.0]] * 3, np.float32)
+    rounded = np.where(np.abs(exact) < 1e-6, 0.0, exact * 1.01).astype(np.float32)
+    totals = _Totals()
+    totals.add(exact, rounded, axis=1)
+    assert totals.channel_sqnr_db() == pytest.approx(40.0, abs=1e-3)  # 1% error: 40 dB
