@@ -358,9 +358,9 @@ def bounded_sources(model: Any) -> dict[str, str]:
     }
 
 
-def share_bound_ranges(model: Any, ranges: Any) -> int:
+def share_bound_ranges(model: Any, ranges: Any) -> None:
     """Give each :func:`bounded_sources` tensor its bound's output range, in ``ranges``
-    (``TensorsData``) in place; returns how many.
+    (``TensorsData``) in place.
 
     Lossless: the bound's output is quantized with its own range anyway, and
     ``min(clamp(x), c)`` then rounds to the same value as ``min(x, c)`` (a value of
@@ -368,12 +368,9 @@ def share_bound_ranges(model: Any, ranges: Any) -> int:
     reaches the widest channel's bound (ReLU6 after equalization: ``6 / s_c``, up to
     ``6 / min(s)``) and rounds every channel on that coarser grid first.
     EfficientNet-Lite0 per-tensor int8 (BENCHMARKS.md, section 30): +0.5 dB."""
-    shared = 0
     for source, bounded in bounded_sources(model).items():
         if source in ranges and bounded in ranges:
             ranges[source] = ranges[bounded]
-            shared += 1
-    return shared
 
 
 def channel_extremes(

@@ -304,15 +304,13 @@ def activation_ranges(
         lowest, highest = np.asarray(extremes.lowest), np.asarray(extremes.highest)
         if activation.kind == "identity":
             return np.maximum(np.abs(lowest), np.abs(highest))
-        high = np.maximum(highest, 0.0)
-        return high if activation.upper is None else np.minimum(high, activation.upper)
+        return _passed(activation, highest)
     if statistics is None:
         return None if activation.upper is None else np.maximum(activation.upper, 0.0)
     mean, std = np.asarray(statistics.mean), np.abs(np.asarray(statistics.std))
     if activation.kind == "identity":
         return np.abs(mean) + sigmas * std
-    high = np.maximum(mean + sigmas * std, 0.0)
-    return high if activation.upper is None else np.minimum(high, activation.upper)
+    return _passed(activation, mean + sigmas * std)
 
 
 def high_bias(
@@ -326,19 +324,22 @@ def high_bias(
         return mean.copy()
     std = np.abs(np.asarray(statistics.std, np.float64))
     spread = np.where(std > 0, sigmas * std, 0.0)  # a constant channel (gamma = 0) moves whole
-    absorbed = np.maximum(mean - spread, 0.0)
-    if activation.upper is not None:
-        absorbed = np.minimum(absorbed, np.maximum(activation.upper, 0.0))
-    return absorbed
+    return _passed(activation, mean - spread)
 
 
 def measured_high_bias(activation: Activation, lowest: np.ndarray) -> np.ndarray:
     """The bias that passes a ReLU ``activation`` on data whose smallest value per
     channel is ``lowest``: ``max(0, lowest)``, at most the upper bound."""
-    absorbed = np.maximum(np.asarray(lowest, np.float64), 0.0)
-    if activation.upper is not None:
-        absorbed = np.minimum(absorbed, np.maximum(activation.upper, 0.0))
-    return absorbed
+    return _passed(activation, np.asarray(lowest, np.float64))
+
+
+def _passed(activation: Activation, values: np.ndarray) -> np.ndarray:
+    """``values`` through a ReLU ``activation``: ``max(0, values)``, at most its upper
+    bound (itself at least 0)."""
+    passed = np.maximum(values, 0.0)
+    if activation.upper is None:
+        return passed
+    return np.minimum(passed, np.maximum(activation.upper, 0.0))
 
 
 def absorb_high_bias(

@@ -598,7 +598,7 @@ def _write_int8(
     try:
         if equalize:
             equalized = _equalize(
-                onnx_in, model, source, batches, batch_norm_statistics, per_channel
+                onnx_in, model, source, matched, batches, batch_norm_statistics, per_channel
             )
             model = _load_onnx(source)
         quantized, moments = _quantize_static(
@@ -634,6 +634,7 @@ def _equalize(
     onnx_in: Path,
     model: Any,
     onnx_out: Path,
+    matched: Mapping[str, np.ndarray],
     batches: list[dict[str, np.ndarray]],
     batch_norm_statistics: Mapping[str, Any] | None,
     per_channel: bool,
@@ -658,11 +659,7 @@ def _equalize(
         for first, tensor in sources.items()
     }
     report = equalize_file(onnx_in, onnx_out, batch_norm_statistics, extremes)
-    session = runtime.open_session(onnx_out, spinning=False)
-    received = [
-        np.concatenate(parts).astype(np.float64)
-        for parts in zip(*(session.run(None, batch) for batch in batches), strict=True)
-    ]
+    received = runtime.run(runtime.open_session(onnx_out, spinning=False), matched)
     report.float_sqnr_db = compare_outputs(expected, received).sqnr_db
     return report
 

@@ -540,7 +540,7 @@ def test_a_bounded_clip_shares_its_bounds_range(tmp_path, monkeypatch):
     scales = _activation_scales(tmp_path / "shared.onnx")
     widest, bounded = 12 * float(x[:, 1].max()), 4 * float(x[:, 0].max())  # MinMax: extremes
     assert scales["clipped"] == scales["bounded"] == pytest.approx(bounded / 255, rel=1e-6)
-    monkeypatch.setattr(calibration, "share_bound_ranges", lambda model, ranges: 0)
+    monkeypatch.setattr(calibration, "share_bound_ranges", lambda model, ranges: None)
     own = error("own.onnx")
     assert _activation_scales(tmp_path / "own.onnx")["clipped"] == pytest.approx(widest / 255)
     assert shared < 0.75 * own  # root-mean-square errors: 0.011 against 0.017
