@@ -216,6 +216,11 @@ def _int8_scheme(details: Mapping[str, Any]) -> str:
     correction = details.get("bias_correction")
     if correction is not None:
         text += f", bias correction of {len(correction['layers'])} layer(s)"
+    if details.get("storage") == "uint8":
+        text += (
+            "; stored as uint8 plus 128 (the same values: onnxruntime's x86 kernels "
+            "saturate int8 weights on CPUs without VNNI; signed / --signed-int8 keeps int8)"
+        )
     return text
 
 
@@ -421,6 +426,7 @@ def quantize_int8(
     calibration_inputs: Mapping[str, np.ndarray],
     *,
     per_channel: bool = True,
+    signed: bool = False,
     calibration_batch_size: int = 16,
     equalize: bool = False,
     batch_norm_statistics: Mapping[str, Any] | None = None,
@@ -440,6 +446,7 @@ def quantize_int8(
             for a single input), batch first, in the ONNX model's layout. Activation
             ranges are calibrated on them: they should look like deployment data.
         per_channel: one weight scale per output channel (recommended).
+        signed: store int8 (S8S8); else the same values as uint8 (:mod:`.int8_storage`).
         calibration_batch_size: samples per calibration run (for dynamic batches).
         equalize: cross-layer equalization before quantizing, and high-bias
             absorption where ``batch_norm_statistics`` (per folded layer, from
@@ -451,17 +458,16 @@ def quantize_int8(
             instead of running ``onnx_in``; or a callable giving them (or None) later.
         progress: called as ``progress(done, total)`` after each calibration batch.
         calibration_method: ``"MinMax"``, ``"Percentile"`` (keeps ``percentile`` % of
-            |x| in range) or ``"Entropy"`` (onnxruntime's, fed one batch at a time). The default
-            with bias correction did best on the real-weights testbeds (BENCHMARKS 19b).
+            |x| in range; with bias correction the best on the testbeds, BENCHMARKS 19b)
+            or ``"Entropy"`` (onnxruntime's, fed one batch at a time).
         bias_correction: then correct each layer's mean output shift on the
             calibration data (:mod:`.bias_correction`): ``True`` the shift of its
             rounded weights, ``"sequential"`` the whole shift, measured layer by layer.
 
     Returns:
-        A :class:`PrecisionReport` whose ``comparison`` holds the output difference
-        against the float model on the calibration data and, for classifiers, the
-        top-1 agreement; with ``layer_report``, ``divergence`` names the layers
-        that lose the most accuracy.
+        A :class:`PrecisionReport`: ``comparison``, the output difference against the
+        float model on the calibration data (and top-1 agreement for classifiers);
+        with ``layer_report``, ``divergence`` names the layers that lose the most.
     """
     start = time.perf_counter()
     model, matched, batches = _calibration(
@@ -476,6 +482,7 @@ def quantize_int8(
             matched,
             batches,
             per_channel=per_channel,
+            signed=signed,
             calibration_method=calibration_method,
             progress=progress,
             equalize=equalize,
@@ -485,13 +492,11 @@ def quantize_int8(
             percentile=percentile,
         )
     expected = float_outputs() if callable(float_outputs) else float_outputs
-    report = _int8_report(onnx_in, onnx_out, matched, expected, per_channel, int8_run)
+    report = _int8_report(onnx_in, onnx_out, matched, expected, (per_channel, signed), int8_run)
     report.details["calibration_method"] = calibration_method
     report.details.update({"percentile": percentile} if calibration_method == "Percentile" else {})
-    if equalized is not None:
-        report.details["equalization"] = equalized.to_dict()
-    if correction is not None:
-        report.details["bias_correction"] = correction.to_dict()
+    for key, step in (("equalization", equalized), ("bias_correction", correction)):
+        report.details.update({} if step is None else {key: step.to_dict()})
     report.divergence = divergence
     report.seconds = time.perf_counter() - start
     return report
@@ -502,11 +507,13 @@ def _int8_report(
     onnx_out: Path,
     matched: Mapping[str, np.ndarray],
     float_outputs: Sequence[np.ndarray] | None,
-    per_channel: bool,
+    weights: tuple[bool, bool],
     int8_run: tuple[list[np.ndarray] | None, list[np.ndarray]],
 ) -> PrecisionReport:
     """The int8 file's outputs (``int8_run``, :func:`_int8_outputs`) compared with the
-    float model's (or ``float_outputs``) on ``matched``."""
+    float model's (or ``float_outputs``) on ``matched``; ``weights``: (per-channel,
+    signed)."""
+    per_channel, signed = weights
     kept, received = int8_run
     if float_outputs is None:
         float_outputs = runtime.run(runtime.open_session(onnx_in, spinning=False), matched)
@@ -518,6 +525,7 @@ def _int8_report(
         details={
             "quant_format": "QDQ",
             "per_channel": per_channel,
+            "storage": "int8" if signed else "uint8",
             "calibration_samples": int(len(next(iter(matched.values())))),
         },
         outputs=kept,
@@ -572,6 +580,7 @@ def _write_int8(
     batches: list[dict[str, np.ndarray]],
     *,
     per_channel: bool,
+    signed: bool,
     calibration_method: str,
     progress: Callable[[int, int], None] | None,
     equalize: bool,
@@ -617,7 +626,7 @@ def _write_int8(
             quantized, correction = _correct_biases(
                 model, quantized, batches, bias_correction == "sequential", moments
             )
-        _onnx().save(quantized, str(tmp))
+        _save_int8(quantized, tmp, signed)
         int8_run = _start(_int8_outputs, tmp, matched)
         if layer_report:
             from keras_bn.converters.divergence import layer_divergence
@@ -628,6 +637,16 @@ def _write_int8(
         if equalize:
             source.unlink(missing_ok=True)
     return equalized, correction, divergence, int8_run.result()  # before tmp is moved
+
+
+def _save_int8(quantized: Any, path: Path, signed: bool) -> None:
+    """Write the QDQ model, its integers stored as uint8 unless ``signed``
+    (:mod:`.int8_storage`)."""
+    if not signed:
+        from keras_bn.converters.int8_storage import store_unsigned
+
+        store_unsigned(quantized)
+    _onnx().save(quantized, str(path))
 
 
 def _equalize(

@@ -86,6 +86,7 @@ MIRROR = {
     "converters/divergence.py": "validation/test_divergence.py",
     "converters/bias_correction.py": "validation/test_bias_correction.py",
     "converters/calibration.py": "validation/test_calibration.py",
+    "converters/int8_storage.py": "validation/test_int8_storage.py",
     "converters/benchmarking.py": "validation/test_benchmarking.py",
     "converters/user_files.py": "files/test_user_files.py",
     "converters/limits.py": "files/test_user_files.py",

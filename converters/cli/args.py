@@ -378,7 +378,8 @@ class _InputLayoutAction(argparse.Action):
 
 
 class Int8Args:
-    """``--per-tensor``, ``--equalize``: how ``--precision int8`` quantizes."""
+    """``--per-tensor``, ``--equalize``, ``--signed-int8``: how ``--precision int8``
+    quantizes and stores."""
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
@@ -393,6 +394,14 @@ class Int8Args:
             default=None,
             help="int8: cross-layer equalization, and high-bias absorption up to each "
             "channel's lowest calibration value, before quantizing (default: with --per-tensor)",
+        )
+        parser.add_argument(
+            "--signed-int8",
+            action="store_true",
+            help="int8: store weights and activations as int8, for runtimes that require "
+            "signed int8 (TensorRT, TFLite-style NPU compilers) (default: the same values "
+            "stored as uint8, which onnxruntime's x86 kernels cannot saturate on CPUs "
+            "without VNNI)",
         )
 
 

@@ -260,10 +260,12 @@ def _check_options(args: argparse.Namespace) -> Path:
             f"--calibration is only used with --precision int8 (received --precision "
             f"{args.precision}); drop it or pass --precision int8."
         )
-    if (args.per_tensor or args.equalize is not None) and args.precision != "int8":
+    if (args.per_tensor or args.equalize is not None or args.signed_int8) and (
+        args.precision != "int8"
+    ):
         raise UserInputError(
-            f"--per-tensor and --equalize are only used with --precision int8 (received "
-            f"--precision {args.precision}); drop them or pass --precision int8."
+            f"--per-tensor, --equalize and --signed-int8 are only used with --precision int8 "
+            f"(received --precision {args.precision}); drop them or pass --precision int8."
         )
     if args.precision != "int8" and (args.bias_correction, args.calibration_method) != (None,) * 2:
         raise UserInputError(
@@ -478,6 +480,7 @@ def _convert_precision(
             final,
             steps.to_onnx_layout(calibration, args.input_layout),
             per_channel=not args.per_tensor,
+            signed=args.signed_int8,
             equalize=equalize,
             batch_norm_statistics=bn_statistics,
             layer_report=not args.no_layer_report,

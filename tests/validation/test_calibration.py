@@ -339,7 +339,12 @@ def test_percentile_int8_file_is_quantize_statics(setup, tmp_path):
     path, _, batches, _ = setup
     data = np.concatenate([batch["x"] for batch in batches])
     quantize_int8(
-        path, tmp_path / "ours.onnx", {"x": data}, bias_correction=False, layer_report=False
+        path,
+        tmp_path / "ours.onnx",
+        {"x": data},
+        bias_correction=False,
+        layer_report=False,
+        signed=True,  # onnxruntime's S8S8, as quantize_static writes it
     )
     precision._quantize_static_file(
         path, onnx.load(str(path)), tmp_path / "theirs.onnx", batches, True, "Percentile", None, PERCENTILE
@@ -376,6 +381,7 @@ def test_graph_outputs_keep_their_whole_range_under_percentile(
         percentile=percentile,
         bias_correction=False,
         layer_report=False,
+        signed=True,  # the zero point below is int8's
     )
     y = _all_values(preprocessed, batches, ["y"])["y"]
     low, high = min(float(y.min()), 0.0), max(float(y.max()), 0.0)

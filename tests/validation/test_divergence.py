@@ -173,7 +173,8 @@ def _numpy_int8_values(int8_path: Path, float_names: list[str], feed) -> dict[st
         scale = initializers[node.input[1]].astype(np.float64)
         zero_point = initializers[node.input[2]].astype(np.float64)
         raw = outputs[node.input[0]].astype(np.float64)
-        quantized = np.clip(np.round(raw / scale) + zero_point, -128, 127)
+        stored = np.iinfo(initializers[node.input[2]].dtype)  # int8 or uint8
+        quantized = np.clip(np.round(raw / scale) + zero_point, stored.min, stored.max)
         values[name] = (quantized - zero_point) * scale
     return values
 

@@ -430,8 +430,13 @@ def model_file(tmp_path_factory):
 
 @pytest.mark.parametrize(
     ("flags", "equalized"),
-    [(["--per-tensor"], True), (["--per-tensor", "--no-equalize"], False), ([], False)],
-    ids=["per-tensor", "per-tensor-unequalized", "per-channel"],
+    [
+        (["--per-tensor"], True),
+        (["--per-tensor", "--no-equalize"], False),
+        ([], False),
+        (["--signed-int8"], False),
+    ],
+    ids=["per-tensor", "per-tensor-unequalized", "per-channel", "per-channel-signed"],
 )
 def test_export_int8_per_tensor_equalizes(model_file, tmp_path, capsys, flags, equalized):
     import json
@@ -454,10 +459,19 @@ def test_export_int8_per_tensor_equalizes(model_file, tmp_path, capsys, flags, e
         if i.name.endswith("_scale")
     ]
     weight_scales = [i for i in scales if "kernel" in i.name]
-    assert weight_scales and all(len(i.dims) == (0 if flags else 1) for i in weight_scales)
+    per_tensor = "--per-tensor" in flags
+    assert weight_scales and all(len(i.dims) == (0 if per_tensor else 1) for i in weight_scales)
+    # Stored as uint8 (the same values plus 128) unless asked for int8.
+    signed = "--signed-int8" in flags
+    assert precision["storage"] == ("int8" if signed else "uint8")
+    stored = {i.data_type for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
+    assert (onnx.TensorProto.INT8 in stored, onnx.TensorProto.UINT8 in stored) == (
+        signed,
+        not signed,
+    )
 
 
-@pytest.mark.parametrize("flag", ["--per-tensor", "--equalize", "--no-equalize"])
+@pytest.mark.parametrize("flag", ["--per-tensor", "--equalize", "--no-equalize", "--signed-int8"])
 def test_int8_flags_need_int8(model_file, tmp_path, capsys, flag):
     from support.console import assert_rejected
 

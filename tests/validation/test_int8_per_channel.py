@@ -102,8 +102,9 @@ def test_weights_are_scaled_per_output_channel(network, per_channel):
         assert attributes.get("axis") == (axis if per_channel else None), name
         np.testing.assert_allclose(stored[node.input[1]], expected, rtol=1e-6, err_msg=name)
         scales = np.expand_dims(expected, others) if per_channel else expected
-        integers = stored[node.input[0]]
-        assert integers.dtype == np.int8
+        integers, zero_point = stored[node.input[0]], stored[node.input[2]]
+        assert integers.dtype == np.uint8 and np.all(zero_point == 128)  # int8 plus 128
+        integers = integers.astype(np.int16) - 128
         np.testing.assert_array_equal(integers, np.rint(weight / scales), err_msg=name)
         checked.add(name)
     assert checked == set(output_axes)  # six layers: stem, depthwise, 2 pointwise, dw, head

@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from support.files import sha256
+from support.onnx_graphs import CHANNELS, classifier_onnx, save_graph
 
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.precision import (
@@ -26,50 +27,6 @@ from keras_bn.converters.precision import (
     convert_float16,
     quantize_int8,
 )
-
-CHANNELS = 8
-
-
-def _save(nodes, inputs, outputs, initializers, path: Path) -> Path:
-    graph = helper.make_graph(nodes, "test", inputs, outputs, initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(path))
-    return path
-
-
-def classifier_onnx(path: Path, *, batch: int | str = "N", conv1_kernel=None, seed: int = 0):
-    """Conv-Relu-Conv-Relu-GlobalAveragePool-Flatten-Gemm-Softmax, NCHW (3, 8, 8) input."""
-    rng = np.random.default_rng(seed)
-    w1 = (
-        rng.normal(size=(CHANNELS, 3, 3, 3)) * 0.3 if conv1_kernel is None else conv1_kernel
-    ).astype(np.float32)
-    arrays = {
-        "w1": w1,
-        "b1": rng.normal(size=CHANNELS).astype(np.float32),
-        "w2": (rng.normal(size=(CHANNELS, CHANNELS, 3, 3)) * 0.2).astype(np.float32),
-        "b2": rng.normal(size=CHANNELS).astype(np.float32),
-        "wd": rng.normal(size=(CHANNELS, 5)).astype(np.float32),
-        "bd": rng.normal(size=5).astype(np.float32),
-    }
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
-        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-        helper.make_node("GlobalAveragePool", ["r2"], ["pooled"], name="pool"),
-        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
-        helper.make_node("Gemm", ["flat", "wd", "bd"], ["logits"], name="dense"),
-        helper.make_node("Softmax", ["logits"], ["y"], axis=-1, name="softmax"),
-    ]
-    return _save(
-        nodes,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 5])],
-        [numpy_helper.from_array(array, name) for name, array in arrays.items()],
-        path,
-    )
 
 
 def _run(path: Path, x: np.ndarray) -> np.ndarray:
@@ -197,14 +154,14 @@ def test_quantize_int8_qdq_per_channel_and_close_to_float(tmp_path, data):
     assert ops["QuantizeLinear"] >= 3 and ops["DequantizeLinear"] >= 5
     assert ops["Conv"] == 2  # QDQ format: float ops surrounded by Q/DQ pairs
     # Per-channel weights: the DequantizeLinear of each conv kernel has one scale
-    # per output channel, and the quantized kernel is int8.
+    # per output channel, and the quantized kernel is 8-bit (stored as uint8).
     initializers = _initializers(tmp_path / "int8.onnx")
     producers = {node.output[0]: node for node in quantized.graph.node}
     for conv in (n for n in quantized.graph.node if n.op_type == "Conv"):
         dequantize = producers[conv.input[1]]
         assert dequantize.op_type == "DequantizeLinear"
         kernel, scale = (initializers[name] for name in dequantize.input[:2])
-        assert kernel.dtype == np.int8
+        assert kernel.dtype == np.uint8
         assert scale.shape == (CHANNELS,)
     # Accuracy against the float model, measured independently.
     expected, received = _run(source, data), _run(tmp_path / "int8.onnx", data)
@@ -293,7 +250,7 @@ def _conv_batch_norm_onnx(tmp_path: Path, data: np.ndarray, folded: bool) -> Pat
     unit = np.zeros(CHANNELS, np.float32)
 
     def conv(kernel, bias):
-        path = _save(
+        path = save_graph(
             [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1])],
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
             [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N", CHANNELS, 8, 8])],
@@ -329,7 +286,7 @@ def _conv_batch_norm_onnx(tmp_path: Path, data: np.ndarray, folded: bool) -> Pat
         helper.make_node("Relu", ["bn"], ["r"]),
         helper.make_node("Conv", ["r", "head"], ["y"]),
     ]
-    return _save(
+    return save_graph(
         nodes,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
@@ -378,6 +335,7 @@ def test_quantize_int8_writes_what_onnxruntime_pre_processing_and_quantization_w
         {"x": data},
         calibration_method="MinMax",
         bias_correction=False,
+        signed=True,  # onnxruntime's S8S8, as quantize_static writes it
     )
 
     class Reader(CalibrationDataReader):
