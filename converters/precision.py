@@ -218,8 +218,8 @@ def _int8_scheme(details: Mapping[str, Any]) -> str:
         text += f", bias correction of {len(correction['layers'])} layer(s)"
     if details.get("storage") == "uint8":
         text += (
-            "; stored as uint8 plus 128 (the same values: onnxruntime's x86 kernels "
-            "saturate int8 weights on CPUs without VNNI; signed / --signed-int8 keeps int8)"
+            "; stored as uint8 plus 128, the same values, which onnxruntime's x86 kernels "
+            "cannot saturate on CPUs without VNNI (signed=True, --signed-int8: int8)"
         )
     return text
 
@@ -428,7 +428,7 @@ def quantize_int8(
     per_channel: bool = True,
     signed: bool = False,
     calibration_batch_size: int = 16,
-    equalize: bool = False,
+    equalize: bool | str | None = None,
     batch_norm_statistics: Mapping[str, Any] | None = None,
     layer_report: bool = True,
     float_outputs: Sequence[np.ndarray] | Callable[[], Sequence[np.ndarray] | None] | None = None,
@@ -448,10 +448,10 @@ def quantize_int8(
         per_channel: one weight scale per output channel (recommended).
         signed: store int8 (S8S8); else the same values as uint8 (:mod:`.int8_storage`).
         calibration_batch_size: samples per calibration run (for dynamic batches).
-        equalize: cross-layer equalization before quantizing, and high-bias
-            absorption where ``batch_norm_statistics`` (per folded layer, from
-            :func:`keras_bn.converters.equalization.batch_norm_statistics`) say
-            which bias always passes the activation (:mod:`.equalization`).
+        equalize: cross-layer equalization before quantizing, with high-bias
+            absorption (:mod:`.equalization`; ``batch_norm_statistics``, per folded
+            layer, serve pairs without ReLU); ``"depthwise"``: only the pairs into
+            depthwise layers; None: those with per-channel weights, none per-tensor.
         layer_report: compare the two models at every Keras layer output too, on
             the first samples of the calibration data (:mod:`.divergence`).
         float_outputs: the float model's outputs on ``calibration_inputs``, compared
@@ -485,7 +485,7 @@ def quantize_int8(
             signed=signed,
             calibration_method=calibration_method,
             progress=progress,
-            equalize=equalize,
+            equalize=("depthwise" if per_channel else False) if equalize is None else equalize,
             batch_norm_statistics=batch_norm_statistics,
             bias_correction=bias_correction,
             layer_report=layer_report,
@@ -583,7 +583,7 @@ def _write_int8(
     signed: bool,
     calibration_method: str,
     progress: Callable[[int, int], None] | None,
-    equalize: bool,
+    equalize: bool | str,
     batch_norm_statistics: Mapping[str, Any] | None,
     bias_correction: bool | str,
     layer_report: bool,
@@ -603,12 +603,20 @@ def _write_int8(
 
     # The equalized float file lies beside the output while quantizing; bias correction
     # and the layer report compare against it (equalization rescales channels).
-    source = tmp.with_name(tmp.stem + ".equalized.onnx") if equalize else onnx_in
+    if equalize not in (True, False, "depthwise"):
+        raise UserInputError(
+            f"equalize: expected True, False or 'depthwise'. Received: {equalize!r}"
+        )
+    target = tmp.with_name(tmp.stem + ".equalized.onnx")
+    source = onnx_in
     try:
         if equalize:
             equalized = _equalize(
-                onnx_in, model, source, matched, batches, batch_norm_statistics, per_channel
-            )
+                onnx_in, model, target, (matched, batches), batch_norm_statistics, per_channel,
+                depthwise_only=equalize == "depthwise",
+            )  # fmt: skip
+        if equalized is not None:
+            source = target
             model = _load_onnx(source)
         quantized, moments = _quantize_static(
             source,
@@ -634,8 +642,7 @@ def _write_int8(
             values = floats[0].result() if floats else None
             divergence = layer_divergence(source, tmp, matched, float_values=values)
     finally:
-        if equalize:
-            source.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
     return equalized, correction, divergence, int8_run.result()  # before tmp is moved
 
 
@@ -653,13 +660,15 @@ def _equalize(
     onnx_in: Path,
     model: Any,
     onnx_out: Path,
-    matched: Mapping[str, np.ndarray],
-    batches: list[dict[str, np.ndarray]],
+    data: tuple[Mapping[str, np.ndarray], list[dict[str, np.ndarray]]],
     batch_norm_statistics: Mapping[str, Any] | None,
     per_channel: bool,
+    *,
+    depthwise_only: bool = False,
 ) -> Any:
     """:func:`.equalization.equalize_file` of ``onnx_in`` (``model`` loaded) to
-    ``onnx_out``, each bias absorbed through a ReLU up to its channel's lowest value on
+    ``onnx_out`` (``data``: the calibration samples, whole and in batches), or None
+    when ``depthwise_only`` finds no pair into a depthwise layer. Each bias absorbed through a ReLU up to its channel's lowest value on
     the calibration ``batches``, not the BN statistics' ``mean - 3 std`` (which
     EfficientNet-Lite0's pre-activations pass often enough to take its float model to
     24 dB SQNR). With ``per_channel`` weights the activation ranges that bound the
@@ -671,13 +680,16 @@ def _equalize(
     from keras_bn.converters import calibration
     from keras_bn.converters.equalization import ChannelExtremes, equalize_file, pair_outputs
 
-    sources = pair_outputs(model)
+    matched, batches = data
+    sources = pair_outputs(model, depthwise_only)
+    if depthwise_only and not sources:
+        return None
     measured, expected = calibration.channel_extremes(model, batches, sources.values())
     extremes = {
         first: ChannelExtremes(measured[tensor][0], measured[tensor][1] if per_channel else None)
         for first, tensor in sources.items()
     }
-    report = equalize_file(onnx_in, onnx_out, batch_norm_statistics, extremes)
+    report = equalize_file(onnx_in, onnx_out, batch_norm_statistics, extremes, depthwise_only)
     received = runtime.run(runtime.open_session(onnx_out, spinning=False), matched)
     report.float_sqnr_db = compare_outputs(expected, received).sqnr_db
     return report

@@ -392,8 +392,10 @@ class Int8Args:
             "--equalize",
             action=argparse.BooleanOptionalAction,
             default=None,
-            help="int8: cross-layer equalization, and high-bias absorption up to each "
-            "channel's lowest calibration value, before quantizing (default: with --per-tensor)",
+            help="int8: cross-layer equalization of every layer pair, and high-bias "
+            "absorption up to each channel's lowest calibration value, before quantizing "
+            "(default: every pair with --per-tensor; with per-channel weights only the pairs "
+            "into depthwise layers, which lose no weight precision; --no-equalize: none)",
         )
         parser.add_argument(
             "--signed-int8",

@@ -427,6 +427,9 @@ def _warn_about(caught: list, fold_report, args: argparse.Namespace, run: Run) -
 
 
 def _equalizes(args: argparse.Namespace) -> bool:
+    """Whether every pair is equalized: ``--equalize``, or ``--per-tensor`` without
+    ``--no-equalize``. Otherwise per-channel int8 equalizes the pairs into depthwise
+    layers (``quantize_int8``'s default) unless ``--no-equalize``."""
     return bool(args.per_tensor if args.equalize is None else args.equalize)
 
 
@@ -473,7 +476,7 @@ def _convert_precision(
     from keras_bn.converters.precision import quantize_int8
 
     assert calibration is not None  # _check_options requires it for int8
-    equalize = _equalizes(args)
+    equalize = True if _equalizes(args) else (None if args.equalize is None else False)
     with run.progress.step("Quantizing to int8 (calibrating)", unit="batches") as step:
         report = quantize_int8(
             exported,

@@ -112,8 +112,10 @@ def models(trained, tmp_path_factory):
     return {
         "keras": keras_outputs,
         "calibration": calibration,
-        "plain": _quantized(model, calibration, directory / "plain"),
-        "hard": _quantized(hard, calibration, directory / "hard"),
+        # Without equalization: into a depthwise layer it would repair the hard layer
+        # (test_equalization_into_the_depthwise_layer_repairs_it).
+        "plain": _quantized(model, calibration, directory / "plain", equalize=False),
+        "hard": _quantized(hard, calibration, directory / "hard", equalize=False),
         "model": hard,
         "directory": directory,
     }
@@ -279,6 +281,20 @@ def test_without_a_layer_map_nothing_is_compared(models, tmp_path):
     assert "no keras-bn layer map" in report.format()
 
 
+def test_equalization_into_the_depthwise_layer_repairs_it(models, tmp_path):
+    """The per-channel default equalizes hard -> depthwise: the channel scaled up by
+    the construction is scaled back, and the layer is no longer far the worst."""
+    float_path, _, unequalized = models["hard"]
+    report = quantize_int8(float_path, tmp_path / "q.onnx", _feed(models))
+    assert report.details["equalization"]["depthwise_only"] is True
+    before = {layer.layer: layer for layer in unequalized.divergence.layers}["hard_relu"]
+    after = {layer.layer: layer for layer in report.divergence.layers}["hard_relu"]
+    assert after.channel_sqnr_db > before.channel_sqnr_db + 10  # the median channel's
+    assert after.channel_spread < before.channel_spread / 10
+    assert "equalization evens them out" in before.hint and not after.hint
+    assert report.comparison.sqnr_db > unequalized.comparison.sqnr_db
+
+
 def test_layer_report_off(models, tmp_path):
     float_path, _, _ = models["plain"]
     report = quantize_int8(float_path, tmp_path / "q.onnx", _feed(models), layer_report=False)
@@ -293,7 +309,7 @@ def test_export_cli_names_the_layer(models, capsys):
     output = directory / "cli.onnx"
     # The int8 file is bad on purpose: write it without validation (one run less).
     arguments = ["export", model_path, "-o", output, "--precision", "int8", "--no-validate"]
-    arguments += ["--no-statistics-check"]
+    arguments += ["--no-statistics-check", "--no-equalize"]
     code = cli.main([str(a) for a in [*arguments, "--calibration", calibration, "--json"]])
     captured = capsys.readouterr()
     assert code == 0, captured.err

@@ -18,6 +18,7 @@ import pytest
 
 from keras_bn.converters import equalization as eq
 from keras_bn.converters import runtime
+from keras_bn.converters.errors import UserInputError
 
 # --------------------------------------------------------------------------------------
 # An independent NumPy network: conv (ONNX layout, groups, zero padding) and dense.
@@ -407,6 +408,46 @@ def test_per_channel_equalization_bounds_its_factors_by_measured_ranges(exported
     assert "activation ranges of 4 pair(s) measured on the calibration data" in str(report)
 
 
+def _stored_weights(path) -> dict[str, np.ndarray]:
+    """Each Conv/Gemm node's stored weight integers (as int16), by node name."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producers = {node.output[0]: node for node in model.graph.node}
+    return {
+        node.name: stored[producers[node.input[1]].input[0]].astype(np.int16)
+        for node in model.graph.node
+        if node.op_type in ("Conv", "Gemm") and node.input[1] in producers
+    }
+
+
+def test_per_channel_equalizes_the_pairs_into_depthwise_layers_for_free(exported, tmp_path):
+    """quantize_int8's per-channel default equalizes expand -> depthwise only: the
+    factors scale whole per-channel weight rows, so every stored weight integer is the
+    unequalized file's, and only the tensor between the two layers changes."""
+    from keras_bn.converters.precision import quantize_int8
+
+    path, _, x = exported
+    scheme = {"calibration_method": "MinMax", "bias_correction": False, "layer_report": False}
+    default = quantize_int8(path, tmp_path / "default.onnx", {"image": x}, **scheme)
+    plain = quantize_int8(path, tmp_path / "plain.onnx", {"image": x}, equalize=False, **scheme)
+    details = default.details["equalization"]
+    assert (details["pairs"], details["depthwise_only"]) == (1, True)
+    assert "equalization" not in plain.details
+    ours, theirs = (
+        _stored_weights(tmp_path / "default.onnx"),
+        _stored_weights(tmp_path / "plain.onnx"),
+    )
+    assert sorted(ours) == sorted(theirs) and len(ours) == 5
+    for name in ours:  # a float rounding tie may move one integer by one step
+        assert np.abs(ours[name] - theirs[name]).max() <= 1, name
+        assert np.mean(ours[name] == theirs[name]) > 0.99, name
+    assert details["float_sqnr_db"] > 100  # the same function on the calibration data
+    with pytest.raises(UserInputError, match="equalize: expected"):
+        quantize_int8(path, tmp_path / "bad.onnx", {"image": x}, equalize="depthwize")
+
+
 # --------------------------------------------------------------------------------------
 # The command: keras-bn export --precision int8 --per-tensor (equalized by default).
 
@@ -431,12 +472,19 @@ def model_file(tmp_path_factory):
 @pytest.mark.parametrize(
     ("flags", "equalized"),
     [
-        (["--per-tensor"], True),
-        (["--per-tensor", "--no-equalize"], False),
-        ([], False),
-        (["--signed-int8"], False),
+        (["--per-tensor"], "all"),
+        (["--per-tensor", "--no-equalize"], None),
+        ([], "depthwise"),
+        (["--signed-int8"], "depthwise"),
+        (["--no-equalize"], None),
     ],
-    ids=["per-tensor", "per-tensor-unequalized", "per-channel", "per-channel-signed"],
+    ids=[
+        "per-tensor",
+        "per-tensor-unequalized",
+        "per-channel",
+        "per-channel-signed",
+        "per-channel-unequalized",
+    ],
 )
 def test_export_int8_per_tensor_equalizes(model_file, tmp_path, capsys, flags, equalized):
     import json
@@ -449,10 +497,14 @@ def test_export_int8_per_tensor_equalizes(model_file, tmp_path, capsys, flags, e
     assert code == 0, err
     precision = json.loads(out)["precision"]
     assert precision["per_channel"] is ("--per-tensor" not in flags)
-    assert ("equalization" in precision) is equalized
-    if equalized:  # the BN statistics reached it: two pairs absorbed
+    assert ("equalization" in precision) is (equalized is not None)
+    if equalized == "all":  # the BN statistics reached it: two pairs absorbed
         assert precision["equalization"]["pairs"] == 4
         assert precision["equalization"]["absorbed_channels"] > 0
+    if equalized == "depthwise":  # per-channel weights: expand -> depthwise only
+        assert precision["equalization"]["pairs"] == 1
+        assert precision["equalization"]["depthwise_only"] is True
+        assert "1 layer pair(s) into depthwise layers" in eq.describe(precision["equalization"])[0]
     scales = [
         i
         for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer

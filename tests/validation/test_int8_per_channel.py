@@ -23,7 +23,10 @@ from keras_bn.converters.precision import quantize_int8
 SCHEMES = {
     "default (Percentile 99.99%, bias correction)": {},
     "MinMax, bias correction": {"calibration_method": "MinMax"},
+    # The weights as exported (the default equalizes the pairs into depthwise layers).
+    "default without equalization": {"equalize": False},
 }
+UNEQUALIZED = 2  # the scheme whose weights are the float file's
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +91,7 @@ def test_weights_are_scaled_per_output_channel(network, per_channel):
         for node in float_graph.node
         if node.op_type in ("Conv", "Gemm")
     }
-    quantized = onnx.load(work / f"0-{per_channel}.onnx").graph
+    quantized = onnx.load(work / f"{UNEQUALIZED}-{per_channel}.onnx").graph
     stored = {tensor.name: numpy_helper.to_array(tensor) for tensor in quantized.initializer}
     checked = set()
     for node in quantized.node:
