@@ -395,6 +395,7 @@ class EqualizationReport:
     not_absorbed: dict[str, str] = dataclasses.field(default_factory=dict)
     per_channel_bounds: int = 0  # Clip nodes given a per-channel Min after them
     float_sqnr_db: float | None = None  # the equalized float model's, against the original
+    float_samples: int = 0  # ... on this many calibration samples
     measured_bounds: int = 0  # pairs absorbing up to a lower bound measured on data
     measured_ranges: int = 0  # pairs whose activation ranges were measured on data
     depthwise_only: bool = False  # only the pairs into depthwise layers were equalized
@@ -415,6 +416,7 @@ class EqualizationReport:
             "not_absorbed": dict(self.not_absorbed),
             "per_channel_bounds": self.per_channel_bounds,
             "float_sqnr_db": self.float_sqnr_db,
+            "float_samples": self.float_samples,
             "measured_bounds": self.measured_bounds,
             "measured_ranges": self.measured_ranges,
             "depthwise_only": self.depthwise_only,
@@ -456,8 +458,10 @@ def describe(summary: Mapping[str, Any]) -> list[str]:
         f"high-bias absorption: {summary['absorbed_channels']} channel(s){source}{skipped}"
     )
     if summary.get("float_sqnr_db") is not None:
+        samples = summary.get("float_samples")
         lines.append(
             f"equalized float model vs the original: SQNR {summary['float_sqnr_db']:.1f} dB"
+            + (f" on {samples} calibration sample(s)" if samples else "")
         )
     return lines
 
