@@ -5,10 +5,10 @@ onnxruntime's x86 kernels multiply 8-bit activations by signed 8-bit weights wit
 Lake, AMD before Zen 4). That instruction adds each pair of ``uint8 x int8``
 products into a saturating int16: ``255 x 127 x 2`` does not fit, and per-channel
 weights put every channel's largest weight at +-127. The result is wrong, silently,
-on those CPUs only: EfficientNet-Lite0's default int8 file agrees with the float
-model on 96.9% of crops in exact QDQ arithmetic and on 65.6% on an AVX2-only CPU
-(BENCHMARKS.md section 31). OpenVINO and onnxruntime document the problem; their
-workaround, 7-bit weights (``reduce_range``), costs that file 11 dB.
+on those CPUs only: EfficientNet-Lite0's signed per-channel file is 20.1 dB from the
+float model in exact QDQ arithmetic and 6.4 dB on an AVX2-only CPU (top-1 on all crops
+91% against 56%; BENCHMARKS.md section 31a). OpenVINO and onnxruntime document the
+problem; their workaround, 7-bit weights (``reduce_range``), costs that file 11 dB.
 
 With both operands ``uint8``, onnxruntime's kernels widen to int16 and multiply with
 ``VPMADDWD`` into int32: nothing saturates. Adding 128 to every stored value and to
