@@ -251,6 +251,7 @@ def equalize_pairs(
     *,
     extremes: Mapping[str, ChannelExtremes] | None = None,
     keep_activation_range: bool = True,
+    keep_bounds: bool = False,
     tolerance: float = TOLERANCE,
     max_sweeps: int = MAX_SWEEPS,
 ) -> int:
@@ -261,6 +262,13 @@ def equalize_pairs(
     where known) grows beyond the widest channel's, so the activation tensor's one
     int8 range does not widen: ``s_c >= a_c / max(a)``; from the ``extremes`` measured
     on data where given (per first layer), else from the ``statistics``.
+
+    ``keep_bounds``: each activation keeps its one upper bound (ReLU6's 6), so no
+    per-channel ``Min`` has to run in float between two int8 layers. The channels that
+    reach the bound in the measured ``extremes`` keep ``s_c = 1``; the others never
+    reach it there, and with ``s_c >= a_c / max(a)`` their scaled values stay under it:
+    exact wherever the data's maxima hold (beyond them a channel scaled down is clipped
+    later than the original, one scaled up sooner).
 
     Modifies ``layers``, each pair's activation bounds and ``scales``, and the
     ``statistics`` and ``extremes`` of each first layer (scaled with its outputs) in
@@ -280,9 +288,11 @@ def equalize_pairs(
             )
             if keep_activation_range and ranges is not None and ranges.max() > 0:
                 scales = np.maximum(scales, ranges / ranges.max())
+            if keep_bounds:
+                scales = _bound_channels_kept(pair.activation, extremes.get(pair.first), scales)
             first.scale_outputs(1.0 / scales)
             second.scale_inputs(scales)
-            if pair.activation.upper is not None:
+            if pair.activation.upper is not None and not keep_bounds:
                 pair.activation.upper = pair.activation.upper / scales
             if pair.first in statistics:
                 stats = statistics[pair.first]
@@ -297,6 +307,20 @@ def equalize_pairs(
         if largest <= tolerance:
             return sweep
     return max_sweeps
+
+
+def _bound_channels_kept(
+    activation: Activation, measured: ChannelExtremes | None, scales: np.ndarray
+) -> np.ndarray:
+    """``scales`` with ``s_c = 1`` for the channels whose measured largest value reaches
+    the activation's upper bound; all ones when nothing says which (no bound is then
+    moved)."""
+    if activation.upper is None:
+        return scales
+    if measured is None or measured.highest is None:
+        return np.ones_like(scales)
+    reached = np.asarray(measured.highest) >= np.asarray(activation.upper) * (1 - 1e-6)
+    return np.where(reached, 1.0, scales)
 
 
 def activation_ranges(
@@ -454,9 +478,10 @@ def describe(summary: Mapping[str, Any]) -> list[str]:
     skipped = "".join(f"; {n} pair(s) skipped: {r}" for r, n in reasons.items())
     measured = summary.get("measured_bounds", 0)
     source = f" ({measured} pair(s) up to their lowest calibration value)" if measured else ""
-    lines.append(
-        f"high-bias absorption: {summary['absorbed_channels']} channel(s){source}{skipped}"
-    )
+    if not summary.get("depthwise_only"):
+        lines.append(
+            f"high-bias absorption: {summary['absorbed_channels']} channel(s){source}{skipped}"
+        )
     if summary.get("float_sqnr_db") is not None:
         samples = summary.get("float_samples")
         lines.append(
@@ -765,7 +790,9 @@ def equalize_model(
     and, through ReLU, the bias absorbed (the lowest value: exact wherever the data
     holds it, where the statistics' ``mean - sigmas * std`` is a guess).
     ``depthwise_only``: only the pairs whose second layer is depthwise (what
-    per-channel weights gain from).
+    per-channel weights gain from), each activation keeping its one upper bound
+    (``keep_bounds`` of :func:`equalize_pairs`: no float ``Min`` between int8 layers),
+    and no bias absorbed (it would lower the bounds channel by channel).
     """
     model = copy.deepcopy(model)
     graph = _Graph(model)
@@ -787,7 +814,12 @@ def equalize_model(
     }
     sweeps = (
         equalize_pairs(
-            layers, pairs, owned, extremes=measured, keep_activation_range=keep_activation_range
+            layers,
+            pairs,
+            owned,
+            extremes=measured,
+            keep_activation_range=keep_activation_range,
+            keep_bounds=depthwise_only,
         )
         if pairs
         else 0
@@ -799,7 +831,7 @@ def equalize_model(
     report.measured_ranges = sum(
         pair.first in measured and measured[pair.first].highest is not None for pair in pairs
     )
-    if absorb:
+    if absorb and not depthwise_only:  # absorbing would make the bounds per-channel
         _absorb(layers, pairs, owned, report, sigmas, measured)
     report.per_channel_bounds = _write_back(graph, layers, pairs, activation_nodes)
     return model, report

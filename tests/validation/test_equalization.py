@@ -139,6 +139,34 @@ def test_equalized_chain_computes_the_same_function(kind, activation, keep):
         assert upper.max() / upper.min() > 10
 
 
+def test_kept_bounds_leave_saturating_channels_and_are_exact_on_the_data():
+    """keep_bounds: ReLU6 stays one Clip at 6. Channels whose measured maximum reaches 6
+    keep s = 1; the others are scaled, never past 6 on the data they were measured on,
+    so the chain computes the original function there."""
+    rng = np.random.default_rng(4)
+    layers = chain(rng, "depthwise")
+    x = rng.normal(size=(16, 3, 6, 6)) * 3
+    first_output = apply(layers[0], x)
+    highest = first_output.max(axis=(0, 2, 3))
+    lowest = first_output.min(axis=(0, 2, 3))
+    saturating = highest >= 6.0
+    assert 0 < saturating.sum() < len(highest)  # both kinds of channel
+    relu6 = [eq.Activation("relu", 6.0), eq.Activation("relu", 6.0)]
+    pads = [0, 1, 0]
+    expected = network(copy_layers(layers), relu6, x, pads)
+    named = {"a": layers[0], "b": layers[1], "c": layers[2]}
+    pair = eq.Pair("a", "b", eq.Activation("relu", 6.0))
+    measured = {"a": eq.ChannelExtremes(lowest, highest)}
+    eq.equalize_pairs(named, [pair], extremes=measured, keep_bounds=True)
+    assert np.all(pair.scales[saturating] == 1.0)
+    assert np.abs(np.log(pair.scales[~saturating])).max() > 0.1  # the others moved
+    assert np.ndim(pair.activation.upper) == 0 and pair.activation.upper == 6.0
+    scaled_highest = apply(layers[0], x).max(axis=(0, 2, 3))
+    assert np.all(scaled_highest[~saturating] <= 6.0 * (1 + 1e-9))
+    received = network(layers, [pair.activation, relu6[1]], x, pads)
+    np.testing.assert_allclose(received, expected, rtol=1e-9, atol=1e-9 * np.abs(expected).max())
+
+
 @pytest.mark.parametrize("kind", ["plain", "grouped", "depthwise", "dense"])
 def test_one_pair_meets_at_the_geometric_mean(kind):
     rng = np.random.default_rng(1)
@@ -434,6 +462,10 @@ def test_per_channel_equalizes_the_pairs_into_depthwise_layers_for_free(exported
     plain = quantize_int8(path, tmp_path / "plain.onnx", {"image": x}, equalize=False, **scheme)
     details = default.details["equalization"]
     assert (details["pairs"], details["depthwise_only"]) == (1, True)
+    # ReLU6 stays one Clip: no per-channel Min to run in float between int8 layers.
+    assert details["per_channel_bounds"] == 0 and details["absorbed_channels"] == 0
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "default.onnx")).graph.node]
+    assert "Min" not in ops
     assert "equalization" not in plain.details
     ours, theirs = (
         _stored_weights(tmp_path / "default.onnx"),
