@@ -56,9 +56,10 @@ channel, so the factor ``s_c`` scales whole per-channel weight rows on both side
 which per-channel scales absorb exactly: the weights lose nothing, and the tensor
 between the layers, quantized with one range, gets channels of even ranges. Into a
 layer that mixes channels the factor moves range between the columns of one
-per-channel row, which per-channel weights do not need. Measured on the testbeds
-(section 31): MobileNetV2 13.6 -> 16.5 dB, EfficientNet-Lite0 20.0 -> 20.4 dB, where
-every pair costs Lite0 2.4 dB.
+per-channel row, which per-channel weights do not need. There ReLU6 stays one Clip
+(``keep_bounds``): a per-channel ``Min`` would run in float between the int8 layers
+(1.6-2x slower files). Measured on the testbeds (section 31b): MobileNetV2 13.6 ->
+16.4-16.7 dB, EfficientNet-Lite0 20.0 -> 19.7 dB, where every pair costs Lite0 2.4 dB.
 
 Where it applies: on the folded float ONNX graph, before onnxruntime quantizes it,
 not on the folded Keras model. The quantizer sees the ONNX graph, so the pairs are
