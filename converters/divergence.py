@@ -480,7 +480,7 @@ def _hint(spread: float, per_tensor: bool, weight_spread: float | None) -> str:
         hints.append(
             f"one channel's range is {spread:.0f}x the median channel's, so the per-tensor "
             "activation scale leaves most channels few int8 levels (cross-layer "
-            "equalization evens them out)"
+            "equalization evens them out: --equalize, every layer pair)"
         )
     if per_tensor and weight_spread is not None and weight_spread >= WEIGHT_SPREAD_HINT:
         hints.append(
