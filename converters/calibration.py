@@ -125,9 +125,7 @@ class AbsoluteHistogram:
         magnitude = flat if low >= 0 else np.abs(flat)  # a ReLU's output is its own |x|
         largest = max(abs(low), abs(high))
         if self.edges is None:  # np.histogram's edges for bins=self.bins
-            self.edges = np.histogram_bin_edges(
-                magnitude, self.bins, range=(np.min(magnitude), largest)
-            ).astype(magnitude.dtype)
+            self.edges = _first_edges(magnitude, self.bins, largest)
             self.counts = np.zeros(self.bins, np.int64)
             self.lowest, self.highest = low, high
             self.floor = _floor(magnitude, self.edges, self.tail)
@@ -172,6 +170,23 @@ class AbsoluteHistogram:
         if highest > self.highest:
             highest = self.highest
         return lowest, highest, counts[0], counts[1]
+
+
+def _first_edges(magnitude: np.ndarray, bins: int, largest: Any) -> np.ndarray:
+    """np.histogram's ``bins + 1`` edges over ``[min |x|, max |x|]``, as onnxruntime
+    places them, in ``magnitude``'s dtype; from 0 instead where that range is too
+    narrow for distinct edges in that dtype (a nearly constant tensor, such as a
+    squeeze-excite gate of an untrained network: numpy, and so onnxruntime's own
+    calibrator, refuses it), and at least ``bins`` smallest normal numbers wide."""
+    dtype = magnitude.dtype
+    try:
+        edges = np.histogram_bin_edges(magnitude, bins, range=(np.min(magnitude), largest))
+    except ValueError as error:
+        if "Too many bins" not in str(error):
+            raise
+        tiny = float(np.finfo(dtype).tiny) if np.issubdtype(dtype, np.floating) else 1.0
+        edges = np.linspace(0.0, max(float(largest), bins * tiny), bins + 1)
+    return edges.astype(dtype)
 
 
 _SAMPLE = 1 << 14  # values of the first batch sampled to place the floor

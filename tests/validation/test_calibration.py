@@ -152,6 +152,32 @@ def test_histogram_merges_batches_as_onnxruntime_does():
     assert np.abs(np.cumsum(ours.counts) - np.cumsum(counts)).max() <= 2
 
 
+def test_a_nearly_constant_tensor_gets_a_histogram_from_zero():
+    """A squeeze-excite gate of an untrained network is about 0.5 everywhere: its
+    [min |x|, max |x|] holds no 2048 distinct float32 edges, and numpy (so
+    onnxruntime's own collector) refuses it. Ours bins [0, max |x|] instead, and the
+    Percentile range still holds the values."""
+    rng = np.random.default_rng(5)
+    batch = (0.5 + rng.uniform(0, 1e-6, size=4096)).astype(np.float32)
+    theirs = HistogramCollector("percentile", True, 2048, 128, PERCENTILE, "same")
+    with (
+        pytest.raises(ValueError, match="Too many bins"),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
+        theirs.collect({"t": [batch]})
+    ours = calibration.AbsoluteHistogram()
+    ours.add(batch)
+    ours.add(batch * 1.01)  # a later batch widens it by whole bins
+    assert ours.edges[0] == 0 and np.all(np.diff(ours.edges) > 0)
+    low, high, *_ = ours.percentile_range(PERCENTILE)
+    assert low == ours.lowest == np.float32(0.5)  # kept within the signed extremes
+    assert 0.504 < high <= ours.highest  # the percentile's bin, at the top
+    subnormal = np.full(64, 1e-42, np.float32)  # no distinct edges even from 0
+    tiny = calibration.AbsoluteHistogram()
+    tiny.add(subnormal)
+    assert np.all(np.diff(tiny.edges) > 0)
+
+
 def _heavy_tailed_batches(rng, scales, size=100_003):  # no percentile falls on a rank
     return [(rng.standard_t(3, size=size) * scale).astype(np.float32) for scale in scales]
 
