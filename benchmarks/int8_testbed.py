@@ -12,8 +12,9 @@ pixels to [-1, 1]) rebuilt in Keras with ``keras_bn.BatchNormalization``. Steps:
    photos: calibration (seed 0) and evaluation (seed 1), ImageNet-normalized.
 3. Export with the CLI as a user would: ``keras-bn export`` (float32), then quantize
    the float file with ``quantize_int8`` (the function ``keras-bn export --precision
-   int8`` calls), per-channel (the CLI's choice) and per-tensor weights (the CLI has
-   no option yet). ``--cli`` makes the per-channel file with
+   int8`` calls): its defaults (per-channel weights, the pairs into depthwise layers
+   equalized, uint8 storage), per-tensor weights unequalized, and ``--per-tensor``'s
+   scheme (every pair equalized, BN-aware). ``--cli`` makes the per-channel file with
    ``keras-bn export --precision int8 --calibration calib.npz`` instead, timed.
 4. Measure each int8 file against the float ONNX model on the evaluation crops in
    two modes: *exact QDQ arithmetic* (onnxruntime with graph optimizations off: every
