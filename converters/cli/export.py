@@ -426,16 +426,18 @@ def _warn_about(caught: list, fold_report, args: argparse.Namespace, run: Run) -
         )
 
 
-def _equalizes(args: argparse.Namespace) -> bool:
-    """Whether every pair is equalized: ``--equalize``, or ``--per-tensor`` without
-    ``--no-equalize``. Otherwise per-channel int8 equalizes the pairs into depthwise
-    layers (``quantize_int8``'s default) unless ``--no-equalize``."""
-    return bool(args.per_tensor if args.equalize is None else args.equalize)
+def _equalization(args: argparse.Namespace) -> bool | None:
+    """``quantize_int8``'s ``equalize``: ``--equalize``/``--no-equalize`` as given, every
+    pair with ``--per-tensor``, else None (its default: with per-channel weights, the
+    pairs into depthwise layers)."""
+    if args.equalize is not None:
+        return args.equalize
+    return True if args.per_tensor else None
 
 
 def _equalization_statistics(args: argparse.Namespace, fold: tuple[Any, Any]) -> Any:
     """The folded BN statistics equalization reads (int8 with equalization), else None."""
-    if args.precision != "int8" or not _equalizes(args) or fold[1] is None:
+    if args.precision != "int8" or _equalization(args) is not True or fold[1] is None:
         return None
     from keras_bn.converters.equalization import batch_norm_statistics
 
@@ -476,7 +478,6 @@ def _convert_precision(
     from keras_bn.converters.precision import quantize_int8
 
     assert calibration is not None  # _check_options requires it for int8
-    equalize = True if _equalizes(args) else (None if args.equalize is None else False)
     with run.progress.step("Quantizing to int8 (calibrating)", unit="batches") as step:
         report = quantize_int8(
             exported,
@@ -484,7 +485,7 @@ def _convert_precision(
             steps.to_onnx_layout(calibration, args.input_layout),
             per_channel=not args.per_tensor,
             signed=args.signed_int8,
-            equalize=equalize,
+            equalize=_equalization(args),
             batch_norm_statistics=bn_statistics,
             layer_report=not args.no_layer_report,
             float_outputs=None if inputs is not None else float_outputs,

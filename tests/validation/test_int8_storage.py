@@ -18,10 +18,17 @@ from keras_bn.converters.int8_storage import store_unsigned
 from keras_bn.converters.precision import quantize_int8
 
 
-def _run(path, x, optimization: str) -> np.ndarray:
+def _run(source, x, optimization: str = "ORT_DISABLE_ALL") -> np.ndarray:
+    """The first output of ``source`` (a path or a ModelProto) on ``x``."""
+    if isinstance(source, onnx.ModelProto):
+        source = source.SerializeToString()
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        source if isinstance(source, bytes) else str(source),
+        options,
+        providers=["CPUExecutionProvider"],
+    )
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
@@ -129,12 +136,12 @@ def _qdq_model(extra_nodes=(), outputs=("y",), data_is_input=False) -> onnx.Mode
 def test_store_unsigned_rewrites_a_plain_qdq_graph():
     model = _qdq_model()
     x = np.array([-1.0, 0.04, 12.9], np.float32)
-    before = _run_model(model, x)
+    before = _run(model, x)
     assert store_unsigned(model) == 2
     assert {init.name: init.data_type for init in model.graph.initializer}[
         "w_q"
     ] == TensorProto.UINT8
-    np.testing.assert_array_equal(_run_model(model, x), before)
+    np.testing.assert_array_equal(_run(model, x), before)
 
 
 @pytest.mark.parametrize(
@@ -153,12 +160,3 @@ def test_store_unsigned_leaves_int8_values_that_mean_more(model):
     before = model.SerializeToString()
     assert store_unsigned(model) == 0
     assert model.SerializeToString() == before
-
-
-def _run_model(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    return session.run(["y"], {"x": x})[0]
