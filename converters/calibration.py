@@ -44,6 +44,7 @@ import numpy as np
 
 from keras_bn.converters import runtime
 from keras_bn.converters.bias_correction import ChannelMoments
+from keras_bn.converters.errors import UserInputError
 
 __all__ = [
     "FAST_METHODS",
@@ -82,7 +83,10 @@ class MinMaxRange:
     highest: np.float32 | None = None
 
     def add(self, values: np.ndarray) -> None:
-        low, high = np.min(values), np.max(values)
+        finite = _finite(values)
+        if finite is None:
+            return
+        _, low, high = finite
         self.lowest = low if self.lowest is None else min(self.lowest, low)
         self.highest = high if self.highest is None else max(self.highest, high)
 
@@ -118,10 +122,10 @@ class AbsoluteHistogram:
     floor: int = 0  # the first bin counted bin by bin
 
     def add(self, values: np.ndarray) -> None:
-        flat = np.asarray(values).reshape(-1)
-        if flat.size == 0:
+        finite = _finite(values)
+        if finite is None:
             return
-        low, high = np.min(flat), np.max(flat)
+        flat, low, high = finite
         magnitude = flat if low >= 0 else np.abs(flat)  # a ReLU's output is its own |x|
         largest = max(abs(low), abs(high))
         if self.edges is None:  # np.histogram's edges for bins=self.bins
@@ -170,6 +174,22 @@ class AbsoluteHistogram:
         if highest > self.highest:
             highest = self.highest
         return lowest, highest, counts[0], counts[1]
+
+
+def _finite(values: np.ndarray) -> tuple[np.ndarray, Any, Any] | None:
+    """``values`` flattened without infinities and NaNs, with their smallest and
+    largest; None when none is left. A -inf is legitimate where a layer pads before
+    max pooling (KerasHub's ResNet pads with -inf): it belongs to no range, and
+    quantizing saturates it at the range's low end, which max pooling never picks over
+    a real value. One min and one max when every value is finite."""
+    flat = np.asarray(values).reshape(-1)
+    if flat.size == 0:
+        return None
+    low, high = np.min(flat), np.max(flat)
+    if np.isfinite(low) and np.isfinite(high):
+        return flat, low, high
+    flat = flat[np.isfinite(flat)]
+    return None if flat.size == 0 else (flat, np.min(flat), np.max(flat))
 
 
 def _first_edges(magnitude: np.ndarray, bins: int, largest: Any) -> np.ndarray:
@@ -337,6 +357,14 @@ def calibrate(
     collected, moments, samples = _float_pass(
         model, batches, names, method, tail, moments_of, progress
     )
+    unmeasured = [name for name, statistic in collected.items() if statistic.lowest is None]
+    if unmeasured:  # values, but none finite: the float model overflows on this data
+        more = f" (and {len(unmeasured) - 1} more)" if len(unmeasured) > 1 else ""
+        raise UserInputError(
+            f"int8 calibration: the float model's tensor {unmeasured[0]!r}{more} has no "
+            "finite value on the calibration data (only inf or NaN): check the "
+            "calibration inputs' scale and preprocessing"
+        )
     if method == "MinMax":
         ranges = {name: statistic.tensor_range() for name, statistic in collected.items()}
     else:

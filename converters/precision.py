@@ -749,8 +749,70 @@ def _preprocess(model: Any) -> Any:
     inferred = onnx.shape_inference.infer_shapes(light)
     for index in emptied:
         inferred.graph.initializer[index].raw_data = model.graph.initializer[index].raw_data
+    _pad_within_max_pooling(inferred)
     add_pre_process_metadata(inferred)
     return inferred
+
+
+def _pad_within_max_pooling(model: Any) -> None:
+    """Give each MaxPool the -inf padding a Pad node in front of it adds (KerasHub's
+    ResNetV2 pads with ``ops.pad(x, constant_values=-inf)`` before max pooling) as its
+    own ``pads``, which pad with -inf by definition, in place. Quantized, the Pad would
+    read its -inf as a weight (scale inf, a NaN pad value); MaxPool keeps its input's
+    scale. Only a Pad read by that MaxPool alone, padding the spatial axes by less
+    than the kernel (onnxruntime's limit) of a MaxPool without padding of its own."""
+    onnx = _onnx()
+    from onnx import numpy_helper
+
+    graph = model.graph
+    arrays = {tensor.name: tensor for tensor in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {output.name for output in graph.output}
+    merged = []
+    for pool in graph.node:
+        pad = producers.get(pool.input[0]) if pool.op_type == "MaxPool" else None
+        if pad is None or pad.op_type != "Pad" or len(pad.input) != 3:
+            continue
+        if pad.output[0] in outputs or len(readers[pad.output[0]]) != 1:
+            continue
+        if pad.input[1] not in arrays or pad.input[2] not in arrays:
+            continue
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in pool.attribute}
+        mode = {a.name: a.s for a in pad.attribute}.get("mode", b"constant")
+        value = numpy_helper.to_array(arrays[pad.input[2]])
+        widths = numpy_helper.to_array(arrays[pad.input[1]]).reshape(2, -1)
+        kernel = list(attributes["kernel_shape"])
+        if mode != b"constant" or value.size != 1 or float(value.reshape(-1)[0]) != -np.inf:
+            continue
+        if widths.shape[1] != 2 + len(kernel) or widths[:, :2].any() or (widths < 0).any():
+            continue
+        if (widths[:, 2:] >= np.array(kernel)).any() or any(attributes.get("pads", [])):
+            continue
+        if attributes.get("auto_pad", b"NOTSET") != b"NOTSET":
+            continue
+        for attribute in [a for a in pool.attribute if a.name == "pads"]:
+            pool.attribute.remove(attribute)
+        pool.attribute.append(
+            onnx.helper.make_attribute("pads", widths[:, 2:].reshape(-1).tolist())
+        )
+        pool.input[0] = pad.input[0]
+        merged.append(pad)
+    for pad in merged:
+        graph.node.remove(pad)
+    if merged:
+        from keras_bn.converters.onnx.export import all_nodes
+
+        read = {name for node in all_nodes(graph) for name in node.input}  # subgraphs too
+        constants = {name for pad in merged for name in pad.input[1:]} - read
+        for tensor in [t for t in graph.initializer if t.name in constants]:
+            graph.initializer.remove(tensor)
+        gone = {pad.output[0] for pad in merged}
+        for info in [v for v in graph.value_info if v.name in gone]:
+            graph.value_info.remove(info)
 
 
 _DATA_KEPT = 4096  # bytes of a float initializer's data that shape inference still sees

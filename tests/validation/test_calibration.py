@@ -22,8 +22,10 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.calibrate import HistogramCollector
 from support.files import sha256
+from support.onnx_graphs import save_graph
 
 from keras_bn.converters import bias_correction, calibration, precision
+from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.precision import quantize_int8
 
 CHANNELS, CLASSES, PERCENTILE = 8, 5, 99.99
@@ -176,6 +178,101 @@ def test_a_nearly_constant_tensor_gets_a_histogram_from_zero():
     tiny = calibration.AbsoluteHistogram()
     tiny.add(subnormal)
     assert np.all(np.diff(tiny.edges) > 0)
+
+
+def test_infinite_values_are_left_out_of_the_ranges():
+    """A -inf from padding before max pooling (KerasHub's ResNetV2) belongs to no
+    range: both statistics are those of the finite values alone, and the histogram
+    is onnxruntime's collector's given only those."""
+    rng = np.random.default_rng(6)
+    finite = [(rng.normal(size=4096) * scale).astype(np.float32) for scale in SCALES]
+    padded = [np.concatenate([batch, np.full(64, -np.inf, np.float32)]) for batch in finite]
+    padded[1][:3] = (np.inf, np.nan, -np.inf)
+    ours, theirs = calibration.AbsoluteHistogram(), calibration.AbsoluteHistogram()
+    collector = HistogramCollector("percentile", True, 2048, 128, PERCENTILE, "same")
+    minmax = calibration.MinMaxRange()
+    with contextlib.redirect_stdout(io.StringIO()):
+        for batch in padded:
+            ours.add(batch)
+            minmax.add(batch)
+            theirs.add(batch[np.isfinite(batch)])
+            collector.collect({"t": [batch[np.isfinite(batch)]]})
+    np.testing.assert_array_equal(ours.edges, collector.histogram_dict["t"][1])
+    np.testing.assert_array_equal(ours.counts, theirs.counts)
+    kept = np.concatenate([batch[np.isfinite(batch)] for batch in padded])
+    assert (ours.lowest, ours.highest) == (kept.min(), kept.max())
+    assert (minmax.lowest, minmax.highest) == (kept.min(), kept.max())
+    assert np.all(np.isfinite(ours.percentile_range(PERCENTILE)[:2]))
+
+
+def _pooling_model(path, *, pad_node: bool, overflow: bool = False) -> onnx.ModelProto:
+    """Conv-Relu, 3x3 max pooling (stride 2) padded by 1 with -inf, Conv, pooling, Gemm:
+    the padding a Pad node's (``pad_node``, KerasHub's ResNetV2) or MaxPool's own."""
+    rng = np.random.default_rng(7)
+    arrays = {
+        "w1": rng.normal(size=(CHANNELS, 3, 3, 3)) * 0.4,
+        "b1": rng.normal(size=CHANNELS) * 0.2,
+        "w2": rng.normal(size=(CHANNELS, CHANNELS, 1, 1)) * 0.3,
+        "wd": rng.normal(size=(CHANNELS, CLASSES)),
+        "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1]),
+        "minus_inf": np.array(-np.inf),
+        "huge": np.array(3e38),
+    }  # fmt: skip
+    pooled = "padded" if pad_node else "r1"
+    pooling = dict(kernel_shape=[3, 3], strides=[2, 2]) | ({} if pad_node else {"pads": [1] * 4})
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["c1", "huge"], ["c1_huge"], "overflow") if overflow else None,
+        helper.make_node("Relu", ["c1_huge" if overflow else "c1"], ["r1"], "relu1"),
+        helper.make_node("Pad", ["r1", "pads", "minus_inf"], ["padded"], "pad") if pad_node else None,
+        helper.make_node("MaxPool", [pooled], ["m"], "pool", **pooling),
+        helper.make_node("Conv", ["m", "w2"], ["c2"], "conv2"),
+        helper.make_node("GlobalAveragePool", ["c2"], ["g"], "average"),
+        helper.make_node("Flatten", ["g"], ["flat"], "flatten"),
+        helper.make_node("Gemm", ["flat", "wd"], ["y"], "dense"),
+    ]  # fmt: skip
+    types = {"pads": np.int64}
+    return save_graph(
+        [node for node in nodes if node is not None],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", CLASSES])],
+        [numpy_helper.from_array(a.astype(types.get(n, np.float32)), n) for n, a in arrays.items()],
+        path,
+    )
+
+
+def test_padding_with_minus_infinity_quantizes_as_max_poolings_own(tmp_path):
+    """The int8 file of a model padding with -inf in a Pad node in front of MaxPool
+    (KerasHub's ResNetV2) computes what the int8 file of the same model with MaxPool's
+    own padding computes (exact QDQ arithmetic): the padding moves into the MaxPool,
+    and no -inf is quantized as a weight (its scale was inf, its pad value NaN)."""
+    from keras_bn.converters import runtime
+
+    data = {"x": np.random.default_rng(8).normal(size=(32, 3, 8, 8)).astype(np.float32)}
+    outputs = []
+    for pad_node in (True, False):
+        source = _pooling_model(tmp_path / f"f{pad_node}.onnx", pad_node=pad_node)
+        quantize_int8(source, tmp_path / f"q{pad_node}.onnx", data, layer_report=False)
+        quantized = onnx.load(str(tmp_path / f"q{pad_node}.onnx"))
+        assert "Pad" not in {node.op_type for node in quantized.graph.node}  # MaxPool pads
+        for tensor in quantized.graph.initializer:
+            assert np.all(np.isfinite(numpy_helper.to_array(tensor))), tensor.name
+        session = runtime.open_session(
+            str(tmp_path / f"q{pad_node}.onnx"), optimization="ORT_DISABLE_ALL"
+        )
+        outputs.append(session.run(None, data)[0])
+    assert np.all(np.isfinite(outputs[0]))
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=0, atol=1e-5 * np.abs(outputs[1]).max())
+
+
+def test_a_tensor_without_a_finite_value_is_a_user_error(tmp_path):
+    """A float model that overflows on the calibration data everywhere in a tensor
+    (its inputs far out of scale): a one-line error naming the tensor, no file."""
+    source = _pooling_model(tmp_path / "f.onnx", pad_node=True, overflow=True)
+    data = {"x": np.random.default_rng(8).normal(size=(16, 3, 8, 8)).astype(np.float32) * 1e3}
+    with pytest.raises(UserInputError, match=r"tensor 'c2' \(and 3 more\) has no finite value"):
+        quantize_int8(source, tmp_path / "q.onnx", data, layer_report=False)
+    assert not (tmp_path / "q.onnx").exists()
 
 
 def _heavy_tailed_batches(rng, scales, size=100_003):  # no percentile falls on a rank
