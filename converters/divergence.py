@@ -283,14 +283,16 @@ def _weight_of(graph, name: str) -> tuple[str, int] | None:
 
 
 def _augmented_session(model, values: Sequence[str]):
-    from onnx import TensorProto, helper
+    """A session on a copy of ``model`` with ``values`` as extra outputs, untyped (a
+    Keras layer's output may be an integer tensor: a text model's mask)."""
+    from onnx import ValueInfoProto
 
     copy = type(model)()
     copy.CopyFrom(model)
     existing = {output.name for output in copy.graph.output}
     for name in dict.fromkeys(values):
         if name not in existing:
-            copy.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+            copy.graph.output.append(ValueInfoProto(name=name))
     session = runtime.open_session(copy.SerializeToString(), optimization=_EXACT, spinning=False)
     return session, [output.name for output in session.get_outputs()]
 

@@ -42,7 +42,7 @@ import io
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -346,6 +346,8 @@ def convert_float16(
     start = time.perf_counter()
     model = _load_onnx(onnx_in)
     issues = check_float16_range(model)
+    _outputs_read_once(model)
+    _constants_unshared(model, float16.DEFAULT_OP_BLOCK_LIST)
     with warnings.catch_warnings():
         # The converter warns once per clamped tensor; check_float16_range reports them.
         warnings.filterwarnings("ignore", message="the float32 number", category=UserWarning)
@@ -355,6 +357,7 @@ def convert_float16(
             max_finite_val=FLOAT16_MAX,
             keep_io_types=keep_io_types,
         )
+    _casts_to_float16(converted)
     _save_onnx(converted, onnx_out)
     report = PrecisionReport(
         precision="float16",
@@ -367,6 +370,74 @@ def convert_float16(
         report.comparison = compare_onnx_models(onnx_in, onnx_out, sample_inputs)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _outputs_read_once(model) -> None:
+    """Give each graph output that nodes of the graph also read an Identity of its
+    own, in place: the nodes read the producer's output under a new name, the graph
+    output keeps its name. The float16 converter, keeping float32 outputs, casts such
+    an output back to float32 for its readers too (a text backbone's pooler reads its
+    sequence output), and onnxruntime refused the file."""
+    onnx = _onnx()
+    graph = model.graph
+    read = {name for node in graph.node for name in node.input}
+    shared = [output.name for output in graph.output if output.name in read]
+    renamed = {name: f"{name}/graph_output_source" for name in shared}
+    if not renamed:
+        return
+    for node in graph.node:
+        node.output[:] = [renamed.get(name, name) for name in node.output]
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+    graph.node.extend(
+        onnx.helper.make_node("Identity", [source], [name], name=f"{name}/graph_output")
+        for name, source in renamed.items()
+    )
+
+
+def _constants_unshared(model, kept_float32: Collection[str]) -> None:
+    """Give the nodes the float16 converter keeps in float32 (``kept_float32``: its
+    block list, Range among them) copies of the float initializers they share with
+    other nodes, in place. The converter leaves such a shared initializer float32 for
+    every reader, and onnxruntime refused the file (GPT-2's position ids: a Range and
+    an Add of the same scalar)."""
+    onnx = _onnx()
+    graph = model.graph
+    floats = {
+        tensor.name: tensor
+        for tensor in graph.initializer
+        if tensor.data_type == onnx.TensorProto.FLOAT
+    }
+    kept: set[str] = set()
+    other: set[str] = set()
+    for node in graph.node:
+        (kept if node.op_type in kept_float32 else other).update(node.input)
+    copies = {}
+    for name in sorted(kept & other & floats.keys()):
+        copy = graph.initializer.add()
+        copy.CopyFrom(floats[name])
+        copy.name = copies[name] = f"{name}/float32"
+    for node in graph.node:
+        if node.op_type in kept_float32:
+            node.input[:] = [copies.get(name, name) for name in node.input]
+
+
+def _casts_to_float16(model) -> None:
+    """Make each Cast to float32 whose output the float16 converter declared float16 a
+    Cast to float16, in place. The converter retypes every float tensor but keeps a
+    Cast's ``to``: a model's own cast to float32 (the embedding lookups of KerasHub's
+    text backbones) left a file onnxruntime refuses. Its own casts at the inputs and
+    outputs are declared float32 and stay."""
+    onnx = _onnx()
+    declared = {
+        info.name: info.type.tensor_type.elem_type
+        for info in [*model.graph.value_info, *model.graph.output]
+    }
+    for node in model.graph.node:
+        if node.op_type != "Cast" or declared.get(node.output[0]) != onnx.TensorProto.FLOAT16:
+            continue
+        for attribute in node.attribute:
+            if attribute.name == "to" and attribute.i == onnx.TensorProto.FLOAT:
+                attribute.i = onnx.TensorProto.FLOAT16
 
 
 def _save_onnx(model, path: str | os.PathLike) -> None:

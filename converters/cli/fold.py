@@ -76,6 +76,18 @@ def fold_command(args: argparse.Namespace, run: Run) -> int:
     return EXIT_OK
 
 
+def _keyed_for(folded: Any, model: Any, inputs: dict) -> dict:
+    """``inputs`` (by ``model``'s input names) keyed by ``folded``'s: a model with
+    nothing to fold comes back as a copy made by its class's constructor, whose inputs
+    may have other generated names (``input_layer_1``), in the same order."""
+    from keras_bn.converters.prepared import prepare
+
+    theirs, ours = prepare(model).input_names, prepare(folded).input_names
+    if theirs == ours:
+        return inputs
+    return {new: inputs[old] for old, new in zip(theirs, ours, strict=True)}
+
+
 def _count(inputs) -> int:
     return int(len(next(iter(inputs.values()))))
 
@@ -94,7 +106,7 @@ def _compare_folded(model, folded, report, reference, args: argparse.Namespace, 
     with run.progress.step("Comparing folded and original models"):
         inputs = reference.inputs
         try:  # one compiled pass on JAX, beside the reference's if it still runs
-            received = call_model(folded, inputs)
+            received = call_model(folded, _keyed_for(folded, model, inputs))
         except Exception:
             reference.outputs()  # a model Keras cannot run: that is the error to report
             raise

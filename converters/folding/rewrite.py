@@ -22,7 +22,7 @@ from keras import tree
 from keras_bn import _keras_internals as internals
 from keras_bn.converters import graph as graph_lib
 from keras_bn.converters.comparison import compare_arrays
-from keras_bn.converters.errors import UserInputError
+from keras_bn.converters.errors import UserInputError, one_line
 from keras_bn.converters.folding import maths
 from keras_bn.converters.folding.plan import Plan, checked_statistics, make_plan
 from keras_bn.converters.folding.report import FoldReport
@@ -196,6 +196,19 @@ def _restore_initializers(clone: Any, original: Any) -> None:
             setattr(clone, key, keras.initializers.get(initializer))
 
 
+def _unchanged_copy(model: keras.Model) -> keras.Model | None:
+    """``model`` rebuilt as Keras loads it (its class's ``from_config``), with its
+    weights; None where that fails. A model with nothing to fold needs no rewrite, and
+    some layers of such models cannot be copied one by one (KerasHub's ViT, DeiT, MiT
+    and Swin layers' configs do not rebuild them; their backbones' do)."""
+    try:
+        copy = type(model).from_config(model.get_config())
+        copy.set_weights(model.get_weights())
+    except Exception:  # noqa: BLE001 - then the layer-by-layer rebuild, or its error
+        return None
+    return copy
+
+
 def _rebuild(graph: graph_lib.Graph, progress: Progress | None = None) -> keras.Model:
     """A new Keras model replaying the folded ``graph``: every layer a fresh copy.
 
@@ -216,12 +229,18 @@ def _rebuild(graph: graph_lib.Graph, progress: Progress | None = None) -> keras.
         used_names.add(name)
         try:
             return _clone_uninitialized(layer, {**updates, "name": name})
-        except (TypeError, ValueError, NotImplementedError):
+        except (TypeError, ValueError, NotImplementedError) as error:
             # A stateless layer that will not rebuild from its config (a Lambda of a
             # Python lambda, a keras.ops operation without one): share it with the
             # input model, which it cannot change.
             if updates or getattr(layer, "weights", None) or name != layer.name:
-                raise
+                raise UserInputError(
+                    f"Layer {layer.name!r} ({type(layer).__name__}) cannot be rebuilt from "
+                    f"its get_config() ({one_line(str(error))}); the folded Keras model is "
+                    "made of fresh copies of its layers. Make the layer's get_config() "
+                    "return its constructor's arguments, or fold it into an ONNX file "
+                    "(keras-bn export), which needs no copy."
+                ) from error
             return layer
 
     def call(node: graph_lib.Node, args: tuple, kwargs: dict) -> Any:
@@ -350,8 +369,10 @@ def fold_batch_norms(
     prepared = prepare(model)
     model = prepared.model
     plan = make_plan(prepared, backward, checked_statistics(model))
-    folded = _rebuild(folded_graph(plan), progress)
     report = FoldReport(model.name, plan.entries, plan.fp16_risks())
+    folded = None if report.folded_count else _unchanged_copy(model)
+    if folded is None:
+        folded = _rebuild(folded_graph(plan), progress)
     if not measure:
         report.measured_on = "not measured (measure=False)"
         return folded, report

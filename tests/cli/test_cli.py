@@ -1651,3 +1651,51 @@ def test_a_reader_that_leaves_ends_the_program_quietly(tmp_path):
     assert result.returncode == 141, result.stderr
     assert "Traceback" not in result.stderr and "internal error" not in result.stderr
     assert result.stderr.count("\n") == 1 and "does not exist" in result.stderr
+
+
+def test_fold_copies_a_model_with_nothing_to_fold_whole(tmp_path, capsys):
+    """KerasHub's ViT has no BatchNormalization, and layers whose configs do not
+    rebuild them (its backbone's config does): ``fold`` wrote nothing and ended in an
+    internal error. It now writes a copy of the model, which loads and computes the
+    original's outputs."""
+    from support.keras_hub_zoo import KERAS_HUB_IMAGE_SHAPE, ZOO, build
+
+    keras.utils.set_random_seed(0)
+    model = build(ZOO["vit"])
+    model.save(tmp_path / "vit.keras")
+    code, out, err = run_main(["fold", tmp_path / "vit.keras", "-o", tmp_path / "f.keras"], capsys)
+    assert code == 0, err
+    images = np.random.default_rng(0).standard_normal((2, *KERAS_HUB_IMAGE_SHAPE))
+    expected = keras.tree.flatten(model(images.astype("float32")))
+    received = keras.tree.flatten(load_model(tmp_path / "f.keras")(images.astype("float32")))
+    for a, b in zip(expected, received, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+
+
+def test_fold_names_a_layer_that_its_config_cannot_rebuild():
+    """A custom layer with weights whose get_config adds a key its constructor does
+    not take (KerasHub's ViT patching layer does), after a BN that folds: the folded
+    model is made of copies of the layers, so the error names the layer and the way
+    out, as a user error (no traceback)."""
+    from keras_bn.converters.errors import UserInputError
+    from keras_bn.converters.folding import fold_batch_norms
+
+    class Scale(keras.layers.Layer):
+        def __init__(self, units, **kwargs):
+            super().__init__(**kwargs)
+            self.units = units
+
+        def build(self, input_shape):
+            self.w = self.add_weight(shape=(input_shape[-1], self.units))
+
+        def call(self, x):
+            return keras.ops.matmul(x, self.w)
+
+        def get_config(self):
+            return {**super().get_config(), "units": self.units, "fan_in": self.w.shape[0]}
+
+    inputs = keras.Input((6,))
+    x = keras.layers.BatchNormalization()(keras.layers.Dense(5)(inputs))
+    model = keras.Model(inputs, Scale(3, name="scale")(x))
+    with pytest.raises(UserInputError, match=r"Layer 'scale' \(Scale\) cannot be rebuilt"):
+        fold_batch_norms(model, measure=False)

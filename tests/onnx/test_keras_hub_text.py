@@ -373,6 +373,31 @@ def test_cli_exports_with_inputs_and_the_file_runs_at_another_length(tmp_path, c
         _judge(model, twin, tmp_path / "m.onnx", length)
 
 
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_cli_converts_text_backbones_to_float16_and_int8(name, tmp_path, capsys):
+    """``--precision float16`` and ``--precision int8`` on a saved text backbone pass
+    validation against Keras. Each made a file onnxruntime refused, or ended in an
+    error: BERT's pooler reads its sequence output, a graph output (the float16
+    converter cast it back to float32 for the pooler too); GPT-2's position ids read
+    one scalar in a Range and an Add (the converter kept it float32 for both); the
+    int8 layer report declared every layer output float, the padding mask's too."""
+    from keras_bn.converters.cli import main
+
+    model, _ = _built(name)
+    model.save(tmp_path / "m.keras")
+    np.savez(tmp_path / "tokens.npz", **_inputs(model, 24, 9))
+    for precision in ("float16", "int8"):
+        out = tmp_path / f"m_{precision}.onnx"
+        arguments = ["export", str(tmp_path / "m.keras"), "-o", str(out), "--precision", precision]
+        arguments += ["--inputs", str(tmp_path / "tokens.npz")]
+        if precision == "int8":
+            arguments += ["--calibration", str(tmp_path / "tokens.npz")]
+        code = main(arguments)
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert "Validation PASSED" in captured.out and out.exists(), precision
+
+
 def test_cli_input_shape_option(tmp_path, capsys):
     import onnx
 
