@@ -9,8 +9,10 @@ onnxruntime is imported on first use.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -20,7 +22,9 @@ from keras_bn.converters.onnx.layout import channels_first_perm, layout_of
 
 __all__ = [
     "InputSpec",
+    "UnreadableModel",
     "batches",
+    "files_we_wrote",
     "fixed_batch_size",
     "input_specs",
     "match_inputs",
@@ -63,7 +67,8 @@ def open_session(
     ``spinning=False``: idle worker threads sleep instead of busy-waiting for the
     next operation (onnxruntime's default spins: lower latency, but the spinning takes
     CPU from whatever else the process runs meanwhile; the outputs are the same).
-    Raises UserInputError when onnxruntime cannot load the model.
+    Raises :class:`UnreadableModel` (a UserInputError) when onnxruntime cannot load
+    the file, RuntimeError when it cannot load ``model`` bytes (keras-bn's own copies).
     """
     import onnxruntime as ort
 
@@ -87,11 +92,37 @@ def open_session(
             source, options, providers=["CPUExecutionProvider"], enable_fallback=0
         )
     except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
-        label = "the serialized ONNX model" if isinstance(model, bytes) else repr(str(model))
-        raise UserInputError(
-            f"{label} is not a readable ONNX file: it cannot be loaded by onnxruntime "
-            f"({' '.join(str(error).split())[:300]}); expected a valid .onnx file."
+        reason = " ".join(str(error).split())[:300]
+        if isinstance(model, bytes):  # a copy keras-bn serialized itself: its own bug
+            raise RuntimeError(
+                f"onnxruntime cannot load a model keras-bn serialized ({reason})"
+            ) from error
+        raise UnreadableModel(
+            f"{str(model)!r} is not a readable ONNX file: it cannot be loaded by "
+            f"onnxruntime ({reason}); expected a valid .onnx file.",
+            str(model),
         ) from error
+
+
+class UnreadableModel(UserInputError):
+    """onnxruntime cannot load the model file at :attr:`path`: a user error, unless
+    keras-bn wrote the file (the caller knows, and says so: :func:`files_we_wrote`)."""
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+@contextlib.contextmanager
+def files_we_wrote(directory: os.PathLike) -> Iterator[None]:
+    """Make an :class:`UnreadableModel` under ``directory`` (where keras-bn writes its
+    own files) the internal error it is, instead of an error in the user's input."""
+    try:
+        yield
+    except UnreadableModel as error:
+        if Path(error.path).resolve().is_relative_to(Path(directory).resolve()):
+            raise RuntimeError(f"keras-bn wrote an ONNX file that {error}") from error
+        raise
 
 
 def input_specs(session: Any) -> list[InputSpec]:

@@ -129,13 +129,35 @@ def test_sessions_leave_stdout_alone_and_never_fall_back(dynamic, monkeypatch):
     assert len(seen) == 8 and all(out is stdout and fallback == 0 for out, fallback in seen)
 
 
-@pytest.mark.parametrize("source", ["path", "bytes"])
-def test_an_unreadable_model_is_one_user_error(tmp_path, source):
+def test_an_unreadable_model_file_is_one_user_error(tmp_path):
     path = tmp_path / "broken.onnx"
     path.write_bytes(b"not a protobuf at all")
     with pytest.raises(UserInputError, match="is not a readable ONNX file") as raised:
-        open_session(path if source == "path" else path.read_bytes())
+        open_session(path)
     assert "\n" not in str(raised.value)
+
+
+def test_unreadable_models_keras_bn_made_are_internal_errors(tmp_path):
+    """Bytes are always a copy keras-bn serialized, and a file under the directory
+    where a command writes its own files is keras-bn's: onnxruntime refusing either
+    is a bug in keras-bn (the CLI shows a traceback), not an error in the user's input.
+    A user's file elsewhere stays a user error inside the same block."""
+    from keras_bn.converters.runtime import files_we_wrote
+
+    ours, theirs = tmp_path / "work", tmp_path / "input"
+    for folder in (ours, theirs):
+        folder.mkdir()
+        (folder / "m.onnx").write_bytes(b"not a protobuf at all")
+    with pytest.raises(RuntimeError, match="keras-bn serialized") as raised:
+        open_session((ours / "m.onnx").read_bytes())
+    assert not isinstance(raised.value, UserInputError)
+    with pytest.raises(RuntimeError, match="keras-bn wrote an ONNX file") as raised:
+        with files_we_wrote(ours):
+            open_session(ours / "m.onnx")
+    assert not isinstance(raised.value, UserInputError)
+    with pytest.raises(UserInputError, match="is not a readable ONNX file"):
+        with files_we_wrote(ours):
+            open_session(theirs / "m.onnx")
 
 
 @pytest.mark.parametrize("batch", [1, 3, 130])
