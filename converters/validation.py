@@ -740,7 +740,10 @@ def _explain_failure(
 ) -> None:
     """Name the first divergent layer of a failed validation (float32 criteria only)."""
     if report.precision != "float32" and not explicit:
-        report.localization = (
+        overflow = None
+        if report.precision == "float16" and failing_batch is not None:
+            overflow = _first_overflow(path, failing_batch[1])
+        report.localization = overflow or (
             f"not localized: layer outputs are compared at float32 tolerances; validate "
             f"the float32 export to find a converter bug, or see the {report.precision} "
             "numbers above"
@@ -754,6 +757,43 @@ def _explain_failure(
         report.first_divergent_layer = first
         report.layers = layers
         report.localization = note
+
+
+def _first_overflow(path: Path, feed: Mapping[str, np.ndarray]) -> str | None:
+    """Where a float16 model first leaves float16's range on ``feed``: the first node
+    (in graph order) whose output holds an inf or NaN while its inputs are finite, as
+    the failure's note; None when nothing does."""
+    import onnx
+
+    model = onnx.load(str(path))
+    known = {output.name for output in model.graph.output}
+    for node in model.graph.node:
+        model.graph.output.extend(
+            onnx.ValueInfoProto(name=name) for name in node.output if name and name not in known
+        )
+    session = runtime.open_session(model.SerializeToString(), spinning=False)
+    names = [output.name for output in session.get_outputs()]
+    values = dict(zip(names, session.run(None, dict(feed)), strict=True))
+    values.update(feed)
+
+    def finite(name: str) -> bool:
+        value = values.get(name)
+        return (
+            not isinstance(value, np.ndarray)
+            or value.dtype.kind != "f"
+            or bool(np.isfinite(value).all())
+        )
+
+    for node in model.graph.node:
+        broken = [name for name in node.output if name and not finite(name)]
+        if broken and all(finite(name) for name in node.input if name):
+            return (
+                f"float16 overflow: {broken[0]!r} ({node.op_type}) is the first value "
+                "beyond float16's range (largest 65504) while its inputs are finite: this "
+                "model's activations need float32 there (or --precision int8, whose ranges "
+                "are calibrated)"
+            )
+    return None
 
 
 def _detect_precision(path: Path) -> str:

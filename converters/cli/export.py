@@ -153,8 +153,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def export_command(args: argparse.Namespace, run: Run) -> int:
     """Fold, export to ONNX, convert precision, validate against the Keras model, write."""
-    from keras_bn.converters import runtime
-
     output = _check_options(args)
     input_shapes = dict(args.input_shape)
     model = steps.load_model(args, run)
@@ -179,7 +177,7 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
     # refers to its external data file (``<name>.onnx.data``) by file name, so the
     # files keep their names and are moved, not renamed, into place.
     try:
-        with work_directory(output) as work, runtime.files_we_wrote(work):
+        with work_directory(output) as work:
             try:
                 result = _export(model, work / output.name, args, run)
             except Exception:

@@ -222,7 +222,11 @@ def writing(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def work_directory(output: Path) -> Iterator[Path]:
-    """A hidden temporary directory beside ``output`` (same file system), removed after."""
+    """A hidden temporary directory beside ``output`` (same file system), removed after.
+    Its files are keras-bn's: onnxruntime refusing one is an internal error
+    (:func:`.runtime.files_we_wrote`)."""
+    from keras_bn.converters.runtime import files_we_wrote
+
     parent = output.parent if str(output.parent) else Path(".")
     try:
         work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=parent))
@@ -232,7 +236,8 @@ def work_directory(output: Path) -> Iterator[Path]:
             "space and permissions of the output directory."
         ) from None
     try:
-        yield work
+        with files_we_wrote(work):
+            yield work
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

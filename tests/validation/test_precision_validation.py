@@ -229,7 +229,8 @@ def test_explicit_tolerances_stay_elementwise_for_int8(digits):
 
 def test_float16_overflow_is_rejected_and_folding_avoids_it(digits, tmp_path):
     """conv1's kernel x1e6 and bn1's statistics to match: the same function, but
-    exported unfolded, conv1's activations (~1e6) overflow float16's 65504."""
+    exported unfolded, conv1's activations (~1e6) overflow float16's 65504, and the
+    failure says so, naming conv1's output."""
     model, _, held_out = digits
     scaled = keras.models.clone_model(model)
     scaled.set_weights(model.get_weights())
@@ -246,6 +247,8 @@ def test_float16_overflow_is_rejected_and_folding_avoids_it(digits, tmp_path):
         convert_float16(path, tmp_path / f"half-{fold}.onnx")
         report = validate_onnx(scaled, tmp_path / f"half-{fold}.onnx", inputs=held_out[:64])
         assert bool(report) == fold, str(report)
+        if not fold:  # the failure names where float16 overflows first
+            assert report.localization.startswith("float16 overflow: 'conv1"), str(report)
 
 
 # ------------------------------------------------------------------------------------
