@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import logging
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -537,10 +538,29 @@ def quantize_qdq(
         default_op_types(),
         dict(extra_options),
     )
-    with _whole_array_weights():
+    with _whole_array_weights(), _quiet_axis_warnings():
         quantizer.quantize_model()
     quantizer.model.topological_sort()
     return quantizer.model.model
+
+
+class _AxisWarnings(logging.Filter):
+    """Drops the quantizer's "Axis 1 is out-of-range for weight 'gamma' with rank 1",
+    logged on the root logger for every 1-D weight of a per-channel op (a LayerNorm's
+    scale: it gets one scale, as it should), five times per LayerNorm of a text model."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is out-of-range for weight" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_axis_warnings() -> Iterator[None]:
+    quiet = _AxisWarnings()
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 @functools.cache

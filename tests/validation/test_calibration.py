@@ -679,3 +679,33 @@ def runtime_session(path):
     from keras_bn.converters import runtime
 
     return runtime.open_session(path, optimization="ORT_DISABLE_ALL")
+
+
+def test_one_dimensional_weights_log_no_axis_warning(tmp_path, caplog):
+    """onnxruntime's quantizer logged "Axis 1 is out-of-range for weight ..." on the
+    root logger for each LayerNormalization scale (five per LayerNorm of a text
+    model): a 1-D weight gets one scale, as it should. Quiet, and no filter is left
+    on the root logger."""
+    import logging
+
+    rng = np.random.default_rng(9)
+    arrays = {"gamma": rng.normal(size=8), "beta": rng.normal(size=8), "w": rng.normal(size=(8, 5))}
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], "norm", axis=-1),
+        helper.make_node("MatMul", ["n", "w"], ["y"], "dense"),
+    ]
+    source = save_graph(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 5])],
+        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()],
+        tmp_path / "f.onnx",
+    )
+    data = {"x": rng.normal(size=(16, 4, 8)).astype(np.float32)}
+    filters = list(logging.getLogger().filters)
+    with caplog.at_level(logging.WARNING):
+        quantize_int8(source, tmp_path / "q.onnx", data, layer_report=False)
+    assert not [r for r in caplog.records if "out-of-range" in r.getMessage()]
+    assert logging.getLogger().filters == filters
+    quantized = onnx.load(str(tmp_path / "q.onnx"))
+    assert "gamma_quantized" in {tensor.name for tensor in quantized.graph.initializer}
