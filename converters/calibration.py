@@ -514,14 +514,20 @@ def default_op_types() -> list[str]:
 
 
 def quantize_qdq(
-    model: Any, ranges: Any, *, per_channel: bool, extra_options: Mapping[str, Any]
+    model: Any,
+    ranges: Any,
+    *,
+    per_channel: bool,
+    extra_options: Mapping[str, Any],
+    exclude: Sequence[str] = (),
 ) -> Any:
     """onnxruntime's QDQ rewrite (``QDQQuantizer``, as ``quantize_static`` runs it for
     QDQ int8 weights and activations) of ``model`` (shape-inferred, marked
     pre-processed; consumed) with ``ranges``: the quantized ``ModelProto``, nodes in
     topological order as ``quantize_static`` saves them. Per-channel int8 weights get
     their scales and integers a whole array at a time (:func:`_whole_array_weights`),
-    not one channel at a time: the same numbers."""
+    not one channel at a time: the same numbers. The nodes named in ``exclude`` stay
+    float."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.quant_utils import add_infer_metadata
 
@@ -534,7 +540,7 @@ def quantize_qdq(
         QuantType.QInt8,
         ranges,
         [],  # nodes_to_quantize: all
-        [],  # nodes_to_exclude
+        list(exclude),  # nodes_to_exclude
         default_op_types(),
         dict(extra_options),
     )

@@ -888,6 +888,65 @@ def _pad_within_max_pooling(model: Any) -> None:
 
 _DATA_KEPT = 4096  # bytes of a float initializer's data that shape inference still sees
 
+MASK_FILL = -1e4  # a constant at or below it, selected by a Where into a Softmax: a mask
+_FLOAT_TYPES = (1, 10, 11, 16)  # TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+def float_mask_nodes(model: Any) -> list[str]:
+    """The nodes int8 leaves in float, those of attention masks: each Softmax whose
+    input is a ``Where`` that fills masked positions with a large negative constant
+    (KerasHub's decoders fill with -1e9 or float32's lowest), and that Where; and the
+    arithmetic computing the mask (:func:`_comparison_inputs`). One int8 range for the
+    filled scores spans the fill, and every real score rounds to the same level:
+    attention turned uniform (Gemma's output at 7.5 dB SQNR, failing validation)."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    constants = {tensor.name: tensor for tensor in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+
+    def fills(name: str) -> bool:
+        if name not in constants or constants[name].data_type not in _FLOAT_TYPES:
+            return False
+        value = numpy_helper.to_array(constants[name])
+        return value.size == 1 and float(value.reshape(-1)[0]) <= MASK_FILL
+
+    excluded = []
+    for node in graph.node:
+        where = producers.get(node.input[0]) if node.op_type == "Softmax" else None
+        if where is not None and where.op_type == "Where" and any(map(fills, where.input[1:])):
+            excluded += [where.name, node.name]
+    return excluded + _comparison_inputs(graph)
+
+
+_COMPARISONS = frozenset({"Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual"})
+
+
+def _comparison_inputs(graph: Any) -> list[str]:
+    """The nodes whose outputs go only into comparisons, directly or through other such
+    nodes: the float arithmetic of masks (KerasHub's decoders build the causal mask
+    from float positions, ``arange(n) + offset >= arange(n)``). Quantized, positions
+    round to their neighbours and the comparison flips: a causal mask that lets a
+    token see the next ones."""
+    producers = {output: node for node in graph.node for output in node.output}
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {output.name for output in graph.output}
+    marked = {node.name for node in graph.node if node.op_type in _COMPARISONS}
+    pending = [name for node in graph.node if node.name in marked for name in node.input]
+    while pending:
+        node = producers.get(pending.pop())
+        if node is None or node.name in marked or any(name in outputs for name in node.output):
+            continue
+        if all(r.name in marked for name in node.output for r in readers.get(name, [])):
+            marked.add(node.name)
+            pending += node.input
+    return [
+        node.name for node in graph.node if node.name in marked and node.op_type not in _COMPARISONS
+    ]
+
 
 def _correct_biases(
     float_model: Any,
@@ -987,7 +1046,11 @@ def _quantize_static(
         calibration.share_bound_ranges(preprocessed, measured.ranges)
         calibrated()
         quantized = calibration.quantize_qdq(
-            preprocessed, measured.ranges, per_channel=per_channel, extra_options=_INT8_OPTIONS
+            preprocessed,
+            measured.ranges,
+            per_channel=per_channel,
+            extra_options=_INT8_OPTIONS,
+            exclude=float_mask_nodes(preprocessed),
         )
         return quantized, measured.moments if measure_biases else None
     calibrated()  # onnxruntime's quantize_static calibrates and rewrites in one call
@@ -1079,6 +1142,7 @@ def _quantize_static_file(
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod[calibration_method],
+                nodes_to_exclude=float_mask_nodes(model),
                 extra_options=_static_options(
                     onnx_in, model, batches, calibration_method, percentile
                 ),
