@@ -157,6 +157,20 @@ def _explain_keras_error(path: Path, error: Exception) -> UserInputError:
     )
 
 
+def _lambda_names() -> dict[str, Any]:
+    """The names a Keras-2-era Lambda's code uses without importing them (the module
+    that defined it is gone): ``np``, ``keras``, ``ops``, and ``tf`` on TensorFlow."""
+    import keras
+    import numpy as np
+
+    names: dict[str, Any] = {"np": np, "keras": keras, "ops": keras.ops}
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        names["tf"] = tf
+    return names
+
+
 def load_model(
     path: str | os.PathLike,
     *,
@@ -190,7 +204,8 @@ def load_model(
     with warnings.catch_warnings(record=True) as caught, _scratch_directory():
         warnings.simplefilter("always")
         try:
-            with internals.saved_weights_loading():  # the file's weights follow
+            lambdas = internals.lambda_globals(_lambda_names()) if unsafe else None
+            with internals.saved_weights_loading(), lambdas or contextlib.nullcontext():
                 model = keras.saving.load_model(
                     path, custom_objects=objects or None, compile=False, safe_mode=not unsafe
                 )

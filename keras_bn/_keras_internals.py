@@ -27,7 +27,7 @@ import functools
 import inspect
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import keras
@@ -288,6 +288,36 @@ def saving_temp_dirs_in(directory: str) -> Iterator[None]:
         yield
     finally:
         _SAVING_TEMP_DIRS.directory = previous
+
+
+@contextlib.contextmanager
+def lambda_globals(names: Mapping[str, Any]) -> Iterator[None]:
+    """Rebuild saved Python lambdas with ``names`` among their globals, in the block.
+
+    Keras rebuilds a Lambda layer's saved lambda with the globals of its own module
+    (``keras.src.utils.python_utils.func_load`` without ``globs``), where a Keras-2-era
+    ``lambda t: tf.nn.relu6(t)`` finds no ``tf``: the model does not reload at all
+    (Keras then reports that it cannot infer the Lambda's output shape). Here the
+    rebuilt function sees that module's globals and ``names`` (``tf``, ``np``, ...).
+    Only reached with ``safe_mode=False``, which runs the file's code anyway.
+    Not thread-safe: it patches the module's function for the duration."""
+    if not _patchable("lambda_globals"):
+        yield
+        return
+    from keras.src.utils import python_utils
+
+    original = python_utils.func_load
+
+    def func_load(code: Any, defaults: Any = None, closure: Any = None, globs: Any = None) -> Any:
+        if globs is None:
+            globs = {**names, **vars(python_utils)}
+        return original(code, defaults=defaults, closure=closure, globs=globs)
+
+    python_utils.func_load = func_load
+    try:
+        yield
+    finally:
+        python_utils.func_load = original
 
 
 @contextlib.contextmanager
@@ -967,6 +997,12 @@ def _first(*problems: Callable[[], str | None]) -> str | None:
     return None
 
 
+def _python_utils() -> Any:
+    from keras.src.utils import python_utils
+
+    return python_utils
+
+
 def _saving_lib() -> Any:
     from keras.src.saving import saving_lib
 
@@ -1074,6 +1110,14 @@ def _input_checks() -> str | None:
 RELIANCES: dict[str, Reliance] = {
     reliance.patch.rpartition(".")[2]: reliance
     for reliance in (
+        Reliance(
+            "_keras_internals.lambda_globals",
+            "keras.src.utils.python_utils.func_load(code, defaults, closure, globs), "
+            "looked up at call time by the Lambda layer",
+            lambda: _parameters_are(
+                _python_utils().func_load, "code", "defaults", "closure", "globs"
+            ),
+        ),
         Reliance(
             "_keras_internals.saving_temp_dirs_in",
             "keras.src.saving.saving_lib.get_temp_dir(), looked up at call time",

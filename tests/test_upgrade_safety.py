@@ -97,6 +97,11 @@ def _dynamic_backend():
 
 
 CHANGED = {
+    "lambda_globals": (
+        _attribute(_keras_src("utils.python_utils"), "func_load"),
+        lambda code, defaults=None, closure=None: None,
+        lambda tmp_path: internals.lambda_globals({}),
+    ),
     "saving_temp_dirs_in": (
         _attribute(_keras_src("saving.saving_lib"), "get_temp_dir"),
         lambda prefix: "/nowhere",

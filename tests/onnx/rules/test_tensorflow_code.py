@@ -338,9 +338,7 @@ class Centre(keras.layers.Layer):
 def test_cli_exports_a_saved_model_with_tensorflow_code(tmp_path, capsys):
     """keras-bn export on a .keras file whose Lambda and custom layer call tf.*, as a
     user runs it: loaded with --custom-objects, exported, validated, BNs folded.
-
-    (A Python lambda that reads a global ``tf`` does not reload in Keras 3 at all:
-    Keras rebuilds it with the globals of its own module, so ``tf`` is undefined.)"""
+    (A Python lambda reading a global ``tf``: the next test.)"""
     import importlib.util
 
     source = tmp_path / "tf_code.py"
@@ -370,6 +368,27 @@ def test_cli_exports_a_saved_model_with_tensorflow_code(tmp_path, capsys):
     assert report["validation"]["passed"], report["validation"]
     ops = _onnx_ops(output)
     assert "BatchNormalization" not in ops and "Conv" in ops and "ReduceMean" in ops
+
+
+def test_cli_reloads_a_python_lambda_calling_tf(tmp_path, capsys):
+    """A Keras-2-era ``Lambda(lambda t: tf.nn.relu6(t) ...)`` in a module that imports
+    ``tf``: Keras 3 rebuilds the saved lambda with the globals of its own module, where
+    ``tf`` is undefined, so the file did not load at all ("could not infer the shape
+    of the Lambda's output"). With --unsafe it loads (``tf``, ``np`` given to the
+    lambda), exports and validates."""
+    inputs = keras.Input(SHAPE)
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Lambda(lambda t: tf.nn.relu6(t) * tf.math.sigmoid(t))(x)
+    model = keras.Model(inputs, keras.layers.Conv2D(4, 1)(x))
+    randomize_batch_norms(model, np.random.default_rng(3))
+    saved, output = tmp_path / "model.keras", tmp_path / "model.onnx"
+    model.save(saved)
+    code = cli.main(["export", str(saved), "-o", str(output), "--unsafe", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out)["validation"]["passed"]
+    assert "BatchNormalization" not in _onnx_ops(output)
 
 
 JAX_SCRIPT = """
