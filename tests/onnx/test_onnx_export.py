@@ -379,12 +379,19 @@ def test_fold_while_exporting_writes_the_folded_models_file(tmp_path):
         _run(tmp_path / "one_step.onnx", {"image": images})[0],
         _run(tmp_path / "two_steps.onnx", {"image": images})[0],
     )
-    np.testing.assert_allclose(
-        _run(tmp_path / "one_step.onnx", {"image": images})[0],
-        _keras(model, images)[0],
-        atol=1e-4,
-        rtol=1e-4,
+    # Judged against a float64 run, not an elementwise tolerance: the weights are
+    # unseeded draws, and a small output next to outputs of 1e4 missed rtol=1e-4 by
+    # float32 noise on some draws.
+    from keras_bn.converters.comparison import compare_arrays, judge_against_exact
+    from keras_bn.converters.reference import float64_twin
+
+    onnx_out = _run(tmp_path / "one_step.onnx", {"image": images})[0]
+    keras_out = np.asarray(_keras(model, images)[0])
+    exact_out = float64_twin(model, [images])([images])[0]
+    verdict = judge_against_exact(
+        compare_arrays(onnx_out, keras_out), onnx_out, keras_out, exact_out
     )
+    assert verdict.passed, verdict
     for old, new in zip(before, model.get_weights(), strict=True):
         np.testing.assert_array_equal(old, new)  # the input model is untouched
 
