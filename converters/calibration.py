@@ -82,8 +82,10 @@ class MinMaxRange:
 
     lowest: np.float32 | None = None
     highest: np.float32 | None = None
+    seen: bool = False  # any value at all, finite or not
 
     def add(self, values: np.ndarray) -> None:
+        self.seen = self.seen or np.size(values) > 0
         finite = _finite(values)
         if finite is None:
             return
@@ -121,8 +123,10 @@ class AbsoluteHistogram:
     lowest: Any = None
     highest: Any = None
     floor: int = 0  # the first bin counted bin by bin
+    seen: bool = False  # any value at all, finite or not
 
     def add(self, values: np.ndarray) -> None:
+        self.seen = self.seen or np.size(values) > 0
         finite = _finite(values)
         if finite is None:
             return
@@ -358,6 +362,9 @@ def calibrate(
     collected, moments, samples = _float_pass(
         model, batches, names, method, tail, moments_of, progress
     )
+    for statistic in collected.values():
+        if not statistic.seen:  # no value in any batch (a split of width 0): a range of 0
+            statistic.add(np.zeros(1, np.float32))
     unmeasured = [name for name, statistic in collected.items() if statistic.lowest is None]
     if unmeasured:  # values, but none finite: the float model overflows on this data
         more = f" (and {len(unmeasured) - 1} more)" if len(unmeasured) > 1 else ""

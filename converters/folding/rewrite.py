@@ -196,6 +196,17 @@ def _restore_initializers(clone: Any, original: Any) -> None:
             setattr(clone, key, keras.initializers.get(initializer))
 
 
+def _not_rebuilt(layer: Any, error: Exception) -> UserInputError:
+    """The error for a layer whose config does not rebuild it (raises, or builds a
+    layer with other weights: KerasHub's D-FINE decoder gets 87 for its 86)."""
+    return UserInputError(
+        f"Layer {layer.name!r} ({type(layer).__name__}) cannot be rebuilt from its "
+        f"get_config() ({one_line(str(error))}); the folded Keras model is made of fresh "
+        "copies of its layers. Make the layer's get_config() return its constructor's "
+        "arguments, or fold it into an ONNX file (keras-bn export), which needs no copy."
+    )
+
+
 def _unchanged_copy(model: keras.Model) -> keras.Model | None:
     """``model`` rebuilt as Keras loads it (its class's ``from_config``), with its
     weights; None where that fails. A model with nothing to fold needs no rewrite, and
@@ -234,13 +245,7 @@ def _rebuild(graph: graph_lib.Graph, progress: Progress | None = None) -> keras.
             # Python lambda, a keras.ops operation without one): share it with the
             # input model, which it cannot change.
             if updates or getattr(layer, "weights", None) or name != layer.name:
-                raise UserInputError(
-                    f"Layer {layer.name!r} ({type(layer).__name__}) cannot be rebuilt from "
-                    f"its get_config() ({one_line(str(error))}); the folded Keras model is "
-                    "made of fresh copies of its layers. Make the layer's get_config() "
-                    "return its constructor's arguments, or fold it into an ONNX file "
-                    "(keras-bn export), which needs no copy."
-                ) from error
+                raise _not_rebuilt(layer, error) from error
             return layer
 
     def call(node: graph_lib.Node, args: tuple, kwargs: dict) -> Any:
@@ -267,7 +272,10 @@ def _rebuild(graph: graph_lib.Graph, progress: Progress | None = None) -> keras.
         outputs = layer(*args, **kwargs)
         if first_call and layer is not node.layer:
             if getattr(node.layer, "weights", None):
-                graph_lib.copy_weights(node.layer, layer)
+                try:
+                    graph_lib.copy_weights(node.layer, layer)
+                except ValueError as error:  # the copy holds other weights than the layer
+                    raise _not_rebuilt(node.layer, error) from error
             _restore_initializers(layer, node.layer)
         return outputs
 

@@ -1674,9 +1674,10 @@ def test_fold_copies_a_model_with_nothing_to_fold_whole(tmp_path, capsys):
 
 def test_fold_names_a_layer_that_its_config_cannot_rebuild():
     """A custom layer with weights whose get_config adds a key its constructor does
-    not take (KerasHub's ViT patching layer does), after a BN that folds: the folded
-    model is made of copies of the layers, so the error names the layer and the way
-    out, as a user error (no traceback)."""
+    not take (KerasHub's ViT patching layer does), or forgets one so that a copy holds
+    other weights (KerasHub's D-FINE decoder), after a BN that folds: the folded model
+    is made of copies of the layers, so the error names the layer and the way out, as
+    a user error (no traceback)."""
     from keras_bn.converters.errors import UserInputError
     from keras_bn.converters.folding import fold_batch_norms
 
@@ -1694,8 +1695,28 @@ def test_fold_names_a_layer_that_its_config_cannot_rebuild():
         def get_config(self):
             return {**super().get_config(), "units": self.units, "fan_in": self.w.shape[0]}
 
-    inputs = keras.Input((6,))
-    x = keras.layers.BatchNormalization()(keras.layers.Dense(5)(inputs))
-    model = keras.Model(inputs, Scale(3, name="scale")(x))
-    with pytest.raises(UserInputError, match=r"Layer 'scale' \(Scale\) cannot be rebuilt"):
-        fold_batch_norms(model, measure=False)
+    class Gated(keras.layers.Layer):  # its config forgets ``gate``: a copy has a gate
+        def __init__(self, gate=True, **kwargs):
+            super().__init__(**kwargs)
+            self.gate = gate
+
+        def build(self, input_shape):
+            self.w = self.add_weight(shape=(input_shape[-1], 3))
+            self.g = self.add_weight(shape=(3,)) if self.gate else None
+
+        def call(self, x):
+            y = keras.ops.matmul(x, self.w)
+            return y * self.g if self.gate else y
+
+        def get_config(self):
+            return {"name": self.name}
+
+    for layer in (Scale(3, name="scale"), Gated(gate=False, name="gated")):
+        inputs = keras.Input((6,))
+        x = keras.layers.BatchNormalization()(keras.layers.Dense(5)(inputs))
+        model = keras.Model(inputs, layer(x))
+        kind = type(layer).__name__
+        with pytest.raises(
+            UserInputError, match=rf"Layer '{layer.name}' \({kind}\) cannot be rebuilt"
+        ):
+            fold_batch_norms(model, measure=False)

@@ -709,3 +709,38 @@ def test_one_dimensional_weights_log_no_axis_warning(tmp_path, caplog):
     assert logging.getLogger().filters == filters
     quantized = onnx.load(str(tmp_path / "q.onnx"))
     assert "gamma_quantized" in {tensor.name for tensor in quantized.graph.initializer}
+
+
+def test_a_tensor_of_no_values_gets_a_range_of_zero(tmp_path):
+    """A split of width 0 (KerasHub's D-FINE has one) holds no value in any batch: it
+    was reported as a tensor without a finite value. It gets the range [0, 0], and the
+    int8 file computes the float model's outputs within int8 noise."""
+    from keras_bn.converters import runtime
+
+    rng = np.random.default_rng(10)
+    arrays = {
+        "w1": rng.normal(size=(CHANNELS, 3, 3, 3)) * 0.4,
+        "wd": rng.normal(size=(CHANNELS, CLASSES)),
+        "split": np.array([CHANNELS, 0]),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Split", ["c1", "split"], ["whole", "empty"], "split", axis=1),
+        helper.make_node("Concat", ["whole", "empty"], ["joined"], "concat", axis=1),
+        helper.make_node("GlobalAveragePool", ["joined"], ["g"], "average"),
+        helper.make_node("Flatten", ["g"], ["flat"], "flatten"),
+        helper.make_node("Gemm", ["flat", "wd"], ["y"], "dense"),
+    ]
+    types = {"split": np.int64}
+    source = save_graph(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", CLASSES])],
+        [numpy_helper.from_array(a.astype(types.get(n, np.float32)), n) for n, a in arrays.items()],
+        tmp_path / "f.onnx",
+    )
+    data = {"x": rng.normal(size=(32, 3, 8, 8)).astype(np.float32)}
+    quantize_int8(source, tmp_path / "q.onnx", data, layer_report=False)
+    received = runtime.open_session(str(tmp_path / "q.onnx")).run(None, data)[0]
+    expected = runtime.open_session(str(source)).run(None, data)[0]
+    assert 10 * np.log10(np.mean(expected**2) / np.mean((received - expected) ** 2)) > 30
