@@ -145,7 +145,7 @@ def keras_reference(
         from keras_bn.converters.model_io import tensorflow_code_error
         from keras_bn.converters.user_files import guarded
 
-        with guarded(where, "loads, but Keras cannot run it", "re-save it from the model's code"):
+        with guarded(where, *_cannot_run(prepared, inputs)):
             try:
                 yield
             except Exception as error:
@@ -156,6 +156,21 @@ def keras_reference(
 
     return KerasReference.start(
         prepared, inputs, batch_size=batch_size, seed=0, context=lambda: step, guard=guard
+    )
+
+
+def _cannot_run(prepared, inputs: dict[str, Any] | None) -> tuple[str, str]:
+    """What a model that loads but does not run is told: on generated inputs, which of
+    its inputs had sizes to make up (SAM's prompt encoder takes one mask, not 32)."""
+    if inputs is not None:
+        return "loads, but Keras cannot run it", "re-save it from the model's code"
+    unknown = [
+        f"{spec.name} {tuple(spec.shape)}" for spec in prepared.inputs if None in spec.shape[1:]
+    ]
+    made_up = f" (sizes made up for {', '.join(unknown)})" if unknown else ""
+    return (
+        f"loads, but Keras cannot run it on generated inputs{made_up}",
+        "give inputs it takes with --inputs FILE.npz, or re-save it from the model's code",
     )
 
 

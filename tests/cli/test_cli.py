@@ -1720,3 +1720,20 @@ def test_fold_names_a_layer_that_its_config_cannot_rebuild():
             UserInputError, match=rf"Layer '{layer.name}' \({kind}\) cannot be rebuilt"
         ):
             fold_batch_norms(model, measure=False)
+
+
+def test_a_model_that_cannot_run_on_generated_inputs_asks_for_inputs(tmp_path, capsys):
+    """A model whose unknown size must be 1 (SAM's prompt encoder takes one mask):
+    the generated inputs make one up, and Keras itself cannot run them. The one-line
+    error says so and asks for --inputs (it said "re-save it from the model's code");
+    with inputs it takes, the export passes."""
+    inputs = keras.Input((None, 4))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Reshape((4,))(inputs)))
+    model.save(tmp_path / "m.keras")
+    code, _, err = run_main(["export", tmp_path / "m.keras", "-o", tmp_path / "m.onnx"], capsys)
+    assert_rejected(code, err, "cannot run it on generated inputs (sizes made up for")
+    assert "--inputs FILE.npz" in err and not (tmp_path / "m.onnx").exists()
+    np.savez(tmp_path / "in.npz", np.ones((3, 1, 4), "float32"))
+    arguments = ["export", tmp_path / "m.keras", "-o", tmp_path / "m.onnx", "--inputs"]
+    code, out, err = run_main([*arguments, tmp_path / "in.npz"], capsys)
+    assert code == 0, err
