@@ -825,6 +825,16 @@ def _preprocess(model: Any) -> Any:
     return inferred
 
 
+def _wiring(graph: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """Each tensor's producing node and its reading nodes, in ``graph`` (no subgraphs)."""
+    producers = {output: node for node in graph.node for output in node.output}
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return producers, readers
+
+
 def _pad_within_max_pooling(model: Any) -> None:
     """Give each MaxPool the -inf padding a Pad node in front of it adds (KerasHub's
     ResNetV2 pads with ``ops.pad(x, constant_values=-inf)`` before max pooling) as its
@@ -837,11 +847,7 @@ def _pad_within_max_pooling(model: Any) -> None:
 
     graph = model.graph
     arrays = {tensor.name: tensor for tensor in graph.initializer}
-    producers = {output: node for node in graph.node for output in node.output}
-    readers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    producers, readers = _wiring(graph)
     outputs = {output.name for output in graph.output}
     merged = []
     for pool in graph.node:
@@ -903,7 +909,7 @@ def float_mask_nodes(model: Any) -> list[str]:
 
     graph = model.graph
     constants = {tensor.name: tensor for tensor in graph.initializer}
-    producers = {output: node for node in graph.node for output in node.output}
+    producers, readers = _wiring(graph)
 
     def fills(name: str) -> bool:
         if name not in constants or constants[name].data_type not in _FLOAT_TYPES:
@@ -916,23 +922,20 @@ def float_mask_nodes(model: Any) -> list[str]:
         where = producers.get(node.input[0]) if node.op_type == "Softmax" else None
         if where is not None and where.op_type == "Where" and any(map(fills, where.input[1:])):
             excluded += [where.name, node.name]
-    return excluded + _comparison_inputs(graph)
+    return excluded + _comparison_inputs(graph, producers, readers)
 
 
 _COMPARISONS = frozenset({"Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual"})
 
 
-def _comparison_inputs(graph: Any) -> list[str]:
+def _comparison_inputs(
+    graph: Any, producers: dict[str, Any], readers: dict[str, list[Any]]
+) -> list[str]:
     """The nodes whose outputs go only into comparisons, directly or through other such
     nodes: the float arithmetic of masks (KerasHub's decoders build the causal mask
     from float positions, ``arange(n) + offset >= arange(n)``). Quantized, positions
     round to their neighbours and the comparison flips: a causal mask that lets a
-    token see the next ones."""
-    producers = {output: node for node in graph.node for output in node.output}
-    readers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    token see the next ones. ``producers``, ``readers``: :func:`_wiring`'s."""
     outputs = {output.name for output in graph.output}
     marked = {node.name for node in graph.node if node.op_type in _COMPARISONS}
     pending = [name for node in graph.node if node.name in marked for name in node.input]

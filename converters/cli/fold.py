@@ -77,12 +77,10 @@ def fold_command(args: argparse.Namespace, run: Run) -> int:
 
 
 def _keyed_for(folded: Any, model: Any, inputs: dict) -> dict:
-    """``inputs`` (by ``model``'s input names) keyed by ``folded``'s: a model with
-    nothing to fold comes back as a copy made by its class's constructor, whose inputs
-    may have other generated names (``input_layer_1``), in the same order."""
-    from keras_bn.converters.prepared import prepare
-
-    theirs, ours = prepare(model).input_names, prepare(folded).input_names
+    """``inputs`` (by ``model``'s input names) keyed by ``folded``'s (both prepared): a
+    model with nothing to fold comes back as a copy made by its class's constructor,
+    whose inputs may have other generated names (``input_layer_1``), in the same order."""
+    theirs, ours = model.input_names, folded.input_names
     if theirs == ours:
         return inputs
     return {new: inputs[old] for old, new in zip(theirs, ours, strict=True)}
@@ -97,6 +95,7 @@ def _compare_folded(model, folded, report, reference, args: argparse.Namespace, 
     on its inputs, with validation's verdict; the fold ``report`` records the largest
     difference."""
     from keras_bn.converters.comparison import DEFAULT_ATOL, DEFAULT_RTOL, OUTRIGHT, compare_arrays
+    from keras_bn.converters.prepared import prepare
     from keras_bn.converters.reference import Doubtful, rejudge_against_float64
     from keras_bn.converters.samples import call_model, describe_generated_inputs
 
@@ -105,6 +104,7 @@ def _compare_folded(model, folded, report, reference, args: argparse.Namespace, 
     rtol = args.rtol if args.rtol is not None else DEFAULT_RTOL
     with run.progress.step("Comparing folded and original models"):
         inputs = reference.inputs
+        folded = prepare(folded)  # flattened once: for its input names and its run
         try:  # one compiled pass on JAX, beside the reference's if it still runs
             received = call_model(folded, _keyed_for(folded, model, inputs))
         except Exception:
