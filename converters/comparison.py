@@ -71,6 +71,8 @@ __all__ = [
     "INT8_TOP1_MARGIN",
     "INT8_TOP1_MIN_SAMPLES",
     "decided_top1_agreement",
+    "float16_rule",
+    "int8_rule",
     "judge_against_exact",
     "judge_float16",
     "judge_int8",
@@ -321,6 +323,31 @@ def judge_float16(
         top1_agreement=top1_agreement(candidate, exact),
         verdict="float16 criterion",
         passed=bool(error <= bound),
+    )
+
+
+def float16_rule(float16_ran: bool) -> str:
+    """The float16 criterion's pass condition, in words, as :func:`judge_float16` applies
+    it with or without a finite float16 run of the model."""
+    if float16_ran:
+        return (
+            f"the error is at most {FLOAT16_FACTOR:g}x that of the same model run in "
+            f"float16, plus {FLOAT16_FLOOR:.2g} of the output's range"
+        )
+    bound = FLOAT16_FACTOR * FLOAT16_FALLBACK + FLOAT16_FLOOR
+    return (
+        f"the error is at most {bound:.2g} of the output's range ({FLOAT16_FACTOR:g}x "
+        f"float16's expected {FLOAT16_FALLBACK:.2g}, plus {FLOAT16_FLOOR:.2g}: the model "
+        "has no finite float16 run)"
+    )
+
+
+def int8_rule() -> str:
+    """The int8 criterion's pass condition, in words, as :func:`judge_int8` applies it."""
+    return (
+        f"the SQNR is at least {INT8_SQNR_FLOOR_DB:g} dB and, for class scores, the top-1 "
+        f"agreement at least {INT8_TOP1_FLOOR:.0%} on the samples whose top class leads "
+        f"by {INT8_TOP1_MARGIN:.0%} of the range ({INT8_TOP1_MIN_SAMPLES}+ of them)"
     )
 
 

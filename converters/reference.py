@@ -38,14 +38,9 @@ from keras_bn import _keras_internals as internals
 from keras_bn.converters.comparison import (
     EXACT_FACTOR,
     EXACT_FLOOR,
-    FLOAT16_FACTOR,
-    FLOAT16_FALLBACK,
-    FLOAT16_FLOOR,
-    INT8_SQNR_FLOOR_DB,
-    INT8_TOP1_FLOOR,
-    INT8_TOP1_MARGIN,
-    INT8_TOP1_MIN_SAMPLES,
     OutputComparison,
+    float16_rule,
+    int8_rule,
     judge_precision,
 )
 from keras_bn.converters.float64_kernels import replaced_class_name, twin_layer_class
@@ -485,22 +480,14 @@ def rejudge_against_float64(
         else "float64 except " + ", ".join(twin.float32_classes) + " (no float64 kernel)"
     )
     if precision == "float16":
-        yardstick = (
-            "the same model run in float16"
-            if half is not None
-            else f"{FLOAT16_FALLBACK:.2g} of the range (no float16 run of the model)"
-        )
         return (
             f"float16 criterion, against the same model run in float64 ({where}): pass when "
-            f"the error is at most {FLOAT16_FACTOR:g}x that of {yardstick} plus "
-            f"{FLOAT16_FLOOR:.2g} of the output's range"
+            + float16_rule(half is not None)
         )
     if precision == "int8":
         return (
-            f"int8 criterion, against the same model run in float64 ({where}): pass when the "
-            f"SQNR is at least {INT8_SQNR_FLOOR_DB:g} dB and, for class scores, the top-1 "
-            f"agreement at least {INT8_TOP1_FLOOR:.0%} on the samples whose top class leads "
-            f"by {INT8_TOP1_MARGIN:.0%} of the range ({INT8_TOP1_MIN_SAMPLES}+ of them)"
+            f"int8 criterion, against the same model run in float64 ({where}): pass when "
+            + int8_rule()
         )
     return (
         f"judged against the same model run in float64 ({where}): pass when the error is "

@@ -62,17 +62,14 @@ from keras_bn.converters import runtime
 from keras_bn.converters.comparison import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
-    FLOAT16_FACTOR,
-    FLOAT16_FALLBACK,
-    FLOAT16_FLOOR,
     INT8_SQNR_FLOOR_DB,
-    INT8_TOP1_FLOOR,
-    INT8_TOP1_MARGIN,
     INT8_TOP1_MIN_SAMPLES,
     OUTRIGHT,
     OutputComparison,
     compare_arrays,
     failed_comparison,
+    float16_rule,
+    int8_rule,
 )
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.onnx.layout import InputLayout, check_input_layout, decode_input_layout
@@ -446,21 +443,13 @@ def judge_by_precision(
 
 def _precision_note(precision: str, float16_ran: bool) -> str:
     if precision == "float16":
-        yardstick = (
-            "the same model run in float16"
-            if float16_ran
-            else f"{FLOAT16_FALLBACK:.2g} of the range (no float16 run of the model)"
-        )
         return (
             "float16 criterion, against Keras float32 (its rounding error is ~2^-13 of "
-            f"float16's): pass when the error is at most {FLOAT16_FACTOR:g}x that of "
-            f"{yardstick} plus {FLOAT16_FLOOR:.2g} of the output's range"
+            "float16's): pass when " + float16_rule(float16_ran)
         )
     return (
         "int8 criterion, against Keras float32 (its error is far below int8's): pass when "
-        f"the SQNR is at least {INT8_SQNR_FLOOR_DB:g} dB and, for class scores, the top-1 "
-        f"agreement at least {INT8_TOP1_FLOOR:.0%} on the samples whose top class leads "
-        f"by {INT8_TOP1_MARGIN:.0%} of the range ({INT8_TOP1_MIN_SAMPLES}+ of them)"
+        + int8_rule()
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from keras_bn.converters.comparison import (
     INT8_TOP1_MIN_SAMPLES,
     compare_arrays,
     decided_top1_agreement,
+    float16_rule,
     judge_float16,
     judge_int8,
     sqnr_db,
@@ -94,6 +96,23 @@ def test_float16_rule_is_its_documented_bound():
     assert judged.bound == pytest.approx(FLOAT16_FACTOR * FLOAT16_FALLBACK + FLOAT16_FLOOR)
     # A candidate that overflows fails whatever the yardstick.
     assert not judge_float16(compare_arrays(overflowed, exact), overflowed, exact, run16).passed
+
+
+def test_float16_rule_in_words_states_the_bound_applied():
+    """The criterion line of a report: with no finite float16 run it names the bound the
+    judgement applies (one number), not a factor of a factor."""
+    exact = np.linspace(-1.0, 1.0, 12).reshape(2, 6)
+    overflowed = np.full_like(exact, np.inf)
+    judged = judge_float16(compare_arrays(exact, exact), exact, exact, overflowed)
+    stated = re.match(
+        r"the error is at most ([0-9.e-]+) of the output's range", float16_rule(False)
+    )
+    assert stated, float16_rule(False)
+    assert float(stated.group(1)) == pytest.approx(judged.bound, rel=0.05)
+    assert "no finite float16 run" in float16_rule(False)
+    ran = float16_rule(True)
+    assert f"{FLOAT16_FACTOR:g}x that of the same model run in float16" in ran
+    assert f"plus {FLOAT16_FLOOR:.2g} of the output's range" in ran
 
 
 def test_int8_rule_is_its_documented_floors():
