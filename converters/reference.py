@@ -228,7 +228,7 @@ class Float64Twin:
         if self.checked is not None and _same_arrays(self.checked[0], inputs):
             return self.checked[1]
         feed = [_as_float(array, self.dtype) for array in inputs]
-        structure = feed if len(feed) > 1 else feed[0]
+        structure = _called_with(self.model, feed)
         with float64_enabled() if self.dtype == "float64" else contextlib.nullcontext():
             outputs = None
             if keras.backend.backend() == "jax":
@@ -342,6 +342,17 @@ def _as_float(array: np.ndarray, dtype: str = "float64") -> np.ndarray:
     return array.astype(dtype) if _is_floating(array.dtype) else array
 
 
+def _called_with(model: keras.Model, flat: list[Any]) -> Any:
+    """``flat`` (one item per model input, in ``model.inputs``' order) in the structure
+    ``model`` is called with: a dict for a model built on a dict of inputs (KerasHub's
+    text backbones, SAM), which Keras's cloning and calls require."""
+    try:
+        structure = internals.inputs_struct(internals.functional_of(model))
+    except ValueError:  # no graph: the plain list, or the one input
+        return flat if len(flat) > 1 else flat[0]
+    return keras.tree.pack_sequence_as(structure, flat)
+
+
 def _clone_as(model: keras.Model, dtype: str, float32_classes: list[str]) -> keras.Model:
     # get_config of every layer: no TensorFlow import on JAX (tensorflow_probe_deferred)
     with (
@@ -380,7 +391,7 @@ def _clone_enabled(model: keras.Model, dtype: str, float32_classes: list[str]) -
     ]
     twin = keras.models.clone_model(
         model,
-        input_tensors=inputs if len(inputs) > 1 else inputs[0],
+        input_tensors=_called_with(model, inputs),
         clone_function=clone,
         recursive=True,
     )

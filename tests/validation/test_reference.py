@@ -85,6 +85,34 @@ def test_nested_models_and_integer_inputs():
     assert np.abs(got - want).max() <= 1e-6 * max(1.0, np.abs(want).max())
 
 
+def test_a_model_called_with_a_dict_of_inputs_gets_its_twins():
+    """KerasHub's text backbones and SAM take a dict of inputs: the float64 twin (the
+    exact answer) and the float16 one (float16's yardstick) are called with the same
+    dict, inputs given in ``model.inputs``' order (the dict's keys sorted)."""
+    points = keras.Input((5,), name="points")
+    image = keras.Input((5,), name="image")
+    hidden = L.Dense(4, name="dense")(image)
+    outputs = L.Activation("tanh")(hidden * L.Dense(4, name="gate")(points))
+    model = keras.Model({"points": points, "image": image}, outputs)  # not sorted
+    rng = np.random.default_rng(3)
+    arrays = {"image": rng.normal(size=(6, 5)), "points": rng.normal(size=(6, 5))}
+    arrays = {name: value.astype("float32") for name, value in arrays.items()}
+    flat = [arrays[tensor.name] for tensor in model.inputs]
+    (kernel, bias), (gate, gate_bias) = (
+        [np.asarray(w, np.float64) for w in model.get_layer(name).get_weights()]
+        for name in ("dense", "gate")
+    )
+    exact = np.tanh(
+        (arrays["image"].astype(np.float64) @ kernel + bias)
+        * (arrays["points"].astype(np.float64) @ gate + gate_bias)
+    )
+    (got,) = float64_twin(model, flat)(flat)
+    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-12)
+    (half,) = float64_twin(model, flat, dtype="float16")(flat)
+    error = np.abs(half - exact).max()
+    assert 0 < error <= 8 * 2.0**-11 * np.abs(exact).max()  # float16 rounding, not float32
+
+
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="a TensorFlow CPU kernel gap")
 def test_layers_without_float64_kernels_stay_float32_and_are_named():
     # TensorFlow's CPU MaxPool3D has no float64 kernel.
