@@ -326,9 +326,10 @@ def judge_float16(
     )
 
 
-def float16_rule(float16_ran: bool) -> str:
+def float16_rule(float16_ran: bool, missing: str | None = None) -> str:
     """The float16 criterion's pass condition, in words, as :func:`judge_float16` applies
-    it with or without a finite float16 run of the model."""
+    it with or without a finite float16 run of the model (``missing``: why there is
+    none, when no float16 copy of the model could be made or run)."""
     if float16_ran:
         return (
             f"the error is at most {FLOAT16_FACTOR:g}x that of the same model run in "
@@ -337,8 +338,8 @@ def float16_rule(float16_ran: bool) -> str:
     bound = FLOAT16_FACTOR * FLOAT16_FALLBACK + FLOAT16_FLOOR
     return (
         f"the error is at most {bound:.2g} of the output's range ({FLOAT16_FACTOR:g}x "
-        f"float16's expected {FLOAT16_FALLBACK:.2g}, plus {FLOAT16_FLOOR:.2g}: the model "
-        "has no finite float16 run)"
+        f"float16's expected {FLOAT16_FALLBACK:.2g}, plus {FLOAT16_FLOOR:.2g}: "
+        + (f"{missing})" if missing else "no finite float16 run)")
     )
 
 

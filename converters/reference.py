@@ -51,6 +51,7 @@ __all__ = [
     "Doubtful",
     "KerasReference",
     "Float64Twin",
+    "error_summary",
     "float64_enabled",
     "float64_twin",
     "rejudge_against_float64",
@@ -342,6 +343,13 @@ def _as_float(array: np.ndarray, dtype: str = "float64") -> np.ndarray:
     return array.astype(dtype) if _is_floating(array.dtype) else array
 
 
+def error_summary(error: BaseException) -> str:
+    """``Type: first line of the message`` (about 120 characters), for a report line."""
+    text = str(error).splitlines()[0] if str(error) else ""
+    text = text if len(text) <= 120 else text[:117].rstrip() + "..."
+    return f"{type(error).__name__}: {text}"
+
+
 def _called_with(model: keras.Model, flat: list[Any]) -> Any:
     """``flat`` (one item per model input, in ``model.inputs``' order) in the structure
     ``model`` is called with: a dict for a model built on a dict of inputs (KerasHub's
@@ -456,7 +464,7 @@ def rejudge_against_float64(
         twin = float64_twin(model, full)
         exact_full = twin(full)
     except Exception as error:  # a layer that cannot be cloned or run in float64
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        reason = error_summary(error)
         if precision == "float32":
             return (
                 "elementwise verdict: the float64 copy of the model could not be made or "
@@ -464,11 +472,12 @@ def rejudge_against_float64(
             )
         twin, exact_full = None, None
     half: Float64Twin | None = None
+    missing = None
     if precision == "float16":
         try:
             half = float64_twin(model, full, dtype="float16")
-        except Exception:  # no float16 run: judge_float16 falls back to its expectation
-            half = None
+        except Exception as error:  # no float16 run: judge_float16 falls back
+            missing = f"the model's float16 copy failed: {error_summary(error)}"
     half_full = None if half is None else half(full)
     for item in doubtful:
         exact = _outputs_for(item, twin, exact_full, full)
@@ -493,7 +502,7 @@ def rejudge_against_float64(
     if precision == "float16":
         return (
             f"float16 criterion, against the same model run in float64 ({where}): pass when "
-            + float16_rule(half is not None)
+            + float16_rule(half is not None, missing)
         )
     if precision == "int8":
         return (

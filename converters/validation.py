@@ -83,6 +83,7 @@ from keras_bn.converters.prepared import ModelLike, PreparedModel, prepare
 from keras_bn.converters.reference import (
     Doubtful,
     KerasReference,
+    error_summary,
     float64_twin,
     rejudge_against_float64,
 )
@@ -415,14 +416,15 @@ def judge_by_precision(
     """
     from keras_bn.converters.comparison import judge_precision
 
-    half = half_outputs = None
+    half = half_outputs = missing = None
     if precision == "float16":
         try:  # made beside the conversion (KerasReference.start_twin), else here
             half = None if reference is None else reference.twin("float16")
             half = half or float64_twin(model, inputs, dtype="float16")
             half_outputs = half(inputs)  # its check run's when that was on these inputs
-        except Exception:  # no float16 run: judge_float16 falls back to its expectation
+        except Exception as error:  # no float16 run: judge_float16 falls back
             half = half_outputs = None
+            missing = f"the model's float16 copy failed: {error_summary(error)}"
     for item in doubtful:
         float16_run = None
         if half is not None and half_outputs is not None:
@@ -438,14 +440,14 @@ def judge_by_precision(
             keras=item.expected,
             float16_run=float16_run,
         )
-    return _precision_note(precision, half is not None)
+    return _precision_note(precision, half is not None, missing)
 
 
-def _precision_note(precision: str, float16_ran: bool) -> str:
+def _precision_note(precision: str, float16_ran: bool, missing: str | None = None) -> str:
     if precision == "float16":
         return (
             "float16 criterion, against Keras float32 (its rounding error is ~2^-13 of "
-            "float16's): pass when " + float16_rule(float16_ran)
+            "float16's): pass when " + float16_rule(float16_ran, missing)
         )
     return (
         "int8 criterion, against Keras float32 (its error is far below int8's): pass when "

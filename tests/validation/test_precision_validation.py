@@ -110,6 +110,8 @@ def test_float16_rule_in_words_states_the_bound_applied():
     assert stated, float16_rule(False)
     assert float(stated.group(1)) == pytest.approx(judged.bound, rel=0.05)
     assert "no finite float16 run" in float16_rule(False)
+    why = "the model's float16 copy failed: ValueError: no kernel"
+    assert float16_rule(False, why).startswith(stated.group(0)) and why in float16_rule(False, why)
     ran = float16_rule(True)
     assert f"{FLOAT16_FACTOR:g}x that of the same model run in float16" in ran
     assert f"plus {FLOAT16_FLOOR:.2g} of the output's range" in ran
