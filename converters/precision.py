@@ -345,6 +345,7 @@ def convert_float16(
 
     start = time.perf_counter()
     model = _load_onnx(onnx_in)
+    float32_compute(model)  # a mixed-precision export: converted from float32 as any other
     issues = check_float16_range(model)
     _outputs_read_once(model)
     _constants_unshared(model, float16.DEFAULT_OP_BLOCK_LIST)
@@ -438,6 +439,88 @@ def _casts_to_float16(model) -> None:
         for attribute in node.attribute:
             if attribute.name == "to" and attribute.i == onnx.TensorProto.FLOAT:
                 attribute.i = onnx.TensorProto.FLOAT16
+
+
+def float32_compute(model) -> bool:
+    """Make a mixed-precision graph compute in float32, in place; whether anything changed.
+
+    The export is faithful to a Keras mixed-precision policy (``mixed_float16``: float16
+    kernels, a Cast to float16 in front of each layer, a float32 graph output). Converting
+    such a file to float16 or int8 starts from the float32 computation instead, as it
+    would for a model trained in float32: float16 initializers and constants become
+    float32 (exactly), Casts to a 16-bit float cast to float32, and tensors declared
+    16-bit float are declared float32. A graph input or output declared 16-bit float
+    keeps its type, through a Cast."""
+    onnx = _onnx()
+    from onnx import numpy_helper
+
+    halves = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    changed = False
+
+    def widened(tensor) -> Any:
+        return numpy_helper.from_array(
+            numpy_helper.to_array(tensor).astype(np.float32), tensor.name
+        )
+
+    kept = {  # a graph output's own Cast to its 16-bit type stays
+        info.name for info in model.graph.output if info.type.tensor_type.elem_type in halves
+    }
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for index, tensor in enumerate(graph.initializer):
+            if tensor.data_type in halves:
+                graph.initializer[index].CopyFrom(widened(tensor))
+                changed = True
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type in halves:
+                    attribute.t.CopyFrom(widened(attribute.t))
+                    changed = True
+                elif (
+                    node.op_type == "Cast"
+                    and attribute.name == "to"
+                    and attribute.i in halves
+                    and node.output[0] not in kept
+                ):
+                    attribute.i = onnx.TensorProto.FLOAT
+                    changed = True
+                elif attribute.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(attribute.g)
+                elif attribute.type == onnx.AttributeProto.GRAPHS:
+                    graphs.extend(attribute.graphs)
+        for info in graph.value_info:
+            if info.type.tensor_type.elem_type in halves:
+                info.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+                changed = True
+    if changed:
+        _edges_keep_their_types(model.graph, halves)
+    return changed
+
+
+def _edges_keep_their_types(graph, halves: tuple[int, ...]) -> None:
+    """After :func:`float32_compute`: a graph input declared 16-bit float gets a Cast to
+    float32 in front of its readers, a graph output one back to its type."""
+    onnx = _onnx()
+    from onnx import helper
+
+    for info in graph.input:
+        kind = info.type.tensor_type.elem_type
+        if kind in halves and not any(i.name == info.name for i in graph.initializer):
+            inside = f"{info.name}/float32"
+            for node in graph.node:
+                node.input[:] = [inside if name == info.name else name for name in node.input]
+            cast = helper.make_node("Cast", [info.name], [inside], to=onnx.TensorProto.FLOAT)
+            graph.node.insert(0, cast)
+    producers = {name: node for node in graph.node for name in node.output}
+    for info in graph.output:
+        kind = info.type.tensor_type.elem_type
+        if kind in halves and getattr(producers.get(info.name), "op_type", None) != "Cast":
+            inside = f"{info.name}/float32"
+            for node in graph.node:
+                node.output[:] = [inside if name == info.name else name for name in node.output]
+                node.input[:] = [inside if name == info.name else name for name in node.input]
+            graph.node.append(helper.make_node("Cast", [inside], [info.name], to=kind))
 
 
 def _save_onnx(model, path: str | os.PathLike) -> None:
@@ -536,34 +619,34 @@ def quantize_int8(
             rounded weights, ``"sequential"`` the whole shift, measured layer by layer.
 
     Returns:
-        A :class:`PrecisionReport`: ``comparison``, the output difference against the
-        float model on the calibration data (and top-1 agreement for classifiers);
-        with ``layer_report``, ``divergence`` names the layers that lose the most.
+        A :class:`PrecisionReport`: ``comparison`` (against the float model on the
+        calibration data, top-1 too), ``divergence`` (``layer_report``'s worst layers).
     """
     start = time.perf_counter()
     model, matched, batches = _calibration(
         onnx_in, calibration_inputs, calibration_batch_size, calibration_method, percentile
     )
     onnx_out = Path(onnx_out)
-    with atomic_output(onnx_out, suffix=".onnx") as tmp:
-        equalized, correction, divergence, int8_run = _write_int8(
-            Path(onnx_in),
-            model,
-            tmp,
-            matched,
-            batches,
-            per_channel=per_channel,
-            signed=signed,
-            calibration_method=calibration_method,
-            progress=progress,
-            equalize=("depthwise" if per_channel else False) if equalize is None else equalize,
-            batch_norm_statistics=batch_norm_statistics,
-            bias_correction=bias_correction,
-            layer_report=layer_report,
-            percentile=percentile,
-        )
-    expected = float_outputs() if callable(float_outputs) else float_outputs
-    report = _int8_report(onnx_in, onnx_out, matched, expected, (per_channel, signed), int8_run)
+    with _float32_source(onnx_in, model) as source:
+        with atomic_output(onnx_out, suffix=".onnx") as tmp:
+            equalized, correction, divergence, int8_run = _write_int8(
+                source,
+                model,
+                tmp,
+                matched,
+                batches,
+                per_channel=per_channel,
+                signed=signed,
+                calibration_method=calibration_method,
+                progress=progress,
+                equalize=("depthwise" if per_channel else False) if equalize is None else equalize,
+                batch_norm_statistics=batch_norm_statistics,
+                bias_correction=bias_correction,
+                layer_report=layer_report,
+                percentile=percentile,
+            )
+        expected = float_outputs() if callable(float_outputs) else float_outputs
+        report = _int8_report(source, onnx_out, matched, expected, (per_channel, signed), int8_run)
     report.details["calibration_method"] = calibration_method
     report.details.update({"percentile": percentile} if calibration_method == "Percentile" else {})
     for key, step in (("equalization", equalized), ("bias_correction", correction)):
@@ -571,6 +654,22 @@ def quantize_int8(
     report.divergence = divergence
     report.seconds = time.perf_counter() - start
     return report
+
+
+@contextlib.contextmanager
+def _float32_source(onnx_in: str | os.PathLike, model: Any) -> Iterator[Path]:
+    """The file int8 quantization reads: ``onnx_in``, or where ``model`` (``onnx_in``
+    loaded) is a mixed-precision graph, its :func:`float32_compute` copy in a temporary
+    folder (``model`` is made that copy too) for the duration."""
+    if not float32_compute(model):
+        yield Path(onnx_in)
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="keras-bn-float32-") as folder:
+        source = Path(folder) / Path(onnx_in).name
+        _onnx().save(model, str(source))
+        yield source
 
 
 def _int8_report(

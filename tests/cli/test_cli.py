@@ -1578,6 +1578,34 @@ def test_fold_names_the_float64_rule_when_it_decided(tmp_path, capsys):
     assert max(c["max_abs_error"] for c in report["validation"]["outputs"]) > 1e-4
 
 
+def test_a_mixed_precision_model_exports_to_float16_and_int8(tmp_path, capsys, files):
+    """A mixed_float16 model's export computes in float16 as Keras does; float16 and
+    int8 start from its float32 computation (before: internal errors, "already
+    converted to float16" and a float16 tensor fetched as float32). Each file passes
+    its criterion against the Keras model, and the int8 file computes in float32
+    around its int8 layers (what onnxruntime's int8 kernels take)."""
+    _mixed_float16_classifier().save(tmp_path / "m16.keras")
+    calibration = ["--calibration", files["calibration"]]
+    for precision, extra in (("float16", []), ("int8", calibration)):
+        out = tmp_path / f"m_{precision}.onnx"
+        argv = ["export", tmp_path / "m16.keras", "-o", out, "--precision", precision, "--json"]
+        code, stdout, err = run_main([*argv, *extra], capsys)
+        assert code == 0, err
+        report = json.loads(stdout)
+        assert report["validation"]["passed"] is True
+        assert report["validation"]["precision"] == precision
+        model = onnx.load(out)
+        halves = [
+            i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16
+        ]
+        if precision == "int8":
+            assert not halves and {"QuantizeLinear", "DequantizeLinear"} <= {
+                node.op_type for node in model.graph.node
+            }
+        else:
+            assert halves
+
+
 def test_shape_mismatch_says_the_shapes_differ(tmp_path, capsys, files):
     other = keras.Sequential(
         [keras.Input((8, 8, 3), name="image"), keras.layers.Flatten(), keras.layers.Dense(5)]

@@ -25,6 +25,7 @@ from keras_bn.converters.precision import (
     check_float16_range,
     compare_onnx_models,
     convert_float16,
+    float32_compute,
     quantize_int8,
 )
 
@@ -399,3 +400,44 @@ def test_shape_inference_without_the_weights_data_is_onnxs_own():
     shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
               for v in ours.graph.value_info}  # fmt: skip
     assert shapes["flat"] == ["N", 1024] and shapes["c2"] == ["N", 64, 4, 4]
+
+
+def test_float32_compute_widens_a_float16_graph_and_keeps_its_io_types():
+    """A graph that computes in float16 with float16 inputs and outputs: afterwards its
+    MatMul runs in float32 between Casts (the inputs and outputs keep their type), so
+    the output is the float32 product rounded to float16 once, and nothing 16-bit is
+    left inside."""
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(64, 8)).astype(np.float16)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["y"]),
+            helper.make_node("Cast", ["y"], ["z"], to=TensorProto.FLOAT16),
+        ],
+        "half",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [None, 64])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT16, [None, 8])],
+        [numpy_helper.from_array(weights, "w")],
+        value_info=[helper.make_tensor_value_info("y", TensorProto.FLOAT16, [None, 8])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(16, 64)).astype(np.float16)
+    float16_arithmetic = _run_model(model, x)
+    assert float32_compute(model) and not float32_compute(model)  # once is enough
+    assert all(i.data_type == TensorProto.FLOAT for i in model.graph.initializer)
+    assert [o.type.tensor_type.elem_type for o in model.graph.output] == [TensorProto.FLOAT16]
+    got = _run_model(model, x)
+    want = (x.astype(np.float64) @ weights.astype(np.float64)).astype(np.float32)
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, want.astype(np.float16))
+    np.testing.assert_allclose(float16_arithmetic, got, rtol=2e-3, atol=2e-3)
+    assert [i.type.tensor_type.elem_type for i in model.graph.value_info] == [TensorProto.FLOAT]
+
+
+def _run_model(model, x: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, {"x": x})[0]
