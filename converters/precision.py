@@ -357,6 +357,7 @@ def convert_float16(
             min_positive_val=FLOAT16_SMALLEST_SUBNORMAL,
             max_finite_val=FLOAT16_MAX,
             keep_io_types=keep_io_types,
+            check_fp16_ready=False,  # float32_compute made any float16 graph float32
         )
     _casts_to_float16(converted)
     _save_onnx(converted, onnx_out)
@@ -462,6 +463,7 @@ def float32_compute(model) -> bool:
             numpy_helper.to_array(tensor).astype(np.float32), tensor.name
         )
 
+    widened_casts: list[Any] = []
     kept = {  # a graph output's own Cast to its 16-bit type stays
         info.name for info in model.graph.output if info.type.tensor_type.elem_type in halves
     }
@@ -484,6 +486,7 @@ def float32_compute(model) -> bool:
                     and node.output[0] not in kept
                 ):
                     attribute.i = onnx.TensorProto.FLOAT
+                    widened_casts.append((graph, node))
                     changed = True
                 elif attribute.type == onnx.AttributeProto.GRAPH:
                     graphs.append(attribute.g)
@@ -495,7 +498,31 @@ def float32_compute(model) -> bool:
                 changed = True
     if changed:
         _edges_keep_their_types(model.graph, halves)
+        _float_casts_removed(model, widened_casts)
     return changed
+
+
+def _float_casts_removed(model, casts: list[tuple[Any, Any]]) -> None:
+    """Remove each of ``casts`` (``(graph, node)``, now casting to float32) whose input is
+    float32 too: its readers read that input. onnxconverter-common's float16 converter
+    drops such a Cast after a graph input and then reads the input as float16."""
+    onnx = _onnx()
+    inferred, _ = _shape_inferred(model)
+    types = {
+        info.name: info.type.tensor_type.elem_type
+        for info in [*inferred.graph.value_info, *inferred.graph.input]
+    }
+    types.update({tensor.name: tensor.data_type for tensor in model.graph.initializer})
+    outputs = {info.name for info in model.graph.output}
+    for graph, node in casts:
+        source, target = node.input[0], node.output[0]
+        if graph is not model.graph or target in outputs:
+            continue
+        if types.get(source) != onnx.TensorProto.FLOAT:
+            continue
+        graph.node.remove(node)
+        for reader in graph.node:
+            reader.input[:] = [source if name == target else name for name in reader.input]
 
 
 def _edges_keep_their_types(graph, halves: tuple[int, ...]) -> None:
@@ -904,9 +931,20 @@ def _preprocess(model: Any) -> Any:
     Shape inference runs on a copy whose large float initializers have no data (shapes
     come from integer tensors; the weights only cost two trips of their bytes through
     protobuf, a third of a second on ResNet50), and their data is put back after."""
-    onnx = _onnx()
     from onnxruntime.quantization.quant_utils import add_pre_process_metadata
 
+    inferred, emptied = _shape_inferred(model)
+    for index in emptied:
+        inferred.graph.initializer[index].raw_data = model.graph.initializer[index].raw_data
+    _pad_within_max_pooling(inferred)
+    add_pre_process_metadata(inferred)
+    return inferred
+
+
+def _shape_inferred(model: Any) -> tuple[Any, list[int]]:
+    """ONNX shape inference on a copy of ``model`` whose large float initializers have no
+    data (:func:`_preprocess`), and the indices of those initializers."""
+    onnx = _onnx()
     light = onnx.ModelProto()
     light.CopyFrom(model)
     emptied = [
@@ -916,12 +954,7 @@ def _preprocess(model: Any) -> Any:
     ]
     for index in emptied:
         light.graph.initializer[index].ClearField("raw_data")
-    inferred = onnx.shape_inference.infer_shapes(light)
-    for index in emptied:
-        inferred.graph.initializer[index].raw_data = model.graph.initializer[index].raw_data
-    _pad_within_max_pooling(inferred)
-    add_pre_process_metadata(inferred)
-    return inferred
+    return onnx.shape_inference.infer_shapes(light), emptied
 
 
 def _wiring(graph: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:

@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import importlib
 import re
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -153,6 +154,11 @@ class KerasReference:
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self._twins[dtype] = pool.submit(build)
         pool.shutdown(wait=False)
+
+    def settle(self) -> None:
+        """Wait for every twin :meth:`start_twin` started, its error left to :meth:`twin`:
+        a twin's build patches Keras, which must not outlast the command that asked."""
+        concurrent.futures.wait(list(self._twins.values()))
 
     def twin(self, dtype: str) -> Float64Twin | None:
         """The ``dtype`` twin :meth:`start_twin` made (its error if it failed); None
@@ -361,9 +367,16 @@ def _called_with(model: keras.Model, flat: list[Any]) -> Any:
     return keras.tree.pack_sequence_as(structure, flat)
 
 
+# One twin is cloned at a time: the patches below are process-wide, and two builds in
+# two threads (a float16 twin started beside the conversion, the float64 twin validation
+# builds) would each restore what the other patched, leaving Keras patched for good.
+_CLONING = threading.Lock()
+
+
 def _clone_as(model: keras.Model, dtype: str, float32_classes: list[str]) -> keras.Model:
     # get_config of every layer: no TensorFlow import on JAX (tensorflow_probe_deferred)
     with (
+        _CLONING,
         # a float16 twin needs no 64-bit mode (which would patch Keras for the block)
         float64_enabled() if dtype == "float64" else contextlib.nullcontext(),
         internals.saved_weights_loading(),
@@ -447,6 +460,7 @@ def rejudge_against_float64(
     comparisons: list[OutputComparison],
     doubtful: list[Doubtful],
     precision: str = "float32",
+    reference: KerasReference | None = None,
 ) -> str:
     """Re-judge the ``doubtful`` comparisons (in place) against a float64 run of ``model``
     on ``inputs`` (one array per model input, every sample the comparisons cover), by
@@ -458,6 +472,14 @@ def rejudge_against_float64(
     Keras float32, whose own error is far below their criteria).
     """
     full = inputs
+    half: Float64Twin | None = None
+    missing = None
+    if precision == "float16":  # first: one started beside the conversion is done then
+        try:  # made beside the conversion (KerasReference.start_twin), else here
+            half = None if reference is None else reference.twin("float16")
+            half = half or float64_twin(model, full, dtype="float16")
+        except Exception as error:  # no float16 run: judge_float16 falls back
+            missing = f"the model's float16 copy failed: {error_summary(error)}"
     twin: Float64Twin | None = None
     exact_full: list[np.ndarray] | None = None
     try:
@@ -471,13 +493,6 @@ def rejudge_against_float64(
                 f"run ({reason})"
             )
         twin, exact_full = None, None
-    half: Float64Twin | None = None
-    missing = None
-    if precision == "float16":
-        try:
-            half = float64_twin(model, full, dtype="float16")
-        except Exception as error:  # no float16 run: judge_float16 falls back
-            missing = f"the model's float16 copy failed: {error_summary(error)}"
     half_full = None if half is None else half(full)
     for item in doubtful:
         exact = _outputs_for(item, twin, exact_full, full)

@@ -698,10 +698,25 @@ def _judge(
     reference: KerasReference | None,
 ) -> str:
     """The doubtful comparisons re-judged (float32: against float64; else by the
-    precision's criterion, with the float16 yardstick ``reference`` made, if any)."""
-    if precision == "float32":
-        return rejudge_against_float64(model, arrays, comparisons, doubtful, precision)
+    precision's criterion, with the float16 yardstick ``reference`` made, if any).
+    float16 and int8 take Keras's own output as the exact answer only where Keras
+    computes in float32: a mixed-precision model's output carries float16's error
+    itself, so there they are judged against float64 too."""
+    if precision == "float32" or _computes_below_float32(model):
+        return rejudge_against_float64(model, arrays, comparisons, doubtful, precision, reference)
     return judge_by_precision(model, arrays, comparisons, doubtful, precision, reference)
+
+
+def _computes_below_float32(model: keras.Model) -> bool:
+    """Whether a layer of ``model`` (nested models' layers included) computes in a
+    16-bit float (a mixed-precision policy)."""
+    layers = [model]
+    while layers:
+        layer = layers.pop()
+        if str(getattr(layer, "compute_dtype", "float32")) in ("float16", "bfloat16"):
+            return True
+        layers.extend(getattr(layer, "layers", None) or [])
+    return False
 
 
 def _tolerances(atol: float | None, rtol: float | None) -> tuple[bool, float, float]:

@@ -63,6 +63,7 @@ __all__ = [
     "functional_of",
     "build_shapes",
     "ordered_nodes",
+    "converts_input_args",
     "inputs_struct",
     "outputs_struct",
     "keras_mask",
@@ -225,6 +226,12 @@ def ordered_nodes(functional: Any) -> list[KerasNode]:
                 continue
             ordered.append(_keras_node(node))
     return ordered
+
+
+def converts_input_args(layer: Any) -> bool:
+    """Whether Keras casts a layer's float call arguments to its compute dtype on entry
+    (``Layer._convert_input_args``; lookup and hashing layers turn it off)."""
+    return bool(getattr(layer, "_convert_input_args", True))
 
 
 def inputs_struct(functional: Any) -> Any:

@@ -227,7 +227,7 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
             with run.progress.step(f"Writing {output}"):
                 data_files = _move_onnx_into_place(final, output, args, known)
     finally:
-        gate.set()  # whatever happened: the check never waits for it in vain
+        _settle(gate, reference)
     _describe_output(output, data_files, run)
     run.next = f"keras-bn bench {output}"
     return EXIT_OK
@@ -306,6 +306,14 @@ def _reference(
             label="Running the model in Keras (beside the export)",
         )
     return reference
+
+
+def _settle(gate: threading.Event, reference: Any) -> None:
+    """Whatever happened: the check never waits for the export in vain (``gate``), and
+    no twin started beside the conversion outlasts the command."""
+    gate.set()
+    if reference is not None:
+        reference.settle()
 
 
 def _start_keras(statistics: StatisticsStep, given: tuple, gate: threading.Event) -> Any:

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from keras_bn import _keras_internals as internals
 from keras_bn.converters import graph as graph_lib
 from keras_bn.converters.onnx.layout import Perm, identity_perm, inverse_perm
 
@@ -77,6 +78,7 @@ class Builder:
         self.node: graph_lib.Node | None = None
         self._values: dict[int, Value] = {}
         self._transposed: dict[tuple[str, Perm, Perm], str] = {}
+        self._float_names: dict[str, np.dtype] = {}  # names known to hold this float dtype
         self._first_op_named = False
         self.batch_source: str | None = None  # a graph input with the batch on axis 0
         self._batch_size: str | None = None
@@ -182,14 +184,56 @@ class Builder:
             self._transposed[key] = self.op(
                 "Transpose", [value.name], perm=order, name=f"{value.name}/Transpose"
             )
+            if value.name in self._float_names:
+                self._float_names[self._transposed[key]] = self._float_names[value.name]
         return self._transposed[key]
 
     def cast_float(self, name: str, dtype: str) -> str:
         """Cast a float input to the node's compute dtype (mixed precision)."""
-        source = np.dtype(dtype)
+        source = self._float_names.get(name, np.dtype(dtype))
         if source.kind == "f" and source != self.dtype:
-            return self.op("Cast", [name], to=tensor_type(self.dtype.name))
+            cast = self.op("Cast", [name], to=tensor_type(self.dtype.name))
+            self._float_names[cast] = self.dtype
+            return cast
         return name
+
+    def autocast_inputs(self, node: graph_lib.Node) -> Callable[[], None]:
+        """Keras's autocast for ``node``'s rule: a layer whose compute dtype is a float
+        (a mixed-precision policy's float16) casts its float inputs of another float
+        dtype to it on entry (``DTypePolicy.convert_input``), so the rule reads them
+        cast, whatever it does with them (a Dropout or ZeroPadding passes its input on
+        as it is). Returns the call that restores the inputs' own values for later
+        nodes, dropping each Cast the rule did not read."""
+        layer = node.layer
+        compute = np.dtype(getattr(layer, "compute_dtype", None) or "float32")
+        if not getattr(layer, "autocast", False) or compute.kind != "f":
+            return lambda: None
+        if not internals.converts_input_args(layer):
+            return lambda: None
+        own: dict[int, Value] = {}
+        casts: list[onnx.NodeProto] = []
+        for tensor in node.inputs:
+            dtype = np.dtype(tensor.dtype)
+            if dtype.kind != "f" or dtype == compute or id(tensor) in own or not self.has(tensor):
+                continue
+            value = own[id(tensor)] = self._values[id(tensor)]
+            cast = self.op("Cast", [value.name], to=tensor_type(compute.name))
+            self._float_names[cast] = compute
+            casts.append(self.nodes[-1])
+            self._values[id(tensor)] = Value(cast, value.perm, value.pads)
+
+        def restore() -> None:
+            published = {self._values[id(t)].name for t in node.outputs if self.has(t)}
+            for tensor_id, value in own.items():
+                self._values[tensor_id] = value
+            if not casts:
+                return
+            read = {name for emitted in self.nodes for name in emitted.input} | published
+            for cast in casts:
+                if cast.output[0] not in read:
+                    self.nodes.remove(cast)
+
+        return restore
 
     def set(self, tensor: graph_lib.Tensor, name: str | Value, perm: Perm | None = None) -> None:
         """Publish the ONNX value computing Keras ``tensor`` (in layout ``perm``)."""

@@ -398,7 +398,11 @@ def _run_rules(builder: Builder, graph: graph_lib.Graph) -> dict[int, list | Non
                     "its arguments hold unknown input sizes (ops.shape(x) of an input of "
                     "unknown size), which only reshape, tile and broadcast_to compute at runtime"
                 )
-            rule(builder, node)
+            restore = builder.autocast_inputs(node)
+            try:
+                rule(builder, node)
+            finally:
+                restore()
             missing = [t for t in node.outputs if not builder.has(t)]
             if missing:
                 raise RuntimeError(f"Rule for {node.name!r} did not set all of its outputs.")

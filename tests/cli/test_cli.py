@@ -1582,18 +1582,18 @@ def test_a_mixed_precision_model_exports_to_float16_and_int8(tmp_path, capsys, f
     """A mixed_float16 model's export computes in float16 as Keras does; float16 and
     int8 start from its float32 computation (before: internal errors, "already
     converted to float16" and a float16 tensor fetched as float32). Each file passes
-    its criterion against the Keras model, and the int8 file computes in float32
-    around its int8 layers (what onnxruntime's int8 kernels take)."""
+    its criterion, judged against a float64 run (Keras's own output carries float16's
+    error here, so it is no exact answer), and the int8 file computes in float32 around
+    its int8 layers (what onnxruntime's int8 kernels take)."""
     _mixed_float16_classifier().save(tmp_path / "m16.keras")
     calibration = ["--calibration", files["calibration"]]
     for precision, extra in (("float16", []), ("int8", calibration)):
         out = tmp_path / f"m_{precision}.onnx"
-        argv = ["export", tmp_path / "m16.keras", "-o", out, "--precision", precision, "--json"]
+        argv = ["export", tmp_path / "m16.keras", "-o", out, "--precision", precision]
         code, stdout, err = run_main([*argv, *extra], capsys)
         assert code == 0, err
-        report = json.loads(stdout)
-        assert report["validation"]["passed"] is True
-        assert report["validation"]["precision"] == precision
+        assert f"Validation PASSED: {out} vs Keras ({precision} criterion)" in stdout, stdout
+        assert f"{precision} criterion, against the same model run in float64" in stdout
         model = onnx.load(out)
         halves = [
             i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16

@@ -701,3 +701,37 @@ def test_jax_backend_exports_the_same_graph(tmp_path):
     assert ours.graph.node == theirs.graph.node
     assert ours.graph.initializer == theirs.graph.initializer
     assert len(ours.graph.node) > 5
+
+
+def test_mixed_precision_layers_that_pass_their_input_on_cast_it_as_keras_does(tmp_path):
+    """Under mixed_float16 a layer casts its float32 inputs to float16 on entry (Keras's
+    autocast), also one that passes its input on (Dropout, Identity, ZeroPadding2D left
+    pending for the convolution, Permute, Cropping2D): the convolution after each reads
+    float16. Before, each left its input float32 and the export was refused by onnx's
+    checker (an internal error)."""
+    mixed = {"dtype": "mixed_float16"}
+    inputs = keras.Input((8, 8, 3), name="image")
+    branches = [
+        layers.Dropout(0.2, **mixed),
+        layers.Identity(**mixed),
+        layers.ZeroPadding2D(1, **mixed),
+        layers.Permute((2, 1, 3), **mixed),
+        layers.Cropping2D(1, **mixed),
+        layers.GaussianNoise(0.1, **mixed),
+    ]
+    pooled = []
+    for index, layer in enumerate(branches):
+        x = layers.Conv2D(4, 3, name=f"conv_{index}", **mixed)(layer(inputs))
+        pooled.append(layers.GlobalAveragePooling2D(**mixed)(x))
+    outputs = layers.Dense(3, dtype="float32")(layers.Concatenate(**mixed)(pooled))
+    model = keras.Model(inputs, outputs)
+    path = tmp_path / "mixed.onnx"
+    export_onnx(model, path)
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 3)).astype("float32")
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x}
+    )
+    want = np.asarray(model(x, training=False), np.float64)
+    # Keras and the file both compute in float16: a few of its roundings apart.
+    assert np.abs(got[0] - want).max() <= 16 * 2.0**-11 * np.abs(want).max()

@@ -157,3 +157,31 @@ print("ok")
 """
     result = run_python(["-c", code], env={"KERAS_BACKEND": "jax"})
     assert result.stdout.strip().endswith("ok")
+
+
+def test_twins_built_in_two_threads_leave_keras_unpatched():
+    """A float16 twin built beside the conversion and the float64 one validation builds
+    may overlap: afterwards Keras builds layers as before (a twin's build patches Keras
+    to skip initializers; two overlapping builds used to leave that patch installed, and
+    every later layer started with zero weights)."""
+    import threading
+
+    model = _dense_bn_model()
+    x = np.random.default_rng(4).normal(size=(8, 5)).astype("float32")
+    errors: list[BaseException] = []
+
+    def build(dtype: str) -> None:
+        try:
+            for _ in range(3):
+                float64_twin(model, [x], dtype=dtype)
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=build, args=(d,)) for d in ("float16", "float64") * 2]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    fresh = keras.Sequential([keras.Input((4,)), L.Dense(3)])
+    assert np.any(np.asarray(keras.ops.convert_to_numpy(fresh.layers[0].kernel)) != 0)
