@@ -135,6 +135,7 @@ class OutputComparison:
     sqnr_db: float | None = None  # against the float64 run
     top1_agreement: float | None = None  # argmax agreement with the float64 run...
     top1_samples: int | None = None  # ...on this many decided samples (int8)
+    exact_answer: str = "Keras float32"  # what the float16/int8 errors are measured against
 
 
 def compare_arrays(

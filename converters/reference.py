@@ -504,6 +504,9 @@ def rejudge_against_float64(
             keras=item.expected,
             float16_run=_outputs_for(item, half, half_full, full),
         )
+        if exact is not None and precision != "float32":
+            judged = comparisons[item.index]
+            comparisons[item.index] = dataclasses.replace(judged, exact_answer="float64")
     if twin is None:
         return (
             f"{precision} criterion against Keras float32: the float64 copy of the model "

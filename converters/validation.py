@@ -239,7 +239,7 @@ def _exact_line(c: OutputComparison) -> str:
     result = "pass" if c.passed else "FAIL"
     if c.verdict == "float16 criterion":
         return (
-            f"vs Keras float32: ONNX {c.exact_error:.3g}, {c.yardstick} {c.keras_exact_error:.3g}, "
+            f"vs {c.exact_answer}: ONNX {c.exact_error:.3g}, {c.yardstick} {c.keras_exact_error:.3g}, "
             f"bound {c.bound:.3g} (relative to max; SQNR {c.sqnr_db:.1f} dB): {result}"
         )
     if c.verdict == "int8 criterion":
@@ -249,7 +249,7 @@ def _exact_line(c: OutputComparison) -> str:
             else f", top-1 agreement {c.top1_agreement:.1%} of {c.top1_samples} decided"
         )
         return (
-            f"vs Keras float32: SQNR {c.sqnr_db:.1f} dB (floor {INT8_SQNR_FLOOR_DB:g})"
+            f"vs {c.exact_answer}: SQNR {c.sqnr_db:.1f} dB (floor {INT8_SQNR_FLOOR_DB:g})"
             f"{top1}, error {c.exact_error:.3g} of max: {result}"
         )
     return (

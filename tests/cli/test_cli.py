@@ -1594,6 +1594,7 @@ def test_a_mixed_precision_model_exports_to_float16_and_int8(tmp_path, capsys, f
         assert code == 0, err
         assert f"Validation PASSED: {out} vs Keras ({precision} criterion)" in stdout, stdout
         assert f"{precision} criterion, against the same model run in float64" in stdout
+        assert "vs float64: " in stdout and "vs Keras float32: " not in stdout
         model = onnx.load(out)
         halves = [
             i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16
