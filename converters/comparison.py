@@ -70,6 +70,7 @@ __all__ = [
     "INT8_TOP1_FLOOR",
     "INT8_TOP1_MARGIN",
     "INT8_TOP1_MIN_SAMPLES",
+    "NOTHING_FINITE",
     "decided_top1_agreement",
     "float16_rule",
     "int8_rule",
@@ -84,6 +85,13 @@ __all__ = [
     "compare_arrays",
     "failed_comparison",
 ]
+
+# An output Keras computes no finite value of: NaN matching NaN proves nothing.
+NOTHING_FINITE = (
+    "Keras's own output has no finite value on these inputs (NaN or inf everywhere), so "
+    "nothing could be compared: give inputs the model computes finite outputs on "
+    "(--inputs FILE.npz)"
+)
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3

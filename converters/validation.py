@@ -64,6 +64,7 @@ from keras_bn.converters.comparison import (
     DEFAULT_RTOL,
     INT8_SQNR_FLOOR_DB,
     INT8_TOP1_MIN_SAMPLES,
+    NOTHING_FINITE,
     OUTRIGHT,
     OutputComparison,
     compare_arrays,
@@ -684,7 +685,8 @@ def validate_onnx(
         arrays = [runs.full[name] for name in prepared.input_names]
         judged = (prepared.model, arrays, comparisons, doubtful, precision)
         report.exact_note = _judge(*judged, reference)
-    if localize and not report.passed:
+    failed = [c for c in report.comparisons if not c.passed]
+    if localize and failed and any(c.note != NOTHING_FINITE for c in failed):
         _explain_failure(report, prepared, path, failing_batch, explicit)
     return report
 
@@ -918,6 +920,12 @@ def _run_both(
     return _Runs(full, full_expected, session, fixed, sizes, input_layout, checks, ran)
 
 
+def _nothing_finite(values: np.ndarray) -> bool:
+    """Whether a float output holds values and none of them is finite."""
+    values = np.asarray(values)
+    return values.size > 0 and values.dtype.kind == "f" and not np.isfinite(values).any()
+
+
 def _compare_outputs(
     model: PreparedModel, runs: _Runs, atol: float, rtol: float, outright: float | None
 ) -> tuple[
@@ -970,7 +978,9 @@ def _compare_outputs(
         for index, (name, a, b) in enumerate(zip(output_names, actual, expected, strict=True)):
             comparison = compare_arrays(a, b, atol=atol, rtol=rtol, name=name, batch_size=label)
             comparison.note = comparison.note or note
-            if outright is not None and np.shape(a) == np.shape(b):
+            if _nothing_finite(b):  # NaN matching NaN proves nothing
+                comparison = failed_comparison(name, label, np.shape(b), NOTHING_FINITE)
+            elif outright is not None and np.shape(a) == np.shape(b):
                 if not comparison.passed or comparison.relative_to_max > outright:
                     chunk = None if samples == count or per_sample else chunks[0]
                     doubtful.append(Doubtful(len(comparisons), index, a, b, samples, chunk))

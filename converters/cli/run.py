@@ -148,9 +148,17 @@ def print_run(run: Run, as_json: bool) -> None:
 
 
 def validation_failed(run: Run, what: str) -> int:
+    from keras_bn.converters.comparison import NOTHING_FINITE
+
+    comparisons = (run.report.get("validation") or {}).get("comparisons") or []
+    failed = [c for c in comparisons if isinstance(c, dict) and not c.get("passed")]
+    advice = "Loosen --atol/--rtol"
+    if failed and all(c.get("note") == NOTHING_FINITE for c in failed):
+        what = "the Keras model's own outputs are NaN or inf on the validation inputs"
+        advice = "Give inputs it computes finite outputs on (--inputs FILE.npz)"
     print(
-        f"keras-bn {run.command}: validation failed: {what}; nothing was written. Loosen "
-        "--atol/--rtol, or pass --no-validate to write the output anyway.",
+        f"keras-bn {run.command}: validation failed: {what}; nothing was written. {advice}, "
+        "or pass --no-validate to write the output anyway.",
         file=sys.stderr,
     )
     run.report["status"] = "validation_failed"
