@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -83,6 +84,7 @@ __all__ = [
     "top1_agreement",
     "OutputComparison",
     "compare_arrays",
+    "compare_output",
     "failed_comparison",
 ]
 
@@ -204,6 +206,17 @@ def compare_arrays(
         required_rtol=required_rtol,
         passed=passed,
     )
+
+
+def compare_output(actual: np.ndarray, reference: np.ndarray, **options: Any) -> OutputComparison:
+    """:func:`compare_arrays` for a model output against Keras's (``reference``); a
+    failed comparison saying so (:data:`NOTHING_FINITE`) where Keras's output has no
+    finite value: NaN matching NaN proves nothing."""
+    values = np.asarray(reference)
+    if values.size and values.dtype.kind == "f" and not np.isfinite(values).any():
+        name, batch_size = options.get("name", "output"), options.get("batch_size", 0)
+        return failed_comparison(name, batch_size, values.shape, NOTHING_FINITE)
+    return compare_arrays(actual, reference, **options)
 
 
 def failed_comparison(

@@ -68,6 +68,7 @@ from keras_bn.converters.comparison import (
     OUTRIGHT,
     OutputComparison,
     compare_arrays,
+    compare_output,
     failed_comparison,
     float16_rule,
     int8_rule,
@@ -920,12 +921,6 @@ def _run_both(
     return _Runs(full, full_expected, session, fixed, sizes, input_layout, checks, ran)
 
 
-def _nothing_finite(values: np.ndarray) -> bool:
-    """Whether a float output holds values and none of them is finite."""
-    values = np.asarray(values)
-    return values.size > 0 and values.dtype.kind == "f" and not np.isfinite(values).any()
-
-
 def _compare_outputs(
     model: PreparedModel, runs: _Runs, atol: float, rtol: float, outright: float | None
 ) -> tuple[
@@ -976,11 +971,13 @@ def _compare_outputs(
             note = f"{samples} sample(s) in {len(chunks)} batch(es) of {label}"
         failed = False
         for index, (name, a, b) in enumerate(zip(output_names, actual, expected, strict=True)):
-            comparison = compare_arrays(a, b, atol=atol, rtol=rtol, name=name, batch_size=label)
+            comparison = compare_output(a, b, atol=atol, rtol=rtol, name=name, batch_size=label)
             comparison.note = comparison.note or note
-            if _nothing_finite(b):  # NaN matching NaN proves nothing
-                comparison = failed_comparison(name, label, np.shape(b), NOTHING_FINITE)
-            elif outright is not None and np.shape(a) == np.shape(b):
+            if (
+                outright is not None
+                and np.shape(a) == np.shape(b)
+                and comparison.note != NOTHING_FINITE
+            ):
                 if not comparison.passed or comparison.relative_to_max > outright:
                     chunk = None if samples == count or per_sample else chunks[0]
                     doubtful.append(Doubtful(len(comparisons), index, a, b, samples, chunk))

@@ -94,7 +94,13 @@ def _compare_folded(model, folded, report, reference, args: argparse.Namespace, 
     """Compare the folded Keras model with the reference run of the original (prepared)
     on its inputs, with validation's verdict; the fold ``report`` records the largest
     difference."""
-    from keras_bn.converters.comparison import DEFAULT_ATOL, DEFAULT_RTOL, OUTRIGHT, compare_arrays
+    from keras_bn.converters.comparison import (
+        DEFAULT_ATOL,
+        DEFAULT_RTOL,
+        NOTHING_FINITE,
+        OUTRIGHT,
+        compare_output,
+    )
     from keras_bn.converters.prepared import prepare
     from keras_bn.converters.reference import Doubtful, rejudge_against_float64
     from keras_bn.converters.samples import call_model, describe_generated_inputs
@@ -113,14 +119,16 @@ def _compare_folded(model, folded, report, reference, args: argparse.Namespace, 
         expected = reference.outputs()
         batch_size = _count(inputs)
         comparisons = [
-            compare_arrays(b, a, atol=atol, rtol=rtol, name=f"output {i}", batch_size=batch_size)
+            compare_output(b, a, atol=atol, rtol=rtol, name=f"output {i}", batch_size=batch_size)
             for i, (a, b) in enumerate(zip(expected, received, strict=True))
         ]
         # The same verdict as validation: doubtful outputs are judged against float64.
         doubtful = [
             Doubtful(i, i, received[i], expected[i], batch_size, None)
             for i, c in enumerate(comparisons)
-            if not explicit and (not c.passed or c.relative_to_max > OUTRIGHT)
+            if not explicit
+            and (not c.passed or c.relative_to_max > OUTRIGHT)
+            and c.note != NOTHING_FINITE  # Keras has no finite value to judge by
         ]
         note = ""
         if doubtful:
@@ -144,6 +152,17 @@ def _compare_folded(model, folded, report, reference, args: argparse.Namespace, 
     if note:
         run.report["validation"]["exact_note"] = note
         run.text.append(note)
+    verdict = _verdict(comparisons, passed, atol, rtol)
+    run.text.append(f"Folded vs original Keras model: {verdict}\n  inputs: {described}")
+    run.summary.append(["validation", "passed" if passed else "FAILED"])
+    return passed
+
+
+def _verdict(comparisons: list, passed: bool, atol: float, rtol: float) -> str:
+    """The fold comparison's verdict line: the float64 rule's numbers where it decided,
+    why nothing could be compared, or the tolerances."""
+    from keras_bn.converters.comparison import NOTHING_FINITE
+
     worst_abs = max(c.max_abs_error for c in comparisons)
     worst_rel = max(c.max_rel_error for c in comparisons)
     by_float64 = [c for c in comparisons if c.verdict == "float64 reference"]
@@ -154,11 +173,11 @@ def _compare_folded(model, folded, report, reference, args: argparse.Namespace, 
             f" (error {worst.exact_error:.3g} vs Keras float32's own "
             f"{worst.keras_exact_error:.3g}, relative to max; max abs error {worst_abs:.3g})"
         )
+    elif any(c.note == NOTHING_FINITE for c in comparisons):
+        verdict = f"{result}: {NOTHING_FINITE}"
     else:
         verdict = (
             f"max abs error {worst_abs:.3g}, max rel error {worst_rel:.3g} "
             f"(atol {atol:g}, rtol {rtol:g}): {result}"
         )
-    run.text.append(f"Folded vs original Keras model: {verdict}\n  inputs: {described}")
-    run.summary.append(["validation", "passed" if passed else "FAILED"])
-    return passed
+    return verdict

@@ -150,7 +150,8 @@ def print_run(run: Run, as_json: bool) -> None:
 def validation_failed(run: Run, what: str) -> int:
     from keras_bn.converters.comparison import NOTHING_FINITE
 
-    comparisons = (run.report.get("validation") or {}).get("comparisons") or []
+    validation = run.report.get("validation") or {}
+    comparisons = validation.get("comparisons") or validation.get("outputs") or []
     failed = [c for c in comparisons if isinstance(c, dict) and not c.get("passed")]
     advice = "Loosen --atol/--rtol"
     if failed and all(c.get("note") == NOTHING_FINITE for c in failed):

@@ -1612,17 +1612,18 @@ def test_outputs_keras_computes_as_nan_everywhere_prove_nothing(tmp_path, capsys
     weight): the file reproduces it, yet NaN matching NaN proves nothing. Before,
     validation passed with an error of 0; now it fails, says why and asks for inputs."""
     inputs = keras.Input((6,), name="x")
-    model = keras.Model(inputs, keras.layers.Dense(3, name="dense")(inputs))
-    kernel, bias = model.get_layer("dense").get_weights()
-    model.get_layer("dense").set_weights([kernel, np.full_like(bias, np.nan)])
+    hidden = keras.layers.BatchNormalization()(keras.layers.Dense(4)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(hidden))
+    kernel, bias = model.get_layer("head").get_weights()
+    model.get_layer("head").set_weights([kernel, np.full_like(bias, np.nan)])
     model.save(tmp_path / "nan.keras")
-    out = tmp_path / "nan.onnx"
-    code, stdout, err = run_main(["export", tmp_path / "nan.keras", "-o", out], capsys)
-    assert code == 1 and not out.exists()
-    assert "Keras's own output has no finite value on these inputs" in stdout
-    assert "the Keras model's own outputs are NaN or inf on the validation inputs" in err
-    assert "--inputs FILE.npz" in err and "Loosen" not in err
-    assert "first divergent layer" not in stdout  # nothing diverged: nothing to localize
+    for command, out in (("export", tmp_path / "nan.onnx"), ("fold", tmp_path / "f.keras")):
+        code, stdout, err = run_main([command, tmp_path / "nan.keras", "-o", out], capsys)
+        assert code == 1 and not out.exists()
+        assert "Keras's own output has no finite value on these inputs" in stdout
+        assert "the Keras model's own outputs are NaN or inf on the validation inputs" in err
+        assert "--inputs FILE.npz" in err and "Loosen" not in err
+        assert "first divergent layer" not in stdout  # nothing diverged: nothing to localize
 
 
 def test_shape_mismatch_says_the_shapes_differ(tmp_path, capsys, files):
