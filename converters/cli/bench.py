@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from keras_bn.converters.cli.args import non_negative_int, positive_int
 from keras_bn.converters.cli.run import EXIT_OK, Run
@@ -41,8 +42,7 @@ def bench_command(args: argparse.Namespace, run: Run) -> int:
     from keras_bn.converters.user_files import load_onnx
 
     paths = [Path(p) for p in args.onnx]
-    for path in paths:
-        load_onnx(path)  # checked before onnxruntime: size, tensors, external data
+    models = [load_onnx(path) for path in paths]  # checked: size, tensors, external data
     inputs = None
     if args.inputs is not None:
         from keras_bn.converters.model_io import load_inputs
@@ -70,18 +70,27 @@ def bench_command(args: argparse.Namespace, run: Run) -> int:
         if index and speedup is not None:
             value += f", {speedup_text(speedup)} vs {Path(report.models[0]).name}"
         run.summary.append([Path(model).name, value])
-    run.next = _next_step(paths)
+    run.next = _next_step(paths, models[0])
     return EXIT_OK
 
 
-def _next_step(paths: list[Path]) -> str:
+def _next_step(paths: list[Path], first: Any) -> str:
+    """What to try next: with one file, the same model at the next precision down
+    (float32 -> float16 -> int8; an int8 file against float32)."""
+    from keras_bn.converters.precision import detect_precision
+
     if len(paths) > 1:
         return (
             "keep the fastest file that passes validation "
             "(keras-bn validate MODEL.keras FILE.onnx checks one)"
         )
     stem = paths[0].with_suffix("")
+    other, option = {
+        "float32": ("fp16", "--precision float16"),
+        "float16": ("int8", "--precision int8 --calibration CALIBRATION.npz"),
+        "int8": ("fp32", ""),
+    }[detect_precision(first)]
     return (
-        f"compare precisions: keras-bn export MODEL.keras -o {stem}_fp16.onnx --precision "
-        f"float16, then keras-bn bench {paths[0]} {stem}_fp16.onnx"
+        f"compare precisions: keras-bn export MODEL.keras -o {stem}_{other}.onnx"
+        f"{' ' + option if option else ''}, then keras-bn bench {paths[0]} {stem}_{other}.onnx"
     )

@@ -1014,6 +1014,13 @@ def test_bench_compares_any_number_of_files(tmp_path, capsys, files):
                  if r["model"] == str(paths["float32"])}  # fmt: skip
         for level, ratio in report["speedup_vs_first"][str(path)].items():
             assert ratio == pytest.approx(first[level] / times[level])
+    # One file: the next step is the same model at the next precision down, and the
+    # int8 file against float32 (before: always "--precision float16", a float16 file too).
+    suggested = {"float32": "--precision float16", "float16": "--precision int8", "int8": "_fp32"}
+    for precision, path in paths.items():
+        code, out, _ = run_main(["bench", path, "--runs", "2", "--warmup", "0"], capsys)
+        (line,) = [line for line in out.splitlines() if line.startswith("next: ")]
+        assert code == 0 and suggested[precision] in line, line
 
 
 def test_inspect_report_replaces_an_existing_report(tmp_path, capsys, files):
