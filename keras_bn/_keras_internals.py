@@ -306,6 +306,10 @@ def lambda_globals(names: Mapping[str, Any]) -> Iterator[None]:
     ``lambda t: tf.nn.relu6(t)`` finds no ``tf``: the model does not reload at all
     (Keras then reports that it cannot infer the Lambda's output shape). Here the
     rebuilt function sees that module's globals and ``names`` (``tf``, ``np``, ...).
+    A lambda written inside a function that imports ``tf`` there holds it in its
+    closure instead, which Keras saves as ``{"class_name": "module", "config":
+    "tensorflow", ...}`` and gives back as that dict: a closure value naming the module
+    of one of ``names`` becomes that module again.
     Only reached with ``safe_mode=False``, which runs the file's code anyway.
     Not thread-safe: it patches the module's function for the duration."""
     if not _patchable("lambda_globals"):
@@ -314,10 +318,18 @@ def lambda_globals(names: Mapping[str, Any]) -> Iterator[None]:
     from keras.src.utils import python_utils
 
     original = python_utils.func_load
+    modules = {value.__name__: value for value in names.values() if inspect.ismodule(value)}
+
+    def restored(value: Any) -> Any:
+        if isinstance(value, dict) and value.get("class_name") == "module":
+            return modules.get(str(value.get("config")), value)
+        return value
 
     def func_load(code: Any, defaults: Any = None, closure: Any = None, globs: Any = None) -> Any:
         if globs is None:
             globs = {**names, **vars(python_utils)}
+        if closure is not None:
+            closure = tuple(restored(value) for value in closure)
         return original(code, defaults=defaults, closure=closure, globs=globs)
 
     python_utils.func_load = func_load

@@ -370,16 +370,25 @@ def test_cli_exports_a_saved_model_with_tensorflow_code(tmp_path, capsys):
     assert "BatchNormalization" not in ops and "Conv" in ops and "ReduceMean" in ops
 
 
+def _closure_lambda() -> keras.layers.Lambda:
+    import tensorflow as local_tf  # a closure variable of the lambda, not a global
+
+    return keras.layers.Lambda(lambda t: local_tf.nn.relu(t) - 0.5 * local_tf.math.tanh(t))
+
+
 def test_cli_reloads_a_python_lambda_calling_tf(tmp_path, capsys):
     """A Keras-2-era ``Lambda(lambda t: tf.nn.relu6(t) ...)`` in a module that imports
     ``tf``: Keras 3 rebuilds the saved lambda with the globals of its own module, where
     ``tf`` is undefined, so the file did not load at all ("could not infer the shape
     of the Lambda's output"). With --unsafe it loads (``tf``, ``np`` given to the
-    lambda), exports and validates."""
+    lambda), exports and validates. So does a lambda written inside a function that
+    imports ``tf`` itself: Keras gives its closure back as ``{"class_name": "module",
+    ...}``, which becomes the module again."""
     inputs = keras.Input(SHAPE)
     x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.Lambda(lambda t: tf.nn.relu6(t) * tf.math.sigmoid(t))(x)
+    x = _closure_lambda()(x)
     model = keras.Model(inputs, keras.layers.Conv2D(4, 1)(x))
     randomize_batch_norms(model, np.random.default_rng(3))
     saved, output = tmp_path / "model.keras", tmp_path / "model.onnx"
