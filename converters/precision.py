@@ -514,15 +514,30 @@ def _float_casts_removed(model, casts: list[tuple[Any, Any]]) -> None:
     }
     types.update({tensor.name: tensor.data_type for tensor in model.graph.initializer})
     outputs = {info.name for info in model.graph.output}
-    for graph, node in casts:
-        source, target = node.input[0], node.output[0]
-        if graph is not model.graph or target in outputs:
-            continue
-        if types.get(source) != onnx.TensorProto.FLOAT:
-            continue
-        graph.node.remove(node)
-        for reader in graph.node:
-            reader.input[:] = [source if name == target else name for name in reader.input]
+    renamed = {
+        node.output[0]: node.input[0]
+        for graph, node in casts
+        if graph is model.graph
+        and node.output[0] not in outputs
+        and types.get(node.input[0]) == onnx.TensorProto.FLOAT
+    }
+    if not renamed:
+        return
+    kept = [
+        node
+        for node in model.graph.node
+        if not (node.op_type == "Cast" and node.output[0] in renamed)
+    ]
+    for node in kept:  # a removed Cast's input may itself be a removed Cast's output
+        node.input[:] = [_followed(renamed, name) for name in node.input]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+
+
+def _followed(renamed: Mapping[str, str], name: str) -> str:
+    while name in renamed:
+        name = renamed[name]
+    return name
 
 
 def _edges_keep_their_types(graph, halves: tuple[int, ...]) -> None:

@@ -54,6 +54,7 @@ __all__ = [
     "Float64Twin",
     "error_summary",
     "float64_enabled",
+    "float16_yardstick",
     "float64_twin",
     "rejudge_against_float64",
 ]
@@ -349,6 +350,20 @@ def _as_float(array: np.ndarray, dtype: str = "float64") -> np.ndarray:
     return array.astype(dtype) if _is_floating(array.dtype) else array
 
 
+def float16_yardstick(
+    model: keras.Model, inputs: list[np.ndarray], reference: KerasReference | None = None
+) -> tuple[Float64Twin | None, list[np.ndarray] | None, str | None]:
+    """float16's yardstick: the model's float16 copy (the one ``reference`` started beside
+    the conversion, else made here), its outputs on ``inputs``, and None; or, where no
+    copy can be made or run, (None, None, why) and judge_float16 falls back."""
+    try:
+        half = None if reference is None else reference.twin("float16")
+        half = half or float64_twin(model, inputs, dtype="float16")
+        return half, half(inputs), None  # the check run's outputs when on these inputs
+    except Exception as error:
+        return None, None, f"the model's float16 copy failed: {error_summary(error)}"
+
+
 def error_summary(error: BaseException) -> str:
     """``Type: first line of the message`` (about 120 characters), for a report line."""
     text = str(error).splitlines()[0] if str(error) else ""
@@ -472,14 +487,9 @@ def rejudge_against_float64(
     Keras float32, whose own error is far below their criteria).
     """
     full = inputs
-    half: Float64Twin | None = None
-    missing = None
+    half = half_full = missing = None
     if precision == "float16":  # first: one started beside the conversion is done then
-        try:  # made beside the conversion (KerasReference.start_twin), else here
-            half = None if reference is None else reference.twin("float16")
-            half = half or float64_twin(model, full, dtype="float16")
-        except Exception as error:  # no float16 run: judge_float16 falls back
-            missing = f"the model's float16 copy failed: {error_summary(error)}"
+        half, half_full, missing = float16_yardstick(model, full, reference)
     twin: Float64Twin | None = None
     exact_full: list[np.ndarray] | None = None
     try:
@@ -493,7 +503,6 @@ def rejudge_against_float64(
                 f"run ({reason})"
             )
         twin, exact_full = None, None
-    half_full = None if half is None else half(full)
     for item in doubtful:
         exact = _outputs_for(item, twin, exact_full, full)
         comparisons[item.index] = judge_precision(

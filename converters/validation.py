@@ -85,8 +85,7 @@ from keras_bn.converters.prepared import ModelLike, PreparedModel, prepare
 from keras_bn.converters.reference import (
     Doubtful,
     KerasReference,
-    error_summary,
-    float64_twin,
+    float16_yardstick,
     rejudge_against_float64,
 )
 from keras_bn.converters.samples import (
@@ -420,13 +419,7 @@ def judge_by_precision(
 
     half = half_outputs = missing = None
     if precision == "float16":
-        try:  # made beside the conversion (KerasReference.start_twin), else here
-            half = None if reference is None else reference.twin("float16")
-            half = half or float64_twin(model, inputs, dtype="float16")
-            half_outputs = half(inputs)  # its check run's when that was on these inputs
-        except Exception as error:  # no float16 run: judge_float16 falls back
-            half = half_outputs = None
-            missing = f"the model's float16 copy failed: {error_summary(error)}"
+        half, half_outputs, missing = float16_yardstick(model, inputs, reference)
     for item in doubtful:
         float16_run = None
         if half is not None and half_outputs is not None:

@@ -212,6 +212,7 @@ class Builder:
             return lambda: None
         own: dict[int, Value] = {}
         casts: list[onnx.NodeProto] = []
+        first = len(self.nodes)  # only the casts and the rule's nodes can read a cast
         for tensor in node.inputs:
             dtype = np.dtype(tensor.dtype)
             if dtype.kind != "f" or dtype == compute or id(tensor) in own or not self.has(tensor):
@@ -228,7 +229,7 @@ class Builder:
                 self._values[tensor_id] = value
             if not casts:
                 return
-            read = {name for emitted in self.nodes for name in emitted.input} | published
+            read = {name for emitted in self.nodes[first:] for name in emitted.input} | published
             for cast in casts:
                 if cast.output[0] not in read:
                     self.nodes.remove(cast)
