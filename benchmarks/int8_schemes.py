@@ -79,9 +79,9 @@ def float_export(name: str, calibration: int, evaluation: int, work: Path):
 
 
 def quantize(float_path: Path, scheme: str, calibration: np.ndarray, work: Path, statistics):
-    """``quantize_int8`` with the scheme ``METHOD[@percentile]/channel|tensor[/eq][/bc]``
+    """``quantize_int8`` with the scheme ``METHOD[@percentile]/channel|tensor[/eq][/bc][/tune]``
     (``eq``: equalization and absorption from the BN statistics; ``bc``: bias correction
-    of the weights' shift, ``sbc``: sequential, measured); path, seconds."""
+    of the weights' shift; ``tune``: bias tuning, checked on the outputs); path, seconds."""
     method, weights, *rest = scheme.split("/")
     method, _, percentile = method.partition("@")
     path = work / (scheme.replace("/", "_").replace("@", "_") + ".onnx")
@@ -96,7 +96,8 @@ def quantize(float_path: Path, scheme: str, calibration: np.ndarray, work: Path,
         **({"percentile": float(percentile)} if percentile else {}),
         equalize="eq" in rest,
         batch_norm_statistics=statistics,
-        bias_correction="sequential" if "sbc" in rest else "bc" in rest,
+        bias_correction="bc" in rest,
+        tune_biases="tune" in rest,
         layer_report=False,
     )
     return path, time.perf_counter() - start

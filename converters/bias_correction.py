@@ -17,14 +17,9 @@ Measuring the quantized model's mean output instead and removing the whole
 difference at every layer at once counts an upstream layer's error again at every
 layer below it: on MobileNetV2 that took top-1 agreement from 96% to 6%.
 
-The *sequential* form (``sequential=True``) measures instead, one layer at a time
-in graph order: the quantized model's mean output at the layer, its upstream
-layers already corrected, against the float model's; the whole difference goes
-into the bias. Upstream errors are then counted once (they were removed above),
-and the shifts that activation rounding leaves through ReLU/ReLU6 (a rounded input
-clipped at zero has a larger mean), which no weights-only formula sees, are
-removed too. It costs one quantized run per layer, on the first
-``SEQUENTIAL_SAMPLES`` calibration samples.
+The shifts that activation rounding leaves (a rounded input clipped by ReLU has
+another mean) are not a weights-only formula's to see: :mod:`.bias_tuning` measures
+them in the quantized model itself, checked on its outputs.
 
 The maths are NumPy functions (:func:`channel_sums`, :func:`convolution_shift`,
 :func:`dense_shift`, :func:`corrected_bias`); the rest reads and writes the ONNX
@@ -59,7 +54,6 @@ __all__ = [
 
 INT32_MIN, INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
 CORRECTED_OPS = ("Conv", "Gemm")
-SEQUENTIAL_SAMPLES = 32  # the sequential form runs the quantized model once per layer on these
 
 
 # ---------------------------------------------------------------------------------------
@@ -171,11 +165,9 @@ class BiasCorrectionReport:
     layers: list[LayerCorrection]
     skipped: dict[str, str]  # node name -> why it was not corrected
     samples: int
-    sequential: bool = False  # measured in the quantized model, layer after layer
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "sequential": self.sequential,
             "samples": self.samples,
             "layers": [layer.to_dict() for layer in self.layers],
             "skipped": dict(self.skipped),
@@ -183,8 +175,7 @@ class BiasCorrectionReport:
 
     def __str__(self) -> str:
         worst = max(self.layers, key=lambda layer: layer.relative_shift, default=None)
-        form = "sequential bias correction" if self.sequential else "bias correction"
-        text = f"{form}: {len(self.layers)} layer(s) corrected on {self.samples} sample(s)"
+        text = f"bias correction: {len(self.layers)} layer(s) corrected on {self.samples} sample(s)"
         if worst is not None:
             text += (
                 f"; largest output shift {worst.relative_shift:.1%} of its spread ({worst.node})"
@@ -355,25 +346,11 @@ def tensors_to_measure(float_model) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _first_samples(
-    batches: Sequence[Mapping[str, np.ndarray]], samples: int
-) -> list[Mapping[str, np.ndarray]]:
-    """The first batches that hold at least ``samples`` samples (all if fewer)."""
-    kept, count = [], 0
-    for batch in batches:
-        if count >= samples:
-            break
-        kept.append(batch)
-        count += len(next(iter(batch.values())))
-    return kept
-
-
 def correct_biases(
     float_model,
     quantized_model,
     calibration_batches: Sequence[Mapping[str, np.ndarray]],
     *,
-    sequential: bool = False,
     moments: Mapping[str, ChannelMoments] | None = None,
 ) -> tuple[Any, BiasCorrectionReport]:
     """Correct the quantized model's biases for the mean output shift that rounding
@@ -385,11 +362,6 @@ def correct_biases(
             onnxruntime's int32 biases and int8 weights; node names as in the float model.
         calibration_batches: feeds (input name -> array), e.g. the batches the
             activation ranges were calibrated on. The float model runs once on them.
-        sequential: measure each layer's mean output in the quantized model itself,
-            its upstream layers already corrected, and remove the whole difference
-            from the float model's (one quantized run per layer): this also removes
-            the shifts that activation rounding passes through ReLU/ReLU6, which the
-            weights-only form cannot see.
         moments: the float model's :class:`ChannelMoments` on ``calibration_batches``
             of (at least) :func:`tensors_to_measure`'s tensors, when the caller has
             measured them (the int8 export's calibration pass): the weights-only form
@@ -408,15 +380,13 @@ def correct_biases(
         initializer.name: numpy_helper.to_array(initializer)
         for initializer in float_model.graph.initializer
     }
-    if sequential:
-        calibration_batches = _first_samples(calibration_batches, SEQUENTIAL_SAMPLES)
     biases, skipped = _find_biases(corrected, float_nodes, float_weights)
     if not biases:
         return corrected, BiasCorrectionReport([], skipped, 0)
     layers = [float_nodes[bias.node.name] for bias in biases]
     names = [name for node in layers for name in (node.input[0], node.output[0])]
     unique = list(dict.fromkeys(names))  # branches share inputs
-    if moments is not None and not sequential and all(name in moments for name in unique):
+    if moments is not None and all(name in moments for name in unique):
         unique_means = [moments[name].means for name in unique]
         unique_spreads = [moments[name].spread for name in unique]
         samples = moments[unique[0]].samples
@@ -428,12 +398,8 @@ def correct_biases(
     spreads = [unique_spreads[unique.index(name)] for name in names]
     report = []
     for index, (bias, node) in enumerate(zip(biases, layers, strict=True)):
-        if sequential:  # what the corrected layers above leave at this one's output
-            measured, _, _ = _layer_means(corrected, [bias.node.output[0]], calibration_batches)
-            shift = means[2 * index + 1] - measured[0]
-        else:
-            error = bias.weight.error(float_weights[node.input[1]])
-            shift = -output_shift(node, error, means[2 * index])
+        error = bias.weight.error(float_weights[node.input[1]])
+        shift = -output_shift(node, error, means[2 * index])
         values = numpy_helper.to_array(bias.initializer)
         bias.initializer.CopyFrom(
             numpy_helper.from_array(
@@ -443,4 +409,4 @@ def correct_biases(
         largest = float(np.abs(shift).max())
         spread = spreads[2 * index + 1] or 1.0
         report.append(LayerCorrection(node.name, shift.size, largest, largest / spread))
-    return corrected, BiasCorrectionReport(report, skipped, samples, sequential)
+    return corrected, BiasCorrectionReport(report, skipped, samples)

@@ -190,6 +190,10 @@ class PrecisionReport:
             lines.append(f"  out of float16 range: {issue}")
         if self.precision == "int8" and "calibration_method" in self.details:
             lines.append(f"  scheme: {_int8_scheme(self.details)}")
+        if "bias_tuning" in self.details:
+            from keras_bn.converters.bias_tuning import BiasTuningReport
+
+            lines.append(f"  {BiasTuningReport(**self.details['bias_tuning'])}")
         if self.comparison is not None:
             # int8 is compared on the data it was calibrated on: say so (in-sample).
             where = "its calibration data, " if self.precision == "int8" else ""
@@ -216,6 +220,9 @@ def _int8_scheme(details: Mapping[str, Any]) -> str:
     correction = details.get("bias_correction")
     if correction is not None:
         text += f", bias correction of {len(correction['layers'])} layer(s)"
+    tuning = details.get("bias_tuning")
+    if tuning is not None:
+        text += f", bias tuning ({len(tuning['changed'])} layer(s) changed)"
     if details.get("storage") == "uint8":
         text += (
             "; stored as uint8 plus 128, the same values, which onnxruntime's x86 kernels "
@@ -630,39 +637,40 @@ def quantize_int8(
     float_outputs: Sequence[np.ndarray] | Callable[[], Sequence[np.ndarray] | None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     calibration_method: str = "Percentile",
-    bias_correction: bool | str = True,
+    bias_correction: bool = True,
     percentile: float = 99.99,
+    tune_biases: bool = False,
+    tuning_progress: Callable[[int, int], None] | None = None,
 ) -> PrecisionReport:
     """Quantize an ONNX model to int8 (static, QDQ, per-channel weights).
 
     Args:
         onnx_in: the float32 model (not modified). Fold BatchNormalization first.
         onnx_out: where to write the quantized model (atomically).
-        calibration_inputs: representative inputs keyed by ONNX input name (any key
-            for a single input), batch first, in the ONNX model's layout. Activation
-            ranges are calibrated on them: they should look like deployment data.
+        calibration_inputs: inputs that look like deployment data, keyed by ONNX input
+            name (any key for one input), batch first, in the ONNX model's layout.
         per_channel: one weight scale per output channel (recommended).
         signed: store int8 (S8S8); else the same values as uint8 (:mod:`.int8_storage`).
         calibration_batch_size: samples per calibration run (for dynamic batches).
-        equalize: cross-layer equalization before quantizing, with high-bias
-            absorption (:mod:`.equalization`; ``batch_norm_statistics``, per folded
-            layer, serve pairs without ReLU); ``"depthwise"``: only the pairs into
-            depthwise layers; None: those with per-channel weights, none per-tensor.
-        layer_report: compare the two models at every Keras layer output too, on
-            the first samples of the calibration data (:mod:`.divergence`).
-        float_outputs: the float model's outputs on ``calibration_inputs``, compared
-            instead of running ``onnx_in``; or a callable giving them (or None) later.
+        equalize: cross-layer equalization and high-bias absorption (:mod:`.equalization`;
+            ``batch_norm_statistics`` serve pairs without ReLU); ``"depthwise"``: only the
+            pairs into depthwise layers; None: those with per-channel weights, none per-tensor.
+        layer_report: compare the two models at every Keras layer output too (on the
+            first calibration samples, :mod:`.divergence`).
+        float_outputs: the float model's outputs on ``calibration_inputs`` (or a
+            callable giving them, or None, later), instead of running ``onnx_in``.
         progress: called as ``progress(done, total)`` after each calibration batch.
         calibration_method: ``"MinMax"``, ``"Percentile"`` (keeps ``percentile`` % of
-            |x| in range; with bias correction the best on the testbeds, BENCHMARKS 19b)
-            or ``"Entropy"`` (onnxruntime's, fed one batch at a time).
-        bias_correction: then correct each layer's mean output shift on the
-            calibration data (:mod:`.bias_correction`): ``True`` the shift of its
-            rounded weights, ``"sequential"`` the whole shift, measured layer by layer.
+            |x|; the best on the testbeds, BENCHMARKS 19b) or ``"Entropy"``.
+        bias_correction: then correct the mean output shift that rounding each layer's
+            weights causes, from the calibration data (:mod:`.bias_correction`).
+        tune_biases: then tune each bias in the quantized model itself, keeping each
+            change that brings its outputs closer to the float model's (:mod:`.bias_tuning`;
+            two runs per layer, each reported as ``tuning_progress(done, total)``).
 
     Returns:
-        A :class:`PrecisionReport`: ``comparison`` (against the float model on the
-        calibration data, top-1 too), ``divergence`` (``layer_report``'s worst layers).
+        A :class:`PrecisionReport`: ``comparison`` (with the float model on the
+        calibration data), ``divergence`` (``layer_report``'s worst layers).
     """
     start = time.perf_counter()
     model, matched, batches = _calibration(
@@ -671,7 +679,7 @@ def quantize_int8(
     onnx_out = Path(onnx_out)
     with _float32_source(onnx_in, model) as source:
         with atomic_output(onnx_out, suffix=".onnx") as tmp:
-            equalized, correction, divergence, int8_run = _write_int8(
+            equalized, correction, tuning, divergence, int8_run = _write_int8(
                 source,
                 model,
                 tmp,
@@ -686,16 +694,26 @@ def quantize_int8(
                 bias_correction=bias_correction,
                 layer_report=layer_report,
                 percentile=percentile,
+                tune_biases=tune_biases,
+                tuning_progress=tuning_progress,
             )
         expected = float_outputs() if callable(float_outputs) else float_outputs
         report = _int8_report(source, onnx_out, matched, expected, (per_channel, signed), int8_run)
-    report.details["calibration_method"] = calibration_method
-    report.details.update({"percentile": percentile} if calibration_method == "Percentile" else {})
-    for key, step in (("equalization", equalized), ("bias_correction", correction)):
-        report.details.update({} if step is None else {key: step.to_dict()})
+    _record_steps(report, calibration_method, percentile, equalized, correction, tuning)
     report.divergence = divergence
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _record_steps(
+    report: PrecisionReport, calibration_method: str, percentile: float, *steps: Any
+) -> None:
+    """The int8 scheme in ``report.details``: the calibration method, and the reports of
+    the steps that ran (equalization, bias correction, bias tuning)."""
+    report.details["calibration_method"] = calibration_method
+    report.details.update({"percentile": percentile} if calibration_method == "Percentile" else {})
+    for key, step in zip(("equalization", "bias_correction", "bias_tuning"), steps, strict=True):
+        report.details.update({} if step is None else {key: step.to_dict()})
 
 
 @contextlib.contextmanager
@@ -797,14 +815,16 @@ def _write_int8(
     progress: Callable[[int, int], None] | None,
     equalize: bool | str,
     batch_norm_statistics: Mapping[str, Any] | None,
-    bias_correction: bool | str,
+    bias_correction: bool,
     layer_report: bool,
     percentile: float = 99.99,
-) -> tuple[Any, Any, Any, Any]:
+    tune_biases: bool = False,
+    tuning_progress: Callable[[int, int], None] | None = None,
+) -> tuple[Any, Any, Any, Any, Any]:
     """:func:`quantize_int8`'s steps, writing ``tmp``: (equalization, bias correction,
-    divergence) reports, each None when its step did not run, and the int8 file's run
-    on ``matched`` (:func:`_int8_outputs`, beside the layer report)."""
-    equalized = correction = divergence = None
+    bias tuning, divergence) reports, each None when its step did not run, and the int8
+    file's run on ``matched`` (:func:`_int8_outputs`, beside the layer report)."""
+    equalized = correction = tuning = divergence = None
     floats: list[concurrent.futures.Future] = []  # the layer report's float side
 
     def calibrated() -> None:  # started beside the QDQ rewrite (model: the source's)
@@ -839,12 +859,16 @@ def _write_int8(
             calibration_method,
             progress,
             percentile,
-            measure_biases=bias_correction is True,
+            measure_biases=bool(bias_correction),
             calibrated=calibrated,
         )
         if bias_correction:
-            quantized, correction = _correct_biases(
-                model, quantized, batches, bias_correction == "sequential", moments
+            quantized, correction = _correct_biases(model, quantized, batches, moments)
+        if tune_biases:
+            from keras_bn.converters import bias_tuning
+
+            quantized, tuning = bias_tuning.tune_biases(
+                model, quantized, batches, progress=tuning_progress
             )
         _save_int8(quantized, tmp, signed)
         int8_run = _start(_int8_outputs, tmp, matched)
@@ -855,7 +879,7 @@ def _write_int8(
             divergence = layer_divergence(source, tmp, matched, float_values=values)
     finally:
         target.unlink(missing_ok=True)
-    return equalized, correction, divergence, int8_run.result()  # before tmp is moved
+    return equalized, correction, tuning, divergence, int8_run.result()  # before tmp is moved
 
 
 def _save_int8(quantized: Any, path: Path, signed: bool) -> None:
@@ -1102,7 +1126,6 @@ def _correct_biases(
     float_model: Any,
     quantized: Any,
     batches: list[dict[str, np.ndarray]],
-    sequential: bool,
     moments: Mapping[str, Any] | None,
 ) -> tuple[Any, Any]:
     """:func:`.bias_correction.correct_biases` of ``quantized`` (both models in
@@ -1110,7 +1133,7 @@ def _correct_biases(
     corrected model and the report."""
     from keras_bn.converters.bias_correction import correct_biases
 
-    return correct_biases(float_model, quantized, batches, sequential=sequential, moments=moments)
+    return correct_biases(float_model, quantized, batches, moments=moments)
 
 
 _INT8_OPTIONS = {"ActivationSymmetric": False, "WeightSymmetric": True}

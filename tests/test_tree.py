@@ -85,6 +85,7 @@ MIRROR = {
     "converters/precision.py": "validation/test_precision.py",
     "converters/divergence.py": "validation/test_divergence.py",
     "converters/bias_correction.py": "validation/test_bias_correction.py",
+    "converters/bias_tuning.py": "validation/test_bias_tuning.py",
     "converters/calibration.py": "validation/test_calibration.py",
     "converters/int8_storage.py": "validation/test_int8_storage.py",
     "converters/benchmarking.py": "validation/test_benchmarking.py",

@@ -260,11 +260,12 @@ def _check_options(args: argparse.Namespace) -> Path:
             f"--calibration is only used with --precision int8 (received --precision "
             f"{args.precision}); drop it or pass --precision int8."
         )
-    if (args.per_tensor or args.equalize is not None or args.signed_int8) and (
+    if (args.per_tensor or args.equalize is not None or args.signed_int8 or args.tune_biases) and (
         args.precision != "int8"
     ):
         raise UserInputError(
-            f"--per-tensor, --equalize and --signed-int8 are only used with --precision int8 "
+            "--per-tensor, --equalize, --tune-biases and --signed-int8 are only used with "
+            f"--precision int8 "
             f"(received --precision {args.precision}); drop them or pass --precision int8."
         )
     if args.precision != "int8" and (args.bias_correction, args.calibration_method) != (None,) * 2:
@@ -452,6 +453,16 @@ def _equalization_statistics(args: argparse.Namespace, fold: tuple[Any, Any]) ->
     return batch_norm_statistics(*fold)
 
 
+def _tuning_progress(step: Any) -> Callable[[int, int], None]:
+    """The int8 step's progress while biases are tuned: layers, not batches."""
+
+    def update(done: int, total: int) -> None:
+        step.label, step.unit = "Quantizing to int8 (tuning biases)", "layers"
+        step.update(done, total)
+
+    return update
+
+
 def _convert_precision(
     exported: Path,
     work: Path,
@@ -493,6 +504,8 @@ def _convert_precision(
             steps.to_onnx_layout(calibration, args.input_layout),
             per_channel=not args.per_tensor,
             signed=args.signed_int8,
+            tune_biases=args.tune_biases,
+            tuning_progress=_tuning_progress(step),
             equalize=_equalization(args),
             batch_norm_statistics=bn_statistics,
             layer_report=not args.no_layer_report,

@@ -748,7 +748,7 @@ def test_export_int8_scheme_options(tmp_path, capsys, files):
     code, out, err = run_main(
         ["export", files["model"], "-o", tmp_path / "q.onnx", "--precision", "int8"]
         + ["--calibration", files["calibration"], "--json", "--no-validate"]
-        + ["--calibration-method", "Percentile", "--bias-correction"],
+        + ["--calibration-method", "Percentile", "--bias-correction", "--tune-biases"],
         capsys,
     )
     assert code == 0, err
@@ -757,6 +757,9 @@ def test_export_int8_scheme_options(tmp_path, capsys, files):
     assert precision["bias_correction"]["samples"] == 64
     assert precision["bias_correction"]["layers"], precision["bias_correction"]
     assert precision["comparison"]["top1_agreement"] >= 0.9
+    tuning = precision["bias_tuning"]  # every Conv/Dense, on the first 32 samples
+    assert len(tuning["tried"]) == len(precision["bias_correction"]["layers"]), tuning
+    assert tuning["samples"] == 32 and tuning["sqnr_db_after"] >= tuning["sqnr_db_before"]
 
 
 @pytest.mark.parametrize(
@@ -767,6 +770,7 @@ def test_export_int8_scheme_options(tmp_path, capsys, files):
         (["--precision", "int8", "--calibration", "{dir}/missing.npz"], "does not exist"),
         (["--inputs", "{model}"], "expected a .npz file"),
         (["--bias-correction"], "apply to --precision int8 only"),
+        (["--tune-biases"], "only used with --precision int8"),
     ],
     ids=[
         "int8-without-calibration",
@@ -774,6 +778,7 @@ def test_export_int8_scheme_options(tmp_path, capsys, files):
         "missing-calibration",
         "inputs",
         "bias-correction-without-int8",
+        "tune-biases-without-int8",
     ],
 )
 def test_export_option_errors(tmp_path, capsys, files, extra, fragment):

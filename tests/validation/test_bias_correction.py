@@ -18,7 +18,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from keras_bn.converters import runtime
 from keras_bn.converters.bias_correction import (
-    SEQUENTIAL_SAMPLES,
     ChannelMoments,
     channel_sums,
     convolution_shift,
@@ -290,29 +289,6 @@ def test_mean_output_shift_drops(files, per_channel):
     assert changed and all("bias" in name or "_b" in name for name in changed), changed
 
 
-@pytest.mark.parametrize("per_channel", [False, True], ids=["per-tensor", "per-channel"])
-def test_sequential_form_removes_the_whole_measured_shift(files, per_channel):
-    """Each layer measured after the ones above it are corrected: every corrected
-    layer's mean output equals the float model's, to a bias step, on the samples it
-    used; even the Gemm, whose shift the bias-free convolution before it causes
-    (which the weights-only form cannot touch)."""
-    paths, calibration = files
-    float_model, quantized = onnx.load(str(paths["float"])), onnx.load(str(paths[per_channel]))
-    batches = [{"x": calibration[i : i + 16]} for i in range(0, len(calibration), 16)]
-    corrected, report = correct_biases(float_model, quantized, batches, sequential=True)
-    used = calibration[:SEQUENTIAL_SAMPLES]
-    assert report.samples == SEQUENTIAL_SAMPLES < len(calibration)
-    before = _relative_shifts(float_model, quantized, used)
-    after = _relative_shifts(float_model, corrected, used)
-    weights_only = _relative_shifts(
-        float_model, correct_biases(float_model, quantized, batches)[0], used
-    )
-    assert before["dense"] > 0.005, before
-    for name in ("depthwise", "pointwise", "dense"):
-        assert after[name] < 1e-3, (name, before, after)
-    assert after["dense"] < 0.1 * weights_only["dense"], (weights_only, after)
-
-
 def test_held_out_accuracy_does_not_fall(files):
     paths, calibration = files
     float_model, quantized = onnx.load(str(paths["float"])), onnx.load(str(paths[False]))
@@ -336,11 +312,9 @@ def test_quantize_int8_options(files, tmp_path):
         per_channel=False,
         calibration_method="Percentile",
         percentile=99.99,
-        bias_correction="sequential",
     )
     assert report.details["calibration_method"] == "Percentile"
     assert report.details["percentile"] == 99.99
-    assert report.details["bias_correction"]["sequential"] is True
     corrections = report.details["bias_correction"]
     assert [layer["node"] for layer in corrections["layers"]] == ["depthwise", "pointwise", "dense"]
     assert report.comparison.sqnr_db > 10  # still computes the model
@@ -356,7 +330,7 @@ def test_quantize_int8_options(files, tmp_path):
     default = quantize_int8(paths["float"], tmp_path / "default.onnx", {"x": calibration})
     assert default.details["calibration_method"] == "Percentile"
     assert default.details["percentile"] == 99.99
-    assert default.details["bias_correction"]["sequential"] is False
+    assert default.details["bias_correction"]["samples"] == len(calibration)
     assert "Percentile calibration (99.99% of |x|), bias correction of 3 layer(s)" in str(default)
 
 
