@@ -157,6 +157,11 @@ def validation_failed(run: Run, what: str) -> int:
     if failed and all(c.get("note") == NOTHING_FINITE for c in failed):
         what = "the Keras model's own outputs are NaN or inf on the validation inputs"
         advice = "Give inputs it computes finite outputs on (--inputs FILE.npz)"
+    elif validation.get("precision") == "int8":  # judged by SQNR and top-1, not atol
+        tuned = "bias_tuning" in (run.report.get("precision") or {})
+        advice = "Calibrate on data that looks like deployment data (--calibration)" + (
+            "" if tuned else ", try --tune-biases"
+        )
     print(
         f"keras-bn {run.command}: validation failed: {what}; nothing was written. {advice}, "
         "or pass --no-validate to write the output anyway.",

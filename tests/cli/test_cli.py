@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1797,3 +1798,29 @@ def test_a_model_that_cannot_run_on_generated_inputs_asks_for_inputs(tmp_path, c
     arguments = ["export", tmp_path / "m.keras", "-o", tmp_path / "m.onnx", "--inputs"]
     code, out, err = run_main([*arguments, tmp_path / "in.npz"], capsys)
     assert code == 0, err
+
+
+def test_an_int8_validation_failure_advises_for_int8_not_tolerances(tmp_path, capsys):
+    """int8 is judged by SQNR and top-1, which --atol/--rtol do not move: a failing int8
+    export asks for better calibration data, and for --tune-biases until it was used.
+    The model: one input feature a thousand times the others, which its first layer
+    ignores, so one per-tensor int8 range leaves the others a level or two."""
+    inputs = keras.Input((8,), name="x")
+    hidden = keras.layers.Dense(16, activation="relu", name="hidden")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="head")(hidden))
+    kernel, bias = model.get_layer("hidden").get_weights()
+    kernel[0] = 1e-4
+    model.get_layer("hidden").set_weights([kernel, bias])
+    model.save(tmp_path / "m.keras")
+    calibration = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    calibration[:, 0] *= 1000.0
+    np.savez(tmp_path / "calibration.npz", x=calibration)
+    argv = ["export", tmp_path / "m.keras", "-o", tmp_path / "q.onnx", "--precision", "int8"]
+    argv += ["--calibration", tmp_path / "calibration.npz"]
+    for extra, tune in (([], "try --tune-biases"), (["--tune-biases"], None)):
+        code, out, err = run_main(argv + extra, capsys)
+        assert code == 1 and not (tmp_path / "q.onnx").exists(), err
+        sqnr = [float(v) for v in re.findall(r"SQNR (-?[\d.]+) dB \(floor 8\)", out)]
+        assert sqnr and max(sqnr) < 8, out
+        assert "--calibration" in err and "Loosen" not in err, err
+        assert (tune in err) if tune else ("--tune-biases" not in err), err
