@@ -79,9 +79,10 @@ def float_export(name: str, calibration: int, evaluation: int, work: Path):
 
 
 def quantize(float_path: Path, scheme: str, calibration: np.ndarray, work: Path, statistics):
-    """``quantize_int8`` with the scheme ``METHOD[@percentile]/channel|tensor[/eq][/bc][/tune]``
-    (``eq``: equalization and absorption from the BN statistics; ``bc``: bias correction
-    of the weights' shift; ``tune``: bias tuning, checked on the outputs); path, seconds."""
+    """``quantize_int8`` with the scheme ``METHOD[@percentile]/channel|tensor[/eq|/dw][/bc][/tune]``
+    (``eq``: equalization and absorption from the BN statistics, ``dw``: only the pairs
+    into depthwise layers, the per-channel default; ``bc``: bias correction of the
+    weights' shift; ``tune``: bias tuning, checked on the outputs); path, seconds."""
     method, weights, *rest = scheme.split("/")
     method, _, percentile = method.partition("@")
     path = work / (scheme.replace("/", "_").replace("@", "_") + ".onnx")
@@ -94,7 +95,7 @@ def quantize(float_path: Path, scheme: str, calibration: np.ndarray, work: Path,
         per_channel=weights == "channel",
         calibration_method=method,
         **({"percentile": float(percentile)} if percentile else {}),
-        equalize="eq" in rest,
+        equalize="depthwise" if "dw" in rest else "eq" in rest,
         batch_norm_statistics=statistics,
         bias_correction="bc" in rest,
         tune_biases="tune" in rest,

@@ -15,9 +15,9 @@ model's** on those samples (:func:`relative_error`); otherwise the bias goes bac
 The check is what makes tuning safe: on MobileNetV2 correcting every layer this way
 took the logits from 16.7 to 14.3 dB SQNR, because several layers' errors cancel
 further down (most of blocks 9-16 there), while the checked form reaches 18.5 dB
-(BENCHMARKS.md, section 35). It costs two runs per layer (the float target and the
-quantized model with the candidate), on the first ``TUNING_SAMPLES`` samples; the
-biases are fed as graph inputs, so each model is opened once.
+(BENCHMARKS.md, section 35). It costs about one run of the quantized model per layer
+(with the candidate) and a few of the float model, on the first ``TUNING_SAMPLES``
+samples; the biases are fed as graph inputs, so each model is opened once.
 
 The maths are NumPy functions (:func:`clipped_shift`, :func:`relative_error`); the
 rest finds the layers and runs the two models.
@@ -37,6 +37,7 @@ from keras_bn.converters.bias_correction import corrected_bias
 __all__ = ["BiasTuningReport", "clipped_shift", "relative_error", "tune_biases"]
 
 TUNING_SAMPLES = 32  # the quantized model runs on these once per layer
+EXPOSED_BYTES = 256 * 2**20  # layer outputs kept from one run for the layers that follow
 _PASS_THROUGH = ("Relu", "Clip")  # what may sit between a layer and its QuantizeLinear
 
 
@@ -278,31 +279,80 @@ def _first_samples(
 
 class _Runs:
     """The two models on the tuning samples: the float targets, and the quantized
-    model's outputs under given biases."""
+    model's outputs under given biases.
+
+    Each run also returns the outputs of as many of the layers that follow as fit in
+    ``EXPOSED_BYTES`` (per-sample sizes from ONNX shape inference): a trial that is
+    not kept then costs no second run for the next layer's output, and the float model
+    runs once per window of layers, not once per layer."""
 
     def __init__(self, float_model, quantized, layers: list[_Layer], feeds, outputs):
-        names = [layer.output for layer in layers]
-        targets = list(dict.fromkeys(layer.target for layer in layers))
+        self.layers = layers
         self.outputs = outputs
         self.feeds = feeds
+        self.samples = sum(len(next(iter(feed.values()))) for feed in feeds)
+        self.sizes = _sample_sizes(float_model)
+        targets = list(dict.fromkeys(layer.target for layer in layers))
+        names = [layer.output for layer in layers]
         self.float = runtime.open_session(_exposed(float_model, targets), spinning=False)
         self.quantized = runtime.open_session(
             _exposed(quantized, names, layers), optimization="ORT_DISABLE_ALL", spinning=False
         )
-        self.expected = self.float_values(list(outputs))
+        self.expected = self._float(list(outputs))
+        self._targets: dict[str, np.ndarray] = {}
 
-    def float_values(self, names: list[str]) -> list[np.ndarray]:
+    def window(self, start: int) -> list[_Layer]:
+        """``layers[start:]``, as many as fit in ``EXPOSED_BYTES`` (at least one)."""
+        kept: list[_Layer] = []
+        total = 0
+        for layer in self.layers[start:]:
+            size = self.sizes.get(layer.target)
+            cost = EXPOSED_BYTES + 1 if size is None else size * 4 * self.samples
+            if kept and total + cost > EXPOSED_BYTES:
+                break
+            kept.append(layer)
+            total += cost
+        return kept
+
+    def target(self, index: int) -> np.ndarray:
+        """The float model's value of ``layers[index]``'s target tensor."""
+        name = self.layers[index].target
+        if name not in self._targets:
+            names = list(dict.fromkeys(layer.target for layer in self.window(index)))
+            self._targets = dict(zip(names, self._float(names), strict=True))
+        return self._targets[name]
+
+    def _float(self, names: list[str]) -> list[np.ndarray]:
         runs = [self.float.run(names, feed) for feed in self.feeds]
         return [np.concatenate(values) for values in zip(*runs, strict=True)]
 
     def quantized_values(
-        self, biases: Mapping[str, np.ndarray], name: str | None
-    ) -> tuple[list[np.ndarray], np.ndarray | None]:
-        """The graph outputs and the tensor ``name`` (if any) under ``biases``."""
-        names = list(self.outputs) + ([name] if name is not None else [])
+        self, biases: Mapping[str, np.ndarray], start: int
+    ) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+        """The graph outputs under ``biases``, and the outputs of the layers from
+        ``start`` on, as many as fit (by tensor name)."""
+        exposed = [layer.output for layer in self.window(start)] if start < len(self.layers) else []
+        names = list(self.outputs) + exposed
         runs = [self.quantized.run(names, {**feed, **biases}) for feed in self.feeds]
         values = [np.concatenate(parts) for parts in zip(*runs, strict=True)]
-        return values[: len(self.outputs)], (values[-1] if name is not None else None)
+        count = len(self.outputs)
+        return values[:count], dict(zip(exposed, values[count:], strict=True))
+
+
+def _sample_sizes(model) -> dict[str, int]:
+    """Elements per sample of each tensor whose shape ONNX infers (batch first)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - sizes are a memory estimate; unknown is safe
+        return {}
+    sizes = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = info.type.tensor_type.shape.dim[1:]
+        if info.type.tensor_type.HasField("shape") and all(d.dim_value > 0 for d in dims):
+            sizes[info.name] = int(np.prod([d.dim_value for d in dims]))
+    return sizes
 
 
 def _candidate(
@@ -354,29 +404,25 @@ def tune_biases(
         return tuned, BiasTuningReport([], [], skipped, count, float("nan"), float("nan"))
     runs = _Runs(float_model, tuned, layers, feeds, outputs)
     biases = {layer.bias: layer.values for layer in layers}
-    received, values = runs.quantized_values(biases, layers[0].output)
+    received, current = runs.quantized_values(biases, 0)  # the outputs under ``biases``
     error = before = relative_error(received, runs.expected)
     tried, changed = [], []
     for index, layer in enumerate(layers):
-        following = layers[index + 1].output if index + 1 < len(layers) else None
-        if values is None:  # the last trial was not kept: this layer's output as it is
-            values = runs.quantized_values(biases, layer.output)[1]
-        assert values is not None  # asked for by name
-        (target,) = runs.float_values([layer.target])
+        if layer.output not in current:
+            current = runs.quantized_values(biases, index)[1]
+        values, target = current.pop(layer.output), runs.target(index)
         shape_differs = values.shape != target.shape
         candidate = None if shape_differs else _candidate(layer, values, target, biases)
-        values = None
         if shape_differs:
             skipped[layer.node.name] = "its output and the float tensor differ in shape"
         elif candidate is not None:
             tried.append(layer.node.name)
             trial = {**biases, layer.bias: candidate}
-            received, following_values = runs.quantized_values(trial, following)
+            received, following = runs.quantized_values(trial, index + 1)
             trial_error = relative_error(received, runs.expected)
             if trial_error < error:
-                biases, error, values = trial, trial_error, following_values
+                biases, error, current = trial, trial_error, following
                 changed.append(layer.node.name)
-
         if progress is not None:
             progress(index + 1, len(layers))
     for initializer in tuned.graph.initializer:
