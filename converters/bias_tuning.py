@@ -37,7 +37,7 @@ from keras_bn.converters.bias_correction import corrected_bias
 __all__ = ["BiasTuningReport", "clipped_shift", "relative_error", "tune_biases"]
 
 TUNING_SAMPLES = 32  # the quantized model runs on these once per layer
-EXPOSED_BYTES = 256 * 2**20  # layer outputs kept from one run for the layers that follow
+EXPOSED_BYTES = 128 * 2**20  # layer outputs kept from one run for the layers that follow
 _PASS_THROUGH = ("Relu", "Clip")  # what may sit between a layer and its QuantizeLinear
 
 
@@ -294,9 +294,15 @@ class _Runs:
         self.sizes = _sample_sizes(float_model)
         targets = list(dict.fromkeys(layer.target for layer in layers))
         names = [layer.output for layer in layers]
-        self.float = runtime.open_session(_exposed(float_model, targets), spinning=False)
+        # No arena: each run asks for other outputs (BENCHMARKS.md 35: 1.5 -> 1.0 GB).
+        self.float = runtime.open_session(
+            _exposed(float_model, targets), spinning=False, arena=False
+        )
         self.quantized = runtime.open_session(
-            _exposed(quantized, names, layers), optimization="ORT_DISABLE_ALL", spinning=False
+            _exposed(quantized, names, layers),
+            optimization="ORT_DISABLE_ALL",
+            spinning=False,
+            arena=False,
         )
         self.expected = self._float(list(outputs))
         self._targets: dict[str, np.ndarray] = {}

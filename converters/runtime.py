@@ -59,6 +59,7 @@ def open_session(
     optimization: str | None = None,
     threads: int | None = None,
     spinning: bool = True,
+    arena: bool = True,
 ) -> Any:
     """An onnxruntime CPU session for a model file (or serialized model).
 
@@ -66,7 +67,9 @@ def open_session(
     default); ``threads``: ``intra_op_num_threads`` (None: onnxruntime's default);
     ``spinning=False``: idle worker threads sleep instead of busy-waiting for the
     next operation (onnxruntime's default spins: lower latency, but the spinning takes
-    CPU from whatever else the process runs meanwhile; the outputs are the same).
+    CPU from whatever else the process runs meanwhile; the outputs are the same);
+    ``arena=False``: no CPU memory arena (for a session asked for other outputs on each
+    run, whose arena would keep growing to the sum of their patterns).
     Raises :class:`UnreadableModel` (a UserInputError) when onnxruntime cannot load
     the file, RuntimeError when it cannot load ``model`` bytes (keras-bn's own copies).
     """
@@ -81,6 +84,7 @@ def open_session(
         options.inter_op_num_threads = 1
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_cpu_mem_arena = arena
     source = model if isinstance(model, bytes) else str(model)
     try:
         # Without its fallback, onnxruntime raises when a model fails to load instead of
