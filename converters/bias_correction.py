@@ -301,28 +301,13 @@ def _find_biases(
     return found, skipped
 
 
-def _with_outputs(model, names: Sequence[str]) -> bytes:
-    """The model serialized with ``names`` added to its graph outputs."""
-    import onnx
-
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    existing = {output.name for output in exposed.graph.output}
-    for name in names:
-        if name not in existing:
-            exposed.graph.output.append(
-                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-            )
-    return exposed.SerializeToString()
-
-
 def _layer_means(
     model, names: Sequence[str], batches: Iterable[Mapping[str, np.ndarray]]
 ) -> tuple[list[np.ndarray], list[float], int]:
     """Per-channel means and standard deviations of the tensors ``names`` over
     ``batches``, in exact QDQ arithmetic (graph optimizations off), and the sample count."""
     session = runtime.open_session(
-        _with_outputs(model, names), optimization="ORT_DISABLE_ALL", spinning=False
+        runtime.with_outputs(model, names), optimization="ORT_DISABLE_ALL", spinning=False
     )
     moments = [ChannelMoments() for _ in names]
     samples = 0

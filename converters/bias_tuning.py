@@ -242,25 +242,19 @@ def _exposed(model, outputs: Sequence[str], biases: Sequence[_Layer] = ()) -> by
     ``biases`` turned from an initializer into a graph input (fed on every run)."""
     import onnx
 
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    existing = {output.name for output in exposed.graph.output}
-    for name in outputs:
-        if name not in existing:
-            exposed.graph.output.append(
-                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-            )
-    fed = {layer.bias: layer for layer in biases}
-    kept = [i for i in exposed.graph.initializer if i.name not in fed]
-    del exposed.graph.initializer[:]
-    exposed.graph.initializer.extend(kept)
-    for layer in biases:
-        exposed.graph.input.append(
-            onnx.helper.make_tensor_value_info(
-                layer.bias, onnx.TensorProto.INT32, list(layer.values.shape)
-            )
+    copy = onnx.ModelProto()  # the float model is read by another thread meanwhile
+    copy.CopyFrom(model)
+    fed = {layer.bias for layer in biases}
+    kept = [i for i in copy.graph.initializer if i.name not in fed]
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(kept)
+    copy.graph.input.extend(
+        onnx.helper.make_tensor_value_info(
+            layer.bias, onnx.TensorProto.INT32, list(layer.values.shape)
         )
-    return exposed.SerializeToString()
+        for layer in biases
+    )
+    return runtime.with_outputs(copy, outputs, in_place=True)
 
 
 def _first_samples(

@@ -434,7 +434,9 @@ def channel_extremes(
     own = [output.name for output in model.graph.output]
     fetched = [*own, *(name for name in names if name not in own)]
     session = runtime.open_session(
-        _with_outputs(model, fetched), optimization="ORT_DISABLE_ALL", spinning=False
+        runtime.with_outputs(model, fetched, in_place=True),
+        optimization="ORT_DISABLE_ALL",
+        spinning=False,
     )
     extremes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     outputs: list[list[np.ndarray]] = [[] for _ in own]
@@ -468,7 +470,9 @@ def _float_pass(
     inputs = {info.name for info in model.graph.input}
     fetched = [name for name in dict.fromkeys([*names, *moments_of]) if name not in inputs]
     session = runtime.open_session(
-        _with_outputs(model, fetched), optimization="ORT_DISABLE_ALL", spinning=False
+        runtime.with_outputs(model, fetched, in_place=True),
+        optimization="ORT_DISABLE_ALL",
+        spinning=False,
     )
     collected: dict[str, Any] = {
         name: MinMaxRange() if method == "MinMax" else AbsoluteHistogram(tail=tail)
@@ -488,25 +492,6 @@ def _float_pass(
         if progress is not None:
             progress(done, len(batches))
     return collected, moments, samples
-
-
-def _with_outputs(model: Any, names: Sequence[str]) -> bytes:
-    """``model`` serialized with ``names`` added to its graph outputs (the model itself
-    is left as it was, without a copy)."""
-    from onnx import TensorProto, helper
-
-    outputs = model.graph.output
-    kept = len(outputs)
-    existing = {output.name for output in outputs}
-    outputs.extend(
-        helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
-        for name in names
-        if name not in existing
-    )
-    try:
-        return model.SerializeToString()
-    finally:
-        del outputs[kept:]
 
 
 # ---------------------------------------------------------------------------------------

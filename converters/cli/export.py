@@ -260,9 +260,9 @@ def _check_options(args: argparse.Namespace) -> Path:
             f"--calibration is only used with --precision int8 (received --precision "
             f"{args.precision}); drop it or pass --precision int8."
         )
-    if (args.per_tensor or args.equalize is not None or args.signed_int8 or args.tune_biases) and (
-        args.precision != "int8"
-    ):
+    if (
+        args.per_tensor or args.signed_int8 or (args.equalize, args.tune_biases) != (None, None)
+    ) and (args.precision != "int8"):
         raise UserInputError(
             "--per-tensor, --equalize, --tune-biases and --signed-int8 are only used with "
             f"--precision int8 "
@@ -504,7 +504,7 @@ def _convert_precision(
             steps.to_onnx_layout(calibration, args.input_layout),
             per_channel=not args.per_tensor,
             signed=args.signed_int8,
-            tune_biases=args.tune_biases,
+            tune_biases=args.per_tensor if args.tune_biases is None else args.tune_biases,
             tuning_progress=_tuning_progress(step),
             equalize=_equalization(args),
             batch_norm_statistics=bn_statistics,

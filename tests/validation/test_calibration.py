@@ -108,7 +108,7 @@ def _all_values(preprocessed, batches, names):
     from keras_bn.converters import runtime
 
     fetched = [name for name in names if name != "x"]
-    session = runtime.open_session(calibration._with_outputs(preprocessed, fetched))
+    session = runtime.open_session(runtime.with_outputs(preprocessed, fetched, in_place=True))
     values = {name: [] for name in names}
     for batch in batches:
         outputs = dict(zip(fetched, session.run(fetched, batch), strict=True), x=batch["x"])

@@ -505,17 +505,17 @@ def model_file(tmp_path_factory):
     ("flags", "equalized"),
     [
         (["--per-tensor"], "all"),
-        (["--per-tensor", "--no-equalize"], None),
+        (["--per-tensor", "--no-equalize", "--no-tune-biases"], None),
         ([], "depthwise"),
         (["--signed-int8"], "depthwise"),
-        (["--no-equalize"], None),
+        (["--no-equalize", "--tune-biases"], None),
     ],
     ids=[
         "per-tensor",
-        "per-tensor-unequalized",
+        "per-tensor-unequalized-untuned",
         "per-channel",
         "per-channel-signed",
-        "per-channel-unequalized",
+        "per-channel-unequalized-tuned",
     ],
 )
 def test_export_int8_per_tensor_equalizes(model_file, tmp_path, capsys, flags, equalized):
@@ -530,6 +530,9 @@ def test_export_int8_per_tensor_equalizes(model_file, tmp_path, capsys, flags, e
     precision = json.loads(out)["precision"]
     assert precision["per_channel"] is ("--per-tensor" not in flags)
     assert ("equalization" in precision) is (equalized is not None)
+    # Bias tuning: on by default with per-tensor weights only.
+    tuned = flags in (["--per-tensor"], ["--no-equalize", "--tune-biases"])
+    assert ("bias_tuning" in precision) is tuned
     if equalized == "all":  # the BN statistics reached it: two pairs absorbed
         assert precision["equalization"]["pairs"] == 4
         assert precision["equalization"]["absorbed_channels"] > 0
@@ -555,7 +558,9 @@ def test_export_int8_per_tensor_equalizes(model_file, tmp_path, capsys, flags, e
     )
 
 
-@pytest.mark.parametrize("flag", ["--per-tensor", "--equalize", "--no-equalize", "--signed-int8"])
+@pytest.mark.parametrize(
+    "flag", ["--per-tensor", "--equalize", "--no-equalize", "--signed-int8", "--no-tune-biases"]
+)
 def test_int8_flags_need_int8(model_file, tmp_path, capsys, flag):
     from support.console import assert_rejected
 
