@@ -457,7 +457,7 @@ def _tuning_progress(step: Any) -> Callable[[int, int], None]:
     """The int8 step's progress while biases are tuned: layers, not batches."""
 
     def update(done: int, total: int) -> None:
-        step.label, step.unit = "Quantizing to int8 (tuning biases)", "layers"
+        step.label, step.unit = "Quantizing to int8 (calibrated, tuning biases)", "layers"
         step.update(done, total)
 
     return update
