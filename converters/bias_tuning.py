@@ -38,7 +38,6 @@ __all__ = ["BiasTuningReport", "clipped_shift", "relative_error", "tune_biases"]
 
 TUNING_SAMPLES = 32  # the quantized model runs on these once per layer
 EXPOSED_BYTES = 128 * 2**20  # layer outputs kept from one run for the layers that follow
-_PASS_THROUGH = ("Relu", "Clip")  # what may sit between a layer and its QuantizeLinear
 
 
 # ---------------------------------------------------------------------------------------
@@ -106,13 +105,17 @@ class BiasTuningReport:
     changed: list[str]
     skipped: dict[str, str]  # node name -> why it was not tried
     samples: int
-    sqnr_db_before: float
-    sqnr_db_after: float
+    sqnr_db_before: float | None  # None: nothing was run (no layer to tune)
+    sqnr_db_after: float | None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
+        if self.sqnr_db_before is None or self.sqnr_db_after is None:
+            return (
+                f"bias tuning: no layer to tune ({len(self.skipped)} Conv/Gemm layer(s) not tried)"
+            )
         text = (
             f"bias tuning: {len(self.changed)} of {len(self.tried)} layer(s) changed on "
             f"{self.samples} sample(s); output SQNR there {self.sqnr_db_before:.1f} -> "
@@ -401,7 +404,7 @@ def tune_biases(
     quantized_outputs = {output.name for output in tuned.graph.output}
     outputs = [o.name for o in float_model.graph.output if o.name in quantized_outputs]
     if not layers or not count or not outputs:
-        return tuned, BiasTuningReport([], [], skipped, count, float("nan"), float("nan"))
+        return tuned, BiasTuningReport([], [], skipped, count, None, None)
     runs = _Runs(float_model, tuned, layers, feeds, outputs)
     biases = {layer.bias: layer.values for layer in layers}
     received, current = runs.quantized_values(biases, 0)  # the outputs under ``biases``

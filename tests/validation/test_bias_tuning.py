@@ -10,6 +10,8 @@ quantized model's own biases before they were disturbed.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -262,3 +264,20 @@ def test_quantize_int8_tunes_on_request_and_reports_it(files, tmp_path):
         folder / "float.onnx", tmp_path / "plain.onnx", {"x": calibration}, layer_report=False
     )
     assert "bias_tuning" not in plain.details and "bias tuning" not in str(plain)
+
+
+def test_a_model_with_nothing_to_tune_says_so(files):
+    """No Conv/Gemm with an int32 bias (here: every bias taken away): nothing runs,
+    the model comes back as it was, and the report says why in JSON-safe values."""
+    folder, calibration = files
+    float_model = onnx.load(str(folder / "float.onnx"))
+    quantized = onnx.load(str(folder / "int8.onnx"))
+    for node in quantized.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            del node.input[2:]
+    tuned, report = tune_biases(float_model, quantized, [{"x": calibration}])
+    assert tuned.SerializeToString() == quantized.SerializeToString()
+    assert report.tried == [] and report.sqnr_db_before is None
+    assert set(report.skipped) == {"conv", "depthwise", "pointwise", "dense"}
+    assert str(report) == "bias tuning: no layer to tune (4 Conv/Gemm layer(s) not tried)"
+    json.dumps(report.to_dict(), allow_nan=False)
