@@ -113,9 +113,8 @@ class BiasTuningReport:
 
     def __str__(self) -> str:
         if self.sqnr_db_before is None or self.sqnr_db_after is None:
-            return (
-                f"bias tuning: no layer to tune ({len(self.skipped)} Conv/Gemm layer(s) not tried)"
-            )
+            text = "bias tuning: no Conv/Gemm layer to tune"
+            return text + (f" ({len(self.skipped)} not tried)" if self.skipped else "")
         text = (
             f"bias tuning: {len(self.changed)} of {len(self.tried)} layer(s) changed on "
             f"{self.samples} sample(s); output SQNR there {self.sqnr_db_before:.1f} -> "

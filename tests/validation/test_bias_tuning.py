@@ -279,5 +279,5 @@ def test_a_model_with_nothing_to_tune_says_so(files):
     assert tuned.SerializeToString() == quantized.SerializeToString()
     assert report.tried == [] and report.sqnr_db_before is None
     assert set(report.skipped) == {"conv", "depthwise", "pointwise", "dense"}
-    assert str(report) == "bias tuning: no layer to tune (4 Conv/Gemm layer(s) not tried)"
+    assert str(report) == "bias tuning: no Conv/Gemm layer to tune (4 not tried)"
     json.dumps(report.to_dict(), allow_nan=False)
