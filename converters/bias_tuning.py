@@ -333,7 +333,7 @@ class _Runs:
     ) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
         """The graph outputs under ``biases``, and the outputs of the layers from
         ``start`` on, as many as fit (by tensor name)."""
-        exposed = [layer.output for layer in self.window(start)] if start < len(self.layers) else []
+        exposed = [layer.output for layer in self.window(start)]  # none past the last
         names = list(self.outputs) + exposed
         runs = [self.quantized.run(names, {**feed, **biases}) for feed in self.feeds]
         values = [np.concatenate(parts) for parts in zip(*runs, strict=True)]
