@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_bn.converters import runtime
+from keras_bn.converters import onnx_graph, runtime
 
 __all__ = [
     "BiasCorrectionReport",
@@ -268,7 +268,7 @@ def _find_biases(
     from onnx import TensorProto, numpy_helper
 
     initializers = _initializers(quantized)
-    producers = {output: node for node in quantized.graph.node for output in node.output}
+    producers = onnx_graph.producers(quantized.graph)
     found, skipped = [], {}
     for node in quantized.graph.node:
         if node.op_type not in CORRECTED_OPS:
@@ -307,7 +307,7 @@ def _layer_means(
     """Per-channel means and standard deviations of the tensors ``names`` over
     ``batches``, in exact QDQ arithmetic (graph optimizations off), and the sample count."""
     session = runtime.open_session(
-        runtime.with_outputs(model, names), optimization="ORT_DISABLE_ALL", spinning=False
+        onnx_graph.with_outputs(model, names), optimization="ORT_DISABLE_ALL", spinning=False
     )
     moments = [ChannelMoments() for _ in names]
     samples = 0

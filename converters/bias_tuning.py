@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_bn.converters import runtime
+from keras_bn.converters import onnx_graph, runtime
 from keras_bn.converters.bias_correction import corrected_bias
 
 __all__ = ["BiasTuningReport", "clipped_shift", "relative_error", "tune_biases"]
@@ -203,11 +203,8 @@ def _tunable_layers(quantized, float_tensors: set[str]) -> tuple[list[_Layer], d
     from onnx import TensorProto, numpy_helper
 
     initializers = {initializer.name: initializer for initializer in quantized.graph.initializer}
-    producers = {output: node for node in quantized.graph.node for output in node.output}
-    readers: dict[str, list] = {}
-    for node in quantized.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    producers = onnx_graph.producers(quantized.graph)
+    readers = onnx_graph.readers(quantized.graph)
     layers, skipped = [], {}
     for node in quantized.graph.node:
         if node.op_type not in ("Conv", "Gemm"):
@@ -256,7 +253,7 @@ def _exposed(model, outputs: Sequence[str], biases: Sequence[_Layer] = ()) -> by
         )
         for layer in biases
     )
-    return runtime.with_outputs(copy, outputs, in_place=True)
+    return onnx_graph.with_outputs(copy, outputs, in_place=True)
 
 
 def _first_samples(

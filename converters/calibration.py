@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_bn.converters import runtime
+from keras_bn.converters import onnx_graph, runtime
 from keras_bn.converters.bias_correction import ChannelMoments
 from keras_bn.converters.errors import UserInputError
 
@@ -434,7 +434,7 @@ def channel_extremes(
     own = [output.name for output in model.graph.output]
     fetched = [*own, *(name for name in names if name not in own)]
     session = runtime.open_session(
-        runtime.with_outputs(model, fetched, in_place=True),
+        onnx_graph.with_outputs(model, fetched, in_place=True),
         optimization="ORT_DISABLE_ALL",
         spinning=False,
     )
@@ -470,7 +470,7 @@ def _float_pass(
     inputs = {info.name for info in model.graph.input}
     fetched = [name for name in dict.fromkeys([*names, *moments_of]) if name not in inputs]
     session = runtime.open_session(
-        runtime.with_outputs(model, fetched, in_place=True),
+        onnx_graph.with_outputs(model, fetched, in_place=True),
         optimization="ORT_DISABLE_ALL",
         spinning=False,
     )

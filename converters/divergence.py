@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_bn.converters import runtime
+from keras_bn.converters import onnx_graph, runtime
 from keras_bn.converters.comparison import power_ratio_db
 from keras_bn.converters.onnx.metadata import decode_layer_map
 
@@ -158,10 +158,6 @@ class _Site:
     scale: str | None  # the activation scale initializer in the int8 model
 
 
-def _producers(graph) -> dict[str, Any]:
-    return {name: node for node in graph.node for name in node.output}
-
-
 def _int8_value(
     name: str, producers: Mapping[str, Any], consumers: Mapping[tuple[str, str], Any]
 ) -> tuple[str, str | None] | None:
@@ -190,8 +186,8 @@ def _sites(float_model, int8_model) -> tuple[list[_Site], dict[str, list[Any]], 
     layer_map = decode_layer_map(metadata)
     if layer_map is None:
         return [], {}, "the float ONNX file has no keras-bn layer map (not exported by keras-bn)"
-    float_producers = _producers(float_model.graph)
-    int8_producers = _producers(int8_model.graph)
+    float_producers = onnx_graph.producers(float_model.graph)
+    int8_producers = onnx_graph.producers(int8_model.graph)
     int8_consumers: dict[tuple[str, str], Any] = {}
     for node in int8_model.graph.node:  # the first quantize/dequantize reading each value
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
@@ -219,7 +215,7 @@ def _upstream(
 ) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
     """Each compared value's nearest compared values upstream (their layers), and the
     Keras layers computing it from them (folded BN and fused activations included)."""
-    producers = _producers(graph)
+    producers = onnx_graph.producers(graph)
     layer_of = {site.float_value: site.layer for site in sites}
     keys_of: dict[str, list[str]] = {}  # ONNX value or node name -> Keras layers
     for key, entries in layer_map.items():
@@ -257,7 +253,7 @@ def _upstream(
 def _weight_of(graph, name: str) -> tuple[str, int] | None:
     """The weight initializer of the layer computing ``name`` and its output-channel axis:
     the first Conv/Gemm/MatMul upstream through activations and per-channel affines."""
-    producers = _producers(graph)
+    producers = onnx_graph.producers(graph)
     initializers = {init.name for init in graph.initializer}
     node = producers.get(name)
     while node is not None:
@@ -390,7 +386,7 @@ def float_side(
     layer_map = decode_layer_map({p.key: p.value for p in float_model.metadata_props})
     if layer_map is None:
         return None
-    producers = _producers(float_model.graph)
+    producers = onnx_graph.producers(float_model.graph)
     values = [
         entry[0]
         for entries in layer_map.values()

@@ -87,6 +87,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from keras_bn.converters import onnx_graph
+
 __all__ = [
     "Activation",
     "ChannelExtremes",
@@ -541,12 +543,7 @@ class _Graph:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"
         }
         self.outputs = {output.name for output in graph.output}
-        self.consumers: dict[str, list[Any]] = {}
-        self.uses: dict[str, int] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-                self.uses[name] = self.uses.get(name, 0) + 1
+        self.consumers = onnx_graph.readers(graph)  # a node per use
 
     def array(self, name: str) -> np.ndarray | None:
         from onnx import numpy_helper
@@ -571,7 +568,7 @@ class _Graph:
     def add_initializer(self, name: str, values: np.ndarray) -> str:
         from onnx import numpy_helper
 
-        while name in self.initializers or name in self.uses:
+        while name in self.initializers or name in self.consumers:
             name += "_"
         tensor = numpy_helper.from_array(values.astype(np.float32), name)
         self.model.graph.initializer.append(tensor)
@@ -593,7 +590,9 @@ def _linear_layer(graph: _Graph, node: Any) -> LinearLayer | None:
     if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
         return None
     names = [name for name in node.input[1:] if name]
-    if any(name not in graph.initializers or graph.uses[name] != 1 for name in names):
+    if any(
+        name not in graph.initializers or len(graph.consumers.get(name, [])) != 1 for name in names
+    ):
         return None
     weight = graph.array(node.input[1])
     assert weight is not None

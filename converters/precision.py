@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_bn.converters import runtime
+from keras_bn.converters import onnx_graph, runtime
 from keras_bn.converters.comparison import (
     OutputComparison,
     compare_arrays,
@@ -190,6 +190,10 @@ class PrecisionReport:
             lines.append(f"  out of float16 range: {issue}")
         if self.precision == "int8" and "calibration_method" in self.details:
             lines.append(f"  scheme: {_int8_scheme(self.details)}")
+        if "weight_rounding" in self.details:
+            from keras_bn.converters.weight_rounding import WeightRoundingReport
+
+            lines.append(f"  {WeightRoundingReport(**self.details['weight_rounding'])}")
         if "bias_tuning" in self.details:
             from keras_bn.converters.bias_tuning import BiasTuningReport
 
@@ -217,6 +221,9 @@ def _int8_scheme(details: Mapping[str, Any]) -> str:
     )
     if "percentile" in details:
         text += f" ({details['percentile']}% of |x|)"
+    rounding = details.get("weight_rounding")
+    if rounding is not None:
+        text += f", GPTQ weight rounding of {len(rounding['rounded'])} layer(s)"
     correction = details.get("bias_correction")
     if correction is not None:
         text += f", bias correction of {len(correction['layers'])} layer(s)"
@@ -561,7 +568,7 @@ def _edges_keep_their_types(graph, halves: tuple[int, ...]) -> None:
                 node.input[:] = [inside if name == info.name else name for name in node.input]
             cast = helper.make_node("Cast", [info.name], [inside], to=onnx.TensorProto.FLOAT)
             graph.node.insert(0, cast)
-    producers = {name: node for node in graph.node for name in node.output}
+    producers = onnx_graph.producers(graph)
     for info in graph.output:
         kind = info.type.tensor_type.elem_type
         if kind in halves and getattr(producers.get(info.name), "op_type", None) != "Cast":
@@ -641,6 +648,8 @@ def quantize_int8(
     percentile: float = 99.99,
     tune_biases: bool = False,
     tuning_progress: Callable[[int, int], None] | None = None,
+    round_weights: bool = False,
+    rounding_progress: Callable[[int, int], None] | None = None,
 ) -> PrecisionReport:
     """Quantize an ONNX model to int8 (static, QDQ, per-channel weights).
 
@@ -667,6 +676,9 @@ def quantize_int8(
         tune_biases: then tune each bias in the quantized model itself, keeping each
             change that brings its outputs closer to the float model's (:mod:`.bias_tuning`;
             two runs per layer, each reported as ``tuning_progress(done, total)``).
+        round_weights: choose the int8 weights against each layer's inputs on the
+            calibration data (GPTQ, :mod:`.weight_rounding`), before bias correction;
+            reported as ``rounding_progress(done, total)``.
 
     Returns:
         A :class:`PrecisionReport`: ``comparison`` (with the float model on the
@@ -679,41 +691,51 @@ def quantize_int8(
     onnx_out = Path(onnx_out)
     with _float32_source(onnx_in, model) as source:
         with atomic_output(onnx_out, suffix=".onnx") as tmp:
-            equalized, correction, tuning, divergence, int8_run = _write_int8(
-                source,
-                model,
-                tmp,
-                matched,
-                batches,
-                per_channel=per_channel,
-                signed=signed,
-                calibration_method=calibration_method,
+            steps = _write_int8(
+                source, model, tmp, matched, batches,
+                per_channel=per_channel, signed=signed, calibration_method=calibration_method,
                 progress=progress,
                 equalize=("depthwise" if per_channel else False) if equalize is None else equalize,
-                batch_norm_statistics=batch_norm_statistics,
-                bias_correction=bias_correction,
-                layer_report=layer_report,
-                percentile=percentile,
-                tune_biases=tune_biases,
-                tuning_progress=tuning_progress,
-            )
+                batch_norm_statistics=batch_norm_statistics, bias_correction=bias_correction,
+                layer_report=layer_report, percentile=percentile, tune_biases=tune_biases,
+                tuning_progress=tuning_progress, round_weights=round_weights,
+                rounding_progress=rounding_progress,
+            )  # fmt: skip
         expected = float_outputs() if callable(float_outputs) else float_outputs
-        report = _int8_report(source, onnx_out, matched, expected, (per_channel, signed), int8_run)
-    _record_steps(report, calibration_method, percentile, equalized, correction, tuning)
-    report.divergence = divergence
+        weights = (per_channel, signed)
+        report = _int8_report(source, onnx_out, matched, expected, weights, steps.int8_run)
+    _record_steps(report, calibration_method, percentile, steps)
+    report.divergence = steps.divergence
     report.seconds = time.perf_counter() - start
     return report
 
 
+@dataclasses.dataclass
+class _Int8Steps:
+    """What :func:`_write_int8`'s steps reported, each None where it did not run, and
+    the int8 file's run on the matched samples (:func:`_int8_outputs`)."""
+
+    equalization: Any = None
+    weight_rounding: Any = None
+    bias_correction: Any = None
+    bias_tuning: Any = None
+    divergence: Any = None
+    int8_run: Any = None
+
+    def reports(self) -> dict[str, Any]:
+        """The steps' reports by ``details`` key, in the order they ran."""
+        keys = ("equalization", "weight_rounding", "bias_correction", "bias_tuning")
+        return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
+
+
 def _record_steps(
-    report: PrecisionReport, calibration_method: str, percentile: float, *steps: Any
+    report: PrecisionReport, calibration_method: str, percentile: float, steps: _Int8Steps
 ) -> None:
     """The int8 scheme in ``report.details``: the calibration method, and the reports of
-    the steps that ran (equalization, bias correction, bias tuning)."""
+    the steps that ran."""
     report.details["calibration_method"] = calibration_method
     report.details.update({"percentile": percentile} if calibration_method == "Percentile" else {})
-    for key, step in zip(("equalization", "bias_correction", "bias_tuning"), steps, strict=True):
-        report.details.update({} if step is None else {key: step.to_dict()})
+    report.details.update({key: step.to_dict() for key, step in steps.reports().items()})
 
 
 @contextlib.contextmanager
@@ -820,11 +842,12 @@ def _write_int8(
     percentile: float = 99.99,
     tune_biases: bool = False,
     tuning_progress: Callable[[int, int], None] | None = None,
-) -> tuple[Any, Any, Any, Any, Any]:
-    """:func:`quantize_int8`'s steps, writing ``tmp``: (equalization, bias correction,
-    bias tuning, divergence) reports, each None when its step did not run, and the int8
+    round_weights: bool = False,
+    rounding_progress: Callable[[int, int], None] | None = None,
+) -> _Int8Steps:
+    """:func:`quantize_int8`'s steps, writing ``tmp``: their reports, and the int8
     file's run on ``matched`` (:func:`_int8_outputs`, beside the layer report)."""
-    equalized = correction = tuning = divergence = None
+    steps = _Int8Steps()
     floats: list[concurrent.futures.Future] = []  # the layer report's float side
 
     def calibrated() -> None:  # started beside the QDQ rewrite (model: the source's)
@@ -843,11 +866,11 @@ def _write_int8(
     source = onnx_in
     try:
         if equalize:
-            equalized = _equalize(
+            steps.equalization = _equalize(
                 onnx_in, model, target, batches, batch_norm_statistics, per_channel,
                 depthwise_only=equalize == "depthwise",
             )  # fmt: skip
-        if equalized is not None:
+        if steps.equalization is not None:
             source = target
             model = _load_onnx(source)
         quantized, moments = _quantize_static(
@@ -862,24 +885,59 @@ def _write_int8(
             measure_biases=bool(bias_correction),
             calibrated=calibrated,
         )
-        if bias_correction:
-            quantized, correction = _correct_biases(model, quantized, batches, moments)
-        if tune_biases:
-            from keras_bn.converters import bias_tuning
-
-            quantized, tuning = bias_tuning.tune_biases(
-                model, quantized, batches, progress=tuning_progress
-            )
+        quantized = _refine(
+            model, quantized, batches, moments, steps,
+            round_weights=(rounding_progress or _no_progress) if round_weights else None,
+            bias_correction=bias_correction,
+            tune_biases=(tuning_progress or _no_progress) if tune_biases else None,
+        )  # fmt: skip
         _save_int8(quantized, tmp, signed)
         int8_run = _start(_int8_outputs, tmp, matched)
         if layer_report:
             from keras_bn.converters.divergence import layer_divergence
 
             values = floats[0].result() if floats else None
-            divergence = layer_divergence(source, tmp, matched, float_values=values)
+            steps.divergence = layer_divergence(source, tmp, matched, float_values=values)
     finally:
         target.unlink(missing_ok=True)
-    return equalized, correction, tuning, divergence, int8_run.result()  # before tmp is moved
+    steps.int8_run = int8_run.result()  # before tmp is moved
+    return steps
+
+
+def _no_progress(done: int, total: int) -> None:
+    """A step's progress where no one asked for it."""
+
+
+def _refine(
+    model: Any,
+    quantized: Any,
+    batches: list[dict[str, np.ndarray]],
+    moments: Any,
+    steps: _Int8Steps,
+    *,
+    round_weights: Callable[[int, int], None] | None,
+    bias_correction: bool,
+    tune_biases: Callable[[int, int], None] | None,
+) -> Any:
+    """The steps after onnxruntime's quantizer, in order, each recorded in ``steps``:
+    GPTQ weight rounding, bias correction (from the calibration pass's ``moments``),
+    bias tuning. ``round_weights``, ``tune_biases``: the step's progress callback, or
+    None where it does not run."""
+    if round_weights is not None:
+        from keras_bn.converters import weight_rounding
+
+        quantized, steps.weight_rounding = weight_rounding.round_weights(
+            model, quantized, batches, progress=round_weights
+        )
+    if bias_correction:
+        quantized, steps.bias_correction = _correct_biases(model, quantized, batches, moments)
+    if tune_biases is not None:
+        from keras_bn.converters import bias_tuning
+
+        quantized, steps.bias_tuning = bias_tuning.tune_biases(
+            model, quantized, batches, progress=tune_biases
+        )
+    return quantized
 
 
 def _save_int8(quantized: Any, path: Path, signed: bool) -> None:
@@ -996,16 +1054,6 @@ def _shape_inferred(model: Any) -> tuple[Any, list[int]]:
     return onnx.shape_inference.infer_shapes(light), emptied
 
 
-def _wiring(graph: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
-    """Each tensor's producing node and its reading nodes, in ``graph`` (no subgraphs)."""
-    producers = {output: node for node in graph.node for output in node.output}
-    readers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    return producers, readers
-
-
 def _pad_within_max_pooling(model: Any) -> None:
     """Give each MaxPool the -inf padding a Pad node in front of it adds (KerasHub's
     ResNetV2 pads with ``ops.pad(x, constant_values=-inf)`` before max pooling) as its
@@ -1018,7 +1066,7 @@ def _pad_within_max_pooling(model: Any) -> None:
 
     graph = model.graph
     arrays = {tensor.name: tensor for tensor in graph.initializer}
-    producers, readers = _wiring(graph)
+    producers, readers = onnx_graph.producers(graph), onnx_graph.readers(graph)
     outputs = {output.name for output in graph.output}
     merged = []
     for pool in graph.node:
@@ -1080,7 +1128,7 @@ def float_mask_nodes(model: Any) -> list[str]:
 
     graph = model.graph
     constants = {tensor.name: tensor for tensor in graph.initializer}
-    producers, readers = _wiring(graph)
+    producers, readers = onnx_graph.producers(graph), onnx_graph.readers(graph)
 
     def fills(name: str) -> bool:
         if name not in constants or constants[name].data_type not in _FLOAT_TYPES:
@@ -1106,7 +1154,7 @@ def _comparison_inputs(
     nodes: the float arithmetic of masks (KerasHub's decoders build the causal mask
     from float positions, ``arange(n) + offset >= arange(n)``). Quantized, positions
     round to their neighbours and the comparison flips: a causal mask that lets a
-    token see the next ones. ``producers``, ``readers``: :func:`_wiring`'s."""
+    token see the next ones. ``producers``, ``readers``: :mod:`.onnx_graph`'s maps."""
     outputs = {output.name for output in graph.output}
     marked = {node.name for node in graph.node if node.op_type in _COMPARISONS}
     pending = [name for node in graph.node if node.name in marked for name in node.input]

@@ -31,7 +31,6 @@ __all__ = [
     "onnx_input_specs",
     "open_session",
     "run",
-    "with_outputs",
 ]
 
 _ORT_TYPES = {
@@ -252,28 +251,3 @@ def run(
         for collected, result in zip(outputs, results, strict=True):
             collected.append(np.asarray(result))
     return [np.concatenate(parts).astype(np.float64) for parts in outputs]
-
-
-def with_outputs(model: Any, names: Sequence[str], *, in_place: bool = False) -> bytes:
-    """``model`` (a ``ModelProto``) serialized with the float tensors ``names`` added
-    to its graph outputs, for a session that fetches them. ``in_place``: add them to
-    ``model`` itself for the serialization and take them out again, without a copy
-    (only where no other thread reads ``model`` meanwhile)."""
-    from onnx import ModelProto, TensorProto, helper
-
-    if not in_place:
-        copy = ModelProto()
-        copy.CopyFrom(model)
-        model = copy
-    outputs = model.graph.output
-    kept = len(outputs)
-    existing = {output.name for output in outputs}
-    outputs.extend(
-        helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
-        for name in names
-        if name not in existing
-    )
-    try:
-        return model.SerializeToString()
-    finally:
-        del outputs[kept:]

@@ -378,8 +378,8 @@ class _InputLayoutAction(argparse.Action):
 
 
 class Int8Args:
-    """``--per-tensor``, ``--equalize``, ``--tune-biases``, ``--signed-int8``: how
-    ``--precision int8`` quantizes and stores."""
+    """``--per-tensor``, ``--equalize``, ``--round-weights``, ``--tune-biases``,
+    ``--signed-int8``: how ``--precision int8`` quantizes and stores."""
 
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
@@ -396,6 +396,16 @@ class Int8Args:
             "absorption up to each channel's lowest calibration value, before quantizing "
             "(default: every pair with --per-tensor; with per-channel weights only the pairs "
             "into depthwise layers, which lose no weight precision; --no-equalize: none)",
+        )
+        parser.add_argument(
+            "--round-weights",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="int8: choose each layer's int8 weights against its inputs on 32 calibration "
+            "samples (GPTQ: each weight's rounding error is carried onto the weights not yet "
+            "rounded, so that the layer's output error is smallest), instead of rounding each "
+            "to nearest (default: on with --per-tensor, where weights get few levels; off "
+            "with per-channel weights)",
         )
         parser.add_argument(
             "--tune-biases",

@@ -261,10 +261,13 @@ def _check_options(args: argparse.Namespace) -> Path:
             f"{args.precision}); drop it or pass --precision int8."
         )
     if (
-        args.per_tensor or args.signed_int8 or (args.equalize, args.tune_biases) != (None, None)
+        args.per_tensor
+        or args.signed_int8
+        or (args.equalize, args.tune_biases, args.round_weights) != (None, None, None)
     ) and (args.precision != "int8"):
         raise UserInputError(
-            "--per-tensor, --equalize, --tune-biases and --signed-int8 are only used with "
+            "--per-tensor, --equalize, --round-weights, --tune-biases and --signed-int8 are "
+            "only used with "
             f"--precision int8 "
             f"(received --precision {args.precision}); drop them or pass --precision int8."
         )
@@ -453,11 +456,12 @@ def _equalization_statistics(args: argparse.Namespace, fold: tuple[Any, Any]) ->
     return batch_norm_statistics(*fold)
 
 
-def _tuning_progress(step: Any) -> Callable[[int, int], None]:
-    """The int8 step's progress while biases are tuned: layers, not batches."""
+def _stage_progress(step: Any, stage: str, unit: str) -> Callable[[int, int], None]:
+    """The int8 step's progress during one of its stages after calibration (tuning
+    biases: layers; rounding weights: float runs, then layers)."""
 
     def update(done: int, total: int) -> None:
-        step.label, step.unit = "Quantizing to int8 (calibrated, tuning biases)", "layers"
+        step.label, step.unit = f"Quantizing to int8 (calibrated, {stage})", unit
         step.update(done, total)
 
     return update
@@ -505,7 +509,9 @@ def _convert_precision(
             per_channel=not args.per_tensor,
             signed=args.signed_int8,
             tune_biases=args.per_tensor if args.tune_biases is None else args.tune_biases,
-            tuning_progress=_tuning_progress(step),
+            round_weights=args.per_tensor if args.round_weights is None else args.round_weights,
+            tuning_progress=_stage_progress(step, "tuning biases", "layers"),
+            rounding_progress=_stage_progress(step, "rounding weights", "steps"),
             equalize=_equalization(args),
             batch_norm_statistics=bn_statistics,
             layer_report=not args.no_layer_report,

@@ -31,6 +31,7 @@ import onnx
 from onnx import helper
 
 from keras_bn.converters import graph as graph_lib
+from keras_bn.converters import onnx_graph
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.files import atomic_output
 from keras_bn.converters.folding import FoldReport, fold_batch_norms, fold_graph
@@ -190,11 +191,8 @@ def check_structure(model: onnx.ModelProto, input_names: Sequence[str]) -> Struc
     if batch_norms:
         errors.append(f"BatchNormalization nodes remain: {batch_norms[:5]}")
 
-    producers = {output: node for node in graph.node for output in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    producers = onnx_graph.producers(graph)
+    consumers = onnx_graph.readers(graph)
     outputs = {value.name for value in graph.output}
 
     def constant_operand(node: onnx.NodeProto, other: str) -> bool:
@@ -209,7 +207,7 @@ def check_structure(model: onnx.ModelProto, input_names: Sequence[str]) -> Struc
             producer = producers.get(operand)
             if producer is None or producer.op_type not in _FOLDABLE_PRODUCERS:
                 continue
-            if len(consumers[operand]) != 1 or operand in outputs:
+            if len(consumers.get(operand, [])) != 1 or operand in outputs:
                 continue
             if not constant_operand(mul, operand):
                 continue

@@ -51,3 +51,64 @@ def classifier_onnx(path: Path, *, batch: int | str = "N", conv1_kernel=None, se
         [numpy_helper.from_array(array, name) for name, array in arrays.items()],
         path,
     )
+
+
+BLOCK_CHANNELS, BLOCK_WIDTH, BLOCK_CLASSES = 4, 16, 10
+
+
+def depthwise_block(seed: int = 0) -> onnx.ModelProto:
+    """A 3x3 convolution with ReLU6 whose output channels span two decades (what folded
+    BN leaves), a depthwise 3x3 convolution with ReLU6, a linear pointwise convolution
+    added back to the first layer's output, global average pooling and a Gemm; NCHW
+    (4, 8, 8) input."""
+    rng = np.random.default_rng(seed)
+    spread = np.logspace(-2, 0, BLOCK_WIDTH)
+    weights = {
+        "c1_w": rng.normal(size=(BLOCK_WIDTH, BLOCK_CHANNELS, 3, 3))
+        * spread[:, None, None, None]
+        * 0.5,
+        "c1_b": 0.6 * spread,
+        "dw_w": rng.normal(size=(BLOCK_WIDTH, 1, 3, 3)) * 0.5,
+        "dw_b": rng.normal(size=BLOCK_WIDTH) * 0.05,
+        "pw_w": rng.normal(size=(BLOCK_WIDTH, BLOCK_WIDTH, 1, 1)) * 0.4,
+        "pw_b": rng.normal(size=BLOCK_WIDTH) * 0.05,
+        "fc_w": rng.normal(size=(BLOCK_WIDTH, BLOCK_CLASSES)) / spread[:, None] * 0.3,
+        "fc_b": rng.normal(size=BLOCK_CLASSES) * 0.1,
+        "low": np.array(0.0),
+        "high": np.array(6.0),
+    }
+    initializers = [
+        numpy_helper.from_array(value.astype(np.float32), name) for name, value in weights.items()
+    ]
+    same = {"pads": [1, 1, 1, 1]}
+    nodes = [
+        helper.make_node("Conv", ["x", "c1_w", "c1_b"], ["c1"], "conv", **same),
+        helper.make_node("Clip", ["c1", "low", "high"], ["c1_relu6"], "relu6_1"),
+        helper.make_node(
+            "Conv", ["c1_relu6", "dw_w", "dw_b"], ["dw"], "depthwise", group=BLOCK_WIDTH, **same
+        ),
+        helper.make_node("Clip", ["dw", "low", "high"], ["dw_relu6"], "relu6_2"),
+        helper.make_node("Conv", ["dw_relu6", "pw_w", "pw_b"], ["pw"], "pointwise"),
+        helper.make_node("Add", ["pw", "c1_relu6"], ["sum"], "residual"),
+        helper.make_node("GlobalAveragePool", ["sum"], ["pooled"], "gap"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], "flatten"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], "dense"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tuning",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, BLOCK_CHANNELS, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, BLOCK_CLASSES])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def block_images(count: int, seed: int) -> np.ndarray:
+    """Inputs for :func:`depthwise_block`: non-negative, each channel its own scale."""
+    rng = np.random.default_rng(seed)
+    return (
+        rng.random((count, BLOCK_CHANNELS, 8, 8)) * rng.random((count, BLOCK_CHANNELS, 1, 1)) * 2
+    ).astype(np.float32)

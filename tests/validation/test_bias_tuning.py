@@ -16,64 +16,20 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from support.onnx_graphs import (
+    BLOCK_CHANNELS,
+    BLOCK_CLASSES,
+    BLOCK_WIDTH,
+    block_images,
+    depthwise_block,
+)
 
 from keras_bn.converters import bias_tuning, runtime
 from keras_bn.converters.bias_tuning import clipped_shift, relative_error, tune_biases
 from keras_bn.converters.comparison import sqnr_db
 from keras_bn.converters.precision import quantize_int8
 
-CHANNELS, WIDTH, CLASSES = 4, 16, 10
-
-
-def _float_model(seed: int = 0) -> onnx.ModelProto:
-    rng = np.random.default_rng(seed)
-    spread = np.logspace(-2, 0, WIDTH)
-    weights = {
-        "c1_w": rng.normal(size=(WIDTH, CHANNELS, 3, 3)) * spread[:, None, None, None] * 0.5,
-        "c1_b": 0.6 * spread,
-        "dw_w": rng.normal(size=(WIDTH, 1, 3, 3)) * 0.5,
-        "dw_b": rng.normal(size=WIDTH) * 0.05,
-        "pw_w": rng.normal(size=(WIDTH, WIDTH, 1, 1)) * 0.4,
-        "pw_b": rng.normal(size=WIDTH) * 0.05,
-        "fc_w": rng.normal(size=(WIDTH, CLASSES)) / spread[:, None] * 0.3,
-        "fc_b": rng.normal(size=CLASSES) * 0.1,
-        "low": np.array(0.0),
-        "high": np.array(6.0),
-    }
-    initializers = [
-        numpy_helper.from_array(value.astype(np.float32), name) for name, value in weights.items()
-    ]
-    same = {"pads": [1, 1, 1, 1]}
-    nodes = [
-        helper.make_node("Conv", ["x", "c1_w", "c1_b"], ["c1"], "conv", **same),
-        helper.make_node("Clip", ["c1", "low", "high"], ["c1_relu6"], "relu6_1"),
-        helper.make_node(
-            "Conv", ["c1_relu6", "dw_w", "dw_b"], ["dw"], "depthwise", group=WIDTH, **same
-        ),
-        helper.make_node("Clip", ["dw", "low", "high"], ["dw_relu6"], "relu6_2"),
-        helper.make_node("Conv", ["dw_relu6", "pw_w", "pw_b"], ["pw"], "pointwise"),
-        helper.make_node("Add", ["pw", "c1_relu6"], ["sum"], "residual"),
-        helper.make_node("GlobalAveragePool", ["sum"], ["pooled"], "gap"),
-        helper.make_node("Flatten", ["pooled"], ["flat"], "flatten"),
-        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], "dense"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "tuning",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, CHANNELS, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, CLASSES])],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
-def _images(count: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return (rng.random((count, CHANNELS, 8, 8)) * rng.random((count, CHANNELS, 1, 1)) * 2).astype(
-        np.float32
-    )
+CHANNELS, WIDTH, CLASSES = BLOCK_CHANNELS, BLOCK_WIDTH, BLOCK_CLASSES
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +37,8 @@ def files(tmp_path_factory):
     """The float model, its default int8 quantization (bias correction, no tuning)
     and the calibration images."""
     folder = tmp_path_factory.mktemp("tuning")
-    onnx.save(_float_model(), str(folder / "float.onnx"))
-    calibration = _images(64, seed=1)
+    onnx.save(depthwise_block(), str(folder / "float.onnx"))
+    calibration = block_images(64, seed=1)
     quantize_int8(
         folder / "float.onnx", folder / "int8.onnx", {"x": calibration}, layer_report=False
     )
@@ -197,7 +153,7 @@ def test_a_disturbed_bias_is_found_and_put_back(files):
     assert "pointwise" in report.changed
     error = np.abs(_biases(tuned)[name].astype(np.int64) - original)
     assert error.max() < 0.05 * np.abs(offset).min(), (error, offset)
-    held_out = _images(128, seed=2)
+    held_out = block_images(128, seed=2)
     (expected,) = runtime.run(runtime.open_session(str(folder / "float.onnx")), {"x": held_out})
     plain = sqnr_db(_logits(quantized, held_out), expected)
     assert sqnr_db(_logits(disturbed, held_out), expected) < plain - 10

@@ -105,10 +105,10 @@ def setup(tmp_path_factory):
 
 def _all_values(preprocessed, batches, names):
     """Every value of ``names`` over ``batches`` (the float model run in NumPy-land)."""
-    from keras_bn.converters import runtime
+    from keras_bn.converters import onnx_graph, runtime
 
     fetched = [name for name in names if name != "x"]
-    session = runtime.open_session(runtime.with_outputs(preprocessed, fetched, in_place=True))
+    session = runtime.open_session(onnx_graph.with_outputs(preprocessed, fetched, in_place=True))
     values = {name: [] for name in names}
     for batch in batches:
         outputs = dict(zip(fetched, session.run(fetched, batch), strict=True), x=batch["x"])

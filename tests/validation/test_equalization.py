@@ -505,10 +505,10 @@ def model_file(tmp_path_factory):
     ("flags", "equalized"),
     [
         (["--per-tensor"], "all"),
-        (["--per-tensor", "--no-equalize", "--no-tune-biases"], None),
+        (["--per-tensor", "--no-equalize", "--no-tune-biases", "--no-round-weights"], None),
         ([], "depthwise"),
         (["--signed-int8"], "depthwise"),
-        (["--no-equalize", "--tune-biases"], None),
+        (["--no-equalize", "--tune-biases", "--round-weights"], None),
     ],
     ids=[
         "per-tensor",
@@ -530,9 +530,14 @@ def test_export_int8_per_tensor_equalizes(model_file, tmp_path, capsys, flags, e
     precision = json.loads(out)["precision"]
     assert precision["per_channel"] is ("--per-tensor" not in flags)
     assert ("equalization" in precision) is (equalized is not None)
-    # Bias tuning: on by default with per-tensor weights only.
-    tuned = flags in (["--per-tensor"], ["--no-equalize", "--tune-biases"])
+    # Bias tuning and GPTQ weight rounding: on by default with per-tensor weights only.
+    tuned = flags in (["--per-tensor"], ["--no-equalize", "--tune-biases", "--round-weights"])
     assert ("bias_tuning" in precision) is tuned
+    assert ("weight_rounding" in precision) is tuned
+    if tuned:  # every Conv and Dense, rounded before bias correction corrects them
+        corrected = [layer["node"] for layer in precision["bias_correction"]["layers"]]
+        assert precision["weight_rounding"]["rounded"] == corrected
+        assert precision["weight_rounding"]["error_db"] < 0
     if equalized == "all":  # the BN statistics reached it: two pairs absorbed
         assert precision["equalization"]["pairs"] == 4
         assert precision["equalization"]["absorbed_channels"] > 0
@@ -559,7 +564,15 @@ def test_export_int8_per_tensor_equalizes(model_file, tmp_path, capsys, flags, e
 
 
 @pytest.mark.parametrize(
-    "flag", ["--per-tensor", "--equalize", "--no-equalize", "--signed-int8", "--no-tune-biases"]
+    "flag",
+    [
+        "--per-tensor",
+        "--equalize",
+        "--no-equalize",
+        "--signed-int8",
+        "--no-tune-biases",
+        "--round-weights",
+    ],
 )
 def test_int8_flags_need_int8(model_file, tmp_path, capsys, flag):
     from support.console import assert_rejected

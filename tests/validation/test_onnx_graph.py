@@ -1,0 +1,65 @@
+"""Tests of the ONNX graph helpers: wiring maps, and outputs added for a session."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from keras_bn.converters import onnx_graph, runtime
+
+
+def _model() -> onnx.ModelProto:
+    """y = relu(x * w) + relu(x * w) ** 2 (``square`` reads ``r`` twice, ``y`` reads it once)."""
+    w = numpy_helper.from_array(np.array([2.0, -1.0, 0.5], np.float32), "w")
+    nodes = [
+        helper.make_node("Mul", ["x", "w"], ["m"], name="mul"),
+        helper.make_node("Relu", ["m"], ["r"], name="relu"),
+        helper.make_node("Mul", ["r", "r"], ["s"], name="square"),
+        helper.make_node("Add", ["r", "s"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+        [w],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_producers_and_readers_follow_the_wiring():
+    graph = _model().graph
+    producers = onnx_graph.producers(graph)
+    assert {name: node.name for name, node in producers.items()} == {
+        "m": "mul",
+        "r": "relu",
+        "s": "square",
+        "y": "add",
+    }
+    readers = onnx_graph.readers(graph)
+    assert {name: [node.name for node in nodes] for name, nodes in readers.items()} == {
+        "x": ["mul"],
+        "w": ["mul"],
+        "m": ["relu"],
+        "r": ["square", "square", "add"],  # one entry per use
+        "s": ["add"],
+    }
+    assert "y" not in readers  # a graph output nothing reads
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_with_outputs_fetches_intermediate_tensors_and_leaves_the_model_as_it_was(in_place):
+    model = _model()
+    before = model.SerializeToString()
+    session = runtime.open_session(
+        onnx_graph.with_outputs(model, ["m", "y", "s"], in_place=in_place)
+    )
+    assert model.SerializeToString() == before
+    assert [output.name for output in session.get_outputs()] == ["y", "m", "s"]  # y once
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    y, m, s = session.run(["y", "m", "s"], {"x": x})
+    expected_m = x * np.array([2.0, -1.0, 0.5], np.float32)
+    relu = np.maximum(expected_m, 0.0)
+    np.testing.assert_array_equal(m, expected_m)
+    np.testing.assert_allclose(s, relu**2, rtol=1e-6)
+    np.testing.assert_allclose(y, relu + relu**2, rtol=1e-6)

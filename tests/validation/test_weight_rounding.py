@@ -1,0 +1,256 @@
+"""GPTQ weight rounding (converters/weight_rounding.py).
+
+The references: a convolution written as NumPy loops (for the patches), round-to-nearest
+(what GPTQ must reduce to when the inputs are uncorrelated), the two-weight case solved
+by hand, fresh inputs from the same distribution (the error must fall there too, not
+only on the inputs ``H`` came from), and the float ONNX model's outputs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from support.onnx_graphs import block_images, depthwise_block
+
+from keras_bn.converters import runtime
+from keras_bn.converters.comparison import sqnr_db
+from keras_bn.converters.precision import quantize_int8
+from keras_bn.converters.weight_rounding import (
+    gptq_round,
+    output_error,
+    patches,
+    round_weights,
+)
+
+# ---------------------------------------------------------------------------------------
+# Maths.
+
+
+def _convolution(x, weights, strides, pads, dilations, depthwise=False):
+    """A 2-D convolution (NCHW, ONNX's pads order), written as loops over outputs."""
+    (sh, sw), (dh, dw) = strides, dilations
+    kh, kw = weights.shape[2:]
+    x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    out_h = (x.shape[2] - (kh - 1) * dh - 1) // sh + 1
+    out_w = (x.shape[3] - (kw - 1) * dw - 1) // sw + 1
+    result = np.zeros((len(x), len(weights), out_h, out_w))
+    for i in range(out_h):
+        for j in range(out_w):
+            window = x[:, :, i * sh : i * sh + (kh - 1) * dh + 1 : dh]
+            window = window[:, :, :, j * sw : j * sw + (kw - 1) * dw + 1 : dw]
+            if depthwise:
+                result[:, :, i, j] = np.einsum("nckl,ckl->nc", window, weights[:, 0])
+            else:
+                result[:, :, i, j] = np.einsum("nckl,ockl->no", window, weights)
+    return result
+
+
+@pytest.mark.parametrize(
+    ("kernel", "strides", "pads", "dilations"),
+    [
+        ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+        ((3, 2), (2, 1), (1, 0, 2, 1), (2, 1)),
+        ((1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
+    ],
+    ids=["same-3x3", "strided-dilated-uneven", "pointwise"],
+)
+@pytest.mark.parametrize("depthwise", [False, True], ids=["dense", "depthwise"])
+def test_patches_times_the_kernel_is_the_convolution(kernel, strides, pads, dilations, depthwise):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 9, 8))
+    weights = rng.standard_normal((3 if depthwise else 4, 1 if depthwise else 3, *kernel))
+    expected = _convolution(x, weights, strides, pads, dilations, depthwise)
+    rows = patches(x, kernel, strides, pads, dilations, depthwise=depthwise)
+    if depthwise:
+        got = np.einsum("cpk,ck->cp", rows, weights.reshape(3, -1)).reshape(
+            3, 2, *expected.shape[2:]
+        )
+        got = got.transpose(1, 0, 2, 3)
+    else:
+        got = (rows @ weights.reshape(4, -1).T).reshape(2, *expected.shape[2:], 4)
+        got = got.transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_uncorrelated_inputs_give_round_to_nearest():
+    rng = np.random.default_rng(1)
+    weights = rng.standard_normal((6, 40)) * np.linspace(0.1, 2, 6)[:, None]
+    scale = np.abs(weights).max(axis=1) / 100  # per row, some weights past the bounds
+    moments = np.diag(rng.uniform(0.5, 3.0, 40))
+    nearest = np.clip(np.round(weights / scale[:, None]) + 3, -128, 127)
+    np.testing.assert_array_equal(gptq_round(weights, moments, scale, zero=3), nearest)
+
+
+def test_two_weights_carry_the_first_error_onto_the_second():
+    """With H = [[a, b], [b, c]], rounding w0 leaves e0 = w0 - q0; the second weight's
+    best continuous value is w1 + e0 b / c, which GPTQ then rounds."""
+    h = np.array([[2.0, 1.5], [1.5, 3.0]])
+    weights = np.array([[0.45, 0.40], [-1.26, 0.71]])
+    ints = gptq_round(weights, h, 1.0, damping=0.0)
+    first = np.round(weights[:, 0])
+    second = np.round(weights[:, 1] + (weights[:, 0] - first) * 1.5 / 3.0)
+    np.testing.assert_array_equal(ints, np.stack([first, second], axis=1))
+    assert ints.tolist() == [[0, 1], [-1, 1]]  # round-to-nearest: [[0, 0], [-1, 1]]
+
+
+def test_gptq_lowers_the_output_error_on_fresh_inputs_too():
+    """Correlated inputs (what a layer sees): against round-to-nearest, the layer's
+    output error falls on the inputs H came from and on new ones."""
+    rng = np.random.default_rng(2)
+    mixing = rng.standard_normal((200, 200)) * 0.1
+
+    def inputs(count, seed):
+        local = np.random.default_rng(seed)
+        return local.standard_normal((count, 200)) @ mixing + local.standard_normal((count, 1))
+
+    seen, fresh = inputs(4000, 3), inputs(4000, 4)
+    weights = rng.standard_normal((16, 200))
+    scale = np.abs(weights).max() / 127  # one scale: per-tensor
+    nearest = np.clip(np.round(weights / scale), -128, 127)
+    ints = gptq_round(weights, seen.T @ seen, scale)
+    for x in (seen, fresh):
+        h = x.T @ x
+        assert output_error(weights, ints, h, scale) < 0.6 * output_error(
+            weights, nearest, h, scale
+        )
+    assert np.abs(ints - nearest).max() >= 1  # not round-to-nearest
+
+
+def test_one_moment_matrix_per_row_is_each_row_on_its_own():
+    rng = np.random.default_rng(5)
+    weights = rng.standard_normal((3, 9))
+    moments = np.stack([(x.T @ x) for x in rng.standard_normal((3, 50, 9)) + 1.0])
+    scale = np.array([0.05, 0.1, 0.2])
+    together = gptq_round(weights, moments, scale)
+    for row in range(3):
+        alone = gptq_round(weights[row : row + 1], moments[row], scale[row])
+        np.testing.assert_array_equal(together[row : row + 1], alone)
+    errors = [
+        output_error(weights[r : r + 1], together[r : r + 1], moments[r], scale[r])
+        for r in range(3)
+    ]
+    assert output_error(weights, together, moments, scale) == pytest.approx(sum(errors))
+
+
+# ---------------------------------------------------------------------------------------
+# The pass.
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The float block, its per-tensor int8 quantization (round-to-nearest weights, no
+    bias correction: only the weights differ) and the calibration images."""
+    folder = tmp_path_factory.mktemp("rounding")
+    onnx.save(depthwise_block(), str(folder / "float.onnx"))
+    calibration = block_images(64, seed=1)
+    quantize_int8(
+        folder / "float.onnx",
+        folder / "int8.onnx",
+        {"x": calibration},
+        per_channel=False,
+        signed=True,
+        bias_correction=False,
+        layer_report=False,
+    )
+    return folder, calibration
+
+
+def _logits(model: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
+    session = runtime.open_session(model.SerializeToString(), optimization="ORT_DISABLE_ALL")
+    return runtime.run(session, {"x": images})[0]
+
+
+def test_rounding_changes_only_weight_integers_and_brings_the_outputs_closer(files):
+    folder, calibration = files
+    float_model = onnx.load(str(folder / "float.onnx"))
+    quantized = onnx.load(str(folder / "int8.onnx"))
+    copy = quantized.SerializeToString()
+    progress = []
+    batches = [{"x": calibration[i : i + 16]} for i in range(0, len(calibration), 16)]
+    rounded, report = round_weights(
+        float_model, quantized, batches, progress=lambda *step: progress.append(step)
+    )
+    assert quantized.SerializeToString() == copy  # not modified
+    assert report.rounded == ["conv", "depthwise", "pointwise", "dense"]
+    assert report.samples == 32 and report.skipped == {}
+    assert progress == [(step, 12) for step in range(1, 13)]  # 8 float runs, 4 layers
+    changed = [
+        a.name
+        for a, b in zip(quantized.graph.initializer, rounded.graph.initializer, strict=True)
+        if a.SerializeToString() != b.SerializeToString()
+    ]
+    assert changed and all(name.endswith("_quantized") for name in changed), changed
+    for name in changed:  # still 8-bit integers of the same shape
+        before, after = (
+            numpy_helper.to_array(next(i for i in m.graph.initializer if i.name == name))
+            for m in (quantized, rounded)
+        )
+        assert after.dtype == before.dtype == np.int8 and after.shape == before.shape
+    for a, b in zip(quantized.graph.node, rounded.graph.node, strict=True):
+        assert a.SerializeToString() == b.SerializeToString()
+    assert report.error_db < -1.0, report
+    held_out = block_images(256, seed=7)
+    (expected,) = runtime.run(runtime.open_session(str(folder / "float.onnx")), {"x": held_out})
+    before, after = (sqnr_db(_logits(m, held_out), expected) for m in (quantized, rounded))
+    assert after > before + 0.5, (before, after)
+    assert "weight rounding (GPTQ): 4 layer(s) on 32 sample(s)" in str(report)
+    json.dumps(report.to_dict(), allow_nan=False)
+
+
+def test_layers_that_cannot_be_rounded_say_why(files):
+    folder, calibration = files
+    float_model = onnx.load(str(folder / "float.onnx"))
+    quantized = onnx.load(str(folder / "int8.onnx"))
+    for node in quantized.graph.node:
+        if node.name == "depthwise":  # depthwise -> grouped by two channels
+            group = next(a for a in node.attribute if a.name == "group")
+            group.i = group.i // 2
+    for node in float_model.graph.node:  # the float model has no node "dense" to read
+        if node.name == "dense":
+            node.name = "classifier"
+    _, report = round_weights(float_model, quantized, [{"x": calibration}])
+    assert report.skipped == {
+        "depthwise": "a grouped convolution (not depthwise)",
+        "dense": "no float weights of that node in the float model",
+    }
+    assert report.rounded == ["conv", "pointwise"]
+    assert str(report).endswith("; 2 layer(s) kept")
+
+
+def test_quantize_int8_rounds_before_correcting_and_reports_it(files, tmp_path):
+    folder, calibration = files
+    progress = []
+    report = quantize_int8(
+        folder / "float.onnx",
+        tmp_path / "rounded.onnx",
+        {"x": calibration},
+        per_channel=False,
+        layer_report=False,
+        round_weights=True,
+        rounding_progress=lambda *step: progress.append(step),
+    )
+    rounding = report.details["weight_rounding"]
+    assert rounding["rounded"] == ["conv", "depthwise", "pointwise", "dense"]
+    assert progress[-1] == (12, 12)
+    assert "GPTQ weight rounding of 4 layer(s)" in str(report)
+    assert "weight rounding (GPTQ): " in str(report)
+    assert report.to_dict()["weight_rounding"] == rounding
+    plain = quantize_int8(
+        folder / "float.onnx",
+        tmp_path / "plain.onnx",
+        {"x": calibration},
+        per_channel=False,
+        layer_report=False,
+    )
+    assert "weight_rounding" not in plain.details
+    held_out = block_images(256, seed=8)
+    (expected,) = runtime.run(runtime.open_session(str(folder / "float.onnx")), {"x": held_out})
+    scores = [
+        sqnr_db(_logits(onnx.load(str(tmp_path / f"{name}.onnx")), held_out), expected)
+        for name in ("plain", "rounded")
+    ]
+    assert scores[1] > scores[0], scores
