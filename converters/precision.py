@@ -190,10 +190,11 @@ class PrecisionReport:
             lines.append(f"  out of float16 range: {issue}")
         if self.precision == "int8" and "calibration_method" in self.details:
             lines.append(f"  scheme: {_int8_scheme(self.details)}")
-        if "weight_rounding" in self.details:
+        rounding = self.details.get("weight_rounding")
+        if rounding is not None and (rounding["rounded"] or not rounding["depthwise_only"]):
             from keras_bn.converters.weight_rounding import WeightRoundingReport
 
-            lines.append(f"  {WeightRoundingReport(**self.details['weight_rounding'])}")
+            lines.append(f"  {WeightRoundingReport(**rounding)}")
         if "bias_tuning" in self.details:
             from keras_bn.converters.bias_tuning import BiasTuningReport
 
@@ -222,8 +223,9 @@ def _int8_scheme(details: Mapping[str, Any]) -> str:
     if "percentile" in details:
         text += f" ({details['percentile']}% of |x|)"
     rounding = details.get("weight_rounding")
-    if rounding is not None:
-        text += f", GPTQ weight rounding of {len(rounding['rounded'])} layer(s)"
+    if rounding is not None and rounding["rounded"]:
+        kind = "depthwise " if rounding.get("depthwise_only") else ""
+        text += f", GPTQ weight rounding of {len(rounding['rounded'])} {kind}layer(s)"
     correction = details.get("bias_correction")
     if correction is not None:
         text += f", bias correction of {len(correction['layers'])} layer(s)"
@@ -648,7 +650,7 @@ def quantize_int8(
     percentile: float = 99.99,
     tune_biases: bool = False,
     tuning_progress: Callable[[int, int], None] | None = None,
-    round_weights: bool = False,
+    round_weights: bool | str | None = None,
     rounding_progress: Callable[[int, int], None] | None = None,
 ) -> PrecisionReport:
     """Quantize an ONNX model to int8 (static, QDQ, per-channel weights).
@@ -678,7 +680,9 @@ def quantize_int8(
             two runs per layer, each reported as ``tuning_progress(done, total)``).
         round_weights: choose the int8 weights against each layer's inputs on the
             calibration data (GPTQ, :mod:`.weight_rounding`), before bias correction;
-            reported as ``rounding_progress(done, total)``.
+            reported as ``rounding_progress(done, total)``. ``"depthwise"``: only the
+            depthwise layers' (9 weights per channel, the coarsest); None: those with
+            per-channel weights, every layer's per-tensor.
 
     Returns:
         A :class:`PrecisionReport`: ``comparison`` (with the float model on the
@@ -698,7 +702,9 @@ def quantize_int8(
                 equalize=("depthwise" if per_channel else False) if equalize is None else equalize,
                 batch_norm_statistics=batch_norm_statistics, bias_correction=bias_correction,
                 layer_report=layer_report, percentile=percentile, tune_biases=tune_biases,
-                tuning_progress=tuning_progress, round_weights=round_weights,
+                tuning_progress=tuning_progress,
+                round_weights=("depthwise" if per_channel else True)
+                if round_weights is None else round_weights,
                 rounding_progress=rounding_progress,
             )  # fmt: skip
         expected = float_outputs() if callable(float_outputs) else float_outputs
@@ -842,7 +848,7 @@ def _write_int8(
     percentile: float = 99.99,
     tune_biases: bool = False,
     tuning_progress: Callable[[int, int], None] | None = None,
-    round_weights: bool = False,
+    round_weights: bool | str = False,
     rounding_progress: Callable[[int, int], None] | None = None,
 ) -> _Int8Steps:
     """:func:`quantize_int8`'s steps, writing ``tmp``: their reports, and the int8
@@ -858,10 +864,11 @@ def _write_int8(
 
     # The equalized float file lies beside the output while quantizing; bias correction
     # and the layer report compare against it (equalization rescales channels).
-    if equalize not in (True, False, "depthwise"):
-        raise UserInputError(
-            f"equalize: expected True, False or 'depthwise'. Received: {equalize!r}"
-        )
+    for name, value in (("equalize", equalize), ("round_weights", round_weights)):
+        if value not in (True, False, "depthwise"):
+            raise UserInputError(
+                f"{name}: expected True, False or 'depthwise'. Received: {value!r}"
+            )
     target = tmp.with_name(tmp.stem + ".equalized.onnx")
     source = onnx_in
     try:
@@ -887,7 +894,9 @@ def _write_int8(
         )
         quantized = _refine(
             model, quantized, batches, moments, steps,
-            round_weights=(rounding_progress or _no_progress) if round_weights else None,
+            round_weights=(rounding_progress or _no_progress, round_weights == "depthwise")
+            if round_weights
+            else None,
             bias_correction=bias_correction,
             tune_biases=(tuning_progress or _no_progress) if tune_biases else None,
         )  # fmt: skip
@@ -915,19 +924,20 @@ def _refine(
     moments: Any,
     steps: _Int8Steps,
     *,
-    round_weights: Callable[[int, int], None] | None,
+    round_weights: tuple[Callable[[int, int], None], bool] | None,
     bias_correction: bool,
     tune_biases: Callable[[int, int], None] | None,
 ) -> Any:
     """The steps after onnxruntime's quantizer, in order, each recorded in ``steps``:
     GPTQ weight rounding, bias correction (from the calibration pass's ``moments``),
-    bias tuning. ``round_weights``, ``tune_biases``: the step's progress callback, or
-    None where it does not run."""
+    bias tuning. ``tune_biases``: the step's progress callback, ``round_weights``: that
+    and whether only depthwise layers are rounded; None where the step does not run."""
     if round_weights is not None:
         from keras_bn.converters import weight_rounding
 
+        rounding_progress, depthwise_only = round_weights
         quantized, steps.weight_rounding = weight_rounding.round_weights(
-            model, quantized, batches, progress=round_weights
+            model, quantized, batches, depthwise_only=depthwise_only, progress=rounding_progress
         )
     if bias_correction:
         quantized, steps.bias_correction = _correct_biases(model, quantized, batches, moments)

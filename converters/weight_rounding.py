@@ -128,8 +128,8 @@ def output_error(
     errors = np.asarray(weights, np.float64) - (np.asarray(ints, np.float64) - zero) * steps
     stacked = np.asarray(moments, np.float64).reshape(-1, errors.shape[1], errors.shape[1])
     if len(stacked) == 1:
-        return float(np.einsum("ri,ij,rj->", errors, stacked[0], errors))
-    return float(np.einsum("ri,rij,rj->", errors, stacked, errors))
+        return float(np.sum((errors @ stacked[0]) * errors))
+    return float(np.sum(np.matmul(errors[:, None, :], stacked)[:, 0] * errors))
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,18 +146,20 @@ class WeightRoundingReport:
     skipped: dict[str, str]  # node name -> why it kept its integers
     samples: int
     error_db: float | None  # 10 log10(GPTQ's error / round-to-nearest's); None: none rounded
+    depthwise_only: bool = False  # only depthwise layers were considered
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
+        kind = "depthwise " if self.depthwise_only else ""
         if self.error_db is None:
-            text = "weight rounding: no Conv/Gemm layer with int8 weights to round"
+            text = f"weight rounding: no {kind or 'Conv/Gemm '}layer with int8 weights to round"
         else:
             text = (
-                f"weight rounding (GPTQ): {len(self.rounded)} layer(s) on {self.samples} "
-                f"sample(s); their output error {self.error_db:+.1f} dB against "
-                "round-to-nearest"
+                f"weight rounding (GPTQ): {len(self.rounded)} {kind}layer(s) on "
+                f"{self.samples} sample(s); their output error {self.error_db:+.1f} dB "
+                "against round-to-nearest"
             )
         return text + (f"; {len(self.skipped)} layer(s) kept" if self.skipped else "")
 
@@ -254,9 +256,11 @@ def _axis(dequantize: Any) -> int:
     return next((a.i for a in dequantize.attribute if a.name == "axis"), 1)
 
 
-def _layers(float_model: Any, quantized: Any) -> tuple[list[_Layer], dict[str, str]]:
+def _layers(
+    float_model: Any, quantized: Any, depthwise_only: bool = False
+) -> tuple[list[_Layer], dict[str, str]]:
     """The Conv/Gemm layers of ``quantized`` whose integers can be chosen, in graph
-    order, and why others cannot."""
+    order, and why others cannot (``depthwise_only``: grouped convolutions only)."""
     initializers = {initializer.name: initializer for initializer in quantized.graph.initializer}
     float_weights = {i.name: i for i in float_model.graph.initializer}
     float_nodes = {node.name: node for node in float_model.graph.node}
@@ -265,6 +269,8 @@ def _layers(float_model: Any, quantized: Any) -> tuple[list[_Layer], dict[str, s
     layers, skipped = [], {}
     for node in quantized.graph.node:
         if node.op_type not in ("Conv", "Gemm"):
+            continue
+        if depthwise_only and _attributes(node).get("group", 1) == 1:
             continue
         dequantize = producers.get(node.input[1])
         if (
@@ -342,6 +348,7 @@ def round_weights(
     calibration_batches: Sequence[Mapping[str, np.ndarray]],
     *,
     samples: int = ROUNDING_SAMPLES,
+    depthwise_only: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Any, WeightRoundingReport]:
     """Choose the quantized model's int8 weights with :func:`gptq_round` against each
@@ -354,6 +361,8 @@ def round_weights(
             names as in the float model (onnxruntime's quantizer keeps them).
         calibration_batches: feeds (input name -> array), batch first.
         samples: how many of their samples ``H`` is summed over.
+        depthwise_only: round only the depthwise convolutions (the rest keep the
+            quantizer's integers, unlisted).
         progress: called as ``progress(done, total)`` after each float run of
             ``CHUNK`` samples, then after each layer.
 
@@ -366,7 +375,7 @@ def round_weights(
 
     rounded = onnx.ModelProto()
     rounded.CopyFrom(quantized_model)
-    layers, skipped = _layers(float_model, rounded)
+    layers, skipped = _layers(float_model, rounded, depthwise_only)
     available = sum(len(next(iter(batch.values()))) for batch in calibration_batches)
     runs = -(-min(samples, available) // CHUNK) if layers else 0
     counter = iter(range(1, runs + len(layers) + 1))
@@ -396,7 +405,7 @@ def round_weights(
             if after == before
             else float(10 * np.log10(max(after, 1e-300) / max(before, 1e-300)))
         )
-    return rounded, WeightRoundingReport(names, skipped, count, error_db)
+    return rounded, WeightRoundingReport(names, skipped, count, error_db, depthwise_only)
 
 
 def _round(layer: _Layer, moments: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:

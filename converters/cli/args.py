@@ -401,11 +401,11 @@ class Int8Args:
             "--round-weights",
             action=argparse.BooleanOptionalAction,
             default=None,
-            help="int8: choose each layer's int8 weights against its inputs on 32 calibration "
-            "samples (GPTQ: each weight's rounding error is carried onto the weights not yet "
-            "rounded, so that the layer's output error is smallest), instead of rounding each "
-            "to nearest (default: on with --per-tensor, where weights get few levels; off "
-            "with per-channel weights)",
+            help="int8: choose every layer's int8 weights against its inputs on 32 "
+            "calibration samples (GPTQ: each weight's rounding error is carried onto the "
+            "weights not yet rounded, so that the layer's output error is smallest), instead "
+            "of rounding each to nearest (default: every layer with --per-tensor; with "
+            "per-channel weights the depthwise layers only; --no-round-weights: none)",
         )
         parser.add_argument(
             "--tune-biases",

@@ -509,7 +509,7 @@ def _convert_precision(
             per_channel=not args.per_tensor,
             signed=args.signed_int8,
             tune_biases=args.per_tensor if args.tune_biases is None else args.tune_biases,
-            round_weights=args.per_tensor if args.round_weights is None else args.round_weights,
+            round_weights=args.round_weights,  # None: depthwise layers per-channel, all per-tensor
             tuning_progress=_stage_progress(step, "tuning biases", "layers"),
             rounding_progress=_stage_progress(step, "rounding weights", "steps"),
             equalize=_equalization(args),

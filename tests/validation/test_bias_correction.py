@@ -126,6 +126,7 @@ def files(tmp_path_factory):
             per_channel=per_channel,
             calibration_method="MinMax",
             bias_correction=False,
+            round_weights=False,  # round-to-nearest: the shifts bias correction is for
         )
         paths[per_channel] = path
     return paths, calibration
@@ -331,7 +332,10 @@ def test_quantize_int8_options(files, tmp_path):
     assert default.details["calibration_method"] == "Percentile"
     assert default.details["percentile"] == 99.99
     assert default.details["bias_correction"]["samples"] == len(calibration)
-    assert "Percentile calibration (99.99% of |x|), bias correction of 3 layer(s)" in str(default)
+    assert (
+        "Percentile calibration (99.99% of |x|), GPTQ weight rounding of 1 depthwise layer(s), "
+        "bias correction of 3 layer(s)"
+    ) in str(default)
 
 
 def test_bad_arguments(files, tmp_path):

@@ -530,14 +530,20 @@ def test_export_int8_per_tensor_equalizes(model_file, tmp_path, capsys, flags, e
     precision = json.loads(out)["precision"]
     assert precision["per_channel"] is ("--per-tensor" not in flags)
     assert ("equalization" in precision) is (equalized is not None)
-    # Bias tuning and GPTQ weight rounding: on by default with per-tensor weights only.
+    # Bias tuning: on by default with per-tensor weights only. GPTQ weight rounding:
+    # every layer per-tensor, the depthwise ones with per-channel weights.
     tuned = flags in (["--per-tensor"], ["--no-equalize", "--tune-biases", "--round-weights"])
     assert ("bias_tuning" in precision) is tuned
-    assert ("weight_rounding" in precision) is tuned
+    rounding = precision.get("weight_rounding")
+    assert (rounding is None) is ("--no-round-weights" in flags)
+    corrected = [layer["node"] for layer in precision["bias_correction"]["layers"]]
     if tuned:  # every Conv and Dense, rounded before bias correction corrects them
-        corrected = [layer["node"] for layer in precision["bias_correction"]["layers"]]
-        assert precision["weight_rounding"]["rounded"] == corrected
-        assert precision["weight_rounding"]["error_db"] < 0
+        assert rounding["rounded"] == corrected and not rounding["depthwise_only"]
+    elif rounding is not None:
+        depthwise = [n for n in corrected if "depthwise" in n]
+        assert rounding["rounded"] == depthwise and len(depthwise) == 1, rounding
+        assert rounding["depthwise_only"]
+    assert rounding is None or rounding["error_db"] < 0
     if equalized == "all":  # the BN statistics reached it: two pairs absorbed
         assert precision["equalization"]["pairs"] == 4
         assert precision["equalization"]["absorbed_channels"] > 0

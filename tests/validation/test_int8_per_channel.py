@@ -23,8 +23,9 @@ from keras_bn.converters.precision import quantize_int8
 SCHEMES = {
     "default (Percentile 99.99%, bias correction)": {},
     "MinMax, bias correction": {"calibration_method": "MinMax"},
-    # The weights as exported (the default equalizes the pairs into depthwise layers).
-    "default without equalization": {"equalize": False},
+    # The weights as exported, rounded to nearest (the default equalizes the pairs into
+    # depthwise layers and rounds their weights with GPTQ).
+    "default without equalization or GPTQ": {"equalize": False, "round_weights": False},
 }
 UNEQUALIZED = 2  # the scheme whose weights are the float file's
 

@@ -18,6 +18,7 @@ from support.onnx_graphs import block_images, depthwise_block
 
 from keras_bn.converters import runtime
 from keras_bn.converters.comparison import sqnr_db
+from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.precision import quantize_int8
 from keras_bn.converters.weight_rounding import (
     gptq_round,
@@ -154,6 +155,7 @@ def files(tmp_path_factory):
         per_channel=False,
         signed=True,
         bias_correction=False,
+        round_weights=False,
         layer_report=False,
     )
     return folder, calibration
@@ -245,6 +247,7 @@ def test_quantize_int8_rounds_before_correcting_and_reports_it(files, tmp_path):
         {"x": calibration},
         per_channel=False,
         layer_report=False,
+        round_weights=False,
     )
     assert "weight_rounding" not in plain.details
     held_out = block_images(256, seed=8)
@@ -254,3 +257,33 @@ def test_quantize_int8_rounds_before_correcting_and_reports_it(files, tmp_path):
         for name in ("plain", "rounded")
     ]
     assert scores[1] > scores[0], scores
+
+
+def test_per_channel_weights_round_the_depthwise_layers_by_default(files, tmp_path):
+    """Depthwise layers (9 weights per channel) only: their integers change, every other
+    layer keeps round-to-nearest's; ``round_weights=True`` rounds them all."""
+    folder, calibration = files
+    written = {}
+    for name, option in (("default", {}), ("none", {"round_weights": False})):
+        report = quantize_int8(
+            folder / "float.onnx", tmp_path / f"{name}.onnx", {"x": calibration},
+            layer_report=False, bias_correction=False, signed=True, **option,
+        )  # fmt: skip
+        written[name] = {
+            i.name: numpy_helper.to_array(i)
+            for i in onnx.load(str(tmp_path / f"{name}.onnx")).graph.initializer
+        }
+        if name == "default":
+            rounding = report.details["weight_rounding"]
+            assert rounding["rounded"] == ["depthwise"] and rounding["depthwise_only"]
+            assert "GPTQ weight rounding of 1 depthwise layer(s)" in str(report)
+            assert "weight rounding (GPTQ): 1 depthwise layer(s)" in str(report)
+    differ = sorted(
+        n for n in written["none"] if not np.array_equal(written["none"][n], written["default"][n])
+    )
+    assert differ == ["dw_w_quantized"], differ
+    with pytest.raises(UserInputError, match="round_weights: expected True, False or 'depthwise'"):
+        quantize_int8(
+            folder / "float.onnx", tmp_path / "bad.onnx", {"x": calibration}, round_weights="all"
+        )
+    assert not (tmp_path / "bad.onnx").exists()
