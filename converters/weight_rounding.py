@@ -57,18 +57,20 @@ def patches(
     *,
     depthwise: bool = False,
 ) -> np.ndarray:
-    """The rows a 2-D Conv's kernel sees in ``x`` (NCHW; ONNX ``pads`` order: top, left,
-    bottom, right), so that the convolution is ``patches @ W.reshape(out, -1).T``:
-    shape ``(positions, C * kh * kw)``, columns in ``W``'s (C, kh, kw) order. With
-    ``depthwise`` each channel apart: ``(C, positions, kh * kw)``."""
+    """What a 2-D Conv's kernel sees in ``x`` (NCHW; ONNX ``pads`` order: top, left,
+    bottom, right), one column per output position, so that the convolution is
+    ``W.reshape(out, -1) @ patches``: shape ``(C * kh * kw, positions)``, rows in
+    ``W``'s (C, kh, kw) order. With ``depthwise`` each channel apart:
+    ``(C, kh * kw, positions)``. (Positions last: the copy then runs along rows.)"""
     (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilations
     x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     spans = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
     windows = np.lib.stride_tricks.sliding_window_view(x, spans, axis=(2, 3))
     windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]  # (N, C, out_h, out_w, kh, kw)
+    columns = windows.transpose(1, 4, 5, 0, 2, 3)  # (C, kh, kw, N, out_h, out_w)
     if depthwise:
-        return windows.transpose(1, 0, 2, 3, 4, 5).reshape(x.shape[1], -1, kh * kw)
-    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+        return columns.reshape(x.shape[1], kh * kw, -1)
+    return columns.reshape(x.shape[1] * kh * kw, -1)
 
 
 def gptq_round(
@@ -307,9 +309,9 @@ def _accumulate(layer: _Layer, x: np.ndarray, into: dict[str, np.ndarray]) -> No
             attributes.get("dilations", (1, 1)), depthwise=layer.kind == "depthwise",
         )  # fmt: skip
         if layer.kind == "depthwise":
-            moments = np.matmul(taken.transpose(0, 2, 1), taken).astype(np.float64)
+            moments = np.matmul(taken, taken.transpose(0, 2, 1)).astype(np.float64)
         else:
-            moments = (taken.T @ taken).astype(np.float64)
+            moments = (taken @ taken.T).astype(np.float64)
     name = layer.node.name
     into[name] = into[name] + moments if name in into else moments
 

@@ -65,15 +65,13 @@ def test_patches_times_the_kernel_is_the_convolution(kernel, strides, pads, dila
     x = rng.standard_normal((2, 3, 9, 8))
     weights = rng.standard_normal((3 if depthwise else 4, 1 if depthwise else 3, *kernel))
     expected = _convolution(x, weights, strides, pads, dilations, depthwise)
-    rows = patches(x, kernel, strides, pads, dilations, depthwise=depthwise)
+    columns = patches(x, kernel, strides, pads, dilations, depthwise=depthwise)
     if depthwise:
-        got = np.einsum("cpk,ck->cp", rows, weights.reshape(3, -1)).reshape(
-            3, 2, *expected.shape[2:]
-        )
-        got = got.transpose(1, 0, 2, 3)
+        got = np.einsum("ck,ckp->cp", weights.reshape(3, -1), columns)
+        got = got.reshape(3, 2, *expected.shape[2:]).transpose(1, 0, 2, 3)
     else:
-        got = (rows @ weights.reshape(4, -1).T).reshape(2, *expected.shape[2:], 4)
-        got = got.transpose(0, 3, 1, 2)
+        got = (weights.reshape(4, -1) @ columns).reshape(4, 2, *expected.shape[2:])
+        got = got.transpose(1, 0, 2, 3)
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
