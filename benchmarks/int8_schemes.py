@@ -79,10 +79,13 @@ def float_export(name: str, calibration: int, evaluation: int, work: Path):
 
 
 def quantize(float_path: Path, scheme: str, calibration: np.ndarray, work: Path, statistics):
-    """``quantize_int8`` with the scheme ``METHOD[@percentile]/channel|tensor[/eq|/dw][/bc][/tune]``
-    (``eq``: equalization and absorption from the BN statistics, ``dw``: only the pairs
-    into depthwise layers, the per-channel default; ``bc``: bias correction of the
-    weights' shift; ``tune``: bias tuning, checked on the outputs); path, seconds."""
+    """``quantize_int8`` with the scheme
+    ``METHOD[@percentile]/channel|tensor[/eq|/dw][/gq|/gqdw][/bc][/tune]`` (``eq``:
+    equalization and absorption from the BN statistics, ``dw``: only the pairs into
+    depthwise layers, the per-channel default; ``gq``: GPTQ weight rounding of every
+    layer, ``gqdw``: of the depthwise layers, the per-channel default; ``bc``: bias
+    correction of the weights' shift; ``tune``: bias tuning, checked on the outputs);
+    path, seconds."""
     method, weights, *rest = scheme.split("/")
     method, _, percentile = method.partition("@")
     path = work / (scheme.replace("/", "_").replace("@", "_") + ".onnx")
@@ -99,6 +102,7 @@ def quantize(float_path: Path, scheme: str, calibration: np.ndarray, work: Path,
         batch_norm_statistics=statistics,
         bias_correction="bc" in rest,
         tune_biases="tune" in rest,
+        round_weights="depthwise" if "gqdw" in rest else "gq" in rest,
         layer_report=False,
     )
     return path, time.perf_counter() - start
