@@ -285,3 +285,64 @@ def test_per_channel_weights_round_the_depthwise_layers_by_default(files, tmp_pa
             folder / "float.onnx", tmp_path / "bad.onnx", {"x": calibration}, round_weights="all"
         )
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_one_dimensional_convolutions_are_rounded_too(tmp_path):
+    """Conv1D layers (audio, sequences): a strided 1-D convolution and a dilated
+    depthwise one, rounded per-tensor; their held-out output comes closer to the float
+    model's than round-to-nearest's."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    spread = np.logspace(-1.5, 0, 8)[:, None, None]  # output channels of unequal ranges
+    arrays = {
+        "a_w": rng.normal(size=(8, 4, 5)) * spread,
+        "a_b": rng.normal(size=8) * 0.1,
+        "d_w": rng.normal(size=(8, 1, 3)),
+        "d_b": rng.normal(size=8) * 0.1,
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], "strided", pads=[2, 2], strides=[2]),
+        helper.make_node("Relu", ["a"], ["r"], "relu"),
+        helper.make_node(
+            "Conv", ["r", "d_w", "d_b"], ["y"], "dilated", group=8, pads=[2, 2], dilations=[2]
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv1d",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8, 16])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "float.onnx"))
+    sequences = np.cumsum(rng.normal(size=(160, 4, 32)), axis=2).astype(np.float32) * 0.3
+    calibration, held_out = sequences[:64], sequences[64:]
+    scores = {}
+    for rounding in (False, True):
+        report = quantize_int8(
+            tmp_path / "float.onnx", tmp_path / f"{rounding}.onnx", {"x": calibration},
+            per_channel=False, round_weights=rounding, bias_correction=False,
+            tune_biases=False, layer_report=False, signed=True,
+        )  # fmt: skip
+        session = runtime.open_session(
+            tmp_path / f"{rounding}.onnx", optimization="ORT_DISABLE_ALL"
+        )
+        (expected,) = runtime.run(runtime.open_session(tmp_path / "float.onnx"), {"x": held_out})
+        scores[rounding] = sqnr_db(runtime.run(session, {"x": held_out})[0], expected)
+    assert report.details["weight_rounding"]["rounded"] == ["strided", "dilated"]
+    assert report.details["weight_rounding"]["error_db"] < 0
+    assert scores[True] > scores[False], scores
+    # The strided layer's integers are GPTQ's against H summed by hand over its windows
+    # on the first 32 calibration sequences (pads 2, stride 2, kernel 5).
+    padded = np.pad(calibration[:32].astype(np.float64), ((0, 0), (0, 0), (2, 2)))
+    windows = np.stack([padded[:, :, 2 * j : 2 * j + 5] for j in range(16)], axis=1)
+    rows = windows.reshape(-1, 4 * 5)
+    stored = {
+        i.name: numpy_helper.to_array(i)
+        for i in onnx.load(str(tmp_path / "True.onnx")).graph.initializer
+    }
+    assert stored["a_w_quantized"].dtype == np.int8 and stored["a_w_zero_point"] == 0
+    expected_ints = gptq_round(arrays["a_w"].reshape(8, -1), rows.T @ rows, stored["a_w_scale"])
+    np.testing.assert_array_equal(stored["a_w_quantized"].reshape(8, -1), expected_ints)
