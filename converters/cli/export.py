@@ -456,6 +456,16 @@ def _equalization_statistics(args: argparse.Namespace, fold: tuple[Any, Any]) ->
     return batch_norm_statistics(*fold)
 
 
+def _int8_label(details: dict[str, Any]) -> str:
+    """The finished int8 step's name in the step table: the stages that ran."""
+    stages = ["calibrated"]
+    if (details.get("weight_rounding") or {}).get("rounded"):
+        stages.append("rounding weights")
+    if "bias_tuning" in details:
+        stages.append("tuning biases")
+    return f"Quantizing to int8 ({', '.join(stages)})"
+
+
 def _stage_progress(step: Any, stage: str, unit: str) -> Callable[[int, int], None]:
     """The int8 step's progress during one of its stages after calibration (tuning
     biases: layers; rounding weights: float runs, then layers)."""
@@ -526,6 +536,7 @@ def _convert_precision(
                 if value is not None
             },
         )
+        step.label = _int8_label(report.details)
     worst = report.divergence.worst(1) if report.divergence is not None else []
     if worst:
         run.summary.append(

@@ -544,6 +544,12 @@ def test_export_int8_per_tensor_equalizes(model_file, tmp_path, capsys, flags, e
         assert rounding["rounded"] == depthwise and len(depthwise) == 1, rounding
         assert rounding["depthwise_only"]
     assert rounding is None or rounding["error_db"] < 0
+    # The step table names the stages that ran.
+    stages = (
+        ["calibrated"] + ["rounding weights"] * (rounding is not None) + ["tuning biases"] * tuned
+    )
+    steps = [step["step"] for step in json.loads(out)["steps"]]
+    assert f"Quantizing to int8 ({', '.join(stages)})" in steps, steps
     if equalized == "all":  # the BN statistics reached it: two pairs absorbed
         assert precision["equalization"]["pairs"] == 4
         assert precision["equalization"]["absorbed_channels"] > 0
