@@ -698,14 +698,11 @@ def quantize_int8(
             steps = _write_int8(
                 source, model, tmp, matched, batches,
                 per_channel=per_channel, signed=signed, calibration_method=calibration_method,
-                progress=progress,
-                equalize=("depthwise" if per_channel else False) if equalize is None else equalize,
-                batch_norm_statistics=batch_norm_statistics, bias_correction=bias_correction,
-                layer_report=layer_report, percentile=percentile, tune_biases=tune_biases,
-                tuning_progress=tuning_progress,
-                round_weights=("depthwise" if per_channel else True)
-                if round_weights is None else round_weights,
-                rounding_progress=rounding_progress,
+                progress=progress, batch_norm_statistics=batch_norm_statistics,
+                equalize=equalize,
+                round_weights=round_weights, rounding_progress=rounding_progress,
+                bias_correction=bias_correction, tune_biases=tune_biases,
+                tuning_progress=tuning_progress, layer_report=layer_report, percentile=percentile,
             )  # fmt: skip
         expected = float_outputs() if callable(float_outputs) else float_outputs
         weights = (per_channel, signed)
@@ -841,19 +838,20 @@ def _write_int8(
     signed: bool,
     calibration_method: str,
     progress: Callable[[int, int], None] | None,
-    equalize: bool | str,
+    equalize: bool | str | None,
     batch_norm_statistics: Mapping[str, Any] | None,
     bias_correction: bool,
     layer_report: bool,
     percentile: float = 99.99,
     tune_biases: bool = False,
     tuning_progress: Callable[[int, int], None] | None = None,
-    round_weights: bool | str = False,
+    round_weights: bool | str | None = False,
     rounding_progress: Callable[[int, int], None] | None = None,
 ) -> _Int8Steps:
     """:func:`quantize_int8`'s steps, writing ``tmp``: their reports, and the int8
     file's run on ``matched`` (:func:`_int8_outputs`, beside the layer report)."""
     steps = _Int8Steps()
+    equalize, round_weights = _choices(per_channel, equalize, round_weights)
     floats: list[concurrent.futures.Future] = []  # the layer report's float side
 
     def calibrated() -> None:  # started beside the QDQ rewrite (model: the source's)
@@ -864,11 +862,6 @@ def _write_int8(
 
     # The equalized float file lies beside the output while quantizing; bias correction
     # and the layer report compare against it (equalization rescales channels).
-    for name, value in (("equalize", equalize), ("round_weights", round_weights)):
-        if value not in (True, False, "depthwise"):
-            raise UserInputError(
-                f"{name}: expected True, False or 'depthwise'. Received: {value!r}"
-            )
     target = tmp.with_name(tmp.stem + ".equalized.onnx")
     source = onnx_in
     try:
@@ -911,6 +904,24 @@ def _write_int8(
         target.unlink(missing_ok=True)
     steps.int8_run = int8_run.result()  # before tmp is moved
     return steps
+
+
+def _choices(
+    per_channel: bool, equalize: bool | str | None, round_weights: bool | str | None
+) -> tuple[bool | str, bool | str]:
+    """``equalize`` and ``round_weights`` checked, None replaced by the default: the
+    depthwise layers' with per-channel weights (the others lose little there); per-tensor
+    every layer's rounding and no equalization (the CLI's ``--per-tensor`` asks for it)."""
+    for name, value in (("equalize", equalize), ("round_weights", round_weights)):
+        if value not in (True, False, "depthwise", None):
+            raise UserInputError(
+                f"{name}: expected True, False or 'depthwise'. Received: {value!r}"
+            )
+    default = "depthwise" if per_channel else False
+    return (
+        default if equalize is None else equalize,
+        (default or True) if round_weights is None else round_weights,
+    )
 
 
 def _no_progress(done: int, total: int) -> None:
