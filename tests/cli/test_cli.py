@@ -689,7 +689,9 @@ def test_export_int8_with_calibration(tmp_path, capsys, files, monkeypatch):
 
     counted = []  # the int8 step's calibration counts, as its progress line shows them
     original = Step.update
-    monkeypatch.setattr(Step, "update", lambda s, *a: counted.append(s) or original(s, *a))
+    monkeypatch.setattr(
+        Step, "update", lambda s, *a: original(s, *a) or counted.append((s.label, s.shown()))
+    )
     ran = []  # (model file, batch) of every onnxruntime run
     run = onnxruntime.InferenceSession.run
     monkeypatch.setattr(
@@ -715,7 +717,7 @@ def test_export_int8_with_calibration(tmp_path, capsys, files, monkeypatch):
         capsys,
     )
     assert code == 0, err
-    shown = [s.shown() for s in counted if s.label == "Quantizing to int8 (calibrating)"]
+    shown = [text for label, text in counted if label == "Quantizing to int8 (calibrating)"]
     assert shown and shown[-1].endswith(": 4/4 batches"), shown  # 64 samples, 16 a batch
     report = json.loads(out)
     comparison = report["precision"]["comparison"]
