@@ -284,7 +284,7 @@ class _Runs:
         self.outputs = outputs
         self.feeds = feeds
         self.samples = sum(len(next(iter(feed.values()))) for feed in feeds)
-        self.sizes = _sample_sizes(float_model)
+        self.sizes = onnx_graph.sample_sizes(float_model)
         targets = list(dict.fromkeys(layer.target for layer in layers))
         names = [layer.output for layer in layers]
         # No arena: each run asks for other outputs (BENCHMARKS.md 35: 1.5 -> 1.0 GB).
@@ -336,22 +336,6 @@ class _Runs:
         values = [np.concatenate(parts) for parts in zip(*runs, strict=True)]
         count = len(self.outputs)
         return values[:count], dict(zip(exposed, values[count:], strict=True))
-
-
-def _sample_sizes(model) -> dict[str, int]:
-    """Elements per sample of each tensor whose shape ONNX infers (batch first)."""
-    import onnx
-
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - sizes are a memory estimate; unknown is safe
-        return {}
-    sizes = {}
-    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
-        dims = info.type.tensor_type.shape.dim[1:]
-        if info.type.tensor_type.HasField("shape") and all(d.dim_value > 0 for d in dims):
-            sizes[info.name] = int(np.prod([d.dim_value for d in dims]))
-    return sizes
 
 
 def _candidate(

@@ -9,10 +9,11 @@ Only the top-level graph is read (not the bodies of If/Loop/Scan).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["producers", "readers", "with_outputs"]
+__all__ = ["producers", "readers", "sample_sizes", "with_outputs"]
 
 
 def producers(graph: Any) -> dict[str, Any]:
@@ -53,3 +54,21 @@ def with_outputs(model: Any, names: Sequence[str], *, in_place: bool = False) ->
         return model.SerializeToString()
     finally:
         del outputs[kept:]
+
+
+def sample_sizes(model: Any) -> dict[str, int]:
+    """Elements per sample of each tensor (graph inputs too) whose shape ONNX infers,
+    batch first: a memory estimate for the tensors a session is asked for."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - sizes are a memory estimate; unknown is safe
+        return {}
+    sizes = {}
+    graph = inferred.graph
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        dims = info.type.tensor_type.shape.dim[1:]
+        if info.type.tensor_type.HasField("shape") and all(d.dim_value > 0 for d in dims):
+            sizes[info.name] = math.prod(d.dim_value for d in dims)
+    return sizes

@@ -31,6 +31,7 @@ The maths are NumPy functions (:func:`patches`, :func:`gptq_round`,
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -43,7 +44,8 @@ __all__ = ["WeightRoundingReport", "gptq_round", "output_error", "patches", "rou
 ROUNDING_SAMPLES = 32  # calibration samples whose layer inputs give H
 DAMPING = 0.01  # added to H's diagonal, relative to its mean: a singular H still inverts
 BLOCK = 128  # columns rounded between two matrix products (GPTQ's lazy batch)
-CHUNK = 4  # samples per float run (a depthwise layer's patches are 9x its input)
+CHUNK = 4  # samples per float run at most (a depthwise layer's patches are 9x its input)
+EXPOSED_BYTES = 256 * 2**20  # layer inputs one float run may return (fewer samples if more)
 
 
 # ---------------------------------------------------------------------------------------
@@ -321,32 +323,46 @@ def _accumulate(layer: _Layer, x: np.ndarray, into: dict[str, np.ndarray]) -> No
     into[name] = into[name] + moments if name in into else moments
 
 
-def _moments(
-    float_model: Any, layers: list[_Layer], batches, samples: int, done: Callable[[], None]
-) -> tuple[dict[str, np.ndarray], int]:
-    """Each layer's input second moments over the first ``samples`` samples of
-    ``batches`` (the float model run ``CHUNK`` samples at a time, ``done()`` after
-    each run), and the count."""
-    names = list(dict.fromkeys(layer.input for layer in layers))
-    session = runtime.open_session(
-        onnx_graph.with_outputs(float_model, names), spinning=False, arena=False
-    )
-    moments: dict[str, np.ndarray] = {}
+def _feeds(batches, samples: int, chunk: int | None) -> list[dict[str, np.ndarray]]:
+    """The first ``samples`` samples of ``batches`` in feeds of ``chunk`` samples at
+    most (views), or whole batches where ``chunk`` is None (a fixed batch size)."""
+    feeds: list[dict[str, np.ndarray]] = []
     count = 0
     for batch in batches:
         arrays = {name: np.asarray(value) for name, value in batch.items()}
         size = len(next(iter(arrays.values())))
-        for start in range(0, size, CHUNK):
+        for start in range(0, size, chunk or size):
             if count >= samples:
-                return moments, count
-            stop = min(start + CHUNK, size, start + samples - count)
-            feed = {name: value[start:stop] for name, value in arrays.items()}
-            values = dict(zip(names, session.run(names, feed), strict=True))
-            for layer in layers:
-                _accumulate(layer, values[layer.input], moments)
+                return feeds
+            stop = size if chunk is None else min(start + chunk, size, start + samples - count)
+            feeds.append({name: value[start:stop] for name, value in arrays.items()})
             count += stop - start
-            done()
-    return moments, count
+    return feeds
+
+
+def _moments(
+    float_model: Any, layers: list[_Layer], batches, samples: int, progress: Callable[[int], None]
+) -> tuple[dict[str, np.ndarray], int, int]:
+    """Each layer's input second moments over the first ``samples`` samples of
+    ``batches``, their count and the float runs. The float model runs ``CHUNK`` samples at a time, or
+    fewer where their layer inputs would pass ``EXPOSED_BYTES``; ``progress(total)``
+    after each run."""
+    names = list(dict.fromkeys(layer.input for layer in layers))
+    sizes = onnx_graph.sample_sizes(float_model)
+    per_sample = 4 * sum(sizes.get(name, 0) for name in names)
+    session = runtime.open_session(
+        onnx_graph.with_outputs(float_model, names), spinning=False, arena=False
+    )
+    fixed = runtime.fixed_batch_size(runtime.input_specs(session)) is not None
+    chunk = None if fixed else max(1, min(CHUNK, EXPOSED_BYTES // max(per_sample, 1)))
+    feeds = _feeds(batches, samples, chunk)
+    moments: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        values = dict(zip(names, session.run(names, feed), strict=True))
+        for layer in layers:
+            _accumulate(layer, values[layer.input], moments)
+        progress(len(feeds))
+    return moments, sum(len(next(iter(feed.values()))) for feed in feeds), len(feeds)
 
 
 def round_weights(
@@ -370,8 +386,8 @@ def round_weights(
         samples: how many of their samples ``H`` is summed over.
         depthwise_only: round only the depthwise convolutions (the rest keep the
             quantizer's integers, unlisted).
-        progress: called as ``progress(done, total)`` after each float run of
-            ``CHUNK`` samples, then after each layer.
+        progress: called as ``progress(done, total)`` after each float run (of
+            ``CHUNK`` samples at most), then after each layer.
 
     Returns:
         The copy of ``quantized_model`` with its new integers, and a
@@ -383,18 +399,16 @@ def round_weights(
     rounded = onnx.ModelProto()
     rounded.CopyFrom(quantized_model)
     layers, skipped = _layers(float_model, rounded, depthwise_only)
-    available = sum(len(next(iter(batch.values()))) for batch in calibration_batches)
-    runs = -(-min(samples, available) // CHUNK) if layers else 0
-    counter = iter(range(1, runs + len(layers) + 1))
+    steps = itertools.count(1)
 
-    def done() -> None:
+    def done(runs: int) -> None:  # after each float run, then each layer
         if progress is not None:
-            progress(next(counter), runs + len(layers))
+            progress(next(steps), runs + len(layers))
 
     moments: dict[str, np.ndarray] = {}
-    count = 0
+    count = runs = 0
     if layers:
-        moments, count = _moments(float_model, layers, calibration_batches, samples, done)
+        moments, count, runs = _moments(float_model, layers, calibration_batches, samples, done)
     initializers = {initializer.name: initializer for initializer in rounded.graph.initializer}
     names, before, after = [], 0.0, 0.0
     for layer in layers:
@@ -404,7 +418,7 @@ def round_weights(
             values = numpy_helper.from_array(layer.to_initializer(ints), layer.initializer)
             initializers[layer.initializer].CopyFrom(values)
             names.append(layer.node.name)
-        done()
+        done(runs)
     error_db = None
     if names:
         error_db = (

@@ -63,3 +63,11 @@ def test_with_outputs_fetches_intermediate_tensors_and_leaves_the_model_as_it_wa
     np.testing.assert_array_equal(m, expected_m)
     np.testing.assert_allclose(s, relu**2, rtol=1e-6)
     np.testing.assert_allclose(y, relu + relu**2, rtol=1e-6)
+
+
+def test_sample_sizes_count_each_tensors_elements_per_sample():
+    model = _model()
+    sizes = onnx_graph.sample_sizes(model)
+    assert sizes == {"x": 3, "m": 3, "r": 3, "s": 3, "y": 3}  # inputs and outputs too
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "width"  # unknown
+    assert onnx_graph.sample_sizes(model) == {"m": 3, "r": 3, "s": 3, "y": 3}  # w's width

@@ -346,3 +346,35 @@ def test_one_dimensional_convolutions_are_rounded_too(tmp_path):
     assert stored["a_w_quantized"].dtype == np.int8 and stored["a_w_zero_point"] == 0
     expected_ints = gptq_round(arrays["a_w"].reshape(8, -1), rows.T @ rows, stored["a_w_scale"])
     np.testing.assert_array_equal(stored["a_w_quantized"].reshape(8, -1), expected_ints)
+
+
+def test_float_runs_follow_the_memory_budget_and_fixed_batches(files, monkeypatch):
+    """The float model runs 4 samples at a time, fewer where their layer inputs would
+    pass the budget (same integers), and whole batches where the model's batch size is
+    fixed (onnxruntime rejects any other)."""
+    from keras_bn.converters import weight_rounding
+
+    folder, calibration = files
+    float_model = onnx.load(str(folder / "float.onnx"))
+    quantized = onnx.load(str(folder / "int8.onnx"))
+    batches = [{"x": calibration[i : i + 16]} for i in range(0, len(calibration), 16)]
+
+    def rounded(model, **options):
+        progress = []
+        result, report = round_weights(
+            model, quantized, batches, progress=lambda *step: progress.append(step), **options
+        )
+        ints = {i.name: numpy_helper.to_array(i) for i in result.graph.initializer}
+        return ints, report, progress[-1][1] - len(report.rounded)  # float runs
+
+    ints, report, runs = rounded(float_model)
+    assert runs == 8 and report.samples == 32
+    monkeypatch.setattr(weight_rounding, "EXPOSED_BYTES", 1)  # one sample a run
+    tight, report, runs = rounded(float_model)
+    assert runs == 32 and report.samples == 32
+    assert all(np.array_equal(ints[name], tight[name]) for name in ints)
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(float_model)
+    fixed.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 16
+    _, report, runs = rounded(fixed, samples=20)  # whole batches: 2 runs, 32 samples
+    assert runs == 2 and report.samples == 32
