@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["producers", "readers", "sample_sizes", "with_outputs"]
+__all__ = ["batch_is_fixed", "producers", "readers", "sample_sizes", "with_outputs"]
 
 
 def producers(graph: Any) -> dict[str, Any]:
@@ -72,3 +72,14 @@ def sample_sizes(model: Any) -> dict[str, int]:
         if info.type.tensor_type.HasField("shape") and all(d.dim_value > 0 for d in dims):
             sizes[info.name] = math.prod(d.dim_value for d in dims)
     return sizes
+
+
+def batch_is_fixed(model: Any) -> bool:
+    """Whether a graph input of ``model`` has a fixed batch size: onnxruntime then
+    takes only batches of that size, so samples go in whole batches."""
+    initializers = {initializer.name for initializer in model.graph.initializer}
+    for info in model.graph.input:
+        dims = info.type.tensor_type.shape.dim
+        if info.name not in initializers and dims and dims[0].dim_value > 0:
+            return True
+    return False

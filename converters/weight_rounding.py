@@ -353,8 +353,8 @@ def _moments(
     session = runtime.open_session(
         onnx_graph.with_outputs(float_model, names), spinning=False, arena=False
     )
-    fixed = runtime.fixed_batch_size(runtime.input_specs(session)) is not None
-    chunk = None if fixed else max(1, min(CHUNK, EXPOSED_BYTES // max(per_sample, 1)))
+    budget = max(1, min(CHUNK, EXPOSED_BYTES // max(per_sample, 1)))
+    chunk = None if onnx_graph.batch_is_fixed(float_model) else budget
     feeds = _feeds(batches, samples, chunk)
     moments: dict[str, np.ndarray] = {}
     for feed in feeds:

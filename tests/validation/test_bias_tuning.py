@@ -237,3 +237,17 @@ def test_a_model_with_nothing_to_tune_says_so(files):
     assert set(report.skipped) == {"conv", "depthwise", "pointwise", "dense"}
     assert str(report) == "bias tuning: no Conv/Gemm layer to tune (4 not tried)"
     json.dumps(report.to_dict(), allow_nan=False)
+
+
+def test_a_fixed_batch_size_takes_whole_batches(tmp_path):
+    """A model whose batch size is fixed (12) gets whole batches of tuning samples: the
+    first three, 36 samples (onnxruntime rejects a batch of the 8 that make 32)."""
+    model = depthwise_block()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 12
+    onnx.save(model, str(tmp_path / "fixed.onnx"))
+    report = quantize_int8(
+        tmp_path / "fixed.onnx", tmp_path / "q.onnx", {"x": block_images(48, seed=1)},
+        per_channel=False, equalize=True, tune_biases=True, layer_report=False,
+    )  # fmt: skip
+    assert report.details["bias_tuning"]["samples"] == 36
+    assert report.details["weight_rounding"]["samples"] == 36

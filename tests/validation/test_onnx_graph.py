@@ -71,3 +71,10 @@ def test_sample_sizes_count_each_tensors_elements_per_sample():
     assert sizes == {"x": 3, "m": 3, "r": 3, "s": 3, "y": 3}  # inputs and outputs too
     model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "width"  # unknown
     assert onnx_graph.sample_sizes(model) == {"m": 3, "r": 3, "s": 3, "y": 3}  # w's width
+
+
+def test_batch_is_fixed_reads_the_first_dimension_of_the_inputs():
+    model = _model()
+    assert not onnx_graph.batch_is_fixed(model)  # [None, 3]
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    assert onnx_graph.batch_is_fixed(model)
