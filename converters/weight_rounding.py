@@ -18,11 +18,11 @@ scale serves channels of different ranges (equalization narrows, not closes, tha
 gap), and depthwise layers, 9 weights per channel. Per-tensor it gains 0.5 dB of logit
 SQNR on MobileNetV2 and 1.1 dB on EfficientNet-Lite0 (with bias tuning after it);
 with per-channel weights, on the depthwise layers, it lifts MobileNetV2's top-1
-agreement over 98% (BENCHMARKS.md, section 36). ``H`` comes from one float run on the first
-``ROUNDING_SAMPLES`` calibration samples (:func:`patches` turns a Conv's input into
-the rows its kernel sees); depthwise layers get one ``H`` per channel, Gemm layers
-their input's. Bias correction, which runs next, corrects the mean shift of
-whichever integers it finds.
+agreement over 98% (BENCHMARKS.md, section 36). ``H`` comes from one float pass over
+the first ``ROUNDING_SAMPLES`` calibration samples (:func:`patches` lays out what a
+Conv's kernel sees, 1-D convolutions as one row of a 2-D one); depthwise layers get
+one ``H`` per channel, Gemm layers their input's. Bias correction, which runs next,
+corrects the mean shift of whichever integers it finds.
 
 The maths are NumPy functions (:func:`patches`, :func:`gptq_round`,
 :func:`output_error`); the rest finds the layers and runs the float model.
