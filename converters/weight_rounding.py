@@ -41,7 +41,8 @@ from keras_bn.converters import onnx_graph, runtime
 
 __all__ = ["WeightRoundingReport", "gptq_round", "output_error", "patches", "round_weights"]
 
-ROUNDING_SAMPLES = 32  # calibration samples whose layer inputs give H
+ROUNDING_SAMPLES = 64  # calibration samples whose layer inputs give H (D x D, D up to ~5000)
+DEPTHWISE_SAMPLES = 32  # enough for a depthwise layer's 9 x 9 H per channel, at half the cost
 DAMPING = 0.01  # added to H's diagonal, relative to its mean: a singular H still inverts
 BLOCK = 128  # columns rounded between two matrix products (GPTQ's lazy batch)
 CHUNK = 4  # samples per float run at most (a depthwise layer's patches are 9x its input)
@@ -370,7 +371,7 @@ def round_weights(
     quantized_model: Any,
     calibration_batches: Sequence[Mapping[str, np.ndarray]],
     *,
-    samples: int = ROUNDING_SAMPLES,
+    samples: int | None = None,
     depthwise_only: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Any, WeightRoundingReport]:
@@ -383,7 +384,8 @@ def round_weights(
         quantized_model: its QDQ quantization (``ModelProto``; not modified), node
             names as in the float model (onnxruntime's quantizer keeps them).
         calibration_batches: feeds (input name -> array), batch first.
-        samples: how many of their samples ``H`` is summed over.
+        samples: how many of their samples ``H`` is summed over (None:
+            ``ROUNDING_SAMPLES``, ``DEPTHWISE_SAMPLES`` with ``depthwise_only``).
         depthwise_only: round only the depthwise convolutions (the rest keep the
             quantizer's integers, unlisted).
         progress: called as ``progress(done, total)`` after each float run (of
@@ -399,6 +401,8 @@ def round_weights(
     rounded = onnx.ModelProto()
     rounded.CopyFrom(quantized_model)
     layers, skipped = _layers(float_model, rounded, depthwise_only)
+    if samples is None:
+        samples = DEPTHWISE_SAMPLES if depthwise_only else ROUNDING_SAMPLES
     steps = itertools.count(1)
 
     def done(runs: int) -> None:  # after each float run, then each layer

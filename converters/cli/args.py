@@ -401,7 +401,7 @@ class Int8Args:
             "--round-weights",
             action=argparse.BooleanOptionalAction,
             default=None,
-            help="int8: choose every layer's int8 weights against its inputs on 32 "
+            help="int8: choose every layer's int8 weights against its inputs on 64 "
             "calibration samples (GPTQ: each weight's rounding error is carried onto the "
             "weights not yet rounded, so that the layer's output error is smallest), instead "
             "of rounding each to nearest (default: every layer with --per-tensor; with "

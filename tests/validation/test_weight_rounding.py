@@ -176,8 +176,8 @@ def test_rounding_changes_only_weight_integers_and_brings_the_outputs_closer(fil
     )
     assert quantized.SerializeToString() == copy  # not modified
     assert report.rounded == ["conv", "depthwise", "pointwise", "dense"]
-    assert report.samples == 32 and report.skipped == {}
-    assert progress == [(step, 12) for step in range(1, 13)]  # 8 float runs, 4 layers
+    assert report.samples == 64 and report.skipped == {}
+    assert progress == [(step, 20) for step in range(1, 21)]  # 16 float runs, 4 layers
     changed = [
         a.name
         for a, b in zip(quantized.graph.initializer, rounded.graph.initializer, strict=True)
@@ -197,7 +197,7 @@ def test_rounding_changes_only_weight_integers_and_brings_the_outputs_closer(fil
     (expected,) = runtime.run(runtime.open_session(str(folder / "float.onnx")), {"x": held_out})
     before, after = (sqnr_db(_logits(m, held_out), expected) for m in (quantized, rounded))
     assert after > before + 0.5, (before, after)
-    assert "weight rounding (GPTQ): 4 layer(s) on 32 sample(s)" in str(report)
+    assert "weight rounding (GPTQ): 4 layer(s) on 64 sample(s)" in str(report)
     json.dumps(report.to_dict(), allow_nan=False)
 
 
@@ -235,7 +235,7 @@ def test_quantize_int8_rounds_before_correcting_and_reports_it(files, tmp_path):
     )
     rounding = report.details["weight_rounding"]
     assert rounding["rounded"] == ["conv", "depthwise", "pointwise", "dense"]
-    assert progress[-1] == (12, 12)
+    assert progress[-1] == (20, 20)
     assert "GPTQ weight rounding of 4 layer(s)" in str(report)
     assert "weight rounding (GPTQ): " in str(report)
     assert report.to_dict()["weight_rounding"] == rounding
@@ -335,8 +335,8 @@ def test_one_dimensional_convolutions_are_rounded_too(tmp_path):
     assert report.details["weight_rounding"]["error_db"] < 0
     assert scores[True] > scores[False], scores
     # The strided layer's integers are GPTQ's against H summed by hand over its windows
-    # on the first 32 calibration sequences (pads 2, stride 2, kernel 5).
-    padded = np.pad(calibration[:32].astype(np.float64), ((0, 0), (0, 0), (2, 2)))
+    # on the 64 calibration sequences (pads 2, stride 2, kernel 5).
+    padded = np.pad(calibration.astype(np.float64), ((0, 0), (0, 0), (2, 2)))
     windows = np.stack([padded[:, :, 2 * j : 2 * j + 5] for j in range(16)], axis=1)
     rows = windows.reshape(-1, 4 * 5)
     stored = {
@@ -368,10 +368,10 @@ def test_float_runs_follow_the_memory_budget_and_fixed_batches(files, monkeypatc
         return ints, report, progress[-1][1] - len(report.rounded)  # float runs
 
     ints, report, runs = rounded(float_model)
-    assert runs == 8 and report.samples == 32
+    assert runs == 16 and report.samples == 64
     monkeypatch.setattr(weight_rounding, "EXPOSED_BYTES", 1)  # one sample a run
     tight, report, runs = rounded(float_model)
-    assert runs == 32 and report.samples == 32
+    assert runs == 64 and report.samples == 64
     assert all(np.array_equal(ints[name], tight[name]) for name in ints)
     fixed = onnx.ModelProto()
     fixed.CopyFrom(float_model)
