@@ -887,11 +887,9 @@ def _write_int8(
         )
         quantized = _refine(
             model, quantized, batches, moments, steps,
-            round_weights=(rounding_progress or _no_progress, round_weights == "depthwise")
-            if round_weights
-            else None,
+            round_weights=round_weights, rounding_progress=rounding_progress,
             bias_correction=bias_correction,
-            tune_biases=(tuning_progress or _no_progress) if tune_biases else None,
+            tune_biases=tune_biases, tuning_progress=tuning_progress,
         )  # fmt: skip
         _save_int8(quantized, tmp, signed)
         int8_run = _start(_int8_outputs, tmp, matched)
@@ -917,15 +915,11 @@ def _choices(
             raise UserInputError(
                 f"{name}: expected True, False or 'depthwise'. Received: {value!r}"
             )
-    default = "depthwise" if per_channel else False
-    return (
-        default if equalize is None else equalize,
-        (default or True) if round_weights is None else round_weights,
-    )
-
-
-def _no_progress(done: int, total: int) -> None:
-    """A step's progress where no one asked for it."""
+    if equalize is None:
+        equalize = "depthwise" if per_channel else False
+    if round_weights is None:
+        round_weights = "depthwise" if per_channel else True
+    return equalize, round_weights
 
 
 def _refine(
@@ -935,28 +929,29 @@ def _refine(
     moments: Any,
     steps: _Int8Steps,
     *,
-    round_weights: tuple[Callable[[int, int], None], bool] | None,
+    round_weights: bool | str,
+    rounding_progress: Callable[[int, int], None] | None,
     bias_correction: bool,
-    tune_biases: Callable[[int, int], None] | None,
+    tune_biases: bool,
+    tuning_progress: Callable[[int, int], None] | None,
 ) -> Any:
     """The steps after onnxruntime's quantizer, in order, each recorded in ``steps``:
-    GPTQ weight rounding, bias correction (from the calibration pass's ``moments``),
-    bias tuning. ``tune_biases``: the step's progress callback, ``round_weights``: that
-    and whether only depthwise layers are rounded; None where the step does not run."""
-    if round_weights is not None:
+    GPTQ weight rounding (``"depthwise"``: those layers only), bias correction (from the
+    calibration pass's ``moments``), bias tuning."""
+    if round_weights:
         from keras_bn.converters import weight_rounding
 
-        rounding_progress, depthwise_only = round_weights
         quantized, steps.weight_rounding = weight_rounding.round_weights(
-            model, quantized, batches, depthwise_only=depthwise_only, progress=rounding_progress
-        )
+            model, quantized, batches, depthwise_only=round_weights == "depthwise",
+            progress=rounding_progress,
+        )  # fmt: skip
     if bias_correction:
         quantized, steps.bias_correction = _correct_biases(model, quantized, batches, moments)
-    if tune_biases is not None:
+    if tune_biases:
         from keras_bn.converters import bias_tuning
 
         quantized, steps.bias_tuning = bias_tuning.tune_biases(
-            model, quantized, batches, progress=tune_biases
+            model, quantized, batches, progress=tuning_progress
         )
     return quantized
 

@@ -192,6 +192,9 @@ class _Layer:
     input: str
     kind: str
     transposed: bool = False  # a Gemm whose weights are (inputs, outputs)
+    # A convolution's kernel, strides, pads, dilations as :func:`patches` takes them
+    # (a 1-D one as one row of a 2-D one); None for a Gemm.
+    geometry: tuple[list[int], list[int], list[int], list[int]] | None = None
 
     def to_initializer(self, ints: np.ndarray) -> np.ndarray:
         """``ints`` (rows, columns) in the initializer's layout and type."""
@@ -255,8 +258,22 @@ def _layer(
     return _Layer(
         node, dequantize.input[0], ints, np.broadcast_to(scale.reshape(-1), (len(rows),)),
         float(zeros.reshape(-1)[0]), int(info.min), int(info.max), rows, float_node.input[0],
-        kind, transposed,
+        kind, transposed, None if kind == "gemm" else _geometry(attributes, weights.shape[2:]),
     )  # fmt: skip
+
+
+def _geometry(
+    attributes: Mapping[str, Any], spatial: Sequence[int]
+) -> tuple[list[int], list[int], list[int], list[int]]:
+    """A Conv's kernel, strides, pads and dilations in 2-D form (a 1-D convolution is
+    one row of a 2-D one), ONNX's defaults filled in."""
+    kernel = list(attributes.get("kernel_shape") or spatial)
+    strides = list(attributes.get("strides", [1] * len(kernel)))
+    dilations = list(attributes.get("dilations", [1] * len(kernel)))
+    pads = list(attributes.get("pads", [0] * 2 * len(kernel)))
+    if len(kernel) == 1:
+        return [1, *kernel], [1, *strides], [0, pads[0], 0, pads[1]], [1, *dilations]
+    return kernel, strides, pads, dilations
 
 
 def _axis(dequantize: Any) -> int:
@@ -307,15 +324,9 @@ def _accumulate(layer: _Layer, x: np.ndarray, into: dict[str, np.ndarray]) -> No
         rows = x.reshape(len(x), -1)
         moments = (rows.T @ rows).astype(np.float64)
     else:
-        attributes = _attributes(layer.node)
-        kernel = list(attributes.get("kernel_shape") or layer.ints.shape[2:])
-        strides = list(attributes.get("strides", [1] * len(kernel)))
-        dilations = list(attributes.get("dilations", [1] * len(kernel)))
-        pads = list(attributes.get("pads", [0] * 2 * len(kernel)))
-        if len(kernel) == 1:  # a 1-D convolution: one row of a 2-D one
-            x, pads = x[:, :, None], [0, pads[0], 0, pads[1]]
-            kernel, strides, dilations = [1, *kernel], [1, *strides], [1, *dilations]
-        taken = patches(x, kernel, strides, pads, dilations, depthwise=layer.kind == "depthwise")
+        assert layer.geometry is not None  # every convolution has one
+        x = x[:, :, None] if x.ndim == 3 else x  # a 1-D convolution's input: one row
+        taken = patches(x, *layer.geometry, depthwise=layer.kind == "depthwise")
         if layer.kind == "depthwise":
             moments = np.matmul(taken, taken.transpose(0, 2, 1)).astype(np.float64)
         else:
