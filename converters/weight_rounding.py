@@ -146,13 +146,15 @@ def output_error(
 @dataclasses.dataclass
 class WeightRoundingReport:
     """What :func:`round_weights` did: the layers whose integers it chose, those it
-    left (with the reason), and the layers' output error power summed over them,
-    against round-to-nearest, on the samples ``H`` came from."""
+    left (with the reason), and the median over those layers of each one's output error
+    power against round-to-nearest's, on the samples ``H`` came from. (A median of
+    ratios, not a ratio of sums: layers' errors differ by orders of magnitude, and a sum
+    is one layer's, often the stem's, whose 27 weights per channel leave GPTQ little.)"""
 
     rounded: list[str]
     skipped: dict[str, str]  # node name -> why it kept its integers
     samples: int
-    error_db: float | None  # 10 log10(GPTQ's error / round-to-nearest's); None: none rounded
+    error_db: float | None  # median of 10 log10(GPTQ's / nearest's error); None: none rounded
     depthwise_only: bool = False  # only depthwise layers were considered
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,8 +167,8 @@ class WeightRoundingReport:
         else:
             text = (
                 f"weight rounding (GPTQ): {len(self.rounded)} {kind}layer(s) on "
-                f"{self.samples} sample(s); their output error {self.error_db:+.1f} dB "
-                "against round-to-nearest"
+                f"{self.samples} sample(s); a layer's output error {self.error_db:+.1f} dB "
+                "against round-to-nearest (median)"
             )
         return text + (f"; {len(self.skipped)} layer(s) kept" if self.skipped else "")
 
@@ -425,22 +427,18 @@ def round_weights(
     if layers:
         moments, count, runs = _moments(float_model, layers, calibration_batches, samples, done)
     initializers = {initializer.name: initializer for initializer in rounded.graph.initializer}
-    names, before, after = [], 0.0, 0.0
+    names, changes = [], []
     for layer in layers:
         if layer.node.name in moments:
-            ints, errors = _round(layer, moments[layer.node.name])
-            before, after = before + errors[0], after + errors[1]
+            ints, (before, after) = _round(layer, moments[layer.node.name])
+            changes.append(
+                0.0 if after == before else 10 * np.log10(max(after, 1e-300) / max(before, 1e-300))
+            )
             values = numpy_helper.from_array(layer.to_initializer(ints), layer.initializer)
             initializers[layer.initializer].CopyFrom(values)
             names.append(layer.node.name)
         done(runs)
-    error_db = None
-    if names:
-        error_db = (
-            0.0
-            if after == before
-            else float(10 * np.log10(max(after, 1e-300) / max(before, 1e-300)))
-        )
+    error_db = float(np.median(changes)) if changes else None
     return rounded, WeightRoundingReport(names, skipped, count, error_db, depthwise_only)
 
 
