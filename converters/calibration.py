@@ -425,11 +425,17 @@ def share_bound_ranges(model: Any, ranges: Any) -> None:
 
 
 def channel_extremes(
-    model: Any, batches: Iterable[Mapping[str, np.ndarray]], names: Iterable[str]
-) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[np.ndarray]]:
+    model: Any,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    names: Iterable[str],
+    *,
+    kept_bytes: int = 0,
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[np.ndarray], dict[str, np.ndarray]]:
     """Each tensor of ``names``' smallest and largest value per channel (axis 1) over
-    ``batches`` (float64), and the model's own outputs on them (concatenated,
-    float64), from one float run of ``model`` (``ModelProto``, not modified)."""
+    ``batches`` (float64), the model's own outputs on them (concatenated, float64),
+    and, with ``kept_bytes``, the values of ``names`` on the first samples (as many as
+    fit in that many bytes, at least one; float32), from one float run of ``model``
+    (``ModelProto``, not modified)."""
     names = list(dict.fromkeys(names))
     own = [output.name for output in model.graph.output]
     fetched = [*own, *(name for name in names if name not in own)]
@@ -440,10 +446,19 @@ def channel_extremes(
     )
     extremes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     outputs: list[list[np.ndarray]] = [[] for _ in own]
+    kept: dict[str, list[np.ndarray]] = {name: [] for name in names} if kept_bytes else {}
+    wanted = 0  # samples to keep, from the first batch's sizes
     for batch in batches:
         values = dict(zip(fetched, session.run(fetched, dict(batch)), strict=True))
         for collected, name in zip(outputs, own, strict=True):
             collected.append(np.asarray(values[name], np.float64))
+        if kept and not wanted:
+            per_sample = sum(values[name][:1].astype(np.float32).nbytes for name in names)
+            wanted = max(1, kept_bytes // max(per_sample, 1))
+        for name, parts in kept.items():
+            held = sum(len(part) for part in parts)
+            if held < wanted:
+                parts.append(np.array(values[name][: wanted - held], np.float32))
         for name in names:
             axes = (0, *range(2, values[name].ndim))
             lowest = values[name].min(axis=axes).astype(np.float64)
@@ -452,7 +467,8 @@ def channel_extremes(
                 lowest = np.minimum(extremes[name][0], lowest)
                 highest = np.maximum(extremes[name][1], highest)
             extremes[name] = (lowest, highest)
-    return extremes, [np.concatenate(parts) for parts in outputs]
+    samples = {name: np.concatenate(parts) for name, parts in kept.items() if parts}
+    return extremes, [np.concatenate(parts) for parts in outputs], samples
 
 
 def _float_pass(

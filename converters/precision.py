@@ -87,6 +87,9 @@ _COMPARISON_OPTIMIZATION = "ORT_ENABLE_EXTENDED"
 _ONE_RUN_SAMPLES = 256
 FLOAT16_SMALLEST_SUBNORMAL = float(2.0**-24)  # ~5.96e-8; a cast gives 0 below 2**-25
 _PROTOBUF_LIMIT = 2**31 - 1  # bytes: a larger ModelProto cannot be serialized in memory
+# Activations kept from the calibration run to judge each pair into a depthwise layer
+# (per-channel equalization): the first samples' values of every such tensor, in all.
+JUDGED_BYTES = 64 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -869,6 +872,7 @@ def _write_int8(
             steps.equalization = _equalize(
                 onnx_in, model, target, batches, batch_norm_statistics, per_channel,
                 depthwise_only=equalize == "depthwise",
+                percentile=percentile if calibration_method == "Percentile" else 100.0,
             )  # fmt: skip
         if steps.equalization is not None:
             source = target
@@ -975,9 +979,13 @@ def _equalize(
     per_channel: bool,
     *,
     depthwise_only: bool = False,
+    percentile: float = 100.0,
 ) -> Any:
     """:func:`.equalization.equalize_file` of ``onnx_in`` (``model`` loaded) to
     ``onnx_out``, or None when ``depthwise_only`` finds no pair into a depthwise layer.
+    With ``per_channel`` weights there, each pair is judged on the first calibration
+    samples (up to ``JUDGED_BYTES`` of its activations; tensor ranges at
+    ``percentile``) and left unscaled where equalizing would round it coarser.
 
     Each bias is absorbed through a ReLU up to its channel's lowest value on the
     calibration ``batches``, not the BN statistics' ``mean - 3 std`` (which
@@ -994,12 +1002,23 @@ def _equalize(
     sources = pair_outputs(model, depthwise_only)
     if depthwise_only and not sources:
         return None
-    measured, expected = calibration.channel_extremes(model, batches, sources.values())
+    judging = per_channel and depthwise_only
+    measured, expected, kept = calibration.channel_extremes(
+        model, batches, sources.values(), kept_bytes=JUDGED_BYTES if judging else 0
+    )
     extremes = {
         first: ChannelExtremes(measured[tensor][0], measured[tensor][1] if per_channel else None)
         for first, tensor in sources.items()
     }
-    report = equalize_file(onnx_in, onnx_out, batch_norm_statistics, extremes, depthwise_only)
+    report = equalize_file(
+        onnx_in,
+        onnx_out,
+        batch_norm_statistics,
+        extremes,
+        depthwise_only,
+        judged_on={first: kept[tensor] for first, tensor in sources.items()} if kept else None,
+        percentile=percentile,
+    )
     # The equalized model against the original on the first calibration batch (a
     # check of the rewrite: one more float run of every sample would cost more).
     first = batches[0]

@@ -395,7 +395,8 @@ class Int8Args:
             help="int8: cross-layer equalization of every layer pair, and high-bias "
             "absorption up to each channel's lowest calibration value, before quantizing "
             "(default: every pair with --per-tensor; with per-channel weights only the pairs "
-            "into depthwise layers, which lose no weight precision; --no-equalize: none)",
+            "into depthwise layers, which lose no weight precision, where that rounds their "
+            "activation finer on the calibration data; --no-equalize: none)",
         )
         parser.add_argument(
             "--round-weights",

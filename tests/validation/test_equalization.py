@@ -192,6 +192,71 @@ def test_input_ranges_of_a_depthwise_kernel_are_its_channels():
     np.testing.assert_allclose(grouped.input_ranges(), expected)
 
 
+def test_input_power_sums_the_squared_weights_reading_each_channel():
+    rng = np.random.default_rng(5)
+    multiplier = random_conv(rng, 8, 4, groups=4)  # depthwise, 2 outputs per channel
+    expected = [np.sum(multiplier.weight[2 * c : 2 * c + 2] ** 2) for c in range(4)]
+    np.testing.assert_allclose(multiplier.input_power(), expected)
+    grouped = random_conv(rng, 4, 6, groups=2)  # outputs 0-1 read inputs 0-2
+    expected = [
+        np.sum(grouped.weight[2 * (c // 3) : 2 * (c // 3) + 2, c % 3] ** 2) for c in range(6)
+    ]
+    np.testing.assert_allclose(grouped.input_power(), expected)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["relu-output", "signed"])
+def test_rounding_error_is_onnxruntime_qdq_error_through_the_weights(signed):
+    """The tensor ``x / s`` quantized and dequantized by onnxruntime on the uint8 grid
+    that its own ``compute_scale_zp`` gives for the range, brought back times ``s``
+    and through a depthwise 1x1 layer (output = w_c x_c): the error power there is
+    what rounding_error says, with and without factors."""
+    from onnx import TensorProto, helper
+    from onnxruntime.quantization.quant_utils import compute_scale_zp
+
+    rng = np.random.default_rng(6)
+    spread = np.array([0.2, 1.0, 3.0, 6.0])[None, :, None]
+    values = rng.gamma(0.7, size=(8, 4, 50)) * spread
+    values = values - 0.5 * spread if signed else np.minimum(values, 6.0)
+    weights = np.array([4.0, 1.0, 0.5, 0.2])
+    for factors in (np.ones(4), np.array([0.05, 0.25, 0.6, 1.0])):
+        scaled = (values / factors[None, :, None]).astype(np.float32)
+        low, high = min(scaled.min(), 0.0), max(scaled.max(), 0.0)
+        zero_point, scale = compute_scale_zp(
+            np.float32(low), np.float32(high), np.uint8(0), np.uint8(255)
+        )
+        graph = helper.make_graph(
+            [
+                helper.make_node("QuantizeLinear", ["x", "scale", "zp"], ["q"]),
+                helper.make_node("DequantizeLinear", ["q", "scale", "zp"], ["y"]),
+            ],
+            "qdq",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, scaled.shape)],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, scaled.shape)],
+            [
+                helper.make_tensor("scale", TensorProto.FLOAT, [], [float(scale)]),
+                helper.make_tensor("zp", TensorProto.UINT8, [], [int(zero_point)]),
+            ],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        session = runtime.open_session(model.SerializeToString())
+        (rounded,) = session.run(None, {"x": scaled})
+        error = (rounded - scaled) * (factors * weights)[None, :, None]
+        measured = np.mean(error**2, axis=(0, 2)).sum()
+        predicted = eq.rounding_error(values, factors, weights**2, percentile=100.0)
+        np.testing.assert_allclose(predicted, measured, rtol=1e-3)
+
+
+def test_rounding_error_at_a_percentile_clips_the_tail():
+    values = np.zeros((1, 2, 10_000))
+    values[0, 0] = np.linspace(0.0, 1.0, 10_000)
+    values[0, 1, :5] = 50.0  # a rare spike: 0.025% of the values
+    power = np.ones(2)
+    clipped = eq.rounding_error(values, np.ones(2), power, percentile=99.9)
+    # The range ends at about 1: the spike is cut to it, each of 5 values off by ~49.
+    assert clipped == pytest.approx(5 * 49.0**2 / 10_000, rel=0.01)
+    assert eq.rounding_error(values, np.ones(2), power, percentile=100.0) < clipped
+
+
 def test_dead_and_empty_channels_keep_their_scale():
     scales = eq.equalization_scales(
         np.array([4.0, 1e-12, 0.0, 1.0]), np.array([1.0, 1.0, 1.0, 0.0])
@@ -367,7 +432,7 @@ def test_measured_extremes_bound_the_factors_and_absorb_exactly_on_their_data(ex
     original = onnx.load(str(path))
     sources = eq.pair_outputs(original)
     assert sorted(sources) == ["depthwise", "expand", "hidden", "project"]
-    measured, (logits,) = calibration.channel_extremes(
+    measured, (logits,), _ = calibration.channel_extremes(
         original, [{"image": x[:40]}, {"image": x[40:]}], sources.values()
     )
     expected, *values = run_onnx(original, x, outputs=list(sources.values()))

@@ -128,3 +128,70 @@ def test_per_channel_sqnr_not_below_per_tensor(network, scheme):
     assert sqnr_db(per_channel, reference) >= sqnr_db(per_tensor, reference)
     assert sqnr_db(per_channel, reference) >= 30  # measured 35-36 dB; broken files < 10
     assert top1_agreement(per_channel, reference) >= top1_agreement(per_tensor, reference)
+
+
+def _second_layers(graph) -> dict[str, str]:
+    """Each Conv's name -> the output of the Conv that reads it through one Relu/Clip."""
+    convs = {node.input[0]: node for node in graph.node if node.op_type == "Conv"}
+    activations = {node.input[0]: node for node in graph.node if node.op_type in ("Relu", "Clip")}
+    seconds = {}
+    for node in graph.node:
+        activation = activations.get(node.output[0]) if node.op_type == "Conv" else None
+        if activation is not None and activation.output[0] in convs:
+            seconds[node.name] = convs[activation.output[0]].output[0]
+    return seconds
+
+
+def test_pairs_into_depthwise_layers_are_scaled_only_where_their_rounding_gains(
+    network, tmp_path, monkeypatch
+):
+    """The per-channel default equalizes a pair into a depthwise layer only where that
+    lowers the error rounding its activation adds at the depthwise output (judged on
+    the calibration data). Against the file with every such pair scaled (the judgement
+    off), on held-out sequences in onnxruntime: each pair left unscaled on a clear
+    margin (> 1 dB) has the lower error at its depthwise layer's output; the default
+    file's logits are not below per-tensor int8's (issue 23's bar)."""
+    import onnx
+
+    from keras_bn.converters import onnx_graph, precision
+
+    _, data, work = network
+    calibration = {"sequence": data["calibration"][0]}
+    sequences = data["held_out"][0]
+    judged = quantize_int8(
+        work / "float.onnx", tmp_path / "judged.onnx", calibration, layer_report=False
+    )
+    monkeypatch.setattr(precision, "JUDGED_BYTES", 0)
+    scaled = quantize_int8(
+        work / "float.onnx", tmp_path / "scaled.onnx", calibration, layer_report=False
+    )
+    details = judged.details["equalization"]
+    assert scaled.details["equalization"]["judged"] == {}
+    assert sorted(details["judged"]) == ["pointwise", "stem"]  # both pairs into depthwise layers
+    clear = [
+        first
+        for first in details["left_unscaled"]
+        if 10 * np.log10(details["judged"][first][1] / details["judged"][first][0]) > 1.0
+    ]
+    assert clear, details["judged"]  # measured: the pointwise -> separable pair, 1.3-4.6 dB
+    assert "left unscaled (scaling would round their activation coarser" in str(judged)
+    seconds = _second_layers(onnx.load(work / "float.onnx").graph)
+    tensors = [seconds[first] for first in clear]
+
+    def values(path):
+        model = onnx_graph.with_outputs(onnx.load(path), tensors)  # serialized
+        session = runtime.open_session(model, optimization="ORT_DISABLE_ALL")
+        return dict(zip(tensors, runtime.run(session, {"sequence": sequences})[1:], strict=True))
+
+    reference, ours, theirs = (
+        values(p) for p in (work / "float.onnx", tmp_path / "judged.onnx", tmp_path / "scaled.onnx")
+    )
+    for tensor in tensors:
+        assert np.mean((ours[tensor] - reference[tensor]) ** 2) < np.mean(
+            (theirs[tensor] - reference[tensor]) ** 2
+        ), tensor
+    logits = _logits(work / "float.onnx", sequences)
+    # The logits move by -0.1 to +0.7 dB with it (BENCHMARKS.md, section 37): not
+    # asserted; the default file is not below per-tensor's (issue 23's bar).
+    ours_db = sqnr_db(_logits(tmp_path / "judged.onnx", sequences), logits)
+    assert ours_db >= sqnr_db(_logits(work / "0-False.onnx", sequences), logits)
