@@ -884,11 +884,9 @@ def equalize_model(
     }
     judged: dict[str, tuple[float, float]] = {}
     if depthwise_only and judged_on and pairs:
-        judged = _judge(
+        pairs, judged = _judge(
             graph, layers, pairs, owned, measured, judged_on, percentile, keep_activation_range
         )
-        left = {first for first, (plain, scaled) in judged.items() if scaled >= plain}
-        pairs = [pair for pair in pairs if pair.first not in left]
     touched = sorted({name for pair in pairs for name in (pair.first, pair.second)})
     before = {name: weight_spread(layers[name]) for name in touched}
     sweeps = (
@@ -927,10 +925,12 @@ def _judge(
     judged_on: Mapping[str, np.ndarray],
     percentile: float,
     keep_activation_range: bool,
-) -> dict[str, tuple[float, float]]:
-    """Per pair into a depthwise layer with values in ``judged_on``: :func:`rounding_error`
-    unscaled and with the factors that equalizing every pair gives (worked out on a
-    copy of the layers; ``layers``, ``statistics`` and ``extremes`` are not modified)."""
+) -> tuple[list[Pair], dict[str, tuple[float, float]]]:
+    """The pairs to equalize, and per pair into a depthwise layer with values in
+    ``judged_on``: :func:`rounding_error` unscaled and with the factors that equalizing
+    every pair gives (worked out on a copy of the layers; ``layers``, ``statistics`` and
+    ``extremes`` are not modified). A pair whose error the factors do not lower is left
+    out."""
     trial_layers, trial_pairs, _ = _find_pairs(graph, depthwise_only=True)
     equalize_pairs(
         trial_layers,
@@ -952,7 +952,8 @@ def _judge(
             rounding_error(values, np.ones_like(scales), power, percentile),
             rounding_error(values, scales, power, percentile),
         )
-    return judged
+    left = {first for first, (plain, scaled) in judged.items() if scaled >= plain}
+    return [pair for pair in pairs if pair.first not in left], judged
 
 
 def _activated(activation: Activation, values: np.ndarray) -> np.ndarray:
