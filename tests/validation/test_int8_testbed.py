@@ -115,44 +115,58 @@ def test_equalization_keeps_the_float_mobilenet_v2(mobilenet_v2_onnx):
     np.testing.assert_allclose(clean, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
 
-def test_equalization_improves_per_tensor_int8(mobilenet_v2_onnx, tmp_path):
+@pytest.fixture(scope="module")
+def per_tensor_files(mobilenet_v2_onnx, tmp_path_factory):
+    """Per-tensor int8 files of the testbed calibrated on 32 crops, without bias tuning
+    or the layer report: plain and equalized with the weights rounded to nearest, and
+    equalized with GPTQ rounding; each file's report, by name."""
     from keras_bn.converters.precision import quantize_int8
 
     path, statistics = mobilenet_v2_onnx
     calibration = {"image": testbeds.crops(32, seed=0)}
-    plain = quantize_int8(path, tmp_path / "plain.onnx", calibration, per_channel=False)
-    equalized = quantize_int8(
-        path,
-        tmp_path / "equalized.onnx",
-        calibration,
-        per_channel=False,
-        equalize=True,
-        batch_norm_statistics=statistics,
-    )
+    work = tmp_path_factory.mktemp("per_tensor")
+    schemes = {
+        "plain": {"equalize": False, "round_weights": False},
+        "equalized": {"equalize": True, "round_weights": False},
+        "rounded": {"equalize": True, "round_weights": True},
+    }
+    reports = {
+        name: quantize_int8(
+            path,
+            work / f"{name}.onnx",
+            calibration,
+            per_channel=False,
+            batch_norm_statistics=statistics,
+            tune_biases=False,
+            layer_report=False,
+            **options,
+        )  # fmt: skip
+        for name, options in schemes.items()
+    }
+    return work, reports
+
+
+def test_equalization_improves_per_tensor_int8(per_tensor_files):
+    _, reports = per_tensor_files
     # On the calibration crops against the float model (7 dB plain at 512 crops).
-    assert equalized.comparison.sqnr_db > plain.comparison.sqnr_db + 1.5
+    assert reports["equalized"].comparison.sqnr_db > reports["plain"].comparison.sqnr_db + 1.5
 
 
-def test_gptq_rounding_improves_per_tensor_int8_on_held_out_crops(mobilenet_v2_onnx, tmp_path):
+def test_gptq_rounding_improves_per_tensor_int8_on_held_out_crops(
+    mobilenet_v2_onnx, per_tensor_files
+):
     """Trained weights, per-tensor (where weights get the fewest levels): GPTQ's integers
     bring the logits closer to the float model's than round-to-nearest's, on crops the
     rounding never saw, in exact QDQ arithmetic."""
     from keras_bn.converters import runtime
     from keras_bn.converters.comparison import sqnr_db
-    from keras_bn.converters.precision import quantize_int8
 
-    path, statistics = mobilenet_v2_onnx
-    calibration = {"image": testbeds.crops(32, seed=0)}
+    path, _ = mobilenet_v2_onnx
+    work, _ = per_tensor_files
     held_out = {"image": testbeds.crops(32, seed=1)}
     (expected,) = runtime.run(runtime.open_session(path), held_out)
     scores = {}
-    for rounding in (False, True):
-        target = tmp_path / f"{rounding}.onnx"
-        quantize_int8(
-            path, target, calibration, per_channel=False, equalize=True,
-            batch_norm_statistics=statistics, round_weights=rounding, tune_biases=False,
-            layer_report=False,
-        )  # fmt: skip
-        session = runtime.open_session(target, optimization="ORT_DISABLE_ALL")
-        scores[rounding] = sqnr_db(runtime.run(session, held_out)[0], expected)
-    assert scores[True] > scores[False] + 0.3, scores
+    for name in ("equalized", "rounded"):
+        session = runtime.open_session(work / f"{name}.onnx", optimization="ORT_DISABLE_ALL")
+        scores[name] = sqnr_db(runtime.run(session, held_out)[0], expected)
+    assert scores["rounded"] > scores["equalized"] + 0.3, scores
