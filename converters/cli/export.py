@@ -307,6 +307,8 @@ def _reference(
             model,
             run,
             inputs if inputs is not None else calibration,
+            # --no-validate: only the check that Keras runs the model, on one sample
+            batch=1 if args.no_validate else None,
             label="Running the model in Keras (beside the export)",
         )
     return reference

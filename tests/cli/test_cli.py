@@ -1793,9 +1793,12 @@ def test_a_model_that_cannot_run_on_generated_inputs_asks_for_inputs(tmp_path, c
     inputs = keras.Input((None, 4))
     model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Reshape((4,))(inputs)))
     model.save(tmp_path / "m.keras")
-    code, _, err = run_main(["export", tmp_path / "m.keras", "-o", tmp_path / "m.onnx"], capsys)
-    assert_rejected(code, err, "cannot run it on generated inputs (sizes made up for")
-    assert "--inputs FILE.npz" in err and not (tmp_path / "m.onnx").exists()
+    for skip in ([], ["--no-validate"]):  # the check that Keras runs it is never skipped
+        code, _, err = run_main(
+            ["export", tmp_path / "m.keras", "-o", tmp_path / "m.onnx", *skip], capsys
+        )
+        assert_rejected(code, err, "cannot run it on generated inputs (sizes made up for")
+        assert "--inputs FILE.npz" in err and not (tmp_path / "m.onnx").exists()
     np.savez(tmp_path / "in.npz", np.ones((3, 1, 4), "float32"))
     arguments = ["export", tmp_path / "m.keras", "-o", tmp_path / "m.onnx", "--inputs"]
     code, out, err = run_main([*arguments, tmp_path / "in.npz"], capsys)
