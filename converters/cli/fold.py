@@ -40,7 +40,11 @@ def fold_command(args: argparse.Namespace, run: Run) -> int:
     # Keras runs the original model on validation's inputs while the fold is built,
     # as in export: the one pass that checks Keras can run it and the reference.
     reference = steps.keras_reference(
-        model, run, inputs, label="Running the model in Keras (beside the fold)"
+        model,
+        run,
+        inputs,
+        batch=1 if args.no_validate else None,  # then only the check, on one sample
+        label="Running the model in Keras (beside the fold)",
     )
     from keras_bn.converters.folding import fold_batch_norms
 
