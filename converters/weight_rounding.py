@@ -252,8 +252,12 @@ def _layer(
             "NOTSET",
         ):
             return "not a 1-D or 2-D convolution with explicit padding"
-        if group > 1 and not (weights.shape[1] == 1 and group == weights.shape[0]):
+        if group > 1 and weights.shape[1] != 1:
             return "a grouped convolution (not depthwise)"
+        if group > 1 and group != weights.shape[0]:
+            # Tried with one H per input channel shared by its output channels: on the
+            # trained depthwise 1-D net -0.38 to +0.07 dB (BENCHMARKS.md, section 37).
+            return "a depthwise convolution with a depth multiplier"
         kind = "depthwise" if group > 1 else "conv"
         rows = weights.reshape(len(weights), -1)
     info = np.iinfo(ints.dtype)

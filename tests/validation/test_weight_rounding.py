@@ -206,19 +206,22 @@ def test_layers_that_cannot_be_rounded_say_why(files):
     float_model = onnx.load(str(folder / "float.onnx"))
     quantized = onnx.load(str(folder / "int8.onnx"))
     for node in quantized.graph.node:
-        if node.name == "depthwise":  # depthwise -> grouped by two channels
+        if node.name == "depthwise":  # each input channel read by two output channels
             group = next(a for a in node.attribute if a.name == "group")
             group.i = group.i // 2
+        if node.name == "pointwise":  # in two groups of its input channels
+            node.attribute.append(onnx.helper.make_attribute("group", 2))
     for node in float_model.graph.node:  # the float model has no node "dense" to read
         if node.name == "dense":
             node.name = "classifier"
     _, report = round_weights(float_model, quantized, [{"x": calibration}])
     assert report.skipped == {
-        "depthwise": "a grouped convolution (not depthwise)",
+        "depthwise": "a depthwise convolution with a depth multiplier",
+        "pointwise": "a grouped convolution (not depthwise)",
         "dense": "no float weights of that node in the float model",
     }
-    assert report.rounded == ["conv", "pointwise"]
-    assert str(report).endswith("; 2 layer(s) kept")
+    assert report.rounded == ["conv"]
+    assert str(report).endswith("; 3 layer(s) kept")
 
 
 def test_quantize_int8_rounds_before_correcting_and_reports_it(files, tmp_path):
