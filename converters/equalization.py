@@ -63,8 +63,8 @@ per-channel row, which per-channel weights do not need. There ReLU6 stays one Cl
 Evening the channels is not always a gain there: the tensor's one range is a percentile
 of all its channels' values, and channels scaled up can lift it, coarsening the grid of
 the channels left as they were. So with ``judged_on`` (the activations on calibration
-samples) each such pair is kept only where it lowers :func:`rounding_error`, the error
-that rounding the tensor adds to the depthwise layer's output; on the trained depthwise
+samples) each such pair is left unscaled where its factors raise :func:`rounding_error`,
+the error that rounding the tensor adds to the depthwise layer's output; on the trained depthwise
 1-D net one pair of two raised it 1.3-4.6 dB and is left unscaled (section 37).
 
 Where it applies: on the folded float ONNX graph, before onnxruntime quantizes it,
@@ -474,13 +474,13 @@ class EqualizationReport:
     measured_ranges: int = 0  # pairs whose activation ranges were measured on data
     depthwise_only: bool = False  # only the pairs into depthwise layers were equalized
     # Per judged pair (first layer), rounding_error unscaled and equalized; those whose
-    # second figure is not the lower were left unscaled.
+    # second figure is the higher were left unscaled.
     judged: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     judged_samples: int = 0
 
     @property
     def left_unscaled(self) -> list[str]:
-        return [first for first, (plain, scaled) in self.judged.items() if scaled >= plain]
+        return [first for first, (plain, scaled) in self.judged.items() if scaled > plain]
 
     def _median(self, spreads: dict[str, float]) -> float:
         return float(np.median(list(spreads.values()))) if spreads else 1.0
@@ -863,8 +863,8 @@ def equalize_model(
     (``keep_bounds`` of :func:`equalize_pairs`: no float ``Min`` between int8 layers),
     and no bias absorbed (it would lower the bounds channel by channel).
     ``judged_on`` (``depthwise_only``): per pair's first layer, its output on some
-    calibration samples (before the activation); each such pair is kept only where its
-    factors lower :func:`rounding_error` (ranges at ``percentile``), else left unscaled.
+    calibration samples (before the activation); each such pair is left unscaled where its
+    factors raise :func:`rounding_error` (ranges at ``percentile``).
     """
     model = copy.deepcopy(model)
     graph = _Graph(model)
@@ -929,8 +929,7 @@ def _judge(
     """The pairs to equalize, and per pair into a depthwise layer with values in
     ``judged_on``: :func:`rounding_error` unscaled and with the factors that equalizing
     every pair gives (worked out on a copy of the layers; ``layers``, ``statistics`` and
-    ``extremes`` are not modified). A pair whose error the factors do not lower is left
-    out."""
+    ``extremes`` are not modified). A pair whose error the factors raise is left out."""
     trial_layers, trial_pairs, _ = _find_pairs(graph, depthwise_only=True)
     equalize_pairs(
         trial_layers,
@@ -952,7 +951,7 @@ def _judge(
             rounding_error(values, np.ones_like(scales), power, percentile),
             rounding_error(values, scales, power, percentile),
         )
-    left = {first for first, (plain, scaled) in judged.items() if scaled >= plain}
+    left = {first for first, (plain, scaled) in judged.items() if scaled > plain}
     return [pair for pair in pairs if pair.first not in left], judged
 
 

@@ -257,6 +257,18 @@ def test_rounding_error_at_a_percentile_clips_the_tail():
     assert eq.rounding_error(values, np.ones(2), power, percentile=100.0) < clipped
 
 
+def test_only_pairs_whose_factors_raise_the_error_are_reported_left_unscaled():
+    report = eq.EqualizationReport([], 0, {}, {}, depthwise_only=True, judged_samples=4)
+    # a tie (factors of 1: nothing to gain or lose) is not a pair left unscaled
+    report.judged = {"tie": (1.0, 1.0), "worse": (1.0, 2.0), "better": (2.0, 1.0)}
+    assert report.left_unscaled == ["worse"]
+    lines = eq.describe(report.to_dict())
+    assert lines[1] == (
+        "1 pair(s) into depthwise layers left unscaled (scaling would round their activation "
+        "coarser, judged on 4 calibration sample(s)): worse"
+    )
+
+
 def test_dead_and_empty_channels_keep_their_scale():
     scales = eq.equalization_scales(
         np.array([4.0, 1e-12, 0.0, 1.0]), np.array([1.0, 1.0, 1.0, 0.0])
