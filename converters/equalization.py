@@ -418,12 +418,15 @@ def measured_high_bias(activation: Activation, lowest: np.ndarray) -> np.ndarray
 
 
 def _passed(activation: Activation, values: np.ndarray) -> np.ndarray:
-    """``values`` through a ReLU ``activation``: ``max(0, values)``, at most its upper
-    bound (itself at least 0)."""
+    """``values`` (per channel, or ``(samples, channels, ...)``) through a ReLU
+    ``activation``: ``max(0, values)``, at most its upper bound (itself at least 0)."""
     passed = np.maximum(values, 0.0)
     if activation.upper is None:
         return passed
-    return np.minimum(passed, np.maximum(activation.upper, 0.0))
+    upper = np.maximum(activation.upper, 0.0)
+    if np.ndim(upper) and np.ndim(values) > 1:  # per-channel bounds along axis 1
+        upper = np.reshape(upper, (-1,) + (1,) * (np.ndim(values) - 2))
+    return np.minimum(passed, upper)
 
 
 def absorb_high_bias(
@@ -885,7 +888,7 @@ def equalize_model(
     judged: dict[str, tuple[float, float]] = {}
     if depthwise_only and judged_on and pairs:
         pairs, judged = _judge(
-            graph, layers, pairs, owned, measured, judged_on, percentile, keep_activation_range
+            layers, pairs, owned, measured, judged_on, percentile, keep_activation_range
         )
     touched = sorted({name for pair in pairs for name in (pair.first, pair.second)})
     before = {name: weight_spread(layers[name]) for name in touched}
@@ -917,7 +920,6 @@ def equalize_model(
 
 
 def _judge(
-    graph: _Graph,
     layers: Mapping[str, LinearLayer],
     pairs: list[Pair],
     statistics: Mapping[str, ChannelStatistics],
@@ -928,11 +930,13 @@ def _judge(
 ) -> tuple[list[Pair], dict[str, tuple[float, float]]]:
     """The pairs to equalize, and per pair into a depthwise layer with values in
     ``judged_on``: :func:`rounding_error` unscaled and with the factors that equalizing
-    every pair gives (worked out on a copy of the layers; ``layers``, ``statistics`` and
-    ``extremes`` are not modified). A pair whose error the factors raise is left out."""
-    trial_layers, trial_pairs, _ = _find_pairs(graph, depthwise_only=True)
+    every pair gives (worked out on copies of the pairs and their layers; ``layers``,
+    ``statistics`` and ``extremes`` are not modified). A pair whose error the factors
+    raise is left out."""
+    trial_pairs = copy.deepcopy(pairs)
+    touched = {name for pair in pairs for name in (pair.first, pair.second)}
     equalize_pairs(
-        trial_layers,
+        {name: copy.deepcopy(layers[name]) for name in touched},
         trial_pairs,
         copy.deepcopy(dict(statistics)),
         extremes=copy.deepcopy(dict(extremes)),
@@ -944,7 +948,9 @@ def _judge(
     for pair in pairs:
         if pair.first not in judged_on or pair.first not in factors:
             continue
-        values = _activated(pair.activation, np.asarray(judged_on[pair.first]))
+        values = np.asarray(judged_on[pair.first])
+        if pair.activation.kind != "identity":
+            values = _passed(pair.activation, values)
         power = layers[pair.second].input_power()
         scales = factors[pair.first]
         judged[pair.first] = (
@@ -953,19 +959,6 @@ def _judge(
         )
     left = {first for first, (plain, scaled) in judged.items() if scaled > plain}
     return [pair for pair in pairs if pair.first not in left], judged
-
-
-def _activated(activation: Activation, values: np.ndarray) -> np.ndarray:
-    """``values`` (channels on axis 1) through ``activation``."""
-    if activation.kind == "identity":
-        return values
-    passed = np.maximum(values, 0)
-    if activation.upper is None:
-        return passed
-    upper = np.maximum(np.asarray(activation.upper, np.float64), 0.0)
-    return np.minimum(
-        passed, upper.reshape((1, -1) + (1,) * (values.ndim - 2)) if upper.ndim else upper
-    )
 
 
 def _absorb(
