@@ -256,21 +256,6 @@ def _exposed(model, outputs: Sequence[str], biases: Sequence[_Layer] = ()) -> by
     return onnx_graph.with_outputs(copy, outputs, in_place=True)
 
 
-def _first_samples(
-    batches: Sequence[Mapping[str, np.ndarray]], samples: int, whole: bool = False
-) -> list[dict[str, np.ndarray]]:
-    """The first ``samples`` samples of ``batches``, in batches; ``whole``: whole
-    batches only (a model with a fixed batch size), so perhaps a few more."""
-    kept, count = [], 0
-    for batch in batches:
-        if count >= samples:
-            break
-        take = None if whole else samples - count
-        kept.append({name: np.asarray(value)[:take] for name, value in batch.items()})
-        count += len(next(iter(kept[-1].values())))
-    return kept
-
-
 class _Runs:
     """The two models on the tuning samples: the float targets, and the quantized
     model's outputs under given biases.
@@ -380,7 +365,8 @@ def tune_biases(
     float_tensors = {name for node in float_model.graph.node for name in node.output}
     float_tensors |= {graph_input.name for graph_input in float_model.graph.input}
     layers, skipped = _tunable_layers(tuned, float_tensors)
-    feeds = _first_samples(calibration_batches, samples, onnx_graph.batch_is_fixed(float_model))
+    whole = onnx_graph.batch_is_fixed(float_model)  # then whole batches only
+    feeds = runtime.first_samples(calibration_batches, samples, None if whole else samples)
     count = sum(len(next(iter(feed.values()))) for feed in feeds)
     quantized_outputs = {output.name for output in tuned.graph.output}
     outputs = [o.name for o in float_model.graph.output if o.name in quantized_outputs]

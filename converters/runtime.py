@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,6 +25,7 @@ __all__ = [
     "UnreadableModel",
     "batches",
     "files_we_wrote",
+    "first_samples",
     "fixed_batch_size",
     "input_specs",
     "match_inputs",
@@ -235,6 +236,26 @@ def batches(
         )
     for start in range(0, total, step):
         yield {name: array[start : start + step] for name, array in inputs.items()}
+
+
+def first_samples(
+    feeds: Iterable[Mapping[str, np.ndarray]], samples: int, chunk: int | None
+) -> list[dict[str, np.ndarray]]:
+    """The first ``samples`` samples of ``feeds`` (batches, input name -> array), as
+    views in feeds of ``chunk`` samples at most; ``chunk`` None: whole batches, perhaps a
+    few samples more (a model with a fixed batch size takes no other)."""
+    kept: list[dict[str, np.ndarray]] = []
+    count = 0
+    for batch in feeds:
+        arrays = {name: np.asarray(value) for name, value in batch.items()}
+        size = len(next(iter(arrays.values())))
+        for start in range(0, size, chunk or size):
+            if count >= samples:
+                return kept
+            stop = size if chunk is None else min(start + chunk, size, start + samples - count)
+            kept.append({name: value[start:stop] for name, value in arrays.items()})
+            count += stop - start
+    return kept
 
 
 def run(

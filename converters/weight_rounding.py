@@ -341,23 +341,6 @@ def _accumulate(layer: _Layer, x: np.ndarray, into: dict[str, np.ndarray]) -> No
     into[name] = into[name] + moments if name in into else moments
 
 
-def _feeds(batches, samples: int, chunk: int | None) -> list[dict[str, np.ndarray]]:
-    """The first ``samples`` samples of ``batches`` in feeds of ``chunk`` samples at
-    most (views), or whole batches where ``chunk`` is None (a fixed batch size)."""
-    feeds: list[dict[str, np.ndarray]] = []
-    count = 0
-    for batch in batches:
-        arrays = {name: np.asarray(value) for name, value in batch.items()}
-        size = len(next(iter(arrays.values())))
-        for start in range(0, size, chunk or size):
-            if count >= samples:
-                return feeds
-            stop = size if chunk is None else min(start + chunk, size, start + samples - count)
-            feeds.append({name: value[start:stop] for name, value in arrays.items()})
-            count += stop - start
-    return feeds
-
-
 def _moments(
     float_model: Any, layers: list[_Layer], batches, samples: int, progress: Callable[[int], None]
 ) -> tuple[dict[str, np.ndarray], int, int]:
@@ -373,7 +356,7 @@ def _moments(
     )
     budget = max(1, min(CHUNK, EXPOSED_BYTES // max(per_sample, 1)))
     chunk = None if onnx_graph.batch_is_fixed(float_model) else budget
-    feeds = _feeds(batches, samples, chunk)
+    feeds = runtime.first_samples(batches, samples, chunk)
     moments: dict[str, np.ndarray] = {}
     for feed in feeds:
         values = dict(zip(names, session.run(names, feed), strict=True))

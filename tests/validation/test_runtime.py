@@ -248,3 +248,14 @@ def test_batches_cover_every_sample_once_in_order():
     assert [len(batch["a"]) for batch in batches(inputs, 5, 4)] == [5, 5]  # fixed size wins
     with pytest.raises(UserInputError, match="give a multiple of 3"):
         list(batches(inputs, 3, 4))
+
+
+def test_first_samples_in_chunks_or_whole_batches():
+    from keras_bn.converters.runtime import first_samples
+
+    feeds = [{"x": np.arange(6) + 10 * b} for b in range(3)]  # 3 batches of 6 samples
+    chunked = first_samples(feeds, 9, 4)
+    assert [feed["x"].tolist() for feed in chunked] == [[0, 1, 2, 3], [4, 5], [10, 11, 12]]
+    whole = first_samples(feeds, 9, None)  # a fixed batch size: no batch cut
+    assert [len(feed["x"]) for feed in whole] == [6, 6]
+    assert sum(len(feed["x"]) for feed in first_samples(feeds, 100, 4)) == 18
