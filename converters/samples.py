@@ -36,6 +36,9 @@ __all__ = [
     "NORMALIZATION_DOMAIN",
     "UNKNOWN_DIMENSION_SIZE",
     "VALIDATION_SAMPLES",
+    "MIN_VALIDATION_SAMPLES",
+    "VALIDATION_VALUES",
+    "validation_samples",
     "describe_generated_inputs",
     "call_model",
     "input_domains",
@@ -49,10 +52,14 @@ __all__ = [
 
 UNKNOWN_DIMENSION_SIZE = 32  # generated inputs use this size for unknown non-batch axes
 # Samples the CLI validates on by default (generated in the model's input domain):
-# enough that a sample-dependent bug shows (a channel that only some inputs reach),
-# few enough that validating ResNet50 stays a matter of seconds. The library's
-# validate_onnx keeps its own default batch sizes.
+# enough that a sample-dependent bug shows (a channel that only some inputs reach).
+# What shows it is how many values reach a channel, and a convolution's channel sees
+# every position of every sample: so up to VALIDATION_SAMPLES, fewer where one
+# sample holds many values (validation_samples). The library's validate_onnx keeps
+# its own default batch sizes.
 VALIDATION_SAMPLES = 16
+VALIDATION_VALUES = 2**18  # 16 samples of up to 16,384 values each ... 2 of 131,072 or more
+MIN_VALIDATION_SAMPLES = 2  # more than one: a bug in the batch axis shows
 _INTEGER_HIGH = 10  # integer inputs no Embedding reads: uniform in [0, this)
 
 
@@ -140,6 +147,16 @@ def sample_specs(
     ]
 
 
+def validation_samples(model: ModelLike) -> int:
+    """How many samples the CLI generates to validate ``model`` on: enough that the
+    inputs hold ``VALIDATION_VALUES`` values (by :func:`sample_specs`' shapes), at
+    most ``VALIDATION_SAMPLES``, at least ``MIN_VALIDATION_SAMPLES``. A 64x64 RGB
+    image gets 16 samples; a 128x128 one 6; a 224x224 one 2."""
+    per_sample = sum(int(np.prod(shape)) for shape, _ in sample_specs(model))
+    needed = -(-VALIDATION_VALUES // max(per_sample, 1))
+    return max(MIN_VALIDATION_SAMPLES, min(VALIDATION_SAMPLES, needed))
+
+
 def sample_arrays(
     graph: graph_lib.Graph, batch_size: int = 1, seed: int = 0
 ) -> dict[str, np.ndarray]:
@@ -184,9 +201,11 @@ def _integer_high(tensor: graph_lib.Tensor) -> int:
     return high
 
 
-def describe_generated_inputs(graph: graph_lib.Graph, count: int) -> str:
-    """How :func:`make_sample_inputs` makes ``count`` samples, and why, in one line."""
-    domains = domain_details(graph)
+def describe_generated_inputs(model: ModelLike, count: int) -> str:
+    """How :func:`make_sample_inputs` makes ``count`` samples, and why, in one line
+    (from the domains the prepared model inferred for them: no second probe)."""
+    prepared = prepare(model)
+    graph, domains = prepared.graph, prepared.domain_details
     parts = []
     for tensor, name in zip(graph.inputs, graph.input_names, strict=True):
         kind = np.dtype(tensor.dtype).kind
@@ -201,8 +220,13 @@ def describe_generated_inputs(graph: graph_lib.Graph, count: int) -> str:
         else:
             parts.append(f"{name}: fair coin flips")
     where = "; ".join(parts)
+    fewer = ""
+    if count < VALIDATION_SAMPLES and count == validation_samples(prepared):
+        values = sum(int(np.prod(shape)) for shape, _ in sample_specs(prepared))
+        fewer = f" (not {VALIDATION_SAMPLES}: {values:,} values each; --samples N for more)"
     return (
-        f"generated, {count} sample(s): {where}; give your own with --inputs FILE.npz (inputs=...)"
+        f"generated, {count} sample(s){fewer}: {where}; give your own with --inputs FILE.npz "
+        "(inputs=...)"
     )
 
 

@@ -729,7 +729,7 @@ def _describe_inputs(
     """What the comparison ran on: generated (how, why, how many) or given."""
     count = int(next(iter(runs.full.values())).shape[0])
     if inputs is None and (reference is None or reference.generated):
-        return describe_generated_inputs(prepared.graph, count)
+        return describe_generated_inputs(prepared, count)
     return f"given, {count} sample(s)"
 
 

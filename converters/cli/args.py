@@ -33,9 +33,10 @@ __all__ = [
     "FLOAT32_RTOL",
 ]
 
-# samples.VALIDATION_SAMPLES, repeated here so that --help needs no Keras import
-# (tests/test_cli.py checks it matches).
+# samples.VALIDATION_SAMPLES and MIN_VALIDATION_SAMPLES, repeated here so that --help
+# needs no Keras import (tests/cli/test_cli.py checks they match).
 VALIDATION_SAMPLES = 16
+MIN_VALIDATION_SAMPLES = 2
 # validate_onnx's float32 defaults, repeated here so that --help needs no Keras
 # import (tests/cli/test_cli.py checks they match keras_bn.converters.validation).
 FLOAT32_ATOL = 1e-4
@@ -309,9 +310,17 @@ class ComparisonArgs:
             "--inputs",
             metavar="FILE.npz",
             help="inputs to validate on (one array per model input, batch first) "
-            f"(default: {VALIDATION_SAMPLES} generated samples in the range the model "
-            "gives its inputs: a Rescaling's, a Normalization's, an Embedding's vocabulary, "
-            "the first BN's statistics; the report says which)",
+            "(default: generated samples in the range the model gives its inputs: a "
+            "Rescaling's, a Normalization's, an Embedding's vocabulary, the first BN's "
+            "statistics; the report says which)",
+        )
+        group.add_argument(
+            "--samples",
+            metavar="N",
+            type=int_at_least(1),
+            help="how many samples to generate (default: "
+            f"{VALIDATION_SAMPLES}, fewer where each holds many values, down to "
+            f"{MIN_VALIDATION_SAMPLES}: 6 for a 128x128 RGB image, 2 for a 224x224 one)",
         )
 
 

@@ -279,6 +279,8 @@ def _check_options(args: argparse.Namespace) -> Path:
     for given, what in ((args.inputs, "Inputs file"), (args.calibration, "Calibration file")):
         if given is not None:
             check_input_file(given, what, (".npz",))
+    int8 = "int8 validation compares on the calibration data" if args.precision == "int8" else None
+    steps.requested_samples(args, int8)
     return output
 
 
@@ -308,7 +310,7 @@ def _reference(
             run,
             inputs if inputs is not None else calibration,
             # --no-validate: only the check that Keras runs the model, on one sample
-            batch=1 if args.no_validate else None,
+            batch=1 if args.no_validate else args.samples,
             label="Running the model in Keras (beside the export)",
         )
     return reference

@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def fold_command(args: argparse.Namespace, run: Run) -> int:
     """Fold BN into neighbouring layers and save the folded Keras model."""
     output = check_output(args, ".keras")
+    samples = steps.requested_samples(args)  # a conflict is told before any work
     model = steps.preflight(steps.load_model(args, run), run)  # flattened once, passed on
     inputs = steps.load_inputs(args.inputs, model, "Inputs file")
     # Keras runs the original model on validation's inputs while the fold is built,
@@ -43,7 +44,7 @@ def fold_command(args: argparse.Namespace, run: Run) -> int:
         model,
         run,
         inputs,
-        batch=1 if args.no_validate else None,  # then only the check, on one sample
+        batch=1 if args.no_validate else samples,  # then only the check, on one sample
         label="Running the model in Keras (beside the fold)",
     )
     from keras_bn.converters.folding import fold_batch_norms
@@ -139,7 +140,7 @@ def _compare_folded(model, folded, report, reference, args: argparse.Namespace, 
             arrays = [inputs[name] for name in model.input_names]
             note = rejudge_against_float64(model.model, arrays, comparisons, doubtful)
     if reference.generated:
-        described = describe_generated_inputs(model.graph, batch_size)
+        described = describe_generated_inputs(model, batch_size)
     else:
         described = f"given, {batch_size} sample(s) from {args.inputs}"
     report.max_abs_diff = max(c.max_abs_error for c in comparisons)

@@ -113,6 +113,24 @@ def preflight(model, run: Run, *, check_statistics: bool = True):
     return prepared
 
 
+def requested_samples(args: argparse.Namespace, compared_on: str | None = None) -> int | None:
+    """``--samples``, or None for the default: one line when something else says
+    what validation compares on (``compared_on``: what, when the command decides it)."""
+    samples = getattr(args, "samples", None)
+    if samples is None:
+        return None
+    if getattr(args, "inputs", None) is not None:
+        compared_on = "--inputs gives the samples"
+    if getattr(args, "no_validate", False):
+        compared_on = "--no-validate skips validation"
+    if compared_on is not None:
+        raise UserInputError(
+            f"--samples sets how many samples validation generates, but {compared_on}; "
+            "drop one of them."
+        )
+    return samples
+
+
 def keras_reference(
     prepared,
     run: Run,
@@ -131,12 +149,12 @@ def keras_reference(
 
     ``inputs`` are the user's (Keras layout, by input name); by default generated:
     ``make_sample_inputs(model, batch, seed=0)``, ``batch`` defaulting to
-    ``samples.VALIDATION_SAMPLES``.
+    ``samples.validation_samples(model)``.
     """
     from keras_bn.converters.reference import KerasReference
-    from keras_bn.converters.samples import VALIDATION_SAMPLES
+    from keras_bn.converters.samples import validation_samples
 
-    batch_size = VALIDATION_SAMPLES if batch is None else batch
+    batch_size = validation_samples(prepared) if batch is None else batch
     where = f"Model file {run.report.get('model', {}).get('path', '')!r}"
     step = run.progress.background(label)
 
@@ -274,10 +292,9 @@ def validate_onnx(
 def _describe_inputs(prepared, reference, inputs: Any) -> str:
     """What validation compared on: generated (how, why, how many) or given."""
     if reference is not None and reference.generated:
-        from keras_bn.converters.prepared import prepare
         from keras_bn.converters.samples import describe_generated_inputs
 
-        return describe_generated_inputs(prepare(prepared).graph, reference.batch_size)
+        return describe_generated_inputs(prepared, reference.batch_size)
     if reference is not None:
         inputs = reference.inputs
     if inputs is None:

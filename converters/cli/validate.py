@@ -10,6 +10,7 @@ from typing import Any
 from keras_bn.converters.cli import steps
 from keras_bn.converters.cli.args import ComparisonArgs, InputLayoutArgs, ModelLoadingArgs
 from keras_bn.converters.cli.run import EXIT_OK, EXIT_VALIDATION_FAILED, Run
+from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.options import PRECISIONS
 
 SUMMARY = "compare an ONNX model with its Keras model"
@@ -32,6 +33,7 @@ def validate_command(args: argparse.Namespace, run: Run) -> int:
     from keras_bn.converters.user_files import load_onnx
 
     onnx_path = Path(args.onnx[0])
+    samples = steps.requested_samples(args)
     onnx_model = load_onnx(onnx_path)  # checked before Keras: size, tensors, external data
     model = steps.preflight(steps.load_model(args, run), run, check_statistics=False)
     inputs = steps.load_inputs(args.inputs, model, "Inputs file")
@@ -39,7 +41,7 @@ def validate_command(args: argparse.Namespace, run: Run) -> int:
     # it runs while onnxruntime opens the file.
     detected, recorded_layout = onnx_facts(onnx_model)
     reference = steps.keras_reference(
-        model, run, inputs, batch=_generated_batch(onnx_model, detected)
+        model, run, inputs, batch=_generated_batch(onnx_model, detected, model, samples)
     )
     run.report["onnx"] = str(onnx_path)
     input_layout = args.input_layout or recorded_layout or "channels_last"
@@ -67,18 +69,31 @@ def validate_command(args: argparse.Namespace, run: Run) -> int:
     return EXIT_OK
 
 
-def _generated_batch(model, precision: str) -> int:
+def _generated_batch(onnx_model, precision: str, model, samples: int | None) -> int:
     """How many samples validation generates for this ONNX model: its fixed batch
-    size, else ``VALIDATION_SAMPLES`` (at least enough to judge int8 top-1 agreement)."""
-    from keras_bn.converters.samples import VALIDATION_SAMPLES
+    size, else ``samples`` (``--samples``) or ``validation_samples(model)`` (at least
+    enough to judge int8 top-1 agreement)."""
+    from keras_bn.converters.samples import validation_samples
     from keras_bn.converters.validation import INT8_TOP1_MIN_SAMPLES
 
-    initializers = {tensor.name for tensor in model.graph.initializer}
-    for value in model.graph.input:
+    least = INT8_TOP1_MIN_SAMPLES if precision == "int8" else 1
+    initializers = {tensor.name for tensor in onnx_model.graph.initializer}
+    for value in onnx_model.graph.input:
         dims = value.type.tensor_type.shape.dim
         if value.name not in initializers and dims and dims[0].dim_value > 0:
-            return int(dims[0].dim_value)
-    return max(VALIDATION_SAMPLES, INT8_TOP1_MIN_SAMPLES if precision == "int8" else 0)
+            fixed = int(dims[0].dim_value)
+            if samples is not None and samples != fixed:
+                raise UserInputError(
+                    f"--samples {samples}: the ONNX model's batch size is fixed at {fixed}, "
+                    "so validation generates that many; drop --samples."
+                )
+            return fixed
+    if samples is not None and samples < least:
+        raise UserInputError(
+            f"--samples {samples}: int8 validation judges top-1 agreement on at least "
+            f"{least} samples; pass --samples {least} or more."
+        )
+    return max(validation_samples(model) if samples is None else samples, least)
 
 
 def onnx_facts(model) -> tuple[str, Any]:

@@ -398,9 +398,10 @@ def test_help_defaults_match_the_library():
         validation.DEFAULT_ATOL,
         validation.DEFAULT_RTOL,
     )
-    from keras_bn.converters.samples import VALIDATION_SAMPLES
+    from keras_bn.converters import samples
 
-    assert args.VALIDATION_SAMPLES == VALIDATION_SAMPLES
+    assert args.VALIDATION_SAMPLES == samples.VALIDATION_SAMPLES
+    assert args.MIN_VALIDATION_SAMPLES == samples.MIN_VALIDATION_SAMPLES
     export = cli.build_parser()._subparsers._group_actions[0].choices["export"]
     (opset,) = [action for action in export._actions if action.dest == "opset"]
     assert f"default: {DEFAULT_OPSET}" in opset.help

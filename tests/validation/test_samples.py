@@ -94,7 +94,7 @@ def test_a_rescaling_layer_gives_the_range_it_maps_onto_the_unit_interval(
     # What the Rescaling makes of them: [0, 1], or [-1, 1] with offset -1.
     rescaled = x * scale + offset
     assert rescaled.min() >= min(offset, 0) - 1e-6 and rescaled.max() <= 1 + 1e-6
-    assert "Rescaling(scale=" in describe_generated_inputs(flatten(model), 16)
+    assert "Rescaling(scale=" in describe_generated_inputs(model, 16)
 
 
 def test_a_growing_rescaling_says_nothing_about_the_range():
@@ -108,7 +108,7 @@ def test_generated_inputs_are_described_per_input():
     table = keras.Input((2,), name="table")
     x = L.Flatten()(L.Embedding(50, 2)(ids))
     model = keras.Model([ids, flags, table], L.Concatenate()([x, L.Dense(2)(flags), table]))
-    text = describe_generated_inputs(flatten(model), 16)
+    text = describe_generated_inputs(model, 16)
     assert text.startswith("generated, 16 sample(s): ")
     assert "ids: integers 0..49 (the Embedding's vocabulary)" in text
     assert "flags: integers 0..9 (no Embedding gives a range)" in text
