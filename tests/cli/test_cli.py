@@ -444,6 +444,7 @@ def test_exporter_accepts_every_cli_input_layout(tmp_path, layout, capsys, files
         ["export", "m.keras", "-o", "x.onnx", "--input-layout", "nhwc"],
         ["export", "m.keras", "-o", "x.onnx", "--atol", "-1"],
         ["export", "m.keras", "-o", "x.onnx", "--batch-size", "0"],
+        ["export", "m.keras", "-o", "x.onnx", "--samples", "0"],
         ["bench", "m.onnx", "--runs", "many"],
         ["fold", "m.keras", "-o", "x.keras", "--no-such-flag"],
         ["frobnicate"],
@@ -775,6 +776,12 @@ def test_export_int8_scheme_options(tmp_path, capsys, files):
         (["--inputs", "{model}"], "expected a .npz file"),
         (["--bias-correction"], "apply to --precision int8 only"),
         (["--tune-biases"], "only used with --precision int8"),
+        (["--samples", "4", "--inputs", "{inputs}"], "but --inputs gives the samples"),
+        (["--samples", "4", "--no-validate"], "but --no-validate skips validation"),
+        (
+            ["--samples", "4", "--precision", "int8", "--calibration", "{calibration}"],
+            "but int8 validation compares on the calibration data",
+        ),
     ],
     ids=[
         "int8-without-calibration",
@@ -783,6 +790,9 @@ def test_export_int8_scheme_options(tmp_path, capsys, files):
         "inputs",
         "bias-correction-without-int8",
         "tune-biases-without-int8",
+        "samples-with-inputs",
+        "samples-without-validation",
+        "samples-with-int8",
     ],
 )
 def test_export_option_errors(tmp_path, capsys, files, extra, fragment):
@@ -857,6 +867,64 @@ def test_validate_generates_the_batch_the_file_needs(tmp_path, capsys, files):
     assert report["precision"] == "int8"
     sizes = [c["batch_size"] for c in report["validation"]["comparisons"]]
     assert sizes == [1, INT8_TOP1_MIN_SAMPLES]
+
+
+@pytest.fixture(scope="module")
+def photo_sized(tmp_path_factory) -> Path:
+    """A classifier of 224x224 RGB images, small enough to export in a moment."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((224, 224, 3), name="image")
+    x = keras.layers.Conv2D(2, 3, strides=8, use_bias=False)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.BatchNormalization()(x))
+    model = keras.Model(inputs, keras.layers.Dense(2)(x))
+    path = tmp_path_factory.mktemp("photo_sized") / "photo.keras"
+    randomize_batch_norms(model, 3).save(path)
+    return path
+
+
+def test_large_inputs_are_validated_on_fewer_samples_unless_asked(tmp_path, capsys, photo_sized):
+    """150,528 values a sample: 2 samples hold VALIDATION_VALUES (samples.py), and
+    --samples N asks for N, in export, validate and fold alike."""
+
+    def validated(command: str, *extra) -> tuple[set, str]:
+        output = tmp_path / ("f.keras" if command == "fold" else "m.onnx")
+        where = [output] if command == "validate" else ["-o", output, "--force"]
+        argv = [command, photo_sized, *where, "--json", *extra]
+        code, out, err = run_main(argv, capsys)
+        assert code == 0, err
+        validation = json.loads(out)["validation"]
+        compared = validation.get("comparisons", validation.get("outputs"))
+        return {c["batch_size"] for c in compared}, validation["inputs"]
+
+    sizes, inputs = validated("export")
+    assert sizes == {1, 2}
+    assert inputs.startswith("generated, 2 sample(s) (not 16: 150,528 values each; --samples N")
+    sizes, inputs = validated("export", "--samples", "5")
+    assert sizes == {1, 5} and inputs.startswith("generated, 5 sample(s): ")
+    sizes, inputs = validated("validate", "--samples", "3")
+    assert sizes == {1, 3} and inputs.startswith("generated, 3 sample(s): ")
+    sizes, inputs = validated("validate")
+    assert sizes == {1, 2}
+    sizes, inputs = validated("fold", "--samples", "3")
+    assert sizes == {3} and inputs.startswith("generated, 3 sample(s): ")
+    sizes, inputs = validated("fold")
+    assert sizes == {2} and "(not 16: 150,528 values each" in inputs
+
+
+def test_validate_samples_that_the_file_cannot_take(tmp_path, capsys, files):
+    fixed, quantized = tmp_path / "b.onnx", tmp_path / "q.onnx"
+    code, _, err = run_main(["export", files["model"], "-o", fixed, "--batch-size", "3"], capsys)
+    assert code == 0, err
+    code, _, err = run_main(["validate", files["model"], fixed, "--samples", "4"], capsys)
+    assert_rejected(code, err, "--samples 4: the ONNX model's batch size is fixed at 3")
+    code, _, err = run_main(
+        ["export", files["model"], "-o", quantized, "--precision", "int8"]
+        + ["--calibration", files["calibration"]],
+        capsys,
+    )
+    assert code == 0, err
+    code, _, err = run_main(["validate", files["model"], quantized, "--samples", "4"], capsys)
+    assert_rejected(code, err, "int8 validation judges top-1 agreement on at least 20 samples")
 
 
 @pytest.mark.parametrize(

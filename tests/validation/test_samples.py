@@ -6,12 +6,14 @@ import pytest
 from support.models import calibrate_batch_norms
 
 from keras_bn.converters.graph import flatten
+from keras_bn.converters import samples
 from keras_bn.converters.samples import (
     FLOAT_DOMAINS,
     call_model,
     describe_generated_inputs,
     input_domains,
     make_sample_inputs,
+    validation_samples,
 )
 
 L = keras.layers
@@ -152,3 +154,32 @@ def test_call_model_takes_inputs_by_name_in_any_order():
     np.testing.assert_allclose(
         dense, keras.ops.convert_to_numpy(model([a, b], training=False)[1]), rtol=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    "shapes, expected",
+    [
+        ([(8, 8, 1)], 16),  # 64 values: the cap
+        ([(64, 64, 3)], 16),  # 12,288: 22 would be needed, the cap again
+        ([(128, 128, 3)], 6),  # 49,152 x 6 = 294,912 >= 2**18 > 49,152 x 5
+        ([(224, 224, 3)], 2),  # 150,528: one would do, the floor is two
+        ([(512, 512, 3)], 2),
+        ([(None, 100)], 16),  # an unknown size is generated as 32: 3,200 values
+        ([(128, 128, 3), (128, 128, 3)], 3),  # two inputs: their values add up
+    ],
+)
+def test_validation_samples_hold_enough_values_within_bounds(shapes, expected):
+    inputs = [keras.Input(shape) for shape in shapes]
+    flat = [L.Flatten()(L.GlobalAveragePooling1D()(x) if x.shape[1] is None else x) for x in inputs]
+    model = keras.Model(inputs, L.Dense(1)(flat[0] if len(flat) == 1 else L.Concatenate()(flat)))
+    count = validation_samples(model)
+    assert count == expected
+    # The rule itself: the fewest samples that hold VALIDATION_VALUES, within bounds.
+    per_sample = sum(int(np.prod([32 if d is None else d for d in shape])) for shape in shapes)
+    needed = next(n for n in range(1, 10**6) if n * per_sample >= samples.VALIDATION_VALUES)
+    assert count == min(max(needed, samples.MIN_VALIDATION_SAMPLES), samples.VALIDATION_SAMPLES)
+    text = describe_generated_inputs(model, count)
+    assert text.startswith(f"generated, {count} sample(s)")
+    # Fewer than the cap is said, with the values that made it and how to get more.
+    fewer = f"(not {samples.VALIDATION_SAMPLES}: {per_sample:,} values each; --samples N"
+    assert (fewer in text) == (count < samples.VALIDATION_SAMPLES)
