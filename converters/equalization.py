@@ -655,8 +655,10 @@ def _attribute(node: Any, name: str, default: Any) -> Any:
     return default
 
 
-def _linear_layer(graph: _Graph, node: Any) -> LinearLayer | None:
-    """The node's weights if it is a Conv or Gemm with its own constant weights."""
+def _linear_shape(graph: _Graph, node: Any) -> tuple[int, int, int] | None:
+    """``(out_channels, in_channels, groups)`` of the node if it is a Conv or Gemm with
+    its own constant weights (what :func:`_linear_layer` reads), from the
+    initializers' dimensions: no weight is read."""
     if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
         return None
     names = [name for name in node.input[1:] if name]
@@ -664,29 +666,41 @@ def _linear_layer(graph: _Graph, node: Any) -> LinearLayer | None:
         name not in graph.initializers or len(graph.consumers.get(name, [])) != 1 for name in names
     ):
         return None
-    weight = graph.array(node.input[1])
-    assert weight is not None
-    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    dims = [int(d) for d in graph.initializers[node.input[1]].dims]
+    groups = int(_attribute(node, "group", 1))
     if node.op_type == "Gemm":
         if (
             _attribute(node, "transA", 0)
             or _attribute(node, "alpha", 1.0) != 1.0
             or _attribute(node, "beta", 1.0) != 1.0
-            or weight.ndim != 2
+            or len(dims) != 2
         ):
             return None
-        if _attribute(node, "transB", 0):
-            weight = weight.T
-        out = weight.shape[1]
+        in_channels, out = dims[::-1] if _attribute(node, "transB", 0) else dims
     else:
-        out = weight.shape[0]
-    bias = np.zeros(out) if bias_name is None else graph.array(bias_name)
-    if bias is None or bias.shape != (out,):
+        out, in_channels = dims[0], dims[1] * groups
+    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias_name is not None and list(graph.initializers[bias_name].dims) != [out]:
         return None
+    return out, in_channels, groups
+
+
+def _linear_layer(graph: _Graph, node: Any) -> LinearLayer | None:
+    """The node's weights if it is a Conv or Gemm with its own constant weights."""
+    shape = _linear_shape(graph, node)
+    if shape is None:
+        return None
+    weight = graph.array(node.input[1])
+    assert weight is not None
+    if node.op_type == "Gemm" and _attribute(node, "transB", 0):
+        weight = weight.T
+    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    bias = np.zeros(shape[0]) if bias_name is None else graph.array(bias_name)
+    assert bias is not None
     return LinearLayer(
         weight.astype(np.float64),
         bias.astype(np.float64),
-        groups=int(_attribute(node, "group", 1)),
+        groups=shape[2],
         dense=node.op_type == "Gemm",
     )
 
@@ -751,26 +765,33 @@ def _find_pairs(
     graph: _Graph, depthwise_only: bool = False
 ) -> tuple[dict[str, LinearLayer], list[Pair], dict[str, Any]]:
     """Every pair of layers that can be equalized (``depthwise_only``: whose second
-    layer is depthwise), their weights, their activation nodes."""
+    layer is depthwise), their weights, their activation nodes. The pairs are found
+    from the weights' shapes; only the paired layers' weights are read."""
     nodes = {node.name: node for node in graph.model.graph.node}
-    layers: dict[str, LinearLayer] = {}
+    shapes = {}
     for node in graph.model.graph.node:
-        layer = _linear_layer(graph, node)
-        if layer is not None and node.name:
-            layers[node.name] = layer
+        shape = _linear_shape(graph, node)
+        if shape is not None and node.name:
+            shapes[node.name] = shape
     pairs, activation_nodes = [], {}
-    for name, layer in layers.items():
-        found = _follow(graph, nodes[name], layer.out_channels)
+    for name, (out, _, _) in shapes.items():
+        found = _follow(graph, nodes[name], out)
         if isinstance(found, str):
             continue
         pair, activation_node, second = found
-        after = layers.get(second.name)
-        if after is None or after.in_channels != layer.out_channels:
+        after = shapes.get(second.name)
+        if after is None or after[1] != out:
             continue
-        if not depthwise_only or after.groups == after.in_channels:
+        if not depthwise_only or after[2] == after[1]:  # depthwise: a group per channel
             pairs.append(pair)
             activation_nodes[name] = activation_node
-    return layers, pairs, activation_nodes
+    paired = dict.fromkeys(name for pair in pairs for name in (pair.first, pair.second))
+    layers = {name: _linear_layer(graph, nodes[name]) for name in paired}
+    return (
+        {name: layer for name, layer in layers.items() if layer is not None},
+        pairs,
+        activation_nodes,
+    )
 
 
 def _write_back(
