@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from support.models import calibrate_batch_norms
 
-from keras_bn.converters.graph import flatten
 from keras_bn.converters import samples
+from keras_bn.converters.graph import flatten
 from keras_bn.converters.samples import (
     FLOAT_DOMAINS,
     call_model,
