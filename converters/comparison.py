@@ -74,6 +74,7 @@ __all__ = [
     "NOTHING_FINITE",
     "decided_top1_agreement",
     "float16_rule",
+    "within_float16_floor",
     "int8_rule",
     "judge_against_exact",
     "judge_float16",
@@ -326,15 +327,20 @@ def judge_float16(
     factor: float = FLOAT16_FACTOR,
     floor: float = FLOAT16_FLOOR,
 ) -> OutputComparison:
-    """``comparison`` judged by the float16 criterion (see :func:`judge_precision`)."""
+    """``comparison`` judged by the float16 criterion (see :func:`judge_precision`).
+    Without ``float16_run``, an error within ``floor`` passes on its own (the yardstick
+    "not needed": whatever a float16 run says, the bound is at least the floor)."""
     if np.shape(candidate) != np.shape(exact):
         return comparison
-    expected = math.inf if float16_run is None else relative_error(float16_run, exact)
-    yardstick = "Keras float16"
-    if not math.isfinite(expected):  # no float16 run, or it overflowed
-        expected, yardstick = FLOAT16_FALLBACK, "fallback"
     error = relative_error(candidate, exact)
-    bound = factor * expected + floor
+    run_error = math.inf if float16_run is None else relative_error(float16_run, exact)
+    expected: float | None = run_error
+    yardstick = "Keras float16"
+    if float16_run is None and error <= floor:
+        expected, yardstick = None, "not needed"
+    elif not math.isfinite(run_error):  # no float16 run, or it overflowed
+        expected, yardstick = FLOAT16_FALLBACK, "fallback"
+    bound = floor if expected is None else factor * expected + floor
     return dataclasses.replace(
         comparison,
         exact_error=error,
@@ -348,15 +354,30 @@ def judge_float16(
     )
 
 
-def float16_rule(float16_ran: bool, missing: str | None = None) -> str:
+def within_float16_floor(candidate: np.ndarray, exact: np.ndarray) -> bool:
+    """Whether ``candidate`` passes the float16 criterion whatever a float16 run of the
+    model would say: its error is within ``FLOAT16_FLOOR`` (the run is then not needed)."""
+    if np.shape(candidate) != np.shape(exact):
+        return False
+    return relative_error(candidate, exact) <= FLOAT16_FLOOR
+
+
+def float16_rule(float16_ran: bool, missing: str | None = None, needed: bool = True) -> str:
     """The float16 criterion's pass condition, in words, as :func:`judge_float16` applies
     it with or without a finite float16 run of the model (``missing``: why there is
-    none, when no float16 copy of the model could be made or run)."""
-    if float16_ran:
-        return (
+    none, when no float16 copy of the model could be made or run; ``needed``: False
+    when every output was within the floor, so no float16 run was made)."""
+    if float16_ran or not needed:
+        rule = (
             f"the error is at most {FLOAT16_FACTOR:g}x that of the same model run in "
             f"float16, plus {FLOAT16_FLOOR:.2g} of the output's range"
         )
+        if not needed:
+            rule += (
+                f" (every output was within {FLOAT16_FLOOR:.2g} of its range: "
+                "no float16 run was needed)"
+            )
+        return rule
     bound = FLOAT16_FACTOR * FLOAT16_FALLBACK + FLOAT16_FLOOR
     return (
         f"the error is at most {bound:.2g} of the output's range ({FLOAT16_FACTOR:g}x "

@@ -43,6 +43,7 @@ from keras_bn.converters.comparison import (
     float16_rule,
     int8_rule,
     judge_precision,
+    within_float16_floor,
 )
 from keras_bn.converters.float64_kernels import replaced_class_name, twin_layer_class
 from keras_bn.converters.prepared import ModelLike, PreparedModel, prepare
@@ -84,7 +85,6 @@ class KerasReference:
         self._inputs: concurrent.futures.Future = concurrent.futures.Future()
         self._outputs: concurrent.futures.Future = concurrent.futures.Future()
         self.generated = False  # the inputs were given, not made by :meth:`start`
-        self._twins: dict[str, concurrent.futures.Future] = {}
         self.batch_size = len(next(iter(inputs.values()))) if inputs else 0
         self._inputs.set_result(dict(inputs))
         self._outputs.set_result([np.asarray(output) for output in outputs])
@@ -122,7 +122,6 @@ class KerasReference:
     ) -> KerasReference:
         """:meth:`start`'s work on a new, empty reference; returns it."""
         self.generated, self.batch_size = inputs is None, batch_size
-        self._twins = {}
         self._inputs = concurrent.futures.Future()
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self._outputs = pool.submit(self._run, prepared, inputs, batch_size, seed, context, guard)
@@ -137,35 +136,6 @@ class KerasReference:
     def outputs(self) -> list[np.ndarray]:
         """The outputs, once the run is done; its error if Keras failed."""
         return self._outputs.result()
-
-    def start_twin(self, model: ModelLike, dtype: str) -> None:
-        """Build and run ``model``'s ``dtype`` twin (:func:`float64_twin`) on the
-        reference's inputs in a background thread, once Keras's own run is done (the
-        twin's build patches Keras for its duration: never beside another Keras pass).
-        :meth:`twin` waits for it. float16 validation's yardstick, made while the
-        caller converts the file and runs it in onnxruntime."""
-        prepared = prepare(model)
-
-        def build() -> Float64Twin:
-            self.outputs()  # Keras's error, if any, is the caller's to report
-            inputs = self.inputs
-            arrays = [inputs[name] for name in prepared.input_names]
-            return float64_twin(prepared.model, arrays, dtype=dtype)
-
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        self._twins[dtype] = pool.submit(build)
-        pool.shutdown(wait=False)
-
-    def settle(self) -> None:
-        """Wait for every twin :meth:`start_twin` started, its error left to :meth:`twin`:
-        a twin's build patches Keras, which must not outlast the command that asked."""
-        concurrent.futures.wait(list(self._twins.values()))
-
-    def twin(self, dtype: str) -> Float64Twin | None:
-        """The ``dtype`` twin :meth:`start_twin` made (its error if it failed); None
-        when none was started."""
-        future = self._twins.get(dtype)
-        return None if future is None else future.result()
 
     def _run(
         self,
@@ -351,14 +321,13 @@ def _as_float(array: np.ndarray, dtype: str = "float64") -> np.ndarray:
 
 
 def float16_yardstick(
-    model: keras.Model, inputs: list[np.ndarray], reference: KerasReference | None = None
+    model: keras.Model, inputs: list[np.ndarray]
 ) -> tuple[Float64Twin | None, list[np.ndarray] | None, str | None]:
-    """float16's yardstick: the model's float16 copy (the one ``reference`` started beside
-    the conversion, else made here), its outputs on ``inputs``, and None; or, where no
-    copy can be made or run, (None, None, why) and judge_float16 falls back."""
+    """float16's yardstick: the model's float16 copy, its outputs on ``inputs``, and
+    None; or, where no copy can be made or run, (None, None, why) and judge_float16
+    falls back."""
     try:
-        half = None if reference is None else reference.twin("float16")
-        half = half or float64_twin(model, inputs, dtype="float16")
+        half = float64_twin(model, inputs, dtype="float16")
         return half, half(inputs), None  # the check run's outputs when on these inputs
     except Exception as error:
         return None, None, f"the model's float16 copy failed: {error_summary(error)}"
@@ -475,21 +444,18 @@ def rejudge_against_float64(
     comparisons: list[OutputComparison],
     doubtful: list[Doubtful],
     precision: str = "float32",
-    reference: KerasReference | None = None,
 ) -> str:
     """Re-judge the ``doubtful`` comparisons (in place) against a float64 run of ``model``
     on ``inputs`` (one array per model input, every sample the comparisons cover), by
     ``precision``'s criterion (:func:`.comparison.judge_precision`; float16 also runs
-    the model in float16 for its yardstick).
+    the model in float16 for its yardstick, where an output's error is beyond the
+    floor that passes whatever the yardstick says).
 
     Returns a note for the report: how the reference was made, or why it could not be
     (then float32's elementwise verdicts stand; float16 and int8 are judged against
     Keras float32, whose own error is far below their criteria).
     """
     full = inputs
-    half = half_full = missing = None
-    if precision == "float16":  # first: one started beside the conversion is done then
-        half, half_full, missing = float16_yardstick(model, full, reference)
     twin: Float64Twin | None = None
     exact_full: list[np.ndarray] | None = None
     try:
@@ -503,8 +469,15 @@ def rejudge_against_float64(
                 f"run ({reason})"
             )
         twin, exact_full = None, None
-    for item in doubtful:
-        exact = _outputs_for(item, twin, exact_full, full)
+    exacts = [_outputs_for(item, twin, exact_full, full) for item in doubtful]
+    half = half_full = missing = None
+    needed = precision == "float16" and not all(
+        within_float16_floor(item.actual, item.expected if exact is None else exact)
+        for item, exact in zip(doubtful, exacts, strict=True)
+    )
+    if needed:
+        half, half_full, missing = float16_yardstick(model, full)
+    for item, exact in zip(doubtful, exacts, strict=True):
         comparisons[item.index] = judge_precision(
             precision,
             comparisons[item.index],
@@ -529,7 +502,7 @@ def rejudge_against_float64(
     if precision == "float16":
         return (
             f"float16 criterion, against the same model run in float64 ({where}): pass when "
-            + float16_rule(half is not None, missing)
+            + float16_rule(half is not None, missing, needed)
         )
     if precision == "int8":
         return (

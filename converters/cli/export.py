@@ -227,7 +227,7 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
             with run.progress.step(f"Writing {output}"):
                 data_files = _move_onnx_into_place(final, output, args, known)
     finally:
-        _settle(gate, reference)
+        gate.set()  # whatever happened: the check never waits for the export in vain
     _describe_output(output, data_files, run)
     run.next = f"keras-bn bench {output}"
     return EXIT_OK
@@ -316,28 +316,17 @@ def _reference(
     return reference
 
 
-def _settle(gate: threading.Event, reference: Any) -> None:
-    """Whatever happened: the check never waits for the export in vain (``gate``), and
-    no twin started beside the conversion outlasts the command."""
-    gate.set()
-    if reference is not None:
-        reference.settle()
-
-
 def _start_keras(statistics: StatisticsStep, given: tuple, gate: threading.Event) -> Any:
-    """Start Keras's work beside the export: Keras's reference run (and float16's
-    yardstick), or None for int8 with the check. That check runs beside the
+    """Start Keras's work beside the export: Keras's reference run, or None for int8
+    with the check. That check runs beside the
     calibration (its pass is the reference: no other Keras pass to wait for); its
     first pass only reads the layers and starts now, and it writes population
     statistics once ``gate`` is set (the export has read the weights)."""
-    model, _, args, *_ = given
+    _, _, args, *_ = given
     if args.precision == "int8" and statistics.runs and args.data is None:
         statistics.start(background=True, gate=gate)
         return None
-    reference = _reference(statistics.start(), *given)
-    if reference is not None and args.precision == "float16" and not args.no_validate:
-        reference.start_twin(model, "float16")  # validation's yardstick, beside the conversion
-    return reference
+    return _reference(statistics.start(), *given)
 
 
 def _checked_outputs(statistics: StatisticsStep) -> Callable[[], Any]:

@@ -28,7 +28,6 @@ from support.models import conv_bn_classifier, randomize_batch_norms
 
 from keras_bn.converters import cli
 from keras_bn.converters.comparison import (
-    FLOAT16_FACTOR,
     FLOAT16_FLOOR,
     INT8_SQNR_FLOOR_DB,
     INT8_TOP1_FLOOR,
@@ -671,13 +670,13 @@ def test_export_float16_validates_against_keras(tmp_path, capsys, files):
     validation = report["validation"]
     assert validation["passed"] and validation["precision"] == "float16"
     # The float16 criterion's three numbers, per output and batch (comparison module).
+    # Within the floor, which passes whatever a float16 run of the model says: none is
+    # made (the run, where one is needed: tests/validation/test_validation.py).
     for comparison in validation["comparisons"]:
         assert comparison["verdict"] == "float16 criterion"
-        assert comparison["yardstick"] == "Keras float16"
-        assert 0 < comparison["exact_error"] <= comparison["bound"]
-        assert comparison["bound"] == pytest.approx(
-            FLOAT16_FACTOR * comparison["keras_exact_error"] + FLOAT16_FLOOR
-        )
+        assert 0 < comparison["exact_error"] <= comparison["bound"] == FLOAT16_FLOOR
+        assert comparison["yardstick"] == "not needed"
+        assert comparison["keras_exact_error"] is None
     assert report["export"]["node_count"] == sum(_op_counts(tmp_path / "h.onnx").values())
     x = _sample()
     expected = _keras_outputs(load_model(files["model"]), x)

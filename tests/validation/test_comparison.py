@@ -158,6 +158,16 @@ def test_float16_criterion_scales_with_the_float16_runs_own_error():
         assert judged.passed and judged.yardstick == "fallback"
         assert judged.bound == pytest.approx(fallback)
     assert not judge(np.full_like(exact, math.inf)).passed  # an overflowing candidate
+    # No run made (none was needed): an error within the floor passes on its own, with
+    # the floor as its bound; beyond it, a missing run means the fallback.
+    inside = judge(exact + 0.99 * cmp.FLOAT16_FLOOR, None)
+    assert inside.passed and inside.yardstick == "not needed"
+    assert inside.bound == cmp.FLOAT16_FLOOR and inside.keras_exact_error is None
+    assert cmp.within_float16_floor(exact + 0.99 * cmp.FLOAT16_FLOOR, exact)
+    beyond = exact + 1.01 * cmp.FLOAT16_FLOOR
+    assert not cmp.within_float16_floor(beyond, exact)
+    assert judge(beyond, None).yardstick == "fallback"
+    assert not cmp.within_float16_floor(exact[:-1], exact)  # shapes differ
 
 
 def _judge_int8(candidate, exact):

@@ -203,11 +203,12 @@ def test_digits_float16_passes_by_the_float16_criterion(digits):
     assert report.precision == "float16"  # detected from the file
     for comparison in report.comparisons:
         assert comparison.verdict == "float16 criterion"
-        assert comparison.yardstick == "Keras float16"
+        # within the floor, which passes whatever a float16 run says: none is made
+        assert comparison.yardstick == "not needed" and comparison.bound == FLOAT16_FLOOR
         assert comparison.exact_error <= comparison.bound
         assert comparison.exact_error > 0  # float16 is not float32: there is an error
     text = str(report)
-    assert "float16 criterion" in text and "Keras float16" in text and "bound" in text
+    assert "float16 criterion" in text and "no float16 run was needed" in text
 
 
 @pytest.mark.parametrize("bug", FLOAT16_BUGS)

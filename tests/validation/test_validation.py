@@ -261,35 +261,58 @@ def test_a_keras_reference_given_is_the_reference(tmp_path):
         validate_onnx(model, tmp_path / "m.onnx", inputs=images, reference=computed_already)
 
 
-def test_float16_yardstick_made_beside_the_conversion_is_the_one_validation_makes(tmp_path):
-    # keras-bn export --precision float16 builds the float16 twin in the background
-    # (KerasReference.start_twin); validation must judge with it exactly as with its own.
+def test_float16_yardstick_is_made_only_for_an_output_beyond_the_floor(tmp_path, monkeypatch):
+    """An error within FLOAT16_FLOOR passes whatever the model's float16 run says, so
+    validation makes that run (a float16 copy of the model, compiled and run) only
+    where an output is beyond the floor; there it decides, as the criterion says."""
+    from keras_bn.converters import validation
+    from keras_bn.converters.comparison import FLOAT16_FACTOR, FLOAT16_FLOOR, relative_error
     from keras_bn.converters.precision import convert_float16
     from keras_bn.converters.reference import float64_twin
+    from keras_bn.converters.samples import call_model
 
     model = _conv_bn_model()
     _export(model, tmp_path / "m.onnx")
-    convert_float16(tmp_path / "m.onnx", tmp_path / "half.onnx")
+    half = tmp_path / "half.onnx"
+    convert_float16(tmp_path / "m.onnx", half)
     images = np.random.default_rng(8).standard_normal((4, 8, 8, 3)).astype("float32")
-    started = KerasReference.start(model, {"image": images})
-    started.start_twin(model, "float16")
-    twin = started.twin("float16")
-    assert twin is not None and twin.dtype == "float16"
-    expected = float64_twin(model, [images], dtype="float16")(
-        [images]
-    )  # built afresh, in the foreground
-    np.testing.assert_array_equal(twin([images.copy()])[0], expected[0])
-    assert expected[0].dtype == np.float64 and not np.array_equal(
-        expected[0], started.outputs()[0]
-    )  # a float16 run, not Keras float32's
-    beside = validate_onnx(model, tmp_path / "half.onnx", reference=started)
-    alone = validate_onnx(model, tmp_path / "half.onnx", inputs=images)
-    assert beside.passed and alone.passed
-    assert "the same model run in float16" in beside.exact_note
-    assert [(c.verdict, c.max_abs_error, c.note) for c in beside.comparisons] == [
-        (c.verdict, c.max_abs_error, c.note) for c in alone.comparisons
-    ]
-    assert KerasReference({"image": images}, started.outputs()).twin("float16") is None
+    made = []
+    real = validation.float16_yardstick
+
+    def counted(*args):
+        made.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(validation, "float16_yardstick", counted)
+    (keras32,) = call_model(model, {"image": images})  # as validation runs Keras
+    within = validation.validate_onnx(model, half, inputs=images)
+    assert within.passed and made == []
+    for c in within.comparisons:
+        assert c.verdict == "float16 criterion" and c.yardstick == "not needed"
+        assert c.keras_exact_error is None and c.bound == FLOAT16_FLOOR
+        assert 0 < c.exact_error <= FLOAT16_FLOOR
+    assert "no float16 run was needed" in within.exact_note
+    assert "no float16 run needed" in str(within)
+    # The logits' weights 3% off: beyond the floor, so the float16 run is made and
+    # the bound is FLOAT16_FACTOR times its error plus the floor.
+    _tamper(half, _last_weight(half), factor=1.03)
+    beyond = validation.validate_onnx(model, half, inputs=images)
+    assert len(made) == 1
+    run16 = float64_twin(model, [images], dtype="float16")([images])[0]
+    for c in beyond.comparisons:
+        exact = keras32[: c.batch_size]
+        assert c.yardstick == "Keras float16" and c.exact_error > FLOAT16_FLOOR
+        assert c.keras_exact_error == pytest.approx(relative_error(run16[: c.batch_size], exact))
+        assert c.bound == pytest.approx(FLOAT16_FACTOR * c.keras_exact_error + FLOAT16_FLOOR)
+        assert c.passed == (c.exact_error <= c.bound)
+
+
+def _last_weight(path) -> str:
+    """The weight initializer of the file's last Gemm, MatMul or Conv."""
+    proto = onnx.load(str(path))
+    initializers = {tensor.name for tensor in proto.graph.initializer}
+    linear = [n for n in proto.graph.node if n.op_type in ("Gemm", "MatMul", "Conv")]
+    return next(name for name in linear[-1].input if name in initializers)
 
 
 def test_fixed_batch_export_validates_at_its_own_batch_size(tmp_path):
