@@ -352,8 +352,8 @@ def _called_with(model: keras.Model, flat: list[Any]) -> Any:
 
 
 # One twin is cloned at a time: the patches below are process-wide, and two builds in
-# two threads (a float16 twin started beside the conversion, the float64 twin validation
-# builds) would each restore what the other patched, leaving Keras patched for good.
+# two threads (a library caller validating in threads of its own) would each restore
+# what the other patched, leaving Keras patched for good.
 _CLONING = threading.Lock()
 
 

@@ -318,10 +318,10 @@ def _reference(
 
 def _start_keras(statistics: StatisticsStep, given: tuple, gate: threading.Event) -> Any:
     """Start Keras's work beside the export: Keras's reference run, or None for int8
-    with the check. That check runs beside the
-    calibration (its pass is the reference: no other Keras pass to wait for); its
-    first pass only reads the layers and starts now, and it writes population
-    statistics once ``gate`` is set (the export has read the weights)."""
+    with the check. That check runs beside the calibration (its pass is the reference:
+    no other Keras pass to wait for); its first pass only reads the layers and starts
+    now, and it writes population statistics once ``gate`` is set (the export has read
+    the weights)."""
     _, _, args, *_ = given
     if args.precision == "int8" and statistics.runs and args.data is None:
         statistics.start(background=True, gate=gate)
