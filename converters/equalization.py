@@ -657,7 +657,7 @@ def _attribute(node: Any, name: str, default: Any) -> Any:
 
 def _linear_shape(graph: _Graph, node: Any) -> tuple[int, int, int] | None:
     """``(out_channels, in_channels, groups)`` of the node if it is a Conv or Gemm with
-    its own constant weights (what :func:`_linear_layer` reads), from the
+    its own constant weights (the ones :func:`_linear_layer` reads), from the
     initializers' dimensions: no weight is read."""
     if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
         return None
@@ -685,11 +685,8 @@ def _linear_shape(graph: _Graph, node: Any) -> tuple[int, int, int] | None:
     return out, in_channels, groups
 
 
-def _linear_layer(graph: _Graph, node: Any) -> LinearLayer | None:
-    """The node's weights if it is a Conv or Gemm with its own constant weights."""
-    shape = _linear_shape(graph, node)
-    if shape is None:
-        return None
+def _linear_layer(graph: _Graph, node: Any, shape: tuple[int, int, int]) -> LinearLayer:
+    """The weights of a node whose :func:`_linear_shape` is ``shape``, in float64."""
     weight = graph.array(node.input[1])
     assert weight is not None
     if node.op_type == "Gemm" and _attribute(node, "transB", 0):
@@ -786,12 +783,8 @@ def _find_pairs(
             pairs.append(pair)
             activation_nodes[name] = activation_node
     paired = dict.fromkeys(name for pair in pairs for name in (pair.first, pair.second))
-    layers = {name: _linear_layer(graph, nodes[name]) for name in paired}
-    return (
-        {name: layer for name, layer in layers.items() if layer is not None},
-        pairs,
-        activation_nodes,
-    )
+    layers = {name: _linear_layer(graph, nodes[name], shapes[name]) for name in paired}
+    return layers, pairs, activation_nodes
 
 
 def _write_back(

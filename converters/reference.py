@@ -29,7 +29,7 @@ import dataclasses
 import importlib
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -321,16 +321,20 @@ def _as_float(array: np.ndarray, dtype: str = "float64") -> np.ndarray:
 
 
 def float16_yardstick(
-    model: keras.Model, inputs: list[np.ndarray]
-) -> tuple[Float64Twin | None, list[np.ndarray] | None, str | None]:
-    """float16's yardstick: the model's float16 copy, its outputs on ``inputs``, and
-    None; or, where no copy can be made or run, (None, None, why) and judge_float16
-    falls back."""
+    model: keras.Model, inputs: list[np.ndarray], judged: Iterable[tuple[np.ndarray, np.ndarray]]
+) -> tuple[Float64Twin | None, list[np.ndarray] | None, str | None, bool]:
+    """float16's yardstick for the ``judged`` outputs (``(candidate, exact)`` pairs):
+    where every one is within the floor, which passes whatever it says, none is made
+    (``(None, None, None, False)``); else the model's float16 copy, its outputs on
+    ``inputs``, None and True; or, where no copy can be made or run, (None, None, why,
+    True) and judge_float16 falls back."""
+    if all(within_float16_floor(candidate, exact) for candidate, exact in judged):
+        return None, None, None, False
     try:
         half = float64_twin(model, inputs, dtype="float16")
-        return half, half(inputs), None  # the check run's outputs when on these inputs
+        return half, half(inputs), None, True  # the check run's outputs on these inputs
     except Exception as error:
-        return None, None, f"the model's float16 copy failed: {error_summary(error)}"
+        return None, None, f"the model's float16 copy failed: {error_summary(error)}", True
 
 
 def error_summary(error: BaseException) -> str:
@@ -471,12 +475,13 @@ def rejudge_against_float64(
         twin, exact_full = None, None
     exacts = [_outputs_for(item, twin, exact_full, full) for item in doubtful]
     half = half_full = missing = None
-    needed = precision == "float16" and not all(
-        within_float16_floor(item.actual, item.expected if exact is None else exact)
-        for item, exact in zip(doubtful, exacts, strict=True)
-    )
-    if needed:
-        half, half_full, missing = float16_yardstick(model, full)
+    needed = True
+    if precision == "float16":
+        candidates = [
+            (item.actual, item.expected if exact is None else exact)
+            for item, exact in zip(doubtful, exacts, strict=True)
+        ]
+        half, half_full, missing, needed = float16_yardstick(model, full, candidates)
     for item, exact in zip(doubtful, exacts, strict=True):
         comparisons[item.index] = judge_precision(
             precision,

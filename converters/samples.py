@@ -152,9 +152,13 @@ def validation_samples(model: ModelLike) -> int:
     inputs hold ``VALIDATION_VALUES`` values (by :func:`sample_specs`' shapes), at
     most ``VALIDATION_SAMPLES``, at least ``MIN_VALIDATION_SAMPLES``. A 64x64 RGB
     image gets 16 samples; a 128x128 one 6; a 224x224 one 2."""
-    per_sample = sum(int(np.prod(shape)) for shape, _ in sample_specs(model))
-    needed = -(-VALIDATION_VALUES // max(per_sample, 1))
+    needed = -(-VALIDATION_VALUES // max(_values_per_sample(model), 1))
     return max(MIN_VALIDATION_SAMPLES, min(VALIDATION_SAMPLES, needed))
+
+
+def _values_per_sample(model: ModelLike) -> int:
+    """How many values one generated sample holds, over every input."""
+    return sum(int(np.prod(shape)) for shape, _ in sample_specs(model))
 
 
 def sample_arrays(
@@ -222,7 +226,7 @@ def describe_generated_inputs(model: ModelLike, count: int) -> str:
     where = "; ".join(parts)
     fewer = ""
     if count < VALIDATION_SAMPLES and count == validation_samples(prepared):
-        values = sum(int(np.prod(shape)) for shape, _ in sample_specs(prepared))
+        values = _values_per_sample(prepared)
         fewer = f" (not {VALIDATION_SAMPLES}: {values:,} values each; --samples N for more)"
     return (
         f"generated, {count} sample(s){fewer}: {where}; give your own with --inputs FILE.npz "

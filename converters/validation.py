@@ -420,14 +420,13 @@ def judge_by_precision(
     ``inputs`` (one array per model input, every sample the comparisons cover),
     only where an output's error is beyond the floor that passes whatever it says.
     """
-    from keras_bn.converters.comparison import judge_precision, within_float16_floor
+    from keras_bn.converters.comparison import judge_precision
 
     half = half_outputs = missing = None
-    needed = precision == "float16" and not all(
-        within_float16_floor(item.actual, item.expected) for item in doubtful
-    )
-    if needed:
-        half, half_outputs, missing = float16_yardstick(model, inputs)
+    needed = True
+    if precision == "float16":
+        candidates = [(item.actual, item.expected) for item in doubtful]
+        half, half_outputs, missing, needed = float16_yardstick(model, inputs, candidates)
     for item in doubtful:
         float16_run = None
         if half is not None and half_outputs is not None:

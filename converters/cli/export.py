@@ -279,8 +279,12 @@ def _check_options(args: argparse.Namespace) -> Path:
     for given, what in ((args.inputs, "Inputs file"), (args.calibration, "Calibration file")):
         if given is not None:
             check_input_file(given, what, (".npz",))
-    int8 = "int8 validation compares on the calibration data" if args.precision == "int8" else None
-    steps.requested_samples(args, int8)
+    compared_on = None
+    if args.precision == "int8":
+        compared_on = "int8 validation compares on the calibration data"
+    elif args.batch_size is not None and args.samples not in (None, args.batch_size):
+        compared_on = f"--batch-size {args.batch_size} fixes the batch validation runs"
+    steps.requested_samples(args, compared_on)
     return output
 
 

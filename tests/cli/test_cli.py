@@ -777,6 +777,7 @@ def test_export_int8_scheme_options(tmp_path, capsys, files):
         (["--tune-biases"], "only used with --precision int8"),
         (["--samples", "4", "--inputs", "{inputs}"], "but --inputs gives the samples"),
         (["--samples", "4", "--no-validate"], "but --no-validate skips validation"),
+        (["--samples", "4", "--batch-size", "3"], "but --batch-size 3 fixes the batch"),
         (
             ["--samples", "4", "--precision", "int8", "--calibration", "{calibration}"],
             "but int8 validation compares on the calibration data",
@@ -791,6 +792,7 @@ def test_export_int8_scheme_options(tmp_path, capsys, files):
         "tune-biases-without-int8",
         "samples-with-inputs",
         "samples-without-validation",
+        "samples-with-another-fixed-batch",
         "samples-with-int8",
     ],
 )

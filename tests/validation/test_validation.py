@@ -276,14 +276,15 @@ def test_float16_yardstick_is_made_only_for_an_output_beyond_the_floor(tmp_path,
     half = tmp_path / "half.onnx"
     convert_float16(tmp_path / "m.onnx", half)
     images = np.random.default_rng(8).standard_normal((4, 8, 8, 3)).astype("float32")
-    made = []
-    real = validation.float16_yardstick
+    from keras_bn.converters import reference
 
-    def counted(*args):
-        made.append(args)
-        return real(*args)
+    made = []  # the float16 copies of the model validation builds
 
-    monkeypatch.setattr(validation, "float16_yardstick", counted)
+    def counted(model, inputs, dtype="float64"):
+        made.extend([dtype] if dtype == "float16" else [])
+        return float64_twin(model, inputs, dtype=dtype)
+
+    monkeypatch.setattr(reference, "float64_twin", counted)
     (keras32,) = call_model(model, {"image": images})  # as validation runs Keras
     within = validation.validate_onnx(model, half, inputs=images)
     assert within.passed and made == []
