@@ -327,11 +327,13 @@ def tensors_to_calibrate(model: Any, op_types: Iterable[str] | None = None) -> l
 @dataclasses.dataclass
 class Calibration:
     """What the float pass measured: onnxruntime's ``TensorsData`` of the ranges, the
-    moments of the tensors asked for, and the sample count."""
+    moments of the tensors asked for, the sample count, and the values of the tensors
+    asked to be kept on the first samples."""
 
     ranges: Any
     moments: dict[str, ChannelMoments]
     samples: int
+    kept: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def calibrate(
@@ -343,6 +345,8 @@ def calibrate(
     moments_of: Sequence[str] = (),
     progress: Callable[[int, int], None] | None = None,
     whole: Collection[str] = (),
+    keep: Sequence[str] = (),
+    keep_samples: int = 0,
 ) -> Calibration:
     """Run the float ``model`` (shape-inferred ``ModelProto``, not modified) once over
     ``batches``, in onnxruntime's calibration arithmetic (graph optimizations off), and
@@ -351,7 +355,9 @@ def calibrate(
     each batch. The tensors named in ``whole`` get their whole range (the signed
     extremes) whatever the method. Percentile histograms count their top bins only
     (:class:`AbsoluteHistogram`); a tensor whose percentile fell under that top is
-    measured again in a second pass, counting every bin."""
+    measured again in a second pass, counting every bin. The values of ``keep`` on the
+    first ``keep_samples`` samples (those the first batch holds) are kept as they are
+    (:mod:`.divergence`'s float side: no second run of the float model)."""
     from onnxruntime.quantization import CalibrationMethod, TensorsData
 
     names = tensors_to_calibrate(model)
@@ -359,8 +365,8 @@ def calibrate(
     # larger than the first, the values counted bin by bin are twice that share or more
     # (when a tail is lighter after all, that tensor is counted again, every bin).
     tail = 2 * (1 - percentile / 100) * len(batches)
-    collected, moments, samples = _float_pass(
-        model, batches, names, method, tail, moments_of, progress
+    collected, moments, samples, kept = _float_pass(
+        model, batches, names, method, tail, moments_of, progress, keep, keep_samples
     )
     for statistic in collected.values():
         if not statistic.seen:  # no value in any batch (a split of width 0): a range of 0
@@ -382,9 +388,9 @@ def calibrate(
         }
         recount = [name for name, measured in ranges.items() if measured is None]
         if recount:  # a tail lighter than the first batch's: count every bin again
-            again, _, _ = _float_pass(model, batches, recount, method, 1.0, (), None)
+            again, _, _, _ = _float_pass(model, batches, recount, method, 1.0, (), None)
             ranges.update({name: again[name].percentile_range(percentile) for name in recount})
-    return Calibration(TensorsData(CalibrationMethod[method], ranges), moments, samples)
+    return Calibration(TensorsData(CalibrationMethod[method], ranges), moments, samples, kept)
 
 
 def bounded_sources(model: Any) -> dict[str, str]:
@@ -479,12 +485,16 @@ def _float_pass(
     tail: float,
     moments_of: Sequence[str],
     progress: Callable[[int, int], None] | None,
-) -> tuple[dict[str, Any], dict[str, ChannelMoments], int]:
+    keep: Sequence[str] = (),
+    keep_samples: int = 0,
+) -> tuple[dict[str, Any], dict[str, ChannelMoments], int, dict[str, np.ndarray]]:
     """:func:`calibrate`'s run of ``model`` over ``batches``: the range statistic of
     each of ``names`` (histograms counting ``tail`` of the first batch bin by bin),
-    the moments of ``moments_of`` and the sample count."""
+    the moments of ``moments_of``, the sample count, and ``keep``'s values on the
+    first batch's first ``keep_samples`` samples (copies)."""
     inputs = {info.name for info in model.graph.input}
-    fetched = [name for name in dict.fromkeys([*names, *moments_of]) if name not in inputs]
+    wanted = [*names, *moments_of, *(keep if keep_samples else ())]
+    fetched = [name for name in dict.fromkeys(wanted) if name not in inputs]
     session = runtime.open_session(
         onnx_graph.with_outputs(model, fetched, in_place=True),
         optimization="ORT_DISABLE_ALL",
@@ -496,9 +506,12 @@ def _float_pass(
     }
     moments = {name: ChannelMoments() for name in moments_of}
     samples = 0
+    kept: dict[str, np.ndarray] = {}
     for done, batch in enumerate(batches, start=1):
         values = dict(zip(fetched, session.run(fetched, dict(batch)), strict=True))
         values.update({name: batch[name] for name in inputs if name in batch})
+        if done == 1 and keep_samples:
+            kept = {name: np.array(values[name][:keep_samples]) for name in keep}
         for name, statistic in collected.items():
             statistic.add(values[name])
         for name, moment in moments.items():
@@ -507,7 +520,7 @@ def _float_pass(
         del values
         if progress is not None:
             progress(done, len(batches))
-    return collected, moments, samples
+    return collected, moments, samples, kept
 
 
 # ---------------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ __all__ = [
     "DIVERGENCE_SAMPLES",
     "DivergenceReport",
     "LayerDivergence",
-    "float_side",
+    "compared_samples",
+    "compared_values",
     "layer_divergence",
 ]
 
@@ -354,50 +355,42 @@ class _Totals:
         return float(np.median(values))
 
 
+def compared_samples(
+    specs: Sequence[runtime.InputSpec], total: int, max_samples: int | None = DIVERGENCE_SAMPLES
+) -> int:
+    """How many of ``total`` samples :func:`layer_divergence` compares: the first
+    ``max_samples`` (None: all), rounded up to a whole batch for a fixed batch size."""
+    count = total if max_samples is None else min(total, max_samples)
+    fixed = runtime.fixed_batch_size(specs)
+    if fixed and count % fixed:
+        count = min(total, -(-count // fixed) * fixed)
+    return count
+
+
 def _feeds(
     specs: Sequence[runtime.InputSpec],
     inputs: Mapping[str, np.ndarray],
     max_samples: int | None,
     batch_size: int,
 ) -> tuple[list[dict[str, np.ndarray]], int]:
-    """The batches of the first ``max_samples`` inputs (rounded up to a whole batch for a
-    fixed batch size) and their count."""
+    """The batches of the samples :func:`compared_samples` counts, and their count."""
     matched = runtime.match_inputs(specs, inputs, "Divergence inputs")
-    total = int(len(next(iter(matched.values()))))
-    count = total if max_samples is None else min(total, max_samples)
-    fixed = runtime.fixed_batch_size(specs)
-    if fixed and count % fixed:
-        count = min(total, -(-count // fixed) * fixed)
+    count = compared_samples(specs, int(len(next(iter(matched.values())))), max_samples)
     matched = {name: array[:count] for name, array in matched.items()}
-    return list(runtime.batches(matched, fixed, batch_size)), count
+    return list(runtime.batches(matched, runtime.fixed_batch_size(specs), batch_size)), count
 
 
-def float_side(
-    float_model: str | os.PathLike | Any,
-    inputs: Mapping[str, np.ndarray],
-    *,
-    max_samples: int | None = DIVERGENCE_SAMPLES,
-    batch_size: int = 16,
-) -> dict[str, np.ndarray] | None:
-    """The float model's every Keras layer output on the samples :func:`layer_divergence`
-    compares, when they make one batch (else None): run ahead, while the int8 model
-    is being made, and handed to it as ``float_values``."""
+def compared_values(float_model: str | os.PathLike | Any) -> list[str]:
+    """The float model's values :func:`layer_divergence` may compare (every Keras layer
+    output it computes; none without a layer map): what a caller that runs the float
+    model anyway keeps for it, as ``float_values``."""
     float_model = _load(float_model)
     layer_map = decode_layer_map({p.key: p.value for p in float_model.metadata_props})
     if layer_map is None:
-        return None
+        return []
     producers = onnx_graph.producers(float_model.graph)
-    values = [
-        entry[0]
-        for entries in layer_map.values()
-        for entry in entries
-        if entry is not None and entry[0] in producers
-    ]
-    session, names = _augmented_session(float_model, values)
-    feeds, _ = _feeds(runtime.input_specs(session), inputs, max_samples, batch_size)
-    if len(feeds) != 1:
-        return None
-    return dict(zip(names, session.run(None, feeds[0]), strict=True))
+    values = (entry[0] for entries in layer_map.values() for entry in entries if entry is not None)
+    return list(dict.fromkeys(value for value in values if value in producers))
 
 
 def _run(
@@ -410,12 +403,17 @@ def _run(
     float_values: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, _Totals], int]:
     """Both augmented copies on the first ``max_samples`` inputs, batch by batch; the
-    totals and the count. ``float_values``: :func:`float_side`'s, used for the float
-    model when they hold every site's value (one batch)."""
+    totals and the count. ``float_values`` (the float model's values on those samples,
+    batch first) stand in for the float model's run when they hold every site's value
+    on every sample and the samples make one batch."""
     int8_session, int8_names = _augmented_session(int8_model, [site.int8_value for site in sites])
     feeds, count = _feeds(runtime.input_specs(int8_session), inputs, max_samples, batch_size)
     given = float_values
-    if given is None or len(feeds) != 1 or any(site.float_value not in given for site in sites):
+    if (
+        given is None
+        or len(feeds) != 1
+        or any(np.shape(given.get(site.float_value, ()))[:1] != (count,) for site in sites)
+    ):
         session, names = _augmented_session(float_model, [site.float_value for site in sites])
         given = None
     totals = {site.float_value: _Totals() for site in sites}
@@ -560,8 +558,9 @@ def layer_divergence(
         max_samples: compare on the first this many samples (None: all; for a
             fixed batch size, rounded up to whole batches).
         batch_size: samples per run (for a fixed batch size: the model's).
-        float_values: :func:`float_side`'s values for the same arguments, computed
-            ahead (the float model is not run again).
+        float_values: the float model's values of :func:`compared_values` on the
+            compared samples, computed by the caller (the float model is then not
+            run again).
 
     Returns:
         A :class:`DivergenceReport`: every compared layer in graph order, and

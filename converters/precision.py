@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_bn.converters import onnx_graph, runtime
+from keras_bn.converters import divergence, onnx_graph, runtime
 from keras_bn.converters.comparison import (
     OutputComparison,
     compare_arrays,
@@ -855,14 +855,6 @@ def _write_int8(
     file's run on ``matched`` (:func:`_int8_outputs`, beside the layer report)."""
     steps = _Int8Steps()
     equalize, round_weights = _choices(per_channel, equalize, round_weights)
-    floats: list[concurrent.futures.Future] = []  # the layer report's float side
-
-    def calibrated() -> None:  # started beside the QDQ rewrite (model: the source's)
-        if layer_report:
-            from keras_bn.converters.divergence import float_side
-
-            floats.append(_start(float_side, model, matched))
-
     # The equalized float file lies beside the output while quantizing; bias correction
     # and the layer report compare against it (equalization rescales channels).
     target = tmp.with_name(tmp.stem + ".equalized.onnx")
@@ -877,7 +869,12 @@ def _write_int8(
         if steps.equalization is not None:
             source = target
             model = _load_onnx(source)
-        quantized, moments = _quantize_static(
+        # The layer report's float side: the calibration pass keeps its values.
+        keep = divergence.compared_values(model) if layer_report else []
+        keep_samples = divergence.compared_samples(
+            _graph_input_specs(model), len(next(iter(matched.values())))
+        )
+        quantized, moments, float_values = _quantize_static(
             source,
             model,
             tmp,
@@ -887,7 +884,8 @@ def _write_int8(
             progress,
             percentile,
             measure_biases=bool(bias_correction),
-            calibrated=calibrated,
+            keep=keep,
+            keep_samples=keep_samples,
         )
         quantized = _refine(
             model, quantized, batches, moments, steps,
@@ -898,10 +896,9 @@ def _write_int8(
         _save_int8(quantized, tmp, signed)
         int8_run = _start(_int8_outputs, tmp, matched)
         if layer_report:
-            from keras_bn.converters.divergence import layer_divergence
-
-            values = floats[0].result() if floats else None
-            steps.divergence = layer_divergence(source, tmp, matched, float_values=values)
+            steps.divergence = divergence.layer_divergence(
+                source, tmp, matched, float_values=float_values
+            )
     finally:
         target.unlink(missing_ok=True)
     steps.int8_run = int8_run.result()  # before tmp is moved
@@ -1265,22 +1262,21 @@ def _quantize_static(
     percentile: float = 99.99,
     *,
     measure_biases: bool = False,
-    calibrated: Callable[[], None] | None = None,
-) -> tuple[Any, dict[str, Any] | None]:
+    keep: Sequence[str] = (),
+    keep_samples: int = 0,
+) -> tuple[Any, dict[str, Any] | None, dict[str, np.ndarray] | None]:
     """Static QDQ quantization of ``model`` (``onnx_in`` loaded; not modified),
-    calibrated on ``batches``: the quantized ``ModelProto`` and, with
-    ``measure_biases``, the float tensors' moments bias correction reads.
+    calibrated on ``batches``: the quantized ``ModelProto``, with ``measure_biases``
+    the float tensors' moments bias correction reads, and the float values of
+    ``keep`` on the first ``keep_samples`` samples (None when not run here).
 
     MinMax and Percentile: one float onnxruntime pass measures the ranges and the
     moments (:mod:`.calibration`) and onnxruntime's quantizer rewrites the model in
     memory. Entropy, models over protobuf's 2 GB and an onnxruntime whose internals
     changed (:func:`.calibration.reliance_problem`): onnxruntime's ``quantize_static``
     with its own calibrator, through ``onnx_out``; no moments (bias correction then
-    runs the float model itself). ``calibrated()`` is called once the ranges are known
-    (before the rewrite)."""
+    runs the float model itself)."""
     from keras_bn.converters import calibration
-
-    calibrated = calibrated or (lambda: None)
 
     if (
         calibration_method in calibration.FAST_METHODS
@@ -1298,9 +1294,10 @@ def _quantize_static(
             moments_of=tensors_to_measure(model) if measure_biases else (),
             progress=progress,
             whole=_output_names(model),
+            keep=keep,
+            keep_samples=keep_samples,
         )
         calibration.share_bound_ranges(preprocessed, measured.ranges)
-        calibrated()
         quantized = calibration.quantize_qdq(
             preprocessed,
             measured.ranges,
@@ -1308,12 +1305,11 @@ def _quantize_static(
             extra_options=_INT8_OPTIONS,
             exclude=float_mask_nodes(preprocessed),
         )
-        return quantized, measured.moments if measure_biases else None
-    calibrated()  # onnxruntime's quantize_static calibrates and rewrites in one call
+        return quantized, measured.moments if measure_biases else None, measured.kept
     _quantize_static_file(
         onnx_in, model, onnx_out, batches, per_channel, calibration_method, progress, percentile
     )
-    return _onnx().load(str(onnx_out)), None
+    return _onnx().load(str(onnx_out)), None, None
 
 
 def _static_options(

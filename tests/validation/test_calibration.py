@@ -319,7 +319,7 @@ def test_a_tail_lighter_than_the_first_batchs_is_counted_again(setup, monkeypatc
     )
     ranges = calibration.calibrate(preprocessed, batches, "Percentile", percentile=99.9).ranges
     assert len(passes) == 2 and "x" in passes[1]  # x's floor was the heavy batch's
-    every, _, _ = float_pass(preprocessed, batches, passes[0], "Percentile", 1.0, (), None)
+    every, _, _, _ = float_pass(preprocessed, batches, passes[0], "Percentile", 1.0, (), None)
     for name in passes[0]:
         assert ranges[name].range_value == tuple(every[name].percentile_range(99.9)[:2]), name
 

@@ -248,16 +248,18 @@ def test_the_int8_file_is_left_as_it_is(models, tmp_path):
     assert [o.name for o in onnx.load(str(int8_path)).graph.output] == ["head"]
 
 
-def test_the_float_side_run_ahead_gives_the_same_report(models, monkeypatch):
-    """float_side's values (what quantize_int8 runs beside the QDQ rewrite) stand in for
-    the float model's run: the report is the one layer_divergence makes alone, and the
-    float model is not run again; quantize_int8's own report is that one too."""
+def test_given_float_values_stand_in_for_the_float_run(models, monkeypatch):
+    """The float model's values on the compared samples, computed elsewhere (what
+    quantize_int8's calibration pass keeps), give the report layer_divergence makes
+    alone, and the float model is not run again; values on other samples are not
+    taken for them."""
     from keras_bn.converters import divergence
 
-    float_path, int8_path, report = models["hard"]
-    alone = layer_divergence(float_path, int8_path, _feed(models))
-    values = divergence.float_side(float_path, _feed(models))
-    assert values is not None
+    float_path, int8_path, _ = models["hard"]
+    feed = _feed(models)
+    alone = layer_divergence(float_path, int8_path, feed)
+    names = divergence.compared_values(float_path)
+    assert {layer.onnx_value for layer in alone.layers} <= set(names)
     opened = []
     augmented = divergence._augmented_session
     monkeypatch.setattr(
@@ -265,11 +267,41 @@ def test_the_float_side_run_ahead_gives_the_same_report(models, monkeypatch):
         "_augmented_session",
         lambda model, names: opened.append(model) or augmented(model, names),
     )
-    ahead = layer_divergence(float_path, int8_path, _feed(models), float_values=values)
+    first = {"image": feed["image"][:DIVERGENCE_SAMPLES]}
+    values = {k: v.astype(np.float32) for k, v in _float_values(float_path, names, first).items()}
+    ahead = layer_divergence(float_path, int8_path, feed, float_values=values)
     assert len(opened) == 1  # the int8 model's copy only
-    assert ahead.to_dict() == alone.to_dict() == report.divergence.to_dict()
-    # More samples than one batch: nothing is run ahead, the report runs both models.
-    assert divergence.float_side(float_path, _feed(models), max_samples=None, batch_size=8) is None
+    assert ahead.to_dict() == alone.to_dict()
+    # One sample short: the float model runs, and the report is still the one alone.
+    opened.clear()
+    short = {name: value[:-1] for name, value in values.items()}
+    assert layer_divergence(float_path, int8_path, feed, float_values=short).to_dict() == (
+        alone.to_dict()
+    )
+    assert len(opened) == 2
+
+
+def test_quantize_int8_runs_the_float_model_once(trained, tmp_path, monkeypatch):
+    """quantize_int8's layer report takes the float side from the calibration pass:
+    one float session (calibration) and one int8 copy for the report; the report is
+    the one layer_divergence makes alone on the files."""
+    from keras_bn.converters import divergence
+
+    opened = []
+    augmented = divergence._augmented_session
+    monkeypatch.setattr(
+        divergence,
+        "_augmented_session",
+        lambda model, names: opened.append(model) or augmented(model, names),
+    )
+    model, calibration = trained
+    float_path, int8_path, report = _quantized(
+        model, calibration, tmp_path / "once", equalize=False
+    )
+    assert len(opened) == 1
+    feed = {"image": np.transpose(calibration, (0, 3, 1, 2))}
+    alone = layer_divergence(float_path, int8_path, feed)
+    assert report.divergence.to_dict() == alone.to_dict()
 
 
 def test_without_a_layer_map_nothing_is_compared(models, tmp_path):
