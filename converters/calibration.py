@@ -355,11 +355,18 @@ def calibrate(
     each batch. The tensors named in ``whole`` get their whole range (the signed
     extremes) whatever the method. Percentile histograms count their top bins only
     (:class:`AbsoluteHistogram`); a tensor whose percentile fell under that top is
-    measured again in a second pass, counting every bin. The values of ``keep`` on the
-    first ``keep_samples`` samples (those the first batch holds) are kept as they are
-    (:mod:`.divergence`'s float side: no second run of the float model)."""
+    measured again in a second pass, counting every bin. ``Calibration.kept``: the
+    values of ``keep`` on exactly the first ``keep_samples`` samples (:mod:`.divergence`'s
+    float side, without a second run of the float model), where the first batch holds
+    them; a value cut to them must be batch-major (``onnx_graph.batch_major``), and one
+    that is not is kept only when the first batch is those samples."""
     from onnxruntime.quantization import CalibrationMethod, TensorsData
 
+    first = len(next(iter(batches[0].values()))) if batches and batches[0] else 0
+    if first < keep_samples:
+        keep = ()  # the first batch holds fewer samples: run the float model for them
+    elif first > keep_samples:
+        keep = onnx_graph.batch_major(model, keep)
     names = tensors_to_calibrate(model)
     # Percentile's bin lies in the top (1 - percentile) of all values: with batches no
     # larger than the first, the values counted bin by bin are twice that share or more

@@ -403,17 +403,13 @@ def _run(
     float_values: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, _Totals], int]:
     """Both augmented copies on the first ``max_samples`` inputs, batch by batch; the
-    totals and the count. ``float_values`` (the float model's values on those samples,
-    batch first) stand in for the float model's run when they hold every site's value
-    on every sample and the samples make one batch."""
+    totals and the count. ``float_values`` (the float model's values on exactly those
+    samples) stand in for the float model's run when they hold every site's value and
+    the samples make one batch."""
     int8_session, int8_names = _augmented_session(int8_model, [site.int8_value for site in sites])
     feeds, count = _feeds(runtime.input_specs(int8_session), inputs, max_samples, batch_size)
     given = float_values
-    if (
-        given is None
-        or len(feeds) != 1
-        or any(np.shape(given.get(site.float_value, ()))[:1] != (count,) for site in sites)
-    ):
+    if given is None or len(feeds) != 1 or any(site.float_value not in given for site in sites):
         session, names = _augmented_session(float_model, [site.float_value for site in sites])
         given = None
     totals = {site.float_value: _Totals() for site in sites}
@@ -558,9 +554,9 @@ def layer_divergence(
         max_samples: compare on the first this many samples (None: all; for a
             fixed batch size, rounded up to whole batches).
         batch_size: samples per run (for a fixed batch size: the model's).
-        float_values: the float model's values of :func:`compared_values` on the
-            compared samples, computed by the caller (the float model is then not
-            run again).
+        float_values: the float model's values of :func:`compared_values` on exactly
+            the compared samples (:func:`compared_samples`), computed by the caller;
+            with every compared value there, the float model is not run again.
 
     Returns:
         A :class:`DivergenceReport`: every compared layer in graph order, and

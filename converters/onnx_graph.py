@@ -10,7 +10,7 @@ Only the top-level graph is read (not the bodies of If/Loop/Scan).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 __all__ = ["batch_is_fixed", "producers", "readers", "sample_sizes", "with_outputs"]
@@ -32,11 +32,12 @@ def readers(graph: Any) -> dict[str, list[Any]]:
 
 
 def with_outputs(model: Any, names: Sequence[str], *, in_place: bool = False) -> bytes:
-    """``model`` (a ``ModelProto``) serialized with the float tensors ``names`` added
-    to its graph outputs, for a session that fetches them. ``in_place``: add them to
-    ``model`` itself for the serialization and take them out again, without a copy
-    (only where no other thread reads ``model`` meanwhile)."""
-    from onnx import ModelProto, TensorProto, helper
+    """``model`` (a ``ModelProto``) serialized with the tensors ``names`` added to its
+    graph outputs, untyped (onnxruntime infers each one's type: a float tensor, or a
+    text model's integer mask), for a session that fetches them. ``in_place``: add
+    them to ``model`` itself for the serialization and take them out again, without a
+    copy (only where no other thread reads ``model`` meanwhile)."""
+    from onnx import ModelProto, ValueInfoProto
 
     if not in_place:
         copy = ModelProto()
@@ -46,14 +47,33 @@ def with_outputs(model: Any, names: Sequence[str], *, in_place: bool = False) ->
     kept = len(outputs)
     existing = {output.name for output in outputs}
     outputs.extend(
-        helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
-        for name in names
-        if name not in existing
+        ValueInfoProto(name=name) for name in dict.fromkeys(names) if name not in existing
     )
     try:
         return model.SerializeToString()
     finally:
         del outputs[kept:]
+
+
+def batch_major(model: Any, names: Iterable[str]) -> list[str]:
+    """Those of ``names`` whose inferred shape (``model``'s value infos and outputs:
+    shape inference must have run) starts with the first graph input's batch dimension
+    (its first ``dim_param``); none when that dimension is fixed or unnamed."""
+    inputs = [info for info in model.graph.input if info.type.HasField("tensor_type")]
+    dims = inputs[0].type.tensor_type.shape.dim if inputs else []
+    batch = dims[0].dim_param if len(dims) else ""
+    if not batch:
+        return []
+    infos = {info.name: info for info in (*model.graph.value_info, *model.graph.output)}
+    chosen = []
+    for name in names:
+        info = infos.get(name)
+        if info is None or not info.type.HasField("tensor_type"):
+            continue
+        shape = info.type.tensor_type.shape.dim
+        if len(shape) and shape[0].dim_param == batch:
+            chosen.append(name)
+    return chosen
 
 
 def sample_sizes(model: Any) -> dict[str, int]:

@@ -117,6 +117,30 @@ def _all_values(preprocessed, batches, names):
     return {name: np.concatenate(parts) for name, parts in values.items()}
 
 
+def test_kept_values_are_the_float_models_on_the_first_samples(setup):
+    """calibrate keeps the values asked for on exactly the first samples (the layer
+    report's float side): batch-major ones cut from the first batch; one that is not
+    batch-major (a Shape's) only when the first batch is those samples; none when the
+    first batch holds fewer."""
+    from keras_bn.converters import onnx_graph, runtime
+
+    _, preprocessed, batches, _ = setup
+    model = onnx.ModelProto()
+    model.CopyFrom(preprocessed)
+    model.graph.node.append(helper.make_node("Shape", ["c1"], ["shape"], "shape"))
+    model.graph.value_info.append(helper.make_tensor_value_info("shape", TensorProto.INT64, [4]))
+    keep = ["c1", "r1", "shape"]
+    session = runtime.open_session(onnx_graph.with_outputs(model, keep))
+    for samples, expected in ((5, ["c1", "r1"]), (16, keep), (17, [])):
+        first = {"x": batches[0]["x"][:samples]}
+        alone = dict(zip(keep, session.run(keep, first), strict=True))
+        kept = calibration.calibrate(model, batches, "MinMax", keep=keep, keep_samples=samples).kept
+        assert sorted(kept) == sorted(expected), samples
+        for name in expected:
+            np.testing.assert_allclose(kept[name], alone[name], rtol=1e-6, atol=1e-6)
+            assert len(kept[name]) == (4 if name == "shape" else samples)
+
+
 # ---------------------------------------------------------------------------------------
 # Histogram maths against NumPy and onnxruntime's collector.
 

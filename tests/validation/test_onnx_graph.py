@@ -65,6 +65,25 @@ def test_with_outputs_fetches_intermediate_tensors_and_leaves_the_model_as_it_wa
     np.testing.assert_allclose(y, relu + relu**2, rtol=1e-6)
 
 
+def test_with_outputs_fetches_integer_tensors_too():
+    """A text model's mask is an integer tensor: fetched with its own type (declared
+    float, onnxruntime refuses to load the model)."""
+    model = _model()
+    model.graph.node.extend(
+        [
+            helper.make_node("Cast", ["m"], ["mask"], name="cast", to=TensorProto.INT32),
+            helper.make_node("Unsqueeze", ["mask", "axis"], ["expanded"], name="expand"),
+        ]
+    )
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "axis"))
+    session = runtime.open_session(onnx_graph.with_outputs(model, ["expanded", "m"]))
+    x = np.ones((4, 3), np.float32)
+    expanded, m = session.run(["expanded", "m"], {"x": x})
+    assert expanded.dtype == np.int32 and expanded.shape == (4, 1, 3)
+    np.testing.assert_array_equal(expanded[:, 0], m.astype(np.int32))
+    assert m.dtype == np.float32
+
+
 def test_sample_sizes_count_each_tensors_elements_per_sample():
     model = _model()
     sizes = onnx_graph.sample_sizes(model)
