@@ -248,6 +248,20 @@ def test_the_int8_file_is_left_as_it_is(models, tmp_path):
     assert [o.name for o in onnx.load(str(int8_path)).graph.output] == ["head"]
 
 
+def _count_augmented_sessions(monkeypatch) -> list:
+    """The models divergence opens augmented sessions on, from now on."""
+    from keras_bn.converters import divergence
+
+    opened: list = []
+    augmented = divergence._augmented_session
+    monkeypatch.setattr(
+        divergence,
+        "_augmented_session",
+        lambda model, names: opened.append(model) or augmented(model, names),
+    )
+    return opened
+
+
 def test_given_float_values_stand_in_for_the_float_run(models, monkeypatch):
     """The float model's values on the compared samples, computed elsewhere (what
     quantize_int8's calibration pass keeps), give the report layer_divergence makes
@@ -259,13 +273,7 @@ def test_given_float_values_stand_in_for_the_float_run(models, monkeypatch):
     alone = layer_divergence(float_path, int8_path, feed)
     names = divergence.compared_values(float_path)
     assert {layer.onnx_value for layer in alone.layers} <= set(names)
-    opened = []
-    augmented = divergence._augmented_session
-    monkeypatch.setattr(
-        divergence,
-        "_augmented_session",
-        lambda model, names: opened.append(model) or augmented(model, names),
-    )
+    opened = _count_augmented_sessions(monkeypatch)
     first = {"image": feed["image"][:DIVERGENCE_SAMPLES]}
     values = {k: v.astype(np.float32) for k, v in _float_values(float_path, names, first).items()}
     ahead = layer_divergence(float_path, int8_path, feed, float_values=values)
@@ -284,15 +292,7 @@ def test_quantize_int8_runs_the_float_model_once(trained, tmp_path, monkeypatch)
     """quantize_int8's layer report takes the float side from the calibration pass:
     one float session (calibration) and one int8 copy for the report; the report is
     the one layer_divergence makes alone on the files."""
-    from keras_bn.converters import divergence
-
-    opened = []
-    augmented = divergence._augmented_session
-    monkeypatch.setattr(
-        divergence,
-        "_augmented_session",
-        lambda model, names: opened.append(model) or augmented(model, names),
-    )
+    opened = _count_augmented_sessions(monkeypatch)
     model, calibration = trained
     float_path, int8_path, report = _quantized(
         model, calibration, tmp_path / "once", equalize=False
