@@ -280,17 +280,10 @@ def _weight_of(graph, name: str) -> tuple[str, int] | None:
 
 
 def _augmented_session(model, values: Sequence[str]):
-    """A session on a copy of ``model`` with ``values`` as extra outputs, untyped (a
-    Keras layer's output may be an integer tensor: a text model's mask)."""
-    from onnx import ValueInfoProto
-
-    copy = type(model)()
-    copy.CopyFrom(model)
-    existing = {output.name for output in copy.graph.output}
-    for name in dict.fromkeys(values):
-        if name not in existing:
-            copy.graph.output.append(ValueInfoProto(name=name))
-    session = runtime.open_session(copy.SerializeToString(), optimization=_EXACT, spinning=False)
+    """A session on a copy of ``model`` with ``values`` as extra outputs (untyped: a
+    Keras layer's output may be an integer tensor, a text model's mask)."""
+    copy = onnx_graph.with_outputs(model, values)
+    session = runtime.open_session(copy, optimization=_EXACT, spinning=False)
     return session, [output.name for output in session.get_outputs()]
 
 

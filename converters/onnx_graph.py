@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["batch_is_fixed", "producers", "readers", "sample_sizes", "with_outputs"]
+__all__ = ["batch_is_fixed", "batch_major", "producers", "readers", "sample_sizes", "with_outputs"]
 
 
 def producers(graph: Any) -> dict[str, Any]:
