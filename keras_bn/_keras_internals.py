@@ -77,6 +77,8 @@ __all__ = [
     # float64
     "float64_type_promotion",
     "jax_x64_slice_indices",
+    # running on JAX
+    "jax_depthwise_convolutions",
     # tracing a layer's call
     "keeping_layer_nodes",
     "symbolic_variable_arithmetic",
@@ -513,6 +515,103 @@ def jax_x64_slice_indices() -> Iterator[None]:
         yield
     finally:
         core.slice = original
+
+
+# ------------------------------------------------------------- running on JAX
+
+
+def _spatial(value: Any, rank: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, list | tuple) else (int(value),) * rank
+
+
+def _depthwise_or_keras_own(
+    depthwise: Callable[..., Any],
+    keras_own: Callable[..., Any],
+    inputs: Any,
+    kernel: Any,
+    strides: Any,
+    padding: str,
+    data_format: Any,
+    dilation_rate: Any,
+) -> Any:
+    """``depthwise``'s depthwise convolution (``kernel``: ``(*kernel_size, channels,
+    multiplier)``), or ``keras_own(...)`` for a call it does not take: one Keras rejects
+    or whose output is empty (Keras's own error then)."""
+    data_format = data_format or keras.config.image_data_format()
+    rank = len(inputs.shape) - 2
+    channels = inputs.shape[-1 if data_format == "channels_last" else 1]
+    strides, dilation_rate = _spatial(strides, rank), _spatial(dilation_rate, rank)
+    sizes = inputs.shape[1:-1] if data_format == "channels_last" else inputs.shape[2:]
+    if kernel.shape[-2] != channels or {len(strides), len(dilation_rate)} != {rank}:
+        return keras_own()
+    extents = [(k - 1) * d + 1 for k, d in zip(kernel.shape[:rank], dilation_rate, strict=True)]
+    if padding.lower() == "valid" and any(s < e for s, e in zip(sizes, extents, strict=True)):
+        return keras_own()
+    import jax.numpy as jnp
+
+    inputs, kernel = jnp.asarray(inputs), jnp.asarray(kernel)
+    return depthwise(inputs, kernel, strides, padding.lower(), dilation_rate, data_format)
+
+
+@contextlib.contextmanager
+def jax_depthwise_convolutions(depthwise: Callable[..., Any]) -> Iterator[None]:
+    """Within the block, Keras's JAX depthwise convolutions are computed by ``depthwise``.
+
+    ``depthwise(inputs, kernel, strides, padding, dilation_rate, data_format)``
+    computes ``keras.ops.depthwise_conv`` with ``kernel`` shaped ``(*kernel_size,
+    channels, multiplier)`` and tuples for ``strides`` and ``dilation_rate``. It
+    replaces ``keras.src.backend.jax.nn.depthwise_conv`` (DepthwiseConv1D/2D,
+    SeparableConv's first half, ``keras.ops.depthwise_conv``) and the grouped
+    ``keras.src.backend.jax.nn.conv`` with one input channel per group (``Conv2D(...,
+    groups=channels)``, ConvNeXt's), which is the same convolution; any other
+    convolution, and a call Keras would reject, goes to Keras's own. Not thread-safe:
+    it patches both for the duration of the block.
+    """
+    from keras.src.backend.jax import nn
+
+    if not _patchable("jax_depthwise_convolutions"):
+        yield
+        return
+    depthwise_conv, conv = nn.depthwise_conv, nn.conv
+
+    def depthwise_conv_(
+        inputs: Any,
+        kernel: Any,
+        strides: Any = 1,
+        padding: str = "valid",
+        data_format: Any = None,
+        dilation_rate: Any = 1,
+    ) -> Any:
+        arguments = (inputs, kernel, strides, padding, data_format, dilation_rate)
+        return _depthwise_or_keras_own(depthwise, lambda: depthwise_conv(*arguments), *arguments)
+
+    def conv_(
+        inputs: Any,
+        kernel: Any,
+        strides: Any = 1,
+        padding: str = "valid",
+        data_format: Any = None,
+        dilation_rate: Any = 1,
+    ) -> Any:
+        arguments = (inputs, kernel, strides, padding, data_format, dilation_rate)
+        last = (data_format or keras.config.image_data_format()) == "channels_last"
+        channels = inputs.shape[-1 if last else 1]
+        if kernel.shape[-2] != 1 or channels == 1 or kernel.shape[-1] % channels:
+            return conv(*arguments)
+        import jax.numpy as jnp
+
+        kernel = jnp.reshape(kernel, (*kernel.shape[:-2], channels, kernel.shape[-1] // channels))
+        inputs = jnp.asarray(inputs, dtype=kernel.dtype)  # as Keras's conv casts
+        grouped = (inputs, kernel, strides, padding, data_format, dilation_rate)
+        return _depthwise_or_keras_own(depthwise, lambda: conv(*arguments), *grouped)
+
+    nn.depthwise_conv = depthwise_conv_
+    nn.conv = conv_
+    try:
+        yield
+    finally:
+        nn.depthwise_conv = depthwise_conv
+        nn.conv = conv
 
 
 # ------------------------------------------------------------- tracing a layer's call
@@ -1072,6 +1171,16 @@ def _jax_core() -> Any:
     return core
 
 
+def _jax_convolutions() -> str | None:
+    from keras.src.backend.jax import nn
+
+    names = ("inputs", "kernel", "strides", "padding", "data_format", "dilation_rate")
+    return _first(
+        lambda: _parameters_are(getattr(nn, "depthwise_conv", None), *names),
+        lambda: _parameters_are(getattr(nn, "conv", None), *names),
+    )
+
+
 def _operators_exist() -> str | None:
     from keras import ops
 
@@ -1180,6 +1289,12 @@ RELIANCES: dict[str, Reliance] = {
             lambda: _parameters_are(
                 getattr(_jax_core(), "slice", None), "inputs", "start_indices", "shape"
             ),
+        ),
+        Reliance(
+            "_keras_internals.jax_depthwise_convolutions",
+            "keras.src.backend.jax.nn.depthwise_conv and .conv(inputs, kernel, strides, "
+            "padding, data_format, dilation_rate), looked up at call time by keras.ops",
+            _jax_convolutions,
         ),
         Reliance(
             "_keras_internals.symbolic_variable_arithmetic",

@@ -481,3 +481,105 @@ def test_backend_arrays_defer_to_symbolic_records_ops_and_restores_keras():
     assert "__jax_array__" in keras.KerasTensor.__dict__
     model = keras.Model(x, total)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(model(np.ones((1, 2)))), [[1.5, 3.0]])
+
+
+_JAX_DEPTHWISE_CODE = """
+import sys
+sys.path.insert(0, "tests/validation")
+import keras
+import numpy as np
+from keras.src.backend.jax import nn
+import test_float64_kernels as t
+from keras_bn._keras_internals import jax_depthwise_convolutions
+from keras_bn.converters.float64_kernels import depthwise_conv_taps
+
+L = keras.layers
+EPS = float(np.finfo(np.float32).eps)
+calls = []
+
+
+def spy(*arguments):
+    calls.append(arguments[0].shape)
+    return depthwise_conv_taps(*arguments)
+
+
+def depthwise_of(layer):
+    # (kernel (*size, channels, multiplier), pointwise kernel or None) in float64
+    weights = [np.asarray(w, np.float64) for w in layer.get_weights()]
+    if isinstance(layer, L.SeparableConv2D):
+        return weights[0], weights[1]
+    kernel = weights[0]
+    if isinstance(layer, L.Conv2D):  # one input channel per group: (k, k, 1, C * M)
+        groups = layer.groups
+        kernel = kernel.reshape(*kernel.shape[:-2], groups, kernel.shape[-1] // groups)
+    return kernel, None
+
+
+def float64_output(layer, x):
+    # The layer in float64 (NumPy), and the same sum over absolute values: its scale.
+    kernel, pointwise = depthwise_of(layer)
+    strides = tuple(layer.strides)
+    dilation = tuple(layer.dilation_rate)
+    exact, scale = (
+        t._numpy_depthwise(a, k, strides, layer.padding, dilation, layer.data_format)
+        for a, k in ((x, kernel), (np.abs(x), np.abs(kernel)))
+    )
+    terms = np.prod(layer.kernel_size)  # products summed per output
+    if pointwise is not None:
+        exact, scale = exact @ pointwise[0, 0], scale @ np.abs(pointwise[0, 0])
+        terms += pointwise.shape[-2]
+    return exact, scale, terms
+
+
+rng = np.random.default_rng(0)
+CASES = [  # layer, input shape, routed to the replacement
+    (L.DepthwiseConv2D(3, strides=2, padding="same", depth_multiplier=2), (2, 9, 8, 5), True),
+    (L.DepthwiseConv2D(3, dilation_rate=2, data_format="channels_first"), (2, 5, 9, 8), True),
+    (L.DepthwiseConv1D(5, padding="same", use_bias=False), (2, 11, 4), True),
+    (L.SeparableConv2D(6, 3, padding="same", use_bias=False), (2, 7, 7, 4), True),
+    (L.Conv2D(8, 3, groups=4, padding="same", use_bias=False), (2, 7, 7, 4), True),
+    (L.Conv2D(8, 3, groups=4, data_format="channels_first", use_bias=False), (2, 4, 7, 6), True),
+    (L.Conv2D(4, 3, groups=2), (2, 7, 7, 4), False),  # two inputs per group: Keras's own
+    (L.Conv2D(4, 3), (2, 7, 7, 4), False),
+]
+keras_own = nn.depthwise_conv, nn.conv
+for layer, shape, routed in CASES:
+    x = rng.standard_normal(shape).astype("float32")
+    own = np.asarray(layer(x), np.float64)
+    del calls[:]
+    with jax_depthwise_convolutions(spy):
+        got = np.asarray(layer(x), np.float64)
+    assert (nn.depthwise_conv, nn.conv) == keras_own  # restored
+    assert len(calls) == int(routed), (layer.name, calls)
+    if not routed:
+        assert np.array_equal(got, own)  # Keras's own code
+        continue
+    assert got.shape == own.shape, (got.shape, own.shape)
+    exact, scale, terms = float64_output(layer, x.astype(np.float64))
+    bound = (terms + 1) * EPS * scale  # float32 summation's forward error bound
+    assert np.all(np.abs(own - exact) <= bound), layer.name  # Keras's own keeps it
+    assert np.all(np.abs(got - exact) <= bound), (layer.name, np.max(np.abs(got - exact) / bound))
+
+# An empty output is Keras's own error, inside the block too.
+for block in (jax_depthwise_convolutions(spy), __import__("contextlib").nullcontext()):
+    del calls[:]
+    with block:
+        try:
+            keras.ops.conv(np.ones((1, 2, 2, 3), "float32"), np.ones((3, 3, 1, 3), "float32"))
+        except ValueError as error:
+            assert "empty output" in str(error), error
+        else:
+            raise AssertionError("no error")
+    assert calls == []
+print("ok")
+"""
+
+
+def test_jax_depthwise_convolutions_route_only_depthwise_ones_and_restore_keras(run_python):
+    """On JAX, within the block, every depthwise convolution Keras computes (DepthwiseConv1D
+    and 2D with strides, dilation, multipliers and either layout; SeparableConv's first
+    half; Conv2D with one input channel per group) is the given function's, within float32
+    summation's error bound of the float64 convolution as Keras's own is; other
+    convolutions and one Keras rejects stay Keras's, and the block restores Keras's code."""
+    result = run_python(["-c", _JAX_DEPTHWISE_CODE], env={"KERAS_BACKEND": "jax"})
+    assert result.stdout.strip().endswith("ok")

@@ -122,6 +122,11 @@ CHANGED = {
         lambda x, begin, size: None,
         lambda tmp_path: internals.jax_x64_slice_indices(),
     ),
+    "jax_depthwise_convolutions": (
+        _attribute(_keras_src("backend.jax.nn"), "depthwise_conv"),
+        lambda inputs, kernel, strides=1, padding="valid": None,
+        lambda tmp_path: internals.jax_depthwise_convolutions(lambda *arguments: None),
+    ),
     "symbolic_variable_arithmetic": (
         lambda: (keras.ops, "true_divide"),
         _DELETE,

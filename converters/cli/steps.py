@@ -70,6 +70,50 @@ def _long_lived_objects(run: Run) -> Iterator[None]:
             gc.enable()
 
 
+# What the program sets for the rest of its process: never undone, the process exits.
+_PROCESS_WIDE = contextlib.ExitStack()
+_ROUTED: list[str] = []  # the backends whose kernels are routed already
+# Below this many samples through Keras, the taps' longer XLA compile costs more than
+# their faster pass saves (BENCHMARKS.md section 40).
+TAPS_SAMPLES = 32
+
+
+def _runs_keras_on_data(args: argparse.Namespace) -> bool:
+    """Whether the command runs Keras over data worth the taps: the user's (a file:
+    calibration, recalibration, validation inputs), an int8 export's calibration
+    samples, or at least :data:`TAPS_SAMPLES` generated ones."""
+    if any(getattr(args, name, None) for name in ("calibration", "data", "inputs")):
+        return True
+    if getattr(args, "precision", None) == "int8":
+        return True
+    return (getattr(args, "samples", None) or 0) >= TAPS_SAMPLES
+
+
+def _route_kernels(args: argparse.Namespace, run: Run, backend: str) -> None:
+    """In the ``keras-bn`` program on JAX, running Keras over data: Keras's depthwise
+    convolutions computed as sums over the kernel taps for the rest of the process.
+
+    XLA's CPU backend runs grouped (depthwise) convolutions very slowly: one 3x3
+    depthwise convolution over 16x32x32x144 takes 68 ms, the same products summed tap
+    by tap 1.5 ms. Over 64 samples at 128 px MobileNetV2's compiled pass takes 0.35 s
+    instead of 1.8 s, EfficientNetB0's 0.45 s instead of 2.4 s; their XLA compile takes
+    0.3-0.8 s longer, so a command that runs Keras on a few generated samples (the
+    float32 export's 6) keeps XLA's own (BENCHMARKS.md section 40). The sum is the
+    convolution's own products in another order: outputs within float32 rounding of
+    XLA's, and in float64 the exact result, as the float64 twin computes it.
+    Process-wide, so the program's to set, not a caller's ``main()``'s.
+    """
+    if not run.owns_process or backend != "jax" or backend in _ROUTED:
+        return
+    if not _runs_keras_on_data(args):
+        return
+    from keras_bn._keras_internals import jax_depthwise_convolutions
+    from keras_bn.converters.float64_kernels import depthwise_conv_taps
+
+    _PROCESS_WIDE.enter_context(jax_depthwise_convolutions(depthwise_conv_taps))
+    _ROUTED.append(backend)
+
+
 def load_model(args: argparse.Namespace, run: Run):
     """The ``.keras`` model named by ``args.model``, loaded as ``--unsafe`` etc. say."""
     from keras_bn.converters import model_io
@@ -79,6 +123,7 @@ def load_model(args: argparse.Namespace, run: Run):
         with run.progress.step("Importing Keras") as step:
             backend = import_keras()
             step.label = f"Importing Keras ({backend} backend)"
+        _route_kernels(args, run, backend)
         run.report["backend"] = backend
         with (
             run.progress.step("Loading model"),

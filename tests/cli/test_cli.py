@@ -1899,3 +1899,49 @@ def test_an_int8_validation_failure_advises_for_int8_not_tolerances(tmp_path, ca
         assert sqnr and max(sqnr) < 8, out
         assert "--calibration" in err and "Loosen" not in err, err
         assert (tune in err) if tune else ("--tune-biases" not in err), err
+
+
+_PROGRAM_DEPTHWISE_CODE = """
+import sys
+sys.path.insert(0, "tests")
+import keras
+from support.models import randomize_batch_norms
+from keras_bn.converters import float64_kernels
+from keras_bn.converters.cli import app
+
+folder = sys.argv[1]
+inputs = keras.Input((12, 12, 3))
+x = keras.layers.Conv2D(8, 3, name="stem")(inputs)
+x = keras.layers.BatchNormalization()(x)
+x = keras.layers.DepthwiseConv2D(3, padding="same", name="depthwise")(x)
+x = keras.layers.BatchNormalization()(x)
+x = keras.layers.GlobalAveragePooling2D()(keras.layers.ReLU()(x))
+model = randomize_batch_norms(keras.Model(inputs, keras.layers.Dense(3)(x)), seed=0)
+model.save(f"{folder}/dw.keras")
+
+calls = []
+taps = float64_kernels.depthwise_conv_taps
+float64_kernels.depthwise_conv_taps = lambda *a: calls.append(a[0].shape) or taps(*a)
+# The program on generated samples (6), a caller's main() and the program on 32 samples.
+for owns_process, samples in ((True, "6"), (False, "32"), (True, "32")):
+    del calls[:]
+    out = f"{folder}/{owns_process}-{samples}.onnx"
+    argv = ["export", f"{folder}/dw.keras", "-o", out, "--samples", samples, "--json"]
+    code = app.main(argv, owns_process=owns_process)
+    print("routed:", owns_process, samples, code, len(calls))
+"""
+
+
+def test_the_program_on_jax_computes_depthwise_convolutions_by_taps(tmp_path, run_python):
+    """The keras-bn program on JAX (main(owns_process=True)), running Keras on 32 samples,
+    computes Keras's depthwise convolutions as sums over the kernel taps (XLA's CPU grouped
+    convolution is slow) and the export validates against that Keras run; on 6 samples
+    (XLA compiles the taps longer than they save) and in a caller's main() Keras's own."""
+    result = run_python(
+        ["-c", _PROGRAM_DEPTHWISE_CODE, str(tmp_path)], env={"KERAS_BACKEND": "jax"}
+    )
+    lines = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("routed:")]
+    assert lines[:2] == [["True", "6", "0", "0"], ["False", "32", "0", "0"]], result.stdout
+    assert lines[2][:3] == ["True", "32", "0"] and int(lines[2][3]) > 0, result.stdout
+    graphs = [onnx.load(tmp_path / f"{name}.onnx").graph for name in ("False-32", "True-32")]
+    assert graphs[0] == graphs[1]  # the same export either way
