@@ -97,7 +97,7 @@ def _route_kernels(args: argparse.Namespace, run: Run, backend: str) -> None:
     depthwise convolution over 16x32x32x144 takes 68 ms, the same products summed tap
     by tap 1.5 ms. Over 64 samples at 128 px MobileNetV2's compiled pass takes 0.35 s
     instead of 1.8 s, EfficientNetB0's 0.45 s instead of 2.4 s; their XLA compile takes
-    0.3-0.8 s longer, so a command that runs Keras on a few generated samples (the
+    0.3-0.9 s longer, so a command that runs Keras on a few generated samples (the
     float32 export's 6) keeps XLA's own (BENCHMARKS.md section 40). The sum is the
     convolution's own products in another order: outputs within float32 rounding of
     XLA's, and in float64 the exact result, as the float64 twin computes it.
