@@ -612,7 +612,32 @@ def _check_external_data(tensor: Any, directory: Path, where: str) -> int:
             f"{location!r}, which holds {target.stat().st_size}; the data file is truncated "
             "or belongs to another model."
         )
+    needed = _stored_bytes(tensor)
+    if needed is not None and length != needed:  # ONNX reads all of it: a malformed tensor
+        from onnx import TensorProto
+
+        raise UserInputError(
+            f"{where}: tensor {tensor.name!r} reads {length} bytes of {location!r} where its "
+            f"shape {list(tensor.dims)} ({TensorProto.DataType.Name(tensor.data_type)}) needs "
+            f"{needed}; the data file belongs to another model or the .onnx file was edited."
+        )
     return length
+
+
+def _stored_bytes(tensor: Any) -> int | None:
+    """The bytes ``tensor``'s values take stored raw; None where that is not fixed (strings,
+    a type onnx does not know)."""
+    from onnx import TensorProto, helper
+
+    if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return None
+    try:
+        name = TensorProto.DataType.Name(tensor.data_type)
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (ValueError, KeyError, TypeError):
+        return None
+    count = math.prod(tensor.dims)
+    return (count + 1) // 2 if name.endswith("4") or "FLOAT4" in name else count * itemsize
 
 
 # ---------------------------------------------------------------------------------------

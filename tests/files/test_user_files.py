@@ -361,6 +361,20 @@ def test_external_data_missing_or_short_is_refused(tmp_path):
     load_onnx(path)  # inside the directory, long enough: accepted
 
 
+@pytest.mark.parametrize("extra", [{}, {"length": "32"}, {"offset": "4", "length": "52"}])
+def test_external_data_of_another_size_than_the_shape_is_refused(tmp_path, extra):
+    """A tensor's external data is the whole range it names (to the file's end without a
+    length): 4x3 float32 values need 48 bytes. onnxruntime reads only those from a file
+    path, but refuses the same model in memory; keras-bn refuses it up front."""
+    (tmp_path / "w.bin").write_bytes(bytes(64))
+    path = tmp_path / "m.onnx"
+    onnx.save(_matmul_model(_external("w.bin", **extra)), path)
+    length = extra.get("length", "64")
+    _refused(lambda: load_onnx(path), f"reads {length} bytes of 'w.bin'", "[4, 3] (FLOAT) needs 48")
+    onnx.save(_matmul_model(_external("w.bin", offset="16")), path)
+    load_onnx(path)  # the last 48 bytes: accepted
+
+
 def test_declared_tensor_and_input_sizes_are_bounded(tmp_path):
     path = tmp_path / "m.onnx"
     huge = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[10**6, 10**6])
