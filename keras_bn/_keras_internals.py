@@ -553,6 +553,23 @@ def _depthwise_or_keras_own(
     return depthwise(inputs, kernel, strides, padding.lower(), dilation_rate, data_format)
 
 
+def _keras_convolution(body: Callable[..., Any]) -> Callable[..., Any]:
+    """``body(inputs, kernel, strides, padding, data_format, dilation_rate)`` with the
+    signature and defaults of Keras's backend convolutions."""
+
+    def convolution(
+        inputs: Any,
+        kernel: Any,
+        strides: Any = 1,
+        padding: str = "valid",
+        data_format: Any = None,
+        dilation_rate: Any = 1,
+    ) -> Any:
+        return body(inputs, kernel, strides, padding, data_format, dilation_rate)
+
+    return convolution
+
+
 @contextlib.contextmanager
 def jax_depthwise_convolutions(depthwise: Callable[..., Any]) -> Iterator[None]:
     """Within the block, Keras's JAX depthwise convolutions are computed by ``depthwise``.
@@ -574,26 +591,11 @@ def jax_depthwise_convolutions(depthwise: Callable[..., Any]) -> Iterator[None]:
         return
     depthwise_conv, conv = nn.depthwise_conv, nn.conv
 
-    def depthwise_conv_(
-        inputs: Any,
-        kernel: Any,
-        strides: Any = 1,
-        padding: str = "valid",
-        data_format: Any = None,
-        dilation_rate: Any = 1,
-    ) -> Any:
-        arguments = (inputs, kernel, strides, padding, data_format, dilation_rate)
+    def depthwise_conv_(*arguments: Any) -> Any:
         return _depthwise_or_keras_own(depthwise, lambda: depthwise_conv(*arguments), *arguments)
 
-    def conv_(
-        inputs: Any,
-        kernel: Any,
-        strides: Any = 1,
-        padding: str = "valid",
-        data_format: Any = None,
-        dilation_rate: Any = 1,
-    ) -> Any:
-        arguments = (inputs, kernel, strides, padding, data_format, dilation_rate)
+    def conv_(*arguments: Any) -> Any:
+        inputs, kernel, strides, padding, data_format, dilation_rate = arguments
         last = (data_format or keras.config.image_data_format()) == "channels_last"
         channels = inputs.shape[-1 if last else 1]
         if kernel.shape[-2] != 1 or channels == 1 or kernel.shape[-1] % channels:
@@ -605,8 +607,8 @@ def jax_depthwise_convolutions(depthwise: Callable[..., Any]) -> Iterator[None]:
         grouped = (inputs, kernel, strides, padding, data_format, dilation_rate)
         return _depthwise_or_keras_own(depthwise, lambda: conv(*arguments), *grouped)
 
-    nn.depthwise_conv = depthwise_conv_
-    nn.conv = conv_
+    nn.depthwise_conv = _keras_convolution(depthwise_conv_)
+    nn.conv = _keras_convolution(conv_)
     try:
         yield
     finally:
