@@ -486,6 +486,7 @@ def test_backend_arrays_defer_to_symbolic_records_ops_and_restores_keras():
 _JAX_DEPTHWISE_CODE = """
 import sys
 sys.path.insert(0, "tests/validation")
+import jax
 import keras
 import numpy as np
 from keras.src.backend.jax import nn
@@ -545,10 +546,12 @@ CASES = [  # layer, input shape, routed to the replacement
 keras_own = nn.depthwise_conv, nn.conv
 for layer, shape, routed in CASES:
     x = rng.standard_normal(shape).astype("float32")
-    own = np.asarray(layer(x), np.float64)
+    layer.build(shape)  # its weights drawn eagerly, outside the traces
+    # Each call compiled whole (cheaper than eagerly), traced anew (a new function).
+    own = np.asarray(jax.jit(lambda x: layer(x))(x), np.float64)
     del calls[:]
     with jax_depthwise_convolutions(spy):
-        got = np.asarray(layer(x), np.float64)
+        got = np.asarray(jax.jit(lambda x: layer(x))(x), np.float64)
     assert (nn.depthwise_conv, nn.conv) == keras_own  # restored
     assert len(calls) == int(routed), (layer.name, calls)
     if not routed:
