@@ -1945,3 +1945,28 @@ def test_the_program_on_jax_computes_depthwise_convolutions_by_taps(tmp_path, ru
     assert lines[2][:3] == ["True", "32", "0"] and int(lines[2][3]) > 0, result.stdout
     graphs = [onnx.load(tmp_path / f"{name}.onnx").graph for name in ("False-32", "True-32")]
     assert graphs[0] == graphs[1]  # the same export either way
+
+
+@pytest.mark.parametrize(
+    "argv, routed",
+    [
+        (["export", "m.keras", "-o", "m.onnx"], False),  # 6-16 generated samples
+        (["export", "m.keras", "-o", "m.onnx", "--samples", "31"], False),
+        (["export", "m.keras", "-o", "m.onnx", "--samples", "32"], True),
+        (["export", "m.keras", "-o", "m.onnx", "--inputs", "x.npz"], True),
+        (["export", "m.keras", "-o", "m.onnx", "--precision", "int8"], True),
+        (["export", "m.keras", "-o", "m.onnx", "--precision", "float16"], False),
+        (["validate", "m.keras", "m.onnx", "--inputs", "x.npz"], True),
+        (["fold", "m.keras", "-o", "f.keras"], False),
+        (["recalibrate", "m.keras", "--data", "x.npz", "-o", "r.keras"], True),
+        (["inspect", "m.keras"], False),
+    ],
+)
+def test_the_taps_serve_the_commands_that_run_keras_over_data(argv, routed):
+    """Which commands the program computes depthwise convolutions by taps for on JAX:
+    those running Keras over data (a file, an int8 calibration, >= TAPS_SAMPLES
+    generated samples); on a few generated samples XLA's own compiles faster."""
+    from keras_bn.converters.cli import steps
+
+    assert steps.TAPS_SAMPLES == 32
+    assert steps._runs_keras_on_data(cli.build_parser().parse_args(argv)) is routed
