@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import math
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -526,6 +527,7 @@ def _spatial(value: Any, rank: int) -> tuple[int, ...]:
 
 def _depthwise_or_keras_own(
     depthwise: Callable[..., Any],
+    max_taps: int | None,
     keras_own: Callable[..., Any],
     inputs: Any,
     kernel: Any,
@@ -535,14 +537,17 @@ def _depthwise_or_keras_own(
     dilation_rate: Any,
 ) -> Any:
     """``depthwise``'s depthwise convolution (``kernel``: ``(*kernel_size, channels,
-    multiplier)``), or ``keras_own(...)`` for a call it does not take: one Keras rejects
-    or whose output is empty (Keras's own error then)."""
+    multiplier)``), or ``keras_own(...)`` for a call it does not take: one Keras rejects,
+    one whose output is empty (Keras's own error then), or a kernel of more than
+    ``max_taps`` taps (None: any)."""
     data_format = data_format or keras.config.image_data_format()
     rank = len(inputs.shape) - 2
     channels = inputs.shape[-1 if data_format == "channels_last" else 1]
     strides, dilation_rate = _spatial(strides, rank), _spatial(dilation_rate, rank)
     sizes = inputs.shape[1:-1] if data_format == "channels_last" else inputs.shape[2:]
     if kernel.shape[-2] != channels or {len(strides), len(dilation_rate)} != {rank}:
+        return keras_own()
+    if max_taps is not None and math.prod(kernel.shape[:rank]) > max_taps:
         return keras_own()
     extents = [(k - 1) * d + 1 for k, d in zip(kernel.shape[:rank], dilation_rate, strict=True)]
     if padding.lower() == "valid" and any(s < e for s, e in zip(sizes, extents, strict=True)):
@@ -571,8 +576,11 @@ def _keras_convolution(body: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @contextlib.contextmanager
-def jax_depthwise_convolutions(depthwise: Callable[..., Any]) -> Iterator[None]:
-    """Within the block, Keras's JAX depthwise convolutions are computed by ``depthwise``.
+def jax_depthwise_convolutions(
+    depthwise: Callable[..., Any], max_taps: int | None = None
+) -> Iterator[None]:
+    """Within the block, Keras's JAX depthwise convolutions are computed by ``depthwise``
+    (those of at most ``max_taps`` kernel taps; None: all).
 
     ``depthwise(inputs, kernel, strides, padding, dilation_rate, data_format)``
     computes ``keras.ops.depthwise_conv`` with ``kernel`` shaped ``(*kernel_size,
@@ -592,7 +600,8 @@ def jax_depthwise_convolutions(depthwise: Callable[..., Any]) -> Iterator[None]:
     depthwise_conv, conv = nn.depthwise_conv, nn.conv
 
     def depthwise_conv_(*arguments: Any) -> Any:
-        return _depthwise_or_keras_own(depthwise, lambda: depthwise_conv(*arguments), *arguments)
+        keras_own = functools.partial(depthwise_conv, *arguments)
+        return _depthwise_or_keras_own(depthwise, max_taps, keras_own, *arguments)
 
     def conv_(*arguments: Any) -> Any:
         inputs, kernel, strides, padding, data_format, dilation_rate = arguments
@@ -605,7 +614,8 @@ def jax_depthwise_convolutions(depthwise: Callable[..., Any]) -> Iterator[None]:
         kernel = jnp.reshape(kernel, (*kernel.shape[:-2], channels, kernel.shape[-1] // channels))
         inputs = jnp.asarray(inputs, dtype=kernel.dtype)  # as Keras's conv casts
         grouped = (inputs, kernel, strides, padding, data_format, dilation_rate)
-        return _depthwise_or_keras_own(depthwise, lambda: conv(*arguments), *grouped)
+        keras_own = functools.partial(conv, *arguments)
+        return _depthwise_or_keras_own(depthwise, max_taps, keras_own, *grouped)
 
     nn.depthwise_conv = _keras_convolution(depthwise_conv_)
     nn.conv = _keras_convolution(conv_)

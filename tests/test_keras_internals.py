@@ -563,6 +563,16 @@ for layer, shape, routed in CASES:
     assert np.all(np.abs(own - exact) <= bound), layer.name  # Keras's own keeps it
     assert np.all(np.abs(got - exact) <= bound), (layer.name, np.max(np.abs(got - exact) / bound))
 
+# A kernel of more taps than max_taps is Keras's own (a 7x7 has 49), a 5x5 is routed.
+x = rng.standard_normal((2, 9, 9, 3)).astype("float32")
+for size, routed in ((7, False), (5, True)):
+    layer = L.DepthwiseConv2D(size, padding="same")
+    layer.build(x.shape)
+    del calls[:]
+    with jax_depthwise_convolutions(spy, max_taps=25):
+        jax.jit(lambda x: layer(x))(x)
+    assert len(calls) == int(routed), (size, calls)
+
 # An empty output is Keras's own error, inside the block too.
 for block in (jax_depthwise_convolutions(spy), __import__("contextlib").nullcontext()):
     del calls[:]

@@ -74,8 +74,10 @@ def _long_lived_objects(run: Run) -> Iterator[None]:
 _PROCESS_WIDE = contextlib.ExitStack()
 _ROUTED: list[str] = []  # the backends whose kernels are routed already
 # Below this many samples through Keras, the taps' longer XLA compile costs more than
-# their faster pass saves (BENCHMARKS.md section 40).
+# their faster pass saves; a kernel of more taps (ConvNeXt's 7x7) compiles slowly and
+# runs only 2-3x faster than XLA's, so it keeps XLA's (BENCHMARKS.md section 40).
 TAPS_SAMPLES = 32
+MAX_TAPS = 25
 
 
 def _runs_keras_on_data(args: argparse.Namespace) -> bool:
@@ -98,7 +100,8 @@ def _route_kernels(args: argparse.Namespace, run: Run, backend: str) -> None:
     by tap 1.5 ms. Over 64 samples at 128 px MobileNetV2's compiled pass takes 0.35 s
     instead of 1.8 s, EfficientNetB0's 0.45 s instead of 2.4 s; their XLA compile takes
     0.3-0.9 s longer, so a command that runs Keras on a few generated samples (the
-    float32 export's 6) keeps XLA's own (BENCHMARKS.md section 40). The sum is the
+    float32 export's 6) keeps XLA's own, and so do kernels of more than :data:`MAX_TAPS`
+    taps (BENCHMARKS.md section 40). The sum is the
     convolution's own products in another order: outputs within float32 rounding of
     XLA's, and in float64 the exact result, as the float64 twin computes it.
     Process-wide, so the program's to set, not a caller's ``main()``'s.
@@ -110,7 +113,7 @@ def _route_kernels(args: argparse.Namespace, run: Run, backend: str) -> None:
     from keras_bn._keras_internals import jax_depthwise_convolutions
     from keras_bn.converters.float64_kernels import depthwise_conv_taps
 
-    _PROCESS_WIDE.enter_context(jax_depthwise_convolutions(depthwise_conv_taps))
+    _PROCESS_WIDE.enter_context(jax_depthwise_convolutions(depthwise_conv_taps, MAX_TAPS))
     _ROUTED.append(backend)
 
 

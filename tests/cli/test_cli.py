@@ -1968,5 +1968,5 @@ def test_the_taps_serve_the_commands_that_run_keras_over_data(argv, routed):
     generated samples); on a few generated samples XLA's own compiles faster."""
     from keras_bn.converters.cli import steps
 
-    assert steps.TAPS_SAMPLES == 32
+    assert (steps.TAPS_SAMPLES, steps.MAX_TAPS) == (32, 25)
     assert steps._runs_keras_on_data(cli.build_parser().parse_args(argv)) is routed
