@@ -625,19 +625,24 @@ def _check_external_data(tensor: Any, directory: Path, where: str) -> int:
 
 
 def _stored_bytes(tensor: Any) -> int | None:
-    """The bytes ``tensor``'s values take stored raw; None where that is not fixed (strings,
-    a type onnx does not know)."""
+    """The bytes ``tensor``'s values take stored raw, for the types of whole bytes per
+    value; None for the others (strings; 2-, 4- and 6-bit types, packed; any type newer
+    than this list), which onnxruntime checks itself."""
     from onnx import TensorProto, helper
 
-    if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
-        return None
     try:
         name = TensorProto.DataType.Name(tensor.data_type)
-        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (ValueError, KeyError, TypeError):
+    except ValueError:
         return None
-    count = math.prod(tensor.dims)
-    return (count + 1) // 2 if name.endswith("4") or "FLOAT4" in name else count * itemsize
+    if name not in _WHOLE_BYTE_TYPES and not name.startswith("FLOAT8"):
+        return None
+    return math.prod(tensor.dims) * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+_WHOLE_BYTE_TYPES = frozenset(
+    "BOOL INT8 UINT8 INT16 UINT16 INT32 UINT32 INT64 UINT64 FLOAT16 BFLOAT16 FLOAT DOUBLE "
+    "COMPLEX64 COMPLEX128".split()
+)
 
 
 # ---------------------------------------------------------------------------------------

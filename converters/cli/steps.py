@@ -72,7 +72,7 @@ def _long_lived_objects(run: Run) -> Iterator[None]:
 
 # What the program sets for the rest of its process: never undone, the process exits.
 _PROCESS_WIDE = contextlib.ExitStack()
-_ROUTED: list[str] = []  # the backends whose kernels are routed already
+_ROUTED: list[str] = []  # "jax" once its depthwise convolutions are routed
 # Below this many samples through Keras, the taps' longer XLA compile costs more than
 # their faster pass saves; a kernel of more taps (ConvNeXt's 7x7) compiles slowly and
 # runs only 2-3x faster than XLA's, so it keeps XLA's (BENCHMARKS.md section 40).
@@ -101,10 +101,10 @@ def _route_kernels(args: argparse.Namespace, run: Run, backend: str) -> None:
     instead of 1.8 s, EfficientNetB0's 0.45 s instead of 2.4 s; their XLA compile takes
     0.3-0.9 s longer, so a command that runs Keras on a few generated samples (the
     float32 export's 6) keeps XLA's own, and so do kernels of more than :data:`MAX_TAPS`
-    taps (BENCHMARKS.md section 40). The sum is the
-    convolution's own products in another order: outputs within float32 rounding of
-    XLA's, and in float64 the exact result, as the float64 twin computes it.
-    Process-wide, so the program's to set, not a caller's ``main()``'s.
+    taps (BENCHMARKS.md section 40). The sum is the convolution's own products in
+    another order: outputs within float32 rounding of XLA's, and in float64 the exact
+    result, as the float64 twin computes it. Process-wide, so the program's to set,
+    not a caller's ``main()``'s.
     """
     if not run.owns_process or backend != "jax" or backend in _ROUTED:
         return
