@@ -110,10 +110,15 @@ def _route_kernels(args: argparse.Namespace, run: Run, backend: str) -> None:
         return
     if not _runs_keras_on_data(args):
         return
+    import jax
+
     from keras_bn._keras_internals import jax_depthwise_convolutions
     from keras_bn.converters.float64_kernels import depthwise_conv_taps
 
-    _PROCESS_WIDE.enter_context(jax_depthwise_convolutions(depthwise_conv_taps, MAX_TAPS))
+    # One compiled call per convolution where Keras runs eagerly (recalibrate's passes),
+    # rather than two dozen dispatched slices and products; inlined in a compiled program.
+    taps = jax.jit(depthwise_conv_taps, static_argnums=(2, 3, 4, 5))
+    _PROCESS_WIDE.enter_context(jax_depthwise_convolutions(taps, MAX_TAPS))
     _ROUTED.append(backend)
 
 

@@ -1929,6 +1929,19 @@ for owns_process, samples in ((True, "6"), (False, "32"), (True, "32")):
     argv = ["export", f"{folder}/dw.keras", "-o", out, "--samples", samples, "--json"]
     code = app.main(argv, owns_process=owns_process)
     print("routed:", owns_process, samples, code, len(calls))
+
+# Routed, an eager depthwise convolution (recalibrate's passes) is one compiled call,
+# computing what the taps compute op by op.
+import jax
+import numpy as np
+
+rng = np.random.default_rng(0)
+x = rng.standard_normal((2, 12, 12, 8)).astype("float32")
+k = rng.standard_normal((3, 3, 8, 1)).astype("float32")
+conv = lambda x, k: keras.ops.depthwise_conv(x, k, 2, "same")
+print("dispatched:", *[eqn.primitive.name for eqn in jax.make_jaxpr(conv)(x, k).jaxpr.eqns])
+routed, eager = np.asarray(conv(x, k)), np.asarray(taps(x, k, (2, 2), "same", (1, 1), "channels_last"))
+print("apart:", float(np.max(np.abs(routed - eager)) / np.max(np.abs(eager))))
 """
 
 
@@ -1945,6 +1958,11 @@ def test_the_program_on_jax_computes_depthwise_convolutions_by_taps(tmp_path, ru
     assert lines[2][:3] == ["True", "32", "0"] and int(lines[2][3]) > 0, result.stdout
     graphs = [onnx.load(tmp_path / f"{name}.onnx").graph for name in ("False-32", "True-32")]
     assert graphs[0] == graphs[1]  # the same export either way
+    # Eagerly, one compiled call (not two dozen dispatched slices and products), giving
+    # the taps' result within float32 rounding (a fused multiply-add may round once).
+    assert "dispatched: jit" in result.stdout.splitlines(), result.stdout
+    apart = float(result.stdout.split("apart:")[1].split()[0])
+    assert apart <= 1e-6, result.stdout
 
 
 @pytest.mark.parametrize(
