@@ -25,9 +25,12 @@ masked everywhere, keeps both statistics).
 Every BN layer is recalibrated, frozen ones (``trainable=False``,
 ``freeze_statistics=True``) included. The model is called eagerly (layer by
 layer, no compilation), which costs a fixed overhead per call: in
-``"inference"`` mode the statistics do not depend on the batching, so use the
-largest ``batch_size`` memory allows; in ``"training"`` mode the batch size is
-part of the definition (upstream batch statistics), so use the training one. A
+``"inference"`` mode the statistics do not depend on the batching; larger batches
+spend less on that overhead, but memory grows about in proportion, and past tensors
+of a few tens of megabytes the allocator costs more than the overhead saves (on JAX
+CPU, ResNet50 at 128 px took longer in batches of 64 than in batches of 8 to 32:
+BENCHMARKS.md section 43). In ``"training"`` mode the batch size is part of the
+definition (upstream batch statistics), so use the training one. A
 BN layer that never receives data keeps its statistics (a warning names it).
 With ``renorm=True`` the layer's ``moving_stddev`` is set to
 ``sqrt(moving_variance + epsilon)`` to stay consistent; for our layer with

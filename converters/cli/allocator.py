@@ -15,6 +15,17 @@ those blocks come from the heap and freed ones are reused: the same export spend
 memory. The float32 export is unchanged. Only the program calls it
 (``main(owns_process=True)``): it is process-wide, not a library's to set. Elsewhere
 (macOS, musl, Windows) there is no ``mallopt`` and nothing changes.
+
+Threads other than the main one allocate from arenas of their own, whose heaps hold
+at most 64 MiB: a larger block from such a thread is a fresh ``mmap`` whatever the
+threshold, faulted in on every use. ``keras-bn recalibrate`` runs Keras layer by layer
+(eagerly), and on JAX its whole-batch tensors come from threads other than the main
+one: MobileNetV2 at 128 px in batches of 64 faulted 8.9 million pages and spent 19.6 s
+of its 36.5 s in the kernel.
+A command that declares ``MALLOC_ARENAS`` (its module) gets that many arenas
+(``arenas``), one: every thread allocates from the main heap, and freed blocks are
+reused (BENCHMARKS.md section 43). Exports keep one arena per thread: with one, their
+threads wait on each other's allocations (MobileNetV2's int8 export 1.05x).
 """
 
 from __future__ import annotations
@@ -28,11 +39,14 @@ __all__ = ["THRESHOLD", "tune_allocator"]
 THRESHOLD = 256 << 20  # bytes: above the largest buffer an export recycles
 _M_TRIM_THRESHOLD = -1  # glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 
-def tune_allocator(libc: object | None = None) -> bool:
-    """Raise glibc's mmap and trim thresholds to :data:`THRESHOLD`; whether it did
-    (False where the C library has no ``mallopt``). ``libc``: the C library (tests)."""
+def tune_allocator(libc: object | None = None, *, arenas: int | None = None) -> bool:
+    """Raise glibc's mmap and trim thresholds to :data:`THRESHOLD`, and with ``arenas``
+    cap the number of arenas; whether it did (False where the C library has no
+    ``mallopt``). Before the program starts threads: a thread keeps the arena it
+    has. ``libc``: the C library (tests)."""
     if libc is None:
         if not sys.platform.startswith("linux"):
             return False
@@ -43,6 +57,7 @@ def tune_allocator(libc: object | None = None) -> bool:
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, THRESHOLD)
-    )
+    options = [(_M_MMAP_THRESHOLD, THRESHOLD), (_M_TRIM_THRESHOLD, THRESHOLD)]
+    if arenas is not None:
+        options.append((_M_ARENA_MAX, arenas))
+    return all([bool(mallopt(option, value)) for option, value in options])

@@ -148,7 +148,8 @@ def main(argv: Sequence[str] | None = None, *, owns_process: bool = False) -> in
     if isinstance(args, int):
         return args
     if owns_process:
-        tune_allocator()  # process-wide: the program's to set (allocator.py)
+        # process-wide: the program's to set (allocator.py)
+        tune_allocator(arenas=getattr(COMMANDS[args.command][0], "MALLOC_ARENAS", None))
     quiet_environment()
     run = Run(
         command=args.command,

@@ -10,6 +10,9 @@ from keras_bn.converters.cli.run import EXIT_OK, Run, check_output, file_size, w
 from keras_bn.converters.errors import UserInputError
 
 SUMMARY = "recompute BN moving statistics exactly over data"
+# Keras runs layer by layer here, its tensors allocated by threads other than the main
+# one on JAX: one arena, so that freed whole-batch blocks are reused (allocator.py).
+MALLOC_ARENAS = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,9 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size",
         type=positive_int,
-        default=64,
+        default=16,
         help="samples per batch read from an .npz file or a directory (the statistics do "
-        "not depend on it; memory does) (default: 64)",
+        "not depend on it; memory does, about in proportion) (default: 16)",
     )
     ModelLoadingArgs().add_to(parser)
 
