@@ -188,6 +188,9 @@ class Float64Twin:
     # The run :func:`float64_twin` checked it with: (its inputs, its outputs), reused
     # by :meth:`__call__` for the same arrays rather than run again.
     checked: tuple[list[np.ndarray], list[np.ndarray]] | None = None
+    # True: ``model`` is the model itself, not a copy (no copy could be made), its
+    # floating layers switched to ``dtype`` for each run (:func:`_switched_policies`).
+    switched: bool = False
     _jitted: Any = dataclasses.field(default=None, init=False, repr=False)
 
     @property
@@ -207,7 +210,12 @@ class Float64Twin:
             return self.checked[1]
         feed = [_as_float(array, self.dtype) for array in inputs]
         structure = _called_with(self.model, feed)
-        with float64_enabled() if self.dtype == "float64" else contextlib.nullcontext():
+        with (
+            float64_enabled() if self.dtype == "float64" else contextlib.nullcontext(),
+            _switched_policies(self.model, self.dtype, self.float32_classes)
+            if self.switched
+            else contextlib.nullcontext(),
+        ):
             outputs = None
             if keras.backend.backend() == "jax":
                 try:
@@ -290,12 +298,30 @@ def float64_twin(
     builds the float16 twin instead: the same computation rounded to float16, whose
     error is what a float16 export can be expected to make (:mod:`.comparison`).
 
+    Where no copy can be made (a layer whose ``get_config`` raises, or whose config
+    its constructor refuses: KerasHub's ``LlamaTransformerDecoder`` and
+    ``ViTPatchingAndEmbedding``), the twin is the model itself, each floating layer's
+    dtype policy switched to ``dtype`` for the twin's runs and restored after each:
+    its inputs are cast to ``dtype`` and its float32 variables promoted where they
+    meet them (exactly), so that arithmetic on variables alone stays float32. No
+    other thread may run the model meanwhile (validation runs twins after Keras's own
+    pass); a model whose policies hold quantization has no such twin.
+
     Raises:
         RuntimeError: the twin does not run even with the failing layers in float32.
     """
     float32_classes: list[str] = []
+    switched = False
     for _ in range(_MAX_RETRIES):
-        twin = Float64Twin(_clone_as(model, dtype, float32_classes), tuple(float32_classes), dtype)
+        copy = model
+        if not switched:
+            try:
+                copy = _clone_as(model, dtype, float32_classes)
+            except Exception as error:
+                if not _switchable(model):
+                    raise
+                switched, cloning = True, error_summary(error)
+        twin = Float64Twin(copy, tuple(float32_classes), dtype, switched=switched)
         try:
             twin.checked = (list(sample_inputs), twin(sample_inputs))
             return twin
@@ -303,12 +329,51 @@ def float64_twin(
             match = _FAILED_CALL.search(str(error))
             failed = None if match is None else replaced_class_name(match.group(1))
             if failed is None or failed in float32_classes:
+                copy_of = f"The {dtype} copy of model {model.name!r}"
+                if switched:  # no copy: the model itself, its layers switched
+                    copy_of = f"No copy ({cloning}): model {model.name!r} switched to {dtype}"
                 raise RuntimeError(
-                    f"The {dtype} copy of model {model.name!r} does not run on the "
-                    f"{keras.backend.backend()} backend ({type(error).__name__})."
+                    f"{copy_of} does not run on the {keras.backend.backend()} backend "
+                    f"({type(error).__name__})."
                 ) from error
             float32_classes.append(failed)
     raise RuntimeError(f"The {dtype} copy of model {model.name!r} does not run.")
+
+
+def _switchable(model: keras.Model) -> bool:
+    """Whether every layer of ``model`` has a plain dtype policy (none quantized or
+    mapped), which :func:`_switched_policies` can switch and restore."""
+    return all(
+        type(policy) is keras.DTypePolicy and policy.quantization_mode is None
+        for policy in (layer.dtype_policy for layer in internals.flatten_layers(model))
+    )
+
+
+@contextlib.contextmanager
+def _switched_policies(
+    model: keras.Model, dtype: str, float32_classes: Sequence[str]
+) -> Iterator[None]:
+    """``model``'s own floating layers (but ``float32_classes``) computing in ``dtype``
+    for the block (their dtype policies, Keras's public setter), restored after it.
+    float16 is Keras's ``mixed_float16``: float32 variables are cast to float16 where
+    read, as a float16 copy's would hold them (a plain float16 policy would leave
+    them float32, and their products too). Under the cloning lock: one twin at a time
+    switches or clones."""
+    policy = "mixed_float16" if dtype == "float16" else dtype
+    saved: list[tuple[Any, Any]] = []
+    with _CLONING:
+        try:
+            for layer in internals.flatten_layers(model):
+                if (
+                    _is_floating(getattr(layer, "compute_dtype", None))
+                    and type(layer).__name__ not in float32_classes
+                ):
+                    saved.append((layer, layer.dtype_policy))
+                    layer.dtype_policy = policy
+            yield
+        finally:
+            for layer, original in reversed(saved):
+                layer.dtype_policy = original
 
 
 def _is_floating(dtype: Any) -> bool:

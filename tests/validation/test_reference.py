@@ -185,3 +185,48 @@ def test_twins_built_in_two_threads_leave_keras_unpatched():
     assert not errors
     fresh = keras.Sequential([keras.Input((4,)), L.Dense(3)])
     assert np.any(np.asarray(keras.ops.convert_to_numpy(fresh.layers[0].kernel)) != 0)
+
+
+@keras.saving.register_keras_serializable("test_reference")
+class _TableScale(L.Layer):
+    """Written the way users write layers: a NumPy argument and no get_config, so
+    Keras cannot rebuild it from a config (no copy of a model holding it)."""
+
+    def __init__(self, table, **kwargs):
+        super().__init__(**kwargs)
+        self.table = np.asarray(table, np.float32)
+
+    def call(self, x):
+        return x * keras.ops.convert_to_tensor(self.table, dtype=self.compute_dtype)
+
+
+def test_a_model_no_copy_can_be_made_of_runs_switched_to_float64():
+    """Where no float64 copy can be made (KerasHub's Llama decoder's get_config
+    raises), the twin is the model itself, its layers switched to float64 for each
+    run: float64 arithmetic (NumPy's), under mixed_float16 too, and the model as it
+    was after each run."""
+    table = np.array([0.5, -2.0, 3.0, 1.5], np.float32)
+    inputs = keras.Input((5,))
+    x = L.Dense(4, name="dense", dtype="mixed_float16")(inputs)
+    x = L.BatchNormalization(name="bn", epsilon=1e-3, dtype="mixed_float16")(x)
+    x = L.Activation("tanh", dtype="mixed_float16")(x)
+    model = keras.Model(inputs, _TableScale(table, dtype="mixed_float16")(x))
+    reference = _dense_bn_model()  # the same Dense and BN weights, in NumPy below
+    model.set_weights(reference.get_weights())
+    x = np.random.default_rng(5).normal(0.0, 3.0, (16, 5)).astype("float32")
+    before = np.asarray(model(x, training=False))
+    with pytest.raises(Exception):  # noqa: B017  (whichever Keras raises: no copy)
+        keras.models.clone_model(model)
+    twin = float64_twin(model, [x])
+    (got,) = twin([x * 0.5])
+    assert twin.switched and twin.exact and twin.model is model and got.dtype == np.float64
+    exact = _numpy_float64(reference, x * 0.5) * table
+    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-12)
+    half = np.asarray(model(x * 0.5, training=False), np.float64)  # float16 arithmetic
+    assert np.abs(half - exact).max() > 1e6 * np.abs(got - exact).max()
+    assert {layer.dtype_policy.name for layer in model.layers[1:]} == {"mixed_float16"}
+    np.testing.assert_array_equal(np.asarray(model(x, training=False)), before)
+    # The float16 twin, the same way: Keras's float16 arithmetic, the model's own here.
+    (half_twin,) = float64_twin(model, [x], dtype="float16")([x * 0.5])
+    assert float64_twin(model, [x], dtype="float16").switched
+    np.testing.assert_array_equal(half_twin, half)
