@@ -21,11 +21,11 @@ at most 64 MiB: a larger block from such a thread is a fresh ``mmap`` whatever t
 threshold, faulted in on every use. ``keras-bn recalibrate`` runs Keras layer by layer
 (eagerly), and on JAX its whole-batch tensors come from threads other than the main
 one: MobileNetV2 at 128 px in batches of 64 faulted 8.9 million pages and spent 19.6 s
-of its 36.5 s in the kernel.
-A command that declares ``MALLOC_ARENAS`` (its module) gets that many arenas
-(``arenas``), one: every thread allocates from the main heap, and freed blocks are
-reused (BENCHMARKS.md section 43). Exports keep one arena per thread: with one, their
-threads wait on each other's allocations (MobileNetV2's int8 export 1.05x).
+of its 36.5 s in the kernel. A command that declares ``MALLOC_ARENAS`` (its module)
+gets that many arenas (``arenas``), one: every thread allocates from the main heap,
+and freed blocks are reused (BENCHMARKS.md section 43). The exports keep glibc's
+arena per thread: with one, MobileNetV2's int8 and float32 exports took 1.05x and
+1.07x the time.
 """
 
 from __future__ import annotations
