@@ -148,6 +148,12 @@ class OutputComparison:
     top1_samples: int | None = None  # ...on this many decided samples (int8)
     exact_answer: str = "Keras float32"  # what the float16/int8 errors are measured against
 
+    @property
+    def noise(self) -> str:
+        """The rounding the float64 rule finds the candidate within: Keras's own
+        (``"float32 noise"``; ``"float16 noise"`` where Keras computes in float16)."""
+        return self.yardstick.removeprefix("Keras ") + " noise"
+
 
 def compare_arrays(
     actual: np.ndarray,

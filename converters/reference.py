@@ -559,6 +559,9 @@ def rejudge_against_float64(
         if exact is not None and precision != "float32":
             judged = comparisons[item.index]
             comparisons[item.index] = dataclasses.replace(judged, exact_answer="float64")
+        elif precision == "float32":  # whose error the candidate's is set against
+            judged = comparisons[item.index]
+            comparisons[item.index] = dataclasses.replace(judged, yardstick=keras_run(model))
     if twin is None:
         return (
             f"{precision} criterion against Keras float32: the float64 copy of the model "
@@ -581,6 +584,18 @@ def rejudge_against_float64(
         )
     return (
         f"judged against the same model run in float64 ({where}): pass when the error is "
-        f"at most {EXACT_FACTOR:g}x Keras float32's own error plus {EXACT_FLOOR:g} of the "
-        "output's range"
+        f"at most {EXACT_FACTOR:g}x {keras_run(model)}'s own error plus {EXACT_FLOOR:g} of "
+        "the output's range"
     )
+
+
+def keras_run(model: keras.Model) -> str:
+    """How Keras computes ``model``, for the reports: ``"Keras float32"``, or the 16-bit
+    float its layers compute in under a mixed-precision policy (``"Keras float16"``,
+    ``"Keras bfloat16"``), whose rounding Keras's own error then carries."""
+    halves = {
+        str(layer.compute_dtype)
+        for layer in internals.flatten_layers(model)
+        if str(getattr(layer, "compute_dtype", None)) in ("float16", "bfloat16")
+    }
+    return "Keras " + ("float16" if "float16" in halves else halves.pop() if halves else "float32")

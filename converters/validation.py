@@ -206,8 +206,9 @@ class ValidationReport:
         if by_float64 and all(c.passed for c in by_float64):
             worst = max(by_float64, key=lambda c: c.exact_error or 0.0)
             lines.append(
-                f"  passed: within float32 noise of a float64 run (error {worst.exact_error:.3g} "
-                f"vs Keras float32's own {worst.keras_exact_error:.3g}, relative to max)"
+                f"  passed: within {worst.noise} of a float64 run (error "
+                f"{worst.exact_error:.3g} vs {worst.yardstick}'s own "
+                f"{worst.keras_exact_error:.3g}, relative to max)"
             )
         elementwise_failed = [
             c
@@ -259,7 +260,7 @@ def _exact_line(c: OutputComparison) -> str:
             f"{top1}, error {c.exact_error:.3g} of max: {result}"
         )
     return (
-        f"vs float64: ONNX {c.exact_error:.3g}, Keras float32 {c.keras_exact_error:.3g} "
+        f"vs float64: ONNX {c.exact_error:.3g}, {c.yardstick} {c.keras_exact_error:.3g} "
         f"(relative to max): {result}"
     )
 

@@ -174,8 +174,8 @@ def _verdict(comparisons: list, passed: bool, atol: float, rtol: float) -> str:
     result = "passed" if passed else "FAILED"
     if by_float64:  # the float64 rule decided: name it, not a tolerance it did not meet
         worst = max(by_float64, key=lambda c: c.exact_error or 0.0)
-        verdict = (f"{result}: within float32 noise of a float64 run" if passed else result) + (
-            f" (error {worst.exact_error:.3g} vs Keras float32's own "
+        verdict = (f"{result}: within {worst.noise} of a float64 run" if passed else result) + (
+            f" (error {worst.exact_error:.3g} vs {worst.yardstick}'s own "
             f"{worst.keras_exact_error:.3g}, relative to max; max abs error {worst_abs:.3g})"
         )
     elif any(c.note == NOTHING_FINITE for c in comparisons):

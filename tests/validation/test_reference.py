@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_bn.converters.reference import float64_twin
+from keras_bn.converters.reference import float64_twin, keras_run
 
 L = keras.layers
 
@@ -230,3 +230,15 @@ def test_a_model_no_copy_can_be_made_of_runs_switched_to_float64():
     (half_twin,) = float64_twin(model, [x], dtype="float16")([x * 0.5])
     assert float64_twin(model, [x], dtype="float16").switched
     np.testing.assert_array_equal(half_twin, half)
+
+
+@pytest.mark.parametrize(
+    "policy, named",
+    [("float32", "float32"), ("mixed_float16", "float16"), ("mixed_bfloat16", "bfloat16")],
+)
+def test_reports_name_the_precision_keras_computes_in(policy, named):
+    """Keras's own error, against which a float32 export's is set, is float16's for a
+    mixed_float16 model: the reports say "Keras float16" there, "Keras float32" else."""
+    inputs = keras.Input((5,))
+    model = keras.Model(inputs, L.Dense(3, dtype=policy)(L.Dense(4)(inputs)))
+    assert keras_run(model) == f"Keras {named}"
