@@ -22,9 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size",
         type=positive_int,
-        default=16,
+        default=32,
         help="samples per batch read from an .npz file or a directory (the statistics do "
-        "not depend on it; memory does, about in proportion) (default: 16)",
+        "not depend on it; memory does, about in proportion) (default: 32)",
     )
     ModelLoadingArgs().add_to(parser)
 
