@@ -58,6 +58,7 @@ __all__ = [
     "float16_yardstick",
     "float64_twin",
     "rejudge_against_float64",
+    "keras_run",
 ]
 
 # Keras wraps an error inside a layer's call as "... when calling Conv3D.call() ...".

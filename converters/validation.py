@@ -86,6 +86,7 @@ from keras_bn.converters.reference import (
     Doubtful,
     KerasReference,
     float16_yardstick,
+    keras_run,
     rejudge_against_float64,
 )
 from keras_bn.converters.samples import (
@@ -706,21 +707,9 @@ def _judge(
     precision's criterion). float16 and int8 take Keras's own output as the exact
     answer only where Keras computes in float32: a mixed-precision model's output
     carries float16's error itself, so there they are judged against float64 too."""
-    if precision == "float32" or _computes_below_float32(model):
+    if precision == "float32" or keras_run(model) != "Keras float32":  # 16-bit in places
         return rejudge_against_float64(model, arrays, comparisons, doubtful, precision)
     return judge_by_precision(model, arrays, comparisons, doubtful, precision)
-
-
-def _computes_below_float32(model: keras.Model) -> bool:
-    """Whether a layer of ``model`` (nested models' layers included) computes in a
-    16-bit float (a mixed-precision policy)."""
-    layers = [model]
-    while layers:
-        layer = layers.pop()
-        if str(getattr(layer, "compute_dtype", "float32")) in ("float16", "bfloat16"):
-            return True
-        layers.extend(getattr(layer, "layers", None) or [])
-    return False
 
 
 def _tolerances(atol: float | None, rtol: float | None) -> tuple[bool, float, float]:
