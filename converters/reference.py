@@ -365,16 +365,22 @@ def _switched_policies(
     with _CLONING:
         try:
             for layer in internals.flatten_layers(model):
-                if (
-                    _is_floating(getattr(layer, "compute_dtype", None))
-                    and type(layer).__name__ not in float32_classes
-                ):
+                if _retyped(layer, float32_classes):
                     saved.append((layer, layer.dtype_policy))
                     layer.dtype_policy = policy
             yield
         finally:
             for layer, original in reversed(saved):
                 layer.dtype_policy = original
+
+
+def _retyped(layer: Any, float32_classes: Sequence[str]) -> bool:
+    """Whether a twin computes ``layer`` in its own dtype: a floating layer whose class
+    has that dtype's kernels (not one of ``float32_classes``)."""
+    return (
+        _is_floating(getattr(layer, "compute_dtype", None))
+        and type(layer).__name__ not in float32_classes
+    )
 
 
 def _is_floating(dtype: Any) -> bool:
@@ -444,11 +450,7 @@ def _clone_enabled(model: keras.Model, dtype: str, float32_classes: list[str]) -
 
     def clone(layer: Any) -> Any:
         config = layer.get_config()
-        if (
-            "dtype" in config
-            and _is_floating(getattr(layer, "compute_dtype", None))
-            and type(layer).__name__ not in float32_classes
-        ):
+        if "dtype" in config and _retyped(layer, float32_classes):
             config = {**config, "dtype": dtype}
         # float64 only: a float16 twin stands for Keras's own float16 kernels
         replace = dtype == "float64" and config.get("dtype") == dtype
@@ -540,6 +542,7 @@ def rejudge_against_float64(
             )
         twin, exact_full = None, None
     exacts = [_outputs_for(item, twin, exact_full, full) for item in doubtful]
+    keras_side = keras_run(model)  # whose error float32's criterion sets the file's against
     half = half_full = missing = None
     needed = True
     if precision == "float16":
@@ -549,7 +552,7 @@ def rejudge_against_float64(
         ]
         half, half_full, missing, needed = float16_yardstick(model, full, candidates)
     for item, exact in zip(doubtful, exacts, strict=True):
-        comparisons[item.index] = judge_precision(
+        judged = judge_precision(
             precision,
             comparisons[item.index],
             item.actual,
@@ -558,11 +561,10 @@ def rejudge_against_float64(
             float16_run=_outputs_for(item, half, half_full, full),
         )
         if exact is not None and precision != "float32":
-            judged = comparisons[item.index]
-            comparisons[item.index] = dataclasses.replace(judged, exact_answer="float64")
-        elif precision == "float32":  # whose error the candidate's is set against
-            judged = comparisons[item.index]
-            comparisons[item.index] = dataclasses.replace(judged, yardstick=keras_run(model))
+            judged = dataclasses.replace(judged, exact_answer="float64")
+        elif precision == "float32":
+            judged = dataclasses.replace(judged, yardstick=keras_side)
+        comparisons[item.index] = judged
     if twin is None:
         return (
             f"{precision} criterion against Keras float32: the float64 copy of the model "
@@ -585,7 +587,7 @@ def rejudge_against_float64(
         )
     return (
         f"judged against the same model run in float64 ({where}): pass when the error is "
-        f"at most {EXACT_FACTOR:g}x {keras_run(model)}'s own error plus {EXACT_FLOOR:g} of "
+        f"at most {EXACT_FACTOR:g}x {keras_side}'s own error plus {EXACT_FLOOR:g} of "
         "the output's range"
     )
 
@@ -599,4 +601,4 @@ def keras_run(model: keras.Model) -> str:
         for layer in internals.flatten_layers(model)
         if str(getattr(layer, "compute_dtype", None)) in ("float16", "bfloat16")
     }
-    return "Keras " + ("float16" if "float16" in halves else halves.pop() if halves else "float32")
+    return "Keras " + ("float16" if "float16" in halves else next(iter(halves), "float32"))

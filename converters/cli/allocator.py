@@ -60,4 +60,4 @@ def tune_allocator(libc: object | None = None, *, arenas: int | None = None) -> 
     options = [(_M_MMAP_THRESHOLD, THRESHOLD), (_M_TRIM_THRESHOLD, THRESHOLD)]
     if arenas is not None:
         options.append((_M_ARENA_MAX, arenas))
-    return all([bool(mallopt(option, value)) for option, value in options])
+    return all([bool(mallopt(option, value)) for option, value in options])  # each tried
