@@ -71,8 +71,9 @@ def _scratch_directory() -> Iterator[None]:
 def tensorflow_code_error(error: BaseException, where: str) -> UserInputError | None:
     """The error to report when ``error`` is about the backend, not the model: a
     Lambda or custom layer calling ``tf.*`` on another backend, or a channels_first
-    layer TensorFlow's CPU kernels refuse (they take NHWC only: float16 or float64
-    convolutions, 3-D pooling); else None."""
+    layer TensorFlow's CPU kernels refuse (they take NHWC only where oneDNN does not
+    run the layer: float64 convolutions everywhere; float16 ones and 3-D pooling on
+    CPUs without AVX512-FP16); else None."""
     import keras
 
     backend = keras.backend.backend()

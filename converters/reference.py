@@ -43,6 +43,7 @@ from keras_bn.converters.comparison import (
     float16_rule,
     int8_rule,
     judge_precision,
+    relative_error,
     within_float16_floor,
 )
 from keras_bn.converters.float64_kernels import replaced_class_name, twin_layer_class
@@ -510,6 +511,17 @@ def _outputs_for(
     return copy([array[item.chunk] for array in full])[item.output]
 
 
+def _keras_noise(doubtful: list[Doubtful], exacts: list[np.ndarray | None]) -> dict[int, float]:
+    """Keras's own error against float64 per model output, over every comparison of it
+    being judged (its batch sizes): float32's yardstick for each of them."""
+    noise: dict[int, float] = {}
+    for item, exact in zip(doubtful, exacts, strict=True):
+        if exact is not None and np.shape(item.expected) == np.shape(exact):
+            error = relative_error(item.expected, exact)
+            noise[item.output] = max(noise.get(item.output, 0.0), error)
+    return noise
+
+
 def rejudge_against_float64(
     model: keras.Model,
     inputs: list[np.ndarray],
@@ -551,6 +563,7 @@ def rejudge_against_float64(
             for item, exact in zip(doubtful, exacts, strict=True)
         ]
         half, half_full, missing, needed = float16_yardstick(model, full, candidates)
+    keras_noise = _keras_noise(doubtful, exacts)
     for item, exact in zip(doubtful, exacts, strict=True):
         judged = judge_precision(
             precision,
@@ -559,6 +572,7 @@ def rejudge_against_float64(
             item.expected if exact is None else exact,
             keras=item.expected,
             float16_run=_outputs_for(item, half, half_full, full),
+            keras_noise=keras_noise.get(item.output, 0.0),
         )
         if exact is not None and precision != "float32":
             judged = dataclasses.replace(judged, exact_answer="float64")

@@ -168,7 +168,14 @@ def test_pipeline_accuracies_remeasured_independently(pipeline):
 
 def test_pipeline_int8_per_channel_not_below_per_tensor(pipeline, tmp_path):
     """Issue 23's bar: the pipeline's int8 file (per-channel weights, the default scheme)
-    against the same scheme per-tensor, both against the folded float model."""
+    not below the same model quantized per-tensor, both against the folded float model.
+
+    The bar was set against a 10 dB loss (ORT's saturating kernels). Today both schemes
+    sit near 38 dB, where activations' rounding rules and the trained weights decide
+    the order: on the earlier CI machines per-channel led; on an AVX512-FP16/AMX one
+    (where TensorFlow trains a slightly different model) per-tensor leads by 0.5 dB
+    after one epoch and by 0.01 dB after the default five. So "not below" allows the 1 dB the same issue counts as
+    equal for per-tensor against per-channel on its testbeds."""
     from keras_bn.converters import runtime
     from keras_bn.converters.comparison import sqnr_db
     from keras_bn.converters.precision import quantize_int8
@@ -186,7 +193,7 @@ def test_pipeline_int8_per_channel_not_below_per_tensor(pipeline, tmp_path):
 
     reference = logits(folded)
     per_channel_db = sqnr_db(logits(output_dir / "model_folded_int8.onnx"), reference)
-    assert per_channel_db >= sqnr_db(logits(per_tensor), reference)
+    assert per_channel_db >= sqnr_db(logits(per_tensor), reference) - 1.0
     assert per_channel_db >= 30  # measured 38 dB
 
 
