@@ -584,6 +584,14 @@ def rejudge_against_float64(
             f"{precision} criterion against Keras float32: the float64 copy of the model "
             f"could not be made or run ({reason})"
         )
+    return _float64_note(precision, twin, keras_side, (half is not None, missing, needed))
+
+
+def _float64_note(
+    precision: str, twin: Float64Twin, keras_side: str, float16: tuple[bool, Any, bool]
+) -> str:
+    """The report's note on a judgement against ``twin``'s float64 run: which layers
+    ran in float64, and ``precision``'s rule (``float16``: :func:`float16_rule`'s)."""
     where = (
         "every layer in float64"
         if twin.exact
@@ -592,7 +600,7 @@ def rejudge_against_float64(
     if precision == "float16":
         return (
             f"float16 criterion, against the same model run in float64 ({where}): pass when "
-            + float16_rule(half is not None, missing, needed)
+            + float16_rule(*float16)
         )
     if precision == "int8":
         return (
