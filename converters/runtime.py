@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,6 +23,7 @@ from keras_bn.converters.onnx.layout import channels_first_perm, layout_of
 
 __all__ = [
     "InputSpec",
+    "MissingKernel",
     "UnreadableModel",
     "batches",
     "files_we_wrote",
@@ -98,6 +100,10 @@ def open_session(
         )
     except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
         reason = " ".join(str(error).split())[:300]
+        missing = _MISSING_KERNEL.search(reason)
+        if missing and _computes_in_float64(model):  # the model's own arithmetic
+            op, version, node = missing.groups()
+            raise MissingKernel(op, version, node) from error
         if isinstance(model, bytes):  # a copy keras-bn serialized itself: its own bug
             raise RuntimeError(
                 f"onnxruntime cannot load a model keras-bn serialized ({reason})"
@@ -107,6 +113,47 @@ def open_session(
             f"onnxruntime ({reason}); expected a valid .onnx file.",
             str(model),
         ) from error
+
+
+# onnxruntime's NOT_IMPLEMENTED when no kernel takes a node's types.
+_MISSING_KERNEL = re.compile(
+    r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'"
+)
+
+
+class MissingKernel(UserInputError):
+    """onnxruntime's CPU provider has no kernel for a node of a float64 model (a float64
+    Conv: the exporter writes the arithmetic the model does, which onnxruntime runs
+    for few operators). The file is valid ONNX; nothing here can run or validate it.
+    A missing kernel for other types stays the error it was (keras-bn's bug where
+    keras-bn wrote the file)."""
+
+    def __init__(self, op: str, version: str, node: str) -> None:
+        super().__init__(
+            f"onnxruntime has no CPU kernel for {op} (opset {version}) in float64 (node "
+            f"{node!r}), so the exported file cannot be run or validated here: the model "
+            "computes in float64; give its layers dtype='float32' to export a model "
+            "onnxruntime runs (export --no-validate writes the file unvalidated)."
+        )
+
+
+def _computes_in_float64(model: str | os.PathLike | bytes) -> bool:
+    """Whether the ONNX ``model`` has a float64 graph input, initializer or value."""
+    import onnx
+
+    try:
+        proto = (
+            onnx.load_from_string(model)
+            if isinstance(model, bytes)
+            else onnx.load(str(model), load_external_data=False)
+        )
+    except Exception:  # noqa: BLE001  (only the message's wording depends on it)
+        return False
+    graph, double = proto.graph, onnx.TensorProto.DOUBLE
+    typed = [*graph.input, *graph.output, *graph.value_info]
+    return any(i.type.tensor_type.elem_type == double for i in typed) or any(
+        t.data_type == double for t in graph.initializer
+    )
 
 
 class UnreadableModel(UserInputError):

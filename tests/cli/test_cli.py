@@ -1490,6 +1490,46 @@ def test_channels_first_on_tensorflow_cpu_advises_another_backend_which_works(tm
     assert (out / "cf.onnx").is_file()
 
 
+def test_a_float64_convolution_onnxruntime_cannot_run_is_one_line_not_a_bug(tmp_path, capsys):
+    """A model built in float64 exports float64 Conv nodes, valid ONNX that onnxruntime's
+    CPU provider has no kernel for: exit 2 naming the node and the cause (it was an
+    internal error), nothing written; --no-validate writes the file, and ONNX's own
+    reference evaluator runs it to Keras's float64 answer."""
+    inputs = keras.Input((8, 8, 3), name="image", dtype="float64")
+    x = keras.layers.Conv2D(4, 3, name="conv", dtype="float64")(inputs)
+    x = keras.layers.BatchNormalization(name="bn", dtype="float64")(x)
+    x = keras.layers.GlobalAveragePooling2D(dtype="float64")(x)
+    model = randomize_batch_norms(keras.Model(inputs, keras.layers.Dense(2, dtype="float64")(x)), 4)
+    model.save(tmp_path / "f64.keras")
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = run_main(["export", tmp_path / "f64.keras", "-o", out / "f64.onnx"], capsys)
+    assert_rejected(code, err, "no CPU kernel for Conv", out)
+    assert "'conv'" in err and "float64" in err and "internal error" not in err
+    code, _, err = run_main(
+        ["export", tmp_path / "f64.keras", "-o", out / "f64.onnx", "--no-validate"], capsys
+    )
+    assert code == 0, err
+    from onnx.reference import ReferenceEvaluator
+
+    image = np.random.default_rng(0).uniform(0.0, 1.0, (3, 8, 8, 3))
+    (got,) = ReferenceEvaluator(str(out / "f64.onnx")).run(None, {"image": image})
+    assert got.dtype == np.float64
+    # NumPy float64 (JAX's Keras computes a float64 model in float32 unless x64 is on)
+    kernel, bias = model.get_layer("conv").get_weights()
+    gamma, beta, mean, variance = model.get_layer("bn").get_weights()
+    windows = np.lib.stride_tricks.sliding_window_view(image, (3, 3), axis=(1, 2))
+    h = np.einsum("bhwcij,ijco->bhwo", windows, kernel) + bias
+    h = (h - mean) / np.sqrt(variance + model.get_layer("bn").epsilon) * gamma + beta
+    dense_kernel, dense_bias = model.layers[-1].get_weights()
+    expected = h.mean(axis=(1, 2)) @ dense_kernel + dense_bias
+    # JAX without x64 keeps the variables in float32: the folding's rounding, 1e-8.
+    tolerance = 1e-12 if keras.backend.backend() == "tensorflow" else 1e-6
+    np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance)
+    code, _, err = run_main(["validate", tmp_path / "f64.keras", out / "f64.onnx"], capsys)
+    assert_rejected(code, err, "no CPU kernel for Conv")
+
+
 def test_weights_only_file_advice_works(tmp_path, capsys):
     """A .weights.h5 holds no model: build it in code, load the weights, save .keras."""
     trained = conv_bn_classifier(seed=5)
