@@ -38,6 +38,7 @@ import keras
 from keras.src.applications.convnext import LayerScale
 from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
 from keras.src.models.functional import Functional
+from keras.src.models.functional import operation_fn as _functional_operation_fn
 from keras.src.ops import core as core_ops
 from keras.src.ops import image as image_ops
 from keras.src.ops import math as math_ops
@@ -70,6 +71,8 @@ __all__ = [
     "keras_mask",
     "producing_operation",
     "output_names",
+    "standardized_inputs",
+    "inference_call",
     # loading
     "saved_weights_loading",
     "saving_temp_dirs_in",
@@ -255,6 +258,18 @@ def keras_mask(keras_tensor: keras.KerasTensor) -> Any:
 def producing_operation(keras_tensor: keras.KerasTensor) -> Any:
     """The operation whose call produced a symbolic tensor (its ``InputLayer`` for an input)."""
     return keras_tensor._keras_history.operation
+
+
+def standardized_inputs(functional: Any, x: Any) -> list:
+    """``x`` as ``Functional.call`` reads it (``_standardize_inputs``): one tensor per
+    graph input, in ``ordered_nodes``' input order, converted to the inputs' dtypes."""
+    return list(functional._standardize_inputs(x))
+
+
+def inference_call(operation: Any) -> Callable[..., Any]:
+    """``operation`` as ``Functional.call(..., training=False)`` calls it (Keras's
+    ``operation_fn``: ``training=False`` passed where the operation takes it)."""
+    return _functional_operation_fn(operation, training=False)
 
 
 def output_names(model: keras.Model) -> list[str]:

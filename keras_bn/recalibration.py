@@ -48,11 +48,17 @@ The two modes of :func:`recalibrate_batch_norm` (``mode``):
   every BN layer's input has mean ``moving_mean`` and variance
   ``moving_variance`` exactly - the property BN's inference formula (and
   folding BN into neighbouring layers) assumes. Noise from Dropout and from
-  batch statistics never enters. Cost: one partial pass over ``data`` per BN
-  layer (each pass stops right after the measured layer), so roughly
-  ``number_of_bn_layers / 2`` full forward passes. A shared BN layer is
-  measured over all its calls; where a later call sits downstream of a BN
-  layer not yet recalibrated, that layer still uses its old statistics.
+  batch statistics never enters. Cost: for a Functional or Sequential model whose
+  BN layers are each called once by its own graph (not inside a nested model or a
+  custom layer), one pass: the graph's layers run in order, each on every batch,
+  and each BN layer is measured over all of them before it runs, every tensor
+  held (for all batches) until its last reader ran; past ``GRAPH_PASS_BYTES``
+  (2 GiB) of such tensors, or for other models, one partial pass over ``data``
+  per BN layer (each stops right after the measured layer), roughly
+  ``number_of_bn_layers / 2`` full forward passes. Both run the same layer calls
+  on the same batches, so their statistics are the same, bit for bit. A shared
+  BN layer is measured over all its calls; where a later call sits downstream of
+  a BN layer not yet recalibrated, that layer still uses its old statistics.
 - ``"training"``: one pass in training mode, as fvcore and PyTorch do: every BN
   layer normalizes with the batch statistics (so an upstream BN's output, hence
   a downstream BN's input, depends on the batch composition) and Dropout is
@@ -76,6 +82,7 @@ import keras
 import numpy as np
 from keras import tree
 
+from keras_bn import _keras_internals as internals
 from keras_bn import _moments
 from keras_bn._batch_norm_state import (
     assign,
@@ -261,8 +268,8 @@ def recalibrate_batch_norm(
     (masked positions left out), for any batching (the module docstring says more).
 
     In which mode the inputs are computed (``mode``, see the module docstring):
-    ``"inference"`` (default), sequential, one partial pass per BN layer, upstream
-    layers already recalibrated; or ``"training"``, one pass with batch statistics
+    ``"inference"`` (default), sequential, upstream layers already recalibrated (one
+    pass through a Functional graph, else one partial pass per BN layer); or ``"training"``, one pass with batch statistics
     and Dropout active, as fvcore and PyTorch do.
 
     Every BN layer is recalibrated, frozen ones included; a BN layer that never
@@ -435,8 +442,13 @@ def _measure_training_mode(model, layers, batches, replicas):
 
 
 def _measure_inference_mode(model, layers, batches, names, verbose, replicas):
-    """One pass per layer, in call order, upstream layers already recalibrated."""
+    """One pass per layer, in call order, upstream layers already recalibrated (or one
+    pass through the graph, layer by layer: :func:`_measure_through_graph`)."""
     batches.cache()
+    if replicas.kind == "local":
+        measured = _measure_through_graph(model, layers, batches, names, verbose)
+        if measured is not None:
+            return measured
     order, calls_per_forward = [], {}
 
     def discover(layer, original, inputs, training, mask):
@@ -466,6 +478,167 @@ def _measure_inference_mode(model, layers, batches, names, verbose, replicas):
                 f"recalibrated {names[id(target)]}: {int(measured.count.max())} values per channel"
             )
     return moments, batch_counts
+
+
+# Live tensors (every batch's value of each tensor still to be read) the one-pass
+# recalibration may hold; past it, the sequential passes (which hold one batch).
+GRAPH_PASS_BYTES = 2 << 30
+
+
+class _OverBudget(Exception):
+    """The graph pass's live tensors outgrew GRAPH_PASS_BYTES."""
+
+
+def _graph_plan(model, layers):
+    """The nodes of ``model``'s graph that feed a BN layer of ``layers`` (in execution
+    order), or None when the one-pass recalibration does not apply: not a Functional
+    or Sequential graph, or a BN layer that is not called exactly once, by a node of
+    this graph, without a mask (nested models, custom layers, shared layers)."""
+    try:
+        functional = internals.functional_of(model)
+    except ValueError:
+        return None
+    nodes = internals.ordered_nodes(functional)
+    targets = {id(layer) for layer in layers}
+    calls: dict[int, int] = {}
+    for node in nodes:
+        if id(node.operation) in targets:
+            calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
+            if any(internals.keras_mask(t) is not None for t in node.input_tensors):
+                return None
+        elif isinstance(node.operation, keras.layers.Layer) and any(
+            id(inner) in targets for inner in internals.flatten_layers(node.operation)
+        ):
+            return None
+    if any(count > 1 for count in calls.values()):
+        return None
+    if any(not node.input_tensors for node in nodes):
+        return None  # a call of constants only: not in batches
+    producers = {id(t): node for node in nodes for t in node.outputs}
+    needed: set[int] = set()
+    pending = [node for node in nodes if id(node.operation) in targets]
+    while pending:
+        node = pending.pop()
+        if id(node) not in needed:
+            needed.add(id(node))
+            pending += [producers[id(t)] for t in node.input_tensors if id(t) in producers]
+    return functional, [node for node in nodes if id(node) in needed]
+
+
+def _measure_through_graph(model, layers, batches, names, verbose):
+    """:func:`_measure_inference_mode`'s statistics in one pass: the graph's nodes run
+    in order, each on every batch, and each BN layer is measured over all of them,
+    recalibrated, then run; a tensor's values are dropped once its last reader ran.
+    The same calls on the same batches as the sequential passes (the same statistics,
+    bit for bit), once each instead of once per BN layer downstream. None where it
+    does not apply (:func:`_graph_plan`) or the live tensors would outgrow
+    :data:`GRAPH_PASS_BYTES`; then nothing was written."""
+    plan = _graph_plan(model, layers)
+    if plan is None:
+        return None
+    functional, nodes = plan
+    readers: dict[int, int] = {}
+    for node in nodes:
+        for tensor in node.input_tensors:
+            readers[id(tensor)] = readers.get(id(tensor), 0) + 1
+    targets = {id(layer) for layer in layers}
+    written = [(layer, [to_numpy(v).copy() for v in layer.variables]) for layer in layers]
+    moments, batch_counts = {}, {}
+    try:
+        graph_inputs = internals.inputs_struct(functional)
+        keys = [id(tensor) for tensor in keras.tree.flatten(graph_inputs)]
+        live = _LiveTensors(readers)
+        for x in batches:
+            for key, value in zip(keys, internals.standardized_inputs(functional, x), strict=True):
+                live.add(key, value)
+        if not live.values:
+            return None  # no data: the sequential passes say so
+        for node in nodes:
+            if id(node.operation) in targets:
+                target = node.operation
+                measured, count = _measure_node(target, node, live)
+                if measured.count.max() > 0:
+                    moments[id(target)], batch_counts[id(target)] = measured, count
+                    _write_statistics(target, measured, count)
+                if verbose:
+                    count = int(measured.count.max())
+                    print(f"recalibrated {names[id(target)]}: {count} values per channel")
+            live.run(node)
+    except _OverBudget:
+        for layer, state in written:
+            for variable, value in zip(layer.variables, state, strict=True):
+                variable.assign(value)
+        return None
+    return moments, batch_counts
+
+
+class _LiveTensors:
+    """Every batch's value of each graph tensor still to be read, by tensor id."""
+
+    def __init__(self, readers: dict[int, int]):
+        self.readers = dict(readers)
+        self.values: dict[int, list] = {}
+        self.bytes = 0
+
+    def add(self, key: int, value) -> None:
+        if self.readers.get(key, 0) == 0:
+            return  # nothing reads it
+        self.values.setdefault(key, []).append(value)
+        self.bytes += _nbytes(value)
+        if self.bytes > GRAPH_PASS_BYTES:
+            raise _OverBudget
+
+    def batch_arguments(self, node):
+        """``(args, kwargs)`` of ``node``'s call for each batch."""
+        count = len(self.values[id(node.input_tensors[0])]) if node.input_tensors else 0
+        for index in range(count):
+
+            def fill(value, index=index):
+                if isinstance(value, keras.KerasTensor):
+                    return self.values[id(value)][index]
+                return value
+
+            yield keras.tree.map_structure(fill, (node.args, node.kwargs))
+
+    def run(self, node) -> None:
+        """``node``'s call on every batch; its inputs dropped where it read them last."""
+        call = internals.inference_call(node.operation)
+        results = [call(*args, **kwargs) for args, kwargs in self.batch_arguments(node)]
+        for tensor in node.input_tensors:
+            self.readers[id(tensor)] -= 1
+            if self.readers[id(tensor)] == 0 and id(tensor) in self.values:
+                self.bytes -= sum(map(_nbytes, self.values.pop(id(tensor))))
+        for outputs in results:
+            for tensor, value in zip(node.outputs, keras.tree.flatten(outputs), strict=True):
+                self.add(id(tensor), value)
+
+
+def _nbytes(value) -> int:
+    """The bytes a backend tensor holds."""
+    itemsize = np.dtype(keras.backend.standardize_dtype(value.dtype)).itemsize
+    return int(np.prod(value.shape)) * itemsize
+
+
+def _measure_node(target, node, live: _LiveTensors):
+    """The moments of ``target``'s input over every batch (its call stopped once the
+    input is measured, as the sequential passes measure it) and the batches seen."""
+    measured = RunningMoments(target.moving_mean.shape)
+    batch_count = 0
+
+    def hook(layer, original, inputs, training, mask):
+        measured.merge(*_batch_moments(layer, inputs, mask))
+        raise _StopForward
+
+    call = internals.inference_call(target)
+    with _CallPatch([target], hook):
+        for args, kwargs in live.batch_arguments(node):
+            seen = measured.count.max()
+            try:
+                call(*args, **kwargs)
+            except _StopForward:
+                pass
+            batch_count += int(measured.count.max() > seen)
+    return measured, batch_count
 
 
 def _measure_layer(model, layers, batches, target, calls_per_forward, replicas):

@@ -233,6 +233,30 @@ def test_node_arguments_keep_args_kwargs_and_tensors():
     assert internals.producing_operation(add.input_tensors[1]).name == "features"
 
 
+class _Training(L.Layer):
+    """Doubles its input in training, which its call defaults to."""
+
+    def call(self, x, training=True):
+        return x * 2.0 if training else x
+
+
+def test_standardized_inputs_and_inference_calls_are_functional_calls():
+    """What Functional.call does with its inputs and to each operation in inference:
+    a dict of inputs in graph order, in the inputs' dtypes; training=False passed to
+    the operations that take it (Dropout is the identity), no other argument added."""
+    a, b = keras.Input((2,), name="a"), keras.Input((3,), name="b", dtype="float16")
+    model = keras.Model([a, b], L.Concatenate()([a, L.Dense(2)(b)]))
+    flat = internals.standardized_inputs(model, {"b": np.ones((4, 3)), "a": np.zeros((4, 2))})
+    assert [tuple(x.shape) for x in flat] == [(4, 2), (4, 3)]
+    assert [keras.backend.standardize_dtype(x.dtype) for x in flat] == ["float32", "float16"]
+    x = np.ones((5, 4), "float32")
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(_Training()(x)), 2 * x)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(internals.inference_call(_Training())(x)), x)  # fmt: skip
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(internals.inference_call(L.ReLU())(x - 2.0)), 0 * x
+    )
+
+
 def test_inputs_and_outputs_struct_keep_the_call_structure():
     a = keras.Input((2,), name="a")
     b = keras.Input((3,), name="b")

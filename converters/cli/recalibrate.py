@@ -48,11 +48,11 @@ def recalibrate_command(args: argparse.Namespace, run: Run) -> int:
         )
     label = "Recalibrating BatchNormalization statistics"
     with run.progress.step(label) as step:
-        # Inference mode: a first batch to find the call order, one pass per BN
-        # layer (each stops after it), one pass comparing the outputs.
+        # Inference mode: one pass through a Functional graph (else a first batch to
+        # find the call order and one pass per BN layer), then one comparing outputs.
         def show(pass_number: int, batch: int) -> None:
             total = f"/{source.batches_per_pass}" if source.batches_per_pass else ""
-            step.label = f"{label} (pass {pass_number}/{layers + 2}, batch {batch}{total})"
+            step.label = f"{label} (pass {pass_number}, batch {batch}{total})"
 
         source.on_batch = show
         check = check_statistics(model, source, keep_population=True)

@@ -335,3 +335,97 @@ def test_recalibrate_warns_about_layers_without_data():
         counts = recalibrate_batch_norm(model, iter([]))
     assert counts == {"bn0": 0, "bn1": 0}
     np.testing.assert_array_equal(moving_statistics(model.get_layer("bn0"))[0], before[0])
+
+
+# ------------------------------------------------ one pass through a Functional graph
+
+
+def _branching_model():
+    """A user's Functional model: a BN whose output feeds two branches (one with
+    Dropout), a residual Add, a Concatenate, and a head after the last BN."""
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((6, 6, 3), name="image")
+    h = keras.layers.Conv2D(4, 3, padding="same", name="conv0")(inputs)
+    h = BatchNormalization(name="bn0")(h)
+    a = keras.layers.Conv2D(4, 1, name="conv_a")(keras.layers.Dropout(0.5)(h))
+    a = StockBN(name="bn_a")(keras.layers.ReLU()(a))
+    b = StockBN(name="bn_b")(keras.layers.Conv2D(4, 3, padding="same", name="conv_b")(h))
+    h = keras.layers.Concatenate()([keras.layers.Add()([h, a]), b])
+    h = StockBN(name="bn_last")(keras.layers.Conv2D(5, 1, name="conv_last")(h))
+    outputs = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(h))
+    return randomize_batch_norms(keras.Model(inputs, outputs), 21)
+
+
+def _mobilenet():
+    keras.utils.set_random_seed(3)
+    model = keras.applications.MobileNetV2(
+        weights=None, input_shape=(32, 32, 3), alpha=0.35, include_top=False
+    )
+    return randomize_batch_norms(model, 22, gain=(0.6, 1.4))
+
+
+def _recalibrated(build, x, monkeypatch, sequential):
+    """``build()``'s model recalibrated on ``x``, and whether the one graph pass ran."""
+    from keras_bn import recalibration
+
+    passes = []
+    real = recalibration._measure_through_graph
+
+    def graph_pass(*args):
+        passes.append(None if sequential else real(*args))
+        return passes[-1]
+
+    monkeypatch.setattr(recalibration, "_measure_through_graph", graph_pass)
+    model = build()
+    counts = recalibrate_batch_norm(model, x, batch_size=16)
+    return model, counts, bool(passes) and passes[-1] is not None
+
+
+@pytest.mark.parametrize("build", [_branching_model, _mobilenet], ids=["branches", "mobilenet"])
+def test_one_pass_through_the_graph_gives_the_sequential_statistics_bit_for_bit(build, monkeypatch):
+    """Functional models are recalibrated in one pass, layer by layer over every batch
+    (each tensor held until its last reader ran): the same statistics, bit for bit,
+    as one partial pass per BN layer; an unequal last batch included."""
+    shape = build().input_shape[1:]
+    x = np.random.default_rng(23).uniform(-1.0, 1.0, (40, *shape)).astype("float32")
+    graph, counts, ran = _recalibrated(build, x, monkeypatch, sequential=False)
+    reference, reference_counts, _ = _recalibrated(build, x, monkeypatch, sequential=True)
+    assert ran and counts == reference_counts and max(counts.values()) > 0
+    for layer, twin in zip(graph.layers, reference.layers, strict=True):
+        for got, expected in zip(layer.get_weights(), twin.get_weights(), strict=True):
+            np.testing.assert_array_equal(got, expected, err_msg=layer.name)
+    # and the property that defines them: inference over x gives each BN input its
+    # moving statistics (float32 noise), here at the last BN of the branching model
+    if build is _branching_model:
+        probe = keras.Model(graph.input, graph.get_layer("conv_last").output)
+        values = np.asarray(probe(x), np.float64).reshape(-1, 5)
+        assert_moving_statistics(graph.get_layer("bn_last"), values.mean(0), values.var(0))
+
+
+def test_the_graph_pass_steps_aside_over_its_memory_budget(monkeypatch):
+    """Past GRAPH_PASS_BYTES of live tensors the sequential passes run instead, from the
+    statistics as they were (nothing the abandoned pass wrote is kept)."""
+    from keras_bn import recalibration
+
+    x = np.random.default_rng(24).uniform(-1.0, 1.0, (40, 6, 6, 3)).astype("float32")
+    reference, _, _ = _recalibrated(_branching_model, x, monkeypatch, sequential=True)
+    monkeypatch.setattr(recalibration, "GRAPH_PASS_BYTES", 6 * 6 * 4 * 4 * 40)
+    model, _, ran = _recalibrated(_branching_model, x, monkeypatch, sequential=False)
+    assert not ran
+    for got, expected in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_the_graph_pass_leaves_nested_and_shared_batch_norms_to_the_sequential_passes(
+    monkeypatch,
+):
+    """A BN inside a nested model or called twice is not one node of the graph: the
+    sequential passes measure it (their results are checked against NumPy above)."""
+    x = spread_features(np.random.default_rng(25), 40, 5)
+    _, _, ran = _recalibrated(lambda: _chain_model(StockBN(name="bn1")), x, monkeypatch, False)
+    assert not ran
+    shared = StockBN(name="shared")
+    inputs = keras.Input((5,))
+    twice = keras.Model(inputs, shared(keras.layers.Dense(5)(shared(inputs))))
+    _, _, ran = _recalibrated(lambda: twice, x, monkeypatch, sequential=False)
+    assert not ran
