@@ -561,8 +561,8 @@ def _measure_through_graph(model, layers, batches, names, verbose):
                     moments[id(target)], batch_counts[id(target)] = measured, count
                     _write_statistics(target, measured, count)
                 if verbose:
-                    count = int(measured.count.max())
-                    print(f"recalibrated {names[id(target)]}: {count} values per channel")
+                    values = int(measured.count.max())
+                    print(f"recalibrated {names[id(target)]}: {values} values per channel")
             live.run(node)
     except _OverBudget:
         for layer, state in written:
@@ -608,8 +608,9 @@ class _LiveTensors:
             self.readers[id(tensor)] -= 1
             if self.readers[id(tensor)] == 0 and id(tensor) in self.values:
                 self.bytes -= sum(map(_nbytes, self.values.pop(id(tensor))))
-        for outputs in results:
-            for tensor, value in zip(node.outputs, keras.tree.flatten(outputs), strict=True):
+        for outputs in results:  # paired with the node's outputs as Keras pairs them
+            flat = keras.tree.flatten(outputs)
+            for tensor, value in zip(node.outputs, flat, strict=False):
                 self.add(id(tensor), value)
 
 
