@@ -101,7 +101,7 @@ def open_session(
     except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
         reason = " ".join(str(error).split())[:300]
         missing = _MISSING_KERNEL.search(reason)
-        if missing and _computes_in_float64(model):  # the model's own arithmetic
+        if missing and _reads_float64(model, missing.group(3)):  # the model's own arithmetic
             op, version, node = missing.groups()
             raise MissingKernel(op, version, node) from error
         if isinstance(model, bytes):  # a copy keras-bn serialized itself: its own bug
@@ -122,7 +122,7 @@ _MISSING_KERNEL = re.compile(
 
 
 class MissingKernel(UserInputError):
-    """onnxruntime's CPU provider has no kernel for a node of a float64 model (a float64
+    """onnxruntime's CPU provider has no kernel for a node that reads float64 (a float64
     Conv: the exporter writes the arithmetic the model does, which onnxruntime runs
     for few operators). The file is valid ONNX; nothing here can run or validate it.
     A missing kernel for other types stays the error it was (keras-bn's bug where
@@ -137,8 +137,9 @@ class MissingKernel(UserInputError):
         )
 
 
-def _computes_in_float64(model: str | os.PathLike | bytes) -> bool:
-    """Whether the ONNX ``model`` has a float64 graph input, initializer or value."""
+def _reads_float64(model: str | os.PathLike | bytes, node: str) -> bool:
+    """Whether ``node`` of the ONNX ``model`` reads a float64 tensor (a graph input, an
+    initializer or a typed value)."""
     import onnx
 
     try:
@@ -147,13 +148,12 @@ def _computes_in_float64(model: str | os.PathLike | bytes) -> bool:
             if isinstance(model, bytes)
             else onnx.load(str(model), load_external_data=False)
         )
-    except Exception:  # noqa: BLE001  (only the message's wording depends on it)
+    except Exception:  # noqa: BLE001  (unparsable here: not a float64 model's missing kernel)
         return False
     graph, double = proto.graph, onnx.TensorProto.DOUBLE
-    typed = [*graph.input, *graph.output, *graph.value_info]
-    return any(i.type.tensor_type.elem_type == double for i in typed) or any(
-        t.data_type == double for t in graph.initializer
-    )
+    types = {i.name: i.type.tensor_type.elem_type for i in [*graph.input, *graph.value_info]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return any(types.get(name) == double for n in graph.node if n.name == node for name in n.input)
 
 
 class UnreadableModel(UserInputError):
