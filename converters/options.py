@@ -35,8 +35,8 @@ PRECISIONS: dict[str, Precision] = {
     "float32": Precision(
         "float32",
         "float32 weights and compute (no conversion)",
-        "error vs a float64 run of the Keras model at most 4x Keras float32's own + 1e-5 "
-        "of the output's range",
+        "error vs a float64 run of the Keras model at most 4x Keras's own (float32's, or "
+        "float16's for a mixed-precision model) + 1e-5 of the output's range",
     ),
     "float16": Precision(
         "float16",

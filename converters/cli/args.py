@@ -289,7 +289,8 @@ class ComparisonArgs:
         description = (
             "A float32 output that does not pass the default tolerances outright is "
             "judged against the same Keras model run in float64: it passes when its error "
-            "is no worse than a few times Keras float32's own. Giving --atol or --rtol "
+            "is no worse than a few times Keras's own (in the precision Keras computes in). "
+            "Giving --atol or --rtol "
             "makes them a strict elementwise contract instead."
         )
         if self.defaults != "float32":
