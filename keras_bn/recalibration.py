@@ -49,8 +49,9 @@ The two modes of :func:`recalibrate_batch_norm` (``mode``):
   ``moving_variance`` exactly - the property BN's inference formula (and
   folding BN into neighbouring layers) assumes. Noise from Dropout and from
   batch statistics never enters. Cost: for a Functional or Sequential model whose
-  BN layers are each called once by its own graph (not inside a nested model or a
-  custom layer), one pass: the graph's layers run in order, each on every batch,
+  BN layers are each called once by its graph (nested Functional and Sequential
+  models included, not inside a custom layer), one pass: the graph's layers run in
+  order, each on every batch,
   and each BN layer is measured over all of them before it runs, every tensor
   held (for all batches) until its last reader ran; past ``GRAPH_PASS_BYTES``
   (2 GiB) of such tensors, or for other models, one partial pass over ``data``
@@ -490,15 +491,28 @@ class _OverBudget(Exception):
 
 
 def _graph_plan(model, layers):
-    """The nodes of ``model``'s graph that feed a BN layer of ``layers`` (in execution
-    order), or None when the one-pass recalibration does not apply: not a Functional
-    or Sequential graph, or a BN layer that is not called exactly once, by a node of
-    this graph, without a mask (nested models, custom layers, shared layers)."""
+    """The calls of ``model``'s graph that feed a BN layer of ``layers``, in execution
+    order, nested Functional and Sequential models' calls expanded into their own,
+    and ``key(tensor)``: the tensor whose values a graph tensor takes (a nested
+    model's inputs are its caller's, its caller's outputs its own). None when the
+    one-pass recalibration does not apply: a subclassed model, a BN layer not called
+    exactly once by one of these graphs or called with a mask (custom layers holding
+    BN layers, shared layers), a nested model called on other dtypes or structures."""
     try:
         functional = internals.functional_of(model)
     except ValueError:
         return None
-    nodes = internals.ordered_nodes(functional)
+    aliases: dict[int, int] = {}
+    nodes = _expanded_nodes(functional, aliases)
+    if nodes is None or any(not node.input_tensors for node in nodes):
+        return None  # not expandable, or a call of constants only (not in batches)
+
+    def key(tensor) -> int:
+        found = id(tensor)
+        while found in aliases:
+            found = aliases[found]
+        return found
+
     targets = {id(layer) for layer in layers}
     calls: dict[int, int] = {}
     for node in nodes:
@@ -512,17 +526,57 @@ def _graph_plan(model, layers):
             return None
     if any(count > 1 for count in calls.values()):
         return None
-    if any(not node.input_tensors for node in nodes):
-        return None  # a call of constants only: not in batches
-    producers = {id(t): node for node in nodes for t in node.outputs}
+    producers = {key(t): node for node in nodes for t in node.outputs}
     needed: set[int] = set()
     pending = [node for node in nodes if id(node.operation) in targets]
     while pending:
         node = pending.pop()
         if id(node) not in needed:
             needed.add(id(node))
-            pending += [producers[id(t)] for t in node.input_tensors if id(t) in producers]
-    return functional, [node for node in nodes if id(node) in needed]
+            pending += [producers[key(t)] for t in node.input_tensors if key(t) in producers]
+    return functional, [node for node in nodes if id(node) in needed], key
+
+
+def _expanded_nodes(functional, aliases: dict[int, int]):
+    """``functional``'s calls in execution order, each call of a nested Functional or
+    Sequential model replaced by that model's own calls (recursively), its input and
+    output tensors recorded in ``aliases``; None for a nested model called on inputs
+    it would convert (another dtype, structure or count)."""
+    nodes = []
+    for node in internals.ordered_nodes(functional):
+        inner = _nested_graph(node.operation)
+        if inner is None:
+            nodes.append(node)
+            continue
+        inputs = keras.tree.flatten(internals.inputs_struct(inner))
+        outputs = keras.tree.flatten(internals.outputs_struct(inner))
+        given = node.input_tensors
+        if len(inputs) != 1 or len(given) != 1 or len(outputs) != len(node.outputs):
+            return None
+        dtype = keras.backend.standardize_dtype(given[0].dtype)
+        if dtype != keras.backend.standardize_dtype(inputs[0].dtype) or (
+            internals.converts_input_args(node.operation)
+            and "float" in dtype
+            and dtype != node.operation.compute_dtype
+        ):
+            return None
+        aliases[id(inputs[0])] = id(given[0])
+        expanded = _expanded_nodes(inner, aliases)
+        if expanded is None:
+            return None
+        nodes += expanded
+        aliases.update({id(mine): id(its) for mine, its in zip(node.outputs, outputs, strict=True)})
+    return nodes
+
+
+def _nested_graph(operation):
+    """The graph of a nested Functional or Sequential model, else None."""
+    if not internals.is_sequential_or_functional(operation):
+        return None
+    try:
+        return internals.functional_of(operation)
+    except ValueError:
+        return None
 
 
 def _measure_through_graph(model, layers, batches, names, verbose):
@@ -536,18 +590,18 @@ def _measure_through_graph(model, layers, batches, names, verbose):
     plan = _graph_plan(model, layers)
     if plan is None:
         return None
-    functional, nodes = plan
+    functional, nodes, key = plan
     readers: dict[int, int] = {}
     for node in nodes:
         for tensor in node.input_tensors:
-            readers[id(tensor)] = readers.get(id(tensor), 0) + 1
+            readers[key(tensor)] = readers.get(key(tensor), 0) + 1
     targets = {id(layer) for layer in layers}
     written = [(layer, [to_numpy(v).copy() for v in layer.variables]) for layer in layers]
     moments, batch_counts = {}, {}
     try:
         graph_inputs = internals.inputs_struct(functional)
         keys = [id(tensor) for tensor in keras.tree.flatten(graph_inputs)]
-        live = _LiveTensors(readers)
+        live = _LiveTensors(readers, key)
         for x in batches:
             for key, value in zip(keys, internals.standardized_inputs(functional, x), strict=True):
                 live.add(key, value)
@@ -575,8 +629,8 @@ def _measure_through_graph(model, layers, batches, names, verbose):
 class _LiveTensors:
     """Every batch's value of each graph tensor still to be read, by tensor id."""
 
-    def __init__(self, readers: dict[int, int]):
-        self.readers = dict(readers)
+    def __init__(self, readers: dict[int, int], key):
+        self.readers, self.key = dict(readers), key
         self.values: dict[int, list] = {}
         self.bytes = 0
 
@@ -590,12 +644,12 @@ class _LiveTensors:
 
     def batch_arguments(self, node):
         """``(args, kwargs)`` of ``node``'s call for each batch."""
-        count = len(self.values[id(node.input_tensors[0])]) if node.input_tensors else 0
+        count = len(self.values[self.key(node.input_tensors[0])]) if node.input_tensors else 0
         for index in range(count):
 
             def fill(value, index=index):
                 if isinstance(value, keras.KerasTensor):
-                    return self.values[id(value)][index]
+                    return self.values[self.key(value)][index]
                 return value
 
             yield keras.tree.map_structure(fill, (node.args, node.kwargs))
@@ -605,13 +659,13 @@ class _LiveTensors:
         call = internals.inference_call(node.operation)
         results = [call(*args, **kwargs) for args, kwargs in self.batch_arguments(node)]
         for tensor in node.input_tensors:
-            self.readers[id(tensor)] -= 1
-            if self.readers[id(tensor)] == 0 and id(tensor) in self.values:
-                self.bytes -= sum(map(_nbytes, self.values.pop(id(tensor))))
+            self.readers[self.key(tensor)] -= 1
+            if self.readers[self.key(tensor)] == 0 and self.key(tensor) in self.values:
+                self.bytes -= sum(map(_nbytes, self.values.pop(self.key(tensor))))
         for outputs in results:  # paired with the node's outputs as Keras pairs them
             flat = keras.tree.flatten(outputs)
             for tensor, value in zip(node.outputs, flat, strict=False):
-                self.add(id(tensor), value)
+                self.add(self.key(tensor), value)
 
 
 def _nbytes(value) -> int:

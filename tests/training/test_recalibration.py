@@ -419,16 +419,42 @@ def test_the_graph_pass_steps_aside_over_its_memory_budget(monkeypatch):
         np.testing.assert_array_equal(got, expected)
 
 
-def test_the_graph_pass_leaves_nested_and_shared_batch_norms_to_the_sequential_passes(
+def _transfer_model():
+    """The transfer-learning pattern: Keras's MobileNetV2 (to its first residual Add)
+    called as a layer of the user's model, a Sequential block and a head after it."""
+    base = _mobilenet()
+    inputs = keras.Input((32, 32, 3), name="image")
+    block = keras.Sequential([keras.Input(base.output_shape[1:]), StockBN(name="block_bn")])
+    h = block(base(inputs))
+    outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(h))
+    return randomize_batch_norms(keras.Model(inputs, outputs), 26)
+
+
+def test_nested_models_are_expanded_into_the_graph_pass(monkeypatch):
+    """A Functional or Sequential model called as a layer is run call by call inside
+    the pass: the statistics are the partial passes', bit for bit."""
+    x = np.random.default_rng(27).uniform(-1.0, 1.0, (24, 32, 32, 3)).astype("float32")
+    graph, counts, ran = _recalibrated(_transfer_model, x, monkeypatch, sequential=False)
+    reference, reference_counts, _ = _recalibrated(_transfer_model, x, monkeypatch, True)
+    assert ran and counts == reference_counts and len(counts) == 10
+    for got, expected in zip(graph.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_the_graph_pass_leaves_shared_and_custom_layer_batch_norms_to_the_sequential_passes(
     monkeypatch,
 ):
-    """A BN inside a nested model or called twice is not one node of the graph: the
+    """A BN called twice, or held by a custom layer, is not one call of the graph: the
     sequential passes measure it (their results are checked against NumPy above)."""
     x = spread_features(np.random.default_rng(25), 40, 5)
-    _, _, ran = _recalibrated(lambda: _chain_model(StockBN(name="bn1")), x, monkeypatch, False)
-    assert not ran
     shared = StockBN(name="shared")
     inputs = keras.Input((5,))
     twice = keras.Model(inputs, shared(keras.layers.Dense(5)(shared(inputs))))
     _, _, ran = _recalibrated(lambda: twice, x, monkeypatch, sequential=False)
     assert not ran
+    custom = keras.Sequential([keras.Input((4,)), _Block()])
+    _, _, ran = _recalibrated(lambda: custom, x[:, :4], monkeypatch, sequential=False)
+    assert not ran
+    # the nested chain model takes the pass, and its statistics are NumPy's (above)
+    _, _, ran = _recalibrated(lambda: _chain_model(StockBN(name="bn1")), x, monkeypatch, False)
+    assert ran
