@@ -537,17 +537,22 @@ def _graph_plan(model, layers):
     return functional, [node for node in nodes if id(node) in needed], key
 
 
-def _expanded_nodes(functional, aliases: dict[int, int]):
+def _expanded_nodes(functional, aliases: dict[int, int], seen: set[int] | None = None):
     """``functional``'s calls in execution order, each call of a nested Functional or
     Sequential model replaced by that model's own calls (recursively), its input and
-    output tensors recorded in ``aliases``; None for a nested model called on inputs
-    it would convert (another dtype, structure or count)."""
+    output tensors recorded in ``aliases``; None for a nested model called more than
+    once (its calls' tensors are one set) or on inputs it would convert (another
+    dtype, structure or count)."""
+    seen = set() if seen is None else seen
     nodes = []
     for node in internals.ordered_nodes(functional):
         inner = _nested_graph(node.operation)
         if inner is None:
             nodes.append(node)
             continue
+        if id(inner) in seen:
+            return None
+        seen.add(id(inner))
         inputs = keras.tree.flatten(internals.inputs_struct(inner))
         outputs = keras.tree.flatten(internals.outputs_struct(inner))
         given = node.input_tensors
@@ -561,7 +566,7 @@ def _expanded_nodes(functional, aliases: dict[int, int]):
         ):
             return None
         aliases[id(inputs[0])] = id(given[0])
-        expanded = _expanded_nodes(inner, aliases)
+        expanded = _expanded_nodes(inner, aliases, seen)
         if expanded is None:
             return None
         nodes += expanded

@@ -455,6 +455,19 @@ def test_the_graph_pass_leaves_shared_and_custom_layer_batch_norms_to_the_sequen
     custom = keras.Sequential([keras.Input((4,)), _Block()])
     _, _, ran = _recalibrated(lambda: custom, x[:, :4], monkeypatch, sequential=False)
     assert not ran
+    # a nested model without BN layers called twice (a siamese encoder): one set of
+    # tensors for two calls, so the partial passes measure the BN after it
+    keras.utils.set_random_seed(5)
+    encoder = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, activation="tanh")])
+    a, b = keras.Input((5,)), keras.Input((5,))
+    merged = keras.layers.Concatenate()([encoder(a), encoder(b)])
+    siamese = keras.Model([a, b], StockBN(name="after")(merged))
+    u, v = (np.random.default_rng(seed).normal(0.3, 1.0, (40, 5)).astype("float32") for seed in (28, 29))  # fmt: skip
+    _, _, ran = _recalibrated(lambda: siamese, [u, v], monkeypatch, sequential=False)
+    assert not ran
+    left, right = (np.tanh(_dense(w.astype(np.float64), encoder.layers[0])) for w in (u, v))
+    values = np.concatenate([left, right], axis=1)
+    assert_moving_statistics(siamese.get_layer("after"), values.mean(0), values.var(0))
     # the nested chain model takes the pass, and its statistics are NumPy's (above)
     _, _, ran = _recalibrated(lambda: _chain_model(StockBN(name="bn1")), x, monkeypatch, False)
     assert ran
