@@ -73,6 +73,7 @@ __all__ = [
     "output_names",
     "standardized_inputs",
     "inference_call",
+    "runs_its_graph",
     # loading
     "saved_weights_loading",
     "saving_temp_dirs_in",
@@ -264,6 +265,14 @@ def standardized_inputs(functional: Any, x: Any) -> list:
     """``x`` as ``Functional.call`` reads it (``_standardize_inputs``): one tensor per
     graph input, in ``ordered_nodes``' input order, converted to the inputs' dtypes."""
     return list(functional._standardize_inputs(x))
+
+
+def runs_its_graph(model: Any) -> bool:
+    """Whether calling ``model`` runs its layer graph and nothing else: a Functional or
+    Sequential model whose class keeps Keras's ``call`` (a subclass may override it)."""
+    if isinstance(model, keras.Sequential):
+        return type(model).call is keras.Sequential.call
+    return isinstance(model, Functional) and type(model).call is Functional.call
 
 
 def inference_call(operation: Any) -> Callable[..., Any]:

@@ -495,12 +495,12 @@ def _graph_plan(model, layers):
     order, nested Functional and Sequential models' calls expanded into their own,
     and ``key(tensor)``: the tensor whose values a graph tensor takes (a nested
     model's inputs are its caller's, its caller's outputs its own). None when the
-    one-pass recalibration does not apply: a subclassed model, a BN layer not called
+    one-pass recalibration does not apply: a subclassed model (or a Functional one
+    whose class overrides ``call``), a BN layer not called
     exactly once by one of these graphs or called with a mask (custom layers holding
     BN layers, shared layers), a nested model called on other dtypes or structures."""
-    try:
-        functional = internals.functional_of(model)
-    except ValueError:
+    functional = _nested_graph(model)
+    if functional is None:
         return None
     aliases: dict[int, int] = {}
     nodes = _expanded_nodes(functional, aliases)
@@ -575,8 +575,9 @@ def _expanded_nodes(functional, aliases: dict[int, int], seen: set[int] | None =
 
 
 def _nested_graph(operation):
-    """The graph of a nested Functional or Sequential model, else None."""
-    if not internals.is_sequential_or_functional(operation):
+    """The graph a Functional or Sequential model runs when called, else None (also
+    for a subclass that overrides ``call``: it may do more than its graph)."""
+    if not internals.runs_its_graph(operation):
         return None
     try:
         return internals.functional_of(operation)

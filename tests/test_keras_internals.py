@@ -257,6 +257,20 @@ def test_standardized_inputs_and_inference_calls_are_functional_calls():
     )
 
 
+class _OwnCall(keras.Model):
+    def call(self, inputs, training=None, mask=None):
+        return super().call(inputs, training=training, mask=mask)
+
+
+def test_runs_its_graph_only_where_keras_call_is_kept():
+    inputs = keras.Input((3,))
+    outputs = L.Dense(2)(inputs)
+    assert internals.runs_its_graph(keras.Model(inputs, outputs))
+    assert internals.runs_its_graph(keras.Sequential([keras.Input((3,)), L.Dense(2)]))
+    assert not internals.runs_its_graph(_OwnCall(inputs, outputs))
+    assert not internals.runs_its_graph(L.Dense(2))
+
+
 def test_inputs_and_outputs_struct_keep_the_call_structure():
     a = keras.Input((2,), name="a")
     b = keras.Input((3,), name="b")

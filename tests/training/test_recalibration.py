@@ -471,3 +471,22 @@ def test_the_graph_pass_leaves_shared_and_custom_layer_batch_norms_to_the_sequen
     # the nested chain model takes the pass, and its statistics are NumPy's (above)
     _, _, ran = _recalibrated(lambda: _chain_model(StockBN(name="bn1")), x, monkeypatch, False)
     assert ran
+
+
+class _Doubling(keras.Model):
+    """A Functional model whose class overrides call (doubling its input first)."""
+
+    def call(self, inputs, training=None, mask=None):
+        return super().call(inputs * 2.0, training=training, mask=mask)
+
+
+def test_a_functional_model_that_overrides_call_keeps_the_partial_passes(monkeypatch):
+    """The graph pass would skip what the overriding call does: the BN layer's input
+    is twice the data, as the partial passes measure it."""
+    inputs = keras.Input((5,))
+    x = spread_features(np.random.default_rng(30), 40, 5)
+    build = lambda: _Doubling(inputs, StockBN(name="bn")(inputs))  # noqa: E731
+    model, _, ran = _recalibrated(build, x, monkeypatch, sequential=False)
+    assert not ran
+    doubled = 2.0 * x.astype(np.float64)
+    assert_moving_statistics(model.get_layer("bn"), doubled.mean(0), doubled.var(0))
