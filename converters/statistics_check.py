@@ -214,7 +214,7 @@ def check_statistics(
     before the first statistic is written: the first pass only reads the layers, so
     another thread may read their weights meanwhile (the export's).
     """
-    from keras_bn._batch_norm_state import batch_norm_layers, unique_names
+    from keras_bn._batch_norm_state import batch_norm_layers, restore_variables, unique_names
     from keras_bn.recalibration import BatchNormInputs, write_population_statistics
 
     layers = batch_norm_layers(model)
@@ -249,14 +249,14 @@ def check_statistics(
             if y is None and not keep_population and effects.samples >= EFFECT_SAMPLES:
                 break  # enough for the effect lines (no labels to score on every sample)
             if moving_outputs is None:
-                _write(before)
+                restore_variables(before)
                 moving = forward.outputs(x)
-                _write(after)
+                restore_variables(after)
             else:
                 moving = moving_outputs[index]
             effects.add(moving, forward.outputs(x), y)
     finally:
-        _write(after if keep_population else before)
+        restore_variables(after if keep_population else before)
     return StatisticsCheck(
         data=source.description,
         layers=checks,
@@ -278,12 +278,9 @@ def _concatenate(batches: list[list[np.ndarray]]) -> list[np.ndarray] | None:
 
 
 def _state(layers: list) -> list[tuple[Any, np.ndarray]]:
-    return [(v, np.array(v.numpy(), copy=True)) for layer in layers for v in layer.variables]
+    from keras_bn._batch_norm_state import snapshot_variables
 
-
-def _write(state: list[tuple[Any, np.ndarray]]) -> None:
-    for variable, value in state:
-        variable.assign(value)
+    return snapshot_variables(v for layer in layers for v in layer.variables)
 
 
 def _layer_check(layer, name: str, count: int, before: list, after: list) -> LayerCheck:

@@ -54,6 +54,18 @@ def count_variable(layer):
     return variable if isinstance(variable, keras.Variable) else None
 
 
+def snapshot_variables(variables) -> list:
+    """``(variable, a copy of its value)`` for each of ``variables``: what
+    :func:`restore_variables` writes back."""
+    return [(variable, to_numpy(variable).copy()) for variable in variables]
+
+
+def restore_variables(snapshot) -> None:
+    """Writes each value of a :func:`snapshot_variables` back into its variable."""
+    for variable, value in snapshot:
+        variable.assign(value)
+
+
 def to_numpy(value) -> np.ndarray:
     """A Keras/backend tensor, NumPy array or torch tensor as a NumPy array."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor

@@ -90,6 +90,8 @@ from keras_bn._batch_norm_state import (
     batch_norm_layers,
     count_variable,
     is_unbiased,
+    restore_variables,
+    snapshot_variables,
     sync_moving_stddev,
     to_numpy,
     unique_names,
@@ -342,7 +344,7 @@ def _check_built(layers) -> None:
 
 def _recalibrate(model, layers, batches, mode, names, verbose):
     """Measures and writes every layer's statistics; on any error restores them all."""
-    saved = {id(layer): [to_numpy(v).copy() for v in layer.variables] for layer in layers}
+    saved = snapshot_variables(v for layer in layers for v in layer.variables)
     try:
         replicas = Replicas(model)
         if mode == "training":
@@ -354,9 +356,7 @@ def _recalibrate(model, layers, batches, mode, names, verbose):
         for layer in layers:
             _write_statistics(layer, moments.get(id(layer)), batch_counts.get(id(layer), 0))
     except BaseException:
-        for layer in layers:
-            for variable, value in zip(layer.variables, saved[id(layer)], strict=True):
-                variable.assign(value)
+        restore_variables(saved)
         raise
     return moments
 
@@ -417,7 +417,7 @@ def _run(model, replicas, x, training):
 def _measure_training_mode(model, layers, batches, replicas):
     moments = {id(layer): RunningMoments(layer.moving_mean.shape) for layer in layers}
     batch_counts = {id(layer): 0 for layer in layers}
-    state = [(v, to_numpy(v).copy()) for v in model.non_trainable_variables]
+    state = snapshot_variables(model.non_trainable_variables)
     called = set()
 
     def hook(layer, original, inputs, training, mask):
@@ -433,8 +433,7 @@ def _measure_training_mode(model, layers, batches, replicas):
                 for key in called:
                     batch_counts[key] += 1
     finally:
-        for variable, value in state:
-            variable.assign(value)
+        restore_variables(state)
     moments = {key: replicas.merge_hosts(value) for key, value in moments.items()}
     return (
         {key: value for key, value in moments.items() if value.count.max() > 0},
@@ -602,15 +601,16 @@ def _measure_through_graph(model, layers, batches, names, verbose):
         for tensor in node.input_tensors:
             readers[key(tensor)] = readers.get(key(tensor), 0) + 1
     targets = {id(layer) for layer in layers}
-    written = [(layer, [to_numpy(v).copy() for v in layer.variables]) for layer in layers]
+    written = snapshot_variables(v for layer in layers for v in layer.variables)
     moments, batch_counts = {}, {}
     try:
         graph_inputs = internals.inputs_struct(functional)
         keys = [id(tensor) for tensor in keras.tree.flatten(graph_inputs)]
         live = _LiveTensors(readers, key)
         for x in batches:
-            for key, value in zip(keys, internals.standardized_inputs(functional, x), strict=True):
-                live.add(key, value)
+            flat = internals.standardized_inputs(functional, x)
+            for input_key, value in zip(keys, flat, strict=True):
+                live.add(input_key, value)
         if not live.values:
             return None  # no data: the sequential passes say so
         for node in nodes:
@@ -625,9 +625,7 @@ def _measure_through_graph(model, layers, batches, names, verbose):
                     print(f"recalibrated {names[id(target)]}: {values} values per channel")
             live.run(node)
     except _OverBudget:
-        for layer, state in written:
-            for variable, value in zip(layer.variables, state, strict=True):
-                variable.assign(value)
+        restore_variables(written)
         return None
     return moments, batch_counts
 
