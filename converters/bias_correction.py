@@ -92,12 +92,18 @@ class ChannelMoments:
 
     def add(self, values: np.ndarray, channel_axis: int = 1) -> None:
         total, count = channel_sums(values, channel_axis)
-        self.sums = total if self.sums is None else self.sums + total
-        self.count += count
-        self.samples += len(values)
         flat = np.asarray(values).reshape(-1)
         with np.errstate(over="ignore"):  # huge values: an infinite spread, for reports only
-            self.squares += float(np.dot(flat, flat))  # BLAS, float32: a spread for reports
+            squares = float(np.dot(flat, flat))  # BLAS, float32: a spread for reports
+        self.add_sums(total, count, len(values), squares)
+
+    def add_sums(self, sums: np.ndarray, count: int, samples: int, squares: float) -> None:
+        """Take in a batch measured elsewhere: its per-channel ``sums`` (float64), the
+        ``count`` of values each holds, its ``samples`` and its sum of squares."""
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.count += count
+        self.samples += samples
+        self.squares += squares
 
     @property
     def means(self) -> np.ndarray:

@@ -132,21 +132,13 @@ class AbsoluteHistogram:
             return
         flat, low, high = finite
         magnitude = flat if low >= 0 else np.abs(flat)  # a ReLU's output is its own |x|
-        largest = max(abs(low), abs(high))
         if self.edges is None:  # np.histogram's edges for bins=self.bins
-            self.edges = _first_edges(magnitude, self.bins, largest)
+            self.edges = _first_edges(magnitude, self.bins, max(abs(low), abs(high)))
             self.counts = np.zeros(self.bins, np.int64)
             self.lowest, self.highest = low, high
             self.floor = _floor(magnitude, self.edges, self.tail)
         else:
-            self.lowest, self.highest = min(self.lowest, low), max(self.highest, high)
-            if largest > self.edges[-1]:  # onnxruntime's rule, float32 arithmetic
-                width = self.edges[1] - self.edges[0]
-                more = np.arange(self.edges[-1] + width, largest + width, width)
-                self.edges = np.hstack((self.edges, more)).astype(magnitude.dtype)
-                self.counts = np.concatenate(
-                    [self.counts, np.zeros(len(self.edges) - 1 - len(self.counts), np.int64)]
-                )
+            self._widen(low, high)
         if not self.floor:
             self.counts += count_in_bins(magnitude, self.edges)
             return
@@ -154,6 +146,55 @@ class AbsoluteHistogram:
         counted = magnitude.size  # those under the first edge are not counted
         if self.edges[0]:
             counted -= int(np.count_nonzero(magnitude < self.edges[0]))
+        self._count(top, counted)
+
+    def add_in_one_pass(self, values: np.ndarray, moments: ChannelMoments | None = None) -> bool:
+        """:meth:`add` (and ``moments.add``) reading ``values`` from memory once: a
+        block at a time, each block's extremes, top values and (for ``moments``)
+        per-row sums taken while it is in the CPU's cache, instead of a pass over the
+        whole tensor for each. The same counts, extremes and channel sums, bit for
+        bit; the sum of squares (a spread for reports) is summed by block. Only for a
+        histogram past its first batch counting its top, on a C-contiguous float32
+        tensor (channels on axis 1 with ``moments``) of finite values: False, with
+        nothing changed, otherwise (the caller adds the usual way)."""
+        if (
+            self.edges is None
+            or not self.floor
+            or values.dtype != np.float32
+            or not values.flags.c_contiguous
+            or values.ndim < (2 if moments is None else 3)
+            or values.size < _SMALL_BATCH
+        ):
+            return False
+        rows = values.reshape(values.shape[0] * values.shape[1], -1)
+        scanned = _scan(rows, self.edges[self.floor], self.edges[0], moments is not None)
+        if scanned is None:  # an inf or NaN: add() leaves them out
+            return False
+        low, high, top, below, row_sums, squares = scanned
+        self.seen = True
+        self._widen(low, high)
+        self._count(top, values.size - below)
+        if moments is not None:
+            channel = np.sum(row_sums.reshape(values.shape[:2]), axis=0, dtype=np.float64)
+            moments.add_sums(channel, values.size // values.shape[1], len(values), squares)
+        return True
+
+    def _widen(self, low: Any, high: Any) -> None:
+        """Take in a later batch's signed extremes: onnxruntime's rule for a batch
+        reaching beyond the last edge, whole bins of the same width (float32)."""
+        self.lowest, self.highest = min(self.lowest, low), max(self.highest, high)
+        largest = max(abs(low), abs(high))
+        if largest > self.edges[-1]:
+            width = self.edges[1] - self.edges[0]
+            more = np.arange(self.edges[-1] + width, largest + width, width)
+            self.edges = np.hstack((self.edges, more)).astype(self.edges.dtype)
+            self.counts = np.concatenate(
+                [self.counts, np.zeros(len(self.edges) - 1 - len(self.counts), np.int64)]
+            )
+
+    def _count(self, top: np.ndarray, counted: int) -> None:
+        """Count ``top`` (the values from the floor's edge up) bin by bin and the rest
+        of ``counted`` (the values at or above the first edge) in bin 0."""
         self.counts += count_in_bins(top, self.edges)
         self.counts[0] += counted - top.size
 
@@ -179,6 +220,43 @@ class AbsoluteHistogram:
         if highest > self.highest:
             highest = self.highest
         return lowest, highest, counts[0], counts[1]
+
+
+_SCAN = 1 << 17  # values per block of a one-pass scan: half a MiB of float32, in L2
+
+
+def _scan(
+    rows: np.ndarray, edge: Any, first: Any, sums: bool
+) -> tuple[Any, Any, np.ndarray, int, np.ndarray | None, float] | None:
+    """:meth:`AbsoluteHistogram.add_in_one_pass`'s read of ``rows`` (2-D, C-contiguous,
+    float32), blocks of whole rows: the signed extremes, the magnitudes at or above
+    ``edge`` (in order), how many lie under ``first``, and with ``sums`` each row's
+    sum (NumPy's pairwise float32 sum of the row, as :func:`.channel_sums` takes it)
+    and the sum of squares. None at the first block holding an inf or a NaN."""
+    step = max(1, _SCAN // max(rows.shape[1], 1))
+    buffer = np.empty(min(len(rows), step) * rows.shape[1], rows.dtype)
+    row_sums = np.empty(len(rows), rows.dtype) if sums else None
+    low = high = None
+    tops, below, squares = [], 0, 0.0
+    for start in range(0, len(rows), step):
+        block = rows[start : start + step]
+        lowest, highest = block.min(), block.max()
+        if not (np.isfinite(lowest) and np.isfinite(highest)):
+            return None
+        low = lowest if low is None else min(low, lowest)
+        high = highest if high is None else max(high, highest)
+        if row_sums is not None:
+            np.sum(block, axis=1, out=row_sums[start : start + len(block)])
+            flat = block.reshape(-1)
+            with np.errstate(over="ignore"):  # as ChannelMoments.add
+                squares += float(np.dot(flat, flat))
+        magnitude = block
+        if lowest < 0:  # |x| of this block only: a ReLU's output is its own
+            magnitude = np.abs(block, out=buffer[: block.size].reshape(block.shape))
+        tops.append(magnitude[magnitude >= edge])
+        if first:
+            below += int(np.count_nonzero(magnitude < first))
+    return low, high, np.concatenate(tops), below, row_sums, squares
 
 
 def _finite(values: np.ndarray) -> tuple[np.ndarray, Any, Any] | None:
@@ -520,9 +598,17 @@ def _float_pass(
         if done == 1 and keep_samples:
             kept = {name: np.array(values[name][:keep_samples]) for name in keep}
         for name, statistic in collected.items():
+            moment = moments.get(name)
+            if isinstance(statistic, AbsoluteHistogram) and statistic.add_in_one_pass(
+                values[name], moment
+            ):
+                continue
             statistic.add(values[name])
+            if moment is not None:
+                moment.add(values[name])
         for name, moment in moments.items():
-            moment.add(values[name])
+            if name not in collected:
+                moment.add(values[name])
         samples += len(next(iter(batch.values())))
         del values
         if progress is not None:

@@ -348,6 +348,86 @@ def test_a_tail_lighter_than_the_first_batchs_is_counted_again(setup, monkeypatc
         assert ranges[name].range_value == tuple(every[name].percentile_range(99.9)[:2]), name
 
 
+@pytest.mark.parametrize("block", [calibration._SCAN, 1000, 1])  # rows per block vary
+def test_one_pass_over_a_tensor_counts_what_the_separate_passes_count(monkeypatch, block):
+    """A calibrated tensor that bias correction also measures is read once per batch
+    (AbsoluteHistogram.add_in_one_pass): the same edges, counts and extremes as
+    AbsoluteHistogram.add, bit for bit, the same per-channel sums as ChannelMoments.add,
+    and channel means and spread as NumPy's float64 ones. The batches: ReLU-like
+    (non-negative) and signed, one reaching past the last edge, one with values under
+    the first edge, one holding an inf (read the usual way, leaving the inf out)."""
+    monkeypatch.setattr(calibration, "_SCAN", block)
+    rng = np.random.default_rng(11)
+    shape = (4, 6, 64, 64)  # 98,304 values per batch: over _SMALL_BATCH
+    base = rng.standard_t(3, size=(5, *shape)).astype(np.float32)
+    batches = [
+        np.abs(base[0]) + 0.25,  # positive only: edges from 0.25 (values under it later)
+        np.maximum(base[1], 0),
+        base[2] * 3.0,  # signed, wider: new bins
+        base[3] * np.linspace(0.1, 1, 6, dtype=np.float32)[None, :, None, None],
+        base[4],
+    ]
+    batches[4][1, 2, 3, 4] = np.inf
+    tail = 2 * (1 - PERCENTILE / 100) * len(batches)
+    one, apart = calibration.AbsoluteHistogram(tail=tail), calibration.AbsoluteHistogram(tail=tail)
+    together, alone = bias_correction.ChannelMoments(), bias_correction.ChannelMoments()
+    passes = []
+    for batch in batches:
+        before = batch.copy()
+        passes.append(one.add_in_one_pass(batch, together))
+        if not passes[-1]:
+            one.add(batch)
+            together.add(batch)
+        np.testing.assert_array_equal(batch, before)  # the fetched values are not modified
+        apart.add(batch)
+        alone.add(batch)
+    assert passes == [False, True, True, True, False]  # the first batch sets the edges
+    assert one.floor > 0 and one.edges[0] > 0 and len(one.edges) > 2049
+    np.testing.assert_array_equal(one.edges, apart.edges)
+    np.testing.assert_array_equal(one.counts, apart.counts)
+    assert (one.lowest, one.highest) == (apart.lowest, apart.highest)
+    assert one.percentile_range(PERCENTILE) == apart.percentile_range(PERCENTILE)
+    np.testing.assert_array_equal(together.sums, alone.sums)
+    assert (together.count, together.samples) == (alone.count, alone.samples)
+    # Means and spread against NumPy in float64, on the finite batches, read in one pass.
+    finite = bias_correction.ChannelMoments()
+    histogram = calibration.AbsoluteHistogram(tail=tail)
+    histogram.add(batches[0])
+    finite.add(batches[0])
+    assert all(histogram.add_in_one_pass(batch, finite) for batch in batches[1:4])
+    exact = np.concatenate(batches[:4]).astype(np.float64)
+    np.testing.assert_allclose(
+        finite.means, exact.mean(axis=(0, 2, 3)), rtol=1e-6, atol=1e-6 * exact.std()
+    )
+    spread = np.sqrt(np.mean(exact**2) - np.mean(exact.mean(axis=(0, 2, 3))) ** 2)
+    assert finite.spread == pytest.approx(spread, rel=1e-5)
+
+
+def test_one_pass_leaves_other_tensors_to_the_separate_passes():
+    """Small tensors, other dtypes, non-contiguous views, channel moments of a 2-D
+    tensor and histograms counting every bin go the usual way (False, unchanged)."""
+    rng = np.random.default_rng(12)
+    big = rng.normal(size=(4, 8, 64, 64)).astype(np.float32)
+    histogram = calibration.AbsoluteHistogram(tail=1e-3)
+    histogram.add(big)
+    state = (histogram.edges.copy(), histogram.counts.copy(), histogram.lowest)
+    refused = [
+        big[:, :, :8, :8].copy(),  # under _SMALL_BATCH values
+        big.astype(np.float64),
+        big.transpose(0, 2, 3, 1),  # not C-contiguous
+    ]
+    for values in refused:
+        assert histogram.add_in_one_pass(values) is False
+    assert histogram.add_in_one_pass(big.reshape(64, -1), bias_correction.ChannelMoments()) is False
+    assert calibration.AbsoluteHistogram().add_in_one_pass(big) is False  # no edges yet
+    every = calibration.AbsoluteHistogram(tail=1.0)  # counts every bin: floor 0
+    every.add(big)
+    assert every.floor == 0 and every.add_in_one_pass(big) is False
+    np.testing.assert_array_equal(histogram.edges, state[0])
+    np.testing.assert_array_equal(histogram.counts, state[1])
+    assert histogram.lowest == state[2]
+
+
 # ---------------------------------------------------------------------------------------
 # Per-channel weights, whole arrays at a time, against onnxruntime's per-channel loop.
 
