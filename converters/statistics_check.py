@@ -5,9 +5,9 @@ describe the data (a short fine-tune, momentum 0.99 over few steps, small batche
 SWA, pruning) the model is wrong in inference while every export of it is
 faithful. :func:`check_statistics` measures each BN layer's population statistics
 over the data at that layer as the model stands (one compiled pass,
-``keras_bn.recalibration.BatchNormInputs``: each BN input's per-channel count, mean
-and M2 reduced in the pass, only those vectors copied out, the batches merged in
-float64 with Chan's formula), compares them with the moving statistics, and runs the
+``keras_bn.recalibration.BatchNormInputs``: each BN input's per-channel sums reduced
+in the pass, only those vectors copied out, the batches merged in float64 with
+Chan's formula), compares them with the moving statistics, and runs the
 model again with the population statistics (the same compiled program, new
 statistics) to say how much the difference changes the outputs, on the first
 :data:`EFFECT_SAMPLES` samples (every sample when the data has labels: the accuracy
