@@ -758,33 +758,39 @@ def _call_moments(layer, inputs, mask):
     values per channel (its first position): the shifted-data algorithm, whose sums
     do not cancel unless the values lie many standard deviations from that value,
     and one fused reduction per call, which XLA compiles in two thirds the time of
-    two-pass moments (BENCHMARKS.md, section 47). A masked input keeps two-pass
-    moments, as ``(count, mean, 0, m2)``. :func:`_as_moments` turns either into
-    ``(count, mean, m2)`` in float64."""
+    two-pass moments (BENCHMARKS.md, section 47). A masked input, or one whose
+    reduced sizes are not all known and non-zero when traced (no first value for
+    certain), keeps two-pass moments, as ``(count, mean, 0, m2)``. :func:`_as_moments`
+    turns either into ``(count, mean, m2)`` in float64."""
     dtype = "float64" if keras.backend.standardize_dtype(inputs.dtype) == "float64" else "float32"
     values = keras.ops.cast(inputs, dtype)
     rank = len(values.shape)
     axes = _feature_axes(layer, rank)
     reduced = [axis for axis in range(rank) if axis not in axes]
     shape = tuple(layer.moving_mean.shape)
-    if mask is None:
+    sizes = keras.ops.shape(values)
+    count = 1  # without a mask an integer: float32 holds integers up to 2**24 only
+    for axis in reduced:
+        count = count * sizes[axis]
+    if mask is None and all(values.shape[axis] for axis in reduced):
         first = tuple(slice(None) if axis in axes else slice(0, 1) for axis in range(rank))
         shift = keras.ops.stop_gradient(values[first])
         deviations = values - shift
         total = keras.ops.sum(deviations, axis=reduced)
         squares = keras.ops.sum(keras.ops.square(deviations), axis=reduced)
-        sizes = keras.ops.shape(values)
-        count = 1  # an integer: float32 holds integers up to 2**24 only
-        for axis in reduced:
-            count = count * sizes[axis]
         count = keras.ops.broadcast_to(keras.ops.cast(count, "int32"), shape)
         return tuple(keras.ops.reshape(v, shape) for v in (count, shift, total, squares))
-    # The layer's own reading of the mask (Keras's convention first, see _moments.mask_axes).
-    for axis in _moments.mask_axes(tuple(mask.shape), tuple(values.shape), axes, layer.axis):
-        mask = keras.ops.expand_dims(mask, axis)
-    mask = keras.ops.broadcast_to(keras.ops.cast(mask, "bool"), keras.ops.shape(values))
-    mean, variance, count = _moments.moments(values, reduced, mask=mask)
-    m2 = variance * keras.ops.cast(count, dtype)
+    if mask is not None:
+        # The layer's own reading (Keras's convention first, see _moments.mask_axes).
+        for axis in _moments.mask_axes(tuple(mask.shape), tuple(values.shape), axes, layer.axis):
+            mask = keras.ops.expand_dims(mask, axis)
+        mask = keras.ops.broadcast_to(keras.ops.cast(mask, "bool"), keras.ops.shape(values))
+    mean, variance, masked_count = _moments.moments(values, reduced, mask=mask)
+    m2 = variance * keras.ops.cast(masked_count, dtype)
+    if mask is None:
+        count = keras.ops.broadcast_to(keras.ops.cast(count, "int32"), keras.ops.shape(mean))
+    else:
+        count = masked_count
     zero = keras.ops.zeros_like(mean)
     return tuple(keras.ops.reshape(v, shape) for v in (count, mean, zero, m2))
 

@@ -101,6 +101,20 @@ def test_one_pass_moments_stay_exact_when_the_mean_dwarfs_the_spread():
     assert np.max(np.abs(naive / values.var(0) - 1)) > 1e-2  # the cancellation avoided
 
 
+def test_one_pass_moments_take_an_empty_batch_as_no_values():
+    """A batch of no samples has no first value to shift the sums by: it adds nothing,
+    and the moments are those of the other batches (float64 NumPy)."""
+    inputs = keras.Input((4, 3), name="x")
+    model = keras.Model(inputs, BatchNormalization(name="bn")(inputs))
+    x = np.random.default_rng(8).normal(5.0, 2.0, (9, 4, 3)).astype("float32")
+    measured = BatchNormInputs(model).measure([x[:0], x[:5], x[5:]])
+    moments = measured[id(model.get_layer("bn"))]
+    values = x.astype(np.float64).reshape(-1, 3)
+    np.testing.assert_array_equal(moments.count, len(values))
+    np.testing.assert_allclose(moments.mean, values.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(moments.variance(), values.var(0), rtol=1e-5)
+
+
 def test_one_pass_moments_of_a_float64_model_are_float64():
     """A float64 model's inputs are reduced in float64: agreement far below float32's."""
     inputs = keras.Input((5,), dtype="float64")
