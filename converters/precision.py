@@ -80,10 +80,10 @@ __all__ = [
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504.0
 # The int8 file's comparison with the float model runs at validation's optimization
-# level (``validation.VALIDATION_OPTIMIZATION``: the int8 kernels a deployment
-# gets), all samples in one run up to this many, so that ``keras-bn export``'s
-# validation on the calibration data reuses that run (PrecisionReport.outputs).
-_COMPARISON_OPTIMIZATION = "ORT_ENABLE_EXTENDED"
+# level for int8 files (``runtime.validation_optimization``: the int8 kernels a
+# deployment gets), all samples in one run up to this many, so that ``keras-bn
+# export``'s validation on the calibration data reuses that run (PrecisionReport.outputs).
+_COMPARISON_OPTIMIZATION = runtime.validation_optimization("int8")
 _ONE_RUN_SAMPLES = 256
 FLOAT16_SMALLEST_SUBNORMAL = float(2.0**-24)  # ~5.96e-8; a cast gives 0 below 2**-25
 _PROTOBUF_LIMIT = 2**31 - 1  # bytes: a larger ModelProto cannot be serialized in memory

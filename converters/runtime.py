@@ -48,6 +48,18 @@ _ORT_TYPES = {
 }
 
 
+# onnxruntime's graph optimization level at which keras-bn runs a file it validates
+# (validation's module docstring): the extended level, and for an int8 file
+# onnxruntime's default, ORT_ENABLE_ALL, the level its deployment gets by default.
+VALIDATION_OPTIMIZATION = "ORT_ENABLE_EXTENDED"
+INT8_VALIDATION_OPTIMIZATION = "ORT_ENABLE_ALL"
+
+
+def validation_optimization(precision: str) -> str:
+    """The level for a file judged by ``precision``'s criterion (see above)."""
+    return INT8_VALIDATION_OPTIMIZATION if precision == "int8" else VALIDATION_OPTIMIZATION
+
+
 class InputSpec(NamedTuple):
     """One graph input: its name, shape (None for a dynamic size) and NumPy dtype."""
 

@@ -22,7 +22,11 @@ onnxruntime runs the file with its graph optimizations up to the extended level
 (``ORT_ENABLE_EXTENDED``: constant folding, node fusions), not ``ORT_ENABLE_ALL``'s
 layout transform, which rewrites convolutions into blocked NCHWc kernels: preparing
 those costs more than the check itself (most of a validation: BENCHMARKS.md appendix)
-and changes only the order of float32 roundings, not what the graph computes.
+and changes only the order of float32 roundings, not what the graph computes. An
+int8 file runs at ``ORT_ENABLE_ALL``, onnxruntime's default and so its deployment's:
+there the level's own rewrite puts the integer convolutions in NHWC, which is cheaper
+to prepare and to run than the extended level's, with the same outputs on the vision
+models measured (BENCHMARKS.md, section 47; :func:`.runtime.validation_optimization`).
 ``keras-bn bench`` measures latency at both levels. Its worker threads sleep between
 operations rather than spin (:func:`.runtime.open_session`): the ``keras-bn`` command
 runs the Keras reference pass meanwhile, which the spinning would take CPU from
@@ -110,8 +114,9 @@ __all__ = [
     "VALIDATION_OPTIMIZATION",
 ]
 
-# onnxruntime's graph optimization level for validation (see the module docstring).
-VALIDATION_OPTIMIZATION = "ORT_ENABLE_EXTENDED"
+# onnxruntime's graph optimization level for validation (see the module docstring);
+# an int8 file's: runtime.validation_optimization("int8").
+VALIDATION_OPTIMIZATION = runtime.VALIDATION_OPTIMIZATION
 
 
 # --------------------------------------------------------------------------------------
@@ -312,6 +317,7 @@ def _open_and_run(
     batch_sizes: list[int] | None,
     input_layout: InputLayout | None,
     known: list[np.ndarray] | None = None,
+    optimization: str = VALIDATION_OPTIMIZATION,
 ) -> tuple[Any, int | None, InputLayout, list, list | None]:
     """Open the ONNX file in onnxruntime and run it on ``full`` as validation plans.
 
@@ -322,7 +328,7 @@ def _open_and_run(
     Returns ``(session, fixed batch size, input layout, plan, runs)``; the runs are
     None when the batch is fixed at a size the generated inputs do not have.
     """
-    session = runtime.open_session(path, optimization=VALIDATION_OPTIMIZATION, spinning=False)
+    session = runtime.open_session(path, optimization=optimization, spinning=False)
     if input_layout is None:
         metadata = session.get_modelmeta().custom_metadata_map
         recorded = metadata.get(METADATA_INPUT_LAYOUT, "channels_last")
@@ -679,7 +685,7 @@ def validate_onnx(
     if batch_sizes is None:
         batch_sizes = (1, INT8_TOP1_MIN_SAMPLES) if precision == "int8" else (1, 2)
     runs = _run_both(
-        prepared, path, inputs, batch_sizes, input_layout, seed, reference, onnx_outputs
+        prepared, path, inputs, batch_sizes, input_layout, seed, reference, onnx_outputs, precision
     )
     # float16/int8 outputs are never exact: every one is judged by its criterion.
     outright = None if explicit else (OUTRIGHT if precision == "float32" else -1.0)
@@ -866,12 +872,13 @@ def _run_both(
     seed: int,
     reference: KerasReference | None = None,
     onnx_outputs: Sequence[np.ndarray] | None = None,
+    precision: str = "float32",
 ) -> _Runs:
     """Run Keras (unless ``reference`` has) and onnxruntime on the same inputs
     (generated, the user's, or the reference's).
 
     ``onnx_outputs``: the file's outputs on every given sample (``inputs`` or
-    ``reference``'s) in one onnxruntime run at :data:`VALIDATION_OPTIMIZATION`, when
+    ``reference``'s) in one onnxruntime run at ``precision``'s level, when
     the caller has them (``quantize_int8``'s comparison on the same samples,
     :attr:`.precision.PrecisionReport.outputs`): that run is reused, and only the
     one-sample run (the dynamic batch) is added.
@@ -889,7 +896,8 @@ def _run_both(
         # onnxruntime opens the file and runs its batches while Keras computes the
         # reference (both release the GIL): BENCHMARKS.md appendix for what it saves.
         known = None if onnx_outputs is None else list(onnx_outputs)
-        onnx_side = pool.submit(_open_and_run, path, full, sizes, input_layout, known)
+        level = runtime.validation_optimization(precision)  # the file's criterion's
+        onnx_side = pool.submit(_open_and_run, path, full, sizes, input_layout, known, level)
         # once; each check compares a prefix
         if reference is None:
             full_expected = call_model(model, full)

@@ -234,6 +234,42 @@ def test_digits_int8_passes_by_sqnr_and_top1(digits):
     assert f"top-1 agreement {judged.top1_agreement:.1%} of {judged.top1_samples}" in text
 
 
+def test_int8_files_run_at_onnxruntimes_default_level_others_at_the_extended(
+    digits, monkeypatch
+):
+    """Validation opens an int8 file at ORT_ENABLE_ALL, onnxruntime's default (what
+    its deployment runs), the float files at ORT_ENABLE_EXTENDED; the int8 file's
+    numbers are its outputs at that level, as a default onnxruntime session gives them."""
+    import onnxruntime as ort
+
+    from keras_bn.converters import runtime
+
+    model, work, held_out = digits
+    opened = []
+    real = runtime.open_session
+    monkeypatch.setattr(
+        runtime,
+        "open_session",
+        lambda model, **kw: opened.append(kw.get("optimization")) or real(model, **kw),
+    )
+    levels = {}
+    for name in ("model.onnx", "half.onnx", "int8.onnx"):
+        opened.clear()
+        report = validate_onnx(model, work / name, inputs=held_out[:32])
+        assert report, str(report)
+        levels[report.precision] = opened[0]
+    assert levels == {
+        "float32": "ORT_ENABLE_EXTENDED",
+        "float16": "ORT_ENABLE_EXTENDED",
+        "int8": "ORT_ENABLE_ALL",
+    }
+    default = ort.InferenceSession(str(work / "int8.onnx"), providers=["CPUExecutionProvider"])
+    expected = default.run(None, {default.get_inputs()[0].name: held_out[:32]})[0]
+    keras_outputs = np.asarray(model.predict(held_out[:32], verbose=0), np.float64)
+    judged = report.comparisons[-1]
+    assert judged.sqnr_db == pytest.approx(sqnr_db(expected, keras_outputs), abs=0.05)
+
+
 @pytest.mark.parametrize("bug", GROSS_INT8_BUGS)
 def test_digits_int8_with_a_bug_is_rejected(digits, bug, tmp_path):
     model, work, held_out = digits
@@ -314,20 +350,21 @@ def test_float16_and_int8_judged_against_keras_float32_agree_with_float64(digits
         report = validate_onnx(model, work / name, inputs=samples)
         judged = report.comparisons[-1]
         assert "against Keras float32" in report.exact_note
-        onnx_outputs = _onnx_outputs(work / name, samples)
+        onnx_outputs = _onnx_outputs(work / name, samples, report.precision)
         assert abs(judged.exact_error - relative_error(onnx_outputs, exact)) <= keras_error * 1.01
         assert judged.sqnr_db == pytest.approx(sqnr_db(onnx_outputs, exact), abs=0.01)
         assert judged.passed
 
 
-def _onnx_outputs(path: Path, samples: np.ndarray) -> np.ndarray:
+def _onnx_outputs(path: Path, samples: np.ndarray, precision: str) -> np.ndarray:
     """The file's outputs as validation computes them (its graph optimizations: others
     fuse float16 operations differently, and round differently)."""
     import onnxruntime as ort
 
-    from keras_bn.converters.validation import VALIDATION_OPTIMIZATION
+    from keras_bn.converters.runtime import validation_optimization
 
+    level = validation_optimization(precision)
     options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, VALIDATION_OPTIMIZATION)
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: samples})[0]
