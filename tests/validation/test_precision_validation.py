@@ -234,9 +234,7 @@ def test_digits_int8_passes_by_sqnr_and_top1(digits):
     assert f"top-1 agreement {judged.top1_agreement:.1%} of {judged.top1_samples}" in text
 
 
-def test_int8_files_run_at_onnxruntimes_default_level_others_at_the_extended(
-    digits, monkeypatch
-):
+def test_int8_files_run_at_onnxruntimes_default_level_others_at_the_extended(digits, monkeypatch):
     """Validation opens an int8 file at ORT_ENABLE_ALL, onnxruntime's default (what
     its deployment runs), the float files at ORT_ENABLE_EXTENDED; the int8 file's
     numbers are its outputs at that level, as a default onnxruntime session gives them."""
