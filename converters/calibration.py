@@ -174,9 +174,11 @@ class AbsoluteHistogram:
         self.seen = True
         self._widen(low, high)
         self._count(top, values.size - below)
-        if moments is not None:
+        if moments is not None and row_sums is not None:  # _scan summed the rows
             channel = np.sum(row_sums.reshape(values.shape[:2]), axis=0, dtype=np.float64)
-            moments.add_sums(channel, values.size // values.shape[1], len(values), squares)
+            moments.add_sums(
+                np.asarray(channel), values.size // values.shape[1], len(values), squares
+            )
         return True
 
     def _widen(self, low: Any, high: Any) -> None:
