@@ -757,8 +757,9 @@ def _call_moments(layer, inputs, mask):
     are the sums of ``x - shift`` and of its squares, ``shift`` one of the input's own
     values per channel (its first position): the shifted-data algorithm, whose sums
     do not cancel unless the values lie many standard deviations from that value,
-    and one fused reduction per call, which XLA compiles in two thirds the time of
-    two-pass moments (BENCHMARKS.md, section 47). A masked input, or one whose
+    and two sums independent of each other (two-pass moments' second waits on the
+    first's mean), which XLA compiles in two thirds the time (BENCHMARKS.md, section
+    47). A masked input, or one whose
     reduced sizes are not all known and non-zero when traced (no first value for
     certain), keeps two-pass moments, as ``(count, mean, 0, m2)``. :func:`_as_moments`
     turns either into ``(count, mean, m2)`` in float64."""
