@@ -251,10 +251,13 @@ def _upstream(
     return found
 
 
-def _weight_of(graph, name: str) -> tuple[str, int] | None:
+def _weight_of(
+    graph, name: str, producers: Mapping[str, Any] | None = None
+) -> tuple[str, int] | None:
     """The weight initializer of the layer computing ``name`` and its output-channel axis:
-    the first Conv/Gemm/MatMul upstream through activations and per-channel affines."""
-    producers = onnx_graph.producers(graph)
+    the first Conv/Gemm/MatMul upstream through activations and per-channel affines.
+    ``producers``: ``onnx_graph.producers(graph)``, where the caller has it."""
+    producers = onnx_graph.producers(graph) if producers is None else producers
     initializers = {init.name for init in graph.initializer}
     node = producers.get(name)
     while node is not None:
@@ -436,27 +439,41 @@ def _spread(channel_max: np.ndarray | None) -> float:
     return float(live.max()) / float(np.median(live))
 
 
-def _weight_facts(float_model, int8_model, value: str) -> tuple[bool, float | None]:
-    """Whether the layer's weight is quantized per tensor, and its channel range spread."""
-    from onnx import numpy_helper
+class _WeightFacts:
+    """Per layer: whether its weight is quantized per tensor, and its channel range
+    spread; and a scale's step. The models' lookups are built once for all layers."""
 
-    found = _weight_of(float_model.graph, value)
-    if found is None:
-        return False, None
-    weight, axis = found
-    array = next(
-        numpy_helper.to_array(init) for init in float_model.graph.initializer if init.name == weight
-    )
-    moved = np.moveaxis(np.abs(array.astype(np.float64)), axis, 0)
-    spread = _spread(moved.reshape(moved.shape[0], -1).max(axis=1))
-    scales = {init.name: init for init in int8_model.graph.initializer}
-    per_tensor = False
-    for node in int8_model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.output[0].startswith(weight):
-            scale = scales.get(node.input[1])
-            per_tensor = scale is not None and numpy_helper.to_array(scale).size == 1
-            break
-    return per_tensor, spread
+    def __init__(self, float_model, int8_model):
+        self.graph = float_model.graph
+        self.producers = onnx_graph.producers(float_model.graph)
+        self.float_weights = {init.name: init for init in float_model.graph.initializer}
+        self.int8_initializers = {init.name: init for init in int8_model.graph.initializer}
+        self.dequantized = [n for n in int8_model.graph.node if n.op_type == "DequantizeLinear"]
+
+    def __call__(self, value: str) -> tuple[bool, float | None]:
+        from onnx import numpy_helper
+
+        found = _weight_of(self.graph, value, self.producers)
+        if found is None:
+            return False, None
+        weight, axis = found
+        array = numpy_helper.to_array(self.float_weights[weight])
+        moved = np.moveaxis(np.abs(array.astype(np.float64)), axis, 0)
+        spread = _spread(moved.reshape(moved.shape[0], -1).max(axis=1))
+        per_tensor = False
+        for node in self.dequantized:
+            if node.output[0].startswith(weight):
+                scale = self.int8_initializers.get(node.input[1])
+                per_tensor = scale is not None and numpy_helper.to_array(scale).size == 1
+                break
+        return per_tensor, spread
+
+    def step(self, scale: str | None) -> float | None:
+        """The value of the int8 model's scale initializer ``scale`` (None: not one)."""
+        from onnx import numpy_helper
+
+        found = self.int8_initializers.get(scale) if scale is not None else None
+        return None if found is None else float(numpy_helper.to_array(found).ravel()[0])
 
 
 def _hint(spread: float, per_tensor: bool, weight_spread: float | None) -> str:
@@ -485,25 +502,17 @@ def _local_db(own_db: float, inputs_db: Sequence[float]) -> float:
     return -10 * math.log10(own) if own > 0 else math.inf
 
 
-def _step(int8_model, scale: str | None) -> float | None:
-    from onnx import numpy_helper
-
-    for init in int8_model.graph.initializer:
-        if init.name == scale:
-            return float(numpy_helper.to_array(init).ravel()[0])
-    return None
-
-
 def _judge(float_model, int8_model, sites, totals, upstream) -> list[LayerDivergence]:
     channel_db: dict[str, float] = {}
     layers = []
+    facts = _WeightFacts(float_model, int8_model)
     for site in sites:
         total = totals[site.float_value]
         inputs, computed_by = upstream[site.float_value]
         channel_db[site.layer] = total.channel_sqnr_db()
         span = total.high - total.low if total.high >= total.low else 0.0
         spread = _spread(total.channel_max)
-        per_tensor, weight_spread = _weight_facts(float_model, int8_model, site.float_value)
+        per_tensor, weight_spread = facts(site.float_value)
         layers.append(
             LayerDivergence(
                 layer=site.layer,
@@ -517,7 +526,7 @@ def _judge(float_model, int8_model, sites, totals, upstream) -> list[LayerDiverg
                 relative_to_range=total.max_error / span if span > 0 else 0.0,
                 value_range=(total.low, total.high),
                 channel_spread=spread,
-                int8_step=_step(int8_model, site.scale),
+                int8_step=facts.step(site.scale),
                 weights_per_tensor=per_tensor,
                 weight_spread=weight_spread,
                 hint=_hint(spread, per_tensor, weight_spread),
