@@ -149,17 +149,17 @@ class AbsoluteHistogram:
         self._count(top, counted)
 
     def add_in_one_pass(self, values: np.ndarray, moments: ChannelMoments | None = None) -> bool:
-        """:meth:`add` (and ``moments.add``) reading ``values`` from memory once: a
-        block at a time, each block's extremes, top values and (for ``moments``)
-        per-row sums taken while it is in the CPU's cache, instead of a pass over the
-        whole tensor for each. The same counts, extremes and channel sums, bit for
-        bit; the sum of squares (a spread for reports) is summed by block. Only for a
-        histogram past its first batch counting its top, on a C-contiguous float32
-        tensor (channels on axis 1 with ``moments``) of finite values: False, with
-        nothing changed, otherwise (the caller adds the usual way)."""
+        """:meth:`add` (and ``moments.add``) reading ``values`` from memory once (the
+        first batch: twice): a block at a time, each block's extremes, top values and
+        (for ``moments``) per-row sums taken while it is in the CPU's cache, instead
+        of a pass over the whole tensor for each. The same edges, floor, counts,
+        extremes and channel sums, bit for bit; the sum of squares (a spread for
+        reports) is summed by block. Only for a histogram counting its top, on a
+        C-contiguous float32 tensor (channels on axis 1 with ``moments``) of finite
+        values: False, with nothing changed, otherwise (the caller adds the usual way)."""
         if (
-            self.edges is None
-            or not self.floor
+            (self.edges is None and self.tail >= _WHOLE_TAIL)
+            or (self.edges is not None and not self.floor)
             or values.dtype != np.float32
             or not values.flags.c_contiguous
             or values.ndim < (2 if moments is None else 3)
@@ -167,17 +167,31 @@ class AbsoluteHistogram:
         ):
             return False
         rows = values.reshape(values.shape[0] * values.shape[1], -1)
-        scanned = _scan(rows, self.edges[self.floor], self.edges[0], moments is not None)
-        if scanned is None:  # an inf or NaN: add() leaves them out
-            return False
-        low, high, top, below, row_sums, squares = scanned
+        sums = moments is not None
+        if self.edges is None:
+            first = _scan(rows, None, 0, sums)  # the extremes first: they place the edges
+            if first is None:  # an inf or NaN: add() leaves them out
+                return False
+            edges = _edges_between(first.smallest, max(abs(first.low), abs(first.high)), self.bins)
+            floor = _sampled_floor(values.reshape(-1), edges, self.tail)
+            scanned = _scan(rows, edges[floor], edges[0], False) if floor else None
+            if scanned is None or scanned.top.size < self.tail * values.size:
+                return False  # the floor misplaced (add() counts every bin): rare
+            self.edges, self.floor, self.counts = edges, floor, np.zeros(self.bins, np.int64)
+            self.lowest, self.highest = first.low, first.high
+            scanned.row_sums, scanned.squares = first.row_sums, first.squares
+        else:
+            found = _scan(rows, self.edges[self.floor], self.edges[0], sums)
+            if found is None:
+                return False
+            scanned = found
+            self._widen(scanned.low, scanned.high)
         self.seen = True
-        self._widen(low, high)
-        self._count(top, values.size - below)
-        if moments is not None and row_sums is not None:  # _scan summed the rows
-            channel = np.sum(row_sums.reshape(values.shape[:2]), axis=0, dtype=np.float64)
+        self._count(scanned.top, values.size - scanned.below)
+        if moments is not None and scanned.row_sums is not None:  # _scan summed the rows
+            channel = np.sum(scanned.row_sums.reshape(values.shape[:2]), axis=0, dtype=np.float64)
             moments.add_sums(
-                np.asarray(channel), values.size // values.shape[1], len(values), squares
+                np.asarray(channel), values.size // values.shape[1], len(values), scanned.squares
             )
         return True
 
@@ -227,18 +241,30 @@ class AbsoluteHistogram:
 _SCAN = 1 << 17  # values per block of a one-pass scan: half a MiB of float32, in L2
 
 
-def _scan(
-    rows: np.ndarray, edge: Any, first: Any, sums: bool
-) -> tuple[Any, Any, np.ndarray, int, np.ndarray | None, float] | None:
+@dataclasses.dataclass
+class _Scanned:
+    """What :func:`_scan` read."""
+
+    low: Any  # the signed extremes
+    high: Any
+    smallest: Any  # the smallest |x| (only without an edge)
+    top: np.ndarray  # the magnitudes at or above the edge, in order
+    below: int  # how many magnitudes lie under the first edge
+    row_sums: np.ndarray | None
+    squares: float
+
+
+def _scan(rows: np.ndarray, edge: Any, first: Any, sums: bool) -> _Scanned | None:
     """:meth:`AbsoluteHistogram.add_in_one_pass`'s read of ``rows`` (2-D, C-contiguous,
-    float32), blocks of whole rows: the signed extremes, the magnitudes at or above
-    ``edge`` (in order), how many lie under ``first``, and with ``sums`` each row's
-    sum (NumPy's pairwise float32 sum of the row, as :func:`.channel_sums` takes it)
-    and the sum of squares. None at the first block holding an inf or a NaN."""
+    float32), blocks of whole rows: the signed extremes; the magnitudes at or above
+    ``edge`` and how many lie under ``first`` (None: the smallest magnitude instead);
+    with ``sums`` each row's sum (NumPy's pairwise float32 sum of the row, as
+    :func:`.channel_sums` takes it) and the sum of squares. None at the first block
+    holding an inf or a NaN."""
     step = max(1, _SCAN // max(rows.shape[1], 1))
     buffer = np.empty(min(len(rows), step) * rows.shape[1], rows.dtype)
     row_sums = np.empty(len(rows), rows.dtype) if sums else None
-    low = high = None
+    low = high = smallest = None
     tops, below, squares = [], 0, 0.0
     for start in range(0, len(rows), step):
         block = rows[start : start + step]
@@ -255,10 +281,15 @@ def _scan(
         magnitude = block
         if lowest < 0:  # |x| of this block only: a ReLU's output is its own
             magnitude = np.abs(block, out=buffer[: block.size].reshape(block.shape))
+        if edge is None:
+            least = magnitude.min() if lowest < 0 else lowest
+            smallest = least if smallest is None else min(smallest, least)
+            continue
         tops.append(magnitude[magnitude >= edge])
         if first:
             below += int(np.count_nonzero(magnitude < first))
-    return low, high, np.concatenate(tops), below, row_sums, squares
+    top = np.concatenate(tops) if tops else np.empty(0, rows.dtype)
+    return _Scanned(low, high, smallest, top, below, row_sums, squares)
 
 
 def _finite(values: np.ndarray) -> tuple[np.ndarray, Any, Any] | None:
@@ -283,9 +314,14 @@ def _first_edges(magnitude: np.ndarray, bins: int, largest: Any) -> np.ndarray:
     narrow for distinct edges in that dtype (a nearly constant tensor, such as a
     squeeze-excite gate of an untrained network: numpy, and so onnxruntime's own
     calibrator, refuses it), and at least ``bins`` smallest normal numbers wide."""
-    dtype = magnitude.dtype
+    return _edges_between(np.min(magnitude), largest, bins, magnitude.dtype)
+
+
+def _edges_between(smallest: Any, largest: Any, bins: int, dtype: Any = np.float32) -> np.ndarray:
+    """:func:`_first_edges` from the extremes of ``|x|`` alone (NumPy reads only the
+    range and the dtype when a range is given)."""
     try:
-        edges = np.histogram_bin_edges(magnitude, bins, range=(np.min(magnitude), largest))
+        edges = np.histogram_bin_edges(np.empty(0, dtype), bins, range=(smallest, largest))
     except ValueError as error:
         if "Too many bins" not in str(error):
             raise
@@ -298,20 +334,29 @@ _SAMPLE = 1 << 14  # values of the first batch sampled to place the floor
 _SMALL_BATCH = 1 << 16  # values: a batch this small is counted bin by bin
 
 
+_WHOLE_TAIL = 0.125  # a tail this large: every bin counted (floor 0)
+
+
 def _floor(magnitude: np.ndarray, edges: np.ndarray, tail: float) -> int:
     """The highest bin with at least ``tail`` of ``magnitude`` at or above its left
-    edge, placed from a random sample of the values (aiming at four times ``tail``;
-    a strided sample of an NCHW tensor would see a few image columns only) and checked
-    on all of them: 0 (count every bin) for small batches, a large ``tail``, or a
-    sample that misled."""
-    if tail >= 0.125 or magnitude.size < _SMALL_BATCH:
+    edge, placed from a random sample of the values (:func:`_sampled_floor`) and
+    checked on all of them: 0 (count every bin) for small batches, a large ``tail``,
+    or a sample that misled."""
+    if tail >= _WHOLE_TAIL or magnitude.size < _SMALL_BATCH:
         return 0
-    sample = magnitude[np.random.default_rng(0).integers(0, magnitude.size, _SAMPLE)]
-    level = np.quantile(sample, 1.0 - 4.0 * tail)
-    width = edges[1] - edges[0]
-    floor = int(min(max((level - edges[0]) / width, 0), len(edges) - 2))
+    floor = _sampled_floor(magnitude, edges, tail)
     above = np.count_nonzero(magnitude >= edges[floor])
     return floor if floor and above >= tail * magnitude.size else 0
+
+
+def _sampled_floor(values: np.ndarray, edges: np.ndarray, tail: float) -> int:
+    """:func:`_floor`'s candidate before its check: from a random sample of ``|values|``
+    (flat), aiming at four times ``tail`` (a strided sample of an NCHW tensor would
+    see a few image columns only)."""
+    sample = np.abs(values[np.random.default_rng(0).integers(0, values.size, _SAMPLE)])
+    level = np.quantile(sample, 1.0 - 4.0 * tail)
+    width = edges[1] - edges[0]
+    return int(min(max((level - edges[0]) / width, 0), len(edges) - 2))
 
 
 def count_in_bins(magnitude: np.ndarray, edges: np.ndarray) -> np.ndarray:

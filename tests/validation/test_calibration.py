@@ -350,12 +350,13 @@ def test_a_tail_lighter_than_the_first_batchs_is_counted_again(setup, monkeypatc
 
 @pytest.mark.parametrize("block", [calibration._SCAN, 1000, 1])  # rows per block vary
 def test_one_pass_over_a_tensor_counts_what_the_separate_passes_count(monkeypatch, block):
-    """A calibrated tensor that bias correction also measures is read once per batch
-    (AbsoluteHistogram.add_in_one_pass): the same edges, counts and extremes as
-    AbsoluteHistogram.add, bit for bit, the same per-channel sums as ChannelMoments.add,
-    and channel means and spread as NumPy's float64 ones. The batches: ReLU-like
-    (non-negative) and signed, one reaching past the last edge, one with values under
-    the first edge, one holding an inf (read the usual way, leaving the inf out)."""
+    """A calibrated tensor that bias correction also measures is read once per batch,
+    twice for the first (AbsoluteHistogram.add_in_one_pass): the same edges, floor,
+    counts and extremes as AbsoluteHistogram.add, bit for bit, after the first batch
+    and after all, the same per-channel sums as ChannelMoments.add, and channel means
+    and spread as NumPy's float64 ones. The batches: ReLU-like (non-negative) and
+    signed, one reaching past the last edge, one with values under the first edge,
+    one holding an inf (read the usual way, leaving the inf out)."""
     monkeypatch.setattr(calibration, "_SCAN", block)
     rng = np.random.default_rng(11)
     shape = (4, 6, 64, 64)  # 98,304 values per batch: over _SMALL_BATCH
@@ -381,7 +382,15 @@ def test_one_pass_over_a_tensor_counts_what_the_separate_passes_count(monkeypatc
         np.testing.assert_array_equal(batch, before)  # the fetched values are not modified
         apart.add(batch)
         alone.add(batch)
-    assert passes == [False, True, True, True, False]  # the first batch sets the edges
+        if len(passes) == 1:  # the first batch placed the edges and the floor alike
+            np.testing.assert_array_equal(one.edges, apart.edges)
+            np.testing.assert_array_equal(one.counts, apart.counts)
+            assert (one.floor, one.lowest, one.highest) == (
+                apart.floor,
+                apart.lowest,
+                apart.highest,
+            )
+    assert passes == [True, True, True, True, False]
     assert one.floor > 0 and one.edges[0] > 0 and len(one.edges) > 2049
     np.testing.assert_array_equal(one.edges, apart.edges)
     np.testing.assert_array_equal(one.counts, apart.counts)
@@ -392,9 +401,7 @@ def test_one_pass_over_a_tensor_counts_what_the_separate_passes_count(monkeypatc
     # Means and spread against NumPy in float64, on the finite batches, read in one pass.
     finite = bias_correction.ChannelMoments()
     histogram = calibration.AbsoluteHistogram(tail=tail)
-    histogram.add(batches[0])
-    finite.add(batches[0])
-    assert all(histogram.add_in_one_pass(batch, finite) for batch in batches[1:4])
+    assert all(histogram.add_in_one_pass(batch, finite) for batch in batches[:4])
     exact = np.concatenate(batches[:4]).astype(np.float64)
     np.testing.assert_allclose(
         finite.means, exact.mean(axis=(0, 2, 3)), rtol=1e-6, atol=1e-6 * exact.std()
@@ -419,13 +426,35 @@ def test_one_pass_leaves_other_tensors_to_the_separate_passes():
     for values in refused:
         assert histogram.add_in_one_pass(values) is False
     assert histogram.add_in_one_pass(big.reshape(64, -1), bias_correction.ChannelMoments()) is False
-    assert calibration.AbsoluteHistogram().add_in_one_pass(big) is False  # no edges yet
     every = calibration.AbsoluteHistogram(tail=1.0)  # counts every bin: floor 0
+    assert every.add_in_one_pass(big) is False and every.edges is None
     every.add(big)
     assert every.floor == 0 and every.add_in_one_pass(big) is False
     np.testing.assert_array_equal(histogram.edges, state[0])
     np.testing.assert_array_equal(histogram.counts, state[1])
     assert histogram.lowest == state[2]
+
+
+@pytest.mark.parametrize("placed", ["at the top", "at zero"])
+def test_one_pass_leaves_a_first_batch_with_a_misplaced_floor_to_add(monkeypatch, placed):
+    """Where the sampled floor would count fewer than ``tail`` of the first batch bin by
+    bin (a sample that misled), or is 0, the first batch goes the usual way: False,
+    nothing changed, and add() then counts every bin, as before."""
+    rng = np.random.default_rng(13)
+    batch = np.abs(rng.standard_t(3, size=(4, 6, 64, 64))).astype(np.float32)
+    sampled = calibration._sampled_floor
+    monkeypatch.setattr(
+        calibration,
+        "_sampled_floor",
+        lambda values, edges, tail: len(edges) - 2 if placed == "at the top" else 0,
+    )
+    histogram, moments = calibration.AbsoluteHistogram(tail=1e-3), bias_correction.ChannelMoments()
+    assert histogram.add_in_one_pass(batch, moments) is False
+    assert histogram.edges is None and moments.sums is None and not histogram.seen
+    histogram.add(batch)
+    assert histogram.floor == 0 and histogram.counts.sum() == batch.size
+    monkeypatch.setattr(calibration, "_sampled_floor", sampled)
+    assert calibration.AbsoluteHistogram(tail=1e-3).add_in_one_pass(batch) is True
 
 
 # ---------------------------------------------------------------------------------------
