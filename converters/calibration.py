@@ -169,23 +169,13 @@ class AbsoluteHistogram:
         rows = values.reshape(values.shape[0] * values.shape[1], -1)
         sums = moments is not None
         if self.edges is None:
-            first = _scan(rows, None, 0, sums)  # the extremes first: they place the edges
-            if first is None:  # an inf or NaN: add() leaves them out
-                return False
-            edges = _edges_between(first.smallest, max(abs(first.low), abs(first.high)), self.bins)
-            floor = _sampled_floor(values.reshape(-1), edges, self.tail)
-            scanned = _scan(rows, edges[floor], edges[0], False) if floor else None
-            if scanned is None or scanned.top.size < self.tail * values.size:
-                return False  # the floor misplaced (add() counts every bin): rare
-            self.edges, self.floor, self.counts = edges, floor, np.zeros(self.bins, np.int64)
-            self.lowest, self.highest = first.low, first.high
-            scanned.row_sums, scanned.squares = first.row_sums, first.squares
+            scanned = self._place(values, rows, sums)
         else:
-            found = _scan(rows, self.edges[self.floor], self.edges[0], sums)
-            if found is None:
-                return False
-            scanned = found
-            self._widen(scanned.low, scanned.high)
+            scanned = _scan(rows, self.edges[self.floor], self.edges[0], sums)
+            if scanned is not None:
+                self._widen(scanned.low, scanned.high)
+        if scanned is None:  # an inf or NaN (add() leaves them out), or a misplaced floor
+            return False
         self.seen = True
         self._count(scanned.top, values.size - scanned.below)
         if moments is not None and scanned.row_sums is not None:  # _scan summed the rows
@@ -194,6 +184,23 @@ class AbsoluteHistogram:
                 np.asarray(channel), values.size // values.shape[1], len(values), scanned.squares
             )
         return True
+
+    def _place(self, values: np.ndarray, rows: np.ndarray, sums: bool) -> _Scanned | None:
+        """The first batch's two reads: the extremes (and sums), which place the edges
+        and the sampled floor, then the top values; the edges, floor and extremes set.
+        None, with nothing set, at an inf or NaN, or where the floor is 0 or would count
+        fewer than ``tail`` of the values bin by bin (add() then counts every bin)."""
+        first = _scan(rows, None, 0, sums)
+        if first is None:
+            return None
+        edges = _edges_between(first.smallest, max(abs(first.low), abs(first.high)), self.bins)
+        floor = _sampled_floor(values.reshape(-1), edges, self.tail)
+        second = _scan(rows, edges[floor], edges[0], False) if floor else None
+        if second is None or second.top.size < self.tail * values.size:
+            return None
+        self.edges, self.floor, self.counts = edges, floor, np.zeros(self.bins, np.int64)
+        self.lowest, self.highest = first.low, first.high
+        return dataclasses.replace(second, row_sums=first.row_sums, squares=first.squares)
 
     def _widen(self, low: Any, high: Any) -> None:
         """Take in a later batch's signed extremes: onnxruntime's rule for a batch

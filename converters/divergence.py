@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -252,13 +252,12 @@ def _upstream(
 
 
 def _weight_of(
-    graph, name: str, producers: Mapping[str, Any] | None = None
+    name: str, producers: Mapping[str, Any], initializers: Collection[str]
 ) -> tuple[str, int] | None:
     """The weight initializer of the layer computing ``name`` and its output-channel axis:
-    the first Conv/Gemm/MatMul upstream through activations and per-channel affines.
-    ``producers``: ``onnx_graph.producers(graph)``, where the caller has it."""
-    producers = onnx_graph.producers(graph) if producers is None else producers
-    initializers = {init.name for init in graph.initializer}
+    the first Conv/Gemm/MatMul upstream through activations and per-channel affines
+    (``producers``: ``onnx_graph.producers`` of the graph; ``initializers``: its
+    initializers' names)."""
     node = producers.get(name)
     while node is not None:
         if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.input) > 1:
@@ -444,7 +443,6 @@ class _WeightFacts:
     spread; and a scale's step. The models' lookups are built once for all layers."""
 
     def __init__(self, float_model, int8_model):
-        self.graph = float_model.graph
         self.producers = onnx_graph.producers(float_model.graph)
         self.float_weights = {init.name: init for init in float_model.graph.initializer}
         self.int8_initializers = {init.name: init for init in int8_model.graph.initializer}
@@ -453,7 +451,7 @@ class _WeightFacts:
     def __call__(self, value: str) -> tuple[bool, float | None]:
         from onnx import numpy_helper
 
-        found = _weight_of(self.graph, value, self.producers)
+        found = _weight_of(value, self.producers, self.float_weights)
         if found is None:
             return False, None
         weight, axis = found

@@ -759,10 +759,10 @@ def _call_moments(layer, inputs, mask):
     do not cancel unless the values lie many standard deviations from that value,
     and two sums independent of each other (two-pass moments' second waits on the
     first's mean), which XLA compiles in two thirds the time (BENCHMARKS.md, section
-    47). A masked input, or one whose
-    reduced sizes are not all known and non-zero when traced (no first value for
-    certain), keeps two-pass moments, as ``(count, mean, 0, m2)``. :func:`_as_moments`
-    turns either into ``(count, mean, m2)`` in float64."""
+    47). A masked input, or one whose reduced sizes are not all known and non-zero
+    when traced (no first value for certain), keeps two-pass moments, as ``(count,
+    mean, 0, m2)``. :func:`_as_moments` turns either into ``(count, mean, m2)`` in
+    float64."""
     dtype = "float64" if keras.backend.standardize_dtype(inputs.dtype) == "float64" else "float32"
     values = keras.ops.cast(inputs, dtype)
     rank = len(values.shape)
@@ -773,13 +773,13 @@ def _call_moments(layer, inputs, mask):
     count = 1  # without a mask an integer: float32 holds integers up to 2**24 only
     for axis in reduced:
         count = count * sizes[axis]
+    count = keras.ops.broadcast_to(keras.ops.cast(count, "int32"), shape)
     if mask is None and all(values.shape[axis] for axis in reduced):
         first = tuple(slice(None) if axis in axes else slice(0, 1) for axis in range(rank))
         shift = keras.ops.stop_gradient(values[first])
         deviations = values - shift
         total = keras.ops.sum(deviations, axis=reduced)
         squares = keras.ops.sum(keras.ops.square(deviations), axis=reduced)
-        count = keras.ops.broadcast_to(keras.ops.cast(count, "int32"), shape)
         return tuple(keras.ops.reshape(v, shape) for v in (count, shift, total, squares))
     if mask is not None:
         # The layer's own reading (Keras's convention first, see _moments.mask_axes).
@@ -788,9 +788,7 @@ def _call_moments(layer, inputs, mask):
         mask = keras.ops.broadcast_to(keras.ops.cast(mask, "bool"), keras.ops.shape(values))
     mean, variance, masked_count = _moments.moments(values, reduced, mask=mask)
     m2 = variance * keras.ops.cast(masked_count, dtype)
-    if mask is None:
-        count = keras.ops.broadcast_to(keras.ops.cast(count, "int32"), keras.ops.shape(mean))
-    else:
+    if mask is not None:
         count = masked_count
     zero = keras.ops.zeros_like(mean)
     return tuple(keras.ops.reshape(v, shape) for v in (count, mean, zero, m2))
