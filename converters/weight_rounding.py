@@ -30,6 +30,7 @@ The maths are NumPy functions (:func:`patches`, :func:`gptq_round`,
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 from collections.abc import Callable, Mapping, Sequence
@@ -358,11 +359,26 @@ def _moments(
     chunk = None if onnx_graph.batch_is_fixed(float_model) else budget
     feeds = runtime.first_samples(batches, samples, chunk)
     moments: dict[str, np.ndarray] = {}
-    for feed in feeds:
-        values = dict(zip(names, session.run(names, feed), strict=True))
-        for layer in layers:
-            _accumulate(layer, values[layer.input], moments)
-        progress(len(feeds))
+    adding: list[concurrent.futures.Future] = []  # the previous run's layers
+
+    def added() -> None:
+        for future in adding:
+            future.result()
+        if adding:
+            progress(len(feeds))
+
+    # Two workers add one run's layers while onnxruntime computes the next run here
+    # (NumPy's copies and products release the GIL, as onnxruntime does). A run's
+    # layers finish before the next run's start: each layer's sum keeps its order.
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="rounding") as pool:
+        for feed in feeds:
+            values = dict(zip(names, session.run(names, feed), strict=True))
+            added()
+            adding = [
+                pool.submit(_accumulate, layer, values[layer.input], moments) for layer in layers
+            ]
+            del values
+        added()
     return moments, sum(len(next(iter(feed.values()))) for feed in feeds), len(feeds)
 
 
