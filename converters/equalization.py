@@ -383,17 +383,31 @@ def rounding_error(
     """
     shape = (1, -1) + (1,) * (values.ndim - 2)
     factors = np.asarray(factors, np.float32).reshape(shape)
-    scaled = np.asarray(values, np.float32) / factors
-    limit = float(np.percentile(np.abs(scaled), percentile))
+    unscaled = not np.any(factors != 1)  # x / 1 and e * 1 are x and e: skipped
+    scaled = np.asarray(values, np.float32)
+    scaled = scaled if unscaled else scaled / factors
+    work = np.abs(scaled)  # one buffer, reused in place for each step below
+    limit = float(np.percentile(work, percentile, overwrite_input=True))
     lowest = max(min(float(scaled.min()), 0.0), -limit)
     highest = max(min(float(scaled.max()), limit), 0.0)
     if highest <= lowest:
         return 0.0
     step = (highest - lowest) / 255.0
     zero_point = np.round(-lowest / step)
-    rounded = (np.clip(np.round(scaled / step) + zero_point, 0, 255) - zero_point) * step
-    error = np.square((rounded - scaled) * factors)
-    per_channel = error.mean(axis=(0, *range(2, values.ndim)), dtype=np.float64)
+    # ((clip(round(x / step) + zero, 0, 255) - zero) * step - x) * factors, squared:
+    # in float32 up to the rounding, then float64 (``zero_point`` is a float64 scalar).
+    np.divide(scaled, step, out=work)
+    np.round(work, out=work)
+    wide = np.add(work, zero_point)
+    del work
+    np.clip(wide, 0, 255, out=wide)
+    wide -= zero_point
+    wide *= step
+    wide -= scaled
+    if not unscaled:
+        wide *= factors
+    np.square(wide, out=wide)
+    per_channel = wide.mean(axis=(0, *range(2, values.ndim)), dtype=np.float64)
     return float(np.dot(np.asarray(weight_power, np.float64), per_channel))
 
 

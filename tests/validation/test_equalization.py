@@ -257,6 +257,16 @@ def test_rounding_error_at_a_percentile_clips_the_tail():
     assert eq.rounding_error(values, np.ones(2), power, percentile=100.0) < clipped
 
 
+def test_rounding_error_leaves_float32_values_as_they_were():
+    """It works in place on its own buffers: the caller's activations (float32, as the
+    calibration pass keeps them) come back unchanged, with factors of 1 or others."""
+    values = np.random.default_rng(3).standard_normal((2, 3, 40)).astype(np.float32)
+    before = values.copy()
+    for factors in (np.ones(3), np.array([0.5, 2.0, 1.0])):
+        eq.rounding_error(values, factors, np.ones(3), percentile=99.0)
+    np.testing.assert_array_equal(values, before)
+
+
 def test_only_pairs_whose_factors_raise_the_error_are_reported_left_unscaled():
     report = eq.EqualizationReport([], 0, {}, {}, depthwise_only=True, judged_samples=4)
     # a tie (factors of 1: nothing to gain or lose) is not a pair left unscaled
