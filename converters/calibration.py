@@ -712,10 +712,33 @@ def quantize_qdq(
         default_op_types(),
         dict(extra_options),
     )
+    _rewire_by_lookup(quantizer.model)
     with _whole_array_weights(), _quiet_axis_warnings():
         quantizer.quantize_model()
     quantizer.model.topological_sort()
     return quantizer.model.model
+
+
+def _rewire_by_lookup(model: Any) -> None:
+    """``model``'s (the quantizer's ``ONNXModel``) ``replace_input_of_all_nodes`` and
+    ``replace_output_of_all_nodes`` with the same effect, each node tested with one
+    C-level lookup (``name in node.input``) before its inputs are walked in Python.
+    onnxruntime's walks every input of every node for each tensor it quantizes
+    (EfficientNetB0: 208,000 ``replace_node_input`` calls, 0.35 s of its rewrite)."""
+    nodes = model.model.graph.node  # onnxruntime's walk: the main graph's nodes
+
+    def replace_inputs(old: str, new: str) -> None:
+        for node in nodes:
+            if old in node.input:
+                type(model).replace_node_input(node, old, new)
+
+    def replace_outputs(old: str, new: str) -> None:
+        for node in nodes:
+            if old in node.output:
+                type(model).replace_node_output(node, old, new)
+
+    model.replace_input_of_all_nodes = replace_inputs
+    model.replace_output_of_all_nodes = replace_outputs
 
 
 class _AxisWarnings(logging.Filter):
@@ -868,7 +891,28 @@ def _quantizer() -> str | None:
         )
         or _parameters_are(QDQQuantizer.quantize_model, "self")
         or _parameters_are(ONNXModel.topological_sort, "self")
+        or _rewiring(ONNXModel)
     )
+
+
+def _rewiring(model_class: type) -> str | None:
+    """What :func:`_rewire_by_lookup` stands in for, and calls."""
+    for name in ("replace_input_of_all_nodes", "replace_output_of_all_nodes"):
+        problem = _parameters_are(getattr(model_class, name), "self")
+        if problem is not None:
+            return problem
+        if len(inspect.signature(getattr(model_class, name)).parameters) != 3:
+            return f"ONNXModel.{name} no longer takes (self, old name, new name)"
+    for name in ("replace_node_input", "replace_node_output"):
+        if not isinstance(inspect.getattr_static(model_class, name), staticmethod):
+            return f"ONNXModel.{name} is no longer a static method"
+        problem = _parameters_are(getattr(model_class, name), "node")
+        if (
+            problem is not None
+            or len(inspect.signature(getattr(model_class, name)).parameters) != 3
+        ):
+            return problem or f"ONNXModel.{name} no longer takes (node, old name, new name)"
+    return None
 
 
 def _registries() -> str | None:
@@ -948,7 +992,9 @@ ONNXRUNTIME_RELIANCES: dict[str, tuple[str, Callable[[], str | None]]] = {
         "onnxruntime.quantization.QDQQuantizer(model, per_channel, reduce_range, "
         "weight_qType, activation_qType, tensors_range, nodes_to_quantize, nodes_to_exclude, "
         "op_types_to_quantize, extra_options).quantize_model() and its .model "
-        "(ONNXModel.topological_sort, .model)",
+        "(ONNXModel.topological_sort, .model; replace_input_of_all_nodes and "
+        "replace_output_of_all_nodes(old, new) over .model.graph.node, with the static "
+        "replace_node_input and replace_node_output(node, old, new))",
         _quantizer,
     ),
     "op types": (
