@@ -311,11 +311,17 @@ class _Totals:
             exact, error, axis = exact.reshape(-1, 1), error.reshape(-1, 1), 1
         others = tuple(i for i in range(exact.ndim) if i != axis)
         with np.errstate(invalid="ignore", over="ignore"):
-            error = np.where(np.isnan(error), np.float32(np.inf), error)
+            nan = np.isnan(error)
+            if nan.any():
+                error[nan] = np.inf  # error is this call's own array
+            # max |x| as max(max x, -min x): the extremes come with it, no |x| copy
+            lowest, highest = np.min(exact, axis=others), np.max(exact, axis=others)
+            largest_error = max(float(error.max()), -float(error.min()))
+            squares = np.square(exact)
             parts = (
-                np.asarray(np.sum(np.square(exact), axis=others, dtype=np.float64)),
-                np.asarray(np.sum(np.square(error), axis=others, dtype=np.float64)),
-                np.asarray(np.max(np.abs(exact), axis=others), dtype=np.float64),
+                np.asarray(np.sum(squares, axis=others, dtype=np.float64)),
+                np.asarray(np.sum(np.square(error, out=error), axis=others, dtype=np.float64)),
+                np.asarray(np.maximum(highest, -lowest), dtype=np.float64),
             )
         if self.signal is None:
             self.signal, self.noise, self.channel_max = parts
@@ -324,9 +330,9 @@ class _Totals:
             self.signal = self.signal + parts[0]
             self.noise = self.noise + parts[1]
             self.channel_max = np.maximum(self.channel_max, parts[2])
-        self.max_error = max(self.max_error, float(np.max(np.abs(error))))
-        self.low = min(self.low, float(exact.min()))
-        self.high = max(self.high, float(exact.max()))
+        self.max_error = max(self.max_error, largest_error)
+        self.low = min(self.low, float(lowest.min()))
+        self.high = max(self.high, float(highest.max()))
 
     def sqnr_db(self) -> float:
         """comparison.sqnr_db's formula over the whole value, from the sums."""
