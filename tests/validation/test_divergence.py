@@ -407,3 +407,37 @@ def test_channel_sqnr_leaves_out_channels_at_float_rounding():
     totals = _Totals()
     totals.add(exact, rounded, axis=1)
     assert totals.channel_sqnr_db() == pytest.approx(40.0, abs=1e-3)  # 1% error: 40 dB
+
+
+def test_totals_are_numpys_sums_and_extremes_and_take_nan_as_infinite_error():
+    """Per channel: sum of float^2, sum of (int8 - float)^2, max |float|; over the
+    value: max |error|, lowest and highest float (NumPy float64, two batches). A NaN
+    in the int8 value is an infinite error in its channel only, and neither input is
+    modified."""
+    from keras_bn.converters.divergence import _Totals
+
+    rng = np.random.default_rng(11)
+    spread = np.array([1.0, 5.0, 0.1]).reshape(1, 3, 1, 1)
+    batches = [(rng.standard_normal((2, 3, 4, 5)) * spread).astype(np.float32)]
+    batches.append((rng.standard_normal((2, 3, 4, 5)) - 3).astype(np.float32))
+    int8 = [(b + rng.normal(0, 0.01, b.shape)).astype(np.float32) for b in batches]
+    int8[1][1, 2, 0, 0] = np.nan
+    kept = [a.copy() for a in batches + int8]
+    totals = _Totals()
+    for exact, received in zip(batches, int8, strict=True):
+        totals.add(exact, received, axis=1)
+    for array, copy in zip(batches + int8, kept, strict=True):
+        np.testing.assert_array_equal(array, copy)
+    exact = np.concatenate(batches).astype(np.float64)
+    error = np.concatenate(int8).astype(np.float64) - exact
+    np.testing.assert_allclose(totals.signal, (exact**2).sum(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(totals.noise[:2], (error[:, :2] ** 2).sum(axis=(0, 2, 3)), rtol=1e-5)
+    assert totals.noise[2] == np.inf
+    np.testing.assert_array_equal(totals.channel_max, np.abs(exact).max(axis=(0, 2, 3)))
+    assert totals.max_error == np.inf
+    assert (totals.low, totals.high) == (exact.min(), exact.max())
+    lower = int8[0].copy()
+    lower[0, 0, 0, 0] = batches[0][0, 0, 0, 0] - 7.0  # the largest error, below the float
+    below = _Totals()
+    below.add(batches[0], lower, axis=1)
+    assert below.max_error == pytest.approx(7.0, rel=1e-6)
