@@ -47,7 +47,7 @@ DEPTHWISE_SAMPLES = 32  # enough for a depthwise layer's 9 x 9 H per channel, at
 DAMPING = 0.01  # added to H's diagonal, relative to its mean: a singular H still inverts
 BLOCK = 128  # columns rounded between two matrix products (GPTQ's lazy batch)
 CHUNK = 4  # samples per float run at most (a depthwise layer's patches are 9x its input)
-EXPOSED_BYTES = 256 * 2**20  # layer inputs one float run may return (fewer samples if more)
+EXPOSED_BYTES = 256 * 2**20  # layer inputs two float runs may hold at once (fewer samples if more)
 
 
 # ---------------------------------------------------------------------------------------
@@ -347,15 +347,15 @@ def _moments(
 ) -> tuple[dict[str, np.ndarray], int, int]:
     """Each layer's input second moments over the first ``samples`` samples of
     ``batches``, their count and the float runs. The float model runs ``CHUNK`` samples at a time, or
-    fewer where their layer inputs would pass ``EXPOSED_BYTES``; ``progress(total)``
-    after each run."""
+    fewer where two runs' layer inputs (one run's being added up while the next runs)
+    would pass ``EXPOSED_BYTES``; ``progress(total)`` after each run's layers."""
     names = list(dict.fromkeys(layer.input for layer in layers))
     sizes = onnx_graph.sample_sizes(float_model)
     per_sample = 4 * sum(sizes.get(name, 0) for name in names)
     session = runtime.open_session(
         onnx_graph.with_outputs(float_model, names), spinning=False, arena=False
     )
-    budget = max(1, min(CHUNK, EXPOSED_BYTES // max(per_sample, 1)))
+    budget = max(1, min(CHUNK, EXPOSED_BYTES // (2 * max(per_sample, 1))))
     chunk = None if onnx_graph.batch_is_fixed(float_model) else budget
     feeds = runtime.first_samples(batches, samples, chunk)
     moments: dict[str, np.ndarray] = {}
@@ -369,7 +369,8 @@ def _moments(
 
     # Two workers add one run's layers while onnxruntime computes the next run here
     # (NumPy's copies and products release the GIL, as onnxruntime does). A run's
-    # layers finish before the next run's start: each layer's sum keeps its order.
+    # layers are all added before the next run's are submitted: each layer's sum keeps
+    # the runs' order.
     with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="rounding") as pool:
         for feed in feeds:
             values = dict(zip(names, session.run(names, feed), strict=True))
