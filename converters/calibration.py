@@ -896,22 +896,20 @@ def _quantizer() -> str | None:
 
 
 def _rewiring(model_class: type) -> str | None:
-    """What :func:`_rewire_by_lookup` stands in for, and calls."""
-    for name in ("replace_input_of_all_nodes", "replace_output_of_all_nodes"):
-        problem = _parameters_are(getattr(model_class, name), "self")
-        if problem is not None:
-            return problem
-        if len(inspect.signature(getattr(model_class, name)).parameters) != 3:
-            return f"ONNXModel.{name} no longer takes (self, old name, new name)"
-    for name in ("replace_node_input", "replace_node_output"):
-        if not isinstance(inspect.getattr_static(model_class, name), staticmethod):
-            return f"ONNXModel.{name} is no longer a static method"
-        problem = _parameters_are(getattr(model_class, name), "node")
-        if (
-            problem is not None
-            or len(inspect.signature(getattr(model_class, name)).parameters) != 3
+    """What :func:`_rewire_by_lookup` stands in for (methods), and calls (static)."""
+    for name, first in (
+        ("replace_input_of_all_nodes", "self"),
+        ("replace_output_of_all_nodes", "self"),
+        ("replace_node_input", "node"),
+        ("replace_node_output", "node"),
+    ):
+        found = list(inspect.signature(getattr(model_class, name)).parameters)
+        if len(found) != 3 or found[0] != first:
+            return f"ONNXModel.{name} takes {found}, not ({first}, old name, new name)"
+        if first == "node" and not isinstance(
+            inspect.getattr_static(model_class, name), staticmethod
         ):
-            return problem or f"ONNXModel.{name} no longer takes (node, old name, new name)"
+            return f"ONNXModel.{name} is no longer a static method"
     return None
 
 

@@ -317,9 +317,8 @@ class _Totals:
             # max |x| as max(max x, -min x): the extremes come with it, no |x| copy
             lowest, highest = np.min(exact, axis=others), np.max(exact, axis=others)
             largest_error = max(float(error.max()), -float(error.min()))
-            squares = np.square(exact)
             parts = (
-                np.asarray(np.sum(squares, axis=others, dtype=np.float64)),
+                np.asarray(np.sum(np.square(exact), axis=others, dtype=np.float64)),
                 np.asarray(np.sum(np.square(error, out=error), axis=others, dtype=np.float64)),
                 np.asarray(np.maximum(highest, -lowest), dtype=np.float64),
             )

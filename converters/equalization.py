@@ -383,10 +383,10 @@ def rounding_error(
     """
     shape = (1, -1) + (1,) * (values.ndim - 2)
     factors = np.asarray(factors, np.float32).reshape(shape)
-    unscaled = not np.any(factors != 1)  # x / 1 and e * 1 are x and e: skipped
+    unscaled = bool(np.all(factors == 1))  # x / 1 and e * 1 are x and e: skipped
     scaled = np.asarray(values, np.float32)
     scaled = scaled if unscaled else scaled / factors
-    work = np.abs(scaled)  # one buffer, reused in place for each step below
+    work = np.abs(scaled)  # one float32 buffer, reused in place up to the rounding
     limit = float(np.percentile(work, percentile, overwrite_input=True))
     lowest = max(min(float(scaled.min()), 0.0), -limit)
     highest = max(min(float(scaled.max()), limit), 0.0)
