@@ -16,6 +16,18 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+# XLA's quick compile for everything the tests compile (JAX, and TensorFlow's jit), in
+# this process and the subprocesses it starts (they inherit the environment): the
+# default run spent about 13% of its time in XLA's backend optimizations, on passes of
+# a few samples (BENCHMARKS.md, section 49). The product already compiles its own quick
+# passes this way (samples._QUICK_XLA_OPTIONS); what the optimizations change is
+# float32 rounding, which every numeric test judges against float64 or a tolerance.
+# A developer's own XLA_FLAGS come first; a test that sets XLA_FLAGS for a subprocess
+# keeps them beside its own.
+_QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_QUICK_XLA_FLAGS}".strip()
+
 
 @pytest.fixture(scope="session")
 def run_python():
