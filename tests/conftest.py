@@ -23,9 +23,8 @@ if os.environ.get("CI"):
 # section 49). The product compiles its own quick passes this way too
 # (samples._QUICK_XLA_OPTIONS); what the optimizations change is float32 rounding,
 # which every numeric test judges against float64 or a tolerance. A developer's own
-# optimization level comes first; a test that sets XLA_FLAGS for a subprocess keeps
-# these beside its own. Only this long-standing flag: XLA aborts the process on a flag
-# its version does not know.
+# optimization level comes first; run_python adds a test's XLA_FLAGS to these. Only
+# this long-standing flag: XLA aborts the process on a flag its version does not know.
 _QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_QUICK_XLA_FLAGS}".strip()
@@ -37,11 +36,15 @@ def run_python():
 
     Usage: `run_python(["-c", code], env={"KERAS_BACKEND": "jax"}, timeout=300)`.
     For settings that must precede TensorFlow/JAX initialization (logical
-    devices, XLA_FLAGS, the Keras backend). Returns the CompletedProcess.
+    devices, XLA_FLAGS, the Keras backend). ``env``'s XLA_FLAGS are added to this
+    process's (the quick compile above), not put in their place. Returns the
+    CompletedProcess.
     """
 
     def run(args, env=None, timeout=300):
         full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+        if env and "XLA_FLAGS" in env:
+            full_env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {env['XLA_FLAGS']}".strip()
         result = subprocess.run(
             [sys.executable, *args],
             cwd=REPO_ROOT,

@@ -7,7 +7,6 @@ computed here with NumPy.
 """
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -194,10 +193,7 @@ def tensorflow_results(run_python):
 def jax_results(run_python):
     result = run_python(
         ["-c", JAX_SCRIPT],
-        env={
-            "KERAS_BACKEND": "jax",
-            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2",
-        },
+        env={"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
     )
     return parse_results(result.stdout)
 

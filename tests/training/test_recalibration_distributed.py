@@ -13,8 +13,6 @@ batches that do not split evenly over the devices.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 SCRIPT = """
@@ -93,9 +91,7 @@ def test_distributed_recalibration_equals_single_process(run_python, backend):
     """2 and then 4 devices in one process of 4 (the start-up paid once)."""
     env = {"KERAS_BACKEND": backend}
     if backend == "jax":
-        env["XLA_FLAGS"] = (
-            f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
-        )
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     result = run_python(["-c", SCRIPT, backend, "4"], env=env, timeout=300)
     for devices in (2, 4):
         assert f"distributed recalibration ok {backend} {devices}" in result.stdout
