@@ -584,10 +584,12 @@ def channel_extremes(
     names = list(dict.fromkeys(names))
     own = [output.name for output in model.graph.output]
     fetched = [*own, *(name for name in names if name not in own)]
+    # onnxruntime's default optimizations (as the equalized model's check run): the
+    # extremes bound scale factors, so float32 rounding does not matter to them, and
+    # its blocked layout runs depthwise convolutions several times faster than the
+    # graph as written (MobileNetV2: 0.44 against 0.93 s; BENCHMARKS.md, section 50).
     session = runtime.open_session(
-        onnx_graph.with_outputs(model, fetched, in_place=True),
-        optimization="ORT_DISABLE_ALL",
-        spinning=False,
+        onnx_graph.with_outputs(model, fetched, in_place=True), spinning=False
     )
     extremes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     outputs: list[list[np.ndarray]] = [[] for _ in own]
