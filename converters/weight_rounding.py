@@ -46,7 +46,8 @@ ROUNDING_SAMPLES = 64  # calibration samples whose layer inputs give H (D x D, D
 DEPTHWISE_SAMPLES = 32  # enough for a depthwise layer's 9 x 9 H per channel, at half the cost
 DAMPING = 0.01  # added to H's diagonal, relative to its mean: a singular H still inverts
 BLOCK = 128  # columns rounded between two matrix products (GPTQ's lazy batch)
-CHUNK = 4  # samples per float run at most (a depthwise layer's patches are 9x its input)
+CHUNK = 4  # samples whose patches are summed at once (a depthwise layer's are 9x its input)
+RUN = 16  # samples per float run at most (fewer, larger runs: BENCHMARKS.md section 50)
 EXPOSED_BYTES = 256 * 2**20  # layer inputs two float runs may hold at once (fewer samples if more)
 
 
@@ -342,20 +343,31 @@ def _accumulate(layer: _Layer, x: np.ndarray, into: dict[str, np.ndarray]) -> No
     into[name] = into[name] + moments if name in into else moments
 
 
+def _accumulate_chunks(
+    layer: _Layer, x: np.ndarray, samples: int, into: dict[str, np.ndarray]
+) -> None:
+    """:func:`_accumulate` of ``x`` (a run's ``samples`` samples of ``layer``'s input)
+    ``CHUNK`` samples at a time, in order: the patches of a few samples at once."""
+    rows = CHUNK * max(1, len(x) // max(samples, 1))
+    for start in range(0, len(x), rows):
+        _accumulate(layer, x[start : start + rows], into)
+
+
 def _moments(
     float_model: Any, layers: list[_Layer], batches, samples: int, progress: Callable[[int], None]
 ) -> tuple[dict[str, np.ndarray], int, int]:
     """Each layer's input second moments over the first ``samples`` samples of
-    ``batches``, their count and the float runs. The float model runs ``CHUNK`` samples at a time, or
-    fewer where two runs' layer inputs (one run's being added up while the next runs)
-    would pass ``EXPOSED_BYTES``; ``progress(total)`` after each run's layers."""
+    ``batches``, their count and the float runs. The float model runs ``RUN`` samples at a
+    time, or fewer where two runs' layer inputs (one run's being added up while the next
+    runs) would pass ``EXPOSED_BYTES``; each run's inputs are added ``CHUNK`` samples at
+    a time, in order; ``progress(total)`` after each run's layers."""
     names = list(dict.fromkeys(layer.input for layer in layers))
     sizes = onnx_graph.sample_sizes(float_model)
     per_sample = 4 * sum(sizes.get(name, 0) for name in names)
     session = runtime.open_session(
         onnx_graph.with_outputs(float_model, names), spinning=False, arena=False
     )
-    budget = max(1, min(CHUNK, EXPOSED_BYTES // (2 * max(per_sample, 1))))
+    budget = max(1, min(RUN, EXPOSED_BYTES // (2 * max(per_sample, 1))))
     chunk = None if onnx_graph.batch_is_fixed(float_model) else budget
     feeds = runtime.first_samples(batches, samples, chunk)
     moments: dict[str, np.ndarray] = {}
@@ -375,8 +387,10 @@ def _moments(
         for feed in feeds:
             values = dict(zip(names, session.run(names, feed), strict=True))
             added()
+            size = len(next(iter(feed.values())))
             adding = [
-                pool.submit(_accumulate, layer, values[layer.input], moments) for layer in layers
+                pool.submit(_accumulate_chunks, layer, values[layer.input], size, moments)
+                for layer in layers
             ]
             del values
         added()
@@ -406,7 +420,7 @@ def round_weights(
         depthwise_only: round only the depthwise convolutions (the rest keep the
             quantizer's integers, unlisted).
         progress: called as ``progress(done, total)`` after each float run (of
-            ``CHUNK`` samples at most), then after each layer.
+            ``RUN`` samples at most), then after each layer.
 
     Returns:
         The copy of ``quantized_model`` with its new integers, and a

@@ -177,7 +177,7 @@ def test_rounding_changes_only_weight_integers_and_brings_the_outputs_closer(fil
     assert quantized.SerializeToString() == copy  # not modified
     assert report.rounded == ["conv", "depthwise", "pointwise", "dense"]
     assert report.samples == 64 and report.skipped == {}
-    assert progress == [(step, 20) for step in range(1, 21)]  # 16 float runs, 4 layers
+    assert progress == [(step, 8) for step in range(1, 9)]  # 4 float runs of 16, 4 layers
     changed = [
         a.name
         for a, b in zip(quantized.graph.initializer, rounded.graph.initializer, strict=True)
@@ -238,7 +238,7 @@ def test_quantize_int8_rounds_before_correcting_and_reports_it(files, tmp_path):
     )
     rounding = report.details["weight_rounding"]
     assert rounding["rounded"] == ["conv", "depthwise", "pointwise", "dense"]
-    assert progress[-1] == (20, 20)
+    assert progress[-1] == (8, 8)
     assert "GPTQ weight rounding of 4 layer(s)" in str(report)
     assert "weight rounding (GPTQ): " in str(report)
     assert report.to_dict()["weight_rounding"] == rounding
@@ -352,9 +352,10 @@ def test_one_dimensional_convolutions_are_rounded_too(tmp_path):
 
 
 def test_float_runs_follow_the_memory_budget_and_fixed_batches(files, monkeypatch):
-    """The float model runs 4 samples at a time, fewer where their layer inputs would
+    """The float model runs 16 samples at a time, fewer where their layer inputs would
     pass the budget (same integers), and whole batches where the model's batch size is
-    fixed (onnxruntime rejects any other)."""
+    fixed (onnxruntime rejects any other); the inputs are summed 4 samples at a time
+    whatever the run's size, so runs of 4 give the same integers."""
     from keras_bn.converters import weight_rounding
 
     folder, calibration = files
@@ -371,7 +372,22 @@ def test_float_runs_follow_the_memory_budget_and_fixed_batches(files, monkeypatc
         return ints, report, progress[-1][1] - len(report.rounded)  # float runs
 
     ints, report, runs = rounded(float_model)
+    assert runs == 4 and report.samples == 64
+    monkeypatch.setattr(weight_rounding, "RUN", 4)
+    fours, report, runs = rounded(float_model)
     assert runs == 16 and report.samples == 64
+    assert all(np.array_equal(ints[name], fours[name]) for name in ints)
+    pieces = []  # each sum's samples: at most 4 (a depthwise layer's patches are 9x)
+    real = weight_rounding._accumulate
+    monkeypatch.setattr(
+        weight_rounding,
+        "_accumulate",
+        lambda layer, x, into: (pieces.append(len(x)), real(layer, x, into)),
+    )
+    monkeypatch.setattr(weight_rounding, "RUN", 16)
+    assert rounded(float_model)[0].keys() == ints.keys()
+    assert pieces and max(pieces) == 4 and sum(pieces) == 4 * 64  # 4 layers, 64 samples
+    monkeypatch.setattr(weight_rounding, "_accumulate", real)
     monkeypatch.setattr(weight_rounding, "EXPOSED_BYTES", 1)  # one sample a run
     tight, report, runs = rounded(float_model)
     assert runs == 64 and report.samples == 64
