@@ -348,7 +348,7 @@ def _accumulate_chunks(
 ) -> None:
     """:func:`_accumulate` of ``x`` (a run's ``samples`` samples of ``layer``'s input)
     ``CHUNK`` samples at a time, in order: the patches of a few samples at once."""
-    rows = CHUNK * max(1, len(x) // max(samples, 1))
+    rows = CHUNK * max(1, len(x) // samples)
     for start in range(0, len(x), rows):
         _accumulate(layer, x[start : start + rows], into)
 
