@@ -59,6 +59,7 @@ __all__ = [
     "channel_extremes",
     "quantize_qdq",
     "reliance_problem",
+    "replaced_ranges",
     "share_bound_ranges",
     "tensors_to_calibrate",
 ]
@@ -479,6 +480,7 @@ def calibrate(
     whole: Collection[str] = (),
     keep: Sequence[str] = (),
     keep_samples: int = 0,
+    quantizer_exclude: Collection[str] | None = None,
 ) -> Calibration:
     """Run the float ``model`` (shape-inferred ``ModelProto``, not modified) once over
     ``batches``, in onnxruntime's calibration arithmetic (graph optimizations off), and
@@ -491,15 +493,22 @@ def calibrate(
     values of ``keep`` on exactly the first ``keep_samples`` samples (:mod:`.divergence`'s
     float side, without a second run of the float model), where the first batch holds
     them; a value cut to them must be batch-major (``onnx_graph.batch_major``), and one
-    that is not is kept only when the first batch is those samples."""
-    from onnxruntime.quantization import CalibrationMethod, TensorsData
+    that is not is kept only when the first batch is those samples.
+
+    ``quantizer_exclude``: the ranges go only to :func:`share_bound_ranges`, then to
+    :func:`quantize_qdq` with these nodes left float. The tensors of
+    :func:`replaced_ranges` are then not measured (the quantizer would replace their
+    ranges before reading them), and each gets the range the quantizer gives it. None:
+    every tensor measured, as onnxruntime's calibrator does."""
+    from onnxruntime.quantization import CalibrationMethod, TensorData, TensorsData
 
     first = len(next(iter(batches[0].values()))) if batches and batches[0] else 0
     if first < keep_samples:
         keep = ()  # the first batch holds fewer samples: run the float model for them
     elif first > keep_samples:
         keep = onnx_graph.batch_major(model, keep)
-    names = tensors_to_calibrate(model)
+    replaced = {} if quantizer_exclude is None else replaced_ranges(model, quantizer_exclude)
+    names = [name for name in tensors_to_calibrate(model) if name not in replaced]
     # Percentile's bin lies in the top (1 - percentile) of all values: with batches no
     # larger than the first, the values counted bin by bin are twice that share or more
     # (when a tail is lighter after all, that tensor is counted again, every bin).
@@ -529,7 +538,49 @@ def calibrate(
         if recount:  # a tail lighter than the first batch's: count every bin again
             again, _, _, _ = _float_pass(model, batches, recount, method, 1.0, (), None)
             ranges.update({name: again[name].percentile_range(percentile) for name in recount})
+    for name, source in replaced.items():  # in the order they would be replaced
+        # a Softmax's output: the quantizer's own probability range
+        probabilities = TensorData(lowest=np.float32(0.0), highest=np.float32(1.0))
+        ranges[name] = probabilities if source is None else ranges[source]
     return Calibration(TensorsData(CalibrationMethod[method], ranges), moments, samples, kept)
+
+
+def replaced_ranges(model: Any, exclude: Collection[str] = ()) -> dict[str, str | None]:
+    """The calibrated tensors whose measured range is replaced before anything reads it,
+    on the way to :func:`quantize_qdq` with the nodes in ``exclude`` left float, each
+    with the tensor whose range it takes (None: a probability's, 0 to 1), in the order
+    onnxruntime's quantizer replaces them (``BaseQuantizer.adjust_tensor_ranges``,
+    before it computes any scale): the input of a Relu or Clip it quantizes, read by
+    that node alone, takes the node's output range (the activation is then removed and
+    the producer's output quantized with it); a Softmax's output takes 0 to 1.
+
+    ResNet50's 49 convolution outputs into a ReLU are such tensors. Left out: a tensor
+    whose own range is read on the way (by another replacement, as a ReLU's output into
+    a Clip, or by :func:`share_bound_ranges`, which runs first), and the graph outputs
+    (their whole range, :func:`calibrate`'s ``whole``)."""
+    calibrated = set(tensors_to_calibrate(model))
+    kinds, excluded = set(default_op_types()), set(exclude)
+    reads: dict[str, int] = {}  # as the quantizer counts them: every input slot
+    for node in model.graph.node:
+        for name in node.input:
+            if name:
+                reads[name] = reads.get(name, 0) + 1
+    replaced: dict[str, str | None] = {}
+    for node in model.graph.node:
+        if node.op_type not in kinds or node.name in excluded:
+            continue
+        if node.op_type in ("Relu", "Clip") and reads.get(node.input[0]) == 1:
+            if node.input[0] in calibrated and node.output[0] in calibrated:
+                replaced[node.input[0]] = node.output[0]
+        elif node.op_type == "Softmax" and node.output[0] in calibrated:
+            replaced[node.output[0]] = None
+    read = set(replaced.values()) | {output.name for output in model.graph.output}
+    read.update(bounded_sources(model).values())  # share_bound_ranges reads them first
+    return {
+        name: source
+        for name, source in replaced.items()
+        if name in calibrated and name not in read and (source is None or source in calibrated)
+    }
 
 
 def bounded_sources(model: Any) -> dict[str, str]:

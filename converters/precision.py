@@ -1286,6 +1286,7 @@ def _quantize_static(
         from keras_bn.converters.bias_correction import tensors_to_measure
 
         preprocessed = _preprocess(model)
+        exclude = float_mask_nodes(preprocessed)
         measured = calibration.calibrate(
             preprocessed,
             batches,
@@ -1296,6 +1297,7 @@ def _quantize_static(
             whole=_output_names(model),
             keep=keep,
             keep_samples=keep_samples,
+            quantizer_exclude=exclude,
         )
         calibration.share_bound_ranges(preprocessed, measured.ranges)
         quantized = calibration.quantize_qdq(
@@ -1303,7 +1305,7 @@ def _quantize_static(
             measured.ranges,
             per_channel=per_channel,
             extra_options=_INT8_OPTIONS,
-            exclude=float_mask_nodes(preprocessed),
+            exclude=exclude,
         )
         return quantized, measured.moments if measure_biases else None, measured.kept
     _quantize_static_file(

@@ -809,6 +809,93 @@ def test_a_bounded_clip_shares_its_bounds_range(tmp_path, monkeypatch):
     assert shared < 0.75 * own  # root-mean-square errors: 0.011 against 0.017
 
 
+def _activations_model(output_relu: bool = True) -> onnx.ModelProto:
+    """Activations whose input ranges onnxruntime's quantizer replaces, and some it
+    keeps: Conv -> Relu; a Conv read by a Relu and an Add; Conv -> Clip -> Relu;
+    Gemm -> Softmax -> Gemm; with ``output_relu`` a Relu's input that is a graph output
+    too (which onnxruntime's ``quantize_static`` quantizes on its whole range, and its
+    quantizer given ranges on the Relu's: not compared below)."""
+    rng = np.random.default_rng(5)
+    arrays = {
+        "w1": rng.normal(size=(4, 3, 3, 3)) * 0.5, "w2": rng.normal(size=(4, 4, 1, 1)),
+        "w3": rng.normal(size=(4, 4, 1, 1)), "wg": rng.normal(size=(4, 6)),
+        "wh": rng.normal(size=(6, 3)), "zero": np.array(0.0), "six": np.array(1.5),
+    }  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], "relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], "conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], "relu2"),
+        helper.make_node("Add", ["r2", "c2"], ["a"], "add"),
+        helper.make_node("Conv", ["a", "w3"], ["c3"], "conv3"),
+        helper.make_node("Clip", ["c3", "zero", "six"], ["k3"], "clip3"),
+        helper.make_node("Relu", ["k3"], ["r3"], "relu3"),
+        helper.make_node("GlobalAveragePool", ["r3"], ["pooled"], "pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], "flatten"),
+        helper.make_node("Gemm", ["flat", "wg"], ["g"], "dense"),
+        helper.make_node("Softmax", ["g"], ["p"], "softmax"),
+        helper.make_node("Gemm", ["p", "wh"], ["h"], "head"),
+        *([helper.make_node("Relu", ["h"], ["y"], "relu_out")] if output_relu else []),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "activations",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [
+            helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 3])
+            for name in (("y", "h") if output_relu else ("h",))
+        ],
+        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def test_replaced_ranges_are_those_the_quantizer_replaces_before_reading():
+    """A Relu's or Clip's only input takes the output's range, a Softmax's output 0 to
+    1; kept: a tensor with two readers, one whose range a later replacement reads (the
+    Clip's output into a Relu), a graph output, the input of an excluded node."""
+    preprocessed = precision._preprocess(_activations_model())
+    assert calibration.replaced_ranges(preprocessed) == {"c1": "r1", "c3": "k3", "p": None}
+    assert calibration.replaced_ranges(preprocessed, ["relu1", "softmax"]) == {"c3": "k3"}
+    bounded = precision._preprocess(_bounded_model())  # Conv -> Clip -> Min(bound)
+    assert calibration.replaced_ranges(bounded) == {"c1": "clipped"}
+    bounds = _bounded_model()  # a bound's output read by a Relu alone: share_bound_ranges reads it
+    bounds.graph.node.insert(3, helper.make_node("Relu", ["bounded"], ["positive"], "relu"))
+    bounds.graph.node[4].input[0] = "positive"
+    assert calibration.replaced_ranges(precision._preprocess(bounds)) == {"c1": "clipped"}
+
+
+@pytest.mark.parametrize("method", ["MinMax", "Percentile"])
+def test_ranges_the_quantizer_replaces_are_not_measured_and_the_file_is_quantize_statics(
+    tmp_path, monkeypatch, method
+):
+    """quantize_int8 leaves those tensors out of the float pass (each gets its
+    replacement's range), and the int8 file is still onnxruntime's quantize_static's,
+    byte for byte, whose calibrator measures every tensor."""
+    path = tmp_path / "activations.onnx"
+    onnx.save(_activations_model(output_relu=False), str(path))
+    rng = np.random.default_rng(6)
+    batches = [{"x": rng.normal(size=(16, 3, 8, 8)).astype(np.float32) * s} for s in SCALES]
+    measured = []
+    float_pass = calibration._float_pass
+    monkeypatch.setattr(
+        calibration, "_float_pass", lambda m, b, names, *a: measured.append(names) or float_pass(m, b, names, *a)
+    )  # fmt: skip
+    quantize_int8(
+        path, tmp_path / "ours.onnx", {"x": np.concatenate([b["x"] for b in batches])},
+        calibration_method=method, bias_correction=False, round_weights=False,
+        layer_report=False, signed=True,
+    )  # fmt: skip
+    assert not {"c1", "c3", "p"} & set(measured[0])
+    assert {"c2", "k3", "r1", "g", "h"} <= set(measured[0])
+    precision._quantize_static_file(
+        path, onnx.load(str(path)), tmp_path / "theirs.onnx", batches, True, method, None, PERCENTILE
+    )  # fmt: skip
+    assert sha256(tmp_path / "ours.onnx") == sha256(tmp_path / "theirs.onnx")
+
+
 def runtime_session(path):
     from keras_bn.converters import runtime
 
