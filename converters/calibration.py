@@ -58,6 +58,8 @@ __all__ = [
     "calibrate",
     "channel_extremes",
     "quantize_qdq",
+    "activation_outputs",
+    "output_overrides",
     "reliance_problem",
     "replaced_ranges",
     "share_bound_ranges",
@@ -547,17 +549,57 @@ def calibrate(
 
 def replaced_ranges(model: Any, exclude: Collection[str] = ()) -> dict[str, str | None]:
     """The calibrated tensors whose measured range is replaced before anything reads it,
-    on the way to :func:`quantize_qdq` with the nodes in ``exclude`` left float, each
-    with the tensor whose range it takes (None: a probability's, 0 to 1), in the order
-    onnxruntime's quantizer replaces them (``BaseQuantizer.adjust_tensor_ranges``,
-    before it computes any scale): the input of a Relu or Clip it quantizes, read by
-    that node alone, takes the node's output range (the activation is then removed and
-    the producer's output quantized with it); a Softmax's output takes 0 to 1.
+    on the way to :func:`quantize_qdq` with the nodes in ``exclude`` left float: those
+    of :func:`_quantizer_replacements`, each with the tensor whose range it takes (None:
+    a probability's, 0 to 1), in order. ResNet50's 49 convolution outputs into a ReLU
+    are such tensors. Left out: a tensor whose own range is read on the way (by another
+    replacement, as a ReLU's output into a Clip, or by :func:`share_bound_ranges`,
+    which runs first), and the graph outputs (their whole range, :func:`calibrate`'s
+    ``whole``; :func:`output_overrides` keeps it)."""
+    replaced = _quantizer_replacements(model, exclude)
+    read = set(replaced.values()) | {output.name for output in model.graph.output}
+    read.update(bounded_sources(model).values())  # share_bound_ranges reads them first
+    return {name: source for name, source in replaced.items() if name not in read}
 
-    ResNet50's 49 convolution outputs into a ReLU are such tensors. Left out: a tensor
-    whose own range is read on the way (by another replacement, as a ReLU's output into
-    a Clip, or by :func:`share_bound_ranges`, which runs first), and the graph outputs
-    (their whole range, :func:`calibrate`'s ``whole``)."""
+
+def activation_outputs(model: Any, exclude: Collection[str] = ()) -> list[str]:
+    """The graph outputs read by nothing but a Relu or Clip that onnxruntime's
+    quantizer quantizes (not in ``exclude``): it gives each the activation's range
+    (``BaseQuantizer.adjust_tensor_ranges``), so the output's negative values would all
+    come out as 0, unless an override keeps the output's own (:func:`output_overrides`;
+    the activation stays, an output is never removed)."""
+    readers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            if name:
+                readers.setdefault(name, []).append(node)
+    kinds, excluded = set(default_op_types()) & {"Relu", "Clip"}, set(exclude)
+    return [
+        output.name
+        for output in model.graph.output
+        if len(readers.get(output.name, ())) == 1
+        and readers[output.name][0].op_type in kinds
+        and readers[output.name][0].name not in excluded
+    ]
+
+
+def output_overrides(model: Any, ranges: Any, exclude: Collection[str] = ()) -> dict[str, Any]:
+    """onnxruntime's ``TensorQuantOverrides`` keeping each :func:`activation_outputs`
+    tensor's own range in ``ranges``."""
+    overrides = {}
+    for name in activation_outputs(model, exclude):
+        if name in ranges:
+            lowest, highest = (np.float32(np.ravel(v)[0]) for v in ranges[name].range_value)
+            overrides[name] = [{"rmin": lowest, "rmax": highest}]
+    return overrides
+
+
+def _quantizer_replacements(model: Any, exclude: Collection[str]) -> dict[str, str | None]:
+    """The ranges onnxruntime's quantizer replaces (``BaseQuantizer.adjust_tensor_ranges``,
+    before it computes any scale), with the nodes in ``exclude`` left float, in its
+    order: the input of a Relu or Clip it quantizes, read by that node alone, takes the
+    node's output range (the activation is then removed and the producer's output
+    quantized with it); a Softmax's output takes 0 to 1 (None). Calibrated tensors only."""
     calibrated = set(tensors_to_calibrate(model))
     kinds, excluded = set(default_op_types()), set(exclude)
     reads: dict[str, int] = {}  # as the quantizer counts them: every input slot
@@ -574,13 +616,7 @@ def replaced_ranges(model: Any, exclude: Collection[str] = ()) -> dict[str, str 
                 replaced[node.input[0]] = node.output[0]
         elif node.op_type == "Softmax" and node.output[0] in calibrated:
             replaced[node.output[0]] = None
-    read = set(replaced.values()) | {output.name for output in model.graph.output}
-    read.update(bounded_sources(model).values())  # share_bound_ranges reads them first
-    return {
-        name: source
-        for name, source in replaced.items()
-        if name in calibrated and name not in read and (source is None or source in calibrated)
-    }
+    return replaced
 
 
 def bounded_sources(model: Any) -> dict[str, str]:

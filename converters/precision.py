@@ -1300,11 +1300,15 @@ def _quantize_static(
             quantizer_exclude=exclude,
         )
         calibration.share_bound_ranges(preprocessed, measured.ranges)
+        overrides = calibration.output_overrides(preprocessed, measured.ranges, exclude)
         quantized = calibration.quantize_qdq(
             preprocessed,
             measured.ranges,
             per_channel=per_channel,
-            extra_options=_INT8_OPTIONS,
+            extra_options={
+                **_INT8_OPTIONS,
+                **({"TensorQuantOverrides": overrides} if overrides else {}),
+            },
             exclude=exclude,
         )
         return quantized, measured.moments if measure_biases else None, measured.kept
@@ -1318,7 +1322,10 @@ def _static_options(
     onnx_in: Path, model: Any, batches: list, calibration_method: str, percentile: float
 ) -> dict[str, Any]:
     """``quantize_static``'s extra options: ours, per-batch merging, the percentile,
-    and the graph outputs' whole ranges (:func:`_output_names`)."""
+    and the graph outputs' whole ranges (:func:`_output_names`; with MinMax, which
+    measures them whole, those the quantizer would give an activation's range)."""
+    from keras_bn.converters import calibration
+
     options: dict[str, Any] = {
         **_INT8_OPTIONS,
         # Every method merges per batch: histograms do not hold all outputs.
@@ -1327,6 +1334,9 @@ def _static_options(
     }
     if calibration_method != "MinMax":
         names = _output_names(model)
+    else:
+        names = calibration.activation_outputs(model, float_mask_nodes(model))
+    if names:
         options["TensorQuantOverrides"] = _output_extremes(onnx_in, names, batches)
     return options
 

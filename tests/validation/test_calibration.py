@@ -813,8 +813,7 @@ def _activations_model(output_relu: bool = True) -> onnx.ModelProto:
     """Activations whose input ranges onnxruntime's quantizer replaces, and some it
     keeps: Conv -> Relu; a Conv read by a Relu and an Add; Conv -> Clip -> Relu;
     Gemm -> Softmax -> Gemm; with ``output_relu`` a Relu's input that is a graph output
-    too (which onnxruntime's ``quantize_static`` quantizes on its whole range, and its
-    quantizer given ranges on the Relu's: not compared below)."""
+    too."""
     rng = np.random.default_rng(5)
     arrays = {
         "w1": rng.normal(size=(4, 3, 3, 3)) * 0.5, "w2": rng.normal(size=(4, 4, 1, 1)),
@@ -867,15 +866,16 @@ def test_replaced_ranges_are_those_the_quantizer_replaces_before_reading():
     assert calibration.replaced_ranges(precision._preprocess(bounds)) == {"c1": "clipped"}
 
 
+@pytest.mark.parametrize("output_relu", [False, True], ids=["", "output-into-relu"])
 @pytest.mark.parametrize("method", ["MinMax", "Percentile"])
 def test_ranges_the_quantizer_replaces_are_not_measured_and_the_file_is_quantize_statics(
-    tmp_path, monkeypatch, method
+    tmp_path, monkeypatch, method, output_relu
 ):
     """quantize_int8 leaves those tensors out of the float pass (each gets its
     replacement's range), and the int8 file is still onnxruntime's quantize_static's,
     byte for byte, whose calibrator measures every tensor."""
     path = tmp_path / "activations.onnx"
-    onnx.save(_activations_model(output_relu=False), str(path))
+    onnx.save(_activations_model(output_relu), str(path))
     rng = np.random.default_rng(6)
     batches = [{"x": rng.normal(size=(16, 3, 8, 8)).astype(np.float32) * s} for s in SCALES]
     measured = []
@@ -894,6 +894,38 @@ def test_ranges_the_quantizer_replaces_are_not_measured_and_the_file_is_quantize
         path, onnx.load(str(path)), tmp_path / "theirs.onnx", batches, True, method, None, PERCENTILE
     )  # fmt: skip
     assert sha256(tmp_path / "ours.onnx") == sha256(tmp_path / "theirs.onnx")
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["one-pass", "quantize_static"])
+@pytest.mark.parametrize("method", ["MinMax", "Percentile"])
+def test_a_graph_output_read_by_a_relu_keeps_its_negative_values(
+    tmp_path, monkeypatch, method, fallback
+):
+    """onnxruntime's quantizer gives a Relu's only input the Relu's range, even where
+    that input is a graph output: its negative half would come out as 0. The output
+    keeps its own range (an override), on both paths; the Relu's output keeps its own."""
+    if fallback:
+        monkeypatch.setattr(calibration, "reliance_problem", lambda: "changed")
+    path = tmp_path / "activations.onnx"
+    onnx.save(_activations_model(output_relu=True), str(path))
+    assert calibration.activation_outputs(onnx.load(str(path))) == ["h"]
+    assert calibration.activation_outputs(onnx.load(str(path)), ["relu_out"]) == []
+    x = np.random.default_rng(7).normal(size=(64, 3, 8, 8)).astype(np.float32)
+    options = {"bias_correction": False, "layer_report": False, "round_weights": False}
+    quantize_int8(path, tmp_path / "q.onnx", {"x": x}, calibration_method=method, **options)
+    float_y, float_h = runtime_session(path).run(["y", "h"], {"x": x})
+    int8_y, int8_h = runtime_session(tmp_path / "q.onnx").run(["y", "h"], {"x": x})
+    assert (float_h < 0).mean() > 0.2  # a real negative half
+    for ours, theirs in ((int8_h, float_h), (int8_y, float_y)):  # not clamped at 0
+        assert abs((ours < 0).mean() - (theirs < 0).mean()) < 0.05
+        assert np.abs(ours - theirs).mean() < 0.03 * (theirs.max() - theirs.min())
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    quantize = producers[producers["h"].input[0]]  # h = DequantizeLinear(QuantizeLinear(.))
+    assert quantize.op_type == "QuantizeLinear"
+    scale = float(initializers[quantize.input[1]])
+    assert scale == pytest.approx((float_h.max() - float_h.min()) / 255, rel=1e-5)
 
 
 def runtime_session(path):
