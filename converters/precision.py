@@ -895,9 +895,9 @@ def _write_int8(
         )  # fmt: skip
         _save_int8(quantized, tmp, signed)
         int8_run = _start(_int8_outputs, tmp, matched)
-        if layer_report:
+        if layer_report:  # both models as they are in memory (the files hold the same)
             steps.divergence = divergence.layer_divergence(
-                source, tmp, matched, float_values=float_values
+                model, quantized, matched, float_values=float_values
             )
     finally:
         target.unlink(missing_ok=True)
