@@ -234,6 +234,27 @@ def test_digits_int8_passes_by_sqnr_and_top1(digits):
     assert f"top-1 agreement {judged.top1_agreement:.1%} of {judged.top1_samples}" in text
 
 
+def test_int8_of_a_pre_activation_output_keeps_its_negative_half(tmp_path):
+    """A model that outputs an embedding before its ReLU (Dense -> BN, then ReLU ->
+    Dense scores): onnxruntime's quantizer gave that output the ReLU's range, so int8
+    wrote every negative value as 0 (SQNR 3 dB, validation failed). It keeps its own."""
+    from keras import layers
+
+    from keras_bn import BatchNormalization
+
+    inputs = keras.Input((20,))
+    embedding = BatchNormalization(name="embedding")(layers.Dense(32, use_bias=False)(inputs))
+    scores = layers.Dense(5, name="scores")(layers.ReLU()(embedding))
+    model = keras.Model(inputs, [embedding, scores])
+    data = np.random.default_rng(0).normal(size=(64, 20)).astype(np.float32)
+    export_onnx(model, tmp_path / "f.onnx", fold=True)
+    quantize_int8(tmp_path / "f.onnx", tmp_path / "i.onnx", {"x": data}, layer_report=False)
+    report = validate_onnx(model, tmp_path / "i.onnx", inputs=data)
+    assert report, str(report)
+    judged = [c for c in report.comparisons if c.shape[0] == len(data)]
+    assert min(c.sqnr_db for c in judged) > 30  # the embedding: 38 dB; 3 dB clamped
+
+
 def test_int8_files_run_at_onnxruntimes_default_level_others_at_the_extended(digits, monkeypatch):
     """Validation opens an int8 file at ORT_ENABLE_ALL, onnxruntime's default (what
     its deployment runs), the float files at ORT_ENABLE_EXTENDED; the int8 file's
