@@ -54,12 +54,12 @@ __all__ = [
     "AbsoluteHistogram",
     "Calibration",
     "MinMaxRange",
+    "activation_outputs",
     "bounded_sources",
     "calibrate",
     "channel_extremes",
-    "quantize_qdq",
-    "activation_outputs",
     "output_overrides",
+    "quantize_qdq",
     "reliance_problem",
     "replaced_ranges",
     "share_bound_ranges",
@@ -540,9 +540,8 @@ def calibrate(
         if recount:  # a tail lighter than the first batch's: count every bin again
             again, _, _, _ = _float_pass(model, batches, recount, method, 1.0, (), None)
             ranges.update({name: again[name].percentile_range(percentile) for name in recount})
+    probabilities = TensorData(lowest=np.float32(0.0), highest=np.float32(1.0))  # a Softmax's
     for name, source in replaced.items():  # in the order they would be replaced
-        # a Softmax's output: the quantizer's own probability range
-        probabilities = TensorData(lowest=np.float32(0.0), highest=np.float32(1.0))
         ranges[name] = probabilities if source is None else ranges[source]
     return Calibration(TensorsData(CalibrationMethod[method], ranges), moments, samples, kept)
 
@@ -568,11 +567,7 @@ def activation_outputs(model: Any, exclude: Collection[str] = ()) -> list[str]:
     (``BaseQuantizer.adjust_tensor_ranges``), so the output's negative values would all
     come out as 0, unless an override keeps the output's own (:func:`output_overrides`;
     the activation stays, an output is never removed)."""
-    readers: dict[str, list[Any]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            if name:
-                readers.setdefault(name, []).append(node)
+    readers = _readers(model)
     kinds, excluded = set(default_op_types()) & {"Relu", "Clip"}, set(exclude)
     return [
         output.name
@@ -602,21 +597,28 @@ def _quantizer_replacements(model: Any, exclude: Collection[str]) -> dict[str, s
     quantized with it); a Softmax's output takes 0 to 1 (None). Calibrated tensors only."""
     calibrated = set(tensors_to_calibrate(model))
     kinds, excluded = set(default_op_types()), set(exclude)
-    reads: dict[str, int] = {}  # as the quantizer counts them: every input slot
-    for node in model.graph.node:
-        for name in node.input:
-            if name:
-                reads[name] = reads.get(name, 0) + 1
+    readers = _readers(model)
     replaced: dict[str, str | None] = {}
     for node in model.graph.node:
         if node.op_type not in kinds or node.name in excluded:
             continue
-        if node.op_type in ("Relu", "Clip") and reads.get(node.input[0]) == 1:
+        if node.op_type in ("Relu", "Clip") and len(readers.get(node.input[0], ())) == 1:
             if node.input[0] in calibrated and node.output[0] in calibrated:
                 replaced[node.input[0]] = node.output[0]
         elif node.op_type == "Softmax" and node.output[0] in calibrated:
             replaced[node.output[0]] = None
     return replaced
+
+
+def _readers(model: Any) -> dict[str, list[Any]]:
+    """Each tensor's reading nodes in the main graph, once per input slot, as
+    onnxruntime's quantizer counts them (``ONNXModel.input_name_to_nodes``)."""
+    readers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            if name:
+                readers.setdefault(name, []).append(node)
+    return readers
 
 
 def bounded_sources(model: Any) -> dict[str, str]:
