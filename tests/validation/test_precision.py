@@ -441,3 +441,44 @@ def _run_model(model, x: np.ndarray) -> np.ndarray:
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
     return session.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external-data"])
+def test_the_size_bound_is_never_below_the_serialized_size(tmp_path, external):
+    """quantize_int8 decides whether a model fits protobuf's 2 GB in memory from the
+    file's size and its tensors' data lengths (no serialization): that bound holds for
+    weights stored in the file or beside it, in initializers, Constant attributes and
+    a subgraph's own initializer, and is not far above the size."""
+    from keras_bn.converters.precision import _serializable, _size_bound
+
+    rng = np.random.default_rng(0)
+
+    def tensor(name, size):
+        return numpy_helper.from_array(rng.normal(size=size).astype(np.float32), name)
+
+    branch = helper.make_graph(
+        [helper.make_node("Add", ["x", "inner"], ["b"])], "branch", [],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, [4096])], [tensor("inner", 4096)],
+    )  # fmt: skip
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=tensor("c_value", 4096)),
+        helper.make_node("Add", ["x", "w"], ["s"]),
+        helper.make_node("Add", ["s", "c"], ["t"]),
+        helper.make_node("ReduceSum", ["t"], ["total"], keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["flag"]),
+        helper.make_node("If", ["flag"], ["y"], then_branch=branch, else_branch=branch),
+    ]
+    graph = helper.make_graph(
+        nodes, "sizes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4096])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4096])],
+        [tensor("w", 4096), numpy_helper.from_array(np.float32(0.0), "zero")],
+    )  # fmt: skip
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path), save_as_external_data=external,
+              all_tensors_to_one_file=True, size_threshold=0)  # fmt: skip
+    model = onnx.load(str(path))  # the external data read in, as quantize_int8 loads it
+    size, bound = model.ByteSize(), _size_bound(path, model)
+    assert size <= bound <= 2 * size + 64 * 5
+    if external:  # the file alone is far smaller than the model it describes
+        assert path.stat().st_size < size / 2
+    assert _serializable(path, model)
