@@ -500,8 +500,10 @@ def calibrate(
     ``quantizer_exclude``: the ranges go only to :func:`share_bound_ranges`, then to
     :func:`quantize_qdq` with these nodes left float. The tensors of
     :func:`replaced_ranges` are then not measured (the quantizer would replace their
-    ranges before reading them), and each gets the range the quantizer gives it. None:
-    every tensor measured, as onnxruntime's calibrator does."""
+    ranges before reading them), and each gets the range the quantizer gives it; those
+    into a Relu or Clip are not kept either (the quantizer removes the activation and
+    gives its output name to the producer's). None: every tensor measured, as
+    onnxruntime's calibrator does."""
     from onnxruntime.quantization import CalibrationMethod, TensorData, TensorsData
 
     first = len(next(iter(batches[0].values()))) if batches and batches[0] else 0
@@ -511,6 +513,8 @@ def calibrate(
         keep = onnx_graph.batch_major(model, keep)
     replaced = {} if quantizer_exclude is None else replaced_ranges(model, quantizer_exclude)
     names = [name for name in tensors_to_calibrate(model) if name not in replaced]
+    # An activation's input the quantizer removes is renamed: no int8 value to compare with.
+    keep = [name for name in keep if replaced.get(name) is None]
     # Percentile's bin lies in the top (1 - percentile) of all values: with batches no
     # larger than the first, the values counted bin by bin are twice that share or more
     # (when a tail is lighter after all, that tensor is counted again, every bin).

@@ -866,6 +866,24 @@ def test_replaced_ranges_are_those_the_quantizer_replaces_before_reading():
     assert calibration.replaced_ranges(precision._preprocess(bounds)) == {"c1": "clipped"}
 
 
+def test_values_the_quantizer_renames_are_not_kept():
+    """With the quantizer's exclusions given, a Relu's or Clip's only input is neither
+    measured nor kept for the layer report (the quantizer removes the activation and
+    gives its output name to the producer's: no int8 value of that name)."""
+    preprocessed = precision._preprocess(_activations_model(output_relu=False))
+    rng = np.random.default_rng(8)
+    batches = [{"x": rng.normal(size=(16, 3, 8, 8)).astype(np.float32)} for _ in range(2)]
+    keep = ["c1", "r1", "c2", "c3", "k3", "p"]
+    kept = calibration.calibrate(
+        preprocessed, batches, "MinMax", keep=keep, keep_samples=8, quantizer_exclude=[]
+    ).kept
+    assert set(kept) == {"r1", "c2", "k3", "p"}
+    everything = calibration.calibrate(preprocessed, batches, "MinMax", keep=keep, keep_samples=8)
+    assert set(everything.kept) == set(keep)
+    for name in kept:
+        np.testing.assert_array_equal(kept[name], everything.kept[name])
+
+
 @pytest.mark.parametrize("output_relu", [False, True], ids=["", "output-into-relu"])
 @pytest.mark.parametrize("method", ["MinMax", "Percentile"])
 def test_ranges_the_quantizer_replaces_are_not_measured_and_the_file_is_quantize_statics(
