@@ -553,33 +553,30 @@ def calibrate(
 def replaced_ranges(model: Any, exclude: Collection[str] = ()) -> dict[str, str | None]:
     """The calibrated tensors whose measured range is replaced before anything reads it,
     on the way to :func:`quantize_qdq` with the nodes in ``exclude`` left float: those
-    of :func:`_quantizer_replacements`, each with the tensor whose range it takes (None:
-    a probability's, 0 to 1), in order. ResNet50's 49 convolution outputs into a ReLU
-    are such tensors. Left out: a tensor whose own range is read on the way (by another
-    replacement, as a ReLU's output into a Clip, or by :func:`share_bound_ranges`,
-    which runs first), and the graph outputs (their whole range, :func:`calibrate`'s
-    ``whole``; :func:`output_overrides` keeps it)."""
-    replaced = _quantizer_replacements(model, exclude)
+    of :func:`_quantizer_replacements` (both tensors calibrated), each with the tensor
+    whose range it takes (None: a probability's, 0 to 1), in order. ResNet50's 49
+    convolution outputs into a ReLU are such tensors. Left out: a tensor whose own range
+    is read on the way (by another replacement, as a ReLU's output into a Clip, or by
+    :func:`share_bound_ranges`, which runs first), and the graph outputs (their whole
+    range, :func:`calibrate`'s ``whole``; :func:`output_overrides` keeps it)."""
+    calibrated = set(tensors_to_calibrate(model))
+    replaced = {
+        name: source
+        for name, source in _quantizer_replacements(model, exclude).items()
+        if name in calibrated and (source is None or source in calibrated)
+    }
     read = set(replaced.values()) | {output.name for output in model.graph.output}
     read.update(bounded_sources(model).values())  # share_bound_ranges reads them first
     return {name: source for name, source in replaced.items() if name not in read}
 
 
 def activation_outputs(model: Any, exclude: Collection[str] = ()) -> list[str]:
-    """The graph outputs read by nothing but a Relu or Clip that onnxruntime's
-    quantizer quantizes (not in ``exclude``): it gives each the activation's range
-    (``BaseQuantizer.adjust_tensor_ranges``), so the output's negative values would all
-    come out as 0, unless an override keeps the output's own (:func:`output_overrides`;
-    the activation stays, an output is never removed)."""
-    readers = _readers(model)
-    kinds, excluded = set(default_op_types()) & {"Relu", "Clip"}, set(exclude)
-    return [
-        output.name
-        for output in model.graph.output
-        if len(readers.get(output.name, ())) == 1
-        and readers[output.name][0].op_type in kinds
-        and readers[output.name][0].name not in excluded
-    ]
+    """The graph outputs that onnxruntime's quantizer gives a Relu's or Clip's range
+    (:func:`_quantizer_replacements`), so that their negative values would all come out
+    as 0, unless an override keeps each output's own (:func:`output_overrides`; the
+    activation stays, an output is never removed)."""
+    replaced = _quantizer_replacements(model, exclude)
+    return [output.name for output in model.graph.output if replaced.get(output.name)]
 
 
 def output_overrides(model: Any, ranges: Any, exclude: Collection[str] = ()) -> dict[str, Any]:
@@ -598,31 +595,19 @@ def _quantizer_replacements(model: Any, exclude: Collection[str]) -> dict[str, s
     before it computes any scale), with the nodes in ``exclude`` left float, in its
     order: the input of a Relu or Clip it quantizes, read by that node alone, takes the
     node's output range (the activation is then removed and the producer's output
-    quantized with it); a Softmax's output takes 0 to 1 (None). Calibrated tensors only."""
-    calibrated = set(tensors_to_calibrate(model))
+    quantized with it); a Softmax's output takes 0 to 1 (None). It replaces only ranges
+    it was given: callers keep the calibrated tensors."""
     kinds, excluded = set(default_op_types()), set(exclude)
-    readers = _readers(model)
+    readers = onnx_graph.readers(model.graph)  # a slot per read, as the quantizer counts
     replaced: dict[str, str | None] = {}
     for node in model.graph.node:
         if node.op_type not in kinds or node.name in excluded:
             continue
         if node.op_type in ("Relu", "Clip") and len(readers.get(node.input[0], ())) == 1:
-            if node.input[0] in calibrated and node.output[0] in calibrated:
-                replaced[node.input[0]] = node.output[0]
-        elif node.op_type == "Softmax" and node.output[0] in calibrated:
+            replaced[node.input[0]] = node.output[0]
+        elif node.op_type == "Softmax":
             replaced[node.output[0]] = None
     return replaced
-
-
-def _readers(model: Any) -> dict[str, list[Any]]:
-    """Each tensor's reading nodes in the main graph, once per input slot, as
-    onnxruntime's quantizer counts them (``ONNXModel.input_name_to_nodes``)."""
-    readers: dict[str, list[Any]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            if name:
-                readers.setdefault(name, []).append(node)
-    return readers
 
 
 def bounded_sources(model: Any) -> dict[str, str]:
