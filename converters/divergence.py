@@ -187,7 +187,7 @@ def _sites(float_model, int8_model) -> tuple[list[_Site], dict[str, list[Any]], 
     layer_map = decode_layer_map(metadata)
     if layer_map is None:
         return [], {}, "the float ONNX file has no keras-bn layer map (not exported by keras-bn)"
-    float_producers = onnx_graph.producers(float_model.graph)
+    float_producers = _used_values(float_model.graph)
     int8_producers = onnx_graph.producers(int8_model.graph)
     int8_consumers: dict[tuple[str, str], Any] = {}
     for node in int8_model.graph.node:  # the first quantize/dequantize reading each value
@@ -388,9 +388,22 @@ def compared_values(float_model: str | os.PathLike | Any) -> list[str]:
     layer_map = decode_layer_map({p.key: p.value for p in float_model.metadata_props})
     if layer_map is None:
         return []
-    producers = onnx_graph.producers(float_model.graph)
+    used = _used_values(float_model.graph)
     values = (entry[0] for entries in layer_map.values() for entry in entries if entry is not None)
-    return list(dict.fromkeys(value for value in values if value in producers))
+    return list(dict.fromkeys(value for value in values if value in used))
+
+
+def _used_values(graph) -> dict[str, Any]:
+    """The values ``graph`` computes that a node reads or the graph outputs -> their
+    producers: a layer output nothing uses (an FFT's imaginary half that the model
+    drops) is not a layer to rank, whatever its rounding."""
+    outputs = {output.name for output in graph.output}
+    readers = onnx_graph.readers(graph)
+    return {
+        name: node
+        for name, node in onnx_graph.producers(graph).items()
+        if name in readers or name in outputs
+    }
 
 
 def _run(

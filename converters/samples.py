@@ -44,6 +44,7 @@ __all__ = [
     "input_domains",
     "make_sample_inputs",
     "normalize_inputs",
+    "check_input_values",
     "prepare_call",
     "sample_arrays",
     "sample_specs",
@@ -124,7 +125,8 @@ def make_sample_inputs(
     standard normal. Integer inputs feeding an Embedding are
     uniform in ``[0, input_dim)``, other integer inputs in ``[0, 10)``; boolean
     inputs are fair coin flips. Unknown non-batch dimensions get size
-    ``UNKNOWN_DIMENSION_SIZE`` (32).
+    ``UNKNOWN_DIMENSION_SIZE`` (32), or a learned position embedding's length where
+    that is shorter.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserInputError(f"batch_size must be a positive integer; received {batch_size!r}.")
@@ -137,14 +139,22 @@ def sample_specs(
 ) -> list[tuple[tuple[int, ...], np.dtype]]:
     """The ``(shape, dtype)`` of each array :func:`make_sample_inputs` makes, in input order."""
     graph = model if isinstance(model, graph_lib.Graph) else prepare(model).graph
+    unknown = _unknown_size(graph)
     return [
         (
-            (batch_size,)
-            + tuple(UNKNOWN_DIMENSION_SIZE if size is None else size for size in tensor.shape[1:]),
+            (batch_size,) + tuple(unknown if size is None else size for size in tensor.shape[1:]),
             np.dtype(tensor.dtype),
         )
         for tensor in graph.inputs
     ]
+
+
+def _unknown_size(graph: graph_lib.Graph) -> int:
+    """The size of generated inputs' unknown non-batch dimensions:
+    ``UNKNOWN_DIMENSION_SIZE``, or fewer where a learned position embedding holds
+    fewer positions (a BERT built with ``max_sequence_length=16``)."""
+    limits = [found[1] for node in graph.nodes if (found := _positions(node)) is not None]
+    return min([UNKNOWN_DIMENSION_SIZE, *limits])
 
 
 def validation_samples(model: ModelLike) -> int:
@@ -200,8 +210,9 @@ def _integer_high(tensor: graph_lib.Tensor) -> int:
     """Integer inputs are uniform in ``[0, high)``: an Embedding's vocabulary, else 10."""
     high = _INTEGER_HIGH
     for consumer in tensor.consumers:
-        if isinstance(consumer.layer, keras.layers.Embedding):
-            high = int(consumer.layer.input_dim)
+        size = _vocabulary(consumer.layer)
+        if size is not None:
+            high = size
     return high
 
 
@@ -217,7 +228,7 @@ def describe_generated_inputs(model: ModelLike, count: int) -> str:
             domain, why, _ = domains[name]
             parts.append(f"{name}: {domain} ({why})")
         elif kind in "iu":
-            embedding = any(isinstance(c.layer, keras.layers.Embedding) for c in tensor.consumers)
+            embedding = any(_vocabulary(c.layer) is not None for c in tensor.consumers)
             why = "the Embedding's vocabulary" if embedding else "no Embedding gives a range"
             high = _integer_high(tensor)
             parts.append(f"{name}: integers 0..{high - 1} ({why})")
@@ -272,6 +283,79 @@ def normalize_inputs(model: ModelLike, inputs: Any) -> dict[str, np.ndarray]:
             raise UserInputError(f"input {spec.name!r} is empty; pass at least one sample.")
         result[spec.name] = array.astype(np.dtype(spec.dtype), copy=False)
     return result
+
+
+def _vocabulary(layer: Any) -> int | None:
+    """The ids ``layer`` looks up, ``[0, n)``: an Embedding's ``input_dim``, or a layer
+    built around one (KerasHub's ``TokenAndPositionEmbedding``); else None."""
+    if isinstance(layer, keras.layers.Embedding):
+        return int(layer.input_dim)
+    inner = getattr(layer, "token_embedding", None)
+    return int(inner.input_dim) if isinstance(inner, keras.layers.Embedding) else None
+
+
+def _positions(node: graph_lib.Node) -> tuple[graph_lib.Tensor, int] | None:
+    """A learned position embedding's (KerasHub's ``PositionEmbedding``, or one built
+    into ``TokenAndPositionEmbedding``) integer graph input and its number of
+    positions: the ids' last axis may not be longer. The ids reach a
+    ``PositionEmbedding`` through their Embedding (``(batch, length)`` to ``(batch,
+    length, features)``, whose length axis it reads); None for any other node."""
+    from keras_bn.converters.tracing import length_limit
+
+    if not type(node.layer).__name__.endswith("PositionEmbedding") or not node.inputs:
+        return None
+    limit = length_limit(node.layer)
+    if limit is None:
+        return None
+    tensor = node.inputs[0]
+    if _vocabulary(node.layer) is None:  # a PositionEmbedding: back through one Embedding
+        producer = tensor.producer
+        if producer is None or not isinstance(producer.layer, keras.layers.Embedding):
+            return None
+        tensor = producer.inputs[0]
+    if tensor.producer is not None or np.dtype(tensor.dtype).kind not in "iu":
+        return None
+    return tensor, limit
+
+
+def check_input_values(model: ModelLike, inputs: Mapping[str, np.ndarray], where: str) -> None:
+    """User inputs' integer ids checked against what the model can look up: an
+    Embedding's vocabulary (onnxruntime refuses an id outside it, and Keras on JAX
+    returns NaN for it) and a learned position embedding's length. One
+    :class:`UserInputError` line naming ``where`` (``"Calibration file 'c.npz'"``),
+    the input and the layer, rather than a failure deep inside a run."""
+    prepared = prepare(model)
+    graph = prepared.graph
+    names = {id(tensor): name for tensor, name in zip(graph.inputs, graph.input_names, strict=True)}
+    for tensor, name in zip(graph.inputs, graph.input_names, strict=True):
+        array = inputs.get(name)
+        if array is None or np.asarray(array).dtype.kind not in "iub":
+            continue
+        for consumer in tensor.consumers:
+            size = _vocabulary(consumer.layer)
+            if size is None or array.size == 0:
+                continue
+            low, high = int(np.min(array)), int(np.max(array))
+            if low < 0 or high >= size:
+                found = low if low < 0 else high
+                raise UserInputError(
+                    f"{where}: input {name!r} holds the id {found}, outside the vocabulary "
+                    f"of {consumer.name!r} ({type(consumer.layer).__name__}, ids 0 to "
+                    f"{size - 1}); give ids the model was built for."
+                )
+    for node in graph.nodes:
+        position = _positions(node)
+        if position is None:
+            continue
+        ids, limit = position
+        ids_name = names.get(id(ids))
+        given = inputs.get(ids_name) if ids_name is not None else None
+        if given is not None and np.ndim(given) >= 2 and np.shape(given)[-1] > limit:
+            raise UserInputError(
+                f"{where}: input {ids_name!r} holds sequences of {np.shape(given)[-1]}; "
+                f"{node.name!r} ({type(node.layer).__name__}) has {limit} positions: give "
+                f"sequences of at most {limit}."
+            )
 
 
 # --------------------------------------------------------------------------------------

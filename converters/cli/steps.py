@@ -247,12 +247,16 @@ def _cannot_run(prepared, inputs: dict[str, Any] | None) -> tuple[str, str]:
 
 def load_inputs(path: str | None, prepared, what: str) -> dict[str, Any] | None:
     """Arrays from an ``.npz`` file, keyed by model input name and checked against the
-    prepared model's inputs."""
+    prepared model's inputs: their shapes, and integer ids against the Embeddings and
+    position embeddings that read them (:func:`~keras_bn.converters.samples.check_input_values`)."""
     if path is None:
         return None
     from keras_bn.converters.model_io import load_inputs as load
+    from keras_bn.converters.samples import check_input_values
 
-    return load(path, [(spec.name, spec.shape) for spec in prepared.inputs], what=what)
+    inputs = load(path, [(spec.name, spec.shape) for spec in prepared.inputs], what=what)
+    check_input_values(prepared, inputs, f"{what} {str(path)!r}")
+    return inputs
 
 
 def keras_feed(prepared, inputs: dict[str, Any]) -> Any:

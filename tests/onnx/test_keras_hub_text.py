@@ -373,6 +373,84 @@ def test_cli_exports_with_inputs_and_the_file_runs_at_another_length(tmp_path, c
         _judge(model, twin, tmp_path / "m.onnx", length)
 
 
+def _too_long(arrays):
+    return {name: np.concatenate([array] * 4, axis=1)[:, :33] for name, array in arrays.items()}
+
+
+def _token_id(arrays, value):
+    return {**arrays, "token_ids": np.where(np.arange(9) == 4, value, arrays["token_ids"])}
+
+
+def _segment_id(arrays, value):
+    return {**arrays, "segment_ids": np.full_like(arrays["segment_ids"], value)}
+
+
+@pytest.mark.parametrize(
+    "option, change, message",
+    [
+        ("--inputs", lambda a: _token_id(a, VOCABULARY), "holds the id 60, outside the "
+         "vocabulary of 'token_embedding' (ReversibleEmbedding, ids 0 to 59)"),
+        ("--calibration", lambda a: _segment_id(a, -1), "holds the id -1, outside the "
+         "vocabulary of 'segment_embedding' (Embedding, ids 0 to 1)"),
+        ("--inputs", _too_long, "input 'token_ids' holds sequences of 33; "
+         "'position_embedding' (PositionEmbedding) has 32 positions"),
+        ("--calibration", _too_long, "holds sequences of 33; 'position_embedding' "
+         "(PositionEmbedding) has 32 positions: give sequences of at most 32"),
+    ],
+    ids=["id-beyond-vocabulary", "negative-segment", "long-inputs", "long-calibration"],
+)  # fmt: skip
+def test_ids_the_model_cannot_look_up_are_the_files_error(
+    option, change, message, tmp_path, capsys
+):
+    """Token ids outside an Embedding's vocabulary, or sequences longer than BERT's
+    position table, in ``--inputs`` or ``--calibration``: one line naming the file,
+    the input and the layer, exit 2, nothing written. They used to end as an
+    "internal error" traceback from onnxruntime's calibration run (int8), as
+    "validation failed" with NaN from Keras on JAX, or as advice to re-save the model."""
+    from keras_bn.converters.cli import main
+
+    model, _ = _built("bert")
+    model.save(tmp_path / "bert.keras")
+    good = _inputs(model, 4, 9)
+    np.savez(tmp_path / "good.npz", **good)
+    np.savez(tmp_path / "bad.npz", **change(good))
+    arguments = ["export", str(tmp_path / "bert.keras"), "-o", str(tmp_path / "m.onnx")]
+    arguments += ["--inputs", str(tmp_path / ("bad.npz" if option == "--inputs" else "good.npz"))]
+    if option == "--calibration":
+        arguments += ["--precision", "int8", "--calibration", str(tmp_path / "bad.npz")]
+    code = main(arguments)
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    lines = [line for line in captured.err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    file = "Inputs file" if option == "--inputs" else "Calibration file"
+    assert f"{file} {str(tmp_path / 'bad.npz')!r}" in lines[0], lines[0]
+    assert message in lines[0], lines[0]
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_generated_inputs_fit_a_position_table_shorter_than_the_default_length(tmp_path, capsys):
+    """Validation generates sequences of 32 where a size is unknown; a BERT built with
+    13 positions took none of them (Keras and onnxruntime both refused), so
+    ``keras-bn export`` without ``--inputs`` failed. Generated sequences now take
+    the table's length, and the export validates."""
+    import keras_hub
+
+    from keras_bn.converters import samples
+    from keras_bn.converters.cli import main
+
+    model = keras_hub.models.BertBackbone(
+        vocabulary_size=VOCABULARY, num_layers=1, num_heads=2, hidden_dim=8,
+        intermediate_dim=16, max_sequence_length=13,
+    )  # fmt: skip
+    assert [shape for shape, _ in samples.sample_specs(model, 2)] == [(2, 13)] * 3
+    model.save(tmp_path / "bert.keras")
+    code = main(["export", str(tmp_path / "bert.keras"), "-o", str(tmp_path / "m.onnx")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "Validation PASSED" in captured.out
+
+
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_cli_converts_text_backbones_to_float16_and_int8(name, tmp_path, capsys):
     """``--precision float16`` and ``--precision int8`` on a saved text backbone pass

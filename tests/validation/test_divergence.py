@@ -29,6 +29,7 @@ from keras_bn import BatchNormalization
 from keras_bn.converters import cli, runtime
 from keras_bn.converters.divergence import DIVERGENCE_SAMPLES, layer_divergence
 from keras_bn.converters.onnx.export import export_onnx
+from keras_bn.converters.onnx.metadata import decode_layer_map
 from keras_bn.converters.precision import quantize_int8
 
 L = keras.layers
@@ -441,3 +442,31 @@ def test_totals_are_numpys_sums_and_extremes_and_take_nan_as_infinite_error():
     below = _Totals()
     below.add(batches[0], lower, axis=1)
     assert below.max_error == pytest.approx(7.0, rel=1e-6)
+
+
+def test_a_layer_output_nothing_uses_is_not_ranked(tmp_path):
+    """A layer with two outputs of which the model uses one (an FFT's real half, its
+    imaginary half dropped, as KerasHub's FNet does): the dropped value is in the
+    layer map but feeds nothing, and its rounding cannot matter. The report ranks
+    only the values the int8 model uses; it used to name the dropped half worst."""
+    rng = np.random.default_rng(0)
+    inputs = keras.Input((8, 8), name="x")
+    hidden = L.Dense(8, name="dense")(inputs)
+    hidden = BatchNormalization(name="bn")(hidden)
+    real, imaginary = keras.ops.fft2((hidden, keras.ops.zeros_like(hidden)))
+    model = keras.Model(inputs, L.Dense(4, name="head")(real))
+    bn = model.get_layer("bn")
+    bn.moving_mean.assign(rng.normal(size=8).astype("float32"))
+    bn.moving_variance.assign(rng.uniform(0.5, 2.0, size=8).astype("float32"))
+    float_path, int8_path = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    export_onnx(model, float_path, fold=True)
+    feed = {"x": rng.normal(size=(64, 8, 8)).astype("float32")}
+    report = quantize_int8(float_path, int8_path, feed)
+    float_model = onnx.load(str(float_path))
+    layer_map = decode_layer_map({p.key: p.value for p in float_model.metadata_props})
+    fft = next(key for key in layer_map if "fft2" in key)
+    dropped = layer_map[fft][1][0]  # the imaginary half's ONNX value
+    read = {name for node in float_model.graph.node for name in node.input}
+    assert dropped not in read and dropped not in {o.name for o in float_model.graph.output}
+    compared = [layer.layer for layer in report.divergence.layers]
+    assert f"{fft}:0" in compared and f"{fft}:1" not in compared, compared
