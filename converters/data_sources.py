@@ -68,16 +68,23 @@ class DataSource:
         self.batches_per_pass = count
 
     def inputs(self) -> _Inputs:
-        """The same passes, ``x`` only (what ``recalibrate_batch_norm`` reads)."""
+        """The same passes, ``x`` only (what ``BatchNormInputs.measure`` reads)."""
         return _Inputs(self)
+
+    def elements(self) -> _Inputs:
+        """The same passes as Keras dataset elements ``(x,)`` (what
+        ``recalibrate_batch_norm`` reads): Keras unpacks a bare list as ``(x, y)``, so a
+        multi-input model's list of arrays is wrapped to stay its ``x``."""
+        return _Inputs(self, wrapped=True)
 
 
 class _Inputs:
-    def __init__(self, source: DataSource):
+    def __init__(self, source: DataSource, *, wrapped: bool = False):
         self.source = source
+        self.wrapped = wrapped
 
     def __iter__(self) -> Iterator[Any]:
-        return (x for x, _ in self.source)
+        return ((x,) if self.wrapped else x for x, _ in self.source)
 
 
 def open_data(spec: str, specs: Specs, *, batch_size: int = 64) -> DataSource:

@@ -226,7 +226,7 @@ def check_statistics(
 
         if before_writing is not None:
             before_writing()
-        counts = recalibrate_batch_norm(model, source.inputs())
+        counts = recalibrate_batch_norm(model, source.elements())
         moving_outputs: list[list[np.ndarray]] | None = None
     else:
         moving_outputs = []

@@ -353,3 +353,36 @@ def test_check_statistics_leaves_the_model_bit_for_bit(scenario):
     for value, at_call, variable in zip(before, seen[0], model.variables, strict=True):
         np.testing.assert_array_equal(at_call, value)
         np.testing.assert_array_equal(variable.numpy(), value)
+
+
+def test_recalibrate_a_model_with_two_inputs(tmp_path, capsys):
+    """A Functional model of two inputs, their Dense layers concatenated into a BN:
+    ``--data`` holds one array per input. The data source's list of arrays reached
+    ``recalibrate_batch_norm`` as a bare list, which Keras reads as ``(x, y)``, and
+    the command ended in an internal error. The BN's new statistics are the NumPy
+    population moments of its input over the data."""
+    rng = np.random.default_rng(3)
+    a, b = keras.Input((6,), name="a"), keras.Input((4,), name="b")
+    dense_a, dense_b = keras.layers.Dense(5, name="dense_a"), keras.layers.Dense(3, name="dense_b")
+    joined = keras.layers.Concatenate()([dense_a(a), dense_b(b)])
+    model = keras.Model([a, b], keras.layers.Dense(2)(BatchNormalization(name="bn")(joined)))
+    model.save(tmp_path / "two.keras")
+    data = {"a": rng.normal(size=(70, 6)), "b": 3 + 2 * rng.normal(size=(70, 4))}
+    data = {name: array.astype("float32") for name, array in data.items()}
+    np.savez(tmp_path / "data.npz", **data)
+    out = tmp_path / "recalibrated.keras"
+    code, _, err = run_main(
+        ["recalibrate", tmp_path / "two.keras", "--data", tmp_path / "data.npz", "-o", out],
+        capsys,
+    )
+    assert code == 0, err
+    joined_values = np.concatenate(
+        [
+            data[name].astype(np.float64) @ layer.kernel.numpy() + layer.bias.numpy()
+            for name, layer in (("a", dense_a), ("b", dense_b))
+        ],
+        axis=1,
+    )
+    bn = keras.saving.load_model(out).get_layer("bn")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), joined_values.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), joined_values.var(0), rtol=1e-5)
