@@ -368,6 +368,7 @@ def convert_float16(
     issues = check_float16_range(model)
     _outputs_read_once(model)
     _constants_unshared(model, float16.DEFAULT_OP_BLOCK_LIST)
+    kept_float32 = _transposes_into_matmul(model)
     with warnings.catch_warnings():
         # The converter warns once per clamped tensor; check_float16_range reports them.
         warnings.filterwarnings("ignore", message="the float32 number", category=UserWarning)
@@ -377,6 +378,7 @@ def convert_float16(
             max_finite_val=FLOAT16_MAX,
             keep_io_types=keep_io_types,
             check_fp16_ready=False,  # float32_compute made any float16 graph float32
+            node_block_list=kept_float32,
         )
     _casts_to_float16(converted)
     _save_onnx(converted, onnx_out)
@@ -440,6 +442,30 @@ def _constants_unshared(model, kept_float32: Collection[str]) -> None:
     for node in graph.node:
         if node.op_type in kept_float32:
             node.input[:] = [copies.get(name, name) for name in node.input]
+
+
+def _transposes_into_matmul(model) -> list[str]:
+    """The names of the 3-D Transposes that a MatMul reads (every node named first, in
+    place, where it has no name), for the float16 converter to keep in float32 between
+    Casts of its own. In float16, ``Transpose -> MatMul`` on a 3-D tensor crashes
+    onnxruntime's x86 session set-up at its default optimization level (a
+    segmentation fault: its NCHWc transformer dereferences the Cast it inserted in
+    front of the MatMul, which has no float16 kernel there: onnxruntime issue
+    28392). An LSTM's sequence output into a Dense layer has that pattern. The MatMul
+    computes in float32 on those CPUs either way."""
+    graph = model.graph
+    for index, node in enumerate(graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{index}/float16_named"
+    matmul_inputs = {node.input[0] for node in graph.node if node.op_type == "MatMul"}
+    matmul_inputs |= {node.input[1] for node in graph.node if node.op_type == "MatMul"}
+    return [
+        node.name
+        for node in graph.node
+        if node.op_type == "Transpose"
+        and node.output[0] in matmul_inputs
+        and len(next((a.ints for a in node.attribute if a.name == "perm"), ())) == 3
+    ]
 
 
 def _casts_to_float16(model) -> None:

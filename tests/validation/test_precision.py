@@ -482,3 +482,47 @@ def test_the_size_bound_is_never_below_the_serialized_size(tmp_path, external):
     if external:  # the file alone is far smaller than the model it describes
         assert path.stat().st_size < size / 2
     assert _serializable(path, model)
+
+
+def test_float16_of_a_3d_transpose_into_a_matmul_loads_in_onnxruntime(tmp_path, run_python):
+    """``Transpose`` (3-D) into ``MatMul`` in float16, an LSTM's sequence output read
+    by a Dense layer: onnxruntime's x86 session set-up crashed on it at its default
+    optimization level (a segmentation fault in its NCHWc transformer, onnxruntime
+    issue 28392), so the export died without a word. The converter keeps that
+    Transpose in float32; a fresh interpreter loads the file at the default level and
+    its outputs match NumPy's within float16 rounding."""
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(8, 4)).astype(np.float32)
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2], name="transpose"),
+        helper.make_node("MatMul", ["t", "w"], ["y"], name="matmul"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["steps", "batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "f32.onnx")
+    convert_float16(tmp_path / "f32.onnx", tmp_path / "f16.onnx")
+    converted = onnx.load(str(tmp_path / "f16.onnx"))
+    transpose = next(node for node in converted.graph.node if node.op_type == "Transpose")
+    declared = {info.name: info.type.tensor_type.elem_type for info in converted.graph.value_info}
+    assert declared.get(transpose.output[0]) == TensorProto.FLOAT
+    x = rng.normal(size=(5, 3, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import sys, numpy as np, onnxruntime as ort\n"
+        f"session = ort.InferenceSession({str(tmp_path / 'f16.onnx')!r}, "
+        "providers=['CPUExecutionProvider'])\n"
+        f"y = session.run(None, {{'x': np.load({str(tmp_path / 'x.npy')!r})}})[0]\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, y)\n"
+    )
+    run_python(["-c", code], timeout=120)
+    expected = np.transpose(x.astype(np.float64), (1, 0, 2)) @ weight
+    got = np.load(tmp_path / "y.npy")
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=2e-2 * np.abs(expected).max())
