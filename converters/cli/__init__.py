@@ -8,7 +8,10 @@ and returning the exit status:
 * 1: validation failed (the exported or folded model's outputs differ from the
   original Keras model's beyond ``--atol``/``--rtol``; nothing is written);
 * 2: bad input or usage: one line on stderr naming the problem, no traceback,
-  no output file left behind.
+  no output file left behind;
+* 3: internal error (a bug in keras-bn: the traceback, and a request to report it);
+* 130 and 143: interrupted (Ctrl-C) or terminated (SIGTERM, the program only),
+  after the same clean-up.
 
 Only :class:`UserInputError` becomes a one-line message; any other exception is a
 bug in keras-bn and keeps its traceback. Heavy packages (keras, tensorflow, onnx,

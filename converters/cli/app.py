@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from keras_bn.converters.cli.run import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERNAL_ERROR,
     EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
     Run,
     check_report_path,
     finish_report,
@@ -46,7 +48,8 @@ examples:
   keras-bn export model.keras -o model.onnx --json --report export.json
 
 exit status: 0 success, 1 validation failed, 2 bad input or usage, 3 internal
-error (a bug in keras-bn: the traceback is printed; please report it).
+error (a bug in keras-bn: the traceback is printed; please report it), 130
+interrupted (Ctrl-C), 143 terminated (SIGTERM); either leaves no file behind.
 .npz inputs hold one array per model input, keyed by input name (any name for a
 single-input model), batch first, in the Keras model's layout (bench: the ONNX
 model's layout). Set KERAS_BN_TRACEBACK=1 to see the traceback behind a
@@ -139,6 +142,18 @@ def _user_error(args: argparse.Namespace, error: Exception) -> int:
     return EXIT_BAD_INPUT
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI job's timeout, ``kill``), raised in the main thread: the command
+    ends as on Ctrl-C, its temporary files removed and nothing half-written (Python's
+    default for SIGTERM ends the process on the spot, leaving the work folder beside
+    the output). A second SIGTERM during that clean-up ends the process at once."""
+
+
+def _on_terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None, *, owns_process: bool = False) -> int:
     """Run the CLI; return the exit status (0 ok, 1 validation failed, 2 bad input,
     3 internal error). ``owns_process``: the caller exits when this returns (the
@@ -150,6 +165,7 @@ def main(argv: Sequence[str] | None = None, *, owns_process: bool = False) -> in
     if owns_process:
         # process-wide: the program's to set (allocator.py)
         tune_allocator(arenas=getattr(COMMANDS[args.command][0], "MALLOC_ARENAS", None))
+        signal.signal(signal.SIGTERM, _on_terminate)
     quiet_environment()
     run = Run(
         command=args.command,
@@ -168,9 +184,13 @@ def main(argv: Sequence[str] | None = None, *, owns_process: bool = False) -> in
         raise
     except (UserInputError, OSError) as error:
         return _user_error(args, error)
-    except KeyboardInterrupt:
-        print(f"keras-bn {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as interrupt:
+        terminated = isinstance(interrupt, _Terminated)
+        print(
+            f"keras-bn {args.command}: {'terminated' if terminated else 'interrupted'}",
+            file=sys.stderr,
+        )
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except Exception as error:  # ours, never the user's: keep the traceback
         return _internal_error(args, error)
     finish_report(run, code)

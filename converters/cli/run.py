@@ -31,6 +31,7 @@ __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_INTERNAL_ERROR",
     "EXIT_INTERRUPTED",
+    "EXIT_TERMINATED",
     "Run",
     "as_dict",
     "to_json",
@@ -51,6 +52,7 @@ EXIT_VALIDATION_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL_ERROR = 3  # a bug in keras-bn: traceback plus a request to report it
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM: a job runner's timeout or kill, after the clean-up
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a pipe's writer exits with when its reader leaves
 
 

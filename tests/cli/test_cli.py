@@ -2047,3 +2047,44 @@ def test_the_taps_serve_the_commands_that_run_keras_over_data(argv, routed):
 
     assert (steps.TAPS_SAMPLES, steps.MAX_TAPS) == (32, 25)
     assert steps._runs_keras_on_data(cli.build_parser().parse_args(argv)) is routed
+
+
+def test_sigterm_mid_export_removes_the_work_folder_and_exits_143(tmp_path, monkeypatch, capsys):
+    """A job runner's timeout sends SIGTERM. Python's default ends the process on the
+    spot, and a killed export left its hidden work folder beside the output. The
+    program (``main(owns_process=True)``) ends as on Ctrl-C instead: clean-up,
+    "terminated", exit 143. The signal arrives here while validation starts, the
+    work folder full."""
+    import signal
+    import time
+
+    from keras_bn.converters.cli import app, export
+
+    conv_bn_classifier().save(tmp_path / "m.keras")
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    seen: list[Path] = []
+    validate = export._validate
+
+    def terminated_while_validating(*args, **kwargs):
+        seen.extend(path for folder in out.parent.iterdir() for path in folder.iterdir())
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler raises in here
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(export, "_validate", terminated_while_validating)
+    monkeypatch.setattr(app, "tune_allocator", lambda **_: False)  # process-wide: not in tests
+
+    def not_ours(signum, frame):  # what runs unless main() installs its own handler
+        raise RuntimeError("SIGTERM reached the test's handler")
+
+    previous = signal.signal(signal.SIGTERM, not_ours)
+    try:
+        code = app.main(["export", str(tmp_path / "m.keras"), "-o", str(out)], owns_process=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    captured = capsys.readouterr()
+    assert code == 143, captured.err[-2000:]
+    assert captured.err.strip().splitlines()[-1] == "keras-bn export: terminated"
+    assert [path.name for path in seen] == ["m.onnx"]  # the export, in the work folder
+    assert list(out.parent.iterdir()) == []
