@@ -66,6 +66,7 @@ __all__ = [
     "FLOAT16_FACTOR",
     "FLOAT16_FALLBACK",
     "FLOAT16_FLOOR",
+    "FLOAT16_SQNR_FLOOR_DB",
     "FLOAT16_UNIT_ROUNDOFF",
     "INT8_SQNR_FLOOR_DB",
     "INT8_TOP1_FLOOR",
@@ -108,6 +109,9 @@ FLOAT16_FACTOR = 2.0  # the export's error may be up to 2x the float16 Keras run
 FLOAT16_FLOOR = 4 * FLOAT16_UNIT_ROUNDOFF  # ~2e-3 of the range: noise, whatever the run says
 FLOAT16_FALLBACK = 32 * FLOAT16_UNIT_ROUNDOFF  # the expectation when no float16 run is finite
 INT8_SQNR_FLOOR_DB = 8.0  # below it the int8 output is mostly noise (BENCHMARKS.md section 6)
+# float16 too: an output float16 cannot hold (scores of 1e-10, below its smallest
+# value, become zeros: SQNR 0 dB) is lost, even where Keras's float16 run loses it too.
+FLOAT16_SQNR_FLOOR_DB = INT8_SQNR_FLOOR_DB
 INT8_TOP1_FLOOR = 0.9  # top-1 agreement a classifier's int8 export must keep...
 INT8_TOP1_MIN_SAMPLES = 20  # ...judged on at least this many samples (one flip <= 5%)...
 INT8_TOP1_MARGIN = 0.05  # ...whose top class leads by 5% of the output's range or more
@@ -354,16 +358,18 @@ def judge_float16(
     elif not math.isfinite(run_error):  # no float16 run, or it overflowed
         expected, yardstick = FLOAT16_FALLBACK, "fallback"
     bound = floor if expected is None else factor * expected + floor
+    sqnr = sqnr_db(candidate, exact)
+    signal = bool(np.any(np.asarray(exact) != 0))  # an output that is all zeros has no SQNR
     return dataclasses.replace(
         comparison,
         exact_error=error,
         keras_exact_error=expected,
         yardstick=yardstick,
         bound=bound,
-        sqnr_db=sqnr_db(candidate, exact),
+        sqnr_db=sqnr,
         top1_agreement=top1_agreement(candidate, exact),
         verdict="float16 criterion",
-        passed=bool(error <= bound),
+        passed=bool(error <= bound and (not signal or sqnr >= FLOAT16_SQNR_FLOOR_DB)),
     )
 
 
@@ -380,6 +386,7 @@ def float16_rule(float16_ran: bool, missing: str | None = None, needed: bool = T
     it with or without a finite float16 run of the model (``missing``: why there is
     none, when no float16 copy of the model could be made or run; ``needed``: False
     when every output was within the floor, so no float16 run was made)."""
+    held = f", and the SQNR at least {FLOAT16_SQNR_FLOOR_DB:g} dB (an output float16 cannot hold is lost)"
     if float16_ran or not needed:
         rule = (
             f"the error is at most {FLOAT16_FACTOR:g}x that of the same model run in "
@@ -390,12 +397,13 @@ def float16_rule(float16_ran: bool, missing: str | None = None, needed: bool = T
                 f" (every output was within {FLOAT16_FLOOR:.2g} of its range: "
                 "no float16 run was needed)"
             )
-        return rule
+        return rule + held
     bound = FLOAT16_FACTOR * FLOAT16_FALLBACK + FLOAT16_FLOOR
     return (
         f"the error is at most {bound:.2g} of the output's range ({FLOAT16_FACTOR:g}x "
         f"float16's expected {FLOAT16_FALLBACK:.2g}, plus {FLOAT16_FLOOR:.2g}: "
         + (f"{missing})" if missing else "no finite float16 run)")
+        + held
     )
 
 

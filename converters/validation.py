@@ -66,6 +66,7 @@ from keras_bn.converters import runtime
 from keras_bn.converters.comparison import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
+    FLOAT16_SQNR_FLOOR_DB,
     INT8_SQNR_FLOOR_DB,
     INT8_TOP1_MIN_SAMPLES,
     NOTHING_FINITE,
@@ -253,7 +254,8 @@ def _exact_line(c: OutputComparison) -> str:
     if c.verdict == "float16 criterion":
         return (
             f"vs {c.exact_answer}: ONNX {c.exact_error:.3g}, {c.yardstick} {c.keras_exact_error:.3g}, "
-            f"bound {c.bound:.3g} (relative to max; SQNR {c.sqnr_db:.1f} dB): {result}"
+            f"bound {c.bound:.3g} (relative to max; SQNR {c.sqnr_db:.1f} dB, floor "
+            f"{FLOAT16_SQNR_FLOOR_DB:g}): {result}"
         )
     if c.verdict == "int8 criterion":
         top1 = (

@@ -150,7 +150,7 @@ def print_run(run: Run, as_json: bool) -> None:
 
 
 def validation_failed(run: Run, what: str) -> int:
-    from keras_bn.converters.comparison import NOTHING_FINITE
+    from keras_bn.converters.comparison import FLOAT16_SQNR_FLOOR_DB, NOTHING_FINITE
 
     validation = run.report.get("validation") or {}
     comparisons = validation.get("comparisons") or validation.get("outputs") or []
@@ -159,6 +159,11 @@ def validation_failed(run: Run, what: str) -> int:
     if failed and all(c.get("note") == NOTHING_FINITE for c in failed):
         what = "the Keras model's own outputs are NaN or inf on the validation inputs"
         advice = "Give inputs it computes finite outputs on (--inputs FILE.npz)"
+    elif validation.get("precision") == "float16" and all(
+        (c.get("sqnr_db") or 0.0) < FLOAT16_SQNR_FLOOR_DB for c in failed
+    ):
+        what = f"float16 cannot hold the model's outputs (SQNR below {FLOAT16_SQNR_FLOOR_DB:g} dB)"
+        advice = "Keep float32 (the default --precision)"
     elif validation.get("precision") == "int8":  # judged by SQNR and top-1, not atol
         tuned = "bias_tuning" in (run.report.get("precision") or {})
         advice = "Calibrate on data that looks like deployment data (--calibration)" + (

@@ -98,6 +98,23 @@ def test_float16_rule_is_its_documented_bound():
     assert not judge_float16(compare_arrays(overflowed, exact), overflowed, exact, run16).passed
 
 
+def test_float16_output_lost_below_its_smallest_value_fails_whatever_the_run():
+    """Scores of 1e-10 are zeros in float16 (below its smallest value, 6e-8), in the
+    file and in Keras's own float16 run alike: the error bound (2x the run's, which is
+    the whole range) passed it. An output must keep an SQNR of 8 dB; an exact output
+    of zeros has no SQNR to keep, and an output float16 holds passes as before."""
+    rng = np.random.default_rng(2)
+    exact = 1e-10 * rng.normal(size=(4, 6))
+    zeros = np.zeros_like(exact)
+    judged = judge_float16(compare_arrays(zeros, exact), zeros, exact, zeros)
+    assert judged.exact_error == pytest.approx(1.0) and judged.bound > 1.0
+    assert judged.sqnr_db == pytest.approx(0.0) and not judged.passed
+    assert judge_float16(compare_arrays(zeros, zeros), zeros, zeros, zeros).passed
+    held = exact * 1e10 + 1e-3 * rng.normal(size=exact.shape)
+    assert judge_float16(compare_arrays(held, exact * 1e10), held, exact * 1e10, held).passed
+    assert "the SQNR at least 8 dB" in float16_rule(True)
+
+
 def test_float16_rule_in_words_states_the_bound_applied():
     """The criterion line of a report: with no finite float16 run it names the bound the
     judgement applies (one number), not a factor of a factor."""
@@ -326,6 +343,31 @@ def test_float16_overflow_is_rejected_and_folding_avoids_it(digits, tmp_path):
         assert bool(report) == fold, str(report)
         if not fold:  # the failure names where float16 overflows first
             assert report.localization.startswith("float16 overflow: 'conv1"), str(report)
+
+
+def test_float16_export_whose_outputs_float16_cannot_hold_fails(tmp_path, capsys):
+    """The difference of two Dense layers whose kernels differ by a millionth: in
+    float16 both kernels round to the same values and the output is zeros, in the
+    file as in Keras's own float16 run, so the error bound (2x the run's whole-range
+    error) passed it, as it passed a Keras Application whose scores were 1e-10.
+    ``keras-bn export --precision float16`` fails it, saying float16 cannot hold the
+    outputs, and writes nothing."""
+    from keras_bn.converters.cli import main
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8,), name="x")
+    first, second = keras.layers.Dense(4, name="a"), keras.layers.Dense(4, name="b")
+    model = keras.Model(inputs, keras.layers.Subtract()([first(inputs), second(inputs)]))
+    kernel, bias = first.get_weights()
+    second.set_weights([kernel * (1 + 1e-6), bias])
+    model.save(tmp_path / "m.keras")
+    out = tmp_path / "m16.onnx"
+    code = main(["export", str(tmp_path / "m.keras"), "-o", str(out), "--precision", "float16"])
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert "float16 cannot hold the model's outputs" in captured.err
+    assert "Keras float16 1, bound 2 (relative to max; SQNR 0.0 dB, floor 8): FAIL" in captured.out
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------
