@@ -333,6 +333,17 @@ class _Totals:
         self.low = min(self.low, float(lowest.min()))
         self.high = max(self.high, float(highest.max()))
 
+    def relative_error(self) -> float:
+        """The largest error over the value's range (``high - low``); over its largest
+        magnitude where the value is constant (a softmax of equal scores: 0.0118 for
+        0.01 is 18% off, not 0% "of a range of 0"); inf for an error on zeros."""
+        if self.high < self.low:  # nothing added
+            return 0.0
+        span = (self.high - self.low) or max(abs(self.high), abs(self.low))
+        if span > 0:
+            return self.max_error / span
+        return 0.0 if self.max_error == 0 else math.inf
+
     def sqnr_db(self) -> float:
         """comparison.sqnr_db's formula over the whole value, from the sums."""
         if self.signal is None or self.noise is None:
@@ -526,7 +537,6 @@ def _judge(float_model, int8_model, sites, totals, upstream) -> list[LayerDiverg
         total = totals[site.float_value]
         inputs, computed_by = upstream[site.float_value]
         channel_db[site.layer] = total.channel_sqnr_db()
-        span = total.high - total.low if total.high >= total.low else 0.0
         spread = _spread(total.channel_max)
         per_tensor, weight_spread = facts(site.float_value)
         layers.append(
@@ -539,7 +549,7 @@ def _judge(float_model, int8_model, sites, totals, upstream) -> list[LayerDiverg
                 channel_sqnr_db=channel_db[site.layer],
                 local_sqnr_db=_local_db(channel_db[site.layer], [channel_db[i] for i in inputs]),
                 max_abs_error=total.max_error,
-                relative_to_range=total.max_error / span if span > 0 else 0.0,
+                relative_to_range=total.relative_error(),
                 value_range=(total.low, total.high),
                 channel_spread=spread,
                 int8_step=facts.step(site.scale),

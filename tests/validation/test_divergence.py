@@ -470,3 +470,28 @@ def test_a_layer_output_nothing_uses_is_not_ranked(tmp_path):
     assert dropped not in read and dropped not in {o.name for o in float_model.graph.output}
     compared = [layer.layer for layer in report.divergence.layers]
     assert f"{fft}:0" in compared and f"{fft}:1" not in compared, compared
+
+
+def test_max_error_is_relative_to_the_range_or_to_a_constant_values_magnitude():
+    """ "max |error| X% of its range": the largest error over ``high - low``. A value
+    that is constant on the samples (a softmax of equal scores, 0.01 everywhere,
+    written as 3/255 = 0.0118) has a range of 0, and the report said 0.0%; it is
+    18% of the value's magnitude."""
+    from keras_bn.converters.divergence import _Totals
+
+    rng = np.random.default_rng(12)
+    exact = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    received = exact + np.float32(0.05)
+    totals = _Totals()
+    totals.add(exact, received, axis=1)
+    expected = np.abs(received.astype(np.float64) - exact).max() / (exact.max() - exact.min())
+    assert totals.relative_error() == pytest.approx(expected, rel=1e-5)
+    uniform = np.full((2, 100), 0.01, np.float32)
+    totals = _Totals()
+    totals.add(uniform, np.full_like(uniform, 3 / 255), axis=1)
+    assert totals.relative_error() == pytest.approx((3 / 255 - 0.01) / 0.01, rel=1e-4)
+    zeros = np.zeros((2, 4), np.float32)
+    totals = _Totals()
+    totals.add(zeros, zeros + np.float32(1e-3), axis=1)
+    assert totals.relative_error() == np.inf
+    assert _Totals().relative_error() == 0.0
