@@ -62,7 +62,7 @@ import keras
 import numpy as np
 
 from keras_bn.converters import graph as graph_lib
-from keras_bn.converters import runtime
+from keras_bn.converters import onnx_graph, runtime
 from keras_bn.converters.comparison import (
     DEFAULT_ATOL,
     DEFAULT_RTOL,
@@ -504,20 +504,11 @@ def _matched_values(
 
 
 def _onnx_values(onnx_model: Any, matched: list, feed: Mapping[str, np.ndarray]) -> dict:
-    """The matched ONNX values, exposed as extra outputs of an in-memory copy."""
-    from onnx import helper
-
-    existing_outputs = {o.name for o in onnx_model.graph.output}
-    copy = type(onnx_model)()
-    copy.CopyFrom(onnx_model)
-    for _, tensor, name, _ in matched:
-        if name not in existing_outputs:
-            existing_outputs.add(name)
-            elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype))
-            copy.graph.output.append(helper.make_tensor_value_info(name, elem_type, None))
-    session = runtime.open_session(
-        copy.SerializeToString(), optimization=VALIDATION_OPTIMIZATION, spinning=False
-    )
+    """The matched ONNX values, exposed as extra outputs of an in-memory copy (untyped:
+    onnxruntime infers each one's type, float16 in a float16 file, whatever the Keras
+    tensor's dtype)."""
+    serialized = onnx_graph.with_outputs(onnx_model, [name for _, _, name, _ in matched])
+    session = runtime.open_session(serialized, optimization=VALIDATION_OPTIMIZATION, spinning=False)
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, dict(feed)), strict=True))
 

@@ -228,6 +228,18 @@ def test_digits_float16_passes_by_the_float16_criterion(digits):
     assert "float16 criterion" in text and "no float16 run was needed" in text
 
 
+def test_a_float16_file_failing_explicit_tolerances_is_localized_not_an_error(digits):
+    """``keras-bn validate model.keras half.onnx --atol 1e-9 --rtol 0``: the float16
+    file fails, and localizing the first diverging layer fetched its values declared
+    as the Keras tensors' float32, which onnxruntime refused in a float16 file (an
+    internal error, exit 3). The values are fetched untyped: the report fails and
+    names the first layer that diverges."""
+    model, work, held_out = digits
+    report = validate_onnx(model, work / "half.onnx", inputs=held_out[:16], atol=1e-9, rtol=0)
+    assert not report, str(report)
+    assert report.localization.startswith("first divergent layer 'bn1'"), report.localization
+
+
 @pytest.mark.parametrize("bug", FLOAT16_BUGS)
 def test_digits_float16_with_a_bug_is_rejected(digits, bug, tmp_path):
     model, work, held_out = digits
