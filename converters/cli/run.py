@@ -195,8 +195,11 @@ def check_output(args: argparse.Namespace, suffix: str) -> Path:
 
 
 def check_not_an_input(output: Path, args: argparse.Namespace) -> None:
-    inputs = [getattr(args, name, None) for name in ("model", "inputs", "calibration")]
+    inputs = [getattr(args, name, None) for name in ("model", "inputs", "calibration", "data")]
     inputs += list(getattr(args, "onnx", None) or [])
+    # MODULE:NAME specs whose module is a file: a --data loader, --custom-objects
+    code = [getattr(args, "data", None) or "", *(getattr(args, "custom_objects", None) or [])]
+    inputs += [spec.rpartition(":")[0] for spec in code if ":" in spec]
     for given in inputs:
         if given and output.exists() and Path(given).exists():
             if os.path.samefile(output, given):

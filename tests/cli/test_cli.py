@@ -606,6 +606,27 @@ def test_force_replaces_and_output_cannot_be_the_input(tmp_path, capsys, files):
     assert sha256(copy) == before
 
 
+@pytest.mark.parametrize("given", ["data", "custom-objects"])
+def test_a_report_never_replaces_the_data_or_the_custom_objects_file(
+    given, tmp_path, capsys, files
+):
+    """``--report`` onto the ``--data`` file, or onto the .py file ``--custom-objects``
+    loads, was written (with --force, or by inspect, which replaces reports): the
+    input became JSON. It is refused as any input is."""
+    if given == "data":
+        victim = tmp_path / "data.npz"
+        shutil.copyfile(files["inputs"], victim)
+        arguments = ["inspect", files["model"], "--data", victim]
+    else:
+        victim = tmp_path / "layers.py"
+        shutil.copyfile(files["custom_layers"], victim)
+        arguments = ["inspect", files["custom"], "--custom-objects", f"{victim}:Doubling"]
+    before = sha256(victim)
+    code, _, err = run_main([*arguments, "--report", victim, "--force"], capsys)
+    assert_rejected(code, err, "is also an input")
+    assert sha256(victim) == before
+
+
 def test_output_suffix_is_checked_before_any_work(tmp_path, capsys, files):
     code, _, err = run_main(["export", files["nan"], "-o", tmp_path / "m.keras"], capsys)
     assert_rejected(code, err, "expected a .onnx file name", tmp_path)  # not the NaN error
