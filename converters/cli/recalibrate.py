@@ -33,6 +33,8 @@ def recalibrate_command(args: argparse.Namespace, run: Run) -> int:
     """Recompute every BatchNormalization layer's moving statistics as the exact
     population statistics of --data (float64, keras_bn.recalibrate_batch_norm in
     inference mode), report the change, and save the model."""
+    import numpy as np
+
     from keras_bn.converters.data_sources import open_data
     from keras_bn.converters.model_io import model_input_specs
     from keras_bn.converters.statistics_check import check_statistics
@@ -55,8 +57,10 @@ def recalibrate_command(args: argparse.Namespace, run: Run) -> int:
             step.label = f"{label} (pass {pass_number}, batch {batch}{total})"
 
         source.on_batch = show
-        check = check_statistics(model, source, keep_population=True)
+        with np.errstate(over="ignore"):  # an overflow is _check_finite's one line
+            check = check_statistics(model, source, keep_population=True)
         step.label = label
+    _check_finite(model, source.description)
     check.before_name, check.after_name = "old moving statistics", "recalibrated statistics"
     run.report["recalibration"] = check.to_dict()
     run.text.append(str(check))
@@ -70,6 +74,25 @@ def recalibrate_command(args: argparse.Namespace, run: Run) -> int:
     run.report["output"] = {"path": str(output), "bytes": output.stat().st_size}
     run.summary.append(["output", f"{output} ({file_size(output)})"])
     return EXIT_OK
+
+
+def _check_finite(model, data: str) -> None:
+    """The recalibrated statistics, before anything is written: finite values can still
+    overflow float32 in a layer's input (values of 1e38 squared), and a model saved with
+    an infinite variance is one no command can use."""
+    import numpy as np
+
+    from keras_bn._batch_norm_state import batch_norm_layers
+
+    for layer in batch_norm_layers(model):
+        for name in ("moving_mean", "moving_variance"):
+            values = np.asarray(getattr(layer, name).numpy())
+            if not np.all(np.isfinite(values)):
+                raise UserInputError(
+                    f"{data}: {layer.name!r}'s {name} over this data is not finite (its "
+                    "input overflows float32); nothing was written. Give data in the range "
+                    "the model takes."
+                )
 
 
 def _batch_norm_count(model) -> int:

@@ -386,3 +386,25 @@ def test_recalibrate_a_model_with_two_inputs(tmp_path, capsys):
     bn = keras.saving.load_model(out).get_layer("bn")
     np.testing.assert_allclose(bn.moving_mean.numpy(), joined_values.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(bn.moving_variance.numpy(), joined_values.var(0), rtol=1e-5)
+
+
+def test_recalibrate_refuses_statistics_that_overflow_float32(tmp_path, capsys):
+    """Finite inputs of about 1e30: the BN input's square overflows float32 and the
+    recalibrated variance is inf. The command wrote that model and exited 0 (no later
+    command can use it); it now says which layer overflowed, in one line, exit 2,
+    and writes nothing."""
+    inputs = keras.Input((4,), name="x")
+    model = keras.Model(inputs, BatchNormalization(name="bn")(keras.layers.Dense(3)(inputs)))
+    model.save(tmp_path / "m.keras")
+    huge = np.random.default_rng(0).normal(size=(8, 4)) * 1e30
+    np.savez(tmp_path / "huge.npz", x=huge.astype(np.float32))
+    out = tmp_path / "out.keras"
+    code, _, err = run_main(
+        ["recalibrate", tmp_path / "m.keras", "--data", tmp_path / "huge.npz", "-o", out], capsys
+    )
+    assert code == 2, err
+    assert err.strip().splitlines() == [
+        line for line in err.strip().splitlines() if "error" in line
+    ]
+    assert "'bn''s moving_variance over this data is not finite" in err
+    assert not out.exists()
