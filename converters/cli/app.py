@@ -142,6 +142,12 @@ def _user_error(args: argparse.Namespace, error: Exception) -> int:
     return EXIT_BAD_INPUT
 
 
+_OUT_OF_MEMORY = (
+    "out of memory: the run needs more than this machine has; give smaller --samples, "
+    "--batch-size or input sizes."
+)
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM (a CI job's timeout, ``kill``), raised in the main thread: the command
     ends as on Ctrl-C, its temporary files removed and nothing half-written (Python's
@@ -184,6 +190,8 @@ def main(argv: Sequence[str] | None = None, *, owns_process: bool = False) -> in
         raise
     except (UserInputError, OSError) as error:
         return _user_error(args, error)
+    except MemoryError:  # a size asked for (--samples, --batch-size, --input-shape)
+        return _user_error(args, UserInputError(_OUT_OF_MEMORY))
     except KeyboardInterrupt as interrupt:
         terminated = isinstance(interrupt, _Terminated)
         print(

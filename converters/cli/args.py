@@ -27,6 +27,7 @@ __all__ = [
     "InputLayoutArgs",
     "DataArgs",
     "positive_int",
+    "MAX_COUNT",
     "non_negative_int",
     "tolerance",
     "FLOAT32_ATOL",
@@ -153,8 +154,11 @@ class Parser(argparse.ArgumentParser):
 # Argument types.
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer >= ``minimum``."""
+MAX_COUNT = 2**31 - 1  # a count no run can use more of (onnx refuses larger dimensions)
+
+
+def int_at_least(minimum: int, maximum: int = MAX_COUNT) -> Callable[[str], int]:
+    """An argparse ``type``: an integer from ``minimum`` to ``maximum``."""
     what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
 
     def parse(text: str) -> int:
@@ -164,6 +168,8 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
             value = minimum - 1
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected {what}, received {text!r}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"expected at most {maximum}, received {text!r}")
         return value
 
     return parse

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
-from keras_bn.converters.cli.args import non_negative_int, positive_int
+from keras_bn.converters.cli.args import int_at_least, non_negative_int, positive_int
 from keras_bn.converters.cli.run import EXIT_OK, Run
 
 SUMMARY = "onnxruntime latency and size of ONNX models, side by side"
+# onnxruntime threads beyond a few per core only cost memory (100,000 took 16 GB).
+MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="inputs in the ONNX model's layout (default: generated standard-normal inputs)",
     )
     parser.add_argument(
-        "--threads", type=positive_int, help="onnxruntime intra-op threads (default: all cores)"
+        "--threads",
+        type=int_at_least(1, MAX_THREADS),
+        help="onnxruntime intra-op threads (default: all cores)",
     )
 
 

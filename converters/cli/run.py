@@ -185,6 +185,11 @@ def validation_failed(run: Run, what: str) -> int:
 def check_output(args: argparse.Namespace, suffix: str) -> Path:
     """Validate ``-o/--output`` before any work: suffix, not the input, writable."""
     output = Path(args.output)
+    if not output.name or output.is_dir():
+        raise UserInputError(
+            f"Output {str(output)!r} is a directory; give a {suffix} file name, e.g. "
+            f"-o {Path(output, 'model' + suffix)}."
+        )
     if output.suffix.lower() != suffix:
         raise UserInputError(
             f"Output file {str(output)!r} has suffix {output.suffix!r}; expected a {suffix} "

@@ -2109,3 +2109,30 @@ def test_sigterm_mid_export_removes_the_work_folder_and_exits_143(tmp_path, monk
     assert captured.err.strip().splitlines()[-1] == "keras-bn export: terminated"
     assert [path.name for path in seen] == ["m.onnx"]  # the export, in the work folder
     assert list(out.parent.iterdir()) == []
+
+
+def test_sizes_beyond_the_machine_are_the_users_one_line(tmp_path, capsys, files, monkeypatch):
+    """Sizes no run can take: ``-o .`` (a ValueError while the message was built),
+    ``--batch-size`` beyond onnx's dimensions (onnx's ValueError), ``--threads
+    100000`` (16 GB of onnxruntime threads), and a run that exhausts memory
+    (``--samples 10**9`` asked for 5.6 TiB): each was a traceback (exit 3) or a
+    runaway; each is one line, exit 2, nothing written."""
+    from keras_bn.converters.cli import export
+
+    cases = [
+        (["export", files["model"], "-o", "."], "is a directory; give a .onnx file name"),
+        (["export", files["model"], "-o", tmp_path / "m.onnx", "--batch-size", "9" * 20],
+         "expected at most 2147483647"),
+        (["bench", files["model"], "--threads", "100000"], "argument --threads: expected at most"),
+    ]  # fmt: skip
+    for arguments, fragment in cases:
+        code, _, err = run_main(arguments, capsys)
+        assert_rejected(code, err, fragment)
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(export, "_export", exhausted)
+    code, _, err = run_main(["export", files["model"], "-o", tmp_path / "m.onnx"], capsys)
+    assert_rejected(code, err, "out of memory: the run needs more than this machine has")
+    assert list(tmp_path.iterdir()) == []
