@@ -564,12 +564,21 @@ def _expanded_nodes(functional, aliases: dict[int, int], seen: set[int] | None =
             and dtype != node.operation.compute_dtype
         ):
             return None
-        aliases[id(inputs[0])] = id(given[0])
+        # A model called on its own Input tensor (KerasHub's ImageClassifier calls its
+        # backbone on ``backbone.input``): the tensor is its own alias, not a cycle.
+        if inputs[0] is not given[0]:
+            aliases[id(inputs[0])] = id(given[0])
         expanded = _expanded_nodes(inner, aliases, seen)
         if expanded is None:
             return None
         nodes += expanded
-        aliases.update({id(mine): id(its) for mine, its in zip(node.outputs, outputs, strict=True)})
+        aliases.update(
+            {
+                id(mine): id(its)
+                for mine, its in zip(node.outputs, outputs, strict=True)
+                if mine is not its
+            }
+        )
     return nodes
 
 

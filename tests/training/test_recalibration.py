@@ -441,6 +441,43 @@ def test_nested_models_are_expanded_into_the_graph_pass(monkeypatch):
         np.testing.assert_array_equal(got, expected)
 
 
+def _classifier_on_its_backbones_input():
+    """KerasHub's ImageClassifier: the outer model calls its backbone on
+    ``backbone.input``, the backbone's own Input tensor."""
+    keras.utils.set_random_seed(28)
+    image = keras.Input((8, 8, 3), name="images")
+    h = keras.layers.Conv2D(4, 3, use_bias=False)(image)
+    backbone = keras.Model(image, keras.layers.ReLU()(StockBN(name="bn")(h)), name="backbone")
+    h = keras.layers.GlobalAveragePooling2D()(backbone(backbone.input))
+    return randomize_batch_norms(keras.Model(backbone.input, keras.layers.Dense(3)(h)), 28)
+
+
+def test_a_model_calling_its_backbone_on_the_backbones_own_input(monkeypatch):
+    """The graph pass recorded the backbone's Input as an alias of itself and looked it
+    up forever (``keras-bn recalibrate`` of an ImageClassifier never ended). It takes
+    the pass, and its statistics are the partial passes', bit for bit."""
+    import threading
+
+    x = np.random.default_rng(28).uniform(-1.0, 1.0, (24, 8, 8, 3)).astype("float32")
+    result = []
+    worker = threading.Thread(
+        target=lambda: result.append(
+            _recalibrated(_classifier_on_its_backbones_input, x, monkeypatch, sequential=False)
+        ),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(timeout=120)
+    assert result, "the recalibration did not end"
+    graph, counts, ran = result[0]
+    reference, reference_counts, _ = _recalibrated(
+        _classifier_on_its_backbones_input, x, monkeypatch, sequential=True
+    )
+    assert ran and counts == reference_counts and len(counts) == 1
+    for got, expected in zip(graph.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_the_graph_pass_leaves_shared_and_custom_layer_batch_norms_to_the_sequential_passes(
     monkeypatch,
 ):
