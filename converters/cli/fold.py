@@ -53,7 +53,9 @@ def fold_command(args: argparse.Namespace, run: Run) -> int:
         try:
             # The plan export folds with, replayed once as a Keras model; measured
             # below against the reference, not by fold_batch_norms's own passes.
-            folded, report = fold_batch_norms(model, measure=False, progress=step.update)
+            folded, report = fold_batch_norms(
+                model, measure=False, progress=step.update, copy=False
+            )
         except Exception:
             reference.outputs()  # a model Keras cannot run: that is the error to report
             raise

@@ -334,6 +334,7 @@ def fold_batch_norms(
     sample_inputs: Any = None,
     measure: bool = True,
     progress: Progress | None = None,
+    copy: bool = True,
 ) -> tuple[keras.Model, FoldReport]:
     """Fold every foldable BatchNormalization call of ``model`` into a linear layer.
 
@@ -360,6 +361,9 @@ def fold_batch_norms(
             ``sample_inputs``.
         progress: called as ``progress(done, total)`` while the folded model is
             built, after each of its ``total`` layer calls (a progress display).
+        copy: False: a model with nothing to fold comes back as itself, not as a copy
+            (for a caller that only saves it: rebuilding a KerasHub ViT runs every
+            layer's initializers again, longer than its export).
 
     Returns:
         ``(folded_model, report)``.
@@ -378,7 +382,9 @@ def fold_batch_norms(
     model = prepared.model
     plan = make_plan(prepared, backward, checked_statistics(model))
     report = FoldReport(model.name, plan.entries, plan.fp16_risks())
-    folded = None if report.folded_count else _unchanged_copy(model)
+    folded = None
+    if not report.folded_count:
+        folded = _unchanged_copy(model) if copy else model
     if folded is None:
         folded = _rebuild(folded_graph(plan), progress)
     if not measure:

@@ -2136,3 +2136,27 @@ def test_sizes_beyond_the_machine_are_the_users_one_line(tmp_path, capsys, files
     code, _, err = run_main(["export", files["model"], "-o", tmp_path / "m.onnx"], capsys)
     assert_rejected(code, err, "out of memory: the run needs more than this machine has")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fold_with_nothing_to_fold_writes_the_model_without_rebuilding_it(
+    tmp_path, capsys, monkeypatch
+):
+    """A model without a foldable BN (KerasHub's ViT has no BN at all) was rebuilt from
+    its config before it was written: every layer's initializers ran again, and
+    ``keras-bn fold`` took 3.5x the float32 export. The command writes the model as
+    loaded; its outputs are the original's, bit for bit."""
+    from keras_bn.converters.folding import rewrite
+
+    def no_copy(model):
+        raise AssertionError("rebuilt a model with nothing to fold")
+
+    monkeypatch.setattr(rewrite, "_unchanged_copy", no_copy)
+    inputs = keras.Input((6,), name="x")
+    hidden = keras.layers.LayerNormalization()(keras.layers.Dense(5)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2)(hidden))
+    model.save(tmp_path / "m.keras")
+    code, _, err = run_main(["fold", tmp_path / "m.keras", "-o", tmp_path / "f.keras"], capsys)
+    assert code == 0, err
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype("float32")
+    folded = load_model(tmp_path / "f.keras")
+    np.testing.assert_array_equal(_keras_outputs(folded, x), _keras_outputs(model, x))
