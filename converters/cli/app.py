@@ -183,9 +183,13 @@ def main(argv: Sequence[str] | None = None, *, owns_process: bool = False) -> in
     )
     run.json = args.json
     run.report["command"] = args.command
+    # With --json, stdout holds the report alone: what user code prints meanwhile (a
+    # --custom-objects module at import, a layer's call while traced) goes to stderr.
+    keep_stdout = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     try:
-        check_report_path(args)
-        code = args.handler(args, run)
+        with keep_stdout:
+            check_report_path(args)
+            code = args.handler(args, run)
     except BrokenPipeError:  # the reader of our output left (`| head`): console_main's
         raise
     except (UserInputError, OSError) as error:

@@ -2160,3 +2160,38 @@ def test_fold_with_nothing_to_fold_writes_the_model_without_rebuilding_it(
     x = np.random.default_rng(0).normal(size=(4, 6)).astype("float32")
     folded = load_model(tmp_path / "f.keras")
     np.testing.assert_array_equal(_keras_outputs(folded, x), _keras_outputs(model, x))
+
+
+NOISY_LAYERS = """
+import keras
+
+print("loading my layers")
+
+
+class Doubling(keras.layers.Layer):
+    def call(self, x):
+        print("tracing Doubling")
+        return x * 2.0
+"""
+
+
+def test_json_stays_pure_when_user_code_prints(tmp_path, capsys, files):
+    """``--json``: stdout is the report alone. A --custom-objects module that prints at
+    import, and a layer that prints in its call (while traced and run), wrote ahead of
+    the JSON. What user code prints goes to stderr."""
+    (tmp_path / "noisy_layers.py").write_text(NOISY_LAYERS)
+    code, out, err = run_main(
+        [
+            "export",
+            files["custom"],
+            "-o",
+            tmp_path / "m.onnx",
+            "--custom-objects",
+            f"{tmp_path / 'noisy_layers.py'}:Doubling",
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert json.loads(out)["status"] == "ok"
+    assert "loading my layers" in err and "tracing Doubling" in err
