@@ -29,11 +29,15 @@ def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+def atomic_output(
+    path: str | os.PathLike, suffix: str | None = None, *, replace: bool = True
+) -> Iterator[Path]:
     """Yield a temporary path in the target's directory; rename it onto ``path`` on success.
 
     On any exception the temporary file is removed and ``path`` is left untouched.
     ``suffix`` defaults to the target's suffix (Keras insists on ``.keras``).
+    ``replace=False``: never replace a file that appeared meanwhile (another run
+    writing the same output): :class:`FileExistsError`, see :func:`place`.
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
@@ -47,11 +51,31 @@ def atomic_output(path: str | os.PathLike, suffix: str | None = None) -> Iterato
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
     try:
         yield tmp
-        os.replace(tmp, path)
+        place(tmp, path, replace=replace)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def place(source: Path, target: Path, *, replace: bool = True) -> None:
+    """Move ``source`` onto ``target`` atomically. ``replace=False``: only where no
+    ``target`` exists, also against a run that writes it meanwhile (a hard link,
+    which the file system refuses over an existing file: :class:`FileExistsError`);
+    on a file system without hard links, the check just before the rename."""
+    if replace:
+        os.replace(source, target)
+        return
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (FAT, some network shares)
+        if os.path.lexists(target):
+            raise FileExistsError(f"{target} exists") from None
+        os.replace(source, target)
+        return
+    os.unlink(source)
 
 
 def _umask() -> int:

@@ -111,6 +111,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace | int:
     return args
 
 
+def _replaces_report(args: argparse.Namespace) -> bool:
+    """As ``check_report_path`` decided: a command that writes no model replaces its
+    report; one that does, only with --force."""
+    return bool(args.force or getattr(args, "output", None) is None)
+
+
 def _internal_error(args: argparse.Namespace, error: Exception) -> int:
     """A bug in keras-bn: the traceback, a line asking to report it, its own exit status."""
     traceback.print_exc(file=sys.stderr)
@@ -208,7 +214,7 @@ def main(argv: Sequence[str] | None = None, *, owns_process: bool = False) -> in
     finish_report(run, code)
     if args.report:
         try:
-            with writing(args.report) as tmp:
+            with writing(args.report, replace=_replaces_report(args)) as tmp:
                 tmp.write_text(to_json(run.report) + "\n")
         except UserInputError as error:
             print(f"keras-bn {args.command}: error: {error}", file=sys.stderr)

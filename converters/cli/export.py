@@ -696,7 +696,7 @@ def _move_onnx_into_place(
         target = output.with_name(location)
         _check_data_output(target, args)
         moves.append((final.with_name(location), target))
-    replace_files([*moves, (final, output)], shown=output)
+    replace_files([*moves, (final, output)], shown=output, replace=args.force)
     return [target for _, target in moves]
 
 

@@ -75,7 +75,7 @@ def fold_command(args: argparse.Namespace, run: Run) -> int:
     run.text.insert(at, report.format(verbose=args.verbose))
     if not passed:
         return validation_failed(run, "the folded model's outputs differ from the original's")
-    with run.progress.step(f"Writing {output}"), writing(output) as tmp:
+    with run.progress.step(f"Writing {output}"), writing(output, replace=args.force) as tmp:
         folded.save(tmp)
     run.report["output"] = {"path": str(output), "bytes": output.stat().st_size}
     run.summary.append(["output", f"{output} ({file_size(output)})"])

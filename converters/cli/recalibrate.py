@@ -69,7 +69,7 @@ def recalibrate_command(args: argparse.Namespace, run: Run) -> int:
         run.summary.append(
             ["accuracy", f"{100 * check.accuracy_before:.1f}% -> {100 * check.accuracy_after:.1f}%"]
         )
-    with run.progress.step(f"Writing {output}"), writing(output) as tmp:
+    with run.progress.step(f"Writing {output}"), writing(output, replace=args.force) as tmp:
         model.save(tmp)
     run.report["output"] = {"path": str(output), "bytes": output.stat().st_size}
     run.summary.append(["output", f"{output} ({file_size(output)})"])

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from keras_bn.converters.errors import UserInputError, one_line
-from keras_bn.converters.files import atomic_output, check_output_path
+from keras_bn.converters.files import atomic_output, check_output_path, place
 from keras_bn.converters.progress import Progress, format_table
 
 __all__ = [
@@ -239,12 +239,22 @@ def _cannot_write(path: str | os.PathLike, error: OSError) -> UserInputError:
     )
 
 
+def _written_meanwhile(path: str | os.PathLike) -> UserInputError:
+    return UserInputError(
+        f"Output file {str(path)!r} was written by another run meanwhile; nothing was "
+        "replaced: pass --force to replace it."
+    )
+
+
 @contextlib.contextmanager
-def writing(path: str | os.PathLike) -> Iterator[Path]:
-    """``atomic_output`` with file-system errors (disk full, permissions) as one line."""
+def writing(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
+    """``atomic_output`` with file-system errors (disk full, permissions) as one line;
+    ``replace=False`` (no --force): a file another run wrote meanwhile stays."""
     try:
-        with atomic_output(path) as tmp:
+        with atomic_output(path, replace=replace) as tmp:
             yield tmp
+    except FileExistsError:
+        raise _written_meanwhile(path) from None
     except OSError as error:
         raise _cannot_write(path, error) from None
 
@@ -271,11 +281,20 @@ def work_directory(output: Path) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def replace_files(moves: list[tuple[Path, Path]], shown: Path) -> None:
-    """``os.replace`` each (source, target) in order; an OSError becomes one line."""
+def replace_files(moves: list[tuple[Path, Path]], shown: Path, *, replace: bool = True) -> None:
+    """Move each (source, target) in order (:func:`~keras_bn.converters.files.place`);
+    an OSError becomes one line. ``replace=False`` (no --force): where another run
+    wrote a target meanwhile, the targets placed before it are taken back and none
+    is replaced."""
+    placed: list[Path] = []
     try:
         for source, target in moves:
-            os.replace(source, target)
+            place(source, target, replace=replace)
+            placed.append(target)
+    except FileExistsError:
+        for target in placed:
+            target.unlink(missing_ok=True)
+        raise _written_meanwhile(shown) from None
     except OSError as error:
         raise _cannot_write(shown, error) from None
 

@@ -2195,3 +2195,37 @@ def test_json_stays_pure_when_user_code_prints(tmp_path, capsys, files):
     assert code == 0, err
     assert json.loads(out)["status"] == "ok"
     assert "loading my layers" in err and "tracing Doubling" in err
+
+
+def test_an_output_another_run_wrote_meanwhile_is_not_replaced_without_force(tmp_path):
+    """Two exports to one new output at once both checked that it did not exist, and
+    the later silently replaced the earlier without --force. Placing the finished
+    file refuses a target that appeared meanwhile (one line, the other run's file
+    kept, no temporary left); with --force it is replaced. A group of files (a
+    model and its external data) is placed whole or not at all."""
+    from keras_bn.converters.cli.run import replace_files, writing
+    from keras_bn.converters.errors import UserInputError
+
+    target = tmp_path / "m.onnx"
+    with pytest.raises(UserInputError, match="written by another run meanwhile"):
+        with writing(target, replace=False) as tmp:
+            tmp.write_bytes(b"ours")
+            target.write_bytes(b"theirs")  # the other run finishes first
+    assert target.read_bytes() == b"theirs" and sorted(tmp_path.iterdir()) == [target]
+    with writing(target, replace=True) as tmp:
+        tmp.write_bytes(b"ours")
+    assert target.read_bytes() == b"ours"
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "g.onnx.data").write_bytes(b"our data")
+    (work / "g.onnx").write_bytes(b"our model")
+    (tmp_path / "g.onnx").write_bytes(b"their model")  # written meanwhile
+    moves = [
+        (work / "g.onnx.data", tmp_path / "g.onnx.data"),
+        (work / "g.onnx", tmp_path / "g.onnx"),
+    ]
+    with pytest.raises(UserInputError, match="written by another run meanwhile"):
+        replace_files(moves, shown=tmp_path / "g.onnx", replace=False)
+    assert (tmp_path / "g.onnx").read_bytes() == b"their model"
+    assert not (tmp_path / "g.onnx.data").exists()  # ours, taken back
