@@ -682,6 +682,11 @@ def resolve_custom_objects(specs: Iterable[str | tuple[str, Any]] | Mapping[str,
                 f"{attribute!r}."
             )
         obj = getattr(module, attribute)
+        if not callable(obj):  # a layer, model or other class, or a function
+            raise UserInputError(
+                f"Invalid custom object {spec!r}: {attribute!r} in {module_name!r} is not "
+                f"a class or function (it is {type(obj).__name__} {' '.join(repr(obj).split())[:40]})."
+            )
         resolved[attribute] = obj
         registered = _registered_name(obj)
         if registered:

@@ -204,6 +204,9 @@ def test_custom_objects_from_a_file_and_a_module(tmp_path, monkeypatch):
         ("module:", "expected MODULE:NAME"),
         ("no_such_module_xyz:Layer", "cannot import module 'no_such_module_xyz'"),
         ("json:NoSuchName", "has no attribute 'NoSuchName'"),
+        # a value, not a class: it was accepted, and loading then said the model "uses
+        # the unknown class ...; pass --custom-objects MODULE:..."
+        ("json:_default_decoder", r"in 'json' is not a class or function \(it is JSONDecoder"),
         ("missing_file.py:Layer", "does not exist"),
     ],
 )
