@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from keras_bn.converters.cli import bench, export, fold, inspect, recalibrate, validate
 from keras_bn.converters.cli.allocator import tune_allocator
-from keras_bn.converters.cli.args import Parser, ReportArgs
+from keras_bn.converters.cli.args import Parser, ReportArgs, UsageError
 from keras_bn.converters.cli.quiet import quiet_environment
 from keras_bn.converters.cli.run import (
     EXIT_BAD_INPUT,
@@ -101,6 +101,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace | int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version, usage errors (argparse exits 2)
+        if isinstance(exit_, UsageError) and "--json" in (sys.argv[1:] if argv is None else argv):
+            # --json asks for a report on stdout, a usage error's too
+            print(to_json({"status": "error", "exit_code": EXIT_BAD_INPUT, "error": exit_.line}))
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
     if args.command is None:
         print(

@@ -20,6 +20,7 @@ from keras_bn.converters.options import INPUT_LAYOUTS, PRECISIONS
 
 __all__ = [
     "Parser",
+    "UsageError",
     "suggest_option",
     "ReportArgs",
     "ModelLoadingArgs",
@@ -93,6 +94,14 @@ def suggest_option(parser: argparse.ArgumentParser, given: str) -> str | None:
     return close[0] if close else None
 
 
+class UsageError(SystemExit):
+    """argparse's exit 2 for a usage error, with its line."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(2)
+        self.line = line
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with usage errors as one line on stderr (exit 2), no usage dump.
 
@@ -109,9 +118,11 @@ class Parser(argparse.ArgumentParser):
         self.fail(f"{message}{hint}")
 
     def fail(self, message: str) -> NoReturn:
-        """A usage error: one line on stderr, exit 2."""
-        print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
+        """A usage error: one line on stderr, exit 2 (a :class:`UsageError`, which is a
+        ``SystemExit``, holding the line for a --json report)."""
+        line = f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)"
+        print(line, file=sys.stderr)
+        raise UsageError(line)
 
     def _value_hint(self, message: str) -> str:
         for action in self._actions:

@@ -2229,3 +2229,20 @@ def test_an_output_another_run_wrote_meanwhile_is_not_replaced_without_force(tmp
         replace_files(moves, shown=tmp_path / "g.onnx", replace=False)
     assert (tmp_path / "g.onnx").read_bytes() == b"their model"
     assert not (tmp_path / "g.onnx.data").exists()  # ours, taken back
+
+
+def test_a_usage_error_under_json_is_a_json_report_too(tmp_path, capsys, files):
+    """``--json`` promises a report on stdout; a usage error (a missing -o, a wrong
+    choice) printed only its line on stderr, and a --json caller got nothing to parse."""
+    for arguments, fragment in [
+        (["export", files["model"], "--json"], "the following arguments are required: -o"),
+        (["export", files["model"], "-o", tmp_path / "m.onnx", "--precision", "int4", "--json"],
+         "did you mean --precision int8?"),
+    ]:  # fmt: skip
+        code, out, err = run_main(arguments, capsys)
+        assert code == 2 and fragment in err, err
+        report = json.loads(out)
+        assert report["status"] == "error" and report["exit_code"] == 2
+        assert fragment in report["error"]
+    code, out, _ = run_main(["export", files["model"]], capsys)  # without --json: stderr only
+    assert code == 2 and out == ""
