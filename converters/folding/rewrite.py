@@ -382,9 +382,7 @@ def fold_batch_norms(
     model = prepared.model
     plan = make_plan(prepared, backward, checked_statistics(model))
     report = FoldReport(model.name, plan.entries, plan.fp16_risks())
-    folded = None
-    if not report.folded_count:
-        folded = _unchanged_copy(model) if copy else model
+    folded = None if report.folded_count else (_unchanged_copy(model) if copy else model)
     if folded is None:
         folded = _rebuild(folded_graph(plan), progress)
     if not measure:
