@@ -218,8 +218,9 @@ def bench_onnx(
     for path in paths:
         if not Path(path).is_file():
             raise UserInputError(f"ONNX model {path!r} does not exist; expected an .onnx file.")
+    labels = _labels([str(path) for path in paths])
     results = []
-    for path in paths:
+    for path, label in zip(paths, labels, strict=True):
         # Opened first: a clear error for a file onnxruntime rejects.
         specs = runtime.input_specs(runtime.open_session(path, optimization="ORT_DISABLE_ALL"))
         if inputs is None:  # the same seed for every model: equal data where shapes match
@@ -244,7 +245,7 @@ def bench_onnx(
             times *= 1000.0
             results.append(
                 BenchResult(
-                    model=str(path),
+                    model=label,
                     optimization=level,
                     batch_size=actual_batch,
                     runs=runs,
@@ -255,6 +256,16 @@ def bench_onnx(
                 )
             )
     sizes = [model_bytes(path) for path in paths]
-    return BenchReport(
-        models=[str(p) for p in paths], results=results, threads=threads, sizes=sizes
-    )
+    return BenchReport(models=labels, results=results, threads=threads, sizes=sizes)
+
+
+def _labels(paths: Sequence[str]) -> list[str]:
+    """Each model's name in the report: its path, and ``PATH (k)`` for its k-th time
+    when it is given again (``bench a.onnx a.onnx``: the run-to-run spread), so that
+    every run keeps its own row and JSON entry."""
+    seen: dict[str, int] = {}
+    labels = []
+    for path in paths:
+        seen[path] = seen.get(path, 0) + 1
+        labels.append(path if seen[path] == 1 else f"{path} ({seen[path]})")
+    return labels

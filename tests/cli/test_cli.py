@@ -1087,6 +1087,22 @@ def test_bench_errors(tmp_path, capsys):
     assert_rejected(code, err, "does not exist")
 
 
+def test_bench_of_one_file_twice_keeps_both_runs(tmp_path, capsys, files):
+    """``bench m.onnx m.onnx`` (the run-to-run spread): the report was by path, so the
+    second row repeated the first one's numbers and the JSON kept one entry. The
+    second run is ``PATH (2)``, with its own row, numbers and JSON entries."""
+    onnx_file = tmp_path / "m.onnx"
+    assert run_main(["export", files["model"], "-o", onnx_file], capsys)[0] == 0
+    code, out, err = run_main(["bench", onnx_file, onnx_file, "--runs", "3", "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)["bench"]
+    second = f"{onnx_file} (2)"
+    assert report["models"] == [str(onnx_file), second]
+    assert set(report["bytes"]) == set(report["speedup_vs_first"]) == {str(onnx_file), second}
+    runs = {(r["model"], r["optimization"]) for r in report["results"]}
+    assert len(runs) == 4 and {model for model, _ in runs} == {str(onnx_file), second}
+
+
 def test_bench_compares_any_number_of_files(tmp_path, capsys, files):
     """float32, float16 and int8 exports side by side: sizes and speed-ups vs the first."""
     paths = {}
