@@ -690,6 +690,7 @@ def _move_onnx_into_place(
     moves = []
     if locations is None:
         locations = _external_data_locations(final)
+    replaced = _replaced_data_files(output, args)
     for location in locations:
         if Path(location).name != location:  # not written by keras-bn
             raise RuntimeError(f"external data location {location!r} is not a file name")
@@ -697,7 +698,32 @@ def _move_onnx_into_place(
         _check_data_output(target, args)
         moves.append((final.with_name(location), target))
     replace_files([*moves, (final, output)], shown=output, replace=args.force)
+    for stale in replaced - {target for _, target in moves}:
+        stale.unlink(missing_ok=True)  # the replaced file's weights: no file refers to them
     return [target for _, target in moves]
+
+
+def _replaced_data_files(output: Path, args: argparse.Namespace) -> set[Path]:
+    """The external data files of the model ``output`` replaces (--force): written
+    beside it under its name, they would outlive it (an export with
+    --external-data, then one without). Inputs and unreadable files are left alone."""
+    if not output.is_file():
+        return set()
+    try:
+        locations = _external_data_locations(output)
+    except Exception:  # noqa: BLE001 - not a readable ONNX file: nothing of it to remove
+        return set()
+    found = set()
+    for location in locations:
+        path = output.with_name(location)
+        if Path(location).name != location or not path.is_file():
+            continue
+        try:
+            check_not_an_input(path, args)
+        except UserInputError:
+            continue
+        found.add(path)
+    return found
 
 
 def _describe_output(output: Path, data_files: list[Path], run: Run) -> None:

@@ -1018,6 +1018,26 @@ def test_export_external_data_keeps_the_data_file_reference(tmp_path, capsys, wi
     assert _onnx_outputs(moved / "net.onnx", x).shape == (5, 3)
 
 
+def test_replacing_an_export_removes_the_data_file_only_it_used(tmp_path, capsys, wide_model):
+    """``export --external-data``, then ``export --force`` without it: the new file holds
+    its weights, and the first one's ``net.onnx.data``, which nothing refers to any
+    more, stayed beside it. It is removed with the file it belonged to; replaced by
+    another external export, the new data file is kept."""
+    output = tmp_path / "net.onnx"
+    first = ["export", wide_model, "-o", output, "--external-data"]
+    assert run_main(first, capsys)[0] == 0
+    assert (tmp_path / "net.onnx.data").is_file()
+    assert run_main(["export", wide_model, "-o", output, "--force"], capsys)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx"]
+    x = np.random.default_rng(3).normal(size=(4, 8)).astype("float32")
+    expected = _keras_outputs(load_model(wide_model), x)
+    np.testing.assert_allclose(_onnx_outputs(output, x), expected, atol=1e-5)
+    assert run_main([*first, "--force"], capsys)[0] == 0
+    assert run_main([*first, "--force"], capsys)[0] == 0  # external over external
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "net.onnx.data"]
+    np.testing.assert_allclose(_onnx_outputs(output, x), expected, atol=1e-5)
+
+
 def test_export_external_data_rejections(tmp_path, capsys, wide_model):
     output = tmp_path / "net.onnx"
     (tmp_path / "net.onnx.data").write_text("someone else's file")
