@@ -321,10 +321,15 @@ def _batch_norm_count(model):
 
 @pytest.fixture(autouse=True)
 def _float64():
-    previous = keras.config.floatx()
+    # The global dtype policy too: Keras makes it from floatx the first time it is
+    # read and keeps it, so a first read under float64 left every later model of the
+    # worker float64 (other modules' tests failed when they ran after these).
+    previous, previous_policy = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
     yield
     keras.config.set_floatx(previous)
+    keras.config.set_dtype_policy(previous_policy)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
