@@ -240,6 +240,9 @@ def console_main() -> NoReturn:
     """
     try:
         code = main(owns_process=True)
+    except KeyboardInterrupt:  # Ctrl-C before main's own handling (its first steps)
+        print("keras-bn: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush
         os._exit(EXIT_BROKEN_PIPE)

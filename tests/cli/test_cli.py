@@ -2282,3 +2282,30 @@ def test_a_usage_error_under_json_is_a_json_report_too(tmp_path, capsys, files):
         assert fragment in report["error"]
     code, out, _ = run_main(["export", files["model"]], capsys)  # without --json: stderr only
     assert code == 2 and out == ""
+
+
+def test_ctrl_c_in_the_programs_first_steps_is_one_line_and_130(monkeypatch, capsys):
+    """Ctrl-C in the first tenths of a second (before ``main`` reaches its own
+    handling: arguments, allocator, Keras import) printed a bare KeyboardInterrupt
+    traceback. The program says "interrupted" and exits 130."""
+    from keras_bn.converters.cli import app
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    exits = []
+
+    def exit_(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(app, "main", interrupted)
+    monkeypatch.setattr(app.os, "_exit", exit_)
+    try:
+        app.console_main()
+    except SystemExit:
+        pass
+    except KeyboardInterrupt:  # the program let it through: a traceback for the user
+        pytest.fail("console_main let KeyboardInterrupt through")
+    assert exits == [130]
+    assert capsys.readouterr().err.strip() == "keras-bn: interrupted"
