@@ -349,3 +349,7 @@ def _user_code(where: str, what: str) -> Iterator[None]:
         raise UserInputError(
             f"{where} {what} ({one_line(error)}); run it alone to see the traceback."
         ) from None
+    except SystemExit as exit_:  # its status would have become the command's
+        raise UserInputError(
+            f"{where} called sys.exit({exit_.code!r}); the data loader must not end the program."
+        ) from None

@@ -757,3 +757,8 @@ def _import_failure(spec: str, module_name: str) -> Iterator[None]:
             f"Invalid custom object {spec!r}: importing {module_name!r} failed "
             f"({one_line(error)}); fix the module or run it alone to see the traceback."
         ) from None
+    except SystemExit as exit_:  # its status would have become the command's
+        raise UserInputError(
+            f"Invalid custom object {spec!r}: importing {module_name!r} called "
+            f"sys.exit({exit_.code!r}); a module of layers must not end the program."
+        ) from None

@@ -284,3 +284,19 @@ def test_load_inputs_rejects_non_npz(tmp_path):
         load_inputs(path, [("x", (None, 2))])
     with pytest.raises(UserInputError, match="expected a .npz file"):
         load_inputs(tmp_path / "x.npy", [("x", (None, 2))])
+
+
+def test_user_code_calling_sys_exit_is_a_one_line_error(tmp_path):
+    """A --custom-objects module, or a --data loader, that calls ``sys.exit``: its
+    status became the command's (``sys.exit(0)``: exit 0 with no output at all, even
+    under --json; ``sys.exit("bye")``: exit 1, "validation failed"). Each is the
+    user's one-line error."""
+    from keras_bn.converters.data_sources import open_data
+
+    (tmp_path / "leaving_layers.py").write_text("import sys\nsys.exit(0)\n")
+    with pytest.raises(UserInputError, match=r"called sys.exit\(0\)"):
+        resolve_custom_objects([f"{tmp_path / 'leaving_layers.py'}:Layer"])
+    (tmp_path / "leaving_data.py").write_text("import sys\n\ndef batches():\n    sys.exit('bye')\n")
+    source = open_data(f"{tmp_path / 'leaving_data.py'}:batches", [("x", (None, 3))])
+    with pytest.raises(UserInputError, match=r"called sys.exit\('bye'\)"):
+        list(source)
