@@ -91,7 +91,9 @@ def open_session(
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    # Fatal only: onnxruntime also logs a failed run's error on stderr as it raises it,
+    # a line of its own beside keras-bn's one-line message for the same error.
+    options.log_severity_level = 4
     if optimization is not None:
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
     if threads:

@@ -259,3 +259,25 @@ def test_first_samples_in_chunks_or_whole_batches():
     whole = first_samples(feeds, 9, None)  # a fixed batch size: no batch cut
     assert [len(feed["x"]) for feed in whole] == [6, 6]
     assert sum(len(feed["x"]) for feed in first_samples(feeds, 100, 4)) == 18
+
+
+def test_a_failing_run_raises_without_onnxruntimes_own_error_line(capfd):
+    """An input onnxruntime cannot broadcast: the run raises (what keras-bn reports,
+    in one line where it is the user's), and onnxruntime printed the same error as
+    a coloured ``[E:onnxruntime ...]`` line of its own on stderr beside it."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", "k"]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["n", "j"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    session = open_session(model.SerializeToString())
+    capfd.readouterr()
+    with pytest.raises(Exception, match="Add"):
+        session.run(None, {"a": np.ones((2, 4), np.float32), "b": np.ones((2, 3), np.float32)})
+    assert "onnxruntime" not in capfd.readouterr().err
