@@ -457,8 +457,7 @@ def _transposes_into_matmul(model) -> list[str]:
     for index, node in enumerate(graph.node):
         if not node.name:
             node.name = f"{node.op_type}_{index}/float16_named"
-    matmul_inputs = {node.input[0] for node in graph.node if node.op_type == "MatMul"}
-    matmul_inputs |= {node.input[1] for node in graph.node if node.op_type == "MatMul"}
+    matmul_inputs = {name for node in graph.node if node.op_type == "MatMul" for name in node.input}
     return [
         node.name
         for node in graph.node

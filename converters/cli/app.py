@@ -26,6 +26,7 @@ from keras_bn.converters.cli.run import (
     check_report_path,
     finish_report,
     print_run,
+    replaces_report,
     to_json,
     writing,
 )
@@ -112,12 +113,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace | int:
         )
         return EXIT_BAD_INPUT
     return args
-
-
-def _replaces_report(args: argparse.Namespace) -> bool:
-    """As ``check_report_path`` decided: a command that writes no model replaces its
-    report; one that does, only with --force."""
-    return bool(args.force or getattr(args, "output", None) is None)
 
 
 def _internal_error(args: argparse.Namespace, error: Exception) -> int:
@@ -217,7 +212,7 @@ def main(argv: Sequence[str] | None = None, *, owns_process: bool = False) -> in
     finish_report(run, code)
     if args.report:
         try:
-            with writing(args.report, replace=_replaces_report(args)) as tmp:
+            with writing(args.report, replace=replaces_report(args)) as tmp:
                 tmp.write_text(to_json(run.report) + "\n")
         except UserInputError as error:
             print(f"keras-bn {args.command}: error: {error}", file=sys.stderr)

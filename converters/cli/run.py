@@ -32,6 +32,7 @@ __all__ = [
     "EXIT_INTERNAL_ERROR",
     "EXIT_INTERRUPTED",
     "EXIT_TERMINATED",
+    "replaces_report",
     "Run",
     "as_dict",
     "to_json",
@@ -223,9 +224,14 @@ def check_report_path(args: argparse.Namespace) -> None:
             raise UserInputError(
                 f"--report {str(report)!r} is the same file as --output; give another name."
             )
-        # A command that writes no model (inspect, validate, bench) replaces its
-        # report as a report, not a model (written atomically all the same).
-        check_output_path(report, args.force or output is None)
+        check_output_path(report, replaces_report(args))
+
+
+def replaces_report(args: argparse.Namespace) -> bool:
+    """Whether ``--report`` may replace an existing file: a command that writes no model
+    (inspect, validate, bench) replaces its report as a report, not a model (written
+    atomically all the same); one that writes a model, only with --force."""
+    return bool(args.force or getattr(args, "output", None) is None)
 
 
 # --------------------------------------------------------------------------------------
