@@ -130,8 +130,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--external-data",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="store the weights in OUT.onnx.data beside the model (default: only when "
-        "they exceed 2 GB, the protobuf limit)",
+        help="store the weights in OUT.onnx.data beside the model (those over 1 KiB; "
+        "default: only when they exceed 2 GB, the protobuf limit)",
     )
     parser.add_argument(
         "--fallback",
@@ -229,6 +229,8 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
     finally:
         gate.set()  # whatever happened: the check never waits for the export in vain
     _describe_output(output, data_files, run)
+    if args.external_data and not data_files:
+        run.summary.append(["external data", "none: every weight is 1 KiB or less (inline)"])
     run.next = f"keras-bn bench {output}"
     return EXIT_OK
 

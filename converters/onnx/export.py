@@ -547,7 +547,9 @@ def _finish(
 
     if external_data is None:
         external_data = sum(array.nbytes for array in weights.values()) > EXTERNAL_DATA_THRESHOLD
-    location = f"{path.name}.data" if external_data else None
+    # Weights of INLINE_LIMIT bytes or less stay in the model, as onnx's own writer
+    # keeps them: with none larger there is no data file (not an empty one).
+    location = f"{path.name}.data" if external_data and weights else None
     with atomic_output(path) as temporary:
         if location is None:
             write_model(onnx_model, weights, temporary)
@@ -595,7 +597,9 @@ def export_onnx(
         fallback: when some layer has no native rule, use Keras's own
             ``model.export(format="onnx")`` (tf2onnx) instead of raising.
         external_data: store weights in ``<path>.data`` beside the model; by
-            default only when they exceed the 2 GiB protobuf limit.
+            default only when they exceed the 2 GiB protobuf limit. Initializers of
+            ``INLINE_LIMIT`` (1 KiB) or less stay in the model; with no larger one,
+            no data file is written (``result.external_data`` is None).
         fold: fold BatchNormalization as ``fold_batch_norms`` does (same decisions,
             same operators, weights equal bit for bit) while exporting, without
             building the folded Keras model: the fast path when the ONNX file is

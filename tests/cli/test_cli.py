@@ -1052,6 +1052,21 @@ def test_export_external_data_rejections(tmp_path, capsys, wide_model):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx.data"]
 
 
+def test_export_external_data_with_only_small_weights_says_so(tmp_path, capsys):
+    """No weight over 1 KiB: no (empty) data file beside the model, and the summary
+    says why, rather than leaving a .data file that nothing refers to."""
+    inputs = keras.Input((3,), name="features")
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs), name="tiny")
+    model.save(tmp_path / "tiny.keras")
+    output = tmp_path / "net.onnx"
+    code, out, err = run_main(
+        ["export", tmp_path / "tiny.keras", "-o", output, "--external-data"], capsys
+    )
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "tiny.keras"]
+    assert re.search(r"external data +none: every weight is 1 KiB or less", out), out
+
+
 def test_validation_failure_exits_1_writes_report_not_model(tmp_path, capsys, files):
     report = tmp_path / "r.json"
     code, out, err = run_main(

@@ -543,6 +543,19 @@ def test_external_data(tmp_path):
     )
 
 
+def test_external_data_without_a_large_weight_writes_no_data_file(tmp_path):
+    """Every initializer 1 KiB or less stays inline: no empty, unreferenced .data file."""
+    inputs = keras.Input((3,), name="x")
+    model = keras.Model(inputs, layers.Dense(2)(inputs))
+    result = export_onnx(model, tmp_path / "tiny.onnx", external_data=True)
+    assert result.external_data is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]
+    x = np.random.default_rng(0).normal(size=(2, 3)).astype("float32")
+    np.testing.assert_allclose(
+        _run(tmp_path / "tiny.onnx", {"x": x})[0], _keras(model, x)[0], atol=1e-6
+    )
+
+
 def test_external_data_is_automatic_above_the_threshold(tmp_path, monkeypatch):
     from keras_bn.converters.onnx import export as onnx_export
 
