@@ -80,8 +80,8 @@ def with_input_shapes(
     unknown = sorted(set(input_shapes) - set(names))
     if unknown:
         raise UserInputError(
-            f"input_shapes names {unknown}, which are not inputs of the model; "
-            f"expected some of {names}."
+            f"input sizes given for {unknown} (input_shapes; CLI: --input-shape), which "
+            f"are not inputs of the model; expected some of {names}."
         )
 
     def new_input(kt: Any) -> Any:

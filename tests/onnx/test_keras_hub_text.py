@@ -334,7 +334,7 @@ def test_fixed_input_shapes_give_static_lengths(tmp_path):
 @pytest.mark.parametrize(
     ("shapes", "message"),
     [
-        ({"tokens": (8,)}, "not inputs of the model"),
+        ({"tokens": (8,)}, r"CLI: --input-shape\), which are not inputs of the model"),
         ({"token_ids": (8, 2)}, "expected the sizes after the batch"),
     ],
     ids=["unknown-name", "wrong-rank"],
