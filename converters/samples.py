@@ -123,8 +123,10 @@ def make_sample_inputs(
     map far outside anything it saw). A float input read by a ``Normalization``
     layer is normal with that layer's mean and variance. Other float inputs are
     standard normal. Integer inputs feeding an Embedding are
-    uniform in ``[0, input_dim)``, other integer inputs in ``[0, 10)``; boolean
-    inputs are fair coin flips. Unknown non-batch dimensions get size
+    uniform in ``[0, input_dim)``; a padding mask (an integer or boolean
+    ``(batch, length)`` input named ``...mask``) is 1 then 0 from a random length on
+    (the first sample unpadded); other integer inputs are uniform in ``[0, 10)``,
+    boolean inputs fair coin flips. Unknown non-batch dimensions get size
     ``UNKNOWN_DIMENSION_SIZE`` (32), or a learned position embedding's length where
     that is shorter.
     """
@@ -194,6 +196,8 @@ def _arrays(
                 array = mean + std * rng.standard_normal(size=shape)
             else:
                 array = np.asarray(domains[name][2](rng, shape))
+        elif _is_padding_mask(name, shape, dtype):
+            array = _padding_mask(rng, shape)
         elif dtype.kind in "iu":
             array = rng.integers(0, _integer_high(tensor), size=shape)
         elif dtype.kind == "b":
@@ -204,6 +208,23 @@ def _arrays(
             )
         inputs[name] = np.asarray(array).astype(dtype)
     return inputs
+
+
+def _is_padding_mask(name: str, shape: tuple[int, ...], dtype: np.dtype) -> bool:
+    """Whether an input is a padding mask by its name (KerasHub's ``padding_mask``,
+    ``encoder_padding_mask``; an ``attention_mask``): an integer or boolean
+    ``(batch, length)`` input whose name ends in "mask"."""
+    return name.lower().endswith("mask") and dtype.kind in "iub" and len(shape) == 2
+
+
+def _padding_mask(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Padding masks as a tokenizer makes them: each sample's first ``n`` positions 1,
+    the rest 0 (padding at the end), ``n`` uniform in ``[1, length]``; the first
+    sample unpadded."""
+    batch, length = shape
+    kept = rng.integers(1, length + 1, size=batch) if length else np.zeros(batch, np.int64)
+    kept[:1] = length
+    return np.arange(length)[None, :] < kept[:, None]
 
 
 def _integer_high(tensor: graph_lib.Tensor) -> int:
@@ -227,6 +248,8 @@ def describe_generated_inputs(model: ModelLike, count: int) -> str:
         if name in domains:
             domain, why, _ = domains[name]
             parts.append(f"{name}: {domain} ({why})")
+        elif _is_padding_mask(name, tuple(tensor.shape), np.dtype(tensor.dtype)):
+            parts.append(f"{name}: 1s then 0s (a padding mask, by its name; lengths vary)")
         elif kind in "iu":
             embedding = any(_vocabulary(c.layer) is not None for c in tensor.consumers)
             why = "the Embedding's vocabulary" if embedding else "no Embedding gives a range"

@@ -119,6 +119,31 @@ def test_generated_inputs_are_described_per_input():
     assert x["ids"].max() == 49 and x["flags"].max() == 9
 
 
+def test_padding_masks_are_generated_as_a_tokenizer_pads():
+    """An integer or boolean (batch, length) input named ...mask is 1s then 0s with
+    lengths that vary (at least one position kept, the first sample unpadded), not
+    integers 0..9 or coin flips; a mask of another rank keeps the generic values."""
+    ids = keras.Input((8,), dtype="int32", name="token_ids")
+    padding = keras.Input((8,), dtype="int32", name="padding_mask")
+    attention = keras.Input((8,), dtype="bool", name="attention_mask")
+    grid = keras.Input((2, 3), dtype="int32", name="grid_mask")
+    x = L.Flatten()(L.Embedding(20, 2)(ids))
+    masks = [L.Flatten()(keras.ops.cast(m, "float32")) for m in (padding, attention, grid)]
+    model = keras.Model([ids, padding, attention, grid], L.Concatenate()([x, *masks]))
+    x = make_sample_inputs(model, 64, seed=3)
+    for name in ("padding_mask", "attention_mask"):
+        mask = x[name].astype(int)
+        lengths = mask.sum(axis=1)
+        expected = (np.arange(8)[None, :] < lengths[:, None]).astype(int)
+        np.testing.assert_array_equal(mask, expected)  # 1s, then 0s to the end
+        assert lengths.min() >= 1 and lengths[0] == 8 and len(set(lengths)) > 4
+    assert x["padding_mask"].dtype == np.int32 and x["attention_mask"].dtype == bool
+    assert x["grid_mask"].max() == 9  # not a (batch, length) mask
+    text = describe_generated_inputs(model, 64)
+    assert "padding_mask: 1s then 0s (a padding mask" in text
+    assert "attention_mask: 1s then 0s" in text and "grid_mask: integers 0..9" in text
+
+
 def test_a_call_compiled_ahead_runs_the_model_on_jax(run_python):
     """prepare_call compiles the JAX pass for the sample inputs' shapes before the
     inputs exist; call_model then runs that program (no second compile) and gives
