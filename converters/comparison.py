@@ -423,12 +423,15 @@ def judge_int8(
     *,
     sqnr_floor_db: float = INT8_SQNR_FLOOR_DB,
     top1_floor: float = INT8_TOP1_FLOOR,
+    scores: bool = True,
 ) -> OutputComparison:
-    """``comparison`` judged by the int8 criterion (see :func:`judge_precision`)."""
+    """``comparison`` judged by the int8 criterion (see :func:`judge_precision`);
+    ``scores=False``: not class scores (an embedding, pooled features), judged by the
+    SQNR alone."""
     if np.shape(candidate) != np.shape(exact):
         return comparison
     sqnr = sqnr_db(candidate, exact)
-    top1, decided = decided_top1_agreement(candidate, exact)
+    top1, decided = decided_top1_agreement(candidate, exact) if scores else (None, 0)
     passed = sqnr >= sqnr_floor_db
     if top1 is not None and decided >= INT8_TOP1_MIN_SAMPLES:
         passed = passed and top1 >= top1_floor
@@ -452,6 +455,7 @@ def judge_precision(
     keras: np.ndarray | None = None,
     float16_run: np.ndarray | None = None,
     keras_noise: float = 0.0,
+    scores: bool = True,
 ) -> OutputComparison:
     """``comparison`` judged against the exact answer by ``precision``'s criterion.
 
@@ -468,7 +472,7 @@ def judge_precision(
     * ``"int8"``: int8 rounding is far coarser, and its error depends on the
       calibration, not only on the model: passes when the SQNR against the exact
       answer is at least ``INT8_SQNR_FLOOR_DB`` and, for class scores (rank 2, two
-      or more classes), the argmax agrees with the exact answer's on at least
+      or more classes; ``scores=False``: the output is not), the argmax agrees with the exact answer's on at least
       ``INT8_TOP1_FLOOR`` of the samples it decides (top class ahead by
       ``INT8_TOP1_MARGIN`` of the range: :func:`decided_top1_agreement`), when there
       are ``INT8_TOP1_MIN_SAMPLES`` of them or more. Errors below int8's own noise (a weight off by 2%) cannot be told from
@@ -478,7 +482,7 @@ def judge_precision(
     if precision == "float16":
         return judge_float16(comparison, candidate, exact, float16_run)
     if precision == "int8":
-        return judge_int8(comparison, candidate, exact)
+        return judge_int8(comparison, candidate, exact, scores=scores)
     if keras is None:
         raise ValueError("the float32 criterion needs Keras float32's output")
     return judge_against_exact(comparison, candidate, keras, exact, keras_noise=keras_noise)

@@ -13,7 +13,15 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-__all__ = ["batch_is_fixed", "batch_major", "producers", "readers", "sample_sizes", "with_outputs"]
+__all__ = [
+    "batch_is_fixed",
+    "batch_major",
+    "class_score_outputs",
+    "producers",
+    "readers",
+    "sample_sizes",
+    "with_outputs",
+]
 
 
 def producers(graph: Any) -> dict[str, Any]:
@@ -28,6 +36,37 @@ def readers(graph: Any) -> dict[str, list[Any]]:
     for node in graph.node:
         for name in node.input:
             found.setdefault(name, []).append(node)
+    return found
+
+
+# What a classifier's scores pass through on their way out (a QDQ or float16 file's
+# conversions among them), and what computes scores: a linear layer's logits or their
+# (log-)probabilities. A tanh embedding, pooled features or a normalized sequence are not.
+_SCORE_PASSING = {"DequantizeLinear", "QuantizeLinear", "Cast", "Identity", "Reshape",
+                  "Flatten", "Squeeze", "Unsqueeze", "Transpose"}  # fmt: skip
+_SCORING = {"Gemm", "MatMul", "Conv", "ConvTranspose", "Einsum", "Softmax", "LogSoftmax"}
+
+
+def class_score_outputs(model: Any) -> list[bool]:
+    """For each graph output of ``model`` (a ``ModelProto``), whether it holds class
+    scores: computed by a linear layer (logits, a bias or a constant factor after it
+    allowed) or a Softmax/LogSoftmax, through reshapes and (de)quantization. Top-1
+    agreement means something for those only."""
+    graph = model.graph
+    written = producers(graph)
+    constants = {tensor.name for tensor in graph.initializer}
+    constants.update(n.output[0] for n in graph.node if n.op_type == "Constant")
+    found = []
+    for output in graph.output:
+        node = written.get(output.name)
+        while node is not None and node.op_type not in _SCORING:
+            data = [name for name in node.input[:2] if name and name not in constants]
+            if node.op_type in _SCORE_PASSING:
+                data = node.input[:1]
+            elif node.op_type not in ("Add", "Sub", "Mul", "Div") or len(data) != 1:
+                break
+            node = written.get(data[0])
+        found.append(node is not None and node.op_type in _SCORING)
     return found
 
 

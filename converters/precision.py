@@ -633,10 +633,11 @@ def compare_onnx_models(
 
 
 def compare_outputs(
-    expected: Sequence[np.ndarray], received: Sequence[np.ndarray]
+    expected: Sequence[np.ndarray], received: Sequence[np.ndarray], *, scores: bool = True
 ) -> ModelComparison:
     """:func:`compare_onnx_models`'s measures of outputs already computed: the float
-    model's (``expected``) against the converted one's (``received``), in output order."""
+    model's (``expected``) against the converted one's (``received``), in output order;
+    ``scores=False``: the first output is not class scores (no top-1 agreement)."""
     if len(expected) != len(received):
         raise ValueError(
             f"the float model has {len(expected)} output(s), the converted one {len(received)}"
@@ -654,7 +655,7 @@ def compare_outputs(
         max_abs_diff=max(c.max_abs_error for c in outputs),
         mean_abs_diff=sum(c.mean_abs_error * n for c, n in zip(outputs, sizes, strict=True))
         / max(sum(sizes), 1),
-        top1_agreement=top1_agreement(first_received, first_expected),
+        top1_agreement=top1_agreement(first_received, first_expected) if scores else None,
         outputs=outputs,
         sqnr_db=min(sqnr_db(r, e) for e, r in zip(expected, received, strict=True)),
     )
@@ -734,7 +735,8 @@ def quantize_int8(
             )  # fmt: skip
         expected = float_outputs() if callable(float_outputs) else float_outputs
         weights = (per_channel, signed)
-        report = _int8_report(source, onnx_out, matched, expected, weights, steps.int8_run)
+        scores = onnx_graph.class_score_outputs(model)[:1] == [True]
+        report = _int8_report(source, onnx_out, matched, expected, weights, steps.int8_run, scores)
     _record_steps(report, calibration_method, percentile, steps)
     report.divergence = steps.divergence
     report.seconds = time.perf_counter() - start
@@ -792,10 +794,11 @@ def _int8_report(
     float_outputs: Sequence[np.ndarray] | None,
     weights: tuple[bool, bool],
     int8_run: tuple[list[np.ndarray] | None, list[np.ndarray]],
+    scores: bool = True,
 ) -> PrecisionReport:
     """The int8 file's outputs (``int8_run``, :func:`_int8_outputs`) compared with the
     float model's (or ``float_outputs``) on ``matched``; ``weights``: (per-channel,
-    signed)."""
+    signed); ``scores``: the first output holds class scores."""
     per_channel, signed = weights
     kept, received = int8_run
     if float_outputs is None:
@@ -804,7 +807,7 @@ def _int8_report(
         precision="int8",
         path=str(onnx_out),
         seconds=0.0,
-        comparison=compare_outputs(float_outputs, received),
+        comparison=compare_outputs(float_outputs, received, scores=scores),
         details={
             "quant_format": "QDQ",
             "per_channel": per_channel,

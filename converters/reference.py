@@ -495,6 +495,7 @@ class Doubtful:
     expected: np.ndarray  # Keras float32's
     samples: int  # the first `samples` samples, or...
     chunk: np.ndarray | None  # ...exactly these (outputs that are not batch-major)
+    scores: bool = True  # class scores (int8 judges their top-1 agreement too)
 
 
 def _outputs_for(
@@ -573,6 +574,7 @@ def rejudge_against_float64(
             keras=item.expected,
             float16_run=_outputs_for(item, half, half_full, full),
             keras_noise=keras_noise.get(item.output, 0.0),
+            scores=item.scores,
         )
         if exact is not None and precision != "float32":
             judged = dataclasses.replace(judged, exact_answer="float64")

@@ -210,7 +210,7 @@ def _arrays(
     return inputs
 
 
-def _is_padding_mask(name: str, shape: tuple[int, ...], dtype: np.dtype) -> bool:
+def _is_padding_mask(name: str, shape: Sequence[int | None], dtype: np.dtype) -> bool:
     """Whether an input is a padding mask by its name (KerasHub's ``padding_mask``,
     ``encoder_padding_mask``; an ``attention_mask``): an integer or boolean
     ``(batch, length)`` input whose name ends in "mask"."""

@@ -451,6 +451,7 @@ def judge_by_precision(
             item.expected,
             keras=item.expected,
             float16_run=float16_run,
+            scores=item.scores,
         )
     return _precision_note(precision, half is not None, missing, needed)
 
@@ -688,11 +689,24 @@ def validate_onnx(
     if doubtful:
         arrays = [runs.full[name] for name in prepared.input_names]
         judged = (prepared.model, arrays, comparisons, doubtful, precision)
-        report.exact_note = _judge(*judged)
+        report.exact_note = _judge(*judged, path)
     failed = [c for c in report.comparisons if not c.passed]
     if localize and failed and any(c.note != NOTHING_FINITE for c in failed):
         _explain_failure(report, prepared, path, failing_batch, explicit)
     return report
+
+
+def _mark_class_scores(path: str | os.PathLike, doubtful: list[Doubtful]) -> None:
+    """Mark which doubtful outputs hold class scores, by what computes them in the
+    file (:func:`.onnx_graph.class_score_outputs`): int8's top-1 agreement is judged
+    on those only, not on a tanh embedding or pooled features."""
+    import onnx
+
+    from keras_bn.converters.onnx_graph import class_score_outputs
+
+    scores = class_score_outputs(onnx.load(str(path), load_external_data=False))
+    for item in doubtful:
+        item.scores = item.output >= len(scores) or scores[item.output]
 
 
 def _judge(
@@ -701,11 +715,15 @@ def _judge(
     comparisons: list[OutputComparison],
     doubtful: list[Doubtful],
     precision: str,
+    path: str | os.PathLike,
 ) -> str:
     """The doubtful comparisons re-judged (float32: against float64; else by the
     precision's criterion). float16 and int8 take Keras's own output as the exact
     answer only where Keras computes in float32: a mixed-precision model's output
-    carries float16's error itself, so there they are judged against float64 too."""
+    carries float16's error itself, so there they are judged against float64 too.
+    int8 judges top-1 agreement on the file's class scores only."""
+    if precision == "int8":
+        _mark_class_scores(path, doubtful)
     if precision == "float32" or keras_run(model) != "Keras float32":  # 16-bit in places
         return rejudge_against_float64(model, arrays, comparisons, doubtful, precision)
     return judge_by_precision(model, arrays, comparisons, doubtful, precision)

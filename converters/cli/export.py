@@ -228,9 +228,7 @@ def export_command(args: argparse.Namespace, run: Run) -> int:
                 data_files = _move_onnx_into_place(final, output, args, known)
     finally:
         gate.set()  # whatever happened: the check never waits for the export in vain
-    _describe_output(output, data_files, run)
-    if args.external_data and not data_files:
-        run.summary.append(["external data", "none: every weight is 1 KiB or less (inline)"])
+    _describe_output(output, data_files, run, asked=bool(args.external_data))
     run.next = f"keras-bn bench {output}"
     return EXIT_OK
 
@@ -728,7 +726,7 @@ def _replaced_data_files(output: Path, args: argparse.Namespace) -> set[Path]:
     return found
 
 
-def _describe_output(output: Path, data_files: list[Path], run: Run) -> None:
+def _describe_output(output: Path, data_files: list[Path], run: Run, asked: bool = False) -> None:
     run.report["output"] = {
         "path": str(output),
         "bytes": output.stat().st_size,
@@ -737,3 +735,5 @@ def _describe_output(output: Path, data_files: list[Path], run: Run) -> None:
     run.summary.append(["output", f"{output} ({file_size(output)})"])
     for path in data_files:
         run.summary.append(["external data", f"{path} ({file_size(path)})"])
+    if asked and not data_files:  # --external-data
+        run.summary.append(["external data", "none: every weight is 1 KiB or less (inline)"])

@@ -596,10 +596,8 @@ def export_onnx(
             fixed positive size.
         fallback: when some layer has no native rule, use Keras's own
             ``model.export(format="onnx")`` (tf2onnx) instead of raising.
-        external_data: store weights in ``<path>.data`` beside the model; by
-            default only when they exceed the 2 GiB protobuf limit. Initializers of
-            ``INLINE_LIMIT`` (1 KiB) or less stay in the model; with no larger one,
-            no data file is written (``result.external_data`` is None).
+        external_data: store weights over 1 KiB in ``<path>.data`` beside the model
+            (none: no file); by default only when they exceed the 2 GiB protobuf limit.
         fold: fold BatchNormalization as ``fold_batch_norms`` does (same decisions,
             same operators, weights equal bit for bit) while exporting, without
             building the folded Keras model: the fast path when the ONNX file is

@@ -97,3 +97,39 @@ def test_batch_is_fixed_reads_the_first_dimension_of_the_inputs():
     assert not onnx_graph.batch_is_fixed(model)  # [None, 3]
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
     assert onnx_graph.batch_is_fixed(model)
+
+
+def _scoring_model(nodes, outputs, initializers=()):
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
+        list(initializers),
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_class_score_outputs_follow_what_computes_each_output():
+    """Logits (a linear layer, its bias after it, through (de)quantization) and
+    probabilities are class scores; a tanh embedding, pooled features, a residual sum
+    of two tensors are not."""
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    b = numpy_helper.from_array(np.ones(3, np.float32), "b")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "scale")
+    zero = numpy_helper.from_array(np.array(0, np.int8), "zero")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["m"]),
+        helper.make_node("Add", ["m", "b"], ["logits"]),  # a bias after the MatMul
+        helper.make_node("Softmax", ["logits"], ["probabilities"]),
+        helper.make_node("QuantizeLinear", ["logits", "scale", "zero"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["dequantized"]),
+        helper.make_node("Tanh", ["m"], ["embedding"]),
+        helper.make_node("ReduceMean", ["m"], ["pooled"], keepdims=0),
+        helper.make_node("Add", ["m", "x3"], ["residual"]),
+        helper.make_node("MatMul", ["x", "w"], ["x3"]),
+    ]
+    outputs = ["logits", "probabilities", "dequantized", "embedding", "pooled", "residual"]
+    model = _scoring_model(nodes, outputs, [w, b, scale, zero])
+    assert onnx_graph.class_score_outputs(model) == [True, True, True, False, False, False]
+    assert onnx_graph.class_score_outputs(_scoring_model([], ["x"])) == [False]  # an input

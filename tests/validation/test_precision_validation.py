@@ -284,6 +284,31 @@ def test_int8_of_a_pre_activation_output_keeps_its_negative_half(tmp_path):
     assert min(c.sqnr_db for c in judged) > 30  # the embedding: 38 dB; 3 dB clamped
 
 
+def test_int8_top1_is_judged_on_class_scores_only(tmp_path):
+    """A rank-2 output that is not class scores (a tanh embedding, as a BERT's pooled
+    output) gets no top-1 agreement, in validation's verdict or in the int8 report;
+    the logits beside it do."""
+    from keras import layers
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((20,))
+    hidden = layers.Dense(32, activation="relu")(inputs)
+    pooled = layers.Dense(16, activation="tanh", name="pooled")(hidden)
+    logits = layers.Dense(6, name="logits")(hidden)
+    model = keras.Model(inputs, [pooled, logits])
+    data = np.random.default_rng(0).normal(size=(64, 20)).astype(np.float32)
+    export_onnx(model, tmp_path / "f.onnx", fold=True)
+    quantized = quantize_int8(
+        tmp_path / "f.onnx", tmp_path / "i.onnx", {"x": data}, layer_report=False
+    )
+    assert quantized.comparison.top1_agreement is None  # the first output: the embedding
+    report = validate_onnx(model, tmp_path / "i.onnx", inputs=data)
+    assert report, str(report)
+    judged = {c.name: c for c in report.comparisons if c.shape[0] == len(data)}
+    assert judged["pooled"].top1_agreement is None and judged["pooled"].sqnr_db > 20
+    assert judged["logits"].top1_agreement is not None and judged["logits"].top1_samples > 20
+
+
 def test_int8_files_run_at_onnxruntimes_default_level_others_at_the_extended(digits, monkeypatch):
     """Validation opens an int8 file at ORT_ENABLE_ALL, onnxruntime's default (what
     its deployment runs), the float files at ORT_ENABLE_EXTENDED; the int8 file's
