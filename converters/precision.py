@@ -1328,6 +1328,7 @@ def _quantize_static(
             quantizer_exclude=exclude,
         )
         calibration.share_bound_ranges(preprocessed, measured.ranges)
+        calibration.share_concat_ranges(preprocessed, measured.ranges)
         overrides = calibration.output_overrides(preprocessed, measured.ranges, exclude)
         quantized = calibration.quantize_qdq(
             preprocessed,

@@ -809,6 +809,53 @@ def test_a_bounded_clip_shares_its_bounds_range(tmp_path, monkeypatch):
     assert shared < 0.75 * own  # root-mean-square errors: 0.011 against 0.017
 
 
+def _dense_block_model() -> onnx.ModelProto:
+    """A dense block: each Conv -> Relu adds channels to a chain of Concats
+    (``cat1 = Concat(r1, r2)``, ``cat2 = Concat(cat1, r3)``), a Conv reads the last."""
+    rng = np.random.default_rng(5)
+    arrays = {f"w{i}": rng.normal(size=shape) for i, shape in
+              enumerate([(2, 2, 1, 1), (2, 2, 1, 1), (1, 4, 1, 1), (1, 5, 1, 1)], 1)}  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], "conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], "relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], "conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], "relu2"),
+        helper.make_node("Concat", ["r1", "r2"], ["cat1"], "concat1", axis=1),
+        helper.make_node("Conv", ["cat1", "w3"], ["c3"], "conv3"),
+        helper.make_node("Relu", ["c3"], ["r3"], "relu3"),
+        helper.make_node("Concat", ["cat1", "r3"], ["cat2"], "concat2", axis=1),
+        helper.make_node("Conv", ["cat2", "w4"], ["y"], "conv4"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dense_block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 16, 16])],
+        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def test_chained_concats_take_their_inputs_union_range(tmp_path, monkeypatch):
+    """Each Concat output is quantized on the union of its inputs' ranges (clipping
+    nothing its inputs kept), not on its own percentile (onnxruntime's), which moves
+    the grid a chain's carried values are rounded onto again at each Concat."""
+    path = tmp_path / "block.onnx"
+    onnx.save(_dense_block_model(), str(path))
+    x = np.random.default_rng(6).standard_t(3, size=(64, 2, 16, 16)).astype(np.float32)
+    scheme = {"bias_correction": False, "layer_report": False, "round_weights": False}
+    quantize_int8(path, tmp_path / "shared.onnx", {"x": x}, **scheme)
+    scales = _activation_scales(tmp_path / "shared.onnx")
+    assert scales["cat1"] == max(scales["r1"], scales["r2"])
+    assert scales["cat2"] == max(scales["cat1"], scales["r3"])
+    monkeypatch.setattr(calibration, "share_concat_ranges", lambda model, ranges: None)
+    quantize_int8(path, tmp_path / "own.onnx", {"x": x}, **scheme)
+    own = _activation_scales(tmp_path / "own.onnx")
+    assert own["cat2"] < scales["cat2"]  # its own percentile: r3's tail diluted by cat1
+
+
 def _activations_model(output_relu: bool = True) -> onnx.ModelProto:
     """Activations whose input ranges onnxruntime's quantizer replaces, and some it
     keeps: Conv -> Relu; a Conv read by a Relu and an Add; Conv -> Clip -> Relu;
