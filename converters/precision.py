@@ -101,8 +101,17 @@ class Float16RangeIssue:
     underflow: int  # 0 < |x| < 2**-24: set to +-2**-24 (a cast rounds to 0 below 2**-25)
     max_abs: float
     min_abs_nonzero: float
+    # One value that only masks before a Softmax (attention's -1e9): at float16's
+    # limit the Softmax gives the same probabilities, so its clamping changes nothing.
+    masking: bool = False
 
     def __str__(self) -> str:
+        if self.masking:
+            return (
+                f"{self.initializer}: a masking constant (|x| = {self.max_abs:.3g}) written "
+                f"at float16's limit, +-{FLOAT16_MAX:g} (the Softmax it masks gives the same "
+                "probabilities)"
+            )
         parts = []
         if self.overflow:
             parts.append(
@@ -316,6 +325,7 @@ def check_float16_range(model_or_path) -> list[Float16RangeIssue]:
         _load_onnx(model_or_path) if isinstance(model_or_path, str | os.PathLike) else model_or_path
     )
     issues = []
+    masking = _masking_constants(model.graph)
     for name, values in _float_tensors(model):
         # float32 compares exactly with both limits (powers of two, and 65504)
         magnitude = np.abs(values.ravel())
@@ -333,9 +343,40 @@ def check_float16_range(model_or_path) -> list[Float16RangeIssue]:
                     underflow=underflow,
                     max_abs=float(finite.max()),
                     min_abs_nonzero=float(nonzero.min()),
+                    masking=bool(overflow) and values.size == 1 and name in masking,
                 )
             )
     return issues
+
+
+# What a masking constant passes through on its way to the Softmax it masks
+# (``Where(mask, scores, -1e9)``, ``scores + (1 - mask) * -1e9``).
+_MASK_PASSING = {"Where", "Add", "Sub", "Mul", "Neg", "Cast", "Expand", "Unsqueeze", "Reshape"}
+
+
+def _masking_constants(graph: Any) -> set[str]:
+    """The stored values of ``graph`` (names as :func:`_float_tensors` gives them)
+    that reach nothing but Softmax/LogSoftmax nodes, through ``_MASK_PASSING`` nodes."""
+    readers = onnx_graph.readers(graph)
+    stored = {tensor.name: tensor.name for tensor in graph.initializer}
+    stored.update(
+        {node.output[0]: f"{node.name or node.op_type}.value" for node in graph.node
+         if node.op_type == "Constant"}
+    )  # fmt: skip
+    found = set()
+    for tensor, name in stored.items():
+        frontier, ends, seen = [tensor], set[str](), set[int]()
+        while frontier and len(seen) < 64:
+            value = frontier.pop()
+            for node in readers.get(value, ()):
+                if node.op_type in _MASK_PASSING and id(node) not in seen:
+                    seen.add(id(node))
+                    frontier.extend(node.output)
+                elif node.op_type not in _MASK_PASSING:
+                    ends.add(node.op_type)
+        if ends and ends <= {"Softmax", "LogSoftmax"} and not frontier:
+            found.add(name)
+    return found
 
 
 def convert_float16(

@@ -131,6 +131,60 @@ def test_convert_float16_clamps_only_at_the_real_float16_limits(tmp_path):
     assert "clamped to 65504" in str(report)
 
 
+def _masked_softmax_graph(large: float, masked_by_product: bool) -> onnx.ModelProto:
+    """scores -> Softmax, masked by a one-value constant: ``Where(mask, scores, c)``,
+    and the constant also scaling a second output through a MatMul unless
+    ``masked_by_product`` is False (then ``c`` reaches the Softmax alone)."""
+    nodes = [
+        helper.make_node("Cast", ["mask"], ["keep"], to=TensorProto.BOOL),
+        helper.make_node("Where", ["keep", "scores", "c"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
+    ]
+    outputs = [helper.make_tensor_value_info("p", TensorProto.FLOAT, [2, 3])]
+    if masked_by_product:
+        nodes.append(helper.make_node("Mul", ["scores", "c"], ["scaled"]))
+        nodes.append(helper.make_node("MatMul", ["scaled", "w"], ["y"]))
+        outputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 1]))
+    graph = helper.make_graph(
+        nodes,
+        "masked",
+        [
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, [2, 3]),
+            helper.make_tensor_value_info("mask", TensorProto.INT32, [2, 3]),
+        ],
+        outputs,
+        [
+            numpy_helper.from_array(np.array(large, np.float32), "c"),
+            numpy_helper.from_array(np.ones((3, 1), np.float32), "w"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_masking_constant_beyond_float16_is_named_as_such(tmp_path):
+    """Attention's -1e9 before a Softmax is a masking constant: at float16's limit the
+    Softmax gives the same probabilities (checked in onnxruntime), and the report says
+    so; the same value also scaling a MatMul's input is an ordinary clamp."""
+    onnx.save(_masked_softmax_graph(-1e9, masked_by_product=False), str(tmp_path / "m.onnx"))
+    report = convert_float16(tmp_path / "m.onnx", tmp_path / "half.onnx")
+    assert [(i.initializer, i.masking) for i in report.range_issues] == [("c", True)]
+    assert "c: a masking constant (|x| = 1e+09) written at float16's limit" in str(report)
+    feed = {
+        "scores": np.array([[1.0, 2.0, 3.0], [0.5, -1.0, 4.0]], np.float32),
+        "mask": np.array([[1, 1, 0], [1, 0, 1]], np.int32),
+    }
+    runs = [
+        ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"]).run(
+            ["p"], feed
+        )[0]
+        for name in ("half.onnx", "m.onnx")
+    ]
+    np.testing.assert_allclose(runs[0], runs[1], atol=1e-3)
+    assert runs[0][0, 2] == 0 and runs[0][1, 1] == 0  # masked out in float16 too
+    used = _masked_softmax_graph(-1e9, masked_by_product=True)
+    assert [(i.initializer, i.masking) for i in check_float16_range(used)] == [("c", False)]
+
+
 def test_convert_float16_rejects_bad_files(tmp_path):
     with pytest.raises(UserInputError, match="does not exist"):
         convert_float16(tmp_path / "missing.onnx", tmp_path / "out.onnx")
