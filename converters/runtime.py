@@ -269,7 +269,7 @@ def match_inputs(
         ):
             raise UserInputError(
                 f"{what}: array {spec.name!r} has shape {array.shape}; the ONNX model expects "
-                f"{tuple('N' if d is None else d for d in spec.shape)} (batch first)."
+                f"({', '.join('N' if d is None else str(d) for d in spec.shape)}) (batch first)."
             )
         if array.shape[0] == 0:
             raise UserInputError(f"{what}: array {spec.name!r} is empty; give at least one sample.")

@@ -930,6 +930,20 @@ def _run_both(
     return _Runs(full, full_expected, session, fixed, sizes, input_layout, checks, ran)
 
 
+def _input_mismatch(runs: _Runs) -> str | None:
+    """Why onnxruntime refused the Keras model's inputs, where their sizes after the
+    batch are not the file's (another model's file): None where they are."""
+    specs = runtime.input_specs(runs.session)
+    first = {name: array[:1] for name, array in runs.full.items()}
+    try:
+        runtime.match_inputs(
+            specs, first, "The Keras model's input", input_layout=runs.input_layout
+        )
+    except UserInputError as error:
+        return f"{error} Was the file exported from this model?"
+    return None
+
+
 def _compare_outputs(
     model: PreparedModel, runs: _Runs, atol: float, rtol: float, outright: float | None
 ) -> tuple[
@@ -955,13 +969,11 @@ def _compare_outputs(
         else:  # outputs not batch-major: Keras runs on exactly the batch ONNX runs
             expected = call_model(model, {n: a[chunks[0]] for n, a in full.items()})
         if error is not None:  # onnxruntime's Fail/InvalidArgument: e.g. a fixed batch
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            message = _input_mismatch(runs) or (
+                f"onnxruntime error: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+            )
             for name, b in zip(output_names, expected, strict=False):
-                comparisons.append(
-                    failed_comparison(
-                        name, label, np.shape(b), f"onnxruntime error: {message[:300]}"
-                    )
-                )
+                comparisons.append(failed_comparison(name, label, np.shape(b), message[:300]))
             continue
         if len(batch_runs[0][2]) != len(expected):
             raise UserInputError(

@@ -220,7 +220,7 @@ def test_match_inputs_transposes_channels_first_keras_arrays():
         ({"image": np.ones((2, 2, 3, 4))}, "has arrays \\['image'\\]; expected the ONNX model"),
         (
             {"image": np.ones((2, 2, 3, 5)), "counts": np.ones((2, 5))},
-            "array 'image' has shape \\(2, 2, 3, 5\\); the ONNX model expects \\('N', 2, 3, 4\\)",
+            "array 'image' has shape \\(2, 2, 3, 5\\); the ONNX model expects \\(N, 2, 3, 4\\)",
         ),
         ({"image": np.ones((0, 2, 3, 4)), "counts": np.ones((0, 5))}, "'image' is empty"),
         (

@@ -225,6 +225,23 @@ def test_validate_folded_export_against_the_original(tmp_path):
     assert validate_onnx(model, tmp_path / "folded.onnx")
 
 
+def test_another_models_file_fails_naming_the_input_sizes(tmp_path):
+    """An ONNX file of another model whose one input has other sizes: each row says
+    which sizes the file takes and which the Keras model gives, not onnxruntime's
+    INVALID_ARGUMENT text."""
+
+    def dense(width: int) -> keras.Model:
+        inputs = keras.Input((width,), name=f"features_{width}")
+        return keras.Model(inputs, layers.Dense(3, name="scores")(inputs))
+
+    _export(dense(6), tmp_path / "other.onnx")
+    report = validate_onnx(dense(8), tmp_path / "other.onnx")
+    assert not report.passed
+    expected = "array 'features_6' has shape (1, 8); the ONNX model expects (N, 6)"
+    assert report.comparisons and all(expected in c.note for c in report.comparisons)
+    assert "onnxruntime error" not in str(report)
+
+
 def test_user_inputs_in_every_form(tmp_path):
     model = _conv_bn_model()
     _export(model, tmp_path / "m.onnx")
