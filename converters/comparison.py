@@ -472,12 +472,13 @@ def judge_precision(
     * ``"int8"``: int8 rounding is far coarser, and its error depends on the
       calibration, not only on the model: passes when the SQNR against the exact
       answer is at least ``INT8_SQNR_FLOOR_DB`` and, for class scores (rank 2, two
-      or more classes; ``scores=False``: the output is not), the argmax agrees with the exact answer's on at least
-      ``INT8_TOP1_FLOOR`` of the samples it decides (top class ahead by
-      ``INT8_TOP1_MARGIN`` of the range: :func:`decided_top1_agreement`), when there
-      are ``INT8_TOP1_MIN_SAMPLES`` of them or more. Errors below int8's own noise (a weight off by 2%) cannot be told from
-      it by any comparison of outputs; BENCHMARKS.md section 6 says which bugs each
-      criterion detects.
+      or more classes; ``scores=False``: the output is not), the argmax agrees with
+      the exact answer's on at least ``INT8_TOP1_FLOOR`` of the samples it decides
+      (top class ahead by ``INT8_TOP1_MARGIN`` of the range:
+      :func:`decided_top1_agreement`), when there are ``INT8_TOP1_MIN_SAMPLES`` of
+      them or more. Errors below int8's own noise (a weight off by 2%) cannot be told
+      from it by any comparison of outputs; BENCHMARKS.md section 6 says which bugs
+      each criterion detects.
     """
     if precision == "float16":
         return judge_float16(comparison, candidate, exact, float16_run)

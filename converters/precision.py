@@ -358,6 +358,7 @@ def _masking_constants(graph: Any) -> set[str]:
     """The stored values of ``graph`` (names as :func:`_float_tensors` gives them)
     that reach nothing but Softmax/LogSoftmax nodes, through ``_MASK_PASSING`` nodes."""
     readers = onnx_graph.readers(graph)
+    outputs = {output.name for output in graph.output}
     stored = {tensor.name: tensor.name for tensor in graph.initializer}
     stored.update(
         {node.output[0]: f"{node.name or node.op_type}.value" for node in graph.node
@@ -368,6 +369,8 @@ def _masking_constants(graph: Any) -> set[str]:
         frontier, ends, seen = [tensor], set[str](), set[int]()
         while frontier and len(seen) < 64:
             value = frontier.pop()
+            if value in outputs:  # the constant reaches an output: its value matters
+                ends.add("output")
             for node in readers.get(value, ()):
                 if node.op_type in _MASK_PASSING and id(node) not in seen:
                     seen.add(id(node))

@@ -183,6 +183,9 @@ def test_a_masking_constant_beyond_float16_is_named_as_such(tmp_path):
     assert runs[0][0, 2] == 0 and runs[0][1, 1] == 0  # masked out in float16 too
     used = _masked_softmax_graph(-1e9, masked_by_product=True)
     assert [(i.initializer, i.masking) for i in check_float16_range(used)] == [("c", False)]
+    shown = _masked_softmax_graph(-1e9, masked_by_product=False)
+    shown.graph.output.append(helper.make_tensor_value_info("masked", TensorProto.FLOAT, [2, 3]))
+    assert [i.masking for i in check_float16_range(shown)] == [False]  # an output shows it
 
 
 def test_convert_float16_rejects_bad_files(tmp_path):
