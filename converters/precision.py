@@ -1221,13 +1221,14 @@ MASK_FILL = -1e4  # a constant at or below it, selected by a Where into a Softma
 _FLOAT_TYPES = (1, 10, 11, 16)  # TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
 
-def float_mask_nodes(model: Any) -> list[str]:
-    """The nodes int8 leaves in float, those of attention masks: each Softmax whose
+def float_nodes(model: Any) -> list[str]:
+    """The nodes int8 leaves in float. Those of attention masks: each Softmax whose
     input is a ``Where`` that fills masked positions with a large negative constant
     (KerasHub's decoders fill with -1e9 or float32's lowest), and that Where; and the
     arithmetic computing the mask (:func:`_comparison_inputs`). One int8 range for the
     filled scores spans the fill, and every real score rounds to the same level:
-    attention turned uniform (Gemma's output at 7.5 dB SQNR, failing validation)."""
+    attention turned uniform (Gemma's output at 7.5 dB SQNR, failing validation).
+    And a transformer's residual stream (:func:`_residual_stream`)."""
     from onnx import numpy_helper
 
     graph = model.graph
@@ -1245,7 +1246,27 @@ def float_mask_nodes(model: Any) -> list[str]:
         where = producers.get(node.input[0]) if node.op_type == "Softmax" else None
         if where is not None and where.op_type == "Where" and any(map(fills, where.input[1:])):
             excluded += [where.name, node.name]
-    return excluded + _comparison_inputs(graph, producers, readers)
+    return excluded + _comparison_inputs(graph, producers, readers) + _residual_stream(graph)
+
+
+def _residual_stream(graph: Any) -> list[str]:
+    """Each LayerNormalization, and each Add whose output reaches a LayerNormalization's
+    input through Adds alone: a transformer's residual sums (after each block in a
+    post-norm model, the running sum in a pre-norm one, the token + position + segment
+    embeddings, the bias Adds of the Dense layers into them). One per-tensor int8 range
+    for a residual sum, then for the normalization of it, cost KerasHub BERT,
+    DistilBERT and GPT-2 backbones 2 to 8 dB of output SQNR against these in float,
+    their matrix products int8 either way (BENCHMARKS.md, section 55)."""
+    producers = onnx_graph.producers(graph)
+    norms = [node for node in graph.node if node.op_type == "LayerNormalization"]
+    marked = {node.name for node in norms}
+    pending = [node.input[0] for node in norms]
+    while pending:
+        node = producers.get(pending.pop())
+        if node is not None and node.op_type == "Add" and node.name and node.name not in marked:
+            marked.add(node.name)
+            pending += list(node.input)
+    return [node.name for node in graph.node if node.name in marked]
 
 
 _COMPARISONS = frozenset({"Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual"})
@@ -1358,7 +1379,7 @@ def _quantize_static(
         from keras_bn.converters.bias_correction import tensors_to_measure
 
         preprocessed = _preprocess(model)
-        exclude = float_mask_nodes(preprocessed)
+        exclude = float_nodes(preprocessed)
         measured = calibration.calibrate(
             preprocessed,
             batches,
@@ -1439,7 +1460,7 @@ def _static_options(
     if calibration_method != "MinMax":
         names = _output_names(model)
     else:
-        names = calibration.activation_outputs(model, float_mask_nodes(model))
+        names = calibration.activation_outputs(model, float_nodes(model))
     if names:
         options["TensorQuantOverrides"] = _output_extremes(onnx_in, names, batches)
     return options
@@ -1510,7 +1531,7 @@ def _quantize_static_file(
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod[calibration_method],
-                nodes_to_exclude=float_mask_nodes(model),
+                nodes_to_exclude=float_nodes(model),
                 extra_options=_static_options(
                     onnx_in, model, batches, calibration_method, percentile
                 ),
