@@ -476,6 +476,16 @@ class _WeightFacts:
         self.float_weights = {init.name: init for init in float_model.graph.initializer}
         self.int8_initializers = {init.name: init for init in int8_model.graph.initializer}
         self.dequantized = [n for n in int8_model.graph.node if n.op_type == "DequantizeLinear"]
+        from keras_bn.converters.equalization import pair_outputs
+
+        firsts = pair_outputs(float_model)  # the layers equalization can rescale
+        self.paired = {n.input[1] for n in float_model.graph.node if n.name in firsts}
+
+    def equalizable(self, value: str) -> bool:
+        """Whether ``value`` is computed by the first layer of a pair cross-layer
+        equalization rescales (through activations and per-channel affines)."""
+        found = _weight_of(value, self.producers, self.float_weights)
+        return found is not None and found[0] in self.paired
 
     def __call__(self, value: str) -> tuple[bool, float | None]:
         from onnx import numpy_helper
@@ -503,13 +513,16 @@ class _WeightFacts:
         return None if found is None else float(numpy_helper.to_array(found).ravel()[0])
 
 
-def _hint(spread: float, per_tensor: bool, weight_spread: float | None) -> str:
+def _hint(
+    spread: float, per_tensor: bool, weight_spread: float | None, equalizable: bool = True
+) -> str:
     hints = []
     if spread >= SPREAD_HINT:
+        advice = " (cross-layer equalization evens them out: --equalize, every layer pair)"
         hints.append(
             f"one channel's range is {spread:.0f}x the median channel's, so the per-tensor "
-            "activation scale leaves most channels few int8 levels (cross-layer "
-            "equalization evens them out: --equalize, every layer pair)"
+            "activation scale leaves most channels few int8 levels"
+            + (advice if equalizable else "")
         )
     if per_tensor and weight_spread is not None and weight_spread >= WEIGHT_SPREAD_HINT:
         hints.append(
@@ -555,7 +568,7 @@ def _judge(float_model, int8_model, sites, totals, upstream) -> list[LayerDiverg
                 int8_step=facts.step(site.scale),
                 weights_per_tensor=per_tensor,
                 weight_spread=weight_spread,
-                hint=_hint(spread, per_tensor, weight_spread),
+                hint=_hint(spread, per_tensor, weight_spread, facts.equalizable(site.float_value)),
             )
         )
     return layers

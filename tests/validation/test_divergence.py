@@ -327,6 +327,39 @@ def test_equalization_into_the_depthwise_layer_repairs_it(models, tmp_path):
     assert report.comparison.sqnr_db > unequalized.comparison.sqnr_db
 
 
+def test_equalization_is_suggested_only_where_it_can_rescale(tmp_path):
+    """Two values with one channel 40x the others: a Dense layer's ReLU output, which
+    equalization rescales with the next Dense, gets the --equalize hint; a
+    LayerNormalization's output, which no layer pair holds, gets the spread alone."""
+
+    def wide_channel(shape, dtype=None):
+        scale = np.ones(shape, np.float32)
+        scale[0] = 40.0
+        return scale
+
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((8,), name="x")
+
+    def biases(seed):  # not zeros the exporter shares between the layers
+        return keras.initializers.RandomNormal(stddev=0.1, seed=seed)
+
+    hidden = keras.layers.Dense(16, "relu", bias_initializer=biases(1), name="hidden")(inputs)
+    normed = keras.layers.LayerNormalization(gamma_initializer=wide_channel, name="norm")(
+        keras.layers.Dense(16, bias_initializer=biases(2), name="project")(hidden)
+    )
+    model = keras.Model(inputs, keras.layers.Dense(3, name="scores")(normed))
+    kernel = model.get_layer("hidden").kernel
+    kernel.assign(keras.ops.convert_to_numpy(kernel) * wide_channel((16,))[None, :])
+    export_onnx(model, tmp_path / "f.onnx")
+    data = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    quantize_int8(tmp_path / "f.onnx", tmp_path / "q.onnx", {"x": data},
+                  layer_report=False, equalize=False)  # fmt: skip
+    report = layer_divergence(tmp_path / "f.onnx", tmp_path / "q.onnx", {"x": data})
+    hints = {layer.layer: layer.hint for layer in report.layers}
+    assert "one channel's range is" in hints["hidden"] and "--equalize" in hints["hidden"]
+    assert "one channel's range is" in hints["norm"] and "--equalize" not in hints["norm"]
+
+
 def test_layer_report_off(models, tmp_path):
     float_path, _, _ = models["plain"]
     report = quantize_int8(float_path, tmp_path / "q.onnx", _feed(models), layer_report=False)
