@@ -476,14 +476,17 @@ class _WeightFacts:
         self.float_weights = {init.name: init for init in float_model.graph.initializer}
         self.int8_initializers = {init.name: init for init in int8_model.graph.initializer}
         self.dequantized = [n for n in int8_model.graph.node if n.op_type == "DequantizeLinear"]
-        from keras_bn.converters.equalization import pair_outputs
-
-        firsts = pair_outputs(float_model)  # the layers equalization can rescale
-        self.paired = {n.input[1] for n in float_model.graph.node if n.name in firsts}
+        self.float_model = float_model
+        self.paired: set[str] | None = None  # found on the first question
 
     def equalizable(self, value: str) -> bool:
         """Whether ``value`` is computed by the first layer of a pair cross-layer
         equalization rescales (through activations and per-channel affines)."""
+        if self.paired is None:
+            from keras_bn.converters.equalization import pair_outputs
+
+            firsts = pair_outputs(self.float_model)
+            self.paired = {n.input[1] for n in self.float_model.graph.node if n.name in firsts}
         found = _weight_of(value, self.producers, self.float_weights)
         return found is not None and found[0] in self.paired
 
@@ -568,7 +571,12 @@ def _judge(float_model, int8_model, sites, totals, upstream) -> list[LayerDiverg
                 int8_step=facts.step(site.scale),
                 weights_per_tensor=per_tensor,
                 weight_spread=weight_spread,
-                hint=_hint(spread, per_tensor, weight_spread, facts.equalizable(site.float_value)),
+                hint=_hint(
+                    spread,
+                    per_tensor,
+                    weight_spread,
+                    spread >= SPREAD_HINT and facts.equalizable(site.float_value),
+                ),
             )
         )
     return layers

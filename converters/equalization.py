@@ -777,7 +777,19 @@ def _find_pairs(
 ) -> tuple[dict[str, LinearLayer], list[Pair], dict[str, Any]]:
     """Every pair of layers that can be equalized (``depthwise_only``: whose second
     layer is depthwise), their weights, their activation nodes. The pairs are found
-    from the weights' shapes; only the paired layers' weights are read."""
+    from the weights' shapes (:func:`_pairs`); only the paired layers' weights are read."""
+    pairs, activation_nodes, shapes = _pairs(graph, depthwise_only)
+    nodes = {node.name: node for node in graph.model.graph.node}
+    paired = dict.fromkeys(name for pair in pairs for name in (pair.first, pair.second))
+    layers = {name: _linear_layer(graph, nodes[name], shapes[name]) for name in paired}
+    return layers, pairs, activation_nodes
+
+
+def _pairs(
+    graph: _Graph, depthwise_only: bool
+) -> tuple[list[Pair], dict[str, Any], dict[str, tuple[int, int, int]]]:
+    """:func:`_find_pairs`' pairs and activation nodes, and every linear layer's shape,
+    from the weights' dimensions alone."""
     nodes = {node.name: node for node in graph.model.graph.node}
     shapes = {}
     for node in graph.model.graph.node:
@@ -796,9 +808,7 @@ def _find_pairs(
         if not depthwise_only or after[2] == after[1]:  # depthwise: a group per channel
             pairs.append(pair)
             activation_nodes[name] = activation_node
-    paired = dict.fromkeys(name for pair in pairs for name in (pair.first, pair.second))
-    layers = {name: _linear_layer(graph, nodes[name], shapes[name]) for name in paired}
-    return layers, pairs, activation_nodes
+    return pairs, activation_nodes, shapes
 
 
 def _write_back(
@@ -861,7 +871,7 @@ def _bound_per_channel(graph: _Graph, clip: Any, bound: str) -> None:
 def pair_outputs(model: Any, depthwise_only: bool = False) -> dict[str, str]:
     """Per pair :func:`equalize_model` would equalize, its first node's name and output
     tensor: where ``extremes`` are measured."""
-    _, pairs, _ = _find_pairs(_Graph(model), depthwise_only)
+    pairs, _, _ = _pairs(_Graph(model), depthwise_only)
     nodes = {node.name: node for node in model.graph.node}
     return {pair.first: nodes[pair.first].output[0] for pair in pairs}
 
