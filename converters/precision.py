@@ -1228,7 +1228,8 @@ def float_nodes(model: Any) -> list[str]:
     arithmetic computing the mask (:func:`_comparison_inputs`). One int8 range for the
     filled scores spans the fill, and every real score rounds to the same level:
     attention turned uniform (Gemma's output at 7.5 dB SQNR, failing validation).
-    And a transformer's residual stream (:func:`_residual_stream`)."""
+    A transformer's residual stream (:func:`_residual_stream`). And the probabilities
+    a model outputs (:func:`_output_probabilities`)."""
     from onnx import numpy_helper
 
     graph = model.graph
@@ -1246,7 +1247,22 @@ def float_nodes(model: Any) -> list[str]:
         where = producers.get(node.input[0]) if node.op_type == "Softmax" else None
         if where is not None and where.op_type == "Where" and any(map(fills, where.input[1:])):
             excluded += [where.name, node.name]
-    return excluded + _comparison_inputs(graph, producers, readers) + _residual_stream(graph)
+    excluded += _comparison_inputs(graph, producers, readers)
+    return excluded + _residual_stream(graph) + _output_probabilities(graph)
+
+
+def _output_probabilities(graph: Any) -> list[str]:
+    """The Softmax, LogSoftmax and Sigmoid nodes that write a graph output. Quantized,
+    probabilities come out in steps of 1/255 of their range: a 1000-class classifier's
+    scores below 0.004 all read 0, and its top-5 ranks ties. Left float, its input the
+    dequantized int8 logits, the output is the function of those logits; the cost is
+    one activation of the output's size."""
+    outputs = {output.name for output in graph.output}
+    return [
+        node.name
+        for node in graph.node
+        if node.op_type in ("Softmax", "LogSoftmax", "Sigmoid") and node.output[0] in outputs
+    ]
 
 
 def _residual_stream(graph: Any) -> list[str]:

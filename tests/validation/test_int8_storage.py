@@ -33,9 +33,14 @@ def _run(source, x, optimization: str = "ORT_DISABLE_ALL") -> np.ndarray:
 
 
 def _output_step(model: onnx.ModelProto) -> float:
-    """The scale of the DequantizeLinear whose output is the graph's output."""
+    """The scale of the DequantizeLinear whose output is the graph's output, or, where
+    a float Softmax writes the output, of the one into that Softmax (a change of one
+    step in the logits moves no probability by more than half a step)."""
     scales = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    (last,) = (node for node in model.graph.node if node.output[0] == model.graph.output[0].name)
+    written = {node.output[0]: node for node in model.graph.node}
+    last = written[model.graph.output[0].name]
+    if last.op_type == "Softmax":
+        last = written[last.input[0]]
     assert last.op_type == "DequantizeLinear"
     return float(scales[last.input[1]])
 

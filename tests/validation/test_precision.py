@@ -370,8 +370,9 @@ def test_quantize_int8_writes_what_onnxruntime_pre_processing_and_quantization_w
     tmp_path, data
 ):
     """The in-memory pre-processing gives the very file of onnxruntime's own
-    ``quant_pre_process`` followed by ``quantize_static`` with the same options; the
-    input specs read from the graph are a session's."""
+    ``quant_pre_process`` followed by ``quantize_static`` with the same options (the
+    nodes keras-bn leaves float among them: the output Softmax); the input specs read
+    from the graph are a session's."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -415,8 +416,10 @@ def test_quantize_int8_writes_what_onnxruntime_pre_processing_and_quantization_w
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
+        nodes_to_exclude=["softmax"],
         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
     )
+    assert precision.float_nodes(onnx.load(str(source))) == ["softmax"]
     assert sha256(tmp_path / "ours.onnx") == sha256(tmp_path / "theirs.onnx")
 
 
@@ -649,3 +652,42 @@ def test_int8_keeps_a_transformers_residual_stream_in_float(tmp_path, monkeypatc
     assert matmuls and all(node.input[0] in dequantized for node in matmuls)
     monkeypatch.setattr(precision, "_residual_stream", lambda graph: [])
     assert kept > sqnr("quantized.onnx") + 1.5  # 36.4 against 33.3 dB
+
+
+def test_int8_leaves_output_probabilities_float(tmp_path, monkeypatch):
+    """A classifier's Softmax output stays float (the function of the int8 logits), not
+    int8 in steps of 1/255: with 100 classes, each probability about 0.01, those steps
+    moved the probabilities several times further and tied the top 5."""
+    import keras
+    from keras import layers
+
+    from keras_bn.converters import precision
+    from keras_bn.converters.onnx.export import export_onnx
+
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((12,), name="x")
+    hidden = layers.Dense(32, activation="relu")(inputs)
+    model = keras.Model(inputs, layers.Dense(100, activation="softmax", name="probs")(hidden))
+    export_onnx(model, tmp_path / "f.onnx")
+    rng = np.random.default_rng(1)
+    calibration, held_out = (rng.normal(size=(64, 12)).astype(np.float32) for _ in range(2))
+    exact = ort.InferenceSession(str(tmp_path / "f.onnx")).run(None, {"x": held_out})[0]
+
+    def quantized(name: str) -> tuple[float, float]:
+        """The mean |error| of the int8 file's probabilities, and its top-5 agreement."""
+        quantize_int8(tmp_path / "f.onnx", tmp_path / name, {"x": calibration},
+                      layer_report=False)  # fmt: skip
+        out = ort.InferenceSession(str(tmp_path / name)).run(None, {"x": held_out})[0]
+        top5 = [set(a) == set(b) for a, b in
+                zip(np.argsort(-exact)[:, :5], np.argsort(-out)[:, :5], strict=True)]  # fmt: skip
+        return float(np.abs(out - exact).mean()), float(np.mean(top5))
+
+    error, top5 = quantized("float_softmax.onnx")
+    graph = onnx.load(str(tmp_path / "float_softmax.onnx")).graph
+    softmax = next(node for node in graph.node if node.op_type == "Softmax")
+    assert softmax.output[0] == graph.output[0].name  # no QuantizeLinear after it
+    assert any(n.op_type == "DequantizeLinear" and n.output[0] == softmax.input[0]
+               for n in graph.node)  # fmt: skip
+    monkeypatch.setattr(precision, "_output_probabilities", lambda graph: [])
+    stepped_error, stepped_top5 = quantized("int8_softmax.onnx")
+    assert error < stepped_error / 3 and top5 > stepped_top5
