@@ -249,6 +249,24 @@ def _read_constants_only(nodes: list[Node], outputs: list[Tensor]) -> list[Node]
     ]
 
 
+# Why a layer is not traced (nor recorded as a TensorFlow graph): its call would run
+# without the mask Keras hands it, and compute the unmasked result.
+MASK_NOT_PASSED = (
+    "its input carries a Keras mask (from Masking, Embedding(mask_zero=True) or a layer "
+    "passing one on) that Keras hands its call() as mask=, and a traced call would not "
+    "apply it; pass the mask to the layer explicitly"
+)
+
+
+def _drops_a_mask(operation: Any, knode: Any, tensor_map: dict[int, Tensor]) -> bool:
+    """Whether tracing ``operation``'s call would drop a Keras mask: Keras passes the
+    mask its inputs carry to a call that takes one, a traced call gets only the
+    arguments the graph records (an explicit ``mask=`` among them)."""
+    if not internals.call_receives_mask(operation) or knode.kwargs.get("mask") is not None:
+        return False
+    return any(tensor_map[id(x)].carries_mask for x in knode.input_tensors if id(x) in tensor_map)
+
+
 class _Flattener:
     """:func:`flatten`'s walk: the nodes found so far, in topological order, and the
     counter that numbers their tensors."""
@@ -328,6 +346,8 @@ class _Flattener:
         shapes are those of this call's outputs)."""
         operation = knode.operation
         shapes = recorded_call.shapes if recorded_call is not None else None
+        if _drops_a_mask(operation, knode, tensor_map):
+            return MASK_NOT_PASSED
         try:
             with tracing.tracing(operation):
                 recorded = tracing.trace_call(operation, args, kwargs, _spec)

@@ -256,6 +256,17 @@ def keras_mask(keras_tensor: keras.KerasTensor) -> Any:
     return getattr(keras_tensor, "_keras_mask", None)
 
 
+def call_receives_mask(layer: Any) -> bool:
+    """Whether Keras hands ``layer.call`` the Keras mask its inputs carry (a ``mask``
+    argument, ``_call_has_mask_arg``): for a Lambda, whether its function takes one;
+    for a TimeDistributed, whether the layer it wraps does."""
+    if isinstance(layer, keras.layers.Lambda):
+        return bool(getattr(layer, "_fn_expects_mask_arg", False))
+    if isinstance(layer, keras.layers.TimeDistributed):
+        return call_receives_mask(layer.layer)
+    return bool(getattr(layer, "_call_has_mask_arg", False))
+
+
 def producing_operation(keras_tensor: keras.KerasTensor) -> Any:
     """The operation whose call produced a symbolic tensor (its ``InputLayer`` for an input)."""
     return keras_tensor._keras_history.operation

@@ -28,7 +28,7 @@ import numpy as np
 from onnx import numpy_helper
 
 from keras_bn.converters import tf_graph
-from keras_bn.converters.graph import Node, Tensor
+from keras_bn.converters.graph import MASK_NOT_PASSED, Node, Tensor
 from keras_bn.converters.onnx.builder import Builder, Unsupported, Value, tensor_type
 from keras_bn.converters.onnx.layout import Perm, identity_perm
 
@@ -184,8 +184,8 @@ def rule_for(node: Node) -> Callable[[Builder, Node], None] | None:
     """The rule for a layer without a rule whose ``call()`` did not trace: its
     TensorFlow graph on the TensorFlow backend; elsewhere, where the trace failed
     on a TensorFlow function, a rule that says which backend to use; else None."""
-    if node.trace_error is None:
-        return None
+    if node.trace_error is None or node.trace_error == MASK_NOT_PASSED:
+        return None  # a call run without its Keras mask: not recorded either
     if tf_graph.available():
         return tensorflow_call
     if _TENSORFLOW_REFUSED in node.trace_error:

@@ -104,6 +104,43 @@ def test_a_keras_mask_on_the_query_is_refused(tmp_path):
         export_onnx(model, tmp_path / "model.onnx")
 
 
+@pytest.mark.parametrize(
+    "consumer",
+    [
+        lambda x: L.Attention()([x, x]),
+        lambda x: L.AdditiveAttention()([x, x]),
+    ],
+    ids=["attention", "additive-attention"],
+)
+def test_a_keras_mask_a_layer_would_apply_is_refused(consumer, tmp_path):
+    """Masking's mask reaches Attention and AdditiveAttention as their call's mask=,
+    which changes their outputs; the export refuses them by name rather than writing
+    the unmasked layer, traced or (TensorFlow) recorded as a graph (validation on
+    inputs without the mask value passed such a file)."""
+    inputs = keras.Input((TIME, FEATURES), name="series")
+    model = keras.Model(inputs, consumer(L.Dense(FEATURES)(L.Masking(0.0)(inputs))))
+    with pytest.raises(UnsupportedLayersError, match="carries a Keras mask"):
+        export_onnx(model, tmp_path / "model.onnx")
+
+
+def test_a_masks_explicit_or_unused_pass_through(tmp_path):
+    """The same attention given its mask explicitly is exported and exact on padded
+    samples; a Lambda whose function takes no mask is not refused."""
+    inputs = keras.Input((TIME, FEATURES), name="series")
+    keep = L.Lambda(lambda x: keras.ops.any(keras.ops.not_equal(x, 0.0), axis=-1))(inputs)
+    hidden = L.Dense(FEATURES)(inputs)
+    attended = L.Attention()([hidden, hidden], mask=[keep, keep])
+    doubled = L.Lambda(lambda x: 2.0 * x)(L.Masking(0.0)(attended))
+    model = _randomized(keras.Model(inputs, doubled))
+
+    def make(batch):
+        x = _floats((TIME, FEATURES))(batch)[0]
+        x[:, TIME // 2 :] = 0.0  # padded, as Masking expects
+        return [x]
+
+    export_and_judge(model, make, tmp_path / "model.onnx")
+
+
 @pytest.mark.parametrize("axis", [-1, [1, 2]], ids=["last", "two-axes"])
 def test_unit_normalization(axis, tmp_path):
     inputs = keras.Input((TIME, FEATURES))
