@@ -513,14 +513,18 @@ def _outputs_for(
 
 
 def _keras_noise(doubtful: list[Doubtful], exacts: list[np.ndarray | None]) -> dict[int, float]:
-    """Keras's own error against float64 per model output, over every comparison of it
-    being judged (its batch sizes): float32's yardstick for each of them."""
-    noise: dict[int, float] = {}
+    """Keras's own error against float64 per model output, on its comparison with the
+    most samples (the larger batch the others' samples are part of): float32's
+    yardstick beside each comparison's own. Not the largest over the comparisons: each
+    error is relative to its own comparison's range, and one sample's range can be a
+    fraction of the batch's (its error then stood as the batch's yardstick, several
+    times Keras's error on the batch)."""
+    noise: dict[int, tuple[int, float]] = {}
     for item, exact in zip(doubtful, exacts, strict=True):
         if exact is not None and np.shape(item.expected) == np.shape(exact):
-            error = relative_error(item.expected, exact)
-            noise[item.output] = max(noise.get(item.output, 0.0), error)
-    return noise
+            measured = (item.samples, relative_error(item.expected, exact))
+            noise[item.output] = max(noise.get(item.output, measured), measured)
+    return {output: error for output, (_, error) in noise.items()}
 
 
 def rejudge_against_float64(

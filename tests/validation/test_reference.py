@@ -283,3 +283,36 @@ def test_one_sample_is_judged_against_keras_noise_on_every_sample_of_its_output(
     assert one.passed and sixteen.passed
     assert one.keras_exact_error == pytest.approx(noise, rel=1e-6)
     assert not any(c.passed for c in judged(8 * noise))  # a converter bug still fails
+
+
+def test_a_small_samples_keras_noise_is_not_the_batchs_yardstick():
+    """Keras's error on the first sample is relative to that sample's range. Where the
+    sample's outputs are small next to the batch's (x + 1000 - 1000: float32 rounds
+    every sample on the same grid of 6e-5), that relative error is many times Keras's
+    error on the batch; the batch's comparison is judged against its own, so a candidate 100x
+    Keras's error on the batch fails it."""
+    from keras_bn.converters.comparison import compare_arrays, relative_error
+    from keras_bn.converters.reference import Doubtful, rejudge_against_float64
+
+    inputs = keras.Input((1,))
+    up = L.Dense(1, kernel_initializer="ones", bias_initializer=keras.initializers.Constant(1e3))
+    down = L.Dense(1, kernel_initializer="ones", bias_initializer=keras.initializers.Constant(-1e3))
+    model = keras.Model(inputs, down(up(inputs)))
+    x = np.random.default_rng(3).normal(0.0, 10.0, (16, 1)).astype("float32")
+    x[0] = 2.9e-5  # a small output, under half of float32's step at 1000: Keras gives 0
+    exact = x.astype(np.float64)  # the identity, exactly
+    keras_out = np.asarray(model(x), np.float64)
+    noise = relative_error(keras_out, exact)
+    assert relative_error(keras_out[:1], exact[:1]) > 100 * noise > 0
+    candidate = exact + 100 * noise * np.abs(exact).max()
+    items = [
+        Doubtful(0, 0, candidate[:1], keras_out[:1], 1, None),
+        Doubtful(1, 0, candidate, keras_out, 16, None),
+    ]
+    comparisons = [
+        compare_arrays(candidate[:1], keras_out[:1], atol=0, rtol=0, batch_size=1),
+        compare_arrays(candidate, keras_out, atol=0, rtol=0, batch_size=16),
+    ]
+    rejudge_against_float64(model, [x], comparisons, items)
+    assert comparisons[1].keras_exact_error == pytest.approx(noise, rel=1e-6)
+    assert not comparisons[1].passed
