@@ -102,14 +102,31 @@ def import_keras() -> str:
         hidden += _UNUSED_BY_KERAS_IMPORT_ON_JAX  # TensorFlow's import needs requests
         deferred = _DEFERRED_BY_KERAS_IMPORT_ON_JAX
     with framework_output_hidden(), _modules_hidden(hidden), _modules_deferred(deferred):
-        import keras
-
+        try:
+            import keras
+        except ModuleNotFoundError as error:
+            _check_backend_installed(error)
+            raise
         backend = keras.backend.backend()
     if backend != "tensorflow":
         from keras_bn import _keras_internals
 
         _keras_internals.tensorflow_probe_answered()  # no TensorFlow import when saving
     return backend
+
+
+def _check_backend_installed(error: ModuleNotFoundError) -> None:
+    """Raise a UserInputError where Keras's import failed because the backend's own
+    package is not installed (``KERAS_BACKEND=torch`` without torch): the user's
+    environment, not a keras-bn bug."""
+    backend = os.environ.get("KERAS_BACKEND", "")
+    missing = (error.name or "").split(".")[0]
+    if missing and missing == backend:
+        raise UserInputError(
+            f"KERAS_BACKEND={backend} needs the {missing!r} package, which is not "
+            f"installed: pip install {missing}, or pick an installed backend "
+            "(KERAS_BACKEND=jax or tensorflow)."
+        ) from error
 
 
 _UNUSED_BY_KERAS_IMPORT = ("sklearn", "matplotlib")

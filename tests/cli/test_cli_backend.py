@@ -211,3 +211,28 @@ def test_a_layer_calling_tensorflow_on_jax_is_named_with_the_fix(tmp_path):
     assert len(lines) == 1 and "calls TensorFlow" in lines[0], result.stderr
     assert "KERAS_BACKEND=tensorflow" in lines[0]
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_backend_whose_package_is_missing_is_the_users_error(tmp_path):
+    """KERAS_BACKEND=torch without torch (stood in for by blocking its import, so the
+    test holds wherever torch is installed): one line naming the package, exit 2; it
+    was an internal error, exit 3, "a bug in keras-bn"."""
+    import keras
+
+    inputs = keras.Input((2,))
+    keras.Model(inputs, keras.layers.Dense(1)(inputs)).save(tmp_path / "model.keras")
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # import torch: ModuleNotFoundError, as uninstalled\n"
+        "from keras_bn.converters.cli import app\n"
+        "sys.exit(app.main(['inspect', 'model.keras'], owns_process=True))\n"
+    )
+    result = _python(["-c", code], cwd=tmp_path, KERAS_BACKEND="torch")
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("keras-bn")]
+    assert lines == [
+        "keras-bn inspect: error: KERAS_BACKEND=torch needs the 'torch' package, which is not "
+        "installed: pip install torch, or pick an installed backend (KERAS_BACKEND=jax or "
+        "tensorflow)."
+    ], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
