@@ -1084,6 +1084,18 @@ def test_export_external_data_with_only_small_weights_says_so(tmp_path, capsys):
     assert re.search(r"external data +none: every weight is 1 KiB or less", out), out
 
 
+def test_a_failed_folded_export_suggests_exporting_without_folding(tmp_path, capsys, files):
+    """A float32 export whose folded file fails validation names --no-fold among the
+    ways out (a fold can cost precision); one that folded nothing does not."""
+    strict = ["--atol", "1e-12", "--rtol", "0"]
+    code, _, err = run_main(["export", files["model"], "-o", tmp_path / "a.onnx", *strict], capsys)
+    assert code == 1 and "export without folding (--no-fold)" in err
+    code, _, err = run_main(
+        ["export", files["model"], "-o", tmp_path / "b.onnx", "--no-fold", *strict], capsys
+    )
+    assert code == 1 and "validation failed" in err and "(--no-fold)" not in err
+
+
 def test_validation_failure_exits_1_writes_report_not_model(tmp_path, capsys, files):
     report = tmp_path / "r.json"
     code, out, err = run_main(
