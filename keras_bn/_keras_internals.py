@@ -35,6 +35,7 @@ import keras
 
 # Private classes with no public name. `import keras` already imports these
 # modules, so importing them here costs nothing.
+from keras.src.activations.activations import ReLU as ActivationReLU
 from keras.src.applications.convnext import LayerScale
 from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
 from keras.src.models.functional import Functional
@@ -47,6 +48,7 @@ from keras.src.ops import numpy as numpy_ops
 
 __all__ = [
     # private classes and modules
+    "ActivationReLU",
     "Functional",
     "LayerScale",
     "CustomScaleLayer",
@@ -99,6 +101,9 @@ __all__ = [
     "RELIANCES",
 ]
 
+# ``ActivationReLU``: the operation ``keras.activations.relu`` records when a layer's
+# call runs it outside the layer's own call (TimeDistributed's per-step
+# ``self.layer.call``), with its negative slope, maximum and threshold.
 # ``Functional``: the class of every ``keras.Model(inputs, outputs)`` model (and of
 # a built Sequential's inner graph); no public name tells it apart from a
 # subclassed model.

@@ -73,6 +73,15 @@ TRACED_LAYERS = {
     "Dot": (lambda: layers.Dot(axes=2, normalize=True), [(4, 6), (5, 6)]),
     "RMSNormalization": (lambda: layers.RMSNormalization(), [(4, 6)]),
     "TimeDistributed": (lambda: layers.TimeDistributed(layers.Dense(3)), [(4, 6)]),
+    # The wrapped layer's activation runs outside its call: keras.activations.relu's op.
+    "TimeDistributed-relu": (
+        lambda: layers.TimeDistributed(layers.Dense(3, activation="relu")),
+        [(4, 6)],
+    ),
+    "TimeDistributed-conv-relu": (
+        lambda: layers.TimeDistributed(layers.Conv2D(2, 3, activation="relu")),
+        [(3, 6, 6, 2)],
+    ),
     "Lambda": (lambda: layers.Lambda(lambda x: x * 2.0 + 1.0), [(4, 6)]),
     "CenterCrop": (lambda: layers.CenterCrop(4, 3), [(6, 6, 3)]),
     "Attention": (lambda: layers.Attention(), [(4, 6), (5, 6)]),
@@ -93,7 +102,8 @@ TRACED_LAYERS = {
 
 @pytest.mark.parametrize("name", list(TRACED_LAYERS))
 def test_traced_layer_exports(name, tmp_path):
-    assert coverage.layer_status(name, getattr(layers, name))[0] == "traced"
+    layer_class = name.split("-")[0]  # "TimeDistributed-relu": a TimeDistributed
+    assert coverage.layer_status(layer_class, getattr(layers, layer_class))[0] == "traced"
     make, shapes = TRACED_LAYERS[name]
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(1)
@@ -120,3 +130,17 @@ def test_coverage_document_is_current():
         "docs/COVERAGE.md is stale: python -c 'from keras_bn.converters.onnx.rules import "
         'coverage; open("docs/COVERAGE.md", "w").write(coverage.markdown())\''
     )
+
+
+def test_a_leaky_relu_activation_op_is_refused_by_name(tmp_path):
+    """keras.activations.relu with a negative slope, recorded as its own op (inside
+    TimeDistributed), is refused with the reason, not exported as a plain ReLU."""
+    from keras_bn.converters.onnx.export import UnsupportedLayersError
+
+    def leaky(x):
+        return keras.activations.relu(x, negative_slope=0.1)
+
+    inputs = keras.Input((4, 6))
+    model = keras.Model(inputs, layers.TimeDistributed(layers.Dense(3, activation=leaky))(inputs))
+    with pytest.raises(UnsupportedLayersError, match="negative_slope"):
+        export_onnx(model, tmp_path / "m.onnx")

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from keras import activations
 
 from keras_bn._keras_internals import numpy_ops
 from keras_bn.converters.graph import Node, Tensor, to_numpy
@@ -301,6 +302,19 @@ def unary_activation(function: Any) -> Rule:
 
     rule.__name__ = f"op_{emit.__name__.removeprefix('_act_')}"
     return rule
+
+
+def activation_relu_op(b: Builder, node: Node) -> None:
+    """``keras.activations.relu`` recorded as its own operation: ReLU, or ReLU6 with a
+    maximum of 6; a negative slope, another maximum or a threshold is not exported."""
+    op = node.layer
+    if op.negative_slope or op.threshold or op.max_value not in (None, 6):
+        raise Unsupported(
+            "keras.activations.relu with a negative_slope, threshold or max_value other "
+            "than 6 is not exported"
+        )
+    function = activations.relu if op.max_value is None else activations.relu6
+    unary_activation(function)(b, node)
 
 
 def gelu_op(b: Builder, node: Node) -> None:

@@ -19,7 +19,14 @@ from __future__ import annotations
 
 from keras import activations
 
-from keras_bn._keras_internals import core_ops, image_ops, math_ops, nn_ops, numpy_ops
+from keras_bn._keras_internals import (
+    ActivationReLU,
+    core_ops,
+    image_ops,
+    math_ops,
+    nn_ops,
+    numpy_ops,
+)
 from keras_bn.converters.onnx.rules.common import Rule
 from keras_bn.converters.onnx.rules.ops import control_flow as flow
 from keras_bn.converters.onnx.rules.ops import elementwise as ew
@@ -97,6 +104,7 @@ OPS: dict[type, Rule] = {
     # activations
     numpy_ops.Tanh: _activation(activations.tanh),
     nn_ops.Relu: _activation(activations.relu),
+    ActivationReLU: ew.activation_relu_op,
     nn_ops.Relu6: _activation(activations.relu6),
     nn_ops.Sigmoid: _activation(activations.sigmoid),
     nn_ops.Silu: _activation(activations.silu),
