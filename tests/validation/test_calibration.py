@@ -760,11 +760,17 @@ def _bounded_model() -> onnx.ModelProto:
         helper.make_node("Min", ["clipped", "bound"], ["bounded"], "bound"),
         helper.make_node("Conv", ["bounded", "w2"], ["y"], "second"),
     ]
+    return _image_model("bounded", nodes, arrays, 4)
+
+
+def _image_model(name: str, nodes, arrays, size: int) -> onnx.ModelProto:
+    """``nodes`` from ``x`` (N, 2, size, size) to ``y`` (N, 1, size, size), the
+    ``arrays`` as float32 initializers."""
     graph = helper.make_graph(
         nodes,
-        "bounded",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 4, 4])],
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, size, size])],
         [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -826,16 +832,7 @@ def _dense_block_model() -> onnx.ModelProto:
         helper.make_node("Concat", ["cat1", "r3"], ["cat2"], "concat2", axis=1),
         helper.make_node("Conv", ["cat2", "w4"], ["y"], "conv4"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "dense_block",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 16, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 16, 16])],
-        [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    return model
+    return _image_model("dense_block", nodes, arrays, 16)
 
 
 def test_chained_concats_take_their_inputs_union_range(tmp_path, monkeypatch):
