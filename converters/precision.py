@@ -179,6 +179,9 @@ class PrecisionReport:
     # not run): validation on the same samples reuses them (validate_onnx's
     # ``onnx_outputs``) instead of running the file again.
     outputs: list[np.ndarray] | None = dataclasses.field(default=None, repr=False)
+    # int8: which of the file's outputs hold class scores (onnx_graph.class_score_outputs),
+    # for validation's top-1 verdict without reading the file again.
+    class_scores: list[bool] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def clamped_count(self) -> int:
@@ -779,8 +782,7 @@ def quantize_int8(
             )  # fmt: skip
         expected = float_outputs() if callable(float_outputs) else float_outputs
         weights = (per_channel, signed)
-        scores = onnx_graph.class_score_outputs(model)[:1] == [True]
-        report = _int8_report(source, onnx_out, matched, expected, weights, steps.int8_run, scores)
+        report = _int8_report(source, onnx_out, matched, expected, weights, steps.int8_run, model)
     _record_steps(report, calibration_method, percentile, steps)
     report.divergence = steps.divergence
     report.seconds = time.perf_counter() - start
@@ -838,11 +840,13 @@ def _int8_report(
     float_outputs: Sequence[np.ndarray] | None,
     weights: tuple[bool, bool],
     int8_run: tuple[list[np.ndarray] | None, list[np.ndarray]],
-    scores: bool = True,
+    model: Any,
 ) -> PrecisionReport:
     """The int8 file's outputs (``int8_run``, :func:`_int8_outputs`) compared with the
     float model's (or ``float_outputs``) on ``matched``; ``weights``: (per-channel,
-    signed); ``scores``: the first output holds class scores."""
+    signed); ``model``: the float ``ModelProto``, whose outputs that hold class scores
+    get a top-1 agreement (the first) and are named for validation."""
+    scores = onnx_graph.class_score_outputs(model)
     per_channel, signed = weights
     kept, received = int8_run
     if float_outputs is None:
@@ -851,7 +855,7 @@ def _int8_report(
         precision="int8",
         path=str(onnx_out),
         seconds=0.0,
-        comparison=compare_outputs(float_outputs, received, scores=scores),
+        comparison=compare_outputs(float_outputs, received, scores=scores[:1] == [True]),
         details={
             "quant_format": "QDQ",
             "per_channel": per_channel,
@@ -859,6 +863,7 @@ def _int8_report(
             "calibration_samples": int(len(next(iter(matched.values())))),
         },
         outputs=kept,
+        class_scores=scores,
     )
 
 

@@ -1055,6 +1055,25 @@ def test_replacing_an_export_removes_the_data_file_only_it_used(tmp_path, capsys
     np.testing.assert_allclose(_onnx_outputs(output, x), expected, atol=1e-5)
 
 
+def test_replacing_an_export_without_a_data_file_does_not_read_it(
+    tmp_path, capsys, wide_model, monkeypatch
+):
+    """``export --force`` over a model with no ``<output>.data`` beside it has no data
+    file to remove: the replaced model is not read (0.26 s for ResNet50's)."""
+    from keras_bn.converters.cli import export as export_cli
+
+    output = tmp_path / "net.onnx"
+    assert run_main(["export", wide_model, "-o", output], capsys)[0] == 0
+    read = export_cli._external_data_locations
+    monkeypatch.setattr(
+        export_cli,
+        "_external_data_locations",
+        lambda path: pytest.fail(f"read {path}") if path == output else read(path),
+    )
+    assert run_main(["export", wide_model, "-o", output, "--force"], capsys)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx"]
+
+
 def test_export_external_data_rejections(tmp_path, capsys, wide_model):
     output = tmp_path / "net.onnx"
     (tmp_path / "net.onnx.data").write_text("someone else's file")

@@ -22,7 +22,7 @@ import pytest
 from support.faults import INJECTED_BUGS, inject_bug, inject_quantized_bug
 from support.models import settle_batch_norms
 
-from keras_bn.converters import export_onnx, validate_onnx
+from keras_bn.converters import export_onnx, onnx_graph, validate_onnx
 from keras_bn.converters.comparison import (
     FLOAT16_FACTOR,
     FLOAT16_FALLBACK,
@@ -284,7 +284,7 @@ def test_int8_of_a_pre_activation_output_keeps_its_negative_half(tmp_path):
     assert min(c.sqnr_db for c in judged) > 30  # the embedding: 38 dB; 3 dB clamped
 
 
-def test_int8_top1_is_judged_on_class_scores_only(tmp_path):
+def test_int8_top1_is_judged_on_class_scores_only(tmp_path, monkeypatch):
     """A rank-2 output that is not class scores (a tanh embedding, as a BERT's pooled
     output) gets no top-1 agreement, in validation's verdict or in the int8 report;
     the logits beside it do."""
@@ -307,6 +307,19 @@ def test_int8_top1_is_judged_on_class_scores_only(tmp_path):
     judged = {c.name: c for c in report.comparisons if c.shape[0] == len(data)}
     assert judged["pooled"].top1_agreement is None and judged["pooled"].sqnr_db > 20
     assert judged["logits"].top1_agreement is not None and judged["logits"].top1_samples > 20
+    # The int8 report names them, and validation given them does not read the file again.
+    assert quantized.class_scores == [False, True]
+    monkeypatch.setattr(onnx_graph, "class_score_outputs", _not_again)
+    again = validate_onnx(
+        model, tmp_path / "i.onnx", inputs=data, class_scores=quantized.class_scores
+    )
+    assert [c.top1_agreement for c in again.comparisons] == [
+        c.top1_agreement for c in report.comparisons
+    ]
+
+
+def _not_again(model):
+    raise AssertionError("class_score_outputs ran again on a file whose scores were given")
 
 
 def test_int8_files_run_at_onnxruntimes_default_level_others_at_the_extended(digits, monkeypatch):
