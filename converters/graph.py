@@ -264,7 +264,7 @@ def _drops_a_mask(operation: Any, knode: Any, tensor_map: dict[int, Tensor]) -> 
     arguments the graph records (an explicit ``mask=`` among them)."""
     if not internals.call_receives_mask(operation) or knode.kwargs.get("mask") is not None:
         return False
-    return any(tensor_map[id(x)].carries_mask for x in knode.input_tensors if id(x) in tensor_map)
+    return any(tensor_map[id(x)].carries_mask for x in knode.input_tensors)
 
 
 class _Flattener:

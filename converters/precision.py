@@ -328,7 +328,7 @@ def check_float16_range(model_or_path) -> list[Float16RangeIssue]:
         _load_onnx(model_or_path) if isinstance(model_or_path, str | os.PathLike) else model_or_path
     )
     issues = []
-    masking = _masking_constants(model.graph)
+    masking: set[str] | None = None  # found where one value overflows
     for name, values in _float_tensors(model):
         # float32 compares exactly with both limits (powers of two, and 65504)
         magnitude = np.abs(values.ravel())
@@ -339,6 +339,8 @@ def check_float16_range(model_or_path) -> list[Float16RangeIssue]:
         if overflow or underflow:
             finite = magnitude[np.isfinite(magnitude)].astype(np.float64)
             nonzero = finite[finite > 0]
+            if overflow and values.size == 1 and masking is None:
+                masking = _masking_constants(model.graph)
             issues.append(
                 Float16RangeIssue(
                     initializer=name,
@@ -346,7 +348,7 @@ def check_float16_range(model_or_path) -> list[Float16RangeIssue]:
                     underflow=underflow,
                     max_abs=float(finite.max()),
                     min_abs_nonzero=float(nonzero.min()),
-                    masking=bool(overflow) and values.size == 1 and name in masking,
+                    masking=bool(overflow) and values.size == 1 and name in (masking or ()),
                 )
             )
     return issues
@@ -1253,7 +1255,7 @@ def float_nodes(model: Any) -> list[str]:
         if where is not None and where.op_type == "Where" and any(map(fills, where.input[1:])):
             excluded += [where.name, node.name]
     excluded += _comparison_inputs(graph, producers, readers)
-    return excluded + _residual_stream(graph) + _output_probabilities(graph)
+    return excluded + _residual_stream(graph, producers) + _output_probabilities(graph)
 
 
 def _output_probabilities(graph: Any) -> list[str]:
@@ -1270,15 +1272,15 @@ def _output_probabilities(graph: Any) -> list[str]:
     ]
 
 
-def _residual_stream(graph: Any) -> list[str]:
+def _residual_stream(graph: Any, producers: dict[str, Any]) -> list[str]:
     """Each LayerNormalization, and each Add whose output reaches a LayerNormalization's
     input through Adds alone: a transformer's residual sums (after each block in a
     post-norm model, the running sum in a pre-norm one, the token + position + segment
     embeddings, the bias Adds of the Dense layers into them). One per-tensor int8 range
     for a residual sum, then for the normalization of it, cost KerasHub BERT,
     DistilBERT and GPT-2 backbones 2 to 8 dB of output SQNR against these in float,
-    their matrix products int8 either way (BENCHMARKS.md, section 55)."""
-    producers = onnx_graph.producers(graph)
+    their matrix products int8 either way (BENCHMARKS.md, section 55). ``producers``:
+    :func:`.onnx_graph.producers` of ``graph``."""
     norms = [node for node in graph.node if node.op_type == "LayerNormalization"]
     marked = {node.name for node in norms}
     pending = [node.input[0] for node in norms]

@@ -1004,7 +1004,7 @@ def test_one_dimensional_weights_log_no_axis_warning(tmp_path, caplog, monkeypat
     quantized here as any 1-D weight's node would be.)"""
     import logging
 
-    monkeypatch.setattr(precision, "_residual_stream", lambda graph: [])
+    monkeypatch.setattr(precision, "_residual_stream", lambda graph, producers: [])
 
     rng = np.random.default_rng(9)
     arrays = {"gamma": rng.normal(size=8), "beta": rng.normal(size=8), "w": rng.normal(size=(8, 5))}
