@@ -281,7 +281,7 @@ def _functions_recorded() -> Iterator[None]:
         original = getattr(module, attribute, None)
         if original is not None:
             replaced.append((module, attribute, original))
-            setattr(module, attribute, stand_in(original))
+            setattr(module, attribute, internals.in_this_thread(stand_in(original), original))
     try:
         yield
     finally:
@@ -372,7 +372,8 @@ def _unknown_sized_results_recorded(
         value = np.asarray(keras.ops.convert_to_numpy(inputs))
         return original_slice(AnchoredConstant(value)(anchors(size)), start_indices, shape)
 
-    keras.ops.arange, keras.ops.slice = arange, slice_
+    keras.ops.arange = internals.in_this_thread(arange, original_arange)
+    keras.ops.slice = internals.in_this_thread(slice_, original_slice)
     try:
         yield
     finally:
@@ -405,7 +406,7 @@ def _einsum_dense_shapes_known() -> Iterator[None]:
             for axis, (c, size) in enumerate(zip(output, shape, strict=True))
         )
 
-    cls.compute_output_shape = compute_output_shape
+    cls.compute_output_shape = internals.in_this_thread(compute_output_shape, original)
     try:
         yield
     finally:

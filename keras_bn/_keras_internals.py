@@ -96,6 +96,7 @@ __all__ = [
     "backend_arrays_defer_to_symbolic",
     "input_checks_ignoring",
     "symbolic_equality",
+    "in_this_thread",
     # what the patches rely on
     "Reliance",
     "RELIANCES",
@@ -708,6 +709,31 @@ _VARIABLE_OPERATORS = {
 }
 
 
+def in_this_thread(
+    stand_in: Callable[..., Any], original: Callable[..., Any]
+) -> Callable[..., Any]:
+    """A function that calls ``stand_in`` from the thread that makes it and
+    ``original`` from every other thread: what a patch installs, so that it acts only
+    where it was asked for.
+
+    The patches below replace process-wide attributes while one thread traces a
+    call, and keras-bn runs Keras beside the trace: ``keras-bn export`` runs the
+    Keras reference pass in a background thread while the main thread traces. A
+    patch seen by that pass changed what it computed: a position table sliced to a
+    sequence length the trace reads as unknown became a recorded operation, and
+    Keras's eager call of a BERT failed (``'EagerTensor' object has no attribute
+    'sparse'``).
+    """
+    owner = threading.get_ident()
+
+    @functools.wraps(original)
+    def dispatch(*args: Any, **kwargs: Any) -> Any:
+        chosen = stand_in if threading.get_ident() == owner else original
+        return chosen(*args, **kwargs)
+
+    return dispatch
+
+
 @contextlib.contextmanager
 def symbolic_variable_arithmetic() -> Iterator[None]:
     """Inside the block, ``variable * keras_tensor`` records ``keras.ops.multiply``.
@@ -737,7 +763,7 @@ def symbolic_variable_arithmetic() -> Iterator[None]:
                 return op(other, self) if reflected else op(self, other)
             return original(self, other)
 
-        return operator
+        return in_this_thread(operator, original)
 
     for name, (function, reflected) in _VARIABLE_OPERATORS.items():
         setattr(cls, name, patched(name, function, reflected))
@@ -783,7 +809,7 @@ def none_outputs_recorded() -> Iterator[None]:
             outputs = [x for x in tree.flatten(outputs) if x is not None]
         original(self, operation, call_args, call_kwargs, outputs)
 
-    Node.__init__ = init
+    Node.__init__ = in_this_thread(init, original)
     try:
         yield
     finally:
@@ -864,7 +890,7 @@ def static_python_arguments() -> Iterator[None]:
         rest_kwargs = {key: value for key, value in kwargs.items() if key not in static}
         return original(functools.wraps(fn)(bound), *rest, **rest_kwargs)
 
-    backend.compute_output_spec = compute_output_spec
+    backend.compute_output_spec = in_this_thread(compute_output_spec, original)
     try:
         yield
     finally:
@@ -912,7 +938,7 @@ def output_specs_without_call_context() -> Iterator[None]:
                 kwargs.pop(name)
         return original(self, *args, **kwargs)
 
-    cls.symbolic_call = symbolic_call
+    cls.symbolic_call = in_this_thread(symbolic_call, original)
     try:
         yield
     finally:
@@ -967,7 +993,7 @@ def backend_calls_recorded() -> Iterator[None]:
     def getattr_(self: Any, name: str) -> Any:
         return _ops_instead(ops, name, original(self, name))
 
-    DynamicBackend.__getattr__ = getattr_
+    DynamicBackend.__getattr__ = in_this_thread(getattr_, original)
     try:
         yield
     finally:
@@ -1037,8 +1063,8 @@ def input_checks_ignoring(unknown: Callable[[int], bool]) -> Iterator[None]:
     def function_check(self: Any, inputs: Any) -> Any:
         return check_function(self, tree.map_structure(relaxed, inputs))
 
-    input_spec.assert_input_compatibility = assert_input_compatibility
-    Function._assert_input_compatibility = function_check
+    input_spec.assert_input_compatibility = in_this_thread(assert_input_compatibility, check_layer)
+    Function._assert_input_compatibility = in_this_thread(function_check, check_function)
     try:
         yield
     finally:
@@ -1073,7 +1099,7 @@ def symbolic_equality() -> Iterator[None]:
         return
     cls = keras.KerasTensor
     original = cls.__dict__.get("__eq__")
-    cls.__eq__ = _symbolic_equal
+    cls.__eq__ = in_this_thread(_symbolic_equal, cls.__eq__)
     try:
         yield
     finally:

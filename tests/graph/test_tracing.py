@@ -6,6 +6,7 @@ float64 run of the same model at batch 1 and 3. Layers that cannot be traced are
 one error naming the layer and the source line. The module reruns on JAX.
 """
 
+import concurrent.futures
 import os
 import re
 
@@ -18,6 +19,7 @@ from support.models import nested_batch_norms, randomize_batch_norms
 
 from keras_bn import _keras_internals as internals
 from keras_bn.converters import graph as graph_lib
+from keras_bn.converters import tracing
 from keras_bn.converters.onnx.export import UnsupportedLayersError, export_onnx
 from keras_bn.converters.onnx.rules import needs_tracing
 
@@ -831,3 +833,63 @@ def test_size_derived_by_a_strided_convolution_is_refused_or_computed(tmp_path):
         (actual,) = session.run(None, {"image": x})
         assert actual.shape == expected.shape
         np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+class _PositionTable(layers.Layer):
+    """Adds a learned position table sliced to the sequence length (KerasHub's
+    PositionEmbedding idiom) and the positions ``arange`` counts."""
+
+    def __init__(self, length, **kwargs):
+        super().__init__(**kwargs)
+        self.length = length
+
+    def build(self, input_shape):
+        self.table = self.add_weight(
+            shape=(self.length, input_shape[-1]), initializer="random_normal", name="table"
+        )
+
+    def call(self, x):
+        n = ops.shape(x)[1]
+        positions = ops.cast(ops.arange(n), x.dtype)[:, None]
+        table = ops.convert_to_tensor(self.table)  # as KerasHub's PositionEmbedding reads it
+        return x + ops.slice(table, (0, 0), (n, ops.shape(x)[-1])) + positions
+
+    def compute_output_shape(self, input_shape):  # JAX cannot slice to a symbolic size
+        return input_shape
+
+
+class _RunsKerasBeside(_PositionTable):
+    """While its call is traced, runs its own call eagerly in another thread, as
+    ``keras-bn export`` runs the Keras reference pass beside the trace, on a sequence
+    as long as the stand-in size the trace gives the unknown length."""
+
+    def call(self, x):
+        if isinstance(x, keras.KerasTensor):
+            eager = np.random.default_rng(0).standard_normal((2, *x.shape[1:])).astype("float32")
+            with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+                beside = pool.submit(
+                    lambda: _PositionTable.call(self, ops.convert_to_tensor(eager))
+                )
+            self.beside = eager, beside.exception() or ops.convert_to_numpy(beside.result())
+        return super().call(x)
+
+
+def test_a_trace_leaves_keras_in_other_threads_unpatched():
+    """Tracing patches Keras process-wide (``keras.ops.slice`` of a weight at an unknown
+    size records an operation); the Keras reference pass that ``keras-bn export``
+    runs beside the trace saw those patches, and Keras could not run a BERT on
+    sequences of a stand-in length ("'EagerTensor' object has no attribute 'sparse'",
+    an order-dependent failure of the suite). The patches now act in the tracing
+    thread only: the other thread's call computes what NumPy does."""
+    inputs = keras.Input((None, 4))
+    layer = _RunsKerasBeside(2048, name="beside")  # longer than the stand-in sizes
+    model = keras.Model(inputs, layer(inputs))
+    graph = graph_lib.flatten(model, needs_tracing)
+    assert any(node.name.startswith("beside/") for node in graph.nodes)  # it was traced
+    eager, got = layer.beside
+    assert not isinstance(got, BaseException), got
+    table = keras.ops.convert_to_numpy(layer.table)
+    n = eager.shape[1]
+    assert n in tracing.UNKNOWN_SIZES[0] + tracing.UNKNOWN_SIZES[1]
+    expected = eager + table[:n] + np.arange(n, dtype="float32")[:, None]
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
