@@ -18,16 +18,22 @@ rewrites a signed QDQ model (onnxruntime's S8S8) into that U8U8 form, the same
 values on the same grid; exact QDQ arithmetic gives bit-identical outputs.
 
 Runtimes that require signed symmetric int8 (TensorRT, TFLite-style NPU compilers)
-keep the signed file: ``quantize_int8(signed=True)``, ``--signed-int8``.
+keep the signed file: ``quantize_int8(signed=True)``, ``--signed-int8``. On a CPU whose
+onnxruntime kernels saturate (:func:`kernels_saturate`), such a file is run in exact
+QDQ arithmetic wherever keras-bn judges it (``runtime.validation_optimization``): the
+kernels would judge this CPU, not the file, which those runtimes compute with int32
+sums.
 """
 
 from __future__ import annotations
 
+import functools
+import platform
 from typing import Any
 
 import numpy as np
 
-__all__ = ["store_unsigned"]
+__all__ = ["kernels_saturate", "signed_activations", "store_unsigned", "x86_without_vnni"]
 
 # The inputs of each quantization node that hold stored integers: a QuantizeLinear's
 # zero point; a DequantizeLinear's data and zero point.
@@ -66,6 +72,44 @@ def store_unsigned(model: Any) -> int:
         if info.name in quantized and info.type.tensor_type.elem_type == onnx.TensorProto.INT8:
             info.type.tensor_type.elem_type = onnx.TensorProto.UINT8
     return len(int8)
+
+
+@functools.cache
+def kernels_saturate() -> bool:
+    """Whether onnxruntime's x86 integer kernels saturate on signed int8 activations on
+    this CPU: an x86-64 CPU without VNNI (neither ``avx512_vnni`` nor ``avx_vnni`` among
+    the flags Linux reports). False where the flags cannot be read (another system)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            return x86_without_vnni(cpuinfo.read())
+    except OSError:
+        return False
+
+
+def x86_without_vnni(cpuinfo: str) -> bool:
+    """Whether the first ``flags`` line of an x86 ``/proc/cpuinfo`` text names no VNNI
+    extension (``avx512_vnni``: Intel from Cascade Lake, AMD from Zen 4; ``avx_vnni``:
+    Intel from Alder Lake); False where no line lists flags."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return not set(line.partition(":")[2].split()) & {"avx512_vnni", "avx_vnni"}
+    return False
+
+
+def signed_activations(model: Any) -> bool:
+    """Whether ``model`` (an onnx ``ModelProto``) quantizes an activation to int8 (a
+    QuantizeLinear with an int8 zero point): onnxruntime's S8S8 form."""
+    import onnx
+
+    int8 = {
+        init.name for init in model.graph.initializer if init.data_type == onnx.TensorProto.INT8
+    }
+    return any(
+        node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in int8
+        for node in model.graph.node
+    )
 
 
 def _only_stored_integers(graph: Any, names: set[str]) -> bool:

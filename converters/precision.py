@@ -81,9 +81,9 @@ __all__ = [
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504.0
 # The int8 file's comparison with the float model runs at validation's optimization
 # level for int8 files (``runtime.validation_optimization``: the int8 kernels a
-# deployment gets), all samples in one run up to this many, so that ``keras-bn
-# export``'s validation on the calibration data reuses that run (PrecisionReport.outputs).
-_COMPARISON_OPTIMIZATION = runtime.validation_optimization("int8")
+# deployment gets, or exact QDQ arithmetic for a signed file where they saturate), all
+# samples in one run up to this many, so that ``keras-bn export``'s validation on the
+# calibration data reuses that run (PrecisionReport.outputs).
 _ONE_RUN_SAMPLES = 256
 FLOAT16_SMALLEST_SUBNORMAL = float(2.0**-24)  # ~5.96e-8; a cast gives 0 below 2**-25
 _PROTOBUF_LIMIT = 2**31 - 1  # bytes: a larger ModelProto cannot be serialized in memory
@@ -251,6 +251,12 @@ def _int8_scheme(details: Mapping[str, Any]) -> str:
         text += (
             "; stored as uint8 plus 128, the same values, which onnxruntime's x86 kernels "
             "cannot saturate on CPUs without VNNI (signed=True, --signed-int8: int8)"
+        )
+    elif runtime.validation_optimization("int8", signed=True) == runtime.EXACT_QDQ_OPTIMIZATION:
+        text += (
+            "; stored as int8, which onnxruntime's integer kernels saturate on this CPU "
+            "(no VNNI): judged in exact QDQ arithmetic, as int32-accumulating runtimes "
+            "compute it (run it in onnxruntime here without --signed-int8)"
         )
     return text
 
@@ -870,11 +876,12 @@ def _int8_report(
 
 
 def _int8_outputs(
-    path: Path, matched: Mapping[str, np.ndarray]
+    path: Path, matched: Mapping[str, np.ndarray], signed: bool
 ) -> tuple[list[np.ndarray] | None, list[np.ndarray]]:
     """The int8 file's outputs on ``matched``, in float64, and the raw outputs when they
     came from one run of every sample (as validation runs them), else None."""
-    session = runtime.open_session(path, optimization=_COMPARISON_OPTIMIZATION, spinning=False)
+    level = runtime.validation_optimization("int8", signed)
+    session = runtime.open_session(path, optimization=level, spinning=False)
     count = int(len(next(iter(matched.values()))))
     one_run = runtime.fixed_batch_size(runtime.input_specs(session)) is None
     if one_run and count <= _ONE_RUN_SAMPLES:
@@ -973,7 +980,7 @@ def _write_int8(
             tune_biases=tune_biases, tuning_progress=tuning_progress,
         )  # fmt: skip
         _save_int8(quantized, tmp, signed)
-        int8_run = _start(_int8_outputs, tmp, matched)
+        int8_run = _start(_int8_outputs, tmp, matched, signed)
         if layer_report:  # both models as they are in memory (the files hold the same)
             steps.divergence = divergence.layer_divergence(
                 model, quantized, matched, float_values=float_values

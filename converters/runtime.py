@@ -53,11 +53,24 @@ _ORT_TYPES = {
 # onnxruntime's default, ORT_ENABLE_ALL, the level its deployment gets by default.
 VALIDATION_OPTIMIZATION = "ORT_ENABLE_EXTENDED"
 INT8_VALIDATION_OPTIMIZATION = "ORT_ENABLE_ALL"
+# Every Quantize/DequantizeLinear run as written: the file's exact QDQ arithmetic.
+EXACT_QDQ_OPTIMIZATION = "ORT_DISABLE_ALL"
 
 
-def validation_optimization(precision: str) -> str:
-    """The level for a file judged by ``precision``'s criterion (see above)."""
-    return INT8_VALIDATION_OPTIMIZATION if precision == "int8" else VALIDATION_OPTIMIZATION
+def validation_optimization(precision: str, signed: bool = False) -> str:
+    """The level for a file judged by ``precision``'s criterion (see above).
+
+    ``signed``: the int8 file quantizes activations to int8 (``--signed-int8``). On a
+    CPU where onnxruntime's integer kernels saturate on those
+    (:func:`.int8_storage.kernels_saturate`) it is run with no graph optimization,
+    in the exact QDQ arithmetic the file describes and int32-accumulating runtimes
+    compute, not in kernels that would judge the CPU instead of the file.
+    """
+    if precision != "int8":
+        return VALIDATION_OPTIMIZATION
+    from keras_bn.converters.int8_storage import kernels_saturate
+
+    return EXACT_QDQ_OPTIMIZATION if signed and kernels_saturate() else INT8_VALIDATION_OPTIMIZATION
 
 
 class InputSpec(NamedTuple):

@@ -629,6 +629,7 @@ def validate_onnx(
     reference: KerasReference | None = None,
     onnx_outputs: Sequence[np.ndarray] | None = None,
     class_scores: Sequence[bool] | None = None,
+    signed_int8: bool | None = None,
 ) -> ValidationReport:
     """Compare the ONNX model at ``path`` with the Keras ``model`` in onnxruntime.
 
@@ -640,33 +641,30 @@ def validate_onnx(
             or one array); they are used as given and, when their batch is larger
             than 1, also their first sample alone. By default, generated with
             :func:`make_sample_inputs` at each of ``batch_sizes``.
-        batch_sizes: batch sizes of generated inputs; any size above 1 proves the
-            batch dimension is dynamic, and 2 keeps the Keras reference pass (the
-            slowest part of validation) short. Default ``(1, 2)``; for int8
-            ``(1, INT8_TOP1_MIN_SAMPLES)``, enough samples to judge top-1 agreement.
+        batch_sizes: batch sizes of generated inputs (a size above 1 proves the batch
+            dimension dynamic); default ``(1, 2)``, for int8 ``(1, INT8_TOP1_MIN_SAMPLES)``
+            (enough to judge top-1 agreement).
             A fixed ONNX batch size N (``batch_size=N`` at export) overrides them:
             generated inputs have N samples; user inputs run in consecutive chunks
             of N, the last one filled up with the first samples, and every sample
             is compared once (each comparison's ``batch_size`` is N).
         atol, rtol: an element passes when ``|onnx - keras| <= atol + rtol * |keras|``.
-            Given (either one), this is the verdict. Left None (the default), the
-            defaults ``DEFAULT_ATOL``/``DEFAULT_RTOL`` decide only outright passes and
-            every other output is judged against a float64 run of ``model`` (see the
-            module docstring).
+            Given (either one), this is the verdict. Left None, ``DEFAULT_ATOL``/
+            ``DEFAULT_RTOL`` decide outright passes only, and other outputs are judged
+            against a float64 run of ``model`` (the module docstring).
         localize: when an output fails, name the first layer whose output diverges.
         input_layout: the ONNX inputs' order; by default the file's (else channels_last).
         seed: seed of the generated inputs.
-        precision: ``"float32"``, ``"float16"`` or ``"int8"``: whose default criterion
-            judges the outputs (:func:`.comparison.judge_precision`); by default the
-            one the file was converted to (:func:`.precision.detect_precision`).
-            float16 and int8 outputs are all judged against Keras float32 (their
-            criteria have no outright pass; :func:`judge_by_precision`), and a failing
-            one is not localized (validate the float32 export to localize).
+        precision: ``"float32"``, ``"float16"`` or ``"int8"``: whose criterion judges the
+            outputs (:func:`.comparison.judge_precision`); by default the file's
+            (:func:`.precision.detect_precision`). float16 and int8 outputs are all judged
+            against Keras float32 (:func:`judge_by_precision`), and never localized.
         reference: Keras's run of ``model`` (a :class:`.reference.KerasReference`,
-            awaited while onnxruntime opens the file): compared on its inputs, as on
-            given ``inputs``, without running Keras again. Not with ``inputs``.
-        onnx_outputs, class_scores: the file's outputs on every given sample, one run
-            (see _run_both); which of them hold class scores (int8; else read from the file).
+            awaited while onnxruntime opens the file): compared on its inputs without
+            running Keras again. Not with ``inputs``.
+        onnx_outputs, class_scores, signed_int8: where the caller knows them, the
+            file's outputs on every given sample, one run (see _run_both); which hold
+            class scores (int8); whether its activations are int8 (:func:`_signed_int8`).
 
     Returns: a :class:`ValidationReport` (truthy iff every output passed).
     """
@@ -678,8 +676,9 @@ def validate_onnx(
         precision = _detect_precision(path)
     if batch_sizes is None:
         batch_sizes = (1, INT8_TOP1_MIN_SAMPLES) if precision == "int8" else (1, 2)
+    level = runtime.validation_optimization(precision, _signed_int8(path, precision, signed_int8))
     runs = _run_both(
-        prepared, path, inputs, batch_sizes, input_layout, seed, reference, onnx_outputs, precision
+        prepared, path, inputs, batch_sizes, input_layout, seed, reference, onnx_outputs, level
     )
     # float16/int8 outputs are never exact: every one is judged by its criterion.
     outright = None if explicit else (OUTRIGHT if precision == "float32" else -1.0)
@@ -817,6 +816,24 @@ def _first_overflow(path: Path, feed: Mapping[str, np.ndarray]) -> str | None:
     return None
 
 
+def _signed_int8(path: Path, precision: str, known: bool | None) -> bool:
+    """Whether ``path``, judged as ``precision``, is an int8 file with int8 activations
+    (``known`` where the caller knows); read from the file only where the answer
+    changes how it runs (:func:`.int8_storage.kernels_saturate`)."""
+    from keras_bn.converters.int8_storage import kernels_saturate, signed_activations
+
+    if precision != "int8" or (known is None and not kernels_saturate()):
+        return bool(known)
+    if known is not None:
+        return known
+    import onnx
+
+    try:
+        return signed_activations(onnx.load(str(path), load_external_data=False))
+    except Exception:  # not ONNX: onnxruntime says so in one line when it opens the file
+        return False
+
+
 def _detect_precision(path: Path) -> str:
     import onnx
 
@@ -888,13 +905,13 @@ def _run_both(
     seed: int,
     reference: KerasReference | None = None,
     onnx_outputs: Sequence[np.ndarray] | None = None,
-    precision: str = "float32",
+    level: str = runtime.VALIDATION_OPTIMIZATION,
 ) -> _Runs:
     """Run Keras (unless ``reference`` has) and onnxruntime on the same inputs
     (generated, the user's, or the reference's).
 
     ``onnx_outputs``: the file's outputs on every given sample (``inputs`` or
-    ``reference``'s) in one onnxruntime run at ``precision``'s level, when
+    ``reference``'s) in one onnxruntime run at ``level`` (the file's criterion's), when
     the caller has them (``quantize_int8``'s comparison on the same samples,
     :attr:`.precision.PrecisionReport.outputs`): that run is reused, and only the
     one-sample run (the dynamic batch) is added.
@@ -912,7 +929,6 @@ def _run_both(
         # onnxruntime opens the file and runs its batches while Keras computes the
         # reference (both release the GIL): BENCHMARKS.md appendix for what it saves.
         known = None if onnx_outputs is None else list(onnx_outputs)
-        level = runtime.validation_optimization(precision)  # the file's criterion's
         onnx_side = pool.submit(_open_and_run, path, full, sizes, input_layout, known, level)
         # once; each check compares a prefix
         if reference is None:

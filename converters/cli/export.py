@@ -666,6 +666,7 @@ def _validate(
         inputs_note=inputs_note,
         onnx_outputs=getattr(precision_report, "outputs", None) if on_calibration else None,
         class_scores=getattr(precision_report, "class_scores", None),
+        signed_int8=args.signed_int8 if args.precision == "int8" else None,
     )
 
 

@@ -36,9 +36,15 @@ def _two_images():
     return randomize_batch_norms(model)
 
 
-def _already_channels_first():
+def _already_channels_first(convolution=True):
+    """A model that reads its image channels_first: through a convolution, or
+    (``convolution=False``) a pooling, which TensorFlow's CPU kernels also run where
+    they take no channels_first convolution (without oneDNN: AMD, older Intel), so
+    that loading the saved file on TensorFlow succeeds on every CPU."""
     inputs = keras.Input((3, 8, 8), name="image")
-    x = L.Conv2D(4, 3, data_format="channels_first", name="conv")(inputs)
+    x = inputs
+    if convolution:
+        x = L.Conv2D(4, 3, data_format="channels_first", name="conv")(x)
     return keras.Model(inputs, L.GlobalAveragePooling2D(data_format="channels_first")(x))
 
 
@@ -137,7 +143,7 @@ def _main(args, capsys):
 def saved(tmp_path_factory, two_images):
     directory = tmp_path_factory.mktemp("layouts")
     two_images.save(directory / "two.keras")
-    _already_channels_first().save(directory / "nchw.keras")
+    _already_channels_first(convolution=False).save(directory / "nchw.keras")
     np.savez(directory / "inputs.npz", **_arrays(batch=3, seed=1))
     return directory
 

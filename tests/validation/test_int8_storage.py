@@ -165,3 +165,48 @@ def test_store_unsigned_leaves_int8_values_that_mean_more(model):
     before = model.SerializeToString()
     assert store_unsigned(model) == 0
     assert model.SerializeToString() == before
+
+
+@pytest.mark.parametrize(
+    ("flags", "saturates"),
+    [
+        ("fpu sse2 avx avx2 fma bmi2", True),  # AMD Zen 3, Intel Skylake client: AVX2 only
+        ("avx2 avx512f avx512bw avx512vl", True),  # Skylake-SP: AVX-512 without VNNI
+        ("avx2 avx512f avx512bw avx512_vnni", False),  # Cascade Lake and later, Zen 4
+        ("avx2 avx_vnni", False),  # Alder Lake: VNNI on 256-bit vectors
+    ],
+)
+def test_cpus_without_vnni_are_the_ones_whose_kernels_saturate(flags, saturates):
+    from keras_bn.converters.int8_storage import x86_without_vnni
+
+    cpuinfo = f"processor\t: 0\nmodel name\t: some CPU\nflags\t\t: {flags}\nbugs\t\t: \n"
+    assert x86_without_vnni(cpuinfo) is saturates
+    assert x86_without_vnni("processor\t: 0\n") is False  # no flags line: unknown
+
+
+def test_signed_file_is_judged_in_exact_arithmetic_where_kernels_saturate(files, monkeypatch):
+    """On an x86 CPU without VNNI, onnxruntime's integer kernels saturate on int8
+    activations (the reason files are stored as uint8): a ``--signed-int8`` file,
+    meant for int32-accumulating runtimes, failed validation there by the host's
+    kernels, not its numbers. Where the kernels saturate, the signed file now runs
+    with every Quantize/DequantizeLinear as written, and its report says why; the
+    uint8 file still runs in the kernels a deployment gets."""
+    from keras_bn.converters import int8_storage, precision, runtime, validation
+
+    made, x = files
+    (signed_path, signed_report), (path, _) = made[True, True], made[True, False]
+    monkeypatch.setattr(int8_storage, "kernels_saturate", lambda: True)
+    _, signed_outputs = precision._int8_outputs(signed_path, {"x": x}, True)
+    exact = _run(signed_path, x, "ORT_DISABLE_ALL")
+    np.testing.assert_array_equal(signed_outputs[0], exact.astype(np.float64))
+    _, outputs = precision._int8_outputs(path, {"x": x}, False)
+    np.testing.assert_array_equal(outputs[0], _run(path, x, "ORT_ENABLE_ALL").astype(np.float64))
+    # validation reads the storage from the file where the caller does not say
+    assert validation._signed_int8(signed_path, "int8", None) is True
+    assert validation._signed_int8(path, "int8", None) is False
+    assert runtime.validation_optimization("int8", True) == "ORT_DISABLE_ALL"
+    assert "saturate on this CPU (no VNNI): judged in exact QDQ arithmetic" in str(signed_report)
+    monkeypatch.setattr(int8_storage, "kernels_saturate", lambda: False)
+    assert runtime.validation_optimization("int8", True) == "ORT_ENABLE_ALL"
+    assert validation._signed_int8(signed_path, "int8", None) is False  # not read: no matter
+    assert "judged in exact QDQ arithmetic" not in str(signed_report)
