@@ -30,9 +30,11 @@ import numpy as np
 __all__ = [
     "FLOAT16_MAX",
     "FLOAT16_SMALLEST_NORMAL",
+    "BACKWARD_CANCELLATION_LIMIT",
     "FLOAT64_EXACT",
     "ChannelRisk",
     "ScaledKernel",
+    "backward_cancellation",
     "batch_norm_affine",
     "compose_affines",
     "depthwise_as_grouped",
@@ -79,6 +81,34 @@ def batch_norm_affine(
     if beta is not None:
         offset = offset + _float64(beta)
     return scale, offset
+
+
+# A backward fold is declined where the folded layer would sum terms more than this
+# many times larger than it sums unfolded (:func:`backward_cancellation`): float32
+# keeps about 24 bits of each sum, and 6 of them lost put the fold's error beyond
+# float32 noise (validation's yardstick: 4x Keras float32's own error, plus 1e-5 of
+# the output's range). BENCHMARKS.md section 57.
+BACKWARD_CANCELLATION_LIMIT = 64.0
+
+
+def backward_cancellation(scale, offset, moving_mean, moving_variance) -> float:
+    """How many times larger, at worst over the channels, the terms a layer sums are
+    once the BN before it is folded into it (backward) than without the fold.
+
+    Channel ``c``'s input lies near ``moving_mean[c] +- sqrt(moving_variance[c])``.
+    Unfolded, the layer sums the BN's outputs ``x * scale + offset``, of size
+    ``|scale| * sqrt(var) + |mean * scale + offset|``; folded, it sums ``x * scale``,
+    of size ``|scale| * (|mean| + sqrt(var))``, and its bias cancels the difference.
+    A raw sensor reading of 1000 +- 1 gives about 1000: the folded sums lose 10 of
+    float32's 24 bits, where Keras's BN (``x - mean`` first) loses none.
+    """
+    scale, offset = _float64(scale), _float64(offset)
+    mean = _float64(moving_mean)
+    spread = np.sqrt(np.maximum(_float64(moving_variance), 0.0))
+    folded = np.abs(scale) * (np.abs(mean) + spread)
+    unfolded = np.abs(scale) * spread + np.abs(mean * scale + offset)
+    live = unfolded > 0  # a channel with scale 0 and no offset sums nothing either way
+    return float(np.max(folded[live] / unfolded[live], initial=1.0))
 
 
 def compose_affines(first: tuple[Array, Array], second: tuple[Array, Array]) -> tuple[Array, Array]:

@@ -264,6 +264,29 @@ def _backward_target(
     return consumer
 
 
+def _check_cancellation(
+    bn_node: graph_lib.Node,
+    affine: tuple[np.ndarray, np.ndarray],
+    known: dict[str, np.ndarray] | None,
+) -> None:
+    """Raise Blocked where folding ``bn_node`` backward would lose float32 precision
+    (:func:`.maths.backward_cancellation` above the limit): its input lies far from 0
+    against its spread, as raw sensor readings do. ``known``: its variables, if read."""
+    variables = known if known is not None else variables_by_name(bn_node.layer)
+    if "moving_mean" not in variables or "moving_variance" not in variables:
+        return
+    ratio = maths.backward_cancellation(
+        *affine, variables["moving_mean"], variables["moving_variance"]
+    )
+    if ratio > maths.BACKWARD_CANCELLATION_LIMIT:
+        raise Blocked(
+            "consumer-precision",
+            f"its input lies far from 0 against its spread (moving mean up to "
+            f"{ratio - 1:.0f} standard deviations): folded, the next layer would sum "
+            f"terms {ratio:.0f}x larger and lose float32 precision",
+        )
+
+
 def _current_weights(plan: Plan, node: graph_lib.Node) -> Weights:
     """The weights of ``node``'s layer with the folds decided so far, for float64
     arithmetic: float32 ones as they are (each :mod:`.maths` function computes in
@@ -341,6 +364,7 @@ def make_plan(
             continue
         try:
             consumer = _backward_target(bn_node, plan, backward_into)
+            _check_cancellation(bn_node, affines[id(bn_node)], known.get(id(bn_node.layer)))
             rule = FOLD_RULES[type(consumer.layer)]
             assert rule.backward is not None  # _backward_target checked it
             weights = rule.backward(

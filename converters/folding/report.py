@@ -35,6 +35,9 @@ PRECONDITIONS: dict[str, str] = {
     "consumer-shared": "the layer after the BN is called at several places",
     "consumer-padding": "the layer after the BN zero-pads its input, and the padded "
     "zeros would not be shifted by the BN offset",
+    "consumer-precision": "the BN's input lies far from 0 against its spread (raw "
+    "readings such as 1000 +- 1): folded into the layer after it, that layer would "
+    "sum terms many times larger than its output in float32 and lose precision",
     "inside-custom-layer": "the BN is called inside a custom layer's call() (Python "
     "code, not a graph of layers): the folded Keras model keeps it; the ONNX export "
     "(export_onnx(fold=True), keras-bn export) traces that call and folds it",

@@ -1066,3 +1066,36 @@ def test_folded_layers_keep_the_original_initializer_configs(initializers):
         assert keys and all(copy[key] == original[key] for key in keys), name
     assert folded.get_layer("bn_kept").get_config() == model.get_layer("bn_kept").get_config()
     assert_same_outputs(model, folded, inputs_for(model))
+
+
+def test_backward_fold_of_readings_far_from_zero_is_declined(tmp_path):
+    """A BN on raw sensor readings (1000 +- 1) folded into the Dense after it made the
+    Dense sum terms 1000x its output in float32: the export failed validation against
+    float64 (error 8x Keras float32's own). The plan now declines that fold, names why,
+    and the export with the BN kept validates; a centred BN still folds backward."""
+    from keras_bn.converters.onnx.export import export_onnx
+    from keras_bn.converters.validation import validate_onnx
+
+    rng = np.random.default_rng(0)
+
+    def sensors(center):
+        inputs = keras.Input((64,), name="sensors")
+        bn = L.BatchNormalization(name="bn")
+        x = L.Dense(32, activation="relu", name="d1")(bn(inputs))
+        model = keras.Model(inputs, L.Dense(4, name="d2")(x))
+        mean = center * (1 + rng.uniform(-0.2, 0.2, 64))
+        std = rng.uniform(0.5, 2.0, 64)
+        bn.moving_mean.assign(mean.astype("float32"))
+        bn.moving_variance.assign((std**2).astype("float32"))
+        return model, (mean + std * rng.standard_normal((64, 64))).astype("float32")
+
+    raw, readings = sensors(1000.0)
+    folded, report = fold_batch_norms(raw)
+    assert entry(report, "bn").blocked_by == ("producer-missing", "consumer-precision")
+    assert "lose float32 precision" in entry(report, "bn").reason
+    assert len(batch_norm_layers(folded)) == 1
+    export_onnx(raw, tmp_path / "raw.onnx", fold=True)
+    assert validate_onnx(raw, tmp_path / "raw.onnx", inputs=readings), "kept BN judged exact"
+    centred, _ = sensors(0.5)
+    _, report = fold_batch_norms(centred)
+    assert (entry(report, "bn").target, entry(report, "bn").direction) == ("d1", "backward")
