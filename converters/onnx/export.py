@@ -162,14 +162,17 @@ def all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return nodes
 
 
-def check_structure(model: onnx.ModelProto, input_names: Sequence[str]) -> StructureReport:
+def check_structure(
+    model: onnx.ModelProto, input_names: Sequence[str], *, folded: bool = False
+) -> StructureReport:
     """Checks ``onnx.checker`` misses.
 
     Errors: graph inputs differ from ``input_names`` (tf2onnx turns EfficientNet's
     Normalization constants into extra required inputs), an initializer no node
     uses, a BatchNormalization node. Warnings: a Mul+Add by per-channel constants
     right after a Conv/ConvTranspose/Gemm/MatMul, the trace of a batch
-    normalization that was exported instead of folded.
+    normalization that was exported instead of folded; none with ``folded`` (the
+    export folded every BN it could, and its fold report says why any stays).
     """
     graph = model.graph
     errors: list[str] = []
@@ -218,7 +221,7 @@ def check_structure(model: onnx.ModelProto, input_names: Sequence[str]) -> Struc
                 and constant_operand(after[0], mul.output[0])
             ):
                 unfolded.append(f"{producer.name} -> {mul.name} -> {after[0].name}")
-    if unfolded:
+    if unfolded and not folded:
         shown = "; ".join(unfolded[:3]) + (" ..." if len(unfolded) > 3 else "")
         found_warnings.append(
             f"{len(unfolded)} batch normalizations exported as Mul+Add after a foldable "
@@ -533,9 +536,10 @@ def _finish(
     input_names: Sequence[str],
     *,
     external_data: bool | None,
+    folded: bool = False,
 ) -> tuple[list[str], str | None]:
     """Run the structural checks and onnx.checker's full check, write atomically."""
-    report = check_structure(onnx_model, input_names)
+    report = check_structure(onnx_model, input_names, folded=folded)
     if report.errors:
         raise RuntimeError(
             f"Internal error in keras-bn's ONNX export: {'; '.join(report.errors)}. "
@@ -631,7 +635,7 @@ def export_onnx(
             raise
         return _fall_back(error, prepared, path, opset, start, fold=fold)
     found_warnings, location = _finish(
-        onnx_model, weights, path, graph.input_names, external_data=external_data
+        onnx_model, weights, path, graph.input_names, external_data=external_data, folded=fold
     )
     result = _result(
         onnx_model,
