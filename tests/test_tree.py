@@ -75,6 +75,7 @@ MIRROR = {
     "converters/onnx/rules/reshaping.py": "onnx/rules/test_onnx_rules.py",
     "converters/onnx/rules/attention.py": "onnx/rules/test_onnx_attention.py",
     "converters/onnx/rules/recurrent.py": "onnx/rules/test_onnx_recurrent.py",
+    "converters/onnx/rules/wrappers.py": "onnx/rules/test_wrappers.py",
     "converters/runtime.py": "validation/test_runtime.py",
     "converters/onnx_graph.py": "validation/test_onnx_graph.py",
     "converters/comparison.py": "validation/test_comparison.py",

@@ -364,12 +364,12 @@ def make_plan(
             continue
         try:
             consumer = _backward_target(bn_node, plan, backward_into)
-            _check_cancellation(bn_node, affines[id(bn_node)], known.get(id(bn_node.layer)))
             rule = FOLD_RULES[type(consumer.layer)]
             assert rule.backward is not None  # _backward_target checked it
             weights = rule.backward(
                 consumer.layer, _current_weights(plan, consumer), *affines[id(bn_node)]
-            )
+            )  # its own preconditions first (padding), then precision
+            _check_cancellation(bn_node, affines[id(bn_node)], known.get(id(bn_node.layer)))
         except Blocked as reason:
             blocked[id(bn_node)].append(("backward", reason))
             continue
@@ -406,22 +406,31 @@ def _batch_norms_inside_calls(graph: graph_lib.Graph) -> list[FoldEntry]:
             or graph_lib.is_model(layer)
         ):
             continue
+        wrapper = type(layer) is keras.layers.TimeDistributed
         for path, sublayer in internals.sublayer_paths(node.layer, node.name):
             if isinstance(sublayer, keras.layers.BatchNormalization):
-                where = (
-                    f"called inside {type(layer).__name__} {node.name!r}'s call(), which "
-                    "the folded Keras model keeps whole; export_onnx(fold=True) and "
-                    "keras-bn export trace that call and fold it"
-                )
+                blocked = _inside_call(layer, node.name, wrapper)
                 entries.append(
-                    FoldEntry(
-                        path,
-                        False,
-                        reason=str(Blocked("inside-custom-layer", where)),
-                        blocked_by=("inside-custom-layer",),
-                    )
+                    FoldEntry(path, False, reason=str(blocked), blocked_by=(blocked.precondition,))
                 )
     return entries
+
+
+def _inside_call(layer: Any, name: str, wrapper: bool) -> Blocked:
+    """Why a BN called inside ``layer``'s call stays: a TimeDistributed the export runs
+    through its wrapped layer's rule, or a custom layer the export traces."""
+    if wrapper:
+        return Blocked(
+            "inside-wrapper",
+            f"wrapped in TimeDistributed {name!r}, which folding keeps whole: the export "
+            "computes it as its per-channel Mul and Add on the merged batch and time axes",
+        )
+    return Blocked(
+        "inside-custom-layer",
+        f"called inside {type(layer).__name__} {name!r}'s call(), which the folded Keras "
+        "model keeps whole; export_onnx(fold=True) and keras-bn export trace that call and "
+        "fold it",
+    )
 
 
 def plan_folds(model: ModelLike, *, backward: bool = True) -> FoldReport:

@@ -38,6 +38,8 @@ PRECONDITIONS: dict[str, str] = {
     "consumer-precision": "the BN's input lies far from 0 against its spread (raw "
     "readings such as 1000 +- 1): folded into the layer after it, that layer would "
     "sum terms many times larger than its output in float32 and lose precision",
+    "inside-wrapper": "the BN is wrapped in TimeDistributed: the export runs it on the "
+    "merged batch and time axes as its per-channel Mul and Add, not folded",
     "inside-custom-layer": "the BN is called inside a custom layer's call() (Python "
     "code, not a graph of layers): the folded Keras model keeps it; the ONNX export "
     "(export_onnx(fold=True), keras-bn export) traces that call and folds it",

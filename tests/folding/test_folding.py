@@ -35,6 +35,7 @@ from keras_bn.converters.folding import (
     plan_folds,
 )
 from keras_bn.converters.folding import maths as folding_math
+from keras_bn.converters.folding.rules import layer_affine
 from keras_bn.layers import BatchNormalization as KerasBnBatchNormalization
 
 L = keras.layers
@@ -158,6 +159,16 @@ def expected_outcome(case):
     return False, ("producer-missing", "consumer-padding")
 
 
+def _far_from_zero(bn):
+    """Whether ``bn``'s statistics put its input more than the limit's spreads from 0
+    (the random statistics do: means ~ N(0, 2), spreads down to 0.03), where a
+    backward fold is declined (``consumer-precision``)."""
+    mean, variance = (keras.ops.convert_to_numpy(v) for v in (bn.moving_mean, bn.moving_variance))
+    scale, offset = layer_affine(bn)
+    ratio = folding_math.backward_cancellation(scale, offset, mean, variance)
+    return ratio > folding_math.BACKWARD_CANCELLATION_LIMIT
+
+
 def channels_last_outputs(model, x):
     """Run a channels_first model as its channels_last twin (TensorFlow's CPU
     kernels only take channels_last). Keras 3 kernels have one layout whatever the
@@ -190,6 +201,8 @@ def check_case(case):
     # On TensorFlow a channels_first model cannot run: the report says it was not measured.
     folded, report = fold_batch_norms(model, sample_inputs=None if through_twin else x)
     should_fold, blocked_by = expected_outcome(case)
+    if should_fold and case["direction"] == "backward" and _far_from_zero(model.get_layer("bn")):
+        should_fold, blocked_by = False, ("producer-missing", "consumer-precision")
     (bn_entry,) = report.entries
     assert bn_entry.folded == should_fold, (case, str(report))
     assert bn_entry.blocked_by == blocked_by, (case, str(report))

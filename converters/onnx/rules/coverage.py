@@ -135,7 +135,6 @@ REFUSED_OPS: dict[str, str] = {
 TRACED_LAYERS: dict[str, str] = {
     "Dot": "ops.normalize, then batch_dot's matmul, transposes and reshapes",
     "RMSNormalization": "ops.rms_normalization",
-    "TimeDistributed": "the wrapped layer on the merged batch and time axes (reshapes)",
     "Lambda": "its function's keras.ops calls",
     "CenterCrop": "a slice of the image (ops indexing)",
     "Attention": "matmul, softmax and matmul",

@@ -74,6 +74,7 @@ from keras_bn.converters.onnx.rules.reshaping import (
     upsampling,
     zero_padding,
 )
+from keras_bn.converters.onnx.rules.wrappers import time_distributed, time_distributed_has_rule
 from keras_bn.layers import BatchNormalization as KerasBnBatchNormalization
 
 __all__ = ["RULES", "SHADOWED_OPS", "find_rule", "needs_tracing"]
@@ -159,6 +160,7 @@ RULES: dict[type, Rule] = {
     L.LSTM: recurrent,
     L.RNN: recurrent,
     L.Bidirectional: bidirectional,
+    L.TimeDistributed: time_distributed,
     L.MultiHeadAttention: multi_head_attention,
     L.Masking: masking,
     # Keras Applications' own layers
@@ -187,4 +189,6 @@ def needs_tracing(layer: Any) -> bool:
     ``Dense(activation=gelu_approximate)``) is traced through that function."""
     if find_rule(layer) is None:
         return True
+    if type(layer) is L.TimeDistributed:  # the wrapped layer's rule, or a trace of both
+        return not time_distributed_has_rule(layer, needs_tracing)
     return type(layer) in (L.Activation, L.Dense) and layer.activation not in ACTIVATIONS

@@ -72,16 +72,6 @@ def _self_attention(layer):
 TRACED_LAYERS = {
     "Dot": (lambda: layers.Dot(axes=2, normalize=True), [(4, 6), (5, 6)]),
     "RMSNormalization": (lambda: layers.RMSNormalization(), [(4, 6)]),
-    "TimeDistributed": (lambda: layers.TimeDistributed(layers.Dense(3)), [(4, 6)]),
-    # The wrapped layer's activation runs outside its call: keras.activations.relu's op.
-    "TimeDistributed-relu": (
-        lambda: layers.TimeDistributed(layers.Dense(3, activation="relu")),
-        [(4, 6)],
-    ),
-    "TimeDistributed-conv-relu": (
-        lambda: layers.TimeDistributed(layers.Conv2D(2, 3, activation="relu")),
-        [(3, 6, 6, 2)],
-    ),
     "Lambda": (lambda: layers.Lambda(lambda x: x * 2.0 + 1.0), [(4, 6)]),
     "CenterCrop": (lambda: layers.CenterCrop(4, 3), [(6, 6, 3)]),
     "Attention": (lambda: layers.Attention(), [(4, 6), (5, 6)]),
