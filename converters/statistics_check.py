@@ -277,6 +277,33 @@ def _concatenate(batches: list[list[np.ndarray]]) -> list[np.ndarray] | None:
     return [np.concatenate([np.asarray(o[i]) for o in batches]) for i in range(len(batches[0]))]
 
 
+def _class_scores(tensor: Any) -> bool:
+    """Whether a graph output holds class scores, where a top-1 class means something:
+    computed by a Dense or EinsumDense (linear, softmax or log-softmax), a Softmax, or
+    a softmax Activation or operation, through reshapes and dropout (what
+    ``onnx_graph.class_score_outputs`` finds in the file). A recurrent layer's state
+    or pooled features are not: their effect line is a relative change."""
+    import keras
+    from keras import activations
+    from keras import layers as L
+
+    from keras_bn import _keras_internals as internals
+
+    passing = (L.Reshape, L.Flatten, L.Dropout, L.Identity)
+    node = tensor.producer
+    while node is not None and isinstance(node.layer, passing) and node.inputs:
+        node = node.inputs[0].producer
+    if node is None:
+        return False
+    layer = node.layer
+    probabilities = (activations.softmax, activations.log_softmax)
+    if isinstance(layer, L.Softmax | internals.nn_ops.Softmax | internals.nn_ops.LogSoftmax):
+        return True
+    if isinstance(layer, L.Dense | L.EinsumDense):
+        return layer.activation in (activations.linear, *probabilities)
+    return isinstance(layer, keras.layers.Activation) and layer.activation in probabilities
+
+
 def _state(layers: list) -> list[tuple[Any, np.ndarray]]:
     from keras_bn._batch_norm_state import snapshot_variables
 
@@ -305,7 +332,9 @@ class _OutputEffects:
         self.model = model
         from keras_bn.converters.graph import flatten
 
-        self.names = list(flatten(model).output_names)
+        graph = flatten(model)
+        self.names = list(graph.output_names)
+        self.scores = [_class_scores(tensor) for tensor in graph.outputs]
         self.agree = [0] * len(self.names)
         self.samples = 0
         self.max_diff = [0.0] * len(self.names)
@@ -318,7 +347,10 @@ class _OutputEffects:
         moving = [np.asarray(a, np.float64) for a in moving]
         population = [np.asarray(a, np.float64) for a in population]
         if not self.classifier:
-            self.classifier = [a.ndim == 2 and a.shape[-1] >= 2 for a in moving]
+            self.classifier = [
+                scores and a.ndim == 2 and a.shape[-1] >= 2
+                for scores, a in zip(self.scores, moving, strict=True)
+            ]
         self.samples += len(moving[0])
         for i, (a, b) in enumerate(zip(moving, population, strict=True)):
             if self.classifier[i]:

@@ -213,3 +213,33 @@ def test_output_effects_run_on_the_first_effect_samples_the_verdicts_on_all(tmp_
     population = model.predict(x[:EFFECT_SAMPLES], verbose=0)
     agree = np.mean(population.argmax(-1) == moving[:EFFECT_SAMPLES].argmax(-1))
     assert effect.value == pytest.approx(agree)
+
+
+def test_only_class_scores_get_a_top_1_line(tmp_path):
+    """A sequence model with a logits head and a GRU's state as outputs: both are
+    (batch, n), and the state's effect line said 'the same top-1 class', which means
+    nothing for a state. Only the head, a Dense, is judged by top-1 agreement now; the
+    state by its relative change, which equals NumPy's on the two runs' outputs."""
+    from keras_bn.converters.data_sources import open_data
+    from keras_bn.converters.statistics_check import check_statistics
+
+    L = keras.layers
+    inputs = keras.Input((5, 3), name="sequence")
+    x = L.BatchNormalization(name="bn")(inputs)
+    state = L.GRU(4, name="gru")(x)
+    model = keras.Model(inputs, [L.Dense(3, name="head")(state), state])
+    x = np.random.default_rng(3).normal(2.0, 3.0, (16, 5, 3)).astype("float32")
+    np.savez(tmp_path / "data.npz", sequence=x)
+    source = open_data(str(tmp_path / "data.npz"), [("sequence", (None, 5, 3))], batch_size=16)
+    moving = [np.asarray(o, np.float64) for o in model.predict(x, verbose=0)]
+    check = check_statistics(model, source)
+    head, gru = check.outputs
+    assert (head.kind, gru.kind) == ("top-1 agreement", "relative change")
+    bn = model.get_layer("bn")
+    values = x.reshape(-1, 3).astype(np.float64)
+    bn.moving_mean.assign(values.mean(0))
+    bn.moving_variance.assign(values.var(0))
+    population = [np.asarray(o, np.float64) for o in model.predict(x, verbose=0)]
+    change = np.abs(moving[1] - population[1]).max() / np.abs(population[1]).max()
+    assert gru.value == pytest.approx(change, rel=1e-3)
+    assert "top-1" not in gru.describe("moving statistics", "population statistics")
