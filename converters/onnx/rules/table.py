@@ -17,6 +17,9 @@ from typing import Any
 
 from keras import layers as L
 
+from keras_bn.converters.graph import Node
+from keras_bn.converters.onnx.builder import Builder
+from keras_bn.converters.onnx.rules import wrappers
 from keras_bn.converters.onnx.rules.activations import ACTIVATIONS
 from keras_bn.converters.onnx.rules.applications import (
     CustomScaleLayer,
@@ -74,10 +77,15 @@ from keras_bn.converters.onnx.rules.reshaping import (
     upsampling,
     zero_padding,
 )
-from keras_bn.converters.onnx.rules.wrappers import time_distributed, time_distributed_has_rule
 from keras_bn.layers import BatchNormalization as KerasBnBatchNormalization
 
 __all__ = ["RULES", "SHADOWED_OPS", "find_rule", "needs_tracing"]
+
+
+def time_distributed(b: Builder, node: Node) -> None:
+    """TimeDistributed: :func:`.wrappers.time_distributed` with this table's lookup."""
+    wrappers.time_distributed(b, node, find_rule)
+
 
 RULES: dict[type, Rule] = {
     # Core
@@ -190,5 +198,5 @@ def needs_tracing(layer: Any) -> bool:
     if find_rule(layer) is None:
         return True
     if type(layer) is L.TimeDistributed:  # the wrapped layer's rule, or a trace of both
-        return not time_distributed_has_rule(layer, needs_tracing)
+        return not wrappers.time_distributed_has_rule(layer, needs_tracing)
     return type(layer) in (L.Activation, L.Dense) and layer.activation not in ACTIVATIONS

@@ -11,6 +11,7 @@ splits the axes again: what the layer computes on each timestep, as one node.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from keras import layers as L
@@ -35,11 +36,10 @@ def time_distributed_has_rule(layer: Any, needs_tracing: Any) -> bool:
     return shape is not None and None not in tuple(shape)[2:]
 
 
-def time_distributed(b: Builder, node: Node) -> None:
+def time_distributed(b: Builder, node: Node, find_rule: Callable[[Any], Any]) -> None:
     """TimeDistributed: ``(batch, time, *step)`` reshaped to ``(batch * time, *step)``,
-    the wrapped layer's rule, and the result reshaped to ``(batch, time, *out)``."""
-    from keras_bn.converters.onnx.rules.table import find_rule  # the table imports this
-
+    the wrapped layer's rule (``find_rule``: the table's lookup, which imports this
+    module), and the result reshaped to ``(batch, time, *out)``."""
     layer, tensor, output = node.layer, node.inputs[0], node.outputs[0]
     inner = layer.layer
     rule = find_rule(inner)
