@@ -877,10 +877,11 @@ class _RunsKerasBeside(_PositionTable):
 def test_a_trace_leaves_keras_in_other_threads_unpatched():
     """Tracing patches Keras process-wide (``keras.ops.slice`` of a weight at an unknown
     size records an operation); the Keras reference pass that ``keras-bn export``
-    runs beside the trace saw those patches, and Keras could not run a BERT on
-    sequences of a stand-in length ("'EagerTensor' object has no attribute 'sparse'",
-    an order-dependent failure of the suite). The patches now act in the tracing
-    thread only: the other thread's call computes what NumPy does."""
+    runs beside the trace saw those patches: a position table sliced at a stand-in
+    length became a recorded operation inside an eager call, and Keras failed
+    ("'EagerTensor' object has no attribute 'sparse'", the error of an order-dependent
+    BERT failure in the suite). The patches now act in the tracing thread only: the
+    other thread's call computes what NumPy does."""
     inputs = keras.Input((None, 4))
     layer = _RunsKerasBeside(2048, name="beside")  # longer than the stand-in sizes
     model = keras.Model(inputs, layer(inputs))
