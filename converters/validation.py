@@ -822,10 +822,10 @@ def _signed_int8(path: Path, precision: str, known: bool | None) -> bool:
     changes how it runs (:func:`.int8_storage.kernels_saturate`)."""
     from keras_bn.converters.int8_storage import kernels_saturate, signed_activations
 
-    if precision != "int8" or (known is None and not kernels_saturate()):
-        return bool(known)
     if known is not None:
         return known
+    if precision != "int8" or not kernels_saturate():
+        return False
     import onnx
 
     try:
