@@ -171,14 +171,18 @@ def export_and_judge(model, make_inputs, path, *, batch_sizes=(1, 3), fold=False
     return result, judged
 
 
-def assert_exports_exactly(model, path, inputs_for_batch, *, batch_sizes=(1, 3), twin=None):
+def assert_exports_exactly(
+    model, path, inputs_for_batch, *, batch_sizes=(1, 3), twin=None, exported=None
+):
     """Export ``model`` natively with ``fold=True`` and judge onnxruntime's outputs at
     each batch size against a float64 run of the same model (the project's judge:
     the export's error at most a few times Keras float32's own, plus a floor).
 
     ``inputs_for_batch(n)`` gives the model's input arrays (a list, or a dict by
     input name) for batch ``n`` (called once, for the largest batch);
-    ``twin(arrays)`` the float64 outputs (default: keras_bn's float64 clone).
+    ``twin(arrays)`` the float64 outputs (default: keras_bn's float64 clone);
+    ``exported``: the ExportResult of an earlier call that wrote ``path`` from the same
+    model, to judge that file on other inputs without exporting it again.
     Returns the ExportResult.
     """
     import onnxruntime as ort
@@ -187,7 +191,7 @@ def assert_exports_exactly(model, path, inputs_for_batch, *, batch_sizes=(1, 3),
     from keras_bn.converters.onnx.export import export_onnx
     from keras_bn.converters.reference import float64_twin as twin_of
 
-    result = export_onnx(model, path, fold=True)
+    result = export_onnx(model, path, fold=True) if exported is None else exported
     assert not result.used_fallback
     assert "BatchNormalization" not in result.op_counts, result.op_counts
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
