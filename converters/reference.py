@@ -36,6 +36,7 @@ import keras
 import numpy as np
 
 from keras_bn import _keras_internals as internals
+from keras_bn import _xla as xla
 from keras_bn.converters.comparison import (
     EXACT_FACTOR,
     EXACT_FLOOR,
@@ -65,10 +66,6 @@ __all__ = [
 # Keras wraps an error inside a layer's call as "... when calling Conv3D.call() ...".
 _FAILED_CALL = re.compile(r"calling (\w+)\.call\(\)")
 _MAX_RETRIES = 8
-# The twin's compile on JAX (as samples.call_model's): at XLA's optimization level 0
-# EfficientNetB0's float64 pass compiles in about half the time for a slower run,
-# less in all (BENCHMARKS.md section 15).
-_QUICK_XLA_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 class KerasReference:
@@ -233,18 +230,16 @@ class Float64Twin:
 
     def _compiled(self, structure: Any) -> Any:
         """The twin's pass as one XLA program, compiled once per input shape (JAX)."""
-        import jax
-
         if self._jitted is None:
             model = self.model
 
             def call(trainable: list, non_trainable: list, inputs: Any) -> Any:
                 return model.stateless_call(trainable, non_trainable, inputs, training=False)[0]
 
-            try:  # a quick compile: XLA's backend optimizations cost more than they save
-                self._jitted = jax.jit(call, compiler_options=_QUICK_XLA_OPTIONS)
-            except TypeError:  # a JAX before compiler_options
-                self._jitted = jax.jit(call)
+            # A quick compile (as samples.call_model's): at XLA's optimization level 0
+            # EfficientNetB0's float64 pass compiles in about half the time for a slower
+            # run, less in all (BENCHMARKS.md section 15).
+            self._jitted = xla.jit(call, quick=True)
         trainable = [v.value for v in self.model.trainable_variables]
         non_trainable = [v.value for v in self.model.non_trainable_variables]
         return self._jitted(trainable, non_trainable, structure)

@@ -19,6 +19,7 @@ import numpy as np
 from keras import tree
 
 from keras_bn import _keras_internals as internals
+from keras_bn import _xla as xla
 from keras_bn.converters import graph as graph_lib
 from keras_bn.converters.errors import UserInputError
 from keras_bn.converters.prepared import (
@@ -432,9 +433,6 @@ def prepare_call(model: ModelLike, batch_size: int) -> None:
 
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# A quick compile: XLA's backend optimizations cost more compile time than they save
-# on the few samples a check or validation runs.
-_QUICK_XLA_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 class _CompiledForward:
@@ -446,8 +444,6 @@ class _CompiledForward:
     """
 
     def __init__(self, model: keras.Model) -> None:
-        import jax
-
         ref: Callable[[], Any] = weakref.ref(model)  # the cache must not keep the model alive
 
         def call(trainable: list, non_trainable: list, inputs: Any) -> Any:
@@ -455,11 +451,8 @@ class _CompiledForward:
             return outputs
 
         self._model = ref
-        self._plain = jax.jit(call)
-        try:
-            self._jitted = jax.jit(call, compiler_options=_QUICK_XLA_OPTIONS)
-        except TypeError:  # a JAX before compiler_options
-            self._jitted = self._plain
+        # A quick compile (keras_bn._xla): the few samples a check or validation runs.
+        self._jitted = xla.jit(call, quick=True)
         self._executables: dict[Any, Any] = {}
 
     def _state(self) -> tuple[list, list]:
@@ -479,10 +472,7 @@ class _CompiledForward:
         executable = self._executables.get(key)
         if executable is None:
             trainable, non_trainable = self._state()
-            try:
-                executable = self._jitted.lower(trainable, non_trainable, structure).compile()
-            except Exception:  # an XLA without the quick option: its default compile
-                executable = self._plain.lower(trainable, non_trainable, structure).compile()
+            executable = self._jitted.lower(trainable, non_trainable, structure).compile()
             self._executables[key] = executable
         return executable
 

@@ -85,6 +85,7 @@ from keras import tree
 
 from keras_bn import _keras_internals as internals
 from keras_bn import _moments
+from keras_bn import _xla as xla
 from keras_bn._batch_norm_state import (
     assign,
     batch_norm_layers,
@@ -841,20 +842,20 @@ class _MomentRecorder(keras.Model):
 class _CompiledRecorder:
     """The recorder compiled once per input shape: on JAX one ``jax.jit`` program of
     its stateless call (the variables are arguments, so new statistics reuse it; XLA's
-    full optimization, which pays for itself over two passes of a few batches); on
-    other backends the engine's ``predict_on_batch`` (``tf.function``)."""
+    full optimization, which pays for itself over two passes of a few batches, with
+    :mod:`keras_bn._xla`'s quicker code generation); on other backends the engine's
+    ``predict_on_batch`` (``tf.function``)."""
 
     def __init__(self, recorder: _MomentRecorder):
         self.recorder = recorder
         self._jitted = None
         if keras.backend.backend() == "jax":
-            import jax
 
             def call(trainable, non_trainable, x):
                 outputs, _ = recorder.stateless_call(trainable, non_trainable, x)
                 return outputs
 
-            self._jitted = jax.jit(call)
+            self._jitted = xla.jit(call, quick=False)
 
     def __call__(self, x):
         """``(outputs, moments)`` as NumPy arrays."""

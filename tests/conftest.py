@@ -21,13 +21,40 @@ if os.environ.get("CI"):
 # programs here run a few samples once, so XLA's backend optimizations cost more than
 # they save: without them the default run took 0.87x the test time (BENCHMARKS.md,
 # section 49). The product compiles its own quick passes this way too
-# (samples._QUICK_XLA_OPTIONS); what the optimizations change is float32 rounding,
-# which every numeric test judges against float64 or a tolerance. A developer's own
-# optimization level comes first; run_python adds a test's XLA_FLAGS to these. Only
-# this long-standing flag: XLA aborts the process on a flag its version does not know.
+# (keras_bn/_xla.py); what the optimizations change is float32 rounding, which every
+# numeric test judges against float64 or a tolerance. A developer's own optimization
+# level comes first; run_python adds a test's XLA_FLAGS to these. This long-standing
+# flag is set outright: XLA aborts the process on a flag its version does not know.
 _QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_QUICK_XLA_FLAGS}".strip()
+
+# XLA's CPU code generation by its older direct emitters (keras_bn/_xla.py, which the
+# product passes per compile): the same programs compiled in about half the time; the
+# JAX reruns took 0.72-0.75x their test time (BENCHMARKS.md, section 60). A newer flag
+# than the one above, so a child process tries it first (an unknown flag aborts the
+# process that reads it; TensorFlow 2.20 and 2.21 know it); the controller's answer
+# reaches the workers and subprocesses through the environment.
+_FAST_CODEGEN_FLAG = "--xla_cpu_use_fusion_emitters=false"
+_PROBED = "KERAS_BN_TESTS_XLA_PROBED"
+
+
+def _xla_accepts(flag: str) -> bool:
+    probe = "import jax; jax.jit(lambda x: x + 1)(1.0).block_until_ready()"
+    env = {**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return done.returncode == 0
+
+
+if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"] and _PROBED not in os.environ:
+    os.environ[_PROBED] = "1"
+    if _xla_accepts(_FAST_CODEGEN_FLAG):
+        os.environ["XLA_FLAGS"] = f"{os.environ['XLA_FLAGS']} {_FAST_CODEGEN_FLAG}"
 
 
 @pytest.fixture(scope="session")

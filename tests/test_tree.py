@@ -25,6 +25,7 @@ MIRROR = {
     "keras_bn/__init__.py": "test_package.py",
     "keras_bn/__main__.py": "test_package.py",
     "keras_bn/_keras_internals.py": "test_keras_internals.py",
+    "keras_bn/_xla.py": "test_xla.py",
     "keras_bn/layers.py": "layers/test_layers.py",
     "keras_bn/_moments.py": "layers/test_layers.py",
     "keras_bn/_batch_norm_state.py": "layers/test_layers.py",

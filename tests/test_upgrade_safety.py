@@ -13,8 +13,8 @@ failing test says which patch to revisit. The inventory:
 * ``converters/cli/backend.py``: the ``keras.json`` Keras writes by itself;
 * ``converters/tracing.py``: the functions replaced while tracing
   (``RECORDED_FUNCTIONS``);
-* ``converters/reference.py``: JAX's x64 switch; ``converters/graph.py``: the quick
-  XLA compile option.
+* ``converters/reference.py``: JAX's x64 switch; ``keras_bn/_xla.py``: the XLA
+  compile options.
 * ``converters/calibration.py``: onnxruntime's quantizer internals behind int8's
   one-pass calibration (``ONNXRUNTIME_RELIANCES``; a changed one falls back to
   ``quantize_static``).
@@ -339,29 +339,29 @@ def test_jax_x64_switch_of_the_float64_reference():
     assert jax.numpy.asarray(1.0, dtype="float32").dtype == np.float32
 
 
-def test_quick_xla_compile_option_of_the_compiled_forward():
-    """converters/samples.py compiles the model's pass with XLA's backend optimizations
-    off; an XLA that rejects the option falls back silently to its slower default."""
+def test_xla_compile_options_of_the_compiled_passes():
+    """keras_bn/_xla.py compiles keras-bn's passes on JAX with XLA's quicker CPU code
+    generation and (quick passes) its backend optimizations off; an XLA that rejects an
+    option compiles without it, silently slower: this names the option it dropped."""
     jax = pytest.importorskip("jax")
-    from keras_bn.converters import samples
+    from keras_bn import _xla as xla
 
-    if "compiler_options" not in inspect.signature(jax.jit).parameters:
-        # A JAX before the option (the minimum pinned, 0.4.30): samples.py's documented
-        # fallback, the default compile, must then be what it builds.
-        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-        forward = samples._CompiledForward(model)
-        assert forward._jitted is forward._plain
-        return
+    xla.compile_options.cache_clear()
     try:
-        jitted = jax.jit(lambda x: x * 2.0, compiler_options=samples._QUICK_XLA_OPTIONS)
-        compiled = jitted.lower(np.ones(3, "float32")).compile()
-    except Exception as error:
-        pytest.fail(
-            "keras_bn speed-up converters.samples._QUICK_XLA_OPTIONS relies on "
-            f"jax.jit(compiler_options={samples._QUICK_XLA_OPTIONS}); {_release('jax')} "
-            f"changed it: {type(error).__name__}: {error}"
-        )
-    np.testing.assert_array_equal(np.asarray(compiled(np.ones(3, "float32"))), [2.0, 2.0, 2.0])
+        options = xla.compile_options(quick=True)
+    finally:
+        xla.compile_options.cache_clear()
+    if "compiler_options" not in inspect.signature(jax.jit).parameters:
+        # A JAX before the option (the minimum pinned, 0.4.30): _xla.py's documented
+        # fallback, the default compile.
+        assert options is None
+        return
+    wanted = {**xla._FAST_CODEGEN, **xla._QUICK}
+    dropped = sorted(set(wanted) - set(options or {}))
+    assert not dropped, (
+        f"keras_bn speed-up keras_bn._xla relies on jax.jit(compiler_options={wanted}); "
+        f"{_release('jax')} no longer accepts {dropped}: its compiles are slower"
+    )
 
 
 # (module, attribute) of converters.tracing.RECORDED_FUNCTIONS -> the parameters its
