@@ -7,9 +7,9 @@ time is much of their cost. Two options shorten it:
 
 - ``xla_cpu_use_fusion_emitters=False``: XLA's CPU backend emits its fused loops with
   its older direct LLVM emitters instead of the newer MLIR fusion emitters. The same
-  operations, compiled in about half the time: whole KerasHub models at optimization
-  level 0 compiled in 1.4 s instead of 2.7 s (BENCHMARKS.md section 60). The GPU
-  backends ignore it.
+  operations, compiled in about half the time: five small KerasHub models' whole passes
+  at optimization level 0 compiled in 1.3-1.4 s together instead of 2.5-2.8 s
+  (BENCHMARKS.md section 60). An option of the CPU backend only.
 - ``xla_backend_optimization_level=0`` (``quick``): no backend optimizations. They
   cost more compile time than they save on the few samples a check or a validation
   runs; a pass run over a whole dataset (recalibration's recorder) keeps them.
