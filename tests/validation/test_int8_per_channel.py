@@ -20,7 +20,7 @@ import pytest
 from support.depthwise_1d import trained_model
 
 from keras_bn.converters import export_onnx, runtime
-from keras_bn.converters.comparison import sqnr_db, top1_agreement
+from keras_bn.converters.comparison import decided_top1_agreement, sqnr_db
 from keras_bn.converters.precision import quantize_int8
 
 # Each scheme's quantize_int8 arguments, the weights rounded to nearest on both sides
@@ -127,7 +127,14 @@ def test_per_channel_sqnr_not_below_per_tensor(network, scheme):
     per_tensor = _logits(work / f"{scheme}-False.onnx", sequences)
     assert sqnr_db(per_channel, reference) >= sqnr_db(per_tensor, reference)
     assert sqnr_db(per_channel, reference) >= 30  # measured 35-36 dB; broken files < 10
-    assert top1_agreement(per_channel, reference) >= top1_agreement(per_tensor, reference)
+    # Top-1 on the samples the float logits decide (their top class leads by 5% of the
+    # range, as the int8 criterion counts): a near-tie flips under any rounding. Three
+    # held-out near-ties (leads of 0.3-1% of the range) flipped per-channel only when
+    # the network started from other random weights (BENCHMARKS.md section 61).
+    channel, decided = decided_top1_agreement(per_channel, reference)
+    tensor, _ = decided_top1_agreement(per_tensor, reference)
+    assert decided >= len(reference) // 2, decided
+    assert channel >= tensor
 
 
 def _second_layers(graph) -> dict[str, str]:
